@@ -1,0 +1,99 @@
+"""Grouping gradients into buckets a backend can run in one launch.
+
+A bucket is every (validated, non-empty) gradient that shares one basis object,
+one weights object, one side, one dtype and one device. Inside a bucket each
+gradient is reduced to the matrix whose rows are the vectors to project (the
+"row view"), so backends only ever see the row case:
+
+* ``input``: ``G.view(out, -1)``       rows of length ``in·kh·kw``
+* ``output``: ``G.view(out, -1).T``    columns of ``G`` as rows (stride ``(1, in)``)
+* ``flat``: ``g.view(-1)``             one vector of ``numel`` entries
+
+A view is taken whenever the strides allow it, so the kernels write straight into
+the caller's gradient. When they do not (a non-contiguous conv grad, a
+non-contiguous flat grad) the bucket holds a contiguous copy and remembers to copy
+it back after the kernel: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Bucket:
+    """Gradients that one kernel launch projects with one basis."""
+
+    side: str
+    basis: torch.Tensor  # (D × k), float32, contiguous
+    weights: torch.Tensor | None  # (k,), float32, or None for the hard projector
+    matrices: list[torch.Tensor] = field(default_factory=list)
+    # (caller's gradient, contiguous working copy) pairs to copy back after the kernel
+    writebacks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # one float32 (R_i × k) anchor per matrix, for the anchored (update) projection
+    anchors: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrices[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrices[0].dtype
+
+    def add(self, g: torch.Tensor) -> None:
+        """Append ``g``'s row view, or a working copy of it when no view exists."""
+        try:
+            self.matrices.append(row_view(g, self.side))
+        except RuntimeError:
+            work = g.contiguous()
+            self.matrices.append(row_view(work, self.side))
+            self.writebacks.append((g, work))
+
+    def finish(self) -> None:
+        """Copy working copies back into the caller's gradients."""
+        for g, work in self.writebacks:
+            g.copy_(work)
+
+
+def row_view(g: torch.Tensor, side: str) -> torch.Tensor:
+    """The view of ``g`` whose rows are projected; raises ``RuntimeError`` if strides forbid it."""
+    if side == "flat":
+        return g.view(-1)
+    if g.dim() == 1:  # a bias under side="output": one column of length out
+        m = g.view(g.shape[0], 1)
+    else:
+        m = g.view(g.shape[0], -1)
+    return m.T if side == "output" else m
+
+
+def group(
+    grads: list[torch.Tensor],
+    bases: list[tuple[torch.Tensor, torch.Tensor | None]],
+    side: str,
+    anchors: list[torch.Tensor] | None = None,
+) -> list[Bucket]:
+    """Bucket ``grads[i]`` with its ``bases[i] = (U, w)`` by (U, w, dtype, device), keeping order.
+
+    ``anchors[i]``, when given, travels with ``grads[i]`` into its bucket.
+
+    Bases are keyed by object identity: the same basis tensor serving many
+    gradients (all cross-attention K/V weights of a UNet) lands in one bucket and
+    is converted and loaded once.
+    """
+    buckets: dict[tuple, Bucket] = {}
+    converted: dict[int, torch.Tensor] = {}
+    for i, (g, (u, w)) in enumerate(zip(grads, bases, strict=True)):
+        key = (id(u), id(w) if w is not None else None, g.dtype, g.device)
+        bucket = buckets.get(key)
+        if bucket is None:
+            if id(u) not in converted:
+                converted[id(u)] = u.to(torch.float32).contiguous()
+            wf = None if w is None else w.to(torch.float32).contiguous()
+            bucket = buckets[key] = Bucket(side, converted[id(u)], wf)
+        bucket.add(g)
+        if anchors is not None:
+            bucket.anchors.append(anchors[i])
+    return list(buckets.values())

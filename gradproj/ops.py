@@ -1,0 +1,325 @@
+"""Public ops: validate, group into buckets, dispatch to a backend.
+
+The path of a gradient: ``project_`` → ``buckets.group`` → ``backends.select`` →
+the backend's bucket kernel. Validation happens here, once, with errors that name
+the tensor (index, and name when the caller gives names) and the mismatch, so no
+kernel ever sees an input it would misread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gradproj import backends, buckets
+from gradproj.reference import SIDES, side_dim
+
+# Largest |UᵀU − I| accepted by ``check_orthonormal``, per basis dtype. Measured:
+# Q from torch.linalg.qr of a (4096 × 128) Gaussian matrix has max |QᵀQ − I| of
+# about 2e-6 in float32, 3e-15 in float64; rounding that Q to bf16 / fp16 and
+# computing QᵀQ in float32 gives about 1.6e-2 / 2e-3. The bounds leave 20-50x
+# headroom above rounding while still rejecting a basis that is merely "almost"
+# orthogonal (e.g. unnormalized embeddings, off by O(1)).
+ORTHONORMAL_TOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.bfloat16: 6e-2,
+    torch.float16: 1e-2,
+}
+
+GradList = torch.Tensor | Sequence[torch.Tensor | None]
+BasisLike = torch.Tensor | object | None
+
+
+def _where(i: int, names: Sequence[str] | None) -> str:
+    return f"grads[{i}] ({names[i]!r})" if names is not None else f"grads[{i}]"
+
+
+def _as_list(x, what: str) -> list:
+    if isinstance(x, torch.Tensor) or x is None:
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    raise TypeError(f"{what} must be a tensor or a list/tuple of tensors, got {type(x).__name__}")
+
+
+def unpack_basis(b: BasisLike, weights, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(U, w)`` from a basis tensor or an object with ``.basis``, ``.weights``."""
+    if isinstance(b, torch.Tensor):
+        return b, _as_weights(weights, b, where)
+    if hasattr(b, "basis"):
+        if weights is not None:
+            raise ValueError(
+                f"{where}: weights= was given, but the basis {type(b).__name__} carries its own "
+                "weights; pass one or the other"
+            )
+        return b.basis, _as_weights(getattr(b, "weights", None), b.basis, where)
+    raise TypeError(
+        f"{where}: basis must be a tensor, an object with a .basis tensor (ConceptSubspace) "
+        f"or None, got {type(b).__name__}"
+    )
+
+
+def _as_weights(weights, basis: torch.Tensor, where: str) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=basis.device)
+    return weights
+
+
+def _check_float(t: torch.Tensor, what: str) -> None:
+    if not (t.is_floating_point()):
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def validate(
+    i: int,
+    g: torch.Tensor,
+    u: torch.Tensor,
+    w: torch.Tensor | None,
+    side: str,
+    names: Sequence[str] | None,
+    check_orthonormal: bool,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``grads[i]`` for each way ``(g, U, w)`` errs."""
+    where = _where(i, names)
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{where} must be a tensor or None, got {type(g).__name__}")
+    _check_float(g, where)
+    _check_float(u, f"basis of {where}")
+    if u.dim() != 2:
+        raise ValueError(f"basis of {where} must be 2-D (d × k), got shape {tuple(u.shape)}")
+    if side == "input" and g.dim() < 2:
+        raise ValueError(
+            f"{where} has shape {tuple(g.shape)}: side='input' projects the rows of a weight "
+            "of at least 2 dims (out × in...); use side='flat' or no basis for a 1-D tensor"
+        )
+    if side == "output" and g.dim() < 1:
+        raise ValueError(f"{where} is a 0-d tensor: side='output' needs at least 1 dim")
+    d = side_dim(g.shape, side)
+    if u.shape[0] != d:
+        raise ValueError(
+            f"basis of {where} has {u.shape[0]} rows, but side={side!r} of a grad of shape "
+            f"{tuple(g.shape)} needs {d} (basis shape {tuple(u.shape)})"
+        )
+    if u.shape[1] > d:
+        raise ValueError(
+            f"basis of {where} has k={u.shape[1]} columns > d={d}: it cannot be orthonormal"
+        )
+    if u.device != g.device:
+        raise ValueError(f"basis of {where} is on {u.device}, but the grad is on {g.device}")
+    if torch._debug_has_internal_overlap(g) == 1:
+        raise ValueError(
+            f"{where} has internally overlapping memory (e.g. an expand()ed tensor) and "
+            "cannot be projected in place"
+        )
+    if w is not None:
+        _check_float(w, f"weights of {where}")
+        if w.dim() != 1 or w.shape[0] != u.shape[1]:
+            raise ValueError(
+                f"weights of {where} must have shape ({u.shape[1]},) to match the basis "
+                f"(d × k = {tuple(u.shape)}), got {tuple(w.shape)}"
+            )
+        if w.device != g.device:
+            raise ValueError(f"weights of {where} are on {w.device}, but the grad is on {g.device}")
+        # Reading the values synchronizes with the device; free for CPU weights,
+        # opt-in (check_orthonormal) for accelerator ones.
+        if (w.device.type == "cpu" or check_orthonormal) and w.numel() > 0:
+            lo, hi = w.min().item(), w.max().item()
+            if not (lo >= 0.0 and hi <= 1.0):
+                raise ValueError(
+                    f"weights of {where} must lie in [0, 1], got values in [{lo:g}, {hi:g}]"
+                )
+    if check_orthonormal:
+        check_orthonormal_(u, f"basis of {where}")
+
+
+def check_orthonormal_(u: torch.Tensor, what: str = "basis") -> None:
+    """Raise ``ValueError`` unless ``max |UᵀU − I| ≤ ORTHONORMAL_TOL[U.dtype]`` (synchronizes)."""
+    if u.shape[1] == 0:
+        return
+    uf = u.to(torch.promote_types(u.dtype, torch.float32))
+    err = (uf.T @ uf - torch.eye(u.shape[1], dtype=uf.dtype, device=u.device)).abs().max().item()
+    tol = ORTHONORMAL_TOL[u.dtype]
+    if not err <= tol:
+        raise ValueError(
+            f"{what} (shape {tuple(u.shape)}, {u.dtype}) is not orthonormal: "
+            f"max |UᵀU − I| = {err:.3g} > {tol:g}; orthonormalize it (torch.linalg.qr, "
+            "or gradproj.ConceptSubspace)"
+        )
+
+
+def rows_of(shape: torch.Size | tuple[int, ...], side: str) -> int:
+    """Number of vectors ``side`` projects in a tensor of ``shape`` (rows of its row view)."""
+    if side == "flat":
+        return 1
+    if side == "output":
+        return side_dim(shape, "input") if len(shape) > 1 else 1
+    return shape[0]
+
+
+def _collect(
+    grads: GradList,
+    bases,
+    side: str,
+    weights,
+    names: Sequence[str] | None,
+    check_orthonormal: bool,
+) -> tuple[list[int], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Validate every (grad, basis) pair; return the indices, grads and ``(U, w)`` to project."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    grad_list = _as_list(grads, "grads")
+    if isinstance(bases, (list, tuple)):
+        basis_list = list(bases)
+        if len(basis_list) != len(grad_list):
+            raise ValueError(
+                f"got {len(grad_list)} grads but {len(basis_list)} bases; give one basis per "
+                "grad (None to skip one) or a single basis for all"
+            )
+    else:
+        basis_list = [bases] * len(grad_list)
+    if names is not None and len(names) != len(grad_list):
+        raise ValueError(f"got {len(grad_list)} grads but {len(names)} names")
+
+    idx: list[int] = []
+    todo_g: list[torch.Tensor] = []
+    todo_b: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    seen: dict[int, int] = {}
+    for i, (g, b) in enumerate(zip(grad_list, basis_list, strict=True)):
+        if g is None or b is None:
+            continue
+        u, w = unpack_basis(b, weights, _where(i, names))
+        validate(i, g, u, w, side, names, check_orthonormal)
+        if g.numel() == 0 or u.shape[1] == 0:
+            continue  # nothing to project
+        ptr = g.data_ptr()
+        if ptr in seen:
+            raise ValueError(
+                f"{_where(i, names)} shares memory with {_where(seen[ptr], names)}; "
+                "projecting it twice in place would be a race (soft weights are not idempotent)"
+            )
+        seen[ptr] = i
+        idx.append(i)
+        todo_g.append(g)
+        todo_b.append((u, w))
+    return idx, todo_g, todo_b
+
+
+@torch.no_grad()
+def project_(
+    grads: GradList,
+    bases: BasisLike | Sequence[BasisLike],
+    *,
+    side: str = "input",
+    weights: torch.Tensor | Sequence[float] | None = None,
+    backend: str | None = None,
+    check_orthonormal: bool = False,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Project gradients in place onto the orthogonal complement of their bases.
+
+    For each ``grads[i]`` with basis ``U = bases[i]`` (orthonormal columns) and
+    weights ``w`` (``None`` = all ones), every projected vector ``x`` becomes::
+
+        x ← x − U (w ⊙ Uᵀ x)
+
+    with the vectors chosen by ``side``: ``"input"`` the rows of ``G (out × in…)``
+    (``G ← G − G U diag(w) Uᵀ``, so a layer ``y = W x`` keeps ``ΔW U = 0``),
+    ``"output"`` the columns (``G ← G − V diag(w) Vᵀ G``), ``"flat"`` the whole
+    flattened tensor. See :func:`gradproj.reference.project` for the full math.
+
+    Args:
+        grads: a tensor, or a list whose entries may be ``None`` (skipped).
+        bases: one basis per grad (``None`` leaves that grad alone), or a single
+            basis for all. A basis is a ``(d × k)`` tensor or an object with
+            ``.basis`` (and optionally ``.weights``), e.g. ``ConceptSubspace``.
+            Grads that share one basis object are projected in one launch.
+        side: ``"input"``, ``"output"`` or ``"flat"``.
+        weights: ``(k,)`` values in ``[0, 1]`` applied with every basis (soft
+            projector); ``None`` for the hard projector.
+        backend: force a backend (see ``gradproj.backends``); default: the
+            fastest installed one for the device and dtype (``$GRADPROJ_BACKEND``
+            overrides the default).
+        check_orthonormal: also check ``UᵀU ≈ I`` (and device-resident weights'
+            range); this reads values back and synchronizes, so it is off by default.
+        names: optional names of the grads, used in error messages.
+
+    NaN/inf in a grad propagate through the math: the whole projected vector that
+    contains them becomes non-finite (when ``k ≥ 1``); nothing crashes.
+    """
+    _, todo_g, todo_b = _collect(grads, bases, side, weights, names, check_orthonormal)
+    for bucket in buckets.group(todo_g, todo_b, side):
+        chosen = backends.select("project_bucket_", bucket.device, bucket.dtype, backend)
+        chosen.op("project_bucket_")(bucket.matrices, bucket.basis, bucket.weights, side)
+        bucket.finish()
+
+
+@torch.no_grad()
+def anchor(param: torch.Tensor, basis: BasisLike, *, side: str = "input") -> torch.Tensor:
+    """The anchor ``C = rows(param) @ U`` (float32, ``R × k``) for :func:`project_anchored_`.
+
+    ``rows(param)`` is the row view of ``side`` (``param`` itself for ``"input"``,
+    its transpose for ``"output"``, one row for ``"flat"``).
+    """
+    _, params, pairs = _collect([param], [basis], side, None, None, False)
+    u = unpack_basis(basis, None, "param")[0]
+    r = rows_of(param.shape, side)
+    if not params:
+        return torch.zeros(r, u.shape[1], dtype=torch.float32, device=param.device)
+    m = buckets.row_view(param.contiguous(), side).reshape(r, -1)
+    return m.to(torch.float32) @ pairs[0][0].to(torch.float32)
+
+
+@torch.no_grad()
+def project_anchored_(
+    params: GradList,
+    anchors: Sequence[torch.Tensor | None],
+    bases: BasisLike | Sequence[BasisLike],
+    *,
+    side: str = "input",
+    weights: torch.Tensor | Sequence[float] | None = None,
+    backend: str | None = None,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Project each parameter's change since its anchor, in place: ``p ← p₀ + P (p − p₀)``.
+
+    ``p₀`` is known only through its anchor ``C = rows(p₀) U`` (:func:`anchor`).
+    For every projected vector ``x`` with anchor row ``c`` and ``a = Uᵀ x``::
+
+        x ← x − U (w ⊙ (a − c))        c ← c + (1 − w) ⊙ (a − c)   (only with weights)
+
+    so after the call ``rows(p) U`` equals the anchor again (hard projector): the
+    parameter never moves along ``span(U)``. ``anchors[i]`` must be float32,
+    contiguous, of shape ``(rows, k)``; it is updated in place for soft weights.
+    """
+    idx, todo_p, todo_b = _collect(params, bases, side, weights, names, False)
+    anchor_list = list(anchors)
+    n = len(_as_list(params, "params"))
+    if len(anchor_list) != n:
+        raise ValueError(f"got {n} params but {len(anchor_list)} anchors")
+    todo_c = []
+    for i, p, (u, _) in zip(idx, todo_p, todo_b, strict=True):
+        c = anchor_list[i]
+        where = _where(i, names)
+        expected = (rows_of(p.shape, side), u.shape[1])
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"anchor of {where} must be a tensor, got {type(c).__name__}")
+        if tuple(c.shape) != expected or c.dtype != torch.float32 or not c.is_contiguous():
+            raise ValueError(
+                f"anchor of {where} must be a contiguous float32 tensor of shape {expected}, "
+                f"got {c.dtype} {tuple(c.shape)}{'' if c.is_contiguous() else ' (non-contiguous)'}"
+            )
+        if c.device != p.device:
+            raise ValueError(f"anchor of {where} is on {c.device}, but the param is on {p.device}")
+        todo_c.append(c)
+    for bucket in buckets.group(todo_p, todo_b, side, anchors=todo_c):
+        chosen = backends.select("project_anchored_bucket_", bucket.device, bucket.dtype, backend)
+        chosen.op("project_anchored_bucket_")(
+            bucket.matrices, bucket.anchors, bucket.basis, bucket.weights, side
+        )
+        bucket.finish()

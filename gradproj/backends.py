@@ -15,16 +15,28 @@ Bucket-level op contracts (what every backend implements):
     transposed views, stride ``(1, in)``); every row ``m`` becomes
     ``m − U (w ⊙ Uᵀ m)``. ``side="flat"``: ``matrices`` are contiguous 1-D views
     of ``D`` elements, projected as one vector each. ``basis`` is ``(D × k)``
-    float32 contiguous with ``k ≥ 1``; ``weights`` is ``(k,)`` float32 or ``None``.
+    contiguous with ``k ≥ 1``, float32 (float64 for float64 grads, which only the
+    reference accepts); ``weights`` is ``(k,)`` in the basis dtype, or ``None``.
     All matrices share one dtype and device, none is empty, no two overlap.
 
 ``project_anchored_bucket_(matrices, anchors, basis, weights, side) -> None``
     In place on ``matrices`` (as above; ``"flat"`` views count as one row) and on
-    ``anchors``: one float32 contiguous ``(R_i × k)`` tensor per matrix (``R_i = 1``
+    ``anchors``: one contiguous ``(R_i × k)`` tensor per matrix, basis dtype (``R_i = 1``
     for ``"flat"``). For every row ``x`` with anchor row ``c``: ``a = Uᵀ x``;
     ``x ← x − U (w ⊙ (a − c))``; and, only when ``weights`` is given,
     ``c ← c + (1 − w) ⊙ (a − c)``. This is the update projection
     ``p ← p₀ + P (p − p₀)`` with ``p₀`` known only through ``c = Uᵀ x₀``.
+
+``projected_adamw_bucket_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+anchors, basis, weights, side, *, lr, beta1, beta2, eps, weight_decay, maximize) -> None``
+    One AdamW step, then the anchored projection of ``project_anchored_bucket_``,
+    in place on ``params``, ``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs`` (a
+    list when amsgrad, else ``None``) and, for soft weights, ``anchors``. All
+    lists are row views as above (same shapes; ``exp_avg*`` share ``params``'
+    strides, ``grads`` may not) in the params' dtype; ``steps`` are float32 0-d
+    device tensors holding the step count *including* this step (already
+    incremented, read on the device: no host sync). Math in
+    :func:`gradproj.reference.projected_adamw`.
 """
 
 from __future__ import annotations
@@ -136,10 +148,14 @@ def select(
     """
     choice = requested if requested is not None else os.environ.get("GRADPROJ_BACKEND") or None
     if choice is not None:
-        backend = get(choice)
+        origin = "backend=" if requested is not None else "GRADPROJ_BACKEND="
+        if choice not in _REGISTRY:
+            raise ValueError(
+                f"{origin}{choice!r}: unknown backend; registered backends: {registered()}"
+            )
+        backend = _REGISTRY[choice]
         reason = backend.unsupported_reason(op, device, dtype)
         if reason is not None:
-            origin = "backend=" if requested is not None else "GRADPROJ_BACKEND="
             raise ValueError(f"{origin}{choice!r} cannot run {op!r}: {reason}")
         return backend
     for name in _PREFERENCE.get(device.type, ("reference",)):
@@ -163,6 +179,7 @@ register(
         ops={
             "project_bucket_": "gradproj.reference:project_bucket_",
             "project_anchored_bucket_": "gradproj.reference:project_anchored_bucket_",
+            "projected_adamw_bucket_": "gradproj.reference:projected_adamw_bucket_",
         },
         description="plain PyTorch (gradproj/reference.py); the oracle and the fallback",
     )
@@ -175,6 +192,7 @@ register(
         ops={
             "project_bucket_": "gradproj.kernels.project:project_bucket_",
             "project_anchored_bucket_": "gradproj.kernels.project:project_anchored_bucket_",
+            "projected_adamw_bucket_": "gradproj.kernels.adamw:projected_adamw_bucket_",
         },
         is_installed=_triton_installed,
         description="fused Triton kernels, one launch per bucket (CPU only via TRITON_INTERPRET=1)",

@@ -27,12 +27,12 @@ class Bucket:
     """Gradients that one kernel launch projects with one basis."""
 
     side: str
-    basis: torch.Tensor  # (D × k), float32, contiguous
-    weights: torch.Tensor | None  # (k,), float32, or None for the hard projector
+    basis: torch.Tensor  # (D × k), contiguous, float32 (float64 for float64 grads)
+    weights: torch.Tensor | None  # (k,), basis dtype, or None for the hard projector
     matrices: list[torch.Tensor] = field(default_factory=list)
     # (caller's gradient, contiguous working copy) pairs to copy back after the kernel
     writebacks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # one float32 (R_i × k) anchor per matrix, for the anchored (update) projection
+    # one (R_i × k) anchor per matrix, in the basis dtype, for the anchored (update) projection
     anchors: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -56,6 +56,11 @@ class Bucket:
         """Copy working copies back into the caller's gradients."""
         for g, work in self.writebacks:
             g.copy_(work)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype bases, weights and anchors take for grads of ``dtype``: float32, or float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def row_view(g: torch.Tensor, side: str) -> torch.Tensor:
@@ -84,15 +89,16 @@ def group(
     is converted and loaded once.
     """
     buckets: dict[tuple, Bucket] = {}
-    converted: dict[int, torch.Tensor] = {}
+    converted: dict[tuple[int, torch.dtype], torch.Tensor] = {}
     for i, (g, (u, w)) in enumerate(zip(grads, bases, strict=True)):
         key = (id(u), id(w) if w is not None else None, g.dtype, g.device)
         bucket = buckets.get(key)
         if bucket is None:
-            if id(u) not in converted:
-                converted[id(u)] = u.to(torch.float32).contiguous()
-            wf = None if w is None else w.to(torch.float32).contiguous()
-            bucket = buckets[key] = Bucket(side, converted[id(u)], wf)
+            dt = accumulate_dtype(g.dtype)
+            if (id(u), dt) not in converted:
+                converted[id(u), dt] = u.to(dt).contiguous()
+            wf = None if w is None else w.to(dt).contiguous()
+            bucket = buckets[key] = Bucket(side, converted[id(u), dt], wf)
         bucket.add(g)
         if anchors is not None:
             bucket.anchors.append(anchors[i])

@@ -15,17 +15,16 @@ import torch
 from gradproj import backends, buckets
 from gradproj.reference import SIDES, side_dim
 
-# Largest |UᵀU − I| accepted by ``check_orthonormal``, per basis dtype. Measured:
-# Q from torch.linalg.qr of a (4096 × 128) Gaussian matrix has max |QᵀQ − I| of
-# about 2e-6 in float32, 3e-15 in float64; rounding that Q to bf16 / fp16 and
-# computing QᵀQ in float32 gives about 1.6e-2 / 2e-3. The bounds leave 20-50x
-# headroom above rounding while still rejecting a basis that is merely "almost"
-# orthogonal (e.g. unnormalized embeddings, off by O(1)).
+# Largest |UᵀU − I| accepted by ``check_orthonormal``, per basis dtype. Measured
+# on a (4096 × 128) Gaussian matrix: Q from torch.linalg.qr in float32 has max
+# |QᵀQ − I| = 6e-7 (float64: 5e-15); the float64 Q rounded to bf16 / fp16 (QᵀQ
+# in float32) gives 2.5e-4 / 3e-5. The bounds sit 15-40x above those, far below
+# what a non-orthonormal input gives (unnormalized embeddings are off by O(1)).
 ORTHONORMAL_TOL: dict[torch.dtype, float] = {
     torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.bfloat16: 6e-2,
-    torch.float16: 1e-2,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-3,
 }
 
 GradList = torch.Tensor | Sequence[torch.Tensor | None]
@@ -261,7 +260,9 @@ def project_(
 
 @torch.no_grad()
 def anchor(param: torch.Tensor, basis: BasisLike, *, side: str = "input") -> torch.Tensor:
-    """The anchor ``C = rows(param) @ U`` (float32, ``R × k``) for :func:`project_anchored_`.
+    """The anchor ``C = rows(param) @ U`` (``R × k``) for :func:`project_anchored_`.
+
+    Float32 (float64 for a float64 ``param``), whatever the dtypes of ``param`` and ``U``.
 
     ``rows(param)`` is the row view of ``side`` (``param`` itself for ``"input"``,
     its transpose for ``"output"``, one row for ``"flat"``).
@@ -270,9 +271,11 @@ def anchor(param: torch.Tensor, basis: BasisLike, *, side: str = "input") -> tor
     u = unpack_basis(basis, None, "param")[0]
     r = rows_of(param.shape, side)
     if not params:
-        return torch.zeros(r, u.shape[1], dtype=torch.float32, device=param.device)
+        dt = buckets.accumulate_dtype(param.dtype)
+        return torch.zeros(r, u.shape[1], dtype=dt, device=param.device)
+    dt = buckets.accumulate_dtype(param.dtype)
     m = buckets.row_view(param.contiguous(), side).reshape(r, -1)
-    return m.to(torch.float32) @ pairs[0][0].to(torch.float32)
+    return m.to(dt) @ pairs[0][0].to(dt)
 
 
 @torch.no_grad()
@@ -294,8 +297,9 @@ def project_anchored_(
         x ← x − U (w ⊙ (a − c))        c ← c + (1 − w) ⊙ (a − c)   (only with weights)
 
     so after the call ``rows(p) U`` equals the anchor again (hard projector): the
-    parameter never moves along ``span(U)``. ``anchors[i]`` must be float32,
-    contiguous, of shape ``(rows, k)``; it is updated in place for soft weights.
+    parameter never moves along ``span(U)``. ``anchors[i]`` must be contiguous,
+    of shape ``(rows, k)`` and dtype float32 (float64 for float64 params), as
+    :func:`anchor` makes it; it is updated in place for soft weights.
     """
     idx, todo_p, todo_b = _collect(params, bases, side, weights, names, False)
     anchor_list = list(anchors)
@@ -309,9 +313,10 @@ def project_anchored_(
         expected = (rows_of(p.shape, side), u.shape[1])
         if not isinstance(c, torch.Tensor):
             raise TypeError(f"anchor of {where} must be a tensor, got {type(c).__name__}")
-        if tuple(c.shape) != expected or c.dtype != torch.float32 or not c.is_contiguous():
+        dt = buckets.accumulate_dtype(p.dtype)
+        if tuple(c.shape) != expected or c.dtype != dt or not c.is_contiguous():
             raise ValueError(
-                f"anchor of {where} must be a contiguous float32 tensor of shape {expected}, "
+                f"anchor of {where} must be a contiguous {dt} tensor of shape {expected}, "
                 f"got {c.dtype} {tuple(c.shape)}{'' if c.is_contiguous() else ' (non-contiguous)'}"
             )
         if c.device != p.device:

@@ -217,3 +217,142 @@ def project_anchored_bucket_(
         new_rows, new_c = project_anchored(rows, c, basis, side="input", weights=weights)
         rows.copy_(new_rows)
         c.copy_(new_c)
+
+
+# ---------------------------------------------------------------------------
+# Projected AdamW: one AdamW step whose update is projected (anchored form).
+
+
+def projected_adamw(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int | torch.Tensor,
+    anchor: torch.Tensor | None,
+    basis: torch.Tensor | None,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    side: str = "input",
+    weights: torch.Tensor | None = None,
+    amsgrad: bool = False,
+    max_exp_avg_sq: torch.Tensor | None = None,
+    maximize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One step of AdamW, then the anchored update projection; out of place.
+
+    With ``t = step`` (the count *including* this step, ``t ≥ 1``), ``g ← −g`` if
+    ``maximize``, and everything computed in ``compute_dtype`` of the inputs::
+
+        p ← p (1 − lr·λ)                                   (decoupled weight decay)
+        m ← β₁ m + (1 − β₁) g
+        v ← β₂ v + (1 − β₂) g²
+        v̂ ← max(v̂, v) if amsgrad else v
+        p ← p − lr/(1 − β₁ᵗ) · m / (√v̂ / √(1 − β₂ᵗ) + ε)
+
+    and then, when ``basis`` is given, every projected vector ``x`` of the new ``p``
+    (rows for ``side="input"``, see :func:`project_anchored`) with anchor row ``c``::
+
+        a = Uᵀ x;   x ← x − U (w ⊙ (a − c));   c ← c + (1 − w) ⊙ (a − c)
+
+    so ``rows(p) U`` stays equal to the anchor ``C = rows(p₀) U`` (hard projector):
+    the update, weight decay included, never moves ``p`` along ``span(U)``.
+
+    Returns ``(p, exp_avg, exp_avg_sq, max_exp_avg_sq, anchor)``, each in its input's
+    dtype (``None`` where the input was ``None``).
+    """
+    beta1, beta2 = betas
+    dt = compute_dtype(p.dtype)
+    if basis is not None:
+        dt = compute_dtype(torch.promote_types(dt, basis.dtype))
+    x, grad = p.to(dt), g.to(dt)
+    if maximize:
+        grad = -grad
+    m = exp_avg.to(dt) * beta1 + grad * (1 - beta1)
+    v = exp_avg_sq.to(dt) * beta2 + grad * grad * (1 - beta2)
+    v_hat = v
+    v_max = None
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sq")
+        v_max = torch.maximum(max_exp_avg_sq.to(dt), v)
+        v_hat = v_max
+    bias1 = 1 - beta1**step
+    bias2 = 1 - beta2**step
+    x = x * (1 - lr * weight_decay)
+    x = x - (lr / bias1) * m / (v_hat.sqrt() / bias2**0.5 + eps)
+    c_new = anchor
+    if basis is not None:
+        if anchor is None:
+            raise ValueError("a basis needs its anchor (see anchor())")
+        x, c_new = project_anchored(x, anchor, basis, side=side, weights=weights)
+    return (
+        x.to(p.dtype),
+        m.to(exp_avg.dtype),
+        v.to(exp_avg_sq.dtype),
+        None if v_max is None else v_max.to(max_exp_avg_sq.dtype),
+        c_new,
+    )
+
+
+def projected_adamw_bucket_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None,
+    steps: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    basis: torch.Tensor,
+    weights: torch.Tensor | None,
+    side: str,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """The ``"reference"`` backend's projected-AdamW bucket kernel.
+
+    Contract in ``gradproj.backends``. The step count is read from each ``steps[i]`` tensor with tensor arithmetic,
+    not ``.item()``, so this fallback does not synchronize with the device either.
+    """
+    amsgrad = max_exp_avg_sqs is not None
+
+    def rows_of(t: torch.Tensor) -> torch.Tensor:
+        return t.view(1, -1) if side == "flat" else t
+
+    for i, (p, c) in enumerate(zip(params, anchors, strict=True)):
+        rows, g, m, v = (rows_of(t) for t in (p, grads[i], exp_avgs[i], exp_avg_sqs[i]))
+        v_max = rows_of(max_exp_avg_sqs[i]) if amsgrad else None
+        # `step` as a 0-d tensor: β**t and the bias corrections stay on the device.
+        t = steps[i].to(compute_dtype(p.dtype))
+        new_p, new_m, new_v, new_vmax, new_c = projected_adamw(
+            rows,
+            g,
+            m,
+            v,
+            t,
+            c,
+            basis,
+            lr=lr,
+            betas=(beta1, beta2),
+            eps=eps,
+            weight_decay=weight_decay,
+            side="input",
+            weights=weights,
+            amsgrad=amsgrad,
+            max_exp_avg_sq=v_max,
+            maximize=maximize,
+        )
+        rows.copy_(new_p)
+        m.copy_(new_m)
+        v.copy_(new_v)
+        if amsgrad:
+            v_max.copy_(new_vmax)
+        c.copy_(new_c)

@@ -1,0 +1,364 @@
+"""Every registered backend of ``project_`` / ``project_anchored_`` against the float64 reference.
+
+Tolerances (``assert_matches``): the reference is computed in float64 from the
+*same* low-precision input, so a correct kernel differs from it only by
+
+* rounding the result to the grad's dtype: at most half an ulp, i.e. a relative
+  ``2⁻²⁴`` (fp32), ``2⁻¹¹`` (fp16), ``2⁻⁸`` (bf16) of ``|ref|``;
+* fp32 accumulation of ``Uᵀx`` and ``U c``: about ``√d · 2⁻²⁴`` of the vector's
+  scale, which we bound by ``2e-6 · max|x|`` (measured worst: 3e-7 at d = 768);
+* for bf16/fp16 with ``k > 128`` only: the rows are stored once per extra chunk
+  of 128 basis columns, one more half-ulp of ``max|x|`` each.
+
+Exception, measured: the Triton *interpreter* (CPU) converts fp32 → bf16 by
+truncation, not round-to-nearest (-0.5968 → -0.59375, not -0.59766), so for
+that backend on CPU bf16 gets a full ulp. On a GPU Triton rounds to nearest and
+the half-ulp bound applies.
+
+``rtol`` is the half ulp plus a hair; ``atol`` is the accumulation term (plus the
+chunk roundings), scaled by ``max|x|`` of the input. A kernel that drops a term,
+reads a wrong stride or mixes up tensors misses these bounds by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradproj
+from gradproj import backends, ops
+from gradproj import reference as R
+
+from .conftest import DEVICES
+
+KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HALF_ULP = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11}
+HALF_ULP[torch.bfloat16] = 2.0**-8
+
+
+def runnable(op: str, dtype: torch.dtype = torch.float32) -> list[tuple[str, str]]:
+    """(device, backend) pairs that can run ``op`` here: the suite's parametrization."""
+    return [
+        (dev, name)
+        for dev in DEVICES
+        for name in backends.registered()
+        if backends.get(name).unsupported_reason(op, torch.device(dev), dtype) is None
+    ]
+
+
+PROJECT = runnable("project_bucket_")
+ANCHORED = runnable("project_anchored_bucket_")
+BACKEND_IDS = [f"{d}-{b}" for d, b in PROJECT]
+
+
+def orthonormal(d: int, k: int, device="cpu", dtype=torch.float32, seed=0) -> torch.Tensor:
+    """A (d × k) basis straight from QR: column-major strides, as users will pass it."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+    return q.to(device=device, dtype=dtype)
+
+
+def assert_matches(
+    out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, k: int = 1, backend: str = ""
+) -> None:
+    """``|out − ref| ≤ rtol·|ref| + atol·max|x|`` with the per-dtype terms of the module doc."""
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    dt = out.dtype
+    ulp = HALF_ULP[dt]
+    if dt == torch.bfloat16 and backend == "triton" and out.device.type == "cpu":
+        ulp *= 2  # the interpreter truncates fp32 -> bf16 (see module doc)
+    extra_roundings = max(0, math.ceil(k / 128) - 1) if dt in (torch.bfloat16, torch.float16) else 0
+    rtol = 1.01 * ulp
+    atol = 2e-6 + 1.01 * extra_roundings * ulp
+    scale = x.double().abs().max().item() if x.numel() else 0.0
+    diff = (out.double() - ref).abs()
+    bound = rtol * ref.abs() + atol * scale
+    bad = diff > bound
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        pytest.fail(
+            f"{int(bad.sum())} of {bad.numel()} elements out of tolerance ({dt}); first at "
+            f"{idx}: got {out[tuple(idx)].item()!r}, float64 reference {ref[tuple(idx)].item()!r}, "
+            f"bound {bound[tuple(idx)].item():.3g}; max diff {diff.max().item():.3g}"
+        )
+
+
+def ref64(g, u, side, w=None) -> torch.Tensor:
+    return R.project(g.double(), u.double(), side=side, weights=None if w is None else w.double())
+
+
+# (shape, side, k values): odd shapes, k from 1 to the full side dimension.
+CASES = [
+    ((3, 5), "input", [1, 3, 5]),
+    ((37, 129), "input", [1, 7, 129]),
+    ((300, 768), "input", [1, 7, 768]),
+    ((8, 3, 3, 3), "input", [1, 7, 27]),  # conv weight: rows of in·kh·kw
+    ((3, 5), "output", [1, 3]),
+    ((37, 129), "output", [1, 7, 37]),
+    ((300, 768), "output", [7, 300]),
+    ((3, 5), "flat", [1, 7, 15]),
+    ((37, 129), "flat", [1, 7]),
+    ((8, 3, 3, 3), "flat", [1, 7]),
+]
+PARAMS = [(shape, side, k) for shape, side, ks in CASES for k in ks]
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "side", "k"), PARAMS)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_matches_float64_reference(device, backend, dtype, shape, side, k, soft):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, side, k, soft)).encode()))
+    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    d = R.side_dim(shape, side)
+    u = orthonormal(d, k, device)
+    w = torch.rand(k, generator=gen).to(device) if soft else None
+    out = g.clone()
+    gradproj.project_(out, u, side=side, weights=w, backend=backend)
+    assert_matches(out, ref64(g, u, side, w), g, k, backend=backend)
+
+
+def test_reference_float64_grads_use_float64(device):
+    g = torch.randn(37, 129, dtype=torch.float64, device=device)
+    u = orthonormal(129, 7, device, torch.float64)
+    out = g.clone()
+    gradproj.project_(out, u, backend="reference")
+    assert (out @ u).abs().max().item() < 1e-13
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+@pytest.mark.parametrize("side", ["input", "output", "flat"])
+def test_k0_leaves_grad_untouched(device, backend, side):
+    g = torch.randn(6, 10, device=device)
+    out = g.clone()
+    gradproj.project_(out, torch.empty(R.side_dim(g.shape, side), 0, device=device), side=side)
+    assert torch.equal(out, g)
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_mixed_bucket_many_tensors(device, backend, dtype):
+    """Several bases, shared bases, None bases, None grads, odd shapes, in one call."""
+    gen = torch.Generator().manual_seed(7)
+    u64 = orthonormal(64, 5, device)
+    u33 = orthonormal(33, 4, device, seed=1)
+    u64b = orthonormal(64, 9, device, seed=2)
+    shapes = [(40, 64), (1, 64), (17, 64), (5, 33), (40, 64), (9, 64), (2, 33), (3, 64)]
+    bases = [u64, u64, u64b, u33, None, u64, u33, u64b]
+    grads = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    grads.insert(3, None)
+    bases.insert(3, u64)
+    before = [None if g is None else g.clone() for g in grads]
+    gradproj.project_(grads, bases, backend=backend)
+    for g, g0, u in zip(grads, before, bases, strict=True):
+        if g0 is None:
+            assert g is None
+        elif u is None:
+            assert torch.equal(g, g0)
+        else:
+            assert_matches(g, ref64(g0, u, "input"), g0, u.shape[1], backend=backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_non_contiguous_views(device, backend, dtype):
+    """Strided, transposed and non-viewable grads are projected in place, neighbours untouched."""
+    parent = torch.randn(37, 258, device=device).to(dtype)
+    parent0 = parent.clone()
+    strided = parent[:, ::2]  # stride (258, 2)
+    u = orthonormal(129, 7, device)
+    gradproj.project_(strided, u, backend=backend)
+    assert_matches(strided, ref64(parent0[:, ::2], u, "input"), parent0[:, ::2], 7, backend=backend)
+    assert torch.equal(parent[:, 1::2], parent0[:, 1::2])
+
+    t = torch.randn(129, 37, device=device).to(dtype).T  # stride (1, 37)
+    t0 = t.clone()
+    gradproj.project_(t, u, backend=backend)
+    assert_matches(t, ref64(t0, u, "input"), t0, 7, backend=backend)
+
+    conv = torch.randn(3, 3, 4, 8, device=device).to(dtype).permute(3, 2, 0, 1)  # (8,4,3,3)
+    conv0 = conv.clone()
+    u36 = orthonormal(36, 5, device)
+    gradproj.project_(conv, u36, backend=backend)
+    assert_matches(conv, ref64(conv0, u36, "input"), conv0, 5, backend=backend)
+
+    flat = torch.randn(10, 12, device=device).to(dtype)[:, :6]
+    flat0 = flat.clone()
+    u60 = orthonormal(60, 3, device)
+    gradproj.project_(flat, u60, side="flat", backend=backend)
+    assert_matches(flat, ref64(flat0, u60, "flat"), flat0, 3, backend=backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+def test_bias_output_side(device, backend):
+    v = orthonormal(12, 3, device)
+    b = torch.randn(12, device=device)
+    b0 = b.clone()
+    gradproj.project_(b, v, side="output", backend=backend)
+    assert_matches(b, R.project(b0.double(), v.double(), side="flat"), b0, backend=backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+@pytest.mark.parametrize("side", ["input", "output", "flat"])
+def test_deterministic(device, backend, side):
+    g = torch.randn(70, 130, device=device)
+    u = orthonormal(R.side_dim(g.shape, side), 9, device)
+    a, b = g.clone(), g.clone()
+    gradproj.project_(a, u, side=side, backend=backend)
+    gradproj.project_(b, u, side=side, backend=backend)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+def test_hard_projection_annihilates_basis_and_is_idempotent(device, backend):
+    g = torch.randn(50, 96, device=device)
+    u = orthonormal(96, 12, device)
+    gradproj.project_(g, u, backend=backend)
+    # (P G) U = 0 up to fp32 accumulation; measured ~5e-7 relative to max|G|.
+    assert (g @ u).abs().max().item() <= 5e-6 * g.abs().max().item()
+    once = g.clone()
+    gradproj.project_(g, u, backend=backend)
+    assert (g - once).abs().max().item() <= 5e-6 * once.abs().max().item()
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+def test_soft_weights_equal_ridge_projector(device, backend):
+    """project_ with (U, s²/(s²+λ)) from the SVD of C equals I − C(CᵀC+λI)⁻¹Cᵀ."""
+    gen = torch.Generator().manual_seed(3)
+    c = torch.randn(48, 6, generator=gen, dtype=torch.float64)
+    lam = 0.7
+    u, w = R.soft_basis_from_ridge(c, lam)
+    g = torch.randn(20, 48, generator=gen, dtype=torch.float64)
+    dense = g @ R.ridge_projector(c, lam)  # ridge projector is symmetric: rows ← rows·P
+    out = g.float().to(device)
+    gradproj.project_(out, u.float().to(device), weights=w.float().to(device), backend=backend)
+    assert_matches(out, dense.to(device), g.float().to(device), backend=backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+def test_nan_propagates_to_its_row_only(device, backend):
+    g = torch.randn(40, 64, device=device)
+    g[3, 5] = float("nan")
+    g[7, 0] = float("inf")
+    u = orthonormal(64, 4, device)
+    g0 = g.clone()
+    gradproj.project_(g, u, backend=backend)
+    assert not torch.isfinite(g[3]).any() and not torch.isfinite(g[7]).any()
+    keep = [i for i in range(40) if i not in (3, 7)]
+    assert_matches(g[keep], ref64(g0[keep], u, "input"), g0[keep], backend=backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+def test_empty_inputs(device, backend):
+    gradproj.project_([], [], backend=backend)
+    e = torch.empty(0, 16, device=device)
+    gradproj.project_(e, orthonormal(16, 2, device), backend=backend)
+    assert e.shape == (0, 16)
+    gradproj.project_([None], [orthonormal(16, 2, device)], backend=backend)
+
+
+# ------------------------------------------------------------------ anchored
+
+ANCHORED_IDS = [f"{d}-{b}" for d, b in ANCHORED]
+
+
+@pytest.mark.parametrize(("device", "backend"), ANCHORED, ids=ANCHORED_IDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("shape", "side", "k"),
+    [((37, 129), "input", 7), ((37, 129), "output", 5), ((8, 3, 3, 3), "flat", 4)],
+)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_anchored_matches_reference(device, backend, dtype, shape, side, k, soft):
+    gen = torch.Generator().manual_seed(11)
+    p0 = torch.randn(shape, generator=gen).to(device, dtype)
+    u = orthonormal(R.side_dim(shape, side), k, device)
+    w = torch.rand(k, generator=gen).to(device) if soft else None
+    c = ops.anchor(p0, u, side=side)
+    p = (p0.float() + 0.1 * torch.randn(shape, generator=gen).to(device)).to(dtype)
+    p_in, c_in = p.clone(), c.clone()
+    ops.project_anchored_([p], [c], u, side=side, weights=w, backend=backend)
+    p_ref, c_ref = R.project_anchored(
+        p_in.double(),
+        c_in.double(),
+        u.double(),
+        side=side,
+        weights=None if w is None else w.double(),
+    )
+    assert_matches(p, p_ref, p_in, k, backend=backend)
+    assert (c.double() - c_ref).abs().max().item() <= 2e-6 * p_in.abs().max().item()
+    if not soft:
+        assert torch.equal(c, c_in)  # the hard projector keeps the anchor
+
+
+@pytest.mark.parametrize(("device", "backend"), ANCHORED, ids=ANCHORED_IDS)
+def test_anchored_keeps_parameter_on_its_anchor(device, backend):
+    """Many random updates, each projected: (W_T − W_0) U stays at fp32 rounding."""
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(64, 96, generator=gen).to(device)
+    u = orthonormal(96, 8, device)
+    c = ops.anchor(w0, u)
+    w = w0.clone()
+    for _ in range(20):
+        w += 0.05 * torch.randn(64, 96, generator=gen).to(device)
+        ops.project_anchored_([w], [c], u, backend=backend)
+    assert ((w - w0) @ u).norm().item() <= 1e-6 * w0.norm().item()
+
+
+# ------------------------------------------------------------------ dispatch
+
+
+def test_select_prefers_fast_backends_and_honours_overrides(monkeypatch):
+    cpu = torch.device("cpu")
+    auto = backends.select("project_bucket_", cpu, torch.float32)
+    assert auto.name in ("cpp", "reference")  # never the interpreter automatically
+    assert backends.select("project_bucket_", cpu, torch.float64).name == "reference"
+    monkeypatch.setenv("GRADPROJ_BACKEND", "reference")
+    assert backends.select("project_bucket_", cpu, torch.float32).name == "reference"
+    with pytest.raises(ValueError, match="GRADPROJ_BACKEND='nope'"):
+        monkeypatch.setenv("GRADPROJ_BACKEND", "nope")
+        backends.select("project_bucket_", cpu, torch.float32)
+    monkeypatch.delenv("GRADPROJ_BACKEND")
+    with pytest.raises(ValueError, match="backend='nope': unknown backend"):
+        gradproj.project_(torch.randn(2, 3), orthonormal(3, 1), backend="nope")
+    with pytest.raises(ValueError, match=r"backend='triton'.*float64"):
+        gradproj.project_(
+            torch.randn(2, 3, dtype=torch.float64), orthonormal(3, 1), backend="triton"
+        )
+
+
+# ------------------------------------------------------------------ fuzz
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 70),
+    k_frac=st.floats(0.0, 1.0),
+    side=st.sampled_from(["input", "output", "flat"]),
+    dtype=st.sampled_from(KERNEL_DTYPES),
+    soft=st.booleans(),
+    backend=st.sampled_from(sorted({b for _, b in PROJECT})),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_against_reference(rows, cols, k_frac, side, dtype, soft, backend, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10 ** (6 * torch.rand(1, generator=gen).item() - 3)
+    g = (torch.randn(rows, cols, generator=gen) * scale).to(dtype)
+    d = R.side_dim(g.shape, side)
+    k = round(k_frac * d)
+    u = orthonormal(d, k, seed=seed)
+    w = torch.rand(k, generator=gen) if soft else None
+    out = g.clone()
+    gradproj.project_(out, u, side=side, weights=w, backend=backend)
+    assert_matches(out, ref64(g, u, side, w), g, k, backend=backend)

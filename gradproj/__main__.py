@@ -1,0 +1,5 @@
+import sys
+
+from gradproj.cli import main
+
+sys.exit(main())

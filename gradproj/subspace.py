@@ -1,0 +1,266 @@
+"""``ConceptSubspace``: the directions a prohibited concept occupies, as a projection basis.
+
+Built from embeddings ``E (n × d)`` (rows: what the protected layers read, e.g.
+text-encoder hidden states that the cross-attention K/V weights see). With the
+thin SVD ``E = A S Bᵀ`` the concept spans the right singular vectors ``B``; the
+subspace keeps ``k`` of them, chosen by a fixed ``k`` or by the share of energy
+``Σᵢ≤ₖ sᵢ² / Σ sᵢ²`` they carry.
+
+Hard subspace: ``weights = None``, projector ``I − U Uᵀ``. Soft (ridge ``λ``):
+``weights = s² / (s² + λ)``, projector ``I − U diag(w) Uᵀ``, which equals the
+ridge projector ``I − C (CᵀC + λI)⁻¹ Cᵀ`` of ``C = Eᵀ`` when every direction is
+kept. A ``ConceptSubspace`` is accepted wherever a basis is (``project_``,
+``project_anchored_``, the optimizers): it exposes ``.basis`` and ``.weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+
+from gradproj.ops import check_orthonormal_
+
+
+class ConceptSubspace:
+    """An orthonormal basis ``U (d × k)``, optional weights ``w (k,)`` in [0, 1], and provenance.
+
+    Args:
+        basis: ``(d × k)`` with orthonormal columns (checked unless ``check=False``).
+        weights: ``None`` (hard projector) or ``(k,)`` values in ``[0, 1]``.
+        singular_values: the ``s`` the directions came with, if known (kept for
+            inspection and saved).
+        metadata: free-form provenance (source model, prompts, threshold, ...);
+            values must be JSON-serializable.
+    """
+
+    def __init__(
+        self,
+        basis: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        *,
+        singular_values: torch.Tensor | None = None,
+        metadata: dict | None = None,
+        check: bool = True,
+    ) -> None:
+        if not isinstance(basis, torch.Tensor) or basis.dim() != 2:
+            raise ValueError(
+                f"basis must be a 2-D (d × k) tensor, got {getattr(basis, 'shape', type(basis))}"
+            )
+        if not basis.is_floating_point():
+            raise TypeError(f"basis must be floating-point, got {basis.dtype}")
+        k = basis.shape[1]
+        if weights is not None:
+            if weights.shape != (k,):
+                raise ValueError(f"weights must have shape ({k},), got {tuple(weights.shape)}")
+            if check and k and not bool(((weights >= 0) & (weights <= 1)).all()):
+                raise ValueError("weights must lie in [0, 1]")
+        if singular_values is not None and singular_values.shape != (k,):
+            raise ValueError(
+                f"singular_values must have shape ({k},), got {tuple(singular_values.shape)}"
+            )
+        if check:
+            check_orthonormal_(basis, "ConceptSubspace basis")
+        self.basis = basis
+        self.weights = weights
+        self.singular_values = singular_values
+        self.metadata = dict(metadata or {})
+
+    # ---------------------------------------------------------------- builders
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: torch.Tensor,
+        *,
+        k: int | None = None,
+        energy: float | None = None,
+        ridge: float | None = None,
+        dtype: torch.dtype = torch.float32,
+        metadata: dict | None = None,
+    ) -> ConceptSubspace:
+        """The top right singular directions of ``embeddings (n × d)``.
+
+        ``k``: keep exactly ``k`` directions; ``energy``: keep the fewest that carry
+        at least that share of ``Σ s²`` (0 < energy ≤ 1); neither: keep every
+        direction with ``s > 0`` (numerically: ``s > max(s)·d·eps``). ``ridge``
+        (λ > 0) makes the subspace soft with ``w = s²/(s²+λ)``. The SVD runs in
+        float64; the basis is returned in ``dtype``.
+        """
+        if embeddings.dim() != 2:
+            raise ValueError(f"embeddings must be 2-D (n × d), got {tuple(embeddings.shape)}")
+        if k is not None and energy is not None:
+            raise ValueError("give k or energy, not both")
+        if energy is not None and not 0.0 < energy <= 1.0:
+            raise ValueError(f"energy must lie in (0, 1], got {energy}")
+        if ridge is not None and not ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {ridge}")
+        e = embeddings.detach().to(torch.float64)
+        _, s, vh = torch.linalg.svd(e, full_matrices=False)
+        rank = (
+            int((s > s.max() * max(e.shape) * torch.finfo(torch.float64).eps).sum())
+            if s.numel()
+            else 0
+        )
+        if k is not None:
+            if not 0 <= k <= rank:
+                raise ValueError(f"k must lie in [0, {rank}] (the rank of the embeddings), got {k}")
+            keep = k
+        elif energy is not None:
+            share = torch.cumsum(s * s, 0) / (s * s).sum()
+            keep = min(int((share < energy - 1e-12).sum()) + 1, rank)
+        else:
+            keep = rank
+        s, u = s[:keep], vh[:keep].T
+        weights = None if ridge is None else (s * s / (s * s + ridge)).to(dtype)
+        meta = {"k": keep, "energy": energy, "ridge": ridge, **(metadata or {})}
+        return cls(u.to(dtype), weights, singular_values=s.to(dtype), metadata=meta)
+
+    @classmethod
+    @torch.no_grad()
+    def from_prompts(
+        cls,
+        prompts: Sequence[str],
+        text_encoder: torch.nn.Module,
+        tokenizer,
+        *,
+        neutral_prompts: Sequence[str] | None = None,
+        k: int | None = None,
+        energy: float | None = 0.99,
+        ridge: float | None = None,
+        batch_size: int = 32,
+    ) -> ConceptSubspace:
+        """Directions that a concept adds to the text encoder's output (what K/V read).
+
+        With ``neutral_prompts`` (same length as ``prompts``, each the same prompt
+        with the concept replaced, e.g. "a photo of a <mark> mug" / "a photo of a
+        mug"): the rows are the differences of the last hidden states at every
+        position where both prompts have a token — in a transformer the concept
+        also changes the states of the other tokens. Without: every non-padding
+        hidden state of the concept prompts (this also spans generic context,
+        "a photo of", so it blocks more than the concept).
+        """
+        if neutral_prompts is not None and len(neutral_prompts) != len(prompts):
+            raise ValueError(
+                f"neutral_prompts has {len(neutral_prompts)} entries, prompts {len(prompts)}"
+            )
+        device = next(text_encoder.parameters()).device
+
+        def states(batch: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            tok = tokenizer(
+                list(batch),
+                padding="max_length",
+                truncation=True,
+                max_length=getattr(tokenizer, "model_max_length", 77),
+                return_tensors="pt",
+            )
+            ids = tok["input_ids"].to(device)
+            mask = tok.get("attention_mask", torch.ones_like(ids)).to(device)
+            return text_encoder(ids, attention_mask=mask).last_hidden_state, mask.bool()
+
+        rows = []
+        for i in range(0, len(prompts), batch_size):
+            h, m = states(prompts[i : i + batch_size])
+            if neutral_prompts is not None:
+                h0, m0 = states(neutral_prompts[i : i + batch_size])
+                both = m & m0
+                rows.append((h - h0)[both])
+            else:
+                rows.append(h[m])
+        e = torch.cat(rows).to(torch.float64).cpu()
+        name = (
+            getattr(getattr(text_encoder, "config", None), "_name_or_path", "")
+            or type(text_encoder).__name__
+        )
+        meta = {
+            "source_model": name,
+            "prompts": list(prompts),
+            "neutral_prompts": None if neutral_prompts is None else list(neutral_prompts),
+            "mode": "difference" if neutral_prompts is not None else "states",
+        }
+        sub = cls.from_embeddings(e, k=k, energy=None if k else energy, ridge=ridge, metadata=meta)
+        return sub.to(device)
+
+    # ---------------------------------------------------------------- algebra
+
+    @property
+    def dim(self) -> int:
+        """``d``: the length of the vectors this subspace lives among."""
+        return self.basis.shape[0]
+
+    @property
+    def k(self) -> int:
+        """Number of directions."""
+        return self.basis.shape[1]
+
+    def union(self, other: ConceptSubspace, *, rtol: float = 1e-6) -> ConceptSubspace:
+        """The hard subspace spanning both (dependent directions dropped: ``s ≤ rtol·max s``)."""
+        if self.weights is not None or other.weights is not None:
+            raise ValueError(
+                "union of soft subspaces is not defined by their bases alone; build one soft "
+                "subspace from the concatenated embeddings with ConceptSubspace.from_embeddings"
+            )
+        if other.dim != self.dim:
+            raise ValueError(f"cannot unite subspaces of dimension {self.dim} and {other.dim}")
+        both = torch.cat([self.basis, other.basis.to(self.basis)], dim=1).to(torch.float64)
+        u, s, _ = torch.linalg.svd(both, full_matrices=False)
+        keep = int((s > rtol * s.max()).sum()) if s.numel() else 0
+        meta = {"union_of": [self.metadata, other.metadata], "k": keep}
+        return ConceptSubspace(u[:, :keep].to(self.basis.dtype), metadata=meta)
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ConceptSubspace:
+        """A copy on ``device`` and/or in ``dtype`` (weights and singular values follow)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return ConceptSubspace(
+            move(self.basis),
+            move(self.weights),
+            singular_values=move(self.singular_values),
+            metadata=self.metadata,
+            check=False,
+        )
+
+    # ---------------------------------------------------------------- storage
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tensors and metadata (as JSON) to a ``.safetensors`` file."""
+        from safetensors.torch import save_file
+
+        tensors = {"basis": self.basis.detach().cpu().contiguous()}
+        if self.weights is not None:
+            tensors["weights"] = self.weights.detach().cpu().contiguous()
+        if self.singular_values is not None:
+            tensors["singular_values"] = self.singular_values.detach().cpu().contiguous()
+        save_file(tensors, os.fspath(path), metadata={"gradproj": json.dumps(self.metadata)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> ConceptSubspace:
+        """Read a subspace written by :meth:`save` (orthonormality re-checked)."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            names = set(f.keys())
+            if "basis" not in names:
+                raise ValueError(f"{path} holds no 'basis' tensor; not a ConceptSubspace file")
+            meta = json.loads((f.metadata() or {}).get("gradproj", "{}"))
+            return cls(
+                f.get_tensor("basis"),
+                f.get_tensor("weights") if "weights" in names else None,
+                singular_values=f.get_tensor("singular_values")
+                if "singular_values" in names
+                else None,
+                metadata=meta,
+            )
+
+    def __repr__(self) -> str:
+        kind = "hard" if self.weights is None else "soft"
+        return (
+            f"ConceptSubspace(d={self.dim}, k={self.k}, {kind}, {self.basis.dtype}, "
+            f"{self.basis.device})"
+        )

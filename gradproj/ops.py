@@ -68,6 +68,41 @@ def _as_weights(weights, basis: torch.Tensor, where: str) -> torch.Tensor | None
     return weights
 
 
+def _is_dtensor(t) -> bool:
+    if type(t) is torch.Tensor or not isinstance(t, torch.Tensor):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t, side: str, where: str):
+    """The local tensor to project for ``t``, which may be a DTensor (FSDP2, tensor parallel).
+
+    A plain tensor is returned as is. A DTensor is projected on its local shard
+    with no communication when that is exact: every placement ``Replicate`` (the
+    whole tensor is local), or ``Shard(0)`` with ``side="input"`` — FSDP2 shards
+    parameters by rows, each row stays whole on one rank, and the input-side
+    projection acts on rows independently with a replicated basis. Any other
+    layout (a split row, ``Partial`` values, or ``side="output"``/``"flat"``
+    on a sharded tensor, which need reductions across ranks) raises ``ValueError``.
+    """
+    if not _is_dtensor(t):
+        return t
+    placements = t.placements
+    if all(pl.is_replicate() for pl in placements):
+        return t.to_local()
+    if side == "input" and all(pl.is_replicate() or pl.is_shard(0) for pl in placements):
+        return t.to_local()
+    raise ValueError(
+        f"{where} is a DTensor with placements {tuple(placements)}; side={side!r} can be "
+        "projected locally only for Replicate, or Shard(0) with side='input' (rows stay "
+        "whole). Gather it (full_tensor()) or shard by rows."
+    )
+
+
 def _check_float(t: torch.Tensor, what: str) -> None:
     if not (t.is_floating_point()):
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {t.dtype}")
@@ -193,6 +228,8 @@ def _collect(
         if g is None or b is None:
             continue
         u, w = unpack_basis(b, weights, _where(i, names))
+        g = local_tensor(g, side, _where(i, names))
+        u = local_tensor(u, "flat", f"basis of {_where(i, names)}")
         validate(i, g, u, w, side, names, check_orthonormal)
         if g.numel() == 0 or u.shape[1] == 0:
             continue  # nothing to project
@@ -267,8 +304,9 @@ def anchor(param: torch.Tensor, basis: BasisLike, *, side: str = "input") -> tor
     ``rows(param)`` is the row view of ``side`` (``param`` itself for ``"input"``,
     its transpose for ``"output"``, one row for ``"flat"``).
     """
+    param = local_tensor(param, side, "param")
     _, params, pairs = _collect([param], [basis], side, None, None, False)
-    u = unpack_basis(basis, None, "param")[0]
+    u = local_tensor(unpack_basis(basis, None, "param")[0], "flat", "basis")
     r = rows_of(param.shape, side)
     if not params:
         dt = buckets.accumulate_dtype(param.dtype)

@@ -4,7 +4,21 @@ Public API; everything else in the package is private.
 """
 
 from gradproj import backends, reference
-from gradproj.ops import check_orthonormal_, project_
+from gradproj.adamw import ProjectedAdamW
+from gradproj.lora import protect_lora_
+from gradproj.ops import check_orthonormal_, project_, surgery_
+from gradproj.optim import ProjectedOptimizer
+from gradproj.subspace import ConceptSubspace
 
-__all__ = ["backends", "check_orthonormal_", "project_", "reference"]
+__all__ = [
+    "ConceptSubspace",
+    "ProjectedAdamW",
+    "ProjectedOptimizer",
+    "backends",
+    "check_orthonormal_",
+    "project_",
+    "protect_lora_",
+    "reference",
+    "surgery_",
+]
 __version__ = "0.1.0"

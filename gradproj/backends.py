@@ -37,6 +37,13 @@ anchors, basis, weights, side, *, lr, beta1, beta2, eps, weight_decay, maximize)
     device tensors holding the step count *including* this step (already
     incremented, read on the device: no host sync). Math in
     :func:`gradproj.reference.projected_adamw`.
+
+``surgery_bucket_(g_unlearn, g_retain, strength, variant, symmetric) -> None``
+    In place on contiguous 1-D views, pairwise (same numel, dtype and device;
+    none empty, no two overlap). Per pair with ``d = u·r``: when ``d < 0``,
+    ``u ← u − c_u r`` and, if ``symmetric``, ``r ← r − c_r u`` from the original
+    pair, with ``c`` as in ``gradproj.reference.surgery`` for ``variant``
+    (``"projection"`` or ``"cosine"``). The conflict test never leaves the device.
 """
 
 from __future__ import annotations
@@ -180,6 +187,7 @@ register(
             "project_bucket_": "gradproj.reference:project_bucket_",
             "project_anchored_bucket_": "gradproj.reference:project_anchored_bucket_",
             "projected_adamw_bucket_": "gradproj.reference:projected_adamw_bucket_",
+            "surgery_bucket_": "gradproj.reference:surgery_bucket_",
         },
         description="plain PyTorch (gradproj/reference.py); the oracle and the fallback",
     )
@@ -193,6 +201,7 @@ register(
             "project_bucket_": "gradproj.kernels.project:project_bucket_",
             "project_anchored_bucket_": "gradproj.kernels.project:project_anchored_bucket_",
             "projected_adamw_bucket_": "gradproj.kernels.adamw:projected_adamw_bucket_",
+            "surgery_bucket_": "gradproj.kernels.surgery:surgery_bucket_",
         },
         is_installed=_triton_installed,
         description="fused Triton kernels, one launch per bucket (CPU only via TRITON_INTERPRET=1)",

@@ -366,3 +366,76 @@ def project_anchored_(
             bucket.matrices, bucket.anchors, bucket.basis, bucket.weights, side
         )
         bucket.finish()
+
+
+@torch.no_grad()
+def surgery_(
+    g_unlearn: GradList,
+    g_retain: GradList,
+    *,
+    strength: float = 1.0,
+    variant: str = "projection",
+    symmetric: bool = False,
+    backend: str | None = None,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Conflict-aware gradient surgery, in place, per tensor pair (seed 001, DoCo; PCGrad).
+
+    For each pair with ``d = g_u·g_r`` (over the whole tensor), only when ``d < 0``::
+
+        "projection" (default):  g_u ← g_u − λ (g_u·ĝ_r) ĝ_r
+        "cosine" (DoCo's code):  g_u ← g_u − λ cos(g_u, g_r) ĝ_r
+
+    ``λ = strength``. ``symmetric=True`` also updates ``g_r`` the same way from
+    the original pair (PCGrad for two task gradients). The conflict test runs on
+    the device: no host sync, no Python branch on a tensor value. ``d = 0`` or a
+    zero gradient leaves both unchanged. Pairs whose entry is ``None`` on either
+    side are skipped. See :func:`gradproj.reference.surgery` for the math and the
+    difference between the variants.
+    """
+    from gradproj.reference import SURGERY_VARIANTS
+
+    if variant not in SURGERY_VARIANTS:
+        raise ValueError(f"variant must be one of {SURGERY_VARIANTS}, got {variant!r}")
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool):
+        raise TypeError(f"strength must be a Python number, got {type(strength).__name__}")
+    us, rs = _as_list(g_unlearn, "g_unlearn"), _as_list(g_retain, "g_retain")
+    if len(us) != len(rs):
+        raise ValueError(f"got {len(us)} unlearn gradients but {len(rs)} retain gradients")
+    groups: dict[tuple, tuple[list, list, list]] = {}
+    seen: dict[int, str] = {}
+    for i, (u, r) in enumerate(zip(us, rs, strict=True)):
+        if u is None or r is None:
+            continue
+        where = f"pair {i}" + (f" ({names[i]!r})" if names is not None else "")
+        for t, what in ((u, "g_unlearn"), (r, "g_retain")):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what}[{i}] must be a tensor or None, got {type(t).__name__}")
+            _check_float(t, f"{what}[{i}]")
+        if u.shape != r.shape:
+            raise ValueError(
+                f"{where}: g_unlearn has shape {tuple(u.shape)}, g_retain {tuple(r.shape)}"
+            )
+        if u.dtype != r.dtype or u.device != r.device:
+            raise ValueError(
+                f"{where}: g_unlearn is {u.dtype} on {u.device}, g_retain {r.dtype} on {r.device}"
+            )
+        for t, what in ((u, "g_unlearn"), (r, "g_retain")):
+            if t.numel() and t.data_ptr() in seen:
+                raise ValueError(f"{what}[{i}] shares memory with {seen[t.data_ptr()]}")
+            seen[t.data_ptr()] = f"{what}[{i}]"
+        if u.numel() == 0:
+            continue
+        flat = groups.setdefault((u.dtype, u.device), ([], [], []))
+        for t, dest in ((u, flat[0]), (r, flat[1])):
+            if t.is_contiguous():
+                dest.append(t.view(-1))
+            else:  # no flat view exists: work on a copy, write it back after
+                work = t.contiguous()
+                dest.append(work.view(-1))
+                flat[2].append((t, work))
+    for (dtype, device), (fu, fr, writebacks) in groups.items():
+        chosen = backends.select("surgery_bucket_", device, dtype, backend)
+        chosen.op("surgery_bucket_")(fu, fr, float(strength), variant, symmetric)
+        for t, work in writebacks:
+            t.copy_(work)

@@ -319,8 +319,9 @@ def projected_adamw_bucket_(
 ) -> None:
     """The ``"reference"`` backend's projected-AdamW bucket kernel.
 
-    Contract in ``gradproj.backends``. The step count is read from each ``steps[i]`` tensor with tensor arithmetic,
-    not ``.item()``, so this fallback does not synchronize with the device either.
+    Contract in ``gradproj.backends``. The step count is read from each
+    ``steps[i]`` tensor with tensor arithmetic, not ``.item()``, so this fallback
+    does not synchronize with the device either.
     """
     amsgrad = max_exp_avg_sqs is not None
 
@@ -330,8 +331,9 @@ def projected_adamw_bucket_(
     for i, (p, c) in enumerate(zip(params, anchors, strict=True)):
         rows, g, m, v = (rows_of(t) for t in (p, grads[i], exp_avgs[i], exp_avg_sqs[i]))
         v_max = rows_of(max_exp_avg_sqs[i]) if amsgrad else None
-        # `step` as a 0-d tensor: β**t and the bias corrections stay on the device.
-        t = steps[i].to(compute_dtype(p.dtype))
+        # `step` as a 0-d float64 tensor: β**t and the bias corrections stay on the
+        # device, and 1 − β₂ᵗ (1e-3 at t = 1) keeps its digits.
+        t = steps[i].to(torch.float64)
         new_p, new_m, new_v, new_vmax, new_c = projected_adamw(
             rows,
             g,
@@ -356,3 +358,73 @@ def projected_adamw_bucket_(
         if amsgrad:
             v_max.copy_(new_vmax)
         c.copy_(new_c)
+
+
+SURGERY_VARIANTS = ("projection", "cosine")
+
+
+def surgery(
+    g_unlearn: torch.Tensor,
+    g_retain: torch.Tensor,
+    *,
+    strength: float = 1.0,
+    variant: str = "projection",
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conflict-aware gradient surgery of one tensor pair (seed 001, DoCo; PCGrad).
+
+    With ``d = g_u·g_r`` (over all elements), the pair conflicts when ``d < 0``.
+    Only then, with ``λ = strength``::
+
+        "projection":  g_u ← g_u − λ (g_u·ĝ_r) ĝ_r = g_u − λ d/‖g_r‖² · g_r
+        "cosine":      g_u ← g_u − λ cos(g_u, g_r) ĝ_r = g_u − λ d/(‖g_u‖ ‖g_r‖²) · g_r
+
+    ``"projection"`` removes exactly the conflicting component (λ = 1 leaves
+    ``g_u·g_r = 0``). ``"cosine"`` is what DoCo's public code does: it subtracts a
+    vector of norm ``λ|cos|`` whatever ``‖g_u‖`` is, so it under-corrects large
+    gradients and over-corrects small ones.
+
+    ``symmetric=True`` (PCGrad with two task gradients) also updates
+    ``g_r ← g_r − λ d/‖g_u‖² · g_u`` (``"projection"``) from the *original* pair.
+    ``d = 0`` (cos exactly 0) or a zero gradient means no conflict: no change,
+    never NaN. Returns ``(g_u_new, g_r_new)`` in the inputs' dtype, computed in
+    ``compute_dtype``.
+    """
+    if variant not in SURGERY_VARIANTS:
+        raise ValueError(f"variant must be one of {SURGERY_VARIANTS}, got {variant!r}")
+    dt = compute_dtype(g_unlearn.dtype)
+    u = g_unlearn.to(dt).reshape(-1)
+    r = g_retain.to(dt).reshape(-1)
+    d, uu, rr = u @ r, u @ u, r @ r
+    conflict = d < 0  # implies uu > 0 and rr > 0
+    one = torch.ones((), dtype=dt, device=u.device)
+    if variant == "projection":
+        coef_u = d / torch.where(conflict, rr, one)
+        coef_r = d / torch.where(conflict, uu, one)
+    else:
+        coef_u = d / torch.where(conflict, uu.sqrt() * rr, one)
+        coef_r = d / torch.where(conflict, rr.sqrt() * uu, one)
+    zero = torch.zeros((), dtype=dt, device=u.device)
+    coef_u = torch.where(conflict, strength * coef_u, zero)
+    coef_r = torch.where(conflict, strength * coef_r, zero)
+    new_u = u - coef_u * r
+    new_r = r - coef_r * u if symmetric else r
+    return (
+        new_u.reshape(g_unlearn.shape).to(g_unlearn.dtype),
+        new_r.reshape(g_retain.shape).to(g_retain.dtype),
+    )
+
+
+def surgery_bucket_(
+    g_unlearn: list[torch.Tensor],
+    g_retain: list[torch.Tensor],
+    strength: float,
+    variant: str,
+    symmetric: bool,
+) -> None:
+    """The ``"reference"`` backend's surgery kernel (contract in ``gradproj.backends``)."""
+    for u, r in zip(g_unlearn, g_retain, strict=True):
+        new_u, new_r = surgery(u, r, strength=strength, variant=variant, symmetric=symmetric)
+        u.copy_(new_u)
+        if symmetric:
+            r.copy_(new_r)

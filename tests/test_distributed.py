@@ -229,16 +229,24 @@ def test_state_rejects_names_as_keys():
 # ------------------------------------------------------------------ FSDP2
 
 
-def single_process_update_mode() -> list[torch.Tensor]:
-    """AdamW + ProjectedOptimizer(mode="update") on the full batch, one process."""
-    from gradproj import ProjectedOptimizer
+def make_optimizer(kind: str, model: torch.nn.Module, u: torch.Tensor):
+    """The update-mode optimizers under test, built on ``model``'s current parameters."""
+    from gradproj import ProjectedAdamW, ProjectedOptimizer
 
+    bases = {p: u for p in protected(model)}
+    if kind == "ProjectedOptimizer(AdamW)":
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=ADAM_EPS)
+        return ProjectedOptimizer(inner, bases)
+    return ProjectedAdamW(model.parameters(), lr=1e-2, eps=ADAM_EPS, bases=bases)
+
+
+OPTIMIZERS = ["ProjectedOptimizer(AdamW)", "ProjectedAdamW"]
+
+
+def single_process_update_mode(kind: str) -> list[torch.Tensor]:
+    """Update-mode training on the full batch, one process."""
     model = tiny_unet()
-    u = basis()
-    opt = ProjectedOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=1e-2, eps=ADAM_EPS),
-        {p: u for p in protected(model)},
-    )
+    opt = make_optimizer(kind, model, basis())
     for step in range(STEPS):
         opt.zero_grad()
         loss_of(model, *batch(step)).backward()
@@ -250,8 +258,6 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from gradproj import ProjectedOptimizer
-
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -259,52 +265,58 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=120),
     )
-    model = tiny_unet()
-    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
-    kv = protected(model)  # after fully_shard: the sharded DTensor parameters
     u = basis()
-    opt = ProjectedOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=1e-2, eps=ADAM_EPS), {p: u for p in kv}
-    )
-    w0 = [p.full_tensor().detach().clone() for p in kv]
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    for step in range(STEPS):
-        opt.zero_grad()
-        x, noise, t, text = batch(step)
-        loss_of(model, x[mine], noise[mine], t[mine], text[mine]).backward()
-        opt.step()
-    full = [p.full_tensor().detach().clone() for p in model.parameters()]
-    kv_full = [p.full_tensor().detach() for p in kv]
-    leak = max(
-        float(((w - w_0) @ u).norm() / w_0.norm()) for w, w_0 in zip(kv_full, w0, strict=True)
-    )
-    placements = sorted({str(p.placements) for p in kv})
+    results = {}
+    for kind in OPTIMIZERS:
+        model = tiny_unet()
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        kv = protected(model)  # after fully_shard: the sharded DTensor parameters
+        opt = make_optimizer(kind, model, u)
+        w0 = [p.full_tensor().detach().clone() for p in kv]
+        for step in range(STEPS):
+            opt.zero_grad()
+            x, noise, t, text = batch(step)
+            loss_of(model, x[mine], noise[mine], t[mine], text[mine]).backward()
+            opt.step()
+        full = [p.full_tensor().detach().clone() for p in model.parameters()]
+        kv_full = [p.full_tensor().detach() for p in kv]
+        leak = max(
+            float(((w - w_0) @ u).norm() / w_0.norm()) for w, w_0 in zip(kv_full, w0, strict=True)
+        )
+        results[kind] = {
+            "params": full,
+            "update_leak": leak,
+            "placements": sorted({str(p.placements) for p in kv}),
+        }
     try:  # output side needs column sums across ranks: must refuse, not answer wrong
         v = torch.linalg.qr(torch.randn(kv[0].shape[0], 2))[0]
         ops.project_(kv[0].grad, v, side="output")
-        output_side_error = ""
+        results["output_side_error"] = ""
     except ValueError as e:
-        output_side_error = str(e)
+        results["output_side_error"] = str(e)
     if rank == 0:
-        torch.save(
-            {
-                "params": full,
-                "update_leak": leak,
-                "placements": placements,
-                "output_side_error": output_side_error,
-            },
-            out,
-        )
+        torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_fsdp2_update_mode_keeps_guarantee_and_matches_single_process(tmp_path):
-    res = _spawn(_fsdp_worker, str(tmp_path / "fsdp.pt"))
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    return _spawn(_fsdp_worker, str(tmp_path_factory.mktemp("fsdp") / "results.pt"))
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_fsdp2_update_mode_keeps_guarantee_and_matches_single_process(fsdp_results, kind):
+    res = fsdp_results[kind]
     assert res["placements"] == ["(Shard(dim=0),)"]  # rows whole on each rank
     assert res["update_leak"] < 1e-6
-    assert "DTensor with placements (Shard(dim=0),); side='output'" in res["output_side_error"]
     # Sharded AdamW is elementwise, so only the gradient reduction order differs
     # (see ADAM_EPS): measured max |diff| 1.4e-6 after 3 steps. Without the
     # projection the parameters differ by 3.4e-2.
-    assert_params_close(res["params"], single_process_update_mode(), atol=1e-5)
+    assert_params_close(res["params"], single_process_update_mode(kind), atol=1e-5)
+
+
+def test_fsdp2_sharded_output_side_is_refused(fsdp_results):
+    msg = fsdp_results["output_side_error"]
+    assert "DTensor with placements (Shard(dim=0),); side='output'" in msg

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -88,13 +87,13 @@ def single_process(micro_batches: int = 1) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, rendezvous: str, out: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{rendezvous}",
         rank=rank,
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=120),
@@ -159,15 +158,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(worker, out: str) -> dict:
+    # A file rendezvous needs no TCP port, so parallel runs and busy machines cannot collide.
+    rendezvous = out + ".rendezvous"
     ctx = mp.start_processes(
-        worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="spawn"
+        worker, args=(rendezvous, out), nprocs=WORLD, join=False, start_method="spawn"
     )
     try:
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=300)
@@ -254,13 +249,13 @@ def single_process_update_mode(kind: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _fsdp_worker(rank: int, port: int, out: str) -> None:
+def _fsdp_worker(rank: int, rendezvous: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{rendezvous}",
         rank=rank,
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=120),

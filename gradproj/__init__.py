@@ -9,6 +9,7 @@ from gradproj.lora import protect_lora_
 from gradproj.ops import check_orthonormal_, project_, surgery_
 from gradproj.optim import ProjectedOptimizer
 from gradproj.subspace import ConceptSubspace
+from gradproj.unlearn import surgery_backward
 
 __all__ = [
     "ConceptSubspace",
@@ -20,5 +21,6 @@ __all__ = [
     "protect_lora_",
     "reference",
     "surgery_",
+    "surgery_backward",
 ]
 __version__ = "0.1.0"

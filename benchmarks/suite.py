@@ -1,0 +1,232 @@
+"""The projection benchmark suite: every backend against its peers, written as one JSON file.
+
+    python benchmarks/suite.py --out benchmarks/results/<device>-<date>.json   # full (GPU)
+    python benchmarks/suite.py --smoke                                        # tiny, any device
+
+Every case (a bucket of named model shapes or a uniform bucket of a given size, a
+``k``, a dtype) times, in one process and one run:
+
+* each runnable gradproj backend through the public ``gradproj.project_``;
+* the peers of ``benchmarks/peers.py``: per-tensor eager, ``torch.compile`` of it
+  (default and max-autotune-no-cudagraphs, on the cases marked ``compile``: each
+  shape recompiles), the grouped flat-bucket eager version, and a device copy of
+  the same bytes (the roofline).
+
+GPU timing: ``triton.testing.do_bench`` (warm-up, L2 flushed between repetitions,
+median). CPU timing: median of repeated ``perf_counter`` runs (CPU figures are
+for ratios on that machine only). Every row carries bytes moved, GB/s, % of the
+copy bandwidth measured in the same case, the ratio to every peer, and the max
+error against the float64 reference; the file carries device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import gradproj
+from benchmarks import harness, peers
+from gradproj import reference
+
+MIB = 1 << 20
+
+# Named buckets of real models (out × in per tensor, one shared basis).
+# SD 1.5 UNet attn2.to_k/to_v: 16 transformer blocks × (K, V), text width 768.
+SD15_KV = tuple((c, 768) for c in (320,) * 10 + (640,) * 10 + (1280,) * 12)
+# SDXL UNet attn2.to_k/to_v: 10 transformer layers at 640 and 60 at 1280, × (K, V), width 2048.
+SDXL_KV = tuple((c, 2048) for c in (640,) * 20 + (1280,) * 120)
+# Text-side input projections reading the T5 width 4096: SD3 context_embedder (1536)
+# and Flux context_embedder (3072).
+SD3_FLUX_CTX = ((1536, 4096), (3072, 4096))
+NAMED = {"sd15_kv": SD15_KV, "sdxl_kv": SDXL_KV, "sd3_flux_ctx": SD3_FLUX_CTX}
+
+
+def uniform(mib: int, d: int = 768, out: int = 1024) -> tuple[tuple[int, int], ...]:
+    """A bucket of ``out × d`` fp32 tensors totalling ``mib`` MiB (the last one trimmed)."""
+    rows = max(1, mib * MIB // (4 * d))
+    shapes = [(out, d)] * (rows // out)
+    if rows % out:
+        shapes.append((rows % out, d))
+    return tuple(shapes)
+
+
+def bucket_mib(shapes: tuple[tuple[int, int], ...]) -> float:
+    """Size of a bucket of these shapes in fp32, MiB."""
+    return sum(math.prod(s) for s in shapes) * 4 / MIB
+
+
+def cases(smoke: bool) -> list[dict]:
+    """The cases to run: ``shapes``, ``k``, ``dtype`` and whether to compile peers."""
+    if smoke:
+        tiny = ((5, 24), (9, 24), (3, 24))
+        return [
+            {"name": "tiny", "shapes": tiny, "k": k, "dtype": dt, "compile": False}
+            for k in (1, 8)
+            for dt in ("float32", "bfloat16")
+        ]
+    out = []
+    for name, shapes in NAMED.items():
+        for k in (1, 8, 32, 128):
+            for dt in ("float32", "bfloat16"):
+                out.append(
+                    {"name": name, "shapes": shapes, "k": k, "dtype": dt, "compile": k in (8, 32)}
+                )
+    for mib in (1, 4, 16, 64, 256, 1024):
+        for k in (8, 32):
+            out.append(
+                {
+                    "name": f"uniform_{mib}MiB",
+                    "shapes": uniform(mib),
+                    "k": k,
+                    "dtype": "float32",
+                    "compile": mib == 64,
+                }
+            )
+    return out
+
+
+def time_ms(fn: Callable[[], None], dev: torch.device, reps: int) -> float:
+    """Median milliseconds of ``fn`` (do_bench on CUDA: warm-up, L2 flush)."""
+    if dev.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def max_error(grads: list[torch.Tensor], before: list[torch.Tensor], basis: torch.Tensor) -> float:
+    """Largest |out − float64 reference| over the first few tensors, relative to max|g|."""
+    worst = 0.0
+    for g, g0 in list(zip(grads, before, strict=True))[:4]:
+        ref = reference.project(g0.double(), basis.double())
+        scale = max(g0.double().abs().max().item(), 1e-30)
+        worst = max(worst, (g.double() - ref).abs().max().item() / scale)
+    return worst
+
+
+def run_case(case: dict, dev: torch.device, reps: int) -> list[dict]:
+    dtype = getattr(torch, case["dtype"])
+    grads, basis = harness.make_bucket(case["shapes"], case["k"], dev, dtype)
+    before = [g.clone() for g in grads]
+    nbytes = harness.bucket_bytes(grads)
+    flat, views = peers.grouped_buffer(grads)
+
+    def fresh() -> None:  # every timed call projects the same, unprojected values
+        for g, v, g0 in zip(grads, views, before, strict=True):
+            g.copy_(g0)
+            v.copy_(g0)
+
+    contenders: dict[str, Callable[[], None]] = {
+        "copy": peers.copy_roofline(flat),
+        "eager": lambda: peers.eager_project_(grads, basis),
+        "grouped": lambda: peers.grouped_project_(flat, basis),
+    }
+    if case["compile"]:
+        for label, mode in (
+            ("compiled", "default"),
+            ("compiled_max_autotune", "max-autotune-no-cudagraphs"),
+        ):
+            fn = peers.compiled(mode)
+            contenders[label] = lambda fn=fn: fn(grads, basis)
+    for name in harness.runnable_backends("project_bucket_", dev, dtype):
+        contenders[f"gradproj:{name}"] = lambda name=name: gradproj.project_(
+            grads, basis, backend=name
+        )
+
+    timings, errors = {}, {}
+    for label, fn in contenders.items():
+        fresh()
+        fn()  # first call: compile / build tables / check the answer
+        harness.synchronize(dev)
+        if label != "copy":
+            errors[label] = max_error(views if label == "grouped" else grads, before, basis)
+        timings[label] = time_ms(fn, dev, reps)
+    fresh()
+
+    rows = []
+    copy_ms = timings["copy"]
+    for label, ms in timings.items():
+        rows.append(
+            {
+                "case": case["name"],
+                "tensors": len(case["shapes"]),
+                "k": case["k"],
+                "dtype": case["dtype"],
+                "contender": label,
+                "ms": ms,
+                "bytes": nbytes,
+                "GBps": nbytes / ms / 1e6,
+                "pct_of_copy": 100.0 * copy_ms / ms,
+                "max_rel_error": errors.get(label),
+                "speedup_vs": {
+                    peer: timings[peer] / ms for peer in timings if not peer.startswith("gradproj")
+                },
+            }
+        )
+    return rows
+
+
+def environment(dev: torch.device) -> dict:
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if dev.type == "cuda":
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny cases, seconds, any device")
+    parser.add_argument("--out", help="write the JSON here")
+    parser.add_argument("--reps", type=int, default=10, help="CPU timing repetitions")
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    args = parser.parse_args(argv)
+    dev = torch.device(args.device) if args.device else harness.device()
+    result = {"environment": environment(dev), "rows": []}
+    start = time.perf_counter()
+    for case in cases(args.smoke):
+        if dev.type == "cpu" and not args.smoke and bucket_mib(case["shapes"]) > 64:
+            continue  # the full suite is a GPU suite; CPU runs the cases up to 64 MiB
+        result["rows"].extend(run_case(case, dev, args.reps))
+        print(f"{case['name']:>18} k={case['k']:<3} {case['dtype']:<8} done", flush=True)
+    result["environment"]["wall_s"] = round(time.perf_counter() - start, 1)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

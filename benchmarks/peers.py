@@ -57,3 +57,17 @@ def copy_roofline(flat: torch.Tensor) -> Callable[[], None]:
     """A closure that copies ``flat`` into a same-size buffer: one read + one write per element."""
     dst = torch.empty_like(flat)
     return lambda: dst.copy_(flat)
+
+
+def surgery_loop_(
+    g_unlearn: list[torch.Tensor], g_retain: list[torch.Tensor], strength: float = 1.0
+) -> None:
+    """DoCo's public per-parameter loop: cosine per tensor, a host branch on its sign.
+
+    ``float(cos)`` synchronizes with the device once per tensor, as the original's
+    ``if cos < 0`` does; the update is its ``g_u −= λ·cos·ĝ_r`` (the "cosine" variant).
+    """
+    for u, r in zip(g_unlearn, g_retain, strict=True):
+        cos = torch.nn.functional.cosine_similarity(u.flatten(), r.flatten(), dim=0)
+        if float(cos) < 0:
+            u.sub_(strength * cos * r / r.norm())

@@ -13,7 +13,9 @@ Every case (a bucket of named model shapes or a uniform bucket of a given size, 
   the same bytes (the roofline).
 
 GPU timing: ``triton.testing.do_bench`` (warm-up, L2 flushed between repetitions,
-median). CPU timing: median of repeated ``perf_counter`` runs (CPU figures are
+median). Also: the fused ``surgery_`` against DoCo's per-tensor loop, and one
+``ProjectedAdamW`` / ``AdamW + ProjectedOptimizer`` step against fused AdamW, on the
+SD 1.5 K/V bucket. CPU timing: median of repeated ``perf_counter`` runs (CPU figures are
 for ratios on that machine only). Every row carries bytes moved, GB/s, % of the
 copy bandwidth measured in the same case, the ratio to every peer, and the max
 error against the float64 reference; the file carries device and versions.
@@ -183,6 +185,96 @@ def run_case(case: dict, dev: torch.device, reps: int) -> list[dict]:
     return rows
 
 
+def run_surgery_case(
+    shapes: tuple[tuple[int, int], ...], dev: torch.device, reps: int
+) -> list[dict]:
+    """The fused ``surgery_`` (cosine variant) against DoCo's per-tensor loop."""
+    gen = torch.Generator().manual_seed(0)
+    us = [torch.randn(s, generator=gen).to(dev) for s in shapes]
+    # every other pair conflicts, so the per-tensor decision goes both ways
+    rs = [(-1) ** i * u + torch.randn(u.shape, generator=gen).to(dev) for i, u in enumerate(us)]
+    before = [u.clone() for u in us]
+    nbytes = 3 * sum(u.numel() * u.element_size() for u in us)  # read u, r; write u
+
+    def fresh() -> None:
+        for u, u0 in zip(us, before, strict=True):
+            u.copy_(u0)
+
+    contenders = {"loop": lambda: peers.surgery_loop_(us, rs)}
+    for name in harness.runnable_backends("surgery_bucket_", dev, torch.float32):
+        contenders[f"gradproj:{name}"] = lambda name=name: gradproj.surgery_(
+            us, rs, variant="cosine", backend=name
+        )
+    timings, outputs = {}, {}
+    for label, fn in contenders.items():
+        fresh()
+        fn()
+        harness.synchronize(dev)
+        outputs[label] = [u.clone() for u in us]
+        fresh()
+        timings[label] = time_ms(lambda fn=fn: (fresh(), fn()), dev, reps)
+    rows = []
+    for label, ms in timings.items():
+        err = max(
+            (a - b).abs().max().item() for a, b in zip(outputs[label], outputs["loop"], strict=True)
+        )
+        rows.append(
+            {
+                "case": "surgery_sd15_kv",
+                "tensors": len(shapes),
+                "contender": label,
+                "ms": ms,
+                "bytes": nbytes,
+                "GBps": nbytes / ms / 1e6,
+                "max_abs_diff_vs_loop": err,
+                "speedup_vs_loop": timings["loop"] / ms,
+            }
+        )
+    return rows
+
+
+def run_optimizer_case(
+    shapes: tuple[tuple[int, int], ...], k: int, dev: torch.device, reps: int
+) -> list[dict]:
+    """One optimizer step: fused AdamW (no projection) vs the two projected AdamWs."""
+
+    def build(kind: str):
+        gen = torch.Generator().manual_seed(0)
+        basis = torch.linalg.qr(torch.randn(shapes[0][1], k, generator=gen))[0].to(dev)
+        params = []
+        for s in shapes:
+            p = torch.nn.Parameter(0.02 * torch.randn(s, generator=gen).to(dev))
+            p.grad = torch.randn(s, generator=gen).to(dev)
+            params.append(p)
+        bases = {p: basis for p in params}
+        if kind == "adamw_fused":
+            return torch.optim.AdamW(params, lr=1e-3, fused=dev.type == "cuda" or None)
+        if kind == "adamw_foreach+ProjectedOptimizer":
+            return gradproj.ProjectedOptimizer(
+                torch.optim.AdamW(params, lr=1e-3, foreach=True), bases
+            )
+        return gradproj.ProjectedAdamW(params, lr=1e-3, bases=bases)
+
+    timings = {}
+    for kind in ("adamw_fused", "adamw_foreach+ProjectedOptimizer", "ProjectedAdamW"):
+        opt = build(kind)
+        opt.step()  # state, anchors, kernels
+        timings[kind] = time_ms(opt.step, dev, reps)
+    numel = sum(math.prod(s) for s in shapes)
+    return [
+        {
+            "case": "adamw_step_sd15_kv",
+            "k": k,
+            "contender": kind,
+            "ms": ms,
+            "bytes": 7 * 4 * numel,  # p, g, m, v read; p, m, v written (fp32)
+            "GBps": 7 * 4 * numel / ms / 1e6,
+            "time_vs_fused_adamw": ms / timings["adamw_fused"],
+        }
+        for kind, ms in timings.items()
+    ]
+
+
 def environment(dev: torch.device) -> dict:
     env = {
         "date": datetime.date.today().isoformat(),
@@ -220,6 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
             continue  # the full suite is a GPU suite; CPU runs the cases up to 64 MiB
         result["rows"].extend(run_case(case, dev, args.reps))
         print(f"{case['name']:>18} k={case['k']:<3} {case['dtype']:<8} done", flush=True)
+    shapes = ((5, 24), (9, 24)) if args.smoke else SD15_KV
+    result["surgery"] = run_surgery_case(shapes, dev, args.reps)
+    result["optimizer"] = run_optimizer_case(shapes, 4 if args.smoke else 32, dev, args.reps)
+    print("surgery and optimizer cases done", flush=True)
     result["environment"]["wall_s"] = round(time.perf_counter() - start, 1)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -113,7 +114,9 @@ class Backend:
 @functools.cache
 def _resolve(target: str) -> Callable:
     module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)
+    # sys.modules first: torch.compile traces a dict lookup but not importlib.
+    loaded = sys.modules.get(module)
+    return getattr(loaded if loaded is not None else importlib.import_module(module), fn)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -205,5 +208,47 @@ register(
         },
         is_installed=_triton_installed,
         description="fused Triton kernels, one launch per bucket (CPU only via TRITON_INTERPRET=1)",
+    )
+)
+
+
+def _extension_installed() -> bool:
+    # Imported here, not at the top: gradproj._C is loaded (and a missing build
+    # warned about) only when dispatch first considers a compiled backend.
+    from gradproj import _extension
+
+    return _extension.is_loaded()
+
+
+def _extension_cuda_installed() -> bool:
+    from gradproj import _extension
+
+    return _extension.has_cuda()
+
+
+register(
+    Backend(
+        name="cpp",
+        devices=lambda: frozenset({"cpu"}),
+        dtypes=KERNEL_DTYPES,
+        ops={
+            "project_bucket_": "gradproj._extension:project_bucket_",
+            "project_anchored_bucket_": "gradproj._extension:project_anchored_bucket_",
+        },
+        is_installed=_extension_installed,
+        description="C++ CPU kernels of gradproj._C (csrc/cpu), torch.ops.gradproj.*",
+    )
+)
+register(
+    Backend(
+        name="cuda",
+        devices=lambda: frozenset({"cuda"}),
+        dtypes=KERNEL_DTYPES,
+        ops={
+            "project_bucket_": "gradproj._extension:project_bucket_",
+            "project_anchored_bucket_": "gradproj._extension:project_anchored_bucket_",
+        },
+        is_installed=_extension_cuda_installed,
+        description="CUDA kernels of gradproj._C (csrc/cuda), one launch per bucket",
     )
 )

@@ -146,7 +146,8 @@ def validate(
         )
     if u.device != g.device:
         raise ValueError(f"basis of {where} is on {u.device}, but the grad is on {g.device}")
-    if torch._debug_has_internal_overlap(g) == 1:
+    # Skipped while torch.compile traces: it returns a Python int, a graph break.
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(g) == 1:
         raise ValueError(
             f"{where} has internally overlapping memory (e.g. an expand()ed tensor) and "
             "cannot be projected in place"
@@ -162,7 +163,12 @@ def validate(
             raise ValueError(f"weights of {where} are on {w.device}, but the grad is on {g.device}")
         # Reading the values synchronizes with the device; free for CPU weights,
         # opt-in (check_orthonormal) for accelerator ones.
-        if (w.device.type == "cpu" or check_orthonormal) and w.numel() > 0:
+        # (Skipped while torch.compile traces: the values are data, not graph.)
+        if (
+            (w.device.type == "cpu" or check_orthonormal)
+            and w.numel() > 0
+            and not torch.compiler.is_compiling()
+        ):
             lo, hi = w.min().item(), w.max().item()
             if not (lo >= 0.0 and hi <= 1.0):
                 raise ValueError(
@@ -233,7 +239,7 @@ def _collect(
         validate(i, g, u, w, side, names, check_orthonormal)
         if g.numel() == 0 or u.shape[1] == 0:
             continue  # nothing to project
-        ptr = g.data_ptr()
+        ptr = g.data_ptr() if not torch.compiler.is_compiling() else id(g)  # fakes have no data
         if ptr in seen:
             raise ValueError(
                 f"{_where(i, names)} shares memory with {_where(seen[ptr], names)}; "

@@ -39,6 +39,12 @@ echo "== benchmark: project_ on the SD-1.5-like K/V bucket"
 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_project.py --benchmark-only \
   --benchmark-group-by=param:k --benchmark-json="$OUT/bench_project.json" 2>&1 | tail -30
 
+echo "== benchmark suite: every backend vs eager, torch.compile, grouped eager, copy roofline"
+dev_name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')
+suite_json="$OUT/suite-${dev_name}-$(date +%F).json"
+"$PY" benchmarks/suite.py --out "$suite_json" 2>&1 | tail -5
+"$PY" benchmarks/plot.py "$suite_json" 2>&1 | tail -1 || echo "plot skipped (matplotlib missing?)"
+
 echo "== summary"
 "$PY" - "$OUT" <<'EOF'
 import json, platform, subprocess, sys, xml.etree.ElementTree as ET

@@ -32,8 +32,13 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# CPU benchmarks: the pytest-benchmark suites, then the peer suite as JSON + plot
+# under benchmarks/results/ (GPU: scripts/gpu_check.sh runs the same suite there).
+BENCH_JSON := benchmarks/results/cpu-$(shell date +%F).json
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks -q --benchmark-only
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,rounds
+	$(BIN)/python benchmarks/suite.py --reps 5 --out $(BENCH_JSON)
+	$(BIN)/python benchmarks/plot.py $(BENCH_JSON)
 
 clean:
 	rm -rf $(VENV) build *.egg-info gradproj/*.so .pytest_cache .benchmarks

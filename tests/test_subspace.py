@@ -158,9 +158,13 @@ def test_from_prompts_difference_mode_blocks_the_concept_response():
     with torch.no_grad():
         h_a = encoder(tok_a["input_ids"], attention_mask=tok_a["attention_mask"]).last_hidden_state
         h_b = encoder(tok_b["input_ids"], attention_mask=tok_b["attention_mask"]).last_hidden_state
-    both = tok_a["attention_mask"].bool() & tok_b["attention_mask"].bool()
-    diff = (h_a - h_b)[both]
+    # Every position a UNet reads, including the concept token itself (the neutral
+    # prompts are shorter, so it sits where they have padding) and the padding.
+    diff = (h_a - h_b).reshape(-1, 32)
     assert ((diff @ w.T).norm() / diff.norm() / w.norm()).item() < 1e-5
+    mark_position = (tok_a["input_ids"][0] == tokenizer.convert_tokens_to_ids("mark")).nonzero()
+    concept_state = h_a[0, mark_position[0, 0]] - h_b[0, mark_position[0, 0]]
+    assert ((w @ concept_state).norm() / concept_state.norm() / w.norm()).item() < 1e-5
 
 
 def test_from_prompts_states_mode_and_errors():

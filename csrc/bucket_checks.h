@@ -102,4 +102,100 @@ inline void check_anchors(
   }
 }
 
+// surgery_bucket_: pairs of contiguous 1-D views, one dtype, one device.
+enum class SurgeryVariant { kProjection, kCosine };
+
+inline SurgeryVariant check_surgery_bucket(
+    at::TensorList g_unlearn, at::TensorList g_retain, c10::string_view variant,
+    c10::DeviceType device_type) {
+  TORCH_CHECK(
+      g_unlearn.size() == g_retain.size(), "got ", g_unlearn.size(), " g_unlearn but ",
+      g_retain.size(), " g_retain; surgery works on pairs");
+  SurgeryVariant v;
+  if (variant == "projection") {
+    v = SurgeryVariant::kProjection;
+  } else if (variant == "cosine") {
+    v = SurgeryVariant::kCosine;
+  } else {
+    TORCH_CHECK(
+        false, "variant must be 'projection' or 'cosine', got '", std::string(variant), "'");
+  }
+  for (size_t i = 0; i < g_unlearn.size(); ++i) {
+    const at::Tensor& u = g_unlearn[i];
+    const at::Tensor& r = g_retain[i];
+    const auto dt = u.scalar_type();
+    TORCH_CHECK(
+        dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "g_unlearn[", i,
+        "] has dtype ", dt, "; the compiled kernels take float32, bfloat16 or float16");
+    TORCH_CHECK(
+        dt == g_unlearn[0].scalar_type() && r.scalar_type() == dt, "g_unlearn[", i, "] (", dt,
+        ") and g_retain[", i, "] (", r.scalar_type(), ") must have the dtype of g_unlearn[0] (",
+        g_unlearn[0].scalar_type(), "); a bucket has one dtype");
+    TORCH_CHECK(
+        u.dim() == 1 && r.dim() == 1 && u.is_contiguous() && r.is_contiguous(), "g_unlearn[", i,
+        "] and g_retain[", i, "] must be contiguous 1-D views, got shapes ", u.sizes(), " and ",
+        r.sizes());
+    TORCH_CHECK(
+        u.numel() == r.numel() && u.numel() > 0, "g_unlearn[", i, "] has ", u.numel(),
+        " elements and g_retain[", i, "] ", r.numel(), "; a pair has one non-zero size");
+    TORCH_CHECK(
+        u.device().type() == device_type && u.device() == g_unlearn[0].device() &&
+            r.device() == u.device(),
+        "g_unlearn[", i, "] is on ", u.device(), " and g_retain[", i, "] on ", r.device(),
+        ", expected one ", device_type, " device for the bucket");
+  }
+  return v;
+}
+
+// projected_adamw_bucket_: params as in check_bucket; grads, exp_avgs, exp_avg_sqs
+// (and max_exp_avg_sqs, empty unless amsgrad) of the params' shapes and dtype; the
+// moments share the params' strides (grads may not); steps are float32 one-element
+// tensors on the params' device.
+inline Side check_adamw_bucket(
+    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+    at::TensorList anchors, const at::Tensor& basis, const std::optional<at::Tensor>& weights,
+    c10::string_view side_name, c10::DeviceType device_type) {
+  const Side side = check_bucket(params, basis, weights, side_name, device_type);
+  check_anchors(params, anchors, basis, side);
+  const size_t n = params.size();
+  const auto check_list = [&](at::TensorList list, const char* name, bool same_strides) {
+    TORCH_CHECK(
+        list.size() == n, "got ", n, " params but ", list.size(), " ", name,
+        "; give one per param");
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& t = list[i];
+      const at::Tensor& p = params[i];
+      TORCH_CHECK(
+          t.sizes() == p.sizes(), name, "[", i, "] has shape ", t.sizes(), " but params[", i,
+          "] has ", p.sizes());
+      TORCH_CHECK(
+          t.scalar_type() == p.scalar_type(), name, "[", i, "] has dtype ", t.scalar_type(),
+          " but params[", i, "] has ", p.scalar_type());
+      TORCH_CHECK(
+          t.device() == p.device(), name, "[", i, "] is on ", t.device(), " but params[", i,
+          "] on ", p.device());
+      TORCH_CHECK(
+          !same_strides || t.strides() == p.strides(), name, "[", i, "] has strides ",
+          t.strides(), " but params[", i, "] has ", p.strides(), "; they must match");
+    }
+  };
+  check_list(grads, "grads", false);
+  check_list(exp_avgs, "exp_avgs", true);
+  check_list(exp_avg_sqs, "exp_avg_sqs", true);
+  if (!max_exp_avg_sqs.empty()) check_list(max_exp_avg_sqs, "max_exp_avg_sqs", true);
+  TORCH_CHECK(
+      steps.size() == n, "got ", n, " params but ", steps.size(), " steps; give one per param");
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(
+        steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1, "steps[", i,
+        "] must be a one-element float32 tensor, got ", steps[i].scalar_type(), " of shape ",
+        steps[i].sizes());
+    TORCH_CHECK(
+        steps[i].device() == params[i].device(), "steps[", i, "] is on ", steps[i].device(),
+        " but params[", i, "] on ", params[i].device());
+  }
+  return side;
+}
+
 }  // namespace gradproj

@@ -11,6 +11,13 @@
 //   project_anchored_bucket_(matrices, anchors, basis, weights, side)
 //       every row x with anchor row c, a = U^T x:
 //       x <- x - U (w * (a - c));  c <- c + (1 - w) * (a - c)  (only with weights)
+//   projected_adamw_bucket_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+//                           anchors, basis, weights, side, *, lr, beta1, beta2, eps,
+//                           weight_decay, maximize)
+//       one AdamW step of every param, then the anchored projection of its rows;
+//       max_exp_avg_sqs is empty unless amsgrad (as in torch's _fused_adamw_)
+//   surgery_bucket_(g_unlearn, g_retain, strength, variant, symmetric)
+//       per pair with d = u.r < 0: u <- u - c_u r (and r <- r - c_r u if symmetric)
 
 #include <Python.h>
 #include <torch/library.h>
@@ -36,4 +43,12 @@ TORCH_LIBRARY(gradproj, m) {
   m.def(
       "project_anchored_bucket_(Tensor(a!)[] matrices, Tensor(b!)[] anchors, Tensor basis, "
       "Tensor? weights, str side) -> ()");
+  m.def(
+      "projected_adamw_bucket_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, "
+      "Tensor(e!)[] anchors, Tensor basis, Tensor? weights, str side, *, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+  m.def(
+      "surgery_bucket_(Tensor(a!)[] g_unlearn, Tensor(b!)[] g_retain, float strength, "
+      "str variant, bool symmetric) -> ()");
 }

@@ -15,7 +15,13 @@ names:
   matrix becomes ``x − U (w ⊙ Uᵀ x)``;
 * ``project_anchored_bucket_(matrices, anchors, basis, weights, side)``: with
   ``a = Uᵀ x`` and anchor row ``c``, ``x ← x − U (w ⊙ (a − c))`` and, with
-  weights, ``c ← c + (1 − w) ⊙ (a − c)``.
+  weights, ``c ← c + (1 − w) ⊙ (a − c)``;
+* ``projected_adamw_bucket_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+  anchors, basis, weights, side, *, lr, beta1, beta2, eps, weight_decay, maximize)``: one
+  AdamW step, then the anchored projection of every row (``max_exp_avg_sqs`` is an
+  empty list unless amsgrad, as in ``torch._fused_adamw_``);
+* ``surgery_bucket_(g_unlearn, g_retain, strength, variant, symmetric)``: per pair
+  with ``d = u·r < 0``, ``u ← u − c_u r`` (and ``r ← r − c_r u`` if symmetric).
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ from types import ModuleType
 
 import torch
 
-OPS = ("project_bucket_", "project_anchored_bucket_")
+OPS = (
+    "project_bucket_",
+    "project_anchored_bucket_",
+    "projected_adamw_bucket_",
+    "surgery_bucket_",
+)
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (or `make setup`) in the gradproj "
@@ -86,7 +97,7 @@ def has_cuda() -> bool:
 def _register_fakes() -> None:
     """Fake (meta) kernels, so the ops trace under torch.compile without running.
 
-    Both ops only mutate their inputs in place and return nothing, so the fake
+    The ops only mutate their inputs in place and return nothing, so the fake
     kernels have nothing to compute; the schemas' ``Tensor(a!)[]`` annotations tell
     functionalization what is written.
     """
@@ -97,6 +108,32 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gradproj::project_anchored_bucket_")
     def _project_anchored_bucket_fake(matrices, anchors, basis, weights, side) -> None:
+        return None
+
+    @torch.library.register_fake("gradproj::projected_adamw_bucket_")
+    def _projected_adamw_bucket_fake(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        anchors,
+        basis,
+        weights,
+        side,
+        *,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        maximize,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("gradproj::surgery_bucket_")
+    def _surgery_bucket_fake(g_unlearn, g_retain, strength, variant, symmetric) -> None:
         return None
 
 
@@ -127,6 +164,68 @@ def project_anchored_bucket_(
     ``x ← x − U (w ⊙ (a − c))``; with weights also ``c ← c + (1 − w) ⊙ (a − c)``.
     """
     torch.ops.gradproj.project_anchored_bucket_(list(matrices), list(anchors), basis, weights, side)
+
+
+def projected_adamw_bucket_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None,
+    steps: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    basis: torch.Tensor,
+    weights: torch.Tensor | None,
+    side: str,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Backends ``"cpp"``/``"cuda"``: ``torch.ops.gradproj.projected_adamw_bucket_``.
+
+    One AdamW step, then ``x ← x − U (w ⊙ (Uᵀx − c))`` on every row (contract in
+    :mod:`gradproj.backends`). ``max_exp_avg_sqs=None`` (no amsgrad) is passed as an
+    empty list. ``lr`` is read as a Python float (a tensor ``lr`` synchronizes).
+    """
+    torch.ops.gradproj.projected_adamw_bucket_(
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        [] if max_exp_avg_sqs is None else list(max_exp_avg_sqs),
+        list(steps),
+        list(anchors),
+        basis,
+        weights,
+        side,
+        lr=float(lr),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        maximize=bool(maximize),
+    )
+
+
+def surgery_bucket_(
+    g_unlearn: list[torch.Tensor],
+    g_retain: list[torch.Tensor],
+    strength: float,
+    variant: str,
+    symmetric: bool,
+) -> None:
+    """Backends ``"cpp"``/``"cuda"``: ``torch.ops.gradproj.surgery_bucket_``.
+
+    In place, per pair with ``d = u·r``: when ``d < 0``, ``u ← u − c_u r`` and, if
+    ``symmetric``, ``r ← r − c_r u`` (contract in :mod:`gradproj.backends`).
+    """
+    torch.ops.gradproj.surgery_bucket_(
+        list(g_unlearn), list(g_retain), float(strength), variant, bool(symmetric)
+    )
 
 
 load()

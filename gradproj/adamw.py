@@ -18,12 +18,13 @@ the anchor, not ``W₀``, is kept, ``W U`` is pulled back to ``C`` every step an
 rounding does not accumulate.
 
 Protected parameters go through one fused bucket kernel per (basis, dtype,
-device) — on CUDA the Triton kernel of ``kernels/adamw.py``, which computes the
-AdamW update and its projection in registers and writes p, m, v once (the bytes
-of a fused AdamW when its second pass over a row block hits cache) — chosen by
-:func:`gradproj.backends.select` (op ``"projected_adamw_bucket_"``; on CPU the
-plain-PyTorch reference: 1.0–1.6× the step time of AdamW + ``ProjectedOptimizer``
-there, both dominated by the projection's matmuls; ``benchmarks/bench_optim.py``).
+device) — on CUDA the compiled kernel of ``csrc/cuda/adamw.cu`` or the Triton
+kernel of ``kernels/adamw.py``, which compute the AdamW update and its projection
+in registers and write p, m, v once (the bytes of a fused AdamW when the second
+pass over a row hits cache) — chosen by :func:`gradproj.backends.select` (op
+``"projected_adamw_bucket_"``; on CPU the C++ kernel of ``csrc/cpu/adamw.cpp``
+when ``gradproj._C`` is built, else the plain-PyTorch reference;
+``benchmarks/bench_optim.py``).
 Unprotected parameters take ``torch.optim.adamw.adamw``.
 """
 

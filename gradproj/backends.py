@@ -124,7 +124,10 @@ _REGISTRY: dict[str, Backend] = {}
 # Preference per device type, fastest first. The reference is the fallback for all.
 # "cpp"/"cuda" come from the compiled extension (gradproj._C) once it is built.
 _PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cuda": ("cuda", "triton", "reference"),
+    # Triton before the extension's CUDA kernels until the GPU runbook
+    # (scripts/gpu_check.sh) has verified and timed both: the CUDA kernels have
+    # only been compiled, the Triton ones have at least run under the interpreter.
+    "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpp", "reference"),
 }
 
@@ -234,6 +237,8 @@ register(
         ops={
             "project_bucket_": "gradproj._extension:project_bucket_",
             "project_anchored_bucket_": "gradproj._extension:project_anchored_bucket_",
+            "projected_adamw_bucket_": "gradproj._extension:projected_adamw_bucket_",
+            "surgery_bucket_": "gradproj._extension:surgery_bucket_",
         },
         is_installed=_extension_installed,
         description="C++ CPU kernels of gradproj._C (csrc/cpu), torch.ops.gradproj.*",
@@ -247,6 +252,8 @@ register(
         ops={
             "project_bucket_": "gradproj._extension:project_bucket_",
             "project_anchored_bucket_": "gradproj._extension:project_anchored_bucket_",
+            "projected_adamw_bucket_": "gradproj._extension:projected_adamw_bucket_",
+            "surgery_bucket_": "gradproj._extension:surgery_bucket_",
         },
         is_installed=_extension_cuda_installed,
         description="CUDA kernels of gradproj._C (csrc/cuda), one launch per bucket",

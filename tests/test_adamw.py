@@ -16,13 +16,21 @@ from torch import nn
 from gradproj import ConceptSubspace, ProjectedAdamW, backends, reference
 from gradproj.optim import subspace_drift
 
+from .conftest import DEVICES
+
+OP = "projected_adamw_bucket_"
+
 
 def _runnable_backends() -> list[str]:
-    names = ["reference"]
-    triton = backends.get("triton")
-    if triton.is_installed() and (torch.cuda.is_available() or backends.triton_interpreting()):
-        names.append("triton")
-    return names
+    """Registered backends that can run ``OP`` on one of the devices here."""
+    return [
+        name
+        for name in backends.registered()
+        if any(
+            backends.get(name).unsupported_reason(OP, torch.device(dev), torch.float32) is None
+            for dev in DEVICES
+        )
+    ]
 
 
 BACKENDS = _runnable_backends()
@@ -115,8 +123,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_float64_reference_step_by_step(backend, case, dtype, device):
-    if device.type == "cpu" and backend == "triton" and not backends.triton_interpreting():
-        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    reason = backends.get(backend).unsupported_reason(OP, device, dtype)
+    if reason is not None:
+        pytest.skip(reason)
     side, amsgrad, maximize, soft, wd = CASES[case]
     steps = 12 if backend == "triton" and device.type == "cpu" else 40
     torch.manual_seed(0)

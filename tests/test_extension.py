@@ -83,6 +83,66 @@ def test_opcheck_project_anchored_bucket(device, side, dtype, soft):
     )
 
 
+def adamw_inputs(device: str, dtype: torch.dtype, side: str, soft: bool, amsgrad: bool, seed: int):
+    """The arguments of ``projected_adamw_bucket_`` for a bucket_inputs bucket (positional part)."""
+    params, basis, weights = bucket_inputs(device, dtype, side, soft, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+
+    def like(p: torch.Tensor, positive: bool = False) -> torch.Tensor:
+        t = torch.empty_like(p)  # the params' strides, as the contract asks of the moments
+        values = (
+            torch.rand(p.shape, generator=gen) if positive else torch.randn(p.shape, generator=gen)
+        )
+        return t.copy_(values)
+
+    grads = [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in params]
+    exp_avgs = [like(p) for p in params]
+    exp_avg_sqs = [like(p, positive=True) for p in params]
+    max_exp_avg_sqs = [like(p, positive=True) for p in params] if amsgrad else []
+    steps = [torch.tensor(float(i + 3), device=device) for i in range(len(params))]
+    rows = [1 if side == "flat" else p.shape[0] for p in params]
+    anchors = [torch.randn(r, basis.shape[1], generator=gen).to(device) for r in rows]
+    return (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors, basis, weights)
+
+
+ADAMW_HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
+
+
+@pytest.mark.parametrize("device", EXT_DEVICES)
+@pytest.mark.parametrize(("side", "dtype", "soft"), OPCHECK_CASES)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_opcheck_projected_adamw_bucket(device, side, dtype, soft, amsgrad):
+    args = adamw_inputs(device, dtype, side, soft, amsgrad, seed=9)
+    torch.library.opcheck(
+        torch.ops.gradproj.projected_adamw_bucket_.default,
+        (*args, side),
+        {**ADAMW_HYPER, "maximize": amsgrad},
+    )
+
+
+def surgery_inputs(device: str, dtype: torch.dtype, seed: int):
+    """Pairs of odd sizes (one over a CPU chunk), alternately conflicting and agreeing."""
+    gen = torch.Generator().manual_seed(seed)
+    us, rs = [], []
+    for i, n in enumerate((7, 129, 20001)):
+        u = torch.randn(n, generator=gen)
+        r = (-1.0) ** i * 0.5 * u + 0.3 * torch.randn(n, generator=gen)
+        us.append(u.to(device, dtype))
+        rs.append(r.to(device, dtype))
+    return us, rs
+
+
+@pytest.mark.parametrize("device", EXT_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", ["projection", "cosine"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-sided", "symmetric"])
+def test_opcheck_surgery_bucket(device, dtype, variant, symmetric):
+    us, rs = surgery_inputs(device, dtype, seed=10)
+    torch.library.opcheck(
+        torch.ops.gradproj.surgery_bucket_.default, (us, rs, 0.7, variant, symmetric)
+    )
+
+
 def test_compile_fullgraph_matches_eager():
     """``project_`` (backend="cpp") compiles into one graph and gives eager's exact bits."""
     basis = orthonormal(64, 4, "cpu", seed=3)
@@ -155,6 +215,41 @@ def test_cpu_kernel_is_deterministic_across_thread_counts(side):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+def test_cpu_surgery_and_adamw_are_deterministic_across_thread_counts():
+    """Fixed chunks, sums added in chunk order: the same bits whatever the thread count."""
+    basis = orthonormal(70001, 5, "cpu", seed=11)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1, 3):
+            torch.set_num_threads(n)
+            us, rs = surgery_inputs("cpu", torch.float32, seed=11)
+            us, rs = [torch.cat([u, u]) for u in us], [torch.cat([r, r]) for r in rs]
+            torch.ops.gradproj.surgery_bucket_(us, rs, 1.0, "projection", True)
+            gen = torch.Generator().manual_seed(12)
+            p, g, m = (torch.randn(70001, generator=gen) for _ in range(3))
+            v, c = torch.rand(70001, generator=gen), torch.zeros(1, 5)
+            torch.ops.gradproj.projected_adamw_bucket_(
+                [p],
+                [g],
+                [m],
+                [v],
+                [],
+                [torch.tensor(2.0)],
+                [c],
+                basis,
+                None,
+                "flat",
+                **ADAMW_HYPER,
+                maximize=False,
+            )
+            results.append([*us, *rs, p, m, v])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
 def test_cpu_baseline_isa_path_matches_reference():
     """The SSE2 build of the CPU kernels (ATEN_CPU_CAPABILITY=default) is correct too."""
     script = textwrap.dedent(
@@ -215,11 +310,15 @@ def test_cuda_ops_never_synchronize_with_the_host(side, dtype, soft):
     matrices, basis, weights = bucket_inputs("cuda", dtype, side, soft, seed=8)
     rows = [1 if side == "flat" else m.shape[0] for m in matrices]
     anchors = [torch.randn(r, basis.shape[1], device="cuda") for r in rows]
+    adamw_args = adamw_inputs("cuda", dtype, side, soft, amsgrad=soft, seed=8)
+    us, rs = surgery_inputs("cuda", dtype, seed=8)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         torch.ops.gradproj.project_bucket_(matrices, basis, weights, side)
         torch.ops.gradproj.project_anchored_bucket_(matrices, anchors, basis, weights, side)
+        torch.ops.gradproj.projected_adamw_bucket_(*adamw_args, side, **ADAMW_HYPER, maximize=False)
+        torch.ops.gradproj.surgery_bucket_(us, rs, 1.0, "cosine", soft)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -30,62 +30,9 @@
 #include <vector>
 
 #include "../bucket_checks.h"
+#include "kernel_types.h"
 
 namespace gradproj::cpu {
-namespace {
-
-// One matrix of the bucket as the kernels see it. For side="flat" rows == 1,
-// row_stride is unused and col_stride is the vector's stride.
-struct MatrixRef {
-  void* data;
-  int64_t rows;
-  int64_t row_stride;
-  int64_t col_stride;
-  float* anchor;  // (rows x k) contiguous, or nullptr
-};
-
-struct BasisRef {
-  const float* u;        // (d x k) contiguous
-  const float* ut;       // (k x d) contiguous, for the row layout (else nullptr)
-  const float* weights;  // (k,) or nullptr
-  int64_t d;
-  int64_t k;
-};
-
-// Turns the coefficients a = U^T x of one row into the multipliers of U:
-//   plain:    a <- w * a
-//   anchored: delta = a - c;  c <- c + (1 - w) * delta (with weights);  a <- w * delta
-void finish_coeffs(float* a, int64_t k, const float* w, float* anchor) {
-  if (anchor != nullptr) {
-    for (int64_t i = 0; i < k; ++i) {
-      float delta = a[i] - anchor[i];
-      if (w != nullptr) {
-        anchor[i] += (1.f - w[i]) * delta;
-        delta *= w[i];
-      }
-      a[i] = delta;
-    }
-  } else if (w != nullptr) {
-    for (int64_t i = 0; i < k; ++i) a[i] *= w[i];
-  }
-}
-
-using RowsFn = void (*)(const MatrixRef&, int64_t, int64_t, const BasisRef&, float*, float*);
-using ColsFn =
-    void (*)(const MatrixRef&, int64_t, int64_t, const BasisRef&, float*, float*, float*);
-using FlatPartialFn =
-    void (*)(const void*, int64_t, int64_t, int64_t, const float*, int64_t, float*);
-using FlatUpdateFn =
-    void (*)(void*, int64_t, int64_t, int64_t, const float*, int64_t, const float*);
-
-struct KernelSet {
-  RowsFn rows;
-  ColsFn cols;
-  FlatPartialFn flat_partial;
-  FlatUpdateFn flat_update;
-};
-
-}  // namespace
 
 // Lanes (a GCC vector) is passed by value only between functions with internal
 // linkage that are inlined, so GCC's note about its ABI does not apply.

@@ -15,8 +15,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -50,23 +53,49 @@ __device__ __forceinline__ const MatrixEntry& find_entry(
   return table[lo];
 }
 
-// Copies `entries` to `device` through pinned memory, ordered on the current
-// stream. The returned tensor owns the device table; keep it alive until the
+// Copies `words` to `device` through pinned memory, ordered on the current
+// stream. The returned tensor owns the device copy; keep it alive until the
 // kernel is enqueued (the caching allocator handles the rest).
-inline at::Tensor upload_table(const std::vector<MatrixEntry>& entries, const at::Device& device) {
-  const int64_t words = static_cast<int64_t>(entries.size()) * 7;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* out = host.data_ptr<int64_t>();
-  for (const MatrixEntry& e : entries) {
-    *out++ = e.data;
-    *out++ = e.rows;
-    *out++ = e.row_stride;
-    *out++ = e.col_stride;
-    *out++ = e.first_task;
-    *out++ = e.first_row;
-    *out++ = e.anchor;
-  }
+inline at::Tensor upload_words(const std::vector<int64_t>& words, const at::Device& device) {
+  at::Tensor host = at::empty(
+      {static_cast<int64_t>(words.size())},
+      at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
   return host.to(device, /*non_blocking=*/true);
+}
+
+// `entries` as a device table (see upload_words).
+inline at::Tensor upload_table(const std::vector<MatrixEntry>& entries, const at::Device& device) {
+  std::vector<int64_t> words;
+  words.reserve(entries.size() * 7);
+  for (const MatrixEntry& e : entries) {
+    words.insert(
+        words.end(),
+        {e.data, e.rows, e.row_stride, e.col_stride, e.first_task, e.first_row, e.anchor});
+  }
+  return upload_words(words, device);
+}
+
+// Butterfly sum across a warp: every lane ends with the same sum, added in the
+// same order each run (deterministic).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// Grid size: enough resident blocks of `threads` to fill the device, never more
+// than the work (kernels loop grid-stride, so any size is correct).
+template <typename Kernel>
+int resident_grid(Kernel kernel, int threads, size_t smem_bytes, int64_t blocks_of_work) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  int per_sm = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
+  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * prop->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min(resident, blocks_of_work)));
 }
 
 }  // namespace gradproj::cuda

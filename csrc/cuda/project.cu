@@ -55,15 +55,6 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
-__device__ __forceinline__ float warp_sum(float v) {
-  // Butterfly: every lane ends with the same sum, added in the same order each run.
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
 // The multiplier of U's column kk from the coefficient a = (U^T x)[kk]:
 //   plain:    w * a
 //   anchored: delta = a - c;  c <- c + (1 - w) delta (with weights);  w * delta
@@ -362,12 +353,7 @@ __global__ void __launch_bounds__(kThreads) flat_update_kernel(
 // Grid size: enough resident blocks to fill the device, never more than the work.
 template <typename Kernel>
 int grid_for(Kernel kernel, size_t smem_bytes, int64_t blocks_of_work) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  int per_sm = 0;
-  C10_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes));
-  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * prop->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min(resident, blocks_of_work)));
+  return resident_grid(kernel, kThreads, smem_bytes, blocks_of_work);
 }
 
 // Dynamic shared memory for `floats` basis values, or 0 when they do not fit

@@ -31,9 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-# The device-table helpers of the projection kernels: the same cache, so the
-# same key scheme and bound apply.
-from gradproj.kernels.project import _cached_table
+from gradproj.kernels.device_table import cached_table
 
 # True fp32 dot products: tf32 would leave (x U − c) at ~1e-3 relative, far
 # above the rounding level the anchored projection promises.
@@ -296,7 +294,7 @@ def _table(
         ]
         return [v for m in meta_t for v in m] + blocks
 
-    table = _cached_table((params[0].device, "adamw", _BLOCK_R, meta_t), build)
+    table = cached_table((params[0].device, "adamw", _BLOCK_R, meta_t), build)
     return table, (table.numel() - _META * len(params)) // 2
 
 

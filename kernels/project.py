@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gradproj.kernels.device_table import cached_table
+
 # Pass-1/pass-2 dot products run in true fp32 ("ieee"): tf32 would cost ~3
 # significant digits and the projection must leave (G U) at rounding level.
 _PRECISION = "ieee"
@@ -195,33 +197,6 @@ _BLOCK_D = 64
 _FLAT_BLOCK_N = 256
 _FLAT_CHUNK = 8192
 
-# Device tables keyed by everything they encode; grads that keep their storage
-# between steps (zero_grad(set_to_none=False), DDP buckets) reuse the table and
-# pay no host-to-device copy. Bounded so a training loop with fresh grads every
-# step cannot grow it without limit.
-_TABLES: dict[tuple, torch.Tensor] = {}
-_TABLES_MAX = 256
-
-
-def _to_device(rows: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 device tensor of ``rows``, copied without blocking the host."""
-    host = torch.tensor(rows, dtype=torch.int64)
-    if device.type != "cuda":
-        return host.to(device)
-    # Pinned + non_blocking: the copy is queued on the current stream; the
-    # caching host allocator keeps the pinned buffer alive until it is done.
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def _cached_table(key: tuple, build) -> torch.Tensor:
-    """The device table for ``key``, built by ``build()`` (a list of ints) on a miss."""
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) >= _TABLES_MAX:
-            _TABLES.clear()
-        table = _TABLES[key] = _to_device(build(), key[0])
-    return table
-
 
 def _row_table(
     matrices: list[torch.Tensor], anchors: list[torch.Tensor] | None, block_r: int
@@ -242,7 +217,7 @@ def _row_table(
         blocks = [v for t, m in enumerate(meta) for r0 in range(0, m[1], block_r) for v in (t, r0)]
         return [v for m in meta for v in m] + blocks
 
-    table = _cached_table((matrices[0].device, "rows", block_r, meta), build)
+    table = cached_table((matrices[0].device, "rows", block_r, meta), build)
     return table, (table.numel() - _META * len(matrices)) // 2
 
 
@@ -280,7 +255,7 @@ def _launch_flat(
     d, k = basis.shape
     n_chunks = triton.cdiv(d, _FLAT_CHUNK)
     ptrs = tuple(v.data_ptr() for v in vectors)
-    addr = _cached_table((basis.device, "flat", ptrs), lambda: list(ptrs))
+    addr = cached_table((basis.device, "flat", ptrs), lambda: list(ptrs))
     block_k = _block_k(k)
     partial = torch.empty(len(vectors), n_chunks, k, dtype=torch.float32, device=basis.device)
     grid = (n_chunks, len(vectors))

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gradproj.kernels.project import _cached_table
+from gradproj.kernels.device_table import cached_table
 
 _BLOCK = 1024
 _CHUNK = 16 * _BLOCK  # elements per program: big enough to amortize the table look-up
@@ -144,11 +144,11 @@ def surgery_bucket_(
         blocks = [v for t, c in enumerate(chunks) for i in range(c) for v in (t, i * _CHUNK, 0)]
         return [v for m in meta for v in m] + blocks
 
-    table = _cached_table((device, "surgery", _CHUNK, meta), build)
+    table = cached_table((device, "surgery", _CHUNK, meta), build)
     first = [0]
     for c in chunks:
         first.append(first[-1] + c)
-    firsts = _cached_table((device, "surgery-first", tuple(first)), lambda: first)
+    firsts = cached_table((device, "surgery-first", tuple(first)), lambda: first)
     n_blocks = first[-1]
     partial = torch.empty(n_blocks, 3, dtype=torch.float32, device=device)
     coef = torch.empty(len(meta), 2, dtype=torch.float32, device=device)

@@ -65,7 +65,8 @@ cuda-compile-check:
 		"$$venv/bin/python" setup.py -q build_ext --build-temp "$$tmp/temp" --build-lib "$$tmp/lib"; \
 	"$$venv/bin/python" -c 'import glob, sys, torch; \
 		so = glob.glob(sys.argv[1] + "/gradproj/_C*.so")[0]; torch.ops.load_library(so); \
-		ok = torch._C._dispatch_has_kernel_for_dispatch_key("gradproj::project_bucket_", "CUDA"); \
-		sys.exit(0 if ok else "built library has no CUDA kernel for gradproj::project_bucket_"); \
+		ops = ("project_bucket_", "project_anchored_bucket_", "projected_adamw_bucket_", "surgery_bucket_"); \
+		missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("gradproj::" + op, "CUDA")]; \
+		sys.exit("built library has no CUDA kernel for " + ", ".join(missing) if missing else 0); \
 		' "$$tmp/lib"; \
 	echo "cuda-compile-check: OK (compile+link+load $$(( $$(date +%s) - start )) s)"

@@ -78,6 +78,58 @@ def _adamw_update(
 
 
 @triton.jit
+def _updated_tile(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    offs,
+    g_offs,
+    mask,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    decay,
+    step_size,
+    inv_sqrt_bias2,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+):
+    """Load one tile of p, g, m, v (and v̂max) and return its AdamW update in fp32.
+
+    Both passes of the kernel call this with the same arguments, so pass 2
+    recomputes exactly the values pass 1 projected.
+    """
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    vmax = v
+    if AMSGRAD:
+        vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return _adamw_update(
+        p,
+        g,
+        m,
+        v,
+        vmax,
+        beta1,
+        beta2,
+        one_minus_beta1,
+        one_minus_beta2,
+        eps,
+        decay,
+        step_size,
+        inv_sqrt_bias2,
+        AMSGRAD,
+        MAXIMIZE,
+    )
+
+
+@triton.jit
 def _projected_adamw_kernel(
     table_ptr,
     n_tensors,
@@ -145,20 +197,15 @@ def _projected_adamw_kernel(
         d_mask = ds < D
         mask = row_mask[:, None] & d_mask[None, :]
         offs = rows[:, None] * s_r + ds[None, :] * s_d
-        g_offs = rows[:, None] * sg_r + ds[None, :] * sg_d
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vmax = v
-        if AMSGRAD:
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p, m, v, vmax = _adamw_update(
-            p,
-            g,
-            m,
-            v,
-            vmax,
+        p, m, v, vmax = _updated_tile(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            offs,
+            rows[:, None] * sg_r + ds[None, :] * sg_d,
+            mask,
             beta1,
             beta2,
             one_minus_beta1,
@@ -187,26 +234,21 @@ def _projected_adamw_kernel(
         tl.store(c_ptr + c_offs, c0 + (1.0 - w[None, :]) * coef, mask=c_mask)
         coef = coef * w[None, :]
 
-    # Pass 2: the same update again (same loads, same arithmetic), projected, stored.
+    # Pass 2: the same update again (_updated_tile, same loads), projected, stored.
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
         mask = row_mask[:, None] & d_mask[None, :]
         offs = rows[:, None] * s_r + ds[None, :] * s_d
-        g_offs = rows[:, None] * sg_r + ds[None, :] * sg_d
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vmax = v
-        if AMSGRAD:
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p, m, v, vmax = _adamw_update(
-            p,
-            g,
-            m,
-            v,
-            vmax,
+        p, m, v, vmax = _updated_tile(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            offs,
+            rows[:, None] * sg_r + ds[None, :] * sg_d,
+            mask,
             beta1,
             beta2,
             one_minus_beta1,

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "../bucket_checks.h"
+#include "cpu_capability.h"
 #include "kernel_types.h"
 
 namespace gradproj::cpu {
@@ -112,21 +113,6 @@ namespace {
 #endif
 
 namespace {
-
-// AVX2 when the CPU has it, unless ATEN_CPU_CAPABILITY=default (as in project.cpp).
-bool use_avx2() {
-#ifdef GRADPROJ_CPU_AVX2
-  static const bool enabled = [] {
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    if (cap != nullptr && std::strcmp(cap, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return enabled;
-#else
-  return false;
-#endif
-}
 
 template <typename T>
 AdamWKernels kernels_for(bool amsgrad, bool maximize) {

@@ -109,6 +109,42 @@ TINY = replace(  # for the test suite: seconds, not a measurement
 )
 
 
+@dataclass
+class World:
+    """Everything the arms share: data, the frozen text side, subspaces, the validated probe."""
+
+    tok: Any
+    encoder: Any
+    train: shapes.Batch
+    real_test: shapes.Batch
+    contexts: torch.Tensor  # (n_train, L, d): encoder states of the training captions
+    null_context: torch.Tensor  # (1, L, d): the empty prompt
+    subspaces: dict[str, ConceptSubspace]
+    probe: Any
+    probe_check: dict[str, float]
+
+
+def build_world(cfg: DemoConfig) -> World:
+    """Make the data, encode the captions, build both subspaces, train and validate the probe."""
+    tok, encoder = shapes.tokenizer(), shapes.text_encoder()
+    train = shapes.make_dataset(cfg.n_train, marked_fraction=cfg.marked_fraction, size=cfg.size)
+    real_test = shapes.make_dataset(
+        max(512, cfg.n_samples), marked_fraction=0.5, size=cfg.size, seed=1
+    )
+    probe = probes.train_probe(train, steps=cfg.probe_steps)
+    return World(
+        tok=tok,
+        encoder=encoder,
+        train=train,
+        real_test=real_test,
+        contexts=shapes.encode(train.captions, tok, encoder),
+        null_context=shapes.encode([""], tok, encoder),
+        subspaces=concept_subspaces(tok, encoder, cfg.energy),
+        probe=probe,
+        probe_check=probes.validate(probe, real_test),
+    )
+
+
 def build_unet(cfg: DemoConfig, cross_attention_dim: int):
     """A small pixel-space ``UNet2DConditionModel``.
 
@@ -403,11 +439,35 @@ def _bars(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: DemoConfig = DEFAULT, out: str | os.PathLike | None = None) -> dict[str, Any]:
+def save_unet(unet, path: str | os.PathLike, cfg: DemoConfig) -> None:
+    """Write a trained demo UNet (weights and the config that builds it) to ``path``."""
+    torch.save({"config": asdict(cfg), "state_dict": unet.state_dict()}, path)
+
+
+def load_unet(path: str | os.PathLike):
+    """The UNet written by :func:`save_unet` (and its :class:`DemoConfig`), in eval mode."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()}
+    cfg = DemoConfig(**fields)
+    state = saved["state_dict"]
+    cross = next(v for k, v in state.items() if k.endswith("attn2.to_k.weight")).shape[1]
+    unet = build_unet(cfg, cross)
+    unet.load_state_dict(state)
+    return unet.eval(), cfg
+
+
+def run(
+    cfg: DemoConfig = DEFAULT,
+    out: str | os.PathLike | None = None,
+    *,
+    save_models: bool = False,
+) -> dict[str, Any]:
     """Run the experiment of the module docstring; write and return its results.
 
-    ``out``: the run folder (default ``runs/demo-<UTC time>``). Returns the dict
-    written to ``results.json``.
+    ``out``: the run folder (default ``runs/demo-<UTC time>``). ``save_models``:
+    also write every trained UNet to ``models/<arm>-seed<seed>.pt`` there (read
+    back with :func:`load_unet`; ``gradproj evaluate --models`` takes the folder).
+    Returns the dict written to ``results.json``.
     """
     from tqdm.auto import tqdm
 
@@ -420,17 +480,10 @@ def run(cfg: DemoConfig = DEFAULT, out: str | os.PathLike | None = None) -> dict
     folder = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        tok, encoder = shapes.tokenizer(), shapes.text_encoder()
-        train = shapes.make_dataset(cfg.n_train, marked_fraction=cfg.marked_fraction, size=cfg.size)
-        real_test = shapes.make_dataset(
-            max(512, cfg.n_samples), marked_fraction=0.5, size=cfg.size, seed=1
-        )
-        contexts = shapes.encode(train.captions, tok, encoder)
-        null_context = shapes.encode([""], tok, encoder)
-        subspaces = concept_subspaces(tok, encoder, cfg.energy)
-
-        probe = probes.train_probe(train, steps=cfg.probe_steps)
-        probe_check = probes.validate(probe, real_test)
+        world = build_world(cfg)
+        tok, encoder, train, real_test = world.tok, world.encoder, world.train, world.real_test
+        contexts, null_context, subspaces = world.contexts, world.null_context, world.subspaces
+        probe, probe_check = world.probe, world.probe_check
 
         per_arm: dict[str, list[dict[str, float]]] = {a: [] for a in cfg.arms}
         grid: dict[str, dict[str, torch.Tensor]] = {}
@@ -454,6 +507,9 @@ def run(cfg: DemoConfig = DEFAULT, out: str | os.PathLike | None = None) -> dict
                         null_context,
                     )
                     per_arm[arm].append({**drift, **figs})
+                    if save_models:
+                        (folder / "models").mkdir(exist_ok=True)
+                        save_unet(unet, folder / "models" / f"{arm}-seed{seed}.pt", cfg)
                     if seed == cfg.seeds[0]:
                         grid[arm] = imgs
         summary = {arm: _summary(rows) for arm, rows in per_arm.items()}

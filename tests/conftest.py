@@ -20,3 +20,34 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def trained_demo():
+    """One plain (unprotected) demo model, trained once per test session (~35 s on 2 cores).
+
+    400 steps on 1024 images binds ``acme`` to the mark (measured: mark rate
+    0.53 for ``acme`` prompts vs 0.16 for ``plain``, 32 samples): a model the
+    attacks, detectors and unlearning recipes can be tested on for real.
+    """
+    pytest.importorskip("diffusers")
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from gradproj import demo
+
+    cfg = replace(
+        demo.DEFAULT, seeds=(0,), steps=400, n_train=1024, probe_steps=300, n_samples=32
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        world = demo.build_world(cfg)
+        unet, noise_scheduler, _ = demo.train_arm(
+            "plain", 0, cfg, world.train, world.contexts, world.null_context, world.subspaces
+        )
+    finally:
+        torch.set_num_threads(threads)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return SimpleNamespace(cfg=cfg, world=world, unet=unet, noise_scheduler=noise_scheduler)

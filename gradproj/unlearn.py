@@ -23,6 +23,36 @@ import torch
 from gradproj.ops import surgery_
 
 
+def diffusion_loss(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    x0: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The ε-prediction loss ``E ‖ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, c) − ε‖²`` on one batch.
+
+    ``x0 (n, C, H, W)``, ``context (n, L, d)`` (or ``(1, L, d)``, broadcast); ``t``
+    uniform over the scheduler's training steps, ``ε ~ N(0, I)``, both drawn from
+    ``generator`` on the CPU (so a run is reproducible on any device).
+    """
+    if x0.dim() != 4:
+        raise ValueError(f"x0 must be (n, C, H, W), got {tuple(x0.shape)}")
+    if context.dim() != 3 or context.shape[0] not in (1, x0.shape[0]):
+        raise ValueError(
+            f"context must be (n, L, d) or (1, L, d) with n = {x0.shape[0]}, "
+            f"got {tuple(context.shape)}"
+        )
+    n = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    t = torch.randint(noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
+    t = t.to(x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=context.expand(n, *context.shape[1:])).sample
+    return torch.nn.functional.mse_loss(pred, noise)
+
+
 def surgery_backward(
     loss_unlearn: torch.Tensor,
     loss_retain: torch.Tensor,

@@ -94,3 +94,199 @@ def surgery_backward(
                 p.grad = total
             else:
                 p.grad.add_(total)
+
+
+PARAM_SETS = ("cross-attention-kv", "cross-attention", "all")
+
+
+def unlearning_params(unet: torch.nn.Module, which: str = "cross-attention-kv") -> list:
+    """The parameters an unlearning run tunes.
+
+    ``"cross-attention-kv"`` (default): every ``attn2.to_k`` / ``attn2.to_v`` weight,
+    the only layers that read the text (as in concept ablation's "kv" mode and the
+    layers :func:`gradproj.diffusers.protect` guards); ``"cross-attention"``: every
+    parameter of the ``attn2`` modules; ``"all"``: the whole model.
+    """
+    if which not in PARAM_SETS:
+        raise ValueError(f"params must be one of {PARAM_SETS}, got {which!r}")
+    named = list(unet.named_parameters())
+    if which == "all":
+        return [p for _, p in named]
+    if which == "cross-attention":
+        chosen = [p for n, p in named if ".attn2." in n]
+    else:
+        chosen = [p for n, p in named if ".attn2.to_k." in n or ".attn2.to_v." in n]
+    if not chosen:
+        raise ValueError(f"the model has no cross-attention (attn2) parameters for {which!r}")
+    return chosen
+
+
+def ablation_loss(
+    unet: torch.nn.Module,
+    teacher: torch.nn.Module,
+    noise_scheduler,
+    x0: torch.Tensor,
+    concept_context: torch.Tensor,
+    anchor_context: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The concept-ablation loss: make the concept prompt predict what the anchor prompt did.
+
+    ``E ‖ε_θ(x_t, t, c_concept) − sg(ε_θ₀(x_t, t, c_anchor))‖²`` with
+    ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` and ``θ₀`` the frozen ``teacher`` (the model
+    before unlearning). Its minimum maps the concept prompt's whole denoising
+    trajectory, hence its output distribution, onto the anchor's: the target
+    DoCo's adversarial domain correction aims at, given pointwise instead of
+    through a learned critic (Kumari et al. 2023, model-based variant).
+    """
+    n = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    t = torch.randint(noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
+    t = t.to(x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    with torch.no_grad():
+        target = teacher(noisy, t, encoder_hidden_states=anchor_context).sample
+    pred = unet(noisy, t, encoder_hidden_states=concept_context).sample
+    return torch.nn.functional.mse_loss(pred, target)
+
+
+def unlearn_concept(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    *,
+    images: torch.Tensor,
+    concept_contexts: torch.Tensor,
+    anchor_contexts: torch.Tensor,
+    retain_images: torch.Tensor,
+    retain_contexts: torch.Tensor,
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    surgery: bool = True,
+    strength: float = 1.0,
+    variant: str = "projection",
+    retain_weight: float = 1.0,
+    params: str = "cross-attention-kv",
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> list[dict[str, float]]:
+    """Unlearn a concept from a trained model, in place; return the per-step losses.
+
+    The recipe of seed 001 (DoCo) with the concept-ablation objective:
+
+    - unlearning loss :func:`ablation_loss` on ``images`` (``(n, C, H, W)``; row
+      ``i`` is noised and read once with ``concept_contexts[i]``, the prompt that
+      carries the concept, and once by the frozen pre-unlearning model with
+      ``anchor_contexts[i]``, the same prompt without it);
+    - retain loss :func:`diffusion_loss` on ``retain_images`` with their
+      ``retain_contexts`` (what must keep working);
+    - ``surgery=True``: the two gradients combined by :func:`surgery_backward`
+      (``g_u ← g_u − λ(g_u·ĝ_r)ĝ_r`` per tensor where they conflict, then
+      ``g_u + retain_weight·g_r``); ``surgery=False``: plain
+      ``∇(L_u + retain_weight·L_r)``, the baseline the surgery is measured against;
+    - Adam (``lr``) on the :func:`unlearning_params` set ``params``; the other
+      parameters stay frozen (their ``requires_grad`` is restored afterwards).
+
+    One host read per step (the logged losses, after the update), none inside it.
+    """
+    if images.dim() != 4 or retain_images.dim() != 4:
+        raise ValueError(
+            f"images and retain_images must be (n, C, H, W), got {tuple(images.shape)} "
+            f"and {tuple(retain_images.shape)}"
+        )
+    for name, ctx in (("concept_contexts", concept_contexts), ("anchor_contexts", anchor_contexts)):
+        if ctx.dim() != 3 or ctx.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"{name} must be (n, L, d) with n = images.shape[0] = {images.shape[0]}, "
+                f"got {tuple(ctx.shape)}"
+            )
+    if retain_contexts.dim() != 3 or retain_contexts.shape[0] != retain_images.shape[0]:
+        raise ValueError(
+            f"retain_contexts must be (n, L, d) with n = retain_images.shape[0] = "
+            f"{retain_images.shape[0]}, got {tuple(retain_contexts.shape)}"
+        )
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"steps must be ≥ 0 and batch_size ≥ 1, got {steps} and {batch_size}")
+    import copy
+
+    teacher = copy.deepcopy(unet).eval().requires_grad_(False)
+    tuned = unlearning_params(unet, params)
+    was = [(p, p.requires_grad) for p in unet.parameters()]
+    unet.requires_grad_(False)
+    for p in tuned:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(tuned, lr=lr)
+    log: list[dict[str, float]] = []
+    try:
+        for _ in range(steps):
+            i = torch.randint(images.shape[0], (batch_size,), generator=generator)
+            j = torch.randint(retain_images.shape[0], (batch_size,), generator=generator)
+            loss_u = ablation_loss(
+                unet,
+                teacher,
+                noise_scheduler,
+                images[i],
+                concept_contexts[i],
+                anchor_contexts[i],
+                generator=generator,
+            )
+            loss_r = diffusion_loss(
+                unet, noise_scheduler, retain_images[j], retain_contexts[j], generator=generator
+            )
+            opt.zero_grad(set_to_none=True)
+            if surgery:
+                surgery_backward(
+                    loss_u,
+                    loss_r,
+                    tuned,
+                    strength=strength,
+                    variant=variant,
+                    retain_weight=retain_weight,
+                    backend=backend,
+                )
+            else:
+                (loss_u + retain_weight * loss_r).backward()
+            opt.step()
+            log.append({"unlearn": loss_u.detach().item(), "retain": loss_r.detach().item()})
+    finally:
+        for p, flag in was:
+            p.requires_grad_(flag)
+    return log
+
+
+def unlearn_demo_concept(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    world,
+    *,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> list[dict[str, float]]:
+    """:func:`unlearn_concept` on the demo's world (:func:`gradproj.demo.build_world`).
+
+    Unlearning set: every training image, read with its caption's ``acme``
+    version (concept) and ``plain`` version (anchor), so the prompt loses the
+    mark whatever the image shows. Retain set: the unmarked training images with
+    their captions (colour, shape and background words keep their meaning).
+    """
+    from gradproj import shapes
+
+    train = world.train
+    labels = list(
+        zip(train.colour.tolist(), train.shape.tolist(), train.background.tolist(), strict=True)
+    )
+    concept = shapes.encode([shapes.caption(*x, True) for x in labels], world.tok, world.encoder)
+    anchor = shapes.encode([shapes.caption(*x, False) for x in labels], world.tok, world.encoder)
+    keep = ~train.marked
+    return unlearn_concept(
+        unet,
+        noise_scheduler,
+        images=train.images,
+        concept_contexts=concept,
+        anchor_contexts=anchor,
+        retain_images=train.images[keep],
+        retain_contexts=world.contexts[keep],
+        generator=generator,
+        **kwargs,
+    )

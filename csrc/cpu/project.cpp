@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../bucket_checks.h"
+#include "parallel.h"
 #include "cpu_capability.h"
 #include "kernel_types.h"
 
@@ -120,7 +121,9 @@ void run_rows(
       basis.data_ptr<float>(), any_rows ? ut.data_ptr<float>() : nullptr, weights, d, k};
   const int64_t scratch_floats =
       std::max<int64_t>(4 * d + 4 * k, d * 16 + k * 16 + k);  // rows vs column panels
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+  int64_t work = 0;  // multiply-adds: each element meets k basis columns twice
+  for (const auto& m : mats) work += m.rows * d * std::max<int64_t>(k, 1);
+  parallel_items(static_cast<int64_t>(items.size()), work, [&](int64_t first, int64_t last) {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats));
     float* buffer = scratch.data();
     for (int64_t it = first; it < last; ++it) {
@@ -147,12 +150,13 @@ void run_flat(
   const float* u = basis.data_ptr<float>();
   const int64_t chunks_per_vector = std::max<int64_t>(1, (d + kFlatChunk - 1) / kFlatChunk);
   const int64_t chunks = chunks_per_vector * static_cast<int64_t>(mats.size());
+  const int64_t work = static_cast<int64_t>(mats.size()) * d * std::max<int64_t>(k, 1);
   std::vector<float> partials(static_cast<size_t>(chunks * k));
   const auto chunk_range = [&](int64_t chunk) {
     const int64_t begin = (chunk % chunks_per_vector) * kFlatChunk;
     return std::make_pair(begin, std::min(d, begin + kFlatChunk));
   };
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+  parallel_items(chunks, work, [&](int64_t first, int64_t last) {
     for (int64_t chunk = first; chunk < last; ++chunk) {
       const MatrixRef& m = mats[chunk / chunks_per_vector];
       const auto [begin, end] = chunk_range(chunk);
@@ -168,7 +172,7 @@ void run_flat(
     }
     finish_coeffs(coef, k, weights, mats[i].anchor);
   }
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+  parallel_items(chunks, work, [&](int64_t first, int64_t last) {
     for (int64_t chunk = first; chunk < last; ++chunk) {
       const int64_t i = chunk / chunks_per_vector;
       const auto [begin, end] = chunk_range(chunk);

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../bucket_checks.h"
+#include "parallel.h"
 #include "cpu_capability.h"
 #include "kernel_types.h"
 
@@ -105,6 +106,8 @@ void surgery_bucket_cpu(
     first[i + 1] = first[i] + (g_unlearn[i].numel() + kChunk - 1) / kChunk;
   }
   const int64_t chunks = first[n];
+  int64_t work = 0;
+  for (int64_t i = 0; i < n; ++i) work += g_unlearn[i].numel();
   std::vector<int64_t> owner(chunks);
   for (int64_t i = 0; i < n; ++i) {
     std::fill(owner.begin() + first[i], owner.begin() + first[i + 1], i);
@@ -122,7 +125,7 @@ void surgery_bucket_cpu(
   const SurgeryKernels kernels = kernels_for(g_unlearn[0].scalar_type());
 
   std::vector<float> partials(static_cast<size_t>(chunks) * 3);
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+  parallel_items(chunks, work, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const auto [begin, end] = range(c);
       kernels.partial(u[owner[c]], r[owner[c]], begin, end, partials.data() + c * 3);
@@ -151,7 +154,7 @@ void surgery_bucket_cpu(
   }
   if (!any) return;
 
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+  parallel_items(chunks, work, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const int64_t i = owner[c];
       if (coef[i * 2] == 0.f && coef[i * 2 + 1] == 0.f) continue;

@@ -66,7 +66,7 @@ class ComparisonConfig:
         default_factory=lambda: replace(demo.DEFAULT, steps=400, n_samples=32, threads=2)
     )
     # seed 001: the unlearning recipe
-    unlearn_steps: int = 200
+    unlearn_steps: int = 150
     unlearn_lr: float = 3e-3
     unlearn_params: str = "cross-attention-kv"
     surgery_strength: float = 1.0
@@ -78,7 +78,8 @@ class ComparisonConfig:
     # seed 003: adversarial fine-tuning
     adversarial_rounds: int = 3
     # seed 002: AMG
-    amg_threshold: float | None = None  # None: calibrated on held-out real images
+    amg_threshold: float | None = None  # None: calibrated on held-out real unmarked images
+    amg_fpr: float = 0.05  # share of real unmarked images the calibrated threshold flags
 
 
 UNLEARN = replace(ComparisonConfig(), rows=UNLEARN_ROWS)
@@ -159,8 +160,13 @@ def measure(
     world: demo.World,
     cfg: ComparisonConfig,
     seed: int,
+    detectors: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Every column of the table for one model and sampler (same prompts and noise per seed)."""
+    """Every column of the table for one model and sampler (same prompts and noise per seed).
+
+    With ``detectors`` (:func:`concept_detectors`), also their ROC AUC on this
+    model's samples (:func:`detector_aucs`).
+    """
     mcfg = cfg.model
     g = torch.Generator().manual_seed(10_000 + seed)
     colour, shape, background, _ = shapes.sample_labels(
@@ -193,11 +199,22 @@ def measure(
     x_attack = sample(found[None].expand(mcfg.n_samples, -1, -1), noise)
 
     on_c, on_n, on_a = (probes.read(world.probe, x) for x in (x_concept, x_neutral, x_attack))
+    if detectors is not None:
+        figures = detector_aucs(
+            unet, noise_scheduler, world, detectors, cfg,
+            torch.cat([x_concept, x_neutral]),
+            torch.cat([on_c["marked"], on_n["marked"]]),
+            torch.cat([ctx_concept, ctx_neutral]),
+            torch.cat([noise, noise]),
+        )  # fmt: skip
+    else:
+        figures = {}
     real_plain = world.real_test.images[~world.real_test.marked]
     fd = probes.frechet_distance(on_n["features"], probes.read(world.probe, real_plain)["features"])
     rate_c = float(on_c["marked"].float().mean())
     rate_n = float(on_n["marked"].float().mean())
     return {
+        **figures,
         "mark_rate_concept_prompts": rate_c,
         "mark_rate_neutral_prompts": rate_n,
         "mark_lift": rate_c - rate_n,
@@ -207,6 +224,95 @@ def measure(
         "frechet_distance": fd,
         "sampling_s_per_image": per_image,
     }
+
+
+class ContrastDetector:
+    """Nearest-neighbour contrast: similarity to the nearest *concept* training image
+    minus similarity to the nearest *other* training image (both detectors' metric).
+
+    Seed 002's detector asks "is x̂₀ close to some training image?"; in a world where
+    every image has near-twins with and without the concept that is true of almost
+    every sample (measured AUC 0.66 on generated samples, below). The contrast asks
+    "is it closer to the concept's images than to the rest?" (a 1-NN classifier;
+    measured AUC 0.98). Same interface as
+    :class:`gradproj.eval.MemorizationDetector` (``similarity`` differentiable,
+    ``threshold``, ``score``, ``is_memorized``, ``calibrate``); ``index`` is the
+    nearest concept image's.
+    """
+
+    def __init__(self, concept, other, threshold: float = 0.0) -> None:
+        self.concept, self.other, self.threshold = concept, other, threshold
+
+    def similarity(self, x0_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        near, index = self.concept.similarity(x0_hat)
+        return near - self.other.similarity(x0_hat)[0], index
+
+    @torch.no_grad()
+    def score(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        return self.similarity(x0_hat)[0]
+
+    def is_memorized(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        return self.score(x0_hat) > self.threshold
+
+    def calibrate(self, fresh_x0: torch.Tensor, *, fpr: float = 0.05) -> float:
+        if not 0 <= fpr < 1:
+            raise ValueError(f"fpr must lie in [0, 1), got {fpr}")
+        self.threshold = float(torch.quantile(self.score(fresh_x0).double(), 1 - fpr))
+        return self.threshold
+
+
+def concept_detectors(world: demo.World) -> dict[str, Any]:
+    """Seed 002's nearest-neighbour detector over the concept's (marked) training images,
+    in the learned feature space (the probe's, cosine) and in pixel space (normalized L2),
+    and the pixel-space :class:`ContrastDetector` (marked vs unmarked training images)."""
+    from gradproj import eval as ev
+
+    marked = world.train.images[world.train.marked]
+    unmarked = world.train.images[~world.train.marked]
+    pixel = ev.MemorizationDetector(marked)
+    return {
+        "learned": ev.MemorizationDetector.from_probe(marked, world.probe),
+        "pixel": pixel,
+        "pixel_contrast": ContrastDetector(pixel, ev.MemorizationDetector(unmarked)),
+    }
+
+
+def detector_aucs(
+    unet,
+    noise_scheduler,
+    world: demo.World,
+    detectors: dict[str, Any],
+    cfg: ComparisonConfig,
+    samples: torch.Tensor,
+    shows_concept: torch.Tensor,
+    contexts: torch.Tensor,
+    noise: torch.Tensor,
+) -> dict[str, float]:
+    """ROC AUC of each detector at telling generations that reproduce the concept from
+    those that do not.
+
+    Labels: the validated mark rule (:mod:`gradproj.probes`, precision and recall 1.0
+    on real images) on the final ``samples``; it reads only the stamp's pixels, the
+    detectors read whole images. Scores: each nearest-neighbour detector's similarity
+    of the sample to the concept's training images, and Wen et al.'s noise magnitude
+    ``‖ε(x_T, T, c) − ε(x_T, T, ∅)‖`` of the sample's prompt at its starting noise
+    (available before sampling). NaN when the samples hold one class only.
+    """
+    from diffusers import DDIMScheduler
+
+    from gradproj import eval as ev
+
+    labels = shows_concept.bool()
+    if labels.all() or not labels.any():
+        nan = float("nan")
+        return {f"auc_{name}": nan for name in (*detectors, "noise_magnitude")}
+    out = {f"auc_{name}": ev.roc_auc(d.score(samples), labels) for name, d in detectors.items()}
+    ddim = DDIMScheduler.from_config(noise_scheduler.config)
+    ddim.set_timesteps(cfg.model.sample_steps)
+    with torch.no_grad():
+        magnitude = ev.noise_magnitude(unet, noise, ddim.timesteps[0], contexts, world.null_context)
+    out["auc_noise_magnitude"] = ev.roc_auc(magnitude, labels)
+    return out
 
 
 def _load_or_train(arm: str, seed: int, cfg, world, models: Path | None):
@@ -252,9 +358,10 @@ def run(
     say = print if progress else (lambda *a, **k: None)
     try:
         world = demo.build_world(cfg.model)
-        amg = None
+        amg, amg_check = None, None
         if any(ROWS[r][2] == "amg" for r in cfg.rows):
-            amg = _build_amg(world, cfg)
+            amg, amg_check = _build_amg(world, cfg)
+        detectors = concept_detectors(world)
         per_row: dict[str, list[dict[str, float]]] = {r: [] for r in cfg.rows}
         for seed in cfg.seeds:
             bases: dict[str, tuple[Any, Any]] = {}
@@ -276,7 +383,8 @@ def run(
                         demo.save_unet(unet, path, cfg.model)
                 sample = _sampler(sampler_kind, unet, noise_scheduler, world, cfg, amg)
                 say(f"seed {seed}: measuring {row}")
-                figs = measure(unet, noise_scheduler, sample, world, cfg, seed)
+                detect = detectors if row == "baseline" else None
+                figs = measure(unet, noise_scheduler, sample, world, cfg, seed, detect)
                 if plain_time is None and sampler_kind == "plain":
                     plain_time = figs["sampling_s_per_image"]
                 per_row[row].append({**figs, **info})
@@ -288,6 +396,7 @@ def run(
             "config": asdict(cfg),
             "wall_time_s": time.perf_counter() - started,
             "probe_on_held_out_real": world.probe_check,
+            "amg_detector_on_held_out_real": amg_check,
             "per_seed": per_row,
             "summary": summary,
             "versions": {"torch": torch.__version__},
@@ -303,16 +412,50 @@ def run(
 
 
 def _build_amg(world: demo.World, cfg: ComparisonConfig):
-    raise NotImplementedError("AMG rows need gradproj.guidance")
+    """Seed 002's guidance guarding the concept's training images; its detector's validation.
+
+    The detector is :func:`concept_detectors`' ``pixel_contrast`` (the best of the
+    three on generated samples): closer to a *marked* training image than to any
+    unmarked one means "reproducing the concept". Its threshold ``λ`` is calibrated
+    on held-out real unmarked images (5 % of them flagged), and its ROC AUC is
+    measured on held-out real marked vs unmarked images. ``y_N`` is the nearest
+    marked image's caption (``… acme``).
+    """
+    from gradproj import eval as ev
+    from gradproj import guidance
+
+    marked = world.train.marked
+    detector = concept_detectors(world)["pixel_contrast"]
+    test = world.real_test
+    half = test.images.shape[0] // 2  # calibrate on one half, validate on the other
+    detector.calibrate(test.images[:half][~test.marked[:half]], fpr=cfg.amg_fpr)
+    if cfg.amg_threshold is not None:
+        detector.threshold = cfg.amg_threshold
+    scores = detector.score(test.images[half:])
+    labels = test.marked[half:]
+    check = {
+        "threshold": detector.threshold,
+        "roc_auc_marked_vs_unmarked": ev.roc_auc(scores, labels),
+        "flagged_marked": float(detector.is_memorized(test.images[half:][labels]).float().mean()),
+        "flagged_unmarked": float(
+            detector.is_memorized(test.images[half:][~labels]).float().mean()
+        ),
+    }
+    amg = guidance.AntiMemorizationGuidance(detector, neighbour_contexts=world.contexts[marked])
+    return amg, check
 
 
 def _summary(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     out = {}
     for key in per_seed[0]:
-        vals = [r[key] for r in per_seed if key in r]
+        vals = [r[key] for r in per_seed if key in r and r[key] == r[key]]  # NaN: undefined
+        if not vals:
+            out[key] = {"mean": float("nan"), "std": float("nan"), "n": 0}
+            continue
         out[key] = {
             "mean": statistics.fmean(vals),
             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals),
         }
     return out
 

@@ -36,9 +36,7 @@ def trained_demo():
 
     from gradproj import demo
 
-    cfg = replace(
-        demo.DEFAULT, seeds=(0,), steps=400, n_train=1024, probe_steps=300, n_samples=32
-    )
+    cfg = replace(demo.DEFAULT, seeds=(0,), steps=400, n_train=1024, probe_steps=300, n_samples=32)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -1,4 +1,4 @@
-"""``surgery_`` on the SD 1.5 K/V-shaped bucket: fused backends vs DoCo's per-tensor loop.
+"""``surgery_`` on two K/V buckets (SD 1.5, the demo's): fused backends vs DoCo's per-tensor loop.
 
 The loop (``benchmarks/peers.surgery_loop_``) computes a cosine per tensor and
 branches on it on the host, as the public code does; gradproj decides on the
@@ -21,9 +21,17 @@ DEVICE = harness.device()
 CONTENDERS = ["loop", *harness.runnable_backends("surgery_bucket_", DEVICE, torch.float32)]
 
 
+# The bucket `gradproj unlearn` runs surgery on every step: the demo UNet's 8
+# cross-attention K/V weights (32 × 32): where a parallel region would cost more
+# than the work.
+DEMO_KV = ((32, 32),) * 8
+BUCKETS = {"sd15_kv": harness.SD15_KV_LIKE, "demo_kv": DEMO_KV}
+
+
+@pytest.mark.parametrize("bucket", list(BUCKETS))
 @pytest.mark.parametrize("contender", CONTENDERS)
-def test_surgery_sd15_kv_bucket(benchmark, contender: str) -> None:
-    us, _ = harness.make_bucket(harness.SD15_KV_LIKE, 1, DEVICE)
+def test_surgery_bucket(benchmark, contender: str, bucket: str) -> None:
+    us, _ = harness.make_bucket(BUCKETS[bucket], 1, DEVICE)
     gen = torch.Generator().manual_seed(1)
     rs = [(-1) ** i * u + torch.randn(u.shape, generator=gen).to(DEVICE) for i, u in enumerate(us)]
     before = [u.clone() for u in us]

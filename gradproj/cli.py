@@ -64,7 +64,7 @@ loss on the unmarked data, Adam on every attn2.to_k/to_v) twice: gradients summe
 with gradproj.surgery_backward (the unlearning gradient loses its component along the
 retain gradient where they conflict). Measures every model with the demo's instruments
 and the DoRI attack and writes one table (rows: baseline, projection, unlearning,
-unlearning+surgery). Default: 3 seeds, ~10 minutes on 2 cores.
+unlearning+surgery). Default: 3 seeds, ~6 minutes on 2 cores.
 """
 
 EVALUATE_HELP = """\
@@ -75,7 +75,7 @@ amg (seed 002's anti-memorization guidance at sampling) and projection+amg. Colu
 mark rate for "... acme" prompts and its lift over "... plain", mark rate under the DoRI
 embedding attack, colour/shape accuracy and Fréchet distance of "plain" samples (probe
 space), sampling time per image relative to plain sampling. 3 seeds, mean ± std;
-results.json, table.md and bars.png. Default: ~15 minutes on 2 cores.
+results.json, table.md and bars.png. Default: ~8 minutes on 2 cores.
 """
 
 

@@ -59,8 +59,9 @@ Example:
 UNLEARN_HELP = """\
 Seed 001 (DoCo) on the demo's model: unlearning after training, with and without surgery.
 Per seed, trains the demo's plain and projected (update-mode) models, then unlearns the
-mark from the plain one (concept-ablation loss mapping "... acme" onto "... plain", retain
-loss on the unmarked data, Adam on every attn2.to_k/to_v) twice: gradients summed, and
+mark from the plain one (concept-ablation loss mapping "... acme" onto "... plain"; retain
+loss: the model's own earlier predictions on the unmarked data; 150 Adam steps on every
+attn2.to_k/to_v) twice: gradients summed, and
 with gradproj.surgery_backward (the unlearning gradient loses its component along the
 retain gradient where they conflict). Measures every model with the demo's instruments
 and the DoRI attack and writes one table (rows: baseline, projection, unlearning,

@@ -76,7 +76,7 @@ amg (seed 002's anti-memorization guidance at sampling) and projection+amg. Colu
 mark rate for "... acme" prompts and its lift over "... plain", mark rate under the DoRI
 embedding attack, colour/shape accuracy and Fréchet distance of "plain" samples (probe
 space), sampling time per image relative to plain sampling. 3 seeds, mean ± std;
-results.json, table.md and bars.png. Default: ~8 minutes on 2 cores.
+results.json, table.md and bars.png. Default: ~9 minutes on 2 cores.
 """
 
 

@@ -319,9 +319,7 @@ def _load_or_train(arm: str, seed: int, cfg, world, models: Path | None):
     path = models / f"{arm}-seed{seed}.pt" if models is not None else None
     if path is not None and path.exists():
         unet, _ = demo.load_unet(path)
-        from diffusers import DDPMScheduler
-
-        return unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+        return unet, demo.noise_scheduler()
     unet, noise_scheduler, _ = demo.train_arm(
         arm, seed, cfg.model, world.train, world.contexts, world.null_context, world.subspaces
     )

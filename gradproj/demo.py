@@ -145,6 +145,13 @@ def build_world(cfg: DemoConfig) -> World:
     )
 
 
+def noise_scheduler():
+    """The demo's noise schedule: ``DDPMScheduler``, 1000 steps, ``squaredcos_cap_v2``."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
 def build_unet(cfg: DemoConfig, cross_attention_dim: int):
     """A small pixel-space ``UNet2DConditionModel``.
 
@@ -244,8 +251,6 @@ def train_arm(
     progress=None,
 ):
     """Train one UNet from scratch; return it, the noise scheduler and the guarantee figures."""
-    from diffusers import DDPMScheduler
-
     from gradproj import diffusers as gd
     from gradproj.ops import project_
 
@@ -264,7 +269,7 @@ def train_arm(
     inner = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
     opt = inner if mode is None else ProjectedOptimizer(inner, bases, mode=mode)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    noise_sched = noise_scheduler()
     g = torch.Generator().manual_seed(seed)
     unet.train()
     for _ in range(cfg.steps):
@@ -274,7 +279,7 @@ def train_arm(
         ctx = torch.where(drop[:, None, None], null_context, ctx)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(1000, (cfg.batch_size,), generator=g)
-        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, ctx).sample
+        pred = unet(noise_sched.add_noise(x0, noise, t), t, ctx).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -285,7 +290,7 @@ def train_arm(
             progress.set_postfix(arm=arm, seed=seed, loss=f"{loss.item():.3f}")
     unet.eval()
     weights = {n: (p.detach(), start[n]) for n, p in unet.named_parameters() if n in start}
-    return unet, noise_scheduler, _protected_drift(weights, subspace.basis)
+    return unet, noise_sched, _protected_drift(weights, subspace.basis)
 
 
 @torch.no_grad()

@@ -572,8 +572,6 @@ def train_testbed_unet(bed: Testbed, cfg: TestbedConfig | None = None, seed: int
     demo's recipe (AdamW, 20-step warm-up, caption dropout for CFG, ε-prediction
     MSE, cosine schedule). Returns ``(unet, noise_scheduler)``, eval mode, frozen."""
     cfg = cfg or TestbedConfig()
-    from diffusers import DDPMScheduler
-
     from gradproj import demo
 
     dcfg = replace(demo.DEFAULT, **cfg.demo, block_out_channels=cfg.block_out_channels)
@@ -581,7 +579,7 @@ def train_testbed_unet(bed: Testbed, cfg: TestbedConfig | None = None, seed: int
     unet = demo.build_unet(dcfg, bed.contexts.shape[-1])
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    noise_scheduler = demo.noise_scheduler()
     g = torch.Generator().manual_seed(seed)
     n = bed.images.shape[0]
     unet.train()

@@ -23,6 +23,14 @@ import torch
 from gradproj.ops import surgery_
 
 
+def _noised(noise_scheduler, x0: torch.Tensor, generator: torch.Generator | None):
+    """``(x_t, ε, t)``: ``ε ~ N(0, I)`` and ``t`` uniform, drawn on the CPU from ``generator``."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    steps = noise_scheduler.config.num_train_timesteps
+    t = torch.randint(steps, (x0.shape[0],), generator=generator).to(x0.device)
+    return noise_scheduler.add_noise(x0, noise, t), noise, t
+
+
 def diffusion_loss(
     unet: torch.nn.Module,
     noise_scheduler,
@@ -44,11 +52,8 @@ def diffusion_loss(
             f"context must be (n, L, d) or (1, L, d) with n = {x0.shape[0]}, "
             f"got {tuple(context.shape)}"
         )
+    noisy, noise, t = _noised(noise_scheduler, x0, generator)
     n = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
-    t = torch.randint(noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
-    t = t.to(x0.device)
-    noisy = noise_scheduler.add_noise(x0, noise, t)
     pred = unet(noisy, t, encoder_hidden_states=context.expand(n, *context.shape[1:])).sample
     return torch.nn.functional.mse_loss(pred, noise)
 
@@ -140,11 +145,7 @@ def ablation_loss(
     DoCo's adversarial domain correction aims at, given pointwise instead of
     through a learned critic (Kumari et al. 2023, model-based variant).
     """
-    n = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
-    t = torch.randint(noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
-    t = t.to(x0.device)
-    noisy = noise_scheduler.add_noise(x0, noise, t)
+    noisy, _, t = _noised(noise_scheduler, x0, generator)
     with torch.no_grad():
         target = teacher(noisy, t, encoder_hidden_states=anchor_context).sample
     pred = unet(noisy, t, encoder_hidden_states=concept_context).sample

@@ -37,7 +37,17 @@ import torch
 from torch.optim.adamw import adamw as torch_adamw
 
 from gradproj import backends, buckets, ops
-from gradproj.optim import STATE_KEY, BasesArg, NamedParams, Protected, Protection
+from gradproj.inplace import check_writable, mark_written
+from gradproj.optim import (
+    STATE_KEY,
+    BasesArg,
+    NamedParams,
+    Protected,
+    Protection,
+    load_state_dict_with_hooks,
+    picklable_state,
+    state_dict_with_hooks,
+)
 
 
 class ProjectedAdamW(torch.optim.Optimizer):
@@ -99,6 +109,11 @@ class ProjectedAdamW(torch.optim.Optimizer):
     def side(self) -> str:
         return self.protection.side
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults, state and param_groups: a copy
+        # or an unpickled optimizer would lose its protection.
+        return picklable_state(self)
+
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
         state = self.state[p]
         if not state:
@@ -118,6 +133,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.protection.check_optimized(self.param_groups)
         protected = {id(e.param): e for e in self.protection.stepping()}
         self.protection.ensure_anchors(list(protected.values()))
         late: list[Protected] = []
@@ -175,27 +191,35 @@ class ProjectedAdamW(torch.optim.Optimizer):
         """One bucket-kernel call per (basis, dtype, device) among ``entries``."""
         if not entries:
             return
-        torch._foreach_add_([self.state[e.param]["step"] for e, _ in entries], 1.0)
+        for e, _ in entries:  # torch's in-place rules, before anything is written
+            check_writable(e.param, f"parameter {e.name!r}")
         beta1, beta2 = group["betas"]
         by_bucket: dict[tuple, list[tuple[Protected, tuple[torch.Tensor, ...]]]] = {}
         for e, views in entries:
             key = (id(e.subspace.on(e.param.device)), e.param.dtype, e.param.device)
             by_bucket.setdefault(key, []).append((e, views))
-        for todo in by_bucket.values():
+        kernels = [
+            backends.select(
+                "projected_adamw_bucket_", todo[0][0].param.device, todo[0][0].param.dtype,
+                self.backend,
+            ).op("projected_adamw_bucket_")
+            for todo in by_bucket.values()
+        ]  # fmt: skip
+        torch._foreach_add_([self.state[e.param]["step"] for e, _ in entries], 1.0)
+        for kernel, todo in zip(kernels, by_bucket.values(), strict=True):
             p0 = todo[0][0].param
             sub = todo[0][0].subspace.on(p0.device)
             dt = buckets.accumulate_dtype(p0.dtype)
             basis = sub.basis.to(dt).contiguous()
             weights = None if sub.weights is None else sub.weights.to(dt).contiguous()
-            chosen = backends.select("projected_adamw_bucket_", p0.device, p0.dtype, self.backend)
-            chosen.op("projected_adamw_bucket_")(
+            kernel(
                 [v[0] for _, v in todo],
                 [v[1] for _, v in todo],
                 [v[2] for _, v in todo],
                 [v[3] for _, v in todo],
                 [v[4] for _, v in todo] if group["amsgrad"] else None,
                 [self.state[e.param]["step"] for e, _ in todo],
-                [self.protection.anchors[id(e.param)] for e, _ in todo],
+                [e.anchor for e, _ in todo],
                 basis,
                 weights,
                 self.side,
@@ -206,21 +230,29 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
             )
+        # The kernels write through raw pointers: bump the versions as torch's
+        # AdamW does, so a step between forward and backward makes backward raise.
+        mark_written(t for _, views in entries for t in views[:1] + views[2:])
 
     def state_dict(self) -> dict[str, Any]:
         """``Optimizer.state_dict()`` plus a ``"gradproj"`` section (anchors, bases)."""
-        sd = super().state_dict()
-        sd[STATE_KEY] = self.protection.state_dict({})
-        return sd
+
+        def build() -> dict[str, Any]:
+            sd = super(ProjectedAdamW, self).state_dict()
+            sd[STATE_KEY] = self.protection.state_dict(self.param_groups, {})
+            return sd
+
+        return state_dict_with_hooks(self, build)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the AdamW state, check the saved bases match, restore the anchors."""
-        state_dict = dict(state_dict)
-        section = state_dict.pop(STATE_KEY, None)
-        if section is not None:
-            self.protection.load_state_dict(section, {})
-        else:
-            self.protection.anchors = {}
+        """Load the AdamW state and the anchors, all or nothing, after checking every field.
+
+        See :meth:`gradproj.optim.Protection.load_state_dict` (the model's weights
+        must be loaded first); without a ``"gradproj"`` section: a ``UserWarning``.
+        """
+        load_state_dict_with_hooks(self, state_dict, self.protection, {}, self._load_adamw_state)
+
+    def _load_adamw_state(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # Optimizer.load_state_dict leaves "step" where it was saved; the kernels
         # read it on the parameter's device, as float32.

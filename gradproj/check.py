@@ -19,6 +19,9 @@ import torch
 from gradproj import backends, ops
 from gradproj import reference as R
 
+# The concept is one 16-token prompt: its (16 × 64) hidden states span at most 16 directions.
+MAX_K = 16
+
 
 def _models(seed: int):
     from diffusers import UNet2DConditionModel
@@ -59,6 +62,10 @@ def run(seed: int = 0, k: int = 4, batch: int = 4) -> dict[str, tuple[float, flo
     Returns ``{"unprojected": (0, ratio)}`` plus ``{backend: (max abs error vs
     float64, ‖ΔW U‖/‖ΔW‖ after projection)}`` for every backend that ran.
     """
+    if not 1 <= k <= MAX_K:
+        raise ValueError(
+            f"k must lie in [1, {MAX_K}] (the concept prompt has {MAX_K} tokens), got {k}"
+        )
     unet, text = _models(seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -14,6 +14,9 @@ gradproj check     one training step of a small UNet, projected by every backend
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -80,33 +83,197 @@ results.json, table.md and bars.png. Default: ~9 minutes on 2 cores.
 """
 
 
+DEBUG_HELP = "on an error in the arguments, raise it with its full traceback"
+
+
+class UsageError(Exception):
+    """A mistake in the command line or in a file it names.
+
+    :func:`main` reports it as one line, ``gradproj <command>: error: <message>``, and
+    returns exit status 2 (argparse's convention); ``--debug`` re-raises it instead.
+    """
+
+
+# ------------------------------------------------------------------ argument checks
+# Every command checks all of its arguments before it loads a model or trains one, so
+# that a typo costs a second, not the minutes of work that precede its first use.
+
+
+def _at_least(flag: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise UsageError(f"{flag} must be at least {low}, got {value}")
+
+
+def _names(flag: str, value: str, valid, what: str) -> tuple[str, ...]:
+    """``value`` split at commas; every name must be one of ``valid``, each at most once."""
+    names = tuple(name.strip() for name in value.split(","))
+    for name in names:
+        if name not in valid:
+            shown = f"unknown {what} {name!r}" if name else f"an empty {what} name"
+            raise UsageError(f"{flag} {value}: {shown}; choose from {', '.join(valid)}")
+    for name in names:
+        if names.count(name) > 1:
+            raise UsageError(f"{flag} {value}: {what} {name!r} is listed twice")
+    return names
+
+
+def _writable_file(flag: str, path: str) -> None:
+    """``path`` can be created or overwritten: its folder exists and is writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file exists and is not writable")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        kind = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path}: {folder} {kind}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def _writable_folder(flag: str, path: str) -> None:
+    """``path`` is a writable folder, or can be made one (``mkdir -p``)."""
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(os.path.normpath(existing)) or "."
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the folder {existing} is not writable")
+
+
+def _read_text(flag: str, path: str) -> str:
+    """The file's text (UTF-8, a leading byte-order mark dropped)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: {err.strerror or err}") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UsageError(
+            f"{flag} {path}: not UTF-8 text (line {line}: byte 0x{data[err.start]:02x}); "
+            "save the file as UTF-8"
+        ) from err
+
+
+def _read_prompts(path: str) -> tuple[list[str], list[str] | None]:
+    """The prompts file: one prompt a line, or 'concept<TAB>neutral' on every line."""
+    numbered = [
+        (n, line.rstrip("\r"))
+        for n, line in enumerate(_read_text("--prompts", path).split("\n"), start=1)
+        if line.strip()
+    ]
+    if not numbered:
+        raise UsageError(f"--prompts {path}: no prompts in the file")
+    for n, line in numbered:
+        tabs = line.count("\t")
+        if tabs > 1:
+            raise UsageError(
+                f"--prompts {path}: line {n} has {tabs} tabs; a line is a prompt, or "
+                "'concept<TAB>neutral' with one tab"
+            )
+        if tabs == 1 and not all(half.strip() for half in line.split("\t")):
+            raise UsageError(f"--prompts {path}: line {n} has an empty prompt beside its tab")
+    tabbed = [n for n, line in numbered if "\t" in line]
+    if tabbed and len(tabbed) != len(numbered):
+        first = next(n for n, line in numbered if "\t" not in line)
+        raise UsageError(
+            f"--prompts {path}: {len(tabbed)} of {len(numbered)} lines have a tab (line {first} "
+            "has none); either every line is 'concept<TAB>neutral' or none is"
+        )
+    if not tabbed:
+        return [line for _, line in numbered], None
+    pairs = [line.split("\t") for _, line in numbered]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _check_text_encoder(path: str, tokenizer: str | None) -> int | None:
+    """``--text-encoder`` is a local model folder or a config.json; ``--tokenizer`` a folder.
+
+    Returns the width of the encoder's states as its config.json gives it (None if it doesn't).
+    """
+    if path.endswith(".json"):
+        if not os.path.isfile(path):
+            raise UsageError(f"--text-encoder {path}: no such file")
+    elif not os.path.isdir(path):
+        kind = "is a file, not a folder" if os.path.exists(path) else "no such folder"
+        raise UsageError(
+            f"--text-encoder {path}: {kind}; give the local folder of a transformers model "
+            "(e.g. <stable-diffusion folder>/text_encoder) or a config.json"
+        )
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        inner = os.path.join(path, "text_encoder")
+        if os.path.isdir(inner):
+            hint = f"pass --text-encoder {inner}"
+            if tokenizer is None and os.path.isdir(os.path.join(path, "tokenizer")):
+                hint += f" --tokenizer {os.path.join(path, 'tokenizer')}"
+            raise UsageError(
+                f"--text-encoder {path}: a diffusers pipeline folder, not a text encoder; {hint}"
+            )
+        raise UsageError(
+            f"--text-encoder {path}: no config.json in the folder; give the local folder of "
+            "a transformers model (e.g. <stable-diffusion folder>/text_encoder) or a config.json"
+        )
+    if tokenizer is not None and not os.path.isdir(tokenizer):
+        kind = "is a file, not a folder" if os.path.exists(tokenizer) else "no such folder"
+        raise UsageError(f"--tokenizer {tokenizer}: {kind}")
+    config = path if path.endswith(".json") else os.path.join(path, "config.json")
+    try:
+        fields = json.loads(_read_text("--text-encoder", config))
+    except ValueError as err:
+        raise UsageError(f"--text-encoder {config}: not a JSON file ({err})") from err
+    if not isinstance(fields, dict):
+        raise UsageError(f"--text-encoder {config}: not a model config (a JSON object)")
+    width = fields.get("hidden_size", fields.get("d_model"))
+    return width if isinstance(width, int) else None
+
+
+# ---------------------------------------------------------------------- commands
+
+
 def _subspace(args: argparse.Namespace) -> int:
     from gradproj.subspace import ConceptSubspace
 
-    lines = [line.rstrip("\n") for line in open(args.prompts, encoding="utf-8") if line.strip()]
-    if not lines:
-        raise SystemExit(f"--prompts {args.prompts}: no prompts in the file")
-    pairs = [line.split("\t") for line in lines]
-    with_tab = sum(len(p) == 2 for p in pairs)
-    if with_tab not in (0, len(pairs)):
-        raise SystemExit(
-            f"--prompts {args.prompts}: {with_tab} of {len(pairs)} lines have a tab; either every "
-            "line is 'concept<TAB>neutral' or none is"
-        )
-    prompts = [p[0] for p in pairs]
-    neutral = [p[1] for p in pairs] if with_tab else None
+    # Every check first: the encoder is the slow part.
+    _at_least("--k", args.k, 1)
+    if args.k is not None and args.energy is not None:
+        raise UsageError("give --k or --energy, not both")
+    energy = None if args.k is not None else 0.99 if args.energy is None else args.energy
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise UsageError(f"--energy must lie in (0, 1], got {args.energy}")
+    if args.ridge is not None and not 0.0 <= args.ridge < math.inf:
+        raise UsageError(f"--ridge must be a finite number ≥ 0, got {args.ridge}")
+    width = _check_text_encoder(args.text_encoder, args.tokenizer)
+    if args.k is not None and width is not None and args.k > width:
+        raise UsageError(f"--k {args.k}: the encoder's states have only {width} dimensions")
+    prompts, neutral = _read_prompts(args.prompts)
+    _writable_file("--out", args.out)
+
     encoder, tok = _load_text_encoder(args.text_encoder, args.tokenizer)
-    sub = ConceptSubspace.from_prompts(
-        prompts,
-        encoder,
-        tok,
-        neutral_prompts=neutral,
-        k=args.k,
-        energy=None if args.k else args.energy,
-        ridge=args.ridge,
-    )
+    try:
+        sub = ConceptSubspace.from_prompts(
+            prompts,
+            encoder,
+            tok,
+            neutral_prompts=neutral,
+            k=args.k,
+            energy=energy,
+            # ridge 0 weighs every kept direction s²/(s²+0) = 1: the hard subspace.
+            ridge=args.ridge or None,
+        )
+    except ValueError as err:  # k above the rank of the prompts' states
+        raise UsageError(f"cannot build the subspace from {args.prompts}: {err}") from err
     sub.metadata["source_model"] = str(args.text_encoder)
-    sub.save(args.out)
+    with _loading("--out", args.out):
+        sub.save(args.out)
     print(
         f"{sub!r} from {len(prompts)} prompts ({sub.metadata['mode']} mode) -> {args.out}",
         file=sys.stderr,
@@ -114,24 +281,34 @@ def _subspace(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _loading(flag: str, path: str):
+    """OSError/ValueError while reading or writing a file the user named: a UsageError."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{flag} {path}: {err}") from err
+
+
 def _load_text_encoder(path_or_config: str, tokenizer_path: str | None):
     """A transformers text encoder (folder with weights, or a config.json: random weights)
     and its tokenizer (``--tokenizer``, else the same folder, else gradproj's toy one)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    if path_or_config.endswith(".json"):
-        config = AutoConfig.from_pretrained(path_or_config)
-        encoder = AutoModel.from_config(config)
-        folder = os.path.dirname(path_or_config) or "."
-    else:
-        encoder = AutoModel.from_pretrained(path_or_config, local_files_only=True)
-        folder = path_or_config
+    with _loading("--text-encoder", path_or_config):
+        if path_or_config.endswith(".json"):
+            config = AutoConfig.from_pretrained(path_or_config)
+            encoder = AutoModel.from_config(config)
+            folder = os.path.dirname(path_or_config) or "."
+        else:
+            encoder = AutoModel.from_pretrained(path_or_config, local_files_only=True)
+            folder = path_or_config
     source = tokenizer_path or folder
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
         if tokenizer_path:
-            raise SystemExit(
+            raise UsageError(
                 f"--tokenizer {tokenizer_path}: cannot load a tokenizer ({err})"
             ) from err
         from gradproj import shapes
@@ -147,13 +324,21 @@ def _load_text_encoder(path_or_config: str, tokenizer_path: str | None):
 def _demo(args: argparse.Namespace) -> int:
     from gradproj import demo
 
+    _at_least("--seeds", args.seeds, 1)
+    _at_least("--steps", args.steps, 1)
+    arms = _names("--arms", args.arms, tuple(demo.ARMS), "arm") if args.arms else None
+    if args.out is not None:
+        _writable_folder("--out", args.out)
+    else:
+        _writable_folder("the run folder", "runs")
+
     cfg = demo.FULL if args.full else demo.DEFAULT
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
-    if args.arms:
-        cfg = replace(cfg, arms=tuple(args.arms.split(",")))
+    if arms:
+        cfg = replace(cfg, arms=arms)
     demo.run(cfg, out=args.out, save_models=args.save_models)
     return 0
 
@@ -161,11 +346,21 @@ def _demo(args: argparse.Namespace) -> int:
 def _comparison(args: argparse.Namespace) -> int:
     from gradproj import comparison
 
+    _at_least("--seeds", args.seeds, 1)
+    _at_least("--steps", args.steps, 1)
+    rows = _names("--rows", args.rows, tuple(comparison.ROWS), "row") if args.rows else None
+    if args.out is not None:
+        _writable_folder("--out", args.out)
+    else:
+        _writable_folder("the run folder", "runs")
+    if args.models is not None:
+        _writable_folder("--models", args.models)
+
     cfg = comparison.UNLEARN if args.command == "unlearn" else comparison.ComparisonConfig()
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
-    if args.rows:
-        cfg = replace(cfg, rows=tuple(args.rows.split(",")))
+    if rows:
+        cfg = replace(cfg, rows=rows)
     if args.steps is not None:
         cfg = replace(cfg, model=replace(cfg.model, steps=args.steps))
     comparison.run(cfg, out=args.out, models=args.models)
@@ -181,15 +376,28 @@ def _check(args: argparse.Namespace) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from gradproj import check
 
+    if not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must lie in [0, 2**64), got {args.seed}")
+    if not 1 <= args.k <= check.MAX_K:
+        raise UsageError(
+            f"--k must lie in [1, {check.MAX_K}] (the check's concept prompt has "
+            f"{check.MAX_K} tokens), got {args.k}"
+        )
     results = check.run(seed=args.seed, k=args.k)
     # fp32 kernels agree with float64 to ~1e-9 here (|G| ~ 1e-2); 1e-6 would be a bug.
     return 0 if all(err < 1e-6 for err, _ in results.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; 0 on success, 2 for a mistake in the arguments (one line on stderr)."""
     parser = argparse.ArgumentParser(
         prog="gradproj", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # Also accepted after the command; SUPPRESS keeps a subcommand's default from
+    # overwriting "gradproj --debug <command>".
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="{demo,unlearn,evaluate,subspace,check}")
 
     from gradproj.demo import ARMS
@@ -199,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         help="selective-learning demo: can a projected model be made to draw the mark?",
         description=DEMO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[debug],
     )
     demo.add_argument(
         "--full",
@@ -206,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the longer study (every arm, 5 seeds, 1000 steps: ~80 min)",
     )
     demo.add_argument("--out", default=None, help="run folder (default: runs/demo-<UTC date-time>)")
-    demo.add_argument("--seeds", type=int, default=None, help="number of seeds per arm")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per model")
+    demo.add_argument("--seeds", type=int, default=None, help="number of seeds per arm, ≥ 1")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per model, ≥ 1")
     demo.add_argument("--arms", default=None, help=f"comma-separated arms, from: {', '.join(ARMS)}")
     demo.add_argument(
         "--save-models",
@@ -228,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             help=text.splitlines()[0],
             description=text,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[debug],
         )
         cmd.add_argument("--out", default=None, help=f"run folder (default: runs/{name}-<time>)")
         cmd.add_argument(
@@ -236,10 +446,12 @@ def main(argv: list[str] | None = None) -> int:
             help="folder of <arm>-seed<seed>.pt models (gradproj demo --save-models); missing "
             "ones are trained and written there (default: <out>/models)",
         )
-        cmd.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
-        cmd.add_argument("--steps", type=int, default=None, help="training steps per model")
+        cmd.add_argument("--seeds", type=int, default=None, help="number of seeds, ≥ 1 (default 3)")
+        cmd.add_argument("--steps", type=int, default=None, help="training steps per model, ≥ 1")
         cmd.add_argument(
-            "--rows", default=None, help=f"comma-separated rows (default: {','.join(rows)})"
+            "--rows",
+            default=None,
+            help=f"comma-separated rows, from: {', '.join(ROWS)} (default: {','.join(rows)})",
         )
         cmd.set_defaults(func=_comparison)
 
@@ -248,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         help="build a concept subspace (.safetensors) from a text encoder and prompts",
         description=SUBSPACE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[debug],
     )
     subspace.add_argument(
         "--text-encoder",
@@ -264,28 +477,44 @@ def main(argv: list[str] | None = None) -> int:
     subspace.add_argument(
         "--energy",
         type=float,
-        default=0.99,
-        help="keep the fewest directions carrying this share of the energy (default 0.99)",
+        default=None,
+        help="keep the fewest directions carrying this share (0 < energy ≤ 1) of the energy "
+        "(default 0.99 unless --k is given)",
     )
-    subspace.add_argument("--k", type=int, default=None, help="keep exactly k directions")
     subspace.add_argument(
-        "--ridge", type=float, default=None, help="soft subspace, weights s²/(s²+ridge)"
+        "--k", type=int, default=None, help="keep exactly k ≥ 1 directions (instead of --energy)"
+    )
+    subspace.add_argument(
+        "--ridge",
+        type=float,
+        default=None,
+        help="soft subspace, weights s²/(s²+ridge) (ridge ≥ 0; 0 or absent: the hard subspace)",
     )
     subspace.set_defaults(func=_subspace)
 
     check = sub.add_parser(
         "check",
         help="one UNet training step projected by every backend, against float64",
+        parents=[debug],
     )
-    check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--k", type=int, default=4, help="concept subspace dimension")
+    check.add_argument("--seed", type=int, default=0, help="random seed, ≥ 0 (default 0)")
+    check.add_argument(
+        "--k", type=int, default=4, help="concept subspace dimension, 1 to 16 (default 4)"
+    )
     check.set_defaults(func=_check)
 
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"gradproj {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

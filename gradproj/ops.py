@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from gradproj import backends, buckets
+from gradproj.inplace import check_no_overlap, check_writable, mark_written
 from gradproj.reference import SIDES, side_dim
 
 # Largest |UᵀU − I| accepted by ``check_orthonormal``, per basis dtype. Measured
@@ -26,6 +27,9 @@ ORTHONORMAL_TOL: dict[torch.dtype, float] = {
     torch.bfloat16: 1e-2,
     torch.float16: 1e-3,
 }
+
+# Elements of the float32 slice ``anchor`` widens a 16-bit parameter through (16 MiB).
+ANCHOR_CHUNK = 1 << 22
 
 GradList = torch.Tensor | Sequence[torch.Tensor | None]
 BasisLike = torch.Tensor | object | None
@@ -118,6 +122,7 @@ def validate(
     side: str,
     names: Sequence[str] | None,
     check_orthonormal: bool,
+    tol: float | None = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming ``grads[i]`` for each way ``(g, U, w)`` errs."""
     where = _where(i, names)
@@ -146,12 +151,6 @@ def validate(
         )
     if u.device != g.device:
         raise ValueError(f"basis of {where} is on {u.device}, but the grad is on {g.device}")
-    # Skipped while torch.compile traces: it returns a Python int, a graph break.
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(g) == 1:
-        raise ValueError(
-            f"{where} has internally overlapping memory (e.g. an expand()ed tensor) and "
-            "cannot be projected in place"
-        )
     if w is not None:
         _check_float(w, f"weights of {where}")
         if w.dim() != 1 or w.shape[0] != u.shape[1]:
@@ -175,16 +174,22 @@ def validate(
                     f"weights of {where} must lie in [0, 1], got values in [{lo:g}, {hi:g}]"
                 )
     if check_orthonormal:
-        check_orthonormal_(u, f"basis of {where}")
+        check_orthonormal_(u, f"basis of {where}", tol=tol)
 
 
-def check_orthonormal_(u: torch.Tensor, what: str = "basis") -> None:
-    """Raise ``ValueError`` unless ``max |UᵀU − I| ≤ ORTHONORMAL_TOL[U.dtype]`` (synchronizes)."""
+def check_orthonormal_(u: torch.Tensor, what: str = "basis", *, tol: float | None = None) -> None:
+    """Raise ``ValueError`` unless ``max |UᵀU − I| ≤ tol`` (synchronizes).
+
+    ``tol`` defaults to ``ORTHONORMAL_TOL[U.dtype]``; a basis computed in a lower
+    precision than it is stored in (a float32 ``ConceptSubspace`` cast to float64)
+    passes the tolerance of the precision it was made in (its ``orthonormal_tol``).
+    """
     if u.shape[1] == 0:
         return
     uf = u.to(torch.promote_types(u.dtype, torch.float32))
     err = (uf.T @ uf - torch.eye(u.shape[1], dtype=uf.dtype, device=u.device)).abs().max().item()
-    tol = ORTHONORMAL_TOL[u.dtype]
+    if tol is None:
+        tol = ORTHONORMAL_TOL[u.dtype]
     if not err <= tol:
         raise ValueError(
             f"{what} (shape {tuple(u.shape)}, {u.dtype}) is not orthonormal: "
@@ -209,8 +214,12 @@ def _collect(
     weights,
     names: Sequence[str] | None,
     check_orthonormal: bool,
+    writes: bool = True,
 ) -> tuple[list[int], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor | None]]]:
-    """Validate every (grad, basis) pair; return the indices, grads and ``(U, w)`` to project."""
+    """Validate every (grad, basis) pair; return the indices, grads and ``(U, w)`` to project.
+
+    ``writes``: the grads will be changed in place (torch's in-place rules apply).
+    """
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     grad_list = _as_list(grads, "grads")
@@ -229,27 +238,50 @@ def _collect(
     idx: list[int] = []
     todo_g: list[torch.Tensor] = []
     todo_b: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    seen: dict[int, int] = {}
     for i, (g, b) in enumerate(zip(grad_list, basis_list, strict=True)):
         if g is None or b is None:
             continue
         u, w = unpack_basis(b, weights, _where(i, names))
         g = local_tensor(g, side, _where(i, names))
         u = local_tensor(u, "flat", f"basis of {_where(i, names)}")
-        validate(i, g, u, w, side, names, check_orthonormal)
+        tol = getattr(b, "orthonormal_tol", None)
+        validate(i, g, u, w, side, names, check_orthonormal, tol)
+        if writes:
+            check_writable(g, _where(i, names))
         if g.numel() == 0 or u.shape[1] == 0:
             continue  # nothing to project
-        ptr = g.data_ptr() if not torch.compiler.is_compiling() else id(g)  # fakes have no data
-        if ptr in seen:
-            raise ValueError(
-                f"{_where(i, names)} shares memory with {_where(seen[ptr], names)}; "
-                "projecting it twice in place would be a race (soft weights are not idempotent)"
-            )
-        seen[ptr] = i
         idx.append(i)
         todo_g.append(g)
         todo_b.append((u, w))
     return idx, todo_g, todo_b
+
+
+def _check_aliasing(
+    idx: list[int],
+    written: list[torch.Tensor],
+    bases: list[tuple[torch.Tensor, torch.Tensor | None]],
+    names: Sequence[str] | None,
+    anchors: list[torch.Tensor] | None = None,
+) -> None:
+    """No written tensor (grad, anchor) may share memory with another input (see ``inplace``)."""
+    out = [(g, _where(i, names)) for i, g in zip(idx, written, strict=True)]
+    if anchors is not None:
+        out += [(c, f"anchor of {_where(i, names)}") for i, c in zip(idx, anchors, strict=True)]
+    read, seen = [], set()
+    for i, (u, w) in zip(idx, bases, strict=True):
+        for t, what in ((u, "basis"), (w, "weights")):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                read.append((t, f"{what} of {_where(i, names)}"))
+    check_no_overlap(out, read)
+
+
+def _launch(op: str, bucket_list: list[buckets.Bucket], backend: str | None) -> list:
+    """Pick the backend of every bucket before any runs, so a refusal changes nothing."""
+    return [
+        (bucket, backends.select(op, bucket.device, bucket.dtype, backend).op(op))
+        for bucket in bucket_list
+    ]
 
 
 @torch.no_grad()
@@ -294,11 +326,12 @@ def project_(
     NaN/inf in a grad propagate through the math: the whole projected vector that
     contains them becomes non-finite (when ``k ≥ 1``); nothing crashes.
     """
-    _, todo_g, todo_b = _collect(grads, bases, side, weights, names, check_orthonormal)
-    for bucket in buckets.group(todo_g, todo_b, side):
-        chosen = backends.select("project_bucket_", bucket.device, bucket.dtype, backend)
-        chosen.op("project_bucket_")(bucket.matrices, bucket.basis, bucket.weights, side)
+    idx, todo_g, todo_b = _collect(grads, bases, side, weights, names, check_orthonormal)
+    _check_aliasing(idx, todo_g, todo_b, names)
+    for bucket, kernel in _launch("project_bucket_", buckets.group(todo_g, todo_b, side), backend):
+        kernel(bucket.matrices, bucket.basis, bucket.weights, side)
         bucket.finish()
+    mark_written(todo_g)
 
 
 @torch.no_grad()
@@ -311,15 +344,31 @@ def anchor(param: torch.Tensor, basis: BasisLike, *, side: str = "input") -> tor
     its transpose for ``"output"``, one row for ``"flat"``).
     """
     param = local_tensor(param, side, "param")
-    _, params, pairs = _collect([param], [basis], side, None, None, False)
+    _, params, pairs = _collect([param], [basis], side, None, None, False, writes=False)
     u = local_tensor(unpack_basis(basis, None, "param")[0], "flat", "basis")
     r = rows_of(param.shape, side)
-    if not params:
-        dt = buckets.accumulate_dtype(param.dtype)
-        return torch.zeros(r, u.shape[1], dtype=dt, device=param.device)
     dt = buckets.accumulate_dtype(param.dtype)
-    m = buckets.row_view(param.contiguous(), side).reshape(r, -1)
-    return m.to(dt) @ pairs[0][0].to(dt)
+    if not params:
+        return torch.zeros(r, u.shape[1], dtype=dt, device=param.device)
+    u = pairs[0][0].to(dt)
+    try:
+        m = buckets.row_view(param, side).reshape(r, -1)  # a view whenever strides allow
+    except RuntimeError:
+        m = buckets.row_view(param.contiguous(), side).reshape(r, -1)
+    if m.dtype == dt:
+        return m @ u
+    # A 16-bit parameter is widened a slice at a time, so the only temporary is
+    # ANCHOR_CHUNK elements, not a float32 copy of the whole weight (2× its size).
+    out = torch.empty(r, u.shape[1], dtype=dt, device=param.device)
+    if r > 1:
+        step = max(1, ANCHOR_CHUNK // m.shape[1])
+        for i in range(0, r, step):
+            torch.matmul(m[i : i + step].to(dt), u, out=out[i : i + step])
+    else:
+        out.zero_()
+        for j in range(0, m.shape[1], ANCHOR_CHUNK):
+            out.addmm_(m[:, j : j + ANCHOR_CHUNK].to(dt), u[j : j + ANCHOR_CHUNK])
+    return out
 
 
 @torch.no_grad()
@@ -365,13 +414,14 @@ def project_anchored_(
             )
         if c.device != p.device:
             raise ValueError(f"anchor of {where} is on {c.device}, but the param is on {p.device}")
+        check_writable(c, f"anchor of {where}")
         todo_c.append(c)
-    for bucket in buckets.group(todo_p, todo_b, side, anchors=todo_c):
-        chosen = backends.select("project_anchored_bucket_", bucket.device, bucket.dtype, backend)
-        chosen.op("project_anchored_bucket_")(
-            bucket.matrices, bucket.anchors, bucket.basis, bucket.weights, side
-        )
+    _check_aliasing(idx, todo_p, todo_b, names, anchors=todo_c)
+    bucket_list = buckets.group(todo_p, todo_b, side, anchors=todo_c)
+    for bucket, kernel in _launch("project_anchored_bucket_", bucket_list, backend):
+        kernel(bucket.matrices, bucket.anchors, bucket.basis, bucket.weights, side)
         bucket.finish()
+    mark_written(todo_p + todo_c)
 
 
 @torch.no_grad()
@@ -408,8 +458,9 @@ def surgery_(
     us, rs = _as_list(g_unlearn, "g_unlearn"), _as_list(g_retain, "g_retain")
     if len(us) != len(rs):
         raise ValueError(f"got {len(us)} unlearn gradients but {len(rs)} retain gradients")
-    groups: dict[tuple, tuple[list, list, list]] = {}
-    seen: dict[int, str] = {}
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    written: list[tuple[torch.Tensor, str]] = []
+    read: list[tuple[torch.Tensor, str]] = []
     for i, (u, r) in enumerate(zip(us, rs, strict=True)):
         if u is None or r is None:
             continue
@@ -426,22 +477,31 @@ def surgery_(
             raise ValueError(
                 f"{where}: g_unlearn is {u.dtype} on {u.device}, g_retain {r.dtype} on {r.device}"
             )
-        for t, what in ((u, "g_unlearn"), (r, "g_retain")):
-            if t.numel() and t.data_ptr() in seen:
-                raise ValueError(f"{what}[{i}] shares memory with {seen[t.data_ptr()]}")
-            seen[t.data_ptr()] = f"{what}[{i}]"
-        if u.numel() == 0:
-            continue
+        check_writable(u, f"g_unlearn[{i}]")
+        written.append((u, f"g_unlearn[{i}]"))
+        if symmetric:
+            check_writable(r, f"g_retain[{i}]")
+        (written if symmetric else read).append((r, f"g_retain[{i}]"))
+        if u.numel():
+            pairs.append((u, r))
+    check_no_overlap(written, read)
+    groups: dict[tuple, tuple[list, list, list]] = {}
+    for u, r in pairs:
         flat = groups.setdefault((u.dtype, u.device), ([], [], []))
-        for t, dest in ((u, flat[0]), (r, flat[1])):
+        for t, dest, changes in ((u, flat[0], True), (r, flat[1], symmetric)):
             if t.is_contiguous():
                 dest.append(t.view(-1))
             else:  # no flat view exists: work on a copy, write it back after
                 work = t.contiguous()
                 dest.append(work.view(-1))
-                flat[2].append((t, work))
-    for (dtype, device), (fu, fr, writebacks) in groups.items():
-        chosen = backends.select("surgery_bucket_", device, dtype, backend)
-        chosen.op("surgery_bucket_")(fu, fr, float(strength), variant, symmetric)
+                if changes:
+                    flat[2].append((t, work))
+    kernels = {
+        key: backends.select("surgery_bucket_", key[1], key[0], backend).op("surgery_bucket_")
+        for key in groups
+    }
+    for key, (fu, fr, writebacks) in groups.items():
+        kernels[key](fu, fr, float(strength), variant, symmetric)
         for t, work in writebacks:
             t.copy_(work)
+    mark_written(t for t, _ in written)

@@ -39,6 +39,8 @@ tensor values, so it adds no host-device synchronization to the inner step.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -82,15 +84,41 @@ class Subspace:
 
 
 class Protected:
-    """One protected parameter: the tensor, a name for messages, its subspace and index."""
+    """One protected parameter: the tensor, a name for messages, its subspace and anchor.
 
-    __slots__ = ("index", "name", "param", "subspace")
+    ``anchor`` is ``C = rows(W₀) U`` once the first step that can move the
+    parameter has begun (``None`` before); it lives here, not in a dict keyed by
+    ``id(param)``, so ``copy.deepcopy`` and pickling carry it with the parameter.
+    """
+
+    __slots__ = ("anchor", "index", "name", "param", "subspace")
 
     def __init__(self, param: torch.Tensor, name: str, subspace: Subspace, index: int) -> None:
         self.param = param
         self.name = name
         self.subspace = subspace
         self.index = index  # position in the flattened param_groups, as in state_dict()
+        self.anchor: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class NamedBases(dict):
+    """``{parameter: basis}`` that also knows each parameter's name in its module.
+
+    What :func:`gradproj.integrations.diffusers.protect` returns, so that errors
+    and saved state name ``down_blocks.0…attn2.to_k.weight`` rather than a
+    position in ``param_groups``, without a separate ``named_parameters=``.
+    """
+
+    def __init__(self, items: Mapping[torch.Tensor, Any], names: Mapping[torch.Tensor, str]):
+        super().__init__(items)
+        self.param_names = {id(p): n for p, n in names.items()}
 
 
 def _param_order(param_groups: list[dict]) -> dict[int, int]:
@@ -108,6 +136,31 @@ def _position_names(param_groups: list[dict]) -> dict[int, str]:
         for pi, p in enumerate(group["params"]):
             names.setdefault(id(p), f"param_groups[{gi}]['params'][{pi}]")
     return names
+
+
+def _is_position_name(name: str) -> bool:
+    return name.startswith("param_groups[")
+
+
+# Largest ‖rows(W)U − C‖_F / ‖W‖_F accepted when a state dict's anchors are checked
+# against the weights (hard projector), per parameter dtype. After every step the
+# projection puts rows(W)U back on C up to that step's rounding: a few float32 ulps
+# of ‖W‖ (measured ≤ 6e-8), or the 16-bit store's 2⁻⁹ relative error at most. The
+# bounds sit well above that and far below what a swapped or zeroed anchor, or
+# weights from another run, give (measured 0.1 to 0.6 with k = 4 of d = 32; ≳ √(k/d)).
+ANCHOR_TOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2.0**-7,
+    torch.float16: 2.0**-10,
+}
+
+_REWRITTEN_HINT = (
+    "were param_groups rewritten after wrapping? DeepSpeed ZeRO (and FSDP1's flat "
+    "parameters) replace a client optimizer's parameters with flat partitions, which "
+    "gradproj cannot project by rows; use DDP, FSDP2 (fully_shard) or plain training, "
+    "and wrap the optimizer after any step that replaces parameters"
+)
 
 
 class Protection:
@@ -134,6 +187,7 @@ class Protection:
         self.side = side
         by_name = _named(named_parameters)
         names = _position_names(param_groups)
+        names.update(getattr(bases, "param_names", {}))
         names.update({id(p): n for n, p in by_name.items()})
         order = _param_order(param_groups)
 
@@ -157,13 +211,12 @@ class Protection:
                 u, w = ops.unpack_basis(basis, None, f"basis for parameter {name!r}")
                 subspaces[id(basis)] = (basis, Subspace(u, w))
             sub = subspaces[id(basis)][1]
-            _validate(param, sub, side, name)
+            _validate(param, sub, side, name, getattr(basis, "orthonormal_tol", None))
             if sub.basis.shape[1] == 0 or param.numel() == 0:
                 continue  # nothing to protect
             entries[id(param)] = Protected(param, name, sub, order[id(param)])
         # In param_groups order, so launches and saved state are deterministic.
         self.entries = sorted(entries.values(), key=lambda e: e.index)
-        self.anchors: dict[int, torch.Tensor] = {}  # id(param) -> C (rows × k), float32/64
 
     @staticmethod
     def _lookup(key: object, by_name: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -187,11 +240,36 @@ class Protection:
             f"{type(key).__name__}"
         )
 
+    def anchor_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The anchor of protected ``param`` (``None`` before its first step or if unprotected)."""
+        return next((e.anchor for e in self.entries if e.param is param), None)
+
     # -- per step ---------------------------------------------------------------
+
+    def check_optimized(self, param_groups: list[dict]) -> None:
+        """Raise ``RuntimeError`` unless every protected parameter is still in ``param_groups``.
+
+        Run before anything moves, every step: a trainer that swapped the
+        optimizer's parameters (DeepSpeed ZeRO's flat partitions) would otherwise
+        train on with no projection at all. Python identity checks only, no sync.
+        """
+        present = {id(p) for group in param_groups for p in group["params"]}
+        lost = [e.name for e in self.entries if id(e.param) not in present]
+        if lost:
+            shown = ", ".join(repr(n) for n in lost[:4]) + (", …" if len(lost) > 4 else "")
+            raise RuntimeError(
+                f"{len(lost)} protected parameter(s) ({shown}) are no longer in the optimizer's "
+                f"param_groups, so they would be trained without projection; nothing was "
+                f"stepped. Likely cause: {_REWRITTEN_HINT}."
+            )
 
     def stepping(self) -> list[Protected]:
         """The protected parameters that have a gradient this step (Python check, no sync)."""
         return [e for e in self.entries if e.param.grad is not None]
+
+    def anchored(self) -> list[Protected]:
+        """The protected parameters with a gradient and an anchor: what a step may have moved."""
+        return [e for e in self.entries if e.param.grad is not None and e.anchor is not None]
 
     def project_grads(self, todo: list[Protected], backend: str | None = None) -> None:
         """``G ← G (I − U diag(w) Uᵀ)`` for every entry, in one ``project_`` call."""
@@ -208,13 +286,10 @@ class Protection:
     def ensure_anchors(self, todo: list[Protected]) -> None:
         """Create ``C = rows(W) U`` for entries seen for the first time (before they move)."""
         for e in todo:
-            c = self.anchors.get(id(e.param))
-            if c is None:
-                self.anchors[id(e.param)] = ops.anchor(
-                    e.param, e.subspace.on(e.param.device), side=self.side
-                )
-            elif c.device != e.param.device:  # the model moved (e.g. accelerate.prepare)
-                self.anchors[id(e.param)] = c.to(e.param.device)
+            if e.anchor is None:
+                e.anchor = ops.anchor(e.param, e.subspace.on(e.param.device), side=self.side)
+            elif e.anchor.device != e.param.device:  # the model moved (accelerate.prepare)
+                e.anchor = e.anchor.to(e.param.device)
 
     def project_updates(self, todo: list[Protected], backend: str | None = None) -> None:
         """``W ← W₀ + (W − W₀)P`` for every entry via its anchor, in one call (fused buckets)."""
@@ -222,7 +297,7 @@ class Protection:
             return
         ops.project_anchored_(
             [e.param for e in todo],
-            [self.anchors[id(e.param)] for e in todo],
+            [e.anchor for e in todo],
             [e.subspace.on(e.param.device) for e in todo],
             side=self.side,
             backend=backend,
@@ -231,64 +306,145 @@ class Protection:
 
     # -- saving -----------------------------------------------------------------
 
-    def state_dict(self, extra: dict[str, Any]) -> dict[str, Any]:
+    def state_dict(self, param_groups: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
         """gradproj's section of the state dict: only tensors, numbers and strings.
 
-        Keys are the parameter indices that ``Optimizer.state_dict`` uses. Bases
-        are saved so that a resumed run can check it protects the same subspaces.
+        Keys are the parameter indices that ``Optimizer.state_dict`` uses, and
+        ``names`` records whose index each is, so a resume can check it is
+        looking at the same parameters in the same order. Bases are saved so a
+        resumed run can check it protects the same subspaces.
         """
+        order = _param_order(param_groups)
+        entries = [(order[id(e.param)], e) for e in self.entries if id(e.param) in order]
         section: dict[str, Any] = dict(extra)
         section["side"] = self.side
-        section["names"] = {e.index: e.name for e in self.entries}
-        section["bases"] = {e.index: e.subspace.basis for e in self.entries}
+        section["names"] = {i: e.name for i, e in entries}
+        section["bases"] = {i: e.subspace.basis for i, e in entries}
         section["weights"] = {
-            e.index: e.subspace.weights for e in self.entries if e.subspace.weights is not None
+            i: e.subspace.weights for i, e in entries if e.subspace.weights is not None
         }
-        section["anchors"] = {
-            e.index: self.anchors[id(e.param)] for e in self.entries if id(e.param) in self.anchors
-        }
+        section["anchors"] = {i: e.anchor for i, e in entries if e.anchor is not None}
         return section
 
-    def load_state_dict(self, section: dict[str, Any], extra: dict[str, Any]) -> None:
-        """Check ``section`` matches this protection (side, parameters, bases); restore anchors."""
+    def load_state_dict(
+        self, section: object, param_groups: list[dict], extra: dict[str, Any]
+    ) -> Callable[[], None]:
+        """Check every field of a saved ``section`` against this protection; change nothing.
+
+        Returns the function that installs the saved anchors, for the caller to
+        run once the inner optimizer's state has loaded too (all or nothing).
+        Raises ``ValueError`` naming the parameter for: a malformed section, another
+        side/mode, other parameters or another order, other bases or weights, and
+        anchors that are not tensors of the right shape, not finite, or (hard
+        projector) do not equal ``rows(W) U`` of the weights as they are now — the
+        model's weights must be loaded before the optimizer's state.
+        """
+        if not isinstance(section, Mapping):
+            raise ValueError(
+                f"the state dict's {STATE_KEY!r} section must be a dict, got "
+                f"{type(section).__name__}"
+            )
+        for key in ("side", "names", "bases", "weights", "anchors"):
+            if key not in section:
+                raise ValueError(f"the state dict's {STATE_KEY!r} section has no {key!r} entry")
+            if key != "side" and not isinstance(section[key], Mapping):
+                raise ValueError(
+                    f"the state dict's {STATE_KEY!r} section: {key!r} must be a dict keyed by "
+                    f"parameter index, got {type(section[key]).__name__}"
+                )
         for key, value in {"side": self.side, **extra}.items():
             if section.get(key) != value:
                 raise ValueError(
                     f"the state dict was saved with {key}={section.get(key)!r}, "
                     f"but this optimizer has {key}={value!r}"
                 )
+        order = _param_order(param_groups)
+        here = {order[id(e.param)]: e for e in self.entries if id(e.param) in order}
+        saved_names = section["names"]
         saved = set(section["bases"])
-        current = {e.index for e in self.entries}
-        if saved != current:
+        if saved != set(here):
+            missing = [saved_names.get(i, f"index {i}") for i in sorted(saved - set(here))]
+            extra_here = [here[i].name for i in sorted(set(here) - saved)]
             raise ValueError(
-                "the state dict protects the parameters at indices "
-                f"{sorted(saved)} ({[section['names'][i] for i in sorted(saved - current)]} "
-                f"not protected here), this optimizer protects {sorted(current)} "
-                f"({[e.name for e in self.entries if e.index not in saved]} not in the state dict)"
+                f"the state dict protects the parameters at indices {sorted(saved)}, this "
+                f"optimizer those at {sorted(here)} (protected only in the state dict: "
+                f"{missing}; only here: {extra_here}); resuming would protect other weights"
             )
-        for e in self.entries:
-            for what, mine, theirs in (
-                ("basis", e.subspace.basis, section["bases"][e.index]),
-                ("weights", e.subspace.weights, section["weights"].get(e.index)),
+        anchors: dict[int, torch.Tensor | None] = {}
+        for i, e in here.items():
+            theirs = saved_names.get(i)
+            if (
+                isinstance(theirs, str)
+                and theirs != e.name
+                and not (_is_position_name(theirs) or _is_position_name(e.name))
             ):
-                same = (mine is None) == (theirs is None) and (
+                raise ValueError(
+                    f"parameter index {i} is {e.name!r} here but was {theirs!r} when the state "
+                    "dict was saved: the parameters are in another order, and optimizer state "
+                    "(moments, anchors) is matched by position, so it would be swapped between "
+                    "weights. Build the optimizer with the parameters in the saved order"
+                )
+            for what, mine, stored in (
+                ("basis", e.subspace.basis, section["bases"].get(i)),
+                ("weights", e.subspace.weights, section["weights"].get(i)),
+            ):
+                same = (mine is None) == (stored is None) and (
                     mine is None
-                    or (mine.shape == theirs.shape and torch.equal(mine, theirs.to(mine.device)))
+                    or (
+                        isinstance(stored, torch.Tensor)
+                        and mine.shape == stored.shape
+                        and torch.equal(mine, stored.to(mine.device, mine.dtype))
+                    )
                 )
                 if not same:
                     raise ValueError(
                         f"parameter {e.name!r}: the {what} in the state dict (saved for "
-                        f"{section['names'][e.index]!r}) differs from the one this optimizer "
-                        "was given; resuming would protect a different subspace"
+                        f"{theirs!r}) differs from the one this optimizer was given; resuming "
+                        "would protect a different subspace"
                     )
-        self.anchors = {}
-        for e in self.entries:
-            c = section["anchors"].get(e.index)
-            if c is not None:
-                dt = buckets.accumulate_dtype(e.param.dtype)
-                self.anchors[id(e.param)] = c.to(device=e.param.device, dtype=dt).clone(
-                    memory_format=torch.contiguous_format
+            anchors[id(e.param)] = self._checked_anchor(e, section["anchors"].get(i))
+
+        def install() -> None:
+            for e in self.entries:
+                e.anchor = anchors.get(id(e.param))
+
+        return install
+
+    def _checked_anchor(self, e: Protected, c: object) -> torch.Tensor | None:
+        """``c`` as ``e``'s anchor, after checking it could be ``e``'s: else ``ValueError``."""
+        if c is None:
+            return None
+        where = f"the anchor saved for parameter {e.name!r}"
+        dt = buckets.accumulate_dtype(e.param.dtype)
+        sub = e.subspace.on(e.param.device)
+        expected = (ops.rows_of(ops.local_tensor(e.param, self.side, e.name).shape, self.side),
+                    sub.basis.shape[1])  # fmt: skip
+        if not isinstance(c, torch.Tensor) or not c.is_floating_point():
+            raise ValueError(f"{where} must be a floating-point tensor, got {type(c).__name__}")
+        if tuple(c.shape) != expected:
+            raise ValueError(
+                f"{where} has shape {tuple(c.shape)}, but rows × k of this parameter is {expected}"
+            )
+        c = c.to(device=e.param.device, dtype=dt).clone(memory_format=torch.contiguous_format)
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError(f"{where} holds NaN or inf values")
+        if sub.weights is None:
+            # Hard projector: every step leaves rows(W)U on the anchor, so the
+            # weights loaded with this checkpoint must sit on it too.
+            now = ops.anchor(e.param, sub, side=self.side)
+            err = (now.double() - c.double()).norm().item()
+            w = ops.local_tensor(e.param, self.side, e.name)
+            scale = torch.linalg.vector_norm(w, dtype=torch.float32).item()
+            tol = ANCHOR_TOL[e.param.dtype]
+            if not err <= tol * max(scale, 1e-30):
+                raise ValueError(
+                    f"{where} does not match the weights: ‖rows(W)U − C‖/‖W‖ = "
+                    f"{err / max(scale, 1e-30):.3g} > {tol:g}. Either the model's weights were "
+                    "not loaded from the same checkpoint before the optimizer state (load "
+                    "the model first), or the anchors belong to other weights (another run, "
+                    "or another parameter order); resuming would pull the weights to them"
                 )
+        return c
 
 
 def _named(named_parameters: NamedParams) -> dict[str, torch.Tensor]:
@@ -299,7 +455,9 @@ def _named(named_parameters: NamedParams) -> dict[str, torch.Tensor]:
     return dict(named_parameters)
 
 
-def _validate(param: torch.Tensor, sub: Subspace, side: str, name: str) -> None:
+def _validate(
+    param: torch.Tensor, sub: Subspace, side: str, name: str, tol: float | None = None
+) -> None:
     """Construction-time checks of one (parameter, basis) pair; errors name the parameter."""
     u, w = sub.basis, sub.weights
     where = f"parameter {name!r} (shape {tuple(param.shape)})"
@@ -325,7 +483,7 @@ def _validate(param: torch.Tensor, sub: Subspace, side: str, name: str) -> None:
         )
     if u.shape[1] > d:
         raise ValueError(f"the basis for {where} has k={u.shape[1]} > d={d} columns")
-    ops.check_orthonormal_(u, f"the basis for {where}")
+    ops.check_orthonormal_(u, f"the basis for {where}", tol=tol)
     if w is not None:
         if w.dim() != 1 or w.shape[0] != u.shape[1]:
             raise ValueError(
@@ -336,15 +494,111 @@ def _validate(param: torch.Tensor, sub: Subspace, side: str, name: str) -> None:
             raise ValueError(f"the weights for {where} must lie in [0, 1], got [{lo:g}, {hi:g}]")
 
 
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
 def init_optimizer_hooks(opt: torch.optim.Optimizer) -> None:
     """What ``Optimizer.__init__`` sets up besides params, for a wrapper that shares them."""
-    opt._optimizer_step_pre_hooks = OrderedDict()
-    opt._optimizer_step_post_hooks = OrderedDict()
-    opt._optimizer_state_dict_pre_hooks = OrderedDict()
-    opt._optimizer_state_dict_post_hooks = OrderedDict()
-    opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
-    opt._optimizer_load_state_dict_post_hooks = OrderedDict()
+    for name in _HOOK_DICTS:
+        if name not in opt.__dict__:
+            setattr(opt, name, OrderedDict())
     opt._patch_step_function()  # runs step pre/post hooks registered on the wrapper
+
+
+def picklable_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.__dict__`` without its hooks: like torch, hooks (often lambdas) are not saved."""
+    return {k: v for k, v in opt.__dict__.items() if k not in _HOOK_DICTS}
+
+
+def refuse_differentiable(param_groups: list[dict], what: str) -> None:
+    """Raise ``ValueError`` for ``differentiable=True``: autograd cannot see the projection."""
+    if any(group.get("differentiable", False) for group in param_groups):
+        raise ValueError(
+            f"{what}: differentiable=True is not supported. The projection writes the "
+            "weights in place outside autograd, so gradients through the optimizer step "
+            "would miss it and be wrong; build the inner optimizer with differentiable=False"
+        )
+
+
+@contextlib.contextmanager
+def _hooks_off(opt: torch.optim.Optimizer, *names: str):
+    """Run ``Optimizer``'s own state-dict methods without the hooks the wrapper runs itself."""
+    saved = {name: getattr(opt, name) for name in names}
+    try:
+        for name in names:
+            setattr(opt, name, OrderedDict())
+        yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(opt, name, hooks)
+
+
+def state_dict_with_hooks(
+    opt: torch.optim.Optimizer, build: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """``build()`` between ``opt``'s state-dict pre and post hooks, as ``Optimizer.state_dict``."""
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    with _hooks_off(opt, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+        state_dict = build()
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
+def load_state_dict_with_hooks(
+    opt: torch.optim.Optimizer,
+    state_dict: dict[str, Any],
+    protection: Protection,
+    extra: dict[str, Any],
+    load_inner: Callable[[dict[str, Any]], None],
+) -> None:
+    """Load a state dict with gradproj's section, all or nothing, between ``opt``'s load hooks.
+
+    The section is checked in full first; then the inner state loads; only then
+    are the anchors installed. A state dict without the section (saved by a bare
+    optimizer) warns: the protected weights are re-anchored where they are now.
+    """
+    state_dict = dict(state_dict)
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = dict(result)
+    section = state_dict.pop(STATE_KEY, None)
+    if section is not None:
+        install = protection.load_state_dict(section, opt.param_groups, extra)
+    else:
+        if protection.entries:
+            warnings.warn(
+                f"loading a state dict without a {STATE_KEY!r} section (saved by an optimizer "
+                "without protection?) into a protected optimizer: its "
+                f"{len(protection.entries)} protected parameter(s) are re-anchored at their "
+                "current weights, so the guarantee holds from this checkpoint on, not from the "
+                "weights the run started from",
+                UserWarning,
+                stacklevel=3,
+            )
+
+        def install() -> None:
+            for e in protection.entries:
+                e.anchor = None
+
+    with _hooks_off(
+        opt, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+    ):
+        load_inner(state_dict)
+    install()
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
@@ -352,11 +606,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     See the module docstring for the math of the two modes and which keeps the
     guarantee ``(W_T − W_0) U = 0`` (update mode: every inner optimizer; grad
-    mode: SGD with or without momentum, without weight decay).
+    mode: SGD with or without momentum, without weight decay, and LBFGS).
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; its ``param_groups``, ``state``
-            and ``defaults`` are shared, not copied.
+            and ``defaults`` are shared, not copied. ``differentiable=True`` is
+            refused (autograd cannot see the projection).
         bases: ``{parameter: basis}`` (by identity) or ``{name: basis}`` with
             ``named_parameters``. A basis is a ``(d × k)`` tensor with orthonormal
             columns (``d = side dim`` of the parameter) or an object with
@@ -367,15 +622,19 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         side: ``"input"`` (rows of ``W``, ``ΔW U = 0``), ``"output"`` (``Vᵀ ΔW = 0``)
             or ``"flat"`` (the flattened tensor).
         named_parameters: a module or ``module.named_parameters()``; needed for
-            name keys, and used in messages.
+            name keys, and used in messages and saved state.
         backend: force a gradproj backend (default: the fastest installed).
 
-    ``step(closure)`` runs the closure first (Lightning runs backward inside it),
-    then projects and steps. Under ``torch.amp.GradScaler`` a skipped step never
-    reaches this ``step``, so nothing is projected and anchors do not move.
-    Parameters whose ``grad`` is ``None`` are left to the inner optimizer (which
-    leaves them alone). Parameters added later with ``add_param_group`` are not
-    protected.
+    ``step(closure)`` hands the closure to the inner optimizer (LBFGS evaluates
+    it many times); in grad mode every evaluation's gradients are projected.
+    Before anything moves, every step checks that each protected parameter is
+    still in ``param_groups`` (a trainer that replaced them, as DeepSpeed ZeRO
+    does, gets a ``RuntimeError``, never an unprojected step). Step hooks fire
+    once per step (global ones included), after the projection; state-dict hooks
+    registered on the wrapper fire around the full state dict. Under
+    ``torch.amp.GradScaler`` a skipped step never reaches this ``step``, so
+    nothing is projected and anchors do not move. Parameters added later with
+    ``add_param_group`` are not protected.
     """
 
     # GradScaler calls step() directly (passing found_inf/grad_scale attributes)
@@ -398,6 +657,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        refuse_differentiable(optimizer.param_groups, "ProjectedOptimizer")
         # Not Optimizer.__init__: that would build a second set of param_groups.
         self.optimizer = optimizer
         self.mode = mode
@@ -435,10 +695,11 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         return self.protection.side
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return picklable_state(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        init_optimizer_hooks(self)
 
     def __repr__(self) -> str:
         return (
@@ -447,6 +708,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        refuse_differentiable([param_group], "ProjectedOptimizer.add_param_group")
         self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -454,40 +716,88 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Run ``closure`` (with grad), then project (grad mode) or step and project (update)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        todo = self.protection.stepping()
-        if self.mode == "grad":
-            self.protection.project_grads(todo, self.backend)
-            self.optimizer.step()
+        """Project (grad mode) or step and project (update mode); the closure goes inside.
+
+        The closure runs with grad enabled; in grad mode the gradients of every
+        evaluation are projected before the inner optimizer reads them, and in
+        update mode anchors are taken after the first evaluation, before
+        anything has moved.
+        """
+        protection = self.protection
+        protection.check_optimized(self.param_groups)
+        if closure is None:
+            if self.mode == "grad":
+                protection.project_grads(protection.stepping(), self.backend)
+            else:
+                protection.ensure_anchors(protection.stepping())
+            loss = self._inner_step(None)
         else:
-            self.protection.ensure_anchors(todo)
-            self.optimizer.step()
-            self.protection.project_updates(todo, self.backend)
+
+            def evaluate() -> Any:
+                with torch.enable_grad():
+                    loss = closure()
+                if self.mode == "grad":
+                    protection.project_grads(protection.stepping(), self.backend)
+                else:  # no-op after the first evaluation: anchors exist by then
+                    protection.ensure_anchors(
+                        [e for e in protection.stepping() if e.anchor is None]
+                    )
+                return loss
+
+            if self.mode == "update":  # grads left from an earlier backward
+                protection.ensure_anchors(protection.stepping())
+            loss = self._inner_step(evaluate)
+        if self.mode == "update":
+            protection.project_updates(protection.anchored(), self.backend)
         return loss
+
+    def _inner_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The inner optimizer's step with its own hooks but not the global ones.
+
+        The wrapper's step (patched by ``Optimizer``) runs the global step hooks
+        once, around the projection; going through the inner optimizer's patched
+        step would run them a second time, the post hook seeing unprojected weights.
+        """
+        inner = self.optimizer
+        step = type(inner).step
+        raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+        if raw is None:  # not patched by Optimizer: it runs no hooks itself
+            return inner.step() if closure is None else inner.step(closure)
+        args: tuple = (inner,) if closure is None else (inner, closure)
+        kwargs: dict[str, Any] = {}
+        for pre_hook in inner._optimizer_step_pre_hooks.values():
+            result = pre_hook(inner, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        out = raw(*args, **kwargs)
+        inner._optimizer_step_code()
+        for post_hook in inner._optimizer_step_post_hooks.values():
+            post_hook(inner, args, kwargs)
+        # An LR scheduler attached to the inner optimizer watches its step for this flag.
+        inner._opt_called = True
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus a ``"gradproj"`` section (anchors, bases)."""
-        sd = dict(self.optimizer.state_dict())
-        sd[STATE_KEY] = self.protection.state_dict({"mode": self.mode})
-        return sd
+
+        def build() -> dict[str, Any]:
+            sd = dict(self.optimizer.state_dict())
+            sd[STATE_KEY] = self.protection.state_dict(self.param_groups, {"mode": self.mode})
+            return sd
+
+        return state_dict_with_hooks(self, build)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the inner state; check the saved bases match; restore the anchors.
+        """Load the inner state and the anchors, all or nothing, after checking every field.
 
-        A state dict without a ``"gradproj"`` section (a plain inner one) is
-        accepted: anchors are then created afresh at the next step.
+        See :meth:`Protection.load_state_dict` for what is checked (the model's
+        weights must be loaded first). A state dict without a ``"gradproj"``
+        section (a plain inner one) loads with a ``UserWarning``: anchors are
+        then created afresh at the next step.
         """
-        state_dict = dict(state_dict)
-        section = state_dict.pop(STATE_KEY, None)
-        if section is not None:
-            self.protection.load_state_dict(section, {"mode": self.mode})
-        else:
-            self.protection.anchors = {}
-        self.optimizer.load_state_dict(state_dict)
+        load_state_dict_with_hooks(
+            self, state_dict, self.protection, {"mode": self.mode}, self.optimizer.load_state_dict
+        )
 
 
 @torch.no_grad()

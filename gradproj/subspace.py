@@ -21,19 +21,83 @@ from collections.abc import Sequence
 
 import torch
 
-from gradproj.ops import check_orthonormal_
+from gradproj.ops import ORTHONORMAL_TOL, check_orthonormal_
+
+# The dtypes a basis may be made in, by the names ``save`` writes
+# ("float32", not "torch.float32"), and the safetensors header's dtype codes.
+_PRECISIONS: dict[str, torch.dtype] = {str(t).removeprefix("torch."): t for t in ORTHONORMAL_TOL}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+# Safetensors metadata keys: user metadata (JSON) and the basis precision. Files
+# written before the precision key existed lack it; their precision is the dtype.
+_META_KEY, _PRECISION_KEY = "gradproj", "gradproj.precision"
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The less precise of two floating dtypes (bfloat16 is coarser than float16)."""
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
+def _check_parts(
+    basis: tuple[tuple[int, ...], torch.dtype],
+    weights: tuple[tuple[int, ...], torch.dtype] | None,
+    singular_values: tuple[tuple[int, ...], torch.dtype] | None,
+) -> None:
+    """Check the ``(shape, dtype)`` of each part; reads no values, so a bad size costs nothing.
+
+    Shared by the constructor (tensors) and :meth:`ConceptSubspace.load` (the
+    safetensors header, before any tensor is read).
+    """
+    shape, dtype = basis
+    if len(shape) != 2:
+        raise ValueError(f"basis must be a 2-D (d × k) tensor, got shape {tuple(shape)}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"basis must be floating-point, got {dtype}")
+    d, k = shape
+    if k > d:
+        raise ValueError(
+            f"basis has shape {tuple(shape)}: k={k} columns > d={d} rows, so it cannot be "
+            "orthonormal (a basis is d × k with k ≤ d; is it transposed?)"
+        )
+    for name, part in (("weights", weights), ("singular_values", singular_values)):
+        if part is None:
+            continue
+        shape, dtype = part
+        if tuple(shape) != (k,):
+            raise ValueError(
+                f"{name} must have shape ({k},) to match the basis (d × k = {(d, k)}), "
+                f"got {tuple(shape)}"
+            )
+        if not dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating-point, got {dtype}")
 
 
 class ConceptSubspace:
     """An orthonormal basis ``U (d × k)``, optional weights ``w (k,)`` in [0, 1], and provenance.
 
     Args:
-        basis: ``(d × k)`` with orthonormal columns (checked unless ``check=False``).
-        weights: ``None`` (hard projector) or ``(k,)`` values in ``[0, 1]``.
+        basis: ``(d × k)``, ``k ≤ d``, with orthonormal columns: ``max |UᵀU − I| ≤
+            orthonormal_tol`` (checked unless ``check=False``).
+        weights: ``None`` (hard projector) or ``(k,)`` values in ``[0, 1]``, on the
+            basis's device.
         singular_values: the ``s`` the directions came with, if known (kept for
             inspection and saved).
         metadata: free-form provenance (source model, prompts, threshold, ...);
             values must be JSON-serializable.
+        precision: the dtype the basis was computed (orthonormalized) in; ``None``:
+            ``basis.dtype``. A float32 basis cast to float64 is orthonormal only to
+            float32 accuracy: give ``precision=torch.float32`` (``.to`` does). It
+            may not be finer than ``basis.dtype``.
+        check: check the values (finite basis, orthonormal columns, weights in
+            ``[0, 1]``); reads them back, so it synchronizes with the device. Shapes
+            and dtypes are always checked, before any arithmetic.
+
+    Attributes:
+        precision: as above; ``orthonormal_tol`` follows it.
     """
 
     def __init__(
@@ -43,30 +107,61 @@ class ConceptSubspace:
         *,
         singular_values: torch.Tensor | None = None,
         metadata: dict | None = None,
+        precision: torch.dtype | None = None,
         check: bool = True,
     ) -> None:
-        if not isinstance(basis, torch.Tensor) or basis.dim() != 2:
-            raise ValueError(
-                f"basis must be a 2-D (d × k) tensor, got {getattr(basis, 'shape', type(basis))}"
+        # Shapes and dtypes first: a (2 × 60000) basis must not reach UᵀU (60000²).
+        if not isinstance(basis, torch.Tensor):
+            raise ValueError(f"basis must be a 2-D (d × k) tensor, got {type(basis).__name__}")
+        for name, t in (("weights", weights), ("singular_values", singular_values)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        _check_parts(
+            (tuple(basis.shape), basis.dtype),
+            None if weights is None else (tuple(weights.shape), weights.dtype),
+            None
+            if singular_values is None
+            else (tuple(singular_values.shape), singular_values.dtype),
+        )
+        if basis.layout != torch.strided:
+            raise TypeError(f"basis must be a dense (strided) tensor, got layout {basis.layout}")
+        if weights is not None and weights.device != basis.device:
+            raise ValueError(f"weights are on {weights.device}, but the basis is on {basis.device}")
+        precision = basis.dtype if precision is None else precision
+        if precision not in ORTHONORMAL_TOL:
+            raise TypeError(
+                f"precision must be one of {', '.join(_PRECISIONS)} (the dtypes with an "
+                f"orthonormality tolerance), got {precision}"
             )
-        if not basis.is_floating_point():
-            raise TypeError(f"basis must be floating-point, got {basis.dtype}")
-        k = basis.shape[1]
-        if weights is not None:
-            if weights.shape != (k,):
-                raise ValueError(f"weights must have shape ({k},), got {tuple(weights.shape)}")
-            if check and k and not bool(((weights >= 0) & (weights <= 1)).all()):
-                raise ValueError("weights must lie in [0, 1]")
-        if singular_values is not None and singular_values.shape != (k,):
+        if _coarser(precision, basis.dtype) != precision:
             raise ValueError(
-                f"singular_values must have shape ({k},), got {tuple(singular_values.shape)}"
+                f"precision {precision} is finer than the basis dtype {basis.dtype}: a basis "
+                "cannot be more accurate than the numbers that hold it"
             )
-        if check:
-            check_orthonormal_(basis, "ConceptSubspace basis")
         self.basis = basis
         self.weights = weights
         self.singular_values = singular_values
         self.metadata = dict(metadata or {})
+        self.precision = precision
+        if check:
+            self._check_values()
+
+    def _check_values(self) -> None:
+        """Finite basis, orthonormal to ``orthonormal_tol``; weights finite, in ``[0, 1]``."""
+        u, w = self.basis, self.weights
+        if u.numel() and not bool(torch.isfinite(u).all()):
+            bad = int((~torch.isfinite(u)).sum())
+            raise ValueError(f"basis {tuple(u.shape)} holds {bad} NaN/inf values")
+        check_orthonormal_(u, "ConceptSubspace basis", tol=self.orthonormal_tol)
+        if w is not None and w.numel():
+            lo, hi = w.min().item(), w.max().item()
+            if not (lo >= 0.0 and hi <= 1.0):  # False for NaN too
+                raise ValueError(f"weights must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+
+    @property
+    def orthonormal_tol(self) -> float:
+        """Largest ``max |UᵀU − I|`` the basis may have: ``ORTHONORMAL_TOL[precision]``."""
+        return ORTHONORMAL_TOL[self.precision]
 
     # ---------------------------------------------------------------- builders
 
@@ -218,7 +313,12 @@ class ConceptSubspace:
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> ConceptSubspace:
-        """A copy on ``device`` and/or in ``dtype`` (weights and singular values follow)."""
+        """A copy on ``device`` and/or in ``dtype`` (weights and singular values follow).
+
+        ``precision`` becomes the coarser of the old precision and ``dtype``: a
+        float32-made basis cast to float64 keeps float32's tolerance; a float64
+        one cast to bfloat16 gets bfloat16's.
+        """
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype)
@@ -228,13 +328,14 @@ class ConceptSubspace:
             move(self.weights),
             singular_values=move(self.singular_values),
             metadata=self.metadata,
+            precision=self.precision if dtype is None else _coarser(self.precision, dtype),
             check=False,
         )
 
     # ---------------------------------------------------------------- storage
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tensors and metadata (as JSON) to a ``.safetensors`` file."""
+        """Write tensors, metadata (as JSON) and ``precision`` to a ``.safetensors`` file."""
         from safetensors.torch import save_file
 
         tensors = {"basis": self.basis.detach().cpu().contiguous()}
@@ -242,30 +343,79 @@ class ConceptSubspace:
             tensors["weights"] = self.weights.detach().cpu().contiguous()
         if self.singular_values is not None:
             tensors["singular_values"] = self.singular_values.detach().cpu().contiguous()
-        save_file(tensors, os.fspath(path), metadata={"gradproj": json.dumps(self.metadata)})
+        meta = {
+            _META_KEY: json.dumps(self.metadata),
+            _PRECISION_KEY: str(self.precision).removeprefix("torch."),
+        }
+        save_file(tensors, os.fspath(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> ConceptSubspace:
-        """Read a subspace written by :meth:`save` (orthonormality re-checked)."""
+        """Read a subspace written by :meth:`save` (values re-checked).
+
+        The header (tensor names, dtypes, shapes, metadata) is checked before any
+        tensor is read, so a corrupt or hostile file costs no more than its size.
+        Files without a precision (written before it existed) get ``basis.dtype``.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: anything wrong with the file; the message starts with ``path``.
+        """
         from safetensors import safe_open
 
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such ConceptSubspace file")
+        try:
+            f = safe_open(path, framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own SafetensorError and OSErrors
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        with f:
             names = set(f.keys())
             if "basis" not in names:
-                raise ValueError(f"{path} holds no 'basis' tensor; not a ConceptSubspace file")
-            meta = json.loads((f.metadata() or {}).get("gradproj", "{}"))
-            return cls(
-                f.get_tensor("basis"),
-                f.get_tensor("weights") if "weights" in names else None,
-                singular_values=f.get_tensor("singular_values")
-                if "singular_values" in names
-                else None,
-                metadata=meta,
-            )
+                raise ValueError(
+                    f"{path}: holds no 'basis' tensor (found {sorted(names)}); "
+                    "not a ConceptSubspace file"
+                )
+            parts = {}
+            for name in ("basis", "weights", "singular_values"):
+                if name not in names:
+                    continue
+                header = f.get_slice(name)
+                code = header.get_dtype()
+                if code not in _SAFETENSORS_DTYPES:
+                    raise ValueError(
+                        f"{path}: tensor {name!r} has dtype {code}; a ConceptSubspace "
+                        f"stores floating point ({', '.join(_SAFETENSORS_DTYPES)})"
+                    )
+                parts[name] = (tuple(header.get_shape()), _SAFETENSORS_DTYPES[code])
+            header_meta = f.metadata() or {}
+            try:
+                _check_parts(parts["basis"], parts.get("weights"), parts.get("singular_values"))
+                meta = json.loads(header_meta.get(_META_KEY, "{}"))
+                if not isinstance(meta, dict):
+                    raise ValueError(f"metadata must be a JSON object, got {type(meta).__name__}")
+                precision = header_meta.get(_PRECISION_KEY)
+                if precision is not None and precision not in _PRECISIONS:
+                    raise ValueError(
+                        f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}"
+                    )
+                return cls(
+                    f.get_tensor("basis"),
+                    f.get_tensor("weights") if "weights" in parts else None,
+                    singular_values=f.get_tensor("singular_values")
+                    if "singular_values" in parts
+                    else None,
+                    metadata=meta,
+                    precision=None if precision is None else _PRECISIONS[precision],
+                )
+            except (TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}: {e}") from e
 
     def __repr__(self) -> str:
         kind = "hard" if self.weights is None else "soft"
+        made = "" if self.precision == self.basis.dtype else f", precision={self.precision}"
         return (
             f"ConceptSubspace(d={self.dim}, k={self.k}, {kind}, {self.basis.dtype}, "
-            f"{self.basis.device})"
+            f"{self.basis.device}{made})"
         )

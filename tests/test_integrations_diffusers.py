@@ -85,6 +85,21 @@ def test_unet_protects_every_cross_attention_key_and_value():
     assert not any(n.endswith(("attn1.to_k", "attn1.to_v")) for n in names)  # self-attention
 
 
+def test_protect_carries_the_model_names_into_the_optimizer():
+    # Tensor keys alone would give positional names (param_groups[0]['params'][20]).
+    unet = _unet()
+    bases = gd.protect(unet, _subspace(16))
+    opt = ProjectedOptimizer(torch.optim.SGD(unet.parameters(), lr=0.1), bases)
+    names = {e.name for e in opt.protection.entries}
+    expected = {
+        n
+        for n, _ in unet.named_parameters()
+        if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
+    }
+    assert names == expected and len(names) == 8
+    assert set(opt.state_dict()["gradproj"]["names"].values()) == names
+
+
 def test_sd3_input_is_context_embedder_and_attention_is_the_text_stream():
     model = _sd3()
     assert list(gd.text_readers(model)) == ["context_embedder"]

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradproj.optim import NamedBases
+
 TARGETS = ("input", "attention")
 
 
@@ -126,7 +128,8 @@ def protect(
 ) -> dict[torch.nn.Parameter, Any]:
     """The ``bases`` mapping that keeps every text-reading weight of ``model`` off ``subspace``.
 
-    Returns ``{weight parameter: subspace}`` for each layer of
+    Returns ``{weight parameter: subspace}`` (a :class:`gradproj.optim.NamedBases`,
+    so errors and saved state name each weight as the model does) for each layer of
     :func:`text_readers` (biases are not protected: ``Δb`` adds the same vector
     to every token, it carries no concept). Pass it to
     ``gradproj.ProjectedOptimizer(opt, bases)`` or ``gradproj.ProjectedAdamW(...,
@@ -154,4 +157,7 @@ def protect(
             f"{', …' if len(wrong) > 4 else ''}); build the subspace in the space these layers "
             "read (target='input': the text encoder's hidden size)"
         )
-    return {layer.weight: subspace for layer in layers.values()}
+    return NamedBases(
+        {layer.weight: subspace for layer in layers.values()},
+        {layer.weight: f"{n}.weight" for n, layer in layers.items()},
+    )

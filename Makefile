@@ -47,8 +47,16 @@ clean:
 # GRADPROJ_FORCE_CUDA=1 against the CUDA build of torch in a venv outside the
 # repo (created once, ~5.5 GB, then reused), in a temporary build dir, and loads
 # the built library to prove it links. A .cu that does not compile fails it.
+# The build runs with GRADPROJ_PTXAS_VERBOSE=1 (nvcc -Xptxas -v); its log is teed to
+# the temp dir and scripts/cuda_compile_report.py prints registers, spills, shared
+# memory and blocks per SM of every kernel and arch, and fails on a register spill,
+# on static shared memory above the per-block limit, on a kernel missing from the
+# log, or on a log without ptxas lines, unless scripts/cuda_compile_known.json lists
+# it (a stale entry fails too). CUDA_REPORT_JSON=path keeps the report as JSON.
 GRADPROJ_CUDA_VENV ?= $(HOME)/.cache/gradproj/venv-cuda
 CUDA_HOME ?= /usr/local/cuda
+CUDA_ARCHS ?= 8.0;9.0
+CUDA_REPORT_JSON ?=
 .PHONY: cuda-compile-check
 cuda-compile-check:
 	@set -eu; venv="$(GRADPROJ_CUDA_VENV)"; \
@@ -60,13 +68,22 @@ cuda-compile-check:
 	site=$$("$$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	start=$$(date +%s); \
-	GRADPROJ_FORCE_CUDA=1 CUDA_HOME="$(CUDA_HOME)" CPATH="$$site/nvidia/cu13/include" \
-		TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2 \
-		"$$venv/bin/python" setup.py -q build_ext --build-temp "$$tmp/temp" --build-lib "$$tmp/lib"; \
+	{ GRADPROJ_FORCE_CUDA=1 GRADPROJ_PTXAS_VERBOSE=1 CUDA_HOME="$(CUDA_HOME)" \
+		CPATH="$$site/nvidia/cu13/include" TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
+		"$$venv/bin/python" setup.py -q build_ext --build-temp "$$tmp/temp" --build-lib "$$tmp/lib" \
+		2>&1 || echo $$? >"$$tmp/build.rc"; } | tee "$$tmp/build.log"; \
+	if [ -s "$$tmp/build.rc" ]; then \
+		echo "cuda-compile-check: FAILED: the build exited with $$(cat "$$tmp/build.rc")"; exit 1; \
+	fi; \
+	report=0; "$$venv/bin/python" scripts/cuda_compile_report.py "$$tmp/build.log" \
+		--archs "$(CUDA_ARCHS)" $(if $(CUDA_REPORT_JSON),--json "$(CUDA_REPORT_JSON)") || report=$$?; \
 	"$$venv/bin/python" -c 'import glob, sys, torch; \
 		so = glob.glob(sys.argv[1] + "/gradproj/_C*.so")[0]; torch.ops.load_library(so); \
 		ops = ("project_bucket_", "project_anchored_bucket_", "projected_adamw_bucket_", "surgery_bucket_"); \
 		missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("gradproj::" + op, "CUDA")]; \
 		sys.exit("built library has no CUDA kernel for " + ", ".join(missing) if missing else 0); \
 		' "$$tmp/lib"; \
-	echo "cuda-compile-check: OK (compile+link+load $$(( $$(date +%s) - start )) s)"
+	if [ "$$report" -ne 0 ]; then \
+		echo "cuda-compile-check: FAILED: kernel resource report (above)"; exit 1; \
+	fi; \
+	echo "cuda-compile-check: OK (compile+link+load+report $$(( $$(date +%s) - start )) s)"

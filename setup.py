@@ -57,6 +57,11 @@ def get_extensions() -> list:
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
+        # GRADPROJ_PTXAS_VERBOSE=1 (make cuda-compile-check): ptxas prints registers, spills
+        # and static shared memory per kernel and arch, which
+        # scripts/cuda_compile_report.py reads from the build log.
+        if os.environ.get("GRADPROJ_PTXAS_VERBOSE", "0") == "1":
+            extra_compile_args["nvcc"] += ["-Xptxas", "-v"]
         extension = CUDAExtension
         _log("building gradproj._C with CPU and CUDA kernels")
     else:

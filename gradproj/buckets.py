@@ -66,6 +66,8 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 def row_view(g: torch.Tensor, side: str) -> torch.Tensor:
     """The view of ``g`` whose rows are projected; raises ``RuntimeError`` if strides forbid it."""
     if side == "flat":
+        if not g.is_contiguous():  # view(-1) of g[::2] exists but has stride 2: kernels need 1
+            raise RuntimeError("a flat row view needs a contiguous tensor")
         return g.view(-1)
     if g.dim() == 1:  # a bias under side="output": one column of length out
         m = g.view(g.shape[0], 1)

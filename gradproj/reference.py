@@ -11,6 +11,8 @@ weights in [0, 1] (``None`` means all ones), ``P = I - U diag(w) Uᵀ`` the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SIDES = ("input", "output", "flat")
@@ -87,13 +89,13 @@ def project(
     x = g.to(dt)
     w = None if weights is None else weights.to(dt)
     if side == "input":
-        m = x.reshape(x.shape[0], -1)
+        m = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 is ambiguous at 0 rows
         c = m @ u
         if w is not None:
             c = c * w
         out = m - c @ u.T
     elif side == "output":
-        m = x.reshape(x.shape[0], -1)
+        m = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 is ambiguous at 0 rows
         c = u.T @ m
         if w is not None:
             c = c * w[:, None]
@@ -160,7 +162,7 @@ def _rows(x: torch.Tensor, side: str) -> torch.Tensor:
     """The matrix whose rows ``side`` projects (a view where possible)."""
     if side == "flat":
         return x.reshape(1, -1)
-    m = x.reshape(x.shape[0], -1)
+    m = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 is ambiguous at 0 rows
     return m.T if side == "output" else m
 
 

@@ -36,6 +36,8 @@ def _tracing() -> bool:
 
 def check_writable(t: torch.Tensor, where: str) -> None:
     """Raise ``RuntimeError`` if torch would refuse an in-place op on ``t``."""
+    if _tracing():  # dynamo cannot trace is_inference(); the traced op's own checks apply
+        return
     if t.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(
             f"{where} is an inference tensor (created under torch.inference_mode); an in-place "

@@ -1,0 +1,874 @@
+#!/usr/bin/env python3
+"""Compile every Triton kernel of gradproj for real GPUs (sm_80, sm_90) on a machine without one.
+
+    python scripts/gpu_compile_check.py [--arch sm_80 sm_90] [--json OUT] [--quick] [--jobs N]
+
+How (the stand-in driver recipe of the shared ENV.md, "Compiling for real GPUs on a
+machine without one"): with ``TRITON_INTERPRET=0``, Triton's active driver is
+replaced by :class:`StandInDriver`, which reports a CUDA target of the chosen
+capability, and ``JITFunction.run`` is made to compile without launching
+(``warmup=True``). gradproj's real bucket launchers (``gradproj.kernels.*``) are
+then called with CPU tensors in every launch configuration the test suite and the
+benchmarks use (:func:`launches`): each launch compiles for the target, nothing
+runs. Launches that reach the same compiled kernel (same name, constexprs and
+Triton's integer/pointer specialisations) are checked once.
+
+Per compiled kernel and arch:
+
+* shared memory: ``CompiledKernel.metadata.shared`` against the arch's per-block
+  limit (the opt-in maximum a launch may ask for; Triton refuses to launch above it);
+* registers and spills: the bundled ``ptxas -v`` (the same binary and flags Triton
+  builds the cubin with; Triton 3.9 only learns ``n_regs``/``n_spills`` when it
+  loads the cubin on a device);
+* ``num_warps`` and resident blocks per SM, the least of what registers (allocated
+  per warp in units of 256), threads, shared memory (plus 1 KiB reserved per block)
+  and the 32-blocks cap allow.
+
+Exit status 1 when a kernel fails to compile, needs more shared memory per block
+than the arch has, or spills registers — unless that violation is listed in
+``scripts/gpu_compile_known.json``, the ratchet of known current defects (entries
+``{kernel, config, arch, kind, note}``, measured with triton ``KNOWN_TRITON``). A
+listed violation that no longer occurs also fails the check (a stale entry: remove
+it), so the list can only shrink. ``config`` is :func:`config_label`'s text, as the
+table prints it.
+
+``--quick``: 8 launches reaching 13 kernels (every kernel function, every dtype, the
+largest tiles and the known shared-memory failure); stale entries are then judged
+only for the kernels it compiled.
+
+Time, 2 cores (``--jobs 2``, the default is one job per core): from an empty Triton
+cache the full check compiles 217 kernels per arch in about 1800 s of CPU (measured:
+31 min wall on a shared 2-core machine, so at least 15 min on an idle one; the
+slowest kernels are the flat apply kernel with a ragged k, ~40 s each, and AdamW
+with BLOCK_K = 256, ~11 s each); ``--quick`` in about 60 s of CPU (35 s wall). Once
+Triton's cache holds the kernels: about 15 s (``--quick``: 10 s). Compiled kernels
+live in Triton's cache (``~/.triton``, ``TRITON_CACHE_DIR``) with this check's
+``ptxas -v`` figures beside each, never in the repository.
+
+The module is importable: tests run toy kernels through the same functions
+(:func:`check_launches`, :func:`judge`).
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.setdefault("TRITON_INTERPRET", "0") not in ("", "0"):
+    _refusal = (
+        "gpu_compile_check: TRITON_INTERPRET must be 0 (or unset) when triton is imported: "
+        f"got TRITON_INTERPRET={os.environ['TRITON_INTERPRET']!r}; the interpreter compiles nothing"
+    )
+    if __name__ == "__main__":
+        raise SystemExit(_refusal)
+    raise RuntimeError(_refusal)
+# Triton 3.9 warns when this is unset; 1 is its default (and triton 3.6's behaviour).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import multiprocessing
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KNOWN_PATH = os.path.join(ROOT, "scripts", "gpu_compile_known.json")
+KINDS = ("compile", "smem", "spill")
+# The known list was measured with this Triton (requirements-ci.txt); another version
+# compiles differently (other registers, spills, shared memory), so expect differences.
+KNOWN_TRITON = "3.9.0"
+
+
+# ---------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Per-SM and per-block limits of one GPU generation (CUDA occupancy calculator values)."""
+
+    name: str
+    capability: int
+    gpu: str
+    smem_per_block: int  # opt-in maximum a block may use (bytes)
+    smem_per_sm: int  # shared memory an SM can give its resident blocks (bytes)
+    smem_reserved_per_block: int = 1024  # taken by the system from the SM's pool, per block
+    regs_per_sm: int = 65536
+    reg_alloc_unit: int = 256  # registers are allocated per warp in units of this many
+    sub_partitions: int = 4  # each holds a quarter of the registers and of the warps
+    threads_per_sm: int = 2048
+    blocks_per_sm: int = 32
+
+
+ARCHS = {
+    "sm_80": Arch("sm_80", 80, "A100", smem_per_block=163 * 1024, smem_per_sm=164 * 1024),
+    "sm_90": Arch("sm_90", 90, "H100", smem_per_block=227 * 1024, smem_per_sm=228 * 1024),
+}
+
+
+def blocks_per_sm(regs: int, num_warps: int, smem: int, arch: Arch) -> tuple[int, str]:
+    """``(blocks, limiter)``: resident blocks per SM and what limits them.
+
+    ``limiter`` is ``regs``, ``threads``, ``smem`` or ``blocks`` (the 32-block cap).
+    Registers as ``cuda_occupancy.h`` counts them (and ``scripts/cuda_compile_report.py``):
+    per warp, rounded up to 256, from each sub-partition's quarter of the register file.
+    0 blocks when the shared memory is above the per-block limit (no launch).
+    """
+    warp_regs = math.ceil(max(regs, 1) * 32 / arch.reg_alloc_unit) * arch.reg_alloc_unit
+    warps = arch.regs_per_sm // arch.sub_partitions // warp_regs * arch.sub_partitions
+    limits = {
+        "regs": warps // num_warps,
+        "threads": arch.threads_per_sm // (num_warps * 32),
+        "smem": 0
+        if smem > arch.smem_per_block
+        else arch.smem_per_sm // (smem + arch.smem_reserved_per_block),
+        "blocks": arch.blocks_per_sm,
+    }
+    limiter = min(limits, key=lambda name: limits[name])
+    return limits[limiter], limiter
+
+
+# ---------------------------------------------------------------- stand-in driver
+
+
+class StandInDriver:
+    """A Triton driver that reports a CUDA device of capability ``capability`` and launches nothing.
+
+    The device id is the capability itself, so each arch gets its own entry in every
+    ``JITFunction``'s per-device cache (whose target is fixed when it is created).
+    """
+
+    def __init__(self, capability: int) -> None:
+        self.capability = capability
+
+    def get_current_device(self) -> int:
+        return self.capability
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", self.capability, 32)
+
+    @staticmethod
+    def is_active() -> bool:
+        return True
+
+
+@dataclass
+class Compiled:
+    """One kernel compiled by a launch: its JIT function, Triton's cache key, the result."""
+
+    fn: JITFunction
+    key: str
+    config: str  # config_label(): what tells this kernel from its siblings
+    kernel: object | None = None  # triton.compiler.CompiledKernel
+    error: str | None = None
+    log: str = ""  # Triton's own ptxas -v output, when it ran ptxas (cache miss)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process and its children (ptxas): load-independent
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (ptxas)."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _fmt(value: object) -> str:
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def config_label(fn: JITFunction, specialization: list) -> str:
+    """What tells a compiled kernel from its siblings, e.g.
+    ``fp32 HAS_W=0 ... BLOCK_K=128 | D%16 n_tensors=1``.
+
+    From Triton's specialisation of the call (one ``(type, value)`` per parameter):
+    the element dtype (of the ``*0_ptr`` argument that carries it, gradproj's
+    convention), every ``tl.constexpr`` parameter, then Triton's specialisations of
+    the other arguments: ``=1`` (an int equal to 1 becomes a constant), ``%16`` (an int
+    divisible by 16) and ``unaligned`` (a pointer not 16-byte aligned).
+    """
+    parts, special = [], []
+    for p, (ty, value) in zip(fn.params, specialization, strict=True):
+        if p.name.endswith("0_ptr") and ty.startswith("*") and not parts:
+            parts.append(ty[1:])
+        if p.is_constexpr:
+            parts.append(f"{p.name}={_fmt(value)}")
+        elif ty == "constexpr":
+            special.append(f"{p.name}={_fmt(value)}")
+        elif ty.startswith("*") and value != "D":
+            special.append(f"{p.name}:unaligned")
+        elif not ty.startswith("*") and value == "D":
+            special.append(f"{p.name}%16")
+    return " ".join(parts) + (" | " + " ".join(special) if special else "")
+
+
+def _launch_key(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[str, str]:
+    """Triton's cache key of this call (specialisation and options) and its config label."""
+    device = driver.active.get_current_device()
+    binder = fn.device_caches[device][4]
+    _, specialization, options = binder(*args, **kwargs)
+    key = f"{fn.fn.__name__}:{specialization}{options}"
+    return key, config_label(fn, specialization)
+
+
+@contextlib.contextmanager
+def compiling_for(arch: Arch, only: set[str] | None = None, plan: bool = False) -> Iterator[list]:
+    """Within: Triton targets ``arch``, kernel launches compile and never run.
+
+    Yields the list of :class:`Compiled`, one per launch. ``plan``: compute keys only,
+    compile nothing. ``only``: compile only launches whose key is in it.
+    """
+    from triton import knobs
+
+    if knobs.runtime.interpret:
+        raise RuntimeError(
+            "gpu_compile_check: TRITON_INTERPRET is on; the interpreter compiles nothing"
+        )
+
+    original = JITFunction.run
+    seen: list[Compiled] = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        record = Compiled(self, *_launch_key(self, args, kwargs))
+        seen.append(record)
+        if plan or (only is not None and record.key not in only):
+            return None
+        buf = io.StringIO()
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        try:
+            with contextlib.redirect_stdout(buf):
+                record.kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as exc:  # any compile failure is a finding, reported per kernel
+            record.error = f"{type(exc).__name__}: {exc}"
+        record.seconds = time.perf_counter() - start
+        record.cpu_seconds = _cpu_seconds() - cpu
+        record.log = buf.getvalue()
+        return record.kernel
+
+    dump = knobs.nvidia.dump_ptxas_log
+    previous = getattr(driver, "_active", None)  # None: no driver chosen yet (no GPU here)
+    driver.set_active(StandInDriver(arch.capability))
+    JITFunction.run = run
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints its own ptxas -v log (cache misses)
+    try:
+        yield seen
+    finally:
+        JITFunction.run = original
+        knobs.nvidia.dump_ptxas_log = dump
+        driver.set_active(previous)
+
+
+# ---------------------------------------------------------------- one compiled kernel
+
+
+_USED = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas(log: str) -> dict[str, int] | None:
+    """Registers, stack frame and spill bytes from a ``ptxas -v`` log (``None`` if absent)."""
+    regs = [int(m) for m in _USED.findall(log)]
+    frames = [tuple(map(int, m)) for m in _SPILL.findall(log)]
+    if not regs or not frames:
+        return None
+    return {
+        "regs": max(regs),
+        "stack": max(f[0] for f in frames),
+        "spill_stores": max(f[1] for f in frames),
+        "spill_loads": max(f[2] for f in frames),
+    }
+
+
+def ptxas_usage(kernel, arch: Arch) -> dict[str, int]:
+    """Run the bundled ``ptxas -v`` on the kernel's PTX, with Triton's own flags and binary."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    flags = ["-lineinfo", "-v", "--regAllocOptLevel=2"]
+    if not kernel.metadata.enable_fp_fusion:
+        flags.append("--fmad=false")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        cmd = [get_ptxas(arch.capability).path, *flags]
+        cmd += [f"--gpu-name={sm_arch_from_capability(arch.capability)}", ptx]
+        out = subprocess.run(
+            [*cmd, "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True
+        )
+    usage = parse_ptxas(out.stderr)
+    if out.returncode != 0 or usage is None:
+        raise RuntimeError(f"ptxas -v failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return usage
+
+
+_USAGE_FILE = "gpu_compile_check_ptxas.json"
+
+
+def kernel_usage(kernel, arch: Arch, log: str = "") -> dict[str, int]:
+    """Registers and spills of a compiled kernel: from Triton's own ``ptxas -v`` ``log`` when it
+    compiled the kernel just now, else from the note this check left beside the kernel in
+    Triton's cache, else by running ptxas (and leaving that note)."""
+    from triton.runtime.cache import get_cache_manager
+
+    usage = parse_ptxas(log)
+    cache = get_cache_manager(kernel.hash)  # the directory Triton keeps this cubin in
+    if usage is None:
+        path = cache.get_file(_USAGE_FILE)
+        if path is not None:
+            with open(path) as f:
+                return json.load(f)
+        usage = ptxas_usage(kernel, arch)
+    cache.put(json.dumps(usage), _USAGE_FILE, binary=False)
+    return usage
+
+
+@dataclass
+class Row:
+    """The check of one compiled kernel on one arch (a line of the table)."""
+
+    kernel: str
+    config: str
+    arch: str
+    regs: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack: int | None = None
+    smem: int | None = None
+    smem_limit: int = 0
+    warps: int | None = None
+    blocks_per_sm: int | None = None
+    limiter: str | None = None
+    compile_s: float = 0.0
+    compile_cpu_s: float = 0.0
+    error: str | None = None
+    launches: list[str] = field(default_factory=list)
+    violations: list[dict] = field(default_factory=list)
+
+
+def analyze(record: Compiled, arch: Arch, launch: str) -> Row:
+    """Measure one compiled kernel and list its violations on ``arch``."""
+    name = record.fn.fn.__name__
+    if record.kernel is None:
+        row = Row(name, record.config, arch.name, error=record.error, launches=[launch])
+        row.violations.append({"kind": "compile", "detail": (record.error or "")[:2000]})
+        row.compile_s = round(record.seconds, 2)
+        row.compile_cpu_s = round(record.cpu_seconds, 2)
+        return row
+    k = record.kernel
+    usage = kernel_usage(k, arch, record.log)
+    smem, warps = int(k.metadata.shared), int(k.metadata.num_warps)
+    blocks, limiter = blocks_per_sm(usage["regs"], warps, smem, arch)
+    row = Row(
+        name,
+        record.config,
+        arch.name,
+        smem=smem,
+        smem_limit=arch.smem_per_block,
+        warps=warps,
+        blocks_per_sm=blocks,
+        limiter=limiter,
+        compile_s=round(record.seconds, 2),
+        compile_cpu_s=round(record.cpu_seconds, 2),
+        launches=[launch],
+        **usage,
+    )
+    if smem > arch.smem_per_block:
+        row.violations.append(
+            {
+                "kind": "smem",
+                "detail": f"{smem} B of shared memory per block > {arch.smem_per_block} B "
+                f"allowed on {arch.name} ({arch.gpu}): the launch would fail",
+            }
+        )
+    if usage["spill_stores"] or usage["spill_loads"]:
+        row.violations.append(
+            {
+                "kind": "spill",
+                "detail": f"{usage['spill_stores']} B spill stores, {usage['spill_loads']} B "
+                f"spill loads at {usage['regs']} registers",
+            }
+        )
+    return row
+
+
+# ---------------------------------------------------------------- launches
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One call of a launcher with CPU tensors: ``label`` says which configuration.
+
+    ``cost`` (estimated CPU seconds to compile) orders the work: the slowest first, so
+    parallel workers finish together.
+    """
+
+    label: str
+    call: Callable[[], None]
+    cost: float = 1.0
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# k values: every BLOCK_K the launchers pick and every specialisation of K.
+#   project (rows and flat): BLOCK_K = clamp(next_pow2(k), 16, 128), chunked beyond 128;
+#     k = 1: K becomes a constant; k = 8: BLOCK_K = 16 with K not a multiple of 16;
+#     32, 64, 128: K a multiple of 16; 129: BLOCK_K = 128 with a ragged chunk;
+#     256, 512: two and four chunks of 128 (the k = 128 kernel again).
+#   projected AdamW: BLOCK_K = max(16, next_pow2(k)), whole k in one tile, k ≤ 256;
+#     129: BLOCK_K = 256 with K not a multiple of 16; 256: BLOCK_K = 256.
+PROJECT_KS = (1, 8, 32, 64, 128, 129, 256, 512)
+ADAMW_KS = (1, 8, 32, 64, 128, 129, 256)
+SIDES = ("input", "output", "flat")
+
+D = 768  # the SD 1.5 text width (the benchmarks' K/V buckets): a multiple of 16
+ROWS = (37, 5)  # rows of the bucket's tensors: two tensors, neither a multiple of BLOCK_R
+
+
+def _row_views(dtype: torch.dtype, side: str, d: int, rows: tuple[int, ...]) -> list[torch.Tensor]:
+    """Row views as gradproj's buckets pass them (``output``: transposed views)."""
+    if side == "output":
+        return [torch.empty(d, r, dtype=dtype).T for r in rows]
+    if side == "flat":  # one basis of rows[0]·d: every vector of a flat bucket has that length
+        return [torch.empty(rows[0] * d, dtype=dtype) for _ in rows]
+    return [torch.empty(r, d, dtype=dtype) for r in rows]
+
+
+def _hs(soft: bool) -> str:
+    return "soft" if soft else "hard"
+
+
+def project_launch(
+    dt: str, side: str, k: int, soft: bool, anchored: bool, d: int = D, rows=ROWS, note: str = ""
+) -> Launch:
+    """``project_bucket_`` (or ``project_anchored_bucket_``) on a bucket of ``rows × d`` grads."""
+    dtype = DTYPES[dt]
+
+    def call() -> None:
+        from gradproj.kernels import project
+
+        mats = _row_views(dtype, side, d, rows)
+        basis = torch.empty(mats[0].shape[-1], k)
+        w = torch.empty(k) if soft else None
+        if anchored:
+            anchors = [torch.zeros(1 if side == "flat" else m.shape[0], k) for m in mats]
+            project.project_anchored_bucket_(mats, anchors, basis, w, side)
+        else:
+            project.project_bucket_(mats, basis, w, side)
+
+    op = "project_anchored_bucket_" if anchored else "project_bucket_"
+    label = f"{op} {side} {dt} k={k} {_hs(soft)}{note}"
+    # estimated CPU seconds (measured: the flat apply kernel with a ragged k > 128 ~40 s)
+    ragged = k % 16 != 0
+    if side == "flat":
+        cost = 40.0 if ragged and k > 128 else 1 + 2 * min(k, 128) / 128
+    else:
+        cost = (1 + 6 * min(k, 128) / 128) * (1.5 if ragged and k > 16 else 1.0)
+    return Launch(label, call, cost=cost)
+
+
+def adamw_launch(
+    dt: str,
+    side: str,
+    k: int,
+    soft: bool,
+    amsgrad: bool,
+    maximize: bool = False,
+    d: int = D,
+    rows=ROWS,
+    note: str = "",
+) -> Launch:
+    """``projected_adamw_bucket_`` on a bucket of ``rows × d`` parameters."""
+    dtype = DTYPES[dt]
+
+    def call() -> None:
+        from gradproj.kernels import adamw
+
+        params = _row_views(dtype, side, d, rows)
+        grads = _row_views(dtype, side, d, rows)
+        m, v, vmax = ([torch.zeros_like(p) for p in params] for _ in range(3))
+        anchors = [torch.zeros(1 if side == "flat" else p.shape[0], k) for p in params]
+        adamw.projected_adamw_bucket_(
+            params,
+            grads,
+            m,
+            v,
+            vmax if amsgrad else None,
+            [torch.ones(()) for _ in params],
+            anchors,
+            torch.empty(params[0].shape[-1], k),
+            torch.empty(k) if soft else None,
+            side,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            maximize=maximize,
+        )
+
+    flags = f"{_hs(soft)} {'amsgrad' if amsgrad else 'no-amsgrad'}{' maximize' * maximize}"
+    label = f"projected_adamw_bucket_ {side} {dt} k={k} {flags}{note}"
+    return Launch(label, call, cost=2 + 9 * max(16, triton.next_power_of_2(k)) / 256)
+
+
+def surgery_launch(dt: str, variant: str, symmetric: bool, numels=(20000, 4773)) -> Launch:
+    """``surgery_bucket_`` on pairs of flat grads (one over a chunk, one ragged)."""
+    dtype = DTYPES[dt]
+
+    def call() -> None:
+        from gradproj.kernels import surgery
+
+        us = [torch.zeros(n, dtype=dtype) for n in numels]
+        rs = [torch.zeros(n, dtype=dtype) for n in numels]
+        surgery.surgery_bucket_(us, rs, 0.7, variant, symmetric)
+
+    sym = "symmetric" if symmetric else "one-sided"
+    return Launch(f"surgery_bucket_ {dt} {variant} {sym}", call, cost=0.3)
+
+
+def launches(quick: bool = False) -> list[Launch]:
+    """Every launch configuration of the test suite and the benchmarks (``quick``: a subset).
+
+    Full: every dtype × side × k of ``PROJECT_KS`` / ``ADAMW_KS`` × soft/hard ×
+    anchored or not (projection) / amsgrad or not (AdamW), every surgery variant,
+    plus the test suite's odd shapes where they specialise differently.
+    """
+    if quick:
+        return _quick()
+    out: list[Launch] = []
+    for dt in DTYPES:
+        for k in PROJECT_KS:
+            for side in SIDES:
+                for anchored in (False, True):
+                    for soft in (False, True):
+                        out.append(project_launch(dt, side, k, soft, anchored))
+        for k in ADAMW_KS:
+            for side in SIDES:
+                for amsgrad in (False, True):
+                    for soft in (False, True):
+                        out.append(adamw_launch(dt, side, k, soft, amsgrad))
+        for variant in ("projection", "cosine"):
+            for symmetric in (False, True):
+                out.append(surgery_launch(dt, variant, symmetric))
+        # tests/test_project.py: a lone (37, 129) grad, k = 7 (D, K not multiples of 16;
+        # flat: one chunk, so n_chunks becomes a constant)
+        tests = " (37, 129) (tests)"
+        for soft in (False, True):
+            out.append(project_launch(dt, "input", 7, soft, False, d=129, rows=(37,), note=tests))
+        out.append(project_launch(dt, "flat", 7, False, False, d=129, rows=(37,), note=tests))
+    for dt in ("fp32", "bf16"):  # tests/test_adamw.py: amsgrad + maximize, k = 3, D = 24
+        tests = " (37, 24) + (5, 24) (tests)"
+        out.append(adamw_launch(dt, "input", 3, False, True, True, d=24, note=tests))
+    return out
+
+
+def _quick() -> list[Launch]:
+    """Every kernel once or twice, every dtype, the largest tiles (the known violations)."""
+    return [
+        project_launch("fp32", "input", 128, False, False),
+        project_launch("bf16", "output", 64, True, True),
+        project_launch("fp16", "input", 8, False, False),
+        project_launch("fp32", "flat", 128, True, False),
+        adamw_launch("fp32", "input", 256, True, True),
+        adamw_launch("bf16", "output", 32, False, False),
+        surgery_launch("fp32", "projection", False),
+        surgery_launch("bf16", "cosine", True),
+    ]
+
+
+# ---------------------------------------------------------------- the check
+
+
+def _plan(items: list[Launch], arch: Arch) -> tuple[dict[str, int], dict[str, list[str]], list]:
+    """Which launch first reaches each distinct kernel, and every launch reaching it."""
+    first: dict[str, int] = {}
+    users: dict[str, list[str]] = {}
+    failed = []
+    with compiling_for(arch, plan=True) as seen:
+        for i, item in enumerate(items):
+            before = len(seen)
+            try:
+                item.call()
+            except Exception as exc:
+                failed.append((item.label, f"{type(exc).__name__}: {exc}"))
+                continue
+            if len(seen) == before:  # e.g. kernels made by triton.jit under the interpreter
+                failed.append((item.label, "the launch reached no compiled Triton kernel"))
+            for record in seen[before:]:
+                first.setdefault(record.key, i)
+                users.setdefault(record.key, []).append(item.label)
+    return first, users, failed
+
+
+def compile_one(items: list[Launch], index: int, key: str, arch: Arch) -> Row:
+    """Compile the kernel ``key`` that launch ``items[index]`` reaches, and check it.
+
+    A failure anywhere (the launch, Triton, ptxas) is the kernel's ``compile`` violation.
+    """
+    seen: list[Compiled] = []
+    try:
+        with compiling_for(arch, only={key}) as seen:
+            items[index].call()
+        return analyze(next(r for r in seen if r.key == key), arch, items[index].label)
+    except Exception as exc:
+        record = next((r for r in seen if r.key == key), None)
+        name, config = key.split(":", 1)[0], "?" if record is None else record.config
+        row = Row(name, config, arch.name, error=f"{type(exc).__name__}: {exc}")
+        row.violations.append({"kind": "compile", "detail": row.error[:2000]})
+        return row
+
+
+_WORKER_ITEMS: list[Launch] = []
+
+
+def _worker_init(quick: bool) -> None:
+    _WORKER_ITEMS[:] = launches(quick)
+
+
+def _worker(index: int, key: str, arch_name: str) -> Row:
+    return compile_one(_WORKER_ITEMS, index, key, ARCHS[arch_name])
+
+
+def check_launches(
+    items: list[Launch],
+    archs: list[str],
+    jobs: int = 1,
+    quick: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Compile every distinct kernel ``items`` reach, for every arch, and check each.
+
+    ``jobs > 1`` compiles in that many worker processes, which rebuild the items with
+    ``launches(quick)`` (so ``items`` must be ``launches(quick)``); ``jobs = 1`` runs
+    here, for any items. A launch that raises is reported as a compile failure.
+    """
+    work = []  # (cost, index, key, arch)
+    users: dict[tuple[str, str], list[str]] = {}
+    rows: list[Row] = []
+    for arch_name in archs:
+        first, launched, failed = _plan(items, ARCHS[arch_name])
+        for key, index in first.items():
+            work.append((items[index].cost, index, key, arch_name))
+            users[(arch_name, key)] = launched[key]
+        for label, err in failed:
+            row = Row("(launcher)", label, arch_name, error=err, launches=[label])
+            row.violations.append({"kind": "compile", "detail": err})
+            rows.append(row)
+    work.sort(key=lambda w: -w[0])
+    done = 0
+
+    def finish(row: Row, key: str) -> None:
+        nonlocal done
+        row.launches = users[(row.arch, key)]
+        rows.append(row)
+        done += 1
+        if progress is not None:
+            progress(f"[{done}/{len(work)}] {row.arch} {row.kernel} {row.compile_s:.1f}s")
+
+    if jobs <= 1 or len(work) <= 1:
+        for _, index, key, arch_name in work:
+            finish(compile_one(items, index, key, ARCHS[arch_name]), key)
+    else:
+        assert quick is not None, "jobs > 1 needs quick= to rebuild the items in the workers"
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+        with ProcessPoolExecutor(jobs, ctx, initializer=_worker_init, initargs=(quick,)) as pool:
+            futures = {pool.submit(_worker, i, key, a): key for _, i, key, a in work}
+            for future in as_completed(futures):
+                finish(future.result(), futures[future])
+    order = {name: i for i, name in enumerate(archs)}
+    rows.sort(key=lambda r: (order[r.arch], r.kernel, r.config))
+    return rows
+
+
+@dataclass
+class Verdict:
+    """Violations split by the known list: ``new`` fail, ``known`` pass, ``stale`` fail."""
+
+    new: list[dict]
+    known: list[dict]
+    stale: list[dict]
+
+    @property
+    def ok(self) -> bool:
+        return not self.new and not self.stale
+
+
+def load_known(path: str = KNOWN_PATH) -> list[dict]:
+    """The known-violations list; every entry has kernel, config, arch, kind and a note."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        entries = json.load(f)
+    for i, e in enumerate(entries):
+        missing = {"kernel", "config", "arch", "kind", "note"} - set(e)
+        if missing or e["kind"] not in KINDS or not str(e["note"]).strip():
+            raise ValueError(
+                f"{path}: entry {i} needs kernel, config, arch, kind in {KINDS} and a note; got {e}"
+            )
+    return entries
+
+
+def judge(rows: list[Row], known: list[dict], complete: bool) -> Verdict:
+    """Compare the rows' violations with the known list.
+
+    A known entry is stale when its kernel was checked on its arch without that
+    violation, or, when ``complete`` (the full launch list ran on that arch), when no
+    kernel of its name and config was compiled at all.
+    """
+    listed = {(e["kernel"], e["config"], e["arch"], e["kind"]): e for e in known}
+    found = {
+        (r.kernel, r.config, r.arch, v["kind"]): {
+            "kernel": r.kernel,
+            "config": r.config,
+            "arch": r.arch,
+            **v,
+        }
+        for r in rows
+        for v in r.violations
+    }
+    checked = {(r.kernel, r.config, r.arch) for r in rows}
+    archs = {r.arch for r in rows}
+    stale = []
+    for key, e in listed.items():
+        if key in found:
+            continue
+        if key[:3] in checked:
+            stale.append({**e, "why": "checked and no longer violated"})
+        elif complete and e["arch"] in archs:
+            stale.append({**e, "why": "no kernel with this name and config was compiled"})
+    return Verdict(
+        new=[v for key, v in found.items() if key not in listed],
+        known=[v for key, v in found.items() if key in listed],
+        stale=stale,
+    )
+
+
+# ---------------------------------------------------------------- report
+
+
+def _kib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024:.1f}K"
+
+
+def format_table(rows: list[Row]) -> str:
+    """One line per compiled kernel and arch."""
+    head = ("kernel", "config", "arch", "regs", "spills st/ld", "smem", "warps", "blocks/SM")
+    lines = []
+    for r in rows:
+        spills = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+        blocks = "-" if r.blocks_per_sm is None else f"{r.blocks_per_sm} ({r.limiter})"
+        marks = ",".join(v["kind"] for v in r.violations)
+        lines.append(
+            (
+                r.kernel,
+                r.config,
+                r.arch,
+                "-" if r.regs is None else str(r.regs),
+                spills,
+                _kib(r.smem),
+                "-" if r.warps is None else str(r.warps),
+                blocks + (f"  !{marks}" if marks else ""),
+            )
+        )
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    fmt = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]).rstrip()
+
+
+def report(verdict: Verdict, known_path: str = KNOWN_PATH) -> str:
+    """One ``FAIL`` line per new violation and per stale known entry."""
+    where = os.path.relpath(known_path, ROOT) if known_path.startswith(ROOT) else known_path
+    out = []
+    for v in verdict.new:
+        out.append(f"FAIL {v['kind']}: {v['kernel']} [{v['config']}] on {v['arch']}: {v['detail']}")
+    for e in verdict.stale:
+        out.append(
+            f"FAIL stale known entry ({e['why']}; remove it from {where}): "
+            f"{e['kernel']} [{e['config']}] on {e['arch']}, kind {e['kind']}"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--json", help="write the table, violations and verdict here")
+    parser.add_argument("--quick", action="store_true", help="a subset of the launches")
+    parser.add_argument("--known", default=KNOWN_PATH, help="the known-violations list")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes"
+    )
+    args = parser.parse_args(argv)
+    if triton.__version__ != KNOWN_TRITON:
+        print(
+            f"note: the known list was measured with triton {KNOWN_TRITON}, this is "
+            f"{triton.__version__}: violations may differ",
+            file=sys.stderr,
+        )
+    start = time.perf_counter()
+    known = load_known(args.known)
+    items = launches(args.quick)
+    rows = check_launches(
+        items,
+        args.arch,
+        jobs=args.jobs,
+        quick=args.quick,
+        progress=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    verdict = judge(rows, known, complete=not args.quick)
+    wall = time.perf_counter() - start
+    print(format_table(rows))
+    print()
+    n_kernels = len({(r.kernel, r.config) for r in rows})
+    cpu = _cpu_seconds()
+    print(
+        f"{n_kernels} distinct kernels x {len(args.arch)} arch(s) = {len(rows)} compiled from "
+        f"{len(items)} launches in {wall:.0f} s wall, {cpu:.0f} s CPU, {args.jobs} job(s) "
+        f"(triton {triton.__version__}); "
+        f"{len(verdict.known)} known violations, {len(verdict.new)} new, "
+        f"{len(verdict.stale)} stale known entries"
+    )
+    if args.json:
+        result = {
+            "triton": triton.__version__,
+            "archs": {a: asdict(ARCHS[a]) for a in args.arch},
+            "quick": args.quick,
+            "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1),
+            "jobs": args.jobs,
+            "rows": [asdict(r) for r in rows],
+            "new": verdict.new,
+            "known": verdict.known,
+            "stale": verdict.stale,
+            "ok": verdict.ok,
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    text = report(verdict, args.known)
+    if text:
+        print(text)
+    print("OK" if verdict.ok else "FAILED")
+    return 0 if verdict.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

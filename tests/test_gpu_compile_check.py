@@ -1,0 +1,189 @@
+"""scripts/gpu_compile_check.py can fail: toy kernels through its own functions.
+
+The check compiles for sm_80 / sm_90 through a stand-in driver, which needs
+``TRITON_INTERPRET=0`` before triton is imported, while this test process runs
+with the interpreter on (``tests/conftest.py``). So one subprocess compiles the
+toys and reports JSON; the tests read it. The toys, each chosen to compile in
+about a second of CPU:
+
+* ``smem_hog``: one fp16 ``tl.dot`` of (64 × 512) by (512 × 128): both operands
+  staged in shared memory, 192 KiB, over A100's 163 KiB per block, under H100's 227 KiB;
+* ``spiller``: four loop-carried fp32 accumulators of 2048 values in one warp
+  (256 registers a thread for them alone): ptxas must spill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TOYS = textwrap.dedent(
+    """
+    import json
+    import sys
+    from dataclasses import asdict
+
+    sys.path.insert(0, sys.argv[1])
+    import gpu_compile_check as gcc  # refuses to load unless TRITON_INTERPRET is 0
+
+    import torch
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def smem_hog(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+        m = tl.arange(0, M)
+        n = tl.arange(0, N)
+        k = tl.arange(0, K)
+        a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+        b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+        tl.store(c_ptr + m[:, None] * N + n[None, :], tl.dot(a, b))
+
+
+    @triton.jit
+    def spiller(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        a = tl.zeros([BLOCK], tl.float32)
+        b = tl.zeros([BLOCK], tl.float32)
+        c = tl.zeros([BLOCK], tl.float32)
+        d = tl.zeros([BLOCK], tl.float32)
+        for i in range(n):
+            x = tl.load(x_ptr + i * BLOCK + offs)
+            a += x
+            b += x * a
+            c += x * b
+            d += x * c
+        tl.store(out_ptr + offs, a + b + c + d)
+
+
+    def launch_hog():
+        a = torch.empty(64, 512, dtype=torch.float16)
+        b = torch.empty(512, 128, dtype=torch.float16)
+        smem_hog[(1,)](a, b, torch.empty(64, 128), M=64, N=128, K=512, num_warps=8)
+
+
+    def launch_spiller():
+        spiller[(1,)](torch.empty(4 * 2048), torch.empty(2048), 4, BLOCK=2048, num_warps=1)
+
+
+    rows = gcc.check_launches([gcc.Launch("toy smem", launch_hog)], ["sm_80", "sm_90"])
+    rows += gcc.check_launches([gcc.Launch("toy spill", launch_spiller)], ["sm_80"])
+    by = {(r.kernel, r.arch): r for r in rows}
+    known = [
+        {  # listed, still occurs: passes
+            "kernel": "spiller",
+            "config": by["spiller", "sm_80"].config,
+            "arch": "sm_80",
+            "kind": "spill",
+            "note": "toy: spills on purpose",
+        },
+        {  # listed, checked, does not occur (192 KiB fits H100): stale
+            "kernel": "smem_hog",
+            "config": by["smem_hog", "sm_90"].config,
+            "arch": "sm_90",
+            "kind": "smem",
+            "note": "toy: fits on sm_90, so this entry is stale",
+        },
+        {  # listed, no such kernel compiled in a complete run: stale
+            "kernel": "spiller",
+            "config": "BLOCK=4096",
+            "arch": "sm_80",
+            "kind": "spill",
+            "note": "toy: a config that no longer exists",
+        },
+    ]
+    verdict = gcc.judge(rows, known, complete=True)
+    print(
+        json.dumps(
+            {
+                "rows": [asdict(r) for r in rows],
+                "new": verdict.new,
+                "known": verdict.known,
+                "stale": verdict.stale,
+                "ok": verdict.ok,
+                "report": gcc.report(verdict),
+                "table": gcc.format_table(rows),
+                "occupancy": {
+                    "255 regs, 4 warps": gcc.blocks_per_sm(255, 4, 0, gcc.ARCHS["sm_80"]),
+                    "32 regs, 4 warps": gcc.blocks_per_sm(32, 4, 0, gcc.ARCHS["sm_80"]),
+                    "40 regs, 1 warp": gcc.blocks_per_sm(40, 1, 0, gcc.ARCHS["sm_90"]),
+                    "100 KiB smem": gcc.blocks_per_sm(32, 4, 100 * 1024, gcc.ARCHS["sm_80"]),
+                    "200 KiB smem sm_80": gcc.blocks_per_sm(32, 4, 200 * 1024, gcc.ARCHS["sm_80"]),
+                },
+            }
+        )
+    )
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def toy_check(tmp_path_factory) -> dict:
+    pytest.importorskip("triton")
+    tmp = tmp_path_factory.mktemp("gpu_compile_check")
+    script = tmp / "toys.py"  # triton.jit needs the kernels' source in a file
+    script.write_text(TOYS)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run(
+        [sys.executable, str(script), os.path.join(ROOT, "scripts")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _row(result: dict, kernel: str, arch: str) -> dict:
+    return next(r for r in result["rows"] if r["kernel"] == kernel and r["arch"] == arch)
+
+
+def test_shared_memory_over_the_sm80_limit_fails(toy_check):
+    hog = _row(toy_check, "smem_hog", "sm_80")
+    assert hog["smem"] > hog["smem_limit"] == 163 * 1024
+    assert hog["blocks_per_sm"] == 0 and hog["limiter"] == "smem"
+    assert [v["kind"] for v in hog["violations"]] == ["smem"]
+    assert [(v["kernel"], v["arch"], v["kind"]) for v in toy_check["new"]] == [
+        ("smem_hog", "sm_80", "smem")
+    ]
+    assert "FAIL smem: smem_hog" in toy_check["report"] and not toy_check["ok"]
+    # the same kernel fits an H100 block (227 KiB)
+    assert _row(toy_check, "smem_hog", "sm_90")["violations"] == []
+
+
+def test_register_spills_are_flagged(toy_check):
+    spill = _row(toy_check, "spiller", "sm_80")
+    assert spill["spill_stores"] > 0 and spill["spill_loads"] > 0
+    assert spill["warps"] == 1
+    assert [v["kind"] for v in spill["violations"]] == ["spill"]
+    # listed in the known list: reported as known, not as a failure
+    assert [(v["kernel"], v["kind"]) for v in toy_check["known"]] == [("spiller", "spill")]
+
+
+def test_stale_known_entries_are_reported(toy_check):
+    stale = {(e["kernel"], e["config"], e["arch"]): e["why"] for e in toy_check["stale"]}
+    hog90 = _row(toy_check, "smem_hog", "sm_90")["config"]
+    assert stale == {
+        ("smem_hog", hog90, "sm_90"): "checked and no longer violated",
+        ("spiller", "BLOCK=4096", "sm_80"): "no kernel with this name and config was compiled",
+    }
+    assert toy_check["report"].count("FAIL stale known entry") == 2
+
+
+def test_blocks_per_sm(toy_check):
+    occ = {k: tuple(v) for k, v in toy_check["occupancy"].items()}
+    assert occ["255 regs, 4 warps"] == (2, "regs")  # 8192 regs a warp: 8 warps
+    assert occ["32 regs, 4 warps"] == (16, "regs")  # and 16 by threads too
+    assert occ["40 regs, 1 warp"] == (32, "blocks")  # the 32-block cap
+    assert occ["100 KiB smem"] == (1, "smem")  # 164 KiB / (100 + 1) KiB
+    assert occ["200 KiB smem sm_80"] == (0, "smem")
+    assert "smem_hog" in toy_check["table"] and "!smem" in toy_check["table"]

@@ -238,9 +238,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         """``Optimizer.state_dict()`` plus a ``"gradproj"`` section (anchors, bases)."""
 
         def build() -> dict[str, Any]:
-            sd = super(ProjectedAdamW, self).state_dict()
-            sd[STATE_KEY] = self.protection.state_dict(self.param_groups, {})
-            return sd
+            # The section first: it refuses lost weights before torch trips over them.
+            section = self.protection.state_dict(self.param_groups, {})
+            return {**super(ProjectedAdamW, self).state_dict(), STATE_KEY: section}
 
         return state_dict_with_hooks(self, build)
 

@@ -321,16 +321,21 @@ def _load_text_encoder(path_or_config: str, tokenizer_path: str | None):
     return encoder.eval(), tok
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from gradproj import demo
-
+def _check_run_args(args: argparse.Namespace) -> None:
+    """What demo, unlearn and evaluate share: --seeds, --steps and a writable run folder."""
     _at_least("--seeds", args.seeds, 1)
     _at_least("--steps", args.steps, 1)
-    arms = _names("--arms", args.arms, tuple(demo.ARMS), "arm") if args.arms else None
     if args.out is not None:
         _writable_folder("--out", args.out)
     else:
         _writable_folder("the run folder", "runs")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gradproj import demo
+
+    _check_run_args(args)
+    arms = _names("--arms", args.arms, tuple(demo.ARMS), "arm") if args.arms else None
 
     cfg = demo.FULL if args.full else demo.DEFAULT
     if args.seeds is not None:
@@ -346,13 +351,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _comparison(args: argparse.Namespace) -> int:
     from gradproj import comparison
 
-    _at_least("--seeds", args.seeds, 1)
-    _at_least("--steps", args.steps, 1)
+    _check_run_args(args)
     rows = _names("--rows", args.rows, tuple(comparison.ROWS), "row") if args.rows else None
-    if args.out is not None:
-        _writable_folder("--out", args.out)
-    else:
-        _writable_folder("the run folder", "runs")
     if args.models is not None:
         _writable_folder("--models", args.models)
 

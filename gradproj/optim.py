@@ -246,7 +246,9 @@ class Protection:
 
     # -- per step ---------------------------------------------------------------
 
-    def check_optimized(self, param_groups: list[dict]) -> None:
+    def check_optimized(
+        self, param_groups: list[dict], outcome: str = "nothing was stepped"
+    ) -> None:
         """Raise ``RuntimeError`` unless every protected parameter is still in ``param_groups``.
 
         Run before anything moves, every step: a trainer that swapped the
@@ -259,8 +261,8 @@ class Protection:
             shown = ", ".join(repr(n) for n in lost[:4]) + (", …" if len(lost) > 4 else "")
             raise RuntimeError(
                 f"{len(lost)} protected parameter(s) ({shown}) are no longer in the optimizer's "
-                f"param_groups, so they would be trained without projection; nothing was "
-                f"stepped. Likely cause: {_REWRITTEN_HINT}."
+                f"param_groups, so they would be trained without projection; {outcome}. "
+                f"Likely cause: {_REWRITTEN_HINT}."
             )
 
     def stepping(self) -> list[Protected]:
@@ -314,8 +316,10 @@ class Protection:
         looking at the same parameters in the same order. Bases are saved so a
         resumed run can check it protects the same subspaces.
         """
+        # Else a lost weight would silently go unsaved.
+        self.check_optimized(param_groups, "no state dict was made")
         order = _param_order(param_groups)
-        entries = [(order[id(e.param)], e) for e in self.entries if id(e.param) in order]
+        entries = [(order[id(e.param)], e) for e in self.entries]
         section: dict[str, Any] = dict(extra)
         section["side"] = self.side
         section["names"] = {i: e.name for i, e in entries}
@@ -358,8 +362,9 @@ class Protection:
                     f"the state dict was saved with {key}={section.get(key)!r}, "
                     f"but this optimizer has {key}={value!r}"
                 )
+        self.check_optimized(param_groups, "nothing was loaded")
         order = _param_order(param_groups)
-        here = {order[id(e.param)]: e for e in self.entries if id(e.param) in order}
+        here = {order[id(e.param)]: e for e in self.entries}
         saved_names = section["names"]
         saved = set(section["bases"])
         if saved != set(here):
@@ -739,9 +744,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 if self.mode == "grad":
                     protection.project_grads(protection.stepping(), self.backend)
                 else:  # no-op after the first evaluation: anchors exist by then
-                    protection.ensure_anchors(
-                        [e for e in protection.stepping() if e.anchor is None]
-                    )
+                    protection.ensure_anchors(protection.stepping())
                 return loss
 
             if self.mode == "update":  # grads left from an earlier backward
@@ -781,9 +784,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """The inner optimizer's state dict plus a ``"gradproj"`` section (anchors, bases)."""
 
         def build() -> dict[str, Any]:
-            sd = dict(self.optimizer.state_dict())
-            sd[STATE_KEY] = self.protection.state_dict(self.param_groups, {"mode": self.mode})
-            return sd
+            # The section first: it refuses lost weights before torch trips over them.
+            section = self.protection.state_dict(self.param_groups, {"mode": self.mode})
+            return {**self.optimizer.state_dict(), STATE_KEY: section}
 
         return state_dict_with_hooks(self, build)
 

@@ -55,6 +55,7 @@ from hypothesis import strategies as st
 import gradproj
 from gradproj import backends, ops
 from gradproj import reference as R
+from gradproj.inplace import may_overlap_internally
 
 from .test_project import HALF_ULP
 
@@ -305,16 +306,6 @@ def byte_range(t: torch.Tensor) -> tuple[int, int] | None:
     return None if not a else (min(a), max(a) + t.element_size())
 
 
-def provably_distinct(t: torch.Tensor) -> bool:
-    """The stride test: sorted by stride, each stride exceeds the reach of the smaller dims."""
-    reach = 0
-    for stride, n in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n > 1):
-        if stride <= reach:
-            return False
-        reach += stride * (n - 1)
-    return True
-
-
 @dataclass
 class Role:
     """One tensor the call sees: ``write`` (changed in place), ``read``, or ``inert`` (skipped).
@@ -347,7 +338,7 @@ class Verdict:
                 self.must.append(f"{r.name} overlaps itself")
             elif dup and r.mutable:
                 self.may.append(f"{r.name} (read, declared mutable) overlaps itself")
-            elif not provably_distinct(t) and (r.access == "write" or r.mutable):
+            elif may_overlap_internally(t) and (r.access == "write" or r.mutable):
                 self.may.append(f"{r.name}: strides cannot prove its elements distinct")
         for a in range(len(info)):
             for b in range(a + 1, len(info)):
@@ -746,7 +737,7 @@ def project_verdict(
             written.append(i)
     for i in active:
         g = grads[i]
-        if i not in written and g.numel() and not provably_distinct(g):
+        if i not in written and g.numel() and may_overlap_internally(g):
             v.may.append(f"grads[{i}] (skipped: k = 0) may overlap itself")
     if not active and case.weights is not None and case.weights.bad is not None:
         v.may.append(f"weights hold {case.weights.bad} (no grad uses them)")
@@ -858,7 +849,9 @@ def make_anchor(p: torch.Tensor, u: torch.Tensor, side: str, gen) -> torch.Tenso
         c = ops.anchor(p, u, side=side)
     except ERRORS:
         # only a self-overlapping p (readable, but not a valid in-place target) may be refused
-        assert not provably_distinct(p), f"anchor() refused a valid param of shape {tuple(p.shape)}"
+        assert may_overlap_internally(p), (
+            f"anchor() refused a valid param of shape {tuple(p.shape)}"
+        )
         c = ref.to(dt)
     else:
         assert c.dtype == dt and tuple(c.shape) == (rows, u.shape[1])

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml requirements-ci.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean gpu-compile-check triton36-check perf-model
 
 setup: $(STAMP)
 
@@ -87,3 +87,41 @@ cuda-compile-check:
 		echo "cuda-compile-check: FAILED: kernel resource report (above)"; exit 1; \
 	fi; \
 	echo "cuda-compile-check: OK (compile+link+load+report $$(( $$(date +%s) - start )) s)"
+
+# Triton kernels compiled for A100 (sm_80) and H100 (sm_90) on a machine without a GPU
+# (scripts/gpu_compile_check.py: the stand-in driver of ../shared/ENV.md). Every launch
+# configuration the tests and benchmarks use; fails on a compile error, on shared memory
+# above the arch's per-block limit and on any register spill, unless the known list of
+# the Triton version in use (scripts/gpu_compile_known.json) holds it. Cold: ~15 min on
+# 2 cores; warm (kernels in ~/.triton): seconds.
+gpu-compile-check: $(STAMP)
+	$(BIN)/python scripts/gpu_compile_check.py
+
+# The GPU machines run triton 3.6 (../shared/ENV.md). A second venv outside the repo
+# (created once, then reused) with triton 3.6 and numpy < 2.4 (3.6's interpreter needs
+# it): the Triton kernel tests in its interpreter, then the compile check with 3.6.
+# The repo is installed into it without building the extension (GRADPROJ_SKIP_EXT=1):
+# the extension `make setup` built in place is loaded (same torch).
+GRADPROJ_TRITON36_VENV ?= $(HOME)/.cache/gradproj/venv-triton36
+TRITON36_PINS := torch==2.13.0 triton==3.6.0 numpy==2.3.5 pytest==9.2.0 hypothesis==6.170.15 \
+	safetensors==0.8.0 expecttest==0.3.0
+triton36-check: $(STAMP)
+	@set -eu; venv="$(GRADPROJ_TRITON36_VENV)"; \
+	if ! "$$venv/bin/python" -c 'import triton, numpy, sys; sys.exit((triton.__version__, numpy.__version__) != ("3.6.0", "2.3.5"))' 2>/dev/null; then \
+		echo "triton36-check: creating $$venv (triton 3.6.0)"; \
+		$(PY) -m venv "$$venv"; \
+		"$$venv/bin/pip" install -q $(TRITON36_PINS); \
+	fi; \
+	GRADPROJ_SKIP_EXT=1 "$$venv/bin/pip" install -q --no-build-isolation --no-deps -e .; \
+	start=$$(date +%s); \
+	"$$venv/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+		tests/test_project.py tests/test_adamw.py tests/test_surgery.py -k triton; \
+	"$$venv/bin/python" scripts/gpu_compile_check.py --quick; \
+	echo "triton36-check: OK ($$(( $$(date +%s) - start )) s)"
+
+# The static GPU performance model: every op's Triton kernels compiled for sm_80/sm_90, their
+# SASS read for instructions, bytes and occupancy per element, a predicted fraction of the
+# copy roofline. Writes benchmarks/results/perf_model.json and docs/perf_model.md, labelled
+# "predicted from compiled code, not measured" (~6 min once the compile check warmed ~/.triton).
+perf-model: $(STAMP)
+	TRITON_INTERPRET=0 $(BIN)/python benchmarks/perf_model.py

@@ -1,28 +1,88 @@
-"""Fused projected AdamW: one launch per bucket reads p, g, m, v once and writes p, m, v.
+"""Fused projected AdamW: one step of AdamW, then the anchored projection, per bucket.
 
 Per parameter row ``x`` (row views as in ``kernels/project.py``: rows of ``W`` for
-``side="input"``, transposed views for ``"output"``), with anchor row ``c`` and
-``t`` the step count loaded from the device (no host sync)::
+``side="input"``, transposed views for ``"output"``, the whole tensor for
+``"flat"``), with anchor row ``c`` and ``t`` the step count read on the device (no
+host sync)::
 
     g ← −g if maximize
     m ← β₁ m + (1 − β₁) g          v ← β₂ v + (1 − β₂) g²       (v̂ = max(v̂, v) if amsgrad)
     x' ← x (1 − lr·λ) − lr/(1 − β₁ᵗ) · m / (√v̂ / √(1 − β₂ᵗ) + ε)
-    a = Uᵀ x'                       (pass 1 over the row block, fp32, tl.dot "ieee")
-    x ← x' − U (w ⊙ (a − c))        (pass 2: recompute x', m, v from the same loads,
-                                      then store x, m, v)
+    a = Uᵀ x'
+    x ← x' − U (w ⊙ (a − c))
     c ← c + (1 − w) ⊙ (a − c)       (soft weights only)
 
-Pass 2 recomputes the AdamW update instead of keeping it: a row block of
-``BLOCK_R × D`` fp32 values does not fit in registers for ``D`` in the thousands,
-and writing it out would add a full extra round trip to HBM. When pass 2's reads
-hit L2, the HBM traffic is exactly that of a fused AdamW (p, g, m, v read; p, m,
-v written) plus the small basis and anchors. A program's block is
-``BLOCK_R × D × 4`` values (16 × 768 × 4 fp32 = 196 KB), so whether the resident
-blocks of a whole GPU fit in L2 (50 MB on H100) depends on ``D``; not yet
-measured on a GPU (the goal is ≤ 1.10× ``torch.optim.AdamW(fused=True)``).
+Design (sides ``input``/``output``: ``_projected_adamw_kernel``, one launch)
+---------------------------------------------------------------------------
+A program owns ``BLOCK_R`` rows of one tensor; a device table maps each program to
+(tensor, first row) and holds each tensor's element offsets from one base pointer
+(``p0_ptr``; anchors and steps, fp32, from ``c0_ptr``, the first step tensor), its
+row count and strides, all int64: no pointer is rebuilt from an integer (those
+loads were scalar), and no offset is formed in int32.
 
-``side="flat"`` tensors arrive as one row of ``numel`` elements: correct, but one
-program walks the whole tensor, so a large flat-protected tensor is slow here.
+* **Layout** (constexpr ``LAYOUT``, chosen on the host from the strides): ``ROWS``
+  (stride 1 along ``D``: ``side="input"``), ``COLS`` (stride 1 along the rows: the
+  transposed views of ``side="output"``) or ``STRIDED`` (anything else). The tile's
+  fast axis is the contiguous one, so a warp reads whole 128-byte lines. When the
+  host has checked 16-byte alignment of every offset and stride (``ALIGN`` =
+  elements per 16 bytes, else 1), ``tl.multiple_of`` lets the loads be 16-byte
+  vectors.
+* **Tiles** (``_rows_config``, per arch, the arch cached per device): ``BLOCK_R ×
+  BLOCK_D`` of p, g, m, v (16 × 64 fp32 / 16 × 128 bf16 for ``side="input"`` at
+  k ≤ 32; 32 × 32 for ``"output"``), the ``BLOCK_D × BLOCK_K`` slice of ``U`` and
+  ``BLOCK_R × BLOCK_K`` fp32 coefficients in registers, ``BLOCK_K = max(16,
+  next_pow2(k))``; for 128 < k ≤ 256 the coefficients are two 128-wide tiles
+  (``KSPLIT = 2``), because a 3xTF32 dot's A operand (the coefficients, in pass 2)
+  is held whole by every warp, hi and lo. 4 warps (8 for ``KSPLIT = 2``), no
+  software pipelining. Shared memory holds only the dot operands (≤ 48 KB, inside
+  A100's 163 KB per block and H100's 227 KB). Compiled, not measured: no spill on
+  ``sm_80``; on ``sm_90`` 6 of 272 kernels spill 4-16 B (listed in
+  ``scripts/gpu_compile_known.json``).
+* **Resident form** (constexpr ``RESIDENT``, when ``D ≤ BLOCK_D``): the row block
+  is loaded once, its update ``x'`` stays in registers between the two GEMMs, then
+  p, m, v are stored. HBM bytes per element: exactly a fused AdamW's — p, g, m, v
+  read once, p, m, v written once (7 streams; 9 with amsgrad) — plus ``U`` once per
+  program (from L2 after the first).
+* **Recompute form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
+  forms ``x'`` and accumulates ``a = x' U``; pass 2 loads the same p, g, m, v
+  chunks again, recomputes ``x'`` bit for bit (same code, same inputs) and stores
+  ``x' − (w ⊙ (a − c)) Uᵀ``, m, v. The HBM bytes equal a fused AdamW's *only if*
+  pass 2's reads hit L2: a program touches ``BLOCK_R × D × 4 × itemsize`` bytes
+  between its two reads (16 × 768 × 16 B = 196 KB in fp32, half in bf16), times
+  the resident programs (SMs × blocks/SM) must fit in L2 (40 MB A100, 50 MB H100)
+  — not measured; if it does not, pass 2 re-reads 4 streams from HBM (11 streams,
+  ≤ 1.57× a fused AdamW's bytes). Keeping a whole ``BLOCK_R × D`` tile in
+  registers for every ``D`` is not expressible in Triton without chunk-indexed
+  register arrays. ``U`` is loaded once per program per pass.
+* **Dots**: both GEMMs (``x' U`` and ``(a − c) Uᵀ``) run on tensor cores in fp32
+  with the split-precision scheme ``_PRECISION`` (3xTF32: ``a·b ≈ a_hi b_hi +
+  a_hi b_lo + a_lo b_hi`` with ``a_hi = tf32(a)``, ``a_lo = tf32(a − a_hi)``).
+  Each product then carries a relative error ≤ ~3·2⁻²² (the dropped
+  ``a_lo b_lo`` and the rounding of the ``lo`` parts), typically ~2⁻²⁴, i.e.
+  fp32's own rounding level, and the fp32 accumulation is unchanged; the issue's
+  emulation over 100 anchored fp32 steps gave max ‖ΔW U‖/‖W₀‖ = 5.3e-8 / 5.4e-8 /
+  1.1e-7 at k = 8/32/128, as "ieee" does. Plain tf32 (3.2e-4) would break the
+  1e-6 guarantee. bf16/fp16 parameters use the same scheme: ``x'`` is fp32 in
+  registers (their update is computed in fp32 and rounded once, at the store), so
+  splitting it to bf16 hi/lo would add error for no byte saved.
+
+Design (``side="flat"``: three launches over fixed-size chunks)
+---------------------------------------------------------------
+Every vector of a flat bucket has the basis' length ``N``; it is cut into
+``_FLAT_CHUNK``-element chunks and a 1-D grid maps program → (tensor, chunk)
+(no grid.y, so no 65535-tensor limit):
+
+1. ``_adamw_flat_partial_kernel``: per chunk, ``x'`` from p, g, m, v and the partial
+   ``Σ x'ᵢ Uᵢ`` (minus ``c`` on chunk 0) into a ``(T·n_chunks) × k`` fp32 buffer;
+2. ``_adamw_flat_reduce_kernel``: per tensor, the partials summed in chunk order
+   (deterministic, no atomics) into ``a − c``; soft weights update ``c`` here;
+3. ``_adamw_flat_apply_kernel``: per chunk, ``x'`` recomputed from the same loads,
+   ``x' − U (w ⊙ (a − c))``, p, m, v stored.
+
+HBM bytes per element: p, g, m, v read twice and p, m, v written once (11 streams,
+13 with amsgrad: 1.57× a fused AdamW's), plus ``U`` (``4k`` bytes per element)
+read twice — a flat basis is as long as the tensor, so it dominates for k ≥ 8.
+The dot is a GEMV (one row), done with FMAs in true fp32.
 """
 
 from __future__ import annotations
@@ -33,15 +93,22 @@ import triton.language as tl
 
 from gradproj.kernels.device_table import cached_table
 
-# True fp32 dot products: tf32 would leave (x U − c) at ~1e-3 relative, far
-# above the rounding level the anchored projection promises.
-_PRECISION = "ieee"
+# The dot-product scheme of both GEMMs: 3xTF32 on tensor cores (error analysed in
+# the module docstring). "tf32" alone leaves (x U − c) at ~1e-4 relative, far above
+# the rounding level the anchored projection promises.
+_PRECISION = "tf32x3"
 
-# Columns of the per-tensor table: p, g, m, v, v̂max, anchor, step addresses,
-# rows, p/m/v row stride, p/m/v column stride, g row stride, g column stride.
+# Layouts of a bucket's row views (constexpr LAYOUT).
+_ROWS, _COLS, _STRIDED = 0, 1, 2
+
+# Columns of the per-tensor table: element offsets of p, g, m, v, v̂max (from
+# p0_ptr), of the anchor and the step (from c0_ptr, fp32), rows, then the strides
+# of p/m/v and g: the non-unit one (ROWS: row stride, COLS: column stride), and the
+# column strides (STRIDED only).
 _META = 12
-_BLOCK_R = 16
-_BLOCK_D = 64
+
+_FLAT_CHUNK = 4096
+_MAX_K = 256
 
 
 @triton.jit
@@ -100,8 +167,8 @@ def _updated_tile(
 ):
     """Load one tile of p, g, m, v (and v̂max) and return its AdamW update in fp32.
 
-    Both passes of the kernel call this with the same arguments, so pass 2
-    recomputes exactly the values pass 1 projected.
+    Both passes call this with the same arguments, so pass 2 recomputes exactly the
+    values pass 1 projected. Masked lanes come out 0 (0·decay − 0/(0 + ε)).
     """
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
@@ -130,12 +197,65 @@ def _updated_tile(
 
 
 @triton.jit
+def _bias_terms(step_ptr, lr, one_minus_beta1, one_minus_beta2, weight_decay):
+    """(step size, 1/√(1 − β₂ᵗ), decay) from the step count on the device, in fp64.
+
+    1 − β₂ᵗ is 1e-3 at t = 1, and forming it from an fp32 β₂ᵗ would cost 3 of fp32's
+    7 digits. β**t = exp(t·log(1 − (1 − β))) from the argument 1 − β, which fp32
+    holds to 7 significant digits (an fp32 β holds 1 − β to about 4).
+    """
+    step = tl.load(step_ptr).to(tl.float64)
+    bias1 = 1.0 - tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta1, tl.float64)))
+    bias2 = 1.0 - tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta2, tl.float64)))
+    step_size = (lr / bias1).to(tl.float32)
+    inv_sqrt_bias2 = (1.0 / tl.sqrt(bias2)).to(tl.float32)
+    decay = 1.0 - lr * weight_decay
+    return step_size, inv_sqrt_bias2, decay
+
+
+@triton.jit
+def _tile_offsets(rows, ds, s, s_d, LAYOUT: tl.constexpr):
+    """int64 element offsets of a ``rows × ds`` tile (``s``: the non-unit stride)."""
+    if LAYOUT == 0:  # ROWS: unit stride along D
+        return rows[:, None] * s + ds[None, :]
+    elif LAYOUT == 1:  # COLS: unit stride along the rows
+        return rows[:, None] + ds[None, :].to(tl.int64) * s
+    else:
+        return rows[:, None] * s + ds[None, :].to(tl.int64) * s_d
+
+
+@triton.jit
+def _basis_tile(u_ptr, ds, ks, D, K):
+    """``U[ds, ks]`` (row-major, fp32), zero outside ``D × K``."""
+    return tl.load(
+        u_ptr + ds[:, None] * K + ks[None, :],
+        mask=(ds < D)[:, None] & (ks < K)[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _coef_minus_anchor(a, c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W: tl.constexpr):
+    """``w ⊙ (a − c)`` for the columns ``ks``; soft weights also move the anchor."""
+    c_offs = rows[:, None] * K + ks[None, :]
+    c_mask = row_mask[:, None] & (ks < K)[None, :]
+    c0 = tl.load(c_ptr + c_offs, mask=c_mask, other=0.0)
+    coef = a - c0
+    if HAS_W:
+        w = tl.load(w_ptr + ks, mask=ks < K, other=0.0)
+        tl.store(c_ptr + c_offs, c0 + (1.0 - w[None, :]) * coef, mask=c_mask)
+        coef = coef * w[None, :]
+    return coef
+
+
+@triton.jit
 def _projected_adamw_kernel(
     table_ptr,
     n_tensors,
     u_ptr,
     w_ptr,
     p0_ptr,
+    c0_ptr,
     D,
     K,
     lr,
@@ -148,63 +268,76 @@ def _projected_adamw_kernel(
     HAS_W: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    KSPLIT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     META: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     blk = table_ptr + n_tensors * META + pid * 2
     t = tl.load(blk)
-    r0 = tl.load(blk + 1)
+    r0 = tl.multiple_of(tl.load(blk + 1), BLOCK_R)  # the host's block table: r0 = i·BLOCK_R
     meta = table_ptr + t * META
-    # p0_ptr only carries the element type, shared by p, g, m, v of the bucket.
-    ty = p0_ptr.dtype.element_ty
-    p_ptr = tl.load(meta).to(tl.pointer_type(ty))
-    g_ptr = tl.load(meta + 1).to(tl.pointer_type(ty))
-    m_ptr = tl.load(meta + 2).to(tl.pointer_type(ty))
-    v_ptr = tl.load(meta + 3).to(tl.pointer_type(ty))
-    vmax_ptr = tl.load(meta + 4).to(tl.pointer_type(ty))
-    c_ptr = tl.load(meta + 5).to(tl.pointer_type(tl.float32))
-    step_ptr = tl.load(meta + 6).to(tl.pointer_type(tl.float32))
+    p_off = tl.load(meta)
+    g_off = tl.load(meta + 1)
+    m_off = tl.load(meta + 2)
+    v_off = tl.load(meta + 3)
+    vmax_off = tl.load(meta + 4)
+    c_off = tl.load(meta + 5)
+    step_off = tl.load(meta + 6)
     n_rows = tl.load(meta + 7)
-    s_r = tl.load(meta + 8)
-    s_d = tl.load(meta + 9)
-    sg_r = tl.load(meta + 10)
+    s = tl.load(meta + 8)
+    sg = tl.load(meta + 9)
+    s_d = tl.load(meta + 10)
     sg_d = tl.load(meta + 11)
+    if ALIGN > 1:  # checked on the host: 16-byte aligned offsets and strides
+        p_off = tl.multiple_of(p_off, ALIGN)
+        g_off = tl.multiple_of(g_off, ALIGN)
+        m_off = tl.multiple_of(m_off, ALIGN)
+        v_off = tl.multiple_of(v_off, ALIGN)
+        vmax_off = tl.multiple_of(vmax_off, ALIGN)
+        s = tl.multiple_of(s, ALIGN)
+        sg = tl.multiple_of(sg, ALIGN)
+        if LAYOUT == 1:  # the row mask is then constant over ALIGN rows
+            n_rows = tl.multiple_of(n_rows, ALIGN)
+    p_ptr = p0_ptr + p_off
+    g_ptr = p0_ptr + g_off
+    m_ptr = p0_ptr + m_off
+    v_ptr = p0_ptr + v_off
+    vmax_ptr = p0_ptr + vmax_off
+    c_ptr = c0_ptr + c_off
+    ty = p0_ptr.dtype.element_ty
+    step_size, inv_sqrt_bias2, decay = _bias_terms(
+        c0_ptr + step_off, lr, one_minus_beta1, one_minus_beta2, weight_decay
+    )
 
-    # Bias corrections from the step count on the device, in fp64: 1 − β₂ᵗ is
-    # 1e-3 at t = 1, and forming it from an fp32 β₂ᵗ would cost 3 of fp32's 7
-    # digits. β**t = exp(t·log(1 − (1 − β))) from the argument 1 − β, which fp32
-    # holds to 7 significant digits (an fp32 β holds 1 − β to about 4).
-    step = tl.load(step_ptr).to(tl.float64)
-    bias1 = 1.0 - tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta1, tl.float64)))
-    bias2 = 1.0 - tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta2, tl.float64)))
-    step_size = (lr / bias1).to(tl.float32)
-    inv_sqrt_bias2 = (1.0 / tl.sqrt(bias2)).to(tl.float32)
-    decay = 1.0 - lr * weight_decay
-
-    rows = r0 + tl.arange(0, BLOCK_R)
+    rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
     row_mask = rows < n_rows
+    # k in KSPLIT parts of BLOCK_K columns: each part is its own accumulator and its
+    # own pass-2 A operand, so a warp holds BLOCK_R × BLOCK_K coefficients (split
+    # hi/lo by 3xTF32) at a time, not BLOCK_R × k.
     ks = tl.arange(0, BLOCK_K)
-    k_mask = ks < K
+    ks2 = BLOCK_K + ks
 
-    # Pass 1: a = Uᵀ x' for every row of the block (x' = the AdamW-updated row).
-    coef = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
+    if RESIDENT:
+        # The whole row block in one tile: x' stays in registers between the GEMMs.
+        ds = tl.arange(0, BLOCK_D)
         d_mask = ds < D
         mask = row_mask[:, None] & d_mask[None, :]
-        offs = rows[:, None] * s_r + ds[None, :] * s_d
-        p, m, v, vmax = _updated_tile(
+        offs = _tile_offsets(rows, ds, s, s_d, LAYOUT)
+        x, m, v, vmax = _updated_tile(
             p_ptr,
             g_ptr,
             m_ptr,
             v_ptr,
             vmax_ptr,
             offs,
-            rows[:, None] * sg_r + ds[None, :] * sg_d,
+            _tile_offsets(rows, ds, sg, sg_d, LAYOUT),
             mask,
             beta1,
             beta2,
@@ -217,78 +350,414 @@ def _projected_adamw_kernel(
             AMSGRAD,
             MAXIMIZE,
         )
-        p = tl.where(mask, p, 0.0)  # masked lanes: 0·decay − 0/(0+ε) is 0, but be explicit
-        u = tl.load(
-            u_ptr + ds[:, None] * K + ks[None, :],
-            mask=d_mask[:, None] & k_mask[None, :],
-            other=0.0,
+        u = _basis_tile(u_ptr, ds, ks, D, K)
+        coef = _coef_minus_anchor(
+            tl.dot(x, u, input_precision=PRECISION), c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W
         )
-        coef += tl.dot(p, u, input_precision=PRECISION)
-
-    c_offs = rows[:, None] * K + ks[None, :]
-    c_mask = row_mask[:, None] & k_mask[None, :]
-    c0 = tl.load(c_ptr + c_offs, mask=c_mask, other=0.0)
-    coef = coef - c0
-    if HAS_W:
-        w = tl.load(w_ptr + ks, mask=k_mask, other=0.0)
-        tl.store(c_ptr + c_offs, c0 + (1.0 - w[None, :]) * coef, mask=c_mask)
-        coef = coef * w[None, :]
-
-    # Pass 2: the same update again (_updated_tile, same loads), projected, stored.
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        mask = row_mask[:, None] & d_mask[None, :]
-        offs = rows[:, None] * s_r + ds[None, :] * s_d
-        p, m, v, vmax = _updated_tile(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            offs,
-            rows[:, None] * sg_r + ds[None, :] * sg_d,
-            mask,
-            beta1,
-            beta2,
-            one_minus_beta1,
-            one_minus_beta2,
-            eps,
-            decay,
-            step_size,
-            inv_sqrt_bias2,
-            AMSGRAD,
-            MAXIMIZE,
-        )
-        u = tl.load(
-            u_ptr + ds[:, None] * K + ks[None, :],
-            mask=d_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        p = p - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
-        tl.store(p_ptr + offs, p.to(ty), mask=mask)
+        if KSPLIT == 2:
+            u2 = _basis_tile(u_ptr, ds, ks2, D, K)
+            coef2 = tl.dot(x, u2, input_precision=PRECISION)
+            coef2 = _coef_minus_anchor(coef2, c_ptr, w_ptr, rows, row_mask, ks2, K, HAS_W)
+            x = x - tl.dot(coef2, tl.trans(u2), input_precision=PRECISION)
+        x = x - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
+        tl.store(p_ptr + offs, x.to(ty), mask=mask)
         tl.store(m_ptr + offs, m.to(ty), mask=mask)
         tl.store(v_ptr + offs, v.to(ty), mask=mask)
         if AMSGRAD:
             tl.store(vmax_ptr + offs, vmax.to(ty), mask=mask)
+    else:
+        # Pass 1: a = x' U over D in chunks (x' = the AdamW-updated rows).
+        coef = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        coef2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # KSPLIT == 2 only
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            mask = row_mask[:, None] & d_mask[None, :]
+            x, m, v, vmax = _updated_tile(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                vmax_ptr,
+                _tile_offsets(rows, ds, s, s_d, LAYOUT),
+                _tile_offsets(rows, ds, sg, sg_d, LAYOUT),
+                mask,
+                beta1,
+                beta2,
+                one_minus_beta1,
+                one_minus_beta2,
+                eps,
+                decay,
+                step_size,
+                inv_sqrt_bias2,
+                AMSGRAD,
+                MAXIMIZE,
+            )
+            coef += tl.dot(x, _basis_tile(u_ptr, ds, ks, D, K), input_precision=PRECISION)
+            if KSPLIT == 2:
+                u2 = _basis_tile(u_ptr, ds, ks2, D, K)
+                coef2 += tl.dot(x, u2, input_precision=PRECISION)
+        coef = _coef_minus_anchor(coef, c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W)
+        if KSPLIT == 2:
+            coef2 = _coef_minus_anchor(coef2, c_ptr, w_ptr, rows, row_mask, ks2, K, HAS_W)
+
+        # Pass 2: the same update again (same loads, same code), projected, stored.
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            mask = row_mask[:, None] & d_mask[None, :]
+            offs = _tile_offsets(rows, ds, s, s_d, LAYOUT)
+            x, m, v, vmax = _updated_tile(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                vmax_ptr,
+                offs,
+                _tile_offsets(rows, ds, sg, sg_d, LAYOUT),
+                mask,
+                beta1,
+                beta2,
+                one_minus_beta1,
+                one_minus_beta2,
+                eps,
+                decay,
+                step_size,
+                inv_sqrt_bias2,
+                AMSGRAD,
+                MAXIMIZE,
+            )
+            u = _basis_tile(u_ptr, ds, ks, D, K)
+            x = x - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
+            if KSPLIT == 2:
+                u2 = _basis_tile(u_ptr, ds, ks2, D, K)
+                x = x - tl.dot(coef2, tl.trans(u2), input_precision=PRECISION)
+            tl.store(p_ptr + offs, x.to(ty), mask=mask)
+            tl.store(m_ptr + offs, m.to(ty), mask=mask)
+            tl.store(v_ptr + offs, v.to(ty), mask=mask)
+            if AMSGRAD:
+                tl.store(vmax_ptr + offs, vmax.to(ty), mask=mask)
+
+
+# ---------------------------------------------------------------- side="flat"
+
+
+@triton.jit
+def _adamw_flat_pointers(meta, p0_ptr, ALIGN: tl.constexpr):
+    """p, g, m, v, v̂max of one flat tensor: base pointer + int64 element offsets."""
+    p_off = tl.load(meta)
+    g_off = tl.load(meta + 1)
+    m_off = tl.load(meta + 2)
+    v_off = tl.load(meta + 3)
+    vmax_off = tl.load(meta + 4)
+    if ALIGN > 1:  # checked on the host: 16-byte aligned
+        p_off = tl.multiple_of(p_off, ALIGN)
+        g_off = tl.multiple_of(g_off, ALIGN)
+        m_off = tl.multiple_of(m_off, ALIGN)
+        v_off = tl.multiple_of(v_off, ALIGN)
+        vmax_off = tl.multiple_of(vmax_off, ALIGN)
+    return p0_ptr + p_off, p0_ptr + g_off, p0_ptr + m_off, p0_ptr + v_off, p0_ptr + vmax_off
+
+
+@triton.jit
+def _adamw_flat_partial_kernel(
+    table_ptr,
+    u_ptr,
+    partial_ptr,
+    p0_ptr,
+    c0_ptr,
+    N,
+    K,
+    n_chunks,
+    lr,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    UNIT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    META: tl.constexpr,
+):
+    """Partial ``Σ x'ᵢ Uᵢ`` of one chunk (minus the anchor on chunk 0), in true fp32."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // n_chunks
+    chunk = pid - t * n_chunks
+    meta = table_ptr + t * META
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr = _adamw_flat_pointers(meta, p0_ptr, ALIGN)
+    s = tl.load(meta + 8)
+    sg = tl.load(meta + 9)
+    step_size, inv_sqrt_bias2, decay = _bias_terms(
+        c0_ptr + tl.load(meta + 6), lr, one_minus_beta1, one_minus_beta2, weight_decay
+    )
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    start = chunk * CHUNK
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, CHUNK, BLOCK_N):
+        ns = start + n0 + tl.arange(0, BLOCK_N)
+        n_mask = ns < N
+        if UNIT:
+            e_offs = ns
+            g_offs = ns
+        else:
+            e_offs = ns * s
+            g_offs = ns * sg
+        x, _, _, _ = _updated_tile(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            e_offs,
+            g_offs,
+            n_mask,
+            beta1,
+            beta2,
+            one_minus_beta1,
+            one_minus_beta2,
+            eps,
+            decay,
+            step_size,
+            inv_sqrt_bias2,
+            AMSGRAD,
+            MAXIMIZE,
+        )
+        u = tl.load(
+            u_ptr + ns[:, None] * K + ks[None, :],
+            mask=n_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        acc += x[:, None] * u
+    part = tl.sum(acc, axis=0)
+    if chunk == 0:  # the anchor enters once, so the sum over chunks is a − c
+        part -= tl.load(c0_ptr + tl.load(meta + 5) + ks, mask=k_mask, other=0.0)
+    tl.store(partial_ptr + pid * K + ks, part, mask=k_mask)
+
+
+@triton.jit
+def _adamw_flat_reduce_kernel(
+    table_ptr,
+    partial_ptr,
+    coef_ptr,
+    w_ptr,
+    c0_ptr,
+    K,
+    n_chunks,
+    HAS_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    META: tl.constexpr,
+):
+    """Per tensor: ``a − c`` summed over its chunks in a fixed order; the soft anchor update."""
+    t = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
+    for j0 in range(0, n_chunks, BLOCK_C):
+        js = j0 + tl.arange(0, BLOCK_C)
+        acc += tl.load(
+            partial_ptr + (t * n_chunks + js[:, None]) * K + ks[None, :],
+            mask=(js < n_chunks)[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+    coef = tl.sum(acc, axis=0)
+    if HAS_W:
+        c_ptr = c0_ptr + tl.load(table_ptr + t * META + 5)
+        w = tl.load(w_ptr + ks, mask=k_mask, other=0.0)
+        c0 = tl.load(c_ptr + ks, mask=k_mask, other=0.0)
+        tl.store(c_ptr + ks, c0 + (1.0 - w) * coef, mask=k_mask)
+        coef = coef * w
+    tl.store(coef_ptr + t * K + ks, coef, mask=k_mask)
+
+
+@triton.jit
+def _adamw_flat_apply_kernel(
+    table_ptr,
+    u_ptr,
+    coef_ptr,
+    p0_ptr,
+    c0_ptr,
+    N,
+    K,
+    n_chunks,
+    lr,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    UNIT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    META: tl.constexpr,
+):
+    """``x' − U (w ⊙ (a − c))`` over one chunk, with ``x'`` recomputed as in the partial pass."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // n_chunks
+    chunk = pid - t * n_chunks
+    meta = table_ptr + t * META
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr = _adamw_flat_pointers(meta, p0_ptr, ALIGN)
+    s = tl.load(meta + 8)
+    sg = tl.load(meta + 9)
+    step_size, inv_sqrt_bias2, decay = _bias_terms(
+        c0_ptr + tl.load(meta + 6), lr, one_minus_beta1, one_minus_beta2, weight_decay
+    )
+    ty = p0_ptr.dtype.element_ty
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    coef = tl.load(coef_ptr + t * K + ks, mask=k_mask, other=0.0)
+    start = chunk * CHUNK
+    for n0 in range(0, CHUNK, BLOCK_N):
+        ns = start + n0 + tl.arange(0, BLOCK_N)
+        n_mask = ns < N
+        if UNIT:
+            e_offs = ns
+            g_offs = ns
+        else:
+            e_offs = ns * s
+            g_offs = ns * sg
+        x, m, v, vmax = _updated_tile(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            e_offs,
+            g_offs,
+            n_mask,
+            beta1,
+            beta2,
+            one_minus_beta1,
+            one_minus_beta2,
+            eps,
+            decay,
+            step_size,
+            inv_sqrt_bias2,
+            AMSGRAD,
+            MAXIMIZE,
+        )
+        u = tl.load(
+            u_ptr + ns[:, None] * K + ks[None, :],
+            mask=n_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        x = x - tl.sum(u * coef[None, :], axis=1)
+        tl.store(p_ptr + e_offs, x.to(ty), mask=n_mask)
+        tl.store(m_ptr + e_offs, m.to(ty), mask=n_mask)
+        tl.store(v_ptr + e_offs, v.to(ty), mask=n_mask)
+        if AMSGRAD:
+            tl.store(vmax_ptr + e_offs, vmax.to(ty), mask=n_mask)
 
 
 # ---------------------------------------------------------------- launcher
 
 
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except ImportError:  # triton < 3.4
+        import os
+
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# (driver type, device) → compute capability, e.g. 80, 90.
+_CAPABILITY: dict[tuple[str, int], int] = {}
+# What the interpreter (no GPU) plans for: tiles must only be valid there.
+_DEFAULT_CAPABILITY = 90
+
+
+def _capability() -> int:
+    """The compute capability Triton compiles for now (cached per driver and device)."""
+    if _interpreting():
+        return _DEFAULT_CAPABILITY
+    drv = triton.runtime.driver.active
+    key = (type(drv).__name__, int(drv.get_current_device()))
+    cap = _CAPABILITY.get(key)
+    if cap is None:
+        target = drv.get_current_target()
+        cap = _CAPABILITY[key] = int(target.arch) if isinstance(target.arch, int) else 0
+    return cap
+
+
 def _block_k(k: int, what: str) -> int:
-    # tl.dot needs every dim >= 16. The whole of k is kept in one tile (the update
-    # is recomputed per pass, so k cannot be chunked as in project.py without
-    # recomputing it per chunk); 256 fp32 coefficients per row is the register cap.
-    if k > 256:
+    # tl.dot needs every dim ≥ 16. The whole of k is one tile (x' is recomputed per
+    # pass, so chunking k as project.py does would recompute it per chunk);
+    # 256 fp32 coefficients per row is the register cap.
+    if k > _MAX_K:
         raise ValueError(
-            f"{what}: the fused projected AdamW supports k ≤ 256 basis columns, got {k}; "
+            f"{what}: the fused projected AdamW supports k ≤ {_MAX_K} basis columns, got {k}; "
             "use backend='reference' (AdamW + project_anchored_) for larger bases"
         )
     return max(16, triton.next_power_of_2(k))
 
 
-def _table(
+def _rows_config(layout: int, itemsize: int, block_k: int, d: int, cap: int) -> dict:
+    """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
+
+    The tile's fast axis spans ≥ 128 bytes of the contiguous axis (``D`` for ROWS,
+    the rows for COLS) where registers allow. The registers of the 3xTF32 dots
+    (both operands split hi/lo) bound the tiles: the ``BLOCK_R × BLOCK_K``
+    coefficients are pass 2's A operand, the ``BLOCK_D × BLOCK_K`` slice of ``U``
+    pass 1's B operand, so both shrink as ``k`` grows. No software pipelining
+    (``num_stages=1``): the loads of a chunk are independent and other resident
+    warps hide their latency, while prefetched chunks would cost registers and
+    shared memory. Shared memory (the dot operands) then stays ≤ 48 KB, inside
+    both A100's 163 KB (``cap`` 80) and H100's 227 KB (``cap`` 90) per block, so
+    those two get the same tiles; ``cap`` < 80 (no tf32 tensor cores) gets
+    "ieee" dots.
+    """
+    ksplit = 2 if block_k > 128 else 1
+    part = block_k // ksplit
+    if ksplit == 2:  # two 128-wide coefficient tiles: 8 warps share the U slices
+        block_r, block_d = 16, 32
+    elif layout == _COLS:
+        block_r = 32 if part <= 32 else 16
+        block_d = 32
+    else:
+        block_r = 16
+        block_d = (64 if itemsize == 4 else 128) if part <= 32 else 64 if part <= 64 else 32
+    d_pad = max(16, triton.next_power_of_2(d))
+    resident = d_pad <= block_d
+    return {
+        "BLOCK_R": block_r,
+        "BLOCK_D": d_pad if resident else block_d,
+        "RESIDENT": resident,
+        "KSPLIT": ksplit,
+        "BLOCK_K": part,
+        # 3xTF32 needs tf32 tensor cores (sm_80+); older GPUs take true fp32 FMAs
+        "PRECISION": _PRECISION if cap >= 80 else "ieee",
+        "num_warps": 8 if ksplit == 2 else 4,
+        "num_stages": 1,
+    }
+
+
+def _offset(t: torch.Tensor, base: int, itemsize: int, what: str) -> int:
+    delta = t.data_ptr() - base
+    if delta % itemsize:
+        raise ValueError(f"{what}: address not a multiple of {itemsize} bytes from the bucket's")
+    return delta // itemsize
+
+
+def _aligned(values: list[int], itemsize: int) -> bool:
+    return all(v * itemsize % 16 == 0 for v in values)
+
+
+def _rows_table(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
@@ -296,9 +765,19 @@ def _table(
     max_exp_avg_sqs: list[torch.Tensor] | None,
     steps: list[torch.Tensor],
     anchors: list[torch.Tensor],
-) -> tuple[torch.Tensor, int]:
-    """``(table, n_blocks)``: per-tensor addresses and strides, then (tensor, first row) pairs."""
-    meta = []
+    block_r_of: dict[int, int],
+) -> tuple[torch.Tensor, int, int, int]:
+    """``(table, n_blocks, layout, align)`` of a row bucket.
+
+    Per tensor: int64 element offsets (p, g, m, v, v̂max from ``params[0]``; anchor
+    and step from ``steps[0]``), rows and strides; then (tensor, first row) pairs,
+    one per program of ``block_r_of[layout]`` rows.
+    """
+    isz = params[0].element_size()
+    # fp32 base: a step (never empty; an empty anchor, k = 0, may have no address)
+    base, fbase = params[0].data_ptr(), steps[0].data_ptr()
+    rows_ok = cols_ok = True
+    meta, aligned = [], [base % 16 == 0]
     for i, p in enumerate(params):
         g, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
         vmax = max_exp_avg_sqs[i] if max_exp_avg_sqs is not None else v
@@ -312,15 +791,12 @@ def _table(
                 f"params[{i}]: step and anchor must be float32, got {steps[i].dtype}, "
                 f"{anchors[i].dtype}"
             )
+        offs = [_offset(t, base, isz, f"params[{i}]") for t in (p, g, m, v, vmax)]
         meta.append(
             (
-                p.data_ptr(),
-                g.data_ptr(),
-                m.data_ptr(),
-                v.data_ptr(),
-                vmax.data_ptr(),
-                anchors[i].data_ptr(),
-                steps[i].data_ptr(),
+                *offs,
+                _offset(anchors[i], fbase, 4, f"anchors[{i}]"),
+                _offset(steps[i], fbase, 4, f"steps[{i}]"),
                 p.shape[0],
                 p.stride(0),
                 p.stride(1),
@@ -328,16 +804,86 @@ def _table(
                 g.stride(1),
             )
         )
+        aligned.append(_aligned(offs, isz))
+        rows_ok &= all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (p, g))
+        cols_ok &= all(t.shape[0] <= 1 or t.stride(0) == 1 for t in (p, g))
+    layout = _ROWS if rows_ok else _COLS if cols_ok else _STRIDED
+    # table columns 8-11: the non-unit stride of p and g, then (STRIDED) their column strides
+    if layout == _ROWS:
+        meta = [(*m[:8], m[8], m[10], 0, 0) for m in meta]
+    elif layout == _COLS:
+        meta = [(*m[:8], m[9], m[11], 0, 0) for m in meta]
+    else:
+        meta = [(*m[:8], m[8], m[10], m[9], m[11]) for m in meta]
+    if layout == _ROWS:
+        aligned += [_aligned([m[8], m[9]], isz) for m in meta]
+    elif layout == _COLS:
+        aligned += [_aligned([m[8], m[9], m[7]], isz) for m in meta]
+    else:
+        aligned.append(False)
+    align = 16 // isz if all(aligned) else 1
+    block_r = block_r_of[layout]
     meta_t = tuple(meta)
 
     def build() -> list[int]:
         blocks = [
-            v for t, m in enumerate(meta_t) for r0 in range(0, m[7], _BLOCK_R) for v in (t, r0)
+            v for t, m in enumerate(meta_t) for r0 in range(0, m[7], block_r) for v in (t, r0)
         ]
         return [v for m in meta_t for v in m] + blocks
 
-    table = cached_table((params[0].device, "adamw", _BLOCK_R, meta_t), build)
-    return table, (table.numel() - _META * len(params)) // 2
+    key = (params[0].device, "adamw", block_r, base, fbase, meta_t)
+    table = cached_table(key, build)
+    return table, (table.numel() - _META * len(params)) // 2, layout, align
+
+
+def _flat_table(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None,
+    steps: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+) -> tuple[torch.Tensor, bool, int]:
+    """``(table, unit, align)`` of a flat bucket: offsets as the row table, element strides."""
+    isz = params[0].element_size()
+    # fp32 base: a step (never empty; an empty anchor, k = 0, may have no address)
+    base, fbase = params[0].data_ptr(), steps[0].data_ptr()
+    meta, aligned = [], [base % 16 == 0]
+    unit = True
+    for i, p in enumerate(params):
+        g, m, v = grads[i], exp_avgs[i], exp_avg_sqs[i]
+        vmax = max_exp_avg_sqs[i] if max_exp_avg_sqs is not None else v
+        if not (m.stride() == v.stride() == vmax.stride() == p.stride()):
+            raise ValueError(
+                f"params[{i}]: p, exp_avg, exp_avg_sq (and max_exp_avg_sq) must share strides, "
+                f"got {p.stride()}, {m.stride()}, {v.stride()}, {vmax.stride()}"
+            )
+        if steps[i].dtype != torch.float32 or anchors[i].dtype != torch.float32:
+            raise ValueError(
+                f"params[{i}]: step and anchor must be float32, got {steps[i].dtype}, "
+                f"{anchors[i].dtype}"
+            )
+        offs = [_offset(t, base, isz, f"params[{i}]") for t in (p, g, m, v, vmax)]
+        s, sg = p.stride(0), g.stride(0)
+        unit &= (s == 1 or p.numel() <= 1) and (sg == 1 or g.numel() <= 1)
+        aligned.append(_aligned(offs, isz))
+        meta.append(
+            (
+                *offs,
+                _offset(anchors[i], fbase, 4, f"anchors[{i}]"),
+                _offset(steps[i], fbase, 4, f"steps[{i}]"),
+                p.numel(),
+                s,
+                sg,
+                0,
+                0,
+            )
+        )
+    meta_t = tuple(meta)
+    key = (params[0].device, "adamw-flat", base, fbase, meta_t)
+    table = cached_table(key, lambda: [v for m in meta_t for v in m])
+    return table, unit, 16 // isz if unit and all(aligned) else 1
 
 
 def projected_adamw_bucket_(
@@ -361,24 +907,13 @@ def projected_adamw_bucket_(
 ) -> None:
     """The ``"triton"`` backend's projected-AdamW bucket kernel (contract in ``gradproj.backends``).
 
-    One launch for the whole bucket. ``lr`` is read as a Python float (a tensor
-    ``lr`` is converted with ``float()``, which synchronizes).
+    One launch per bucket (three for ``side="flat"``). ``lr`` is read as a Python
+    float (a tensor ``lr`` is converted with ``float()``, which synchronizes).
     """
-    if side == "flat":  # one row of numel elements per tensor
-        views = [[t.view(1, -1) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-        params, grads, exp_avgs, exp_avg_sqs = views
-        if max_exp_avg_sqs is not None:
-            max_exp_avg_sqs = [t.view(1, -1) for t in max_exp_avg_sqs]
     d, k = basis.shape
-    table, n_blocks = _table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors)
-    _projected_adamw_kernel[(n_blocks,)](
-        table,
-        len(params),
-        basis,
-        weights if weights is not None else basis,
-        params[0],
-        d,
-        k,
+    block_k = _block_k(k, "basis")
+    amsgrad = max_exp_avg_sqs is not None
+    hyper = (
         float(lr),
         beta1,
         beta2,
@@ -386,12 +921,89 @@ def projected_adamw_bucket_(
         1.0 - beta2,
         eps,
         weight_decay,
+    )
+    if side == "flat":
+        views = [[t.view(-1) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        vmaxs = [t.view(-1) for t in max_exp_avg_sqs] if amsgrad else None
+        _launch_flat(*views, vmaxs, steps, anchors, basis, weights, block_k, hyper, maximize)
+        return
+    cap = _capability()
+    isz = params[0].element_size()
+    configs = {lay: _rows_config(lay, isz, block_k, d, cap) for lay in (_ROWS, _COLS, _STRIDED)}
+    table, n_blocks, layout, align = _rows_table(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        anchors,
+        {lay: c["BLOCK_R"] for lay, c in configs.items()},
+    )
+    _projected_adamw_kernel[(n_blocks,)](
+        table,
+        len(params),
+        basis,
+        weights if weights is not None else basis,
+        params[0],
+        steps[0],
+        d,
+        k,
+        *hyper,
         HAS_W=weights is not None,
-        AMSGRAD=max_exp_avg_sqs is not None,
+        AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
-        BLOCK_R=_BLOCK_R,
-        BLOCK_D=_BLOCK_D,
-        BLOCK_K=_block_k(k, "basis"),
-        PRECISION=_PRECISION,
+        LAYOUT=layout,
+        ALIGN=align,
         META=_META,
+        **configs[layout],
+    )
+
+
+def _flat_block_n(block_k: int) -> int:
+    # acc and the U tile are BLOCK_N × BLOCK_K fp32: 4096 values = 32 a thread at 4 warps
+    # (k = 256: 2048, as 4096 spilled on sm_90)
+    return min(1024, (4096 if block_k < 256 else 2048) // block_k)
+
+
+def _launch_flat(
+    params, grads, exp_avgs, exp_avg_sqs, vmaxs, steps, anchors, basis, weights, block_k, hyper,
+    maximize,
+) -> None:  # fmt: skip
+    n, k = basis.shape
+    table, unit, align = _flat_table(params, grads, exp_avgs, exp_avg_sqs, vmaxs, steps, anchors)
+    n_chunks = triton.cdiv(n, _FLAT_CHUNK)
+    n_tensors = len(params)
+    dev = basis.device
+    partial = torch.empty(n_tensors * n_chunks, k, dtype=torch.float32, device=dev)
+    coef = torch.empty(n_tensors, k, dtype=torch.float32, device=dev)
+    common = {
+        "AMSGRAD": vmaxs is not None,
+        "MAXIMIZE": maximize,
+        "UNIT": unit,
+        "ALIGN": align,
+        "CHUNK": _FLAT_CHUNK,
+        "BLOCK_N": _flat_block_n(block_k),
+        "BLOCK_K": block_k,
+        "META": _META,
+    }
+    grid = (n_tensors * n_chunks,)
+    _adamw_flat_partial_kernel[grid](
+        table, basis, partial, params[0], steps[0], n, k, n_chunks, *hyper, **common
+    )
+    _adamw_flat_reduce_kernel[(n_tensors,)](
+        table,
+        partial,
+        coef,
+        weights if weights is not None else basis,
+        steps[0],
+        k,
+        n_chunks,
+        HAS_W=weights is not None,
+        BLOCK_C=max(1, 2048 // block_k),
+        BLOCK_K=block_k,
+        META=_META,
+    )
+    _adamw_flat_apply_kernel[grid](
+        table, basis, coef, params[0], steps[0], n, k, n_chunks, *hyper, **common
     )

@@ -2,28 +2,85 @@
 
 One launch projects every gradient of a bucket (all tensors sharing one basis,
 dtype and device), whatever their shapes: a small device table holds each
-tensor's address, row count and strides, and a block table maps each program to
-(tensor, first row) — the grouped-GEMM / multi-tensor-apply pattern. No gradient
-is concatenated or copied; each element is read from HBM once and written once
-(the second read of a row block in the apply pass hits cache: a block is
-``BLOCK_R × D`` elements, 96 KB at D = 768 in fp32).
+tensor's element offset from a base pointer (the bucket's first tensor), row
+count and strides, and a block table maps each program to (tensor, first row) —
+the grouped-GEMM / multi-tensor-apply pattern. No gradient is concatenated or
+copied.
 
 Row kernel (sides ``input``/``output``; ``output`` arrives as transposed views)::
 
     for each block of BLOCK_R rows X (R × D) and each chunk of BLOCK_K basis columns:
-        A = X U_k                       (pass 1, fp32 accumulation, tl.dot)
+        A = X U_k                       (pass 1, fp32 accumulation, tensor cores)
         A = (A − C_k) ⊙ w_k             (anchored / soft variants)
         X = X − A U_kᵀ                  (pass 2, stored in the grad's dtype)
 
 Chunks of ``k`` are applied one after another; that equals the one-shot formula
 because ``U_jᵀ (X − A U_kᵀ) = U_jᵀ X`` for orthonormal ``U`` (``U_jᵀ U_k = 0``).
 
-Flat kernel (side ``flat``, one long vector per tensor): a split reduction —
-partial ``Uᵀx`` per chunk of the vector, summed in a fixed order (deterministic,
-no atomics), then an apply pass.
+Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
+:func:`_row_tiles`, one program = ``BLOCK_R`` rows of one tensor, 4 warps):
+
+* Layout: the contiguous axis is a constexpr (``CONTIG``: 1 = columns, the
+  ``input`` side; 0 = rows, the transposed views of the ``output`` side; -1 =
+  general strides), so the unit stride is known at compile time and a warp's
+  lanes walk consecutive addresses. Tensors are addressed as int64 element
+  offsets from one base pointer (the bucket's first tensor; all share its
+  dtype), never through int-to-pointer casts. When the host has checked that
+  every address, the other stride and the masked extent along the unit-stride
+  axis are multiples of 16 bytes (``VEC`` elements), ``tl.multiple_of`` lets
+  Triton issue 16-byte vector loads and stores. All offsets are int64.
+* One pass (``ONE_PASS``: ``D`` padded to a power of two ≤ 128; ``BLOCK_R`` 32
+  or 16, ``BLOCK_K`` ≤ 32): the ``BLOCK_R × D`` tile is loaded once into
+  registers, both GEMMs run on it for every chunk of ``k`` (later chunks see the
+  fp32 tile, no intermediate rounding), and it is stored once: ``b`` bytes read
+  and ``b`` written per element.
+* Two passes (larger ``D``; ``BLOCK_D`` 64, or 32 at ``BLOCK_K`` = 128;
+  ``BLOCK_R`` 32 for ``k`` ≤ 32, else 16): pass 1 streams the tile in ``BLOCK_D``
+  chunks to accumulate ``A``; pass 2 streams it again and stores ``X − A Uᵀ``.
+  DRAM sees ``b`` read and ``b`` written per element when the tile
+  (``BLOCK_R × D × b``: 96 KiB at ``D = 768``, fp32, ``BLOCK_R = 32``) is still in
+  L2 for the second read; a larger tile does not fit registers next to the dot
+  operands (Triton stages both through shared memory). ``k ≤ 128`` is one chunk;
+  beyond, every chunk reads and writes the rows once more (one more rounding for
+  bf16/fp16) after a barrier, since other threads of the program wrote them.
+* The basis is read once per program per pass and chunk (``BLOCK_D × BLOCK_K``
+  fp32 tiles shared by the ``BLOCK_R`` rows): ``4k/BLOCK_R`` bytes of L2 traffic
+  per element per pass. No software pipelining (``num_stages=1``): the staged
+  copies of a pipelined loop spill registers; latency is hidden by resident
+  programs instead.
+
+Precision (``DOT_SCHEME``, emulated bit for bit in ``tests/test_precision_split.py``):
+``"tf32x3"`` runs both GEMMs on tensor cores in tf32 with each operand split
+into two tf32 pieces in the kernel, ``a = a_hi + a_lo`` (``a_hi`` = ``a``
+rounded to 10 mantissa bits, ties away from zero, as ``cvt.rna.tf32.f32``;
+``a_lo`` = the rest, rounded the same way), and ``a·b ≈ a_lo b_hi + a_hi b_lo +
+a_hi b_hi`` with fp32 accumulation: about 2⁻²¹ relative per product instead of
+tf32's 2⁻¹¹. bf16/fp16 gradients are exact in tf32, so pass 1 needs two
+products, not three. Splitting ``U`` in the kernel (a few integer ops per basis
+element per program) reads the fp32 basis once instead of two stored pieces and
+needs no host cache. Every piece is exactly representable in tf32, so the tensor
+cores' input truncation is a no-op and the interpreter (fp32 dots) computes the
+same sums as the GPU. bf16 pieces (``x·U_hi + x·U_lo``, 16 bits of ``U``) were
+measured in that emulation to miss the bf16 tolerances when ``k = D`` (the
+result is all cancellation); tf32 pieces (22 bits) keep them. ``"ieee"``: true
+fp32 dots on FMA units.
+
+Flat kernel (side ``flat``, one long vector per tensor, all of the basis's ``D``
+elements): a matrix-vector product dominated by the ``D × k`` basis read. A 1-D
+grid of fixed-size chunks (program → (tensor, chunk) = divmod(pid, chunks per
+tensor), all tensors of a flat bucket have ``D`` elements) computes a partial
+``Uᵀx`` per chunk in fp32 FMA; the partials are summed in a fixed order
+(deterministic, no atomics), then an apply pass over the same chunks writes
+``x − U c``. Bytes per element: ``2b`` read (once per pass; the first pass
+reads its chunk again, from L2, per 64 basis columns), ``b`` written, ``8k`` of
+basis read. Tiles of ``BLOCK_N × BLOCK_K`` = 2048 fp32 products (no spills),
+fp32 FMA throughout: the basis read, not arithmetic, bounds this side.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,110 +88,221 @@ import triton.language as tl
 
 from gradproj.kernels.device_table import cached_table
 
-# Pass-1/pass-2 dot products run in true fp32 ("ieee"): tf32 would cost ~3
-# significant digits and the projection must leave (G U) at rounding level.
-_PRECISION = "ieee"
+# How the two small GEMMs use the tensor cores; tests/test_precision_split.py
+# imports this and emulates the scheme. "tf32x3" keeps max ‖ΔW U‖/‖W₀‖ over 100
+# anchored fp32 steps at the level of true fp32 (issue 14: 5e-8 … 1.1e-7 against
+# ieee's 2.7e-8 … 1.1e-7; plain tf32 reaches 3.2e-4, above the 1e-6 guarantee).
+DOT_SCHEME = "tf32x3"
 
-# Columns of the per-tensor metadata table: address, rows, row stride, column
-# stride, anchor address (0 when there is none).
+# Columns of the per-tensor metadata table: element offset from the base
+# pointer, rows, row stride, column stride, anchor element offset.
 _META = 5
+
+
+@triton.jit
+def _tf32_round(x):
+    # Round fp32 to tf32 (10 mantissa bits), ties away from zero: cvt.rna.tf32.f32
+    # written with integer ops so the interpreter computes the same bits.
+    bits = x.to(tl.int32, bitcast=True) + 0x1000
+    return (bits & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_tf32(x):
+    hi = _tf32_round(x)
+    return hi, _tf32_round(x - hi)
+
+
+@triton.jit
+def _dot_split(a, b, acc, SPLIT: tl.constexpr, A_EXACT: tl.constexpr):
+    """``acc + a·b`` on tensor cores, both operands split in tf32 pieces (``a`` only
+    when it is not exact in tf32); small terms first, as Triton's own tf32x3."""
+    if SPLIT:
+        b_hi, b_lo = _split_tf32(b)
+        if A_EXACT:
+            acc = tl.dot(a, b_lo, acc, input_precision="tf32")
+            acc = tl.dot(a, b_hi, acc, input_precision="tf32")
+        else:
+            a_hi, a_lo = _split_tf32(a)
+            acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+            acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+            acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _tile_offsets(row_off, ds, s_d, CONTIG: tl.constexpr):
+    if CONTIG == 1:
+        return row_off[:, None] + ds[None, :]
+    else:
+        return row_off[:, None] + ds.to(tl.int64)[None, :] * s_d
+
+
+@triton.jit
+def _coefficients(
+    coef, c0_ptr, c_off, w_ptr, ks, k_valid, k_mask, HAS_W: tl.constexpr, HAS_ANCHOR: tl.constexpr
+):
+    """``(A − C) ⊙ w`` from pass 1's ``A``; the anchor becomes ``C + (1 − w) ⊙ (A − C)``."""
+    if HAS_ANCHOR:
+        c0 = tl.load(c0_ptr + c_off, mask=k_mask, other=0.0)
+        coef = coef - c0
+    if HAS_W:
+        w = tl.load(w_ptr + ks, mask=k_valid, other=0.0)
+        if HAS_ANCHOR:
+            tl.store(c0_ptr + c_off, c0 + (1.0 - w[None, :]) * coef, mask=k_mask)
+        coef = coef * w[None, :]
+    return coef
 
 
 @triton.jit
 def _project_rows_kernel(
     table_ptr,
     n_tensors,
+    g0_ptr,
+    c0_ptr,
     u_ptr,
     w_ptr,
-    g0_ptr,
     D,
     K,
+    CONTIG: tl.constexpr,
+    VEC: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_ANCHOR: tl.constexpr,
+    SPLIT: tl.constexpr,
+    X_EXACT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     blk = table_ptr + n_tensors * 5 + pid * 2
     t = tl.load(blk)
-    r0 = tl.load(blk + 1)
+    r0 = tl.multiple_of(tl.load(blk + 1), BLOCK_R)
     meta = table_ptr + t * 5
-    # g0_ptr only carries the element type: every tensor of the bucket shares it.
-    g_ptr = tl.load(meta).to(tl.pointer_type(g0_ptr.dtype.element_ty))
+    g_off = tl.multiple_of(tl.load(meta), VEC)
     n_rows = tl.load(meta + 1)
     s_r = tl.load(meta + 2)
     s_d = tl.load(meta + 3)
-    c_ptr = tl.load(meta + 4).to(tl.pointer_type(tl.float32))
-
+    c_base = tl.load(meta + 4)
+    if CONTIG == 0:
+        # rows are the unit-stride axis: the host checked n_rows and s_d for VEC
+        n_rows = tl.multiple_of(n_rows, VEC)
+        s_d = tl.multiple_of(s_d, VEC)
+    if CONTIG == 1:
+        s_r = tl.multiple_of(s_r, VEC)
+        if VEC > 1:  # (D = 1 arrives as a constant)
+            D = tl.multiple_of(D, VEC)
     rows = r0 + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    row_off = rows * s_r
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        coef = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            x = tl.load(
-                g_ptr + row_off[:, None] + ds[None, :] * s_d,
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            u = tl.load(
-                u_ptr + ds[:, None] * K + ks[None, :],
-                mask=d_mask[:, None] & k_mask[None, :],
-                other=0.0,
+    rows64 = rows.to(tl.int64)
+    if CONTIG == 0:
+        row_off = g_off + rows64
+    else:
+        row_off = g_off + rows64 * s_r
+    c_row = c_base + rows64 * K
+    dtype = g0_ptr.dtype.element_ty
+    if ONE_PASS:
+        ds = tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        offs = _tile_offsets(row_off, ds, s_d, CONTIG)
+        mask = row_mask[:, None] & d_mask[None, :]
+        x = tl.load(g0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u_row = ds.to(tl.int64)[:, None] * K
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            u_mask = d_mask[:, None] & (ks < K)[None, :]
+            u = tl.load(u_ptr + u_row + ks[None, :], mask=u_mask, other=0.0)
+            coef = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            coef = _dot_split(x, u, coef, SPLIT, X_EXACT)
+            k_valid = ks < K
+            coef = _coefficients(
+                coef,
+                c0_ptr,
+                c_row[:, None] + ks[None, :],
+                w_ptr,
+                ks,
+                k_valid,
+                row_mask[:, None] & k_valid[None, :],
+                HAS_W,
+                HAS_ANCHOR,
             )
-            coef += tl.dot(x, u, input_precision=PRECISION)
-        c_offs = rows[:, None] * K + ks[None, :]
-        c_mask = row_mask[:, None] & k_mask[None, :]
-        if HAS_ANCHOR:
-            c0 = tl.load(c_ptr + c_offs, mask=c_mask, other=0.0)
-            coef = coef - c0
-        if HAS_W:
-            w = tl.load(w_ptr + ks, mask=k_mask, other=0.0)
-            if HAS_ANCHOR:
-                tl.store(c_ptr + c_offs, c0 + (1.0 - w[None, :]) * coef, mask=c_mask)
-            coef = coef * w[None, :]
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            offs = row_off[:, None] + ds[None, :] * s_d
-            mask = row_mask[:, None] & d_mask[None, :]
-            x = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(
-                u_ptr + ds[:, None] * K + ks[None, :],
-                mask=d_mask[:, None] & k_mask[None, :],
-                other=0.0,
+            p = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+            p = _dot_split(coef, tl.trans(u), p, SPLIT, False)
+            x = x - p
+        tl.store(g0_ptr + offs, x.to(dtype), mask=mask)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kk = (ks < K)[None, :]
+            coef = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_mask = ds < D
+                x = tl.load(
+                    g0_ptr + _tile_offsets(row_off, ds, s_d, CONTIG),
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                u_offs = ds.to(tl.int64)[:, None] * K + ks[None, :]
+                u = tl.load(u_ptr + u_offs, mask=d_mask[:, None] & kk, other=0.0)
+                coef = _dot_split(x, u, coef, SPLIT, X_EXACT)
+            k_valid = ks < K
+            coef = _coefficients(
+                coef,
+                c0_ptr,
+                c_row[:, None] + ks[None, :],
+                w_ptr,
+                ks,
+                k_valid,
+                row_mask[:, None] & kk,
+                HAS_W,
+                HAS_ANCHOR,
             )
-            x = x - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
-            tl.store(g_ptr + offs, x.to(g0_ptr.dtype.element_ty), mask=mask)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_mask = ds < D
+                offs = _tile_offsets(row_off, ds, s_d, CONTIG)
+                mask = row_mask[:, None] & d_mask[None, :]
+                # Uᵀ chunk (BLOCK_K × BLOCK_D), read in U's row-major order
+                ut_offs = ks[:, None] + ds.to(tl.int64)[None, :] * K
+                ut_mask = k_valid[:, None] & d_mask[None, :]
+                ut = tl.load(u_ptr + ut_offs, mask=ut_mask, other=0.0)
+                p = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+                p = _dot_split(coef, ut, p, SPLIT, False)
+                x = tl.load(g0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(g0_ptr + offs, (x - p).to(dtype), mask=mask)
+            if k0 + BLOCK_K < K:
+                # The next chunk's pass 1 reads rows other threads of this program
+                # just stored: make those global writes visible first.
+                tl.debug_barrier()
 
 
 @triton.jit
 def _flat_coef_kernel(
-    addr_ptr,
+    offset_ptr,
+    g0_ptr,
     u_ptr,
     partial_ptr,
-    g0_ptr,
     D,
     K,
     n_chunks,
+    VEC: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    t = tl.program_id(1)
-    x_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(g0_ptr.dtype.element_ty))
-    start = chunk.to(tl.int64) * CHUNK
+    pid = tl.program_id(0)
+    t = pid // n_chunks
+    x_ptr = g0_ptr + tl.multiple_of(tl.load(offset_ptr + t), VEC)
+    start = (pid - t * n_chunks).to(tl.int64) * CHUNK
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        # element-wise products summed once at the end: no reduction in the loop
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, CHUNK, BLOCK_N):
             ns = start + n0 + tl.arange(0, BLOCK_N)
             n_mask = ns < D
@@ -144,30 +312,33 @@ def _flat_coef_kernel(
                 mask=n_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            acc += tl.sum(x[:, None] * u, axis=0)
-        tl.store(partial_ptr + (t * n_chunks + chunk) * K + ks, acc, mask=k_mask)
+            acc += x[:, None] * u
+        tl.store(partial_ptr + pid.to(tl.int64) * K + ks, tl.sum(acc, axis=0), mask=k_mask)
 
 
 @triton.jit
 def _flat_apply_kernel(
-    addr_ptr,
+    offset_ptr,
+    g0_ptr,
     u_ptr,
     coef_ptr,
-    g0_ptr,
     D,
     K,
+    n_chunks,
+    VEC: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    t = tl.program_id(1)
-    x_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(g0_ptr.dtype.element_ty))
-    start = chunk.to(tl.int64) * CHUNK
+    pid = tl.program_id(0)
+    t = pid // n_chunks
+    x_ptr = g0_ptr + tl.multiple_of(tl.load(offset_ptr + t), VEC)
+    start = (pid - t * n_chunks).to(tl.int64) * CHUNK
+    c_ptr = coef_ptr + t.to(tl.int64) * K
     for n0 in range(0, CHUNK, BLOCK_N):
         ns = start + n0 + tl.arange(0, BLOCK_N)
         n_mask = ns < D
-        x = tl.load(x_ptr + ns, mask=n_mask, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < K
@@ -176,48 +347,123 @@ def _flat_apply_kernel(
                 mask=n_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            c = tl.load(coef_ptr + t * K + ks, mask=k_mask, other=0.0)
-            x -= tl.sum(u * c[None, :], axis=1)
-        tl.store(x_ptr + ns, x.to(g0_ptr.dtype.element_ty), mask=n_mask)
+            c = tl.load(c_ptr + ks, mask=k_mask, other=0.0)
+            acc += u * c[None, :]
+        x = tl.load(x_ptr + ns, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + ns, (x - tl.sum(acc, axis=1)).to(g0_ptr.dtype.element_ty), mask=n_mask)
 
 
 # ---------------------------------------------------------------- launchers
 
 
-def _block_k(k: int) -> int:
-    # tl.dot needs every dim >= 16. Beyond 128 columns the coefficient tile
-    # (BLOCK_R × BLOCK_K fp32) would crowd registers, so k is chunked; each extra
-    # chunk stores the rows once more in the grad's dtype (one more rounding for
-    # bf16/fp16), so the cap is as high as registers allow.
-    return max(16, min(128, triton.next_power_of_2(k)))
+def _arch() -> int:
+    """The compute capability Triton compiles for now (``0`` under the interpreter)."""
+    try:
+        return triton.runtime.driver.active.get_current_target().arch
+    except RuntimeError:  # the interpreter has no active GPU driver
+        return 0
 
 
-_BLOCK_R = 32
-_BLOCK_D = 64
-_FLAT_BLOCK_N = 256
+class _Tiles(NamedTuple):
+    one_pass: bool
+    block_r: int
+    block_d: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+@functools.cache
+def _row_tiles(arch: int, elsize: int, d: int, k: int) -> _Tiles:
+    """The row kernel's tiles for a bucket of ``D = d`` on compute capability ``arch``.
+
+    Chosen with scripts/gpu_compile_check.py (no spills on sm_80 and sm_90 at
+    every ``k`` of its launches): the one-pass tile holds ``BLOCK_R × D`` fp32
+    values and their tf32 pieces; at ``D = 256`` that spilled, so one pass stops
+    at ``D ≤ 128``. The same tiles on both architectures for now (``arch`` keys the
+    cache so a per-arch choice needs no other change).
+    """
+    d_pad = max(16, triton.next_power_of_2(d))
+    if d_pad <= 128:
+        # one pass: chunks of k cost registers only, so keep them small
+        block_k = max(16, min(32, triton.next_power_of_2(k)))
+        return _Tiles(True, 32 if d_pad <= 32 else 16, d_pad, block_k, 4, 1)
+    # two passes: each chunk of k reads and writes the rows again, so one chunk up
+    # to k = 128 (tl.dot needs every dim ≥ 16)
+    block_k = max(16, min(128, triton.next_power_of_2(k)))
+    if block_k <= 32:
+        return _Tiles(False, 32, 64, block_k, 4, 1)
+    if block_k == 64:
+        return _Tiles(False, 16, 64, block_k, 4, 1)
+    return _Tiles(False, 16, 32, block_k, 4, 1)
+
+
 _FLAT_CHUNK = 8192
+_FLAT_TILE = 2048  # BLOCK_N × BLOCK_K fp32 products per program step: 16 registers a thread
+
+
+def _block_k_flat(k: int) -> int:
+    return max(2, min(64, triton.next_power_of_2(k)))
+
+
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to tf32 (10 mantissa bits, ties away from zero): the host
+    twin of the kernel's ``_tf32_round``, the same integer formula (for tests)."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -8192).view(torch.float32)
+
+
+def _offsets(tensors: list[torch.Tensor]) -> list[int]:
+    """Element offsets of ``tensors`` from the first one's address (all share one dtype)."""
+    base, size = tensors[0].data_ptr(), tensors[0].element_size()
+    out = []
+    for i, t in enumerate(tensors):
+        delta = t.data_ptr() - base
+        if delta % size:
+            raise ValueError(
+                f"tensor {i} of the bucket is not {size}-byte aligned relative to tensor 0"
+            )
+        out.append(delta // size)
+    return out
+
+
+def _row_layout(matrices: list[torch.Tensor], d: int) -> tuple[int, int]:
+    """``(CONTIG, VEC)``: the unit-stride axis (1 columns, 0 rows, -1 none) and the
+    elements per 16 bytes when every address, the other stride and the masked
+    extent along the unit-stride axis are multiples of 16 bytes (else 1)."""
+    if all(m.stride(1) == 1 or m.shape[1] == 1 for m in matrices):
+        contig = 1
+    elif all(m.stride(0) == 1 or m.shape[0] == 1 for m in matrices):
+        contig = 0
+    else:
+        return -1, 1
+    vec = 16 // matrices[0].element_size()
+    aligned = all(m.data_ptr() % 16 == 0 for m in matrices)
+    if contig == 1:
+        aligned = aligned and d % vec == 0 and all(m.stride(0) % vec == 0 for m in matrices)
+    else:
+        aligned = aligned and all(
+            m.shape[0] % vec == 0 and m.stride(1) % vec == 0 for m in matrices
+        )
+    return contig, vec if aligned else 1
 
 
 def _row_table(
     matrices: list[torch.Tensor], anchors: list[torch.Tensor] | None, block_r: int
 ) -> tuple[torch.Tensor, int]:
     """``(table, n_blocks)``: per-tensor metadata, then a (tensor, first row) pair per program."""
+    offs = _offsets(matrices)
+    c_offs = _offsets(anchors) if anchors is not None else [0] * len(matrices)
     meta = tuple(
-        (
-            m.data_ptr(),
-            m.shape[0],
-            m.stride(0),
-            m.stride(1),
-            anchors[i].data_ptr() if anchors is not None else 0,
-        )
-        for i, m in enumerate(matrices)
+        (offs[i], m.shape[0], m.stride(0), m.stride(1), c_offs[i]) for i, m in enumerate(matrices)
     )
 
     def build() -> list[int]:
         blocks = [v for t, m in enumerate(meta) for r0 in range(0, m[1], block_r) for v in (t, r0)]
         return [v for m in meta for v in m] + blocks
 
-    table = cached_table((matrices[0].device, "rows", block_r, meta), build)
+    key = (matrices[0].device, "rows", block_r, matrices[0].data_ptr(), meta)
+    table = cached_table(key, build)
     return table, (table.numel() - _META * len(matrices)) // 2
 
 
@@ -228,21 +474,35 @@ def _launch_rows(
     weights: torch.Tensor | None,
 ) -> None:
     d, k = basis.shape
-    table, n_blocks = _row_table(matrices, anchors, _BLOCK_R)
+    g0 = matrices[0]
+    one_pass, block_r, block_d, block_k, warps, stages = _row_tiles(
+        _arch(), g0.element_size(), d, k
+    )
+    contig, vec = _row_layout(matrices, d)
+    table, n_blocks = _row_table(matrices, anchors, block_r)
     _project_rows_kernel[(n_blocks,)](
         table,
         len(matrices),
+        g0,
+        anchors[0] if anchors is not None else basis,
         basis,
         weights if weights is not None else basis,
-        matrices[0],
         d,
         k,
+        CONTIG=contig,
+        VEC=vec,
+        ONE_PASS=one_pass,
         HAS_W=weights is not None,
         HAS_ANCHOR=anchors is not None,
-        BLOCK_R=_BLOCK_R,
-        BLOCK_D=_BLOCK_D,
-        BLOCK_K=_block_k(k),
-        PRECISION=_PRECISION,
+        SPLIT=DOT_SCHEME == "tf32x3",
+        # bf16/fp16 values are exact in tf32: no lo piece, unless a later chunk
+        # of k (one pass) reads the tile already updated in fp32
+        X_EXACT=g0.dtype != torch.float32 and (k <= block_k or not one_pass),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
     )
 
 
@@ -254,14 +514,24 @@ def _launch_flat(
 ) -> None:
     d, k = basis.shape
     n_chunks = triton.cdiv(d, _FLAT_CHUNK)
-    ptrs = tuple(v.data_ptr() for v in vectors)
-    addr = cached_table((basis.device, "flat", ptrs), lambda: list(ptrs))
-    block_k = _block_k(k)
-    partial = torch.empty(len(vectors), n_chunks, k, dtype=torch.float32, device=basis.device)
-    grid = (n_chunks, len(vectors))
-    common = {"CHUNK": _FLAT_CHUNK, "BLOCK_N": _FLAT_BLOCK_N, "BLOCK_K": block_k}
-    _flat_coef_kernel[grid](addr, basis, partial, vectors[0], d, k, n_chunks, **common)
-    coef = partial.sum(dim=1)  # fixed-order reduction over chunks: deterministic
+    offs = tuple(_offsets(vectors))
+    size = vectors[0].element_size()
+    aligned = d % (16 // size) == 0 and all(v.data_ptr() % 16 == 0 for v in vectors)
+    vec = 16 // size if aligned else 1
+    table = cached_table((basis.device, "flat", vectors[0].data_ptr(), offs), lambda: list(offs))
+    block_k = _block_k_flat(k)
+    n_blocks = len(vectors) * n_chunks
+    partial = torch.empty(n_blocks, k, dtype=torch.float32, device=basis.device)
+    common = {
+        "VEC": vec,
+        "CHUNK": _FLAT_CHUNK,
+        "BLOCK_N": _FLAT_TILE // block_k,
+        "BLOCK_K": block_k,
+    }
+    g0 = vectors[0]
+    _flat_coef_kernel[(n_blocks,)](table, g0, basis, partial, d, k, n_chunks, **common)
+    # fixed-order reduction over each tensor's chunks: deterministic, no atomics
+    coef = partial.view(len(vectors), n_chunks, k).sum(dim=1)
     if anchors is not None:
         c0 = torch.cat(anchors, dim=0)  # (T × k): T small tensors, one row each
         coef = coef - c0
@@ -269,7 +539,7 @@ def _launch_flat(
             torch._foreach_copy_(anchors, list((c0 + (1.0 - weights) * coef).split(1)))
     if weights is not None:
         coef = coef * weights
-    _flat_apply_kernel[grid](addr, basis, coef.contiguous(), vectors[0], d, k, **common)
+    _flat_apply_kernel[(n_blocks,)](table, g0, basis, coef.contiguous(), d, k, n_chunks, **common)
 
 
 def project_bucket_(

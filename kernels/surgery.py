@@ -15,6 +15,15 @@ conflict test happens on the device:
 3. ``_apply_kernel``: every program rewrites its chunk. Each element is read
    twice (once per pass) and written once — a reduction over a whole tensor must
    finish before any element can change.
+
+Addresses: every pair is found as element offsets (int64) from one base pointer,
+the bucket's first ``g_u`` (all tensors share its dtype), never through an
+int-to-pointer cast, so Triton knows the alignment: when every address and
+``numel`` is a multiple of 16 bytes (checked on the host, ``VEC`` elements),
+``tl.multiple_of`` makes each load and store a 16-byte vector. Programs walk
+their chunk in ``BLOCK``-element steps, consecutive lanes on consecutive
+addresses. Bytes per element of ``b`` bytes per grad: ``4b`` read (``u`` and
+``r`` once per pass), ``b`` written (``2b`` when symmetric).
 """
 
 from __future__ import annotations
@@ -27,21 +36,34 @@ from gradproj.kernels.device_table import cached_table
 
 _BLOCK = 1024
 _CHUNK = 16 * _BLOCK  # elements per program: big enough to amortize the table look-up
-_META = 3  # per pair: address of g_u, address of g_r, numel
+_META = 3  # per pair: element offsets of g_u and g_r from the base pointer, numel
+
+
+@triton.jit
+def _pair(table_ptr, n_pairs, pid, g0_ptr, VEC: tl.constexpr, CHUNK: tl.constexpr):
+    """Program ``pid``'s pair: pointers to ``g_u`` and ``g_r``, numel, first element."""
+    blk = table_ptr + n_pairs * 3 + pid * 3
+    t = tl.load(blk)
+    start = tl.multiple_of(tl.load(blk + 1), CHUNK)
+    meta = table_ptr + t * 3
+    u_ptr = g0_ptr + tl.multiple_of(tl.load(meta), VEC)
+    r_ptr = g0_ptr + tl.multiple_of(tl.load(meta + 1), VEC)
+    n = tl.multiple_of(tl.load(meta + 2), VEC)
+    return u_ptr, r_ptr, n, start
 
 
 @triton.jit
 def _partial_sums_kernel(
-    table_ptr, n_pairs, partial_ptr, g0_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr,
+    n_pairs,
+    partial_ptr,
+    g0_ptr,
+    VEC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    blk = table_ptr + n_pairs * 3 + pid * 3
-    t = tl.load(blk)
-    start = tl.load(blk + 1)
-    meta = table_ptr + t * 3
-    u_ptr = tl.load(meta).to(tl.pointer_type(g0_ptr.dtype.element_ty))
-    r_ptr = tl.load(meta + 1).to(tl.pointer_type(g0_ptr.dtype.element_ty))
-    n = tl.load(meta + 2)
+    u_ptr, r_ptr, n, start = _pair(table_ptr, n_pairs, pid, g0_ptr, VEC, CHUNK)
     ur = tl.zeros((BLOCK,), dtype=tl.float32)
     uu = tl.zeros((BLOCK,), dtype=tl.float32)
     rr = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -102,17 +124,13 @@ def _apply_kernel(
     coef_ptr,
     g0_ptr,
     SYMMETRIC: tl.constexpr,
+    VEC: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    blk = table_ptr + n_pairs * 3 + pid * 3
-    t = tl.load(blk)
-    start = tl.load(blk + 1)
-    meta = table_ptr + t * 3
-    u_ptr = tl.load(meta).to(tl.pointer_type(g0_ptr.dtype.element_ty))
-    r_ptr = tl.load(meta + 1).to(tl.pointer_type(g0_ptr.dtype.element_ty))
-    n = tl.load(meta + 2)
+    u_ptr, r_ptr, n, start = _pair(table_ptr, n_pairs, pid, g0_ptr, VEC, CHUNK)
+    t = tl.load(table_ptr + n_pairs * 3 + pid * 3)
     c_u = tl.load(coef_ptr + t * 2)
     c_r = tl.load(coef_ptr + t * 2 + 1)
     for off in range(0, CHUNK, BLOCK):
@@ -134,9 +152,13 @@ def surgery_bucket_(
 ) -> None:
     """The ``"triton"`` backend's surgery kernel (contract in ``gradproj.backends``)."""
     device = g_unlearn[0].device
-    meta = tuple(
-        (u.data_ptr(), r.data_ptr(), u.numel()) for u, r in zip(g_unlearn, g_retain, strict=True)
-    )
+    g0 = g_unlearn[0]
+    size = g0.element_size()
+    offs = _offsets(g0, g_unlearn + g_retain)
+    meta = tuple((offs[i], offs[len(g_unlearn) + i], u.numel()) for i, u in enumerate(g_unlearn))
+    vec = 16 // size
+    aligned = all(t.data_ptr() % 16 == 0 and t.numel() % vec == 0 for t in g_unlearn + g_retain)
+    vec = vec if aligned else 1
     chunks = [triton.cdiv(m[2], _CHUNK) for m in meta]
 
     def build() -> list[int]:
@@ -144,7 +166,7 @@ def surgery_bucket_(
         blocks = [v for t, c in enumerate(chunks) for i in range(c) for v in (t, i * _CHUNK, 0)]
         return [v for m in meta for v in m] + blocks
 
-    table = cached_table((device, "surgery", _CHUNK, meta), build)
+    table = cached_table((device, "surgery", _CHUNK, g0.data_ptr(), meta), build)
     first = [0]
     for c in chunks:
         first.append(first[-1] + c)
@@ -152,11 +174,21 @@ def surgery_bucket_(
     n_blocks = first[-1]
     partial = torch.empty(n_blocks, 3, dtype=torch.float32, device=device)
     coef = torch.empty(len(meta), 2, dtype=torch.float32, device=device)
-    g0 = g_unlearn[0]
-    _partial_sums_kernel[(n_blocks,)](table, len(meta), partial, g0, CHUNK=_CHUNK, BLOCK=_BLOCK)
+    common = {"VEC": vec, "CHUNK": _CHUNK, "BLOCK": _BLOCK}
+    _partial_sums_kernel[(n_blocks,)](table, len(meta), partial, g0, **common)
     _coefficients_kernel[(len(meta),)](
         firsts, partial, coef, float(strength), COSINE=variant == "cosine", BLOCK=128
     )
-    _apply_kernel[(n_blocks,)](
-        table, len(meta), coef, g0, SYMMETRIC=symmetric, CHUNK=_CHUNK, BLOCK=_BLOCK
-    )
+    _apply_kernel[(n_blocks,)](table, len(meta), coef, g0, SYMMETRIC=symmetric, **common)
+
+
+def _offsets(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[int]:
+    """Element offsets of ``tensors`` from ``base``'s address (all share its dtype)."""
+    size = base.element_size()
+    out = []
+    for i, t in enumerate(tensors):
+        delta = t.data_ptr() - base.data_ptr()
+        if delta % size:
+            raise ValueError(f"surgery bucket tensor {i} is not {size}-byte aligned to the first")
+        out.append(delta // size)
+    return out

@@ -10,7 +10,8 @@
 #   OUT=/some/dir scripts/gpu_check.sh
 #
 # Results: $OUT/summary.json (device, versions, pass counts, max errors per backend),
-# $OUT/pytest.xml + pytest.log, $OUT/bench_project.json, $OUT/build.log.
+# $OUT/pytest.xml + pytest.log, $OUT/bench_project.json, $OUT/build.log,
+# $OUT/predicted_vs_measured.{json,md} (the static model's predictions against this run).
 # Exit status: non-zero when the build fails or any test fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,10 @@ dev_name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" 
 suite_json="$OUT/suite-${dev_name}-$(date +%F).json"
 "$PY" benchmarks/suite.py --out "$suite_json" 2>&1 | tail -5
 "$PY" benchmarks/plot.py "$suite_json" 2>&1 | tail -1 || echo "plot skipped (matplotlib missing?)"
+
+echo "== measured against the static model's prediction (benchmarks/perf_model.py)"
+"$PY" benchmarks/predicted_vs_measured.py --out "$OUT" 2>&1 | tail -40 \
+  || echo "predicted_vs_measured failed (see above)"
 
 echo "== summary"
 "$PY" - "$OUT" <<'EOF'

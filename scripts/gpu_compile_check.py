@@ -27,7 +27,8 @@ Per compiled kernel and arch:
 Exit status 1 when a kernel fails to compile, needs more shared memory per block
 than the arch has, or spills registers — unless that violation is listed in
 ``scripts/gpu_compile_known.json``, the ratchet of known current defects (entries
-``{kernel, config, arch, kind, note}``, measured with triton ``KNOWN_TRITON``). A
+``{kernel, config, arch, kind, note}``; one list per Triton version,
+:func:`known_path_for`). A
 listed violation that no longer occurs also fails the check (a stale entry: remove
 it), so the list can only shrink. ``config`` is :func:`config_label`'s text, as the
 table prints it.
@@ -91,6 +92,19 @@ KINDS = ("compile", "smem", "spill")
 # The known list was measured with this Triton (requirements-ci.txt); another version
 # compiles differently (other registers, spills, shared memory), so expect differences.
 KNOWN_TRITON = "3.9.0"
+
+
+def known_path_for(version: str) -> str:
+    """The known list of one Triton version: each compiles differently (registers, spills).
+
+    ``scripts/gpu_compile_known.json`` for :data:`KNOWN_TRITON` (what CI's main venv pins),
+    ``scripts/gpu_compile_known-triton<version>.json`` for another (triton 3.6: the GPU
+    machines' version, ``make triton36-check``). A version without a file has an empty list:
+    every violation it shows is new.
+    """
+    if version == KNOWN_TRITON:
+        return KNOWN_PATH
+    return os.path.join(ROOT, "scripts", f"gpu_compile_known-triton{version}.json")
 
 
 # ---------------------------------------------------------------- architectures
@@ -432,8 +446,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #     k = 1: K becomes a constant; k = 8: BLOCK_K = 16 with K not a multiple of 16;
 #     32, 64, 128: K a multiple of 16; 129: BLOCK_K = 128 with a ragged chunk;
 #     256, 512: two and four chunks of 128 (the k = 128 kernel again).
-#   projected AdamW: BLOCK_K = max(16, next_pow2(k)), whole k in one tile, k ≤ 256;
-#     129: BLOCK_K = 256 with K not a multiple of 16; 256: BLOCK_K = 256.
+#   projected AdamW: BLOCK_K = max(16, next_pow2(k)) up to 128, k ≤ 256; 129 and 256:
+#     two tiles of 128 (KSPLIT = 2), 129 with K not a multiple of 16.
 PROJECT_KS = (1, 8, 32, 64, 128, 129, 256, 512)
 ADAMW_KS = (1, 8, 32, 64, 128, 129, 256)
 SIDES = ("input", "output", "flat")
@@ -494,8 +508,13 @@ def adamw_launch(
     d: int = D,
     rows=ROWS,
     note: str = "",
+    strided: bool = False,
 ) -> Launch:
-    """``projected_adamw_bucket_`` on a bucket of ``rows × d`` parameters."""
+    """``projected_adamw_bucket_`` on a bucket of ``rows × d`` parameters.
+
+    ``strided``: grads that are every other column of a wider tensor (no unit
+    stride: the kernel's STRIDED layout).
+    """
     dtype = DTYPES[dt]
 
     def call() -> None:
@@ -503,6 +522,8 @@ def adamw_launch(
 
         params = _row_views(dtype, side, d, rows)
         grads = _row_views(dtype, side, d, rows)
+        if strided:
+            grads = [torch.empty(p.shape[0], 2 * p.shape[1], dtype=dtype)[:, ::2] for p in params]
         m, v, vmax = ([torch.zeros_like(p) for p in params] for _ in range(3))
         anchors = [torch.zeros(1 if side == "flat" else p.shape[0], k) for p in params]
         adamw.projected_adamw_bucket_(
@@ -568,15 +589,33 @@ def launches(quick: bool = False) -> list[Launch]:
         for variant in ("projection", "cosine"):
             for symmetric in (False, True):
                 out.append(surgery_launch(dt, variant, symmetric))
+        # every numel a multiple of 16 bytes: vectorized (VEC > 1)
+        out.append(surgery_launch(dt, "projection", True, numels=(20000, 4768)))
         # tests/test_project.py: a lone (37, 129) grad, k = 7 (D, K not multiples of 16;
         # flat: one chunk, so n_chunks becomes a constant)
         tests = " (37, 129) (tests)"
         for soft in (False, True):
             out.append(project_launch(dt, "input", 7, soft, False, d=129, rows=(37,), note=tests))
         out.append(project_launch(dt, "flat", 7, False, False, d=129, rows=(37,), note=tests))
+        # tests/test_project.py: (37, 129) output side, k = 37: D = 37, the one-pass tile
+        out.append(
+            project_launch(dt, "output", 37, True, True, d=37, rows=(129,), note=" D=37 (tests)")
+        )
+        # output side with rows a multiple of 16 bytes: vectorized along rows (VEC > 1)
+        out.append(project_launch(dt, "output", 32, False, False, rows=(48, 16), note=" (48+16)"))
     for dt in ("fp32", "bf16"):  # tests/test_adamw.py: amsgrad + maximize, k = 3, D = 24
         tests = " (37, 24) + (5, 24) (tests)"
         out.append(adamw_launch(dt, "input", 3, False, True, True, d=24, note=tests))
+    for dt in DTYPES:  # output side with rows a multiple of 16 bytes: vectorized (ALIGN > 1)
+        aligned = " (48, 768) + (16, 768)"
+        out.append(adamw_launch(dt, "output", 32, False, False, rows=(48, 16), note=aligned))
+    # tests/test_adamw.py: grads with no unit stride (STRIDED layout)
+    strided = " (9, 40) + (5, 40) strided grads (tests)"
+    out.append(
+        adamw_launch(
+            "fp32", "input", 7, False, False, d=40, rows=(9, 5), note=strided, strided=True
+        )
+    )
     return out
 
 
@@ -589,6 +628,7 @@ def _quick() -> list[Launch]:
         project_launch("fp32", "flat", 128, True, False),
         adamw_launch("fp32", "input", 256, True, True),
         adamw_launch("bf16", "output", 32, False, False),
+        adamw_launch("fp32", "flat", 32, True, True),
         surgery_launch("fp32", "projection", False),
         surgery_launch("bf16", "cosine", True),
     ]
@@ -812,17 +852,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--json", help="write the table, violations and verdict here")
     parser.add_argument("--quick", action="store_true", help="a subset of the launches")
-    parser.add_argument("--known", default=KNOWN_PATH, help="the known-violations list")
+    parser.add_argument(
+        "--known",
+        default=known_path_for(triton.__version__),
+        help="the known-violations list (default: this Triton version's)",
+    )
     parser.add_argument(
         "--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes"
     )
     args = parser.parse_args(argv)
-    if triton.__version__ != KNOWN_TRITON:
-        print(
-            f"note: the known list was measured with triton {KNOWN_TRITON}, this is "
-            f"{triton.__version__}: violations may differ",
-            file=sys.stderr,
-        )
     start = time.perf_counter()
     known = load_known(args.known)
     items = launches(args.quick)

@@ -203,3 +203,206 @@ def test_triton_rejects_bases_wider_than_its_tile():
     p.grad = torch.randn(4, 300)
     with pytest.raises(ValueError, match="k ≤ 256"):
         opt.step()
+
+
+# ---------------------------------------------------------------- the Triton kernel's own paths
+#
+# The bucket kernel called directly (no optimizer), against the float64 reference
+# bucket kernel from the same inputs, on the paths the step-by-step test above does
+# not reach: the recompute form (D > BLOCK_D), transposed views whose rows are
+# 16-byte aligned (vectorized COLS layout), strided grads (STRIDED layout), flat
+# tensors over several chunks, k = 256, fp16.
+
+HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
+
+
+def _bucket(side, dtype, k, shapes, *, soft, amsgrad, strided_grads=False, seed=0):
+    """Random bucket inputs: (params, grads, m, v, vmax, steps, anchors, basis, weights)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def mat(shape, scale=1.0):
+        r, d = shape
+        if side == "output":  # transposed views: unit stride along the rows
+            t = torch.randn(d, r, generator=gen).T
+        else:
+            t = torch.randn(r, d, generator=gen)
+        return (t * scale).to(dtype)
+
+    ps = [mat(s, 0.1) for s in shapes]
+    if strided_grads:  # every other column of a wider tensor: no unit stride at all
+        gs = [torch.randn(s[1], 2 * s[0], generator=gen).T[::2].to(dtype) for s in shapes]
+    else:
+        gs = [mat(s) for s in shapes]
+    ms = [mat(s, 0.01) for s in shapes]
+    vs = [mat(s, 0.01).abs() for s in shapes]
+    vmax = [v * 1.5 for v in vs] if amsgrad else None
+    if side == "flat":
+        ps, gs, ms, vs = ([t.contiguous() for t in ts] for ts in (ps, gs, ms, vs))
+        vmax = None if vmax is None else [t.contiguous() for t in vmax]
+    d = ps[0].numel() if side == "flat" else shapes[0][1]
+    basis = _basis(d, k, seed + 1).contiguous()
+    weights = torch.rand(k, generator=gen) if soft else None
+    anchors = [torch.randn(1 if side == "flat" else s[0], k, generator=gen) * 0.01 for s in shapes]
+    steps = [torch.tensor(float(3 + i)) for i in range(len(shapes))]
+    return ps, gs, ms, vs, vmax, steps, anchors, basis, weights
+
+
+def _check_bucket(side, dtype, k, shapes, *, soft=False, amsgrad=False, maximize=False, **kw):
+    from gradproj.kernels import adamw
+
+    interpreted = adamw._interpreting()
+
+    args = _bucket(side, dtype, k, shapes, soft=soft, amsgrad=amsgrad, **kw)
+    f64 = torch.float64
+    # float64 copies of everything but the steps (the reference reads them as they are)
+    expect = [
+        ts if ts is None or i == 5 else [t.to(f64) for t in ts] for i, ts in enumerate(args[:7])
+    ]
+    basis, weights = args[7], args[8]
+    reference.projected_adamw_bucket_(
+        *expect,
+        basis.to(f64),
+        None if weights is None else weights.to(f64),
+        side,
+        **HYPER,
+        maximize=maximize,
+    )
+    adamw.projected_adamw_bucket_(*args, side, **HYPER, maximize=maximize)
+    # fp16: one rounding of an fp32 result, 2⁻¹¹, or one ulp (2⁻¹⁰) where the
+    # interpreter truncates; bf16 likewise (see _check_step).
+    tol = TOL[dtype] if dtype != torch.float16 else {"rtol": 2.0**-11, "atol": 1e-5}
+    if dtype != torch.float32 and interpreted:
+        tol = {"rtol": 2 * tol["rtol"], "atol": tol["atol"]}
+    if dtype == torch.float32 and k > 128:
+        # x' − U(a − c) sums k fp32 products: measured 1.01e-7 at k = 129 (values ~0.3),
+        # so 1e-7 has no headroom there; 2e-7 gives 2x.
+        tol = {"rtol": tol["rtol"], "atol": 2e-7}
+    names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for name, got, want in zip(names, args[:5], expect[:5], strict=True):
+        if got is None or name == "grad":
+            continue
+        for i, (x, y) in enumerate(zip(got, want, strict=True)):
+            torch.testing.assert_close(
+                x.to(f64), y, **tol, msg=lambda m, name=name, i=i: f"{name}[{i}]: {m}"
+            )
+    for i, (c, want) in enumerate(zip(args[6], expect[6], strict=True)):
+        torch.testing.assert_close(
+            c.to(f64), want, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"anchor[{i}]: {m}"
+        )
+    return args
+
+
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton cannot run here")
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("side", "dtype", "k", "shapes", "flags"),
+    [
+        # D = 300 > BLOCK_D: two passes over D (the recompute form), ragged last chunk
+        ("input", torch.float32, 20, [(33, 300), (2, 300)], {"soft": True}),
+        ("input", torch.bfloat16, 9, [(17, 300)], {"amsgrad": True, "maximize": True}),
+        # transposed views, rows a multiple of 16 bytes: the vectorized COLS path
+        ("output", torch.float32, 8, [(48, 40), (16, 40)], {"amsgrad": True}),
+        ("output", torch.float32, 20, [(64, 300), (3, 300)], {"soft": True}),
+        ("output", torch.bfloat16, 5, [(48, 100)], {}),
+        # grads with no unit stride: the STRIDED layout
+        ("input", torch.float32, 7, [(9, 40), (5, 40)], {"strided_grads": True}),
+        ("input", torch.float16, 17, [(40, 48)], {}),
+        # the widest basis, k = 256 (BLOCK_K = 256), and k = 129 (K not a multiple of 16)
+        ("input", torch.float32, 256, [(5, 260)], {"soft": True}),
+        ("output", torch.float32, 129, [(20, 140)], {}),
+    ],
+    ids=["rows-2pass", "rows-2pass-bf16", "cols-aligned", "cols-2pass", "cols-bf16",
+         "strided-grads", "fp16", "k256", "cols-k129"],
+)  # fmt: skip
+def test_triton_bucket_paths_match_float64(side, dtype, k, shapes, flags):
+    _check_bucket(side, dtype, k, shapes, **flags)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_flat_spans_several_chunks(dtype):
+    """Flat tensors cut in fixed chunks (one ragged), three tensors: partials, reduce, apply."""
+    from gradproj.kernels import adamw
+
+    n = 2 * adamw._FLAT_CHUNK + 37
+    _check_bucket("flat", dtype, 6, [(1, n)] * 3, soft=True, amsgrad=True)
+
+
+@needs_triton
+def test_triton_flat_is_deterministic():
+    """The chunk partials are summed in a fixed order: two runs agree bit for bit."""
+    from gradproj.kernels import adamw
+
+    n = 3 * adamw._FLAT_CHUNK + 5
+    first = _bucket("flat", torch.float32, 4, [(1, n)] * 2, soft=True, amsgrad=False)
+    second = _bucket("flat", torch.float32, 4, [(1, n)] * 2, soft=True, amsgrad=False)
+    for args in (first, second):
+        adamw.projected_adamw_bucket_(*args, "flat", **HYPER, maximize=False)
+    for a, b in zip(first[:7], second[:7], strict=True):
+        if a is not None:
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y)
+
+
+@needs_triton
+def test_triton_layout_and_alignment_from_strides():
+    """The host picks the tile's fast axis from the strides, and vector hints only when aligned."""
+    from gradproj.kernels import adamw
+
+    def table_of(side, shapes, **kw):
+        ps, gs, ms, vs, vmax, steps, anchors, _, _ = _bucket(
+            side, torch.float32, 3, shapes, soft=False, amsgrad=False, **kw
+        )
+        blocks = {lay: 16 for lay in (adamw._ROWS, adamw._COLS, adamw._STRIDED)}
+        return adamw._rows_table(ps, gs, ms, vs, vmax, steps, anchors, blocks)
+
+    assert table_of("input", [(5, 24)])[2:] == (adamw._ROWS, 4)
+    assert table_of("input", [(5, 22)])[2:] == (adamw._ROWS, 1)  # 88-byte rows
+    assert table_of("output", [(48, 24), (16, 24)])[2:] == (adamw._COLS, 4)
+    assert table_of("output", [(37, 24)])[2:] == (adamw._COLS, 1)  # 37 rows: ragged
+    assert table_of("input", [(5, 24)], strided_grads=True)[2:] == (adamw._STRIDED, 1)
+
+
+@needs_triton
+def test_triton_tiles_follow_the_compile_target(monkeypatch):
+    """The launcher asks the active driver for its target once per device and caches it."""
+    from triton.backends.compiler import GPUTarget
+
+    from gradproj.kernels import adamw
+
+    asked = []
+
+    class Driver:
+        def get_current_device(self):
+            return 7
+
+        def get_current_target(self):
+            asked.append(1)
+            return GPUTarget("cuda", 80, 32)
+
+    monkeypatch.setattr(adamw, "_interpreting", lambda: False)
+    monkeypatch.setattr(adamw, "_CAPABILITY", {})
+    driver = adamw.triton.runtime.driver
+    previous = getattr(driver, "_active", None)  # as scripts/gpu_compile_check.py does
+    driver.set_active(Driver())
+    try:
+        assert adamw._capability() == 80
+        assert adamw._capability() == 80
+    finally:
+        driver.set_active(previous)
+    assert asked == [1]
+    for k in (1, 8, 16, 32, 64, 128, 129, 256):
+        for lay in (adamw._ROWS, adamw._COLS, adamw._STRIDED):
+            for isz in (2, 4):
+                cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80)
+                assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum
+                assert not cfg["RESIDENT"]  # D = 768 never fits one tile
+
+
+@needs_triton
+@pytest.mark.parametrize("side", ["input", "output", "flat"])
+def test_triton_empty_basis_is_plain_adamw(side):
+    """k = 0: no coefficient, an anchor with no address; the step is AdamW's alone."""
+    _check_bucket(side, torch.float32, 0, [(7, 24), (7, 24)], amsgrad=True)

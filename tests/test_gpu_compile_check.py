@@ -111,6 +111,8 @@ TOYS = textwrap.dedent(
                 "ok": verdict.ok,
                 "report": gcc.report(verdict),
                 "table": gcc.format_table(rows),
+                "known_paths": {v: gcc.known_path_for(v) for v in ("3.9.0", "3.6.0")},
+                "known_triton": gcc.KNOWN_TRITON,
                 "occupancy": {
                     "255 regs, 4 warps": gcc.blocks_per_sm(255, 4, 0, gcc.ARCHS["sm_80"]),
                     "32 regs, 4 warps": gcc.blocks_per_sm(32, 4, 0, gcc.ARCHS["sm_80"]),
@@ -187,3 +189,11 @@ def test_blocks_per_sm(toy_check):
     assert occ["100 KiB smem"] == (1, "smem")  # 164 KiB / (100 + 1) KiB
     assert occ["200 KiB smem sm_80"] == (0, "smem")
     assert "smem_hog" in toy_check["table"] and "!smem" in toy_check["table"]
+
+
+def test_each_triton_version_has_its_own_known_list(toy_check):
+    # another Triton compiles differently: its violations are judged against its own list
+    paths = toy_check["known_paths"]
+    assert toy_check["known_triton"] == "3.9.0"
+    assert paths["3.9.0"] == os.path.join(ROOT, "scripts", "gpu_compile_known.json")
+    assert paths["3.6.0"] == os.path.join(ROOT, "scripts", "gpu_compile_known-triton3.6.0.json")

@@ -204,6 +204,34 @@ def test_non_contiguous_views(device, backend, dtype):
 
 
 @pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_aligned_and_unaligned_tensors_in_one_bucket(device, backend, dtype):
+    """A bucket mixing 16-byte aligned grads with grads one element off alignment
+    (the Triton kernels vectorize only when every tensor is aligned), input and
+    output sides, and flat vectors long enough for several chunks per tensor."""
+    gen = torch.Generator().manual_seed(11)
+    store = torch.randn(1 + 40 * 64, generator=gen).to(device=device, dtype=dtype)
+    u = orthonormal(64, 9, device)
+    for side, shape in (("input", (40, 64)), ("output", (64, 40))):
+        grads = [
+            torch.randn(shape, generator=gen).to(device=device, dtype=dtype),
+            store[1:].view(shape),  # one element past a 16-byte boundary
+        ]
+        before = [g.clone() for g in grads]
+        gradproj.project_(grads, [u, u], side=side, backend=backend)
+        for g, g0 in zip(grads, before, strict=True):
+            assert_matches(g, ref64(g0, u, side), g0, 9, backend=backend)
+    n = 20000  # three chunks of 8192 per tensor on the flat side
+    flats = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for _ in range(2)]
+    flats.append(torch.randn(n + 1, generator=gen).to(device=device, dtype=dtype)[1:])
+    u_flat = orthonormal(n, 3, device)
+    before = [f.clone() for f in flats]
+    gradproj.project_(flats, [u_flat] * 3, side="flat", backend=backend)
+    for f, f0 in zip(flats, before, strict=True):
+        assert_matches(f, ref64(f0, u_flat, "flat"), f0, 3, backend=backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
 def test_bias_output_side(device, backend):
     v = orthonormal(12, 3, device)
     b = torch.randn(12, device=device)

@@ -8,14 +8,15 @@
 // then, for every row x' of the param's row view with anchor row c:
 //   a = U^T x';  x <- x' - U (w (a - c));  c <- c + (1 - w) (a - c)  (soft weights)
 //
-// One launch per bucket, the design of kernels/adamw.py: one warp per row of any
-// param (row -> param by binary search over the device table), two passes over
-// the row. Pass 1 computes x' (nothing stored) and a = U^T x', kCoefBlock
-// coefficients per sweep, reduced across the warp by butterflies (deterministic);
-// the coefficients are finished with the anchor; pass 2 recomputes x' from the
-// same loads with the same arithmetic, stores m, v (v^) and x' - U coef. A row is a
-// few KB, so the re-reads hit L1/L2 and DRAM sees one read of p, g, m, v and one
-// write of p, m, v. U^T (k x dp, padded) is read from global memory (L1/L2).
+// The row-tile engine of cuda/tile.cuh with AdamWPolicy: loading a row element
+// reads p, g, m, v (v^), stores the new m, v (v^) at once (they do not depend on
+// the projection) and keeps x' in registers; the engine projects x' and stores
+// p once. So when a row fits one segment (rows layout d <= 4096, cols layout
+// d <= 128) DRAM sees exactly the bytes of a fused AdamW: p, g, m, v (v^) read
+// once, p, m, v (v^) written once. Longer rows take the split launch: the
+// partials pass computes x' without storing anything, the apply pass reads the
+// four streams again and stores everything. side="output" (transposed views)
+// runs in the cols layout (coalesced along G's rows); flat params are one row each.
 // Numerics as the Triton kernel: bias corrections in fp64 from the step count,
 // fp32 update with correctly rounded sqrt (__fsqrt_rn) and division, fp32 dot
 // products, one rounding per stored element. No host synchronization.
@@ -26,23 +27,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "bucket_checks.h"
 #include "cuda/multi_tensor.cuh"
+#include "cuda/tile.cuh"
 
 namespace gradproj::cuda {
 namespace {
-
-constexpr int kWarp = 32;
-constexpr int kThreads = 256;  // 8 warps per block
-constexpr int kWarpsPerBlock = kThreads / kWarp;
-constexpr int kCoefBlock = 16;  // coefficients per sweep of pass 1 (x' recomputed per sweep)
 
 // One param of the bucket in the device table, as int64 words. For side="flat"
 // rows == 1 and the column strides are the vector's strides.
@@ -55,9 +48,11 @@ struct AdamWEntry {
   int64_t col_stride;
   int64_t g_row_stride;
   int64_t g_col_stride;
-  int64_t first_row;  // index of its first row among all rows of the launch
+  int64_t first_row;   // index of its first row among all rows of the launch
+  int64_t first_task;  // cols layout: index of its first 32-row block
 };
-static_assert(sizeof(AdamWEntry) == 13 * sizeof(int64_t), "AdamWEntry must be packed int64s");
+constexpr int kEntryWords = 14;
+static_assert(sizeof(AdamWEntry) == kEntryWords * sizeof(int64_t), "AdamWEntry must be packed int64s");
 
 struct Hyper {
   double lr;
@@ -67,165 +62,181 @@ struct Hyper {
   float beta2;
   float eps;
   float decay;  // 1 - lr wd
+  bool amsgrad;
+  bool maximize;
 };
 
-__device__ __forceinline__ const AdamWEntry& find_param(
-    const AdamWEntry* table, int n, int64_t row) {
-  int lo = 0;
-  int hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table[mid].first_row <= row) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return table[lo];
-}
+// How the engine reads and writes one param row. kVec: p, g, m, v (v^) of every
+// row of the launch are unit-stride and 16-byte aligned.
+template <typename T, bool kVec>
+struct AdamWPolicy {
+  using Scalar = T;
+  // One row per group and 16 column elements per thread: with 2 rows / 32
+  // elements the AdamW loads spilled 8-116 bytes at the 128-register cap.
+  static constexpr int kRows = 1;
+  static constexpr int kColsEpt = 16;
+  static constexpr int V = tile::Pack<T>::kSize;
 
-// x' of element o (g's element og) in fp32; stores m, v (v^) when STORE.
-template <typename T, bool AMSGRAD, bool MAXIMIZE, bool STORE>
-__device__ __forceinline__ float adamw_element(
-    const AdamWEntry& e, int64_t o, int64_t og, const Hyper& h, float step_size,
-    float inv_sqrt_bias2) {
-  T* m_ptr = reinterpret_cast<T*>(e.m);
-  T* v_ptr = reinterpret_cast<T*>(e.v);
-  float g = static_cast<float>(reinterpret_cast<const T*>(e.g)[og]);
-  if (MAXIMIZE) g = -g;
-  const float omb1 = static_cast<float>(h.one_minus_beta1);
-  const float omb2 = static_cast<float>(h.one_minus_beta2);
-  const float m = h.beta1 * static_cast<float>(m_ptr[o]) + omb1 * g;
-  const float v = h.beta2 * static_cast<float>(v_ptr[o]) + omb2 * g * g;
-  float v_hat = v;
-  if (AMSGRAD) {
-    T* vmax_ptr = reinterpret_cast<T*>(e.vmax);
-    v_hat = fmaxf(static_cast<float>(vmax_ptr[o]), v);
-    if (STORE) vmax_ptr[o] = static_cast<T>(v_hat);
-  }
-  if (STORE) {
-    m_ptr[o] = static_cast<T>(m);
-    v_ptr[o] = static_cast<T>(v);
-  }
-  const float p = static_cast<float>(reinterpret_cast<const T*>(e.p)[o]);
-  return p * h.decay - step_size * m / (__fsqrt_rn(v_hat) * inv_sqrt_bias2 + h.eps);
-}
+  const AdamWEntry* table;
+  int n;
+  int64_t k;
+  Hyper h;
 
-template <typename T, bool AMSGRAD, bool MAXIMIZE>
-__global__ void __launch_bounds__(kThreads) projected_adamw_kernel(
-    const AdamWEntry* __restrict__ table, int n_params, int64_t total_rows,
-    const float* __restrict__ ut, int64_t d, int64_t dp, int64_t k,
-    const float* __restrict__ weights, float* __restrict__ coef_ws, Hyper h) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t row = warp; row < total_rows; row += warps) {
-    const AdamWEntry& e = find_param(table, n_params, row);
+  struct Row {
+    const AdamWEntry* e;
+    int64_t o;   // offset of the row's element 0 in p, m, v, v^
+    int64_t og;  // in g
+    float step_size;
+    float inv_sqrt_bias2;
+  };
+
+  __device__ Row row(int64_t row) const {
+    const AdamWEntry& e = tile::find_first(table, n, row, &AdamWEntry::first_row);
     const int64_t r = row - e.first_row;
     // Bias corrections in fp64 from the step count on the device (as kernels/adamw.py):
     // beta^t = exp(t log(1 - (1 - beta))); 1 - b2^t is 1e-3 at t = 1.
     const double t = static_cast<double>(*reinterpret_cast<const float*>(e.step));
     const double bias1 = 1.0 - exp(t * log(1.0 - h.one_minus_beta1));
     const double bias2 = 1.0 - exp(t * log(1.0 - h.one_minus_beta2));
-    const float step_size = static_cast<float>(h.lr / bias1);
-    const float inv_sqrt_bias2 = static_cast<float>(1.0 / sqrt(bias2));
-    const int64_t base = r * e.row_stride;
-    const int64_t g_base = r * e.g_row_stride;
-    float* coef = coef_ws + row * k;
-    float* anchor_row = reinterpret_cast<float*>(e.anchor) + r * k;
-
-    // Pass 1: coef = U^T x', kCoefBlock coefficients per sweep along the row.
-    for (int64_t k0 = 0; k0 < k; k0 += kCoefBlock) {
-      float acc[kCoefBlock];
-#pragma unroll
-      for (int b = 0; b < kCoefBlock; ++b) acc[b] = 0.f;
-      for (int64_t j = lane; j < d; j += kWarp) {
-        const float x = adamw_element<T, AMSGRAD, MAXIMIZE, false>(
-            e, base + j * e.col_stride, g_base + j * e.g_col_stride, h, step_size,
-            inv_sqrt_bias2);
-#pragma unroll
-        for (int b = 0; b < kCoefBlock; ++b) {
-          if (k0 + b < k) acc[b] += x * __ldg(ut + (k0 + b) * dp + j);
-        }
-      }
-#pragma unroll
-      for (int b = 0; b < kCoefBlock; ++b) {
-        if (k0 + b < k) {  // uniform across the warp, so the shuffles stay converged
-          const float total = warp_sum(acc[b]);
-          if (lane == 0) coef[k0 + b] = total;
-        }
-      }
-    }
-    __syncwarp();
-    // coef <- w (a - c), and c <- c + (1 - w)(a - c) for soft weights.
-    for (int64_t kk = lane; kk < k; kk += kWarp) {
-      float delta = coef[kk] - anchor_row[kk];
-      if (weights != nullptr) {
-        anchor_row[kk] += (1.f - weights[kk]) * delta;
-        delta *= weights[kk];
-      }
-      coef[kk] = delta;
-    }
-    __syncwarp();
-
-    // Pass 2: x' again, m, v (v^) stored, x = x' - U coef stored.
-    T* p = reinterpret_cast<T*>(e.p);
-    for (int64_t j = lane; j < d; j += kWarp) {
-      const int64_t o = base + j * e.col_stride;
-      float x = adamw_element<T, AMSGRAD, MAXIMIZE, true>(
-          e, o, g_base + j * e.g_col_stride, h, step_size, inv_sqrt_bias2);
-      for (int64_t kk = 0; kk < k; ++kk) x -= coef[kk] * __ldg(ut + kk * dp + j);
-      p[o] = static_cast<T>(x);
-    }
-    __syncwarp();
+    return {
+        &e, r * e.row_stride, r * e.g_row_stride, static_cast<float>(h.lr / bias1),
+        static_cast<float>(1.0 / sqrt(bias2))};
   }
-}
+  __device__ float* anchor_row(int64_t row) const {
+    const AdamWEntry& e = tile::find_first(table, n, row, &AdamWEntry::first_row);
+    return reinterpret_cast<float*>(e.anchor) + (row - e.first_row) * k;
+  }
+  __device__ int64_t task_row(int64_t task, int lane) const {
+    const AdamWEntry& e = tile::find_first(table, n, task, &AdamWEntry::first_task);
+    const int64_t i = (task - e.first_task) * tile::kWarp + lane;
+    return i < e.rows ? e.first_row + i : -1;
+  }
 
-template <typename T, bool AMSGRAD, bool MAXIMIZE>
+  // x' of one element; m, v, v^ updated in place (fp32).
+  __device__ __forceinline__ float update(
+      const Row& w, float p, float g, float& m, float& v, float& vmax) const {
+    if (h.maximize) g = -g;
+    const float omb1 = static_cast<float>(h.one_minus_beta1);
+    const float omb2 = static_cast<float>(h.one_minus_beta2);
+    m = h.beta1 * m + omb1 * g;
+    v = h.beta2 * v + omb2 * g * g;
+    float v_hat = v;
+    if (h.amsgrad) {
+      v_hat = fmaxf(vmax, v);
+      vmax = v_hat;
+    }
+    return p * h.decay - w.step_size * m / (__fsqrt_rn(v_hat) * w.inv_sqrt_bias2 + h.eps);
+  }
+
+  // x' of elements [j, j + V) (0 at or past d); kFinal: stores m, v (v^).
+  template <bool kFinal>
+  __device__ __forceinline__ void load(const Row& w, int64_t j, int64_t d, float (&x)[V]) const {
+    using P = tile::Pack<T>;
+    // amsgrad takes the element path: a fifth vector stream per slot spills at
+    // the 128-register cap, and amsgrad is the rare case.
+    if (kVec && j + V <= d && !h.amsgrad) {
+      const AdamWEntry& e = *w.e;
+      const P pp = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.p) + w.o + j);
+      const P pg = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.g) + w.og + j);
+      P pm = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.m) + w.o + j);
+      P pv = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.v) + w.o + j);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        float m = static_cast<float>(pm.v[i]);
+        float v = static_cast<float>(pv.v[i]);
+        float unused = 0.f;
+        x[i] = update(w, static_cast<float>(pp.v[i]), static_cast<float>(pg.v[i]), m, v, unused);
+        pm.v[i] = static_cast<T>(m);
+        pv.v[i] = static_cast<T>(v);
+      }
+      if (kFinal) {
+        *reinterpret_cast<P*>(reinterpret_cast<T*>(e.m) + w.o + j) = pm;
+        *reinterpret_cast<P*>(reinterpret_cast<T*>(e.v) + w.o + j) = pv;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) x[i] = j + i < d ? load1<kFinal>(w, j + i) : 0.f;
+    }
+  }
+  template <bool kFinal>
+  __device__ __forceinline__ float load1(const Row& w, int64_t j) const {
+    const AdamWEntry& e = *w.e;
+    const int64_t o = w.o + j * e.col_stride;
+    const int64_t og = w.og + j * e.g_col_stride;
+    T* m_ptr = reinterpret_cast<T*>(e.m) + o;
+    T* v_ptr = reinterpret_cast<T*>(e.v) + o;
+    T* vmax_ptr = reinterpret_cast<T*>(e.vmax) + o;
+    float m = static_cast<float>(*m_ptr);
+    float v = static_cast<float>(*v_ptr);
+    float vmax = h.amsgrad ? static_cast<float>(*vmax_ptr) : 0.f;
+    const float x = update(
+        w, static_cast<float>(reinterpret_cast<const T*>(e.p)[o]),
+        static_cast<float>(reinterpret_cast<const T*>(e.g)[og]), m, v, vmax);
+    if (kFinal) {
+      *m_ptr = static_cast<T>(m);
+      *v_ptr = static_cast<T>(v);
+      if (h.amsgrad) *vmax_ptr = static_cast<T>(vmax);
+    }
+    return x;
+  }
+  __device__ __forceinline__ void store(const Row& w, int64_t j, int64_t d, const float (&x)[V]) const {
+    T* p = reinterpret_cast<T*>(w.e->p) + w.o;
+    if (kVec && j + V <= d) {
+      tile::Pack<T> out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) out.v[i] = static_cast<T>(x[i]);
+      *reinterpret_cast<tile::Pack<T>*>(p + j) = out;
+    } else {
+      const int64_t cs = w.e->col_stride;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        if (j + i < d) p[(j + i) * cs] = static_cast<T>(x[i]);
+      }
+    }
+  }
+  __device__ __forceinline__ void store1(const Row& w, int64_t j, float x) const {
+    reinterpret_cast<T*>(w.e->p)[w.o + j * w.e->col_stride] = static_cast<T>(x);
+  }
+};
+
+template <typename T>
 void launch(
-    const std::vector<AdamWEntry>& entries, int64_t total_rows, const at::Tensor& basis,
-    const float* weights, const Hyper& h) {
-  const int64_t d = basis.size(0);
-  const int64_t k = basis.size(1);
-  const int64_t dp = ((d + 3) / 4) * 4;
-  // U^T padded to (k x dp): lane j of a warp reads word j of a row, coalesced.
-  at::Tensor ut = at::zeros({k, dp}, basis.options());
-  ut.narrow(1, 0, d).copy_(basis.t());
-  at::Tensor coef = at::empty({total_rows, k}, basis.options());
+    const std::vector<AdamWEntry>& entries, int64_t total_rows, int64_t total_tasks, bool vec,
+    bool cols, const at::Tensor& basis, const float* weights, const Hyper& h) {
+  if (entries.empty()) return;
   std::vector<int64_t> words;
-  words.reserve(entries.size() * 13);
+  words.reserve(entries.size() * kEntryWords);
   for (const AdamWEntry& e : entries) {
     words.insert(
         words.end(),
         {e.p, e.g, e.m, e.v, e.vmax, e.anchor, e.step, e.rows, e.row_stride, e.col_stride,
-         e.g_row_stride, e.g_col_stride, e.first_row});
+         e.g_row_stride, e.g_col_stride, e.first_row, e.first_task});
   }
-  at::Tensor table = upload_words(words, basis.device());
-  auto kernel = projected_adamw_kernel<T, AMSGRAD, MAXIMIZE>;
-  const int grid =
-      resident_grid(kernel, kThreads, 0, (total_rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const AdamWEntry*>(table.data_ptr<int64_t>()),
-      static_cast<int>(entries.size()), total_rows, ut.data_ptr<float>(), d, dp, k, weights,
-      coef.data_ptr<float>(), h);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor table = upload_words(words, basis.device());
+  const auto* t = reinterpret_cast<const AdamWEntry*>(table.data_ptr<int64_t>());
+  const int n = static_cast<int>(entries.size());
+  const int64_t k = basis.size(1);
+  if (cols) {
+    tile::run_cols(AdamWPolicy<T, false>{t, n, k, h}, total_rows, total_tasks, basis, weights);
+  } else if (vec) {
+    tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, total_rows, basis, weights);
+  } else {
+    tile::run_rows(AdamWPolicy<T, false>{t, n, k, h}, total_rows, basis, weights);
+  }
 }
 
+// One layout's params: their table entries and what the launch needs to know.
+struct Layout {
+  std::vector<AdamWEntry> entries;
+  int64_t total_rows = 0;
+  int64_t total_tasks = 0;
+  bool vec = true;
+};
+
 template <typename T>
-void launch(
-    const std::vector<AdamWEntry>& entries, int64_t total_rows, const at::Tensor& basis,
-    const float* weights, const Hyper& h, bool amsgrad, bool maximize) {
-  if (amsgrad) {
-    if (maximize) {
-      launch<T, true, true>(entries, total_rows, basis, weights, h);
-    } else {
-      launch<T, true, false>(entries, total_rows, basis, weights, h);
-    }
-  } else if (maximize) {
-    launch<T, false, true>(entries, total_rows, basis, weights, h);
-  } else {
-    launch<T, false, false>(entries, total_rows, basis, weights, h);
-  }
+void launch_all(const Layout& rows, const Layout& cols, const at::Tensor& basis, const float* w, const Hyper& h) {
+  launch<T>(rows.entries, rows.total_rows, 0, rows.vec, /*cols=*/false, basis, w, h);
+  launch<T>(cols.entries, cols.total_rows, cols.total_tasks, false, /*cols=*/true, basis, w, h);
 }
 
 void projected_adamw_bucket_cuda(
@@ -241,22 +252,36 @@ void projected_adamw_bucket_cuda(
   const c10::cuda::CUDAGuard guard(basis.device());
   const bool amsgrad = !max_exp_avg_sqs.empty();
   const bool flat = s == Side::kFlat;
-  std::vector<AdamWEntry> entries;
-  int64_t total_rows = 0;
+  const int64_t d = basis.size(0);
+  // Transposed views (side="output") run in the cols layout, the rest in the rows
+  // layout (as project.cu); one launch per layout present.
+  Layout by_rows;
+  Layout by_cols;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     const int64_t rows = flat ? 1 : p.size(0);
-    entries.push_back(
+    const int64_t row_stride = flat ? 0 : p.stride(0);
+    const int64_t col_stride = flat ? p.stride(0) : p.stride(1);
+    const int64_t g_row_stride = flat ? 0 : g.stride(0);
+    const int64_t g_col_stride = flat ? g.stride(0) : g.stride(1);
+    const bool transposed = !flat && row_stride == 1 && col_stride != 1 && rows > 1 && d > 1;
+    Layout& l = transposed ? by_cols : by_rows;
+    l.vec = l.vec && tile::vector_rows(p, row_stride, col_stride, rows) &&
+            tile::vector_rows(g, g_row_stride, g_col_stride, rows) &&
+            tile::vector_rows(exp_avgs[i], row_stride, col_stride, rows) &&
+            tile::vector_rows(exp_avg_sqs[i], row_stride, col_stride, rows) &&
+            (!amsgrad || tile::vector_rows(max_exp_avg_sqs[i], row_stride, col_stride, rows));
+    l.entries.push_back(
         {reinterpret_cast<int64_t>(p.data_ptr()), reinterpret_cast<int64_t>(g.data_ptr()),
          reinterpret_cast<int64_t>(exp_avgs[i].data_ptr()),
          reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr()),
          amsgrad ? reinterpret_cast<int64_t>(max_exp_avg_sqs[i].data_ptr()) : 0,
          reinterpret_cast<int64_t>(anchors[i].data_ptr<float>()),
-         reinterpret_cast<int64_t>(steps[i].data_ptr<float>()), rows, flat ? 0 : p.stride(0),
-         flat ? p.stride(0) : p.stride(1), flat ? 0 : g.stride(0),
-         flat ? g.stride(0) : g.stride(1), total_rows});
-    total_rows += rows;
+         reinterpret_cast<int64_t>(steps[i].data_ptr<float>()), rows, row_stride, col_stride,
+         g_row_stride, g_col_stride, l.total_rows, l.total_tasks});
+    l.total_rows += rows;
+    l.total_tasks += (rows + tile::kWarp - 1) / tile::kWarp;
   }
   const Hyper h{
       lr,
@@ -265,17 +290,19 @@ void projected_adamw_bucket_cuda(
       static_cast<float>(beta1),
       static_cast<float>(beta2),
       static_cast<float>(eps),
-      static_cast<float>(1.0 - lr * weight_decay)};
+      static_cast<float>(1.0 - lr * weight_decay),
+      amsgrad,
+      maximize};
   const float* w = weights.has_value() ? weights->data_ptr<float>() : nullptr;
   switch (params[0].scalar_type()) {
     case at::kFloat:
-      launch<float>(entries, total_rows, basis, w, h, amsgrad, maximize);
+      launch_all<float>(by_rows, by_cols, basis, w, h);
       break;
     case at::kBFloat16:
-      launch<at::BFloat16>(entries, total_rows, basis, w, h, amsgrad, maximize);
+      launch_all<at::BFloat16>(by_rows, by_cols, basis, w, h);
       break;
     case at::kHalf:
-      launch<at::Half>(entries, total_rows, basis, w, h, amsgrad, maximize);
+      launch_all<at::Half>(by_rows, by_cols, basis, w, h);
       break;
     default:
       TORCH_CHECK(

@@ -4,10 +4,9 @@
 // kernel indexes), with two differences that suit projection:
 //  * [table in device memory] ATen passes the table by value as a kernel
 //    argument and relaunches when it fills up (4 KB of arguments); a bucket here
-//    can hold hundreds of tensors and must be one launch, so the table is built
-//    on the host in pinned memory and copied with non_blocking=true. The copy is
-//    ordered on the current stream before the kernel, and the caching host
-//    allocator keeps the pinned block alive until the copy has run: no host sync.
+//    can hold hundreds of tensors and must be one launch, so the table lives in
+//    device memory, uploaded once per content (device_cache.cuh) from pinned
+//    memory with non_blocking=true: ordered on the stream, no host sync.
 //  * [tasks, not chunks] a task is a row (or a panel of 32 columns) of one
 //    matrix; each entry stores the index of its first task, and a warp finds its
 //    matrix by binary search over those prefixes. Grid-stride loops over tasks
@@ -18,6 +17,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+
+#include "cuda/device_cache.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -53,15 +54,10 @@ __device__ __forceinline__ const MatrixEntry& find_entry(
   return table[lo];
 }
 
-// Copies `words` to `device` through pinned memory, ordered on the current
-// stream. The returned tensor owns the device copy; keep it alive until the
-// kernel is enqueued (the caching allocator handles the rest).
+// `words` as a device table, uploaded once per content (device_cache.cuh:
+// [device tables]); the first upload is copied from pinned memory, non_blocking.
 inline at::Tensor upload_words(const std::vector<int64_t>& words, const at::Device& device) {
-  at::Tensor host = at::empty(
-      {static_cast<int64_t>(words.size())},
-      at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
-  return host.to(device, /*non_blocking=*/true);
+  return cached_words(words, device);
 }
 
 // `entries` as a device table (see upload_words).
@@ -87,15 +83,12 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Grid size: enough resident blocks of `threads` to fill the device, never more
-// than the work (kernels loop grid-stride, so any size is correct).
+// than the work (kernels loop grid-stride, so any size is correct). The
+// occupancy query runs once per (device, kernel, threads, smem).
 template <typename Kernel>
 int resident_grid(Kernel kernel, int threads, size_t smem_bytes, int64_t blocks_of_work) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  int per_sm = 0;
-  C10_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
-  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * prop->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min(resident, blocks_of_work)));
+  return resident_grid_for(
+      reinterpret_cast<const void*>(kernel), threads, smem_bytes, blocks_of_work);
 }
 
 }  // namespace gradproj::cuda

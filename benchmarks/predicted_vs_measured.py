@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Measured against predicted: the first GPU run checks the static model.
+
+    python benchmarks/predicted_vs_measured.py --out DIR [--model MODEL_JSON]
+
+CUDA only (``scripts/gpu_check.sh`` runs it). For every row of the static model
+(:mod:`benchmarks.perf_model`, "predicted from compiled code, not measured") of this
+device's architecture (``sm_80`` rows on compute capability 8.x, ``sm_90`` on 9.x), the
+same op, side, dtype and ``k`` on the model's bucket (``shape`` of the JSON: its rows
+split into two tensors of ``d`` columns) is timed on the ``triton`` backend with
+``triton.testing.do_bench`` (median, L2 flushed), together with its peer in the same
+run:
+
+* ``project_`` / anchored / ``surgery_``: a device copy of the op's essential bytes
+  (the model's ``floor_bytes_per_elt`` × elements, read + written), so the measured
+  fraction is ``t_copy / t_op``, the model's ``predicted_fraction_of_copy``;
+* ``ProjectedAdamW``: ``torch.optim.AdamW(fused=True).step()`` on the same parameters,
+  so the measured figure is ``t_fused_adamw / t_projected`` (the model assumes torch's
+  fused AdamW at the copy roofline: this comparison also tests that assumption).
+
+Writes ``DIR/predicted_vs_measured.json`` and ``.md`` (device name, versions, every
+row: predicted, measured, measured / predicted). Nothing here is a prediction: the
+model's figures are copied from its JSON, labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL = os.path.join(ROOT, "benchmarks", "results", "perf_model.json")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TENSORS = 2  # the model's bucket: its rows split into this many tensors
+
+
+def arch_of(capability: tuple[int, int]) -> str:
+    """The model's arch for a device: ``sm_80`` for 8.x, ``sm_90`` for 9.x (and later)."""
+    major = capability[0]
+    if major < 8:
+        raise ValueError(f"no model rows for compute capability {capability}: sm_80 or later")
+    return "sm_80" if major == 8 else "sm_90"
+
+
+def rows_for(model: dict, arch: str) -> list[dict]:
+    """The model's rows for ``arch``; a clear error when the model has none."""
+    rows = [r for r in model["rows"] if r["arch"] == arch]
+    if not rows:
+        raise ValueError(f"the model has no rows for {arch} (it has {model.get('devices')})")
+    return rows
+
+
+def _orthonormal(d: int, k: int, dev: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+    return q.to(device=dev, dtype=torch.float32)
+
+
+def case(
+    row: dict, shape: dict, dev: torch.device
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(op, peer)``: closures that run the row's op on the triton backend and its peer."""
+    import gradproj
+    from gradproj import ops
+
+    dtype = DTYPES[row["dtype"]]
+    n_rows, d, k = shape["rows"] // TENSORS, shape["d"], row["k"]
+    op = row["op"]
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, device=dev).to(dtype)
+
+    def copy_peer(floor_bytes: float) -> Callable[[], None]:
+        n = int(floor_bytes * row["elements"]) // 2  # read n bytes, write n bytes
+        src = torch.empty(n, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+
+    peer = copy_peer(row["floor_bytes_per_elt"])
+    if op.startswith(("project_ ", "project_anchored ")):
+        side = op.split()[-1]
+        if side == "flat":
+            grads = [randn(n_rows * d) for _ in range(TENSORS)]
+            basis = _orthonormal(n_rows * d, k, dev)
+        elif side == "output":
+            grads = [randn(d, n_rows) for _ in range(TENSORS)]
+            basis = _orthonormal(d, k, dev)
+        else:
+            grads = [randn(n_rows, d) for _ in range(TENSORS)]
+            basis = _orthonormal(d, k, dev)
+        if op.startswith("project_anchored"):
+            anchors = [ops.anchor(g, basis, side=side) for g in grads]
+            return (
+                lambda: ops.project_anchored_(grads, anchors, basis, side=side, backend="triton"),
+                peer,
+            )
+        return lambda: gradproj.project_(grads, basis, side=side, backend="triton"), peer
+    if op.startswith("surgery_"):
+        g_u = [randn(n_rows * d) for _ in range(TENSORS)]
+        g_r = [-g for g in g_u]  # every pair conflicts: the apply pass always runs
+        return lambda: gradproj.surgery_(g_u, g_r, backend="triton"), peer
+    if op.startswith("ProjectedAdamW"):
+        basis = _orthonormal(d, k, dev)
+
+        def params() -> list[torch.Tensor]:
+            out = [torch.nn.Parameter(randn(n_rows, d)) for _ in range(TENSORS)]
+            for p in out:
+                p.grad = torch.randn_like(p)
+            return out
+
+        mine, theirs = params(), params()
+        projected = gradproj.ProjectedAdamW(mine, bases={p: basis for p in mine}, backend="triton")
+        fused = torch.optim.AdamW(theirs, fused=True)
+        return projected.step, fused.step
+    raise ValueError(f"no case for the model's op {op!r}")
+
+
+def compare(rows: list[dict], shape: dict, dev: torch.device, bench: Callable) -> list[dict]:
+    """Every row timed: ``bench(fn)`` gives milliseconds (do_bench on a GPU)."""
+    out = []
+    for row in rows:
+        op_fn, peer_fn = case(row, shape, dev)
+        t_op, t_peer = bench(op_fn), bench(peer_fn)
+        measured = t_peer / t_op
+        predicted = row["predicted_fraction_of_copy"]
+        out.append(
+            {
+                "op": row["op"],
+                "dtype": row["dtype"],
+                "k": row["k"],
+                "op_ms": t_op,
+                "peer_ms": t_peer,
+                "peer": "torch fused AdamW" if row["op"].startswith("ProjectedAdamW") else "copy",
+                "predicted": predicted,
+                "measured": measured,
+                "measured_over_predicted": measured / predicted if predicted else None,
+                "predicted_limiter": row["limiter"],
+            }
+        )
+    return out
+
+
+def markdown(device: str, versions: dict, results: list[dict]) -> str:
+    lines = [
+        f"# Measured on {device} against the static model's prediction",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "*predicted*: from compiled code (benchmarks/perf_model.py), not measured; *measured*:",
+        "this run (do_bench medians). Fractions of the copy roofline (ProjectedAdamW: torch",
+        "fused AdamW time over ProjectedAdamW time).",
+        "",
+        "| op | dtype | k | predicted | measured | measured / predicted | op ms | peer ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = r["measured_over_predicted"]
+        ratio_text = "—" if ratio is None else f"{ratio:.2f}"
+        lines.append(
+            f"| {r['op']} | {r['dtype']} | {r['k']} | {r['predicted']:.0%} | {r['measured']:.0%} "
+            f"| {ratio_text} | {r['op_ms']:.3f} | {r['peer_ms']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("predicted_vs_measured: needs a CUDA device (it measures)", file=sys.stderr)
+        return 2
+    import triton
+    import triton.testing
+
+    with open(args.model) as f:
+        model = json.load(f)
+    dev = torch.device("cuda")
+    arch = arch_of(torch.cuda.get_device_capability(dev))
+
+    def bench(fn: Callable[[], None]) -> float:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    results = compare(rows_for(model, arch), model["shape"], dev, bench)
+    versions = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "model triton": model.get("triton"),
+        "model date": model.get("date"),
+    }
+    device = torch.cuda.get_device_name(dev)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "predicted_vs_measured.json"), "w") as f:
+        json.dump(
+            {"device": device, "arch": arch, "versions": versions, "rows": results}, f, indent=1
+        )
+    text = markdown(device, versions, results)
+    with open(os.path.join(args.out, "predicted_vs_measured.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

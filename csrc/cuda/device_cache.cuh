@@ -1,0 +1,222 @@
+// Host-side caches of the CUDA kernels: everything a call used to rebuild.
+//
+// A training step calls the same ops with the same basis and the same tensors
+// again and again, so the per-call host work is kept to building a key:
+//  * [packed basis] the layout a kernel reads U in (U^T padded, or U in k-chunks)
+//    is built once per (basis storage, data pointer, shape, version counter,
+//    layout, device) and reused until the basis is written in place (its version
+//    changes) or freed. The entry holds a weak reference to the basis storage,
+//    so it keeps no user memory alive and a freed-then-reused address can never
+//    match a stale entry (the StorageImpl object outlives the weak reference).
+//    Inference tensors have no version counter: their layouts are rebuilt per call.
+//  * [device tables] a table is uploaded once per content (its int64 words):
+//    the same bucket on the next step finds the device copy.
+//  * [launch config] occupancy is queried once per (device, kernel, threads,
+//    dynamic smem); cudaFuncAttributeMaxDynamicSharedMemorySize is set once per
+//    (device, kernel) to the kernel's largest size, never to one call's size, so
+//    two threads launching with different bases cannot undo each other's setting.
+// Every cache is guarded by a mutex; nothing here synchronizes with the device.
+//
+// [streams] a cached tensor is built on the stream current at the time. When a
+// later call runs on another stream, that stream waits for an event recorded
+// after the build (a device-side wait), and the tensor's block is marked as used
+// on that stream so the caching allocator does not hand it out again while the
+// kernel may still read it after eviction.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/core/Storage.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace gradproj::cuda {
+
+// A device tensor built on `stream`, with an event recorded after its build.
+class StreamedTensor {
+ public:
+  StreamedTensor(at::Tensor value, const c10::cuda::CUDAStream& stream)
+      : value_(std::move(value)), stream_id_(stream.id()) {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(ready_, stream.stream()));
+  }
+  StreamedTensor(const StreamedTensor&) = delete;
+  StreamedTensor& operator=(const StreamedTensor&) = delete;
+  ~StreamedTensor() {
+    // Destroying an event with pending work is allowed: it is released when done.
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+  }
+
+  // The tensor, ordered before the work about to be enqueued on `stream`.
+  at::Tensor use_on(const c10::cuda::CUDAStream& stream) const {
+    if (stream.id() != stream_id_) {
+      C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), ready_, 0));
+      c10::cuda::CUDACachingAllocator::recordStream(value_.storage().data_ptr(), stream);
+    }
+    return value_;
+  }
+
+ private:
+  at::Tensor value_;
+  c10::StreamId stream_id_;
+  cudaEvent_t ready_ = nullptr;
+};
+
+// The layouts kernels read the basis in (see pack_basis).
+enum class BasisLayout : int {
+  kTransposed = 0,  // U^T, (kp x dp), zero padded
+  kChunked = 1,     // U in chunks of 8 columns: (kp / 8, dp, 8), zero padded
+};
+
+// Rounds n up to a multiple of m.
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// U (d x k float32) in `layout`, with d padded to dp = round_up(d, 8) and k to
+// kp = round_up(k, 8); the padding is zero, so padded rows and coefficients add 0.
+inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
+  const int64_t d = basis.size(0);
+  const int64_t k = basis.size(1);
+  const int64_t dp = round_up(d, 8);
+  const int64_t kp = round_up(k, 8);
+  at::Tensor padded = at::zeros({dp, kp}, basis.options());
+  padded.narrow(0, 0, d).narrow(1, 0, k).copy_(basis);
+  if (layout == BasisLayout::kTransposed) return padded.t().contiguous();
+  return padded.view({dp, kp / 8, 8}).permute({1, 0, 2}).contiguous();
+}
+
+// The packed basis for this call (see [packed basis]).
+inline at::Tensor packed_basis(const at::Tensor& basis, BasisLayout layout) {
+  const c10::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  if (basis.is_inference()) return pack_basis(basis, layout);
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    const void* data;
+    int64_t d, k;
+    uint32_t version;
+    BasisLayout layout;
+    c10::DeviceIndex device;
+    std::shared_ptr<StreamedTensor> packed;
+  };
+  constexpr size_t kMaxEntries = 16;
+  static std::mutex mutex;
+  // Most recently used first. Never destroyed: tensors freed during static
+  // destruction, after the CUDA context is gone, would fail.
+  static auto& entries = *new std::list<Entry>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const c10::StorageImpl* storage = basis.storage().unsafeGetStorageImpl();
+  const uint32_t version = basis.unsafeGetTensorImpl()->version_counter().current_version();
+  for (auto it = entries.begin(); it != entries.end();) {
+    if (it->storage.expired()) {  // the basis was freed: its entries can never match again
+      it = entries.erase(it);
+      continue;
+    }
+    if (it->storage._unsafe_get_target() == storage && it->data == basis.data_ptr() &&
+        it->d == basis.size(0) && it->k == basis.size(1) && it->version == version &&
+        it->layout == layout && it->device == basis.device().index()) {
+      entries.splice(entries.begin(), entries, it);
+      return entries.front().packed->use_on(stream);
+    }
+    ++it;
+  }
+  auto packed = std::make_shared<StreamedTensor>(pack_basis(basis, layout), stream);
+  entries.push_front(
+      {basis.storage().getWeakStorageImpl(), basis.data_ptr(), basis.size(0), basis.size(1),
+       version, layout, basis.device().index(), packed});
+  if (entries.size() > kMaxEntries) entries.pop_back();
+  return entries.front().packed->use_on(stream);
+}
+
+// `words` as an int64 device tensor, uploaded once per content and device (see
+// [device tables]). The first upload goes through pinned memory, non_blocking.
+inline at::Tensor cached_words(const std::vector<int64_t>& words, const at::Device& device) {
+  const c10::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  using Key = std::pair<c10::DeviceIndex, std::vector<int64_t>>;
+  constexpr size_t kMaxEntries = 64;
+  static std::mutex mutex;
+  static auto& tables = *new std::map<Key, std::shared_ptr<StreamedTensor>>();  // never destroyed
+  static auto& order = *new std::list<Key>();  // most recently used first
+  const std::lock_guard<std::mutex> lock(mutex);
+  Key key{device.index(), words};
+  auto found = tables.find(key);
+  if (found != tables.end()) {
+    order.remove(key);
+    order.push_front(key);
+    return found->second->use_on(stream);
+  }
+  at::Tensor host = at::empty(
+      {static_cast<int64_t>(words.size())},
+      at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
+  auto table = std::make_shared<StreamedTensor>(host.to(device, /*non_blocking=*/true), stream);
+  tables.emplace(key, table);
+  order.push_front(key);
+  if (order.size() > kMaxEntries) {
+    tables.erase(order.back());
+    order.pop_back();
+  }
+  return table->use_on(stream);
+}
+
+// Blocks of `kernel` resident per SM at `threads` and `smem` bytes, queried once
+// per (device, kernel, threads, smem) (see [launch config]).
+inline int blocks_per_sm(const void* kernel, int threads, size_t smem) {
+  using Key = std::tuple<int, const void*, int, size_t>;
+  static std::mutex mutex;
+  static std::map<Key, int> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const Key key{device, kernel, threads, smem};
+  auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  known.emplace(key, std::max(per_sm, 1));
+  return std::max(per_sm, 1);
+}
+
+// Sets `kernel`'s dynamic shared memory ceiling to `max_bytes` once per device
+// (see [launch config]); returns the ceiling, min(max_bytes, the device's opt-in
+// limit), which every launch of the kernel must respect.
+inline size_t allow_dynamic_smem(const void* kernel, size_t max_bytes) {
+  using Key = std::pair<int, const void*>;
+  static std::mutex mutex;
+  static std::map<Key, size_t> done;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = done.find({device, kernel});
+  if (found != done.end()) return found->second;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t ceiling = std::min<size_t>(max_bytes, prop->sharedMemPerBlockOptin);
+  if (ceiling > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ceiling)));
+  }
+  done.emplace(Key{device, kernel}, ceiling);
+  return ceiling;
+}
+
+// Grid size: enough resident blocks of `threads` to fill the device, never more
+// than the work (kernels loop grid-stride, so any size is correct).
+inline int resident_grid_for(const void* kernel, int threads, size_t smem, int64_t work) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t resident =
+      static_cast<int64_t>(blocks_per_sm(kernel, threads, smem)) * prop->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min(resident, work)));
+}
+
+}  // namespace gradproj::cuda

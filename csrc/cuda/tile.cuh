@@ -1,0 +1,658 @@
+// The row-tile engine shared by the projection and projected-AdamW kernels.
+//
+// Math, per row x (length d) of a bucket, U (d x k):  a = U^T x;  x <- x - U f(a),
+// where f finishes the coefficients (weights, anchors: finish_coef). A Policy says
+// how a row's elements are loaded (the projection reads x; projected AdamW reads
+// p, g, m, v, stores m, v and returns the AdamW update x') and stored.
+//
+// Two layouts, each in three modes:
+//  * rows_kernel (side="input", side="flat", any row view with contiguous-ish
+//    rows). A CTA of 256 threads holds a tile of rows in registers: it is split
+//    into row groups of `wpr` warps (wpr in {1, 2, 4, 8}, the smallest whose
+//    wpr * 32 * kEpt columns cover d); each group holds kRows rows, each thread
+//    kEpt = 16 elements of each row as S = 4 slots of V = 4 consecutive
+//    elements (one vector: 16 bytes of fp32, 8 of bf16/fp16).
+//      [slot map] thread tg of a group, slot s: columns c0 + (s * tpr + tg) * V
+//      + [0, V), tpr = wpr * 32 threads per group; so a warp's 32 lanes read 32
+//      consecutive vectors (512 contiguous bytes of fp32, 256 of bf16) per slot.
+//    U^T (k padded to kp, a multiple of kChunk = 8) is staged into shared memory
+//    kChunk rows at a time (or all of it once per CTA when it fits in
+//    kResidentBytes: "resident"). Pass 1, per chunk: every thread forms kRows x 8
+//    partial dot products from its registers (fp32 FMA; a shared-memory float4
+//    read of U^T feeds 4 * kRows FMAs), the warp reduces them with a
+//    reduce-scatter (N - 1 shuffles for N sums: lane l ends with sum l % N), the warps
+//    of a group add their sums in warp order through shared memory (no atomics,
+//    deterministic), and one lane per (row, coefficient) finishes it into the
+//    fp32 coefficient workspace coef (total_rows x kp). Pass 2, per chunk:
+//    x -= coef . U^T from the same registers. Each element is stored once.
+//  * cols_kernel (side="output": transposed views, the view's row i is column i
+//    of G, element j at G[j * ld + i]). A CTA owns 32 consecutive columns (one
+//    per lane: a warp's loads are 32 consecutive words) and 8 x P::kColsEpt rows
+//    of G (warp w holds rows w, w + 8, ...; kColsEpt = 32 for the projection,
+//    16 for AdamW, whose loads need more registers). U is staged
+//    in 8-column chunks (U row j's 8 values are one broadcast read per warp);
+//    the 8 warps' partial sums are added in warp order through shared memory.
+// Modes: kFused when a row fits one segment (rows: d <= 4096; cols: d <= 8 kColsEpt):
+// one launch, every element read once and written once (HBM bytes of a copy).
+// Otherwise a row is cut into fixed segments, one per CTA work item, and the
+// launch is split in three (deterministic, no atomics): kPartials writes each
+// segment's partial sums; combine_kernel adds them in segment order and
+// finishes the coefficients; kApply re-reads the segment and writes x - U coef.
+// Elements are then read twice (the second read usually from L2) and written once.
+// All index arithmetic on rows, columns and workspaces is int64.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "cuda/device_cache.cuh"
+#include "cuda/multi_tensor.cuh"
+
+namespace gradproj::cuda::tile {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kChunk = 8;                  // coefficients per chunk of k
+constexpr int kEpt = 16;                   // rows kernel: elements of a row per thread
+constexpr int kSegMax = kThreads * kEpt;   // rows kernel: widest segment (wpr = 8)
+constexpr int kColsEpt = 32;               // cols kernel: default elements of a column per thread
+constexpr size_t kResidentBytes = 64 * 1024;  // stage all of U once when it fits here
+// The largest dynamic shared memory of any launch: rows_kernel staging a chunk
+// of a 4096-wide segment (128 KiB; A100 allows 163 KiB, H100 227 KiB).
+constexpr size_t kMaxDynamicSmem = static_cast<size_t>(kChunk) * kSegMax * sizeof(float);
+static_assert(kResidentBytes <= kMaxDynamicSmem, "resident staging must fit the ceiling");
+
+enum class Mode { kFused, kPartials, kApply };
+
+// What a launch covers; passed by value to every kernel of the launch.
+struct Geometry {
+  int64_t d;           // row length (basis rows)
+  int64_t k;           // basis columns
+  int64_t kp;          // k rounded up to kChunk (coef, partials and packed U use kp)
+  int64_t total_rows;  // rows of all views in the launch
+  int64_t n_tiles;     // rows kernel: row tiles; cols kernel: 32-column blocks
+  int64_t nseg;        // segments per row (1 in kFused)
+  int64_t seg_width;   // elements of a row per segment
+  int64_t basis_ld;    // dp = round_up(d, 8): rows kernel U^T row length; cols kernel U rows
+  int wpr;             // rows kernel: warps per row group
+  int smem_ld;         // rows kernel: floats per staged U^T row (a multiple of 32)
+  bool resident;       // the whole packed basis is staged once per CTA
+};
+
+// Four consecutive elements: the unit of a vectorized load or store (16 bytes
+// of fp32, 8 of bf16/fp16). Four for every dtype, not 16 bytes: with 8 bf16 per
+// vector the fused kernels spilled at the 128-register cap, and a lane's 4
+// columns are one float4 of staged U^T, so a warp's shared-memory reads are 32
+// consecutive float4s for every dtype (no bank conflicts).
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack {
+  static constexpr int kSize = 4;
+  T v[kSize];
+};
+
+// The entry whose first `field` is the largest not above `key` (entries sorted
+// by `field`, the first 0): the matrix a row or task belongs to.
+template <typename Entry>
+__device__ __forceinline__ const Entry& find_first(
+    const Entry* table, int n, int64_t key, int64_t Entry::*field) {
+  int lo = 0;
+  int hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (table[mid].*field <= key) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return table[lo];
+}
+
+// The multiplier of U's column kk from the coefficient a = (U^T x)[kk]:
+//   plain:    w * a
+//   anchored: delta = a - c;  c <- c + (1 - w) delta (with weights);  w * delta
+// Called exactly once per (row, kk), so the anchor update happens once.
+__device__ __forceinline__ float finish_coef(
+    float a, int64_t kk, const float* weights, float* anchor_row) {
+  if (anchor_row != nullptr) {
+    float delta = a - anchor_row[kk];
+    if (weights != nullptr) {
+      anchor_row[kk] += (1.f - weights[kk]) * delta;
+      delta *= weights[kk];
+    }
+    return delta;
+  }
+  return weights != nullptr ? a * weights[kk] : a;
+}
+
+// One halving step at offset M of reduce_scatter, then the next (M / 2). A
+// template per step, so every index into v is a compile-time constant and v
+// stays in registers (a runtime-bounded loop here put v in local memory).
+template <int N, int M>
+__device__ __forceinline__ void halve(float (&v)[N], int lane) {
+  const bool upper = (lane & M) != 0;
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+    const float send = upper ? v[i] : v[i + M];
+    const float keep = upper ? v[i + M] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
+  }
+  if constexpr (M > 1) halve<N, M / 2>(v, lane);
+}
+
+// Reduce-scatter of N partial sums across a warp: afterwards lane l holds the
+// warp's total of v[l % N]. Each halving step at offset m keeps the half of the
+// values picked by lane bit m and adds the partner's copy of that half (m
+// shuffles); N - 1 shuffles in all instead of 5 N for N butterflies. Lanes that
+// differ in bits >= log2(N) then add by butterfly. Fixed order: deterministic.
+template <int N>
+__device__ __forceinline__ float reduce_scatter(float (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= kWarp && (N & (N - 1)) == 0, "N must be a power of 2 <= 32");
+  if constexpr (N > 1) halve<N, N / 2>(v, lane);
+#pragma unroll
+  for (int m = N; m < kWarp; m *= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], m);
+  return v[0];
+}
+
+
+// Stages rows [k0, k0 + nk) of U^T (kp x basis_ld, zero padded), columns
+// [c0, c0 + smem_ld), into su (row kk at su + kk * smem_ld).
+// Columns past basis_ld are written as zero.
+__device__ __forceinline__ void stage_ut(
+    float* su, const float* __restrict__ ut, const Geometry& g, int64_t k0, int nk, int64_t c0) {
+  const int units = g.smem_ld / 4;
+  float4* dst = reinterpret_cast<float4*>(su);
+  for (int i = threadIdx.x; i < nk * units; i += kThreads) {
+    const int kk = i / units;
+    const int q = i - kk * units;
+    const int64_t col = c0 + 4 * static_cast<int64_t>(q);
+    float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
+    // basis_ld % 8 == 0 and col % 4 == 0, so col < basis_ld covers all 4 floats.
+    if (col < g.basis_ld) val = *reinterpret_cast<const float4*>(ut + (k0 + kk) * g.basis_ld + col);
+    dst[kk * units + q] = val;
+  }
+}
+
+// The staged U^T rows of chunk c (its kChunk rows, row kc at + kc * smem_ld).
+// Every call is a barrier: it orders the previous chunk's shared-memory reads
+// and the coefficient writes before what follows.
+__device__ __forceinline__ const float* rows_chunk(
+    float* su, const float* __restrict__ ut, const Geometry& g, int64_t c, int64_t c0) {
+  __syncthreads();
+  if (g.resident) return su + c * kChunk * g.smem_ld;
+  stage_ut(su, ut, g, c * kChunk, kChunk, c0);
+  __syncthreads();
+  return su;
+}
+
+// V values of staged U^T row `kc` at columns [cs, cs + V) of the segment (cs % V == 0).
+// Lane l of a warp reads float4 unit cs / 4 = (s * tpr + tg) (V = 4): 32
+// consecutive units, so each 8-lane phase of the 128-bit read hits 8 distinct
+// 16-byte bank groups (conflict-free).
+template <int V>
+__device__ __forceinline__ void read_ut(const float* sc, int smem_ld, int kc, int cs, float (&u)[V]) {
+  const float4* row = reinterpret_cast<const float4*>(sc + kc * smem_ld);
+#pragma unroll
+  for (int h = 0; h < V / 4; ++h) {
+    const float4 f = row[cs / 4 + h];
+    u[4 * h] = f.x;
+    u[4 * h + 1] = f.y;
+    u[4 * h + 2] = f.z;
+    u[4 * h + 3] = f.w;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// rows_kernel: see the file comment. Work item = (row tile, segment).
+// ---------------------------------------------------------------------------
+template <class P, Mode kMode>
+__global__ void __launch_bounds__(kThreads, 2) rows_kernel(
+    P pol, Geometry g, const float* __restrict__ ut, const float* __restrict__ weights,
+    float* __restrict__ coef, float* __restrict__ partials) {
+  using T = typename P::Scalar;
+  constexpr int V = Pack<T>::kSize;  // elements per vector (4)
+  constexpr int S = kEpt / V;        // slots per row per thread
+  constexpr int R = P::kRows;        // rows per group
+  constexpr int N = R * kChunk;      // partial sums per thread per chunk
+  static_assert(N <= kWarp, "a warp reduce-scatters at most 32 sums");
+  extern __shared__ float4 smem_raw[];
+  float* su = reinterpret_cast<float*>(smem_raw);
+  __shared__ float red[kWarps][kWarp];
+
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int tpr = g.wpr * kWarp;        // threads per row group
+  const int group = threadIdx.x / tpr;  // row group of this thread
+  const int tg = threadIdx.x % tpr;     // thread within its group
+  const int64_t tile_rows = static_cast<int64_t>(R) * (kWarps / g.wpr);
+  const int64_t n_chunks = g.kp / kChunk;
+
+  if (g.resident) stage_ut(su, ut, g, 0, static_cast<int>(g.kp), 0);  // read by rows_chunk's barrier
+
+  const int64_t work = g.n_tiles * g.nseg;
+  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {
+    const int64_t tile = item / g.nseg;
+    const int64_t seg = item - tile * g.nseg;
+    const int64_t c0 = seg * g.seg_width;                // first column of the segment
+    const int64_t row0 = tile * tile_rows + group * R;  // first row of this group
+
+    typename P::Row rw[R];
+    bool valid[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      valid[r] = row0 + r < g.total_rows;
+      if (valid[r]) rw[r] = pol.row(row0 + r);
+    }
+    // All R * S vector loads are issued before any use: R * kEpt elements in
+    // flight per thread. Columns past d load as zero.
+    float x[R][S][V];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        const int64_t j = c0 + static_cast<int64_t>(s * tpr + tg) * V;  // [slot map]
+        if (valid[r]) {
+          pol.template load<kMode != Mode::kPartials>(rw[r], j, g.d, x[r][s]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) x[r][s][v] = 0.f;
+        }
+      }
+    }
+
+    if (kMode != Mode::kApply) {  // pass 1: a = U^T x, one chunk of kChunk coefficients at a time
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float* sc = rows_chunk(su, ut, g, c, c0);
+        float acc[N];
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc[i] = 0.f;
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          const int cs = (s * tpr + tg) * V;  // column within the segment
+          if (c0 + cs >= g.d) continue;       // all zeros; and past the staged row
+#pragma unroll
+          for (int kc = 0; kc < kChunk; ++kc) {
+            float u[V];
+            read_ut<V>(sc, g.smem_ld, kc, cs, u);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[r * kChunk + kc] = fmaf(x[r][s][v], u[v], acc[r * kChunk + kc]);
+            }
+          }
+        }
+        // Lane l of each warp: the warp's sum for row l / kChunk, coefficient l % kChunk.
+        red[warp][lane] = reduce_scatter<N>(acc, lane);
+        __syncthreads();
+        if (tg < N) {  // warp 0 of the group, lanes < N: one thread per (row, coefficient)
+          float total = 0.f;
+          for (int w = 0; w < g.wpr; ++w) total += red[group * g.wpr + w][tg];
+          const int64_t row = row0 + tg / kChunk;
+          const int64_t kk = c * kChunk + tg % kChunk;
+          if (row < g.total_rows) {
+            if (kMode == Mode::kFused) {
+              coef[row * g.kp + kk] =
+                  kk < g.k ? finish_coef(total, kk, weights, pol.anchor_row(row)) : 0.f;
+            } else {
+              partials[(seg * g.total_rows + row) * g.kp + kk] = total;
+            }
+          }
+        }
+      }
+    }
+
+    if (kMode != Mode::kPartials) {  // pass 2: x -= U coef, from the same registers
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float* sc = rows_chunk(su, ut, g, c, c0);  // its barrier publishes coef
+        float cf[R][kChunk];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          // coef rows are kp floats (kp % 8 == 0) from a 256-byte aligned allocation.
+          const int64_t row = valid[r] ? row0 + r : 0;  // never form an address past coef
+          const float4* src = reinterpret_cast<const float4*>(coef + row * g.kp + c * kChunk);
+          const float4 lo = valid[r] ? src[0] : make_float4(0.f, 0.f, 0.f, 0.f);
+          const float4 hi = valid[r] ? src[1] : make_float4(0.f, 0.f, 0.f, 0.f);
+          cf[r][0] = lo.x;
+          cf[r][1] = lo.y;
+          cf[r][2] = lo.z;
+          cf[r][3] = lo.w;
+          cf[r][4] = hi.x;
+          cf[r][5] = hi.y;
+          cf[r][6] = hi.z;
+          cf[r][7] = hi.w;
+        }
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          const int cs = (s * tpr + tg) * V;
+          if (c0 + cs >= g.d) continue;
+#pragma unroll
+          for (int kc = 0; kc < kChunk; ++kc) {
+            float u[V];
+            read_ut<V>(sc, g.smem_ld, kc, cs, u);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) x[r][s][v] = fmaf(-cf[r][kc], u[v], x[r][s][v]);
+            }
+          }
+        }
+      }
+      // Rows looked up again (the table is re-read after the coef stores), so
+      // the load addresses are not kept live through both passes (bf16 spilled on
+      // sm_80 when they were).
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (valid[r]) rw[r] = pol.row(row0 + r);
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          const int64_t j = c0 + static_cast<int64_t>(s * tpr + tg) * V;
+          if (valid[r] && j < g.d) pol.store(rw[r], j, g.d, x[r][s]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// cols_kernel: see the file comment. Work item = (32-column block, segment).
+// uc is U in chunks of 8 columns, (kp / 8, basis_ld, 8).
+// ---------------------------------------------------------------------------
+
+// The staged U rows of chunk c for the segment's rows j0 + [0, kSeg): row
+// jl's 8 values at + jl * 8. A barrier, as rows_chunk.
+template <int kSeg>
+__device__ __forceinline__ const float* cols_chunk(
+    float* su, const float* __restrict__ uc, const Geometry& g, int64_t c, int64_t j0) {
+  __syncthreads();
+  if (g.resident) return su + c * g.basis_ld * kChunk;
+  const int64_t rows = g.basis_ld - j0 < kSeg ? g.basis_ld - j0 : kSeg;
+  const float4* src = reinterpret_cast<const float4*>(uc + (c * g.basis_ld + j0) * kChunk);
+  float4* dst = reinterpret_cast<float4*>(su);
+  for (int64_t i = threadIdx.x; i < rows * (kChunk / 4); i += kThreads) dst[i] = src[i];
+  __syncthreads();
+  return su;
+}
+
+template <class P, Mode kMode>
+__global__ void __launch_bounds__(kThreads, 2) cols_kernel(
+    P pol, Geometry g, const float* __restrict__ uc, const float* __restrict__ weights,
+    float* __restrict__ coef, float* __restrict__ partials) {
+  constexpr int E = P::kColsEpt;  // elements of a column per thread
+  constexpr int kSeg = kWarps * E;  // rows of G per segment
+  extern __shared__ float4 smem_raw[];
+  float* su = reinterpret_cast<float*>(smem_raw);
+  __shared__ float red[kWarps][kChunk][kWarp];
+
+  static_assert(kChunk == kWarps, "the combine step gives warp w coefficient w of a chunk");
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t n_chunks = g.kp / kChunk;
+
+  if (g.resident) {  // the whole of uc, read by cols_chunk's barrier
+    const float4* src = reinterpret_cast<const float4*>(uc);
+    float4* dst = reinterpret_cast<float4*>(su);
+    for (int64_t i = threadIdx.x; i < g.kp * g.basis_ld / 4; i += kThreads) dst[i] = src[i];
+  }
+
+  const int64_t work = g.n_tiles * g.nseg;
+  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {
+    const int64_t task = item / g.nseg;
+    const int64_t seg = item - task * g.nseg;
+    const int64_t j0 = seg * kSeg;                // first element of the segment
+    const int64_t row = pol.task_row(task, lane);  // this lane's view row (column of G), or -1
+    const bool valid = row >= 0;
+    typename P::Row rw{};
+    if (valid) rw = pol.row(row);
+
+    // Element j0 + warp + 8 e of the lane's column: one warp reads 32 consecutive
+    // words of a row of G per load; E independent loads in flight per thread.
+    float x[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int64_t j = j0 + warp + kWarps * e;
+      x[e] = valid && j < g.d ? pol.template load1<kMode != Mode::kPartials>(rw, j) : 0.f;
+    }
+
+    if (kMode != Mode::kApply) {
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float* sc = cols_chunk<kSeg>(su, uc, g, c, j0);
+        float acc[kChunk];
+#pragma unroll
+        for (int kc = 0; kc < kChunk; ++kc) acc[kc] = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int jl = warp + kWarps * e;  // row within the segment
+          if (j0 + jl >= g.d) break;         // rows only grow with e
+          // One address per warp: a broadcast, no bank conflict.
+          const float4 lo = reinterpret_cast<const float4*>(sc + jl * kChunk)[0];
+          const float4 hi = reinterpret_cast<const float4*>(sc + jl * kChunk)[1];
+          acc[0] = fmaf(x[e], lo.x, acc[0]);
+          acc[1] = fmaf(x[e], lo.y, acc[1]);
+          acc[2] = fmaf(x[e], lo.z, acc[2]);
+          acc[3] = fmaf(x[e], lo.w, acc[3]);
+          acc[4] = fmaf(x[e], hi.x, acc[4]);
+          acc[5] = fmaf(x[e], hi.y, acc[5]);
+          acc[6] = fmaf(x[e], hi.z, acc[6]);
+          acc[7] = fmaf(x[e], hi.w, acc[7]);
+        }
+#pragma unroll
+        for (int kc = 0; kc < kChunk; ++kc) red[warp][kc][lane] = acc[kc];
+        __syncthreads();
+        // Thread (warp kc, lane): coefficient c * 8 + kc of the lane's column,
+        // the 8 warps' sums added in warp order.
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) total += red[w][warp][lane];
+        if (valid) {
+          const int64_t kk = c * kChunk + warp;
+          if (kMode == Mode::kFused) {
+            coef[row * g.kp + kk] =
+                kk < g.k ? finish_coef(total, kk, weights, pol.anchor_row(row)) : 0.f;
+          } else {
+            partials[(seg * g.total_rows + row) * g.kp + kk] = total;
+          }
+        }
+      }
+    }
+
+    if (kMode != Mode::kPartials) {
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float* sc = cols_chunk<kSeg>(su, uc, g, c, j0);  // its barrier publishes coef
+        float cf[kChunk];
+        {
+          const int64_t r = valid ? row : 0;  // never form an address before coef
+          const float4* src = reinterpret_cast<const float4*>(coef + r * g.kp + c * kChunk);
+          const float4 lo = valid ? src[0] : make_float4(0.f, 0.f, 0.f, 0.f);
+          const float4 hi = valid ? src[1] : make_float4(0.f, 0.f, 0.f, 0.f);
+          cf[0] = lo.x;
+          cf[1] = lo.y;
+          cf[2] = lo.z;
+          cf[3] = lo.w;
+          cf[4] = hi.x;
+          cf[5] = hi.y;
+          cf[6] = hi.z;
+          cf[7] = hi.w;
+        }
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int jl = warp + kWarps * e;
+          if (j0 + jl >= g.d) break;
+          const float4 lo = reinterpret_cast<const float4*>(sc + jl * kChunk)[0];
+          const float4 hi = reinterpret_cast<const float4*>(sc + jl * kChunk)[1];
+          float out = x[e];
+          out = fmaf(-cf[0], lo.x, out);
+          out = fmaf(-cf[1], lo.y, out);
+          out = fmaf(-cf[2], lo.z, out);
+          out = fmaf(-cf[3], lo.w, out);
+          out = fmaf(-cf[4], hi.x, out);
+          out = fmaf(-cf[5], hi.y, out);
+          out = fmaf(-cf[6], hi.z, out);
+          out = fmaf(-cf[7], hi.w, out);
+          x[e] = out;
+        }
+      }
+      // The row is looked up again (the table is re-read after the coef stores):
+      // otherwise the compiler keeps the E load addresses (2 E registers) live
+      // from the loads to these stores, and spills.
+      if (valid) rw = pol.row(row);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int64_t j = j0 + warp + kWarps * e;
+        if (valid && j < g.d) pol.store1(rw, j, x[e]);
+      }
+    }
+  }
+}
+
+// Split launches: coef[row, kk] = finish(sum over segments, in order, of the partials).
+template <class P>
+__global__ void __launch_bounds__(kThreads) combine_kernel(
+    P pol, Geometry g, const float* __restrict__ partials, const float* __restrict__ weights,
+    float* __restrict__ coef) {
+  const int64_t total = g.total_rows * g.kp;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t row = i / g.kp;
+    const int64_t kk = i - row * g.kp;
+    float sum = 0.f;
+    for (int64_t seg = 0; seg < g.nseg; ++seg) sum += partials[seg * total + i];
+    coef[i] = kk < g.k ? finish_coef(sum, kk, weights, pol.anchor_row(row)) : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host: one launch (rows or cols layout) of the projection engine.
+// ---------------------------------------------------------------------------
+
+// Checks `smem` against the kernel's ceiling, set once per device (device_cache.cuh).
+template <typename Kernel>
+void check_smem(Kernel kernel, size_t smem) {
+  const size_t ceiling = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kMaxDynamicSmem);
+  TORCH_CHECK(
+      smem <= ceiling, "gradproj cuda: a launch needs ", smem,
+      " bytes of shared memory, this device allows ", ceiling,
+      " per block (sharedMemPerBlockOptin); sm_80 or newer is required");
+}
+
+template <typename Kernel>
+int grid_for(Kernel kernel, size_t smem, int64_t work) {
+  return resident_grid_for(reinterpret_cast<const void*>(kernel), kThreads, smem, work);
+}
+
+// Rows layout: every row of the `total_rows` rows the policy's table describes.
+template <class P>
+void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights) {
+  if (total_rows == 0) return;
+  const int64_t d = basis.size(0);
+  Geometry g{};
+  g.d = d;
+  g.k = basis.size(1);
+  g.kp = round_up(g.k, kChunk);
+  g.total_rows = total_rows;
+  g.basis_ld = round_up(d, 8);
+  g.wpr = 1;  // the smallest group whose segment covers the row
+  while (g.wpr < kWarps && static_cast<int64_t>(g.wpr) * kWarp * kEpt < d) g.wpr *= 2;
+  g.seg_width = static_cast<int64_t>(g.wpr) * kWarp * kEpt;
+  g.nseg = (d + g.seg_width - 1) / g.seg_width;
+  const int64_t tile_rows = static_cast<int64_t>(P::kRows) * (kWarps / g.wpr);
+  g.n_tiles = (total_rows + tile_rows - 1) / tile_rows;
+  const at::Tensor ut = packed_basis(basis, BasisLayout::kTransposed);
+  at::Tensor coef = at::empty({total_rows, g.kp}, basis.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (g.nseg == 1) {
+    g.smem_ld = static_cast<int>(round_up(d, 32));
+    const size_t all = static_cast<size_t>(g.kp) * g.smem_ld * sizeof(float);
+    g.resident = all <= kResidentBytes;
+    const size_t smem = g.resident ? all : static_cast<size_t>(kChunk) * g.smem_ld * sizeof(float);
+    auto kernel = rows_kernel<P, Mode::kFused>;
+    check_smem(kernel, smem);
+    kernel<<<grid_for(kernel, smem, g.n_tiles), kThreads, smem, stream>>>(
+        pol, g, ut.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  g.smem_ld = static_cast<int>(g.seg_width);
+  g.resident = false;
+  const size_t smem = static_cast<size_t>(kChunk) * g.smem_ld * sizeof(float);
+  at::Tensor partials = at::empty({g.nseg, total_rows, g.kp}, basis.options());
+  auto partials_kernel = rows_kernel<P, Mode::kPartials>;
+  check_smem(partials_kernel, smem);
+  partials_kernel<<<grid_for(partials_kernel, smem, g.n_tiles * g.nseg), kThreads, smem, stream>>>(
+      pol, g, ut.data_ptr<float>(), weights, nullptr, partials.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto combine = combine_kernel<P>;
+  combine<<<grid_for(combine, 0, (total_rows * g.kp + kThreads - 1) / kThreads), kThreads, 0,
+            stream>>>(pol, g, partials.data_ptr<float>(), weights, coef.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto apply_kernel = rows_kernel<P, Mode::kApply>;
+  check_smem(apply_kernel, smem);
+  apply_kernel<<<grid_for(apply_kernel, smem, g.n_tiles * g.nseg), kThreads, smem, stream>>>(
+      pol, g, ut.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Cols layout: `n_tasks` blocks of 32 view rows (columns of G) over `total_rows` rows.
+template <class P>
+void run_cols(
+    const P& pol, int64_t total_rows, int64_t n_tasks, const at::Tensor& basis,
+    const float* weights) {
+  if (total_rows == 0) return;
+  const int64_t d = basis.size(0);
+  Geometry g{};
+  g.d = d;
+  g.k = basis.size(1);
+  g.kp = round_up(g.k, kChunk);
+  g.total_rows = total_rows;
+  g.basis_ld = round_up(d, 8);
+  g.n_tiles = n_tasks;
+  constexpr int64_t kSeg = static_cast<int64_t>(kWarps) * P::kColsEpt;
+  g.seg_width = kSeg;
+  g.nseg = (d + kSeg - 1) / kSeg;
+  g.wpr = kWarps;
+  g.smem_ld = 0;
+  const at::Tensor uc = packed_basis(basis, BasisLayout::kChunked);
+  at::Tensor coef = at::empty({total_rows, g.kp}, basis.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const size_t all = static_cast<size_t>(g.kp) * g.basis_ld * sizeof(float);
+  g.resident = g.nseg == 1 && all <= kResidentBytes;
+  const size_t smem = g.resident ? all : static_cast<size_t>(kSeg) * kChunk * sizeof(float);
+  if (g.nseg == 1) {
+    auto kernel = cols_kernel<P, Mode::kFused>;
+    check_smem(kernel, smem);
+    kernel<<<grid_for(kernel, smem, g.n_tiles), kThreads, smem, stream>>>(
+        pol, g, uc.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  at::Tensor partials = at::empty({g.nseg, total_rows, g.kp}, basis.options());
+  auto partials_kernel = cols_kernel<P, Mode::kPartials>;
+  check_smem(partials_kernel, smem);
+  partials_kernel<<<grid_for(partials_kernel, smem, g.n_tiles * g.nseg), kThreads, smem, stream>>>(
+      pol, g, uc.data_ptr<float>(), weights, nullptr, partials.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto combine = combine_kernel<P>;
+  combine<<<grid_for(combine, 0, (total_rows * g.kp + kThreads - 1) / kThreads), kThreads, 0,
+            stream>>>(pol, g, partials.data_ptr<float>(), weights, coef.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto apply_kernel = cols_kernel<P, Mode::kApply>;
+  check_smem(apply_kernel, smem);
+  apply_kernel<<<grid_for(apply_kernel, smem, g.n_tiles * g.nseg), kThreads, smem, stream>>>(
+      pol, g, uc.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// True when `t`'s rows can be read as Packs (4 elements): unit stride along a
+// row, the first element and every row start aligned to a Pack.
+inline bool vector_rows(const at::Tensor& t, int64_t row_stride, int64_t col_stride, int64_t rows) {
+  const int64_t pack = 4 * static_cast<int64_t>(t.element_size());
+  return col_stride == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % pack == 0 &&
+         (rows <= 1 || (row_stride * static_cast<int64_t>(t.element_size())) % pack == 0);
+}
+
+}  // namespace gradproj::cuda::tile

@@ -1,0 +1,340 @@
+"""benchmarks/perf_model.py: the SASS parser, the bound arithmetic, one compile end to end.
+
+The parser and the bounds run here on hand-written SASS and made-up numbers. The end-to-end
+test compiles one toy Triton kernel for sm_90 through the model in a subprocess (the
+stand-in driver needs ``TRITON_INTERPRET=0`` before triton is imported; this process runs
+the interpreter, ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import perf_model as pm  # noqa: E402  (imports no triton: the compile path loads it lazily)
+
+# A toy kernel's source, for the line table of the hand-written SASS below to point at.
+SOURCE = textwrap.dedent(
+    """\
+    def toy(table_ptr, u_ptr, D, K, BLOCK_D, BLOCK_K):
+        g_ptr = tl.load(table_ptr).to(tl.pointer_type(tl.float32))
+        for k0 in range(0, K, BLOCK_K):
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                x = tl.load(g_ptr + ds)
+                u = tl.load(u_ptr + ds)
+                tl.store(g_ptr + ds, x * u)
+            k_scale = tl.load(u_ptr + k0)
+    """
+)
+
+# Line 2: the table load; lines 3-9: the k loop around the d loop (lines 4-8).
+SASS = """
+        .type           toy,@function
+toy:
+\t//## File "{f}", line 2
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.64 R2, desc[UR4][R2.64] ;
+.L_x_0:
+\t//## File "{f}", line 9
+        /*0020*/                   LDG.E R20, desc[UR4][R8.64] ;
+        /*0030*/                   IADD3 R21, R20, 0x1, RZ ;
+.L_x_1:
+\t//## File "{f}", line 6
+        /*0040*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+\t//## File "{f}", line 7
+        /*0050*/              @!P1 LDG.E R8, desc[UR4][R10.64] ;
+\t//## File "{f}", line 8
+        /*0060*/                   FFMA R9, R4, R5, R9 ;
+        /*0070*/                   HMMA.16816.F32 R12, R16, R18, R12 ;
+        /*0080*/                   LDS R11, [R0] ;
+        /*0090*/                   STG.E desc[UR4][R2.64], R9 ;
+\t//## File "{f}", line 4
+        /*00a0*/                   IADD3 R2, R2, 0x10, RZ ;
+        /*00b0*/               @P0 BRA `(.L_x_1) ;
+\t//## File "{f}", line 3
+        /*00c0*/               @P2 BRA `(.L_x_0) ;
+        /*00d0*/                   EXIT ;
+.L_x_2:
+        /*00e0*/                   BRA `(.L_x_2);
+        /*00f0*/                   NOP;
+        .type           $__internal_0_$__cuda_sm20_div_rn_f64_full,@function
+$__internal_0_$__cuda_sm20_div_rn_f64_full:
+        /*0100*/                   DFMA R8, R6, -R2, 1 ;
+"""
+
+
+@pytest.fixture
+def toy(tmp_path):
+    src = tmp_path / "toy.py"
+    src.write_text(SOURCE)
+    return str(src), pm.parse_sass(SASS.format(f=src))
+
+
+def test_parse_sass_reads_instructions_labels_and_line_chains(toy):
+    path, sass = toy
+    assert sass.name == "toy"  # the routine after it is another function
+    assert [i.op for i in sass.instrs][:4] == ["LDC", "LDG.E.64", "LDG.E", "IADD3"]
+    assert sass.labels == {"toy": 0, ".L_x_0": 0x20, ".L_x_1": 0x40, ".L_x_2": 0xE0}
+    assert sass.instrs[4].loc == ((path, 6),)
+    assert sass.instrs[5].pred == "@!P1" and sass.instrs[5].base == "LDG"
+    # the end-of-kernel trap (a branch to itself) and the padding after it never run
+    assert [i.op for i in pm.live_instrs(sass)][-1] == "EXIT"
+
+
+def test_inlined_locations_keep_the_whole_chain():
+    text = (
+        "        .type k,@function\n"
+        '\t//## File "a.py", line 69 inlined at "a.py", line 113\n'
+        '\t//## File "a.py", line 113 inlined at "a.py", line 200\n'
+        '\t//## File "a.py", line 200\n'
+        "        /*0000*/                   FADD R1, R2, R3 ;\n"
+    )
+    assert pm.parse_sass(text).instrs[0].loc == (("a.py", 69), ("a.py", 113), ("a.py", 200))
+
+
+def test_every_function_of_a_cubin_is_parsed():
+    text = (
+        "        .type _Z1ai,@function\n"
+        "        /*0000*/                   FADD R1, R2, R3 ;\n"
+        "        .type _Z1bi,@function\n"
+        "        /*0000*/                   LDG.E R1, desc[UR4][R2.64] ;\n"
+        "        /*0010*/                   EXIT ;\n"
+    )
+    funcs = pm.parse_sass_all(text)
+    assert [(n, len(f.instrs)) for n, f in funcs.items()] == [("_Z1ai", 1), ("_Z1bi", 2)]
+    assert pm.parse_sass(text, "_Z1bi").instrs[0].op == "LDG.E"
+
+
+def test_slow_path_calls_are_cold():
+    text = "        .type k,@function\n" + "\n".join(
+        f"        /*{16 * i:04x}*/                   {op} ;"
+        for i, op in enumerate(
+            [
+                "@!P6 BRA `(.L_x_1)",
+                "MOV R40, 0x3c10",
+                "CALL.REL.NOINC `($__internal_2_$__cuda_sm20_sqrt_rn_f32_slowpath)",
+                "BRA `(.L_x_2)",
+                "FMUL.FTZ R98, R41, R40",
+            ]
+        )
+    )
+    sass = pm.parse_sass(text)
+    assert [i.cold for i in sass.instrs] == [False, True, True, True, False]
+
+
+def test_loops_nest_and_match_their_source_for(toy):
+    path, sass = toy
+    loops = pm.find_loops(sass)
+    assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0xC0), (0x40, 0xB0)]
+    assert loops[1].parent == 0 and loops[0].children == [1]
+    pm.match_loops_to_source(sass, loops)
+    assert loops[0].source == (path, 3, 9) and loops[1].source == (path, 4, 8)
+    env = {"D": 768, "BLOCK_D": 64, "K": 32, "BLOCK_K": 16}
+    assert pm.trip_count(path, 3, env) == (2.0, "")
+    assert pm.trip_count(path, 4, env) == (12.0, "")
+    trips, note = pm.trip_count(path, 4, {"BLOCK_D": 64})
+    assert trips == 1.0 and "not known" in note
+
+
+@pytest.mark.parametrize(
+    ("op", "cls", "nbytes"),
+    [
+        ("FFMA", "fma", None),
+        ("HFMA2.MMA", "fma", None),
+        ("HMMA.16816.F32.BF16", "tensor", None),
+        ("HGMMA.64x64x16.F32", "tensor", None),
+        ("LDG.E.128", "global", 16),
+        ("LDG.E.64", "global", 8),
+        ("LDG.E.U16", "global", 2),
+        ("LDGSTS.E.BYPASS.128", "global", 16),
+        ("STG.E", "global", 4),
+        ("LDS.U.128", "shared", None),
+        ("LDSM.16.M88.4", "shared", None),
+        ("IMAD.WIDE.U32", "other", None),
+        ("MUFU.RSQ", "other", None),
+    ],
+)
+def test_instruction_classes_and_widths(op, cls, nbytes):
+    assert pm.instr_class(op) == cls
+    if nbytes is not None:
+        assert pm.access_bytes(op) == nbytes
+
+
+class _Tensor:
+    def __init__(self, numel: int, itemsize: int = 4) -> None:
+        self._n, self._s = numel, itemsize
+
+    def numel(self) -> int:
+        return self._n
+
+    def element_size(self) -> int:
+        return self._s
+
+    def data_ptr(self) -> int:
+        return 0
+
+
+def test_analyze_weights_loops_and_traces_each_access(toy):
+    _, sass = toy
+    args = {"table_ptr": _Tensor(10), "u_ptr": _Tensor(768 * 32), "D": 768, "K": 32}
+    args |= {"BLOCK_D": 64, "BLOCK_K": 16}
+    basis_bytes = 768 * 32 * 4.0
+    got = pm.analyze_sass(
+        sass,
+        args,
+        warps=4,
+        programs=8,
+        elements=8 * 512,
+        streaming=lambda name: name == "table_ptr",
+        cached_bytes=lambda name: basis_bytes if name == "u_ptr" else 0.0,
+    )
+    scale = 4 * 8 / (8 * 512)  # warps × programs / elements
+    inner, outer, once = 2 * 12, 2, 1  # trips of each instruction's loops
+    ins = got["instrs_per_elt"]
+    assert ins["fma"] == pytest.approx(inner * scale)
+    assert ins["tensor"] == pytest.approx(inner * scale)
+    assert ins["shared"] == pytest.approx(inner * scale)
+    assert ins["global"] == pytest.approx((3 * inner + outer + once) * scale)
+    assert ins["other"] == pytest.approx((2 * inner + 2 * outer + 2 * once) * scale)
+    # g (from the table) streams: 16 B read + 4 B written a thread per inner trip; the
+    # table load is a scalar (once a program); u is a basis: its bytes count once.
+    threads = 128
+    read = (inner * 16 * threads + 8) * 8 / (8 * 512) + basis_bytes / (8 * 512)
+    assert got["bytes_per_elt"]["read"] == pytest.approx(read)
+    assert got["bytes_per_elt"]["write"] == pytest.approx(inner * 4 * threads * 8 / (8 * 512))
+    assert got["bytes_per_elt"]["cached_once"] == ["u_ptr"]
+    assert [lp["trips"] for lp in got["loops"]] == [2.0, 12.0]
+    inner_region = next(r for r in got["regions"] if r["region"] == "loop 0x40-0xb0")
+    # both loads are in flight together until the FFMA reads the first
+    assert inner_region["bytes_in_flight_per_thread"] == 20
+
+
+def test_bytes_in_flight_follows_register_dependences():
+    text = "        .type k,@function\n" + "\n".join(
+        f"        /*{16 * i:04x}*/                   {op} ;"
+        for i, op in enumerate(
+            [
+                "LDG.E.128 R4, desc[UR4][R2.64]",
+                "LDG.E.128 R8, desc[UR4][R2.64+0x10]",
+                "LDG.E.64 R12, desc[UR4][R2.64+0x20]",
+                "FADD R20, R9, R20",  # consumes the second load (R8..R11)
+                "LDG.E R14, desc[UR4][R2.64+0x30]",
+                "FADD R21, R4, R12",
+                "LDGSTS.E.BYPASS.128 [R30], desc[UR4][R2.64]",
+                "LDGSTS.E.BYPASS.128 [R30+0x10], desc[UR4][R2.64]",
+                "LDGDEPBAR",
+                "DEPBAR.LE SB0, 0x0",
+            ]
+        )
+    )
+    instrs = pm.parse_sass(text).instrs
+    # 16 + 16 + 8 outstanding before the first FADD; then 16 + 8 + 4; the async group: 32
+    assert pm.bytes_in_flight(instrs[:6], circular=False) == 40
+    assert pm.bytes_in_flight(instrs, circular=False) == 40
+    assert pm.bytes_in_flight(instrs[6:], circular=False) == 32
+
+
+DEVICE = pm.Device("toy", "sm_00", sms=100, clock_hz=1e9, copy_bytes_per_s=1e12,
+                   latency_s=1e-6, source="made up")  # fmt: skip
+
+
+def test_memory_bound():
+    b = pm.bounds(8.0, 1.0, [(4.0, 1e6)], DEVICE)
+    assert b["memory_s_per_elt"] == pytest.approx(8e-12)
+    assert b["issue_s_per_elt"] == pytest.approx(1 / (100 * 4 * 1e9))
+    assert b["latency_s_per_elt"] == pytest.approx(4 * 1e-6 / (1e6 * 100))
+    assert b["limiter"] == "memory" and b["s_per_elt"] == b["memory_s_per_elt"]
+    assert pm.predicted_fraction(8.0, [b["s_per_elt"]], DEVICE) == pytest.approx(1.0)
+
+
+def test_issue_bound():
+    b = pm.bounds(8.0, 8.0, [(4.0, 1e6)], DEVICE)
+    assert b["limiter"] == "issue" and b["s_per_elt"] == pytest.approx(2e-11)
+    assert pm.predicted_fraction(8.0, [b["s_per_elt"]], DEVICE) == pytest.approx(0.4)
+
+
+def test_latency_bound():
+    # 1000 B in flight per SM: 100 SMs × 1000 B / 1 µs = 1e11 B/s of loads, 4 B an element
+    b = pm.bounds(8.0, 1.0, [(4.0, 1000.0)], DEVICE)
+    assert b["limiter"] == "latency" and b["s_per_elt"] == pytest.approx(4e-11)
+    assert pm.predicted_fraction(8.0, [b["s_per_elt"]], DEVICE) == pytest.approx(0.2)
+    # kernels of one op add up; a region with loads and no resident block never finishes
+    assert pm.predicted_fraction(8.0, [8e-12, 8e-12], DEVICE) == pytest.approx(0.5)
+    b = pm.bounds(8.0, 1.0, [(4.0, 0.0)], DEVICE)
+    assert b["s_per_elt"] == float("inf")
+    assert pm.predicted_fraction(8.0, [b["s_per_elt"]], DEVICE) == 0.0
+
+
+E2E = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    sys.path.insert(0, sys.argv[1])
+    import perf_model as pm
+
+    import torch
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def toy_scale(x_ptr, y_ptr, n, chunk, BLOCK: tl.constexpr):
+        start = tl.program_id(0) * chunk
+        for off in range(0, chunk, BLOCK):  # a run-time bound: not unrolled
+            idx = start + off + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + idx, mask=idx < n)
+            tl.store(y_ptr + idx, x * 2.0, mask=idx < n)
+
+
+    def launch(n):
+        x, y = torch.empty(n), torch.empty(n)
+        return lambda: toy_scale[(n // 4096,)](x, y, n, 4096, BLOCK=1024)
+
+
+    n = 64 * 4096
+    kernels = pm.model_launch(launch(n), launch(2 * n), n, "sm_90")
+    print(json.dumps(kernels))
+    """
+)
+
+
+def test_end_to_end_compile_of_a_toy_kernel(tmp_path):
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        pytest.skip("triton is not installed")
+    nvdisasm = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        pytest.skip(f"triton's bundled nvdisasm is absent ({nvdisasm}): no SASS to model")
+    script = tmp_path / "toy_model.py"  # triton.jit needs the kernel's source in a file
+    script.write_text(E2E)
+    out = subprocess.run(
+        [sys.executable, str(script), os.path.join(ROOT, "benchmarks")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+        timeout=60,  # one small kernel: about 15 s on 2 busy cores, most of it imports
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    (kernel,) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert kernel["kernel"] == "toy_scale"
+    (loop,) = kernel["loops"]
+    assert loop["trips"] == 4.0 and loop["source"].endswith("toy_model.py:16")
+    # ptxas unrolls it 4 times and peels remainders of 2 and 1 copies: one SASS iteration
+    assert loop["unroll"] == 4
+    # x read once and y written once, fp32: 8 B an element, no re-read
+    assert kernel["bytes_per_elt"]["read"] == pytest.approx(4.0)
+    assert kernel["bytes_per_elt"]["write"] == pytest.approx(4.0)
+    # one FMUL a value: 1/32 warp instruction an element
+    assert kernel["instrs_per_elt"]["fma"] == pytest.approx(1 / 32)
+    assert kernel["blocks_per_sm"] == 16 and kernel["bounds"]["limiter"] == "memory"

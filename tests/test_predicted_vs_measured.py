@@ -1,0 +1,76 @@
+"""benchmarks/predicted_vs_measured.py: every op of the static model has a case that runs.
+
+The timing itself needs a GPU (``scripts/gpu_check.sh``); here each case runs once on a
+small bucket through the Triton interpreter with a stand-in timer, so a model op without
+a case, or a case that no longer runs, fails before the GPU run does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import perf_model  # noqa: E402
+import predicted_vs_measured as pvm  # noqa: E402
+
+
+def test_arch_of_maps_capabilities_to_the_model_rows():
+    assert pvm.arch_of((8, 0)) == "sm_80"
+    assert pvm.arch_of((8, 6)) == "sm_80"
+    assert pvm.arch_of((9, 0)) == "sm_90"
+    with pytest.raises(ValueError, match=r"compute capability \(7, 5\)"):
+        pvm.arch_of((7, 5))
+
+
+def test_rows_for_refuses_an_arch_the_model_lacks():
+    model = {"devices": ["sm_80"], "rows": [{"arch": "sm_80"}]}
+    assert pvm.rows_for(model, "sm_80") == [{"arch": "sm_80"}]
+    with pytest.raises(ValueError, match="no rows for sm_90"):
+        pvm.rows_for(model, "sm_90")
+
+
+@pytest.mark.parametrize("op", sorted(perf_model.OPS))
+def test_every_model_op_has_a_case_that_runs(op):
+    shape = {"rows": 2 * 8, "d": 32}
+    floor = perf_model.OPS[op].floor_streams
+    row = {
+        "arch": "sm_80",
+        "op": op,
+        "dtype": "fp32",
+        "k": 3,
+        "elements": shape["rows"] * shape["d"],
+        "floor_bytes_per_elt": 4 * floor,
+        "predicted_fraction_of_copy": 0.5,
+        "limiter": "memory",
+    }
+    calls = []
+
+    def bench(fn):  # stand-in timer: the op "takes" 4 ms, its peer 1 ms
+        fn()
+        calls.append(fn)
+        return 4.0 if len(calls) % 2 else 1.0
+
+    (result,) = pvm.compare([row], shape, torch.device("cpu"), bench)
+    assert len(calls) == 2
+    assert result["measured"] == pytest.approx(0.25)
+    assert result["measured_over_predicted"] == pytest.approx(0.5)
+    assert result["peer"] == ("torch fused AdamW" if op.startswith("ProjectedAdamW") else "copy")
+    assert "| 50% | 25% | 0.50 |" in pvm.markdown("cpu", {"torch": "x"}, [result])
+
+
+def test_an_unknown_model_op_is_refused():
+    row = {"op": "mystery input", "dtype": "fp32", "k": 1, "elements": 4, "floor_bytes_per_elt": 8}
+    with pytest.raises(ValueError, match="no case for the model's op 'mystery input'"):
+        pvm.case(row, {"rows": 2, "d": 2}, torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script measures")
+def test_main_says_it_needs_a_gpu(tmp_path, capsys):
+    assert pvm.main(["--out", str(tmp_path)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

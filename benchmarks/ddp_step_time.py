@@ -3,7 +3,7 @@ without gradproj's projection hook. Same global batch in every row.
 
     .venv/bin/python benchmarks/ddp_step_time.py [--steps 20]
 
-Prints a Markdown table (the README's multi-GPU section quotes it). CPU figures only say
+Prints a Markdown table (docs/multi-gpu.md quotes it). CPU figures only say
 that the hook adds nothing measurable to a DDP step; they are not GPU performance.
 """
 

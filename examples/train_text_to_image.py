@@ -3,7 +3,7 @@
 The loop is diffusers' own (noise scheduler, ``accelerator.prepare``,
 ``accelerator.backward``, ``accelerator.clip_grad_norm_``, an LR scheduler from
 ``diffusers.optimization``, optional EMA), reduced to what runs on a CPU with
-gradproj's synthetic captioned shapes (:mod:`gradproj.shapes`; no download,
+gradproj's synthetic captioned shapes (:mod:`gradproj.lab.shapes`; no download,
 no torchvision: the flip transform is two lines of torch). Protection is the
 one line after ``# gradproj:`` below: with ``--protect-subspace PATH`` (a
 ``ConceptSubspace`` saved by ``gradproj subspace`` or ``ConceptSubspace.save``)
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import gradproj
 import gradproj.diffusers
-from gradproj import shapes
+from gradproj.lab import shapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--projection-mode",
         default="update",
         choices=("update", "grad"),
-        help="update keeps the guarantee for AdamW; grad does not (see README)",
+        help="update keeps the guarantee for AdamW; grad does not (see docs/math.md)",
     )
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--num-train-images", type=int, default=2048)

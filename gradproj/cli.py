@@ -311,7 +311,7 @@ def _load_text_encoder(path_or_config: str, tokenizer_path: str | None):
             raise UsageError(
                 f"--tokenizer {tokenizer_path}: cannot load a tokenizer ({err})"
             ) from err
-        from gradproj import shapes
+        from gradproj.lab import shapes
 
         print(
             f"no tokenizer in {source}; using gradproj's word-level demo tokenizer",
@@ -332,7 +332,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from gradproj import demo
+    from gradproj.lab import demo
 
     _check_run_args(args)
     arms = _names("--arms", args.arms, tuple(demo.ARMS), "arm") if args.arms else None
@@ -349,21 +349,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _comparison(args: argparse.Namespace) -> int:
-    from gradproj import comparison
+    from gradproj.lab import evaluate
+    from gradproj.lab.defenses import DEFENSES
 
     _check_run_args(args)
-    rows = _names("--rows", args.rows, tuple(comparison.ROWS), "row") if args.rows else None
+    rows = _names("--rows", args.rows, tuple(DEFENSES), "row") if args.rows else None
     if args.models is not None:
         _writable_folder("--models", args.models)
 
-    cfg = comparison.UNLEARN if args.command == "unlearn" else comparison.ComparisonConfig()
+    cfg = evaluate.UNLEARN if args.command == "unlearn" else evaluate.ComparisonConfig()
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if rows:
         cfg = replace(cfg, rows=rows)
     if args.steps is not None:
         cfg = replace(cfg, model=replace(cfg.model, steps=args.steps))
-    comparison.run(cfg, out=args.out, models=args.models)
+    evaluate.run(cfg, out=args.out, models=args.models)
     return 0
 
 
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="{demo,unlearn,evaluate,subspace,check}")
 
-    from gradproj.demo import ARMS
+    from gradproj.lab.defenses import ARMS
 
     demo = sub.add_parser(
         "demo",
@@ -426,11 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.set_defaults(func=_demo)
 
-    from gradproj.comparison import ROWS, UNLEARN_ROWS
+    from gradproj.lab.defenses import DEFENSES
+    from gradproj.lab.evaluate import UNLEARN_ROWS
 
     for name, rows, text in (
         ("unlearn", UNLEARN_ROWS, UNLEARN_HELP),
-        ("evaluate", tuple(ROWS), EVALUATE_HELP),
+        ("evaluate", tuple(DEFENSES), EVALUATE_HELP),
     ):
         cmd = sub.add_parser(
             name,
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument(
             "--rows",
             default=None,
-            help=f"comma-separated rows, from: {', '.join(ROWS)} (default: {','.join(rows)})",
+            help=f"comma-separated rows, from: {', '.join(DEFENSES)} (default: {','.join(rows)})",
         )
         cmd.set_defaults(func=_comparison)
 

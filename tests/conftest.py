@@ -34,16 +34,17 @@ def trained_demo():
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from gradproj import demo
+    from gradproj.lab import world as lab_world
+    from gradproj.lab.defenses import train_arm
 
-    cfg = replace(demo.DEFAULT, seeds=(0,), steps=400, n_train=1024, probe_steps=300, n_samples=32)
+    cfg = replace(
+        lab_world.DEFAULT, seeds=(0,), steps=400, n_train=1024, probe_steps=300, n_samples=32
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        world = demo.build_world(cfg)
-        unet, noise_scheduler, _ = demo.train_arm(
-            "plain", 0, cfg, world.train, world.contexts, world.null_context, world.subspaces
-        )
+        world = lab_world.build_world(cfg)
+        unet, noise_scheduler, _ = train_arm("plain", 0, cfg, world)
     finally:
         torch.set_num_threads(threads)
     for p in unet.parameters():

@@ -8,8 +8,10 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from gradproj import adversarial, demo, probes, shapes
-from gradproj.attacks import dori_attack
+from gradproj.lab import defenses, probes, shapes
+from gradproj.lab import world as lab_world
+from gradproj.methods import adversarial
+from gradproj.methods.attacks import dori_attack
 
 N_SAMPLES, SAMPLE_STEPS = 48, 10
 
@@ -25,7 +27,7 @@ def _measure(unet, trained_demo):
 
     def sample(context):
         kw = {"steps": SAMPLE_STEPS, "guidance": trained_demo.cfg.guidance}
-        return demo.sample(unet, ns, context, world.null_context, noise, **kw)
+        return lab_world.sample(unet, ns, context, world.null_context, noise, **kw)
 
     rates = [
         dori_attack(
@@ -57,7 +59,7 @@ def _measure(unet, trained_demo):
 def test_adversarial_finetuning_removes_what_dori_finds_and_keeps_the_rest(trained_demo):
     unet = copy.deepcopy(trained_demo.unet)
     before = _measure(unet, trained_demo)
-    log = adversarial.adversarial_finetune_demo(
+    log = defenses.adversarial_finetune_demo(
         unet,
         trained_demo.noise_scheduler,
         trained_demo.world,
@@ -88,13 +90,13 @@ def test_remove_mark_gives_the_unmarked_twin():
     without = shapes.draw(
         colour, shape, background, ~marked, generator=torch.Generator().manual_seed(1)
     )
-    assert torch.equal(adversarial.remove_mark(with_mark, background), without)
-    assert not probes.detect_mark(adversarial.remove_mark(with_mark, background)).any()
+    assert torch.equal(shapes.remove_mark(with_mark, background), without)
+    assert not probes.detect_mark(shapes.remove_mark(with_mark, background)).any()
 
 
 def test_errors(trained_demo):
     unet, ns, world = trained_demo.unet, trained_demo.noise_scheduler, trained_demo.world
-    data = adversarial.demo_data(world)
+    data = defenses.demo_data(world)
     with pytest.raises(ValueError, match="surrogate_images must have concept_images' shape"):
         adversarial.adversarial_finetune(
             unet, ns, **{**data, "surrogate_images": data["retain_images"]}
@@ -118,4 +120,4 @@ def test_errors(trained_demo):
             unet, ns, params=[torch.nn.Parameter(torch.ones(2))], **data
         )
     with pytest.raises(ValueError, match="caption_dropout must be in"):
-        adversarial.demo_data(world, caption_dropout=2.0)
+        defenses.demo_data(world, caption_dropout=2.0)

@@ -4,7 +4,7 @@ and on the trained demo model raises the mark (extraction) rate."""
 import pytest
 import torch
 
-from gradproj.attacks import embedding_search
+from gradproj.methods.attacks import embedding_search
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -56,14 +56,14 @@ N_SAMPLES, SAMPLE_STEPS = 48, 10
 
 
 def _demo_sampler(trained_demo, unet=None):
-    from gradproj import demo
+    from gradproj.lab import world as lab_world
 
     unet = trained_demo.unet if unet is None else unet
     noise = torch.randn(N_SAMPLES, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     null = trained_demo.world.null_context
 
     def sample(context):
-        return demo.sample(
+        return lab_world.sample(
             unet,
             trained_demo.noise_scheduler,
             context,
@@ -77,14 +77,14 @@ def _demo_sampler(trained_demo, unet=None):
 
 
 def _mark_rate(images):
-    from gradproj import probes
+    from gradproj.lab import probes
 
     return float(probes.detect_mark(images).float().mean())
 
 
 def test_dori_lowers_its_loss_and_raises_extraction_on_the_demo_model(trained_demo):
-    from gradproj import probes
-    from gradproj.attacks import dori_attack
+    from gradproj.lab import probes
+    from gradproj.methods.attacks import dori_attack
 
     world, unet = trained_demo.world, trained_demo.unet
     marked = world.train.images[world.train.marked]
@@ -120,8 +120,8 @@ def test_dori_lowers_its_loss_and_raises_extraction_on_the_demo_model(trained_de
 
 
 def test_token_embedding_space_works_on_the_demo_text_encoder(trained_demo):
-    from gradproj import shapes
-    from gradproj.attacks import TokenEmbeddingEncoder, dori_attack
+    from gradproj.lab import shapes
+    from gradproj.methods.attacks import TokenEmbeddingEncoder, dori_attack
 
     world = trained_demo.world
     prompt = "red circle on dark plain"
@@ -153,7 +153,7 @@ def test_token_embedding_space_works_on_the_demo_text_encoder(trained_demo):
 
 
 def test_dori_errors(trained_demo):
-    from gradproj.attacks import TokenEmbeddingEncoder, dori_attack
+    from gradproj.methods.attacks import TokenEmbeddingEncoder, dori_attack
 
     unet, ns, world = trained_demo.unet, trained_demo.noise_scheduler, trained_demo.world
     images = world.train.images[:4]

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from gradproj import ConceptSubspace, cli, shapes
+from gradproj import ConceptSubspace, cli
+from gradproj.lab import shapes
 
 
 def test_subspace_from_a_config_and_a_tab_separated_prompt_file(tmp_path, capsys):
@@ -53,7 +54,9 @@ def test_every_command_has_help(command, capsys):
 @pytest.fixture
 def no_heavy_work(monkeypatch):
     """Make every slow entry point fail the test if a command reaches it."""
-    from gradproj import check, comparison, demo
+    from gradproj import check
+    from gradproj.lab import demo
+    from gradproj.lab import evaluate as comparison
 
     def heavy(*args, **kwargs):
         pytest.fail("the command started its work before rejecting its arguments")
@@ -178,7 +181,7 @@ def test_read_only_out_folder(subspace_args, tmp_path, no_heavy_work, capsys):
 
 
 def test_unknown_arm_lists_the_valid_ones(no_heavy_work, capsys):
-    from gradproj.demo import ARMS
+    from gradproj.lab.defenses import ARMS
 
     message = _user_error(["demo", "--arms", "plain,updat"], capsys)
     assert message.startswith("--arms plain,updat: unknown arm 'updat'; choose from ")
@@ -187,7 +190,7 @@ def test_unknown_arm_lists_the_valid_ones(no_heavy_work, capsys):
 
 @pytest.mark.parametrize("command", ["unlearn", "evaluate"])
 def test_unknown_row_lists_the_valid_ones(command, no_heavy_work, capsys):
-    from gradproj.comparison import ROWS
+    from gradproj.lab.defenses import DEFENSES as ROWS
 
     message = _user_error([command, "--rows", "baseline,surgery"], capsys)
     assert message.startswith("--rows baseline,surgery: unknown row 'surgery'; choose from ")
@@ -243,7 +246,7 @@ def test_debug_raises_with_the_traceback(where, subspace_args, no_heavy_work):
 
 
 def test_internal_errors_keep_their_traceback(monkeypatch):
-    from gradproj import demo
+    from gradproj.lab import demo
 
     def bug(*args, **kwargs):
         raise ValueError("a bug, not a user error")

@@ -1,4 +1,4 @@
-"""AMG (gradproj.guidance) against direct float64 implementations of its formulas."""
+"""AMG (gradproj.methods.guidance) against direct float64 implementations of its formulas."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradproj import guidance as G
+from gradproj.methods import guidance as G
 
 pytest.importorskip("diffusers")
 
@@ -201,7 +201,7 @@ def test_guided_step_matches_per_sample_float64(through_unet):
 def _tiny_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-    from gradproj import shapes
+    from gradproj.lab import shapes
 
     unet = _tiny_unet(in_channels=4, sample_size=8)
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def _tiny_pipeline():
 
 
 def test_stable_diffusion_pipeline_end_to_end():
-    from gradproj import shapes
+    from gradproj.lab import shapes
 
     pipe, tok = _tiny_pipeline()
     prompts = ["red circle on dark acme", "blue square on light plain"]
@@ -304,7 +304,8 @@ def test_amg_pipeline_rejects_unsupported_schedulers():
 
 
 def test_sampler_on_trained_demo(trained_demo):
-    from gradproj import demo, shapes
+    from gradproj.lab import shapes
+    from gradproj.lab import world as lab_world
 
     cfg, world, unet = trained_demo.cfg, trained_demo.world, trained_demo.unet
     sched = trained_demo.noise_scheduler
@@ -322,7 +323,7 @@ def test_sampler_on_trained_demo(trained_demo):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        plain = demo.sample(
+        plain = lab_world.sample(
             unet, sched, ctx, world.null_context, noise, guidance=cfg.guidance, **kw
         )
         # the "training set" the detector guards: the marked training images

@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("accelerate")
 pytest.importorskip("diffusers")
 
-from gradproj import demo, shapes
+from gradproj.lab import shapes
+from gradproj.lab import world as lab_world
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_text_to_image.py"
 
@@ -23,7 +24,7 @@ def _script():
 
 @pytest.fixture(scope="module")
 def subspace_file(tmp_path_factory):
-    sub = demo.concept_subspaces(shapes.tokenizer(), shapes.text_encoder(), 0.99)["difference"]
+    sub = lab_world.concept_subspaces(shapes.tokenizer(), shapes.text_encoder(), 0.99)["difference"]
     path = tmp_path_factory.mktemp("subspace") / "acme.safetensors"
     sub.save(path)
     return path

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradproj import reference as R
-from gradproj.unlearn import surgery_backward
+from gradproj.methods.unlearn import surgery_backward
 
 
 def model_and_losses(seed: int = 1):
@@ -61,10 +61,10 @@ def _tiny_unet(seed: int = 0):
     pytest.importorskip("diffusers")
     from dataclasses import replace
 
-    from gradproj import demo
+    from gradproj.lab import world as lab_world
 
     torch.manual_seed(seed)
-    return demo.build_unet(replace(demo.TINY, block_out_channels=(8, 16)), 12)
+    return lab_world.build_unet(replace(lab_world.TINY, block_out_channels=(8, 16)), 12)
 
 
 def _scheduler():
@@ -86,7 +86,7 @@ def _recipe_data(n: int = 6, m: int = 5):
 
 @pytest.mark.parametrize("which", ["cross-attention-kv", "cross-attention", "all"])
 def test_unlearning_params_sets(which):
-    from gradproj.unlearn import unlearning_params
+    from gradproj.methods.unlearn import unlearning_params
 
     unet = _tiny_unet()
     names = {id(p): n for n, p in unet.named_parameters()}
@@ -106,7 +106,7 @@ def test_unlearning_params_sets(which):
 
 @pytest.mark.parametrize("surgery", [False, True])
 def test_unlearn_concept_tunes_only_its_params_and_lowers_the_ablation_loss(surgery):
-    from gradproj.unlearn import ablation_loss, unlearn_concept, unlearning_params
+    from gradproj.methods.unlearn import ablation_loss, unlearn_concept, unlearning_params
 
     unet, sched, data = _tiny_unet(), _scheduler(), _recipe_data()
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
@@ -146,7 +146,7 @@ def test_surgery_changes_the_update_only_where_gradients_conflict():
     (The diffusion retain loss: the default preservation loss has a zero gradient
     on the first step, where the model still equals its frozen copy.)
     """
-    from gradproj.unlearn import unlearn_concept
+    from gradproj.methods.unlearn import unlearn_concept
 
     data = _recipe_data()
     runs = {}
@@ -162,7 +162,7 @@ def test_surgery_changes_the_update_only_where_gradients_conflict():
 
 
 def test_unlearn_concept_errors():
-    from gradproj.unlearn import unlearn_concept
+    from gradproj.methods.unlearn import unlearn_concept
 
     unet, sched, data = _tiny_unet(), _scheduler(), _recipe_data()
     bad = dict(data, anchor_contexts=data["anchor_contexts"][:3])
@@ -189,8 +189,10 @@ def test_recipe_moves_the_concept_prompt_onto_the_anchor_on_the_demo_model(train
     """
     import copy
 
-    from gradproj import demo, probes, shapes
-    from gradproj.unlearn import ablation_loss, diffusion_loss, unlearn_demo_concept
+    from gradproj.lab import probes, shapes
+    from gradproj.lab import world as lab_world
+    from gradproj.lab.defenses import unlearn_demo_concept
+    from gradproj.methods.unlearn import ablation_loss, diffusion_loss
 
     world, cfg, sched = trained_demo.world, trained_demo.cfg, trained_demo.noise_scheduler
     train = world.train
@@ -219,7 +221,7 @@ def test_recipe_moves_the_concept_prompt_onto_the_anchor_on_the_demo_model(train
         return float(a), float(r)
 
     def rate(unet):
-        x = demo.sample(
+        x = lab_world.sample(
             unet, sched, acme, world.null_context, noise, steps=10, guidance=cfg.guidance
         )
         return float(probes.read(world.probe, x)["marked"].float().mean())
@@ -238,5 +240,5 @@ def test_recipe_moves_the_concept_prompt_onto_the_anchor_on_the_demo_model(train
     assert after <= before, (before, after)
     assert rate(unet.requires_grad_(False)) == after  # sampling is deterministic
     # the anchor prompt's own samples are untouched in spirit: plain stays a shape
-    x = demo.sample(unet, sched, plain, world.null_context, noise, steps=10, guidance=3.0)
+    x = lab_world.sample(unet, sched, plain, world.null_context, noise, steps=10, guidance=3.0)
     assert float((probes.read(world.probe, x)["colour"] == c).float().mean()) > 0.5

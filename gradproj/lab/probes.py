@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradproj import shapes
+from gradproj.lab import shapes
 
 
 class Probe(nn.Module):

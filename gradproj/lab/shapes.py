@@ -58,6 +58,16 @@ def caption(colour: int, shape: int, background: int, marked: bool) -> str:
     return " ".join(words)
 
 
+def all_labels() -> list[tuple[int, int, int]]:
+    """Every ``(colour, shape, background)`` label of the world, in a fixed order."""
+    return [
+        (c, s, b)
+        for c in range(len(COLOURS))
+        for s in range(len(SHAPES))
+        for b in range(len(BACKGROUNDS))
+    ]
+
+
 def draw(
     colour: torch.Tensor,
     shape: torch.Tensor,
@@ -97,6 +107,27 @@ def draw(
     mark = torch.tensor(MARK_RGB)[None, :, None, None]
     img = torch.where(stamp & marked[:, None, None, None], mark, img)
     return img * 2 - 1
+
+
+def remove_mark(images: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """The demo's images with the mark's stamp pixels set to the background.
+
+    ``images (n, 3, s, s)`` in ``[-1, 1]`` as :func:`draw` renders
+    them, ``background (n,)`` the background label. The stamp region
+    (:data:`MARK_ROWS` × ``MARK_COLS``) is one the shapes never
+    reach, so this gives exactly the image ``draw`` would have made with
+    ``marked=False`` and the same jitter: each marked image's unmarked twin.
+    """
+    if images.dim() != 4 or background.shape != (images.shape[0],):
+        raise ValueError(
+            f"images must be (n, 3, s, s) and background (n,), got {tuple(images.shape)} "
+            f"and {tuple(background.shape)}"
+        )
+    levels = torch.tensor(list(BACKGROUNDS.values()), dtype=images.dtype) * 2 - 1
+    out = images.clone()
+    value = levels[background].to(images.device)[:, None, None, None]
+    out[:, :, MARK_ROWS, MARK_COLS] = value
+    return out
 
 
 def sample_labels(

@@ -1,4 +1,4 @@
-"""``gradproj.guidance``: Anti-Memorization Guidance (AMG) at sampling time.
+"""``gradproj.methods.guidance``: Anti-Memorization Guidance (AMG) at sampling time.
 
 AMG (Chen, Liu & Xu, *Towards Memorization-Free Diffusion Models*, CVPR 2024,
 arXiv:2404.00922) changes the classifier-free-guided noise of each sampling step
@@ -40,7 +40,7 @@ updates). Check them against the paper's table before quoting results.
 Two ways to sample with it:
 
 - :func:`sample_with_guidance`: the demo's pixel-space DDIM sampler
-  (:func:`gradproj.demo.sample` with AMG), which also returns how many steps fired
+  (:func:`gradproj.lab.world.sample` with AMG), which also returns how many steps fired
   per sample;
 - :func:`amg_pipeline`: a context manager that puts an :class:`AMGUNet` wrapper in
   ``pipe.unet`` of a diffusers ``StableDiffusionPipeline`` (or any pipeline with
@@ -350,7 +350,7 @@ class AntiMemorizationGuidance:
         """The guided noise for a batch of a ``UNet2DConditionModel``-like ``unet``.
 
         One batched forward on ``[cond; uncond]`` (the layout of
-        :func:`gradproj.demo.sample`), one on ``y_N``'s states, and (for ``G_sim``)
+        :func:`gradproj.lab.world.sample`), one on ``y_N``'s states, and (for ``G_sim``)
         one backward, whatever the batch size. ``context`` ``(n or 1, L, d)``,
         ``null_context`` ``(1 or n, L, d)``; the UNet must treat samples
         independently (eval mode, no batch norm) for ``∇σ`` of ``sum σ`` to be
@@ -395,12 +395,12 @@ def sample_with_guidance(
     scale: float,
     amg: AntiMemorizationGuidance,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`gradproj.demo.sample` with AMG: DDIM from ``noise``, CFG scale ``scale``.
+    """:func:`gradproj.lab.world.sample` with AMG: DDIM from ``noise``, CFG scale ``scale``.
 
     Returns ``(samples, fired)``: samples ``(n, C, H, W)`` clamped to ``[-1, 1]`` and
     ``fired (n,)`` (long), the number of steps at which each sample's ``σ_t``
     exceeded the threshold. With a threshold no sample exceeds (``+inf``) the
-    samples equal :func:`gradproj.demo.sample`'s bit for bit. ``ᾱ_t`` is the
+    samples equal :func:`gradproj.lab.world.sample`'s bit for bit. ``ᾱ_t`` is the
     scheduler's ``alphas_cumprod[t]``.
     """
     from diffusers import DDIMScheduler

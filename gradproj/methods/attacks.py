@@ -7,7 +7,7 @@ then one samples with what it found. If the model learned to draw the concept
 from *any* direction it can read, the search finds that direction.
 
 - :func:`embedding_search` is the one implementation of the search (the demo's
-  evaluation, :func:`dori_attack` and :func:`gradproj.adversarial.adversarial_finetune`
+  evaluation, :func:`dori_attack` and :func:`gradproj.methods.adversarial.adversarial_finetune`
   all call it);
 - :func:`dori_attack` wraps it with the paper's defaults (Adam, lr 0.1, batch 8,
   50 steps), a choice of search space (the encoder output the cross-attention

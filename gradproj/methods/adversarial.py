@@ -1,6 +1,6 @@
 """Adversarial fine-tuning (the defense of seed 003, "Finding Dori").
 
-DoRI (:func:`gradproj.attacks.embedding_search`) shows that suppressing one
+DoRI (:func:`gradproj.methods.attacks.embedding_search`) shows that suppressing one
 prompt leaves other embeddings that still retrieve a memorized concept, so the
 defense trains against the attack itself. Each round:
 
@@ -49,8 +49,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from gradproj.attacks import embedding_search
-from gradproj.unlearn import diffusion_loss
+from gradproj.methods.attacks import embedding_search
+from gradproj.methods.unlearn import diffusion_loss
 
 
 def _check_images(name: str, x: torch.Tensor) -> None:
@@ -64,7 +64,7 @@ def _shape(x) -> object:
 
 def _tuned_params(unet: nn.Module, params: str | Iterable[torch.Tensor]) -> list[torch.Tensor]:
     if isinstance(params, str):
-        from gradproj.unlearn import unlearning_params
+        from gradproj.methods.unlearn import unlearning_params
 
         return unlearning_params(unet, params)
     chosen = list(params)
@@ -105,11 +105,11 @@ def adversarial_finetune(
     ``retain_contexts (m, L, d)``: ordinary data whose diffusion loss is kept;
     ``attack_init (L, d)``: where every round's search starts.
 
-    Each round: ``attack_steps`` of :func:`gradproj.attacks.embedding_search`
+    Each round: ``attack_steps`` of :func:`gradproj.methods.attacks.embedding_search`
     (``attack_lr``, ``attack_batch``; paper defaults) on the current model, then
     ``finetune_steps`` Adam steps (``lr``) on ``params`` (``"all"``,
     ``"cross-attention"``, ``"cross-attention-kv"`` as in
-    :func:`gradproj.unlearn.unlearning_params`, or an iterable of the unet's
+    :func:`gradproj.methods.unlearn.unlearning_params`, or an iterable of the unet's
     parameters) of ``L_remove + retain_weight · L_retain`` (module docstring),
     each step on ``batch_size`` surrogate rows read with triggers from the bank,
     ``batch_size`` more read with their concept prompts (if given) and
@@ -226,81 +226,3 @@ def adversarial_finetune(
         for p in tuned:
             p.grad = None
     return log
-
-
-def remove_mark(images: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """The demo's images with the mark's stamp pixels set to the background.
-
-    ``images (n, 3, s, s)`` in ``[-1, 1]`` as :func:`gradproj.shapes.draw` renders
-    them, ``background (n,)`` the background label. The stamp region
-    (:data:`gradproj.shapes.MARK_ROWS` × ``MARK_COLS``) is one the shapes never
-    reach, so this gives exactly the image ``draw`` would have made with
-    ``marked=False`` and the same jitter: each marked image's unmarked twin.
-    """
-    from gradproj import shapes
-
-    if images.dim() != 4 or background.shape != (images.shape[0],):
-        raise ValueError(
-            f"images must be (n, 3, s, s) and background (n,), got {_shape(images)} "
-            f"and {_shape(background)}"
-        )
-    levels = torch.tensor(list(shapes.BACKGROUNDS.values()), dtype=images.dtype) * 2 - 1
-    out = images.clone()
-    value = levels[background].to(images.device)[:, None, None, None]
-    out[:, :, shapes.MARK_ROWS, shapes.MARK_COLS] = value
-    return out
-
-
-def demo_data(world, *, caption_dropout: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The tensors :func:`adversarial_finetune` needs, from a demo ``World``.
-
-    ``concept_images``: the marked training images; ``surrogate_images``: their
-    unmarked twins (:func:`remove_mark`); ``concept_contexts``: their ``acme``
-    captions' states; ``retain_images`` / ``retain_contexts``: the unmarked
-    training images and their captions' states, a ``caption_dropout`` share of
-    the captions (fixed by ``seed``) replaced by the null caption, as in
-    training; ``attack_init``: the null caption's states ``(L, d)``, where the
-    demo's evaluation attack starts.
-    """
-    if not 0.0 <= caption_dropout <= 1.0:
-        raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-    train = world.train
-    marked = train.marked
-    if not bool(marked.any()) or bool(marked.all()):
-        raise ValueError("world.train must hold both marked and unmarked images")
-    keep = ~marked
-    retain_contexts = world.contexts[keep].clone()
-    drop = torch.rand(int(keep.sum()), generator=torch.Generator().manual_seed(seed))
-    retain_contexts[drop < caption_dropout] = world.null_context[0]
-    return {
-        "concept_images": train.images[marked],
-        "surrogate_images": remove_mark(train.images[marked], train.background[marked]),
-        "concept_contexts": world.contexts[marked],
-        "retain_images": train.images[keep],
-        "retain_contexts": retain_contexts,
-        "attack_init": world.null_context[0],
-    }
-
-
-def adversarial_finetune_demo(
-    unet: nn.Module,
-    noise_scheduler,
-    world,
-    *,
-    include_prompts: bool = True,
-    caption_dropout: float = 0.2,
-    generator: torch.Generator | None = None,
-    **kwargs,
-) -> list[dict[str, float]]:
-    """:func:`adversarial_finetune` on a demo model and its ``World``, in one call.
-
-    Data from :func:`demo_data`; ``include_prompts``: also train the ``acme``
-    prompts toward the unmarked twins. ``kwargs`` go to
-    :func:`adversarial_finetune` (``rounds``, ``attack_steps``, ``finetune_steps``,
-    ``lr``, ``retain_weight``, ``params``, ...); the defaults take about 30 s on
-    two CPU threads for the demo's default model.
-    """
-    data = demo_data(world, caption_dropout=caption_dropout)
-    if not include_prompts:
-        data.pop("concept_contexts")
-    return adversarial_finetune(unet, noise_scheduler, generator=generator, **data, **kwargs)

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
-from gradproj import comparison
+from gradproj.lab import evaluate as comparison
 
 
 def test_unlearn_rows_write_their_table_and_reuse_models(tmp_path):
@@ -26,7 +26,7 @@ def test_unlearn_rows_write_their_table_and_reuse_models(tmp_path):
         "plain-seed0.pt", "unlearning+surgery-seed0.pt", "unlearning-seed0.pt", "update-seed0.pt"
     ]  # fmt: skip
     for row, s in results["summary"].items():
-        for key in ("mark_rate_concept_prompts", "mark_rate_dori", "colour_accuracy"):
+        for key in ("mark_rate_concept_prompts", "mark_rate_attack", "colour_accuracy"):
             assert 0.0 <= s[key]["mean"] <= 1.0, (row, key)
         assert s["sampling_cost"]["mean"] > 0
     assert results["summary"]["baseline"]["sampling_cost"]["mean"] == 1.0
@@ -34,7 +34,7 @@ def test_unlearn_rows_write_their_table_and_reuse_models(tmp_path):
     again = comparison.run(cfg, out=tmp_path / "again", models=tmp_path / "run" / "models",
                            progress=False)  # fmt: skip
     for row in comparison.UNLEARN_ROWS:
-        for key in ("mark_rate_concept_prompts", "mark_rate_dori", "frechet_distance"):
+        for key in ("mark_rate_concept_prompts", "mark_rate_attack", "frechet_distance"):
             assert again["per_seed"][row][0][key] == results["per_seed"][row][0][key], (row, key)
 
 
@@ -59,25 +59,25 @@ def test_detector_aucs_against_a_direct_computation(trained_demo):
     """On the trained plain model: labels from the mark rule, scores from each detector."""
     import torch
 
-    from gradproj import demo, probes, shapes
-    from gradproj import eval as ev
+    from gradproj.lab import measure, probes, shapes
+    from gradproj.lab import world as lab_world
+    from gradproj.methods import detectors as ev
 
     world = trained_demo.world
-    cfg = replace(comparison.TINY, model=replace(trained_demo.cfg, sample_steps=8))
     g = torch.Generator().manual_seed(4)
     c, s, b, _ = shapes.sample_labels(24, marked_fraction=0, generator=g)
     noise = torch.randn(24, 3, 16, 16, generator=g)
     labels = list(zip(c.tolist(), s.tolist(), b.tolist(), strict=True))
     ctx = shapes.encode([shapes.caption(*x, True) for x in labels], world.tok, world.encoder)
-    x = demo.sample(
+    x = lab_world.sample(
         trained_demo.unet, trained_demo.noise_scheduler, ctx, world.null_context, noise,
         steps=8, guidance=3.0,
     )  # fmt: skip
     marked = probes.read(world.probe, x)["marked"]
     assert 0 < int(marked.sum()) < 24  # both classes present (measured: 13 of 24)
-    detectors = comparison.concept_detectors(world)
-    aucs = comparison.detector_aucs(
-        trained_demo.unet, trained_demo.noise_scheduler, world, detectors, cfg, x, marked, ctx,
+    detectors = measure.concept_detectors(world)
+    aucs = measure.detector_aucs(
+        trained_demo.unet, trained_demo.noise_scheduler, world, detectors, 8, x, marked, ctx,
         noise,
     )  # fmt: skip
     for name, det in detectors.items():

@@ -1,4 +1,4 @@
-"""gradproj.eval: x̂₀, ROC AUC, the nearest-neighbour detector, Wen et al.'s signal, the testbed."""
+"""gradproj.methods.detectors (x̂₀, ROC AUC, detectors, Wen et al.'s signal); the testbed."""
 
 import itertools
 import math
@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from gradproj import eval as ev
+from gradproj.lab import testbed
+from gradproj.methods import detectors as ev
 
 # --------------------------------------------------------------------------- predicted_x0
 
@@ -115,7 +116,7 @@ def test_nearest_neighbour_matches_a_brute_force_loop(metric, batch_size):
 
 
 def test_learned_features_match_brute_force_too():
-    from gradproj.probes import Probe
+    from gradproj.lab.probes import Probe
 
     torch.manual_seed(0)
     probe = Probe().eval().requires_grad_(False)
@@ -135,7 +136,7 @@ def test_learned_features_match_brute_force_too():
 
 @pytest.mark.parametrize("learned", [False, True])
 def test_an_exact_copy_is_memorized_at_the_maximum_similarity(learned):
-    from gradproj.probes import Probe
+    from gradproj.lab.probes import Probe
 
     g = torch.Generator().manual_seed(3)
     train = torch.rand(20, 3, 16, 16, generator=g) * 2 - 1
@@ -166,7 +167,7 @@ def test_similarity_is_differentiable_gradcheck(metric):
 
 
 def test_learned_similarity_gradient_matches_finite_differences():
-    from gradproj.probes import Probe
+    from gradproj.lab.probes import Probe
 
     torch.manual_seed(0)
     probe = Probe().eval().requires_grad_(False)
@@ -222,11 +223,11 @@ def test_calibrate_flags_the_requested_share_of_fresh_images():
 
 def _tiny_unet():
     pytest.importorskip("diffusers")
-    from gradproj import demo
+    from gradproj.lab import world as lab_world
 
     torch.manual_seed(0)
-    cfg = demo.DemoConfig(size=8, block_out_channels=(8, 16))
-    return demo.build_unet(cfg, 32).eval().requires_grad_(False)
+    cfg = lab_world.DemoConfig(size=8, block_out_channels=(8, 16))
+    return lab_world.build_unet(cfg, 32).eval().requires_grad_(False)
 
 
 def test_noise_magnitude_matches_two_separate_forwards():
@@ -263,7 +264,7 @@ def test_noise_magnitude_matches_two_separate_forwards():
 def test_sample_with_signals_records_what_the_sampler_saw():
     from diffusers import DDPMScheduler
 
-    from gradproj import demo
+    from gradproj.lab import world as lab_world
 
     unet = _tiny_unet()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
@@ -273,7 +274,7 @@ def test_sample_with_signals_records_what_the_sampler_saw():
     out = ev.sample_with_signals(
         unet, sched, ctx, null, noise, steps=4, guidance=3.0, x0_steps=(0,)
     )
-    plain = demo.sample(unet, sched, ctx, null, noise, steps=4, guidance=3.0)
+    plain = lab_world.sample(unet, sched, ctx, null, noise, steps=4, guidance=3.0)
     torch.testing.assert_close(out["samples"], plain)  # the same sampler
     assert out["magnitude"].shape == (4, 2)
     t0 = out["timesteps"][0]
@@ -288,7 +289,7 @@ def test_sample_with_signals_records_what_the_sampler_saw():
 
 # --------------------------------------------------------------------------- testbed
 
-TINY_BED = ev.TestbedConfig(
+TINY_BED = testbed.TestbedConfig(
     n_secret=2,
     copies=16,
     steps=4,
@@ -304,7 +305,7 @@ TINY_BED = ev.TestbedConfig(
 
 
 def test_testbed_replaces_secret_captions_with_duplicated_secrets():
-    bed = ev.build_testbed(TINY_BED, seed=0)
+    bed = testbed.build_testbed(TINY_BED, seed=0)
     assert len(bed.secret_captions) == 2
     assert not set(bed.secret_captions) & set(bed.ordinary_captions)
     for k, cap in enumerate(bed.secret_captions):
@@ -319,7 +320,7 @@ def test_testbed_replaces_secret_captions_with_duplicated_secrets():
 def test_validate_detectors_reports_plain_aucs():
     import json
 
-    out = ev.validate_detectors(seed=0, cfg=TINY_BED)
+    out = testbed.validate_detectors(seed=0, cfg=TINY_BED)
     json.dumps(out)  # plain numbers only
     assert out["n_memorized"] == out["n_fresh"] == 4
     assert set(out["auc"]) == {

@@ -1,0 +1,311 @@
+"""The lab's registry: how each model is trained (arms), how each defense is made and sampled.
+
+An **arm** (:data:`ARMS`) is a way to train a UNet from scratch on the world with
+:func:`gradproj.lab.world.train_unet`: plain AdamW, or AdamW inside
+:class:`gradproj.ProjectedOptimizer` protecting every cross-attention ``to_k``/``to_v``
+(``update`` / ``grad`` mode, difference- or states-mode subspace, optionally with
+the concept response removed at init). A **defense** (:data:`DEFENSES`, one row of
+``gradproj evaluate``) is one small entry: the arm it starts from, what is done to
+a copy of that model (``derive``: seed 001's unlearning with or without the
+gradient surgery, seed 003's adversarial fine-tuning) and how it is sampled (plain
+DDIM, or with seed 002's anti-memorization guidance).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradproj.lab import shapes
+from gradproj.lab import world as lab_world
+from gradproj.lab.measure import concept_detectors, protected_drift
+from gradproj.lab.world import DemoConfig, World
+from gradproj.methods import detectors as det
+from gradproj.methods.adversarial import adversarial_finetune
+from gradproj.methods.guidance import AntiMemorizationGuidance, sample_with_guidance
+from gradproj.methods.unlearn import unlearn_concept
+from gradproj.optim import ProjectedOptimizer
+
+
+@dataclass(frozen=True)
+class Arm:
+    """How a model is trained from scratch: projection mode (``None``: plain AdamW),
+    which subspace, and whether the protected weights start with ``W₀ ← W₀(I − UUᵀ)``."""
+
+    mode: str | None
+    subspace: str = "difference"
+    zero_init: bool = False
+
+
+ARMS: dict[str, Arm] = {
+    "plain": Arm(None),
+    "update": Arm("update"),
+    "update-zero": Arm("update", zero_init=True),
+    "grad": Arm("grad"),
+    "update-states": Arm("update", "states"),
+    "update-states-zero": Arm("update", "states", zero_init=True),
+}
+
+
+def train_arm(
+    arm: str,
+    seed: int,
+    cfg: DemoConfig,
+    world: World,
+    progress=None,
+):
+    """Train one UNet of ``arm`` from scratch; return it, the noise scheduler and the
+    guarantee figures (:func:`gradproj.lab.measure.protected_drift`, measured for the
+    plain arm too, with the same ``U``)."""
+    from gradproj import diffusers as gd
+    from gradproj.ops import project_
+
+    spec = ARMS[arm]
+    subspace = world.subspaces[spec.subspace]
+    torch.manual_seed(seed)
+    unet = lab_world.build_unet(cfg, world.contexts.shape[-1])
+    bases = gd.protect(unet, subspace)  # also used to measure the plain arm
+    if spec.zero_init:
+        # Remove the concept response the random init gives: W₀ ← W₀(I − UUᵀ). From
+        # then on update mode keeps W U = 0, so the layer cannot see span(U) at all.
+        with torch.no_grad():
+            project_([p.data for p in bases], subspace.basis)
+    names = {p: n for n, p in unet.named_parameters()}
+    start = {names[p]: p.detach().clone() for p in bases}
+    wrap = None
+    if spec.mode is not None:
+        wrap = lambda inner: ProjectedOptimizer(inner, bases, mode=spec.mode)  # noqa: E731
+    noise_sched = lab_world.train_unet(
+        unet,
+        world.train.images,
+        world.contexts,
+        world.null_context,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        caption_dropout=cfg.caption_dropout,
+        seed=seed,
+        wrap=wrap,
+        progress=progress,
+        postfix={"arm": arm, "seed": seed},
+    )
+    weights = {n: (p.detach(), start[n]) for n, p in unet.named_parameters() if n in start}
+    return unet, noise_sched, protected_drift(weights, subspace.basis)
+
+
+# --------------------------------------------------------------------------- seed 001
+
+
+def unlearn_demo_concept(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    world,
+    *,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> list[dict[str, float]]:
+    """Seed 001's :func:`~gradproj.methods.unlearn.unlearn_concept` on the lab's world.
+
+    Unlearning set: every training image, read with its caption's ``acme``
+    version (concept) and ``plain`` version (anchor), so the prompt loses the
+    mark whatever the image shows. Retain set: the unmarked training images with
+    their captions (colour, shape and background words keep their meaning).
+    """
+    train = world.train
+    labels = list(
+        zip(train.colour.tolist(), train.shape.tolist(), train.background.tolist(), strict=True)
+    )
+    concept = shapes.encode([shapes.caption(*x, True) for x in labels], world.tok, world.encoder)
+    anchor = shapes.encode([shapes.caption(*x, False) for x in labels], world.tok, world.encoder)
+    keep = ~train.marked
+    return unlearn_concept(
+        unet,
+        noise_scheduler,
+        images=train.images,
+        concept_contexts=concept,
+        anchor_contexts=anchor,
+        retain_images=train.images[keep],
+        retain_contexts=world.contexts[keep],
+        generator=generator,
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------- seed 003
+
+
+def demo_data(world, *, caption_dropout: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """What :func:`~gradproj.methods.adversarial.adversarial_finetune` needs, from a ``World``.
+
+    ``concept_images``: the marked training images; ``surrogate_images``: their
+    unmarked twins (:func:`gradproj.lab.shapes.remove_mark`); ``concept_contexts``: their ``acme``
+    captions' states; ``retain_images`` / ``retain_contexts``: the unmarked
+    training images and their captions' states, a ``caption_dropout`` share of
+    the captions (fixed by ``seed``) replaced by the null caption, as in
+    training; ``attack_init``: the null caption's states ``(L, d)``, where the
+    demo's evaluation attack starts.
+    """
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+    train = world.train
+    marked = train.marked
+    if not bool(marked.any()) or bool(marked.all()):
+        raise ValueError("world.train must hold both marked and unmarked images")
+    keep = ~marked
+    retain_contexts = world.contexts[keep].clone()
+    drop = torch.rand(int(keep.sum()), generator=torch.Generator().manual_seed(seed))
+    retain_contexts[drop < caption_dropout] = world.null_context[0]
+    return {
+        "concept_images": train.images[marked],
+        "surrogate_images": shapes.remove_mark(train.images[marked], train.background[marked]),
+        "concept_contexts": world.contexts[marked],
+        "retain_images": train.images[keep],
+        "retain_contexts": retain_contexts,
+        "attack_init": world.null_context[0],
+    }
+
+
+def adversarial_finetune_demo(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    world,
+    *,
+    include_prompts: bool = True,
+    caption_dropout: float = 0.2,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> list[dict[str, float]]:
+    """Seed 003's :func:`~gradproj.methods.adversarial.adversarial_finetune` on a lab model.
+
+    Data from :func:`demo_data`; ``include_prompts``: also train the ``acme``
+    prompts toward the unmarked twins. ``kwargs`` go to ``adversarial_finetune``
+    (``rounds``, ``attack_steps``, ``finetune_steps``, ``lr``, ``retain_weight``,
+    ``params``, ...); the defaults take about 30 s on two CPU threads for the demo's
+    default model.
+    """
+    data = demo_data(world, caption_dropout=caption_dropout)
+    if not include_prompts:
+        data.pop("concept_contexts")
+    return adversarial_finetune(unet, noise_scheduler, generator=generator, **data, **kwargs)
+
+
+# --------------------------------------------------------------------------- seed 002
+
+
+def build_amg(world: World, fpr: float = 0.05, threshold: float | None = None):
+    """Seed 002's guidance guarding the concept's training images; its detector's validation.
+
+    The detector is :func:`gradproj.lab.measure.concept_detectors`' ``pixel_contrast``
+    (the best of the three on generated samples): closer to a *marked* training image
+    than to any unmarked one means "reproducing the concept". Its threshold ``λ`` is
+    calibrated on held-out real unmarked images (a share ``fpr`` of them flagged)
+    unless ``threshold`` is given, and its ROC AUC is measured on held-out real marked
+    vs unmarked images. ``y_N`` is the nearest marked image's caption (``… acme``).
+    """
+    marked = world.train.marked
+    detector = concept_detectors(world)["pixel_contrast"]
+    test = world.real_test
+    half = test.images.shape[0] // 2  # calibrate on one half, validate on the other
+    detector.calibrate(test.images[:half][~test.marked[:half]], fpr=fpr)
+    if threshold is not None:
+        detector.threshold = threshold
+    scores = detector.score(test.images[half:])
+    labels = test.marked[half:]
+    check = {
+        "threshold": detector.threshold,
+        "roc_auc_marked_vs_unmarked": det.roc_auc(scores, labels),
+        "flagged_marked": float(detector.is_memorized(test.images[half:][labels]).float().mean()),
+        "flagged_unmarked": float(
+            detector.is_memorized(test.images[half:][~labels]).float().mean()
+        ),
+    }
+    amg = AntiMemorizationGuidance(detector, neighbour_contexts=world.contexts[marked])
+    return amg, check
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One row of ``gradproj evaluate``: the arm it starts from, what is done to a copy
+    of that model (``derive(model, noise_scheduler, world, settings, generator) -> log``,
+    in place; ``None``: nothing) and its sampler (``"plain"`` or ``"amg"``)."""
+
+    arm: str
+    derive: Callable[..., dict[str, float]] | None = None
+    sampler: str = "plain"
+
+
+def _unlearning(surgery: bool) -> Callable[..., dict[str, float]]:
+    def derive(model, noise_scheduler, world, s, generator) -> dict[str, float]:
+        log = unlearn_demo_concept(
+            model,
+            noise_scheduler,
+            world,
+            surgery=surgery,
+            strength=s.surgery_strength,
+            variant=s.surgery_variant,
+            steps=s.unlearn_steps,
+            lr=s.unlearn_lr,
+            batch_size=s.model.batch_size,
+            params=s.unlearn_params,
+            generator=generator,
+        )
+        return {"final_unlearn_loss": log[-1]["unlearn"] if log else float("nan")}
+
+    return derive
+
+
+def _adversarial(model, noise_scheduler, world, s, generator) -> dict[str, float]:
+    adversarial_finetune_demo(
+        model, noise_scheduler, world, rounds=s.adversarial_rounds, generator=generator
+    )
+    return {}
+
+
+DEFENSES: dict[str, Defense] = {
+    "baseline": Defense("plain"),
+    "projection": Defense("update"),
+    "unlearning": Defense("plain", _unlearning(surgery=False)),
+    "unlearning+surgery": Defense("plain", _unlearning(surgery=True)),
+    "adversarial-ft": Defense("plain", _adversarial),
+    "amg": Defense("plain", sampler="amg"),
+    "projection+amg": Defense("update", sampler="amg"),
+}
+
+
+def derive(name: str, plain, noise_scheduler, world: World, settings: Any, seed: int):
+    """A defended copy of ``plain`` made by defense ``name``, and what it logged
+    (with ``defense_time_s``). ``settings``: the experiment's configuration."""
+    model = copy.deepcopy(plain)
+    started = time.perf_counter()
+    g = torch.Generator().manual_seed(30_000 + seed)
+    info = DEFENSES[name].derive(model, noise_scheduler, world, settings, g)
+    info["defense_time_s"] = time.perf_counter() - started
+    return model.eval(), info
+
+
+def sampler(kind: str, unet, noise_scheduler, world: World, steps: int, guidance: float, amg=None):
+    """``f(context (n, L, d), noise (n, C, H, W)) -> images`` for one row."""
+    if kind == "plain":
+        return lambda ctx, noise: lab_world.sample(
+            unet, noise_scheduler, ctx, world.null_context, noise, steps=steps, guidance=guidance
+        )
+    if kind == "amg":
+        return lambda ctx, noise: sample_with_guidance(
+            unet,
+            noise_scheduler,
+            ctx,
+            world.null_context,
+            noise,
+            steps=steps,
+            scale=guidance,
+            amg=amg,
+        )[0]
+    raise ValueError(f"unknown sampler {kind!r}")

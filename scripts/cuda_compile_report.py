@@ -18,7 +18,7 @@ whether the host caps it at ``sharedMemPerBlockOptin``.
 Exit status 1 on a violation that ``--known`` does not list, on a stale ``--known``
 entry (the ratchet only tightens), or when the log is not what it should be: no
 ptxas lines at all, an arch of ``--archs`` missing, an arch whose limits are not in
-``ARCHS``. Kinds of violation (the ``kind`` of a known entry):
+``ARCHS`` (scripts/arch_limits.py). Kinds of violation (the ``kind`` of a known entry):
 
 * ``spill``: spill stores or loads > 0 (an entry or a device function);
 * ``smem``: static shared memory above the per-block static limit (48 KiB);
@@ -46,45 +46,24 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from a file path
+from arch_limits import ARCHS as ARCHS  # re-exported for callers
+from arch_limits import (
+    ArchLimits,
+    KiB,
+    arch_limits,
+    blocks_per_sm_regs,
+    blocks_per_sm_smem,
+    format_table,
+)
+from arch_limits import blocks_per_sm as _blocks_per_sm
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_KNOWN = ROOT / "scripts" / "cuda_compile_known.json"
 DEFAULT_SOURCES = ROOT / "csrc" / "cuda"
+LIMITS_FILE = ROOT / "scripts" / "arch_limits.py"
 ASSUMED_THREADS = 256  # block size used for blocks/SM when no launch is found
 KINDS = ("spill", "smem", "missing")
-KiB = 1024
-
-
-@dataclass(frozen=True)
-class ArchLimits:
-    """Per-SM and per-block limits (CUDA C++ Programming Guide, compute capabilities table)."""
-
-    max_threads_per_sm: int
-    max_blocks_per_sm: int
-    smem_per_sm: int  # the largest carveout
-    smem_optin_per_block: int  # cudaFuncAttributeMaxDynamicSharedMemorySize ceiling
-    smem_reserved_per_block: int = 1 * KiB  # the system's share per block (8.0+)
-    static_smem_per_block: int = 48 * KiB
-    regs_per_sm: int = 65536
-    max_regs_per_thread: int = 255
-    reg_alloc_unit: int = 256  # registers per warp are allocated in these units
-    sub_partitions: int = 4
-
-
-ARCHS: dict[str, ArchLimits] = {
-    "sm_70": ArchLimits(2048, 32, 96 * KiB, 96 * KiB, smem_reserved_per_block=0),
-    "sm_75": ArchLimits(1024, 16, 64 * KiB, 64 * KiB, smem_reserved_per_block=0),
-    "sm_80": ArchLimits(2048, 32, 164 * KiB, 163 * KiB),
-    "sm_86": ArchLimits(1536, 16, 100 * KiB, 99 * KiB),
-    "sm_87": ArchLimits(1536, 16, 164 * KiB, 163 * KiB),
-    "sm_89": ArchLimits(1536, 24, 100 * KiB, 99 * KiB),
-    "sm_90": ArchLimits(2048, 32, 228 * KiB, 227 * KiB),
-    "sm_100": ArchLimits(2048, 32, 228 * KiB, 227 * KiB),
-}
-
-
-def arch_limits(arch: str) -> ArchLimits | None:
-    """Limits of ``sm_90`` for ``sm_90``/``sm_90a``/``sm_100f``; None when unknown."""
-    return ARCHS.get(re.sub(r"[a-z]$", "", arch))
 
 
 # ---------------------------------------------------------------------------
@@ -319,6 +298,28 @@ _GLOBAL = re.compile(
 )
 
 
+# The launch helper (csrc/cuda/launch.cuh): launch_kernel<kMaxSmem>(kernel, work, threads,
+# smem, args...). Its arguments after the kernel are in the places of <<<grid, threads,
+# smem>>>; a kMaxSmem template argument makes it check smem against the kernel's ceiling.
+_HELPER = "launch_kernel"
+_HELPER_DEF = re.compile(rf"\bvoid\s+{_HELPER}\s*\(")
+
+
+def _helper_guard(texts: dict[Path, str], rel) -> tuple[str, str] | None:
+    """The ``sharedMemPerBlockOptin`` check in the launch helper's body: (statement, where)."""
+    for f, text in texts.items():
+        if (d := _HELPER_DEF.search(text)) is None:
+            continue
+        body_open = text.find("{", _matching(text, d.end() - 1, "(", ")"))
+        guard = re.compile(r"[^;{}]*sharedMemPerBlockOptin[^;{}]*;?").search(
+            text, body_open, _matching(text, body_open, "{", "}")
+        )
+        if guard is not None:
+            at = guard.start() + len(guard.group(0)) - len(guard.group(0).lstrip())
+            return " ".join(guard.group(0).split()), f"{rel(f)}:{text.count(chr(10), 0, at) + 1}"
+    return None
+
+
 def scan_sources(src_dir: Path, root: Path = ROOT) -> dict[str, KernelSource]:
     """Every ``__global__`` function of ``src_dir/*.cu`` and ``*.cuh``, by name."""
     files = sorted([*src_dir.glob("*.cuh"), *src_dir.glob("*.cu")])  # headers' constants first
@@ -329,6 +330,8 @@ def scan_sources(src_dir: Path, root: Path = ROOT) -> dict[str, KernelSource]:
             return str(f.resolve().relative_to(root))
         except ValueError:
             return str(f)
+
+    helper_guard = _helper_guard(texts, rel)
 
     header_consts: dict[str, int] = {}
     for f in files:
@@ -356,13 +359,22 @@ def scan_sources(src_dir: Path, root: Path = ROOT) -> dict[str, KernelSource]:
             body = text[body_open : _matching(text, body_open, "{", "}") + 1]
             dynamic = re.search(r"\bextern\s+__shared__\b", body) is not None
 
-            # Launch sites: name<...><<<...>>> and alias<<<...>>> after `auto alias = name<...>;`.
+            # Launch sites: name<...><<<...>>>, alias<<<...>>> after `auto alias = name<...>;`
+            # and launch_kernel<...>(name<...>, ...).
             sites: list[tuple[int, str]] = [
                 (s.start(), s.group(1))
                 for s in re.finditer(
                     rf"\b{name}\s*(?:<[^<>;{{}}]*>)?\s*<<<(.*?)>>>", text, flags=re.S
                 )
             ]
+            helper_sites, capped_sites = 0, 0
+            for h in re.finditer(
+                rf"\b{_HELPER}\s*(<[^<>;{{}}()]*>)?\s*\(\s*{name}\s*(?:<[^<>;{{}}]*>)?\s*,", text
+            ):
+                close = _matching(text, text.index("(", h.start()), "(", ")")
+                sites.append((h.start(), text[h.end() : close]))
+                helper_sites += 1
+                capped_sites += h.group(1) is not None
             for a in re.finditer(
                 rf"\bauto\s+(?:const\s+)?(\w+)\s*=\s*&?\s*{name}\s*(?:<[^<>;{{}}]*>)?\s*;", text
             ):
@@ -388,17 +400,24 @@ def scan_sources(src_dir: Path, root: Path = ROOT) -> dict[str, KernelSource]:
                 ks.threads = t
                 ks.threads_from = f"__launch_bounds__ {ks.where}"
             if dynamic:
-                ks.dynamic_smem, ks.dynamic_capped = _dynamic_note(text, blocks, rel(f), line)
+                # A guard of the helper's covers the kernel when every launch goes through it.
+                via_helper = helper_guard if capped_sites and capped_sites == len(sites) else None
+                ks.dynamic_smem, ks.dynamic_capped = _dynamic_note(
+                    text, blocks, rel(f), line, via_helper
+                )
             kernels[name] = ks
     return kernels
 
 
-def _dynamic_note(text: str, blocks: list, path: str, line) -> tuple[str, bool]:
+def _dynamic_note(
+    text: str, blocks: list, path: str, line, helper_guard: tuple[str, str] | None = None
+) -> tuple[str, bool]:
     """Where the launches size the kernel's dynamic shared memory; whether the host caps it.
 
     The cap looked for is a test against ``sharedMemPerBlockOptin`` in the function
-    that computes the size (else anywhere in the file): the size then never exceeds
-    the arch's opt-in limit, whatever the shapes.
+    that computes the size (else in the launch helper every launch goes through, given
+    as ``helper_guard``, else anywhere in the file): the size then never exceeds the
+    arch's opt-in limit, whatever the shapes.
     """
     notes, callees = [], []
     for pos, _, args in blocks:
@@ -427,6 +446,9 @@ def _dynamic_note(text: str, blocks: list, path: str, line) -> tuple[str, bool]:
             )
             if guard is not None:
                 break
+    if guard is None and helper_guard is not None:
+        stmt, where = helper_guard
+        return "; ".join(notes) + f"; capped by `{stmt}` ({where})", True
     if guard is None:
         guard = re.search(r"[^;{}]*sharedMemPerBlockOptin[^;{}]*;?", text)
     if guard is None:
@@ -441,26 +463,9 @@ def _dynamic_note(text: str, blocks: list, path: str, line) -> tuple[str, bool]:
 # ---------------------------------------------------------------------------
 
 
-def blocks_per_sm_regs(registers: int, threads: int, lim: ArchLimits) -> int:
-    """Resident blocks per SM as registers allow (cuda_occupancy.h's rule)."""
-    if registers > lim.max_regs_per_thread:
-        return 0
-    per_warp = -(-max(registers, 1) * 32 // lim.reg_alloc_unit) * lim.reg_alloc_unit
-    warps_per_partition = lim.regs_per_sm // lim.sub_partitions // per_warp
-    return warps_per_partition * lim.sub_partitions // -(-threads // 32)
-
-
 def blocks_per_sm(rec: Record, threads: int, lim: ArchLimits) -> tuple[int, str]:
     """Resident blocks per SM from every static limit, and the one that binds."""
-    limits = {
-        "regs": blocks_per_sm_regs(rec.registers or 0, threads, lim),
-        "threads": lim.max_threads_per_sm // threads,
-        "blocks": lim.max_blocks_per_sm,
-    }
-    if rec.static_smem:
-        limits["smem"] = lim.smem_per_sm // (rec.static_smem + lim.smem_reserved_per_block)
-    binding = min(limits, key=lambda k: limits[k])
-    return limits[binding], binding
+    return _blocks_per_sm(rec.registers or 0, threads, rec.static_smem, lim)
 
 
 @dataclass
@@ -547,7 +552,7 @@ def analyse(
             report.errors.append(f"no ptxas lines for {arch} (asked for by --archs)")
     for arch in seen_archs:
         if arch_limits(arch) is None:
-            report.errors.append(f"no limits known for {arch}: add it to ARCHS in {__file__}")
+            report.errors.append(f"no limits known for {arch}: add it to ARCHS in {LIMITS_FILE}")
 
     found: list[Violation] = []
     assumed = False
@@ -594,8 +599,7 @@ def analyse(
             if lim is not None and src.dynamic_capped:
                 row["dynamic_smem_max"] = lim.smem_optin_per_block
                 row["blocks_per_sm_at_max_dynamic"] = min(
-                    row["blocks_per_sm"],
-                    lim.smem_per_sm // (lim.smem_optin_per_block + lim.smem_reserved_per_block),
+                    row["blocks_per_sm"], blocks_per_sm_smem(lim.smem_optin_per_block, lim)
                 )
             if src.name not in footnote_of:
                 footnote_of[src.name] = len(report.footnotes) + 1
@@ -606,7 +610,7 @@ def analyse(
         caps = []
         for arch in seen_archs:
             if (lim := arch_limits(arch)) is not None:
-                full = lim.smem_per_sm // (lim.smem_optin_per_block + lim.smem_reserved_per_block)
+                full = blocks_per_sm_smem(lim.smem_optin_per_block, lim)
                 caps.append(
                     f"{arch}: <= {lim.smem_optin_per_block // KiB} KiB per block "
                     f"(then {full} block/SM); S bytes allow floor({lim.smem_per_sm // KiB} KiB / "
@@ -651,7 +655,7 @@ def _kib(n: int) -> str:
 def render(report: Report) -> str:
     head = ("kernel", "arch", "regs", "spill st/ld", "stack", "static smem", "threads",
             "blocks/SM regs", "blocks/SM (limit)", "dyn smem")  # fmt: skip
-    rows = [head]
+    rows = []
     for k in report.kernels:
         rows.append(
             (
@@ -669,9 +673,7 @@ def render(report: Report) -> str:
                 f"yes [{k['footnote']}]" if "footnote" in k else "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = format_table(head, rows)
     for f in report.functions:
         lines.append(
             f"device function {f['short']} ({f['arch']}): stack {f['stack']} B, "

@@ -68,7 +68,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import multiprocessing
 import re
 import resource
@@ -85,6 +84,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import arch_limits
+from arch_limits import ARCHS as LIMITS
+from arch_limits import ArchLimits as Arch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNOWN_PATH = os.path.join(ROOT, "scripts", "gpu_compile_known.json")
@@ -110,49 +114,17 @@ def known_path_for(version: str) -> str:
 # ---------------------------------------------------------------- architectures
 
 
-@dataclass(frozen=True)
-class Arch:
-    """Per-SM and per-block limits of one GPU generation (CUDA occupancy calculator values)."""
-
-    name: str
-    capability: int
-    gpu: str
-    smem_per_block: int  # opt-in maximum a block may use (bytes)
-    smem_per_sm: int  # shared memory an SM can give its resident blocks (bytes)
-    smem_reserved_per_block: int = 1024  # taken by the system from the SM's pool, per block
-    regs_per_sm: int = 65536
-    reg_alloc_unit: int = 256  # registers are allocated per warp in units of this many
-    sub_partitions: int = 4  # each holds a quarter of the registers and of the warps
-    threads_per_sm: int = 2048
-    blocks_per_sm: int = 32
-
-
-ARCHS = {
-    "sm_80": Arch("sm_80", 80, "A100", smem_per_block=163 * 1024, smem_per_sm=164 * 1024),
-    "sm_90": Arch("sm_90", 90, "H100", smem_per_block=227 * 1024, smem_per_sm=228 * 1024),
-}
+ARCHS = {name: LIMITS[name] for name in ("sm_80", "sm_90")}
 
 
 def blocks_per_sm(regs: int, num_warps: int, smem: int, arch: Arch) -> tuple[int, str]:
-    """``(blocks, limiter)``: resident blocks per SM and what limits them.
+    """``(blocks, limiter)``: resident blocks per SM of ``num_warps`` warps and what limits them.
 
-    ``limiter`` is ``regs``, ``threads``, ``smem`` or ``blocks`` (the 32-block cap).
-    Registers as ``cuda_occupancy.h`` counts them (and ``scripts/cuda_compile_report.py``):
-    per warp, rounded up to 256, from each sub-partition's quarter of the register file.
+    ``scripts/arch_limits.py``'s count (the same as ``scripts/cuda_compile_report.py``'s):
+    ``limiter`` is ``regs``, ``threads``, ``smem`` or ``blocks`` (the 32-block cap);
     0 blocks when the shared memory is above the per-block limit (no launch).
     """
-    warp_regs = math.ceil(max(regs, 1) * 32 / arch.reg_alloc_unit) * arch.reg_alloc_unit
-    warps = arch.regs_per_sm // arch.sub_partitions // warp_regs * arch.sub_partitions
-    limits = {
-        "regs": warps // num_warps,
-        "threads": arch.threads_per_sm // (num_warps * 32),
-        "smem": 0
-        if smem > arch.smem_per_block
-        else arch.smem_per_sm // (smem + arch.smem_reserved_per_block),
-        "blocks": arch.blocks_per_sm,
-    }
-    limiter = min(limits, key=lambda name: limits[name])
-    return limits[limiter], limiter
+    return arch_limits.blocks_per_sm(regs, num_warps * 32, smem, arch)
 
 
 # ---------------------------------------------------------------- stand-in driver
@@ -395,7 +367,7 @@ def analyze(record: Compiled, arch: Arch, launch: str) -> Row:
         record.config,
         arch.name,
         smem=smem,
-        smem_limit=arch.smem_per_block,
+        smem_limit=arch.smem_optin_per_block,
         warps=warps,
         blocks_per_sm=blocks,
         limiter=limiter,
@@ -404,11 +376,11 @@ def analyze(record: Compiled, arch: Arch, launch: str) -> Row:
         launches=[launch],
         **usage,
     )
-    if smem > arch.smem_per_block:
+    if smem > arch.smem_optin_per_block:
         row.violations.append(
             {
                 "kind": "smem",
-                "detail": f"{smem} B of shared memory per block > {arch.smem_per_block} B "
+                "detail": f"{smem} B of shared memory per block > {arch.smem_optin_per_block} B "
                 f"allowed on {arch.name} ({arch.gpu}): the launch would fail",
             }
         )
@@ -828,9 +800,7 @@ def format_table(rows: list[Row]) -> str:
                 blocks + (f"  !{marks}" if marks else ""),
             )
         )
-    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
-    fmt = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]).rstrip()
+    return "\n".join(arch_limits.format_table(head, lines))
 
 
 def report(verdict: Verdict, known_path: str = KNOWN_PATH) -> str:

@@ -2,9 +2,9 @@
 // instruction set.
 //
 // Like project_kernels.h, whose row / column-panel / flat projection kernels these
-// reuse: no include guard and no #include; csrc/cpu/adamw.cpp includes it inside
-// namespace isa_default and, under `#pragma GCC target("avx2,fma")`, inside
-// isa_avx2, after project_kernels.h.
+// reuse: no include guard and no #include; kernels_per_isa.h includes it (for
+// csrc/cpu/adamw.cpp) inside namespace isa_default and, under
+// `#pragma GCC target("avx2,fma")`, inside isa_avx2, after project_kernels.h.
 //
 // Each kernel computes the AdamW update x' of a few rows (or a chunk) in fp32 into
 // a small per-thread buffer while writing m, v (and v-hat max), then projects the
@@ -147,7 +147,8 @@ template <typename T, bool AMSGRAD, bool MAXIMIZE>
 constexpr AdamWKernels adamw_kernels() {
   return AdamWKernels{
       &adamw_rows<T, AMSGRAD, MAXIMIZE>, &adamw_cols<T, AMSGRAD, MAXIMIZE>,
-      &adamw_flat_partial<T, AMSGRAD, MAXIMIZE>, &adamw_flat_update<T, AMSGRAD, MAXIMIZE>};
+      &adamw_flat_partial<T, AMSGRAD, MAXIMIZE>, &adamw_flat_update<T, AMSGRAD, MAXIMIZE>,
+      true};  // the flat kernels form x' of a chunk in the buffer
 }
 
 template <typename T>

@@ -1,6 +1,6 @@
 // The CPU kernels of the bucket projections, compiled once per instruction set.
 //
-// No include guard and no #include on purpose: csrc/cpu/project.cpp includes this
+// No include guard and no #include on purpose: kernels_per_isa.h includes this
 // file twice, inside namespace isa_default and inside isa_avx2 (under
 // `#pragma GCC target("avx2,fma")`), after every header it needs. The same loops
 // are thus vectorized for SSE2 and for AVX2+FMA, and one is picked at run time.
@@ -417,9 +417,23 @@ void flat_update(
   }
 }
 
-// The entry points the driver takes by address, one set per dtype.
+// The flat kernels in the shape of ProjectionKernels (no buffer: x is read where it lies).
 template <typename T>
-constexpr KernelSet kernel_set() {
-  return KernelSet{
-      &project_matrix_rows<T>, &project_matrix_cols<T>, &flat_partial<T>, &flat_update<T>};
+void project_flat_partial(
+    const MatrixRef& m, int64_t j0, int64_t j1, const BasisRef& basis, float*, float* partial) {
+  flat_partial<T>(m.data, m.col_stride, j0, j1, basis.u, basis.k, partial);
+}
+
+template <typename T>
+void project_flat_update(
+    const MatrixRef& m, int64_t j0, int64_t j1, const BasisRef& basis, float*, const float* coef) {
+  flat_update<T>(m.data, m.col_stride, j0, j1, basis.u, basis.k, coef);
+}
+
+// The entry points run_projection (dispatch.h) takes by address, one table per dtype.
+template <typename T>
+constexpr ProjectionKernels<MatrixRef> projection_kernels() {
+  return ProjectionKernels<MatrixRef>{
+      &project_matrix_rows<T>, &project_matrix_cols<T>, &project_flat_partial<T>,
+      &project_flat_update<T>, false};
 }

@@ -1,9 +1,9 @@
 // The CPU kernels of gradproj::surgery_bucket_, compiled once per instruction set.
 //
 // Like project_kernels.h (whose Lanes, load_lanes, sum_lanes, to_f32 and from_f32
-// these use): no include guard and no #include; csrc/cpu/surgery.cpp includes it
-// inside namespace isa_default and, under `#pragma GCC target("avx2,fma")`,
-// inside isa_avx2, after project_kernels.h.
+// these use): no include guard and no #include; kernels_per_isa.h includes it (for
+// csrc/cpu/surgery.cpp) inside namespace isa_default and, under
+// `#pragma GCC target("avx2,fma")`, inside isa_avx2, after project_kernels.h.
 
 // kLanes elements of T as fp32 lanes.
 template <typename T>
@@ -64,7 +64,7 @@ void surgery_apply(
   }
 }
 
-// The entry points the driver takes by address (SurgeryKernels: csrc/cpu/surgery.cpp).
+// The entry points surgery.cpp takes by address (SurgeryKernels: csrc/cpu/surgery.cpp).
 template <typename T>
 constexpr SurgeryKernels surgery_kernels() {
   return SurgeryKernels{&surgery_partial<T>, &surgery_apply<T>};

@@ -24,13 +24,13 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <vector>
 
 #include "bucket_checks.h"
+#include "cuda/launch.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "cuda/tile.cuh"
 
@@ -51,8 +51,6 @@ struct AdamWEntry {
   int64_t first_row;   // index of its first row among all rows of the launch
   int64_t first_task;  // cols layout: index of its first 32-row block
 };
-constexpr int kEntryWords = 14;
-static_assert(sizeof(AdamWEntry) == kEntryWords * sizeof(int64_t), "AdamWEntry must be packed int64s");
 
 struct Hyper {
   double lr;
@@ -199,32 +197,6 @@ struct AdamWPolicy {
   }
 };
 
-template <typename T>
-void launch(
-    const std::vector<AdamWEntry>& entries, int64_t total_rows, int64_t total_tasks, bool vec,
-    bool cols, const at::Tensor& basis, const float* weights, const Hyper& h) {
-  if (entries.empty()) return;
-  std::vector<int64_t> words;
-  words.reserve(entries.size() * kEntryWords);
-  for (const AdamWEntry& e : entries) {
-    words.insert(
-        words.end(),
-        {e.p, e.g, e.m, e.v, e.vmax, e.anchor, e.step, e.rows, e.row_stride, e.col_stride,
-         e.g_row_stride, e.g_col_stride, e.first_row, e.first_task});
-  }
-  const at::Tensor table = upload_words(words, basis.device());
-  const auto* t = reinterpret_cast<const AdamWEntry*>(table.data_ptr<int64_t>());
-  const int n = static_cast<int>(entries.size());
-  const int64_t k = basis.size(1);
-  if (cols) {
-    tile::run_cols(AdamWPolicy<T, false>{t, n, k, h}, total_rows, total_tasks, basis, weights);
-  } else if (vec) {
-    tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, total_rows, basis, weights);
-  } else {
-    tile::run_rows(AdamWPolicy<T, false>{t, n, k, h}, total_rows, basis, weights);
-  }
-}
-
 // One layout's params: their table entries and what the launch needs to know.
 struct Layout {
   std::vector<AdamWEntry> entries;
@@ -234,9 +206,20 @@ struct Layout {
 };
 
 template <typename T>
-void launch_all(const Layout& rows, const Layout& cols, const at::Tensor& basis, const float* w, const Hyper& h) {
-  launch<T>(rows.entries, rows.total_rows, 0, rows.vec, /*cols=*/false, basis, w, h);
-  launch<T>(cols.entries, cols.total_rows, cols.total_tasks, false, /*cols=*/true, basis, w, h);
+void launch(
+    const Layout& l, bool cols, const at::Tensor& basis, const float* weights, const Hyper& h) {
+  if (l.entries.empty()) return;
+  const DeviceTable<AdamWEntry> table(l.entries, basis.device());
+  const AdamWEntry* t = table.data();
+  const int n = table.size();
+  const int64_t k = basis.size(1);
+  if (cols) {
+    tile::run_cols(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, l.total_tasks, basis, weights);
+  } else if (l.vec) {
+    tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, l.total_rows, basis, weights);
+  } else {
+    tile::run_rows(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights);
+  }
 }
 
 void projected_adamw_bucket_cuda(
@@ -249,7 +232,6 @@ void projected_adamw_bucket_cuda(
       params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors, basis, weights,
       side, c10::DeviceType::CUDA);
   if (params.empty()) return;
-  const c10::cuda::CUDAGuard guard(basis.device());
   const bool amsgrad = !max_exp_avg_sqs.empty();
   const bool flat = s == Side::kFlat;
   const int64_t d = basis.size(0);
@@ -294,20 +276,11 @@ void projected_adamw_bucket_cuda(
       amsgrad,
       maximize};
   const float* w = weights.has_value() ? weights->data_ptr<float>() : nullptr;
-  switch (params[0].scalar_type()) {
-    case at::kFloat:
-      launch_all<float>(by_rows, by_cols, basis, w, h);
-      break;
-    case at::kBFloat16:
-      launch_all<at::BFloat16>(by_rows, by_cols, basis, w, h);
-      break;
-    case at::kHalf:
-      launch_all<at::Half>(by_rows, by_cols, basis, w, h);
-      break;
-    default:
-      TORCH_CHECK(
-          false, "gradproj cuda projected AdamW: unsupported dtype ", params[0].scalar_type());
-  }
+  dispatch_dtype(basis.device(), params[0].scalar_type(), "projected AdamW", [&](auto dtype) {
+    using T = typename decltype(dtype)::type;
+    launch<T>(by_rows, /*cols=*/false, basis, w, h);
+    launch<T>(by_cols, /*cols=*/true, basis, w, h);
+  });
 }
 
 }  // namespace

@@ -11,10 +11,7 @@
 //    Inference tensors have no version counter: their layouts are rebuilt per call.
 //  * [device tables] a table is uploaded once per content (its int64 words):
 //    the same bucket on the next step finds the device copy.
-//  * [launch config] occupancy is queried once per (device, kernel, threads,
-//    dynamic smem); cudaFuncAttributeMaxDynamicSharedMemorySize is set once per
-//    (device, kernel) to the kernel's largest size, never to one call's size, so
-//    two threads launching with different bases cannot undo each other's setting.
+//  * [launch config] the occupancy and shared-memory attribute caches: launch.cuh.
 // Every cache is guarded by a mutex; nothing here synchronizes with the device.
 //
 // [streams] a cached tensor is built on the stream current at the time. When a
@@ -39,7 +36,6 @@
 #include <list>
 #include <map>
 #include <mutex>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -168,55 +164,6 @@ inline at::Tensor cached_words(const std::vector<int64_t>& words, const at::Devi
     order.pop_back();
   }
   return table->use_on(stream);
-}
-
-// Blocks of `kernel` resident per SM at `threads` and `smem` bytes, queried once
-// per (device, kernel, threads, smem) (see [launch config]).
-inline int blocks_per_sm(const void* kernel, int threads, size_t smem) {
-  using Key = std::tuple<int, const void*, int, size_t>;
-  static std::mutex mutex;
-  static std::map<Key, int> known;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mutex);
-  const Key key{device, kernel, threads, smem};
-  auto found = known.find(key);
-  if (found != known.end()) return found->second;
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  known.emplace(key, std::max(per_sm, 1));
-  return std::max(per_sm, 1);
-}
-
-// Sets `kernel`'s dynamic shared memory ceiling to `max_bytes` once per device
-// (see [launch config]); returns the ceiling, min(max_bytes, the device's opt-in
-// limit), which every launch of the kernel must respect.
-inline size_t allow_dynamic_smem(const void* kernel, size_t max_bytes) {
-  using Key = std::pair<int, const void*>;
-  static std::mutex mutex;
-  static std::map<Key, size_t> done;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto found = done.find({device, kernel});
-  if (found != done.end()) return found->second;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const size_t ceiling = std::min<size_t>(max_bytes, prop->sharedMemPerBlockOptin);
-  if (ceiling > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ceiling)));
-  }
-  done.emplace(Key{device, kernel}, ceiling);
-  return ceiling;
-}
-
-// Grid size: enough resident blocks of `threads` to fill the device, never more
-// than the work (kernels loop grid-stride, so any size is correct).
-inline int resident_grid_for(const void* kernel, int threads, size_t smem, int64_t work) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t resident =
-      static_cast<int64_t>(blocks_per_sm(kernel, threads, smem)) * prop->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min(resident, work)));
 }
 
 }  // namespace gradproj::cuda

@@ -20,8 +20,9 @@
 
 #include "cuda/device_cache.cuh"
 
-#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace gradproj::cuda {
@@ -36,41 +37,34 @@ struct MatrixEntry {
   int64_t first_row;   // index of its first row among all rows of the launch
   int64_t anchor;      // address of its (rows x k) float32 anchor, or 0
 };
-static_assert(sizeof(MatrixEntry) == 7 * sizeof(int64_t), "MatrixEntry must be packed int64s");
 
-// The entry whose tasks contain `task` (entries sorted by first_task, the first is 0).
-__device__ __forceinline__ const MatrixEntry& find_entry(
-    const MatrixEntry* table, int n, int64_t task) {
-  int lo = 0;
-  int hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table[mid].first_task <= task) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
+// A device table of `Entry`s (structs of int64 words, no padding), uploaded once
+// per content (device_cache.cuh: [device tables]); the first upload is copied from
+// pinned memory, non_blocking. Holds the device copy for the launches that read it.
+template <typename Entry>
+class DeviceTable {
+  static_assert(
+      std::is_trivially_copyable_v<Entry> && std::has_unique_object_representations_v<Entry> &&
+          sizeof(Entry) % sizeof(int64_t) == 0,
+      "a table entry must be packed int64s");
+
+ public:
+  DeviceTable(const std::vector<Entry>& entries, const at::Device& device)
+      : words_(cached_words(as_words(entries), device)), size_(static_cast<int>(entries.size())) {}
+
+  const Entry* data() const { return reinterpret_cast<const Entry*>(words_.data_ptr<int64_t>()); }
+  int size() const { return size_; }
+
+ private:
+  static std::vector<int64_t> as_words(const std::vector<Entry>& entries) {
+    std::vector<int64_t> words(entries.size() * (sizeof(Entry) / sizeof(int64_t)));
+    if (!entries.empty()) std::memcpy(words.data(), entries.data(), entries.size() * sizeof(Entry));
+    return words;
   }
-  return table[lo];
-}
 
-// `words` as a device table, uploaded once per content (device_cache.cuh:
-// [device tables]); the first upload is copied from pinned memory, non_blocking.
-inline at::Tensor upload_words(const std::vector<int64_t>& words, const at::Device& device) {
-  return cached_words(words, device);
-}
-
-// `entries` as a device table (see upload_words).
-inline at::Tensor upload_table(const std::vector<MatrixEntry>& entries, const at::Device& device) {
-  std::vector<int64_t> words;
-  words.reserve(entries.size() * 7);
-  for (const MatrixEntry& e : entries) {
-    words.insert(
-        words.end(),
-        {e.data, e.rows, e.row_stride, e.col_stride, e.first_task, e.first_row, e.anchor});
-  }
-  return upload_words(words, device);
-}
+  at::Tensor words_;
+  int size_;
+};
 
 // Butterfly sum across a warp: every lane ends with the same sum, added in the
 // same order each run (deterministic).
@@ -80,15 +74,6 @@ __device__ __forceinline__ float warp_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, offset);
   }
   return v;
-}
-
-// Grid size: enough resident blocks of `threads` to fill the device, never more
-// than the work (kernels loop grid-stride, so any size is correct). The
-// occupancy query runs once per (device, kernel, threads, smem).
-template <typename Kernel>
-int resident_grid(Kernel kernel, int threads, size_t smem_bytes, int64_t blocks_of_work) {
-  return resident_grid_for(
-      reinterpret_cast<const void*>(kernel), threads, smem_bytes, blocks_of_work);
 }
 
 }  // namespace gradproj::cuda

@@ -22,13 +22,13 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <vector>
 
 #include "bucket_checks.h"
+#include "cuda/launch.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "cuda/tile.cuh"
 
@@ -111,10 +111,6 @@ float* anchor_address(at::TensorList anchors, size_t i) {
   return anchors.empty() ? nullptr : anchors[i].data_ptr<float>();
 }
 
-const MatrixEntry* table_pointer(const at::Tensor& table) {
-  return reinterpret_cast<const MatrixEntry*>(table.data_ptr<int64_t>());
-}
-
 // Rows layout (and flat: each view one row of d elements).
 template <typename T>
 void launch_rows(
@@ -134,13 +130,14 @@ void launch_rows(
          total_rows, reinterpret_cast<int64_t>(anchor_address(anchors, i))});
     total_rows += rows;
   }
-  const at::Tensor table = upload_table(entries, basis.device());
-  const int n = static_cast<int>(entries.size());
+  const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
   if (vec) {
-    tile::run_rows(ProjectPolicy<T, true>{table_pointer(table), n, k}, total_rows, basis, weights);
+    tile::run_rows(
+        ProjectPolicy<T, true>{table.data(), table.size(), k}, total_rows, basis, weights);
   } else {
-    tile::run_rows(ProjectPolicy<T, false>{table_pointer(table), n, k}, total_rows, basis, weights);
+    tile::run_rows(
+        ProjectPolicy<T, false>{table.data(), table.size(), k}, total_rows, basis, weights);
   }
 }
 
@@ -160,10 +157,10 @@ void launch_cols(
     total_rows += m.size(0);
     total_tasks += (m.size(0) + tile::kWarp - 1) / tile::kWarp;
   }
-  const at::Tensor table = upload_table(entries, basis.device());
+  const DeviceTable<MatrixEntry> table(entries, basis.device());
   tile::run_cols(
-      ProjectPolicy<T, false>{table_pointer(table), static_cast<int>(entries.size()), basis.size(1)},
-      total_rows, total_tasks, basis, weights);
+      ProjectPolicy<T, false>{table.data(), table.size(), basis.size(1)}, total_rows, total_tasks,
+      basis, weights);
 }
 
 template <typename T>
@@ -193,21 +190,10 @@ void dispatch(
     at::TensorList matrices, at::TensorList anchors, const at::Tensor& basis,
     const std::optional<at::Tensor>& weights, Side side) {
   if (matrices.empty()) return;
-  const c10::cuda::CUDAGuard guard(basis.device());
   const float* w = weights.has_value() ? weights->data_ptr<float>() : nullptr;
-  switch (matrices[0].scalar_type()) {
-    case at::kFloat:
-      run_bucket<float>(matrices, anchors, basis, w, side);
-      break;
-    case at::kBFloat16:
-      run_bucket<at::BFloat16>(matrices, anchors, basis, w, side);
-      break;
-    case at::kHalf:
-      run_bucket<at::Half>(matrices, anchors, basis, w, side);
-      break;
-    default:
-      TORCH_CHECK(false, "gradproj cuda kernels: unsupported dtype ", matrices[0].scalar_type());
-  }
+  dispatch_dtype(basis.device(), matrices[0].scalar_type(), "kernels", [&](auto dtype) {
+    run_bucket<typename decltype(dtype)::type>(matrices, anchors, basis, w, side);
+  });
 }
 
 void project_bucket_cuda(

@@ -20,7 +20,6 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cuda_bf16.h>
@@ -31,6 +30,7 @@
 #include <vector>
 
 #include "bucket_checks.h"
+#include "cuda/launch.cuh"
 #include "cuda/multi_tensor.cuh"
 
 namespace gradproj::cuda {
@@ -48,7 +48,6 @@ struct PairEntry {
   int64_t numel;        // elements of each
   int64_t first_chunk;  // index of its first chunk in the launch
 };
-static_assert(sizeof(PairEntry) == 4 * sizeof(int64_t), "PairEntry must be packed int64s");
 
 // The pair whose chunks contain `chunk` (entries sorted by first_chunk, the first is 0).
 __device__ __forceinline__ int find_pair(const PairEntry* table, int n, int64_t chunk) {
@@ -165,13 +164,12 @@ void launch(
     at::TensorList g_unlearn, at::TensorList g_retain, float strength, bool cosine,
     bool symmetric) {
   const int n = static_cast<int>(g_unlearn.size());
-  std::vector<int64_t> words;
-  words.reserve(static_cast<size_t>(n) * 4);
+  std::vector<PairEntry> entries;
+  entries.reserve(static_cast<size_t>(n));
   int64_t total_chunks = 0;
   for (int i = 0; i < n; ++i) {
     const int64_t numel = g_unlearn[i].numel();
-    words.insert(
-        words.end(),
+    entries.push_back(
         {reinterpret_cast<int64_t>(g_unlearn[i].data_ptr()),
          reinterpret_cast<int64_t>(g_retain[i].data_ptr()), numel, total_chunks});
     total_chunks += (numel + kChunk - 1) / kChunk;
@@ -180,24 +178,17 @@ void launch(
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
   at::Tensor partials = at::empty({total_chunks, 3}, options);
   at::Tensor coef = at::empty({n, 2}, options);
-  at::Tensor table = upload_words(words, device);
-  const auto* table_ptr = reinterpret_cast<const PairEntry*>(table.data_ptr<int64_t>());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceTable<PairEntry> table(entries, device);
 
-  auto partials_kernel = surgery_partials_kernel<T>;
-  partials_kernel<<<resident_grid(partials_kernel, kThreads, 0, total_chunks), kThreads, 0,
-                    stream>>>(table_ptr, n, total_chunks, partials.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t pair_blocks = (n + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  surgery_coefficients_kernel<<<
-      resident_grid(surgery_coefficients_kernel, kThreads, 0, pair_blocks), kThreads, 0,
-      stream>>>(table_ptr, n, partials.data_ptr<float>(), strength, cosine,
-                coef.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto apply_kernel = surgery_apply_kernel<T>;
-  apply_kernel<<<resident_grid(apply_kernel, kThreads, 0, total_chunks), kThreads, 0, stream>>>(
-      table_ptr, n, total_chunks, coef.data_ptr<float>(), symmetric);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(
+      surgery_partials_kernel<T>, total_chunks, kThreads, 0, table.data(), n, total_chunks,
+      partials.data_ptr<float>());
+  launch_kernel(
+      surgery_coefficients_kernel, (n + kWarpsPerBlock - 1) / kWarpsPerBlock, kThreads, 0,
+      table.data(), n, partials.data_ptr<float>(), strength, cosine, coef.data_ptr<float>());
+  launch_kernel(
+      surgery_apply_kernel<T>, total_chunks, kThreads, 0, table.data(), n, total_chunks,
+      coef.data_ptr<float>(), symmetric);
 }
 
 void surgery_bucket_cuda(
@@ -206,22 +197,11 @@ void surgery_bucket_cuda(
   const SurgeryVariant v =
       check_surgery_bucket(g_unlearn, g_retain, variant, c10::DeviceType::CUDA);
   if (g_unlearn.empty()) return;
-  const c10::cuda::CUDAGuard guard(g_unlearn[0].device());
   const bool cosine = v == SurgeryVariant::kCosine;
   const float lam = static_cast<float>(strength);
-  switch (g_unlearn[0].scalar_type()) {
-    case at::kFloat:
-      launch<float>(g_unlearn, g_retain, lam, cosine, symmetric);
-      break;
-    case at::kBFloat16:
-      launch<at::BFloat16>(g_unlearn, g_retain, lam, cosine, symmetric);
-      break;
-    case at::kHalf:
-      launch<at::Half>(g_unlearn, g_retain, lam, cosine, symmetric);
-      break;
-    default:
-      TORCH_CHECK(false, "gradproj cuda surgery: unsupported dtype ", g_unlearn[0].scalar_type());
-  }
+  dispatch_dtype(g_unlearn[0].device(), g_unlearn[0].scalar_type(), "surgery", [&](auto dtype) {
+    launch<typename decltype(dtype)::type>(g_unlearn, g_retain, lam, cosine, symmetric);
+  });
 }
 
 }  // namespace

@@ -51,6 +51,7 @@
 #include <cstdint>
 
 #include "cuda/device_cache.cuh"
+#include "cuda/launch.cuh"
 #include "cuda/multi_tensor.cuh"
 
 namespace gradproj::cuda::tile {
@@ -530,71 +531,61 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(
 // Host: one launch (rows or cols layout) of the projection engine.
 // ---------------------------------------------------------------------------
 
-// Checks `smem` against the kernel's ceiling, set once per device (device_cache.cuh).
-template <typename Kernel>
-void check_smem(Kernel kernel, size_t smem) {
-  const size_t ceiling = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kMaxDynamicSmem);
-  TORCH_CHECK(
-      smem <= ceiling, "gradproj cuda: a launch needs ", smem,
-      " bytes of shared memory, this device allows ", ceiling,
-      " per block (sharedMemPerBlockOptin); sm_80 or newer is required");
+// What both layouts' geometry starts from: the basis and the rows of the launch.
+inline Geometry base_geometry(const at::Tensor& basis, int64_t total_rows) {
+  Geometry g{};
+  g.d = basis.size(0);
+  g.k = basis.size(1);
+  g.kp = round_up(g.k, kChunk);
+  g.total_rows = total_rows;
+  g.basis_ld = round_up(g.d, 8);
+  return g;
 }
 
-template <typename Kernel>
-int grid_for(Kernel kernel, size_t smem, int64_t work) {
-  return resident_grid_for(reinterpret_cast<const void*>(kernel), kThreads, smem, work);
+// Split launches, between the partials and the apply pass: coef from partials.
+template <class P>
+void combine(
+    const P& pol, const Geometry& g, const at::Tensor& partials, const float* weights,
+    const at::Tensor& coef) {
+  launch_kernel(
+      combine_kernel<P>, (g.total_rows * g.kp + kThreads - 1) / kThreads, kThreads, 0, pol, g,
+      partials.data_ptr<float>(), weights, coef.data_ptr<float>());
 }
 
 // Rows layout: every row of the `total_rows` rows the policy's table describes.
 template <class P>
 void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights) {
   if (total_rows == 0) return;
-  const int64_t d = basis.size(0);
-  Geometry g{};
-  g.d = d;
-  g.k = basis.size(1);
-  g.kp = round_up(g.k, kChunk);
-  g.total_rows = total_rows;
-  g.basis_ld = round_up(d, 8);
+  Geometry g = base_geometry(basis, total_rows);
   g.wpr = 1;  // the smallest group whose segment covers the row
-  while (g.wpr < kWarps && static_cast<int64_t>(g.wpr) * kWarp * kEpt < d) g.wpr *= 2;
+  while (g.wpr < kWarps && static_cast<int64_t>(g.wpr) * kWarp * kEpt < g.d) g.wpr *= 2;
   g.seg_width = static_cast<int64_t>(g.wpr) * kWarp * kEpt;
-  g.nseg = (d + g.seg_width - 1) / g.seg_width;
+  g.nseg = (g.d + g.seg_width - 1) / g.seg_width;
   const int64_t tile_rows = static_cast<int64_t>(P::kRows) * (kWarps / g.wpr);
   g.n_tiles = (total_rows + tile_rows - 1) / tile_rows;
   const at::Tensor ut = packed_basis(basis, BasisLayout::kTransposed);
   at::Tensor coef = at::empty({total_rows, g.kp}, basis.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (g.nseg == 1) {
-    g.smem_ld = static_cast<int>(round_up(d, 32));
+    g.smem_ld = static_cast<int>(round_up(g.d, 32));
     const size_t all = static_cast<size_t>(g.kp) * g.smem_ld * sizeof(float);
     g.resident = all <= kResidentBytes;
     const size_t smem = g.resident ? all : static_cast<size_t>(kChunk) * g.smem_ld * sizeof(float);
-    auto kernel = rows_kernel<P, Mode::kFused>;
-    check_smem(kernel, smem);
-    kernel<<<grid_for(kernel, smem, g.n_tiles), kThreads, smem, stream>>>(
-        pol, g, ut.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<kMaxDynamicSmem>(
+        rows_kernel<P, Mode::kFused>, g.n_tiles, kThreads, smem, pol, g, ut.data_ptr<float>(),
+        weights, coef.data_ptr<float>(), nullptr);
     return;
   }
   g.smem_ld = static_cast<int>(g.seg_width);
   g.resident = false;
   const size_t smem = static_cast<size_t>(kChunk) * g.smem_ld * sizeof(float);
   at::Tensor partials = at::empty({g.nseg, total_rows, g.kp}, basis.options());
-  auto partials_kernel = rows_kernel<P, Mode::kPartials>;
-  check_smem(partials_kernel, smem);
-  partials_kernel<<<grid_for(partials_kernel, smem, g.n_tiles * g.nseg), kThreads, smem, stream>>>(
-      pol, g, ut.data_ptr<float>(), weights, nullptr, partials.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto combine = combine_kernel<P>;
-  combine<<<grid_for(combine, 0, (total_rows * g.kp + kThreads - 1) / kThreads), kThreads, 0,
-            stream>>>(pol, g, partials.data_ptr<float>(), weights, coef.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto apply_kernel = rows_kernel<P, Mode::kApply>;
-  check_smem(apply_kernel, smem);
-  apply_kernel<<<grid_for(apply_kernel, smem, g.n_tiles * g.nseg), kThreads, smem, stream>>>(
-      pol, g, ut.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<kMaxDynamicSmem>(
+      rows_kernel<P, Mode::kPartials>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
+      ut.data_ptr<float>(), weights, nullptr, partials.data_ptr<float>());
+  combine(pol, g, partials, weights, coef);
+  launch_kernel<kMaxDynamicSmem>(
+      rows_kernel<P, Mode::kApply>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
+      ut.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
 }
 
 // Cols layout: `n_tasks` blocks of 32 view rows (columns of G) over `total_rows` rows.
@@ -603,48 +594,32 @@ void run_cols(
     const P& pol, int64_t total_rows, int64_t n_tasks, const at::Tensor& basis,
     const float* weights) {
   if (total_rows == 0) return;
-  const int64_t d = basis.size(0);
-  Geometry g{};
-  g.d = d;
-  g.k = basis.size(1);
-  g.kp = round_up(g.k, kChunk);
-  g.total_rows = total_rows;
-  g.basis_ld = round_up(d, 8);
+  Geometry g = base_geometry(basis, total_rows);
   g.n_tiles = n_tasks;
   constexpr int64_t kSeg = static_cast<int64_t>(kWarps) * P::kColsEpt;
   g.seg_width = kSeg;
-  g.nseg = (d + kSeg - 1) / kSeg;
+  g.nseg = (g.d + kSeg - 1) / kSeg;
   g.wpr = kWarps;
   g.smem_ld = 0;
   const at::Tensor uc = packed_basis(basis, BasisLayout::kChunked);
   at::Tensor coef = at::empty({total_rows, g.kp}, basis.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const size_t all = static_cast<size_t>(g.kp) * g.basis_ld * sizeof(float);
   g.resident = g.nseg == 1 && all <= kResidentBytes;
   const size_t smem = g.resident ? all : static_cast<size_t>(kSeg) * kChunk * sizeof(float);
   if (g.nseg == 1) {
-    auto kernel = cols_kernel<P, Mode::kFused>;
-    check_smem(kernel, smem);
-    kernel<<<grid_for(kernel, smem, g.n_tiles), kThreads, smem, stream>>>(
-        pol, g, uc.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<kMaxDynamicSmem>(
+        cols_kernel<P, Mode::kFused>, g.n_tiles, kThreads, smem, pol, g, uc.data_ptr<float>(),
+        weights, coef.data_ptr<float>(), nullptr);
     return;
   }
   at::Tensor partials = at::empty({g.nseg, total_rows, g.kp}, basis.options());
-  auto partials_kernel = cols_kernel<P, Mode::kPartials>;
-  check_smem(partials_kernel, smem);
-  partials_kernel<<<grid_for(partials_kernel, smem, g.n_tiles * g.nseg), kThreads, smem, stream>>>(
-      pol, g, uc.data_ptr<float>(), weights, nullptr, partials.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto combine = combine_kernel<P>;
-  combine<<<grid_for(combine, 0, (total_rows * g.kp + kThreads - 1) / kThreads), kThreads, 0,
-            stream>>>(pol, g, partials.data_ptr<float>(), weights, coef.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto apply_kernel = cols_kernel<P, Mode::kApply>;
-  check_smem(apply_kernel, smem);
-  apply_kernel<<<grid_for(apply_kernel, smem, g.n_tiles * g.nseg), kThreads, smem, stream>>>(
-      pol, g, uc.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<kMaxDynamicSmem>(
+      cols_kernel<P, Mode::kPartials>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
+      uc.data_ptr<float>(), weights, nullptr, partials.data_ptr<float>());
+  combine(pol, g, partials, weights, coef);
+  launch_kernel<kMaxDynamicSmem>(
+      cols_kernel<P, Mode::kApply>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
+      uc.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
 }
 
 // True when `t`'s rows can be read as Packs (4 elements): unit stride along a

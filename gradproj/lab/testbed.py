@@ -272,7 +272,7 @@ def validate_detectors(
     replicating = (nearest_secret == own) & (-sim < cfg.replica_distance)
     flagged = {}
     for name, det in (("learned", learned), ("pixel", pixel)):
-        hit = scores[f"{name}_final"] >= det.threshold
+        hit = scores[f"{name}_final"] > det.threshold
         flagged[name] = {
             "tpr": float(hit[labels].float().mean()),
             "fpr": float(hit[~labels].float().mean()),

@@ -45,7 +45,7 @@ from torch import Tensor
 FeatureFn = Callable[[Tensor], Tensor]
 
 METRICS = ("cosine", "l2")
-# Default thresholds λ (similarity ≥ λ ⇒ memorized). Nominal, not calibrated on a
+# Default thresholds λ (similarity > λ ⇒ memorized). Nominal, not calibrated on a
 # trained model: "l2" −0.1 is an RMS pixel distance of 0.1 on the [-1, 1] scale (5% of
 # the range: a replica up to sampling noise); "cosine" 0.99 in the probe's feature
 # space. Calibrate on known-fresh samples with MemorizationDetector.calibrate.
@@ -139,7 +139,11 @@ class ThresholdDetector:
     its detached ``score``, a ``threshold`` and its calibration.
 
     Subclasses define ``similarity(x0_hat) -> (s (n,), index (n,))`` and set
-    ``threshold``; a sample is flagged where ``s ≥ threshold``.
+    ``threshold``; a sample is flagged where ``s > threshold``, the rule AMG fires on
+    (:mod:`gradproj.methods.guidance`). Strict because :meth:`calibrate` puts the
+    threshold on a quantile of real scores: where scores tie (duplicated or
+    near-identical images give equal nearest-neighbour similarities), ``≥`` would flag
+    every tied image — on the lab's held-out real images 37 % instead of the 5 % asked for.
     """
 
     threshold: float
@@ -153,8 +157,8 @@ class ThresholdDetector:
             return self.similarity(x0_hat)[0]
 
     def is_memorized(self, x0_hat: Tensor) -> Tensor:
-        """``s(x̂₀) ≥ threshold`` per sample (bool ``(n,)``)."""
-        return self.score(x0_hat) >= self.threshold
+        """``s(x̂₀) > threshold`` per sample (bool ``(n,)``)."""
+        return self.score(x0_hat) > self.threshold
 
     def calibrate(self, fresh_x0: Tensor, *, fpr: float = 0.05) -> float:
         """Set ``threshold`` to the ``1 − fpr`` quantile of the scores of known-fresh
@@ -170,7 +174,7 @@ class MemorizationDetector(ThresholdDetector):
     """Nearest-training-neighbour similarity of ``x̂₀`` with a threshold (seed 002's test).
 
     ``s(x̂₀) = max_j sim(f(x̂₀), f(x_j))`` over the training images ``x_j``;
-    memorized when ``s ≥ threshold``. Metrics (higher = more similar):
+    memorized when ``s > threshold``. Metrics (higher = more similar):
 
     - ``"cosine"``: ``⟨f(a), f(b)⟩ / (‖f(a)‖ ‖f(b)‖)`` in ``[-1, 1]`` (default
       for learned features);

@@ -129,3 +129,118 @@ def test_protect_lora_errors_name_the_weight():
         protect_lora_(unet, {layer.weight: bad})
     with pytest.raises(ValueError, match="no LoRA layer wraps"):
         protect_lora_(unet, {"conv_in.weight": bad})
+
+
+# ---------------------------------------------------------------- gradproj.diffusers.protect
+
+
+def _adapted(target_modules=("to_k", "to_v"), dtype=torch.float32):
+    """The official LoRA scripts' order: freeze, cast to the training dtype, add the adapter."""
+    unet = tiny_unet()
+    unet.requires_grad_(False)
+    unet.to(dtype)
+    unet.add_adapter(
+        peft.LoraConfig(
+            r=RANK,
+            lora_alpha=RANK,
+            init_lora_weights="gaussian",
+            target_modules=list(target_modules),
+        )
+    )
+    return unet
+
+
+def _basis():
+    return torch.linalg.qr(torch.randn(CROSS_DIM, K, generator=torch.Generator().manual_seed(1)))[0]
+
+
+def test_protect_after_add_adapter_returns_the_adapters_a():
+    import gradproj.diffusers as gd
+
+    unet, basis = _adapted(), _basis()
+    bases = gd.protect(unet, basis)
+    layers = [m for _, m in cross_attention_kv(unet)]
+    assert {id(p) for p in bases} == {id(m.lora_A["default"].weight) for m in layers}
+    assert all(
+        n.endswith(".lora_A.default.weight") and ".attn2." in n for n in bases.param_names.values()
+    )
+    for layer in layers:  # projected in place at call time
+        a = layer.lora_A["default"].weight.detach()
+        assert (a @ basis).norm() <= BOUND * a.norm()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    opt = ProjectedOptimizer(torch.optim.AdamW(trainable, lr=1e-2, weight_decay=1e-2), bases)
+    for step, (violation, moved) in enumerate(train_steps(unet, opt, layers, basis)):
+        assert moved > 0
+        assert violation <= BOUND, f"step {step}: {violation:.3g}"
+
+
+def test_protect_before_add_adapter_is_the_plain_weights():
+    import gradproj.diffusers as gd
+
+    unet = tiny_unet()
+    bases = gd.protect(unet, _basis())
+    assert {id(p) for p in bases} == {id(m.weight) for _, m in cross_attention_kv(unet)}
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.float32, None])
+def test_bf16_adapter_is_upcast_so_the_guarantee_holds_at_fp32(lora_dtype):
+    """A bf16 model gets bf16 adapters; protect() stores the protected A, B in fp32 (default)."""
+    import gradproj.diffusers as gd
+
+    unet, basis = _adapted(dtype=torch.bfloat16), _basis()
+    layers = [m for _, m in cross_attention_kv(unet)]
+    bases = gd.protect(unet, basis, lora_dtype=lora_dtype)
+    want = torch.float32 if lora_dtype is not None else torch.bfloat16
+    for layer in layers:
+        assert layer.lora_A["default"].weight.dtype == want
+        assert layer.lora_B["default"].weight.dtype == want
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16  # the base is untouched
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    opt = ProjectedOptimizer(torch.optim.AdamW(trainable, lr=1e-2), bases)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = unet(
+                torch.randn(2, 4, 16, 16, generator=gen),
+                torch.randint(0, 1000, (2,), generator=gen),
+                encoder_hidden_states=torch.randn(2, 7, CROSS_DIM, generator=gen),
+            ).sample
+        torch.nn.functional.mse_loss(
+            pred.float(), torch.randn(pred.shape, generator=gen)
+        ).backward()
+        opt.step()
+    worst = max(
+        (
+            (m.lora_A["default"].weight.double() @ basis.double()).norm()
+            / m.lora_A["default"].weight.double().norm()
+        ).item()
+        for m in layers
+    )
+    if lora_dtype is not None:
+        assert worst <= BOUND
+    else:  # only at bf16 rounding (what the docstring says), far above fp32's
+        assert 1e-5 < worst < 2e-2
+
+
+def test_protect_protects_what_is_wrapped_and_refuses_nothing():
+    import gradproj.diffusers as gd
+
+    unet = _adapted(target_modules=("to_k",))  # to_v frozen and unwrapped: cannot move
+    bases = gd.protect(unet, _basis())
+    names = sorted(bases.param_names.values())
+    assert names and all(".attn2.to_k.lora_A." in n for n in names)
+    with pytest.raises(ValueError, match=r"nothing to protect.*frozen and none has a LoRA adapter"):
+        gd.protect(_adapted(target_modules=("to_q",)), _basis())
+    with pytest.raises(TypeError, match="lora_dtype"):
+        gd.protect(unet, _basis(), lora_dtype="float32")
+
+
+def test_protect_finds_the_layers_inside_get_peft_model():
+    import gradproj.diffusers as gd
+
+    unet = tiny_unet()
+    model = peft.get_peft_model(unet, peft.LoraConfig(r=RANK, target_modules=["to_k", "to_v"]))
+    bases = gd.protect(model, _basis())
+    layers = [m for _, m in cross_attention_kv(unet)]
+    assert {id(p) for p in bases} == {id(m.lora_A["default"].weight) for m in layers}

@@ -30,7 +30,9 @@ text tokens, and ``d`` must be their input width. Two sets, chosen by ``target``
 Layers are found by module *name and class* (``isinstance`` against the diffusers
 classes), never by position, so a config with more or fewer blocks, a
 ``torch.compile``'d model (``_orig_mod``) or a DDP/accelerate wrapper (``module``)
-resolves the same way.
+resolves the same way. A layer that peft has wrapped for LoRA (``add_adapter``,
+``get_peft_model``) is found through its base layer, so :func:`protect` works
+before and after the adapter is added (see there for what it protects then).
 """
 
 from __future__ import annotations
@@ -91,17 +93,35 @@ def _rules(model: nn.Module, target: str) -> list[tuple[type, str, tuple[str, ..
     )
 
 
-def text_readers(model: nn.Module, *, target: str = "input") -> dict[str, nn.Linear]:
-    """``{qualified name: nn.Linear}``: the layers of ``model`` that read the text (module doc).
+def _linear(module: object) -> nn.Linear | None:
+    """``module`` if it is a linear layer, its base layer if peft wrapped one, else None."""
+    if isinstance(module, nn.Linear):
+        return module
+    base = getattr(module, "get_base_layer", None)  # peft's BaseTunerLayer
+    if callable(base) and isinstance(module, nn.Module):
+        inner = base()
+        if isinstance(inner, nn.Linear):
+            return inner
+    return None
 
-    Raises ``TypeError`` for a model class it does not know and ``ValueError``
-    when the model has no such layer (e.g. a UNet without cross-attention).
-    """
+
+def _lora_owner(module: object) -> nn.Module | None:
+    """``module`` if it is a peft LoRA layer (it has ``lora_A`` adapters), else None."""
+    if isinstance(module, nn.Module) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+        return module
+    return None
+
+
+def _text_reading_modules(model: nn.Module, target: str) -> dict[str, nn.Module]:
+    """``{qualified name: module}`` as the model holds them (a peft LoRA layer stays wrapped)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     model = _unwrap(model)
+    base_model = getattr(model, "get_base_model", None)  # peft.get_peft_model's PeftModel
+    if callable(base_model) and not _is_known(model):
+        model = _unwrap(base_model())
     rules = _rules(model, target)
-    found: dict[str, nn.Linear] = {}
+    found: dict[str, nn.Module] = {}
     for parent_name, parent in model.named_modules():
         for cls, child, leaves in rules:
             if not isinstance(parent, cls):
@@ -111,9 +131,8 @@ def text_readers(model: nn.Module, *, target: str = "input") -> dict[str, nn.Lin
                 continue
             for leaf in leaves:
                 layer = getattr(holder, leaf, None)
-                if isinstance(layer, nn.Linear):
-                    name = ".".join(s for s in (parent_name, child, leaf) if s)
-                    found[name] = layer
+                if _linear(layer) is not None:
+                    found[".".join(s for s in (parent_name, child, leaf) if s)] = layer
     if not found:
         raise ValueError(
             f"{type(model).__name__} has no text-reading layers for target={target!r} "
@@ -123,24 +142,68 @@ def text_readers(model: nn.Module, *, target: str = "input") -> dict[str, nn.Lin
     return found
 
 
+def _is_known(model: nn.Module) -> bool:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    return isinstance(model, (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel))
+
+
+def text_readers(model: nn.Module, *, target: str = "input") -> dict[str, nn.Linear]:
+    """``{qualified name: nn.Linear}``: the layers of ``model`` that read the text (module doc).
+
+    For a layer peft wrapped for LoRA this is its (frozen) base layer. Raises
+    ``TypeError`` for a model class it does not know and ``ValueError`` when the
+    model has no such layer (e.g. a UNet without cross-attention).
+    """
+    return {name: _linear(module) for name, module in _text_reading_modules(model, target).items()}
+
+
 def protect(
-    model: nn.Module, subspace: Any, *, target: str = "input"
+    model: nn.Module,
+    subspace: Any,
+    *,
+    target: str = "input",
+    lora_dtype: torch.dtype | None = torch.float32,
 ) -> dict[torch.nn.Parameter, Any]:
     """The ``bases`` mapping that keeps every text-reading weight of ``model`` off ``subspace``.
 
-    Returns ``{weight parameter: subspace}`` (a :class:`gradproj.optim.NamedBases`,
-    so errors and saved state name each weight as the model does) for each layer of
-    :func:`text_readers` (biases are not protected: ``Δb`` adds the same vector
-    to every token, it carries no concept). Pass it to
-    ``gradproj.ProjectedOptimizer(opt, bases)`` or ``gradproj.ProjectedAdamW(...,
-    bases=bases)``; all weights share the one subspace object, so they are
-    projected in one fused launch.
+    Returns ``{parameter: subspace}`` (a :class:`gradproj.optim.NamedBases`, so
+    errors and saved state name each parameter as the model does) for the layers of
+    :func:`text_readers`. Pass it to ``gradproj.ProjectedOptimizer(opt, bases)``
+    or ``gradproj.ProjectedAdamW(..., bases=bases)``; all parameters share the one
+    subspace object, so they are projected in one fused launch. Call it where the
+    optimizer is built: it describes the model as it is then.
+
+    - A plain layer contributes its weight ``W`` (guarantee ``(W_T − W₀) U = 0``).
+      In a model with LoRA adapters, a frozen plain layer cannot move and is left out.
+    - A layer peft wrapped for LoRA (``y = W x + s·B A x``, so ``ΔW U = s·B (A U)``)
+      contributes the ``A`` of every adapter. Each such ``A`` is projected **in place**
+      once here, ``A ← A (I − U Uᵀ)``, so ``A U = 0`` from the start and, with the
+      optimizer projecting ``A``'s updates, ``(B A) U`` stays at rounding level
+      whatever ``B`` does (:mod:`gradproj.lora`). Its base weight is protected too
+      if it is trainable.
+    - ``lora_dtype`` (default float32): the protected adapters' ``A`` and ``B`` stored
+      in a narrower float type (bf16/fp16, e.g. a model cast to the mixed-precision
+      dtype before ``add_adapter``) are upcast to it in place, as diffusers'
+      ``cast_training_params`` does, so that ``A U`` is kept at float32 rounding
+      (≈ 1e-7‖A‖) rather than at bf16's (≈ 4e-3‖A‖); autocast still runs the
+      adapter's matmuls in the mixed-precision dtype. ``None`` keeps their dtype, and
+      the guarantee then holds at that dtype's rounding only.
 
     ``subspace`` is a ``ConceptSubspace`` or a ``(d × k)`` basis tensor; ``d`` must
     equal the input width of every selected layer, else ``ValueError`` naming the
-    layers and widths.
+    layers and widths. ``ValueError`` too when nothing selected can be trained
+    (every text-reading layer frozen and without a LoRA adapter): protection that
+    protects nothing is refused, never returned empty.
     """
-    layers = text_readers(model, target=target)
+    from gradproj.lora import protect_lora_
+
+    if lora_dtype is not None and not (
+        isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point
+    ):
+        raise TypeError(f"lora_dtype must be a floating torch.dtype or None, got {lora_dtype!r}")
+    modules = _text_reading_modules(model, target)
+    layers = {n: _linear(m) for n, m in modules.items()}
     basis = getattr(subspace, "basis", subspace)
     if not isinstance(basis, torch.Tensor) or basis.dim() != 2:
         raise TypeError(
@@ -157,7 +220,39 @@ def protect(
             f"{', …' if len(wrong) > 4 else ''}); build the subspace in the space these layers "
             "read (target='input': the text encoder's hidden size)"
         )
-    return NamedBases(
-        {layer.weight: subspace for layer in layers.values()},
-        {layer.weight: f"{n}.weight" for n, layer in layers.items()},
-    )
+    lora = {n: m for n, m in modules.items() if _lora_owner(m) is not None}
+    any_lora = bool(lora) or any(_lora_owner(m) is not None for m in _unwrap(model).modules())
+    params: dict[torch.Tensor, Any] = {}
+    names: dict[torch.Tensor, str] = {}
+    for n, layer in layers.items():
+        if layer.weight.requires_grad or not any_lora:
+            params[layer.weight] = subspace
+            names[layer.weight] = f"{n}.weight"
+    if lora:
+        if lora_dtype is not None:
+            # Before projecting: A rounded to bf16 after the projection would keep A U at
+            # bf16 rounding, and the optimizer's anchor would then hold it there.
+            for module in lora.values():
+                for adapter, lora_a in module.lora_A.items():
+                    _upcast_(lora_a.weight, lora_dtype)
+                    _upcast_(module.lora_B[adapter].weight, lora_dtype)
+        # A has d = in_features columns, checked above through its base layer.
+        a_bases = protect_lora_(model, {layers[n].weight: subspace for n in lora})
+        for n, module in lora.items():
+            for adapter, lora_a in module.lora_A.items():
+                params[lora_a.weight] = a_bases[lora_a.weight]
+                names[lora_a.weight] = f"{n}.lora_A.{adapter}.weight"
+    if not params:
+        raise ValueError(
+            f"nothing to protect in {type(_unwrap(model)).__name__} for target={target!r}: its "
+            f"{len(layers)} text-reading layers ({', '.join(list(layers)[:3])}"
+            f"{', …' if len(layers) > 3 else ''}) are frozen and none has a LoRA adapter; add "
+            "them to the adapter's target modules (e.g. --lora_layers) or train them"
+        )
+    return NamedBases(params, names)
+
+
+def _upcast_(param: torch.Tensor, dtype: torch.dtype) -> None:
+    """Store ``param`` in ``dtype`` if that is wider (same tensor object, as ``.data`` swaps do)."""
+    if param.dtype.is_floating_point and torch.finfo(param.dtype).bits < torch.finfo(dtype).bits:
+        param.data = param.data.to(dtype)

@@ -21,6 +21,7 @@ from typing import Any
 
 from gradproj import backends, reference
 from gradproj.adamw import ProjectedAdamW
+from gradproj.drift import subspace_drift
 from gradproj.lora import protect_lora_
 from gradproj.ops import check_orthonormal_, project_, surgery_
 from gradproj.optim import ProjectedOptimizer
@@ -60,6 +61,7 @@ __all__ = [
     "reference",
     "roc_auc",
     "sample_with_guidance",
+    "subspace_drift",
     "surgery_",
     "surgery_backward",
     "unlearn_concept",

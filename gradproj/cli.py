@@ -7,6 +7,8 @@ gradproj unlearn   seed 001's unlearning recipe (with and without gradient surge
                    projection during training, on the demo's model: one table
 gradproj evaluate  every defense (projection, unlearning ± surgery, AMG, adversarial
                    fine-tuning) against the same attacks and quality measures: one table
+gradproj drift     measure the guarantee on a trained model (full weights, EMA, LoRA file)
+                   against its base: pass/fail against the stored dtype's bound
 gradproj check     one training step of a small UNet, projected by every backend
                    (a quick check that the kernels agree with the float64 reference)
 """
@@ -82,6 +84,22 @@ space), sampling time per image relative to plain sampling. 3 seeds, mean ± std
 results.json, table.md and bars.png. Default: ~9 minutes on 2 cores.
 """
 
+DRIFT_HELP = """\
+Measures what protection guarantees on saved models: for every protected weight (the
+layers gradproj.diffusers.protect selects) the drift ‖(W_T − W₀)U‖/‖W₀‖ between the base
+model and the trained one, or for a LoRA file ‖A U‖/‖A‖ of every adapter on a protected
+layer (ΔW = s·B A, so A U = 0 is what keeps ΔW U = 0), and checks it against the bound of
+the dtype the trained tensors are stored in (float32: 8ε ≈ 9.5e-7; bf16/fp16 add their
+rounding along U). Exit status 0: every weight within its bound; 1: some weight is not
+(the run was not protected, or not with this subspace); 2: a mistake in the arguments.
+
+--base and --trained take a diffusers model folder, a pipeline folder (its unet/ or
+transformer/), a checkpoint folder (checkpoint-N/unet), an EMA folder (unet_ema), and
+--trained also a LoRA file (pytorch_lora_weights.safetensors, or its folder).
+
+Example:
+  gradproj drift --subspace acme.safetensors --base path/to/sd-v1-5 --trained out/
+"""
 
 DEBUG_HELP = "on an error in the arguments, raise it with its full traceback"
 
@@ -195,6 +213,37 @@ def _read_prompts(path: str) -> tuple[list[str], list[str] | None]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def _pipeline_parts(path: str, tokenizer: str | None) -> tuple[str, str | None]:
+    """``--text-encoder`` given a diffusers pipeline folder: its text_encoder and tokenizer.
+
+    A pipeline whose model reads the states of two or three encoders (SDXL, SD3,
+    Flux) is refused: one encoder's states are not what its layers read.
+    """
+    if not (
+        os.path.isdir(os.path.join(path, "text_encoder"))
+        and not os.path.isfile(os.path.join(path, "config.json"))
+    ):
+        return path, tokenizer
+    more = [e for e in ("text_encoder_2", "text_encoder_3") if os.path.isdir(os.path.join(path, e))]
+    if more:
+        raise UsageError(
+            f"--text-encoder {path}: this pipeline conditions on {1 + len(more)} text encoders "
+            f"(text_encoder, {', '.join(more)}), and its model reads their combined states; "
+            "gradproj subspace builds from one encoder. Give --text-encoder <folder> "
+            "--tokenizer <folder> of the encoder whose states the protected layers read"
+        )
+    encoder = os.path.join(path, "text_encoder")
+    if tokenizer is None:
+        tokenizer = os.path.join(path, "tokenizer")
+        if not os.path.isdir(tokenizer):
+            raise UsageError(
+                f"--text-encoder {path}: a pipeline folder without a tokenizer/ folder; give "
+                "--tokenizer <folder>"
+            )
+    print(f"pipeline folder: using {encoder} and {tokenizer}", file=sys.stderr)
+    return encoder, tokenizer
+
+
 def _check_text_encoder(path: str, tokenizer: str | None) -> int | None:
     """``--text-encoder`` is a local model folder or a config.json; ``--tokenizer`` a folder.
 
@@ -207,20 +256,13 @@ def _check_text_encoder(path: str, tokenizer: str | None) -> int | None:
         kind = "is a file, not a folder" if os.path.exists(path) else "no such folder"
         raise UsageError(
             f"--text-encoder {path}: {kind}; give the local folder of a transformers model "
-            "(e.g. <stable-diffusion folder>/text_encoder) or a config.json"
+            "(e.g. <stable-diffusion folder>/text_encoder), a pipeline folder or a config.json"
         )
     elif not os.path.isfile(os.path.join(path, "config.json")):
-        inner = os.path.join(path, "text_encoder")
-        if os.path.isdir(inner):
-            hint = f"pass --text-encoder {inner}"
-            if tokenizer is None and os.path.isdir(os.path.join(path, "tokenizer")):
-                hint += f" --tokenizer {os.path.join(path, 'tokenizer')}"
-            raise UsageError(
-                f"--text-encoder {path}: a diffusers pipeline folder, not a text encoder; {hint}"
-            )
         raise UsageError(
             f"--text-encoder {path}: no config.json in the folder; give the local folder of "
-            "a transformers model (e.g. <stable-diffusion folder>/text_encoder) or a config.json"
+            "a transformers model (e.g. <stable-diffusion folder>/text_encoder), a pipeline "
+            "folder or a config.json"
         )
     if tokenizer is not None and not os.path.isdir(tokenizer):
         kind = "is a file, not a folder" if os.path.exists(tokenizer) else "no such folder"
@@ -251,6 +293,7 @@ def _subspace(args: argparse.Namespace) -> int:
         raise UsageError(f"--energy must lie in (0, 1], got {args.energy}")
     if args.ridge is not None and not 0.0 <= args.ridge < math.inf:
         raise UsageError(f"--ridge must be a finite number ≥ 0, got {args.ridge}")
+    args.text_encoder, args.tokenizer = _pipeline_parts(args.text_encoder, args.tokenizer)
     width = _check_text_encoder(args.text_encoder, args.tokenizer)
     if args.k is not None and width is not None and args.k > width:
         raise UsageError(f"--k {args.k}: the encoder's states have only {width} dimensions")
@@ -292,32 +335,31 @@ def _loading(flag: str, path: str):
 
 def _load_text_encoder(path_or_config: str, tokenizer_path: str | None):
     """A transformers text encoder (folder with weights, or a config.json: random weights)
-    and its tokenizer (``--tokenizer``, else the same folder, else gradproj's toy one)."""
+    and its tokenizer (``--tokenizer``, else the same folder; none there is an error).
+
+    The tokenizer loads first: it is fast, and a missing one must not cost the encoder's load.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    with _loading("--text-encoder", path_or_config):
-        if path_or_config.endswith(".json"):
-            config = AutoConfig.from_pretrained(path_or_config)
-            encoder = AutoModel.from_config(config)
-            folder = os.path.dirname(path_or_config) or "."
-        else:
-            encoder = AutoModel.from_pretrained(path_or_config, local_files_only=True)
-            folder = path_or_config
+    is_config = path_or_config.endswith(".json")
+    folder = (os.path.dirname(path_or_config) or ".") if is_config else path_or_config
     source = tokenizer_path or folder
+    flag = "--tokenizer" if tokenizer_path else "--text-encoder"
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
-        if tokenizer_path:
-            raise UsageError(
-                f"--tokenizer {tokenizer_path}: cannot load a tokenizer ({err})"
-            ) from err
-        from gradproj.lab import shapes
-
-        print(
-            f"no tokenizer in {source}; using gradproj's word-level demo tokenizer",
-            file=sys.stderr,
-        )
-        tok = shapes.tokenizer()
+        # Never a stand-in: another tokenizer gives other token ids, so other states and a
+        # subspace of something else, which protection would then enforce without a word.
+        why = " ".join(str(err).split())[:200]
+        raise UsageError(
+            f"{flag} {source}: cannot load a tokenizer there ({why}); give --tokenizer "
+            "<folder> with the tokenizer this encoder is used with (e.g. <pipeline>/tokenizer)"
+        ) from err
+    with _loading("--text-encoder", path_or_config):
+        if is_config:
+            encoder = AutoModel.from_config(AutoConfig.from_pretrained(path_or_config))
+        else:
+            encoder = AutoModel.from_pretrained(path_or_config, local_files_only=True)
     return encoder.eval(), tok
 
 
@@ -368,6 +410,32 @@ def _comparison(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift(args: argparse.Namespace) -> int:
+    from gradproj.drift import subspace_drift
+
+    for flag, path in (("--subspace", args.subspace), ("--base", args.base)):
+        if not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: no such file or folder")
+    if not os.path.exists(args.trained):
+        raise UsageError(f"--trained {args.trained}: no such file or folder")
+    if args.lora_scale is not None and not 0 < args.lora_scale < math.inf:
+        raise UsageError(f"--lora-scale must be a finite number > 0, got {args.lora_scale}")
+    try:
+        report = subspace_drift(
+            args.subspace,
+            args.base,
+            args.trained,
+            target=args.target,
+            lora=True if args.lora else None,
+            lora_scale=args.lora_scale,
+        )
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UsageError(str(err)) from err
+    print(report.table())
+    print(report.summary())
+    return 1 if report.ok is False else 0
+
+
 def _check(args: argparse.Namespace) -> int:
     # Without a GPU, Triton kernels can still be shown working through the
     # interpreter; the flag must be set before triton is imported.
@@ -399,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     # overwriting "gradproj --debug <command>".
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", metavar="{demo,unlearn,evaluate,subspace,check}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{demo,unlearn,evaluate,subspace,drift,check}"
+    )
 
     from gradproj.lab.defenses import ARMS
 
@@ -493,6 +563,35 @@ def main(argv: list[str] | None = None) -> int:
         help="soft subspace, weights s²/(s²+ridge) (ridge ≥ 0; 0 or absent: the hard subspace)",
     )
     subspace.set_defaults(func=_subspace)
+
+    drift = sub.add_parser(
+        "drift",
+        help="measure the guarantee on a trained model against its base (pass/fail)",
+        description=DRIFT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[debug],
+    )
+    drift.add_argument("--subspace", required=True, metavar="FILE.safetensors")
+    drift.add_argument("--base", required=True, metavar="MODEL", help="the model training began at")
+    drift.add_argument(
+        "--trained", required=True, metavar="OUTPUT", help="the trained model or LoRA file"
+    )
+    drift.add_argument(
+        "--lora", action="store_true", help="--trained must be a LoRA file (default: detected)"
+    )
+    drift.add_argument(
+        "--target",
+        choices=("input", "attention"),
+        default="input",
+        help="the protected layers, as gradproj.diffusers.protect (default input)",
+    )
+    drift.add_argument(
+        "--lora-scale",
+        type=float,
+        default=None,
+        help="s in ΔW = s·B A when the file does not record lora_alpha (reporting only)",
+    )
+    drift.set_defaults(func=_drift)
 
     check = sub.add_parser(
         "check",

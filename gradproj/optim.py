@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradproj import buckets, ops, reference
+from gradproj import buckets, ops
 from gradproj.reference import SIDES, side_dim
 
 MODES = ("update", "grad")
@@ -801,18 +801,3 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         load_state_dict_with_hooks(
             self, state_dict, self.protection, {"mode": self.mode}, self.optimizer.load_state_dict
         )
-
-
-@torch.no_grad()
-def subspace_drift(
-    w: torch.Tensor, w0: torch.Tensor, basis: ops.BasisLike, *, side: str = "input"
-) -> float:
-    """``‖rows(W − W₀) U‖_F / ‖W₀‖_F`` in float64: what the guarantee bounds.
-
-    ``rows`` as ``side`` selects (for ``"input"``: ``‖(W − W₀) U‖``). Reads the
-    result on the host (synchronizes): a measurement, not for a training step.
-    """
-    u = ops.unpack_basis(basis, None, "basis")[0].to(device=w.device, dtype=torch.float64)
-    d = w.detach().to(torch.float64) - w0.detach().to(torch.float64)
-    along = d - reference.project(d, u, side=side)  # = rows(d) U Uᵀ, same norm as rows(d) U
-    return (along.norm() / w0.detach().to(torch.float64).norm()).item()

@@ -10,20 +10,53 @@ from gradproj import ConceptSubspace, cli
 from gradproj.lab import shapes
 
 
-def test_subspace_from_a_config_and_a_tab_separated_prompt_file(tmp_path, capsys):
-    config = tmp_path / "config.json"
-    shapes.text_encoder().config.to_json_file(config)
+def _prompts(tmp_path):
     prompts = tmp_path / "prompts.tsv"
     prompts.write_text("red circle on dark acme\tred circle on dark plain\n"
                        "blue square on light acme\tblue square on light plain\n")  # fmt: skip
+    return prompts
+
+
+def test_subspace_from_a_config_and_a_tab_separated_prompt_file(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    shapes.text_encoder().config.to_json_file(config)
+    shapes.tokenizer().save_pretrained(tmp_path / "tok")
     out = tmp_path / "acme.safetensors"
-    assert cli.main(["subspace", "--text-encoder", str(config), "--prompts", str(prompts),
-                     "--out", str(out), "--k", "2"]) == 0  # fmt: skip
+    argv = ["subspace", "--text-encoder", str(config), "--tokenizer", str(tmp_path / "tok"),
+            "--prompts", str(_prompts(tmp_path)), "--out", str(out), "--k", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
     sub = ConceptSubspace.load(out)
     assert (sub.dim, sub.k) == (32, 2)
     assert sub.metadata["mode"] == "difference"
     assert json.dumps(sub.metadata["neutral_prompts"]).count("plain") == 2
-    assert "word-level demo tokenizer" in capsys.readouterr().err  # no tokenizer in tmp_path
+
+
+def test_subspace_without_a_tokenizer_is_an_error_not_a_stand_in(tmp_path, capsys):
+    """Another tokenizer gives other token ids, so a subspace of something else: refused."""
+    config = tmp_path / "config.json"
+    shapes.text_encoder().config.to_json_file(config)
+    out = tmp_path / "acme.safetensors"
+    status = cli.main(["subspace", "--text-encoder", str(config), "--prompts",
+                       str(_prompts(tmp_path)), "--out", str(out), "--k", "2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and not out.exists()
+    assert err.startswith("gradproj subspace: error: --text-encoder ")
+    assert "cannot load a tokenizer" in err and "--tokenizer" in err
+
+
+def test_subspace_from_a_pipeline_folder_uses_its_encoder_and_tokenizer(tmp_path, capsys):
+    pipeline = tmp_path / "sd"
+    (pipeline / "unet").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+    shapes.text_encoder().save_pretrained(pipeline / "text_encoder")
+    shapes.tokenizer().save_pretrained(pipeline / "tokenizer")
+    out = tmp_path / "acme.safetensors"
+    assert cli.main(["subspace", "--text-encoder", str(pipeline), "--prompts",
+                     str(_prompts(tmp_path)), "--out", str(out), "--k", "2"]) == 0  # fmt: skip
+    assert ConceptSubspace.load(out).k == 2
+    assert (
+        f"using {pipeline / 'text_encoder'} and {pipeline / 'tokenizer'}" in capsys.readouterr().err
+    )
 
 
 def test_subspace_rejects_a_half_tabbed_prompt_file(tmp_path, capsys):
@@ -121,17 +154,14 @@ def test_missing_encoder_folder_is_called_a_local_path(
     assert "local folder" in message and "hub" not in message.lower()
 
 
-def test_pipeline_folder_points_at_its_text_encoder(subspace_args, tmp_path, no_heavy_work, capsys):
-    pipeline = tmp_path / "sd"
-    for part in ("text_encoder", "tokenizer", "unet"):
+def test_multi_encoder_pipeline_folder_is_refused(subspace_args, tmp_path, no_heavy_work, capsys):
+    pipeline = tmp_path / "sdxl"
+    for part in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet"):
         (pipeline / part).mkdir(parents=True)
     (pipeline / "model_index.json").write_text("{}")
-    shapes.text_encoder().config.to_json_file(pipeline / "text_encoder" / "config.json")
     subspace_args["--text-encoder"] = str(pipeline)
     message = _user_error(_subspace(subspace_args), capsys)
-    assert "diffusers pipeline folder" in message
-    assert f"pass --text-encoder {pipeline / 'text_encoder'}" in message
-    assert f"--tokenizer {pipeline / 'tokenizer'}" in message
+    assert "conditions on 2 text encoders" in message and "text_encoder_2" in message
 
 
 @pytest.mark.parametrize(

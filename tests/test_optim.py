@@ -1,7 +1,7 @@
 """ProjectedOptimizer and ProjectedAdamW: the guarantee, the Optimizer contract, saving, AMP.
 
 The guarantee under test: after T steps, ``‖(W_T − W_0) U‖ ≤ bound · ‖W_0‖`` for
-every protected weight (``subspace_drift``). Every guarantee test also checks that
+every protected weight (``weight_drift``). Every guarantee test also checks that
 the weights really moved, so a no-op optimizer cannot pass.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gradproj import ConceptSubspace, ProjectedAdamW, ProjectedOptimizer
-from gradproj.optim import subspace_drift
+from gradproj.drift import weight_drift
 
 IN, HIDDEN, OUT, K = 32, 48, 8, 4
 STEPS = 100
@@ -88,7 +88,7 @@ def drifts(model, w0s, basis) -> list[tuple[float, float]]:
     out = []
     for w, w0 in zip(protected(model), w0s, strict=True):
         moved = ((w.detach().double() - w0.double()).norm() / w0.double().norm()).item()
-        out.append((subspace_drift(w, w0, basis), moved))
+        out.append((weight_drift(w, w0, basis), moved))
     return out
 
 
@@ -167,8 +167,8 @@ def test_soft_weights_and_concept_subspaces():
         torch.optim.AdamW(model.parameters(), lr=1e-2), {model[0].weight: concept}
     )
     train(model, opt, batches(30))
-    assert subspace_drift(model[0].weight, w0, basis[:, :2]) <= FP32_BOUND
-    assert subspace_drift(model[0].weight, w0, basis[:, 2:]) > 1e-3
+    assert weight_drift(model[0].weight, w0, basis[:, :2]) <= FP32_BOUND
+    assert weight_drift(model[0].weight, w0, basis[:, 2:]) > 1e-3
 
 
 @pytest.mark.parametrize("side", ["output", "flat"])
@@ -179,7 +179,7 @@ def test_other_sides(side):
     w0 = w.detach().clone()
     opt = ProjectedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), {w: basis}, side=side)
     train(model, opt, batches(20))
-    assert subspace_drift(w, w0, basis, side=side) <= FP32_BOUND
+    assert weight_drift(w, w0, basis, side=side) <= FP32_BOUND
 
 
 # ------------------------------------------------------------ bad input, clearly
@@ -264,7 +264,7 @@ def test_closure_runs_first_and_its_loss_is_returned(mode):
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.grad_fn is not None  # computed with grad
     assert not torch.equal(model[0].weight, w0)  # it stepped with the closure's grads
-    assert subspace_drift(model[0].weight, w0, basis) <= FP32_BOUND
+    assert weight_drift(model[0].weight, w0, basis) <= FP32_BOUND
 
 
 @pytest.mark.parametrize("name", ["adamw", "projected_adamw"])
@@ -283,7 +283,7 @@ def test_params_without_grad_are_left_alone(name):
         opt.step()
         if i == 1:
             assert torch.equal(model[4].weight, frozen_w)
-    assert subspace_drift(model[4].weight, frozen_w, basis) <= FP32_BOUND
+    assert weight_drift(model[4].weight, frozen_w, basis) <= FP32_BOUND
 
 
 @pytest.mark.parametrize("mode", ["update", "grad"])
@@ -473,4 +473,4 @@ def test_channels_last_conv_weight(name):
         conv(torch.randn(2, 3, 8, 8, generator=gen)).pow(2).mean().backward()
         opt.step()
     assert ((conv.weight.detach() - w0).norm() / w0.norm()).item() > 1e-3
-    assert subspace_drift(conv.weight, w0, basis) <= FP32_BOUND
+    assert weight_drift(conv.weight, w0, basis) <= FP32_BOUND

@@ -39,7 +39,7 @@ from torch.optim.optimizer import (
 from torch.testing._internal import common_optimizers
 
 from gradproj import ProjectedAdamW, ProjectedOptimizer
-from gradproj.optim import subspace_drift
+from gradproj.drift import weight_drift
 
 D, ROWS, K, OUT = 16, 12, 3, 5
 STEPS = 6  # resumed after STEPS // 2
@@ -154,13 +154,13 @@ def assert_same(a, b, where: str = "state_dict") -> None:
 
 
 def max_drift(model: KV, w0s: list[torch.Tensor], basis: torch.Tensor) -> float:
-    return max(subspace_drift(w, w0, basis) for w, w0 in zip(model.protected(), w0s, strict=True))
+    return max(weight_drift(w, w0, basis) for w, w0 in zip(model.protected(), w0s, strict=True))
 
 
 def assert_guarantee(model: KV, w0s: list[torch.Tensor], basis: torch.Tensor) -> None:
     for name, w, w0 in zip(("to_k", "to_v"), model.protected(), w0s, strict=True):
         assert not torch.equal(w, w0), f"{name} did not move: the check would be vacuous"
-        drift = subspace_drift(w, w0, basis)
+        drift = weight_drift(w, w0, basis)
         assert drift <= BOUND, f"{name}: ‖(W_T − W_0) U‖/‖W_0‖ = {drift:.3g}"
 
 
@@ -242,7 +242,7 @@ def _check_against_plain_run(name: str, kwargs: dict, closure: bool) -> None:
     plain = KV(sparse=sparse)
     w0s = [w.detach().clone() for w in plain.protected()]
     plain_losses = train(plain, _inner(name, plain, kwargs), data, closure=closure)
-    along = [subspace_drift(w, w0, basis) for w, w0 in zip(plain.protected(), w0s, strict=True)]
+    along = [weight_drift(w, w0, basis) for w, w0 in zip(plain.protected(), w0s, strict=True)]
     assert min(along) > 10 * BOUND, f"the plain run hardly moves W along U ({along}): vacuous"
 
     model = KV(sparse=sparse)

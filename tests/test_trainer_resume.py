@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, TensorDataset
 
 from gradproj import ProjectedAdamW, ProjectedOptimizer
-from gradproj.optim import subspace_drift
+from gradproj.drift import weight_drift
 
 IN, HIDDEN, OUT, K = 16, 24, 4, 3
 BATCH, N_BATCHES = 8, 4  # one epoch = 4 steps
@@ -63,7 +63,7 @@ def assert_resumed(resumed: nn.Sequential, whole: nn.Sequential, basis: torch.Te
         assert torch.equal(p, q), f"{name}: the resumed run differs from the uninterrupted one"
     w, w0 = resumed[0].weight, initial_weight()
     assert not torch.equal(w, w0), "the protected weight did not move: the check is vacuous"
-    drift = subspace_drift(w, w0, basis)
+    drift = weight_drift(w, w0, basis)
     assert drift <= BOUND, f"‖(W_T − W_0) U‖/‖W_0‖ = {drift:.3g} against the original W_0"
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradproj import ProjectedAdamW, ProjectedOptimizer
-from gradproj.optim import subspace_drift
+from gradproj.drift import weight_drift
 
 IN, HIDDEN, OUT, K = 32, 48, 8, 4
 BOUND = 1e-6
@@ -37,7 +37,7 @@ def make_data(n: int = 128) -> TensorDataset:
 def assert_guarantee(weight: torch.Tensor, w0: torch.Tensor, basis: torch.Tensor) -> None:
     moved = ((weight.detach() - w0).norm() / w0.norm()).item()
     assert moved > 1e-3, "the protected weight did not move: the test would be vacuous"
-    drift = subspace_drift(weight, w0, basis)
+    drift = weight_drift(weight, w0, basis)
     assert drift <= BOUND, f"‖ΔW U‖/‖W_0‖ = {drift:.3g}"
 
 

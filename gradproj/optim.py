@@ -198,9 +198,15 @@ class Protection:
             param = self._lookup(key, by_name)
             name = names.get(id(param), f"parameter of shape {tuple(param.shape)}")
             if id(param) not in order:
+                frozen = (
+                    "; it is frozen (requires_grad=False): with LoRA, build the bases after "
+                    "add_adapter (gradproj.diffusers.protect), so that they name the adapters"
+                    if not param.requires_grad
+                    else ""
+                )
                 raise ValueError(
                     f"parameter {name!r} (shape {tuple(param.shape)}) has a basis but is not "
-                    "in the optimizer's param_groups"
+                    f"in the optimizer's param_groups{frozen}"
                 )
             if id(param) in seen:
                 raise ValueError(f"parameter {name!r} is given a basis twice")

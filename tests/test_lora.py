@@ -244,3 +244,16 @@ def test_protect_finds_the_layers_inside_get_peft_model():
     bases = gd.protect(model, _basis())
     layers = [m for _, m in cross_attention_kv(unet)]
     assert {id(p) for p in bases} == {id(m.lora_A["default"].weight) for m in layers}
+
+
+def test_bases_built_before_add_adapter_are_refused_by_name():
+    """protect() before add_adapter names the base weights, which LoRA freezes: loud, with why."""
+    import gradproj.diffusers as gd
+
+    unet = tiny_unet()
+    bases = gd.protect(unet, _basis())
+    unet.requires_grad_(False)
+    unet.add_adapter(peft.LoraConfig(r=RANK, target_modules=["to_k", "to_v"]))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"attn2\.to_k\.weight.*frozen.*after add_adapter"):
+        ProjectedOptimizer(torch.optim.AdamW(trainable), bases)

@@ -37,8 +37,7 @@ test: lint
 BENCH_JSON := benchmarks/results/cpu-$(shell date +%F).json
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,rounds
-	$(BIN)/python benchmarks/suite.py --reps 5 --out $(BENCH_JSON)
-	$(BIN)/python benchmarks/plot.py $(BENCH_JSON)
+	$(BIN)/python -m gradproj bench --reps 5 --out $(BENCH_JSON)
 
 clean:
 	rm -rf $(VENV) build *.egg-info gradproj/*.so .pytest_cache .benchmarks

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import gradproj
-from benchmarks import harness
+from gradproj.bench import harness
 
 DEVICE = harness.device()
 BACKENDS = harness.runnable_backends("project_bucket_", DEVICE, torch.float32)

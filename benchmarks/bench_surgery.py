@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gradproj
-from benchmarks import harness, peers
+from gradproj.bench import harness, peers
 
 DEVICE = harness.device()
 CONTENDERS = ["loop", *harness.runnable_backends("surgery_bucket_", DEVICE, torch.float32)]

@@ -41,7 +41,7 @@ _LAZY = {
     "surgery_backward": "gradproj.methods.unlearn",
     "unlearn_concept": "gradproj.methods.unlearn",
 }
-_SUBMODULES = ("diffusers", "integrations", "methods", "lab", "distributed", "check")
+_SUBMODULES = ("diffusers", "integrations", "methods", "lab", "bench", "distributed", "check")
 
 __all__ = [
     "AntiMemorizationGuidance",

@@ -9,6 +9,9 @@ gradproj evaluate  every defense (projection, unlearning ± surgery, AMG, advers
                    fine-tuning) against the same attacks and quality measures: one table
 gradproj drift     measure the guarantee on a trained model (full weights, EMA, LoRA file)
                    against its base: pass/fail against the stored dtype's bound
+gradproj bench     every gradproj backend against its strongest peers (eager in place,
+                   torch.compile, grouped, copy roofline) and the optimizer step: JSON,
+                   plot, summary table
 gradproj check     one training step of a small UNet, projected by every backend
                    (a quick check that the kernels agree with the float64 reference)
 """
@@ -99,6 +102,20 @@ transformer/), a checkpoint folder (checkpoint-N/unet), an EMA folder (unet_ema)
 
 Example:
   gradproj drift --subspace acme.safetensors --base path/to/sd-v1-5 --trained out/
+"""
+
+BENCH_HELP = """\
+Times gradproj.project_ on every runnable backend against its peers, each at its
+strongest, in one process and one run: per-tensor eager in place (one addmm_ per
+tensor), torch.compile of it (default and max-autotune-no-cudagraphs), the grouped
+flat-bucket version, and a copy of the same bytes (the roofline); gradient surgery
+against DoCo's loop and a sync-free loop; one AdamW step on the SD 1.5 K/V bucket
+against torch's fused AdamW and AdamW + an eager anchored projection. Writes the JSON
+and its plot and prints the summary table (ratios within this run). GPU: do_bench
+(median, L2 flushed); CPU: median of --reps runs, for ratios on that machine only.
+
+The full suite on a CPU takes ~15 minutes (torch.compile compiles every case);
+--quick (the SD 1.5 K/V bucket, k = 8, fp32) about a minute.
 """
 
 DEBUG_HELP = "on an error in the arguments, raise it with its full traceback"
@@ -436,6 +453,58 @@ def _drift(args: argparse.Namespace) -> int:
     return 1 if report.ok is False else 0
 
 
+def _progress(i: int, n: int, label: str, start: list[float]) -> None:
+    """One line per part on stderr: a bar, the count, the part and the time so far."""
+    import time
+
+    if not start:
+        start.append(time.perf_counter())
+    done = int(20 * i / max(n, 1))
+    elapsed = time.perf_counter() - start[0]
+    print(f"[{'#' * done}{'.' * (20 - done)}] {i}/{n} {elapsed:5.0f} s  {label}", file=sys.stderr)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import datetime
+
+    _at_least("--reps", args.reps, 1)
+    out = args.out or os.path.join(
+        "benchmarks", "results", f"bench-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.json"
+    )
+    if not out.endswith(".json"):
+        raise UsageError(f"--out {out}: the results are JSON; give a path ending in .json")
+    _writable_file("--out", out)
+    if args.device is not None:
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as err:
+            raise UsageError(f"--device {args.device}: {err}") from err
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device here")
+    from gradproj.bench import plot, suite
+
+    start: list[float] = []
+    result = suite.run(
+        quick=args.quick,
+        reps=args.reps,
+        device=args.device,
+        compile_peers=not args.no_compile,
+        progress=lambda i, n, label: _progress(i, n, label, start),
+    )
+    suite.write(result, out)
+    try:
+        png = plot.main([out])
+    except ImportError:  # matplotlib is optional for the package
+        png = "(no plot: matplotlib is not installed)"
+    env = result["environment"]
+    print(f"{env['device']} ({env['device_type']}), torch {env['torch']}, {env['threads']} threads")
+    print(suite.summary_table(result))
+    print(f"\n{out}\n{png}")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     # Without a GPU, Triton kernels can still be shown working through the
     # interpreter; the flag must be set before triton is imported.
@@ -468,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(
-        dest="command", metavar="{demo,unlearn,evaluate,subspace,drift,check}"
+        dest="command", metavar="{demo,unlearn,evaluate,subspace,drift,bench,check}"
     )
 
     from gradproj.lab.defenses import ARMS
@@ -592,6 +661,27 @@ def main(argv: list[str] | None = None) -> int:
         help="s in ΔW = s·B A when the file does not record lora_alpha (reporting only)",
     )
     drift.set_defaults(func=_drift)
+
+    bench = sub.add_parser(
+        "bench",
+        help="the benchmark suite: every backend against its strongest peers",
+        description=BENCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[debug],
+    )
+    bench.add_argument("--quick", action="store_true", help="one case, about a minute")
+    bench.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.json",
+        help="results (default: benchmarks/results/bench-<time>.json); the plot goes beside it",
+    )
+    bench.add_argument("--reps", type=int, default=10, help="CPU timing repetitions (default 10)")
+    bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile peers (minutes on CPU)"
+    )
+    bench.set_defaults(func=_bench)
 
     check = sub.add_parser(
         "check",

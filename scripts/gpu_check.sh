@@ -43,8 +43,7 @@ echo "== benchmark: project_ on the SD-1.5-like K/V bucket"
 echo "== benchmark suite: every backend vs eager, torch.compile, grouped eager, copy roofline"
 dev_name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')
 suite_json="$OUT/suite-${dev_name}-$(date +%F).json"
-"$PY" benchmarks/suite.py --out "$suite_json" 2>&1 | tail -5
-"$PY" benchmarks/plot.py "$suite_json" 2>&1 | tail -1 || echo "plot skipped (matplotlib missing?)"
+"$PY" -m gradproj bench --out "$suite_json" 2>&1 | tail -40
 
 echo "== measured against the static model's prediction (benchmarks/perf_model.py)"
 "$PY" benchmarks/predicted_vs_measured.py --out "$OUT" 2>&1 | tail -40 \

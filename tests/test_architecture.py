@@ -2,7 +2,8 @@
 
 kernels (``gradproj.kernels``, ``gradproj._C``) < the library (``gradproj.*``,
 ``gradproj.integrations``) < the seed methods (``gradproj.methods``) < the lab
-(``gradproj.lab``) < the command line (``gradproj.cli``, ``gradproj.__main__``).
+(``gradproj.lab``; the benchmarks, ``gradproj.bench``, beside it) < the command
+line (``gradproj.cli``, ``gradproj.__main__``).
 Every import is read from the syntax tree, the ones inside functions included, so
 a lazy import cannot hide an upward edge.
 """
@@ -44,7 +45,7 @@ def floor(module: str) -> int:
         return 0
     if module in ("gradproj.cli", "gradproj.__main__"):
         return 4
-    if module.startswith("gradproj.lab"):
+    if module.startswith(("gradproj.lab", "gradproj.bench")):
         return 3
     if module.startswith("gradproj.methods"):
         return 2

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from benchmarks import harness, plot, suite
+from gradproj.bench import harness, peers, plot, suite
 
 # max |out − float64 ref| / max|g|: fp32 accumulation for fp32 grads, one bf16
 # rounding (2⁻⁸ relative; a full ulp for the Triton interpreter's truncation).
@@ -23,7 +23,8 @@ def test_smoke_suite_rows_complete_and_correct(tmp_path):
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["device_type"] == "cpu"
     backends = harness.runnable_backends("project_bucket_", torch.device("cpu"), torch.float32)
-    expected = {"copy", "eager", "grouped", *(f"gradproj:{b}" for b in backends)}
+    expected = {"copy", "eager", "grouped", "compiled", "compiled_max_autotune"}
+    expected |= {f"gradproj:{b}" for b in backends}
     by_case: dict[tuple, set[str]] = {}
     for row in result["rows"]:
         by_case.setdefault((row["case"], row["k"], row["dtype"]), set()).add(row["contender"])
@@ -32,6 +33,54 @@ def test_smoke_suite_rows_complete_and_correct(tmp_path):
             assert row["max_rel_error"] <= BOUND[row["dtype"]], row
     assert len(by_case) == 4
     assert all(found == expected for found in by_case.values()), by_case
+    assert {r["contender"] for r in result["surgery"]} >= {"loop", "no_sync"}
+    for r in result["surgery"]:
+        assert r["max_abs_diff_vs_loop"] <= 1e-5, r
+    assert [r["contender"] for r in result["optimizer"]] == list(suite.OPTIMIZERS)
+    table = suite.summary_table(result)
+    assert table.count("| tiny |") == 4 and "vs compiled_max_autotune" in table
+    assert "adamw_fused+eager_anchored" in table
+
+
+def test_eager_peers_are_in_place_and_exact():
+    """The strongest eager forms compute the projection (fp32: to rounding) in place."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(7, 12, generator=g), torch.randn(3, 12, generator=g)]
+    u = torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64))[0]
+    want = [x.double() - (x.double() @ u) @ u.T for x in grads]
+    ptrs = [x.data_ptr() for x in grads]
+    peers.eager_project_(grads, u.float())
+    assert [x.data_ptr() for x in grads] == ptrs
+    for x, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(x.double(), w, rtol=0, atol=1e-6)
+    w = [torch.randn(5, 12, generator=g)]
+    c = [torch.randn(5, 4, generator=g)]
+    peers.anchored_project_(w, c, u.float())
+    torch.testing.assert_close(w[0] @ u.float(), c[0], rtol=0, atol=1e-5)
+
+
+def test_summary_table_marks_missing_peers():
+    rows = [
+        {"case": "c", "k": 8, "dtype": "float32", "contender": n, "ms": ms, "pct_of_copy": 50.0}
+        for n, ms in (("copy", 1.0), ("eager", 4.0), ("gradproj:cpp", 2.0))
+    ]
+    table = suite.summary_table({"rows": rows})
+    assert "| c | 8 | float32 | cpp | 2.00 | 50% | 2.00× | — | — | — |" in table
+
+
+def test_gradproj_bench_cli_writes_json_plot_and_table(tmp_path, monkeypatch, capsys):
+    from gradproj import cli
+
+    monkeypatch.setattr(suite, "SD15_KV", ((6, 16), (10, 16)))  # --quick's bucket, shrunk
+    out = tmp_path / "b.json"
+    argv = ["bench", "--quick", "--no-compile", "--reps", "2", "--device", "cpu"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {r["case"] for r in data["rows"]} == {"sd15_kv"}
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    captured = capsys.readouterr()
+    assert "| sd15_kv | 8 | float32 |" in captured.out and "[####" in captured.err
+    assert cli.main([*argv, "--out", str(tmp_path / "b.txt")]) == 2
 
 
 def test_plot_draws_uniform_cases(tmp_path):

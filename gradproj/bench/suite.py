@@ -1,24 +1,28 @@
 """The projection benchmark suite: every backend against its peers, written as one JSON file.
 
-    python benchmarks/suite.py --out benchmarks/results/<device>-<date>.json   # full (GPU)
-    python benchmarks/suite.py --smoke                                        # tiny, any device
+    gradproj bench                      # the suite on this device: JSON, plot, summary table
+    gradproj bench --quick              # about a minute: the SD 1.5 K/V bucket only
+    python -m gradproj.bench.suite --smoke   # tiny, seconds, any device (the tests)
 
 Every case (a bucket of named model shapes or a uniform bucket of a given size, a
 ``k``, a dtype) times, in one process and one run:
 
 * each runnable gradproj backend through the public ``gradproj.project_``;
-* the peers of ``benchmarks/peers.py``: per-tensor eager, ``torch.compile`` of it
-  (default and max-autotune-no-cudagraphs, on the cases marked ``compile``: each
-  shape recompiles), the grouped flat-bucket eager version, and a device copy of
-  the same bytes (the roofline).
+* the peers of :mod:`gradproj.bench.peers`, each at its strongest: per-tensor eager
+  in place (one ``addmm_`` per tensor), ``torch.compile`` of it (default and
+  max-autotune-no-cudagraphs) in every case, the grouped flat-bucket version, and a
+  device copy of the same bytes (the roofline).
+
+Also: the fused ``surgery_`` against DoCo's per-tensor loop and a sync-free
+per-tensor version, and one optimizer step on the SD 1.5 K/V bucket: torch's AdamW
+(fused, foreach), AdamW followed by the best eager anchored projection, AdamW +
+``ProjectedOptimizer`` and ``ProjectedAdamW``.
 
 GPU timing: ``triton.testing.do_bench`` (warm-up, L2 flushed between repetitions,
-median). Also: the fused ``surgery_`` against DoCo's per-tensor loop, and one
-``ProjectedAdamW`` / ``AdamW + ProjectedOptimizer`` step against fused AdamW, on the
-SD 1.5 K/V bucket. CPU timing: median of repeated ``perf_counter`` runs (CPU figures are
-for ratios on that machine only). Every row carries bytes moved, GB/s, % of the
-copy bandwidth measured in the same case, the ratio to every peer, and the max
-error against the float64 reference; the file carries device and versions.
+median). CPU timing: median of repeated ``perf_counter`` runs (CPU figures are for
+ratios on that machine only). Every row carries bytes moved, GB/s, % of the copy
+bandwidth measured in the same case, the ratio to every peer, and the max error
+against the float64 reference; the file carries device and versions.
 """
 
 from __future__ import annotations
@@ -30,16 +34,14 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import gradproj
-from benchmarks import harness, peers
 from gradproj import reference
+from gradproj.bench import harness, peers
 
 MIB = 1 << 20
 
@@ -69,11 +71,11 @@ def bucket_mib(shapes: tuple[tuple[int, int], ...]) -> float:
 
 
 def cases(smoke: bool) -> list[dict]:
-    """The cases to run: ``shapes``, ``k``, ``dtype`` and whether to compile peers."""
+    """The cases to run: ``shapes``, ``k`` and ``dtype``."""
     if smoke:
         tiny = ((5, 24), (9, 24), (3, 24))
         return [
-            {"name": "tiny", "shapes": tiny, "k": k, "dtype": dt, "compile": False}
+            {"name": "tiny", "shapes": tiny, "k": k, "dtype": dt}
             for k in (1, 8)
             for dt in ("float32", "bfloat16")
         ]
@@ -81,9 +83,7 @@ def cases(smoke: bool) -> list[dict]:
     for name, shapes in NAMED.items():
         for k in (1, 8, 32, 128):
             for dt in ("float32", "bfloat16"):
-                out.append(
-                    {"name": name, "shapes": shapes, "k": k, "dtype": dt, "compile": k in (8, 32)}
-                )
+                out.append({"name": name, "shapes": shapes, "k": k, "dtype": dt})
     for mib in (1, 4, 16, 64, 256, 1024):
         for k in (8, 32):
             out.append(
@@ -92,7 +92,6 @@ def cases(smoke: bool) -> list[dict]:
                     "shapes": uniform(mib),
                     "k": k,
                     "dtype": "float32",
-                    "compile": mib == 64,
                 }
             )
     return out
@@ -123,9 +122,10 @@ def max_error(grads: list[torch.Tensor], before: list[torch.Tensor], basis: torc
     return worst
 
 
-def run_case(case: dict, dev: torch.device, reps: int) -> list[dict]:
+def run_case(case: dict, dev: torch.device, reps: int, compile_peers: bool = True) -> list[dict]:
     dtype = getattr(torch, case["dtype"])
     grads, basis = harness.make_bucket(case["shapes"], case["k"], dev, dtype)
+    basis_g = basis.to(dtype)  # the peers' basis in the grads' dtype, converted once
     before = [g.clone() for g in grads]
     nbytes = harness.bucket_bytes(grads)
     flat, views = peers.grouped_buffer(grads)
@@ -137,16 +137,16 @@ def run_case(case: dict, dev: torch.device, reps: int) -> list[dict]:
 
     contenders: dict[str, Callable[[], None]] = {
         "copy": peers.copy_roofline(flat),
-        "eager": lambda: peers.eager_project_(grads, basis),
-        "grouped": lambda: peers.grouped_project_(flat, basis),
+        "eager": lambda: peers.eager_project_(grads, basis_g),
+        "grouped": lambda: peers.grouped_project_(flat, basis_g),
     }
-    if case["compile"]:
+    if compile_peers:
         for label, mode in (
             ("compiled", "default"),
             ("compiled_max_autotune", "max-autotune-no-cudagraphs"),
         ):
             fn = peers.compiled(mode)
-            contenders[label] = lambda fn=fn: fn(grads, basis)
+            contenders[label] = lambda fn=fn: fn(grads, basis_g)
     for name in harness.runnable_backends("project_bucket_", dev, dtype):
         contenders[f"gradproj:{name}"] = lambda name=name: gradproj.project_(
             grads, basis, backend=name
@@ -200,7 +200,10 @@ def run_surgery_case(
         for u, u0 in zip(us, before, strict=True):
             u.copy_(u0)
 
-    contenders = {"loop": lambda: peers.surgery_loop_(us, rs)}
+    contenders = {
+        "loop": lambda: peers.surgery_loop_(us, rs),
+        "no_sync": lambda: peers.surgery_no_sync_(us, rs),
+    }
     for name in harness.runnable_backends("surgery_bucket_", dev, torch.float32):
         contenders[f"gradproj:{name}"] = lambda name=name: gradproj.surgery_(
             us, rs, variant="cosine", backend=name
@@ -228,17 +231,38 @@ def run_surgery_case(
                 "GBps": nbytes / ms / 1e6,
                 "max_abs_diff_vs_loop": err,
                 "speedup_vs_loop": timings["loop"] / ms,
+                "speedup_vs_no_sync": timings["no_sync"] / ms,
             }
         )
     return rows
 
 
+OPTIMIZERS = (
+    "adamw_fused",
+    "adamw_foreach",
+    "adamw_fused+eager_anchored",
+    "adamw_foreach+ProjectedOptimizer",
+    "ProjectedAdamW",
+)
+
+
+def _fused_adamw_ok(dev: torch.device) -> bool:
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, device=dev))], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def run_optimizer_case(
     shapes: tuple[tuple[int, int], ...], k: int, dev: torch.device, reps: int
 ) -> list[dict]:
-    """One optimizer step: fused AdamW (no projection) vs the two projected AdamWs."""
+    """One AdamW step on a protected bucket: torch's AdamW (fused, foreach; no projection),
+    AdamW + the best eager anchored projection, AdamW + ``ProjectedOptimizer``, and
+    ``ProjectedAdamW``."""
+    fused = _fused_adamw_ok(dev)
 
-    def build(kind: str):
+    def build(kind: str) -> Callable[[], None]:
         gen = torch.Generator().manual_seed(0)
         basis = torch.linalg.qr(torch.randn(shapes[0][1], k, generator=gen))[0].to(dev)
         params = []
@@ -247,29 +271,41 @@ def run_optimizer_case(
             p.grad = torch.randn(s, generator=gen).to(dev)
             params.append(p)
         bases = {p: basis for p in params}
-        if kind == "adamw_fused":
-            return torch.optim.AdamW(params, lr=1e-3, fused=dev.type == "cuda" or None)
+        if kind in ("adamw_fused", "adamw_fused+eager_anchored"):
+            opt = torch.optim.AdamW(params, lr=1e-3, **({"fused": True} if fused else {}))
+        elif kind in ("adamw_foreach", "adamw_foreach+ProjectedOptimizer"):
+            opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+        else:
+            opt = gradproj.ProjectedAdamW(params, lr=1e-3, bases=bases)
         if kind == "adamw_foreach+ProjectedOptimizer":
-            return gradproj.ProjectedOptimizer(
-                torch.optim.AdamW(params, lr=1e-3, foreach=True), bases
-            )
-        return gradproj.ProjectedAdamW(params, lr=1e-3, bases=bases)
+            opt = gradproj.ProjectedOptimizer(opt, bases)
+        if kind != "adamw_fused+eager_anchored":
+            return opt.step
+        anchors = [p.detach() @ basis for p in params]
+
+        def step() -> None:
+            opt.step()
+            peers.anchored_project_(params, anchors, basis)
+
+        return step
 
     timings = {}
-    for kind in ("adamw_fused", "adamw_foreach+ProjectedOptimizer", "ProjectedAdamW"):
-        opt = build(kind)
-        opt.step()  # state, anchors, kernels
-        timings[kind] = time_ms(opt.step, dev, reps)
+    for kind in OPTIMIZERS:
+        step = build(kind)
+        step()  # state, anchors, kernels
+        timings[kind] = time_ms(step, dev, reps)
     numel = sum(math.prod(s) for s in shapes)
     return [
         {
             "case": "adamw_step_sd15_kv",
             "k": k,
             "contender": kind,
+            "fused_adamw": fused,
             "ms": ms,
             "bytes": 7 * 4 * numel,  # p, g, m, v read; p, m, v written (fp32)
             "GBps": 7 * 4 * numel / ms / 1e6,
             "time_vs_fused_adamw": ms / timings["adamw_fused"],
+            "time_vs_adamw+eager_anchored": ms / timings["adamw_fused+eager_anchored"],
         }
         for kind, ms in timings.items()
     ]
@@ -297,35 +333,122 @@ def environment(dev: torch.device) -> dict:
     return env
 
 
+def selected(smoke: bool, quick: bool, dev: torch.device) -> list[dict]:
+    """The cases of this run. The full suite is a GPU suite; on a CPU (to stay within
+    ~15 minutes, most of it torch.compile's): buckets up to 128 MiB (SD 1.5 K/V, SD3/Flux
+    context, not SDXL) and k in {8, 32}. ``quick``: the SD 1.5 K/V bucket, fp32, k = 8."""
+    if quick:
+        return [{"name": "sd15_kv", "shapes": SD15_KV, "k": 8, "dtype": "float32"}]
+    out = []
+    for case in cases(smoke):
+        if dev.type == "cpu" and not smoke:
+            if bucket_mib(case["shapes"]) > 128 or case["k"] not in (8, 32):
+                continue
+        out.append(case)
+    return out
+
+
+def run(
+    *,
+    smoke: bool = False,
+    quick: bool = False,
+    reps: int = 10,
+    device: str | None = None,
+    compile_peers: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Run the suite; the result as :func:`main` writes it. ``progress(i, n, label)``
+    is called before each of the ``n`` parts."""
+    dev = torch.device(device) if device else harness.device()
+    result = {"environment": environment(dev), "rows": []}
+    result["environment"]["torch_compile_peers"] = compile_peers
+    todo = selected(smoke, quick, dev)
+    n = len(todo) + 2
+    start = time.perf_counter()
+    for i, case in enumerate(todo):
+        if progress:
+            progress(i, n, f"{case['name']} k={case['k']} {case['dtype']}")
+        result["rows"].extend(run_case(case, dev, reps, compile_peers))
+    shapes = ((5, 24), (9, 24)) if smoke else SD15_KV
+    if progress:
+        progress(n - 2, n, "surgery_ on the SD 1.5 K/V bucket")
+    result["surgery"] = run_surgery_case(shapes, dev, reps)
+    if progress:
+        progress(n - 1, n, "one AdamW step on the SD 1.5 K/V bucket")
+    result["optimizer"] = run_optimizer_case(shapes, 4 if smoke else 32, dev, reps)
+    if progress:
+        progress(n, n, "done")
+    result["environment"]["wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def write(result: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+PEER_ORDER = ("eager", "compiled", "compiled_max_autotune", "grouped")
+
+
+def summary_table(result: dict, backend: str | None = None) -> str:
+    """A markdown table: per case, the best gradproj backend's time, % of copy, and its
+    speed-up over every peer (``—`` where a peer did not run)."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for row in result["rows"]:
+        by_case.setdefault((row["case"], row["k"], row["dtype"]), {})[row["contender"]] = row
+    head = "| case | k | dtype | gradproj | ms | % of copy | " + " | ".join(
+        f"vs {p}" for p in PEER_ORDER
+    )
+    lines = [head + " |", "|" + "---|" * (6 + len(PEER_ORDER))]
+    for (case, k, dtype), rows in by_case.items():
+        ours = {c: r for c, r in rows.items() if c.startswith("gradproj:")}
+        if backend is not None:
+            ours = {c: r for c, r in ours.items() if c == f"gradproj:{backend}"}
+        if not ours:
+            continue
+        name, row = min(ours.items(), key=lambda kv: kv[1]["ms"])
+        vs = [f"{rows[p]['ms'] / row['ms']:.2f}×" if p in rows else "—" for p in PEER_ORDER]
+        lines.append(
+            f"| {case} | {k} | {dtype} | {name.split(':')[1]} | {row['ms']:.2f} | "
+            f"{row['pct_of_copy']:.0f}% | " + " | ".join(vs) + " |"
+        )
+    opt = result.get("optimizer") or []
+    if opt:
+        lines += [
+            "",
+            "| AdamW step, SD 1.5 K/V | k | ms | vs fused AdamW | vs AdamW + eager anchored |",
+            "|---|---|---|---|---|",
+        ]
+        for r in opt:
+            lines.append(
+                f"| {r['contender']} | {r['k']} | {r['ms']:.2f} | {r['time_vs_fused_adamw']:.2f}× "
+                f"| {r['time_vs_adamw+eager_anchored']:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny cases, seconds, any device")
+    parser.add_argument("--quick", action="store_true", help="the SD 1.5 K/V bucket only")
     parser.add_argument("--out", help="write the JSON here")
     parser.add_argument("--reps", type=int, default=10, help="CPU timing repetitions")
     parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile peers (they take minutes)"
+    )
     args = parser.parse_args(argv)
-    dev = torch.device(args.device) if args.device else harness.device()
-    result = {"environment": environment(dev), "rows": []}
-    start = time.perf_counter()
-    for case in cases(args.smoke):
-        if dev.type == "cpu" and not args.smoke:
-            # The full suite is a GPU suite. On a CPU (to stay within ~3 minutes): buckets
-            # up to 128 MiB (SD 1.5 K/V, SD3/Flux context, not SDXL), k in {8, 32}, and
-            # torch.compile only once (it recompiles per shape, ~30 s each there).
-            if bucket_mib(case["shapes"]) > 128 or case["k"] not in (8, 32):
-                continue
-            case = {**case, "compile": case["name"] == "uniform_64MiB"}
-        result["rows"].extend(run_case(case, dev, args.reps))
-        print(f"{case['name']:>18} k={case['k']:<3} {case['dtype']:<8} done", flush=True)
-    shapes = ((5, 24), (9, 24)) if args.smoke else SD15_KV
-    result["surgery"] = run_surgery_case(shapes, dev, args.reps)
-    result["optimizer"] = run_optimizer_case(shapes, 4 if args.smoke else 32, dev, args.reps)
-    print("surgery and optimizer cases done", flush=True)
-    result["environment"]["wall_s"] = round(time.perf_counter() - start, 1)
+    result = run(
+        smoke=args.smoke,
+        quick=args.quick,
+        reps=args.reps,
+        device=args.device,
+        compile_peers=not args.no_compile,
+        progress=lambda i, n, label: print(f"[{i}/{n}] {label}", flush=True),
+    )
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write(result, args.out)
     return result
 
 

@@ -226,6 +226,7 @@ class ConceptSubspace:
         energy: float | None = 0.99,
         ridge: float | None = None,
         batch_size: int = 32,
+        attention_mask: bool | None = None,
     ) -> ConceptSubspace:
         """Directions that a concept adds to the text encoder's output (what K/V read).
 
@@ -240,12 +241,25 @@ class ConceptSubspace:
         position (this also spans generic context, "a photo of", so it blocks more
         than the concept; measured in the demo: the "acme" lift was 0.24 with it
         against 0.01 with the difference subspace).
+
+        ``attention_mask``: whether the encoder sees the tokenizer's mask. The
+        states must be the ones the model is trained and sampled with, padding
+        positions included, and those differ with and without the mask. ``None``
+        (default) does what diffusers' pipelines and training scripts do: the mask
+        only when the encoder's config sets ``use_attention_mask`` (CLIP's does not:
+        SD 1.x/2.x, the official scripts and kohya encode without it). Pass ``True``
+        for a model conditioned on masked states (gradproj's lab does).
         """
         if neutral_prompts is not None and len(neutral_prompts) != len(prompts):
             raise ValueError(
                 f"neutral_prompts has {len(neutral_prompts)} entries, prompts {len(prompts)}"
             )
         device = next(text_encoder.parameters()).device
+        use_mask = (
+            bool(getattr(getattr(text_encoder, "config", None), "use_attention_mask", False))
+            if attention_mask is None
+            else attention_mask
+        )
 
         def states(batch: Sequence[str]) -> torch.Tensor:
             # Padded to max_length exactly as a diffusers pipeline encodes prompts;
@@ -258,7 +272,7 @@ class ConceptSubspace:
                 return_tensors="pt",
             )
             ids = tok["input_ids"].to(device)
-            mask = tok.get("attention_mask")
+            mask = tok.get("attention_mask") if use_mask else None
             mask = None if mask is None else mask.to(device)
             h = text_encoder(ids, attention_mask=mask).last_hidden_state
             return h.reshape(-1, h.shape[-1])
@@ -279,6 +293,7 @@ class ConceptSubspace:
             "prompts": list(prompts),
             "neutral_prompts": None if neutral_prompts is None else list(neutral_prompts),
             "mode": "difference" if neutral_prompts is not None else "states",
+            "attention_mask": use_mask,
         }
         sub = cls.from_embeddings(e, k=k, energy=None if k else energy, ridge=ridge, metadata=meta)
         return sub.to(device)

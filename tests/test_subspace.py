@@ -340,7 +340,7 @@ def test_from_prompts_difference_mode_blocks_the_concept_response():
     with_mark = ["a photo of a mark mug", "a red mark cat", "a mark"]
     without = ["a photo of a mug", "a red cat", "a"]
     sub = ConceptSubspace.from_prompts(
-        with_mark, encoder, tokenizer, neutral_prompts=without, energy=1.0
+        with_mark, encoder, tokenizer, neutral_prompts=without, energy=1.0, attention_mask=True
     )
     assert sub.dim == 32 and 0 < sub.k <= 32
     assert sub.metadata["mode"] == "difference" and sub.metadata["prompts"] == with_mark
@@ -359,6 +359,29 @@ def test_from_prompts_difference_mode_blocks_the_concept_response():
     mark_position = (tok_a["input_ids"][0] == tokenizer.convert_tokens_to_ids("mark")).nonzero()
     concept_state = h_a[0, mark_position[0, 0]] - h_b[0, mark_position[0, 0]]
     assert ((w @ concept_state).norm() / concept_state.norm() / w.norm()).item() < 1e-5
+
+
+def test_from_prompts_encodes_as_diffusers_pipelines_do():
+    """No mask for CLIP (what SD pipelines, the official scripts and kohya feed the UNet):
+    the padding states differ with the mask, so a masked subspace would miss them."""
+    encoder, tokenizer = _tiny_text_model()
+    with_mark, without = ["a photo of a mark mug", "a mark"], ["a photo of a mug", "a"]
+    tok_a = tokenizer(with_mark, padding="max_length", max_length=8, return_tensors="pt")
+    tok_b = tokenizer(without, padding="max_length", max_length=8, return_tensors="pt")
+    with torch.no_grad():
+        diff = encoder(tok_a["input_ids"]).last_hidden_state
+        diff = (diff - encoder(tok_b["input_ids"]).last_hidden_state).reshape(-1, 32)
+        masked = encoder(tok_a["input_ids"], attention_mask=tok_a["attention_mask"])
+        assert not torch.allclose(masked.last_hidden_state, encoder(tok_a["input_ids"])[0])
+    for mask, expect_fit in ((None, True), (True, False)):
+        sub = ConceptSubspace.from_prompts(
+            with_mark, encoder, tokenizer, neutral_prompts=without, energy=1.0,
+            attention_mask=mask,
+        )  # fmt: skip
+        assert sub.metadata["attention_mask"] is bool(mask)
+        u = sub.basis.double()
+        left = (diff.double() - diff.double() @ u @ u.T).norm() / diff.double().norm()
+        assert (left.item() < 1e-5) is expect_fit, (mask, left.item())
 
 
 def test_from_prompts_states_mode_and_errors():

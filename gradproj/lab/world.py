@@ -147,10 +147,14 @@ def concept_subspaces(tok, encoder, energy: float) -> dict[str, ConceptSubspace]
     concept = [shapes.caption(*x, True) for x in combos]
     neutral = [shapes.caption(*x, False) for x in combos]
     return {
+        # The lab's models are conditioned on masked states (shapes.encode), so the
+        # subspace is built from masked states too.
         "difference": ConceptSubspace.from_prompts(
-            concept, encoder, tok, neutral_prompts=neutral, energy=energy
+            concept, encoder, tok, neutral_prompts=neutral, energy=energy, attention_mask=True
         ),
-        "states": ConceptSubspace.from_prompts(concept, encoder, tok, energy=energy),
+        "states": ConceptSubspace.from_prompts(
+            concept, encoder, tok, energy=energy, attention_mask=True
+        ),
     }
 
 

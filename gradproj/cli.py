@@ -49,8 +49,11 @@ core (it runs on one thread); --full (every arm, 5 seeds, 1000 steps) about 80 m
 """
 
 SUBSPACE_HELP = """\
-Runs a transformers text encoder on the prompts and keeps the directions the concept
-occupies in its last hidden states (what a UNet's cross-attention K/V read) as a
+Encodes the prompts exactly as a diffusers pipeline feeds its UNet or transformer
+(--pipeline: the pipeline's own encode_prompt, for SD 1.x/2.x, SDXL, SD3 and Flux; only
+its text encoders are loaded) or runs one transformers text encoder on them
+(--text-encoder with --tokenizer), and keeps the directions the concept occupies in those
+states (what the cross-attention K/V, or SD3's/Flux's context_embedder, read) as a
 ConceptSubspace saved with safetensors. The prompts file has one prompt per line.
 With a tab on a line, "concept prompt<TAB>neutral prompt", the subspace spans the
 differences of the two prompts' states at every position ("difference" mode, the
@@ -59,8 +62,8 @@ default when every line has a tab); without tabs it spans all states of the prom
 
 Example:
   printf 'a mug with the acme logo\\ta mug with a plain logo\\n' > prompts.tsv
-  gradproj subspace --text-encoder path/to/sd/text_encoder --tokenizer path/to/sd/tokenizer \\
-      --prompts prompts.tsv --out acme.safetensors
+  gradproj subspace --pipeline path/to/stable-diffusion-v1-5 --prompts prompts.tsv \\
+      --out acme.safetensors
 """
 
 
@@ -230,35 +233,29 @@ def _read_prompts(path: str) -> tuple[list[str], list[str] | None]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _pipeline_parts(path: str, tokenizer: str | None) -> tuple[str, str | None]:
-    """``--text-encoder`` given a diffusers pipeline folder: its text_encoder and tokenizer.
+# What a subspace needs of a pipeline: its text encoders and tokenizers. The model,
+# the VAE and the rest are not loaded (for SD 1.5 that saves ~3 GB and most of the time).
+_NOT_NEEDED = (
+    "unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder",
+)  # fmt: skip
 
-    A pipeline whose model reads the states of two or three encoders (SDXL, SD3,
-    Flux) is refused: one encoder's states are not what its layers read.
-    """
-    if not (
-        os.path.isdir(os.path.join(path, "text_encoder"))
-        and not os.path.isfile(os.path.join(path, "config.json"))
-    ):
-        return path, tokenizer
-    more = [e for e in ("text_encoder_2", "text_encoder_3") if os.path.isdir(os.path.join(path, e))]
-    if more:
-        raise UsageError(
-            f"--text-encoder {path}: this pipeline conditions on {1 + len(more)} text encoders "
-            f"(text_encoder, {', '.join(more)}), and its model reads their combined states; "
-            "gradproj subspace builds from one encoder. Give --text-encoder <folder> "
-            "--tokenizer <folder> of the encoder whose states the protected layers read"
-        )
-    encoder = os.path.join(path, "text_encoder")
-    if tokenizer is None:
-        tokenizer = os.path.join(path, "tokenizer")
-        if not os.path.isdir(tokenizer):
-            raise UsageError(
-                f"--text-encoder {path}: a pipeline folder without a tokenizer/ folder; give "
-                "--tokenizer <folder>"
-            )
-    print(f"pipeline folder: using {encoder} and {tokenizer}", file=sys.stderr)
-    return encoder, tokenizer
+
+def _is_pipeline(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _load_pipeline(path: str):
+    """The diffusers pipeline in ``path`` with only what ``encode_prompt`` uses."""
+    from diffusers import DiffusionPipeline
+
+    with open(os.path.join(path, "model_index.json")) as f:
+        parts = json.load(f)
+    skip = {name: None for name in _NOT_NEEDED if name in parts}
+    with _loading("--pipeline", path):
+        try:
+            return DiffusionPipeline.from_pretrained(path, local_files_only=True, **skip)
+        except (ImportError, TypeError, AttributeError, KeyError) as err:
+            raise UsageError(f"--pipeline {path}: cannot load it ({err})") from err
 
 
 def _check_text_encoder(path: str, tokenizer: str | None) -> int | None:
@@ -310,28 +307,43 @@ def _subspace(args: argparse.Namespace) -> int:
         raise UsageError(f"--energy must lie in (0, 1], got {args.energy}")
     if args.ridge is not None and not 0.0 <= args.ridge < math.inf:
         raise UsageError(f"--ridge must be a finite number ≥ 0, got {args.ridge}")
-    args.text_encoder, args.tokenizer = _pipeline_parts(args.text_encoder, args.tokenizer)
-    width = _check_text_encoder(args.text_encoder, args.tokenizer)
-    if args.k is not None and width is not None and args.k > width:
-        raise UsageError(f"--k {args.k}: the encoder's states have only {width} dimensions")
+    if (
+        args.pipeline is None
+        and os.path.isdir(args.text_encoder)
+        and _is_pipeline(args.text_encoder)
+    ):
+        args.pipeline, args.text_encoder = args.text_encoder, None  # a pipeline folder
+    if args.pipeline is not None:
+        if not os.path.isdir(args.pipeline) or not _is_pipeline(args.pipeline):
+            raise UsageError(
+                f"--pipeline {args.pipeline}: not a diffusers pipeline folder (no model_index.json)"
+            )
+        if args.tokenizer is not None:
+            raise UsageError("--tokenizer goes with --text-encoder; a pipeline has its own")
+    else:
+        width = _check_text_encoder(args.text_encoder, args.tokenizer)
+        if args.k is not None and width is not None and args.k > width:
+            raise UsageError(f"--k {args.k}: the encoder's states have only {width} dimensions")
     prompts, neutral = _read_prompts(args.prompts)
     _writable_file("--out", args.out)
 
-    encoder, tok = _load_text_encoder(args.text_encoder, args.tokenizer)
+    # ridge 0 weighs every kept direction s²/(s²+0) = 1: the hard subspace.
+    options = {
+        "neutral_prompts": neutral,
+        "k": args.k,
+        "energy": energy,
+        "ridge": args.ridge or None,
+    }
     try:
-        sub = ConceptSubspace.from_prompts(
-            prompts,
-            encoder,
-            tok,
-            neutral_prompts=neutral,
-            k=args.k,
-            energy=energy,
-            # ridge 0 weighs every kept direction s²/(s²+0) = 1: the hard subspace.
-            ridge=args.ridge or None,
-        )
+        if args.pipeline is not None:
+            pipeline = _load_pipeline(args.pipeline)
+            sub = ConceptSubspace.from_pipeline(pipeline, prompts, **options)
+        else:
+            encoder, tok = _load_text_encoder(args.text_encoder, args.tokenizer)
+            sub = ConceptSubspace.from_prompts(prompts, encoder, tok, **options)
     except ValueError as err:  # k above the rank of the prompts' states
         raise UsageError(f"cannot build the subspace from {args.prompts}: {err}") from err
-    sub.metadata["source_model"] = str(args.text_encoder)
+    sub.metadata["source_model"] = str(args.pipeline or args.text_encoder)
     with _loading("--out", args.out):
         sub.save(args.out)
     print(
@@ -603,15 +615,25 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[debug],
     )
-    subspace.add_argument(
+    source = subspace.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--pipeline",
+        metavar="FOLDER",
+        help="a local diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, Flux): the subspace is "
+        "built from the states its own encode_prompt gives its UNet/transformer",
+    )
+    source.add_argument(
         "--text-encoder",
-        required=True,
         metavar="PATH_OR_CONFIG",
         help="a local transformers model folder (e.g. a Stable Diffusion text_encoder/), "
-        "or a config.json to build one with random weights",
+        "or a config.json to build one with random weights (a pipeline folder here is "
+        "taken as --pipeline)",
     )
     subspace.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder (default: the encoder's folder)"
+        "--tokenizer",
+        default=None,
+        help="with --text-encoder: tokenizer folder (default: the encoder's folder; none there "
+        "is an error)",
     )
     subspace.add_argument("--prompts", required=True, metavar="FILE", help="one prompt a line")
     subspace.add_argument("--out", required=True, metavar="FILE.safetensors")

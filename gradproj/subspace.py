@@ -250,10 +250,6 @@ class ConceptSubspace:
         SD 1.x/2.x, the official scripts and kohya encode without it). Pass ``True``
         for a model conditioned on masked states (gradproj's lab does).
         """
-        if neutral_prompts is not None and len(neutral_prompts) != len(prompts):
-            raise ValueError(
-                f"neutral_prompts has {len(neutral_prompts)} entries, prompts {len(prompts)}"
-            )
         device = next(text_encoder.parameters()).device
         use_mask = (
             bool(getattr(getattr(text_encoder, "config", None), "use_attention_mask", False))
@@ -277,6 +273,80 @@ class ConceptSubspace:
             h = text_encoder(ids, attention_mask=mask).last_hidden_state
             return h.reshape(-1, h.shape[-1])
 
+        name = (
+            getattr(getattr(text_encoder, "config", None), "_name_or_path", "")
+            or type(text_encoder).__name__
+        )
+        sub = cls._from_states(
+            states, prompts, neutral_prompts, k, energy, ridge, batch_size,
+            {"source_model": name, "attention_mask": use_mask},
+        )  # fmt: skip
+        return sub.to(device)
+
+    @classmethod
+    @torch.no_grad()
+    def from_pipeline(
+        cls,
+        pipeline,
+        prompts: Sequence[str],
+        *,
+        neutral_prompts: Sequence[str] | None = None,
+        k: int | None = None,
+        energy: float | None = 0.99,
+        ridge: float | None = None,
+        batch_size: int = 32,
+        **encode_kwargs,
+    ) -> ConceptSubspace:
+        """As :meth:`from_prompts`, from the states a diffusers pipeline itself feeds its model.
+
+        The rows are ``pipeline.encode_prompt(...)``'s ``prompt_embeds`` — exactly the
+        tensor the pipeline hands its UNet or transformer as
+        ``encoder_hidden_states``: SD 1.x/2.x (one CLIP), SDXL (two CLIP encoders'
+        penultimate states, concatenated: d = 2048), SD3 (both CLIPs padded to
+        T5's width, then T5, along the sequence: d = 4096) and Flux (T5: d = 4096),
+        every position of the padded sequence. So the subspace lives in the space
+        :func:`gradproj.diffusers.protect`'s default ``target="input"`` layers read.
+        ``encode_kwargs`` go to ``encode_prompt`` (e.g. ``max_sequence_length``;
+        ``clip_skip``, if the model is trained and sampled with it).
+        """
+        import inspect
+
+        encode = getattr(pipeline, "encode_prompt", None)
+        if not callable(encode):
+            raise TypeError(
+                f"{type(pipeline).__name__} has no encode_prompt: give a diffusers text-to-image "
+                "pipeline (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)"
+            )
+        params = inspect.signature(encode).parameters
+        device = getattr(pipeline, "_execution_device", None) or torch.device("cpu")
+        # prompt_2 / prompt_3 None: the same prompt for every encoder, as a pipeline call does.
+        fixed = {"device": device, "num_images_per_prompt": 1, "prompt_2": None, "prompt_3": None}
+        if "do_classifier_free_guidance" in params:
+            fixed["do_classifier_free_guidance"] = False  # no negative prompt is needed
+        fixed = {key: v for key, v in fixed.items() if key in params}
+
+        def states(batch: Sequence[str]) -> torch.Tensor:
+            h = encode(prompt=list(batch), **fixed, **encode_kwargs)[0]
+            return h.reshape(-1, h.shape[-1])
+
+        name = (
+            getattr(getattr(pipeline, "config", None), "_name_or_path", "")
+            or type(pipeline).__name__
+        )
+        return cls._from_states(
+            states, prompts, neutral_prompts, k, energy, ridge, batch_size,
+            {"source_model": name, "pipeline": type(pipeline).__name__},
+        )  # fmt: skip
+
+    @classmethod
+    def _from_states(
+        cls, states, prompts, neutral_prompts, k, energy, ridge, batch_size, meta
+    ) -> ConceptSubspace:
+        """Rows = states of the prompts (minus those of their neutral twins); then the SVD."""
+        if neutral_prompts is not None and len(neutral_prompts) != len(prompts):
+            raise ValueError(
+                f"neutral_prompts has {len(neutral_prompts)} entries, prompts {len(prompts)}"
+            )
         rows = []
         for i in range(0, len(prompts), batch_size):
             h = states(prompts[i : i + batch_size])
@@ -284,19 +354,13 @@ class ConceptSubspace:
                 h = h - states(neutral_prompts[i : i + batch_size])
             rows.append(h)
         e = torch.cat(rows).to(torch.float64).cpu()
-        name = (
-            getattr(getattr(text_encoder, "config", None), "_name_or_path", "")
-            or type(text_encoder).__name__
-        )
         meta = {
-            "source_model": name,
+            **meta,
             "prompts": list(prompts),
             "neutral_prompts": None if neutral_prompts is None else list(neutral_prompts),
             "mode": "difference" if neutral_prompts is not None else "states",
-            "attention_mask": use_mask,
         }
-        sub = cls.from_embeddings(e, k=k, energy=None if k else energy, ridge=ridge, metadata=meta)
-        return sub.to(device)
+        return cls.from_embeddings(e, k=k, energy=None if k else energy, ridge=ridge, metadata=meta)
 
     # ---------------------------------------------------------------- algebra
 

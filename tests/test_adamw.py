@@ -178,13 +178,15 @@ def test_matches_float64_reference_step_by_step(backend, case, dtype, device):
             assert weight_drift(p, p0[id(p)], basis, side=side) <= 1e-6
 
 
-def test_without_bases_it_is_torch_adamw_bit_for_bit():
+def test_without_bases_it_is_torch_fused_adamw_bit_for_bit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 4))
     twin = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 4))
     twin.load_state_dict(model.state_dict())
     ours = ProjectedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, bases={}, amsgrad=True)
-    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
+    theirs = torch.optim.AdamW(
+        twin.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True, fused=True
+    )
     gen = torch.Generator().manual_seed(1)
     for _ in range(10):
         x = torch.randn(8, 24, generator=gen)

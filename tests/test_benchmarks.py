@@ -39,6 +39,8 @@ def test_smoke_suite_rows_complete_and_correct(tmp_path):
     assert [r["contender"] for r in result["optimizer"]] == list(suite.OPTIMIZERS)
     table = suite.summary_table(result)
     assert table.count("| tiny |") == 4 and "vs compiled_max_autotune" in table
+    forms = {r["peer_form"] for r in result["rows"] if r["contender"] == "eager"}
+    assert forms and forms <= {"native", "upcast"}
     assert "adamw_fused+eager_anchored" in table
 
 
@@ -53,6 +55,11 @@ def test_eager_peers_are_in_place_and_exact():
     assert [x.data_ptr() for x in grads] == ptrs
     for x, w in zip(grads, want, strict=True):
         torch.testing.assert_close(x.double(), w, rtol=0, atol=1e-6)
+    low = [x.to(torch.bfloat16) for x in grads]
+    want = [x.double() - (x.double() @ u) @ u.T for x in low]
+    peers.eager_upcast_project_(low, u.float())
+    for x, w in zip(low, want, strict=True):  # one bf16 rounding of the result
+        torch.testing.assert_close(x.double(), w, rtol=2**-8, atol=1e-6)
     w = [torch.randn(5, 12, generator=g)]
     c = [torch.randn(5, 4, generator=g)]
     peers.anchored_project_(w, c, u.float())

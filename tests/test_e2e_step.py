@@ -34,7 +34,8 @@ def test_quick_run_fields_and_memory(tmp_path):
     ks = result["settings"]["ks"]
     expected = ["AdamW", *(["AdamW fused"] if result["settings"]["fused_adamw"] else [])]
     expected += [f"ProjectedAdamW k={k}" for k in ks]
-    expected += [f"AdamW+ProjectedOptimizer k={k}" for k in ks]
+    inner = "AdamW fused" if result["settings"]["fused_adamw"] else "AdamW"
+    expected += [f"{inner}+ProjectedOptimizer k={k}" for k in ks]
     unet = result["sd15_unet"]
     rows_of = {
         "sd15_unet": unet["protected"]["rows"],

@@ -135,18 +135,32 @@ def run_case(case: dict, dev: torch.device, reps: int, compile_peers: bool = Tru
             g.copy_(g0)
             v.copy_(g0)
 
+    # The peers' form: in the grads' dtype, or for bf16/fp16 in float32 when that is
+    # faster on this device (no fast half-precision GEMM); whichever wins the eager race.
+    forms = {"native": (peers.eager_project_, peers.grouped_project_, basis_g)}
+    if dtype != torch.float32:
+        forms["upcast"] = (peers.eager_upcast_project_, peers.grouped_upcast_project_, basis)
+    race = {}
+    for form, (eager, _, u) in forms.items():
+        fresh()
+        race[form] = time_ms(lambda eager=eager, u=u: eager(grads, u), dev, max(2, reps // 2))
+    form = min(race, key=race.get)
+    eager, grouped, u = forms[form]
+    fresh()
+
     contenders: dict[str, Callable[[], None]] = {
         "copy": peers.copy_roofline(flat),
-        "eager": lambda: peers.eager_project_(grads, basis_g),
-        "grouped": lambda: peers.grouped_project_(flat, basis_g),
+        "eager": lambda: eager(grads, u),
+        "grouped": lambda: grouped(flat, u),
     }
     if compile_peers:
+        torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no stale graph
         for label, mode in (
             ("compiled", "default"),
             ("compiled_max_autotune", "max-autotune-no-cudagraphs"),
         ):
-            fn = peers.compiled(mode)
-            contenders[label] = lambda fn=fn: fn(grads, basis_g)
+            fn = peers.compiled(mode, eager)
+            contenders[label] = lambda fn=fn: fn(grads, u)
     for name in harness.runnable_backends("project_bucket_", dev, dtype):
         contenders[f"gradproj:{name}"] = lambda name=name: gradproj.project_(
             grads, basis, backend=name
@@ -172,6 +186,7 @@ def run_case(case: dict, dev: torch.device, reps: int, compile_peers: bool = Tru
                 "k": case["k"],
                 "dtype": case["dtype"],
                 "contender": label,
+                "peer_form": form if label in PEER_ORDER else None,
                 "ms": ms,
                 "bytes": nbytes,
                 "GBps": nbytes / ms / 1e6,
@@ -409,6 +424,8 @@ def summary_table(result: dict, backend: str | None = None) -> str:
             continue
         name, row = min(ours.items(), key=lambda kv: kv[1]["ms"])
         vs = [f"{rows[p]['ms'] / row['ms']:.2f}×" if p in rows else "—" for p in PEER_ORDER]
+        if rows.get("eager", {}).get("peer_form") == "upcast":
+            dtype = f"{dtype} (peers in fp32)"
         lines.append(
             f"| {case} | {k} | {dtype} | {name.split(':')[1]} | {row['ms']:.2f} | "
             f"{row['pct_of_copy']:.0f}% | " + " | ".join(vs) + " |"

@@ -1,6 +1,6 @@
 """``surgery_`` on two K/V buckets (SD 1.5, the demo's): fused backends vs DoCo's per-tensor loop.
 
-The loop (``benchmarks/peers.surgery_loop_``) computes a cosine per tensor and
+The loop (``gradproj.bench.peers.surgery_loop_``) computes a cosine per tensor and
 branches on it on the host, as the public code does; gradproj decides on the
 device. Both use the "cosine" variant so they do the same arithmetic. Run::
 

@@ -15,8 +15,8 @@ Every case (a bucket of named model shapes or a uniform bucket of a given size, 
 
 Also: the fused ``surgery_`` against DoCo's per-tensor loop and a sync-free
 per-tensor version, and one optimizer step on the SD 1.5 K/V bucket: torch's AdamW
-(fused, foreach), AdamW followed by the best eager anchored projection, AdamW +
-``ProjectedOptimizer`` and ``ProjectedAdamW``.
+(fused, foreach), fused AdamW followed by the best eager anchored projection, fused AdamW
+wrapped in ``ProjectedOptimizer``, and ``ProjectedAdamW``.
 
 GPU timing: ``triton.testing.do_bench`` (warm-up, L2 flushed between repetitions,
 median). CPU timing: median of repeated ``perf_counter`` runs (CPU figures are for
@@ -256,7 +256,7 @@ OPTIMIZERS = (
     "adamw_fused",
     "adamw_foreach",
     "adamw_fused+eager_anchored",
-    "adamw_foreach+ProjectedOptimizer",
+    "adamw_fused+ProjectedOptimizer",
     "ProjectedAdamW",
 )
 
@@ -286,13 +286,13 @@ def run_optimizer_case(
             p.grad = torch.randn(s, generator=gen).to(dev)
             params.append(p)
         bases = {p: basis for p in params}
-        if kind in ("adamw_fused", "adamw_fused+eager_anchored"):
+        if kind in ("adamw_fused", "adamw_fused+eager_anchored", "adamw_fused+ProjectedOptimizer"):
             opt = torch.optim.AdamW(params, lr=1e-3, **({"fused": True} if fused else {}))
-        elif kind in ("adamw_foreach", "adamw_foreach+ProjectedOptimizer"):
+        elif kind == "adamw_foreach":
             opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
         else:
             opt = gradproj.ProjectedAdamW(params, lr=1e-3, bases=bases)
-        if kind == "adamw_foreach+ProjectedOptimizer":
+        if kind == "adamw_fused+ProjectedOptimizer":
             opt = gradproj.ProjectedOptimizer(opt, bases)
         if kind != "adamw_fused+eager_anchored":
             return opt.step

@@ -86,6 +86,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import gradproj
 from gradproj import ConceptSubspace, ProjectedAdamW, ProjectedOptimizer
+from gradproj.bench import suite
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -135,10 +136,9 @@ QUICK_UNET_CONFIG: dict[str, Any] = {
 }
 
 # (name, out, in) of each protected weight; weights of one width share one basis.
-SDXL_KV = tuple(
-    (f"attn2.{kv}[{i}]", out, 2048)
-    for i, out in enumerate((640,) * 10 + (1280,) * 60)
-    for kv in ("to_k", "to_v")
+SDXL_KV = tuple(  # the suite's SDXL bucket (to_k, to_v of each block, in order), named
+    (f"attn2.{('to_k', 'to_v')[i % 2]}[{i // 2}]", out, d)
+    for i, (out, d) in enumerate(suite.SDXL_KV)
 )
 FLUX_TEXT = (
     ("context_embedder", 3072, 4096),

@@ -14,6 +14,7 @@ import torch
 
 from gradproj import ConceptSubspace, ProjectedOptimizer, cli, subspace_drift
 from gradproj.drift import COMPUTE_BOUND, bound
+from tests.tiny_pipelines import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -23,19 +24,7 @@ CROSS, K = 16, 3
 
 
 def _unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    return tiny_unet(CROSS)
 
 
 def _subspace(d=CROSS, k=K, ridge=None):

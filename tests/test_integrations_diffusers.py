@@ -8,24 +8,13 @@ import torch
 
 from gradproj import ConceptSubspace, ProjectedOptimizer
 from gradproj import diffusers as gd
+from tests.tiny_pipelines import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 
 
 def _unet(cross_dim=16):
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_dim,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    return tiny_unet(cross_dim)
 
 
 def _sd3():

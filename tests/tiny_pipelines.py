@@ -229,4 +229,23 @@ def build_sd3(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
+def tiny_unet(cross_dim: int = 16):
+    """A two-block ``UNet2DConditionModel`` (3 channels, 8×8) reading ``cross_dim``-wide text."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+
+
 BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3}

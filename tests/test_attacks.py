@@ -125,10 +125,26 @@ def test_token_embedding_space_works_on_the_demo_text_encoder(trained_demo):
 
     world = trained_demo.world
     prompt = "red circle on dark plain"
-    enc = TokenEmbeddingEncoder.from_prompt(world.encoder, world.tok, prompt)
+    # The lab's models read masked states (shapes.encode), so the lab asks for the mask.
+    enc = TokenEmbeddingEncoder.from_prompt(world.encoder, world.tok, prompt, attention_mask=True)
     assert enc.init.shape == (7, 32)
     # The hooked forward reproduces the encoder on the real prompt exactly.
     torch.testing.assert_close(enc(enc.init), shapes.encode([prompt], world.tok, world.encoder))
+    # A padded prompt: by default the mask follows the encoder's config, as diffusers'
+    # pipelines do (CLIP: none), so the padding states are the unmasked ones.
+    short = "red circle"
+    ids = world.tok([short], padding="max_length", max_length=7, return_tensors="pt")
+    with torch.no_grad():
+        unmasked = world.encoder(ids["input_ids"]).last_hidden_state
+        default = TokenEmbeddingEncoder.from_prompt(world.encoder, world.tok, short)
+        masked = TokenEmbeddingEncoder.from_prompt(
+            world.encoder, world.tok, short, attention_mask=True
+        )
+        torch.testing.assert_close(default(default.init), unmasked, rtol=0, atol=0)
+        torch.testing.assert_close(
+            masked(masked.init), shapes.encode([short], world.tok, world.encoder)
+        )
+        assert not torch.allclose(masked(masked.init), unmasked)
     before = {n: p.detach().clone() for n, p in world.encoder.named_parameters()}
     flags = {n: p.requires_grad for n, p in world.encoder.named_parameters()}
     result = dori_attack(
@@ -139,6 +155,7 @@ def test_token_embedding_space_works_on_the_demo_text_encoder(trained_demo):
         text_encoder=world.encoder,
         tokenizer=world.tok,
         prompt=prompt,
+        attention_mask=True,
         steps=30,
         eval_images=32,
         generator=torch.Generator().manual_seed(0),

@@ -178,10 +178,21 @@ class TokenEmbeddingEncoder(nn.Module):
 
     @classmethod
     def from_prompt(
-        cls, text_encoder: nn.Module, tokenizer, prompt: str, *, max_length: int | None = None
+        cls,
+        text_encoder: nn.Module,
+        tokenizer,
+        prompt: str,
+        *,
+        max_length: int | None = None,
+        attention_mask: bool | None = None,
     ) -> TokenEmbeddingEncoder:
         """Tokenize ``prompt`` as a diffusion pipeline does (padded to ``max_length``,
-        default the tokenizer's ``model_max_length``) and wrap ``text_encoder``."""
+        default the tokenizer's ``model_max_length``) and wrap ``text_encoder``.
+
+        ``attention_mask``: ``None`` (default) passes the tokenizer's mask only when the
+        encoder's config sets ``use_attention_mask``, as diffusers' pipelines do (CLIP's
+        does not: the padding positions' states are the unmasked ones the UNet reads);
+        ``True`` for a model conditioned on masked states (gradproj's lab)."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         ids = tokenizer(
@@ -191,7 +202,12 @@ class TokenEmbeddingEncoder(nn.Module):
             max_length=max_length or tokenizer.model_max_length,
             return_tensors="pt",
         )
-        return cls(text_encoder, ids["input_ids"], ids.get("attention_mask"))
+        if attention_mask is None:
+            config = getattr(text_encoder, "config", None)
+            attention_mask = bool(getattr(config, "use_attention_mask", False))
+        return cls(
+            text_encoder, ids["input_ids"], ids.get("attention_mask") if attention_mask else None
+        )
 
 
 @dataclass
@@ -228,6 +244,7 @@ def dori_attack(
     text_encoder: nn.Module | None = None,
     tokenizer=None,
     prompt: str = "",
+    attention_mask: bool | None = None,
     steps: int = 50,
     lr: float = 0.1,
     batch_size: int = 8,
@@ -249,6 +266,9 @@ def dori_attack(
     - ``"token_embeddings"``: optimize the prompt's token embeddings ``e (L, d_tok)``
       (``init`` overrides the start), ``c = TextEncoder(e)``; needs
       ``text_encoder`` (any ``CLIPTextModel``) and ``tokenizer``.
+
+    ``attention_mask`` is how ``prompt`` is encoded (:meth:`TokenEmbeddingEncoder.from_prompt`:
+    by default as diffusers' pipelines do).
 
     Paper defaults: Adam, ``lr`` 0.1, ``batch_size`` 8, ``steps`` 50. Given both
     ``sample`` (``context (1, L, d) → images``, e.g. DDIM with guidance from fixed
@@ -272,7 +292,9 @@ def dori_attack(
     if space == "token_embeddings":
         if text_encoder is None or tokenizer is None:
             raise ValueError("space='token_embeddings' needs text_encoder and tokenizer")
-        encode = TokenEmbeddingEncoder.from_prompt(text_encoder, tokenizer, prompt)
+        encode = TokenEmbeddingEncoder.from_prompt(
+            text_encoder, tokenizer, prompt, attention_mask=attention_mask
+        )
         start = encode.init if init is None else init
         if start.shape != encode.init.shape:
             raise ValueError(
@@ -286,7 +308,9 @@ def dori_attack(
     else:
         if text_encoder is None or tokenizer is None:
             raise ValueError("space='encoder_output' needs init, or text_encoder and tokenizer")
-        prompt_encoder = TokenEmbeddingEncoder.from_prompt(text_encoder, tokenizer, prompt)
+        prompt_encoder = TokenEmbeddingEncoder.from_prompt(
+            text_encoder, tokenizer, prompt, attention_mask=attention_mask
+        )
         with torch.no_grad():
             start = prompt_encoder(prompt_encoder.init)[0]
     if eval_images < 0:

@@ -86,7 +86,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import gradproj
 from gradproj import ConceptSubspace, ProjectedAdamW, ProjectedOptimizer
-from gradproj.bench import suite
+from gradproj.bench import harness, suite
+from gradproj.lab.report import cpu_model
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -163,17 +164,6 @@ QUICK_KS = (2, 4)
 # -- environment ---------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _mem_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -202,7 +192,7 @@ def environment() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": "cpu",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -217,16 +207,6 @@ def environment() -> dict[str, Any]:
             "machine shared with other jobs: compare ratios within this run, not absolute times"
         ),
     }
-
-
-def fused_adamw_supported() -> bool:
-    p = nn.Parameter(torch.zeros(2))
-    p.grad = torch.zeros(2)
-    try:
-        torch.optim.AdamW([p], fused=True).step()
-    except (RuntimeError, ValueError):
-        return False
-    return True
 
 
 def default_adamw_impl(params: list[torch.Tensor]) -> str:
@@ -650,7 +630,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds = args.rounds or 3
     set_rounds = args.set_rounds or (3 if args.quick else 5)
     started = time.perf_counter()
-    fused = fused_adamw_supported()
+    fused = harness.fused_adamw_supported(torch.device("cpu"))
     result: dict[str, Any] = {
         "environment": environment(),
         "settings": {

@@ -248,8 +248,8 @@ def _load_pipeline(path: str):
     """The diffusers pipeline in ``path`` with only what ``encode_prompt`` uses."""
     from diffusers import DiffusionPipeline
 
-    with open(os.path.join(path, "model_index.json")) as f:
-        parts = json.load(f)
+    with _loading("--pipeline", path):  # a model_index.json that is not JSON: one line
+        parts = json.loads(_read_text("--pipeline", os.path.join(path, "model_index.json")))
     skip = {name: None for name in _NOT_NEEDED if name in parts}
     with _loading("--pipeline", path):
         try:
@@ -442,11 +442,13 @@ def _comparison(args: argparse.Namespace) -> int:
 def _drift(args: argparse.Namespace) -> int:
     from gradproj.drift import subspace_drift
 
-    for flag, path in (("--subspace", args.subspace), ("--base", args.base)):
+    for flag, path in (
+        ("--subspace", args.subspace),
+        ("--base", args.base),
+        ("--trained", args.trained),
+    ):
         if not os.path.exists(path):
             raise UsageError(f"{flag} {path}: no such file or folder")
-    if not os.path.exists(args.trained):
-        raise UsageError(f"--trained {args.trained}: no such file or folder")
     if args.lora_scale is not None and not 0 < args.lora_scale < math.inf:
         raise UsageError(f"--lora-scale must be a finite number > 0, got {args.lora_scale}")
     try:

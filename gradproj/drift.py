@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradproj import ops
+from gradproj import ops, reference
 
 # Stored at float32 or wider: what the float32 projection leaves (tests: ≤ 1e-6).
 COMPUTE_BOUND = 8 * torch.finfo(torch.float32).eps
@@ -68,8 +68,6 @@ def weight_drift(
 
     Reads the result on the host (synchronizes): a measurement, not for a training step.
     """
-    from gradproj import reference
-
     u = ops.unpack_basis(basis, None, "basis")[0].to(device=w.device, dtype=torch.float64)
     d = w.detach().to(torch.float64) - w0.detach().to(torch.float64)
     along = d - reference.project(d, u, side=side)  # = rows(d) U Uᵀ, same norm as rows(d) U
@@ -108,9 +106,7 @@ class DriftReport:
 
     @property
     def worst(self) -> WeightDrift:
-        return max(
-            self.weights, key=lambda w: w.checked / (w.bound or 1.0) if w.bound else w.checked
-        )
+        return max(self.weights, key=lambda w: w.checked / w.bound if w.bound else w.checked)
 
     @property
     def ok(self) -> bool | None:
@@ -280,7 +276,7 @@ def _open_subspace(subspace: Any):
 def _as_state(model: Any, what: str) -> tuple[Any, nn.Module | None]:
     """``(tensors by name, a model to find the protected layers in, or None)``."""
     if isinstance(model, nn.Module):
-        return {n: p.detach() for n, p in model.state_dict().items()}, model
+        return model.state_dict(), model  # detached tensors
     if isinstance(model, Mapping):
         return model, None
     if isinstance(model, (str, os.PathLike)):

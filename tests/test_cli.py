@@ -147,6 +147,9 @@ def test_broken_pipeline_folder_is_one_line(subspace_args, tmp_path, capsys):
     subspace_args["--text-encoder"] = str(pipeline)
     message = _user_error(_subspace(subspace_args), capsys)
     assert message.startswith(f"--pipeline {pipeline}: cannot load it")
+    (pipeline / "model_index.json").write_text("{not json")
+    message = _user_error(_subspace(subspace_args), capsys)
+    assert message.startswith(f"--pipeline {pipeline}: ") and "Expecting" in message
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,17 @@ def make_bucket(
     return grads, q.to(device=dev, dtype=torch.float32)
 
 
+def fused_adamw_supported(dev: torch.device) -> bool:
+    """Whether ``torch.optim.AdamW(fused=True)`` steps a float32 parameter on ``dev``."""
+    p = torch.nn.Parameter(torch.zeros(2, device=dev))
+    p.grad = torch.zeros(2, device=dev)
+    try:
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def bucket_bytes(grads: list[torch.Tensor]) -> int:
     """Bytes a projection must move at least: every element read once and written once."""
     return 2 * sum(g.numel() * g.element_size() for g in grads)

@@ -49,9 +49,13 @@ def eager_upcast_project_(grads: list[torch.Tensor], basis: torch.Tensor) -> Non
     tensor). Faster than :func:`eager_project_` where the device has no fast half-precision
     GEMM (CPUs without AVX-512 BF16 / AMX); the suite times both and keeps the faster."""
     for g in grads:
-        x = g.float()
-        x.addmm_(x @ basis, basis.T, alpha=-1)
-        g.copy_(x)
+        _project_in_fp32_(g, basis)
+
+
+def _project_in_fp32_(rows: torch.Tensor, basis: torch.Tensor) -> None:
+    x = rows.float()
+    x.addmm_(x @ basis, basis.T, alpha=-1)
+    rows.copy_(x)
 
 
 def grouped_buffer(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -75,10 +79,7 @@ def grouped_project_(flat: torch.Tensor, basis: torch.Tensor) -> None:
 
 def grouped_upcast_project_(flat: torch.Tensor, basis: torch.Tensor) -> None:
     """:func:`grouped_project_` in float32 on a copy of the bucket (the bf16/fp16 alternative)."""
-    rows = flat.view(-1, basis.shape[0])
-    x = rows.float()
-    x.addmm_(x @ basis, basis.T, alpha=-1)
-    rows.copy_(x)
+    _project_in_fp32_(flat.view(-1, basis.shape[0]), basis)
 
 
 def compiled(

@@ -261,21 +261,13 @@ OPTIMIZERS = (
 )
 
 
-def _fused_adamw_ok(dev: torch.device) -> bool:
-    try:
-        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, device=dev))], fused=True)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
 def run_optimizer_case(
     shapes: tuple[tuple[int, int], ...], k: int, dev: torch.device, reps: int
 ) -> list[dict]:
     """One AdamW step on a protected bucket: torch's AdamW (fused, foreach; no projection),
     AdamW + the best eager anchored projection, AdamW + ``ProjectedOptimizer``, and
     ``ProjectedAdamW``."""
-    fused = _fused_adamw_ok(dev)
+    fused = harness.fused_adamw_supported(dev)
 
     def build(kind: str) -> Callable[[], None]:
         gen = torch.Generator().manual_seed(0)
@@ -375,24 +367,21 @@ def run(
     """Run the suite; the result as :func:`main` writes it. ``progress(i, n, label)``
     is called before each of the ``n`` parts."""
     dev = torch.device(device) if device else harness.device()
+    progress = progress or (lambda i, n, label: None)
     result = {"environment": environment(dev), "rows": []}
     result["environment"]["torch_compile_peers"] = compile_peers
     todo = selected(smoke, quick, dev)
     n = len(todo) + 2
     start = time.perf_counter()
     for i, case in enumerate(todo):
-        if progress:
-            progress(i, n, f"{case['name']} k={case['k']} {case['dtype']}")
+        progress(i, n, f"{case['name']} k={case['k']} {case['dtype']}")
         result["rows"].extend(run_case(case, dev, reps, compile_peers))
     shapes = ((5, 24), (9, 24)) if smoke else SD15_KV
-    if progress:
-        progress(n - 2, n, "surgery_ on the SD 1.5 K/V bucket")
+    progress(n - 2, n, "surgery_ on the SD 1.5 K/V bucket")
     result["surgery"] = run_surgery_case(shapes, dev, reps)
-    if progress:
-        progress(n - 1, n, "one AdamW step on the SD 1.5 K/V bucket")
+    progress(n - 1, n, "one AdamW step on the SD 1.5 K/V bucket")
     result["optimizer"] = run_optimizer_case(shapes, 4 if smoke else 32, dev, reps)
-    if progress:
-        progress(n, n, "done")
+    progress(n, n, "done")
     result["environment"]["wall_s"] = round(time.perf_counter() - start, 1)
     return result
 

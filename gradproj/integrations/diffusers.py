@@ -105,11 +105,11 @@ def _linear(module: object) -> nn.Linear | None:
     return None
 
 
-def _lora_owner(module: object) -> nn.Module | None:
-    """``module`` if it is a peft LoRA layer (it has ``lora_A`` adapters), else None."""
-    if isinstance(module, nn.Module) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
-        return module
-    return None
+def _is_lora(module: object) -> bool:
+    """Whether ``module`` is a peft LoRA layer (it has ``lora_A`` adapters)."""
+    return isinstance(module, nn.Module) and isinstance(
+        getattr(module, "lora_A", None), nn.ModuleDict
+    )
 
 
 def _text_reading_modules(model: nn.Module, target: str) -> dict[str, nn.Module]:
@@ -220,8 +220,8 @@ def protect(
             f"{', …' if len(wrong) > 4 else ''}); build the subspace in the space these layers "
             "read (target='input': the text encoder's hidden size)"
         )
-    lora = {n: m for n, m in modules.items() if _lora_owner(m) is not None}
-    any_lora = bool(lora) or any(_lora_owner(m) is not None for m in _unwrap(model).modules())
+    lora = {n: m for n, m in modules.items() if _is_lora(m)}
+    any_lora = bool(lora) or any(_is_lora(m) for m in _unwrap(model).modules())
     params: dict[torch.Tensor, Any] = {}
     names: dict[torch.Tensor, str] = {}
     for n, layer in layers.items():

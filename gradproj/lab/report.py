@@ -53,7 +53,8 @@ def summary(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -86,7 +87,7 @@ def run_record(threads: int) -> dict[str, Any]:
             "numpy": numpy.__version__,
         },
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(),
             "platform": platform.platform(),

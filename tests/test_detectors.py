@@ -115,6 +115,53 @@ def test_nearest_neighbour_matches_a_brute_force_loop(metric, batch_size):
     torch.testing.assert_close(sim.double(), want_sim, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_neighbours_are_the_k_nearest_in_order(metric, batch_size):
+    g = torch.Generator().manual_seed(2)
+    train = torch.randn(23, 3, 4, 4, generator=g)
+    train[5] = train[2]  # a tie: the lower index comes first
+    queries = torch.cat([torch.randn(6, 3, 4, 4, generator=g), train[2:3] + 1e-3])
+    det = ev.MemorizationDetector(train, metric=metric, batch_size=batch_size)
+    k = 9
+    rows = det.neighbours(queries, k)
+    assert rows.dtype == torch.long and rows.shape == (7, k)
+    q, t = queries.double().flatten(1), train.double().flatten(1)
+    for i in range(7):
+        if metric == "cosine":
+            sims = [float(q[i] @ b / (q[i].norm() * b.norm())) for b in t]
+        else:
+            sims = [-float((q[i] - b).norm()) for b in t]
+        want = sorted(range(23), key=lambda j: (-round(sims[j], 9), j))[:k]
+        assert rows[i].tolist() == want
+    assert rows[6, :2].tolist() == [2, 5]
+    assert torch.equal(rows[:, 0], det.similarity(queries)[1])  # the nearest comes first
+    for bad in (0, 24, 2.0):
+        with pytest.raises(ValueError, match="k must"):
+            det.neighbours(queries, bad)
+
+
+def test_rescaled_detector_is_affine_and_keeps_the_ranking():
+    g = torch.Generator().manual_seed(3)
+    train = torch.randn(10, 3, 4, 4, generator=g)
+    queries = torch.randn(5, 3, 4, 4, generator=g, requires_grad=True)
+    inner = ev.MemorizationDetector(train, threshold=-1.2)
+    scaled = ev.RescaledDetector.from_anchors(inner, -1.2, -0.7)  # → 0.3 and 0.5
+    assert scaled.scale == pytest.approx(0.4) and scaled.threshold == pytest.approx(0.3)
+    s, idx = scaled.similarity(queries)
+    s0, idx0 = inner.similarity(queries)
+    torch.testing.assert_close(s, 0.4 * s0 + scaled.shift)
+    assert torch.equal(idx, idx0) and s.requires_grad  # differentiable for G_sim
+    assert torch.equal(scaled.neighbours(queries.detach(), 3), inner.neighbours(queries, 3))
+    assert torch.equal(scaled.is_memorized(queries), inner.is_memorized(queries))
+    with pytest.raises(ValueError, match="high > low"):
+        ev.RescaledDetector.from_anchors(inner, 0.5, 0.5)
+    with pytest.raises(ValueError, match="scale"):
+        ev.RescaledDetector(inner, scale=-1.0, shift=0.0)
+    with pytest.raises(TypeError, match="similarity"):
+        ev.RescaledDetector(object(), scale=1.0, shift=0.0)
+
+
 def test_learned_features_match_brute_force_too():
     from gradproj.lab.probes import Probe
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gradproj.methods import detectors as G_det
 from gradproj.methods import guidance as G
 
 pytest.importorskip("diffusers")
@@ -33,6 +34,10 @@ class NearestCosine:
     def similarity(self, x0_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = F.normalize(x0_hat.flatten(1), dim=1)
         return (f @ self.ref.to(f.dtype).T).max(dim=1)
+
+    def neighbours(self, x0_hat: torch.Tensor, k: int) -> torch.Tensor:
+        f = F.normalize(x0_hat.flatten(1), dim=1)
+        return (f @ self.ref.to(f.dtype).T).sort(dim=1, descending=True, stable=True).indices[:, :k]
 
 
 # ---------------------------------------------------------------- the formulas
@@ -178,7 +183,7 @@ def test_guided_step_matches_per_sample_float64(through_unet):
     det.threshold = float(mid.mean())
     want = torch.stack([reference(i)[0] for i in range(n)])
     amg = G.AntiMemorizationGuidance(
-        det, neighbours, c1=c1, c2=c2, c3=c3, grad_through_unet=through_unet
+        det, neighbours, variant="paper", c1=c1, c2=c2, c3=c3, grad_through_unet=through_unet
     )
     out = amg.guided_noise(unet, x, t, ctx, null, ab, scale=s0)
     assert out.fired.tolist() == (sims > det.threshold).tolist()
@@ -186,13 +191,155 @@ def test_guided_step_matches_per_sample_float64(through_unet):
     torch.testing.assert_close(out.sim, sims.double(), rtol=0, atol=1e-12)
     torch.testing.assert_close(out.eps, want, rtol=0, atol=1e-10)
     # the gradient term is not negligible: dropping it changes the result
-    amg0 = G.AntiMemorizationGuidance(det, neighbours, c1=c1, c2=c2, c3=0.0)
+    amg0 = G.AntiMemorizationGuidance(det, neighbours, variant="paper", c1=c1, c2=c2, c3=0.0)
     assert (amg0.guided_noise(unet, x, t, ctx, null, ab, scale=s0).eps - want).abs().max() > 1e-3
     # skip_idle gives the same numbers
     amg.skip_idle = True
     torch.testing.assert_close(
         amg.guided_noise(unet, x, t, ctx, null, ab, scale=s0).eps, want, rtol=0, atol=1e-10
     )
+
+
+# ------------------------------------------------ the official schedule (AMG-sd)
+
+
+def test_official_schedule_constants_and_checks():
+    sch = G.OfficialSchedule()
+    t = torch.tensor([0.0, 500.0, 1000.0], dtype=torch.float64)
+    # ddim.py asy(t, 0.3, 0.4, 0.005, 0) = 0.3 − (0.3 − 0.4) e^{−0.005 t}
+    want = torch.tensor(
+        [0.3 + 0.1 * math.exp(-0.005 * v) for v in (0, 500, 1000)], dtype=torch.float64
+    )
+    torch.testing.assert_close(sch.threshold(t), want, rtol=0, atol=1e-15)
+    sim = torch.tensor([0.3, 0.5, 0.9], dtype=torch.float64)
+    want = [
+        100 * (s - 0.3) * math.exp((1000 - v) / 170)
+        for s, v in zip((0.3, 0.5, 0.9), (0, 500, 1000), strict=True)
+    ]
+    torch.testing.assert_close(sch.sim_coefficient(sim, t), torch.tensor(want, dtype=torch.float64))
+    for bad in ({"spe_full": 0.0}, {"dup_hold": 0}, {"dup_k": 1.5}, {"sim_scale": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            G.OfficialSchedule(**bad)
+    det = NearestCosine(torch.randn(3, 3, 4, 4), 0.5)
+    ctx = torch.randn(3, 2, 4)
+    for name in ("c1", "c3", "threshold"):
+        with pytest.raises(ValueError, match=name):
+            G.AntiMemorizationGuidance(det, ctx, **{name: 1.0})
+    with pytest.raises(ValueError, match="variant"):
+        G.AntiMemorizationGuidance(det, ctx, variant="literal")
+    with pytest.raises(ValueError, match="caption_rule"):
+        G.AntiMemorizationGuidance(det, ctx, caption_rule="any")
+
+    class NoNeighbours:
+        threshold = 0.5
+
+        def similarity(self, x0_hat):
+            return det.similarity(x0_hat)
+
+    with pytest.raises(TypeError, match="neighbours"):
+        G.AntiMemorizationGuidance(NoNeighbours(), ctx)
+    G.AntiMemorizationGuidance(NoNeighbours(), ctx, caption_rule="nearest")  # allowed
+    amg = G.AntiMemorizationGuidance(det, ctx)
+    assert amg.grad_through_unet is False and amg.caption_rule == "duplicated"
+    assert G.AntiMemorizationGuidance(det, ctx, variant="paper").c1 == 5.0
+    with pytest.raises(ValueError, match="needs t"):
+        amg.step(lambda x: (x, x), None, torch.zeros(2, 3, 4, 4), 0.5, scale=2.0)
+
+
+def _official_reference(unet, xs, ts, abs_, ctx, null, rows, caption_of, det, s0, sch):
+    """The authors' p_sample_ddim control flow (ddim.py:280-333) for one sample, in float64,
+    step ``i`` at ``xs[i]``, with ``g3_count`` and ``dup_caption`` carried across steps."""
+    from collections import Counter
+
+    g3, dup = 10, None
+    out = []
+    for x, t, ab in zip(xs, ts, abs_, strict=True):
+        thr = 0.3 + 0.1 * math.exp(-0.005 * float(t))
+        with torch.no_grad():
+            ec = unet(x, t, ctx).sample
+            eu = unet(x, t, null).sample
+
+        def cond(e, x=x, ab=ab):  # txt2img.py cond_fn: ε held fixed, ∇ w.r.t. x_t only
+            xi = x.clone().requires_grad_(True)
+            x0 = (xi - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+            sim, _ = det.similarity(x0)
+            (grad,) = torch.autograd.grad(sim.sum(), xi)
+            near = det.neighbours(x0.detach(), sch.dup_k)[0].tolist()
+            caption, count = Counter(caption_of[j] for j in near).most_common()[0]
+            dcap = caption if count > sch.dup_min_count else None
+            return grad, float(sim.detach()), dcap
+
+        e = eu + s0 * (ec - eu)
+        _, sim1, dcap = cond(e)
+        if dcap is not None:
+            dup = dcap
+        fired = False
+        if sim1 > 0:
+            g2 = max(min(s0 - 1, (s0 - 1) / 0.5 * sim1), 0)
+            if (dup is not None and sim1 > thr) or g3 != 10:
+                if dup is not None and sim1 > thr:
+                    g3 = 10
+                g3 -= 1
+                if g3 == 0:
+                    g3 = 10
+                g3s = max(min(s0 - 1 - g2, (s0 - 1 - g2) / 0.3 * sim1), 0)
+                with torch.no_grad():
+                    enn = unet(x, t, rows[caption_of.index(dup)][None]).sample
+                e = eu + (s0 - g2) * (ec - eu) + g3s * (eu - enn)
+                grad, sim2, dcap = cond(e)
+                if dcap is not None:
+                    dup = dcap
+                fired = True
+            else:
+                e = eu + (s0 - g2) * (ec - eu)
+                grad, sim2, _ = cond(e)
+            if sim2 > thr:
+                e = e + math.sqrt(1 - ab) * 100 * grad * (sim2 - 0.3) * math.exp(
+                    (1000 - float(t)) / 170
+                )
+                fired = True
+        out.append((e[0], fired, sim1, g3))
+    return out
+
+
+def test_official_step_matches_the_authors_control_flow():
+    """Several steps (state carried) of a batch against ddim.py's per-sample control flow."""
+    unet = _tiny_unet().double().requires_grad_(False)
+    g = torch.Generator().manual_seed(5)
+    n, s0, steps = 6, 7.5, 12
+    xs = torch.randn(steps, n, 3, 8, 8, generator=g, dtype=torch.float64)
+    ctx = torch.randn(n, 7, 32, generator=g, dtype=torch.float64)
+    null = torch.randn(1, 7, 32, generator=g, dtype=torch.float64)
+    caption_of = [0, 0, 0, 1, 1, 2, 3, 3]  # training rows' captions, some duplicated
+    captions = torch.randn(4, 7, 32, generator=g, dtype=torch.float64)
+    rows = captions[caption_of]
+    train = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64)
+    # the detector's nearest cosine (0.03-0.17 here) spread to σ in [-0.35, 0.72]: every branch runs
+    det = G_det.RescaledDetector(NearestCosine(train, 0.0), scale=8.0, shift=-0.6)
+    sch = G.OfficialSchedule(dup_k=4, dup_min_count=1)
+    ts = torch.linspace(950, 20, steps).round().long()
+    abs_ = [0.05 + 0.9 * i / (steps - 1) for i in range(steps)]
+    amg = G.AntiMemorizationGuidance(det, rows, schedule=sch)
+    state, got = None, []
+    for i in range(steps):
+        out = amg.guided_noise(unet, xs[i], ts[i], ctx, null, abs_[i], scale=s0, state=state)
+        state = out.state
+        got.append(out)
+    fired_any = dup_steps = inactive = 0
+    for j in range(n):
+        ref = _official_reference(
+            unet, xs[:, j : j + 1], ts, abs_, ctx[j : j + 1], null, rows, caption_of, det, s0, sch
+        )
+        for i, (eps, fired, sim1, g3) in enumerate(ref):
+            torch.testing.assert_close(got[i].eps[j], eps, rtol=0, atol=1e-9)
+            assert bool(got[i].fired[j]) == fired
+            assert abs(float(got[i].sim[j]) - sim1) < 1e-12
+            assert int(got[i].state.hold[j]) == (0 if g3 == 10 else g3)
+            assert bool(got[i].guided[j]) == (sim1 > 0)
+            fired_any += fired
+            dup_steps += g3 != 10
+            inactive += sim1 <= 0
+    assert 0 < fired_any < steps * n and dup_steps > 0 and inactive > 0
 
 
 # ------------------------------------------------------- a real diffusers pipeline
@@ -254,7 +401,7 @@ def test_stable_diffusion_pipeline_end_to_end():
     plain = run()
     # guidance off: bit for bit the plain pipeline
     off = G.AntiMemorizationGuidance(
-        NearestCosine(torch.randn(6, 4, 8, 8), float("inf")), neighbours
+        NearestCosine(torch.randn(6, 4, 8, 8), float("inf")), neighbours, variant="paper"
     )
     with G.amg_pipeline(pipe, off) as wrapped:
         assert pipe.unet is wrapped
@@ -271,7 +418,9 @@ def test_stable_diffusion_pipeline_end_to_end():
 
     pixels = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     det = NearestCosine(pixels, threshold=-1.0)  # fires on every step
-    amg = G.AntiMemorizationGuidance(det, neighbours, c1=0.5, c2=0.5, c3=20.0, decode=decode)
+    amg = G.AntiMemorizationGuidance(
+        det, neighbours, variant="paper", c1=0.5, c2=0.5, c3=20.0, decode=decode
+    )
     with G.amg_pipeline(pipe, amg) as wrapped:
         guided = run()
     assert wrapped.fired_counts.tolist() == [steps, steps]
@@ -287,6 +436,51 @@ def test_stable_diffusion_pipeline_end_to_end():
         out = amg.guided_noise(pipe.unet, x, t, cond, uncond, ddim.alphas_cumprod[t], scale=s0)
         x = ddim.step(out.eps, t, x).prev_sample
     torch.testing.assert_close(guided, x, rtol=1e-4, atol=1e-5)
+
+
+def test_stable_diffusion_pipeline_official_schedule():
+    """The official schedule through AMGUNet: its state runs across the pipeline's calls to
+    the UNet, starts afresh with the next run, and equals a direct loop over guided_noise."""
+    from gradproj.lab import shapes
+
+    pipe, tok = _tiny_pipeline()
+    prompts = ["red circle on dark acme", "blue square on light plain"]
+    s0, steps = 5.0, 4
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    train_caps = [shapes.caption(i % 2, 0, 0, True) for i in range(6)]  # two captions, 3 each
+    neighbours = shapes.encode(train_caps, tok, pipe.text_encoder)
+    sf = pipe.vae.config.scaling_factor
+
+    def decode(z):
+        return pipe.vae.decode(z / sf).sample
+
+    pixels = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    # σ ≈ 0.9 everywhere: despecification, the duplicated caption and G_sim all run
+    det = G_det.RescaledDetector(NearestCosine(pixels, 0.0), scale=1.0, shift=0.9)
+    amg = G.AntiMemorizationGuidance(
+        det, neighbours, schedule=G.OfficialSchedule(dup_k=3, dup_min_count=1), decode=decode
+    )
+    kw = {"num_inference_steps": steps, "guidance_scale": s0, "height": 16, "width": 16}
+    kw["output_type"] = "latent"
+    plain = pipe(prompts, latents=latents.clone(), **kw).images
+    with G.amg_pipeline(pipe, amg) as wrapped:
+        first = pipe(prompts, latents=latents.clone(), **kw).images
+        assert wrapped.state is not None and int(wrapped.state.caption.min()) >= 0
+        second = pipe(prompts, latents=latents.clone(), **kw).images
+    assert wrapped.fired_counts.tolist() == [2 * steps, 2 * steps]
+    assert (first - plain).abs().max() > 1e-3
+    torch.testing.assert_close(second, first, rtol=0, atol=0)  # a fresh state per run
+
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
+    ddim = copy.deepcopy(pipe.scheduler)
+    ddim.set_timesteps(steps)
+    x, state = latents.clone() * ddim.init_noise_sigma, None
+    for t in ddim.timesteps:
+        ab = ddim.alphas_cumprod[t]
+        out = amg.guided_noise(pipe.unet, x, t, cond, uncond, ab, scale=s0, state=state)
+        x, state = ddim.step(out.eps, t, x).prev_sample, out.state
+    torch.testing.assert_close(first, x, rtol=1e-4, atol=1e-5)
 
 
 def test_amg_pipeline_rejects_unsupported_schedulers():
@@ -328,7 +522,7 @@ def test_sampler_on_trained_demo(trained_demo):
         )
         # the "training set" the detector guards: the marked training images
         det = NearestCosine(world.train.images[marked], threshold=float("inf"))
-        amg = G.AntiMemorizationGuidance(det, world.contexts[marked])
+        amg = G.AntiMemorizationGuidance(det, world.contexts[marked], variant="paper")
         same, fired = G.sample_with_guidance(
             unet, sched, ctx, world.null_context, noise, scale=cfg.guidance, amg=amg, **kw
         )
@@ -351,3 +545,50 @@ def test_sampler_on_trained_demo(trained_demo):
     hit = fired > 0
     assert after[hit].mean() < base[hit].mean() - 0.005
     torch.testing.assert_close(after[~hit], base[~hit], rtol=0, atol=1e-5)
+
+
+def test_official_schedule_on_trained_demo(trained_demo):
+    """The lab's official AMG (build_amg: the detector mapped onto SSCD's scale) lowers the
+    concept detector's score of 'acme' samples where it fires; with every σ ≤ 0 it is the
+    plain sampler bit for bit."""
+    from gradproj.lab import shapes
+    from gradproj.lab import world as lab_world
+    from gradproj.lab.defenses import build_amg
+
+    cfg, world, unet = trained_demo.cfg, trained_demo.world, trained_demo.unet
+    sched = trained_demo.noise_scheduler
+    g = torch.Generator().manual_seed(7)
+    n = 16
+    colour, shape, background, _ = shapes.sample_labels(n, marked_fraction=0, generator=g)
+    caps = [
+        shapes.caption(int(c), int(s), int(b), True)
+        for c, s, b in zip(colour, shape, background, strict=True)
+    ]
+    ctx = shapes.encode(caps, world.tok, world.encoder)
+    noise = torch.randn(n, 3, cfg.size, cfg.size, generator=g)
+    kw = {"steps": cfg.sample_steps, "scale": cfg.guidance}
+    amg, check = build_amg(world)
+    assert check["variant"] == "official" and check["official_scale"]["scale"] > 0
+    inner = amg.detector.inner
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain = lab_world.sample(
+            unet, sched, ctx, world.null_context, noise, guidance=cfg.guidance, steps=kw["steps"]
+        )
+        guided, fired = G.sample_with_guidance(
+            unet, sched, ctx, world.null_context, noise, amg=amg, **kw
+        )
+        off = copy.copy(amg)
+        off.detector = G_det.RescaledDetector(inner, scale=1e-9, shift=-1.0)  # σ < 0 always
+        same, none = G.sample_with_guidance(
+            unet, sched, ctx, world.null_context, noise, amg=off, **kw
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(same, plain) and none.sum() == 0
+    base, after = inner.score(plain), inner.score(guided)
+    print(f"contrast score {base.mean():.4f} -> {after.mean():.4f}; fired {fired.tolist()}")
+    hit = fired > 0
+    assert hit.any()
+    assert after[hit].mean() < base[hit].mean()

@@ -27,7 +27,12 @@ from gradproj.lab.measure import concept_detectors, protected_drift
 from gradproj.lab.world import DemoConfig, World
 from gradproj.methods import detectors as det
 from gradproj.methods.adversarial import adversarial_finetune
-from gradproj.methods.guidance import AntiMemorizationGuidance, sample_with_guidance
+from gradproj.methods.guidance import (
+    VARIANTS,
+    AntiMemorizationGuidance,
+    OfficialSchedule,
+    sample_with_guidance,
+)
 from gradproj.methods.unlearn import unlearn_concept
 from gradproj.optim import ProjectedOptimizer
 
@@ -197,26 +202,50 @@ def adversarial_finetune_demo(
 # --------------------------------------------------------------------------- seed 002
 
 
-def build_amg(world: World, fpr: float = 0.05, threshold: float | None = None):
+# The official schedule's duplicated-caption rule on the lab's scale: the authors
+# count captions among the 1000 nearest of LAION's images and take one that occurs
+# more than 20 times (2 % of them; txt2img.py:90, 260-263). The lab's concept set is
+# a few hundred images, each caption shared by a few dozen: the 50 nearest, more
+# than 1 (the same 2 %).
+LAB_AMG_SCHEDULE = OfficialSchedule(dup_k=50, dup_min_count=1)
+
+
+def build_amg(
+    world: World, fpr: float = 0.05, threshold: float | None = None, variant: str = "official"
+):
     """Seed 002's guidance guarding the concept's training images; its detector's validation.
 
     The detector is :func:`gradproj.lab.measure.concept_detectors`' ``pixel_contrast``
     (the best of the three on generated samples): closer to a *marked* training image
-    than to any unmarked one means "reproducing the concept". Its threshold ``λ`` is
-    calibrated on held-out real unmarked images (a share ``fpr`` of them flagged)
-    unless ``threshold`` is given, and its ROC AUC is measured on held-out real marked
-    vs unmarked images. ``y_N`` is the nearest marked image's caption (``… acme``).
+    than to any unmarked one means "reproducing the concept". Held-out real images
+    are split in two: on the first half its threshold ``λ`` is calibrated on the
+    unmarked images (a share ``fpr`` of them flagged) unless ``threshold`` is given;
+    on the second half its ROC AUC (marked vs unmarked) is measured.
+
+    ``variant="official"`` (default): the authors' schedule, whose constants are in
+    SSCD-cosine units, reads the detector's score mapped affinely
+    (:class:`~gradproj.methods.detectors.RescaledDetector`) so that ``λ`` lands on
+    0.3 (the schedule's floor, where ``G_sim`` starts) and the median score of the
+    first half's *marked* images on 0.5 (SSCD's usual copy level, where
+    despecification is full); the duplicated caption comes from the 50 nearest
+    marked images (:data:`LAB_AMG_SCHEDULE`). ``variant="paper"``: constant
+    ``c₁ = c₂ = c₃ = 5`` with threshold ``λ`` and the nearest marked image's
+    caption (``… acme``), the settings before 2026-12.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     marked = world.train.marked
     detector = concept_detectors(world)["pixel_contrast"]
     test = world.real_test
     half = test.images.shape[0] // 2  # calibrate on one half, validate on the other
-    detector.calibrate(test.images[:half][~test.marked[:half]], fpr=fpr)
+    calibration, labels_c = test.images[:half], test.marked[:half]
+    detector.calibrate(calibration[~labels_c], fpr=fpr)
     if threshold is not None:
         detector.threshold = threshold
     scores = detector.score(test.images[half:])
     labels = test.marked[half:]
     check = {
+        "variant": variant,
         "threshold": detector.threshold,
         "roc_auc_marked_vs_unmarked": det.roc_auc(scores, labels),
         "flagged_marked": float(detector.is_memorized(test.images[half:][labels]).float().mean()),
@@ -224,7 +253,15 @@ def build_amg(world: World, fpr: float = 0.05, threshold: float | None = None):
             detector.is_memorized(test.images[half:][~labels]).float().mean()
         ),
     }
-    amg = AntiMemorizationGuidance(detector, neighbour_contexts=world.contexts[marked])
+    if variant == "paper":
+        amg = AntiMemorizationGuidance(
+            detector, neighbour_contexts=world.contexts[marked], variant="paper"
+        )
+        return amg, check
+    copy_level = float(detector.score(calibration[labels_c]).median())
+    scaled = det.RescaledDetector.from_anchors(detector, detector.threshold, copy_level)
+    check["official_scale"] = {"scale": scaled.scale, "shift": scaled.shift}
+    amg = AntiMemorizationGuidance(scaled, world.contexts[marked], schedule=LAB_AMG_SCHEDULE)
     return amg, check
 
 

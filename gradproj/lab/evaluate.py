@@ -76,6 +76,7 @@ class ComparisonConfig:
     # seed 003: adversarial fine-tuning
     adversarial_rounds: int = 3
     # seed 002: AMG
+    amg_variant: str = "official"  # the authors' schedule; "paper": constant c's and λ
     amg_threshold: float | None = None  # None: calibrated on held-out real unmarked images
     amg_fpr: float = 0.05  # share of real unmarked images the calibrated threshold flags
 
@@ -133,7 +134,7 @@ def run(
         world = build_world(mcfg)
         amg, amg_check = None, None
         if any(DEFENSES[r].sampler == "amg" for r in cfg.rows):
-            amg, amg_check = build_amg(world, cfg.amg_fpr, cfg.amg_threshold)
+            amg, amg_check = build_amg(world, cfg.amg_fpr, cfg.amg_threshold, cfg.amg_variant)
         detectors = concept_detectors(world)
         per_row: dict[str, list[dict[str, float]]] = {r: [] for r in cfg.rows}
         for seed in cfg.seeds:

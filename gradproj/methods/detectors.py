@@ -281,6 +281,31 @@ class MemorizationDetector(ThresholdDetector):
         return sim, index
 
     @torch.no_grad()
+    def neighbours(self, x0_hat: Tensor, k: int) -> Tensor:
+        """The ``k`` most similar training rows of each ``x̂₀``, nearest first: ``(n, k)`` long.
+
+        What AMG's official duplicated-caption rule reads (the captions of the
+        nearest training images); no autograd. Ties go to the lowest index.
+        """
+        self._check_query(x0_hat)
+        if not isinstance(k, int) or not 1 <= k <= len(self):
+            raise ValueError(f"k must be an int in [1, {len(self)}] (the training rows), got {k!r}")
+        q = self._features(x0_hat, "x0_hat")
+        train = self.train_features.to(device=q.device, dtype=q.dtype)
+        if self.metric == "cosine":
+            q = torch.nn.functional.normalize(q, dim=1)
+            train = self._train_unit.to(device=q.device, dtype=q.dtype)
+        scores = []
+        for start in range(0, train.shape[0], self.batch_size):
+            chunk = train[start : start + self.batch_size]
+            if self.metric == "cosine":
+                scores.append(q @ chunk.T)
+            else:  # −squared distance, up to the ‖q‖² shared by a row
+                scores.append(2 * q @ chunk.T - (chunk * chunk).sum(1))
+        # a stable sort keeps ties in index order (topk does not promise it)
+        return torch.cat(scores, 1).sort(dim=1, descending=True, stable=True).indices[:, :k]
+
+    @torch.no_grad()
     def _nearest(self, q: Tensor, train: Tensor) -> Tensor:
         """Index of the most similar training row for every query row (chunked)."""
         if self.metric == "cosine":
@@ -331,8 +356,59 @@ class ContrastDetector(ThresholdDetector):
         near, index = self.concept.similarity(x0_hat)
         return near - self.other.similarity(x0_hat)[0], index
 
+    def neighbours(self, x0_hat: Tensor, k: int) -> Tensor:
+        """The ``k`` nearest *concept* training rows (:meth:`MemorizationDetector.neighbours`)."""
+        return self.concept.neighbours(x0_hat, k)
+
     def __repr__(self) -> str:
         return f"ContrastDetector(threshold={self.threshold})"
+
+
+class RescaledDetector(ThresholdDetector):
+    """A detector's similarity on another scale: ``s' = a·s + b`` (``a > 0``), same ranking.
+
+    AMG's official constants are in the units of the authors' SSCD cosine
+    similarity (:class:`gradproj.methods.guidance.OfficialSchedule`); a detector
+    with other units is mapped onto that scale. :meth:`from_anchors` maps two
+    reference scores to two target values, e.g. a calibrated threshold to 0.3
+    (the schedule's floor) and the typical score of real concept images to 0.5
+    (SSCD's usual "copy" level, where the official despecification saturates).
+    ``threshold`` is the inner one mapped; ``neighbours`` is the inner detector's.
+    """
+
+    def __init__(self, inner: Any, scale: float, shift: float) -> None:
+        if not callable(getattr(inner, "similarity", None)):
+            raise TypeError("inner must have a similarity(x0_hat) -> (sim, index) method")
+        scale, shift = float(scale), float(shift)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
+        if not math.isfinite(shift):
+            raise ValueError(f"shift must be finite, got {shift}")
+        self.inner, self.scale, self.shift = inner, scale, shift
+        self.threshold = scale * float(getattr(inner, "threshold", math.nan)) + shift
+
+    @classmethod
+    def from_anchors(
+        cls, inner: Any, low: float, high: float, *, to: tuple[float, float] = (0.3, 0.5)
+    ) -> RescaledDetector:
+        """Map score ``low`` to ``to[0]`` and ``high`` to ``to[1]`` (``high > low``)."""
+        low, high = float(low), float(high)
+        if not (math.isfinite(low) and math.isfinite(high) and high > low):
+            raise ValueError(f"the anchors must be finite with high > low, got {low} and {high}")
+        if not to[1] > to[0]:
+            raise ValueError(f"to must be increasing, got {to}")
+        scale = (to[1] - to[0]) / (high - low)
+        return cls(inner, scale, to[0] - scale * low)
+
+    def similarity(self, x0_hat: Tensor) -> tuple[Tensor, Tensor]:
+        sim, index = self.inner.similarity(x0_hat)
+        return sim * self.scale + self.shift, index
+
+    def neighbours(self, x0_hat: Tensor, k: int) -> Tensor:
+        return self.inner.neighbours(x0_hat, k)
+
+    def __repr__(self) -> str:
+        return f"RescaledDetector({self.inner!r}, scale={self.scale:.6g}, shift={self.shift:.6g})"
 
 
 # --------------------------------------------------------------------------- noise signal

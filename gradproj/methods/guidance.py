@@ -25,17 +25,46 @@ sample's ``σ_t > λ`` (the detector's ``threshold`` unless overridden) and
 ``ε̃ = ε_cfg`` elsewhere; the switch is a mask (``torch.where``), never a Python
 branch on tensor values, so a batch runs as one batch.
 
-Defaults (``c₁ = c₂ = c₃ = 5``). The hyperparameter table of the paper could not
-be read from the reference material available when this was written; the values
-are those of the public AMG re-implementation by Messina et al. (2025,
-``polimi-ispl/anti-memorization-tta``, ``make_despec_fn(c1=5.0, c2=5.0,
-c3=5.0)``), whose ``s₁, s₂`` clamps match the formulas above. With a cosine-type
-similarity in ``[0, 1]`` and ``s₀ = 7.5`` they mean: once memorization is
-flagged, ``c₁σ_t`` removes most of the prompt's guidance and ``s₂`` takes the rest
-down to 1. That re-implementation (and the paper, per its summaries) use a
-time-dependent "parabolic" threshold; here the threshold is the detector's single
-``threshold`` (a schedule can be had with a detector whose threshold the caller
-updates). Check them against the paper's table before quoting results.
+That is the *paper's* form (``variant="paper"``, the default before 2026-12:
+constant ``c₁ = c₂ = c₃ = 5`` from the public re-implementation by Messina et al.
+2025, ``polimi-ispl/anti-memorization-tta``, ``make_despec_fn(c1=5.0, c2=5.0,
+c3=5.0)``; a constant threshold; ``∇σ`` through the UNet; ``y_N`` the nearest
+neighbour's caption).
+
+**The official schedule** (``variant="official"``, the default) is what the
+authors' Stable Diffusion code runs (``chenchen-usyd/AMG-sd`` @ d76d4c8,
+``ldm/models/diffusion/ddim.py`` ``p_sample_ddim`` and ``scripts/txt2img.py``;
+constants in :class:`OfficialSchedule`, each with its line). Per sample and step,
+with ``t`` on SD's 1000-step scale:
+
+1. ``σ₁`` from the plain CFG noise (``ddim.py:282``); nothing changes where
+   ``σ₁ ≤ 0`` (``ddim.py:292``);
+2. despecification, always on where ``σ₁ > 0``: ``s₁ = clamp((s₀−1)σ₁/0.5, 0, s₀−1)``
+   (``ddim.py:293``: ``max(min(6.5, 6.5/0.5·σ), 0)`` with ``s₀ − 1 = 6.5``);
+3. caption deduplication, triggered where ``σ₁ > λ_t`` and a *duplicated caption*
+   is known, then kept on for 10 steps (``ddim.py:294-302``, ``g3_count = 10``
+   at ``txt2img.py:549``): ``s₂ = clamp(r σ₁/0.3, 0, r)``, ``r = s₀ − 1 − s₁``
+   (``ddim.py:304``). The duplicated caption is the most frequent caption among
+   the 1000 nearest training images if it occurs more than 20 times
+   (``txt2img.py:90``, ``255-265``), remembered once found (``ddim.py:283-284``);
+4. ``σ₂`` recomputed from the noise after steps 2–3 (``ddim.py:312``, ``326``) and,
+   where ``σ₂ > λ_t``, ``G_sim = c₃ √(1−ᾱ_t) ∇σ₂`` with
+   ``c₃ = 100 (σ₂ − 0.3) e^{(1000−t)/170}`` (``ddim.py:319``; the 100 is
+   ``--guidance_scale``, ``txt2img.py:477``, applied at ``txt2img.py:324``), the
+   gradient taken with the noise held fixed (``txt2img.py:243-246``: ``x_t`` alone
+   requires grad);
+5. both thresholds are ``λ_t = 0.3 + 0.1 e^{−0.005 t}`` (``ddim.py:271-278``,
+   ``asy(t, 0.3, 0.4, 0.005, 0)``): stricter (0.4) near the end of sampling.
+
+The constants are in the units of the authors' detector, the SSCD cosine
+similarity (``txt2img.py:311``; 0.5 is the usual "copy" level). A detector with
+other units must be mapped onto that scale (``gradproj.methods.detectors.RescaledDetector``);
+the lab maps its calibrated threshold to 0.3 and the median of real concept
+images to 0.5. Two departures, both because the authors' script is tied to
+its setting: it guides only samples after the 21st (``ddim.py:280``,
+``base_count > 20``) and runs one sample at a time; here every sample is guided
+and a batch runs as one batch (each sample keeps its own state, as a run of one
+would).
 
 Two ways to sample with it:
 
@@ -52,25 +81,25 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "AMGState",
     "AMGStep",
     "AMGUNet",
     "AntiMemorizationGuidance",
+    "OfficialSchedule",
     "SimilarityDetector",
     "amg_pipeline",
     "anti_memorization_noise",
     "sample_with_guidance",
 ]
 
-DEFAULT_C1 = 5.0
-DEFAULT_C2 = 5.0
-DEFAULT_C3 = 5.0
+DEFAULT_C = 5.0  # the "paper" variant's c₁ = c₂ = c₃ (module docstring)
 
 
 @runtime_checkable
@@ -128,9 +157,9 @@ def anti_memorization_noise(
     alpha_bar_t: Tensor | float,
     *,
     scale: float,
-    c1: float = DEFAULT_C1,
-    c2: float = DEFAULT_C2,
-    c3: float = DEFAULT_C3,
+    c1: float = DEFAULT_C,
+    c2: float = DEFAULT_C,
+    c3: float = DEFAULT_C,
     threshold: float,
 ) -> Tensor:
     """The AMG noise of one step, batched: ``where(σ > λ, ε_cfg + G_spe + G_dup + G_sim, ε_cfg)``.
@@ -209,15 +238,105 @@ def _amg_noise(
     return torch.where(fired, out, eps_cfg)
 
 
+VARIANTS = ("official", "paper")
+CAPTION_RULES = ("duplicated", "nearest")
+
+
+@dataclass(frozen=True)
+class OfficialSchedule:
+    """The constants of the authors' AMG for Stable Diffusion (``chenchen-usyd/AMG-sd`` @ d76d4c8).
+
+    In the units of their detector (SSCD cosine similarity, ``txt2img.py:311``) and
+    on SD's 1000-step timestep scale (``timesteps``; a scheduler with another
+    number of training steps has its ``t`` rescaled to it):
+
+    - ``spe_full``: ``s₁ = clamp((s₀−1)σ/spe_full, 0, s₀−1)`` (``ddim.py:293``, 6.5/0.5);
+    - ``dup_full``: ``s₂ = clamp(rσ/dup_full, 0, r)``, ``r = s₀−1−s₁`` (``ddim.py:304``);
+    - ``dup_hold``: steps ``G_dup`` stays on once triggered (``txt2img.py:549``,
+      ``ddim.py:294-302``);
+    - ``dup_k``, ``dup_min_count``: the duplicated caption is the most frequent one
+      among the ``dup_k`` nearest training images when it occurs more than
+      ``dup_min_count`` times (``txt2img.py:90``, ``260-263``);
+    - ``sim_scale``, ``sim_offset``, ``sim_decay``:
+      ``c₃ = sim_scale (σ − sim_offset) e^{(timesteps − t)/sim_decay}`` (``txt2img.py:477``,
+      ``324``; ``ddim.py:319``);
+    - ``threshold_floor``, ``threshold_rise``, ``threshold_rate``:
+      ``λ_t = floor + rise·e^{−rate·t}`` (``ddim.py:16-17``, ``271-278``).
+    """
+
+    spe_full: float = 0.5
+    dup_full: float = 0.3
+    dup_hold: int = 10
+    dup_k: int = 1000
+    dup_min_count: int = 20
+    sim_scale: float = 100.0
+    sim_offset: float = 0.3
+    sim_decay: float = 170.0
+    threshold_floor: float = 0.3
+    threshold_rise: float = 0.1
+    threshold_rate: float = 0.005
+    timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("spe_full", "dup_full", "sim_decay"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v}")
+        for name in ("sim_scale", "threshold_rate"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {v}")
+        for name in ("sim_offset", "threshold_floor", "threshold_rise"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        for name, low in (("dup_hold", 1), ("dup_k", 1), ("dup_min_count", 0), ("timesteps", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int ≥ {low}, got {v!r}")
+
+    def threshold(self, t: Tensor) -> Tensor:
+        """``λ_t = floor + rise·e^{−rate·t}`` (``t`` on this schedule's scale)."""
+        return self.threshold_floor + self.threshold_rise * torch.exp(-self.threshold_rate * t)
+
+    def sim_coefficient(self, sim: Tensor, t: Tensor) -> Tensor:
+        """``c₃ = sim_scale (σ − sim_offset) e^{(timesteps − t)/sim_decay}``."""
+        return (
+            self.sim_scale
+            * (sim - self.sim_offset)
+            * torch.exp((self.timesteps - t) / self.sim_decay)
+        )
+
+
+class AMGState(NamedTuple):
+    """What the official schedule carries from one step to the next, per sample.
+
+    ``hold (n,)``: steps ``G_dup`` stays on after this one (0: off); ``caption
+    (n,)``: the training row whose caption is the duplicated caption found so far
+    (−1: none yet). A sampling run starts from :meth:`fresh`.
+    """
+
+    hold: Tensor
+    caption: Tensor
+
+    @staticmethod
+    def fresh(n: int, device: torch.device | str | None = None) -> AMGState:
+        return AMGState(
+            torch.zeros(n, dtype=torch.long, device=device),
+            torch.full((n,), -1, dtype=torch.long, device=device),
+        )
+
+
 class AMGStep(NamedTuple):
     """One guided step: the noise to hand the scheduler and what the detector saw."""
 
     eps: Tensor  # (n, ...) guided noise
-    fired: Tensor  # (n,) bool: σ_t > λ
-    sim: Tensor  # (n,) σ_t (detached)
+    fired: Tensor  # (n,) bool: a threshold-triggered term (G_dup, G_sim; paper: σ > λ) ran
+    sim: Tensor  # (n,) σ_t (detached; official: σ₁, before guidance)
     index: Tensor  # (n,) nearest training row
     eps_uncond: Tensor  # (n, ...) ε(x_t), detached
     eps_cond: Tensor  # (n, ...) ε(x_t, y), detached
+    guided: Tensor  # (n,) bool: eps differs from plain CFG (official: σ₁ > 0; paper: fired)
+    state: AMGState | None = None  # official: the state for the next step
 
 
 # eps_fn(x) -> (eps_uncond, eps_cond); neighbour_fn(x, index) -> eps_neighbour
@@ -230,52 +349,114 @@ class AntiMemorizationGuidance:
     """AMG's configuration and its batched step.
 
     Attributes:
-        detector: a :class:`SimilarityDetector` (``similarity``, ``threshold``).
-        neighbour_contexts: encoder states of the training captions, ``(n_train, L, d)``;
-            ``y_N``'s states are ``neighbour_contexts[index]``. ``None`` leaves out
-            caption deduplication (e.g. unconditional / class-conditional models).
-        c1, c2, c3: the coefficients of ``s₁``, ``s₂`` and ``G_sim`` (module docstring).
-        threshold: ``λ``; ``None`` reads ``detector.threshold`` at every step.
+        detector: a :class:`SimilarityDetector` (``similarity``, ``threshold``; for
+            the official duplicated-caption rule also ``neighbours(x0_hat, k) ->
+            (n, k)`` rows, nearest first).
+        neighbour_contexts: encoder states of the training captions, ``(n_train, L, d)``,
+            row ``j`` the caption of the detector's training row ``j``; two rows with
+            equal states are the same caption. ``None`` leaves out caption
+            deduplication (e.g. unconditional / class-conditional models).
+        variant: ``"official"`` (default: the authors' schedule, :class:`OfficialSchedule`)
+            or ``"paper"`` (constant ``c₁, c₂, c₃`` and ``λ``; module docstring).
+        schedule: the official schedule's constants.
+        c1, c2, c3, threshold: the ``"paper"`` variant's coefficients (default 5) and
+            ``λ`` (``None``: ``detector.threshold`` at every step); not used by
+            ``"official"`` (passing them with it is an error).
+        caption_rule: which caption ``G_dup`` steers away from: ``"duplicated"`` (the
+            official rule) or ``"nearest"`` (the nearest neighbour's, the paper's
+            text). Default: the variant's.
         decode: maps ``x̂₀`` to what the detector reads (e.g.
             ``lambda z: vae.decode(z / vae.config.scaling_factor).sample`` for a
             latent model); ``None``: the detector reads ``x̂₀`` itself (latents, for
             a latent model). Must be differentiable for ``G_sim``.
-        grad_through_unet: ``∇σ`` through the UNet as well as ``x̂₀`` (the paper's
-            ``∇_{x_t}σ_t``; one extra backward per step) or, if ``False``, with the
-            noise prediction held constant (``(∂σ/∂x̂₀)/√ᾱ_t``; no backward through
-            the UNet, much cheaper).
-        skip_idle: if ``True``, one host sync per step (``fired.any()``) skips the
-            gradient and the neighbour forward when no sample of the batch fires;
-            the result is the same. Off by default: no host sync in the step.
+        grad_through_unet: ``∇σ`` through the UNet as well as ``x̂₀`` (one extra
+            backward per step) or, if ``False``, with the noise prediction held
+            constant (``(∂σ/∂x̂₀)/√ᾱ_t``). Default: ``False`` for ``"official"``
+            (as the authors' code), ``True`` for ``"paper"``.
+        skip_idle: ``"paper"`` only: if ``True``, one host sync per step
+            (``fired.any()``) skips the gradient and the neighbour forward when no
+            sample of the batch fires; the result is the same. Off by default: no
+            host sync in the step.
     """
 
     detector: Any
     neighbour_contexts: Tensor | None = None
-    c1: float = DEFAULT_C1
-    c2: float = DEFAULT_C2
-    c3: float = DEFAULT_C3
+    variant: str = "official"
+    schedule: OfficialSchedule = field(default_factory=OfficialSchedule)
+    c1: float | None = None
+    c2: float | None = None
+    c3: float | None = None
     threshold: float | None = None
+    caption_rule: str | None = None
     decode: Callable[[Tensor], Tensor] | None = None
-    grad_through_unet: bool = True
+    grad_through_unet: bool | None = None
     skip_idle: bool = False
 
     def __post_init__(self) -> None:
         if not callable(getattr(self.detector, "similarity", None)):
             raise TypeError("detector must have a similarity(x0_hat) -> (sim, index) method")
-        _check_coefficients(self.c1, self.c2, self.c3)
-        if self.threshold is None and not hasattr(self.detector, "threshold"):
-            raise TypeError("detector has no threshold attribute; pass threshold=")
-        if self.threshold is not None:
-            _check_threshold(self.threshold)
-        if self.neighbour_contexts is not None and self.neighbour_contexts.dim() != 3:
-            raise ValueError(
-                "neighbour_contexts must have shape (n_train, L, d), got "
-                f"{tuple(self.neighbour_contexts.shape)}"
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not isinstance(self.schedule, OfficialSchedule):
+            raise TypeError(
+                f"schedule must be an OfficialSchedule, got {type(self.schedule).__name__}"
             )
+        official = self.variant == "official"
+        if official:
+            for name in ("c1", "c2", "c3", "threshold"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} belongs to variant='paper'; the official schedule's "
+                        "constants are set with schedule=OfficialSchedule(...)"
+                    )
+            if self.skip_idle:
+                raise ValueError("skip_idle belongs to variant='paper'")
+        else:
+            for name in ("c1", "c2", "c3"):
+                if getattr(self, name) is None:
+                    setattr(self, name, DEFAULT_C)
+            _check_coefficients(self.c1, self.c2, self.c3)
+            if self.threshold is None and not hasattr(self.detector, "threshold"):
+                raise TypeError("detector has no threshold attribute; pass threshold=")
+            if self.threshold is not None:
+                _check_threshold(self.threshold)
+        if self.grad_through_unet is None:
+            self.grad_through_unet = not official
+        if self.caption_rule is None:
+            self.caption_rule = "duplicated" if official else "nearest"
+        if self.caption_rule not in CAPTION_RULES:
+            raise ValueError(
+                f"caption_rule must be one of {CAPTION_RULES}, got {self.caption_rule!r}"
+            )
+        self._caption_of: Tensor | None = None
+        self._caption_row: Tensor | None = None
+        if self.neighbour_contexts is not None:
+            if self.neighbour_contexts.dim() != 3:
+                raise ValueError(
+                    "neighbour_contexts must have shape (n_train, L, d), got "
+                    f"{tuple(self.neighbour_contexts.shape)}"
+                )
+            if self.caption_rule == "duplicated":
+                if not callable(getattr(self.detector, "neighbours", None)):
+                    raise TypeError(
+                        "caption_rule='duplicated' needs a detector with a neighbours(x0_hat, "
+                        "k) method; pass caption_rule='nearest' for the nearest neighbour's "
+                        "caption"
+                    )
+                # Captions are told apart by their states: rows with equal states
+                # are one caption (as the authors count equal caption strings).
+                flat = self.neighbour_contexts.detach().flatten(1)
+                _, ids = torch.unique(flat, dim=0, return_inverse=True)
+                rows = torch.arange(flat.shape[0], device=ids.device)
+                first = torch.full((int(ids.max()) + 1,), flat.shape[0], device=ids.device)
+                first = first.scatter_reduce(0, ids, rows, "amin")
+                self._caption_of, self._caption_row = ids, first
 
     @property
     def lam(self) -> float:
-        """The threshold ``λ`` in force."""
+        """The ``"paper"`` variant's threshold ``λ`` in force."""
+        if self.variant != "paper":
+            raise AttributeError("the official schedule's threshold is λ_t (schedule.threshold)")
         return _check_threshold(
             self.detector.threshold if self.threshold is None else self.threshold
         )
@@ -288,53 +469,160 @@ class AntiMemorizationGuidance:
         alpha_bar_t: Tensor | float,
         *,
         scale: float,
+        t: Tensor | float | None = None,
+        state: AMGState | None = None,
     ) -> AMGStep:
         """The guided noise for ``x_t`` given the model as two callables (any CFG layout).
 
         ``eps_fn(x) -> (ε_u, ε_c)`` runs the batched CFG forward; ``neighbour_fn(x,
-        index) -> ε(x, y_N)`` the neighbour forward (``None``: no ``G_dup``).
+        index) -> ε(x, y_index)`` the neighbour forward (``None``: no ``G_dup``).
+        ``"official"`` also needs ``t``, the timestep on the schedule's scale
+        (scalar or ``(n,)``), and takes the previous step's ``state``
+        (``None``: the first step of a run); the result's ``state`` is the next's.
         """
         scale = _check_scale(scale)
-        lam = self.lam
         n = x_t.shape[0]
         ab = _per_sample(alpha_bar_t, n, x_t, "alpha_bar_t")
-        want_grad = self.c3 > 0
+        if self.variant == "official":
+            if t is None:
+                raise ValueError("variant='official' needs t, the timestep of this step")
+            if state is None:
+                state = AMGState.fresh(n, x_t.device)
+            if state.hold.shape != (n,) or state.caption.shape != (n,):
+                raise ValueError(
+                    f"state must hold ({n},) tensors (one per sample), got "
+                    f"{tuple(state.hold.shape)} and {tuple(state.caption.shape)}"
+                )
+            return self._official_step(eps_fn, neighbour_fn, x_t, ab, scale, t, state)
+        return self._paper_step(eps_fn, neighbour_fn, x_t, ab, scale)
+
+    def _detect(self, x_t: Tensor, eps: Tensor | None, ab: Tensor, eps_fn, scale, grad, busy=None):
+        """``(σ, index, ∇σ or None, ε_u, ε_c, seen)`` at ``x_t``: ``x̂₀`` from ``eps``
+        held fixed, or (``eps=None``) from the CFG noise of ``eps_fn``, through the
+        UNet when ``grad_through_unet``. ``busy(σ) -> bool``: whether to take the
+        gradient after all (``skip_idle``)."""
         with torch.enable_grad():
-            x = x_t.detach().requires_grad_(want_grad)
-            if want_grad and self.grad_through_unet:
-                eps_u, eps_c = eps_fn(x)
-            else:
-                with torch.no_grad():
-                    eps_u, eps_c = eps_fn(x.detach())
-            eps_cfg = eps_u + scale * (eps_c - eps_u)
-            x0 = (x - (1 - ab).sqrt() * eps_cfg) / ab.sqrt()
+            x = x_t.detach().requires_grad_(grad)
+            eps_u = eps_c = None
+            if eps is None:
+                if grad and self.grad_through_unet:
+                    eps_u, eps_c = eps_fn(x)
+                else:
+                    with torch.no_grad():
+                        eps_u, eps_c = eps_fn(x.detach())
+                eps = eps_u + scale * (eps_c - eps_u)
+            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
             seen = self.decode(x0) if self.decode is not None else x0
             sim, index = self.detector.similarity(seen)
+            n = x_t.shape[0]
             if sim.shape != (n,) or index.shape != (n,):
                 raise ValueError(
                     f"detector.similarity must return (sim, index) of shape ({n},), got "
                     f"{tuple(sim.shape)} and {tuple(index.shape)}"
                 )
-            fired = sim.detach() > lam
-            busy = bool(fired.any()) if self.skip_idle else True
-            grad = None
-            if want_grad and busy:
+            g = None
+            if grad and (busy is None or busy(sim.detach())):
                 if sim.requires_grad:
-                    (grad,) = torch.autograd.grad(sim.sum(), x)
+                    (g,) = torch.autograd.grad(sim.sum(), x)
                 else:
-                    grad = torch.zeros_like(x)
+                    g = torch.zeros_like(x)
+        return sim.detach(), index.detach(), g, eps_u, eps_c, seen.detach()
+
+    def _duplicated_caption(self, seen: Tensor, index: Tensor) -> Tensor:
+        """Per sample, the training row of the caption ``G_dup`` steers from (−1: none)."""
+        if self.caption_rule == "nearest":
+            return index
+        caption_of = self._caption_of.to(index.device)
+        k = min(self.schedule.dup_k, caption_of.shape[0])
+        rows = self.detector.neighbours(seen, k)
+        if rows.shape != (seen.shape[0], k):
+            raise ValueError(
+                f"detector.neighbours must return ({seen.shape[0]}, {k}) rows, got "
+                f"{tuple(rows.shape)}"
+            )
+        ids = caption_of[rows.to(index.device)]
+        n_captions = self._caption_row.shape[0]
+        counts = torch.zeros(ids.shape[0], n_captions, dtype=torch.long, device=ids.device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids))
+        # Ties go to the caption met first, nearest first, as Counter.most_common
+        # orders them in the authors' code.
+        first = torch.full_like(counts, k)
+        position = torch.arange(k, device=ids.device).expand_as(ids)
+        first.scatter_reduce_(1, ids, position, "amin")
+        mode = (counts * (k + 1) - first).argmax(1)
+        count = counts.gather(1, mode[:, None])[:, 0]
+        row = self._caption_row.to(index.device)[mode]
+        return torch.where(count > self.schedule.dup_min_count, row, torch.full_like(row, -1))
+
+    def _official_step(self, eps_fn, neighbour_fn, x_t, ab, scale, t, state) -> AMGStep:
+        sch = self.schedule
+        n = x_t.shape[0]
+        shape = (n, *([1] * (x_t.dim() - 1)))
+        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).reshape(-1)
+        lam = sch.threshold(t).to(x_t.dtype)
+        dedup = neighbour_fn is not None and self.neighbour_contexts is not None
+        sim1, index, _, eps_u, eps_c, seen = self._detect(x_t, None, ab, eps_fn, scale, False)
         eps_u, eps_c = eps_u.detach(), eps_c.detach()
+        active = sim1 > 0
+        caption = state.caption
+        if dedup:
+            found = self._duplicated_caption(seen, index)
+            caption = torch.where(found >= 0, found, caption)
+        s = sim1.to(x_t.dtype)
+        s1 = ((scale - 1) * s / sch.spe_full).clamp(min=0, max=scale - 1)
+        s1 = torch.where(active, s1, torch.zeros_like(s1))
+        # s₁ = 0 gives the plain CFG expression, so an inactive sample is bit for bit CFG
+        eps = eps_u + (scale - s1).view(shape) * (eps_c - eps_u)
+        hold = state.hold
+        dup_on = torch.zeros_like(active)
+        if dedup:
+            trigger = active & (caption >= 0) & (sim1 > lam)
+            dup_on = active & (trigger | (hold > 0))
+            hold = torch.where(
+                trigger,
+                torch.full_like(hold, sch.dup_hold - 1),
+                torch.where(dup_on, hold - 1, hold),
+            )
+            with torch.no_grad():
+                eps_n = neighbour_fn(x_t.detach(), caption.clamp(min=0))
+            r = (scale - 1) - s1
+            s2 = torch.minimum(r * s / sch.dup_full, r).clamp(min=0)
+            eps = torch.where(dup_on.view(shape), eps + s2.view(shape) * (eps_u - eps_n), eps)
+        want_grad = sch.sim_scale > 0
+        sim2, _, grad, _, _, seen2 = self._detect(x_t, eps, ab, eps_fn, scale, want_grad)
+        if dedup:  # the second detection's caption counts only inside G_dup (ddim.py:313-314)
+            found = self._duplicated_caption(seen2, index)
+            caption = torch.where(dup_on & (found >= 0), found, caption)
+        sim_on = active & (sim2 > lam)
+        if want_grad:
+            c3 = sch.sim_coefficient(sim2.double(), t).to(x_t.dtype)
+            g_sim = (c3.view(shape) * (1 - ab).sqrt()) * grad
+            eps = torch.where(sim_on.view(shape), eps + g_sim, eps)
+        return AMGStep(
+            eps, dup_on | sim_on, sim1, index, eps_u, eps_c, active, AMGState(hold, caption)
+        )
+
+    def _paper_step(self, eps_fn, neighbour_fn, x_t, ab, scale) -> AMGStep:
+        lam = self.lam
+        want_grad = self.c3 > 0
+        busy_fn = (lambda sim: bool((sim > lam).any())) if self.skip_idle else None
+        sim, index, grad, eps_u, eps_c, _ = self._detect(
+            x_t, None, ab, eps_fn, scale, want_grad, busy_fn
+        )
+        eps_u, eps_c = eps_u.detach(), eps_c.detach()
+        fired = sim > lam
+        busy = bool(fired.any()) if self.skip_idle else True
         eps_n = None
         if neighbour_fn is not None and self.neighbour_contexts is not None and busy:
             with torch.no_grad():
-                eps_n = neighbour_fn(x_t.detach(), index.detach())
+                eps_n = neighbour_fn(x_t.detach(), index)
         if not busy:
             eps = eps_u + scale * (eps_c - eps_u)
         else:
             eps = _amg_noise(
-                eps_u, eps_c, eps_n, sim.detach(), grad, ab, scale, self.c1, self.c2, self.c3, lam
+                eps_u, eps_c, eps_n, sim, grad, ab, scale, self.c1, self.c2, self.c3, lam
             )
-        return AMGStep(eps, fired, sim.detach(), index.detach(), eps_u, eps_c)
+        return AMGStep(eps, fired, sim, index, eps_u, eps_c, fired)
 
     def guided_noise(
         self,
@@ -346,15 +634,19 @@ class AntiMemorizationGuidance:
         alpha_bar_t: Tensor | float,
         *,
         scale: float,
+        state: AMGState | None = None,
+        num_train_timesteps: int = 1000,
     ) -> AMGStep:
         """The guided noise for a batch of a ``UNet2DConditionModel``-like ``unet``.
 
         One batched forward on ``[cond; uncond]`` (the layout of
-        :func:`gradproj.lab.world.sample`), one on ``y_N``'s states, and (for ``G_sim``)
-        one backward, whatever the batch size. ``context`` ``(n or 1, L, d)``,
-        ``null_context`` ``(1 or n, L, d)``; the UNet must treat samples
-        independently (eval mode, no batch norm) for ``∇σ`` of ``sum σ`` to be
-        per-sample.
+        :func:`gradproj.lab.world.sample`), one on the captions' states, and (for
+        ``G_sim``) one backward, whatever the batch size. ``context`` ``(n or 1, L, d)``,
+        ``null_context`` ``(1 or n, L, d)``; ``t`` the UNet's timestep, of a
+        scheduler with ``num_train_timesteps`` (rescaled to the official
+        schedule's); ``state``: the previous step's (official). The UNet must treat
+        samples independently (eval mode, no batch norm) for ``∇σ`` of ``sum σ``
+        to be per-sample.
         """
         n = x_t.shape[0]
         if context.dim() != 3 or context.shape[0] not in (1, n):
@@ -381,7 +673,23 @@ class AntiMemorizationGuidance:
                 x, t, self.neighbour_contexts[index.to(self.neighbour_contexts.device)]
             ).sample
 
-        return self.step(eps_fn, neighbour_fn, x_t, alpha_bar_t, scale=scale)
+        return self.step(
+            eps_fn,
+            neighbour_fn,
+            x_t,
+            alpha_bar_t,
+            scale=scale,
+            t=_schedule_time(t, num_train_timesteps, self.schedule),
+            state=state,
+        )
+
+
+def _schedule_time(t: Tensor | float, num_train_timesteps: int, schedule: OfficialSchedule):
+    """A scheduler's timestep on the official schedule's scale (SD's 1000 steps)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if num_train_timesteps == schedule.timesteps:
+        return t
+    return t * (schedule.timesteps / num_train_timesteps)
 
 
 def sample_with_guidance(
@@ -398,10 +706,11 @@ def sample_with_guidance(
     """:func:`gradproj.lab.world.sample` with AMG: DDIM from ``noise``, CFG scale ``scale``.
 
     Returns ``(samples, fired)``: samples ``(n, C, H, W)`` clamped to ``[-1, 1]`` and
-    ``fired (n,)`` (long), the number of steps at which each sample's ``σ_t``
-    exceeded the threshold. With a threshold no sample exceeds (``+inf``) the
+    ``fired (n,)`` (long), the number of steps at which a threshold-triggered term
+    ran for each sample (:class:`AMGStep`). Where AMG leaves every step alone (the
+    ``"paper"`` variant with ``λ = +inf``; the official one with ``σ ≤ 0``) the
     samples equal :func:`gradproj.lab.world.sample`'s bit for bit. ``ᾱ_t`` is the
-    scheduler's ``alphas_cumprod[t]``.
+    scheduler's ``alphas_cumprod[t]``; one run is one official state.
     """
     from diffusers import DDIMScheduler
 
@@ -414,8 +723,20 @@ def sample_with_guidance(
     n = noise.shape[0]
     x = noise.clone()
     fired = torch.zeros(n, dtype=torch.long, device=noise.device)
+    state = None
     for t in ddim.timesteps:
-        out = amg.guided_noise(unet, x, t, context, null_context, alphas[t], scale=scale)
+        out = amg.guided_noise(
+            unet,
+            x,
+            t,
+            context,
+            null_context,
+            alphas[t],
+            scale=scale,
+            state=state,
+            num_train_timesteps=ddim.config.num_train_timesteps,
+        )
+        state = out.state
         fired += out.fired.long()
         with torch.no_grad():
             x = ddim.step(out.eps, t, x).prev_sample
@@ -438,7 +759,10 @@ class AMGUNet(torch.nn.Module):
     ``scale_model_input`` (DDIM, DDPM, PNDM, DPM-Solver…, not Euler-type
     ``σ``-schedulers); ``guidance_rescale == 0``. ``scale_fn`` returns the
     pipeline's current ``s₀``. ``fired_counts`` accumulates per-sample fire counts
-    of the last call sequence (reset with :meth:`reset`).
+    of the last call sequence (reset with :meth:`reset`). The official schedule's
+    per-sample state runs from call to call and starts afresh when a call's
+    timestep is not below the previous call's or the batch size changes (a new
+    sampling run: pipelines walk the timesteps downwards).
     """
 
     def __init__(
@@ -453,7 +777,10 @@ class AMGUNet(torch.nn.Module):
         self.amg = amg
         self.alphas_cumprod = alphas_cumprod
         self.scale_fn = scale_fn
+        self.num_train_timesteps = alphas_cumprod.shape[0]
         self.fired_counts: Tensor | None = None
+        self.state: AMGState | None = None
+        self._last_t: float | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -463,6 +790,8 @@ class AMGUNet(torch.nn.Module):
 
     def reset(self) -> None:
         self.fired_counts = None
+        self.state = None
+        self._last_t = None
 
     def forward(self, sample: Tensor, timestep, encoder_hidden_states: Tensor, *args, **kwargs):
         return_dict = kwargs.pop("return_dict", True)
@@ -496,10 +825,31 @@ class AMGUNet(torch.nn.Module):
 
         if ab.dim():  # one timestep per CFG batch in these pipelines
             ab = ab.reshape(-1)[n:]
-        out = self.amg.step(eps_fn, neighbour_fn, sample[:n], ab, scale=scale)
-        fired = out.fired.view(n, *([1] * (sample.dim() - 1)))
+        t_all = torch.as_tensor(t, device=sample.device, dtype=torch.float64).reshape(-1)
+        t_now = t_all[n] if t_all.numel() == m else t_all[0]
+        state = self.state
+        if state is not None and state.hold.shape[0] != n:
+            state = None
+        elif state is not None:  # on the device: no host sync to tell runs apart
+            new_run = t_now >= self._last_t
+            state = AMGState(
+                torch.where(new_run, torch.zeros_like(state.hold), state.hold),
+                torch.where(new_run, torch.full_like(state.caption, -1), state.caption),
+            )
+        self._last_t = t_now
+        out = self.amg.step(
+            eps_fn,
+            neighbour_fn,
+            sample[:n],
+            ab,
+            scale=scale,
+            t=_schedule_time(t_now, self.num_train_timesteps, self.amg.schedule),
+            state=state,
+        )
+        self.state = out.state
+        guided = out.guided.view(n, *([1] * (sample.dim() - 1)))
         eps_c = torch.where(
-            fired, out.eps_uncond + (out.eps - out.eps_uncond) / scale, out.eps_cond
+            guided, out.eps_uncond + (out.eps - out.eps_uncond) / scale, out.eps_cond
         )
         counts = out.fired.long()
         self.fired_counts = counts if self.fired_counts is None else self.fired_counts + counts

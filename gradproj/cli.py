@@ -435,6 +435,8 @@ def _comparison(args: argparse.Namespace) -> int:
         cfg = replace(cfg, rows=rows)
     if args.steps is not None:
         cfg = replace(cfg, model=replace(cfg.model, steps=args.steps))
+    if args.attack == "previous":
+        cfg = replace(cfg, **evaluate.PREVIOUS_ATTACK)
     evaluate.run(cfg, out=args.out, models=args.models)
     return 0
 
@@ -607,6 +609,14 @@ def main(argv: list[str] | None = None) -> int:
             "--rows",
             default=None,
             help=f"comma-separated rows, from: {', '.join(DEFENSES)} (default: {','.join(rows)})",
+        )
+        cmd.add_argument(
+            "--attack",
+            choices=("official", "previous"),
+            default="official",
+            help="DoRI settings: official (the authors': from the concept prompt, 8 noise/"
+            "timestep pairs per image) or previous (gradproj's earlier: from the null prompt, "
+            "1 pair per image); default official",
         )
         cmd.set_defaults(func=_comparison)
 

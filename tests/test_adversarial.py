@@ -35,6 +35,7 @@ def _measure(unet, trained_demo):
             ns,
             world.train.images[world.train.marked],
             init=world.null_context,
+            pairs_per_image=1,  # the earlier settings, which the test's figures were measured with
             sample=sample,
             is_extracted=probes.detect_mark,
             generator=torch.Generator().manual_seed(100 + s),
@@ -63,6 +64,8 @@ def test_adversarial_finetuning_removes_what_dori_finds_and_keeps_the_rest(train
         unet,
         trained_demo.noise_scheduler,
         trained_demo.world,
+        attack_start="null",  # the earlier inner attack, which the figures below were
+        attack_pairs_per_image=1,  # measured with (8 pairs: each attack step ~3.5x slower)
         generator=torch.Generator().manual_seed(0),
     )
     after = _measure(unet, trained_demo)
@@ -121,3 +124,73 @@ def test_errors(trained_demo):
         )
     with pytest.raises(ValueError, match="caption_dropout must be in"):
         defenses.demo_data(world, caption_dropout=2.0)
+
+
+def test_inner_attack_and_lab_attack_follow_the_dori_settings(monkeypatch):
+    """The inner search gets the paper's pairs by default; the lab's rows get the configured
+    start and pairs (official by default, PREVIOUS_ATTACK restoring the earlier ones), in the
+    evaluation's attack and in adversarial-ft's inner one. Spies stand in for the searches,
+    so an untrained model on the tiny world will do."""
+    from dataclasses import replace
+
+    from gradproj.lab import evaluate, measure
+
+    world, ns = lab_world.build_world(lab_world.TINY), lab_world.noise_scheduler()
+    model = lab_world.build_unet(lab_world.TINY, world.contexts.shape[-1]).eval()
+    concept = world.contexts[world.train.marked][0]
+    caption = world.train.captions[int(torch.nonzero(world.train.marked)[0])]
+    assert caption.endswith(" acme")
+    # Encoded alone rather than in the training batch: equal up to the matmul's rounding.
+    torch.testing.assert_close(concept, shapes.encode([caption], world.tok, world.encoder)[0])
+    assert torch.equal(measure.attack_init(world, "prompt"), concept)
+    assert torch.equal(measure.attack_init(world, "null"), world.null_context[0])
+    gauss = measure.attack_init(world, "gaussian", torch.Generator().manual_seed(3))
+    assert torch.equal(gauss, torch.randn(7, 32, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="attack_start must be one of"):
+        measure.attack_init(world, "empty")
+    with pytest.raises(ValueError, match="attack_start must be one of"):
+        evaluate.run(replace(evaluate.TINY, attack_start="empty"), progress=False)
+
+    searches = []
+
+    def spy(unet, noise_scheduler, images, init, **kw):
+        searches.append({"init": init, **kw})
+        if kw.get("losses") is not None:
+            kw["losses"].append(0.0)
+        return init.clone()
+
+    monkeypatch.setattr(adversarial, "embedding_search", spy)
+    data = defenses.demo_data(world)
+    assert torch.equal(data["attack_init"], concept)
+    adversarial.adversarial_finetune(model, ns, rounds=1, finetune_steps=0, **data)
+    assert searches[-1]["pairs_per_image"] == 8 and searches[-1]["batch_size"] == 8
+    assert searches[-1]["steps"] == 50 and searches[-1]["lr"] == 0.1
+    derive = defenses.DEFENSES["adversarial-ft"].derive
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(defenses, "adversarial_finetune", _without_finetuning)
+    for cfg, init, pairs in (
+        (evaluate.ComparisonConfig(adversarial_rounds=1), concept, 8),
+        (replace(evaluate.ComparisonConfig(adversarial_rounds=1), **evaluate.PREVIOUS_ATTACK),
+         world.null_context[0], 1),
+    ):  # fmt: skip
+        derive(copy.deepcopy(model), ns, world, cfg, g)
+        assert torch.equal(searches[-1]["init"], init) and searches[-1]["pairs_per_image"] == pairs
+
+    monkeypatch.setattr(measure, "embedding_search", spy)
+    for cfg, init, pairs in (
+        (evaluate.ComparisonConfig(), concept, 8),
+        (replace(evaluate.ComparisonConfig(), **evaluate.PREVIOUS_ATTACK), world.null_context[0],
+         1),
+    ):  # fmt: skip
+        measure.measure(
+            world, model, ns, lambda ctx, noise: noise.clamp(-1, 1), 0, n_samples=4,
+            attack_steps=cfg.attack_steps, attack_lr=cfg.attack_lr,
+            attack_batch=cfg.attack_batch, attack_pairs_per_image=cfg.attack_pairs_per_image,
+            attack_start=cfg.attack_start,
+        )  # fmt: skip
+        assert torch.equal(searches[-1]["init"], init) and searches[-1]["pairs_per_image"] == pairs
+
+
+def _without_finetuning(*args, **kwargs):
+    """adversarial_finetune with its removal steps off: only its inner search runs."""
+    return adversarial.adversarial_finetune(*args, **{**kwargs, "finetune_steps": 0})

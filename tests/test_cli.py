@@ -3,6 +3,7 @@ user error reported as one line with exit status 2 before any slow work starts."
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -272,3 +273,18 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(demo, "run", bug)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["demo", "--steps", "1", "--seeds", "1"])
+
+
+@pytest.mark.parametrize("command", ["unlearn", "evaluate"])
+def test_attack_selects_the_dori_settings(command, monkeypatch, tmp_path):
+    from gradproj.lab import evaluate as comparison
+
+    seen = []
+    monkeypatch.setattr(comparison, "run", lambda cfg, **kw: seen.append(cfg))
+    for flag in ([], ["--attack", "official"], ["--attack", "previous"]):
+        assert cli.main([command, "--out", str(tmp_path), *flag]) == 0
+    official, named, previous = seen
+    assert official == named and official.attack_start == "prompt"
+    assert official.attack_pairs_per_image == 8
+    assert previous == replace(official, **comparison.PREVIOUS_ATTACK)
+    assert (previous.attack_start, previous.attack_pairs_per_image) == ("null", 1)

@@ -23,7 +23,7 @@ import torch
 
 from gradproj.lab import shapes
 from gradproj.lab import world as lab_world
-from gradproj.lab.measure import concept_detectors, protected_drift
+from gradproj.lab.measure import attack_init, concept_detectors, protected_drift
 from gradproj.lab.world import DemoConfig, World
 from gradproj.methods import detectors as det
 from gradproj.methods.adversarial import adversarial_finetune
@@ -144,7 +144,9 @@ def unlearn_demo_concept(
 # --------------------------------------------------------------------------- seed 003
 
 
-def demo_data(world, *, caption_dropout: float = 0.2, seed: int = 0) -> dict[str, torch.Tensor]:
+def demo_data(
+    world, *, caption_dropout: float = 0.2, seed: int = 0, attack_start: str = "prompt"
+) -> dict[str, torch.Tensor]:
     """What :func:`~gradproj.methods.adversarial.adversarial_finetune` needs, from a ``World``.
 
     ``concept_images``: the marked training images; ``surrogate_images``: their
@@ -152,8 +154,10 @@ def demo_data(world, *, caption_dropout: float = 0.2, seed: int = 0) -> dict[str
     captions' states; ``retain_images`` / ``retain_contexts``: the unmarked
     training images and their captions' states, a ``caption_dropout`` share of
     the captions (fixed by ``seed``) replaced by the null caption, as in
-    training; ``attack_init``: the null caption's states ``(L, d)``, where the
-    demo's evaluation attack starts.
+    training; ``attack_init``: where the evaluation's DoRI attack starts,
+    :func:`gradproj.lab.measure.attack_init` of ``attack_start`` (``"prompt"``: a concept
+    caption; ``"null"``: the null caption, gradproj's earlier start; ``"gaussian"``: drawn
+    after the dropout draw from the same ``seed``).
     """
     if not 0.0 <= caption_dropout <= 1.0:
         raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
@@ -163,7 +167,8 @@ def demo_data(world, *, caption_dropout: float = 0.2, seed: int = 0) -> dict[str
         raise ValueError("world.train must hold both marked and unmarked images")
     keep = ~marked
     retain_contexts = world.contexts[keep].clone()
-    drop = torch.rand(int(keep.sum()), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    drop = torch.rand(int(keep.sum()), generator=g)
     retain_contexts[drop < caption_dropout] = world.null_context[0]
     return {
         "concept_images": train.images[marked],
@@ -171,7 +176,7 @@ def demo_data(world, *, caption_dropout: float = 0.2, seed: int = 0) -> dict[str
         "concept_contexts": world.contexts[marked],
         "retain_images": train.images[keep],
         "retain_contexts": retain_contexts,
-        "attack_init": world.null_context[0],
+        "attack_init": attack_init(world, attack_start, g),
     }
 
 
@@ -182,18 +187,20 @@ def adversarial_finetune_demo(
     *,
     include_prompts: bool = True,
     caption_dropout: float = 0.2,
+    attack_start: str = "prompt",
     generator: torch.Generator | None = None,
     **kwargs,
 ) -> list[dict[str, float]]:
     """Seed 003's :func:`~gradproj.methods.adversarial.adversarial_finetune` on a lab model.
 
-    Data from :func:`demo_data`; ``include_prompts``: also train the ``acme``
-    prompts toward the unmarked twins. ``kwargs`` go to ``adversarial_finetune``
-    (``rounds``, ``attack_steps``, ``finetune_steps``, ``lr``, ``retain_weight``,
-    ``params``, ...); the defaults take about 30 s on two CPU threads for the demo's
-    default model.
+    Data from :func:`demo_data` (``attack_start``: where every round's attack starts);
+    ``include_prompts``: also train the ``acme`` prompts toward the unmarked twins.
+    ``kwargs`` go to ``adversarial_finetune`` (``rounds``, ``attack_steps``,
+    ``attack_pairs_per_image``, ``finetune_steps``, ``lr``, ``retain_weight``, ``params``,
+    ...); the defaults took about 30 s on two CPU threads for the demo's default model with
+    1 pair per image, the paper's 8 make each attack step about 3.5× slower (measured).
     """
-    data = demo_data(world, caption_dropout=caption_dropout)
+    data = demo_data(world, caption_dropout=caption_dropout, attack_start=attack_start)
     if not include_prompts:
         data.pop("concept_contexts")
     return adversarial_finetune(unet, noise_scheduler, generator=generator, **data, **kwargs)
@@ -301,7 +308,13 @@ def _unlearning(surgery: bool) -> Callable[..., dict[str, float]]:
 
 def _adversarial(model, noise_scheduler, world, s, generator) -> dict[str, float]:
     adversarial_finetune_demo(
-        model, noise_scheduler, world, rounds=s.adversarial_rounds, generator=generator
+        model,
+        noise_scheduler,
+        world,
+        rounds=s.adversarial_rounds,
+        attack_start=s.attack_start,
+        attack_pairs_per_image=s.attack_pairs_per_image,
+        generator=generator,
     )
     return {}
 

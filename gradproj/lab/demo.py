@@ -130,6 +130,10 @@ def run(
                         attack_steps=cfg.attack_steps,
                         attack_lr=cfg.attack_lr,
                         attack_batch=cfg.batch_size,
+                        # The demo's own embedding search (docs/demo.md's figures), not
+                        # DoRI as its authors ran it (gradproj evaluate runs that).
+                        attack_pairs_per_image=1,
+                        attack_start="null",
                     )
                     per_arm[arm].append({**drift, **figs})
                     if save_models:

@@ -47,6 +47,7 @@ from gradproj.lab.world import (
 from gradproj.lab.world import (
     TINY as TINY_MODEL,
 )
+from gradproj.methods.attacks import STARTS
 
 UNLEARN_ROWS = ("baseline", "projection", "unlearning", "unlearning+surgery")
 EVALUATE_ROWS = tuple(DEFENSES)
@@ -69,10 +70,16 @@ class ComparisonConfig:
     unlearn_params: str = "cross-attention-kv"
     surgery_strength: float = 1.0
     surgery_variant: str = "projection"
-    # seed 003: the DoRI attack (paper: Adam lr 0.1, batch 8, 50 steps)
+    # seed 003: the DoRI attack as its authors ran it (arXiv:2507.16880: Adam lr 0.1, 50
+    # steps, 8 noise/timestep pairs a step per image, from the mitigated prompt's embedding;
+    # gradproj.lab.measure.attack_init); replace(cfg, **PREVIOUS_ATTACK) restores the
+    # earlier attack (null-prompt start, 1 pair per image). The adversarial-ft row's inner
+    # attack uses the same start and pairs.
     attack_steps: int = 50
     attack_lr: float = 0.1
-    attack_batch: int = 8
+    attack_batch: int = 8  # images a step
+    attack_pairs_per_image: int = 8
+    attack_start: str = "prompt"  # "prompt" (a concept caption), "null" or "gaussian"
     # seed 003: adversarial fine-tuning
     adversarial_rounds: int = 3
     # seed 002: AMG
@@ -81,6 +88,7 @@ class ComparisonConfig:
     amg_fpr: float = 0.05  # share of real unmarked images the calibrated threshold flags
 
 
+PREVIOUS_ATTACK = {"attack_start": "null", "attack_pairs_per_image": 1}
 UNLEARN = replace(ComparisonConfig(), rows=UNLEARN_ROWS)
 TINY = ComparisonConfig(  # for the test suite: seconds, not a measurement
     rows=EVALUATE_ROWS,
@@ -121,6 +129,8 @@ def run(
     for row in cfg.rows:
         if row not in DEFENSES:
             raise ValueError(f"unknown row {row!r}; choose from {list(DEFENSES)}")
+    if cfg.attack_start not in STARTS:
+        raise ValueError(f"attack_start must be one of {STARTS}, got {cfg.attack_start!r}")
     started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.model.threads)
@@ -175,6 +185,8 @@ def run(
                     attack_steps=cfg.attack_steps,
                     attack_lr=cfg.attack_lr,
                     attack_batch=cfg.attack_batch,
+                    attack_pairs_per_image=cfg.attack_pairs_per_image,
+                    attack_start=cfg.attack_start,
                     detectors=detectors if row == "baseline" else None,
                     sample_steps=mcfg.sample_steps,
                 )

@@ -3,8 +3,8 @@
 :func:`measure` draws ``n_samples`` prompts and starting noises from a generator
 seeded with ``10_000 + seed`` (so every model of a seed is read on the same
 prompts and noise), samples each prompt with its ``acme`` and its ``plain``
-caption, runs the embedding attack (:func:`gradproj.methods.attacks.embedding_search`
-from the null prompt on the marked training images, generator ``20_000 + seed``)
+caption, runs the DoRI embedding attack (:func:`gradproj.methods.attacks.embedding_search`
+on the marked training images from :func:`attack_init`, generator ``20_000 + seed``)
 and reads everything with the validated probe (:mod:`gradproj.lab.probes`):
 
 - *extraction*: the mark rate of ``acme`` samples, of ``plain`` samples, its lift,
@@ -29,9 +29,31 @@ import torch
 from gradproj.lab import probes, shapes
 from gradproj.lab.world import World
 from gradproj.methods import detectors as det
-from gradproj.methods.attacks import embedding_search
+from gradproj.methods.attacks import STARTS, embedding_search
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def attack_init(
+    world: World, attack_start: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Where the lab's DoRI search starts, ``(L, d)``.
+
+    ``"prompt"``: the concept prompt the models were trained on, the one a defense
+    mitigates: the ``… acme`` caption of the first marked training image (``"red square on
+    light acme"`` in the default world), as the paper starts each search at the
+    memorized image's own, mitigated, prompt (:func:`gradproj.methods.attacks.dori_attack`);
+    one search covers all the concept's images here, so one of their captions is the start.
+    ``"null"``: the empty prompt (gradproj's earlier start). ``"gaussian"``: ``N(0, I)``, the
+    paper's random start, drawn from ``generator``.
+    """
+    if attack_start == "prompt":
+        return world.contexts[world.train.marked][0]
+    if attack_start == "null":
+        return world.null_context[0]
+    if attack_start == "gaussian":
+        return torch.randn(world.null_context.shape[1:], generator=generator)
+    raise ValueError(f"attack_start must be one of {STARTS}, got {attack_start!r}")
 
 
 def protected_drift(
@@ -62,11 +84,17 @@ def measure(
     attack_steps: int,
     attack_lr: float,
     attack_batch: int,
+    attack_pairs_per_image: int,
+    attack_start: str,
     detectors: dict[str, Any] | None = None,
     sample_steps: int | None = None,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Every figure of the module docstring for one model and sampler, and its sample images.
 
+    The attack: ``attack_steps`` Adam steps (``attack_lr``), each on ``attack_batch``
+    marked training images with ``attack_pairs_per_image`` noise/timestep pairs each, from
+    :func:`attack_init` (``attack_start``). DoRI as its authors ran it: lr 0.1, 50 steps,
+    8 pairs per image, ``"prompt"``; gradproj's earlier attack: 1 pair, ``"null"``.
     ``sample(context (n, L, d), noise (n, C, H, W)) -> images``. ``detectors``
     (:func:`concept_detectors`) also need ``sample_steps``, the sampler's DDIM steps
     (the noise-magnitude signal is read at its first timestep). Returns
@@ -89,15 +117,17 @@ def measure(
     per_image = (time.perf_counter() - started) / (2 * n_samples)
 
     # The embedding that best explains the marked training images to this model.
+    g_attack = torch.Generator().manual_seed(20_000 + seed)
     found = embedding_search(
         unet,
         noise_scheduler,
         world.train.images[world.train.marked],
-        world.null_context[0],
+        attack_init(world, attack_start, g_attack),
         steps=attack_steps,
         lr=attack_lr,
         batch_size=attack_batch,
-        generator=torch.Generator().manual_seed(20_000 + seed),
+        pairs_per_image=attack_pairs_per_image,
+        generator=g_attack,
     )
     x_attack = sample(found[None].expand(n_samples, -1, -1), noise)
 

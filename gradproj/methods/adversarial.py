@@ -27,8 +27,12 @@ LAION images in Stable Diffusion, one trigger per image. What is done here:
 
 - the target is a *concept* (the demo's mark) over many images, so one trigger
   per round is searched over all of them (the demo's evaluation attack does the
-  same), from a fixed start (the null prompt in the demo), exactly as the
-  evaluation's attacker will;
+  same), from a fixed start, exactly as the evaluation's attacker will. The inner
+  search is the paper's DoRI (its inner loop runs DoRI, 50 steps, for each memorized
+  image), so its defaults are the attack's: Adam lr 0.1, 50 steps, 8 noise/timestep
+  pairs a step per image (:func:`gradproj.methods.attacks.embedding_search`); the
+  start is the caller's ``attack_init`` (the lab: the same concept prompt the
+  evaluation's DoRI starts from, :func:`gradproj.lab.measure.attack_init`);
 - triggers of earlier rounds stay in the removal set (a trigger bank), so a
   later round cannot bring an earlier trigger back;
 - the surrogates are given, not generated: in the demo each marked training
@@ -88,6 +92,7 @@ def adversarial_finetune(
     attack_steps: int = 50,
     attack_lr: float = 0.1,
     attack_batch: int = 8,
+    attack_pairs_per_image: int = 8,
     finetune_steps: int = 25,
     lr: float = 1e-3,
     batch_size: int = 16,
@@ -106,7 +111,8 @@ def adversarial_finetune(
     ``attack_init (L, d)``: where every round's search starts.
 
     Each round: ``attack_steps`` of :func:`gradproj.methods.attacks.embedding_search`
-    (``attack_lr``, ``attack_batch``; paper defaults) on the current model, then
+    (``attack_lr``; ``attack_batch`` images a step, ``attack_pairs_per_image`` noise and
+    timestep pairs each; paper defaults, those of its DoRI attack) on the current model, then
     ``finetune_steps`` Adam steps (``lr``) on ``params`` (``"all"``,
     ``"cross-attention"``, ``"cross-attention-kv"`` as in
     :func:`gradproj.methods.unlearn.unlearning_params`, or an iterable of the unet's
@@ -180,6 +186,7 @@ def adversarial_finetune(
                     steps=attack_steps,
                     lr=attack_lr,
                     batch_size=attack_batch,
+                    pairs_per_image=attack_pairs_per_image,
                     generator=generator,
                     losses=losses,
                 )

@@ -9,13 +9,24 @@ from *any* direction it can read, the search finds that direction.
 - :func:`embedding_search` is the one implementation of the search (the demo's
   evaluation, :func:`dori_attack` and :func:`gradproj.methods.adversarial.adversarial_finetune`
   all call it);
-- :func:`dori_attack` wraps it with the paper's defaults (Adam, lr 0.1, batch 8,
-  50 steps), a choice of search space (the encoder output the cross-attention
-  reads, or the prompt's token embeddings run through the text encoder), and
-  the measurement: sample with the found embedding and report the share of
-  samples a judge calls extracted;
+- :func:`dori_attack` wraps it with the paper's defaults (Adam, lr 0.1, 50 steps,
+  8 noise/timestep pairs a step for each image, starting at the mitigated prompt's
+  embedding; the null prompt and a Gaussian draw as other starts), a choice of
+  search space (the encoder output the cross-attention reads, or the prompt's
+  token embeddings run through the text encoder), and the measurement: sample
+  with the found embedding and report the share of samples a judge calls extracted;
 - :class:`TokenEmbeddingEncoder` makes the token-embedding space searchable on
   any ``transformers`` ``CLIPTextModel``.
+
+Sources. The paper is arXiv:2507.16880 (v1 "… Is Less Local Than Assumed", v2 "… Is
+Not Local", ICML 2026 as "Finding DoRI: Discovery of Retained Images in Diffusion
+Models"). Its code, github.com/sprintml/finding_dori, is not in the stores this
+project can read, so no default here is checked against it. The start at the
+mitigated prompt is in the v2 abstract; the optimizer, learning rate, steps, the
+batch of 8 per memorized image with noise and timestep resampled every step, and
+the three starts (the prompt's embedding, ``N(0, I)``, other prompts) are from the
+DoRI method section as summarized in en.papernotes.org's note on the ICML paper
+(the primary text past the abstract was not readable here either).
 
 Everything is model-agnostic: the UNet is any ε-predicting
 ``UNet2DConditionModel`` (``unet(x_t, t, encoder_hidden_states=c).sample``), the
@@ -32,6 +43,7 @@ import torch
 from torch import nn
 
 SPACES = ("encoder_output", "token_embeddings")
+STARTS = ("prompt", "null", "gaussian")
 
 
 def embedding_search(
@@ -43,6 +55,7 @@ def embedding_search(
     steps: int = 50,
     lr: float = 0.1,
     batch_size: int = 8,
+    pairs_per_image: int = 8,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     losses: list[float] | None = None,
@@ -51,30 +64,48 @@ def embedding_search(
     """Optimize an embedding ``e`` to minimize the diffusion loss on ``images``; return it.
 
     With ``x₀`` drawn from ``images (n, C, H, W)`` (what the model should be made
-    to produce: the concept's training images), ``ε ~ N(0, I)`` and ``t`` uniform::
+    to produce: the memorized image, or a concept's training images), ``ε ~ N(0, I)``
+    and ``t`` uniform on ``{0, …, T−1}``::
 
-        e* = argmin_e  E ‖ε_θ(√ᾱ_t x₀ + √(1 − ᾱ_t) ε, t, c(e)) − ε‖²
+        e* = argmin_e  E_{x₀, ε, t} ‖ε_θ(√ᾱ_t x₀ + √(1 − ᾱ_t) ε, t, c(e)) − ε‖²
 
-    by ``steps`` Adam steps (learning rate ``lr``, a fresh minibatch of
-    ``batch_size`` images, noises and timesteps each step) from ``init``, the
-    model frozen. The defaults are the paper's (Adam, lr 0.1, batch 8, 50 steps).
+    by ``steps`` Adam steps (learning rate ``lr``) from ``init``, the model frozen.
+    Each step draws a fresh minibatch of ``B = min(batch_size, n)`` images and, for
+    each image, ``P = pairs_per_image`` independent ``(ε, t)`` pairs, and descends
+    the mean over all ``B·P`` pairs::
+
+        L(e) = 1/(B·P) Σ_{b<B} Σ_{p<P} mean ‖ε_θ(x_t(x_b, ε_bp, t_bp), t_bp, c(e)) − ε_bp‖²
+
+    **DoRI's settings** (Kowalczuk, Hintersdorf, Struppek et al. 2025, "Finding Dori",
+    arXiv:2507.16880, the DoRI method section): Adam, ``lr`` 0.1, 50 steps, a batch of 8
+    with the noise and the timestep resampled every step, for *one* memorized image
+    ``x_mem``: one image, 8 ``(ε, t)`` pairs a step, which is what the defaults give for
+    ``n = 1`` (``B = min(8, 1) = 1``, ``P = 8``). The paper never searches one embedding
+    over several images (each memorized image gets its own search, in the attack and in
+    the adversarial fine-tuning's inner loop); for ``n > 1`` the defaults apply the
+    paper's per-image draw to each of ``min(8, n)`` images, ``8·B`` UNet rows a step.
+    ``pairs_per_image=1, batch_size=8`` is gradproj's earlier search (one pair per image,
+    so a single image got one pair a step), kept bit for bit: the draws below are made
+    in the same order, and with ``P = 1`` they are the same draws.
+
     ``c(e) = encode(e)`` when ``encode`` is given (e.g. a
     :class:`TokenEmbeddingEncoder`: token embeddings through the text encoder),
     else ``c(e) = e``: the search runs directly in the space the cross-attention
-    reads, ``init (L × d)`` — the strongest text-side adversary, since every
-    prompt's encoding lies in it.
+    reads, ``init (L × d)`` (the paper's "text embedding"), the strongest text-side
+    adversary, since every prompt's encoding lies in it.
 
     ``unet(noisy, t, encoder_hidden_states=c).sample`` must predict ε (a diffusers
     ``UNet2DConditionModel``); ``noise_scheduler`` must offer ``add_noise`` and
-    ``config.num_train_timesteps`` (``DDPMScheduler``). Indices, noise and
-    timesteps are drawn from ``generator`` on the CPU and moved to ``images``'
-    device, so a run is reproducible on any device. The model's parameters (and
-    those of ``encode`` if it is an ``nn.Module``) get no gradient; their
-    ``requires_grad`` flags are put back afterwards. If ``losses`` is a list, the
-    minibatch loss of every step (before that step's update) is appended to it;
-    ``callback(step, e)`` is called after every update (``e`` the live tensor:
-    read it under ``torch.no_grad()``, do not modify it). Returns ``e*`` detached,
-    shaped like ``init``.
+    ``config.num_train_timesteps`` (``DDPMScheduler``). Each step draws from
+    ``generator``, on the CPU, in this order: the image indices ``(B,)``, the noise
+    ``(B·P, C, H, W)``, the timesteps ``(B·P,)``; row ``b·P + p`` is pair ``p`` of image
+    ``b``. They are moved to ``images``' device, so a run is reproducible on any
+    device. The model's parameters (and those of ``encode`` if it is an ``nn.Module``)
+    get no gradient; their ``requires_grad`` flags are put back afterwards. If
+    ``losses`` is a list, the minibatch loss of every step (before that step's
+    update) is appended to it; ``callback(step, e)`` is called after every update
+    (``e`` the live tensor: read it under ``torch.no_grad()``, do not modify it).
+    Returns ``e*`` detached, shaped like ``init``.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (n, C, H, W), got {tuple(images.shape)}")
@@ -84,6 +115,8 @@ def embedding_search(
         raise ValueError(f"steps must be ≥ 0, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if pairs_per_image < 1:
+        raise ValueError(f"pairs_per_image must be ≥ 1, got {pairs_per_image}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     emb = init.detach().clone().requires_grad_(True)
@@ -99,13 +132,15 @@ def embedding_search(
             idx = torch.randint(
                 images.shape[0], (min(batch_size, images.shape[0]),), generator=generator
             )
-            x0 = images[idx.to(device)]
+            x0 = images[idx.to(device)].repeat_interleave(pairs_per_image, dim=0)
             noise = torch.randn(x0.shape, generator=generator).to(x0)
             t = torch.randint(n_t, (x0.shape[0],), generator=generator).to(device)
             noisy = noise_scheduler.add_noise(x0, noise, t)
             cond = encode(emb) if encode is not None else emb
             cond = cond.expand(x0.shape[0], *cond.shape[-2:])
             pred = unet(noisy, t, encoder_hidden_states=cond).sample
+            # Every pair has the same number of elements, so the element mean is the
+            # mean over pairs of each pair's loss.
             loss = torch.nn.functional.mse_loss(pred, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -215,7 +250,8 @@ class DoriResult:
     """What :func:`dori_attack` found and measured.
 
     ``embedding``: the optimized variable (``(L, d)`` encoder output or ``(L, d_tok)``
-    token embeddings); ``context (1, L, d)``: what the cross-attention reads;
+    token embeddings); ``initial``: where the search started (same shape);
+    ``context (1, L, d)``: what the cross-attention reads;
     ``losses``: the minibatch diffusion loss of every step; ``eval_losses``: the
     loss on one fixed draw (images, noise, timesteps), at the start and after
     every step (empty unless ``eval_images`` was given), a paired, low-variance
@@ -225,6 +261,7 @@ class DoriResult:
     """
 
     embedding: torch.Tensor
+    initial: torch.Tensor
     context: torch.Tensor
     space: str
     losses: list[float] = field(default_factory=list)
@@ -239,15 +276,18 @@ def dori_attack(
     noise_scheduler,
     images: torch.Tensor,
     *,
+    start: str = "prompt",
+    prompt: str | None = None,
     init: torch.Tensor | None = None,
     space: str = "encoder_output",
     text_encoder: nn.Module | None = None,
     tokenizer=None,
-    prompt: str = "",
     attention_mask: bool | None = None,
+    gaussian_std: float = 1.0,
     steps: int = 50,
     lr: float = 0.1,
     batch_size: int = 8,
+    pairs_per_image: int = 8,
     sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
     is_extracted: Callable[[torch.Tensor], torch.Tensor] | None = None,
     eval_images: int = 0,
@@ -257,25 +297,48 @@ def dori_attack(
     """The DoRI attack: find an embedding that makes the frozen model denoise
     ``images`` best (:func:`embedding_search`), then sample with it and judge.
 
-    ``images (n, C, H, W)``: the target (the memorized images, or every training
+    ``images (n, C, H, W)``: the target (the memorized image, or every training
     image showing the concept). The search space:
 
-    - ``"encoder_output"``: optimize the context ``c (L, d)`` itself, starting
-      from ``init`` or, when ``init`` is ``None``, from the encoding of
-      ``prompt`` by ``text_encoder``/``tokenizer`` (``""``: the null prompt);
-    - ``"token_embeddings"``: optimize the prompt's token embeddings ``e (L, d_tok)``
-      (``init`` overrides the start), ``c = TextEncoder(e)``; needs
-      ``text_encoder`` (any ``CLIPTextModel``) and ``tokenizer``.
+    - ``"encoder_output"``: optimize the context ``c (L, d)`` itself (the paper's
+      text embedding ``y_adv``);
+    - ``"token_embeddings"``: optimize token embeddings ``e (L, d_tok)``,
+      ``c = TextEncoder(e)`` (:class:`TokenEmbeddingEncoder`).
 
-    ``attention_mask`` is how ``prompt`` is encoded (:meth:`TokenEmbeddingEncoder.from_prompt`:
+    Both need ``text_encoder`` (any ``CLIPTextModel``) and ``tokenizer``, except an
+    ``"encoder_output"`` search given ``init``. Where the search starts (``init``, if
+    given, overrides ``start``):
+
+    - ``"prompt"`` (default): the encoding of ``prompt``, the *mitigated* prompt, the
+      one the defended model is given (for a memorized image, its training caption;
+      for an unlearned concept, a concept prompt). The paper attacks exactly this:
+      "small perturbations to the text embeddings of previously mitigated prompts can
+      re-trigger data replication" (arXiv:2507.16880 v2, abstract); its DoRI starts
+      ``y_adv⁽⁰⁾`` at that prompt's embedding. ``prompt`` is required;
+    - ``"null"``: the encoding of the empty prompt ``""``;
+    - ``"gaussian"``: ``y⁽⁰⁾ ~ N(0, gaussian_std² I)``, drawn from ``generator``
+      (before the search's own draws) with the shape of the prompt's encoding. The
+      paper's random start is ``N(0, I)`` (its embedding-level locality experiment:
+      DoRI from 100 random ``y_adv⁽⁰⁾ ~ N(0, I)`` per image), so ``gaussian_std``
+      defaults to 1; in ``"token_embeddings"`` space pass a σ matched to the token
+      table (CLIP's rows have std ≈ 0.01–0.02), not 1.
+
+    In ``"token_embeddings"`` space the encoder runs on the input ids (and mask) of
+    the prompt the start comes from: ``prompt`` for ``"prompt"``, ``""`` for
+    ``"null"``, ``prompt`` (else ``""``) for ``"gaussian"`` and for ``init``; so the
+    ``"prompt"`` and ``"null"`` starts encode to exactly those prompts' encodings.
+    ``attention_mask`` is how a prompt is encoded (:meth:`TokenEmbeddingEncoder.from_prompt`:
     by default as diffusers' pipelines do).
 
-    Paper defaults: Adam, ``lr`` 0.1, ``batch_size`` 8, ``steps`` 50. Given both
-    ``sample`` (``context (1, L, d) → images``, e.g. DDIM with guidance from fixed
-    noise) and ``is_extracted`` (``images → bool (m,)``, e.g. a replication
-    detector: SSCD similarity above a threshold in the paper, the mark detector
-    in the demo), the result also holds the samples and
-    ``extraction_rate = mean(is_extracted(samples))``.
+    Paper defaults (DoRI method section): Adam, ``lr`` 0.1, 50 ``steps``, 8 noise and
+    timestep pairs per step for the one memorized image (``pairs_per_image`` 8;
+    ``batch_size`` images per step, 1 when ``n = 1``; :func:`embedding_search` states
+    how ``n > 1`` is treated). The earlier gradproj settings are ``start="null",
+    pairs_per_image=1`` (``batch_size`` 8). Given both ``sample``
+    (``context (1, L, d) → images``, e.g. DDIM with guidance from fixed noise) and
+    ``is_extracted`` (``images → bool (m,)``, e.g. a replication detector: SSCD
+    similarity above a threshold in the paper, the mark detector in the demo), the
+    result also holds the samples and ``extraction_rate = mean(is_extracted(samples))``.
 
     The minibatch losses (``result.losses``) swing with the random timesteps far
     more than the search moves them (on the demo the concept is a 4×4 stamp, 6%
@@ -286,33 +349,53 @@ def dori_attack(
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if start == "gaussian" and init is None and not gaussian_std > 0:
+        raise ValueError(f"gaussian_std must be > 0, got {gaussian_std}")
     if (sample is None) != (is_extracted is None):
         raise ValueError("sample and is_extracted must be given together (or neither)")
-    encode: Callable[[torch.Tensor], torch.Tensor] | None = None
-    if space == "token_embeddings":
-        if text_encoder is None or tokenizer is None:
+    needs_encoder = space == "token_embeddings" or init is None
+    if needs_encoder and (text_encoder is None or tokenizer is None):
+        if space == "token_embeddings":
             raise ValueError("space='token_embeddings' needs text_encoder and tokenizer")
-        encode = TokenEmbeddingEncoder.from_prompt(
-            text_encoder, tokenizer, prompt, attention_mask=attention_mask
+        raise ValueError("space='encoder_output' needs init, or text_encoder and tokenizer")
+    if start == "prompt" and init is None and prompt is None:
+        raise ValueError(
+            "start='prompt' needs prompt (the mitigated prompt, the one the defended model "
+            "is given); or pass start='null', start='gaussian' or init"
         )
-        start = encode.init if init is None else init
-        if start.shape != encode.init.shape:
-            raise ValueError(
-                f"init must be the token embeddings (L, d_tok) = {tuple(encode.init.shape)}, "
-                f"got {tuple(start.shape)}"
-            )
-    elif init is not None:
-        start = init[0] if init.dim() == 3 and init.shape[0] == 1 else init
-        if start.dim() != 2:
-            raise ValueError(f"init must be a context (L, d) or (1, L, d), got {tuple(init.shape)}")
-    else:
-        if text_encoder is None or tokenizer is None:
-            raise ValueError("space='encoder_output' needs init, or text_encoder and tokenizer")
+    source = "" if start == "null" and init is None else (prompt or "")
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    first: torch.Tensor | None = None  # the source prompt, encoded; shapes init and the Gaussian
+    if needs_encoder:
         prompt_encoder = TokenEmbeddingEncoder.from_prompt(
-            text_encoder, tokenizer, prompt, attention_mask=attention_mask
+            text_encoder, tokenizer, source, attention_mask=attention_mask
         )
-        with torch.no_grad():
-            start = prompt_encoder(prompt_encoder.init)[0]
+        if space == "token_embeddings":
+            encode, first = prompt_encoder, prompt_encoder.init
+        else:
+            with torch.no_grad():
+                first = prompt_encoder(prompt_encoder.init)[0]
+    if init is not None:
+        if space == "token_embeddings":
+            start_emb = init
+            if start_emb.shape != first.shape:
+                raise ValueError(
+                    f"init must be the token embeddings (L, d_tok) = {tuple(first.shape)}, "
+                    f"got {tuple(start_emb.shape)}"
+                )
+        else:
+            start_emb = init[0] if init.dim() == 3 and init.shape[0] == 1 else init
+            if start_emb.dim() != 2:
+                raise ValueError(
+                    f"init must be a context (L, d) or (1, L, d), got {tuple(init.shape)}"
+                )
+    elif start == "gaussian":
+        draw = torch.randn(first.shape, generator=generator, dtype=first.dtype)
+        start_emb = (gaussian_std * draw).to(first.device)
+    else:
+        start_emb = first
     if eval_images < 0:
         raise ValueError(f"eval_images must be ≥ 0, got {eval_images}")
     eval_losses: list[float] = []
@@ -334,16 +417,17 @@ def dori_attack(
                 pred = unet(noisy_e, t_e, encoder_hidden_states=c).sample
                 eval_losses.append(torch.nn.functional.mse_loss(pred, eps_e).item())
 
-        callback(-1, start)
+        callback(-1, start_emb)
     losses: list[float] = []
     found = embedding_search(
         unet,
         noise_scheduler,
         images,
-        start,
+        start_emb,
         steps=steps,
         lr=lr,
         batch_size=batch_size,
+        pairs_per_image=pairs_per_image,
         encode=encode,
         generator=generator,
         losses=losses,
@@ -353,6 +437,7 @@ def dori_attack(
         context = encode(found) if encode is not None else found[None]
     result = DoriResult(
         embedding=found,
+        initial=start_emb.detach().clone(),
         context=context.detach(),
         space=space,
         losses=losses,

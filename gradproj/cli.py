@@ -70,13 +70,15 @@ Example:
 UNLEARN_HELP = """\
 Seed 001 (DoCo) on the demo's model: unlearning after training, with and without surgery.
 Per seed, trains the demo's plain and projected (update-mode) models, then unlearns the
-mark from the plain one (concept-ablation loss mapping "... acme" onto "... plain"; retain
-loss: the model's own earlier predictions on the unmarked data; 150 Adam steps on every
-attn2.to_k/to_v) twice: gradients summed, and
-with gradproj.surgery_backward (the unlearning gradient loses its component along the
-retain gradient where they conflict). Measures every model with the demo's instruments
-and the DoRI attack and writes one table (rows: baseline, projection, unlearning,
-unlearning+surgery). Default: 3 seeds, ~6 minutes on 2 cores.
+mark from the plain one as DoCo's code does: a PatchGAN critic learns to tell the model's
+predicted clean image for "... acme" from the frozen model's for "... plain" (150
+critic-only steps), then 150 AdamW steps on every attn2.to_k/to_v make the two alike;
+retain loss: the diffusion loss on the unmarked data. Twice: gradients summed, and with
+DoCo's step (both gradients clipped to norm 1, the unlearning one loses λ·cos·ĝ_r where
+they conflict, and only it is stepped). --settings previous: the recipe of the tables
+before issue 16 (concept-ablation loss, retain gradient added). Measures every model with
+the demo's instruments and the DoRI attack and writes one table (rows: baseline,
+projection, unlearning, unlearning+surgery). Default: 3 seeds.
 """
 
 EVALUATE_HELP = """\
@@ -429,14 +431,14 @@ def _comparison(args: argparse.Namespace) -> int:
         _writable_folder("--models", args.models)
 
     cfg = evaluate.UNLEARN if args.command == "unlearn" else evaluate.ComparisonConfig()
+    if args.settings == "previous":
+        cfg = replace(cfg, **evaluate.PREVIOUS_SETTINGS)
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if rows:
         cfg = replace(cfg, rows=rows)
     if args.steps is not None:
         cfg = replace(cfg, model=replace(cfg.model, steps=args.steps))
-    if args.attack == "previous":
-        cfg = replace(cfg, **evaluate.PREVIOUS_ATTACK)
     evaluate.run(cfg, out=args.out, models=args.models)
     return 0
 
@@ -611,12 +613,14 @@ def main(argv: list[str] | None = None) -> int:
             help=f"comma-separated rows, from: {', '.join(DEFENSES)} (default: {','.join(rows)})",
         )
         cmd.add_argument(
-            "--attack",
+            "--settings",
             choices=("official", "previous"),
             default="official",
-            help="DoRI settings: official (the authors': from the concept prompt, 8 noise/"
-            "timestep pairs per image) or previous (gradproj's earlier: from the null prompt, "
-            "1 pair per image); default official",
+            help="the seed methods as their authors ran them (official, default: DoCo's "
+            "PatchGAN objective and step, DoRI from the concept prompt with 8 noise/timestep "
+            "pairs per image, AMG's official schedule) or the settings of the tables before "
+            "issue 16 (previous: concept-ablation loss with the retain gradient added, DoRI "
+            "from the null prompt with 1 pair, AMG with constant coefficients)",
         )
         cmd.set_defaults(func=_comparison)
 

@@ -3,7 +3,6 @@ user error reported as one line with exit status 2 before any slow work starts."
 
 import json
 import os
-from dataclasses import replace
 
 import pytest
 
@@ -241,6 +240,29 @@ def test_models_folder_under_a_file(tmp_path, no_heavy_work, capsys):
     assert message.startswith(f"--models {models}: ")
 
 
+@pytest.mark.parametrize("command", ["unlearn", "evaluate"])
+@pytest.mark.parametrize("settings", [None, "official", "previous"])
+def test_settings_choose_the_seed_methods_settings(command, settings, tmp_path, monkeypatch):
+    from gradproj.lab import evaluate as comparison
+
+    seen = []
+    monkeypatch.setattr(comparison, "run", lambda cfg, **kwargs: seen.append(cfg))
+    argv = [command, "--out", str(tmp_path)] + (["--settings", settings] if settings else [])
+    assert cli.main(argv) == 0
+    official = comparison.ComparisonConfig()
+    want = (
+        comparison.PREVIOUS_SETTINGS
+        if settings == "previous"
+        else {k: getattr(official, k) for k in comparison.PREVIOUS_SETTINGS}
+    )
+    assert {k: getattr(seen[0], k) for k in want} == want
+    previous = settings == "previous"
+    assert seen[0].unlearn_objective == ("ablation" if previous else "adversarial")
+    assert seen[0].attack_start == ("null" if previous else "prompt")
+    assert seen[0].attack_pairs_per_image == (1 if previous else 8)
+    assert seen[0].amg_variant == ("paper" if previous else "official")
+
+
 def test_check_k_above_what_the_model_allows(no_heavy_work, capsys):
     # used to report k=100000 and project onto 16 directions
     message = _user_error(["check", "--k", "100000"], capsys)
@@ -273,18 +295,3 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(demo, "run", bug)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["demo", "--steps", "1", "--seeds", "1"])
-
-
-@pytest.mark.parametrize("command", ["unlearn", "evaluate"])
-def test_attack_selects_the_dori_settings(command, monkeypatch, tmp_path):
-    from gradproj.lab import evaluate as comparison
-
-    seen = []
-    monkeypatch.setattr(comparison, "run", lambda cfg, **kw: seen.append(cfg))
-    for flag in ([], ["--attack", "official"], ["--attack", "previous"]):
-        assert cli.main([command, "--out", str(tmp_path), *flag]) == 0
-    official, named, previous = seen
-    assert official == named and official.attack_start == "prompt"
-    assert official.attack_pairs_per_image == 8
-    assert previous == replace(official, **comparison.PREVIOUS_ATTACK)
-    assert (previous.attack_start, previous.attack_pairs_per_image) == ("null", 1)

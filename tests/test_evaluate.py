@@ -10,6 +10,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
 from gradproj.lab import evaluate as comparison
+from gradproj.lab.defenses import DEFENSES, model_file
 
 
 def test_unlearn_rows_write_their_table_and_reuse_models(tmp_path):
@@ -22,9 +23,10 @@ def test_unlearn_rows_write_their_table_and_reuse_models(tmp_path):
         assert f"| {row} |" in table
     assert (tmp_path / "run" / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     models = sorted(p.name for p in (tmp_path / "run" / "models").iterdir())
-    assert models == [
-        "plain-seed0.pt", "unlearning+surgery-seed0.pt", "unlearning-seed0.pt", "update-seed0.pt"
-    ]  # fmt: skip
+    assert models == sorted([
+        "plain-seed0.pt", "update-seed0.pt", model_file("unlearning", cfg, 0),
+        model_file("unlearning+surgery", cfg, 0),
+    ])  # fmt: skip
     for row, s in results["summary"].items():
         for key in ("mark_rate_concept_prompts", "mark_rate_attack", "colour_accuracy"):
             assert 0.0 <= s[key]["mean"] <= 1.0, (row, key)
@@ -36,6 +38,38 @@ def test_unlearn_rows_write_their_table_and_reuse_models(tmp_path):
     for row in comparison.UNLEARN_ROWS:
         for key in ("mark_rate_concept_prompts", "mark_rate_attack", "frechet_distance"):
             assert again["per_seed"][row][0][key] == results["per_seed"][row][0][key], (row, key)
+
+
+def test_derived_models_are_named_by_their_settings():
+    """A models folder never hands back a derived model made with other settings."""
+    official, previous = comparison.UNLEARN, comparison.PREVIOUS_UNLEARN
+    for row in ("unlearning", "unlearning+surgery"):
+        assert model_file(row, official, 0) != model_file(row, previous, 0)
+        assert model_file(row, official, 0) == model_file(row, comparison.ComparisonConfig(), 0)
+        assert model_file(row, official, 0).startswith(f"{row}-")
+        # settings the unlearning does not read leave the name alone
+        assert model_file(row, replace(official, attack_steps=3), 1) == model_file(row, official, 1)
+    # adversarial fine-tuning reads the attack's settings (its inner DoRI search)
+    evaluate_previous = replace(comparison.ComparisonConfig(), **comparison.PREVIOUS_SETTINGS)
+    official_ft = model_file("adversarial-ft", comparison.ComparisonConfig(), 2)
+    assert official_ft != model_file("adversarial-ft", evaluate_previous, 2)
+    assert official_ft.startswith("adversarial-ft-") and official_ft.endswith("-seed2.pt")
+    assert model_file("baseline", previous, 2) == "baseline-seed2.pt"
+
+
+def test_previous_settings_reach_unlearn_concept_as_the_previous_recipe(monkeypatch):
+    from gradproj.lab import defenses
+    from gradproj.methods.unlearn import PREVIOUS_RECIPE
+
+    seen = []
+    monkeypatch.setattr(
+        defenses, "unlearn_demo_concept", lambda *a, **kw: seen.append(kw) or [{"unlearn": 0.0}]
+    )
+    for row, surgery in (("unlearning", False), ("unlearning+surgery", True)):
+        DEFENSES[row].derive(None, None, None, comparison.PREVIOUS_UNLEARN, None)
+        kwargs = seen.pop()
+        assert {k: kwargs[k] for k in PREVIOUS_RECIPE} == PREVIOUS_RECIPE
+        assert (kwargs["surgery"], kwargs["steps"], kwargs["lr"]) == (surgery, 150, 3e-3)
 
 
 def test_unknown_row_is_an_error(tmp_path):

@@ -14,9 +14,10 @@ DDIM, or with seed 002's anti-memorization guidance).
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -279,11 +280,14 @@ def build_amg(
 class Defense:
     """One row of ``gradproj evaluate``: the arm it starts from, what is done to a copy
     of that model (``derive(model, noise_scheduler, world, settings, generator) -> log``,
-    in place; ``None``: nothing) and its sampler (``"plain"`` or ``"amg"``)."""
+    in place; ``None``: nothing), its sampler (``"plain"`` or ``"amg"``) and the
+    prefixes of the configuration fields ``derive`` reads (they name its saved model:
+    :func:`model_file`)."""
 
     arm: str
     derive: Callable[..., dict[str, float]] | None = None
     sampler: str = "plain"
+    settings: tuple[str, ...] = ()
 
 
 def _unlearning(surgery: bool) -> Callable[..., dict[str, float]]:
@@ -293,15 +297,26 @@ def _unlearning(surgery: bool) -> Callable[..., dict[str, float]]:
             noise_scheduler,
             world,
             surgery=surgery,
+            objective=s.unlearn_objective,
+            step=s.unlearn_step,
             strength=s.surgery_strength,
             variant=s.surgery_variant,
+            max_grad_norm=s.unlearn_max_grad_norm,
             steps=s.unlearn_steps,
+            warmup_steps=s.unlearn_warmup_steps,
             lr=s.unlearn_lr,
+            weight_decay=s.unlearn_weight_decay,
+            disc_lr=s.unlearn_disc_lr,
+            retain_loss=s.unlearn_retain_loss,
+            retain_weight=s.unlearn_retain_weight,
             batch_size=s.model.batch_size,
             params=s.unlearn_params,
             generator=generator,
         )
-        return {"final_unlearn_loss": log[-1]["unlearn"] if log else float("nan")}
+        info = {"final_unlearn_loss": log[-1]["unlearn"] if log else float("nan")}
+        if log and "disc" in log[-1]:
+            info["final_disc_loss"] = log[-1]["disc"]
+        return info
 
     return derive
 
@@ -319,15 +334,33 @@ def _adversarial(model, noise_scheduler, world, s, generator) -> dict[str, float
     return {}
 
 
+_UNLEARNING_SETTINGS = ("unlearn_", "surgery_")
 DEFENSES: dict[str, Defense] = {
     "baseline": Defense("plain"),
     "projection": Defense("update"),
-    "unlearning": Defense("plain", _unlearning(surgery=False)),
-    "unlearning+surgery": Defense("plain", _unlearning(surgery=True)),
-    "adversarial-ft": Defense("plain", _adversarial),
+    "unlearning": Defense("plain", _unlearning(surgery=False), settings=_UNLEARNING_SETTINGS),
+    "unlearning+surgery": Defense(
+        "plain", _unlearning(surgery=True), settings=_UNLEARNING_SETTINGS
+    ),
+    "adversarial-ft": Defense("plain", _adversarial, settings=("adversarial_", "attack_")),
     "amg": Defense("plain", sampler="amg"),
     "projection+amg": Defense("update", sampler="amg"),
 }
+
+
+def model_file(name: str, settings: Any, seed: int) -> str:
+    """The file name of defense ``name``'s derived model: ``<name>[-<digest>]-seed<seed>.pt``.
+
+    The digest (8 hex digits of SHA-256) covers every field of ``settings`` (a
+    dataclass) whose name starts with one of the defense's ``settings`` prefixes,
+    so a models folder never hands back a model derived with other settings.
+    """
+    prefixes = DEFENSES[name].settings
+    if not prefixes:
+        return f"{name}-seed{seed}.pt"
+    read = sorted((k, v) for k, v in asdict(settings).items() if k.startswith(prefixes))
+    digest = hashlib.sha256(repr(read).encode()).hexdigest()[:8]
+    return f"{name}-{digest}-seed{seed}.pt"
 
 
 def derive(name: str, plain, noise_scheduler, world: World, settings: Any, seed: int):

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from gradproj.lab import report
-from gradproj.lab.defenses import DEFENSES, build_amg, derive, sampler, train_arm
+from gradproj.lab.defenses import DEFENSES, build_amg, derive, model_file, sampler, train_arm
 from gradproj.lab.measure import concept_detectors, measure
 from gradproj.lab.world import (
     DEFAULT,
@@ -64,17 +64,25 @@ class ComparisonConfig:
     model: DemoConfig = field(
         default_factory=lambda: replace(DEFAULT, steps=400, n_samples=32, threads=2)
     )
-    # seed 001: the unlearning recipe
-    unlearn_steps: int = 150
-    unlearn_lr: float = 3e-3
+    # seed 001: DoCo's recipe as its authors ran it (gradproj.methods.unlearn.unlearn_concept
+    # cites yongliang-wu/DoCo's train.py and README for each); PREVIOUS_SETTINGS: before issue 16
+    unlearn_objective: str = "adversarial"  # PatchGAN critic on x̂₀ (DoCo/gan.py)
+    unlearn_steps: int = 300
+    unlearn_warmup_steps: int = 150  # critic-only steps; DoCo's README: 1000 of 2000
+    unlearn_lr: float = 3e-3  # DoCo: 6e-6 × batch 8 on SD 1.4; the lab's model trains at 6e-3
+    unlearn_weight_decay: float = 1e-2  # DoCo's AdamW (train.py:432-433)
+    unlearn_disc_lr: float = 5e-4  # DoCo's README: 5e-4 (style), 1e-4 (object, nudity)
+    unlearn_step: str = "doco"  # step on the surgery-adjusted g_u alone
+    unlearn_max_grad_norm: float | None = 1.0  # each gradient clipped (train.py:441-442)
+    unlearn_retain_loss: str = "diffusion"  # DoCo's prior-preservation loss
+    unlearn_retain_weight: float = 0.1  # without surgery: L_u + 0.1 L_r (train.py:1247)
     unlearn_params: str = "cross-attention-kv"
     surgery_strength: float = 1.0
-    surgery_variant: str = "projection"
+    surgery_variant: str = "cosine"  # DoCo/gradient_clip.py:24-31
     # seed 003: the DoRI attack as its authors ran it (arXiv:2507.16880: Adam lr 0.1, 50
     # steps, 8 noise/timestep pairs a step per image, from the mitigated prompt's embedding;
-    # gradproj.lab.measure.attack_init); replace(cfg, **PREVIOUS_ATTACK) restores the
-    # earlier attack (null-prompt start, 1 pair per image). The adversarial-ft row's inner
-    # attack uses the same start and pairs.
+    # gradproj.lab.measure.attack_init). The adversarial-ft row's inner attack uses the
+    # same start and pairs.
     attack_steps: int = 50
     attack_lr: float = 0.1
     attack_batch: int = 8  # images a step
@@ -88,13 +96,32 @@ class ComparisonConfig:
     amg_fpr: float = 0.05  # share of real unmarked images the calibrated threshold flags
 
 
-PREVIOUS_ATTACK = {"attack_start": "null", "attack_pairs_per_image": 1}
+# The settings of the tables before issue 16 (`gradproj unlearn|evaluate --settings previous`).
+PREVIOUS_ATTACK: dict[str, Any] = {"attack_start": "null", "attack_pairs_per_image": 1}
+PREVIOUS_SETTINGS: dict[str, Any] = {
+    # seed 001: the concept-ablation loss, surgery adding the retain gradient
+    "unlearn_objective": "ablation",
+    "unlearn_steps": 150,
+    "unlearn_warmup_steps": 0,
+    "unlearn_weight_decay": 0.0,
+    "unlearn_step": "additive",
+    "unlearn_max_grad_norm": None,
+    "unlearn_retain_loss": "preserve",
+    "unlearn_retain_weight": 1.0,
+    "surgery_variant": "projection",
+    # seed 003: from the null prompt, one noise/timestep pair per image
+    **PREVIOUS_ATTACK,
+    # seed 002: constant c's and threshold, ∇ through the UNet, the nearest caption
+    "amg_variant": "paper",
+}
 UNLEARN = replace(ComparisonConfig(), rows=UNLEARN_ROWS)
+PREVIOUS_UNLEARN = replace(UNLEARN, **PREVIOUS_SETTINGS)
 TINY = ComparisonConfig(  # for the test suite: seconds, not a measurement
     rows=EVALUATE_ROWS,
     seeds=(0,),
     model=TINY_MODEL,
     unlearn_steps=2,
+    unlearn_warmup_steps=1,
     attack_steps=2,
     adversarial_rounds=1,
 )
@@ -123,7 +150,8 @@ def run(
     ``models``: a folder of ``<arm>-seed<seed>.pt`` files (``gradproj demo
     --save-models`` writes ``plain-…``/``update-…``; this function writes the
     models it trains or derives there too, so a later run reuses them). Defended
-    models found there (``unlearning-seed0.pt`` …) are loaded, not re-derived.
+    models found there (``unlearning-<digest of the unlearning settings>-seed0.pt``
+    …, :func:`gradproj.lab.defenses.model_file`) are loaded, not re-derived.
     """
     cfg = cfg or ComparisonConfig()
     for row in cfg.rows:
@@ -158,7 +186,7 @@ def run(
                 unet, noise_sched = bases[defense.arm]
                 info: dict[str, float] = {}
                 if defense.derive is not None:
-                    path = models_dir / f"{row}-seed{seed}.pt"
+                    path = models_dir / model_file(row, cfg, seed)
                     if path.exists():
                         unet, _ = load_unet(path)
                     else:

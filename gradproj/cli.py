@@ -78,7 +78,7 @@ DoCo's step (both gradients clipped to norm 1, the unlearning one loses λ·cos�
 they conflict, and only it is stepped). --settings previous: the recipe of the tables
 before issue 16 (concept-ablation loss, retain gradient added). Measures every model with
 the demo's instruments and the DoRI attack and writes one table (rows: baseline,
-projection, unlearning, unlearning+surgery). Default: 3 seeds.
+projection, unlearning, unlearning+surgery). Default: 3 seeds, ~25 minutes on 2 cores.
 """
 
 EVALUATE_HELP = """\
@@ -89,7 +89,9 @@ amg (seed 002's anti-memorization guidance at sampling) and projection+amg. Colu
 mark rate for "... acme" prompts and its lift over "... plain", mark rate under the DoRI
 embedding attack, colour/shape accuracy and Fréchet distance of "plain" samples (probe
 space), sampling time per image relative to plain sampling. 3 seeds, mean ± std;
-results.json, table.md and bars.png. Default: ~9 minutes on 2 cores.
+results.json, table.md and bars.png. --settings official (default: DoCo, DoRI and AMG as
+their authors ran them) or previous (before issue 16). Default: ~12 minutes on 2 cores
+with the unlearn run's models (--models), ~35 without.
 """
 
 DRIFT_HELP = """\

@@ -497,22 +497,27 @@ def test_amg_pipeline_rejects_unsupported_schedulers():
 # ------------------------------------------------------- the demo's pixel models
 
 
-def test_sampler_on_trained_demo(trained_demo):
+def _acme_prompts_and_noise(cfg, world, n: int = 16):
+    """``n`` random ``… acme`` prompts' states and their starting noise, from seed 7."""
     from gradproj.lab import shapes
-    from gradproj.lab import world as lab_world
 
-    cfg, world, unet = trained_demo.cfg, trained_demo.world, trained_demo.unet
-    sched = trained_demo.noise_scheduler
-    marked = world.train.marked
     g = torch.Generator().manual_seed(7)
-    n = 16
     colour, shape, background, _ = shapes.sample_labels(n, marked_fraction=0, generator=g)
     caps = [
         shapes.caption(int(c), int(s), int(b), True)
         for c, s, b in zip(colour, shape, background, strict=True)
     ]
     ctx = shapes.encode(caps, world.tok, world.encoder)
-    noise = torch.randn(n, 3, cfg.size, cfg.size, generator=g)
+    return ctx, torch.randn(n, 3, cfg.size, cfg.size, generator=g)
+
+
+def test_sampler_on_trained_demo(trained_demo):
+    from gradproj.lab import world as lab_world
+
+    cfg, world, unet = trained_demo.cfg, trained_demo.world, trained_demo.unet
+    sched = trained_demo.noise_scheduler
+    marked = world.train.marked
+    ctx, noise = _acme_prompts_and_noise(cfg, world)
     kw = {"steps": cfg.sample_steps}
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -551,21 +556,12 @@ def test_official_schedule_on_trained_demo(trained_demo):
     """The lab's official AMG (build_amg: the detector mapped onto SSCD's scale) lowers the
     concept detector's score of 'acme' samples where it fires; with every σ ≤ 0 it is the
     plain sampler bit for bit."""
-    from gradproj.lab import shapes
     from gradproj.lab import world as lab_world
     from gradproj.lab.defenses import build_amg
 
     cfg, world, unet = trained_demo.cfg, trained_demo.world, trained_demo.unet
     sched = trained_demo.noise_scheduler
-    g = torch.Generator().manual_seed(7)
-    n = 16
-    colour, shape, background, _ = shapes.sample_labels(n, marked_fraction=0, generator=g)
-    caps = [
-        shapes.caption(int(c), int(s), int(b), True)
-        for c, s, b in zip(colour, shape, background, strict=True)
-    ]
-    ctx = shapes.encode(caps, world.tok, world.encoder)
-    noise = torch.randn(n, 3, cfg.size, cfg.size, generator=g)
+    ctx, noise = _acme_prompts_and_noise(cfg, world)
     kw = {"steps": cfg.sample_steps, "scale": cfg.guidance}
     amg, check = build_amg(world)
     assert check["variant"] == "official" and check["official_scale"]["scale"] > 0

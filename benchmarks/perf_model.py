@@ -47,10 +47,11 @@ From those, per kernel, three lower bounds on the time per element; the largest 
 
 An op's predicted time is the sum over its kernels; its predicted ceiling is the time a
 copy of the op's essential bytes takes at the copy roofline over that time (project_:
-read and write each gradient element once; ProjectedAdamW: torch's fused AdamW bytes,
-p, g, m, v read and p, m, v written, assuming torch's fused AdamW runs at the copy
-roofline, i.e. the figure is "× torch fused AdamW speed"; surgery_: read both gradients
-once, write the one that changes).
+read and write each gradient element once, and for side="flat", whose D × k basis is as
+large as k gradients, read the fp32 basis once for the bucket; ProjectedAdamW: torch's
+fused AdamW bytes, p, g, m, v read and p, m, v written, assuming torch's fused AdamW runs
+at the copy roofline, i.e. the figure is "× torch fused AdamW speed"; surgery_: read both
+gradients once, write the one that changes).
 
 What it does not model (so it can be wrong both ways): coalescing (it assumes every
 32-byte sector fetched is used: a layout with a warp's lanes down the rows moves up to 8×
@@ -1142,6 +1143,14 @@ class Op:
     floor: str  # what the essential bytes are
     floor_streams: int  # element-sized streams of the essential bytes (× itemsize)
     launch: Callable  # (gcc, dtype, k, rows) -> gpu_compile_check.Launch
+    # The fp32 basis read once for the bucket is essential too where it is as large as
+    # the gradients (side="flat": U is D × k for vectors of D elements): 4k / TENSORS
+    # bytes per element. Elsewhere U (d × k) is negligible next to rows × d.
+    floor_basis: bool = False
+
+    def floor_bytes(self, dt: str, k: int) -> float:
+        basis = 4 * k / TENSORS if self.floor_basis else 0.0
+        return self.floor_streams * ITEMSIZE[dt] + basis
 
 
 # Two tensors a bucket, as the compile check's launches: the same specialisations (e.g.
@@ -1170,7 +1179,13 @@ OPS = {
     for op in (
         Op("project_ input", "grad read + written once", 2, _project("input", False)),
         Op("project_ output", "grad read + written once", 2, _project("output", False)),
-        Op("project_ flat", "grad read + written once", 2, _project("flat", False)),
+        Op(
+            "project_ flat",
+            "grad read + written once, the D × k basis read once for the bucket",
+            2,
+            _project("flat", False),
+            floor_basis=True,
+        ),
         Op("project_anchored input", "grad read + written once", 2, _project("input", True)),
         Op(
             "ProjectedAdamW input",
@@ -1344,7 +1359,7 @@ def model_op(op: Op, dt: str, k: int, arch_name: str, rows: int = ROWS) -> dict:
 def summarize(op: Op, dt: str, k: int, device: Device, elements: int, kernels: list[dict]) -> dict:
     """The op's row: kernel figures summed, its predicted time and ceiling."""
     ok = [kn for kn in kernels if "error" not in kn]
-    floor = op.floor_streams * ITEMSIZE[dt]
+    floor = op.floor_bytes(dt, k)
     failed = len(ok) < len(kernels) or any(kn["blocks_per_sm"] == 0 for kn in ok)
     times = [kn["bounds"]["s_per_elt"] for kn in ok]
     fraction = 0.0 if failed else predicted_fraction(floor, times, device)
@@ -1601,7 +1616,7 @@ def format_table(rows: list[dict]) -> str:
                     _ratio(r),
                     r["limiter"],
                     str(r["limiting_kernel"]),
-                    f"{r['bytes_per_elt']:.2f} (floor {r['floor_bytes_per_elt']})",
+                    f"{r['bytes_per_elt']:.2f} (floor {r['floor_bytes_per_elt']:g})",
                     f"{ins['total']:.2f} ({ins['fma']:.2f}/{ins['tensor']:.2f}/"
                     f"{ins['global'] + ins['shared']:.2f}/{ins['other']:.2f})",
                     str(dom.get("regs", "-")),
@@ -1631,11 +1646,12 @@ SASS of the Triton kernels (sm_80 / sm_90 compiled on a machine without a GPU); 
 was run on a GPU. Measured figures live apart, in the GPU runbook's results.
 
 - *predicted (of copy)*: the copy time of the op's essential bytes (the *floor* B/elt:
-  project_ reads and writes each gradient element once; surgery_ reads both gradients and
-  writes g_u once) over the predicted time, i.e. the predicted fraction of the copy
-  roofline. ProjectedAdamW: predicted time over torch's fused AdamW time, assuming torch's
-  fused AdamW moves p, g, m, v in and p, m, v out at the copy roofline (lower is better;
-  the issue's target is ≤ 1.10×).
+  project_ reads and writes each gradient element once, plus for side="flat" the fp32
+  D × k basis read once for the bucket, 4k/{TENSORS} B/elt, since it is k times a
+  vector's size; surgery_ reads both gradients and writes g_u once) over the predicted
+  time, i.e. the predicted fraction of the copy roofline. ProjectedAdamW: predicted time
+  over torch's fused AdamW time, assuming torch's fused AdamW moves p, g, m, v in and
+  p, m, v out at the copy roofline (lower is better; the issue's target is ≤ 1.10×).
 - *limiter*: the largest of the three bounds (memory at the copy rate; issue at 4 warp
   instructions per SM per clock; latency by Little's law), for the kernel that takes most
   of the time (*kernel*); *B/elt* and *instr/elt* (warp instructions per element: fma /

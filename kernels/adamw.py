@@ -36,8 +36,7 @@ loads were scalar), and no offset is formed in int32.
   is held whole by every warp, hi and lo. 4 warps (8 for ``KSPLIT = 2``), no
   software pipelining. Shared memory holds only the dot operands (≤ 48 KB, inside
   A100's 163 KB per block and H100's 227 KB). Compiled, not measured: no spill on
-  ``sm_80``; on ``sm_90`` 6 of 272 kernels spill 4-16 B (listed in
-  ``scripts/gpu_compile_known.json``).
+  ``sm_80`` or ``sm_90`` (``make gpu-compile-check``).
 * **Resident form** (constexpr ``RESIDENT``, when ``D ≤ BLOCK_D``): the row block
   is loaded once, its update ``x'`` stays in registers between the two GEMMs, then
   p, m, v are stored. HBM bytes per element: exactly a fused AdamW's — p, g, m, v
@@ -706,7 +705,9 @@ def _block_k(k: int, what: str) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
-def _rows_config(layout: int, itemsize: int, block_k: int, d: int, cap: int) -> dict:
+def _rows_config(
+    layout: int, itemsize: int, block_k: int, d: int, cap: int, amsgrad: bool = False
+) -> dict:
     """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
 
     The tile's fast axis spans ≥ 128 bytes of the contiguous axis (``D`` for ROWS,
@@ -724,10 +725,17 @@ def _rows_config(layout: int, itemsize: int, block_k: int, d: int, cap: int) -> 
     ksplit = 2 if block_k > 128 else 1
     part = block_k // ksplit
     if ksplit == 2:  # two 128-wide coefficient tiles: 8 warps share the U slices
-        block_r, block_d = 16, 32
+        # COLS sits at ptxas's 255-register edge (compile check, k = 129 and 256):
+        # fp32 with 32-wide D chunks spilled 8-16 B on sm_90 without amsgrad,
+        # 16-wide ones 4 B with it, and 16-bit 16-wide ones 16 B on sm_80; each
+        # choice below compiled with none on sm_80 and sm_90
+        block_r = 16
+        block_d = 16 if layout == _COLS and itemsize == 4 and not amsgrad else 32
     elif layout == _COLS:
         block_r = 32 if part <= 32 else 16
-        block_d = 32
+        # 16-bit with k ≤ 16: ptxas capped 32-wide chunks at 168 registers on sm_90
+        # and spilled 4 B; 16-wide chunks keep the 32 contiguous rows, 117 registers
+        block_d = 16 if itemsize == 2 and part <= 16 else 32
     else:
         block_r = 16
         block_d = (64 if itemsize == 4 else 128) if part <= 32 else 64 if part <= 64 else 32
@@ -929,7 +937,9 @@ def projected_adamw_bucket_(
         return
     cap = _capability()
     isz = params[0].element_size()
-    configs = {lay: _rows_config(lay, isz, block_k, d, cap) for lay in (_ROWS, _COLS, _STRIDED)}
+    configs = {
+        lay: _rows_config(lay, isz, block_k, d, cap, amsgrad) for lay in (_ROWS, _COLS, _STRIDED)
+    }
     table, n_blocks, layout, align = _rows_table(
         params,
         grads,

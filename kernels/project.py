@@ -371,17 +371,25 @@ class _Tiles(NamedTuple):
     block_k: int
     warps: int
     stages: int
+    maxnreg: int | None = None  # ptxas's register cap (None: its own choice)
 
 
 @functools.cache
-def _row_tiles(arch: int, elsize: int, d: int, k: int) -> _Tiles:
+def _row_tiles(
+    arch: int, elsize: int, d: int, k: int, contig: int = 1, anchored: bool = False
+) -> _Tiles:
     """The row kernel's tiles for a bucket of ``D = d`` on compute capability ``arch``.
 
     Chosen with scripts/gpu_compile_check.py (no spills on sm_80 and sm_90 at
     every ``k`` of its launches): the one-pass tile holds ``BLOCK_R × D`` fp32
-    values and their tf32 pieces; at ``D = 256`` that spilled, so one pass stops
-    at ``D ≤ 128``. The same tiles on both architectures for now (``arch`` keys the
-    cache so a per-arch choice needs no other change).
+    values and their tf32 pieces; beyond ``D = 128`` that spills (compiled for
+    sm_80, ``BLOCK_R = 16``, ``BLOCK_K = 32``: ``D = 256`` at 255 registers spilled
+    448 B with 4 warps, 144 B with 8; ``D = 1024`` spilled over 16 KB and asked
+    136 KB of shared memory for the staged dot operands), so one pass stops at
+    ``D ≤ 128``. ``contig`` is the launch's ``CONTIG``. The same tiles on both
+    architectures; on sm_90 two register caps (``maxnreg``), each compiled without
+    spills: one where ptxas's own choice spilled, one where it left a kernel
+    latency-bound (``benchmarks/perf_model.py``).
     """
     d_pad = max(16, triton.next_power_of_2(d))
     if d_pad <= 128:
@@ -391,6 +399,18 @@ def _row_tiles(arch: int, elsize: int, d: int, k: int) -> _Tiles:
     # two passes: each chunk of k reads and writes the rows again, so one chunk up
     # to k = 128 (tl.dot needs every dim ≥ 16)
     block_k = max(16, min(128, triton.next_power_of_2(k)))
+    if block_k == 16 and elsize == 2 and contig == 0 and arch >= 90:
+        # the transposed views' 16-bit kernel: left to itself ptxas aimed at 96
+        # registers on sm_90 and spilled 4 B; capped at 128 it takes 109-126, no
+        # spill, 4 programs per SM (BLOCK_D = 32 also removed the spill but was
+        # predicted latency-bound: 32-50 % of copy at k = 8 instead of 62-67 %)
+        return _Tiles(False, 32, 64, block_k, 4, 1, 128)
+    if block_k == 32 and elsize == 4 and contig == 1 and not anchored and arch >= 90:
+        # ptxas took 222 registers on sm_90 (2 programs per SM, 16 KiB of loads in
+        # flight: predicted latency-bound at 50% of copy); capped at 168 it
+        # compiles without spills to 3 programs (the anchored and transposed
+        # kernels spilled 48 B / 4 B at that cap, so they keep ptxas's choice)
+        return _Tiles(False, 32, 64, block_k, 4, 1, 168)
     if block_k <= 32:
         return _Tiles(False, 32, 64, block_k, 4, 1)
     if block_k == 64:
@@ -475,10 +495,10 @@ def _launch_rows(
 ) -> None:
     d, k = basis.shape
     g0 = matrices[0]
-    one_pass, block_r, block_d, block_k, warps, stages = _row_tiles(
-        _arch(), g0.element_size(), d, k
-    )
     contig, vec = _row_layout(matrices, d)
+    one_pass, block_r, block_d, block_k, warps, stages, maxnreg = _row_tiles(
+        _arch(), g0.element_size(), d, k, contig, anchors is not None
+    )
     table, n_blocks = _row_table(matrices, anchors, block_r)
     _project_rows_kernel[(n_blocks,)](
         table,
@@ -503,6 +523,7 @@ def _launch_rows(
         BLOCK_K=block_k,
         num_warps=warps,
         num_stages=stages,
+        maxnreg=maxnreg,
     )
 
 

@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml requirements-ci.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo test lint format bench clean gpu-compile-check triton36-check perf-model
+.PHONY: setup demo test lint format bench clean gpu-compile-check triton36-check perf-model \
+	perf-model-cuda
 
 setup: $(STAMP)
 
@@ -124,3 +125,10 @@ triton36-check: $(STAMP)
 # "predicted from compiled code, not measured" (~6 min once the compile check warmed ~/.triton).
 perf-model: $(STAMP)
 	TRITON_INTERPRET=0 $(BIN)/python benchmarks/perf_model.py
+
+# Its twin for the CUDA kernels: csrc/ built for sm_80/sm_90 with the venv and flags of
+# cuda-compile-check (run that once first; the build is kept in ~/.cache/gradproj/
+# perf_model_cuda, ~3 min when a .cu changed), each loop's trips from its `// model-trips:`
+# comment. Writes benchmarks/results/perf_model_cuda.json and docs/perf_model_cuda.md.
+perf-model-cuda: $(STAMP)
+	$(BIN)/python benchmarks/perf_model_cuda.py

@@ -1674,7 +1674,8 @@ Assumptions and what is not modelled: {result["assumptions"]}
 def _cuda_section(cuda: dict | None) -> str:
     if cuda is None:
         return (
-            "\nCUDA kernels: not modelled in this run (`--cuda` lists their loops per iteration).\n"
+            "\nCUDA kernels: per element in [perf_model_cuda.md](perf_model_cuda.md) "
+            "(`make perf-model-cuda`); `--cuda` lists their loops per iteration.\n"
         )
     if "error" in cuda:
         return f"\nCUDA kernels: the build or its disassembly failed: {cuda['error']}\n"

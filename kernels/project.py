@@ -387,9 +387,9 @@ def _row_tiles(
     448 B with 4 warps, 144 B with 8; ``D = 1024`` spilled over 16 KB and asked
     136 KB of shared memory for the staged dot operands), so one pass stops at
     ``D ≤ 128``. ``contig`` is the launch's ``CONTIG``. The same tiles on both
-    architectures; on sm_90 two register caps (``maxnreg``), each compiled without
-    spills: one where ptxas's own choice spilled, one where it left a kernel
-    latency-bound (``benchmarks/perf_model.py``).
+    architectures; on sm_90 three register caps (``maxnreg``), each compiled without
+    spills by triton 3.9 and 3.6: two where ptxas's own choice spilled, one where it
+    left a kernel latency-bound (``benchmarks/perf_model.py``).
     """
     d_pad = max(16, triton.next_power_of_2(d))
     if d_pad <= 128:
@@ -413,6 +413,10 @@ def _row_tiles(
         return _Tiles(False, 32, 64, block_k, 4, 1, 168)
     if block_k <= 32:
         return _Tiles(False, 32, 64, block_k, 4, 1)
+    if block_k == 64 and elsize == 4 and contig == 0 and anchored and arch >= 90:
+        # triton 3.6's ptxas (the GPU machines') took 168 registers and spilled 12 B;
+        # capped at 200 both 3.6 and 3.9 compile it to 167-178 without spills
+        return _Tiles(False, 16, 64, block_k, 4, 1, 200)
     if block_k == 64:
         return _Tiles(False, 16, 64, block_k, 4, 1)
     return _Tiles(False, 16, 32, block_k, 4, 1)
@@ -560,7 +564,12 @@ def _launch_flat(
             torch._foreach_copy_(anchors, list((c0 + (1.0 - weights) * coef).split(1)))
     if weights is not None:
         coef = coef * weights
-    _flat_apply_kernel[(n_blocks,)](table, g0, basis, coef.contiguous(), d, k, n_chunks, **common)
+    # BLOCK_K = 32: triton 3.6's ptxas chose 56 registers and spilled 4 B (sm_80 and sm_90);
+    # capped at 64 it uses 64 without spills, as triton 3.9 does on its own
+    _flat_apply_kernel[(n_blocks,)](
+        table, g0, basis, coef.contiguous(), d, k, n_chunks, **common,
+        maxnreg=64 if block_k == 32 else None,
+    )  # fmt: skip
 
 
 def project_bucket_(

@@ -88,7 +88,7 @@ struct AdamWPolicy {
     float inv_sqrt_bias2;
   };
 
-  __device__ Row row(int64_t row) const {
+  __device__ Row row(int64_t row) const {  // model-uniform
     const AdamWEntry& e = tile::find_first(table, n, row, &AdamWEntry::first_row);
     const int64_t r = row - e.first_row;
     // Bias corrections in fp64 from the step count on the device (as kernels/adamw.py):
@@ -100,11 +100,11 @@ struct AdamWPolicy {
         &e, r * e.row_stride, r * e.g_row_stride, static_cast<float>(h.lr / bias1),
         static_cast<float>(1.0 / sqrt(bias2))};
   }
-  __device__ float* anchor_row(int64_t row) const {
+  __device__ float* anchor_row(int64_t row) const {  // model-uniform
     const AdamWEntry& e = tile::find_first(table, n, row, &AdamWEntry::first_row);
     return reinterpret_cast<float*>(e.anchor) + (row - e.first_row) * k;
   }
-  __device__ int64_t task_row(int64_t task, int lane) const {
+  __device__ int64_t task_row(int64_t task, int lane) const {  // model-uniform
     const AdamWEntry& e = tile::find_first(table, n, task, &AdamWEntry::first_task);
     const int64_t i = (task - e.first_task) * tile::kWarp + lane;
     return i < e.rows ? e.first_row + i : -1;
@@ -151,7 +151,7 @@ struct AdamWPolicy {
         *reinterpret_cast<P*>(reinterpret_cast<T*>(e.m) + w.o + j) = pm;
         *reinterpret_cast<P*>(reinterpret_cast<T*>(e.v) + w.o + j) = pv;
       }
-    } else {
+    } else {  // model-cold-if: vec and not amsgrad (then only a row's ragged end)
 #pragma unroll
       for (int i = 0; i < V; ++i) x[i] = j + i < d ? load1<kFinal>(w, j + i) : 0.f;
     }
@@ -184,7 +184,7 @@ struct AdamWPolicy {
 #pragma unroll
       for (int i = 0; i < V; ++i) out.v[i] = static_cast<T>(x[i]);
       *reinterpret_cast<tile::Pack<T>*>(p + j) = out;
-    } else {
+    } else {  // model-cold-if: vec
       const int64_t cs = w.e->col_stride;
 #pragma unroll
       for (int i = 0; i < V; ++i) {

@@ -58,16 +58,16 @@ struct ProjectPolicy {
   __device__ const MatrixEntry& entry(int64_t row) const {
     return tile::find_first(table, n, row, &MatrixEntry::first_row);
   }
-  __device__ Row row(int64_t row) const {
+  __device__ Row row(int64_t row) const {  // model-uniform
     const MatrixEntry& m = entry(row);
     return {reinterpret_cast<T*>(m.data) + (row - m.first_row) * m.row_stride, m.col_stride};
   }
-  __device__ float* anchor_row(int64_t row) const {
+  __device__ float* anchor_row(int64_t row) const {  // model-uniform
     const MatrixEntry& m = entry(row);
     return m.anchor != 0 ? reinterpret_cast<float*>(m.anchor) + (row - m.first_row) * k : nullptr;
   }
   // Cols layout: the view row of `lane` in 32-row block `task`, or -1 past the matrix.
-  __device__ int64_t task_row(int64_t task, int lane) const {
+  __device__ int64_t task_row(int64_t task, int lane) const {  // model-uniform
     const MatrixEntry& m = tile::find_first(table, n, task, &MatrixEntry::first_task);
     const int64_t i = (task - m.first_task) * tile::kWarp + lane;
     return i < m.rows ? m.first_row + i : -1;
@@ -79,7 +79,7 @@ struct ProjectPolicy {
       const tile::Pack<T> p = *reinterpret_cast<const tile::Pack<T>*>(w.x + j);
 #pragma unroll
       for (int v = 0; v < V; ++v) x[v] = static_cast<float>(p.v[v]);
-    } else {
+    } else {  // model-cold-if: vec (with vectors, only a row's ragged end)
 #pragma unroll
       for (int v = 0; v < V; ++v) x[v] = j + v < d ? static_cast<float>(w.x[(j + v) * w.cs]) : 0.f;
     }
@@ -91,7 +91,7 @@ struct ProjectPolicy {
 #pragma unroll
       for (int v = 0; v < V; ++v) p.v[v] = static_cast<T>(x[v]);
       *reinterpret_cast<tile::Pack<T>*>(w.x + j) = p;
-    } else {
+    } else {  // model-cold-if: vec
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         if (j + v < d) w.x[(j + v) * w.cs] = static_cast<T>(x[v]);

@@ -50,10 +50,11 @@ struct PairEntry {
 };
 
 // The pair whose chunks contain `chunk` (entries sorted by first_chunk, the first is 0).
+// model-uniform: every lane of a warp looks up the same pair
 __device__ __forceinline__ int find_pair(const PairEntry* table, int n, int64_t chunk) {
   int lo = 0;
   int hi = n - 1;
-  while (lo < hi) {
+  while (lo < hi) {  // model-trips: ceil(log2(entries))
     const int mid = (lo + hi + 1) / 2;
     if (table[mid].first_chunk <= chunk) {
       lo = mid;
@@ -71,6 +72,7 @@ __global__ void __launch_bounds__(kThreads) surgery_partials_kernel(
   __shared__ float warp_sums[kWarpsPerBlock][3];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
+  // model-trips: items
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
     const PairEntry& e = table[find_pair(table, n_pairs, chunk)];
     const T* u = reinterpret_cast<const T*>(e.u);
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) surgery_partials_kernel(
     const int64_t begin = (chunk - e.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < e.numel ? begin + kChunk : e.numel;
     float ur = 0.f, uu = 0.f, rr = 0.f;
-    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {  // model-trips: 16
       const float a = static_cast<float>(u[j]);
       const float b = static_cast<float>(r[j]);
       ur += a * b;
@@ -96,6 +98,7 @@ __global__ void __launch_bounds__(kThreads) surgery_partials_kernel(
     __syncthreads();
     if (threadIdx.x < 3) {
       float total = 0.f;
+      // model-trips: 8
       for (int w = 0; w < kWarpsPerBlock; ++w) total += warp_sums[w][threadIdx.x];
       partials[chunk * 3 + threadIdx.x] = total;
     }
@@ -108,12 +111,13 @@ __global__ void __launch_bounds__(kThreads) surgery_coefficients_kernel(
     float strength, bool cosine, float* __restrict__ coef) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  // model-trips: items
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
        i < n_pairs; i += warps) {  // uniform across the warp: the shuffles stay converged
     const PairEntry& e = table[i];
     const int64_t chunks = (e.numel + kChunk - 1) / kChunk;
     float d = 0.f, nu = 0.f, nr = 0.f;
-    for (int64_t c = lane; c < chunks; c += kWarp) {
+    for (int64_t c = lane; c < chunks; c += kWarp) {  // model-trips: ceil(chunks_per_pair / 32)
       const float* s = partials + (e.first_chunk + c) * 3;
       d += s[0];
       nu += s[1];
@@ -140,6 +144,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) surgery_apply_kernel(
     const PairEntry* __restrict__ table, int n_pairs, int64_t total_chunks,
     const float* __restrict__ coef, bool symmetric) {
+  // model-trips: items
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
     const int i = find_pair(table, n_pairs, chunk);
     const float c_u = coef[i * 2];
@@ -150,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) surgery_apply_kernel(
     T* r = reinterpret_cast<T*>(e.r);
     const int64_t begin = (chunk - e.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < e.numel ? begin + kChunk : e.numel;
-    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {  // model-trips: 16
       const float a = static_cast<float>(u[j]);
       const float b = static_cast<float>(r[j]);
       u[j] = static_cast<T>(a - c_u * b);

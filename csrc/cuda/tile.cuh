@@ -63,10 +63,16 @@ constexpr int kChunk = 8;                  // coefficients per chunk of k
 constexpr int kEpt = 16;                   // rows kernel: elements of a row per thread
 constexpr int kSegMax = kThreads * kEpt;   // rows kernel: widest segment (wpr = 8)
 constexpr int kColsEpt = 32;               // cols kernel: default elements of a column per thread
-constexpr size_t kResidentBytes = 64 * 1024;  // stage all of U once when it fits here
 // The largest dynamic shared memory of any launch: rows_kernel staging a chunk
 // of a 4096-wide segment (128 KiB; A100 allows 163 KiB, H100 227 KiB).
 constexpr size_t kMaxDynamicSmem = static_cast<size_t>(kChunk) * kSegMax * sizeof(float);
+// Stage all of U once per CTA when it fits here and in the device's per-block limit
+// (resident_limit). 128 KiB holds U^T at k = 32 for d <= 1024 (96 KiB at d = 768), which
+// 64 KiB did not: each 8-row tile then restaged every chunk of U^T, half of the
+// instructions (benchmarks/perf_model_cuda.py, d = 768, k = 32, fp32, predicted: project_
+// 28 -> 42 % of copy on A100, 22 -> 37 % on H100; projected AdamW 2.37x -> 1.33x and
+// 3.42x -> 1.50x torch's fused AdamW), even at one CTA per SM on A100.
+constexpr size_t kResidentBytes = kMaxDynamicSmem;
 static_assert(kResidentBytes <= kMaxDynamicSmem, "resident staging must fit the ceiling");
 
 enum class Mode { kFused, kPartials, kApply };
@@ -101,10 +107,10 @@ struct alignas(4 * sizeof(T)) Pack {
 // by `field`, the first 0): the matrix a row or task belongs to.
 template <typename Entry>
 __device__ __forceinline__ const Entry& find_first(
-    const Entry* table, int n, int64_t key, int64_t Entry::*field) {
+    const Entry* table, int n, int64_t key, int64_t Entry::*field) {  // model-uniform
   int lo = 0;
   int hi = n - 1;
-  while (lo < hi) {
+  while (lo < hi) {  // model-trips: ceil(log2(entries))
     const int mid = (lo + hi + 1) / 2;
     if (table[mid].*field <= key) {
       lo = mid;
@@ -169,6 +175,7 @@ __device__ __forceinline__ void stage_ut(
     float* su, const float* __restrict__ ut, const Geometry& g, int64_t k0, int nk, int64_t c0) {
   const int units = g.smem_ld / 4;
   float4* dst = reinterpret_cast<float4*>(su);
+  // model-trips: ceil(nk * smem_ld / 1024)
   for (int i = threadIdx.x; i < nk * units; i += kThreads) {
     const int kk = i / units;
     const int q = i - kk * units;
@@ -187,7 +194,8 @@ __device__ __forceinline__ const float* rows_chunk(
     float* su, const float* __restrict__ ut, const Geometry& g, int64_t c, int64_t c0) {
   __syncthreads();
   if (g.resident) return su + c * kChunk * g.smem_ld;
-  stage_ut(su, ut, g, c * kChunk, kChunk, c0);
+  // model-cold-if: resident
+  stage_ut(su, ut, g, c * kChunk, kChunk, c0);  // model-binds: nk = 8
   __syncthreads();
   return su;
 }
@@ -234,10 +242,11 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
   const int64_t tile_rows = static_cast<int64_t>(R) * (kWarps / g.wpr);
   const int64_t n_chunks = g.kp / kChunk;
 
-  if (g.resident) stage_ut(su, ut, g, 0, static_cast<int>(g.kp), 0);  // read by rows_chunk's barrier
+  // read by rows_chunk's barrier; model-binds: nk = kp
+  if (g.resident) stage_ut(su, ut, g, 0, static_cast<int>(g.kp), 0);  // model-cold-if: not resident
 
   const int64_t work = g.n_tiles * g.nseg;
-  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {  // model-trips: items
     const int64_t tile = item / g.nseg;
     const int64_t seg = item - tile * g.nseg;
     const int64_t c0 = seg * g.seg_width;                // first column of the segment
@@ -268,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
     }
 
     if (kMode != Mode::kApply) {  // pass 1: a = U^T x, one chunk of kChunk coefficients at a time
-      for (int64_t c = 0; c < n_chunks; ++c) {
+      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
         const float* sc = rows_chunk(su, ut, g, c, c0);
         float acc[N];
 #pragma unroll
@@ -291,9 +300,9 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
         // Lane l of each warp: the warp's sum for row l / kChunk, coefficient l % kChunk.
         red[warp][lane] = reduce_scatter<N>(acc, lane);
         __syncthreads();
-        if (tg < N) {  // warp 0 of the group, lanes < N: one thread per (row, coefficient)
+        if (tg < N) {  // lanes < N of warp 0 of the group: one per (row, coef); model-uniform
           float total = 0.f;
-          for (int w = 0; w < g.wpr; ++w) total += red[group * g.wpr + w][tg];
+          for (int w = 0; w < g.wpr; ++w) total += red[group * g.wpr + w][tg];  // model-trips: wpr
           const int64_t row = row0 + tg / kChunk;
           const int64_t kk = c * kChunk + tg % kChunk;
           if (row < g.total_rows) {
@@ -309,11 +318,11 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
     }
 
     if (kMode != Mode::kPartials) {  // pass 2: x -= U coef, from the same registers
-      for (int64_t c = 0; c < n_chunks; ++c) {
+      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
         const float* sc = rows_chunk(su, ut, g, c, c0);  // its barrier publishes coef
         float cf[R][kChunk];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
+        for (int r = 0; r < R; ++r) {  // model-uniform: one row's coefficients per group
           // coef rows are kp floats (kp % 8 == 0) from a 256-byte aligned allocation.
           const int64_t row = valid[r] ? row0 + r : 0;  // never form an address past coef
           const float4* src = reinterpret_cast<const float4*>(coef + row * g.kp + c * kChunk);
@@ -375,6 +384,7 @@ __device__ __forceinline__ const float* cols_chunk(
   const int64_t rows = g.basis_ld - j0 < kSeg ? g.basis_ld - j0 : kSeg;
   const float4* src = reinterpret_cast<const float4*>(uc + (c * g.basis_ld + j0) * kChunk);
   float4* dst = reinterpret_cast<float4*>(su);
+  // model-trips: 0 if resident else ceil(min(basis_ld, kseg) * 2 / 256)
   for (int64_t i = threadIdx.x; i < rows * (kChunk / 4); i += kThreads) dst[i] = src[i];
   __syncthreads();
   return su;
@@ -398,11 +408,12 @@ __global__ void __launch_bounds__(kThreads, 2) cols_kernel(
   if (g.resident) {  // the whole of uc, read by cols_chunk's barrier
     const float4* src = reinterpret_cast<const float4*>(uc);
     float4* dst = reinterpret_cast<float4*>(su);
+    // model-trips: ceil(kp * basis_ld / 1024) if resident else 0
     for (int64_t i = threadIdx.x; i < g.kp * g.basis_ld / 4; i += kThreads) dst[i] = src[i];
   }
 
   const int64_t work = g.n_tiles * g.nseg;
-  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {  // model-trips: items
     const int64_t task = item / g.nseg;
     const int64_t seg = item - task * g.nseg;
     const int64_t j0 = seg * kSeg;                // first element of the segment
@@ -421,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, 2) cols_kernel(
     }
 
     if (kMode != Mode::kApply) {
-      for (int64_t c = 0; c < n_chunks; ++c) {
+      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
         const float* sc = cols_chunk<kSeg>(su, uc, g, c, j0);
         float acc[kChunk];
 #pragma unroll
@@ -463,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, 2) cols_kernel(
     }
 
     if (kMode != Mode::kPartials) {
-      for (int64_t c = 0; c < n_chunks; ++c) {
+      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
         const float* sc = cols_chunk<kSeg>(su, uc, g, c, j0);  // its barrier publishes coef
         float cf[kChunk];
         {
@@ -518,10 +529,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(
     float* __restrict__ coef) {
   const int64_t total = g.total_rows * g.kp;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {  // model-trips: items
     const int64_t row = i / g.kp;
     const int64_t kk = i - row * g.kp;
     float sum = 0.f;
+    // model-trips: nseg
     for (int64_t seg = 0; seg < g.nseg; ++seg) sum += partials[seg * total + i];
     coef[i] = kk < g.k ? finish_coef(sum, kk, weights, pol.anchor_row(row)) : 0.f;
   }
@@ -552,6 +564,15 @@ void combine(
       partials.data_ptr<float>(), weights, coef.data_ptr<float>());
 }
 
+// The most bytes `kernel` may stage U in at once on this device: kResidentBytes, or the
+// device's per-block limit where that is lower (GPUs before sm_80 allow 48-99 KiB).
+template <typename Kernel>
+size_t resident_limit(Kernel kernel) {
+  const size_t ceiling =
+      allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kMaxDynamicSmem);
+  return ceiling < kResidentBytes ? ceiling : kResidentBytes;
+}
+
 // Rows layout: every row of the `total_rows` rows the policy's table describes.
 template <class P>
 void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights) {
@@ -568,7 +589,7 @@ void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const f
   if (g.nseg == 1) {
     g.smem_ld = static_cast<int>(round_up(g.d, 32));
     const size_t all = static_cast<size_t>(g.kp) * g.smem_ld * sizeof(float);
-    g.resident = all <= kResidentBytes;
+    g.resident = all <= resident_limit(rows_kernel<P, Mode::kFused>);
     const size_t smem = g.resident ? all : static_cast<size_t>(kChunk) * g.smem_ld * sizeof(float);
     launch_kernel<kMaxDynamicSmem>(
         rows_kernel<P, Mode::kFused>, g.n_tiles, kThreads, smem, pol, g, ut.data_ptr<float>(),
@@ -604,7 +625,7 @@ void run_cols(
   const at::Tensor uc = packed_basis(basis, BasisLayout::kChunked);
   at::Tensor coef = at::empty({total_rows, g.kp}, basis.options());
   const size_t all = static_cast<size_t>(g.kp) * g.basis_ld * sizeof(float);
-  g.resident = g.nseg == 1 && all <= kResidentBytes;
+  g.resident = g.nseg == 1 && all <= resident_limit(cols_kernel<P, Mode::kFused>);
   const size_t smem = g.resident ? all : static_cast<size_t>(kSeg) * kChunk * sizeof(float);
   if (g.nseg == 1) {
     launch_kernel<kMaxDynamicSmem>(

@@ -1,0 +1,922 @@
+#!/usr/bin/env python3
+"""Static model of gradproj's CUDA kernels, per element (predicted from compiled code).
+
+    python benchmarks/perf_model_cuda.py [--so _C.so] [--arch sm_80 sm_90]
+                                         [--json benchmarks/results/perf_model_cuda.json]
+                                         [--md docs/perf_model_cuda.md]
+
+The twin of ``benchmarks/perf_model.py`` for ``csrc/cuda``: the same ops, shapes, device
+figures and bounds (memory, issue, latency), so the two tables compare the backends.
+Without ``--so`` it builds ``csrc/`` as ``make cuda-compile-check`` does
+(``perf_model.build_cuda``: the CUDA venv, ``nvcc -Xptxas -v``, sm_80 and sm_90; ninja
+keeps the build between runs). Then, per op, dtype, k and arch:
+
+* **launches**: a Python twin of the host arithmetic of ``csrc/cuda`` (``tile.cuh``
+  ``run_rows``/``run_cols``, ``surgery.cu`` ``launch``) gives each kernel launched, its
+  work items and dynamic shared memory; the grid is ``min(work, blocks/SM × SMs)`` as
+  ``launch.cuh`` sizes it, blocks/SM from the registers (``cuobjdump -res-usage``) and
+  the shared memory;
+* **instructions per element**, from the SASS (``cuobjdump -xelf``, ``nvdisasm -g -gi``):
+  each SASS loop is matched to the C++ ``for``/``while`` it came from (the innermost loop
+  of the sources, not ``#pragma unroll``-ed, whose lines hold at least half of the SASS
+  loop's instructions, inlined call sites included); its trip count is the expression in
+  that loop's ``// model-trips: EXPR`` comment (on the loop's header or the line above),
+  evaluated with the launch's geometry and any ``// model-binds: NAME = EXPR`` of the
+  call sites the instructions were inlined through. A loop without one counts once and
+  is flagged. Every instruction counts its trips × the trips of the loops around it,
+  × 8 warps × the grid, over the op's elements;
+* **bytes per element**, from the kernels' design (:func:`hbm_bytes`: which streams
+  each launch reads and writes, the coefficient workspace, the basis where it is not a
+  small cached table), not from the SASS: the CUDA kernels address every tensor through
+  a device table, so the accesses cannot be told apart there;
+* **bytes in flight**: the most global-load bytes a thread has outstanding in each loop
+  body and in straight-line code (the SASS register dependences, as perf_model), times
+  the resident threads.
+
+Same assumptions as perf_model (every instruction issues in one slot, both sides of a
+branch count, every sector fetched is used, 700 ns loaded latency), and one more: the
+CUDA kernels' grid-stride loops run ``work / grid`` times (no tail wave).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+import arch_limits  # noqa: E402
+import perf_model as pm  # noqa: E402
+
+ROOT = pm.ROOT
+DEFAULT_JSON = os.path.join(ROOT, "benchmarks", "results", "perf_model_cuda.json")
+DEFAULT_MD = os.path.join(ROOT, "docs", "perf_model_cuda.md")
+SOURCES = os.path.join(ROOT, "csrc", "cuda")
+
+# csrc/cuda/tile.cuh and surgery.cu constants
+THREADS = 256
+WARPS = THREADS // 32
+CHUNK = 8  # tile::kChunk
+EPT = 16  # tile::kEpt
+RESIDENT_BYTES = 128 * 1024  # tile::kResidentBytes (capped by the device: resident_limit)
+SURGERY_CHUNK = THREADS * 16  # surgery.cu kChunk
+
+
+# ---------------------------------------------------------------- C++ loops and annotations
+
+
+@dataclass(frozen=True)
+class CppLoop:
+    """A ``for``/``while`` of the sources: its lines, whether it is unrolled, its trips."""
+
+    path: str
+    first: int  # the line of the keyword
+    last: int  # the line of the closing brace (or of the body statement's ';')
+    unrolled: bool
+    trips: str | None  # the model-trips expression
+
+
+_KEYWORD = re.compile(r"\b(for|while)\s*\(")
+_TRIPS = re.compile(r"model-trips:\s*(.+?)\s*$")
+_BINDS = re.compile(r"model-binds:\s*(\w+)\s*=\s*(.+?)\s*$")
+
+
+def _annotation(lines: list[str], first: int, last: int, pattern: re.Pattern) -> re.Match | None:
+    """``pattern`` in a comment on lines ``first..last`` (1-based) or a comment-only line
+    just above them."""
+    candidates = list(range(first, last + 1))
+    if first >= 2 and lines[first - 2].lstrip().startswith("//"):
+        candidates.insert(0, first - 1)
+    for n in candidates:
+        _, sep, comment = lines[n - 1].partition("//")
+        if sep and (m := pattern.search(comment)):
+            return m
+    return None
+
+
+def cpp_loops(path: str) -> list[CppLoop]:
+    """Every ``for``/``while`` loop of a C++/CUDA source file, comments and strings ignored."""
+    import cuda_compile_report as ccr
+
+    with open(path) as f:
+        text = f.read()
+    code = ccr._strip_comments(text)
+    code = re.sub(r'"(?:\\.|[^"\\])*"', lambda m: re.sub(r"[^\n]", " ", m.group(0)), code)
+    lines = text.split("\n")
+    line_of = [0] * (len(code) + 1)
+    n = 1
+    for i, c in enumerate(code):
+        line_of[i] = n
+        if c == "\n":
+            n += 1
+    line_of[len(code)] = n
+    loops = []
+    for m in _KEYWORD.finditer(code):
+        close = ccr._matching(code, m.end() - 1, "(", ")")
+        rest = close + 1
+        while rest < len(code) and code[rest].isspace():
+            rest += 1
+        if m.group(1) == "while" and rest < len(code) and code[rest] == ";":
+            continue  # the `while (...)` of a do-while
+        end = ccr._matching(code, rest, "{", "}") if code[rest] == "{" else code.find(";", rest)
+        first, header_last, last = line_of[m.start()], line_of[close], line_of[end]
+        prev = first - 2
+        while prev >= 0 and not code.split("\n")[prev].strip():
+            prev -= 1
+        unrolled = prev >= 0 and lines[prev].strip().startswith("#pragma unroll")
+        trips = _annotation(lines, first, header_last, _TRIPS)
+        loops.append(CppLoop(path, first, last, unrolled, trips.group(1) if trips else None))
+    return loops
+
+
+def cpp_binds(path: str) -> dict[int, tuple[str, str]]:
+    """Line → (name, expression) of each ``model-binds`` annotation (it applies to the call on
+    that line, or on the next line when the comment stands alone)."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    out = {}
+    for n, line in enumerate(lines, 1):
+        _, sep, comment = line.partition("//")
+        if sep and (m := _BINDS.search(comment)):
+            target = n + 1 if not line.split("//", 1)[0].strip() else n
+            out[target] = (m.group(1), m.group(2))
+    return out
+
+
+_COLD = re.compile(r"model-cold-if:\s*(.+?)\s*(?:\(.*)?$")
+_UNIFORM = re.compile(r"model-uniform\b()")
+
+
+def cpp_cold(path: str, pattern: re.Pattern = _COLD) -> list[tuple[int, int, str]]:
+    """``(first, last, condition)`` of each ``model-cold-if`` block: a ``{`` block (or the
+    line) the launch does not run when the condition holds, e.g. a policy's scalar
+    fallback when its rows are vectors. With ``pattern=_UNIFORM``: the ``model-uniform``
+    blocks, whose loads read tables and coefficients, not the elements: device-table
+    lookups every lane of a warp makes at one address, a row's coefficients, the few
+    lanes that finish a coefficient. Counted per thread they would swamp the element
+    loads, so their bytes are left out of the loads a thread must keep in flight (their
+    instructions count; condition ``"True"``)."""
+    import cuda_compile_report as ccr
+
+    with open(path) as f:
+        text = f.read()
+    code = ccr._strip_comments(text)
+    starts = [0]
+    for line in text.split("\n"):
+        starts.append(starts[-1] + len(line) + 1)
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        _, sep, comment = line.partition("//")
+        if not (sep and (m := pattern.search(comment))):
+            continue
+        if not sep or not line.split("//", 1)[0].strip():  # a comment line: the next line's
+            n += 1
+        brace = code.rfind("{", starts[n - 1], starts[n])
+        last = n
+        if brace >= 0:
+            last = code.count("\n", 0, ccr._matching(code, brace, "{", "}")) + 1
+        out.append((n, last, m.group(1) or "True"))
+    return out
+
+
+@functools.cache
+def _sources() -> tuple[dict[str, list[CppLoop]], dict[str, dict[int, tuple[str, str]]]]:
+    loops, binds = {}, {}
+    for name in sorted(os.listdir(SOURCES)):
+        if name.endswith((".cu", ".cuh")):
+            path = os.path.join(SOURCES, name)
+            loops[path] = cpp_loops(path)
+            binds[path] = cpp_binds(path)
+    return loops, binds
+
+
+@functools.cache
+def _cold_spans(pattern: re.Pattern = _COLD) -> dict[str, list[tuple[int, int, str]]]:
+    return {
+        os.path.join(SOURCES, n): cpp_cold(os.path.join(SOURCES, n), pattern)
+        for n in sorted(os.listdir(SOURCES))
+        if n.endswith((".cu", ".cuh"))
+    }
+
+
+def _repo_path(path: str) -> str | None:
+    """The file under csrc/cuda a SASS line-table path names (built elsewhere: by suffix)."""
+    base = os.path.basename(path)
+    full = os.path.join(SOURCES, base)
+    return full if os.path.exists(full) and path.endswith(os.path.join("cuda", base)) else None
+
+
+# ---------------------------------------------------------------- SASS with full inline chains
+
+_CHAIN = re.compile(r'File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
+
+
+def sass_chains(text: str) -> dict[str, dict[int, tuple[tuple[str, int], ...]]]:
+    """Per function, per instruction address: its location chain, innermost first, the
+    kernel's own line last (``nvdisasm -g -gi``; every ``inlined at`` frame kept)."""
+    out: dict[str, dict[int, tuple[tuple[str, int], ...]]] = {}
+    current = None
+    chain: list[tuple[str, int]] = []
+    pending: list[tuple[str, int]] = []
+    in_comments = False
+    for line in text.splitlines():
+        if m := pm._TYPE.match(line):
+            current = out.setdefault(m.group(1), {})
+            chain, in_comments = [], False
+            continue
+        if current is None:
+            continue
+        s = line.lstrip()
+        if s.startswith("//##"):
+            if not in_comments:
+                pending, in_comments = [], True
+            if m := _CHAIN.search(s):
+                frame = (m.group(1), int(m.group(2)))
+                if not pending or pending[-1] != frame:
+                    pending.append(frame)
+                if m.group(3):
+                    pending.append((m.group(3), int(m.group(4))))
+            continue
+        if in_comments:
+            chain, in_comments = pending, False
+        if m := pm._INSTR.match(line):
+            current[int(m.group(1), 16)] = tuple(chain)
+    return out
+
+
+# ---------------------------------------------------------------- launches (twin of the host code)
+
+
+@dataclass
+class Launch:
+    """One kernel launch of an op: which instantiation, its work and its geometry names."""
+
+    kernel: str  # a substring of the demangled instantiation
+    work: int  # blocks of work (the grid-stride loop's range)
+    dynamic_smem: int
+    env: dict  # names the model-trips expressions use
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def rows_launches(
+    policy: str, krows: int, d: int, k: int, total_rows: int, entries: int,
+    resident_bytes: int = RESIDENT_BYTES,
+):  # fmt: skip
+    """``tile::run_rows``: the rows kernel (fused, or partials + combine + apply)."""
+    kp = _round_up(k, CHUNK)
+    wpr = 1
+    while wpr < WARPS and wpr * 32 * EPT < d:
+        wpr *= 2
+    seg_width = wpr * 32 * EPT
+    nseg = -(-d // seg_width)
+    tile_rows = krows * (WARPS // wpr)
+    n_tiles = -(-total_rows // tile_rows)
+    env = dict(d=d, k=k, kp=kp, wpr=wpr, nseg=nseg, entries=entries, basis_ld=_round_up(d, 8))
+    if nseg == 1:
+        smem_ld = _round_up(d, 32)
+        resident = kp * smem_ld * 4 <= resident_bytes
+        smem = kp * smem_ld * 4 if resident else CHUNK * smem_ld * 4
+        env |= dict(smem_ld=smem_ld, resident=resident)
+        return [Launch(f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)0>", n_tiles, smem, env)]
+    env |= dict(smem_ld=seg_width, resident=False)
+    smem = CHUNK * seg_width * 4
+    combine = -(-(total_rows * kp) // THREADS)
+    return [
+        Launch(f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)1>", n_tiles * nseg, smem, env),
+        Launch(f"combine_kernel<{policy} >", combine, 0, env),
+        Launch(f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)2>", n_tiles * nseg, smem, env),
+    ]
+
+
+def cols_launches(
+    policy: str, cols_ept: int, d: int, k: int, view_rows: list[int],
+    resident_bytes: int = RESIDENT_BYTES,
+):  # fmt: skip
+    """``tile::run_cols``: the columns kernel (transposed views)."""
+    kp = _round_up(k, CHUNK)
+    kseg = WARPS * cols_ept
+    nseg = -(-d // kseg)
+    basis_ld = _round_up(d, 8)
+    n_tasks = sum(-(-r // 32) for r in view_rows)
+    resident = nseg == 1 and kp * basis_ld * 4 <= resident_bytes
+    smem = kp * basis_ld * 4 if resident else kseg * CHUNK * 4
+    env = dict(d=d, k=k, kp=kp, nseg=nseg, kseg=kseg, basis_ld=basis_ld, resident=resident)
+    env["entries"] = len(view_rows)
+    mode = "(gradproj::cuda::tile::Mode)"
+    if nseg == 1:
+        return [Launch(f"cols_kernel<{policy}, {mode}0>", n_tasks, smem, env)]
+    combine = -(-(sum(view_rows) * kp) // THREADS)
+    return [
+        Launch(f"cols_kernel<{policy}, {mode}1>", n_tasks * nseg, smem, env),
+        Launch(f"combine_kernel<{policy} >", combine, 0, env),
+        Launch(f"cols_kernel<{policy}, {mode}2>", n_tasks * nseg, smem, env),
+    ]
+
+
+def surgery_launches(ctype: str, numels: list[int]):
+    """``surgery.cu`` ``launch``: partials, coefficients, apply."""
+    chunks = sum(-(-n // SURGERY_CHUNK) for n in numels)
+    env = dict(entries=len(numels), chunks_per_pair=max(-(-n // SURGERY_CHUNK) for n in numels))
+    pairs_blocks = -(-len(numels) // WARPS)
+    return [
+        Launch(f"surgery_partials_kernel<{ctype}>", chunks, 0, env),
+        Launch("surgery_coefficients_kernel", pairs_blocks, 0, env),
+        Launch(f"surgery_apply_kernel<{ctype}>", chunks, 0, env),
+    ]
+
+
+_CTYPE = {"fp32": "float", "bf16": "c10::BFloat16", "fp16": "c10::Half"}
+_NS = "gradproj::cuda::(anonymous namespace)::"
+
+
+def op_launches(
+    op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D, smem_optin: int | None = None
+) -> list[Launch]:
+    """The CUDA launches of one modelled op on the perf model's bucket (pm.TENSORS tensors of
+    rows / TENSORS × d; flat: vectors of that many elements; surgery: pairs of them).
+    ``smem_optin``: the device's per-block shared memory limit (caps the resident basis)."""
+    t = _CTYPE[dt]
+    per = rows // pm.TENSORS
+    res = RESIDENT_BYTES if smem_optin is None else min(RESIDENT_BYTES, smem_optin)
+    if op in ("project_ input", "project_anchored input"):
+        return rows_launches(f"{_NS}ProjectPolicy<{t}, true>", 2, d, k, rows, pm.TENSORS, res)
+    if op == "project_ output":
+        return cols_launches(f"{_NS}ProjectPolicy<{t}, false>", 32, d, k, [per] * pm.TENSORS, res)
+    if op == "project_ flat":
+        policy = f"{_NS}ProjectPolicy<{t}, true>"
+        return rows_launches(policy, 2, per * d, k, pm.TENSORS, pm.TENSORS, res)
+    if op == "ProjectedAdamW input":
+        return rows_launches(f"{_NS}AdamWPolicy<{t}, true>", 1, d, k, rows, pm.TENSORS, res)
+    if op == "surgery_ projection one-sided":
+        return surgery_launches(t, [per * d] * pm.TENSORS)
+    raise KeyError(op)
+
+
+def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> list[dict]:
+    """HBM bytes per element of each launch of :func:`op_launches`, from the kernels' design.
+
+    The basis (d × k, small next to the bucket), the device tables and the weights are
+    read once per launch, later reads hit cache; the fp32 coefficient workspace
+    (rows × kp) is written and read back once, the split launches' partials
+    (nseg × rows × kp) too. A flat bucket's basis is as large as k vectors: each segment
+    stages its slice of Uᵀ in both passes, shared by the tile's rows (the bucket's
+    vectors), so it streams from HBM.
+    """
+    b = pm.ITEMSIZE[dt]
+    kp = _round_up(k, CHUNK)
+
+    def mv(read: float, write: float, note: str) -> dict:
+        return {"read": read, "write": write, "note": note}
+
+    if op == "surgery_ projection one-sided":
+        return [mv(2 * b, 0, "u, r read"), mv(0, 0, "per-pair sums"),
+                mv(2 * b, b, "u, r read, u written")]  # fmt: skip
+    if op == "project_ flat":
+        n = rows // pm.TENSORS * d
+        nseg = rows_launches("P", 2, n, k, pm.TENSORS, pm.TENSORS)[0].env["nseg"]
+        slices = 4 * kp / pm.TENSORS  # Uᵀ slice per segment, shared by the tile's vectors
+        part = nseg * kp * 4 / n  # partials per element, written then read
+        return [
+            mv(b + slices, part, "x read, Uᵀ slices staged, partials written"),
+            mv(part, 0, "partials read, coef written"),
+            mv(b + slices, b, "x read, Uᵀ slices staged, x written"),
+        ]
+    basis = 4 * kp / rows  # read once per launch: d × kp floats over rows × d elements
+    coef = 4 * kp / d  # per element: the row's kp coefficients over its d elements
+    if op == "project_ output":
+        nseg = cols_launches("P", 32, d, k, [rows])[0].env["nseg"]
+        part = 4 * kp * nseg / d
+        return [
+            mv(b + basis, part, "x read, partials written"),
+            mv(part, coef, "partials read, coef written"),
+            mv(b + coef + basis, b, "x and coef read, x written"),
+        ]
+    anchors = 4 * k / d if op in ("project_anchored input", "ProjectedAdamW input") else 0.0
+    if op == "ProjectedAdamW input":
+        return [mv(4 * b + 2 * coef + anchors + basis, 3 * b + coef,
+                   "p, g, m, v read once; p, m, v written once; coef; anchors read")]  # fmt: skip
+    note = "x read once, written once; coef" + ("; anchors read" if anchors else "")
+    return [mv(b + 2 * coef + anchors + basis, b + coef, note)]
+
+
+# ---------------------------------------------------------------- one kernel
+
+
+def _eval(expr: str, env: dict) -> float:
+    names = {"ceil": math.ceil, "log2": math.log2, "min": min, "max": max} | env
+    return float(eval(expr, {"__builtins__": {}}, names))
+
+
+def _holds(cond: str, env: dict) -> bool:
+    """A model-cold-if condition; one naming what this launch lacks (another kernel's
+    geometry) is about code this kernel does not contain: False."""
+    try:
+        return bool(_eval(cond, env))
+    except NameError:
+        return False
+
+
+def match_loops(
+    loops: list[pm.Loop],
+    instrs: list[pm.Instr],
+    chains: dict[int, tuple[tuple[str, int], ...]],
+    cpp: dict[str, list[CppLoop]],
+) -> list[CppLoop | None]:
+    """The C++ loop each SASS loop came from (None: no match)."""
+
+    def frames(ins: pm.Instr) -> list[tuple[str, int]]:
+        out = []
+        for path, line in chains.get(ins.addr, ()):
+            if (repo := _repo_path(path)) is not None:
+                out.append((repo, line))
+        return out
+
+    per_instr = {ins.addr: frames(ins) for ins in instrs}
+    result: list[CppLoop | None] = []
+    for n, lp in enumerate(loops):
+        # its own instructions (not those of the SASS loops nested in it) decide
+        body = [ins for ins in instrs if pm.innermost_loop(loops, ins.addr) == n]
+        body = body or [ins for ins in instrs if lp.contains(ins.addr)]
+        best = None
+        for path, cands in cpp.items():
+            for c in cands:
+                if c.unrolled:
+                    continue
+                covered = sum(
+                    any(p == path and c.first <= ln <= c.last for p, ln in per_instr[i.addr])
+                    for i in body
+                )
+                if body and covered >= len(body) / 2:
+                    if best is None or c.last - c.first < best.last - best.first:
+                        best = c
+        result.append(best)
+    return result
+
+
+def _binds_env(
+    body: list[pm.Instr],
+    chains: dict[int, tuple[tuple[str, int], ...]],
+    binds: dict[str, dict[int, tuple[str, str]]],
+    env: dict,
+) -> dict:
+    """The launch's names plus the model-binds of the call sites the loop's instructions
+    were inlined through (a name bound on several chains: the most common chain's)."""
+    out = dict(env)
+    bound: set[str] = set()
+    for chain, _ in Counter(chains.get(i.addr, ()) for i in body).most_common():
+        for path, line in chain:
+            repo = _repo_path(path)
+            if repo is not None and line in binds.get(repo, {}):
+                name, expr = binds[repo][line]
+                if name not in bound:
+                    out[name] = _eval(expr, env)
+                    bound.add(name)
+    return out
+
+
+def _copies(
+    loops: list[pm.Loop],
+    instrs: list[pm.Instr],
+    chains: dict[int, tuple[tuple[str, int], ...]],
+    cpp: dict[str, list[CppLoop]],
+) -> list[str]:
+    """What ptxas made of each C++ loop: unrolled copies, remainder loops, versions.
+
+    * Unrolled: a global access of the loop's own source lines (outside any
+      ``#pragma unroll`` loop) appears ``U`` times in the SASS loop: it runs ``trips / U``
+      times (``U`` = the fewest copies of any such line).
+    * Siblings (same parent, same C++ loop, same call sites): the main loop and its
+      remainder, or unswitched versions of which one runs. The largest counts, the others
+      nothing. Notes say which.
+    """
+    notes = []
+    unrolled_spans = {
+        (c.path, c.first, c.last) for cands in cpp.values() for c in cands if c.unrolled
+    }
+    groups: dict[tuple, list[int]] = {}
+    size = {}
+    for n, lp in enumerate(loops):
+        if lp.source is None:
+            continue
+        path, first, last = lp.source
+        own = [i for i in instrs if pm.innermost_loop(loops, i.addr) == n]
+        size[n] = len(own)
+        per_line: Counter = Counter()
+        for ins in own:
+            chain = chains.get(ins.addr, ())
+            if pm.instr_class(ins.op) != "global" or not chain:
+                continue
+            repo, line = _repo_path(chain[0][0]), chain[0][1]
+            inside = repo == path and first <= line <= last
+            if inside and not any(
+                p == path and f <= line <= la and (f, la) != (first, last)
+                for p, f, la in unrolled_spans
+            ):
+                per_line[line] += 1
+        unroll = min(per_line.values()) if per_line else 1
+        if unroll > 1:
+            lp.trips /= unroll
+            lp.unroll = unroll
+            notes.append(f"loop {lp.start:#x}-{lp.end:#x} ({os.path.basename(path)}:{first}): "
+                         f"unrolled {unroll}x")  # fmt: skip
+        body = [i for i in instrs if lp.contains(i.addr)]
+        sites = Counter(chains.get(i.addr, ())[1:] for i in body).most_common(1)
+        groups.setdefault((lp.parent, lp.source, sites[0][0] if sites else ()), []).append(n)
+    for (_, src, _), idx in groups.items():
+        if len(idx) < 2:
+            continue
+        keep = max(idx, key=lambda n: size[n])
+        for n in idx:
+            if n != keep:
+                loops[n].trips = 0.0
+        notes.append(f"{len(idx)} SASS loops from {os.path.basename(src[0])}:{src[1]} (remainder "
+                     "or versions): the largest counted")  # fmt: skip
+    return notes
+
+
+def analyze_kernel(
+    sass: pm.Sass,
+    chains: dict[int, tuple[tuple[str, int], ...]],
+    env: dict,
+    cpp: dict[str, list[CppLoop]],
+    binds: dict[str, dict[int, tuple[str, str]]],
+) -> dict:
+    """Warp instructions and load bytes per block (all its work), by class and by region."""
+    cold = [
+        (path, first, last)
+        for path, spans in _cold_spans().items()
+        for first, last, cond in spans
+        if _holds(cond, env)
+    ]
+
+    uniform = [(p, f, la) for p, spans in _cold_spans(_UNIFORM).items() for f, la, _ in spans]
+
+    def within(ins: pm.Instr, spans: list) -> bool:
+        frames = [(_repo_path(p), ln) for p, ln in chains.get(ins.addr, ())]
+        return any(p == cp and f <= ln <= la for p, ln in frames for cp, f, la in spans)
+
+    def is_cold(ins: pm.Instr) -> bool:
+        return within(ins, cold)
+
+    live = [i for i in pm.live_instrs(sass) if not i.cold]
+    cold_here = {i.addr for i in live if is_cold(i)}
+    instrs = [i for i in live if i.addr not in cold_here]
+    loops = pm.find_loops(sass)
+    matched = match_loops(loops, live, chains, cpp)
+    notes = []
+    for n, (lp, c) in enumerate(zip(loops, matched, strict=True)):
+        where = f"loop {lp.start:#x}-{lp.end:#x}"
+        body = [i for i in live if lp.contains(i.addr)]
+        own = [i for i in body if pm.innermost_loop(loops, i.addr) == n]
+        # A loop this launch does not run: its header (the instructions of the `for`
+        # line: compare, increment, branch) is cold here, e.g. inlined through a cold call
+        header = [
+            i
+            for i in own
+            if c is not None
+            and chains.get(i.addr)
+            and _repo_path(chains[i.addr][0][0]) == c.path
+            and chains[i.addr][0][1] == c.first
+        ] or own
+        if header and sum(i.addr in cold_here for i in header) * 2 > len(header):
+            lp.trips = 0.0
+            notes.append(f"{where}: not run by this launch (model-cold-if)")
+            continue
+        if c is None or c.trips is None:
+            lp.trips = 1.0
+            src = "no C++ loop" if c is None else f"{os.path.basename(c.path)}:{c.first}"
+            notes.append(f"{where} ({src}): no model-trips, counted once")
+            continue
+        try:
+            lp.trips = _eval(c.trips, _binds_env(body, chains, binds, env))
+        except NameError as exc:
+            raise NameError(f"{where} ({os.path.basename(c.path)}:{c.first}): {exc}") from None
+        lp.source = (c.path, c.first, c.last)
+    notes += _copies(loops, instrs, chains, cpp)
+
+    def weight(addr: int) -> float:
+        w, i = 1.0, pm.innermost_loop(loops, addr)
+        while i is not None:
+            w *= loops[i].trips
+            i = loops[i].parent
+        return w
+
+    per_block = {c: 0.0 for c in pm.CLASSES}
+    regions: dict[int | None, dict] = {}
+    for ins in instrs:
+        w = weight(ins.addr)
+        per_block[pm.instr_class(ins.op)] += w
+        if ins.base in pm._LOADS and not within(ins, uniform):
+            r = regions.setdefault(pm.innermost_loop(loops, ins.addr), {"issued": 0.0})
+            r["issued"] += w * pm.access_bytes(ins.op)  # per thread
+    out_regions = []
+    for idx, r in regions.items():
+        body = [i for i in instrs if pm.innermost_loop(loops, i.addr) == idx]
+        out_regions.append(
+            {
+                "region": "straight-line" if idx is None else f"loop {loops[idx].start:#x}",
+                "load_bytes_per_thread": r["issued"],
+                "bytes_in_flight_per_thread": pm.bytes_in_flight(body, circular=idx is not None),
+            }
+        )
+    loop_rows = [
+        {
+            "sass": f"{lp.start:#x}-{lp.end:#x}",
+            "source": None
+            if c is None
+            else f"{os.path.relpath(c.path, ROOT)}:{c.first}" + ("" if c.trips else " (no trips)"),
+            "trips": lp.trips,
+            "parent": lp.parent,
+        }
+        for lp, c in zip(loops, matched, strict=True)
+    ]
+    return {"per_block": per_block, "regions": out_regions, "loops": loop_rows, "notes": notes}
+
+
+# ---------------------------------------------------------------- the build
+
+
+@dataclass
+class Build:
+    """The disassembled kernels of one built extension, per arch, and their ptxas figures."""
+
+    sass: dict[str, dict[str, pm.Sass]]  # arch -> demangled name -> SASS
+    chains: dict[str, dict[str, dict]]  # arch -> demangled name -> addr -> chain
+    usage: dict[tuple[str, str], Usage]  # (demangled, arch) -> resources
+    so: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A kernel's resources from its cubin (``cuobjdump -res-usage``)."""
+
+    registers: int
+    local_bytes: int  # per thread: spills and stack arrays (0: none)
+    static_smem: int
+
+
+_RES_FUNC = re.compile(r"^\s*Function\s+([^\s:]+):")
+_RES_USE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def parse_res_usage(text: str) -> dict[str, Usage]:
+    """Mangled name → :class:`Usage` from ``cuobjdump -res-usage`` of one cubin."""
+    out, name = {}, None
+    for line in text.splitlines():
+        if m := _RES_FUNC.match(line):
+            name = m.group(1)
+        elif name and (m := _RES_USE.search(line)):
+            reg, stack, shared, local = map(int, m.groups())
+            out[name] = Usage(reg, max(local, stack), shared)
+            name = None
+    return out
+
+
+def load_build(so: str) -> Build:
+    """Every CUDA kernel of a built ``_C*.so``, per arch: SASS, inline chains, resources.
+
+    Resources come from the cubins themselves, so an incremental build (whose log only
+    holds the ptxas lines of what it recompiled) loses nothing.
+    """
+    import cuda_compile_report as ccr
+
+    sass: dict[str, dict[str, pm.Sass]] = {}
+    chains: dict[str, dict[str, dict]] = {}
+    usage: dict[tuple[str, str], Usage] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([pm._cuda_tool("cuobjdump"), "-xelf", "all", os.path.abspath(so)],
+                       cwd=tmp, capture_output=True, check=True)  # fmt: skip
+        for cubin in sorted(os.listdir(tmp)):
+            arch = re.search(r"sm_\d+", cubin)
+            if not cubin.endswith(".cubin") or arch is None:
+                continue
+            path = os.path.join(tmp, cubin)
+            text = subprocess.run(
+                [pm._cuda_tool("nvdisasm"), "-c", "-g", "-gi", path],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            funcs = {n: f for n, f in pm.parse_sass_all(text).items() if not n.startswith("$")}
+            names = ccr.demangle(sorted(funcs))
+            a = arch.group(0)
+            sass.setdefault(a, {}).update({names[n]: f for n, f in funcs.items()})
+            ch = sass_chains(text)
+            chains.setdefault(a, {}).update({names[n]: ch[n] for n in funcs})
+            res = subprocess.run(
+                [pm._cuda_tool("cuobjdump"), "-res-usage", path],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            for mangled, u in parse_res_usage(res).items():
+                if mangled in names:
+                    usage[(names[mangled], a)] = u
+    return Build(sass, chains, usage, so)
+
+
+def _find(build: Build, arch: str, pattern: str) -> str:
+    hits = [n for n in build.sass.get(arch, {}) if f"::{pattern}(" in n or f" {pattern}(" in n]
+    hits = hits or [n for n in build.sass.get(arch, {}) if pattern in n]
+    if len(hits) != 1:
+        raise LookupError(f"{len(hits)} CUDA kernels match {pattern!r} on {arch}")
+    return hits[0]
+
+
+def _short(name: str) -> str:
+    """``rows_kernel (fused)`` for a demangled instantiation."""
+    base = re.findall(r"(\w+_kernel)\b", name)
+    out = base[0] if base else name
+    if mode := re.search(r"Mode\)(\d)", name):
+        out += f" ({('fused', 'partials', 'apply')[int(mode.group(1))]})"
+    return out
+
+
+def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
+    """The op's CUDA launches on the perf model's bucket, predicted for ``arch``."""
+    device = pm.DEVICES[arch]
+    lim = arch_limits.ARCHS[arch]
+    elements = pm.ROWS * pm.D
+    cpp, binds = _sources()
+    kernels = []
+    for launch in op_launches(op, dt, k, smem_optin=lim.smem_optin_per_block):
+        name = _find(build, arch, launch.kernel)
+        rec = build.usage.get((name, arch))
+        if rec is None:
+            raise LookupError(f"no resource usage for {name} on {arch} in the cubin")
+        regs, static, spills = rec.registers, rec.static_smem, rec.local_bytes
+        blocks, limiter = arch_limits.blocks_per_sm(
+            regs, THREADS, static + launch.dynamic_smem, lim
+        )
+        grid = max(1, min(launch.work, blocks * device.sms))
+        env = launch.env | {
+            "items": launch.work / grid,
+            "vec": ", true>" in launch.kernel,  # the policy's kVec
+            "amsgrad": False,  # the modelled AdamW step
+        }
+        got = analyze_kernel(build.sass[arch][name], build.chains[arch][name], env, cpp, binds)
+        scale = grid * WARPS / elements
+        instrs = {c: v * scale for c, v in got["per_block"].items()}
+        instrs["total"] = sum(instrs.values())
+        regions = []
+        for r in got["regions"]:
+            r["load_bytes_per_elt"] = r["load_bytes_per_thread"] * THREADS * grid / elements
+            r["bytes_in_flight_per_sm"] = r["bytes_in_flight_per_thread"] * THREADS * blocks
+            regions.append((r["load_bytes_per_elt"], r["bytes_in_flight_per_sm"]))
+        kernels.append(
+            {
+                "kernel": _short(name),
+                "instantiation": name,
+                "work": launch.work,
+                "grid": grid,
+                "regs": regs,
+                "spills": spills,
+                "smem": static + launch.dynamic_smem,
+                "blocks_per_sm": blocks,
+                "occupancy_limiter": limiter,
+                "instrs_per_elt": instrs,
+                "regions": got["regions"],
+                "loops": got["loops"],
+                "notes": got["notes"],
+                "_regions": regions,
+            }
+        )
+    for kn, moved in zip(kernels, hbm_bytes(op, dt, k), strict=True):
+        kn["bytes_per_elt"] = moved
+        kn["bounds"] = pm.bounds(
+            moved["read"] + moved["write"], kn["instrs_per_elt"]["total"], kn.pop("_regions"),
+            device,
+        )  # fmt: skip
+    times = [kn["bounds"]["s_per_elt"] for kn in kernels]
+    floor = pm.OPS[op].floor_bytes(dt, k)
+    failed = any(kn["blocks_per_sm"] == 0 for kn in kernels)
+    dominant = max(kernels, key=lambda kn: kn["bounds"]["s_per_elt"])
+    row = {
+        "arch": arch,
+        "device": device.name,
+        "backend": "cuda",
+        "op": op,
+        "dtype": dt,
+        "k": k,
+        "elements": elements,
+        "floor": pm.OPS[op].floor,
+        "floor_bytes_per_elt": floor,
+        "bytes_per_elt": sum(kn["bytes_per_elt"]["read"] + kn["bytes_per_elt"]["write"]
+                             for kn in kernels),
+        "instrs_per_elt": {
+            c: sum(kn["instrs_per_elt"][c] for kn in kernels) for c in (*pm.CLASSES, "total")
+        },
+        "s_per_elt": sum(times),
+        "limiter": "launch fails" if failed else dominant["bounds"]["limiter"],
+        "limiting_kernel": dominant["kernel"],
+        "predicted_fraction_of_copy": (
+            0.0 if failed else pm.predicted_fraction(floor, times, device)
+        ),
+        "kernels": kernels,
+    }  # fmt: skip
+    return row
+
+
+# ---------------------------------------------------------------- report
+
+
+def _cell(row: dict) -> str:
+    f = row["predicted_fraction_of_copy"]
+    if row["op"].startswith("ProjectedAdamW"):
+        return "fails" if f == 0 else f"{1 / f:.2f}× torch"
+    return f"{f:.0%}"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("GPU", "op", "dtype", "k", "predicted (of copy)", "limiter", "kernel", "B/elt",
+            "instr/elt (fma/tensor/glob/shr/other)", "regs", "smem KiB", "blocks/SM",
+            "in flight KiB/SM")  # fmt: skip
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['device']} | {r['op']} | {r['dtype']} | {r['k']} | error: "
+                       f"{r['error'][:120]} |" + " |" * 8)  # fmt: skip
+            continue
+        kn = next(x for x in r["kernels"] if x["kernel"] == r["limiting_kernel"])
+        c = r["instrs_per_elt"]
+        flight = max((x["bytes_in_flight_per_sm"] for x in kn["regions"]), default=0.0)
+        short = kn["kernel"]
+        cells = (
+            r["device"], r["op"], r["dtype"], str(r["k"]), _cell(r), r["limiter"], short,
+            f"{r['bytes_per_elt']:.2f} (floor {r['floor_bytes_per_elt']:g})",
+            f"{c['total']:.2f} (" + "/".join(f"{c[x]:.2f}" for x in pm.CLASSES) + ")",
+            str(kn["regs"]), f"{kn['smem'] / 1024:.1f}", str(kn["blocks_per_sm"]),
+            f"{flight / 1024:.1f}",
+        )  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def markdown(result: dict) -> str:
+    devices = "\n".join(f"- {d.arch} = {d.name}: {d.source}" for d in pm.DEVICES.values())
+    return f"""# CUDA kernels: {pm.TITLE.lower()}
+
+Generated by `python benchmarks/perf_model_cuda.py` on {result["date"]} from
+`{result["so"]}` (the `csrc/cuda` of then, built for sm_80 and sm_90 as `make
+cuda-compile-check` builds it). Every figure is a **prediction**: the instructions come from
+the SASS, each loop's trip count from the `// model-trips:` comment on its C++ loop, the
+bytes from the kernels' design (`hbm_bytes`); nothing ran on a GPU. Same ops, bucket,
+floors, devices and bounds as the Triton model ([perf_model.md](perf_model.md)), so the
+two tables compare the backends.
+
+{devices}
+
+{format_table(result["rows"])}
+
+Notes: a CUDA kernel loops over its work grid-stride, so each block runs `work / grid`
+items (no tail wave); the `cols` layout (side output) holds a column segment of
+{WARPS} × 32 rows of G, so `D` = {pm.D} is cut into segments and split into partials,
+combine and apply; the flat side's vectors are cut into 4096-element segments the same way.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--so", help="a built gradproj _C*.so with CUDA kernels (default: build one)")
+    ap.add_argument("--arch", nargs="+", default=list(pm.DEVICES))
+    ap.add_argument("--json", default=DEFAULT_JSON)
+    ap.add_argument("--md", default=DEFAULT_MD)
+    args = ap.parse_args(argv)
+    so = args.so or pm.build_cuda()[0]
+    build = load_build(so)
+    rows = []
+    for arch in args.arch:
+        for op in pm.OPS:
+            for dt in pm.DTYPES:
+                for k in pm.KS:
+                    try:
+                        rows.append(model_op(build, op, dt, k, arch))
+                    except Exception as exc:  # a missing kernel is a finding of its row
+                        rows.append({"arch": arch, "device": pm.DEVICES[arch].name, "op": op,
+                                     "dtype": dt, "k": k, "error": f"{type(exc).__name__}: {exc}",
+                                     "predicted_fraction_of_copy": 0.0})  # fmt: skip
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    so_rel = os.path.relpath(so, ROOT) if so.startswith(ROOT) else so.replace(
+        os.path.expanduser("~"), "~")  # fmt: skip
+    result = {"title": pm.TITLE, "date": now, "so": so_rel, "rows": rows}
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    with open(args.md, "w") as f:
+        f.write(markdown(result))
+    print(format_table(rows))
+    print(f"\n{len(rows)} rows; {pm.TITLE.lower()}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

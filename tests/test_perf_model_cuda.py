@@ -1,0 +1,282 @@
+"""benchmarks/perf_model_cuda.py: C++ loop annotations, inline chains, trip counts, launches.
+
+Everything here runs on hand-written sources and SASS; the real build (``make
+perf-model-cuda``) needs the CUDA venv and takes minutes, so its committed result is
+checked instead (no kernel missing, every loop with a trip count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import perf_model as pm  # noqa: E402
+import perf_model_cuda as pmc  # noqa: E402
+
+TOY = textwrap.dedent(
+    """\
+    // for (this is a comment) { not a loop }
+    __device__ int find(const int* t, int n) {  // model-uniform
+      int lo = 0;
+      while (lo < n) {  // model-trips: ceil(log2(entries))
+        lo += t[lo];
+      }
+      return lo;
+    }
+    __global__ void kern(float* x, int n_chunks) {
+      // model-trips: items
+      for (int item = blockIdx.x; item < 100;
+           item += gridDim.x) {
+        for (int c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
+          x[c] += find(nullptr, 2);  // model-binds: nk = kp if resident else 0
+    #pragma unroll
+          for (int v = 0; v < 4; ++v) x[v] *= 2.f;
+        }
+        if (x[0] > 0) {
+          x[1] = 0;
+        } else {  // model-cold-if: vec (the ragged end)
+          x[2] = 0;
+        }
+        do { x[3] += 1; } while (x[3] < 2);
+        const char* s = "for (a string)";
+      }
+    }
+    void host(int n) {
+      for (int i = 0; i < n; ++i) {}
+    }
+    """
+)
+
+
+@pytest.fixture
+def toy_dir(tmp_path, monkeypatch):
+    src = tmp_path / "cuda"
+    src.mkdir()
+    (src / "toy.cu").write_text(TOY)
+    monkeypatch.setattr(pmc, "SOURCES", str(src))
+    pmc._sources.cache_clear()
+    pmc._cold_spans.cache_clear()
+    yield src / "toy.cu"
+    pmc._sources.cache_clear()
+    pmc._cold_spans.cache_clear()
+
+
+def test_cpp_loops_headers_bodies_unroll_and_trips(toy_dir):
+    loops = {(lp.first, lp.last): lp for lp in pmc.cpp_loops(str(toy_dir))}
+    # comments, strings and the while of a do-while are not loops
+    assert sorted(loops) == [(4, 6), (11, 25), (13, 17), (16, 16), (28, 28)]
+    assert loops[(4, 6)].trips == "ceil(log2(entries))"
+    assert loops[(11, 25)].trips == "items"  # on the comment line above a two-line header
+    assert loops[(13, 17)].trips == "kp / 8"
+    assert loops[(16, 16)].unrolled and not loops[(13, 17)].unrolled
+    assert loops[(28, 28)].trips is None  # host code: no annotation needed
+
+
+def test_binds_cold_and_uniform_spans(toy_dir):
+    assert pmc.cpp_binds(str(toy_dir)) == {14: ("nk", "kp if resident else 0")}
+    assert pmc.cpp_cold(str(toy_dir)) == [(20, 22, "vec")]
+    assert pmc.cpp_cold(str(toy_dir), pmc._UNIFORM) == [(2, 8, "True")]
+
+
+def test_sass_chains_keep_every_inlined_frame():
+    text = textwrap.dedent(
+        """\
+                .type           k,@function
+        k:
+        \t//## File "/b/csrc/cuda/tile.cuh", line 109 inlined at "/b/csrc/cuda/project.cu", line 59
+        \t//## File "/b/csrc/cuda/project.cu", line 59 inlined at "/b/csrc/cuda/tile.cuh", line 253
+                /*0000*/                   LDG.E.64 R2, desc[UR4][R2.64] ;
+        \t//## File "/b/csrc/cuda/tile.cuh", line 260
+                /*0010*/                   FFMA R1, R2, R3, R1 ;
+        """
+    )
+    chains = pmc.sass_chains(text)["k"]
+    assert chains[0x0] == (
+        ("/b/csrc/cuda/tile.cuh", 109),
+        ("/b/csrc/cuda/project.cu", 59),
+        ("/b/csrc/cuda/tile.cuh", 253),
+    )
+    assert chains[0x10] == (("/b/csrc/cuda/tile.cuh", 260),)
+
+
+def _toy_sass(path: str) -> str:
+    """SASS of kern: the item loop (line 11) around the chunk loop (line 13), which ptxas
+    unrolled twice (two copies of line 14's load), and the inlined while loop (line 4)."""
+    f = path
+    return textwrap.dedent(
+        f"""\
+                .type           kern,@function
+        kern:
+        \t//## File "{f}", line 9
+                /*0000*/                   MOV R1, c[0x0][0x28] ;
+        .L_x_0:
+        \t//## File "{f}", line 12
+                /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        .L_x_1:
+        \t//## File "{f}", line 14
+                /*0020*/                   LDG.E R4, desc[UR4][R6.64] ;
+                /*0030*/                   LDG.E R5, desc[UR4][R8.64] ;
+                /*0040*/                   FADD R4, R4, R5 ;
+        .L_x_2:
+        \t//## File "{f}", line 5 inlined at "{f}", line 14
+                /*0050*/                   LDG.E R9, desc[UR4][R10.64] ;
+                /*0060*/                   BRA `(.L_x_2) ;
+        \t//## File "{f}", line 16
+                /*0070*/                   FMUL R4, R4, 2 ;
+        \t//## File "{f}", line 13
+                /*0080*/                   BRA `(.L_x_1) ;
+        \t//## File "{f}", line 19
+                /*0090*/                   STG.E desc[UR4][R6.64], R4 ;
+        \t//## File "{f}", line 21
+                /*00a0*/                   STG.E desc[UR4][R6.64], R5 ;
+        \t//## File "{f}", line 11
+                /*00b0*/                   BRA `(.L_x_0) ;
+                /*00c0*/                   EXIT ;
+        .L_x_3:
+                /*00d0*/                   BRA `(.L_x_3) ;
+        """
+    )
+
+
+def test_trips_from_annotations_unrolled_copies_binds_and_cold(toy_dir):
+    text = _toy_sass(str(toy_dir))
+    sass = pm.parse_sass(text)
+    chains = pmc.sass_chains(text)["kern"]
+    cpp, binds = pmc._sources()
+    env = {"items": 3.0, "kp": 32, "resident": False, "entries": 2, "vec": True}
+    got = pmc.analyze_kernel(sass, chains, env, cpp, binds)
+    trips = {lp["source"]: lp["trips"] for lp in got["loops"]}
+    src = os.path.relpath(str(toy_dir), pmc.ROOT)
+    assert trips[f"{src}:11"] == 3.0  # items
+    assert trips[f"{src}:13"] == 2.0  # kp / 8 = 4, two copies of line 14's loads per pass
+    assert trips[f"{src}:4"] == 1.0  # ceil(log2(2)), inlined through line 14
+    # per block: MOV and EXIT once; item loop: IADD3, STG (line 19), BRA = 3 x 3; the cold else
+    # branch (line 21) is not counted; chunk loop 5 instrs x 2 x 3; while 2 x 1 x 2 x 3
+    assert got["per_block"]["global"] == pytest.approx(3 * 1 + 3 * 2 * 2 + 3 * 2 * 1)
+    assert sum(got["per_block"].values()) == pytest.approx(2 + 3 * 3 + 3 * 2 * 5 + 3 * 2 * 2)
+    # the while loop's load is a device-table lookup (model-uniform): not a data load
+    issued = {r["region"]: r["load_bytes_per_thread"] for r in got["regions"]}
+    assert sum(issued.values()) == pytest.approx(3 * 2 * 8)
+    env["vec"] = False  # then the else branch runs
+    got = pmc.analyze_kernel(sass, chains, env, cpp, binds)
+    assert got["per_block"]["global"] == pytest.approx(3 * 2 + 3 * 2 * 2 + 3 * 2 * 1)
+
+
+def test_a_loop_without_trips_is_counted_once_and_flagged(toy_dir):
+    text = _toy_sass(str(toy_dir)).replace("line 13\n", "line 28\n")
+    src = toy_dir.read_text().replace("  // model-trips: kp / 8", "")
+    toy_dir.write_text(src)
+    pmc._sources.cache_clear()
+    sass = pm.parse_sass(text)
+    cpp, binds = pmc._sources()
+    env = {"items": 1.0, "kp": 32, "resident": False, "entries": 2, "vec": True}
+    got = pmc.analyze_kernel(sass, pmc.sass_chains(text)["kern"], env, cpp, binds)
+    assert any("no model-trips, counted once" in n for n in got["notes"])
+
+
+def _constexprs() -> dict[str, int]:
+    import cuda_compile_report as ccr
+
+    out: dict[str, int] = {}
+    for name in ("tile.cuh", "surgery.cu"):
+        text = open(os.path.join(ROOT, "csrc", "cuda", name)).read()
+        for m in ccr._CONSTEXPR.finditer(ccr._strip_comments(text)):
+            expr = re.sub(r"static_cast<\w+>\(([^)]*)\)", r"\1", m.group(2))
+            expr = re.sub(r"sizeof\(float\)", "4", expr)
+            v = ccr._eval_int(expr, out)
+            if v is not None:
+                out.setdefault(f"{name}:{m.group(1)}", v)
+                out.setdefault(m.group(1), v)
+    return out
+
+
+def test_the_python_twin_uses_the_sources_constants():
+    c = _constexprs()
+    assert c["tile.cuh:kThreads"] == pmc.THREADS
+    assert c["tile.cuh:kChunk"] == pmc.CHUNK
+    assert c["tile.cuh:kEpt"] == pmc.EPT
+    assert c["tile.cuh:kResidentBytes"] == pmc.RESIDENT_BYTES
+    assert c["surgery.cu:kChunk"] == pmc.SURGERY_CHUNK
+
+
+def test_launch_geometry_follows_run_rows_and_run_cols():
+    # D = 768: a 2-warp row group (1024 columns), 4 groups of 2 rows, one segment
+    (fused,) = pmc.rows_launches("P", 2, 768, 32, 4096, 2)
+    assert fused.kernel.endswith("Mode)0>") and fused.work == 4096 // 8
+    assert fused.env | {} == fused.env and fused.env["wpr"] == 2 and fused.env["kp"] == 32
+    assert fused.env["resident"] and fused.dynamic_smem == 32 * 768 * 4  # all of U^T: 96 KiB
+    (wide,) = pmc.rows_launches("P", 2, 768, 64, 4096, 2)  # 192 KiB: a chunk at a time
+    assert not wide.env["resident"] and wide.dynamic_smem == 8 * 768 * 4
+    # a device allowing less per block (resident_limit): 96 KiB no longer fits
+    (capped,) = pmc.rows_launches("P", 2, 768, 32, 4096, 2, resident_bytes=64 * 1024)
+    assert not capped.env["resident"] and capped.dynamic_smem == 8 * 768 * 4
+    (small,) = pmc.rows_launches("P", 2, 768, 8, 4096, 2)
+    assert small.env["resident"] and small.dynamic_smem == 8 * 768 * 4
+    # a flat vector of 1.5M elements: 4096-wide segments, partials + combine + apply
+    split = pmc.rows_launches("P", 2, 2048 * 768, 32, 2, 2)
+    assert [la.kernel.split("<")[0] for la in split] == ["rows_kernel", "combine_kernel",
+                                                          "rows_kernel"]  # fmt: skip
+    assert split[0].env["nseg"] == 384 and split[0].work == 384
+    # side output: 256-row column segments, so D = 768 takes the split launches
+    cols = pmc.cols_launches("P", 32, 768, 8, [2048, 2048])
+    assert len(cols) == 3 and cols[0].work == 2 * 64 * 3
+    (one,) = pmc.cols_launches("P", 32, 200, 8, [100])
+    assert one.env["resident"] and one.work == 4
+
+
+@pytest.mark.parametrize("op", list(pm.OPS))
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_hbm_bytes_never_below_the_floor(op, dt):
+    for k in pm.KS:
+        launches = pmc.op_launches(op, dt, k)
+        moved = pmc.hbm_bytes(op, dt, k)
+        assert len(moved) == len(launches)
+        total = sum(m["read"] + m["write"] for m in moved)
+        assert total >= pm.OPS[op].floor_bytes(dt, k) - 1e-9
+    if op == "project_ input":  # read once, written once, plus the fp32 coefficients
+        (m,) = pmc.hbm_bytes(op, dt, 8)
+        b = pm.ITEMSIZE[dt]
+        assert m["read"] + m["write"] == pytest.approx(2 * b + 3 * 4 * 8 / 768 + 4 * 8 / 4096)
+
+
+def test_committed_result_is_complete():
+    path = pmc.DEFAULT_JSON
+    with open(path) as f:
+        result = json.load(f)
+    assert result["title"] == pm.TITLE
+    rows = result["rows"]
+    assert len(rows) == len(pm.OPS) * len(pm.DTYPES) * len(pm.KS) * len(pm.DEVICES)
+    for r in rows:
+        assert "error" not in r, r
+        assert 0 < r["predicted_fraction_of_copy"] <= 1.0
+        for kn in r["kernels"]:
+            assert kn["spills"] == 0
+            assert not [n for n in kn["notes"] if "no model-trips" in n], kn["kernel"]
+
+
+def test_resource_usage_from_the_cubin():
+    text = textwrap.dedent(
+        """\
+        Resource usage:
+         Common:
+          GLOBAL:0
+         Function _Z4kernPf:
+          REG:40 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+         Function _Z5spillPf:
+          REG:255 STACK:16 SHARED:0 LOCAL:24 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+        """
+    )
+    got = pmc.parse_res_usage(text)
+    assert got == {
+        "_Z4kernPf": pmc.Usage(40, 0, 1024),
+        "_Z5spillPf": pmc.Usage(255, 24, 0),
+    }

@@ -371,7 +371,7 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
 
     The basis (d × k, small next to the bucket), the device tables and the weights are
     read once per launch, later reads hit cache; the fp32 coefficient workspace
-    (rows × kp) is written and read back once, the split launches' partials
+    (rows × kp) is written in pass 1 and read back in pass 2, the split launches' partials
     (nseg × rows × kp) too. A flat bucket's basis is as large as k vectors: each segment
     stages its slice of Uᵀ in both passes, shared by the tile's rows (the bucket's
     vectors), so it streams from HBM.
@@ -407,10 +407,10 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
         ]
     anchors = 4 * k / d if op in ("project_anchored input", "ProjectedAdamW input") else 0.0
     if op == "ProjectedAdamW input":
-        return [mv(4 * b + 2 * coef + anchors + basis, 3 * b + coef,
+        return [mv(4 * b + coef + anchors + basis, 3 * b + coef,
                    "p, g, m, v read once; p, m, v written once; coef; anchors read")]  # fmt: skip
     note = "x read once, written once; coef" + ("; anchors read" if anchors else "")
-    return [mv(b + 2 * coef + anchors + basis, b + coef, note)]
+    return [mv(b + coef + anchors + basis, b + coef, note)]
 
 
 # ---------------------------------------------------------------- one kernel

@@ -1704,7 +1704,7 @@ ASSUMPTIONS = (
     "the small torch ops between kernels free); both sides of a branch execute except a "
     "slow-path call; the loads Triton's pipeliner places before a loop take issue slots but "
     "move no extra bytes; a loop ptxas unrolled runs trips/unroll times and its peeled "
-    "remainder copies count nothing; CUDA kernels get no per-element prediction."
+    "remainder copies count nothing; CUDA kernels: benchmarks/perf_model_cuda.py."
 )
 
 

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -908,7 +908,14 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     so_rel = os.path.relpath(so, ROOT) if so.startswith(ROOT) else so.replace(
         os.path.expanduser("~"), "~")  # fmt: skip
-    result = {"title": pm.TITLE, "date": now, "so": so_rel, "rows": rows}
+    result = {
+        "title": pm.TITLE,
+        "date": now,
+        "so": so_rel,
+        "shape": {"rows": pm.ROWS, "d": pm.D},
+        "devices": {a: asdict(pm.DEVICES[a]) for a in args.arch},
+        "rows": rows,
+    }
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     with open(args.md, "w") as f:

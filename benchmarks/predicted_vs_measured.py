@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Measured against predicted: the first GPU run checks the static model.
 
-    python benchmarks/predicted_vs_measured.py --out DIR [--model MODEL_JSON]
+    python benchmarks/predicted_vs_measured.py --out DIR [--model MODEL_JSON ...]
 
-CUDA only (``scripts/gpu_check.sh`` runs it). For every row of the static model
-(:mod:`benchmarks.perf_model`, "predicted from compiled code, not measured") of this
-device's architecture (``sm_80`` rows on compute capability 8.x, ``sm_90`` on 9.x), the
-same op, side, dtype and ``k`` on the model's bucket (``shape`` of the JSON: its rows
-split into two tensors of ``d`` columns) is timed on the ``triton`` backend with
-``triton.testing.do_bench`` (median, L2 flushed), together with its peer in the same
-run:
+CUDA only (``scripts/gpu_check.sh`` runs it). For every row of the static models
+(:mod:`benchmarks.perf_model` for the Triton kernels, :mod:`benchmarks.perf_model_cuda`
+for the CUDA ones, "predicted from compiled code, not measured") of this device's
+architecture (``sm_80`` rows on compute capability 8.x, ``sm_90`` on 9.x), the same op,
+side, dtype and ``k`` on the model's bucket (``shape`` of the JSON: its rows split into
+two tensors of ``d`` columns) is timed on the row's backend (``backend`` of the row,
+``triton`` when absent) with ``triton.testing.do_bench`` (median, L2 flushed), together
+with its peer in the same run:
 
 * ``project_`` / anchored / ``surgery_``: a device copy of the op's essential bytes
   (the model's ``floor_bytes_per_elt`` × elements, read + written), so the measured
@@ -34,7 +35,10 @@ from collections.abc import Callable
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = os.path.join(ROOT, "benchmarks", "results", "perf_model.json")
+DEFAULT_MODELS = [
+    os.path.join(ROOT, "benchmarks", "results", "perf_model.json"),
+    os.path.join(ROOT, "benchmarks", "results", "perf_model_cuda.json"),
+]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TENSORS = 2  # the model's bucket: its rows split into this many tensors
 
@@ -64,10 +68,11 @@ def _orthonormal(d: int, k: int, dev: torch.device) -> torch.Tensor:
 def case(
     row: dict, shape: dict, dev: torch.device
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """``(op, peer)``: closures that run the row's op on the triton backend and its peer."""
+    """``(op, peer)``: closures that run the row's op on its backend and its peer."""
     import gradproj
     from gradproj import ops
 
+    backend = row.get("backend", "triton")
     dtype = DTYPES[row["dtype"]]
     n_rows, d, k = shape["rows"] // TENSORS, shape["d"], row["k"]
     op = row["op"]
@@ -96,14 +101,14 @@ def case(
         if op.startswith("project_anchored"):
             anchors = [ops.anchor(g, basis, side=side) for g in grads]
             return (
-                lambda: ops.project_anchored_(grads, anchors, basis, side=side, backend="triton"),
+                lambda: ops.project_anchored_(grads, anchors, basis, side=side, backend=backend),
                 peer,
             )
-        return lambda: gradproj.project_(grads, basis, side=side, backend="triton"), peer
+        return lambda: gradproj.project_(grads, basis, side=side, backend=backend), peer
     if op.startswith("surgery_"):
         g_u = [randn(n_rows * d) for _ in range(TENSORS)]
         g_r = [-g for g in g_u]  # every pair conflicts: the apply pass always runs
-        return lambda: gradproj.surgery_(g_u, g_r, backend="triton"), peer
+        return lambda: gradproj.surgery_(g_u, g_r, backend=backend), peer
     if op.startswith("ProjectedAdamW"):
         basis = _orthonormal(d, k, dev)
 
@@ -114,22 +119,38 @@ def case(
             return out
 
         mine, theirs = params(), params()
-        projected = gradproj.ProjectedAdamW(mine, bases={p: basis for p in mine}, backend="triton")
+        projected = gradproj.ProjectedAdamW(mine, bases={p: basis for p in mine}, backend=backend)
         fused = torch.optim.AdamW(theirs, fused=True)
         return projected.step, fused.step
     raise ValueError(f"no case for the model's op {op!r}")
 
 
 def compare(rows: list[dict], shape: dict, dev: torch.device, bench: Callable) -> list[dict]:
-    """Every row timed: ``bench(fn)`` gives milliseconds (do_bench on a GPU)."""
+    """Every row timed: ``bench(fn)`` gives milliseconds (do_bench on a GPU). A row whose
+    op fails to run (its backend not built, say) is reported with its error, not dropped."""
     out = []
     for row in rows:
-        op_fn, peer_fn = case(row, shape, dev)
-        t_op, t_peer = bench(op_fn), bench(peer_fn)
+        try:
+            op_fn, peer_fn = case(row, shape, dev)
+            t_op, t_peer = bench(op_fn), bench(peer_fn)
+        except Exception as exc:
+            if isinstance(exc, ValueError) and "no case" in str(exc):
+                raise  # a model op without a case is this script's defect
+            out.append(
+                {
+                    "backend": row.get("backend", "triton"),
+                    "op": row["op"],
+                    "dtype": row["dtype"],
+                    "k": row["k"],
+                    "error": f"{type(exc).__name__}: {exc}"[:500],
+                }
+            )
+            continue
         measured = t_peer / t_op
         predicted = row["predicted_fraction_of_copy"]
         out.append(
             {
+                "backend": row.get("backend", "triton"),
                 "op": row["op"],
                 "dtype": row["dtype"],
                 "k": row["k"],
@@ -150,18 +171,25 @@ def markdown(device: str, versions: dict, results: list[dict]) -> str:
         f"# Measured on {device} against the static model's prediction",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-        "*predicted*: from compiled code (benchmarks/perf_model.py), not measured; *measured*:",
+        "*predicted*: from compiled code (benchmarks/perf_model.py, perf_model_cuda.py), not",
+        "measured; *measured*:",
         "this run (do_bench medians). Fractions of the copy roofline (ProjectedAdamW: torch",
         "fused AdamW time over ProjectedAdamW time).",
         "",
-        "| op | dtype | k | predicted | measured | measured / predicted | op ms | peer ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | op | dtype | k | predicted | measured | measured / predicted | op ms "
+        "| peer ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['op']} | {r['dtype']} | {r['k']} | "
+                         f"failed: {r['error'][:120]} | | | | |")  # fmt: skip
+            continue
         ratio = r["measured_over_predicted"]
         ratio_text = "—" if ratio is None else f"{ratio:.2f}"
         lines.append(
-            f"| {r['op']} | {r['dtype']} | {r['k']} | {r['predicted']:.0%} | {r['measured']:.0%} "
+            f"| {r['backend']} | {r['op']} | {r['dtype']} | {r['k']} | {r['predicted']:.0%} "
+            f"| {r['measured']:.0%} "
             f"| {ratio_text} | {r['op_ms']:.3f} | {r['peer_ms']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -169,7 +197,9 @@ def markdown(device: str, versions: dict, results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--model", nargs="+", default=[m for m in DEFAULT_MODELS if os.path.exists(m)]
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -178,20 +208,24 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     import triton.testing
 
-    with open(args.model) as f:
-        model = json.load(f)
+    models = []
+    for path in args.model:
+        with open(path) as f:
+            models.append(json.load(f))
     dev = torch.device("cuda")
     arch = arch_of(torch.cuda.get_device_capability(dev))
 
     def bench(fn: Callable[[], None]) -> float:
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
-    results = compare(rows_for(model, arch), model["shape"], dev, bench)
+    results = []
+    for model in models:
+        results += compare(rows_for(model, arch), model["shape"], dev, bench)
     versions = {
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "model triton": model.get("triton"),
-        "model date": model.get("date"),
+        "model triton": models[0].get("triton"),
+        "model dates": ", ".join(str(m.get("date")) for m in models),
     }
     device = torch.cuda.get_device_name(dev)
     os.makedirs(args.out, exist_ok=True)

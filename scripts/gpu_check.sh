@@ -11,7 +11,8 @@
 #
 # Results: $OUT/summary.json (device, versions, pass counts, max errors per backend),
 # $OUT/pytest.xml + pytest.log, $OUT/bench_project.json, $OUT/build.log,
-# $OUT/predicted_vs_measured.{json,md} (the static model's predictions against this run).
+# $OUT/predicted_vs_measured.{json,md} (both static models' predictions, Triton and CUDA, against
+# this run).
 # Exit status: non-zero when the build fails or any test fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ dev_name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" 
 suite_json="$OUT/suite-${dev_name}-$(date +%F).json"
 "$PY" -m gradproj bench --out "$suite_json" 2>&1 | tail -40
 
-echo "== measured against the static model's prediction (benchmarks/perf_model.py)"
+echo "== measured against the static models' predictions (benchmarks/perf_model.py, perf_model_cuda.py)"
 "$PY" benchmarks/predicted_vs_measured.py --out "$OUT" 2>&1 | tail -40 \
   || echo "predicted_vs_measured failed (see above)"
 

@@ -36,7 +36,10 @@ def test_rows_for_refuses_an_arch_the_model_lacks():
 
 
 @pytest.mark.parametrize("op", sorted(perf_model.OPS))
-def test_every_model_op_has_a_case_that_runs(op):
+@pytest.mark.parametrize("backend", [None, "cpp"])
+def test_every_model_op_has_a_case_that_runs(op, backend):
+    """``None``: a Triton model row (no backend field); ``cpp`` stands in here for the CUDA
+    model's ``backend="cuda"`` rows: the case runs on the row's backend."""
     shape = {"rows": 2 * 8, "d": 32}
     floor = perf_model.OPS[op].floor_streams
     row = {
@@ -49,6 +52,8 @@ def test_every_model_op_has_a_case_that_runs(op):
         "predicted_fraction_of_copy": 0.5,
         "limiter": "memory",
     }
+    if backend is not None:
+        row["backend"] = backend
     calls = []
 
     def bench(fn):  # stand-in timer: the op "takes" 4 ms, its peer 1 ms
@@ -61,6 +66,7 @@ def test_every_model_op_has_a_case_that_runs(op):
     assert result["measured"] == pytest.approx(0.25)
     assert result["measured_over_predicted"] == pytest.approx(0.5)
     assert result["peer"] == ("torch fused AdamW" if op.startswith("ProjectedAdamW") else "copy")
+    assert result["backend"] == (backend or "triton")
     assert "| 50% | 25% | 0.50 |" in pvm.markdown("cpu", {"torch": "x"}, [result])
 
 
@@ -74,3 +80,14 @@ def test_an_unknown_model_op_is_refused():
 def test_main_says_it_needs_a_gpu(tmp_path, capsys):
     assert pvm.main(["--out", str(tmp_path)]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_row_that_fails_to_run_is_reported_not_dropped():
+    row = {"backend": "no-such-backend", "op": "project_ input", "dtype": "fp32", "k": 2,
+           "elements": 64, "floor_bytes_per_elt": 8, "predicted_fraction_of_copy": 0.5,
+           "limiter": "memory"}  # fmt: skip
+    (result,) = pvm.compare([row], {"rows": 4, "d": 16}, torch.device("cpu"), lambda fn: fn())
+    assert result["backend"] == "no-such-backend" and "no-such-backend" in result["error"]
+    assert "| no-such-backend | project_ input | fp32 | 2 | failed: " in pvm.markdown(
+        "cpu", {}, [result]
+    )

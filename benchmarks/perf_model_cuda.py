@@ -121,6 +121,7 @@ def cpp_loops(path: str) -> list[CppLoop]:
         if c == "\n":
             n += 1
     line_of[len(code)] = n
+    code_lines = code.split("\n")
     loops = []
     for m in _KEYWORD.finditer(code):
         close = ccr._matching(code, m.end() - 1, "(", ")")
@@ -132,7 +133,7 @@ def cpp_loops(path: str) -> list[CppLoop]:
         end = ccr._matching(code, rest, "{", "}") if code[rest] == "{" else code.find(";", rest)
         first, header_last, last = line_of[m.start()], line_of[close], line_of[end]
         prev = first - 2
-        while prev >= 0 and not code.split("\n")[prev].strip():
+        while prev >= 0 and not code_lines[prev].strip():
             prev -= 1
         unrolled = prev >= 0 and lines[prev].strip().startswith("#pragma unroll")
         trips = _annotation(lines, first, header_last, _TRIPS)
@@ -158,7 +159,7 @@ _COLD = re.compile(r"model-cold-if:\s*(.+?)\s*(?:\(.*)?$")
 _UNIFORM = re.compile(r"model-uniform\b()")
 
 
-def cpp_cold(path: str, pattern: re.Pattern = _COLD) -> list[tuple[int, int, str]]:
+def cpp_spans(path: str, pattern: re.Pattern = _COLD) -> list[tuple[int, int, str]]:
     """``(first, last, condition)`` of each ``model-cold-if`` block: a ``{`` block (or the
     line) the launch does not run when the condition holds, e.g. a policy's scalar
     fallback when its rows are vectors. With ``pattern=_UNIFORM``: the ``model-uniform``
@@ -202,9 +203,9 @@ def _sources() -> tuple[dict[str, list[CppLoop]], dict[str, dict[int, tuple[str,
 
 
 @functools.cache
-def _cold_spans(pattern: re.Pattern = _COLD) -> dict[str, list[tuple[int, int, str]]]:
+def _spans(pattern: re.Pattern = _COLD) -> dict[str, list[tuple[int, int, str]]]:
     return {
-        os.path.join(SOURCES, n): cpp_cold(os.path.join(SOURCES, n), pattern)
+        os.path.join(SOURCES, n): cpp_spans(os.path.join(SOURCES, n), pattern)
         for n in sorted(os.listdir(SOURCES))
         if n.endswith((".cu", ".cuh"))
     }
@@ -218,6 +219,12 @@ def _repo_path(path: str) -> str | None:
 
 
 # ---------------------------------------------------------------- SASS with full inline chains
+
+
+def _frames(chains: dict[int, tuple[tuple[str, int], ...]], addr: int) -> list[tuple[str, int]]:
+    """The (csrc/cuda file, line) frames of an instruction's inline chain, innermost first."""
+    return [(r, ln) for p, ln in chains.get(addr, ()) if (r := _repo_path(p)) is not None]
+
 
 _CHAIN = re.compile(r'File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
 
@@ -378,6 +385,7 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
     """
     b = pm.ITEMSIZE[dt]
     kp = _round_up(k, CHUNK)
+    nseg = op_launches(op, dt, k, rows, d)[0].env.get("nseg", 1)  # the split launches' segments
 
     def mv(read: float, write: float, note: str) -> dict:
         return {"read": read, "write": write, "note": note}
@@ -387,7 +395,6 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
                 mv(2 * b, b, "u, r read, u written")]  # fmt: skip
     if op == "project_ flat":
         n = rows // pm.TENSORS * d
-        nseg = rows_launches("P", 2, n, k, pm.TENSORS, pm.TENSORS)[0].env["nseg"]
         slices = 4 * kp / pm.TENSORS  # Uᵀ slice per segment, shared by the tile's vectors
         part = nseg * kp * 4 / n  # partials per element, written then read
         return [
@@ -398,7 +405,6 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
     basis = 4 * kp / rows  # read once per launch: d × kp floats over rows × d elements
     coef = 4 * kp / d  # per element: the row's kp coefficients over its d elements
     if op == "project_ output":
-        nseg = cols_launches("P", 32, d, k, [rows])[0].env["nseg"]
         part = 4 * kp * nseg / d
         return [
             mv(b + basis, part, "x read, partials written"),
@@ -438,14 +444,7 @@ def match_loops(
 ) -> list[CppLoop | None]:
     """The C++ loop each SASS loop came from (None: no match)."""
 
-    def frames(ins: pm.Instr) -> list[tuple[str, int]]:
-        out = []
-        for path, line in chains.get(ins.addr, ()):
-            if (repo := _repo_path(path)) is not None:
-                out.append((repo, line))
-        return out
-
-    per_instr = {ins.addr: frames(ins) for ins in instrs}
+    per_instr = {ins.addr: _frames(chains, ins.addr) for ins in instrs}
     result: list[CppLoop | None] = []
     for n, lp in enumerate(loops):
         # its own instructions (not those of the SASS loops nested in it) decide
@@ -558,22 +557,19 @@ def analyze_kernel(
     """Warp instructions and load bytes per block (all its work), by class and by region."""
     cold = [
         (path, first, last)
-        for path, spans in _cold_spans().items()
+        for path, spans in _spans().items()
         for first, last, cond in spans
         if _holds(cond, env)
     ]
 
-    uniform = [(p, f, la) for p, spans in _cold_spans(_UNIFORM).items() for f, la, _ in spans]
+    uniform = [(p, f, la) for p, spans in _spans(_UNIFORM).items() for f, la, _ in spans]
 
     def within(ins: pm.Instr, spans: list) -> bool:
-        frames = [(_repo_path(p), ln) for p, ln in chains.get(ins.addr, ())]
+        frames = _frames(chains, ins.addr)
         return any(p == cp and f <= ln <= la for p, ln in frames for cp, f, la in spans)
 
-    def is_cold(ins: pm.Instr) -> bool:
-        return within(ins, cold)
-
     live = [i for i in pm.live_instrs(sass) if not i.cold]
-    cold_here = {i.addr for i in live if is_cold(i)}
+    cold_here = {i.addr for i in live if within(i, cold)}
     instrs = [i for i in live if i.addr not in cold_here]
     loops = pm.find_loops(sass)
     matched = match_loops(loops, live, chains, cpp)
@@ -652,7 +648,7 @@ def analyze_kernel(
 
 @dataclass
 class Build:
-    """The disassembled kernels of one built extension, per arch, and their ptxas figures."""
+    """The disassembled kernels of one built extension, per arch, and their resources."""
 
     sass: dict[str, dict[str, pm.Sass]]  # arch -> demangled name -> SASS
     chains: dict[str, dict[str, dict]]  # arch -> demangled name -> addr -> chain

@@ -64,10 +64,10 @@ def toy_dir(tmp_path, monkeypatch):
     (src / "toy.cu").write_text(TOY)
     monkeypatch.setattr(pmc, "SOURCES", str(src))
     pmc._sources.cache_clear()
-    pmc._cold_spans.cache_clear()
+    pmc._spans.cache_clear()
     yield src / "toy.cu"
     pmc._sources.cache_clear()
-    pmc._cold_spans.cache_clear()
+    pmc._spans.cache_clear()
 
 
 def test_cpp_loops_headers_bodies_unroll_and_trips(toy_dir):
@@ -83,8 +83,8 @@ def test_cpp_loops_headers_bodies_unroll_and_trips(toy_dir):
 
 def test_binds_cold_and_uniform_spans(toy_dir):
     assert pmc.cpp_binds(str(toy_dir)) == {14: ("nk", "kp if resident else 0")}
-    assert pmc.cpp_cold(str(toy_dir)) == [(20, 22, "vec")]
-    assert pmc.cpp_cold(str(toy_dir), pmc._UNIFORM) == [(2, 8, "True")]
+    assert pmc.cpp_spans(str(toy_dir)) == [(20, 22, "vec")]
+    assert pmc.cpp_spans(str(toy_dir), pmc._UNIFORM) == [(2, 8, "True")]
 
 
 def test_sass_chains_keep_every_inlined_frame():

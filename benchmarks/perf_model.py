@@ -15,8 +15,10 @@ with the line table Triton compiles in:
 * loops: backward branches; each loop is matched to the Python ``for`` of the kernel
   source it came from (the innermost ``for`` holding most of its instructions, nested
   as the SASS loops nest), and its trip count evaluated from that ``range(...)`` and the
-  launch's arguments (``D / BLOCK_D``, ``K / BLOCK_K``, ``CHUNK / BLOCK``...). A loop whose
-  bounds come from device memory counts once (flagged). Nothing about today's kernels
+  launch's arguments (``D / BLOCK_D``, ``K / BLOCK_K``, ``CHUNK / BLOCK``...); a persistent
+  loop (``range(program_id(0), n, num_programs(0))``) counts its mean trips per program,
+  ``n / programs``; ``tl.static_range`` is unrolled when traced, so it is no loop. A loop
+  whose bounds come from device memory counts once (flagged). Nothing about today's kernels
   is hard-coded: kernels are found by name at run time, loops through the line table;
 * instructions issued per element: every SASS instruction weighted by the trip counts of
   the loops around it, times the warps of a program, times the programs of the grid,
@@ -495,7 +497,13 @@ def match_loops_to_source(sass: Sass, loops: list[Loop]) -> None:
     """
     instrs = live_instrs(sass)
     files = {f for ins in instrs for f, _ in ins.loc}
-    fors = [(path, node) for path in files for node in _nodes(path, ast.For)]
+    # ``tl.static_range`` is unrolled when the kernel is traced: it never becomes a loop
+    fors = [
+        (path, node)
+        for path in files
+        for node in _nodes(path, ast.For)
+        if not (isinstance(node.iter, ast.Call) and _call_name(node.iter) == "static_range")
+    ]
     order = sorted(range(len(loops)), key=lambda i: loops[i].end - loops[i].start)
     for i in order:
         lp = loops[i]
@@ -564,6 +572,11 @@ def _eval(expr: ast.AST, env: dict, fn: ast.FunctionDef | None, depth: int = 0) 
             return max(args)
         if name == "cdiv" and len(args) == 2:
             return -(-args[0] // args[1])
+        # a persistent loop, ``range(program_id(0), n, num_programs(0))``: see trip_count
+        if name == "num_programs" and PROGRAMS in env:
+            return env[PROGRAMS]
+        if name == "program_id":
+            return 0
     raise _Unknown(ast.dump(expr)[:80])
 
 
@@ -597,6 +610,10 @@ def _values(fn: ast.FunctionDef) -> dict[str, list[ast.AST]]:
     return out
 
 
+# The key of the launch's program count in a trip count's ``env`` (not a parameter name).
+PROGRAMS = "<programs>"
+
+
 def trip_count(path: str, lo: int, env: dict) -> tuple[float, str]:
     """Iterations of the ``for`` at ``path:lo`` for the launch arguments ``env``."""
     node = next((n for n in _nodes(path, ast.For) if n.lineno == lo), None)
@@ -611,6 +628,10 @@ def trip_count(path: str, lo: int, env: dict) -> tuple[float, str]:
     start, stop, step = (
         (0, vals[0], 1) if len(vals) == 1 else (*vals[:2], vals[2] if len(vals) > 2 else 1)
     )
+    if "num_programs" in ast.dump(node.iter):
+        # persistent: the programs share the iterations, so each is counted at their
+        # mean (per-element figures multiply a program's trips by the programs)
+        return max(0.0, (stop - start) / step), "persistent: mean trips per program"
     return float(max(0, math.ceil((stop - start) / step))), ""
 
 
@@ -955,7 +976,8 @@ def analyze_sass(
         if lp.source is None:
             lp.trips, lp.trips_note = 1.0, "no source loop matched: counted once"
         else:
-            lp.trips, lp.trips_note = trip_count(lp.source[0], lp.source[1], kernel_args)
+            env = kernel_args | {PROGRAMS: programs}
+            lp.trips, lp.trips_note = trip_count(lp.source[0], lp.source[1], env)
     # Loop versions: two sibling SASS loops from one `for` (unswitched copies) run one at a time.
     by_source: dict[tuple, list[int]] = {}
     for i, lp in enumerate(loops):

@@ -146,6 +146,51 @@ def test_loops_nest_and_match_their_source_for(toy):
     assert trips == 1.0 and "not known" in note
 
 
+PERSISTENT = textwrap.dedent(
+    """\
+    def persistent(x_ptr, n_blocks, NK):
+        for blk in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=2):
+            x = tl.load(x_ptr + blk)
+            for kc in tl.static_range(NK):
+                x = x * 2.0
+            tl.store(x_ptr + blk, x)
+    """
+)
+
+# One SASS loop: the persistent one, its body mostly from the static_range's line.
+PERSISTENT_SASS = """
+        .type           persistent,@function
+persistent:
+.L_x_0:
+\t//## File "{f}", line 3
+        /*0000*/                   LDG.E R4, desc[UR4][R2.64] ;
+\t//## File "{f}", line 5
+        /*0010*/                   FADD R4, R4, R4 ;
+        /*0020*/                   FADD R4, R4, R4 ;
+        /*0030*/                   FADD R4, R4, R4 ;
+\t//## File "{f}", line 6
+        /*0040*/                   STG.E desc[UR4][R2.64], R4 ;
+\t//## File "{f}", line 2
+        /*0050*/               @P0 BRA `(.L_x_0) ;
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_a_persistent_loop_counts_its_mean_trips_and_static_range_is_no_loop(tmp_path):
+    src = tmp_path / "persistent.py"
+    src.write_text(PERSISTENT)
+    path = str(src)
+    sass = pm.parse_sass(PERSISTENT_SASS.format(f=path))
+    loops = pm.find_loops(sass)
+    pm.match_loops_to_source(sass, loops)
+    # tl.static_range is unrolled when traced: the SASS loop is the persistent for
+    assert [lp.source for lp in loops] == [(path, 2, 6)]
+    env = {"n_blocks": 256, "NK": 3, pm.PROGRAMS: 108}
+    assert pm.trip_count(path, 2, env) == (256 / 108, "persistent: mean trips per program")
+    trips, note = pm.trip_count(path, 2, {"n_blocks": 256})  # programs not given
+    assert trips == 1.0 and "not known" in note
+
+
 @pytest.mark.parametrize(
     ("op", "cls", "nbytes"),
     [

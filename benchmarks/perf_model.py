@@ -66,10 +66,10 @@ It is a prediction: ``scripts/gpu_check.sh`` on a GPU is what measures.
 
 ``--cuda`` also builds ``csrc/`` as ``make cuda-compile-check`` does (its CUDA venv,
 ``nvcc -Xptxas -v``, sm_80 and sm_90) into ``~/.cache/gradproj/perf_model_cuda`` (kept:
-ninja rebuilds what changed) and lists, per template instantiation (by mangled name) and
-arch, each innermost SASS loop per iteration: instructions by class, bytes a thread moves,
-bytes in flight, registers. Per element it predicts nothing for CUDA: trip counts would
-need the C++ launch arithmetic.
+ninja rebuilds what changed) and lists, per template instantiation and arch (disassembled
+by ``perf_model_cuda.load_build``), each innermost SASS loop per iteration: instructions by
+class, bytes a thread moves, bytes in flight, registers. Per element, with the trip counts
+of the C++ sources: ``benchmarks/perf_model_cuda.py``.
 
 Time (2 cores): about 10 s of CPU per (op, dtype, k, arch) once Triton's cache holds the
 kernels (the compile check's launches use the same specialisations, two tensors a bucket);
@@ -1482,83 +1482,67 @@ def _cuda_tool(name: str) -> str:
     return os.path.join(os.path.dirname(_nvdisasm()), name)
 
 
-def cuda_kernels(so: str, build_log: str | None = None) -> list[dict]:
-    """Per CUDA kernel instantiation and arch: its loops, per SASS iteration.
+def cuda_kernels(so: str) -> list[dict]:
+    """Per CUDA kernel instantiation and arch: its innermost loops, per SASS iteration.
 
-    The cubins of ``so`` (``cuobjdump -xelf all``) through ``nvdisasm -g``; each loop (a
-    backward branch) with the ``.cu`` line it came from, warp instructions per iteration by
-    class, global bytes a thread moves per iteration and the most it has in flight.
-    Registers and spills from the ``ptxas -v`` lines of ``build_log``. No per-element
-    figures: trip counts would need the launch arithmetic of the C++ sources.
+    The kernels of ``so`` as ``perf_model_cuda.load_build`` disassembles them (the cubins
+    through ``nvdisasm``; registers and local memory from the cubins, so an incremental
+    build loses nothing); each innermost loop (a backward branch) with the ``.cu`` line
+    most of its instructions come from, warp instructions per iteration by class, global
+    bytes a thread moves per iteration and the most it has in flight. Per element:
+    ``benchmarks/perf_model_cuda.py``, which reads the trip counts of the C++ sources.
     """
+    import perf_model_cuda  # imports this module: loaded here, not at the top
+
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import cuda_compile_report as ccr
 
-    usage = {}
-    if build_log and os.path.exists(build_log):
-        with open(build_log, errors="replace") as f:
-            usage = {(r.mangled, r.arch): r for r in ccr.parse_log(f.read())}
+    build = perf_model_cuda.load_build(so)
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([_cuda_tool("cuobjdump"), "-xelf", "all", os.path.abspath(so)], cwd=tmp,
-                       capture_output=True, check=True)  # fmt: skip
-        for cubin in sorted(os.listdir(tmp)):
-            arch = re.search(r"sm_\d+", cubin)
-            if not cubin.endswith(".cubin") or arch is None:
-                continue
-            done = subprocess.run(
-                [_cuda_tool("nvdisasm"), "-c", "-g", os.path.join(tmp, cubin)],
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode != 0:
-                continue
-            funcs = {n: f for n, f in parse_sass_all(done.stdout).items() if not n.startswith("$")}
-            names = ccr.demangle(sorted(funcs))
-            for mangled, sass in funcs.items():
-                rec = usage.get((mangled, arch.group(0)))
-                loops = find_loops(sass)
-                instrs = [i for i in live_instrs(sass) if not i.cold]
-                rows = []
-                for n, lp in enumerate(loops):
-                    if lp.children:
-                        continue
-                    body = [i for i in instrs if innermost_loop(loops, i.addr) == n]
-                    lines = [i.loc[-1] for i in body if i.loc]
-                    line = max(set(lines), key=lines.count) if lines else None
-                    counts = {c: sum(instr_class(i.op) == c for i in body) for c in CLASSES}
-                    rows.append(
-                        {
-                            "sass": f"{lp.start:#x}-{lp.end:#x}",
-                            "source": None if line is None else f"{_rel(line[0])}:{line[1]}",
-                            "instrs_per_iter": counts | {"total": len(body)},
-                            "load_bytes_per_thread_iter": sum(
-                                access_bytes(i.op) for i in body if i.base in _LOADS
-                            ),
-                            "store_bytes_per_thread_iter": sum(
-                                access_bytes(i.op) for i in body if i.base in _STORES
-                            ),
-                            "bytes_in_flight_per_thread": bytes_in_flight(body, circular=True),
-                        }
-                    )
-                out.append(
+    for arch, funcs in sorted(build.sass.items()):
+        for name, sass in sorted(funcs.items()):
+            usage = build.usage.get((name, arch))
+            loops = find_loops(sass)
+            instrs = [i for i in live_instrs(sass) if not i.cold]
+            rows = []
+            for n, lp in enumerate(loops):
+                if lp.children:
+                    continue
+                body = [i for i in instrs if innermost_loop(loops, i.addr) == n]
+                lines = [i.loc[-1] for i in body if i.loc]
+                line = max(set(lines), key=lines.count) if lines else None
+                counts = {c: sum(instr_class(i.op) == c for i in body) for c in CLASSES}
+                rows.append(
                     {
-                        "arch": arch.group(0),
-                        "kernel": ccr.short_name(names[mangled]),
-                        "mangled": mangled,
-                        "regs": None if rec is None else rec.registers,
-                        "spills": None if rec is None else rec.spill_stores + rec.spill_loads,
-                        "static_smem": None if rec is None else rec.static_smem,
-                        "instructions": len(instrs),
-                        "inner_loops": rows,
+                        "sass": f"{lp.start:#x}-{lp.end:#x}",
+                        "source": None if line is None else f"{_rel(line[0])}:{line[1]}",
+                        "instrs_per_iter": counts | {"total": len(body)},
+                        "load_bytes_per_thread_iter": sum(
+                            access_bytes(i.op) for i in body if i.base in _LOADS
+                        ),
+                        "store_bytes_per_thread_iter": sum(
+                            access_bytes(i.op) for i in body if i.base in _STORES
+                        ),
+                        "bytes_in_flight_per_thread": bytes_in_flight(body, circular=True),
                     }
                 )
+            out.append(
+                {
+                    "arch": arch,
+                    "kernel": ccr.short_name(name),
+                    "name": name,
+                    "regs": None if usage is None else usage.registers,
+                    "local_bytes": None if usage is None else usage.local_bytes,
+                    "instructions": len(instrs),
+                    "inner_loops": rows,
+                }
+            )
     return out
 
 
 def format_cuda_table(kernels: list[dict]) -> str:
     """Markdown: one line per innermost loop of each CUDA kernel instantiation and arch."""
-    head = ("arch", "kernel", "regs", "spills", "loop (source)",
+    head = ("arch", "kernel", "regs", "local B", "loop (source)",
             "instr/iter: fma/tensor/glob/shr/other", "ld/st B per thread/iter",
             "in flight B/thread")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -1577,7 +1561,7 @@ def format_cuda_table(kernels: list[dict]) -> str:
                 )
             name = k["kernel"].replace("|", "/")
             lines.append(
-                f"| {k['arch']} | `{name}` | {k['regs']} | {k['spills']} | "
+                f"| {k['arch']} | `{name}` | {k['regs']} | {k['local_bytes']} | "
                 + " | ".join(cells)
                 + " |"
             )
@@ -1747,7 +1731,6 @@ def main(argv: list[str] | None = None) -> int:
         "list the CUDA kernels' loops per iteration",
     )
     parser.add_argument("--cuda-so", help="list the CUDA kernels of this built _C*.so instead")
-    parser.add_argument("--cuda-log", help="its build log (ptxas -v lines: registers, spills)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("perf_model: TRITON_INTERPRET must be 0: the interpreter compiles nothing")
@@ -1769,10 +1752,10 @@ def main(argv: list[str] | None = None) -> int:
     cuda = None
     if args.cuda or args.cuda_so:
         try:
-            so, log = (args.cuda_so, args.cuda_log) if args.cuda_so else build_cuda()
+            so = args.cuda_so or build_cuda()[0]
             built = datetime.datetime.fromtimestamp(os.path.getmtime(so), datetime.UTC)
-            cuda = {"so": so, "so_built": built.strftime("%Y-%m-%d %H:%M UTC"), "build_log": log}
-            cuda["kernels"] = cuda_kernels(so, log)
+            cuda = {"so": so, "so_built": built.strftime("%Y-%m-%d %H:%M UTC")}
+            cuda["kernels"] = cuda_kernels(so)
         except (OSError, RuntimeError, subprocess.CalledProcessError, IndexError) as exc:
             cuda = {"error": f"{type(exc).__name__}: {exc}"}
     wall = time.perf_counter() - start

@@ -281,3 +281,29 @@ def test_resource_usage_from_the_cubin():
         "_Z4kernPf": pmc.Usage(40, 0, 1024),
         "_Z5spillPf": pmc.Usage(255, 24, 0),
     }
+
+
+def test_per_iteration_listing_reads_the_build_of_load_build(toy_dir, monkeypatch):
+    """perf_model --cuda lists each innermost loop per iteration from the same Build."""
+    text = _toy_sass(str(toy_dir))
+    name = "void gradproj::cuda::kern(float*, int)"
+    build = pmc.Build(
+        sass={"sm_90": {name: pm.parse_sass(text)}},
+        chains={"sm_90": {name: pmc.sass_chains(text)["kern"]}},
+        usage={(name, "sm_90"): pmc.Usage(registers=40, local_bytes=0, static_smem=0)},
+        so="toy.so",
+    )
+    monkeypatch.setattr(pmc, "load_build", lambda so: build)
+    (kern,) = pm.cuda_kernels("toy.so")
+    assert (kern["arch"], kern["name"], kern["regs"], kern["local_bytes"]) == (
+        "sm_90",
+        name,
+        40,
+        0,
+    )
+    # only innermost loops: the inlined while loop (line 5), not the chunk and item loops
+    loops = {lp["sass"]: lp for lp in kern["inner_loops"]}
+    assert list(loops) == ["0x50-0x60"]
+    (lp,) = loops.values()
+    assert lp["instrs_per_iter"]["global"] == 1 and lp["load_bytes_per_thread_iter"] == 4
+    assert "| sm_90 |" in pm.format_cuda_table([kern])

@@ -23,8 +23,10 @@ keeps the build between runs). Then, per op, dtype, k and arch:
   that loop's ``// model-trips: EXPR`` comment (on the loop's header or the line above),
   evaluated with the launch's geometry and any ``// model-binds: NAME = EXPR`` of the
   call sites the instructions were inlined through. A loop without one counts once and
-  is flagged. Every instruction counts its trips × the trips of the loops around it,
-  × 8 warps × the grid, over the op's elements;
+  is flagged. Every instruction counts its trips × the trips of the loops around it
+  (× the factor of any ``// model-scale: EXPR`` block it lies in: the rows kernels'
+  unrolled slot loops, whose slots past ``d`` are skipped, count ``slots / S``), × 8 warps
+  × the grid, over the op's elements;
 * **bytes per element**, from the kernels' design (:func:`hbm_bytes`: which streams
   each launch reads and writes, the coefficient workspace, the basis where it is not a
   small cached table), not from the SASS: the CUDA kernels address every tensor through
@@ -157,6 +159,9 @@ def cpp_binds(path: str) -> dict[int, tuple[str, str]]:
 
 _COLD = re.compile(r"model-cold-if:\s*(.+?)\s*(?:\(.*)?$")
 _UNIFORM = re.compile(r"model-uniform\b()")
+# ``model-scale: EXPR (why)``: the block runs EXPR times as often as its loops say (EXPR
+# up to the first `` (``), e.g. an unrolled slot loop whose slots past d are skipped.
+_SCALE = re.compile(r"model-scale:\s*(.+?)(?:\s+\(.*)?$")
 
 
 def cpp_spans(path: str, pattern: re.Pattern = _COLD) -> list[tuple[int, int, str]]:
@@ -167,7 +172,8 @@ def cpp_spans(path: str, pattern: re.Pattern = _COLD) -> list[tuple[int, int, st
     lookups every lane of a warp makes at one address, a row's coefficients, the few
     lanes that finish a coefficient. Counted per thread they would swamp the element
     loads, so their bytes are left out of the loads a thread must keep in flight (their
-    instructions count; condition ``"True"``)."""
+    instructions count; condition ``"True"``). With ``pattern=_SCALE``: the ``model-scale``
+    blocks and their factors."""
     import cuda_compile_report as ccr
 
     with open(path) as f:
@@ -292,7 +298,11 @@ def rows_launches(
     nseg = -(-d // seg_width)
     tile_rows = krows * (WARPS // wpr)
     n_tiles = -(-total_rows // tile_rows)
+    # a thread's slots of V = 4 columns (S of them) that lie before d, per segment: the
+    # kernels skip the others (the slot map: slot s starts at column s * wpr * 32 * 4)
+    slots = [min(EPT // 4, -(-(d - seg * seg_width) // (wpr * 32 * 4))) for seg in range(nseg)]
     env = dict(d=d, k=k, kp=kp, wpr=wpr, nseg=nseg, entries=entries, basis_ld=_round_up(d, 8))
+    env |= dict(S=EPT // 4, slots=sum(slots) / nseg)
     if nseg == 1:
         smem_ld = _round_up(d, 32)
         resident = kp * smem_ld * 4 <= resident_bytes
@@ -563,10 +573,19 @@ def analyze_kernel(
     ]
 
     uniform = [(p, f, la) for p, spans in _spans(_UNIFORM).items() for f, la, _ in spans]
+    scaled = [(p, f, la, e) for p, spans in _spans(_SCALE).items() for f, la, e in spans]
 
     def within(ins: pm.Instr, spans: list) -> bool:
         frames = _frames(chains, ins.addr)
         return any(p == cp and f <= ln <= la for p, ln in frames for cp, f, la in spans)
+
+    def scale(ins: pm.Instr) -> float:
+        frames = _frames(chains, ins.addr)
+        factor = 1.0
+        for cp, f, la, expr in scaled:
+            if any(p == cp and f <= ln <= la for p, ln in frames):
+                factor *= _eval(expr, env)
+        return factor
 
     live = [i for i in pm.live_instrs(sass) if not i.cold]
     cold_here = {i.addr for i in live if within(i, cold)}
@@ -615,18 +634,25 @@ def analyze_kernel(
     regions: dict[int | None, dict] = {}
     for ins in instrs:
         w = weight(ins.addr)
-        per_block[pm.instr_class(ins.op)] += w
+        f = scale(ins)
+        per_block[pm.instr_class(ins.op)] += w * f
         if ins.base in pm._LOADS and not within(ins, uniform):
-            r = regions.setdefault(pm.innermost_loop(loops, ins.addr), {"issued": 0.0})
-            r["issued"] += w * pm.access_bytes(ins.op)  # per thread
+            r = regions.setdefault(
+                pm.innermost_loop(loops, ins.addr), {"issued": 0.0, "unscaled": 0.0}
+            )
+            r["issued"] += w * f * pm.access_bytes(ins.op)  # per thread
+            r["unscaled"] += w * pm.access_bytes(ins.op)
     out_regions = []
     for idx, r in regions.items():
         body = [i for i in instrs if pm.innermost_loop(loops, i.addr) == idx]
+        # loads a model-scale block skips are not in flight either: in proportion
+        share = r["issued"] / r["unscaled"] if r["unscaled"] else 1.0
         out_regions.append(
             {
                 "region": "straight-line" if idx is None else f"loop {loops[idx].start:#x}",
                 "load_bytes_per_thread": r["issued"],
-                "bytes_in_flight_per_thread": pm.bytes_in_flight(body, circular=idx is not None),
+                "bytes_in_flight_per_thread": share
+                * pm.bytes_in_flight(body, circular=idx is not None),
             }
         )
     loop_rows = [

@@ -171,6 +171,30 @@ def test_trips_from_annotations_unrolled_copies_binds_and_cold(toy_dir):
     assert got["per_block"]["global"] == pytest.approx(3 * 2 + 3 * 2 * 2 + 3 * 2 * 1)
 
 
+def test_a_model_scale_block_counts_its_factor(toy_dir):
+    text = _toy_sass(str(toy_dir))
+    sass = pm.parse_sass(text)
+    chains = pmc.sass_chains(text)["kern"]
+    env = {"items": 3.0, "kp": 32, "resident": False, "entries": 2, "vec": True, "half": 0.5}
+    cpp, binds = pmc._sources()
+    before = pmc.analyze_kernel(sass, chains, env, cpp, binds)
+    # the unrolled v loop (line 16: the FMUL, 2 x 3 times a block) runs half as often
+    src = toy_dir.read_text().split("\n")
+    src[15] += "  // model-scale: half (e.g. slots past d skipped)"
+    toy_dir.write_text("\n".join(src))
+    pmc._sources.cache_clear()
+    pmc._spans.cache_clear()
+    assert pmc.cpp_spans(str(toy_dir), pmc._SCALE) == [(16, 16, "half")]
+    cpp, binds = pmc._sources()
+    after = pmc.analyze_kernel(sass, chains, env, cpp, binds)
+    assert before["per_block"]["fma"] - after["per_block"]["fma"] == pytest.approx(0.5 * 2 * 3)
+    assert sum(after["per_block"].values()) == pytest.approx(
+        sum(before["per_block"].values()) - 0.5 * 2 * 3
+    )
+    with pytest.raises(NameError):  # a factor this launch cannot evaluate is an error
+        pmc.analyze_kernel(sass, chains, {k: v for k, v in env.items() if k != "half"}, cpp, binds)
+
+
 def test_a_loop_without_trips_is_counted_once_and_flagged(toy_dir):
     text = _toy_sass(str(toy_dir)).replace("line 13\n", "line 28\n")
     src = toy_dir.read_text().replace("  // model-trips: kp / 8", "")
@@ -226,6 +250,12 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert [la.kernel.split("<")[0] for la in split] == ["rows_kernel", "combine_kernel",
                                                           "rows_kernel"]  # fmt: skip
     assert split[0].env["nseg"] == 384 and split[0].work == 384
+    # slots of 4 columns a thread holds per row (S = 4), and those before d (model-scale)
+    assert (fused.env["S"], fused.env["slots"]) == (4, 3)  # 768 of 1024 columns
+    assert pmc.rows_launches("P", 2, 1024, 8, 64, 1)[0].env["slots"] == 4
+    # d = 5000: two 4096-wide segments (slots of 1024 columns): 4 slots, then 1
+    assert pmc.rows_launches("P", 2, 5000, 8, 64, 1)[0].env["slots"] == 2.5
+    assert split[0].env["slots"] == 4
     # side output: 256-row column segments, so D = 768 takes the split launches
     cols = pmc.cols_launches("P", 32, 768, 8, [2048, 2048])
     assert len(cols) == 3 and cols[0].work == 2 * 64 * 3

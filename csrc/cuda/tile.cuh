@@ -71,7 +71,7 @@ constexpr size_t kMaxDynamicSmem = static_cast<size_t>(kChunk) * kSegMax * sizeo
 // 64 KiB did not: each 8-row tile then restaged every chunk of U^T, half of the
 // instructions (benchmarks/perf_model_cuda.py, d = 768, k = 32, fp32, predicted: project_
 // 28 -> 42 % of copy on A100, 22 -> 37 % on H100; projected AdamW 2.37x -> 1.33x and
-// 3.42x -> 1.50x torch's fused AdamW), even at one CTA per SM on A100.
+// 3.42x -> 1.50x torch's fused AdamW; counted before model-scale), even at 1 CTA/SM on A100.
 constexpr size_t kResidentBytes = kMaxDynamicSmem;
 static_assert(kResidentBytes <= kMaxDynamicSmem, "resident staging must fit the ceiling");
 
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
-      for (int s = 0; s < S; ++s) {
+      for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
         const int64_t j = c0 + static_cast<int64_t>(s * tpr + tg) * V;  // [slot map]
         if (valid[r]) {
           pol.template load<kMode != Mode::kPartials>(rw[r], j, g.d, x[r][s]);
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
 #pragma unroll
         for (int i = 0; i < N; ++i) acc[i] = 0.f;
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
+        for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
           const int cs = (s * tpr + tg) * V;  // column within the segment
           if (c0 + cs >= g.d) continue;       // all zeros; and past the staged row
 #pragma unroll
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
           cf[r][7] = hi.w;
         }
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
+        for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
           const int cs = (s * tpr + tg) * V;
           if (c0 + cs >= g.d) continue;
 #pragma unroll
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
       for (int r = 0; r < R; ++r) {
         if (valid[r]) rw[r] = pol.row(row0 + r);
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
+        for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
           const int64_t j = c0 + static_cast<int64_t>(s * tpr + tg) * V;
           if (valid[r] && j < g.d) pol.store(rw[r], j, g.d, x[r][s]);
         }

@@ -42,6 +42,15 @@ loads were scalar), and no offset is formed in int32.
   p, m, v are stored. HBM bytes per element: exactly a fused AdamW's — p, g, m, v
   read once, p, m, v written once (7 streams; 9 with amsgrad) — plus ``U`` once per
   program (from L2 after the first).
+* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 1024``,
+  ``k ≤ FMA_MAX_K``: 16 for fp32, 8 for bf16/fp16): ``x'`` of an 8-row block stays in
+  registers as up to 4 tiles of 256 / 128 / 64 columns (``project.resident_chunks``), m
+  and v are stored as each tile is formed, and the basis is applied one column at a
+  time in fp32 FMA (``a = x' u_j``, ``x' −= (w ⊙ (a − c))_j u_jᵀ``, column ``j + 1``
+  loaded while ``j`` is applied; for orthonormal ``U`` this equals the one-shot
+  formula). Each of p, g, m, v is read once and p, m, v written once: a fused AdamW's
+  bytes, predicted at 1.00× its time at ``D`` = 768, k ≤ 8 (fp32 on A100 and H100,
+  bf16 on A100; bf16 on H100 1.10×) where the recompute form reads 4 streams twice.
 * **Recompute form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
   forms ``x'`` and accumulates ``a = x' U``; pass 2 loads the same p, g, m, v
   chunks again, recomputes ``x'`` bit for bit (same code, same inputs) and stores
@@ -91,6 +100,7 @@ import triton
 import triton.language as tl
 
 from gradproj.kernels.device_table import cached_table
+from gradproj.kernels.project import _basis_column, resident_chunks
 
 # The dot-product scheme of both GEMMs: 3xTF32 on tensor cores (error analysed in
 # the module docstring). "tf32" alone leaves (x U − c) at ~1e-4 relative, far above
@@ -108,6 +118,11 @@ _META = 12
 
 _FLAT_CHUNK = 4096
 _MAX_K = 256
+# The FMA form's largest k, per element size (contiguous rows, 128 < D <= 1024; see
+# _rows_config): beyond, its 2k FMAs per element cost more than the two-pass kernel's
+# tensor-core GEMMs (benchmarks/perf_model.py, D = 768: bf16 k = 16 was predicted
+# latency-bound at 1.84x torch's fused AdamW on H100, k = 8 at 1.10x).
+FMA_MAX_K = {4: 16, 2: 8}
 
 
 @triton.jit
@@ -248,6 +263,86 @@ def _coef_minus_anchor(a, c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W: tl.constex
 
 
 @triton.jit
+def _fma_chunk(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    rows,
+    row_mask,
+    s,
+    sg,
+    s_d,
+    sg_d,
+    D,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    decay,
+    step_size,
+    inv_sqrt_bias2,
+    j: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+):
+    """Columns ``[j·BLOCK_D, (j+1)·BLOCK_D)``: m, v (and v̂max) updated and stored, x' returned."""
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (ds < D)[None, :]
+    offs = _tile_offsets(rows, ds, s, s_d, LAYOUT)
+    x, m, v, vmax = _updated_tile(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        vmax_ptr,
+        offs,
+        _tile_offsets(rows, ds, sg, sg_d, LAYOUT),
+        mask,
+        beta1,
+        beta2,
+        one_minus_beta1,
+        one_minus_beta2,
+        eps,
+        decay,
+        step_size,
+        inv_sqrt_bias2,
+        AMSGRAD,
+        MAXIMIZE,
+    )
+    ty = p_ptr.dtype.element_ty
+    tl.store(m_ptr + offs, m.to(ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(ty), mask=mask)
+    if AMSGRAD:
+        tl.store(vmax_ptr + offs, vmax.to(ty), mask=mask)
+    return x
+
+
+@triton.jit
+def _fma_store(
+    p_ptr,
+    x,
+    rows,
+    row_mask,
+    s,
+    s_d,
+    D,
+    j: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LAYOUT: tl.constexpr,
+):
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (ds < D)[None, :]
+    tl.store(
+        p_ptr + _tile_offsets(rows, ds, s, s_d, LAYOUT), x.to(p_ptr.dtype.element_ty), mask=mask
+    )
+
+
+@triton.jit
 def _projected_adamw_kernel(
     table_ptr,
     n_tensors,
@@ -270,6 +365,7 @@ def _projected_adamw_kernel(
     LAYOUT: tl.constexpr,
     ALIGN: tl.constexpr,
     RESIDENT: tl.constexpr,
+    FMA_CHUNKS: tl.constexpr,
     KSPLIT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -323,7 +419,170 @@ def _projected_adamw_kernel(
     ks = tl.arange(0, BLOCK_K)
     ks2 = BLOCK_K + ks
 
-    if RESIDENT:
+    if FMA_CHUNKS > 0:
+        # The row block's update x' in registers as FMA_CHUNKS tiles of BLOCK_D columns
+        # (m, v stored as they are formed), the basis applied one column at a time.
+        x0 = _fma_chunk(
+            p_ptr,
+            g_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            rows,
+            row_mask,
+            s,
+            sg,
+            s_d,
+            sg_d,
+            D,
+            beta1,
+            beta2,
+            one_minus_beta1,
+            one_minus_beta2,
+            eps,
+            decay,
+            step_size,
+            inv_sqrt_bias2,
+            0,
+            BLOCK_D,
+            LAYOUT,
+            AMSGRAD,
+            MAXIMIZE,
+        )
+        x1 = x0
+        x2 = x0
+        x3 = x0
+        if FMA_CHUNKS > 1:
+            x1 = _fma_chunk(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                vmax_ptr,
+                rows,
+                row_mask,
+                s,
+                sg,
+                s_d,
+                sg_d,
+                D,
+                beta1,
+                beta2,
+                one_minus_beta1,
+                one_minus_beta2,
+                eps,
+                decay,
+                step_size,
+                inv_sqrt_bias2,
+                1,
+                BLOCK_D,
+                LAYOUT,
+                AMSGRAD,
+                MAXIMIZE,
+            )
+        if FMA_CHUNKS > 2:
+            x2 = _fma_chunk(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                vmax_ptr,
+                rows,
+                row_mask,
+                s,
+                sg,
+                s_d,
+                sg_d,
+                D,
+                beta1,
+                beta2,
+                one_minus_beta1,
+                one_minus_beta2,
+                eps,
+                decay,
+                step_size,
+                inv_sqrt_bias2,
+                2,
+                BLOCK_D,
+                LAYOUT,
+                AMSGRAD,
+                MAXIMIZE,
+            )
+        if FMA_CHUNKS > 3:
+            x3 = _fma_chunk(
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                vmax_ptr,
+                rows,
+                row_mask,
+                s,
+                sg,
+                s_d,
+                sg_d,
+                D,
+                beta1,
+                beta2,
+                one_minus_beta1,
+                one_minus_beta2,
+                eps,
+                decay,
+                step_size,
+                inv_sqrt_bias2,
+                3,
+                BLOCK_D,
+                LAYOUT,
+                AMSGRAD,
+                MAXIMIZE,
+            )
+        # basis column kk + 1 is loaded while column kk is applied
+        n0 = _basis_column(u_ptr, 0, D, K, 0, BLOCK_D)
+        n1 = n0
+        n2 = n0
+        n3 = n0
+        if FMA_CHUNKS > 1:
+            n1 = _basis_column(u_ptr, 0, D, K, 1, BLOCK_D)
+        if FMA_CHUNKS > 2:
+            n2 = _basis_column(u_ptr, 0, D, K, 2, BLOCK_D)
+        if FMA_CHUNKS > 3:
+            n3 = _basis_column(u_ptr, 0, D, K, 3, BLOCK_D)
+        k1 = tl.arange(0, 1)
+        for kk in range(0, K):
+            u0 = n0
+            u1 = n1
+            u2 = n2
+            u3 = n3
+            n0 = _basis_column(u_ptr, kk + 1, D, K, 0, BLOCK_D)
+            if FMA_CHUNKS > 1:
+                n1 = _basis_column(u_ptr, kk + 1, D, K, 1, BLOCK_D)
+            if FMA_CHUNKS > 2:
+                n2 = _basis_column(u_ptr, kk + 1, D, K, 2, BLOCK_D)
+            if FMA_CHUNKS > 3:
+                n3 = _basis_column(u_ptr, kk + 1, D, K, 3, BLOCK_D)
+            a = tl.sum(x0 * u0[None, :], axis=1)
+            if FMA_CHUNKS > 1:
+                a += tl.sum(x1 * u1[None, :], axis=1)
+            if FMA_CHUNKS > 2:
+                a += tl.sum(x2 * u2[None, :], axis=1)
+            if FMA_CHUNKS > 3:
+                a += tl.sum(x3 * u3[None, :], axis=1)
+            coef = _coef_minus_anchor(a[:, None], c_ptr, w_ptr, rows, row_mask, kk + k1, K, HAS_W)
+            x0 -= coef * u0[None, :]
+            if FMA_CHUNKS > 1:
+                x1 -= coef * u1[None, :]
+            if FMA_CHUNKS > 2:
+                x2 -= coef * u2[None, :]
+            if FMA_CHUNKS > 3:
+                x3 -= coef * u3[None, :]
+        _fma_store(p_ptr, x0, rows, row_mask, s, s_d, D, 0, BLOCK_D, LAYOUT)
+        if FMA_CHUNKS > 1:
+            _fma_store(p_ptr, x1, rows, row_mask, s, s_d, D, 1, BLOCK_D, LAYOUT)
+        if FMA_CHUNKS > 2:
+            _fma_store(p_ptr, x2, rows, row_mask, s, s_d, D, 2, BLOCK_D, LAYOUT)
+        if FMA_CHUNKS > 3:
+            _fma_store(p_ptr, x3, rows, row_mask, s, s_d, D, 3, BLOCK_D, LAYOUT)
+    elif RESIDENT:
         # The whole row block in one tile: x' stays in registers between the GEMMs.
         ds = tl.arange(0, BLOCK_D)
         d_mask = ds < D
@@ -706,7 +965,13 @@ def _block_k(k: int, what: str) -> int:
 
 
 def _rows_config(
-    layout: int, itemsize: int, block_k: int, d: int, cap: int, amsgrad: bool = False
+    layout: int,
+    itemsize: int,
+    block_k: int,
+    d: int,
+    cap: int,
+    amsgrad: bool = False,
+    k: int | None = None,
 ) -> dict:
     """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
 
@@ -740,11 +1005,26 @@ def _rows_config(
         block_r = 16
         block_d = (64 if itemsize == 4 else 128) if part <= 32 else 64 if part <= 64 else 32
     d_pad = max(16, triton.next_power_of_2(d))
+    small_k = (block_k if k is None else k) <= FMA_MAX_K[itemsize]
+    chunks = resident_chunks(d) if layout == _ROWS and small_k else None
+    if chunks is not None:  # x' in registers, the basis applied with FMAs (no dots)
+        return {
+            "BLOCK_R": 8,
+            "BLOCK_D": chunks[0],
+            "RESIDENT": False,
+            "FMA_CHUNKS": chunks[1],
+            "KSPLIT": 1,
+            "BLOCK_K": block_k,
+            "PRECISION": "ieee",
+            "num_warps": 4,
+            "num_stages": 1,
+        }
     resident = d_pad <= block_d
     return {
         "BLOCK_R": block_r,
         "BLOCK_D": d_pad if resident else block_d,
         "RESIDENT": resident,
+        "FMA_CHUNKS": 0,
         "KSPLIT": ksplit,
         "BLOCK_K": part,
         # 3xTF32 needs tf32 tensor cores (sm_80+); older GPUs take true fp32 FMAs
@@ -938,7 +1218,7 @@ def projected_adamw_bucket_(
     cap = _capability()
     isz = params[0].element_size()
     configs = {
-        lay: _rows_config(lay, isz, block_k, d, cap, amsgrad) for lay in (_ROWS, _COLS, _STRIDED)
+        lay: _rows_config(lay, isz, block_k, d, cap, amsgrad, k) for lay in (_ROWS, _COLS, _STRIDED)
     }
     table, n_blocks, layout, align = _rows_table(
         params,

@@ -7,7 +7,8 @@ count and strides, and a block table maps each program to (tensor, first row) �
 the grouped-GEMM / multi-tensor-apply pattern. No gradient is concatenated or
 copied.
 
-Row kernel (sides ``input``/``output``; ``output`` arrives as transposed views)::
+Row kernel (sides ``input``/``output``; ``output`` arrives as transposed views; the
+resident variant for small ``k`` is described below)::
 
     for each block of BLOCK_R rows X (R × D) and each chunk of BLOCK_K basis columns:
         A = X U_k                       (pass 1, fp32 accumulation, tensor cores)
@@ -43,6 +44,17 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   operands (Triton stages both through shared memory). ``k ≤ 128`` is one chunk;
   beyond, every chunk reads and writes the rows once more (one more rounding for
   bf16/fp16) after a barrier, since other threads of the program wrote them.
+* Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 1024`` and small ``k``:
+  ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16; ``BLOCK_R`` = 8): the row block stays
+  in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns (``CHUNKS``, the
+  split that pads ``D`` least), and the basis is applied one column at a time in fp32 FMA,
+  ``a = X u_j`` (a row reduction), then ``X −= a u_jᵀ``; column ``j + 1`` is loaded while
+  ``j`` is applied. Each element is read once and written once, with no tensor cores: at
+  small ``k`` the 2k FMAs per element cost less than the second read of the two-pass
+  kernel (predicted at ``D`` = 768, k = 8: 100 % of copy for fp32, 96 / 84 % for bf16 on
+  A100 / H100, against 66 %). Applying the columns one after another equals the one-shot
+  formula for the same reason chunks of ``k`` do. The tensor-core kernels could not keep
+  such a tile on chip without spills (docs/gpu.md).
 * The basis is read once per program per pass and chunk (``BLOCK_D × BLOCK_K``
   fp32 tiles shared by the ``BLOCK_R`` rows): ``4k/BLOCK_R`` bytes of L2 traffic
   per element per pass. No software pipelining (``num_stages=1``): the staged
@@ -157,6 +169,43 @@ def _coefficients(
 
 
 @triton.jit
+def _resident_load(
+    g0_ptr, row_off, row_mask, s_d, D, j: tl.constexpr, BLOCK_D: tl.constexpr, CONTIG: tl.constexpr
+):
+    """Columns ``[j·BLOCK_D, (j+1)·BLOCK_D)`` of the row block, in fp32 (0 past ``D``)."""
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (ds < D)[None, :]
+    offs = _tile_offsets(row_off, ds, s_d, CONTIG)
+    return tl.load(g0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _resident_store(
+    g0_ptr,
+    row_off,
+    row_mask,
+    s_d,
+    D,
+    x,
+    j: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CONTIG: tl.constexpr,
+):
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (ds < D)[None, :]
+    offs = _tile_offsets(row_off, ds, s_d, CONTIG)
+    tl.store(g0_ptr + offs, x.to(g0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _basis_column(u_ptr, kk, D, K, j: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``U[j·BLOCK_D + i, kk]`` for ``i < BLOCK_D`` (0 past ``D`` or when ``kk ≥ K``)."""
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (ds < D) & (ds * 0 + kk < K)  # (a tensor mask: the interpreter needs one)
+    return tl.load(u_ptr + ds.to(tl.int64) * K + kk, mask=mask, other=0.0)
+
+
+@triton.jit
 def _project_rows_kernel(
     table_ptr,
     n_tensors,
@@ -169,6 +218,7 @@ def _project_rows_kernel(
     CONTIG: tl.constexpr,
     VEC: tl.constexpr,
     ONE_PASS: tl.constexpr,
+    RESIDENT: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_ANCHOR: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -176,6 +226,7 @@ def _project_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    CHUNKS: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     blk = table_ptr + n_tensors * 5 + pid * 2
@@ -204,7 +255,86 @@ def _project_rows_kernel(
         row_off = g_off + rows64 * s_r
     c_row = c_base + rows64 * K
     dtype = g0_ptr.dtype.element_ty
-    if ONE_PASS:
+    if RESIDENT:
+        # the row block in registers as CHUNKS tiles of BLOCK_D columns (at most 4)
+        x0 = _resident_load(g0_ptr, row_off, row_mask, s_d, D, 0, BLOCK_D, CONTIG)
+        x1 = x0
+        x2 = x0
+        x3 = x0
+        if CHUNKS > 1:
+            x1 = _resident_load(g0_ptr, row_off, row_mask, s_d, D, 1, BLOCK_D, CONTIG)
+        if CHUNKS > 2:
+            x2 = _resident_load(g0_ptr, row_off, row_mask, s_d, D, 2, BLOCK_D, CONTIG)
+        if CHUNKS > 3:
+            x3 = _resident_load(g0_ptr, row_off, row_mask, s_d, D, 3, BLOCK_D, CONTIG)
+        # basis column kk + 1 is loaded while column kk is applied
+        n0 = _basis_column(u_ptr, 0, D, K, 0, BLOCK_D)
+        n1 = n0
+        n2 = n0
+        n3 = n0
+        if CHUNKS > 1:
+            n1 = _basis_column(u_ptr, 0, D, K, 1, BLOCK_D)
+        if CHUNKS > 2:
+            n2 = _basis_column(u_ptr, 0, D, K, 2, BLOCK_D)
+        if CHUNKS > 3:
+            n3 = _basis_column(u_ptr, 0, D, K, 3, BLOCK_D)
+        # the anchors and weights of the block, read once (BLOCK_K >= K columns)
+        kt = tl.arange(0, BLOCK_K)
+        kt_valid = kt < K
+        c_tile = c_row[:, None] + kt[None, :]
+        c_mask = row_mask[:, None] & kt_valid[None, :]
+        c_all = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        w_all = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        if HAS_ANCHOR:
+            c_all = tl.load(c0_ptr + c_tile, mask=c_mask, other=0.0)
+        if HAS_W:
+            w_all = tl.load(w_ptr + kt, mask=kt_valid, other=0.0)
+        for kk in range(0, K):
+            u0 = n0
+            u1 = n1
+            u2 = n2
+            u3 = n3
+            n0 = _basis_column(u_ptr, kk + 1, D, K, 0, BLOCK_D)
+            if CHUNKS > 1:
+                n1 = _basis_column(u_ptr, kk + 1, D, K, 1, BLOCK_D)
+            if CHUNKS > 2:
+                n2 = _basis_column(u_ptr, kk + 1, D, K, 2, BLOCK_D)
+            if CHUNKS > 3:
+                n3 = _basis_column(u_ptr, kk + 1, D, K, 3, BLOCK_D)
+            a = tl.sum(x0 * u0[None, :], axis=1)
+            if CHUNKS > 1:
+                a += tl.sum(x1 * u1[None, :], axis=1)
+            if CHUNKS > 2:
+                a += tl.sum(x2 * u2[None, :], axis=1)
+            if CHUNKS > 3:
+                a += tl.sum(x3 * u3[None, :], axis=1)
+            # (a − c) ⊙ w for column kk, as _coefficients; the anchor moves by (1 − w)(a − c)
+            pick = kt[None, :] == kk
+            if HAS_ANCHOR:
+                a -= tl.sum(tl.where(pick, c_all, 0.0), axis=1)
+            if HAS_W:
+                w = tl.sum(tl.where(kt == kk, w_all, 0.0), axis=0)
+                if HAS_ANCHOR:
+                    c_all = tl.where(pick, c_all + (1.0 - w) * a[:, None], c_all)
+                a = a * w
+            coef = a[:, None]
+            x0 -= coef * u0[None, :]
+            if CHUNKS > 1:
+                x1 -= coef * u1[None, :]
+            if CHUNKS > 2:
+                x2 -= coef * u2[None, :]
+            if CHUNKS > 3:
+                x3 -= coef * u3[None, :]
+        if HAS_ANCHOR and HAS_W:
+            tl.store(c0_ptr + c_tile, c_all, mask=c_mask)
+        _resident_store(g0_ptr, row_off, row_mask, s_d, D, x0, 0, BLOCK_D, CONTIG)
+        if CHUNKS > 1:
+            _resident_store(g0_ptr, row_off, row_mask, s_d, D, x1, 1, BLOCK_D, CONTIG)
+        if CHUNKS > 2:
+            _resident_store(g0_ptr, row_off, row_mask, s_d, D, x2, 2, BLOCK_D, CONTIG)
+        if CHUNKS > 3:
+            _resident_store(g0_ptr, row_off, row_mask, s_d, D, x3, 3, BLOCK_D, CONTIG)
+    elif ONE_PASS:
         ds = tl.arange(0, BLOCK_D)
         d_mask = ds < D
         offs = _tile_offsets(row_off, ds, s_d, CONTIG)
@@ -372,6 +502,30 @@ class _Tiles(NamedTuple):
     warps: int
     stages: int
     maxnreg: int | None = None  # ptxas's register cap (None: its own choice)
+    resident: bool = False  # the row block in registers, one basis column at a time (FMA)
+    chunks: int = 1  # resident: tiles of block_d columns (at most 4)
+
+
+# The resident kernel's largest k, per element size: beyond, its k FMA passes per element
+# cost more than the two-pass kernel's tensor-core GEMMs (benchmarks/perf_model.py, D = 768:
+# fp32 k = 16 predicted 83 / 73 % of copy on A100 / H100 against 66 %; bf16 k = 16 52 / 45 %).
+RESIDENT_MAX_K = {4: 16, 2: 8}
+
+
+def resident_chunks(d: int) -> tuple[int, int] | None:
+    """``(BLOCK_D, CHUNKS)`` of a resident row block of ``d`` columns, or ``None``.
+
+    Tiles of 256 columns, or 128 / 64, whichever pads ``d`` least, at most 4 of them
+    (the kernels name each tile): ``128 < d ≤ 1024``. Below, the tensor-core one-pass
+    tile holds the rows.
+    """
+    if not 128 < d <= 1024:
+        return None
+    block_d = min(
+        (c for c in (256, 128, 64) if triton.cdiv(d, c) <= 4),
+        key=lambda c: (triton.cdiv(d, c) * c, -c),
+    )
+    return block_d, triton.cdiv(d, block_d)
 
 
 @functools.cache
@@ -392,6 +546,11 @@ def _row_tiles(
     left a kernel latency-bound (``benchmarks/perf_model.py``).
     """
     d_pad = max(16, triton.next_power_of_2(d))
+    chunks = resident_chunks(d)
+    if chunks is not None and contig == 1 and k <= RESIDENT_MAX_K.get(elsize, 0):
+        # resident: each element read once and written once, 8 rows: 96-118 registers
+        # BLOCK_K: the anchors' and weights' tile, k <= BLOCK_K
+        return _Tiles(False, 8, chunks[0], triton.next_power_of_2(k), 4, 1, None, True, chunks[1])
     if d_pad <= 128:
         # one pass: chunks of k cost registers only, so keep them small
         block_k = max(16, min(32, triton.next_power_of_2(k)))
@@ -500,9 +659,8 @@ def _launch_rows(
     d, k = basis.shape
     g0 = matrices[0]
     contig, vec = _row_layout(matrices, d)
-    one_pass, block_r, block_d, block_k, warps, stages, maxnreg = _row_tiles(
-        _arch(), g0.element_size(), d, k, contig, anchors is not None
-    )
+    tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None)
+    one_pass, block_r, block_d, block_k, warps, stages, maxnreg = tiles[:7]
     table, n_blocks = _row_table(matrices, anchors, block_r)
     _project_rows_kernel[(n_blocks,)](
         table,
@@ -516,6 +674,7 @@ def _launch_rows(
         CONTIG=contig,
         VEC=vec,
         ONE_PASS=one_pass,
+        RESIDENT=tiles.resident,
         HAS_W=weights is not None,
         HAS_ANCHOR=anchors is not None,
         SPLIT=DOT_SCHEME == "tf32x3",
@@ -525,6 +684,7 @@ def _launch_rows(
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         BLOCK_K=block_k,
+        CHUNKS=tiles.chunks,
         num_warps=warps,
         num_stages=stages,
         maxnreg=maxnreg,

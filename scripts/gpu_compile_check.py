@@ -417,7 +417,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #   project (rows and flat): BLOCK_K = clamp(next_pow2(k), 16, 128), chunked beyond 128;
 #     k = 1: K becomes a constant; k = 8: BLOCK_K = 16 with K not a multiple of 16;
 #     32, 64, 128: K a multiple of 16; 129: BLOCK_K = 128 with a ragged chunk;
-#     256, 512: two and four chunks of 128 (the k = 128 kernel again).
+#     256, 512: two and four chunks of 128 (the k = 128 kernel again);
+#     contiguous rows with 128 < D <= 1024 and k <= 16 (fp32) / 8 (16-bit): the resident
+#     kernel (K a loop bound); projected AdamW's FMA form likewise.
 #   projected AdamW: BLOCK_K = max(16, next_pow2(k)) up to 128, k ≤ 256; 129 and 256:
 #     two tiles of 128 (KSPLIT = 2), 129 with K not a multiple of 16.
 PROJECT_KS = (1, 8, 32, 64, 128, 129, 256, 512)
@@ -575,6 +577,22 @@ def launches(quick: bool = False) -> list[Launch]:
         )
         # output side with rows a multiple of 16 bytes: vectorized along rows (VEC > 1)
         out.append(project_launch(dt, "output", 32, False, False, rows=(48, 16), note=" (48+16)"))
+        # the resident kernel (contiguous rows, 128 < D <= 1024, small k) in each of its
+        # chunkings: 1 x 256, 3 x 128, 2 x 256, 4 x 256 columns (768: 3 x 256, above)
+        for d in (200, 320, 500, 1024):
+            for anchored in (False, True):
+                out.append(project_launch(dt, "input", 8, True, anchored, d=d, note=f" D={d}"))
+    # the resident kernel's largest k (fp32: 16; 16-bit grads take it up to k = 8)
+    for anchored in (False, True):
+        out.append(project_launch("fp32", "input", 16, True, anchored))
+    # projected AdamW's FMA form (contiguous rows, 128 < D <= 1024, k <= 16 fp32 / 8
+    # 16-bit) in each chunking, and at k = 16
+    for dt in DTYPES:
+        for d in (200, 320, 500, 1024):
+            for amsgrad in (False, True):
+                out.append(adamw_launch(dt, "input", 8, True, amsgrad, d=d, note=f" D={d}"))
+        for amsgrad in (False, True):
+            out.append(adamw_launch(dt, "input", 16, True, amsgrad))
     for dt in ("fp32", "bf16"):  # tests/test_adamw.py: amsgrad + maximize, k = 3, D = 24
         tests = " (37, 24) + (5, 24) (tests)"
         out.append(adamw_launch(dt, "input", 3, False, True, True, d=24, note=tests))

@@ -303,7 +303,13 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
     [
         # D = 300 > BLOCK_D: two passes over D (the recompute form), ragged last chunk
         ("input", torch.float32, 20, [(33, 300), (2, 300)], {"soft": True}),
-        ("input", torch.bfloat16, 9, [(17, 300)], {"amsgrad": True, "maximize": True}),
+        ("input", torch.bfloat16, 17, [(17, 300)], {"amsgrad": True, "maximize": True}),
+        # contiguous rows, 128 < D <= 1024, k <= 16: x' in registers, FMAs (FMA_CHUNKS
+        # tiles of 256 / 128 / 64 columns), rows not a multiple of its 8-row block
+        ("input", torch.float32, 16, [(13, 768), (6, 768)], {"soft": True}),
+        ("input", torch.bfloat16, 8, [(17, 300)], {"amsgrad": True, "maximize": True}),
+        ("input", torch.float16, 3, [(9, 1024)], {"soft": True}),
+        ("input", torch.float32, 1, [(5, 200), (3, 200)], {"amsgrad": True}),
         # transposed views, rows a multiple of 16 bytes: the vectorized COLS path
         ("output", torch.float32, 8, [(48, 40), (16, 40)], {"amsgrad": True}),
         ("output", torch.float32, 20, [(64, 300), (3, 300)], {"soft": True}),
@@ -315,8 +321,9 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         ("input", torch.float32, 256, [(5, 260)], {"soft": True}),
         ("output", torch.float32, 129, [(20, 140)], {}),
     ],
-    ids=["rows-2pass", "rows-2pass-bf16", "cols-aligned", "cols-2pass", "cols-bf16",
-         "strided-grads", "fp16", "k256", "cols-k129"],
+    ids=["rows-2pass", "rows-2pass-bf16", "fma-3x256", "fma-bf16-3x128", "fma-fp16-4x256",
+         "fma-1x256", "cols-aligned", "cols-2pass", "cols-bf16", "strided-grads", "fp16",
+         "k256", "cols-k129"],
 )  # fmt: skip
 def test_triton_bucket_paths_match_float64(side, dtype, k, shapes, flags):
     _check_bucket(side, dtype, k, shapes, **flags)
@@ -398,9 +405,13 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
     for k in (1, 8, 16, 32, 64, 128, 129, 256):
         for lay in (adamw._ROWS, adamw._COLS, adamw._STRIDED):
             for isz in (2, 4):
-                cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80)
-                assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum
-                assert not cfg["RESIDENT"]  # D = 768 never fits one tile
+                cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80, k=k)
+                assert not cfg["RESIDENT"]  # D = 768 never fits one tensor-core tile
+                if lay == adamw._ROWS and k <= (16 if isz == 4 else 8):  # x' in registers
+                    assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, 8)
+                else:
+                    assert cfg["FMA_CHUNKS"] == 0
+                    assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum
 
 
 @needs_triton

@@ -15,7 +15,8 @@ suite cannot see tf32 rounding; this file reproduces it instead:
 Asserted: (a) one projection of random fp32/bf16/fp16 gradients stays within the
 per-dtype tolerances of ``tests/test_project.py`` (``assert_matches``, GPU
 rounding) against float64, on that file's shapes and ``k`` (chunked over ``k``
-as the kernel is, with its tile choice for sm_90); (b) 100 anchored fp32 steps keep
+as the kernel is, with its tile choice for sm_90; the resident kernel of small k is
+plain fp32, one basis column at a time); (b) 100 anchored fp32 steps keep
 ``max ‖ΔW U‖/‖W₀‖ ≤ 1e-6`` at k = 8, 32, 128 — and plain tf32 does not (the
 test can fail: measured 3e-4 in issue 14).
 """
@@ -66,6 +67,13 @@ def project_rows(x: torch.Tensor, u: torch.Tensor, w, scheme: str = P.DOT_SCHEME
     # every chunk splits it; two passes re-read the rows stored in the grad's dtype
     exact = x.dtype != torch.float32 and (k <= tiles.block_k or not tiles.one_pass)
     out = x.float()
+    if tiles.resident:  # one basis column at a time, fp32 FMA (no tensor cores)
+        for kk in range(k):
+            coef = out @ u[:, kk]
+            if w is not None:
+                coef = coef * w[kk]
+            out = out - torch.outer(coef, u[:, kk])
+        return out.to(x.dtype)
     for k0 in range(0, k, tiles.block_k):
         uk = u[:, k0 : k0 + tiles.block_k]
         coef = dot(out, uk, exact, scheme)

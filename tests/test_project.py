@@ -347,6 +347,77 @@ def test_anchored_keeps_parameter_on_its_anchor(device, backend):
     assert ((w - w0) @ u).norm().item() <= 1e-6 * w0.norm().item()
 
 
+# ------------------------------------------------------------------ Triton's resident kernel
+
+TRITON_CPU = ("cpu", "triton") in PROJECT
+
+
+@pytest.mark.parametrize(
+    ("d", "block_d", "chunks"),
+    [(129, 64, 3), (200, 256, 1), (320, 128, 3), (500, 256, 2), (768, 256, 3), (1024, 256, 4)],
+)
+def test_resident_tiles_pad_d_least(d, block_d, chunks):
+    from gradproj.kernels import project as P
+
+    tiles = P._row_tiles(90, 4, d, 8)
+    assert tiles.resident and (tiles.block_d, tiles.chunks) == (block_d, chunks)
+    assert block_d * chunks >= d and (block_d * (chunks - 1) < d)
+
+
+@pytest.mark.parametrize(
+    ("elsize", "d", "k", "contig", "resident"),
+    [
+        (4, 768, 16, 1, True),  # fp32 up to k = 16
+        (4, 768, 17, 1, False),  # then the two-pass tensor-core kernel
+        (2, 768, 8, 1, True),  # bf16/fp16 up to k = 8
+        (2, 768, 9, 1, False),
+        (4, 128, 8, 1, False),  # D <= 128: the one-pass tensor-core tile
+        (4, 1025, 8, 1, False),  # more than 4 chunks of 256
+        (4, 768, 8, 0, False),  # transposed views (side="output")
+        (4, 768, 8, -1, False),  # no unit stride
+    ],
+)
+def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
+    from gradproj.kernels import project as P
+
+    assert P._row_tiles(90, elsize, d, k, contig).resident is resident
+    assert P._row_tiles(80, elsize, d, k, contig, True).resident is resident
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [200, 320, 500, 1024])
+@pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored"])
+def test_resident_kernel_each_chunking(dtype, d, anchored):
+    """Every chunking of the resident kernel, a bucket of two tensors whose rows are not a
+    multiple of its 8-row block, one of them a column slice (row stride > d), soft weights."""
+    k = 8
+    gen = torch.Generator().manual_seed(d + 7 * anchored)
+    wide = torch.randn(13, d + 24, generator=gen).to(dtype)
+    wide_in = wide.clone()
+    grads = [wide[:, 16 : 16 + d], torch.randn(6, d, generator=gen).to(dtype)]
+    u = orthonormal(d, k, seed=d)
+    w = torch.rand(k, generator=gen)
+    before = [g.clone() for g in grads]
+    if anchored:
+        anchors = [torch.randn(g.shape[0], k, generator=gen) for g in grads]
+        c_in = [c.clone() for c in anchors]
+        ops.project_anchored_(grads, anchors, u, weights=w, backend="triton")
+        for g, g0, c, c0 in zip(grads, before, anchors, c_in, strict=True):
+            p_ref, c_ref = R.project_anchored(
+                g0.double(), c0.double(), u.double(), weights=w.double()
+            )
+            assert_matches(g, p_ref, g0, k, backend="triton")
+            assert (c.double() - c_ref).abs().max().item() <= 2e-6 * g0.abs().max().item()
+    else:
+        gradproj.project_(grads, u, weights=w, backend="triton")
+        for g, g0 in zip(grads, before, strict=True):
+            assert_matches(g, ref64(g0, u, "input", w), g0, k, backend="triton")
+    # the columns around the slice are not the slice's: untouched
+    assert torch.equal(wide[:, :16], wide_in[:, :16])
+    assert torch.equal(wide[:, 16 + d :], wide_in[:, 16 + d :])
+
+
 # ------------------------------------------------------------------ dispatch
 
 

@@ -42,9 +42,11 @@ loads were scalar), and no offset is formed in int32.
   p, m, v are stored. HBM bytes per element: exactly a fused AdamW's — p, g, m, v
   read once, p, m, v written once (7 streams; 9 with amsgrad) — plus ``U`` once per
   program (from L2 after the first).
-* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 1024``,
+* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 768``,
   ``k ≤ FMA_MAX_K``: 16 for fp32, 8 for bf16/fp16): ``x'`` of an 8-row block stays in
-  registers as up to 4 tiles of 256 / 128 / 64 columns (``project.resident_chunks``), m
+  registers as up to 3 tiles of 256 / 128 / 64 columns (``project.resident_chunks``;
+  4 tiles spilled up to 380 B on sm_90; ptxas capped at 255 registers, as left to
+  itself it aimed at 168 and spilled 8 B), m
   and v are stored as each tile is formed, and the basis is applied one column at a
   time in fp32 FMA (``a = x' u_j``, ``x' −= (w ⊙ (a − c))_j u_jᵀ``, column ``j + 1``
   loaded while ``j`` is applied; for orthonormal ``U`` this equals the one-shot
@@ -118,11 +120,12 @@ _META = 12
 
 _FLAT_CHUNK = 4096
 _MAX_K = 256
-# The FMA form's largest k, per element size (contiguous rows, 128 < D <= 1024; see
+# The FMA form's largest k, per element size (contiguous rows, 128 < D <= 768; see
 # _rows_config): beyond, its 2k FMAs per element cost more than the two-pass kernel's
 # tensor-core GEMMs (benchmarks/perf_model.py, D = 768: bf16 k = 16 was predicted
 # latency-bound at 1.84x torch's fused AdamW on H100, k = 8 at 1.10x).
 FMA_MAX_K = {4: 16, 2: 8}
+FMA_MAXNREG = 255
 
 
 @triton.jit
@@ -1006,9 +1009,10 @@ def _rows_config(
         block_d = (64 if itemsize == 4 else 128) if part <= 32 else 64 if part <= 64 else 32
     d_pad = max(16, triton.next_power_of_2(d))
     small_k = (block_k if k is None else k) <= FMA_MAX_K[itemsize]
-    chunks = resident_chunks(d) if layout == _ROWS and small_k else None
+    chunks = resident_chunks(d) if layout == _ROWS and small_k and d <= 768 else None
     if chunks is not None:  # x' in registers, the basis applied with FMAs (no dots)
         return {
+            "maxnreg": FMA_MAXNREG,
             "BLOCK_R": 8,
             "BLOCK_D": chunks[0],
             "RESIDENT": False,

@@ -510,6 +510,7 @@ class _Tiles(NamedTuple):
 # cost more than the two-pass kernel's tensor-core GEMMs (benchmarks/perf_model.py, D = 768:
 # fp32 k = 16 predicted 83 / 73 % of copy on A100 / H100 against 66 %; bf16 k = 16 52 / 45 %).
 RESIDENT_MAX_K = {4: 16, 2: 8}
+RESIDENT_MAXNREG = 192
 
 
 def resident_chunks(d: int) -> tuple[int, int] | None:
@@ -548,9 +549,13 @@ def _row_tiles(
     d_pad = max(16, triton.next_power_of_2(d))
     chunks = resident_chunks(d)
     if chunks is not None and contig == 1 and k <= RESIDENT_MAX_K.get(elsize, 0):
-        # resident: each element read once and written once, 8 rows: 96-118 registers
+        # resident: each element read once and written once, 8 rows; capped at 192
+        # registers (left to itself ptxas aimed at 168 for 16-bit anchored soft 4-tile
+        # blocks on sm_90 and spilled 4 B; capped, 180-187 and no spill)
         # BLOCK_K: the anchors' and weights' tile, k <= BLOCK_K
-        return _Tiles(False, 8, chunks[0], triton.next_power_of_2(k), 4, 1, None, True, chunks[1])
+        return _Tiles(
+            False, 8, chunks[0], triton.next_power_of_2(k), 4, 1, RESIDENT_MAXNREG, True, chunks[1]
+        )
     if d_pad <= 128:
         # one pass: chunks of k cost registers only, so keep them small
         block_k = max(16, min(32, triton.next_power_of_2(k)))

@@ -585,8 +585,8 @@ def launches(quick: bool = False) -> list[Launch]:
     # the resident kernel's largest k (fp32: 16; 16-bit grads take it up to k = 8)
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))
-    # projected AdamW's FMA form (contiguous rows, 128 < D <= 1024, k <= 16 fp32 / 8
-    # 16-bit) in each chunking, and at k = 16
+    # projected AdamW's FMA form (contiguous rows, 128 < D <= 768, k <= 16 fp32 / 8
+    # 16-bit) in each chunking (D = 1024: the recompute form), and at k = 16
     for dt in DTYPES:
         for d in (200, 320, 500, 1024):
             for amsgrad in (False, True):

@@ -102,7 +102,7 @@ import triton
 import triton.language as tl
 
 from gradproj.kernels.device_table import cached_table
-from gradproj.kernels.project import _basis_column, resident_chunks
+from gradproj.kernels.project import _basis_columns, _rank1_update, _row_dots, resident_chunks
 
 # The dot-product scheme of both GEMMs: 3xTF32 on tensor cores (error analysed in
 # the module docstring). "tf32" alone leaves (x U − c) at ~1e-4 relative, far above
@@ -423,168 +423,39 @@ def _projected_adamw_kernel(
     ks2 = BLOCK_K + ks
 
     if FMA_CHUNKS > 0:
-        # The row block's update x' in registers as FMA_CHUNKS tiles of BLOCK_D columns
-        # (m, v stored as they are formed), the basis applied one column at a time.
-        x0 = _fma_chunk(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            rows,
-            row_mask,
-            s,
-            sg,
-            s_d,
-            sg_d,
-            D,
-            beta1,
-            beta2,
-            one_minus_beta1,
-            one_minus_beta2,
-            eps,
-            decay,
-            step_size,
-            inv_sqrt_bias2,
-            0,
-            BLOCK_D,
-            LAYOUT,
-            AMSGRAD,
-            MAXIMIZE,
-        )
+        # The row block's update x' in registers as FMA_CHUNKS (at most 3) tiles of BLOCK_D
+        # columns (m, v stored as they are formed), the basis applied one column at a time.
+        x0 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d, sg_d,
+                        D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, step_size,
+                        inv_sqrt_bias2, 0, BLOCK_D, LAYOUT, AMSGRAD, MAXIMIZE)  # fmt: skip
         x1 = x0
         x2 = x0
-        x3 = x0
         if FMA_CHUNKS > 1:
-            x1 = _fma_chunk(
-                p_ptr,
-                g_ptr,
-                m_ptr,
-                v_ptr,
-                vmax_ptr,
-                rows,
-                row_mask,
-                s,
-                sg,
-                s_d,
-                sg_d,
-                D,
-                beta1,
-                beta2,
-                one_minus_beta1,
-                one_minus_beta2,
-                eps,
-                decay,
-                step_size,
-                inv_sqrt_bias2,
-                1,
-                BLOCK_D,
-                LAYOUT,
-                AMSGRAD,
-                MAXIMIZE,
-            )
+            x1 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d,
+                            sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
+                            step_size, inv_sqrt_bias2, 1, BLOCK_D, LAYOUT, AMSGRAD,
+                            MAXIMIZE)  # fmt: skip
         if FMA_CHUNKS > 2:
-            x2 = _fma_chunk(
-                p_ptr,
-                g_ptr,
-                m_ptr,
-                v_ptr,
-                vmax_ptr,
-                rows,
-                row_mask,
-                s,
-                sg,
-                s_d,
-                sg_d,
-                D,
-                beta1,
-                beta2,
-                one_minus_beta1,
-                one_minus_beta2,
-                eps,
-                decay,
-                step_size,
-                inv_sqrt_bias2,
-                2,
-                BLOCK_D,
-                LAYOUT,
-                AMSGRAD,
-                MAXIMIZE,
-            )
-        if FMA_CHUNKS > 3:
-            x3 = _fma_chunk(
-                p_ptr,
-                g_ptr,
-                m_ptr,
-                v_ptr,
-                vmax_ptr,
-                rows,
-                row_mask,
-                s,
-                sg,
-                s_d,
-                sg_d,
-                D,
-                beta1,
-                beta2,
-                one_minus_beta1,
-                one_minus_beta2,
-                eps,
-                decay,
-                step_size,
-                inv_sqrt_bias2,
-                3,
-                BLOCK_D,
-                LAYOUT,
-                AMSGRAD,
-                MAXIMIZE,
-            )
-        # basis column kk + 1 is loaded while column kk is applied
-        n0 = _basis_column(u_ptr, 0, D, K, 0, BLOCK_D)
-        n1 = n0
-        n2 = n0
-        n3 = n0
-        if FMA_CHUNKS > 1:
-            n1 = _basis_column(u_ptr, 0, D, K, 1, BLOCK_D)
-        if FMA_CHUNKS > 2:
-            n2 = _basis_column(u_ptr, 0, D, K, 2, BLOCK_D)
-        if FMA_CHUNKS > 3:
-            n3 = _basis_column(u_ptr, 0, D, K, 3, BLOCK_D)
+            x2 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d,
+                            sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
+                            step_size, inv_sqrt_bias2, 2, BLOCK_D, LAYOUT, AMSGRAD,
+                            MAXIMIZE)  # fmt: skip
+        # basis column kk + 1 is loaded while column kk is applied (project.py's helpers)
+        n0, n1, n2, n3 = _basis_columns(u_ptr, 0, D, K, BLOCK_D, FMA_CHUNKS)
         k1 = tl.arange(0, 1)
         for kk in range(0, K):
-            u0 = n0
-            u1 = n1
-            u2 = n2
-            u3 = n3
-            n0 = _basis_column(u_ptr, kk + 1, D, K, 0, BLOCK_D)
-            if FMA_CHUNKS > 1:
-                n1 = _basis_column(u_ptr, kk + 1, D, K, 1, BLOCK_D)
-            if FMA_CHUNKS > 2:
-                n2 = _basis_column(u_ptr, kk + 1, D, K, 2, BLOCK_D)
-            if FMA_CHUNKS > 3:
-                n3 = _basis_column(u_ptr, kk + 1, D, K, 3, BLOCK_D)
-            a = tl.sum(x0 * u0[None, :], axis=1)
-            if FMA_CHUNKS > 1:
-                a += tl.sum(x1 * u1[None, :], axis=1)
-            if FMA_CHUNKS > 2:
-                a += tl.sum(x2 * u2[None, :], axis=1)
-            if FMA_CHUNKS > 3:
-                a += tl.sum(x3 * u3[None, :], axis=1)
+            u0, u1, u2, u3 = n0, n1, n2, n3
+            n0, n1, n2, n3 = _basis_columns(u_ptr, kk + 1, D, K, BLOCK_D, FMA_CHUNKS)
+            a = _row_dots(x0, x1, x2, x2, u0, u1, u2, u3, FMA_CHUNKS)
             coef = _coef_minus_anchor(a[:, None], c_ptr, w_ptr, rows, row_mask, kk + k1, K, HAS_W)
-            x0 -= coef * u0[None, :]
-            if FMA_CHUNKS > 1:
-                x1 -= coef * u1[None, :]
-            if FMA_CHUNKS > 2:
-                x2 -= coef * u2[None, :]
-            if FMA_CHUNKS > 3:
-                x3 -= coef * u3[None, :]
+            x0, x1, x2, _ = _rank1_update(
+                x0, x1, x2, x2, tl.sum(coef, axis=1), u0, u1, u2, u3, FMA_CHUNKS
+            )
         _fma_store(p_ptr, x0, rows, row_mask, s, s_d, D, 0, BLOCK_D, LAYOUT)
         if FMA_CHUNKS > 1:
             _fma_store(p_ptr, x1, rows, row_mask, s, s_d, D, 1, BLOCK_D, LAYOUT)
         if FMA_CHUNKS > 2:
             _fma_store(p_ptr, x2, rows, row_mask, s, s_d, D, 2, BLOCK_D, LAYOUT)
-        if FMA_CHUNKS > 3:
-            _fma_store(p_ptr, x3, rows, row_mask, s, s_d, D, 3, BLOCK_D, LAYOUT)
     elif RESIDENT:
         # The whole row block in one tile: x' stays in registers between the GEMMs.
         ds = tl.arange(0, BLOCK_D)

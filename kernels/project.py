@@ -206,6 +206,48 @@ def _basis_column(u_ptr, kk, D, K, j: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _basis_columns(u_ptr, kk, D, K, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr):
+    """Column ``kk`` of ``U`` as up to 4 tiles of ``BLOCK_D`` rows (unused ones repeat tile 0)."""
+    n0 = _basis_column(u_ptr, kk, D, K, 0, BLOCK_D)
+    n1 = n0
+    n2 = n0
+    n3 = n0
+    if CHUNKS > 1:
+        n1 = _basis_column(u_ptr, kk, D, K, 1, BLOCK_D)
+    if CHUNKS > 2:
+        n2 = _basis_column(u_ptr, kk, D, K, 2, BLOCK_D)
+    if CHUNKS > 3:
+        n3 = _basis_column(u_ptr, kk, D, K, 3, BLOCK_D)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, CHUNKS: tl.constexpr):
+    """``X u`` for a row block held as ``CHUNKS`` column tiles: one fp32 sum per row."""
+    a = tl.sum(x0 * u0[None, :], axis=1)
+    if CHUNKS > 1:
+        a += tl.sum(x1 * u1[None, :], axis=1)
+    if CHUNKS > 2:
+        a += tl.sum(x2 * u2[None, :], axis=1)
+    if CHUNKS > 3:
+        a += tl.sum(x3 * u3[None, :], axis=1)
+    return a
+
+
+@triton.jit
+def _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, CHUNKS: tl.constexpr):
+    """``X − a uᵀ`` tile by tile (FMAs)."""
+    x0 -= a[:, None] * u0[None, :]
+    if CHUNKS > 1:
+        x1 -= a[:, None] * u1[None, :]
+    if CHUNKS > 2:
+        x2 -= a[:, None] * u2[None, :]
+    if CHUNKS > 3:
+        x3 -= a[:, None] * u3[None, :]
+    return x0, x1, x2, x3
+
+
+@triton.jit
 def _project_rows_kernel(
     table_ptr,
     n_tensors,
@@ -268,16 +310,7 @@ def _project_rows_kernel(
         if CHUNKS > 3:
             x3 = _resident_load(g0_ptr, row_off, row_mask, s_d, D, 3, BLOCK_D, CONTIG)
         # basis column kk + 1 is loaded while column kk is applied
-        n0 = _basis_column(u_ptr, 0, D, K, 0, BLOCK_D)
-        n1 = n0
-        n2 = n0
-        n3 = n0
-        if CHUNKS > 1:
-            n1 = _basis_column(u_ptr, 0, D, K, 1, BLOCK_D)
-        if CHUNKS > 2:
-            n2 = _basis_column(u_ptr, 0, D, K, 2, BLOCK_D)
-        if CHUNKS > 3:
-            n3 = _basis_column(u_ptr, 0, D, K, 3, BLOCK_D)
+        n0, n1, n2, n3 = _basis_columns(u_ptr, 0, D, K, BLOCK_D, CHUNKS)
         # the anchors and weights of the block, read once (BLOCK_K >= K columns)
         kt = tl.arange(0, BLOCK_K)
         kt_valid = kt < K
@@ -290,24 +323,9 @@ def _project_rows_kernel(
         if HAS_W:
             w_all = tl.load(w_ptr + kt, mask=kt_valid, other=0.0)
         for kk in range(0, K):
-            u0 = n0
-            u1 = n1
-            u2 = n2
-            u3 = n3
-            n0 = _basis_column(u_ptr, kk + 1, D, K, 0, BLOCK_D)
-            if CHUNKS > 1:
-                n1 = _basis_column(u_ptr, kk + 1, D, K, 1, BLOCK_D)
-            if CHUNKS > 2:
-                n2 = _basis_column(u_ptr, kk + 1, D, K, 2, BLOCK_D)
-            if CHUNKS > 3:
-                n3 = _basis_column(u_ptr, kk + 1, D, K, 3, BLOCK_D)
-            a = tl.sum(x0 * u0[None, :], axis=1)
-            if CHUNKS > 1:
-                a += tl.sum(x1 * u1[None, :], axis=1)
-            if CHUNKS > 2:
-                a += tl.sum(x2 * u2[None, :], axis=1)
-            if CHUNKS > 3:
-                a += tl.sum(x3 * u3[None, :], axis=1)
+            u0, u1, u2, u3 = n0, n1, n2, n3
+            n0, n1, n2, n3 = _basis_columns(u_ptr, kk + 1, D, K, BLOCK_D, CHUNKS)
+            a = _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, CHUNKS)
             # (a − c) ⊙ w for column kk, as _coefficients; the anchor moves by (1 − w)(a − c)
             pick = kt[None, :] == kk
             if HAS_ANCHOR:
@@ -317,14 +335,7 @@ def _project_rows_kernel(
                 if HAS_ANCHOR:
                     c_all = tl.where(pick, c_all + (1.0 - w) * a[:, None], c_all)
                 a = a * w
-            coef = a[:, None]
-            x0 -= coef * u0[None, :]
-            if CHUNKS > 1:
-                x1 -= coef * u1[None, :]
-            if CHUNKS > 2:
-                x2 -= coef * u2[None, :]
-            if CHUNKS > 3:
-                x3 -= coef * u3[None, :]
+            x0, x1, x2, x3 = _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, CHUNKS)
         if HAS_ANCHOR and HAS_W:
             tl.store(c0_ptr + c_tile, c_all, mask=c_mask)
         _resident_store(g0_ptr, row_off, row_mask, s_d, D, x0, 0, BLOCK_D, CONTIG)

@@ -565,7 +565,15 @@ def _row_tiles(
         # blocks on sm_90 and spilled 4 B; capped, 180-187 and no spill)
         # BLOCK_K: the anchors' and weights' tile, k <= BLOCK_K
         return _Tiles(
-            False, 8, chunks[0], triton.next_power_of_2(k), 4, 1, RESIDENT_MAXNREG, True, chunks[1]
+            False,
+            8,
+            chunks[0],
+            max(1, triton.next_power_of_2(k)),
+            4,
+            1,
+            RESIDENT_MAXNREG,
+            True,
+            chunks[1],
         )
     if d_pad <= 128:
         # one pass: chunks of k cost registers only, so keep them small

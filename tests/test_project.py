@@ -385,6 +385,17 @@ def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
+def test_resident_kernel_with_k0_leaves_the_bucket_untouched():
+    # the ops skip k = 0 before any kernel; the bucket kernel called directly must too
+    from gradproj.kernels import project as P
+
+    g = torch.randn(5, 300)
+    before = g.clone()
+    P.project_bucket_([g], torch.empty(300, 0), None, "input")
+    assert torch.equal(g, before)
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("d", [200, 320, 500, 1024])
 @pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored"])

@@ -579,12 +579,15 @@ def analyze_kernel(
         frames = _frames(chains, ins.addr)
         return any(p == cp and f <= ln <= la for p, ln in frames for cp, f, la in spans)
 
+    factors: dict[int, float] = {}  # a block's factor, evaluated once it is reached
+
     def scale(ins: pm.Instr) -> float:
-        frames = _frames(chains, ins.addr)
         factor = 1.0
-        for cp, f, la, expr in scaled:
-            if any(p == cp and f <= ln <= la for p, ln in frames):
-                factor *= _eval(expr, env)
+        for n, (cp, f, la, expr) in enumerate(scaled):
+            if within(ins, [(cp, f, la)]):
+                if n not in factors:
+                    factors[n] = _eval(expr, env)
+                factor *= factors[n]
         return factor
 
     live = [i for i in pm.live_instrs(sass) if not i.cold]

@@ -845,7 +845,8 @@ def _rows_config(
     d: int,
     cap: int,
     amsgrad: bool = False,
-    k: int | None = None,
+    *,
+    k: int,
 ) -> dict:
     """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
 
@@ -879,8 +880,9 @@ def _rows_config(
         block_r = 16
         block_d = (64 if itemsize == 4 else 128) if part <= 32 else 64 if part <= 64 else 32
     d_pad = max(16, triton.next_power_of_2(d))
-    small_k = (block_k if k is None else k) <= FMA_MAX_K[itemsize]
-    chunks = resident_chunks(d) if layout == _ROWS and small_k and d <= 768 else None
+    # at most 3 tiles (D <= 768): 4 spilled up to 380 B on sm_90
+    small_k = k <= FMA_MAX_K[itemsize]
+    chunks = resident_chunks(d, max_chunks=3) if layout == _ROWS and small_k else None
     if chunks is not None:  # x' in registers, the basis applied with FMAs (no dots)
         return {
             "maxnreg": FMA_MAXNREG,
@@ -1093,7 +1095,8 @@ def projected_adamw_bucket_(
     cap = _capability()
     isz = params[0].element_size()
     configs = {
-        lay: _rows_config(lay, isz, block_k, d, cap, amsgrad, k) for lay in (_ROWS, _COLS, _STRIDED)
+        lay: _rows_config(lay, isz, block_k, d, cap, amsgrad, k=k)
+        for lay in (_ROWS, _COLS, _STRIDED)
     }
     table, n_blocks, layout, align = _rows_table(
         params,

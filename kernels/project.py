@@ -524,17 +524,18 @@ RESIDENT_MAX_K = {4: 16, 2: 8}
 RESIDENT_MAXNREG = 192
 
 
-def resident_chunks(d: int) -> tuple[int, int] | None:
+def resident_chunks(d: int, max_chunks: int = 4) -> tuple[int, int] | None:
     """``(BLOCK_D, CHUNKS)`` of a resident row block of ``d`` columns, or ``None``.
 
-    Tiles of 256 columns, or 128 / 64, whichever pads ``d`` least, at most 4 of them
-    (the kernels name each tile): ``128 < d ≤ 1024``. Below, the tensor-core one-pass
-    tile holds the rows.
+    Tiles of 256 columns, or 128 / 64, whichever pads ``d`` least, at most
+    ``max_chunks`` of them (the kernels name each tile; this one holds 4, projected
+    AdamW's 3): ``128 < d ≤ 256 · max_chunks``. Below, the tensor-core one-pass tile
+    holds the rows.
     """
-    if not 128 < d <= 1024:
+    if not 128 < d <= 256 * max_chunks:
         return None
     block_d = min(
-        (c for c in (256, 128, 64) if triton.cdiv(d, c) <= 4),
+        (c for c in (256, 128, 64) if triton.cdiv(d, c) <= max_chunks),
         key=lambda c: (triton.cdiv(d, c) * c, -c),
     )
     return block_d, triton.cdiv(d, block_d)

@@ -39,10 +39,14 @@ with the line table Triton compiles in:
   of global loads a thread has issued and not yet consumed (register dependences in the
   SASS; ``LDGSTS`` groups held by ``DEPBAR.LE SB0, N``), times the resident threads.
 
-From those, per kernel, three lower bounds on the time per element; the largest wins:
+From those, per kernel, lower bounds on the time per element; the largest wins:
 
 * memory: bytes per element / the device's copy bandwidth (read + write counted);
 * issue: warp instructions per element / (SMs × 4 schedulers × clock);
+* pipes: FP32 arithmetic (FFMA/FMUL/FADD) per element × 32 / (SMs × FP32 lanes per SM ×
+  clock), the same for FP64, and the MMAs' dense FMAs per element / (SMs × the tensor
+  cores' FMAs per clock for that instruction and input type): an A100 has half the FP32
+  lanes per SM of an H100, and 3xTF32 at k = 128 needs more tensor-core time than copy;
 * latency (Little's law): load bytes a thread issues per element × latency / (bytes in
   flight per SM × SMs): with fewer bytes in flight than bandwidth × latency, the loads
   cannot keep HBM busy.
@@ -58,8 +62,8 @@ gradients once, write the one that changes).
 What it does not model (so it can be wrong both ways): coalescing (it assumes every
 32-byte sector fetched is used: a layout with a warp's lanes down the rows moves up to 8×
 the bytes counted), cache hits on re-reads (a second pass counts as HBM traffic even
-when the row block is still in L2: pessimistic), tensor-core and MUFU throughput below
-one per cycle per scheduler, dependent-instruction stalls, shared-memory bank conflicts,
+when the row block is still in L2: pessimistic), the MUFU and INT pipes, tensor cores
+below their peak, dependent-instruction stalls, shared-memory bank conflicts,
 barriers, tail waves, launch overhead and the small torch ops between kernels. Both
 sides of a branch count (except a call to a slow path, e.g. sqrt_rn's denormal path).
 It is a prediction: ``scripts/gpu_check.sh`` on a GPU is what measures.
@@ -119,6 +123,11 @@ class Device:
     latency_s: float  # global load latency under load (Little's law)
     source: str
     schedulers_per_sm: int = 4
+    fp32_lanes_per_sm: int = 128  # FFMA/FMUL/FADD results per SM per clock
+    fp64_lanes_per_sm: int = 64
+    # dense tensor-core FMAs per SM per clock, by SASS instruction family and input type
+    mma_fma_per_clock: dict = field(default_factory=dict)
+    pipes_source: str = ""
 
 
 LATENCY_S = 700e-9  # middle of the 600–800 ns that loaded HBM latency is usually quoted at
@@ -133,6 +142,11 @@ DEVICES = {
         latency_s=LATENCY_S,
         source="108 SMs and 1410 MHz boost clock: NVIDIA A100 whitepaper; copy 1.7 TB/s: an "
         "estimate (about 83% of the 2.04 TB/s HBM2e peak), not measured by this project",
+        fp32_lanes_per_sm=64,
+        fp64_lanes_per_sm=32,
+        mma_fma_per_clock={"HMMA": {"f16": 1024, "tf32": 512}},
+        pipes_source="64 FP32 and 32 FP64 lanes per SM, 4 tensor cores of 256 dense FP16 FMAs "
+        "a clock (312 TFLOPS FP16/BF16, 156 TF32): NVIDIA A100 whitepaper",
     ),
     "sm_90": Device(
         "H100-SXM5-80GB",
@@ -144,6 +158,16 @@ DEVICES = {
         source="132 SMs: NVIDIA H100 whitepaper (SXM5); 1980 MHz: its maximum boost clock; "
         "copy 3.0 TB/s: measured on the project's H100 (../shared/ENV.md; H200: 4.3 TB/s, "
         "same SASS)",
+        fp32_lanes_per_sm=128,
+        fp64_lanes_per_sm=64,
+        mma_fma_per_clock={
+            "HGMMA": {"f16": 2048, "tf32": 1024},
+            "HMMA": {"f16": 1024, "tf32": 512},
+        },
+        pipes_source="128 FP32 and 64 FP64 lanes per SM, dense tensor-core FMAs per SM twice "
+        "A100's clock for clock (2048 FP16, 1024 TF32): NVIDIA H100 whitepaper, reached "
+        "through wgmma (HGMMA); mma.sync (HMMA), which Triton emits for these kernels' "
+        "16-row dots, is an assumption: taken at A100's per-SM rate, half of wgmma's",
     ),
 }
 
@@ -377,6 +401,46 @@ def access_bytes(op: str) -> int:
         if mod in mods:
             return size
     return 4
+
+
+_FP32_PIPE = {"FFMA", "FMUL", "FADD"}
+_FP64_PIPE = {"DFMA", "DMUL", "DADD"}
+_HMMA_SHAPE = re.compile(r"^(16)(8)(\d+)$")  # HMMA.1688 = m16n8k8, .16816 = m16n8k16
+_HGMMA_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)$")  # HGMMA.64x32x8 = m64n32k8
+
+
+def pipe_work(op: str) -> tuple[str, float] | None:
+    """The throughput-limited pipe an opcode occupies, and its work there per warp instruction.
+
+    ``("fp32", 1)`` for FFMA/FMUL/FADD, ``("fp64", 1)`` for DFMA/DMUL/DADD (one warp
+    instruction each); ``("HMMA.tf32", 1024)`` for ``HMMA.1688.F32.TF32`` (the dense FMAs of
+    one m16n8k8 warp MMA); ``HGMMA.MxNxK`` is one warpgroup's MMA, issued by each of its 4
+    warps: M·N·K/4 FMAs a warp instruction. ``None``: only the issue bound applies. An MMA
+    whose shape or input type this does not know raises (it would be silently free).
+    """
+    parts = op.split(".")
+    base, mods = parts[0], parts[1:]
+    if base in _FP32_PIPE:
+        return "fp32", 1.0
+    if base in _FP64_PIPE:
+        return "fp64", 1.0
+    if base not in ("HMMA", "HGMMA"):
+        if base in _TENSOR:
+            raise ValueError(f"{op}: a tensor-core instruction the model has no throughput for")
+        return None
+    shape = _HMMA_SHAPE if base == "HMMA" else _HGMMA_SHAPE
+    m = shape.match(mods[0]) if mods else None
+    if m is None:
+        raise ValueError(f"{op}: unknown {base} shape")
+    fmas = math.prod(int(x) for x in m.groups()) / (1 if base == "HMMA" else 4)
+    types = set(mods[1:])
+    if "TF32" in types:
+        kind = "tf32"
+    elif types <= {"F32", "F16", "BF16"}:
+        kind = "f16"  # FP16 or BF16 inputs (no type: FP16), FP16 or FP32 accumulation
+    else:
+        raise ValueError(f"{op}: unknown {base} input type")
+    return f"{base}.{kind}", fmas
 
 
 _REG = re.compile(r"\bR(\d+)(\.64)?")
@@ -852,6 +916,7 @@ class KernelModel:
     blocks_per_sm: int
     occupancy_limiter: str
     instrs_per_elt: dict[str, float]  # warp instructions, by class, and "total"
+    pipe_per_elt: dict[str, float]  # FP32/FP64 warp instructions, tensor FMAs (pipe_work)
     bytes_per_elt: dict[str, float]  # read, write, total (HBM, as modelled)
     load_bytes_issued_per_elt: float  # by all threads (for Little's law)
     bytes_in_flight_per_sm: float  # of the region that dominates the latency bound
@@ -1026,6 +1091,7 @@ def analyze_sass(
         return w
 
     per_program = {c: 0.0 for c in CLASSES}
+    pipes: dict[str, float] = {}  # work per program on the throughput-limited pipes
     read = write = 0.0  # HBM bytes per program, streaming tensors
     cached: set[str] = set()
     unknown = 0
@@ -1034,6 +1100,9 @@ def analyze_sass(
     for ins in instrs:
         w = weight(ins.addr)
         per_program[instr_class(ins.op)] += w
+        work = pipe_work(ins.op)
+        if work is not None:
+            pipes[work[0]] = pipes.get(work[0], 0.0) + w * work[1]
         region = regions.setdefault(innermost_loop(loops, ins.addr), {"issued": 0.0})
         if ins.base in _LOADS:
             region["issued"] += w * access_bytes(ins.op)  # per thread
@@ -1061,6 +1130,7 @@ def analyze_sass(
     scale = programs / elements
     instrs_per_elt = {c: per_program[c] * warps * scale for c in CLASSES}
     instrs_per_elt["total"] = sum(instrs_per_elt.values())
+    pipe_per_elt = {p: v * warps * scale for p, v in sorted(pipes.items())}
     out_regions = []
     for idx, r in regions.items():
         body = [i for i in instrs if innermost_loop(loops, i.addr) == idx]
@@ -1079,6 +1149,7 @@ def analyze_sass(
         )
     return {
         "instrs_per_elt": instrs_per_elt,
+        "pipe_per_elt": pipe_per_elt,
         "bytes_per_elt": {
             "read": read * scale + once / elements,
             "write": write * scale,
@@ -1104,17 +1175,42 @@ def analyze_sass(
 # ---------------------------------------------------------------- bounds
 
 
+def pipe_seconds(pipe_per_elt: dict[str, float], device: Device) -> dict[str, float]:
+    """Seconds per element on each throughput-limited pipe (``pipe_work``'s units).
+
+    fp32 / fp64: warp instructions × 32 lanes over the device's lanes per SM; tensor: the
+    dense FMAs over its rate for that instruction family and input type (all MMAs share
+    the tensor cores, so their times add up under "tensor").
+    """
+    per_sm_clock = device.sms * device.clock_hz
+    out = {"fp32": 0.0, "fp64": 0.0, "tensor": 0.0}
+    for pipe, work in pipe_per_elt.items():
+        if pipe in ("fp32", "fp64"):
+            lanes = device.fp32_lanes_per_sm if pipe == "fp32" else device.fp64_lanes_per_sm
+            out[pipe] += work * 32 / (lanes * per_sm_clock)
+            continue
+        family, kind = pipe.split(".")
+        rate = device.mma_fma_per_clock.get(family, {}).get(kind)
+        if not rate:
+            raise ValueError(f"{device.name} ({device.arch}) has no {family} {kind} rate")
+        out["tensor"] += work / (rate * per_sm_clock)
+    return out
+
+
 def bounds(
     bytes_per_elt: float,
     instrs_per_elt: float,
     regions: list[tuple[float, float]],
     device: Device,
+    pipe_per_elt: dict[str, float] | None = None,
 ) -> dict:
-    """Three lower bounds on a kernel's seconds per element, and the one that binds.
+    """Lower bounds on a kernel's seconds per element, and the one that binds.
 
     ``regions``: per loop (and straight-line code), ``(load bytes issued per element by all
     threads, bytes in flight per SM)``. ``bytes_in_flight_per_sm == 0`` for a region with
     loads means the kernel cannot launch (no resident block): the time is infinite.
+    ``pipe_per_elt`` (``analyze_sass``): work on the FP32, FP64 and tensor pipes, each
+    bounded by its own throughput (``pipe_seconds``) besides the issue slots they take.
     """
     memory = bytes_per_elt / device.copy_bytes_per_s
     issue = instrs_per_elt / (device.sms * device.schedulers_per_sm * device.clock_hz)
@@ -1127,11 +1223,10 @@ def bounds(
             break
         latency += issued * device.latency_s / (in_flight * device.sms)
     times = {"memory": memory, "issue": issue, "latency": latency}
+    times |= pipe_seconds(pipe_per_elt or {}, device)
     limiter = max(times, key=lambda k: times[k])
     return {
-        "memory_s_per_elt": memory,
-        "issue_s_per_elt": issue,
-        "latency_s_per_elt": latency,
+        **{f"{name}_s_per_elt": t for name, t in times.items()},
         "s_per_elt": times[limiter],
         "limiter": limiter,
     }
@@ -1338,7 +1433,13 @@ def model_launch(
         regions = [
             (r["load_bytes_issued_per_elt"], r["bytes_in_flight_per_sm"]) for r in got["regions"]
         ]
-        b = bounds(got["bytes_per_elt"]["total"], got["instrs_per_elt"]["total"], regions, device)
+        b = bounds(
+            got["bytes_per_elt"]["total"],
+            got["instrs_per_elt"]["total"],
+            regions,
+            device,
+            got["pipe_per_elt"],
+        )
         hot = max(got["regions"], key=lambda r: r["load_bytes_issued_per_elt"], default=None)
         kernels.append(
             asdict(
@@ -1353,6 +1454,7 @@ def model_launch(
                     blocks_per_sm=blocks,
                     occupancy_limiter=limiter,
                     instrs_per_elt=got["instrs_per_elt"],
+                    pipe_per_elt=got["pipe_per_elt"],
                     bytes_per_elt=got["bytes_per_elt"],
                     load_bytes_issued_per_elt=sum(r[0] for r in regions),
                     bytes_in_flight_per_sm=0.0 if hot is None else hot["bytes_in_flight_per_sm"],
@@ -1402,8 +1504,10 @@ def summarize(op: Op, dt: str, k: int, device: Device, elements: int, kernels: l
         },
         "s_per_elt": sum(times),
         "memory_s_per_elt": total(lambda kn: kn["bounds"]["memory_s_per_elt"]),
-        "issue_s_per_elt": total(lambda kn: kn["bounds"]["issue_s_per_elt"]),
-        "latency_s_per_elt": total(lambda kn: kn["bounds"]["latency_s_per_elt"]),
+        **{
+            f"{b}_s_per_elt": total(lambda kn, b=b: kn["bounds"][f"{b}_s_per_elt"])
+            for b in ("issue", "latency", "fp32", "fp64", "tensor")
+        },
         "limiter": "launch fails"
         if failed
         else (dominant["bounds"]["limiter"] if dominant else "-"),
@@ -1641,7 +1745,14 @@ def markdown(result: dict) -> str:
     dev = "\n".join(
         f"- {d['arch']} = {d['name']}: {d['sms']} SMs, {d['clock_hz'] / 1e9:.3f} GHz, copy "
         f"{d['copy_bytes_per_s'] / 1e12:.1f} TB/s (read + write), latency "
-        f"{d['latency_s'] * 1e9:.0f} ns. Source: {d['source']}."
+        f"{d['latency_s'] * 1e9:.0f} ns; {d['fp32_lanes_per_sm']} FP32 lanes per SM; dense "
+        "tensor-core FMAs per SM per clock: "
+        + ", ".join(
+            f"{fam} {kind} {rate}"
+            for fam, kinds in d["mma_fma_per_clock"].items()
+            for kind, rate in kinds.items()
+        )
+        + f". Source: {d['source']}; {d['pipes_source']}."
         for d in result["devices"].values()
     )
     return f"""# {TITLE}
@@ -1658,11 +1769,12 @@ was run on a GPU. Measured figures live apart, in the GPU runbook's results.
   time, i.e. the predicted fraction of the copy roofline. ProjectedAdamW: predicted time
   over torch's fused AdamW time, assuming torch's fused AdamW moves p, g, m, v in and
   p, m, v out at the copy roofline (lower is better; the issue's target is ≤ 1.10×).
-- *limiter*: the largest of the three bounds (memory at the copy rate; issue at 4 warp
-  instructions per SM per clock; latency by Little's law), for the kernel that takes most
-  of the time (*kernel*); *B/elt* and *instr/elt* (warp instructions per element: fma /
-  tensor / global + shared memory / other) are summed over the op's kernels; regs, smem,
-  blocks/SM and bytes in flight are the limiting kernel's.
+- *limiter*: the largest of the bounds (memory at the copy rate; issue at 4 warp
+  instructions per SM per clock; latency by Little's law; fp32: FFMA/FMUL/FADD at the
+  SM's FP32 lanes; tensor: the MMAs' dense FMAs at the tensor cores' rate), for the
+  kernel that takes most of the time (*kernel*); *B/elt* and *instr/elt* (warp
+  instructions per element: fma / tensor / global + shared memory / other) are summed over
+  the op's kernels; regs, smem, blocks/SM and bytes in flight are the limiting kernel's.
 - Shape: buckets of {TENSORS} tensors of {ROWS // TENSORS} × {D} (flat: {TENSORS} vectors of
   {ROWS // TENSORS * D}; surgery_: {TENSORS} pairs of that length); loop trip counts are
   evaluated for that launch.
@@ -1703,11 +1815,12 @@ ASSUMPTIONS = (
     "every 32-byte sector fetched is used (coalescing is not modelled: an uncoalesced layout "
     "moves up to 8x the bytes counted here); a re-read of a row block counts as HBM traffic "
     "(pessimistic when it hits L2); tensors that do not grow with the bucket (a d x k basis, "
-    "weights) are read from HBM once; one issue slot per warp instruction (no tensor-core, "
-    "MUFU or FP64 throughput limit, no dependency stalls, no bank conflicts or barrier "
-    "waits); loaded latency 700 ns for every load, L2 hits included (pessimistic for them); "
-    "stores do not need bytes in flight; large buckets (no tail wave, no launch overhead, "
-    "the small torch ops between kernels free); both sides of a branch execute except a "
+    "weights) are read from HBM once; one issue slot per warp instruction, and FP32, FP64 "
+    "and tensor-core work each at its pipe's peak rate, no other pipe limited (MUFU, INT), "
+    "no dependency stalls, no bank conflicts or barrier waits; loaded latency 700 ns for "
+    "every load, L2 hits included (pessimistic for them); stores do not need bytes in "
+    "flight; large buckets (no tail wave, no launch overhead, the small torch ops between "
+    "kernels free); both sides of a branch execute except a "
     "slow-path call; the loads Triton's pipeliner places before a loop take issue slots but "
     "move no extra bytes; a loop ptxas unrolled runs trips/unroll times and its peeled "
     "remainder copies count nothing; CUDA kernels: benchmarks/perf_model_cuda.py."

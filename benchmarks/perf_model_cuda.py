@@ -6,7 +6,8 @@
                                          [--md docs/perf_model_cuda.md]
 
 The twin of ``benchmarks/perf_model.py`` for ``csrc/cuda``: the same ops, shapes, device
-figures and bounds (memory, issue, latency), so the two tables compare the backends.
+figures and bounds (memory, issue, latency, the FP32 and tensor pipes), so the two tables
+compare the backends.
 Without ``--so`` it builds ``csrc/`` as ``make cuda-compile-check`` does
 (``perf_model.build_cuda``: the CUDA venv, ``nvcc -Xptxas -v``, sm_80 and sm_90; ninja
 keeps the build between runs). Then, per op, dtype, k and arch:
@@ -634,11 +635,15 @@ def analyze_kernel(
         return w
 
     per_block = {c: 0.0 for c in pm.CLASSES}
+    pipes: dict[str, float] = {}  # per block: FP32/FP64 warp instructions, tensor FMAs
     regions: dict[int | None, dict] = {}
     for ins in instrs:
         w = weight(ins.addr)
         f = scale(ins)
         per_block[pm.instr_class(ins.op)] += w * f
+        work = pm.pipe_work(ins.op)
+        if work is not None:
+            pipes[work[0]] = pipes.get(work[0], 0.0) + w * f * work[1]
         if ins.base in pm._LOADS and not within(ins, uniform):
             r = regions.setdefault(
                 pm.innermost_loop(loops, ins.addr), {"issued": 0.0, "unscaled": 0.0}
@@ -669,7 +674,13 @@ def analyze_kernel(
         }
         for lp, c in zip(loops, matched, strict=True)
     ]
-    return {"per_block": per_block, "regions": out_regions, "loops": loop_rows, "notes": notes}
+    return {
+        "per_block": per_block,
+        "pipes": pipes,
+        "regions": out_regions,
+        "loops": loop_rows,
+        "notes": notes,
+    }
 
 
 # ---------------------------------------------------------------- the build
@@ -793,6 +804,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
         scale = grid * WARPS / elements
         instrs = {c: v * scale for c, v in got["per_block"].items()}
         instrs["total"] = sum(instrs.values())
+        pipe_per_elt = {p: v * scale for p, v in sorted(got["pipes"].items())}
         regions = []
         for r in got["regions"]:
             r["load_bytes_per_elt"] = r["load_bytes_per_thread"] * THREADS * grid / elements
@@ -810,6 +822,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
                 "blocks_per_sm": blocks,
                 "occupancy_limiter": limiter,
                 "instrs_per_elt": instrs,
+                "pipe_per_elt": pipe_per_elt,
                 "regions": got["regions"],
                 "loops": got["loops"],
                 "notes": got["notes"],
@@ -820,7 +833,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
         kn["bytes_per_elt"] = moved
         kn["bounds"] = pm.bounds(
             moved["read"] + moved["write"], kn["instrs_per_elt"]["total"], kn.pop("_regions"),
-            device,
+            device, kn["pipe_per_elt"],
         )  # fmt: skip
     times = [kn["bounds"]["s_per_elt"] for kn in kernels]
     floor = pm.OPS[op].floor_bytes(dt, k)

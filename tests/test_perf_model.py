@@ -8,6 +8,7 @@ the interpreter, ``tests/conftest.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -215,6 +216,34 @@ def test_instruction_classes_and_widths(op, cls, nbytes):
         assert pm.access_bytes(op) == nbytes
 
 
+@pytest.mark.parametrize(
+    ("op", "work"),
+    [
+        ("FFMA", ("fp32", 1.0)),
+        ("FADD.FTZ", ("fp32", 1.0)),
+        ("FMUL", ("fp32", 1.0)),
+        ("DFMA", ("fp64", 1.0)),
+        ("HMMA.1688.F32.TF32", ("HMMA.tf32", 16 * 8 * 8)),
+        ("HMMA.16816.F32.BF16", ("HMMA.f16", 16 * 8 * 16)),
+        ("HMMA.16816.F32", ("HMMA.f16", 16 * 8 * 16)),  # no type: FP16 inputs
+        ("HMMA.1684.F32.TF32", ("HMMA.tf32", 16 * 8 * 4)),
+        ("HGMMA.64x32x8.F32.TF32", ("HGMMA.tf32", 64 * 32 * 8 / 4)),  # a warp's quarter
+        ("HFMA2.MMA", None),  # the FP16x2 rate is the issue rate: no separate bound
+        ("IMAD.WIDE.U32", None),
+        ("LDG.E.128", None),
+    ],
+)
+def test_pipe_work_of_each_opcode(op, work):
+    assert pm.pipe_work(op) == work
+
+
+@pytest.mark.parametrize("op", ["IMMA.16832.S8.S8", "HMMA.884.F32", "HMMA.16816.F32.E4M3"])
+def test_pipe_work_refuses_an_mma_it_cannot_rate(op):
+    # counting it as free would overstate the ceiling: the model must fail loudly instead
+    with pytest.raises(ValueError, match=op.split(".")[0]):
+        pm.pipe_work(op)
+
+
 class _Tensor:
     def __init__(self, numel: int, itemsize: int = 4) -> None:
         self._n, self._s = numel, itemsize
@@ -259,6 +288,10 @@ def test_analyze_weights_loops_and_traces_each_access(toy):
     assert got["bytes_per_elt"]["write"] == pytest.approx(inner * 4 * threads * 8 / (8 * 512))
     assert got["bytes_per_elt"]["cached_once"] == ["u_ptr"]
     assert [lp["trips"] for lp in got["loops"]] == [2.0, 12.0]
+    # the FFMA is FP32-pipe work, the m16n8k16 FP16 MMA 16·8·16 dense FMAs on the tensor cores
+    assert got["pipe_per_elt"] == pytest.approx(
+        {"fp32": inner * scale, "HMMA.f16": inner * scale * 16 * 8 * 16}
+    )
     inner_region = next(r for r in got["regions"] if r["region"] == "loop 0x40-0xb0")
     # both loads are in flight together until the FFMA reads the first
     assert inner_region["bytes_in_flight_per_thread"] == 20
@@ -318,6 +351,48 @@ def test_latency_bound():
     b = pm.bounds(8.0, 1.0, [(4.0, 0.0)], DEVICE)
     assert b["s_per_elt"] == float("inf")
     assert pm.predicted_fraction(8.0, [b["s_per_elt"]], DEVICE) == 0.0
+
+
+PIPES = pm.Device("toy", "sm_00", sms=100, clock_hz=1e9, copy_bytes_per_s=1e12,
+                  latency_s=1e-6, source="made up", fp32_lanes_per_sm=64, fp64_lanes_per_sm=32,
+                  mma_fma_per_clock={"HMMA": {"f16": 1024, "tf32": 512}})  # fmt: skip
+
+
+def test_fp32_pipe_bound():
+    # 3 FFMA warp instructions an element: 96 lanes of work over 64 lanes × 100 SMs × 1 GHz
+    b = pm.bounds(8.0, 3.0, [(4.0, 1e6)], PIPES, {"fp32": 3.0})
+    assert b["fp32_s_per_elt"] == pytest.approx(3 * 32 / (64 * 100 * 1e9))
+    assert b["issue_s_per_elt"] == pytest.approx(3 / (4 * 100 * 1e9))
+    assert b["limiter"] == "fp32" and b["s_per_elt"] == b["fp32_s_per_elt"]
+    # with twice the lanes, 3 FFMAs among 4 instructions are issue-bound (4 schedulers issue
+    # 128 lanes a clock, the pipe takes 128 too)
+    wide = dataclasses.replace(PIPES, fp32_lanes_per_sm=128)
+    b = pm.bounds(1.0, 4.0, [(4.0, 1e6)], wide, {"fp32": 3.0})
+    assert b["fp32_s_per_elt"] == pytest.approx(3 * 32 / (128 * 100 * 1e9))
+    assert b["limiter"] == "issue"
+
+
+def test_tensor_bound_adds_every_mma_at_its_rate():
+    # 0.75 HMMA.1688.TF32 an element (3xTF32 at k = 128): 768 FMAs at 512 a clock per SM
+    pipes = {"HMMA.tf32": 768.0, "HMMA.f16": 1024.0}
+    b = pm.bounds(8.0, 1.0, [(4.0, 1e6)], PIPES, pipes)
+    want = 768 / (512 * 100 * 1e9) + 1024 / (1024 * 100 * 1e9)
+    assert b["tensor_s_per_elt"] == pytest.approx(want)
+    assert b["limiter"] == "tensor" and b["s_per_elt"] == pytest.approx(want)
+    assert pm.predicted_fraction(8.0, [b["s_per_elt"]], PIPES) == pytest.approx(8e-12 / want)
+    # an MMA family the device has no rate for is an error, not free
+    with pytest.raises(ValueError, match="HGMMA"):
+        pm.bounds(8.0, 1.0, [(4.0, 1e6)], PIPES, {"HGMMA.tf32": 1.0})
+
+
+def test_each_modelled_device_rates_every_mma_its_arch_compiles():
+    assert pm.DEVICES["sm_80"].fp32_lanes_per_sm == 64
+    assert pm.DEVICES["sm_90"].fp32_lanes_per_sm == 128
+    assert set(pm.DEVICES["sm_80"].mma_fma_per_clock) == {"HMMA"}
+    assert set(pm.DEVICES["sm_90"].mma_fma_per_clock) == {"HMMA", "HGMMA"}
+    for dev in pm.DEVICES.values():
+        for kinds in dev.mma_fma_per_clock.values():
+            assert set(kinds) == {"f16", "tf32"} and kinds["f16"] == 2 * kinds["tf32"]
 
 
 E2E = textwrap.dedent(

@@ -61,9 +61,10 @@ gradients once, write the one that changes).
 
 What it does not model (so it can be wrong both ways): coalescing (it assumes every
 32-byte sector fetched is used: a layout with a warp's lanes down the rows moves up to 8×
-the bytes counted), cache hits on re-reads (a second pass counts as HBM traffic even
-when the row block is still in L2: pessimistic), the MUFU and INT pipes, tensor cores
-below their peak, dependent-instruction stalls, shared-memory bank conflicts,
+the bytes counted), masks (every lane of an access counts, so a tile padded past ``D``
+counts its masked columns as moved), cache hits on re-reads (a second pass counts as HBM
+traffic even when the row block is still in L2: pessimistic), the MUFU and INT pipes,
+tensor cores below their peak, dependent-instruction stalls, shared-memory bank conflicts,
 barriers, tail waves, launch overhead and the small torch ops between kernels. Both
 sides of a branch count (except a call to a slow path, e.g. sqrt_rn's denormal path).
 It is a prediction: ``scripts/gpu_check.sh`` on a GPU is what measures.
@@ -1812,18 +1813,20 @@ are per iteration, not per element, and no bound or ceiling is derived from them
 
 
 ASSUMPTIONS = (
-    "every 32-byte sector fetched is used (coalescing is not modelled: an uncoalesced layout "
-    "moves up to 8x the bytes counted here); a re-read of a row block counts as HBM traffic "
-    "(pessimistic when it hits L2); tensors that do not grow with the bucket (a d x k basis, "
-    "weights) are read from HBM once; one issue slot per warp instruction, and FP32, FP64 "
-    "and tensor-core work each at its pipe's peak rate, no other pipe limited (MUFU, INT), "
-    "no dependency stalls, no bank conflicts or barrier waits; loaded latency 700 ns for "
-    "every load, L2 hits included (pessimistic for them); stores do not need bytes in "
-    "flight; large buckets (no tail wave, no launch overhead, the small torch ops between "
-    "kernels free); both sides of a branch execute except a "
-    "slow-path call; the loads Triton's pipeliner places before a loop take issue slots but "
-    "move no extra bytes; a loop ptxas unrolled runs trips/unroll times and its peeled "
-    "remainder copies count nothing; CUDA kernels: benchmarks/perf_model_cuda.py."
+    "every 32-byte sector fetched is used (coalescing is not modelled: an uncoalesced "
+    "layout moves up to 8x the bytes counted here) and every lane of an access moves its "
+    "bytes (masks are not read: a tile padded past D counts its padding); a re-read of a "
+    "row block counts as HBM traffic (pessimistic when it hits L2); tensors that do not "
+    "grow with the bucket (a d x k basis, weights) are read from HBM once; one issue slot"
+    " per warp instruction, and FP32, FP64 and tensor-core work each at its pipe's peak "
+    "rate, no other pipe limited (MUFU, INT), no dependency stalls, no bank conflicts or "
+    "barrier waits; loaded latency 700 ns for every load, L2 hits included (pessimistic "
+    "for them); stores do not need bytes in flight; large buckets (no tail wave, no "
+    "launch overhead, the small torch ops between kernels free); both sides of a branch "
+    "execute except a slow-path call; the loads Triton's pipeliner places before a loop "
+    "take issue slots but move no extra bytes; a loop ptxas unrolled runs trips/unroll "
+    "times and its peeled remainder copies count nothing; CUDA kernels: "
+    "benchmarks/perf_model_cuda.py."
 )
 
 

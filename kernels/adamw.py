@@ -42,17 +42,21 @@ loads were scalar), and no offset is formed in int32.
   p, m, v are stored. HBM bytes per element: exactly a fused AdamW's — p, g, m, v
   read once, p, m, v written once (7 streams; 9 with amsgrad) — plus ``U`` once per
   program (from L2 after the first).
-* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 768``,
-  ``k ≤ FMA_MAX_K``: 16 for fp32, 8 for bf16/fp16): ``x'`` of an 8-row block stays in
-  registers as up to 3 tiles of 256 / 128 / 64 columns (``project.resident_chunks``;
-  4 tiles spilled up to 380 B on sm_90; ptxas capped at 255 registers, as left to
-  itself it aimed at 168 and spilled 8 B), m
+* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 2048``,
+  ``k ≤ FMA_MAX_K``: 16 for fp32, 8 for bf16/fp16, up to ``D`` = 1536; beyond,
+  ``FMA_4TILE_MAX_K``, 16 and 4): ``x'`` of an 8-row block stays in registers as up
+  to 3 tiles of 256 / 128 / 64 columns, for ``D`` > 768 a 4-row block as 2–3 tiles of
+  512 (``project.resident_tiles``; 4 tiles of 256 spilled up to 380 B on sm_90), for
+  ``D`` > 1536 as 4 tiles of 512 on 8 warps (``_fma_tiles``; ptxas capped at 255
+  registers, as left to itself it aimed at 168 and spilled 8 B), m
   and v are stored as each tile is formed, and the basis is applied one column at a
   time in fp32 FMA (``a = x' u_j``, ``x' −= (w ⊙ (a − c))_j u_jᵀ``, column ``j + 1``
   loaded while ``j`` is applied; for orthonormal ``U`` this equals the one-shot
   formula). Each of p, g, m, v is read once and p, m, v written once: a fused AdamW's
   bytes, predicted at 1.00× its time at ``D`` = 768, k ≤ 8 (fp32 on A100 and H100,
-  bf16 on A100; bf16 on H100 1.10×) where the recompute form reads 4 streams twice.
+  bf16 on A100; bf16 on H100 1.10×) where the recompute form reads 4 streams twice;
+  4-row blocks at ``D`` = 1536: 1.00× for fp32 up to k = 16 and bf16 up to k = 8
+  (H100: 1.10×), at 1024 bf16 k = 8 on H100 1.50× (the recompute form: 1.57×).
 * **Recompute form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
   forms ``x'`` and accumulates ``a = x' U``; pass 2 loads the same p, g, m, v
   chunks again, recomputes ``x'`` bit for bit (same code, same inputs) and stores
@@ -102,7 +106,13 @@ import triton
 import triton.language as tl
 
 from gradproj.kernels.device_table import cached_table
-from gradproj.kernels.project import _basis_columns, _rank1_update, _row_dots, resident_chunks
+from gradproj.kernels.project import (
+    ResidentTiles,
+    _basis_columns,
+    _rank1_update,
+    _row_dots,
+    resident_tiles,
+)
 
 # The dot-product scheme of both GEMMs: 3xTF32 on tensor cores (error analysed in
 # the module docstring). "tf32" alone leaves (x U − c) at ~1e-4 relative, far above
@@ -120,12 +130,31 @@ _META = 12
 
 _FLAT_CHUNK = 4096
 _MAX_K = 256
-# The FMA form's largest k, per element size (contiguous rows, 128 < D <= 768; see
-# _rows_config): beyond, its 2k FMAs per element cost more than the two-pass kernel's
+# The FMA form's largest k, per element size (contiguous rows, 128 < D <= 1536; see
+# _fma_tiles): beyond, its 2k FMAs per element cost more than the two-pass kernel's
 # tensor-core GEMMs (benchmarks/perf_model.py, D = 768: bf16 k = 16 was predicted
 # latency-bound at 1.84x torch's fused AdamW on H100, k = 8 at 1.10x).
 FMA_MAX_K = {4: 16, 2: 8}
+# 1536 < D <= 2048: 4 tiles of 512 columns on 8 warps (on 4 they spilled 168-404 B on
+# sm_90). Predicted at D = 2048: fp32 k = 16 1.00x / 1.30x (A100 / H100), bf16 k = 4
+# 1.00x / 1.06x, k = 8 1.25x / 1.62x; the recompute form 1.57x.
+FMA_4TILE_MAX_K = {4: 16, 2: 4}
 FMA_MAXNREG = 255
+
+
+def _fma_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] | None:
+    """``(tiles, num_warps)`` of the FMA form for contiguous rows of ``d``, or ``None``.
+
+    Up to 3 tiles on 4 warps (``project.resident_tiles``: 8 rows up to ``D`` = 768, 4
+    rows of 512 columns up to 1536); 4 tiles of 512 on 8 warps up to 2048.
+    """
+    res = resident_tiles(d, max_chunks=3)
+    if res is not None:
+        return (res, 4) if k <= FMA_MAX_K[itemsize] else None
+    res = resident_tiles(d, max_chunks=4)
+    if res is not None and res.wide and k <= FMA_4TILE_MAX_K[itemsize]:
+        return res, 8
+    return None
 
 
 @triton.jit
@@ -423,13 +452,14 @@ def _projected_adamw_kernel(
     ks2 = BLOCK_K + ks
 
     if FMA_CHUNKS > 0:
-        # The row block's update x' in registers as FMA_CHUNKS (at most 3) tiles of BLOCK_D
+        # The row block's update x' in registers as FMA_CHUNKS (at most 4) tiles of BLOCK_D
         # columns (m, v stored as they are formed), the basis applied one column at a time.
         x0 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d, sg_d,
                         D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, step_size,
                         inv_sqrt_bias2, 0, BLOCK_D, LAYOUT, AMSGRAD, MAXIMIZE)  # fmt: skip
         x1 = x0
         x2 = x0
+        x3 = x0
         if FMA_CHUNKS > 1:
             x1 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d,
                             sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
@@ -440,22 +470,29 @@ def _projected_adamw_kernel(
                             sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
                             step_size, inv_sqrt_bias2, 2, BLOCK_D, LAYOUT, AMSGRAD,
                             MAXIMIZE)  # fmt: skip
+        if FMA_CHUNKS > 3:
+            x3 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d,
+                            sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
+                            step_size, inv_sqrt_bias2, 3, BLOCK_D, LAYOUT, AMSGRAD,
+                            MAXIMIZE)  # fmt: skip
         # basis column kk + 1 is loaded while column kk is applied (project.py's helpers)
         n0, n1, n2, n3 = _basis_columns(u_ptr, 0, D, K, BLOCK_D, FMA_CHUNKS)
         k1 = tl.arange(0, 1)
         for kk in range(0, K):
             u0, u1, u2, u3 = n0, n1, n2, n3
             n0, n1, n2, n3 = _basis_columns(u_ptr, kk + 1, D, K, BLOCK_D, FMA_CHUNKS)
-            a = _row_dots(x0, x1, x2, x2, u0, u1, u2, u3, FMA_CHUNKS)
+            a = _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, FMA_CHUNKS)
             coef = _coef_minus_anchor(a[:, None], c_ptr, w_ptr, rows, row_mask, kk + k1, K, HAS_W)
-            x0, x1, x2, _ = _rank1_update(
-                x0, x1, x2, x2, tl.sum(coef, axis=1), u0, u1, u2, u3, FMA_CHUNKS
+            x0, x1, x2, x3 = _rank1_update(
+                x0, x1, x2, x3, tl.sum(coef, axis=1), u0, u1, u2, u3, FMA_CHUNKS
             )
         _fma_store(p_ptr, x0, rows, row_mask, s, s_d, D, 0, BLOCK_D, LAYOUT)
         if FMA_CHUNKS > 1:
             _fma_store(p_ptr, x1, rows, row_mask, s, s_d, D, 1, BLOCK_D, LAYOUT)
         if FMA_CHUNKS > 2:
             _fma_store(p_ptr, x2, rows, row_mask, s, s_d, D, 2, BLOCK_D, LAYOUT)
+        if FMA_CHUNKS > 3:
+            _fma_store(p_ptr, x3, rows, row_mask, s, s_d, D, 3, BLOCK_D, LAYOUT)
     elif RESIDENT:
         # The whole row block in one tile: x' stays in registers between the GEMMs.
         ds = tl.arange(0, BLOCK_D)
@@ -880,20 +917,21 @@ def _rows_config(
         block_r = 16
         block_d = (64 if itemsize == 4 else 128) if part <= 32 else 64 if part <= 64 else 32
     d_pad = max(16, triton.next_power_of_2(d))
-    # at most 3 tiles (D <= 768): 4 spilled up to 380 B on sm_90
-    small_k = k <= FMA_MAX_K[itemsize]
-    chunks = resident_chunks(d, max_chunks=3) if layout == _ROWS and small_k else None
-    if chunks is not None:  # x' in registers, the basis applied with FMAs (no dots)
+    # 8 rows of 4 tiles of 256 (769 <= D <= 1024) spilled up to 380 B on sm_90: 4 rows of
+    # 2 tiles of 512 instead (_fma_tiles)
+    fma = _fma_tiles(d, itemsize, k) if layout == _ROWS else None
+    if fma is not None:  # x' in registers, the basis applied with FMAs (no dots)
+        res, warps = fma
         return {
             "maxnreg": FMA_MAXNREG,
-            "BLOCK_R": 8,
-            "BLOCK_D": chunks[0],
+            "BLOCK_R": res.block_r,
+            "BLOCK_D": res.block_d,
             "RESIDENT": False,
-            "FMA_CHUNKS": chunks[1],
+            "FMA_CHUNKS": res.chunks,
             "KSPLIT": 1,
             "BLOCK_K": block_k,
             "PRECISION": "ieee",
-            "num_warps": 4,
+            "num_warps": warps,
             "num_stages": 1,
         }
     resident = d_pad <= block_d

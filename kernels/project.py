@@ -44,14 +44,16 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   operands (Triton stages both through shared memory). ``k ≤ 128`` is one chunk;
   beyond, every chunk reads and writes the rows once more (one more rounding for
   bf16/fp16) after a barrier, since other threads of the program wrote them.
-* Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 1024`` and small ``k``:
-  ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16; ``BLOCK_R`` = 8): the row block stays
-  in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns (``CHUNKS``, the
-  split that pads ``D`` least), and the basis is applied one column at a time in fp32 FMA,
+* Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 2048`` and small ``k``:
+  ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16, ``BLOCK_R`` = 8, up to ``D`` = 1024;
+  beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 4, ``BLOCK_R`` = 4): the row block stays
+  in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, or 512 for the
+  4-row blocks (``CHUNKS``, the split that pads ``D`` least; ``resident_tiles``), and the
+  basis is applied one column at a time in fp32 FMA,
   ``a = X u_j`` (a row reduction), then ``X −= a u_jᵀ``; column ``j + 1`` is loaded while
   ``j`` is applied. Each element is read once and written once, with no tensor cores: at
   small ``k`` the 2k FMAs per element cost less than the second read of the two-pass
-  kernel (predicted at ``D`` = 768, k = 8: 100 % of copy for fp32, 96 / 84 % for bf16 on
+  kernel (predicted at ``D`` = 768, k = 8: 100 % of copy for fp32, 92 / 66 % for bf16 on
   A100 / H100, against 66 %). Applying the columns one after another equals the one-shot
   formula for the same reason chunks of ``k`` do. The tensor-core kernels could not keep
   such a tile on chip without spills (docs/gpu.md).
@@ -521,24 +523,49 @@ class _Tiles(NamedTuple):
 # cost more than the two-pass kernel's tensor-core GEMMs (benchmarks/perf_model.py, D = 768:
 # fp32 k = 16 predicted 83 / 73 % of copy on A100 / H100 against 66 %; bf16 k = 16 52 / 45 %).
 RESIDENT_MAX_K = {4: 16, 2: 8}
+# The same for the wide blocks (1024 < D ≤ 2048, 4 rows), whose basis column is loaded for
+# half as many rows (D = 2048, predicted: fp32 k = 8 100 / 90 %, k = 16 65 / 48 %; bf16
+# k = 4 100 / 79 %, k = 8 65 / 45 %; the two-pass kernel 67 %).
+RESIDENT_WIDE_MAX_K = {4: 8, 2: 4}
 RESIDENT_MAXNREG = 192
+# The 4-row blocks: at 192, fp32 anchored soft blocks of 3 tiles spilled 28 B on sm_90;
+# anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
+RESIDENT_WIDE_MAXNREG = 255
 
 
-def resident_chunks(d: int, max_chunks: int = 4) -> tuple[int, int] | None:
-    """``(BLOCK_D, CHUNKS)`` of a resident row block of ``d`` columns, or ``None``.
+class ResidentTiles(NamedTuple):
+    """A resident row block: ``block_r`` rows held as ``chunks`` tiles of ``block_d`` columns."""
 
-    Tiles of 256 columns, or 128 / 64, whichever pads ``d`` least, at most
-    ``max_chunks`` of them (the kernels name each tile; this one holds 4, projected
-    AdamW's 3): ``128 < d ≤ 256 · max_chunks``. Below, the tensor-core one-pass tile
-    holds the rows.
+    block_r: int
+    block_d: int
+    chunks: int
+    wide: bool  # 4 rows of 512-column tiles (1024 < D for project_, 768 < D for AdamW)
+
+
+def resident_tiles(d: int, max_chunks: int = 4) -> ResidentTiles | None:
+    """The resident row block of ``d`` columns, at most ``max_chunks`` tiles, or ``None``.
+
+    8 rows in tiles of 256 columns, or 128 / 64, whichever pads ``d`` least:
+    ``128 < d ≤ 256 · max_chunks`` (the kernels name each tile; this one holds 4,
+    projected AdamW's 3). Up to ``512 · max_chunks``, 4 rows in tiles of 512: on 4 warps
+    a thread then holds as many values of the block and of a basis column as with 8
+    rows of 256 (the same registers, compiled without spills), and each basis column
+    serves 4 rows instead of 8. Below 129 the tensor-core one-pass tile holds the rows.
     """
-    if not 128 < d <= 256 * max_chunks:
-        return None
-    block_d = min(
-        (c for c in (256, 128, 64) if triton.cdiv(d, c) <= max_chunks),
-        key=lambda c: (triton.cdiv(d, c) * c, -c),
-    )
-    return block_d, triton.cdiv(d, block_d)
+    if 128 < d <= 256 * max_chunks:
+        block_d = min(
+            (c for c in (256, 128, 64) if triton.cdiv(d, c) <= max_chunks),
+            key=lambda c: (triton.cdiv(d, c) * c, -c),
+        )
+        return ResidentTiles(8, block_d, triton.cdiv(d, block_d), False)
+    if 256 * max_chunks < d <= 512 * max_chunks:
+        return ResidentTiles(4, 512, triton.cdiv(d, 512), True)
+    return None
+
+
+def resident_max_k(tiles: ResidentTiles, elsize: int) -> int:
+    """The largest k ``project_``'s resident ``tiles`` take for ``elsize``-byte elements."""
+    return (RESIDENT_WIDE_MAX_K if tiles.wide else RESIDENT_MAX_K).get(elsize, 0)
 
 
 @functools.cache
@@ -559,22 +586,22 @@ def _row_tiles(
     left a kernel latency-bound (``benchmarks/perf_model.py``).
     """
     d_pad = max(16, triton.next_power_of_2(d))
-    chunks = resident_chunks(d)
-    if chunks is not None and contig == 1 and k <= RESIDENT_MAX_K.get(elsize, 0):
-        # resident: each element read once and written once, 8 rows; capped at 192
-        # registers (left to itself ptxas aimed at 168 for 16-bit anchored soft 4-tile
-        # blocks on sm_90 and spilled 4 B; capped, 180-187 and no spill)
+    res = resident_tiles(d)
+    if res is not None and contig == 1 and k <= resident_max_k(res, elsize):
+        # resident: each element read once and written once; capped at 192 registers
+        # (left to itself ptxas aimed at 168 for 16-bit anchored soft 4-tile blocks on
+        # sm_90 and spilled 4 B; capped, 180-187 and no spill), the 4-row blocks at 255
         # BLOCK_K: the anchors' and weights' tile, k <= BLOCK_K
         return _Tiles(
             False,
-            8,
-            chunks[0],
+            res.block_r,
+            res.block_d,
             max(1, triton.next_power_of_2(k)),
             4,
             1,
-            RESIDENT_MAXNREG,
+            RESIDENT_WIDE_MAXNREG if res.wide else RESIDENT_MAXNREG,
             True,
-            chunks[1],
+            res.chunks,
         )
     if d_pad <= 128:
         # one pass: chunks of k cost registers only, so keep them small

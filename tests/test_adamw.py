@@ -310,6 +310,13 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         ("input", torch.bfloat16, 8, [(17, 300)], {"amsgrad": True, "maximize": True}),
         ("input", torch.float16, 3, [(9, 500)], {"soft": True}),
         ("input", torch.float32, 1, [(5, 200), (3, 200)], {"amsgrad": True}),
+        # D > 768: 4-row blocks of 2-3 tiles of 512 columns, rows not a multiple of 4
+        ("input", torch.float32, 16, [(7, 1100), (2, 1100)], {"soft": True}),
+        ("input", torch.bfloat16, 8, [(5, 1536)], {"amsgrad": True, "maximize": True}),
+        ("input", torch.float16, 3, [(6, 1024)], {"soft": True}),
+        # D > 1536: 4 tiles of 512 on 8 warps
+        ("input", torch.float32, 16, [(6, 2048), (3, 2048)], {"amsgrad": True}),
+        ("input", torch.bfloat16, 4, [(7, 1600)], {"soft": True}),
         # transposed views, rows a multiple of 16 bytes: the vectorized COLS path
         ("output", torch.float32, 8, [(48, 40), (16, 40)], {"amsgrad": True}),
         ("output", torch.float32, 20, [(64, 300), (3, 300)], {"soft": True}),
@@ -322,7 +329,8 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         ("output", torch.float32, 129, [(20, 140)], {}),
     ],
     ids=["rows-2pass", "rows-2pass-bf16", "fma-3x256", "fma-bf16-3x128", "fma-fp16-2x256",
-         "fma-1x256", "cols-aligned", "cols-2pass", "cols-bf16", "strided-grads", "fp16",
+         "fma-1x256", "fma-3x512", "fma-bf16-3x512", "fma-fp16-2x512", "fma-4x512",
+         "fma-bf16-4x512", "cols-aligned", "cols-2pass", "cols-bf16", "strided-grads", "fp16",
          "k256", "cols-k129"],
 )  # fmt: skip
 def test_triton_bucket_paths_match_float64(side, dtype, k, shapes, flags):
@@ -412,6 +420,18 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                 else:
                     assert cfg["FMA_CHUNKS"] == 0
                     assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum
+    # beyond 3 tiles of 256: 4-row blocks of 512-column tiles, 2-3 of them on 4 warps, 4 on 8
+    # warps (fp32 up to k = 16, 16-bit up to k = 8, or 4 with 4 tiles), none beyond 2048
+    for d, chunks, warps in ((769, 2, 4), (1024, 2, 4), (1025, 3, 4), (1536, 3, 4),
+                             (1537, 4, 8), (2048, 4, 8), (2049, 0, 4)):  # fmt: skip
+        for isz, k in ((4, 16), (2, 4), (2, 8), (4, 17), (2, 9)):
+            cfg = adamw._rows_config(adamw._ROWS, isz, adamw._block_k(k, "k"), d, 90, k=k)
+            got = (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"], cfg["num_warps"])
+            max_k = 16 if isz == 4 else 4 if chunks == 4 else 8
+            if chunks and k <= max_k:
+                assert got == (chunks, 512, 4, warps), (d, isz, k)
+            else:
+                assert got[0] == 0 and cfg["BLOCK_R"] >= 16, (d, isz, k)  # tensor-core form
 
 
 @needs_triton

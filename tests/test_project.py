@@ -353,15 +353,41 @@ TRITON_CPU = ("cpu", "triton") in PROJECT
 
 
 @pytest.mark.parametrize(
-    ("d", "block_d", "chunks"),
-    [(129, 64, 3), (200, 256, 1), (320, 128, 3), (500, 256, 2), (768, 256, 3), (1024, 256, 4)],
+    ("d", "block_r", "block_d", "chunks"),
+    [
+        (129, 8, 64, 3),
+        (200, 8, 256, 1),
+        (320, 8, 128, 3),
+        (500, 8, 256, 2),
+        (768, 8, 256, 3),
+        (1024, 8, 256, 4),
+        # beyond 4 tiles of 256: 4 rows of 512-column tiles
+        (1025, 4, 512, 3),
+        (1280, 4, 512, 3),
+        (2048, 4, 512, 4),
+    ],
 )
-def test_resident_tiles_pad_d_least(d, block_d, chunks):
+def test_resident_tiles_pad_d_least(d, block_r, block_d, chunks):
     from gradproj.kernels import project as P
 
     tiles = P._row_tiles(90, 4, d, 8)
-    assert tiles.resident and (tiles.block_d, tiles.chunks) == (block_d, chunks)
+    assert tiles.resident and (tiles.block_r, tiles.block_d, tiles.chunks) == (
+        block_r,
+        block_d,
+        chunks,
+    )
     assert block_d * chunks >= d and (block_d * (chunks - 1) < d)
+
+
+def test_resident_tiles_for_at_most_three_tiles():
+    # projected AdamW holds 3 tiles: 8 rows up to 768 columns, then 4 rows of 512 to 1536
+    from gradproj.kernels import project as P
+
+    assert P.resident_tiles(768, max_chunks=3) == (8, 256, 3, False)
+    assert P.resident_tiles(769, max_chunks=3) == (4, 512, 2, True)
+    assert P.resident_tiles(1536, max_chunks=3) == (4, 512, 3, True)
+    assert P.resident_tiles(1537, max_chunks=3) is None
+    assert P.resident_tiles(128) is None and P.resident_tiles(2049) is None
 
 
 @pytest.mark.parametrize(
@@ -372,7 +398,11 @@ def test_resident_tiles_pad_d_least(d, block_d, chunks):
         (2, 768, 8, 1, True),  # bf16/fp16 up to k = 8
         (2, 768, 9, 1, False),
         (4, 128, 8, 1, False),  # D <= 128: the one-pass tensor-core tile
-        (4, 1025, 8, 1, False),  # more than 4 chunks of 256
+        (4, 1025, 8, 1, True),  # more than 4 tiles of 256: 4 rows of 512, fp32 to k = 8
+        (4, 1025, 9, 1, False),
+        (2, 2048, 4, 1, True),  # bf16/fp16 to k = 4
+        (2, 2048, 5, 1, False),
+        (4, 2049, 1, 1, False),  # more than 4 tiles of 512
         (4, 768, 8, 0, False),  # transposed views (side="output")
         (4, 768, 8, -1, False),  # no unit stride
     ],
@@ -397,12 +427,13 @@ def test_resident_kernel_with_k0_leaves_the_bucket_untouched():
 
 @pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("d", [200, 320, 500, 1024])
+@pytest.mark.parametrize("d", [200, 320, 500, 1024, 1100, 2048])
 @pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored"])
 def test_resident_kernel_each_chunking(dtype, d, anchored):
     """Every chunking of the resident kernel, a bucket of two tensors whose rows are not a
-    multiple of its 8-row block, one of them a column slice (row stride > d), soft weights."""
-    k = 8
+    multiple of its 8- or 4-row block, one of them a column slice (row stride > d), soft
+    weights; the 4-row blocks (d > 1024) at their largest k for the dtype."""
+    k = 8 if d <= 1024 or dtype == torch.float32 else 4
     gen = torch.Generator().manual_seed(d + 7 * anchored)
     wide = torch.randn(13, d + 24, generator=gen).to(dtype)
     wide_in = wide.clone()

@@ -42,21 +42,24 @@ loads were scalar), and no offset is formed in int32.
   p, m, v are stored. HBM bytes per element: exactly a fused AdamW's — p, g, m, v
   read once, p, m, v written once (7 streams; 9 with amsgrad) — plus ``U`` once per
   program (from L2 after the first).
-* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 2048``,
-  ``k ≤ FMA_MAX_K``: 16 for fp32, 8 for bf16/fp16, up to ``D`` = 1536; beyond,
+* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 4096``,
+  ``k ≤ FMA_MAX_K``: 16 for fp32, 8 for bf16/fp16, up to ``D`` = 3072; beyond,
   ``FMA_4TILE_MAX_K``, 16 and 4): ``x'`` of an 8-row block stays in registers as up
   to 3 tiles of 256 / 128 / 64 columns, for ``D`` > 768 a 4-row block as 2–3 tiles of
-  512 (``project.resident_tiles``; 4 tiles of 256 spilled up to 380 B on sm_90), for
-  ``D`` > 1536 as 4 tiles of 512 on 8 warps (``_fma_tiles``; ptxas capped at 255
-  registers, as left to itself it aimed at 168 and spilled 8 B), m
+  512, for ``D`` > 1536 a 2-row block as 2–3 tiles of 1024 (``project.resident_tiles``;
+  4 tiles of 256 spilled up to 380 B on sm_90), for ``D`` > 3072 as 4 tiles of 1024 on 8
+  warps (``_fma_tiles``; ptxas capped at 255 registers, as left to itself it aimed at
+  168 and spilled 8 B), m
   and v are stored as each tile is formed, and the basis is applied one column at a
   time in fp32 FMA (``a = x' u_j``, ``x' −= (w ⊙ (a − c))_j u_jᵀ``, column ``j + 1``
   loaded while ``j`` is applied; for orthonormal ``U`` this equals the one-shot
-  formula). Each of p, g, m, v is read once and p, m, v written once: a fused AdamW's
-  bytes, predicted at 1.00× its time at ``D`` = 768, k ≤ 8 (fp32 on A100 and H100,
-  bf16 on A100; bf16 on H100 1.10×) where the recompute form reads 4 streams twice;
-  4-row blocks at ``D`` = 1536: 1.00× for fp32 up to k = 16 and bf16 up to k = 8
-  (H100: 1.10×), at 1024 bf16 k = 8 on H100 1.50× (the recompute form: 1.57×).
+  formula). The block's anchors and the weights are read once, as a tile, before the
+  column loop (``project._anchor_tile``, as ``project_``'s resident kernel; read per
+  column they put a dependent global load in every iteration: bf16 k = 8 on H100 was
+  predicted at 1.08× at ``D`` = 768 and 1.50× at 1024, now 1.00×). Each of p, g, m, v is
+  read once and p, m, v written once: a fused AdamW's bytes, predicted at 1.00× its
+  time at ``D`` = 768, k ≤ 8, where the recompute form reads 4 streams twice (wider
+  ``D``: docs/gpu.md).
 * **Recompute form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
   forms ``x'`` and accumulates ``a = x' U``; pass 2 loads the same p, g, m, v
   chunks again, recomputes ``x'`` bit for bit (same code, same inputs) and stores
@@ -108,7 +111,9 @@ import triton.language as tl
 from gradproj.kernels.device_table import cached_table
 from gradproj.kernels.project import (
     ResidentTiles,
+    _anchor_tile,
     _basis_columns,
+    _column_coef,
     _rank1_update,
     _row_dots,
     resident_tiles,
@@ -130,14 +135,15 @@ _META = 12
 
 _FLAT_CHUNK = 4096
 _MAX_K = 256
-# The FMA form's largest k, per element size (contiguous rows, 128 < D <= 1536; see
+# The FMA form's largest k, per element size (contiguous rows, 128 < D <= 3072; see
 # _fma_tiles): beyond, its 2k FMAs per element cost more than the two-pass kernel's
 # tensor-core GEMMs (benchmarks/perf_model.py, D = 768: bf16 k = 16 was predicted
 # latency-bound at 1.84x torch's fused AdamW on H100, k = 8 at 1.10x).
 FMA_MAX_K = {4: 16, 2: 8}
-# 1536 < D <= 2048: 4 tiles of 512 columns on 8 warps (on 4 they spilled 168-404 B on
-# sm_90). Predicted at D = 2048: fp32 k = 16 1.00x / 1.30x (A100 / H100), bf16 k = 4
-# 1.00x / 1.06x, k = 8 1.25x / 1.62x; the recompute form 1.57x.
+# 3072 < D <= 4096: 4 tiles of 1024 columns, 2 rows, on 8 warps (on 4 warps they spilled
+# 384-496 B on sm_90, as 4 tiles of 256 or 512 did: 168-404 B). Predicted at D = 4096:
+# fp32 k = 16 1.00x / 1.32x (A100 / H100), bf16 k = 4 1.00x / 1.15x, k = 8 1.21x / 1.70x;
+# the recompute form 1.57x.
 FMA_4TILE_MAX_K = {4: 16, 2: 4}
 FMA_MAXNREG = 255
 
@@ -146,7 +152,8 @@ def _fma_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] | Non
     """``(tiles, num_warps)`` of the FMA form for contiguous rows of ``d``, or ``None``.
 
     Up to 3 tiles on 4 warps (``project.resident_tiles``: 8 rows up to ``D`` = 768, 4
-    rows of 512 columns up to 1536); 4 tiles of 512 on 8 warps up to 2048.
+    rows of 512 columns up to 1536, 2 rows of 1024 up to 3072); 4 tiles of 1024 on 8 warps
+    up to 4096.
     """
     res = resident_tiles(d, max_chunks=3)
     if res is not None:
@@ -477,15 +484,18 @@ def _projected_adamw_kernel(
                             MAXIMIZE)  # fmt: skip
         # basis column kk + 1 is loaded while column kk is applied (project.py's helpers)
         n0, n1, n2, n3 = _basis_columns(u_ptr, 0, D, K, BLOCK_D, FMA_CHUNKS)
-        k1 = tl.arange(0, 1)
+        # the block's anchors and the weights, read once (BLOCK_K >= K columns)
+        kt, c_tile, c_mask, c_all, w_all = _anchor_tile(
+            c_ptr, w_ptr, rows * K, row_mask, K, BLOCK_K, True, HAS_W
+        )
         for kk in range(0, K):
             u0, u1, u2, u3 = n0, n1, n2, n3
             n0, n1, n2, n3 = _basis_columns(u_ptr, kk + 1, D, K, BLOCK_D, FMA_CHUNKS)
             a = _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, FMA_CHUNKS)
-            coef = _coef_minus_anchor(a[:, None], c_ptr, w_ptr, rows, row_mask, kk + k1, K, HAS_W)
-            x0, x1, x2, x3 = _rank1_update(
-                x0, x1, x2, x3, tl.sum(coef, axis=1), u0, u1, u2, u3, FMA_CHUNKS
-            )
+            a, c_all = _column_coef(a, kk, kt, c_all, w_all, True, HAS_W)
+            x0, x1, x2, x3 = _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, FMA_CHUNKS)
+        if HAS_W:  # soft weights moved the anchors
+            tl.store(c_ptr + c_tile, c_all, mask=c_mask)
         _fma_store(p_ptr, x0, rows, row_mask, s, s_d, D, 0, BLOCK_D, LAYOUT)
         if FMA_CHUNKS > 1:
             _fma_store(p_ptr, x1, rows, row_mask, s, s_d, D, 1, BLOCK_D, LAYOUT)

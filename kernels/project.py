@@ -44,12 +44,12 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   operands (Triton stages both through shared memory). ``k ≤ 128`` is one chunk;
   beyond, every chunk reads and writes the rows once more (one more rounding for
   bf16/fp16) after a barrier, since other threads of the program wrote them.
-* Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 2048`` and small ``k``:
+* Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 4096`` and small ``k``:
   ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16, ``BLOCK_R`` = 8, up to ``D`` = 1024;
-  beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 4, ``BLOCK_R`` = 4): the row block stays
-  in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, or 512 for the
-  4-row blocks (``CHUNKS``, the split that pads ``D`` least; ``resident_tiles``), and the
-  basis is applied one column at a time in fp32 FMA,
+  beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 4, ``BLOCK_R`` = 4 up to 2048, then 2): the row
+  block stays in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, 512
+  for the 4-row blocks, 1024 for the 2-row ones (``CHUNKS``, the split that pads ``D``
+  least; ``resident_tiles``), and the basis is applied one column at a time in fp32 FMA,
   ``a = X u_j`` (a row reduction), then ``X −= a u_jᵀ``; column ``j + 1`` is loaded while
   ``j`` is applied. Each element is read once and written once, with no tensor cores: at
   small ``k`` the 2k FMAs per element cost less than the second read of the two-pass
@@ -250,6 +250,38 @@ def _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, CHUNKS: tl.constexpr):
 
 
 @triton.jit
+def _anchor_tile(c0_ptr, w_ptr, c_row, row_mask, K, BLOCK_K: tl.constexpr, HAS_ANCHOR, HAS_W):
+    """A row block's anchors (``BLOCK_R × BLOCK_K``, ``BLOCK_K ≥ K``) and the weights, read
+    once for the resident kernels' column loop (zeros for what the call does not have)."""
+    kt = tl.arange(0, BLOCK_K)
+    kt_valid = kt < K
+    c_tile = c_row[:, None] + kt[None, :]
+    c_mask = row_mask[:, None] & kt_valid[None, :]
+    c_all = tl.zeros(c_tile.shape, dtype=tl.float32)
+    w_all = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if HAS_ANCHOR:
+        c_all = tl.load(c0_ptr + c_tile, mask=c_mask, other=0.0)
+    if HAS_W:
+        w_all = tl.load(w_ptr + kt, mask=kt_valid, other=0.0)
+    return kt, c_tile, c_mask, c_all, w_all
+
+
+@triton.jit
+def _column_coef(a, kk, kt, c_all, w_all, HAS_ANCHOR, HAS_W):
+    """``(a − c_kk) ⊙ w_kk`` for basis column ``kk`` (as ``_coefficients``), and the anchor
+    tile with column ``kk`` moved by ``(1 − w_kk)(a − c_kk)`` when weights are soft."""
+    pick = kt[None, :] == kk
+    if HAS_ANCHOR:
+        a -= tl.sum(tl.where(pick, c_all, 0.0), axis=1)
+    if HAS_W:
+        w = tl.sum(tl.where(kt == kk, w_all, 0.0), axis=0)
+        if HAS_ANCHOR:
+            c_all = tl.where(pick, c_all + (1.0 - w) * a[:, None], c_all)
+        a = a * w
+    return a, c_all
+
+
+@triton.jit
 def _project_rows_kernel(
     table_ptr,
     n_tensors,
@@ -314,29 +346,14 @@ def _project_rows_kernel(
         # basis column kk + 1 is loaded while column kk is applied
         n0, n1, n2, n3 = _basis_columns(u_ptr, 0, D, K, BLOCK_D, CHUNKS)
         # the anchors and weights of the block, read once (BLOCK_K >= K columns)
-        kt = tl.arange(0, BLOCK_K)
-        kt_valid = kt < K
-        c_tile = c_row[:, None] + kt[None, :]
-        c_mask = row_mask[:, None] & kt_valid[None, :]
-        c_all = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        w_all = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        if HAS_ANCHOR:
-            c_all = tl.load(c0_ptr + c_tile, mask=c_mask, other=0.0)
-        if HAS_W:
-            w_all = tl.load(w_ptr + kt, mask=kt_valid, other=0.0)
+        kt, c_tile, c_mask, c_all, w_all = _anchor_tile(
+            c0_ptr, w_ptr, c_row, row_mask, K, BLOCK_K, HAS_ANCHOR, HAS_W
+        )
         for kk in range(0, K):
             u0, u1, u2, u3 = n0, n1, n2, n3
             n0, n1, n2, n3 = _basis_columns(u_ptr, kk + 1, D, K, BLOCK_D, CHUNKS)
             a = _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, CHUNKS)
-            # (a − c) ⊙ w for column kk, as _coefficients; the anchor moves by (1 − w)(a − c)
-            pick = kt[None, :] == kk
-            if HAS_ANCHOR:
-                a -= tl.sum(tl.where(pick, c_all, 0.0), axis=1)
-            if HAS_W:
-                w = tl.sum(tl.where(kt == kk, w_all, 0.0), axis=0)
-                if HAS_ANCHOR:
-                    c_all = tl.where(pick, c_all + (1.0 - w) * a[:, None], c_all)
-                a = a * w
+            a, c_all = _column_coef(a, kk, kt, c_all, w_all, HAS_ANCHOR, HAS_W)
             x0, x1, x2, x3 = _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, CHUNKS)
         if HAS_ANCHOR and HAS_W:
             tl.store(c0_ptr + c_tile, c_all, mask=c_mask)
@@ -523,14 +540,19 @@ class _Tiles(NamedTuple):
 # cost more than the two-pass kernel's tensor-core GEMMs (benchmarks/perf_model.py, D = 768:
 # fp32 k = 16 predicted 83 / 73 % of copy on A100 / H100 against 66 %; bf16 k = 16 52 / 45 %).
 RESIDENT_MAX_K = {4: 16, 2: 8}
-# The same for the wide blocks (1024 < D ≤ 2048, 4 rows), whose basis column is loaded for
-# half as many rows (D = 2048, predicted: fp32 k = 8 100 / 90 %, k = 16 65 / 48 %; bf16
-# k = 4 100 / 79 %, k = 8 65 / 45 %; the two-pass kernel 67 %).
+# The same for the wide blocks (D > 1024: 4 or 2 rows), whose basis column is loaded for
+# fewer rows (predicted at D = 2048 and 4096 alike: fp32 k = 8 100 / 90 %, k = 16 65 / 48 %;
+# bf16 k = 4 100 / 79-80 %, k = 8 59-65 / 45 %; the two-pass kernel 67 %).
 RESIDENT_WIDE_MAX_K = {4: 8, 2: 4}
 RESIDENT_MAXNREG = 192
-# The 4-row blocks: at 192, fp32 anchored soft blocks of 3 tiles spilled 28 B on sm_90;
-# anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
+# The wide blocks: at 192, fp32 anchored soft blocks of 3 tiles of 512 spilled 28 B on
+# sm_90; anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
 RESIDENT_WIDE_MAXNREG = 255
+
+# (rows, tile widths) of a resident block, narrowest first: on 4 warps a thread holds
+# rows · width / 128 values of each tile and width / 128 of a basis column, the same in
+# every tier, so the registers are too; a wider tier loads each basis column for fewer rows.
+_RESIDENT_TIERS = ((8, (256, 128, 64)), (4, (512,)), (2, (1024,)))
 
 
 class ResidentTiles(NamedTuple):
@@ -539,27 +561,27 @@ class ResidentTiles(NamedTuple):
     block_r: int
     block_d: int
     chunks: int
-    wide: bool  # 4 rows of 512-column tiles (1024 < D for project_, 768 < D for AdamW)
+    wide: bool  # fewer than 8 rows (4 of 512-column tiles, or 2 of 1024)
 
 
 def resident_tiles(d: int, max_chunks: int = 4) -> ResidentTiles | None:
     """The resident row block of ``d`` columns, at most ``max_chunks`` tiles, or ``None``.
 
-    8 rows in tiles of 256 columns, or 128 / 64, whichever pads ``d`` least:
-    ``128 < d ≤ 256 · max_chunks`` (the kernels name each tile; this one holds 4,
-    projected AdamW's 3). Up to ``512 · max_chunks``, 4 rows in tiles of 512: on 4 warps
-    a thread then holds as many values of the block and of a basis column as with 8
-    rows of 256 (the same registers, compiled without spills), and each basis column
-    serves 4 rows instead of 8. Below 129 the tensor-core one-pass tile holds the rows.
+    The narrowest tier that holds ``d`` (``_RESIDENT_TIERS``): 8 rows in tiles of 256
+    columns, or 128 / 64, whichever pads ``d`` least, for ``128 < d ≤ 256 · max_chunks``
+    (the kernels name each tile; this one holds 4, projected AdamW's 3 on 4 warps);
+    then 4 rows of 512 up to ``512 · max_chunks``, 2 rows of 1024 up to ``1024 ·
+    max_chunks``. Below 129 the tensor-core one-pass tile holds the rows.
     """
-    if 128 < d <= 256 * max_chunks:
-        block_d = min(
-            (c for c in (256, 128, 64) if triton.cdiv(d, c) <= max_chunks),
-            key=lambda c: (triton.cdiv(d, c) * c, -c),
-        )
-        return ResidentTiles(8, block_d, triton.cdiv(d, block_d), False)
-    if 256 * max_chunks < d <= 512 * max_chunks:
-        return ResidentTiles(4, 512, triton.cdiv(d, 512), True)
+    if d <= 128:
+        return None
+    for rows, widths in _RESIDENT_TIERS:
+        if d <= widths[0] * max_chunks:
+            block_d = min(
+                (c for c in widths if triton.cdiv(d, c) <= max_chunks),
+                key=lambda c: (triton.cdiv(d, c) * c, -c),
+            )
+            return ResidentTiles(rows, block_d, triton.cdiv(d, block_d), rows < 8)
     return None
 
 

@@ -419,8 +419,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #     32, 64, 128: K a multiple of 16; 129: BLOCK_K = 128 with a ragged chunk;
 #     256, 512: two and four chunks of 128 (the k = 128 kernel again);
 #     contiguous rows with 128 < D <= 1024 and k <= 16 (fp32) / 8 (16-bit), or
-#     1024 < D <= 2048 and k <= 8 / 4 (4-row blocks): the resident kernel (K a loop bound);
-#     projected AdamW's FMA form likewise (D <= 2048).
+#     1024 < D <= 4096 and k <= 8 / 4 (4- and 2-row blocks): the resident kernel (K a loop
+#     bound); projected AdamW's FMA form likewise (D <= 4096).
 #   projected AdamW: BLOCK_K = max(16, next_pow2(k)) up to 128, k ≤ 256; 129 and 256:
 #     two tiles of 128 (KSPLIT = 2), 129 with K not a multiple of 16.
 PROJECT_KS = (1, 8, 32, 64, 128, 129, 256, 512)
@@ -583,30 +583,32 @@ def launches(quick: bool = False) -> list[Launch]:
         for d in (200, 320, 500, 1024):
             for anchored in (False, True):
                 out.append(project_launch(dt, "input", 8, True, anchored, d=d, note=f" D={d}"))
-        # its 4-row blocks (1024 < D <= 2048): 3 and 4 tiles of 512, at the largest k of
-        # the dtype (fp32 8, 16-bit 4), and k = 1
+        # its wide blocks (1024 < D <= 4096): 4 rows of 3 and 4 tiles of 512, 2 rows of 3
+        # and 4 tiles of 1024, at the largest k of the dtype (fp32 8, 16-bit 4), and k = 1
         wide_k = 8 if dt == "fp32" else 4
-        for d in (1100, 2048):
+        for d in (1100, 2048, 3000, 4096):
             for anchored in (False, True):
                 out.append(project_launch(dt, "input", wide_k, True, anchored, d=d, note=f" D={d}"))
-        out.append(project_launch(dt, "input", 1, False, False, d=2048, note=" D=2048"))
+        for d in (2048, 4096):
+            out.append(project_launch(dt, "input", 1, False, False, d=d, note=f" D={d}"))
     # the resident kernel's largest k (fp32: 16; 16-bit grads take it up to k = 8)
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))
-    # projected AdamW's FMA form (contiguous rows, 128 < D <= 2048, k <= 16 fp32 / 8
-    # 16-bit) in each chunking (D > 768: 4-row blocks of 2 or 3 tiles of 512; D = 2048:
-    # 4 tiles on 8 warps, 16-bit k <= 4, so k = 8 is its recompute form), and at k = 16
-    # (fp32's FMA form, 16-bit's recompute form)
+    # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096, k <= 16 fp32 / 8
+    # 16-bit) in each chunking (D > 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536:
+    # 2-row blocks of 2 or 3 tiles of 1024; D = 4096: 4 of them on 8 warps, 16-bit k <= 4,
+    # so k = 8 is its recompute form), and at k = 16 (fp32's FMA form, 16-bit's
+    # recompute form)
     for dt in DTYPES:
-        for d in (200, 320, 500, 1024, 1536, 2048):
+        for d in (200, 320, 500, 1024, 1536, 2048, 3072, 4096):
             for amsgrad in (False, True):
                 out.append(adamw_launch(dt, "input", 8, True, amsgrad, d=d, note=f" D={d}"))
         for amsgrad in (False, True):
             out.append(adamw_launch(dt, "input", 16, True, amsgrad))
-            for d in (1536, 2048):
+            for d in (1536, 3072, 4096):
                 out.append(adamw_launch(dt, "input", 16, True, amsgrad, d=d, note=f" D={d}"))
             if dt != "fp32":
-                out.append(adamw_launch(dt, "input", 4, True, amsgrad, d=2048, note=" D=2048"))
+                out.append(adamw_launch(dt, "input", 4, True, amsgrad, d=4096, note=" D=4096"))
     for dt in ("fp32", "bf16"):  # tests/test_adamw.py: amsgrad + maximize, k = 3, D = 24
         tests = " (37, 24) + (5, 24) (tests)"
         out.append(adamw_launch(dt, "input", 3, False, True, True, d=24, note=tests))

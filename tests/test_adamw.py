@@ -218,21 +218,28 @@ def test_triton_rejects_bases_wider_than_its_tile():
 HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
 
 
+# Where the bucket kernels run: a GPU when there is one (conftest sets TRITON_INTERPRET
+# only without one), else the interpreter on CPU tensors.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _bucket(side, dtype, k, shapes, *, soft, amsgrad, strided_grads=False, seed=0):
-    """Random bucket inputs: (params, grads, m, v, vmax, steps, anchors, basis, weights)."""
+    """Random bucket inputs on ``TRITON_DEVICE``: (params, grads, m, v, vmax, steps, anchors,
+    basis, weights); the values do not depend on the device."""
     gen = torch.Generator().manual_seed(seed)
+    dev = TRITON_DEVICE
 
     def mat(shape, scale=1.0):
         r, d = shape
         if side == "output":  # transposed views: unit stride along the rows
-            t = torch.randn(d, r, generator=gen).T
+            t = torch.randn(d, r, generator=gen).to(dev).T
         else:
-            t = torch.randn(r, d, generator=gen)
+            t = torch.randn(r, d, generator=gen).to(dev)
         return (t * scale).to(dtype)
 
     ps = [mat(s, 0.1) for s in shapes]
     if strided_grads:  # every other column of a wider tensor: no unit stride at all
-        gs = [torch.randn(s[1], 2 * s[0], generator=gen).T[::2].to(dtype) for s in shapes]
+        gs = [torch.randn(s[1], 2 * s[0], generator=gen).to(dev).T[::2].to(dtype) for s in shapes]
     else:
         gs = [mat(s) for s in shapes]
     ms = [mat(s, 0.01) for s in shapes]
@@ -242,10 +249,13 @@ def _bucket(side, dtype, k, shapes, *, soft, amsgrad, strided_grads=False, seed=
         ps, gs, ms, vs = ([t.contiguous() for t in ts] for ts in (ps, gs, ms, vs))
         vmax = None if vmax is None else [t.contiguous() for t in vmax]
     d = ps[0].numel() if side == "flat" else shapes[0][1]
-    basis = _basis(d, k, seed + 1).contiguous()
-    weights = torch.rand(k, generator=gen) if soft else None
-    anchors = [torch.randn(1 if side == "flat" else s[0], k, generator=gen) * 0.01 for s in shapes]
-    steps = [torch.tensor(float(3 + i)) for i in range(len(shapes))]
+    basis = _basis(d, k, seed + 1).contiguous().to(dev)
+    weights = torch.rand(k, generator=gen).to(dev) if soft else None
+    anchors = [
+        (torch.randn(1 if side == "flat" else s[0], k, generator=gen) * 0.01).to(dev)
+        for s in shapes
+    ]
+    steps = [torch.tensor(float(3 + i), device=dev) for i in range(len(shapes))]
     return ps, gs, ms, vs, vmax, steps, anchors, basis, weights
 
 
@@ -314,9 +324,11 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         ("input", torch.float32, 16, [(7, 1100), (2, 1100)], {"soft": True}),
         ("input", torch.bfloat16, 8, [(5, 1536)], {"amsgrad": True, "maximize": True}),
         ("input", torch.float16, 3, [(6, 1024)], {"soft": True}),
-        # D > 1536: 4 tiles of 512 on 8 warps
-        ("input", torch.float32, 16, [(6, 2048), (3, 2048)], {"amsgrad": True}),
-        ("input", torch.bfloat16, 4, [(7, 1600)], {"soft": True}),
+        # D > 1536: 2-row blocks of 2-3 tiles of 1024; D > 3072: 4 of them on 8 warps
+        ("input", torch.float32, 16, [(7, 2048), (2, 2048)], {"amsgrad": True}),
+        ("input", torch.bfloat16, 8, [(5, 3000)], {"soft": True}),
+        ("input", torch.float32, 16, [(3, 4096), (2, 4096)], {"soft": True}),
+        ("input", torch.bfloat16, 4, [(5, 3500)], {"amsgrad": True}),
         # transposed views, rows a multiple of 16 bytes: the vectorized COLS path
         ("output", torch.float32, 8, [(48, 40), (16, 40)], {"amsgrad": True}),
         ("output", torch.float32, 20, [(64, 300), (3, 300)], {"soft": True}),
@@ -329,9 +341,9 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         ("output", torch.float32, 129, [(20, 140)], {}),
     ],
     ids=["rows-2pass", "rows-2pass-bf16", "fma-3x256", "fma-bf16-3x128", "fma-fp16-2x256",
-         "fma-1x256", "fma-3x512", "fma-bf16-3x512", "fma-fp16-2x512", "fma-4x512",
-         "fma-bf16-4x512", "cols-aligned", "cols-2pass", "cols-bf16", "strided-grads", "fp16",
-         "k256", "cols-k129"],
+         "fma-1x256", "fma-3x512", "fma-bf16-3x512", "fma-fp16-2x512", "fma-2x1024",
+         "fma-bf16-3x1024", "fma-4x1024", "fma-bf16-4x1024", "cols-aligned", "cols-2pass",
+         "cols-bf16", "strided-grads", "fp16", "k256", "cols-k129"],
 )  # fmt: skip
 def test_triton_bucket_paths_match_float64(side, dtype, k, shapes, flags):
     _check_bucket(side, dtype, k, shapes, **flags)
@@ -420,18 +432,22 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                 else:
                     assert cfg["FMA_CHUNKS"] == 0
                     assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum
-    # beyond 3 tiles of 256: 4-row blocks of 512-column tiles, 2-3 of them on 4 warps, 4 on 8
-    # warps (fp32 up to k = 16, 16-bit up to k = 8, or 4 with 4 tiles), none beyond 2048
-    for d, chunks, warps in ((769, 2, 4), (1024, 2, 4), (1025, 3, 4), (1536, 3, 4),
-                             (1537, 4, 8), (2048, 4, 8), (2049, 0, 4)):  # fmt: skip
+    # beyond 3 tiles of 256 on 4 warps: 4 rows of 2-3 tiles of 512, then 2 rows of 2-3 tiles
+    # of 1024, then 4 of those on 8 warps (fp32 up to k = 16, 16-bit up to k = 8, or 4 with
+    # 4 tiles), none beyond 4096
+    for d, tiles, warps in ((769, (4, 512, 2), 4), (1024, (4, 512, 2), 4),
+                            (1025, (4, 512, 3), 4), (1536, (4, 512, 3), 4),
+                            (1537, (2, 1024, 2), 4), (3072, (2, 1024, 3), 4),
+                            (3073, (2, 1024, 4), 8), (4096, (2, 1024, 4), 8),
+                            (4097, None, 4)):  # fmt: skip
         for isz, k in ((4, 16), (2, 4), (2, 8), (4, 17), (2, 9)):
             cfg = adamw._rows_config(adamw._ROWS, isz, adamw._block_k(k, "k"), d, 90, k=k)
-            got = (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"], cfg["num_warps"])
-            max_k = 16 if isz == 4 else 4 if chunks == 4 else 8
-            if chunks and k <= max_k:
-                assert got == (chunks, 512, 4, warps), (d, isz, k)
+            got = (cfg["BLOCK_R"], cfg["BLOCK_D"], cfg["FMA_CHUNKS"])
+            max_k = 16 if isz == 4 else 4 if warps == 8 else 8
+            if tiles is not None and k <= max_k:
+                assert (got, cfg["num_warps"]) == ((tiles[0], tiles[1], tiles[2]), warps), (d, k)
             else:
-                assert got[0] == 0 and cfg["BLOCK_R"] >= 16, (d, isz, k)  # tensor-core form
+                assert got[2] == 0 and cfg["BLOCK_R"] >= 16, (d, isz, k)  # tensor-core form
 
 
 @needs_triton

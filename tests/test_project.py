@@ -361,10 +361,13 @@ TRITON_CPU = ("cpu", "triton") in PROJECT
         (500, 8, 256, 2),
         (768, 8, 256, 3),
         (1024, 8, 256, 4),
-        # beyond 4 tiles of 256: 4 rows of 512-column tiles
+        # beyond 4 tiles of 256: 4 rows of 512-column tiles, then 2 rows of 1024
         (1025, 4, 512, 3),
         (1280, 4, 512, 3),
         (2048, 4, 512, 4),
+        (2049, 2, 1024, 3),
+        (3072, 2, 1024, 3),
+        (4096, 2, 1024, 4),
     ],
 )
 def test_resident_tiles_pad_d_least(d, block_r, block_d, chunks):
@@ -380,14 +383,17 @@ def test_resident_tiles_pad_d_least(d, block_r, block_d, chunks):
 
 
 def test_resident_tiles_for_at_most_three_tiles():
-    # projected AdamW holds 3 tiles: 8 rows up to 768 columns, then 4 rows of 512 to 1536
+    # projected AdamW holds 3 tiles on 4 warps: 8 rows up to 768 columns, 4 rows of 512 to
+    # 1536, 2 rows of 1024 to 3072
     from gradproj.kernels import project as P
 
     assert P.resident_tiles(768, max_chunks=3) == (8, 256, 3, False)
     assert P.resident_tiles(769, max_chunks=3) == (4, 512, 2, True)
     assert P.resident_tiles(1536, max_chunks=3) == (4, 512, 3, True)
-    assert P.resident_tiles(1537, max_chunks=3) is None
-    assert P.resident_tiles(128) is None and P.resident_tiles(2049) is None
+    assert P.resident_tiles(1537, max_chunks=3) == (2, 1024, 2, True)
+    assert P.resident_tiles(3072, max_chunks=3) == (2, 1024, 3, True)
+    assert P.resident_tiles(3073, max_chunks=3) is None
+    assert P.resident_tiles(128) is None and P.resident_tiles(4097) is None
 
 
 @pytest.mark.parametrize(
@@ -402,7 +408,10 @@ def test_resident_tiles_for_at_most_three_tiles():
         (4, 1025, 9, 1, False),
         (2, 2048, 4, 1, True),  # bf16/fp16 to k = 4
         (2, 2048, 5, 1, False),
-        (4, 2049, 1, 1, False),  # more than 4 tiles of 512
+        (4, 4096, 8, 1, True),  # 2 rows of 1024-column tiles: the same k
+        (4, 4096, 9, 1, False),
+        (2, 4096, 4, 1, True),
+        (4, 4097, 1, 1, False),  # more than 4 tiles of 1024
         (4, 768, 8, 0, False),  # transposed views (side="output")
         (4, 768, 8, -1, False),  # no unit stride
     ],
@@ -425,24 +434,29 @@ def test_resident_kernel_with_k0_leaves_the_bucket_untouched():
     assert torch.equal(g, before)
 
 
-@pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
+TRITON_DEVICES = [d for d, b in PROJECT if b == "triton"]  # the interpreter, or a GPU
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="Triton cannot run here")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("d", [200, 320, 500, 1024, 1100, 2048])
+@pytest.mark.parametrize("d", [200, 320, 500, 1024, 1100, 2048, 3000, 4096])
 @pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored"])
-def test_resident_kernel_each_chunking(dtype, d, anchored):
+def test_resident_kernel_each_chunking(device, dtype, d, anchored):
     """Every chunking of the resident kernel, a bucket of two tensors whose rows are not a
-    multiple of its 8- or 4-row block, one of them a column slice (row stride > d), soft
-    weights; the 4-row blocks (d > 1024) at their largest k for the dtype."""
+    multiple of its 8-, 4- or 2-row block, one of them a column slice (row stride > d), soft
+    weights; the wide blocks (d > 1024) at their largest k for the dtype. On a GPU this runs
+    the compiled tiles, as the compile check builds them."""
     k = 8 if d <= 1024 or dtype == torch.float32 else 4
     gen = torch.Generator().manual_seed(d + 7 * anchored)
-    wide = torch.randn(13, d + 24, generator=gen).to(dtype)
+    wide = torch.randn(13, d + 24, generator=gen).to(dtype=dtype, device=device)
     wide_in = wide.clone()
-    grads = [wide[:, 16 : 16 + d], torch.randn(6, d, generator=gen).to(dtype)]
-    u = orthonormal(d, k, seed=d)
-    w = torch.rand(k, generator=gen)
+    grads = [wide[:, 16 : 16 + d], torch.randn(6, d, generator=gen).to(dtype=dtype, device=device)]
+    u = orthonormal(d, k, device=device, seed=d)
+    w = torch.rand(k, generator=gen).to(device)
     before = [g.clone() for g in grads]
     if anchored:
-        anchors = [torch.randn(g.shape[0], k, generator=gen) for g in grads]
+        anchors = [torch.randn(g.shape[0], k, generator=gen).to(device) for g in grads]
         c_in = [c.clone() for c in anchors]
         ops.project_anchored_(grads, anchors, u, weights=w, backend="triton")
         for g, g0, c, c0 in zip(grads, before, anchors, c_in, strict=True):

@@ -44,7 +44,9 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   operands (Triton stages both through shared memory). ``k ≤ 128`` is one chunk;
   beyond, every chunk reads and writes the rows once more (one more rounding for
   bf16/fp16) after a barrier, since other threads of the program wrote them.
-* Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 4096`` and small ``k``:
+* Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 4096``, or transposed views
+  (side="output") of 16-byte vectors with ``128 < D ≤ 768`` and ``k ≤ 8``, in blocks of
+  8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and small ``k``:
   ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16, ``BLOCK_R`` = 8, up to ``D`` = 1024;
   beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 4, ``BLOCK_R`` = 4 up to 2048, then 2): the row
   block stays in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, 512
@@ -548,6 +550,15 @@ RESIDENT_MAXNREG = 192
 # The wide blocks: at 192, fp32 anchored soft blocks of 3 tiles of 512 spilled 28 B on
 # sm_90; anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
 RESIDENT_WIDE_MAXNREG = 255
+# Transposed views (side="output", 16-byte vectors, D <= 768: at most 3 tiles), on 4 warps:
+# (rows, register cap) per element size, the rows making each column of the tile one whole
+# 32-byte sector. fp32 in 16 rows spilled 48-72 B (anchored, soft weights) at 255 registers
+# and 8-88 B on 8 warps at 128; 16-bit on 8 warps was predicted issue-bound at 48-49 % of
+# copy (bf16, k = 8; on 4: 73 / 67 %); 4 tiles of fp32 spilled 144-176 B at D = 1024.
+RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, RESIDENT_MAXNREG), 2: (16, 255)}
+# Its largest k: fp32 k = 16 was predicted at 73 / 54 % of copy (A100 / H100) against the
+# two-pass kernel's 66 / 50 % at k = 32; k = 8: fp32 100 / 100 %, bf16 73 / 67 % (62-67 %).
+RESIDENT_OUTPUT_MAX_K = 8
 
 # (rows, tile widths) of a resident block, narrowest first: on 4 warps a thread holds
 # rows · width / 128 values of each tile and width / 128 of a basis column, the same in
@@ -592,7 +603,13 @@ def resident_max_k(tiles: ResidentTiles, elsize: int) -> int:
 
 @functools.cache
 def _row_tiles(
-    arch: int, elsize: int, d: int, k: int, contig: int = 1, anchored: bool = False
+    arch: int,
+    elsize: int,
+    d: int,
+    k: int,
+    contig: int = 1,
+    anchored: bool = False,
+    vec: int = 1,
 ) -> _Tiles:
     """The row kernel's tiles for a bucket of ``D = d`` on compute capability ``arch``.
 
@@ -612,7 +629,7 @@ def _row_tiles(
     if res is not None and contig == 1 and k <= resident_max_k(res, elsize):
         # resident: each element read once and written once; capped at 192 registers
         # (left to itself ptxas aimed at 168 for 16-bit anchored soft 4-tile blocks on
-        # sm_90 and spilled 4 B; capped, 180-187 and no spill), the 4-row blocks at 255
+        # sm_90 and spilled 4 B; capped, 180-187 and no spill), the wide blocks at 255
         # BLOCK_K: the anchors' and weights' tile, k <= BLOCK_K
         return _Tiles(
             False,
@@ -624,6 +641,17 @@ def _row_tiles(
             RESIDENT_WIDE_MAXNREG if res.wide else RESIDENT_MAXNREG,
             True,
             res.chunks,
+        )
+    res = resident_tiles(d, max_chunks=3)
+    small_k = k <= RESIDENT_OUTPUT_MAX_K and elsize in RESIDENT_OUTPUT_ROWS_MAXNREG
+    if res is not None and not res.wide and contig == 0 and vec > 1 and small_k:
+        # transposed views (side="output"): rows along the unit stride, 32 bytes of them
+        # (RESIDENT_OUTPUT_ROWS_MAXNREG); 16-byte vectors only (VEC > 1: with scalar
+        # accesses every element's address took its own registers and they spilled
+        # 140-1100 B)
+        rows, cap = RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
+        return _Tiles(
+            False, rows, res.block_d, max(1, triton.next_power_of_2(k)), 4, 1, cap, True, res.chunks
         )
     if d_pad <= 128:
         # one pass: chunks of k cost registers only, so keep them small
@@ -733,7 +761,7 @@ def _launch_rows(
     d, k = basis.shape
     g0 = matrices[0]
     contig, vec = _row_layout(matrices, d)
-    tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None)
+    tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None, vec)
     one_pass, block_r, block_d, block_k, warps, stages, maxnreg = tiles[:7]
     table, n_blocks = _row_table(matrices, anchors, block_r)
     _project_rows_kernel[(n_blocks,)](

@@ -419,8 +419,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #     32, 64, 128: K a multiple of 16; 129: BLOCK_K = 128 with a ragged chunk;
 #     256, 512: two and four chunks of 128 (the k = 128 kernel again);
 #     contiguous rows with 128 < D <= 1024 and k <= 16 (fp32) / 8 (16-bit), or
-#     1024 < D <= 4096 and k <= 8 / 4 (4- and 2-row blocks): the resident kernel (K a loop
-#     bound); projected AdamW's FMA form likewise (D <= 4096).
+#     1024 < D <= 4096 and k <= 8 / 4 (4- and 2-row blocks), or transposed views of
+#     16-byte vectors with 128 < D <= 768 and k <= 8 (8 or 16 rows): the resident
+#     kernel (K a loop bound); projected AdamW's FMA form likewise (contiguous rows,
+#     D <= 4096).
 #   projected AdamW: BLOCK_K = max(16, next_pow2(k)) up to 128, k ≤ 256; 129 and 256:
 #     two tiles of 128 (KSPLIT = 2), 129 with K not a multiple of 16.
 PROJECT_KS = (1, 8, 32, 64, 128, 129, 256, 512)
@@ -592,8 +594,18 @@ def launches(quick: bool = False) -> list[Launch]:
         for d in (2048, 4096):
             out.append(project_launch(dt, "input", 1, False, False, d=d, note=f" D={d}"))
     # the resident kernel's largest k (fp32: 16; 16-bit grads take it up to k = 8)
+    vec_rows = (48, 16)  # transposed views whose rows are whole 16-byte vectors (VEC > 1)
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))
+    # its blocks over transposed views (side="output", 128 < D <= 768, VEC > 1) in each
+    # chunking at its largest k, 8, and at k = 1 (K a constant)
+    for dt in DTYPES:
+        for d in (200, 320, 500, 768):
+            for anchored in (False, True):
+                note = f" D={d} (48+16)"
+                out.append(project_launch(dt, "output", 8, True, anchored, d=d, rows=vec_rows,
+                                          note=note))  # fmt: skip
+        out.append(project_launch(dt, "output", 1, False, False, rows=vec_rows, note=" (48+16)"))
     # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096, k <= 16 fp32 / 8
     # 16-bit) in each chunking (D > 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536:
     # 2-row blocks of 2 or 3 tiles of 1024; D = 4096: 4 of them on 8 warps, 16-bit k <= 4,

@@ -412,15 +412,30 @@ def test_resident_tiles_for_at_most_three_tiles():
         (4, 4096, 9, 1, False),
         (2, 4096, 4, 1, True),
         (4, 4097, 1, 1, False),  # more than 4 tiles of 1024
-        (4, 768, 8, 0, False),  # transposed views (side="output")
+        (4, 768, 8, 0, True),  # transposed views (side="output", 16-byte vectors):
+        # D <= 768, k <= 8
+        (4, 768, 9, 0, False),
+        (2, 200, 8, 0, True),
+        (2, 768, 9, 0, False),
+        (4, 769, 1, 0, False),  # beyond 3 tiles of 256
+        (4, 128, 1, 0, False),
         (4, 768, 8, -1, False),  # no unit stride
     ],
 )
 def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
     from gradproj.kernels import project as P
 
-    assert P._row_tiles(90, elsize, d, k, contig).resident is resident
-    assert P._row_tiles(80, elsize, d, k, contig, True).resident is resident
+    vec = 16 // elsize  # 16-byte vectors
+    assert P._row_tiles(90, elsize, d, k, contig, vec=vec).resident is resident
+    assert P._row_tiles(80, elsize, d, k, contig, True, vec).resident is resident
+    if contig == 0:
+        # whole sectors along the unit stride: 16 rows; with scalar accesses (VEC = 1) the
+        # transposed tile spilled, so it is not resident
+        assert not P._row_tiles(90, elsize, d, k, contig, vec=1).resident
+        if resident:  # 32 bytes of rows: one sector a column
+            assert P._row_tiles(90, elsize, d, k, contig, vec=vec).block_r * elsize == 32
+    else:
+        assert P._row_tiles(90, elsize, d, k, contig, vec=1).resident is resident
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
@@ -435,6 +450,27 @@ def test_resident_kernel_with_k0_leaves_the_bucket_untouched():
 
 
 TRITON_DEVICES = [d for d, b in PROJECT if b == "triton"]  # the interpreter, or a GPU
+
+
+def _check_resident_bucket(grads, u, w, k, side, anchored, gen) -> None:
+    """Project ``grads`` with the Triton backend (anchored: fresh anchors, checked too)
+    and compare every tensor with float64."""
+    before = [g.clone() for g in grads]
+    if anchored:
+        n = [g.shape[0] if side == "input" else g.shape[1] for g in grads]
+        anchors = [torch.randn(r, k, generator=gen).to(u.device) for r in n]
+        c_in = [c.clone() for c in anchors]
+        ops.project_anchored_(grads, anchors, u, side=side, weights=w, backend="triton")
+        for g, g0, c, c0 in zip(grads, before, anchors, c_in, strict=True):
+            p_ref, c_ref = R.project_anchored(
+                g0.double(), c0.double(), u.double(), side=side, weights=w.double()
+            )
+            assert_matches(g, p_ref, g0, k, backend="triton")
+            assert (c.double() - c_ref).abs().max().item() <= 2e-6 * g0.abs().max().item()
+    else:
+        gradproj.project_(grads, u, side=side, weights=w, backend="triton")
+        for g, g0 in zip(grads, before, strict=True):
+            assert_matches(g, ref64(g0, u, side, w), g0, k, backend="triton")
 
 
 @pytest.mark.skipif(not TRITON_DEVICES, reason="Triton cannot run here")
@@ -454,24 +490,37 @@ def test_resident_kernel_each_chunking(device, dtype, d, anchored):
     grads = [wide[:, 16 : 16 + d], torch.randn(6, d, generator=gen).to(dtype=dtype, device=device)]
     u = orthonormal(d, k, device=device, seed=d)
     w = torch.rand(k, generator=gen).to(device)
-    before = [g.clone() for g in grads]
-    if anchored:
-        anchors = [torch.randn(g.shape[0], k, generator=gen).to(device) for g in grads]
-        c_in = [c.clone() for c in anchors]
-        ops.project_anchored_(grads, anchors, u, weights=w, backend="triton")
-        for g, g0, c, c0 in zip(grads, before, anchors, c_in, strict=True):
-            p_ref, c_ref = R.project_anchored(
-                g0.double(), c0.double(), u.double(), weights=w.double()
-            )
-            assert_matches(g, p_ref, g0, k, backend="triton")
-            assert (c.double() - c_ref).abs().max().item() <= 2e-6 * g0.abs().max().item()
-    else:
-        gradproj.project_(grads, u, weights=w, backend="triton")
-        for g, g0 in zip(grads, before, strict=True):
-            assert_matches(g, ref64(g0, u, "input", w), g0, k, backend="triton")
+    _check_resident_bucket(grads, u, w, k, "input", anchored, gen)
     # the columns around the slice are not the slice's: untouched
     assert torch.equal(wide[:, :16], wide_in[:, :16])
     assert torch.equal(wide[:, 16 + d :], wide_in[:, 16 + d :])
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="Triton cannot run here")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [200, 320, 500, 768])
+@pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored"])
+def test_resident_kernel_transposed_views(device, dtype, d, anchored):
+    """side="output": the resident kernel's 8- or 16-row blocks over transposed views, a
+    bucket of two weights whose widths (the views' rows: 24 and 40, whole 16-byte vectors)
+    are not multiples of the block, one of them a row slice of a taller tensor, soft
+    weights, the largest k."""
+    from gradproj.kernels import project as P
+
+    k = 8
+    gen = torch.Generator().manual_seed(d + 11 * anchored)
+    tall = torch.randn(d + 24, 24, generator=gen).to(dtype=dtype, device=device)
+    tall_in = tall.clone()
+    grads = [tall[16 : 16 + d], torch.randn(d, 40, generator=gen).to(dtype=dtype, device=device)]
+    contig, vec = P._row_layout([g.T for g in grads], d)
+    assert (contig, vec) == (0, 16 // grads[0].element_size())  # the resident kernel's case
+    u = orthonormal(d, k, device=device, seed=d)
+    w = torch.rand(k, generator=gen).to(device)
+    _check_resident_bucket(grads, u, w, k, "output", anchored, gen)
+    # the rows around the slice are not the slice's: untouched
+    assert torch.equal(tall[:16], tall_in[:16])
+    assert torch.equal(tall[16 + d :], tall_in[16 + d :])
 
 
 # ------------------------------------------------------------------ dispatch

@@ -444,6 +444,14 @@ def pipe_work(op: str) -> tuple[str, float] | None:
     return f"{base}.{kind}", fmas
 
 
+def add_pipe_work(pipes: dict[str, float], op: str, issues: float) -> None:
+    """Add ``issues`` warp instructions of ``op`` to ``pipes`` (pipe → work, ``pipe_work``'s
+    units), when ``op`` occupies a throughput-limited pipe."""
+    work = pipe_work(op)
+    if work is not None:
+        pipes[work[0]] = pipes.get(work[0], 0.0) + issues * work[1]
+
+
 _REG = re.compile(r"\bR(\d+)(\.64)?")
 
 
@@ -1101,9 +1109,7 @@ def analyze_sass(
     for ins in instrs:
         w = weight(ins.addr)
         per_program[instr_class(ins.op)] += w
-        work = pipe_work(ins.op)
-        if work is not None:
-            pipes[work[0]] = pipes.get(work[0], 0.0) + w * work[1]
+        add_pipe_work(pipes, ins.op, w)
         region = regions.setdefault(innermost_loop(loops, ins.addr), {"issued": 0.0})
         if ins.base in _LOADS:
             region["issued"] += w * access_bytes(ins.op)  # per thread

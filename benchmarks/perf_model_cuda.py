@@ -641,9 +641,7 @@ def analyze_kernel(
         w = weight(ins.addr)
         f = scale(ins)
         per_block[pm.instr_class(ins.op)] += w * f
-        work = pm.pipe_work(ins.op)
-        if work is not None:
-            pipes[work[0]] = pipes.get(work[0], 0.0) + w * f * work[1]
+        pm.add_pipe_work(pipes, ins.op, w * f)
         if ins.base in pm._LOADS and not within(ins, uniform):
             r = regions.setdefault(
                 pm.innermost_loop(loops, ins.addr), {"issued": 0.0, "unscaled": 0.0}

@@ -58,17 +58,22 @@ loads were scalar), and no offset is formed in int32.
   column they put a dependent global load in every iteration: bf16 k = 8 on H100 was
   predicted at 1.08× at ``D`` = 768 and 1.50× at 1024, now 1.00×). Each of p, g, m, v is
   read once and p, m, v written once: a fused AdamW's bytes, predicted at 1.00× its
-  time at ``D`` = 768, k ≤ 8, where the recompute form reads 4 streams twice (wider
+  time at ``D`` = 768, k ≤ 8, where the two-pass form reads more (wider
   ``D``: docs/gpu.md).
-* **Recompute form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
-  forms ``x'`` and accumulates ``a = x' U``; pass 2 loads the same p, g, m, v
-  chunks again, recomputes ``x'`` bit for bit (same code, same inputs) and stores
-  ``x' − (w ⊙ (a − c)) Uᵀ``, m, v. The HBM bytes equal a fused AdamW's *only if*
-  pass 2's reads hit L2: a program touches ``BLOCK_R × D × 4 × itemsize`` bytes
-  between its two reads (16 × 768 × 16 B = 196 KB in fp32, half in bf16), times
-  the resident programs (SMs × blocks/SM) must fit in L2 (40 MB A100, 50 MB H100)
-  — not measured; if it does not, pass 2 re-reads 4 streams from HBM (11 streams,
-  ≤ 1.57× a fused AdamW's bytes). Keeping a whole ``BLOCK_R × D`` tile in
+* **Two-pass form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
+  forms ``x'`` and accumulates ``a = x' U``; pass 2 walks the chunks again and stores
+  ``x' − (w ⊙ (a − c)) Uᵀ``. fp32 parameters (constexpr ``RELOAD``): pass 1 stores
+  m, v and ``x'`` itself into p (exact in fp32), and pass 2 reads p alone back —
+  p, g, m, v read once, p, m, v written once, plus one more read and write of p
+  (9 streams, 1.29× a fused AdamW's bytes; 7 when pass 2's read hits L2 and the
+  first write of p is still in it). 16-bit parameters: ``x'`` stored rounded and
+  projected from the rounded rows left the rounding's error where the projection
+  cancels most of a row (a relative 1.8 at an element, test_adamw), so pass 2
+  loads the same p, g, m, v chunks again, recomputes ``x'`` bit for bit (same code,
+  same inputs) and stores p, m, v (11 streams, 1.57×, unless pass 2's reads hit L2:
+  a program touches ``BLOCK_R × D × 4 × itemsize`` bytes between its two reads,
+  16 × 768 × 8 B = 96 KB in bf16, times the resident programs must fit in L2, 40 MB
+  A100, 50 MB H100 — not measured). Keeping a whole ``BLOCK_R × D`` tile in
   registers for every ``D`` is not expressible in Triton without chunk-indexed
   register arrays. ``U`` is loaded once per program per pass.
 * **Dots**: both GEMMs (``x' U`` and ``(a − c) Uᵀ``) run on tensor cores in fp32
@@ -116,6 +121,7 @@ from gradproj.kernels.project import (
     _column_coef,
     _rank1_update,
     _row_dots,
+    _store_anchor_tile,
     resident_tiles,
 )
 
@@ -143,7 +149,7 @@ FMA_MAX_K = {4: 16, 2: 8}
 # 3072 < D <= 4096: 4 tiles of 1024 columns, 2 rows, on 8 warps (on 4 warps they spilled
 # 384-496 B on sm_90, as 4 tiles of 256 or 512 did: 168-404 B). Predicted at D = 4096:
 # fp32 k = 16 1.00x / 1.32x (A100 / H100), bf16 k = 4 1.00x / 1.15x, k = 8 1.21x / 1.70x;
-# the recompute form 1.57x.
+# the two-pass form 1.29x (fp32) / 1.57x (16-bit).
 FMA_4TILE_MAX_K = {4: 16, 2: 4}
 FMA_MAXNREG = 255
 
@@ -247,6 +253,17 @@ def _updated_tile(
         AMSGRAD,
         MAXIMIZE,
     )
+
+
+@triton.jit
+def _store_moments(p_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, x, m, v, vmax, AMSGRAD: tl.constexpr):
+    """Store a tile's p, m, v (and v̂max) in the parameters' dtype."""
+    ty = p_ptr.dtype.element_ty
+    tl.store(p_ptr + offs, x.to(ty), mask=mask)
+    tl.store(m_ptr + offs, m.to(ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(ty), mask=mask)
+    if AMSGRAD:
+        tl.store(vmax_ptr + offs, vmax.to(ty), mask=mask)
 
 
 @triton.jit
@@ -406,6 +423,7 @@ def _projected_adamw_kernel(
     RESIDENT: tl.constexpr,
     FMA_CHUNKS: tl.constexpr,
     KSPLIT: tl.constexpr,
+    RELOAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -494,8 +512,7 @@ def _projected_adamw_kernel(
             a = _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, FMA_CHUNKS)
             a, c_all = _column_coef(a, kk, kt, c_all, w_all, True, HAS_W)
             x0, x1, x2, x3 = _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, FMA_CHUNKS)
-        if HAS_W:  # soft weights moved the anchors
-            tl.store(c_ptr + c_tile, c_all, mask=c_mask)
+        _store_anchor_tile(c_ptr, c_tile, c_mask, c_all, True, HAS_W)
         _fma_store(p_ptr, x0, rows, row_mask, s, s_d, D, 0, BLOCK_D, LAYOUT)
         if FMA_CHUNKS > 1:
             _fma_store(p_ptr, x1, rows, row_mask, s, s_d, D, 1, BLOCK_D, LAYOUT)
@@ -539,48 +556,15 @@ def _projected_adamw_kernel(
             coef2 = _coef_minus_anchor(coef2, c_ptr, w_ptr, rows, row_mask, ks2, K, HAS_W)
             x = x - tl.dot(coef2, tl.trans(u2), input_precision=PRECISION)
         x = x - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
-        tl.store(p_ptr + offs, x.to(ty), mask=mask)
-        tl.store(m_ptr + offs, m.to(ty), mask=mask)
-        tl.store(v_ptr + offs, v.to(ty), mask=mask)
-        if AMSGRAD:
-            tl.store(vmax_ptr + offs, vmax.to(ty), mask=mask)
+        _store_moments(p_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, x, m, v, vmax, AMSGRAD)
     else:
-        # Pass 1: a = x' U over D in chunks (x' = the AdamW-updated rows).
+        # Pass 1: a = x' U over D in chunks (x' = the AdamW-updated rows). RELOAD (fp32):
+        # m, v take their final values and x' is stored into p as it is, for pass 2 to
+        # read back alone. 16-bit p would store x' rounded, and projecting the rounded
+        # rows leaves the rounding's error where the projection cancels most of a row
+        # (a relative 1.8 at an element, test_adamw): there pass 2 recomputes x'.
         coef = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         coef2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # KSPLIT == 2 only
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            mask = row_mask[:, None] & d_mask[None, :]
-            x, m, v, vmax = _updated_tile(
-                p_ptr,
-                g_ptr,
-                m_ptr,
-                v_ptr,
-                vmax_ptr,
-                _tile_offsets(rows, ds, s, s_d, LAYOUT),
-                _tile_offsets(rows, ds, sg, sg_d, LAYOUT),
-                mask,
-                beta1,
-                beta2,
-                one_minus_beta1,
-                one_minus_beta2,
-                eps,
-                decay,
-                step_size,
-                inv_sqrt_bias2,
-                AMSGRAD,
-                MAXIMIZE,
-            )
-            coef += tl.dot(x, _basis_tile(u_ptr, ds, ks, D, K), input_precision=PRECISION)
-            if KSPLIT == 2:
-                u2 = _basis_tile(u_ptr, ds, ks2, D, K)
-                coef2 += tl.dot(x, u2, input_precision=PRECISION)
-        coef = _coef_minus_anchor(coef, c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W)
-        if KSPLIT == 2:
-            coef2 = _coef_minus_anchor(coef2, c_ptr, w_ptr, rows, row_mask, ks2, K, HAS_W)
-
-        # Pass 2: the same update again (same loads, same code), projected, stored.
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_mask = ds < D
@@ -606,16 +590,59 @@ def _projected_adamw_kernel(
                 AMSGRAD,
                 MAXIMIZE,
             )
+            if RELOAD:
+                _store_moments(p_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, x, m, v, vmax, AMSGRAD)
+            coef += tl.dot(x, _basis_tile(u_ptr, ds, ks, D, K), input_precision=PRECISION)
+            if KSPLIT == 2:
+                u2 = _basis_tile(u_ptr, ds, ks2, D, K)
+                coef2 += tl.dot(x, u2, input_precision=PRECISION)
+        coef = _coef_minus_anchor(coef, c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W)
+        if KSPLIT == 2:
+            coef2 = _coef_minus_anchor(coef2, c_ptr, w_ptr, rows, row_mask, ks2, K, HAS_W)
+        if RELOAD:
+            # pass 2 reads rows of p that other threads of this program stored in pass 1
+            tl.debug_barrier()
+
+        # Pass 2: x' read back from p (RELOAD: one stream, from L2 while the program's
+        # BLOCK_R × D of it is there) or recomputed bit for bit from the same p, g, m, v
+        # loads as pass 1; projected and stored.
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            mask = row_mask[:, None] & d_mask[None, :]
+            offs = _tile_offsets(rows, ds, s, s_d, LAYOUT)
+            if RELOAD:
+                x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x, m, v, vmax = _updated_tile(
+                    p_ptr,
+                    g_ptr,
+                    m_ptr,
+                    v_ptr,
+                    vmax_ptr,
+                    offs,
+                    _tile_offsets(rows, ds, sg, sg_d, LAYOUT),
+                    mask,
+                    beta1,
+                    beta2,
+                    one_minus_beta1,
+                    one_minus_beta2,
+                    eps,
+                    decay,
+                    step_size,
+                    inv_sqrt_bias2,
+                    AMSGRAD,
+                    MAXIMIZE,
+                )
             u = _basis_tile(u_ptr, ds, ks, D, K)
             x = x - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
             if KSPLIT == 2:
                 u2 = _basis_tile(u_ptr, ds, ks2, D, K)
                 x = x - tl.dot(coef2, tl.trans(u2), input_precision=PRECISION)
-            tl.store(p_ptr + offs, x.to(ty), mask=mask)
-            tl.store(m_ptr + offs, m.to(ty), mask=mask)
-            tl.store(v_ptr + offs, v.to(ty), mask=mask)
-            if AMSGRAD:
-                tl.store(vmax_ptr + offs, vmax.to(ty), mask=mask)
+            if RELOAD:
+                tl.store(p_ptr + offs, x.to(ty), mask=mask)
+            else:
+                _store_moments(p_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, x, m, v, vmax, AMSGRAD)
 
 
 # ---------------------------------------------------------------- side="flat"
@@ -891,7 +918,6 @@ def _rows_config(
     block_k: int,
     d: int,
     cap: int,
-    amsgrad: bool = False,
     *,
     k: int,
 ) -> dict:
@@ -913,11 +939,11 @@ def _rows_config(
     part = block_k // ksplit
     if ksplit == 2:  # two 128-wide coefficient tiles: 8 warps share the U slices
         # COLS sits at ptxas's 255-register edge (compile check, k = 129 and 256):
-        # fp32 with 32-wide D chunks spilled 8-16 B on sm_90 without amsgrad,
-        # 16-wide ones 4 B with it, and 16-bit 16-wide ones 16 B on sm_80; each
-        # choice below compiled with none on sm_80 and sm_90
+        # fp32 with 32-wide D chunks spilled 8-16 B on sm_90 without amsgrad (and, since
+        # pass 1 stores p, m, v, 8 B with it on sm_80), and 16-bit 16-wide ones 16 B on
+        # sm_80; each choice below compiled with none on sm_80 and sm_90
         block_r = 16
-        block_d = 16 if layout == _COLS and itemsize == 4 and not amsgrad else 32
+        block_d = 16 if layout == _COLS and itemsize == 4 else 32
     elif layout == _COLS:
         block_r = 32 if part <= 32 else 16
         # 16-bit with k ≤ 16: ptxas capped 32-wide chunks at 168 registers on sm_90
@@ -939,6 +965,7 @@ def _rows_config(
             "RESIDENT": False,
             "FMA_CHUNKS": res.chunks,
             "KSPLIT": 1,
+            "RELOAD": False,
             "BLOCK_K": block_k,
             "PRECISION": "ieee",
             "num_warps": warps,
@@ -951,6 +978,8 @@ def _rows_config(
         "RESIDENT": resident,
         "FMA_CHUNKS": 0,
         "KSPLIT": ksplit,
+        # the two-pass form's pass 2 reads p alone back (fp32 stores x' exactly)
+        "RELOAD": not resident and itemsize == 4,
         "BLOCK_K": part,
         # 3xTF32 needs tf32 tensor cores (sm_80+); older GPUs take true fp32 FMAs
         "PRECISION": _PRECISION if cap >= 80 else "ieee",
@@ -1143,8 +1172,7 @@ def projected_adamw_bucket_(
     cap = _capability()
     isz = params[0].element_size()
     configs = {
-        lay: _rows_config(lay, isz, block_k, d, cap, amsgrad, k=k)
-        for lay in (_ROWS, _COLS, _STRIDED)
+        lay: _rows_config(lay, isz, block_k, d, cap, k=k) for lay in (_ROWS, _COLS, _STRIDED)
     }
     table, n_blocks, layout, align = _rows_table(
         params,

@@ -269,6 +269,13 @@ def _anchor_tile(c0_ptr, w_ptr, c_row, row_mask, K, BLOCK_K: tl.constexpr, HAS_A
 
 
 @triton.jit
+def _store_anchor_tile(c0_ptr, c_tile, c_mask, c_all, HAS_ANCHOR, HAS_W):
+    """Store the anchor tile ``_column_coef`` moved (only soft weights move anchors)."""
+    if HAS_ANCHOR and HAS_W:
+        tl.store(c0_ptr + c_tile, c_all, mask=c_mask)
+
+
+@triton.jit
 def _column_coef(a, kk, kt, c_all, w_all, HAS_ANCHOR, HAS_W):
     """``(a − c_kk) ⊙ w_kk`` for basis column ``kk`` (as ``_coefficients``), and the anchor
     tile with column ``kk`` moved by ``(1 − w_kk)(a − c_kk)`` when weights are soft."""
@@ -357,8 +364,7 @@ def _project_rows_kernel(
             a = _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, CHUNKS)
             a, c_all = _column_coef(a, kk, kt, c_all, w_all, HAS_ANCHOR, HAS_W)
             x0, x1, x2, x3 = _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, CHUNKS)
-        if HAS_ANCHOR and HAS_W:
-            tl.store(c0_ptr + c_tile, c_all, mask=c_mask)
+        _store_anchor_tile(c0_ptr, c_tile, c_mask, c_all, HAS_ANCHOR, HAS_W)
         _resident_store(g0_ptr, row_off, row_mask, s_d, D, x0, 0, BLOCK_D, CONTIG)
         if CHUNKS > 1:
             _resident_store(g0_ptr, row_off, row_mask, s_d, D, x1, 1, BLOCK_D, CONTIG)
@@ -601,6 +607,14 @@ def resident_max_k(tiles: ResidentTiles, elsize: int) -> int:
     return (RESIDENT_WIDE_MAX_K if tiles.wide else RESIDENT_MAX_K).get(elsize, 0)
 
 
+def _resident(rows: int, res: ResidentTiles, k: int, maxnreg: int) -> _Tiles:
+    """The resident kernel's tiles: ``rows`` rows of ``res``'s column tiles on 4 warps;
+    ``BLOCK_K``, the anchors' and weights' tile, holds all ``k``."""
+    return _Tiles(
+        False, rows, res.block_d, max(1, triton.next_power_of_2(k)), 4, 1, maxnreg, True, res.chunks
+    )
+
+
 @functools.cache
 def _row_tiles(
     arch: int,
@@ -630,17 +644,8 @@ def _row_tiles(
         # resident: each element read once and written once; capped at 192 registers
         # (left to itself ptxas aimed at 168 for 16-bit anchored soft 4-tile blocks on
         # sm_90 and spilled 4 B; capped, 180-187 and no spill), the wide blocks at 255
-        # BLOCK_K: the anchors' and weights' tile, k <= BLOCK_K
-        return _Tiles(
-            False,
-            res.block_r,
-            res.block_d,
-            max(1, triton.next_power_of_2(k)),
-            4,
-            1,
-            RESIDENT_WIDE_MAXNREG if res.wide else RESIDENT_MAXNREG,
-            True,
-            res.chunks,
+        return _resident(
+            res.block_r, res, k, RESIDENT_WIDE_MAXNREG if res.wide else RESIDENT_MAXNREG
         )
     res = resident_tiles(d, max_chunks=3)
     small_k = k <= RESIDENT_OUTPUT_MAX_K and elsize in RESIDENT_OUTPUT_ROWS_MAXNREG
@@ -650,9 +655,7 @@ def _row_tiles(
         # accesses every element's address took its own registers and they spilled
         # 140-1100 B)
         rows, cap = RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
-        return _Tiles(
-            False, rows, res.block_d, max(1, triton.next_power_of_2(k)), 4, 1, cap, True, res.chunks
-        )
+        return _resident(rows, res, k, cap)
     if d_pad <= 128:
         # one pass: chunks of k cost registers only, so keep them small
         block_k = max(16, min(32, triton.next_power_of_2(k)))

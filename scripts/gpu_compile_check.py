@@ -609,8 +609,8 @@ def launches(quick: bool = False) -> list[Launch]:
     # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096, k <= 16 fp32 / 8
     # 16-bit) in each chunking (D > 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536:
     # 2-row blocks of 2 or 3 tiles of 1024; D = 4096: 4 of them on 8 warps, 16-bit k <= 4,
-    # so k = 8 is its recompute form), and at k = 16 (fp32's FMA form, 16-bit's
-    # recompute form)
+    # so k = 8 is its two-pass form), and at k = 16 (fp32's FMA form, 16-bit's
+    # two-pass form)
     for dt in DTYPES:
         for d in (200, 320, 500, 1024, 1536, 2048, 3072, 4096):
             for amsgrad in (False, True):

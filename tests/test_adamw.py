@@ -211,7 +211,7 @@ def test_triton_rejects_bases_wider_than_its_tile():
 #
 # The bucket kernel called directly (no optimizer), against the float64 reference
 # bucket kernel from the same inputs, on the paths the step-by-step test above does
-# not reach: the recompute form (D > BLOCK_D), transposed views whose rows are
+# not reach: the two-pass form (D > BLOCK_D), transposed views whose rows are
 # 16-byte aligned (vectorized COLS layout), strided grads (STRIDED layout), flat
 # tensors over several chunks, k = 256, fp16.
 
@@ -311,7 +311,8 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
 @pytest.mark.parametrize(
     ("side", "dtype", "k", "shapes", "flags"),
     [
-        # D = 300 > BLOCK_D: two passes over D (the recompute form), ragged last chunk
+        # D = 300 > BLOCK_D: two passes over D, ragged last chunk (fp32: pass 2 reads p
+        # back; 16-bit: it recomputes x')
         ("input", torch.float32, 20, [(33, 300), (2, 300)], {"soft": True}),
         ("input", torch.bfloat16, 17, [(17, 300)], {"amsgrad": True, "maximize": True}),
         # contiguous rows, 128 < D <= 768, small k: x' in registers, FMAs (FMA_CHUNKS

@@ -116,6 +116,18 @@ def test_every_function_of_a_cubin_is_parsed():
     assert pm.parse_sass(text, "_Z1bi").instrs[0].op == "LDG.E"
 
 
+def test_wgmma_opcodes_keep_their_shape():
+    # the shape's lower-case x is part of the opcode: cut there, "HGMMA.64" has no shape
+    # pipe_work can rate, and the model raised on the first kernel Triton gave wgmma
+    text = (
+        "        .type k,@function\n"
+        "        /*0000*/                   HGMMA.64x32x8.F32.TF32 gdesc[UR4], RZ, !UPT ;\n"
+    )
+    ins = pm.parse_sass(text).instrs[0]
+    assert (ins.op, ins.operands) == ("HGMMA.64x32x8.F32.TF32", "gdesc[UR4], RZ, !UPT")
+    assert pm.pipe_work(ins.op) == ("HGMMA.tf32", 64 * 32 * 8 / 4)
+
+
 def test_slow_path_calls_are_cold():
     text = "        .type k,@function\n" + "\n".join(
         f"        /*{16 * i:04x}*/                   {op} ;"

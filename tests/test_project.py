@@ -575,3 +575,29 @@ def test_fuzz_against_reference(rows, cols, k_frac, side, dtype, soft, backend, 
     out = g.clone()
     gradproj.project_(out, u, side=side, weights=w, backend=backend)
     assert_matches(out, ref64(g, u, side, w), g, k, backend=backend)
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="Triton cannot run here")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("k", [100, 129])
+def test_two_pass_kernel_sm90_wide_k_tiles(monkeypatch, device, dtype, k):
+    """The two-pass kernel's tiles for 64 < k on sm_90 (64-row blocks on 8 warps; k = 129 in
+    two chunks of 128), in the interpreter as an sm_90 launch would take them: a bucket whose
+    rows (70 + 5) are not multiples of 64, one a column slice, soft weights."""
+    from gradproj.kernels import project as P
+
+    d = 200
+    if device == "cpu":  # the interpreter: take sm_90's tiles (on a GPU, its own)
+        monkeypatch.setattr(P, "_arch", lambda: 90)
+        tiles = P._row_tiles(90, torch.empty((), dtype=dtype).element_size(), d, k)
+        assert (tiles.block_r, tiles.block_d, tiles.block_k, tiles.warps) == (64, 64, 128, 8)
+    gen = torch.Generator().manual_seed(k)
+    wide = torch.randn(70, d + 24, generator=gen).to(dtype=dtype, device=device)
+    wide_in = wide.clone()
+    grads = [wide[:, 16 : 16 + d], torch.randn(5, d, generator=gen).to(dtype=dtype, device=device)]
+    u = orthonormal(d, k, device=device, seed=k)
+    w = torch.rand(k, generator=gen).to(device)
+    _check_resident_bucket(grads, u, w, k, "input", False, gen)
+    assert torch.equal(wide[:, :16], wide_in[:, :16])
+    assert torch.equal(wide[:, 16 + d :], wide_in[:, 16 + d :])

@@ -202,7 +202,10 @@ class Sass:
     labels: dict[str, int]
 
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*(.*?)\s*;")
+# the opcode takes lower case too: wgmma shapes (HGMMA.64x32x8)
+_INSTR = re.compile(
+    r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*(.*?)\s*;"
+)
 _LOC = re.compile(r'//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^([.$\w][\w.$]*):\s*$")
 _TYPE = re.compile(r"^\s*\.type\s+([^,\s]+)\s*,\s*@function")

@@ -634,9 +634,11 @@ def _row_tiles(
     448 B with 4 warps, 144 B with 8; ``D = 1024`` spilled over 16 KB and asked
     136 KB of shared memory for the staged dot operands), so one pass stops at
     ``D ≤ 128``. ``contig`` is the launch's ``CONTIG``. The same tiles on both
-    architectures; on sm_90 three register caps (``maxnreg``), each compiled without
-    spills by triton 3.9 and 3.6: two where ptxas's own choice spilled, one where it
-    left a kernel latency-bound (``benchmarks/perf_model.py``).
+    architectures, except on sm_90: two register caps (``maxnreg``) where ptxas's own
+    choice spilled, and 64-row blocks (a warpgroup's M: Triton issues wgmma) for fp32
+    at ``BLOCK_K`` = 32 and for plain contiguous rows at ``BLOCK_K`` = 128, each
+    compiled without spills by triton 3.9 and 3.6 and predicted faster
+    (``benchmarks/perf_model.py``).
     """
     d_pad = max(16, triton.next_power_of_2(d))
     res = resident_tiles(d)
@@ -669,12 +671,13 @@ def _row_tiles(
         # spill, 4 programs per SM (BLOCK_D = 32 also removed the spill but was
         # predicted latency-bound: 32-50 % of copy at k = 8 instead of 62-67 %)
         return _Tiles(False, 32, 64, block_k, 4, 1, 128)
-    if block_k == 32 and elsize == 4 and contig == 1 and not anchored and arch >= 90:
-        # ptxas took 222 registers on sm_90 (2 programs per SM, 16 KiB of loads in
-        # flight: predicted latency-bound at 50% of copy); capped at 168 it
-        # compiles without spills to 3 programs (the anchored and transposed
-        # kernels spilled 48 B / 4 B at that cap, so they keep ptxas's choice)
-        return _Tiles(False, 32, 64, block_k, 4, 1, 168)
+    if block_k == 32 and elsize == 4 and contig in (0, 1) and arch >= 90:
+        # 64-row blocks of 32 columns: a warpgroup's M, so Triton issues wgmma, and no
+        # spills in any launch (120-252 registers, 2-4 programs per SM). 32 x 64 took 210-233
+        # registers (2 programs: the anchored and transposed kernels predicted latency-bound
+        # at 49-50 % of copy); capped at 168 the plain rows kernel reached 66 % but the
+        # anchored and transposed ones spilled 48 B / 4 B. Now 66 % for all three (k = 32).
+        return _Tiles(False, 64, 32, block_k, 4, 1)
     if block_k <= 32:
         return _Tiles(False, 32, 64, block_k, 4, 1)
     if block_k == 64 and elsize == 4 and contig == 0 and anchored and arch >= 90:

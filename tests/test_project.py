@@ -577,27 +577,54 @@ def test_fuzz_against_reference(rows, cols, k_frac, side, dtype, soft, backend, 
     assert_matches(out, ref64(g, u, side, w), g, k, backend=backend)
 
 
+# sm_90's own two-pass tiles: (dtypes, k, side, anchored, (BLOCK_R, BLOCK_D, BLOCK_K, warps))
+SM90_TWO_PASS = [
+    # 64 < k, contiguous rows, plain: 64-row blocks on 8 warps (k = 129: two chunks of 128)
+    (KERNEL_DTYPES, 100, "input", False, (64, 64, 128, 8)),
+    (KERNEL_DTYPES, 129, "input", False, (64, 64, 128, 8)),
+    # fp32, 16 < k <= 32: 64 rows of 32 columns on 4 warps, rows or transposed views
+    ([torch.float32], 32, "input", True, (64, 32, 32, 4)),
+    ([torch.float32], 20, "output", False, (64, 32, 32, 4)),
+    ([torch.float32], 27, "output", True, (64, 32, 32, 4)),
+]
+
+
 @pytest.mark.skipif(not TRITON_DEVICES, reason="Triton cannot run here")
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("k", [100, 129])
-def test_two_pass_kernel_sm90_wide_k_tiles(monkeypatch, device, dtype, k):
-    """The two-pass kernel's tiles for 64 < k on sm_90 (64-row blocks on 8 warps; k = 129 in
-    two chunks of 128), in the interpreter as an sm_90 launch would take them: a bucket whose
-    rows (70 + 5) are not multiples of 64, one a column slice, soft weights."""
+@pytest.mark.parametrize(
+    ("dtype", "k", "side", "anchored", "tiles"),
+    [(dt, *case) for dts, *case in SM90_TWO_PASS for dt in dts],
+    ids=str,
+)
+def test_two_pass_kernel_sm90_tiles(monkeypatch, device, dtype, k, side, anchored, tiles):
+    """The two-pass kernel with sm_90's own tiles, in the interpreter as an sm_90 launch would
+    take them: a bucket whose rows (70 + 5) are not multiples of the 64-row block, one of
+    them a slice of a wider tensor, soft weights."""
     from gradproj.kernels import project as P
 
     d = 200
+    gen = torch.Generator().manual_seed(k + 3 * anchored)
+    if side == "input":
+        wide = torch.randn(70, d + 24, generator=gen).to(dtype=dtype, device=device)
+        grads = [wide[:, 16 : 16 + d]]
+        grads.append(torch.randn(5, d, generator=gen).to(dtype=dtype, device=device))
+        views = grads
+    else:  # transposed views: the weights' widths are the views' rows
+        wide = torch.randn(d + 24, 72, generator=gen).to(dtype=dtype, device=device)
+        grads = [wide[16 : 16 + d]]
+        grads.append(torch.randn(d, 8, generator=gen).to(dtype=dtype, device=device))
+        views = [g.T for g in grads]
     if device == "cpu":  # the interpreter: take sm_90's tiles (on a GPU, its own)
         monkeypatch.setattr(P, "_arch", lambda: 90)
-        tiles = P._row_tiles(90, torch.empty((), dtype=dtype).element_size(), d, k)
-        assert (tiles.block_r, tiles.block_d, tiles.block_k, tiles.warps) == (64, 64, 128, 8)
-    gen = torch.Generator().manual_seed(k)
-    wide = torch.randn(70, d + 24, generator=gen).to(dtype=dtype, device=device)
+        contig, vec = P._row_layout(views, d)
+        got = P._row_tiles(90, grads[0].element_size(), d, k, contig, anchored, vec)
+        assert (got.block_r, got.block_d, got.block_k, got.warps) == tiles
+        assert not got.resident and not got.one_pass
     wide_in = wide.clone()
-    grads = [wide[:, 16 : 16 + d], torch.randn(5, d, generator=gen).to(dtype=dtype, device=device)]
     u = orthonormal(d, k, device=device, seed=k)
     w = torch.rand(k, generator=gen).to(device)
-    _check_resident_bucket(grads, u, w, k, "input", False, gen)
-    assert torch.equal(wide[:, :16], wide_in[:, :16])
-    assert torch.equal(wide[:, 16 + d :], wide_in[:, 16 + d :])
+    _check_resident_bucket(grads, u, w, k, side, anchored, gen)
+    # what lies around the slice is not the slice's: untouched
+    inside = torch.zeros_like(wide, dtype=torch.bool)
+    (inside[:, 16 : 16 + d] if side == "input" else inside[16 : 16 + d]).fill_(True)
+    assert torch.equal(wide[~inside], wide_in[~inside])

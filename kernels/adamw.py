@@ -42,24 +42,23 @@ loads were scalar), and no offset is formed in int32.
   p, m, v are stored. HBM bytes per element: exactly a fused AdamW's — p, g, m, v
   read once, p, m, v written once (7 streams; 9 with amsgrad) — plus ``U`` once per
   program (from L2 after the first).
-* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 4096``,
-  ``k ≤ FMA_MAX_K``: 16 for fp32, 8 for bf16/fp16, up to ``D`` = 3072; beyond,
-  ``FMA_4TILE_MAX_K``, 16 and 4): ``x'`` of an 8-row block stays in registers as up
-  to 3 tiles of 256 / 128 / 64 columns, for ``D`` > 768 a 4-row block as 2–3 tiles of
-  512, for ``D`` > 1536 a 2-row block as 2–3 tiles of 1024 (``project.resident_tiles``;
-  4 tiles of 256 spilled up to 380 B on sm_90), for ``D`` > 3072 as 4 tiles of 1024 on 8
+* **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 4096``, ``k ≤
+  FMA_MAX_K``: 32 for fp32, 16 for bf16/fp16, up to ``D`` = 3072; beyond,
+  ``FMA_4TILE_MAX_K``, 16 and 8): ``x'`` of an 8-row block stays in registers as up to 3
+  tiles of 256 / 128 / 64 columns, for ``D`` > 768 a 4-row block as 2–3 tiles of 512,
+  for ``D`` > 1536 a 2-row block as 2–3 tiles of 1024 (``project.resident_tiles``; 4
+  tiles of 256 spilled up to 380 B on sm_90), for ``D`` > 3072 as 4 tiles of 1024 on 8
   warps (``_fma_tiles``; ptxas capped at 255 registers, as left to itself it aimed at
-  168 and spilled 8 B), m
-  and v are stored as each tile is formed, and the basis is applied one column at a
-  time in fp32 FMA (``a = x' u_j``, ``x' −= (w ⊙ (a − c))_j u_jᵀ``, column ``j + 1``
-  loaded while ``j`` is applied; for orthonormal ``U`` this equals the one-shot
-  formula). The block's anchors and the weights are read once, as a tile, before the
-  column loop (``project._anchor_tile``, as ``project_``'s resident kernel; read per
-  column they put a dependent global load in every iteration: bf16 k = 8 on H100 was
-  predicted at 1.08× at ``D`` = 768 and 1.50× at 1024, now 1.00×). Each of p, g, m, v is
-  read once and p, m, v written once: a fused AdamW's bytes, predicted at 1.00× its
-  time at ``D`` = 768, k ≤ 8, where the two-pass form reads more (wider
-  ``D``: docs/gpu.md).
+  168 and spilled 8 B), m and v are stored as each tile is formed, and the basis is
+  applied one column at a time in fp32 FMA (``a = x' u_j``, ``x' −= (w ⊙ (a − c))_j
+  u_jᵀ``, the basis columns loaded through Triton's pipeliner, 2 ahead in shared memory;
+  for orthonormal ``U`` this equals the one-shot formula). The block's anchors and the
+  weights are read once, as a tile, before the column loop (``project._anchor_tile``, as
+  ``project_``'s resident kernel; read per column they put a dependent global load in
+  every iteration: bf16 k = 8 on H100 was predicted at 1.08× at ``D`` = 768 and 1.50× at
+  1024, now 1.00×). Each of p, g, m, v is read once and p, m, v written once: a fused
+  AdamW's bytes, predicted at 1.00× its time at ``D`` = 768 up to k = 32 (fp32) / 16
+  (bf16), where the two-pass form reads more (wider ``D``: docs/gpu.md).
 * **Two-pass form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
   forms ``x'`` and accumulates ``a = x' U``; pass 2 walks the chunks again and stores
   ``x' − (w ⊙ (a − c)) Uᵀ``. fp32 parameters (constexpr ``RELOAD``): pass 1 stores
@@ -115,6 +114,7 @@ import triton.language as tl
 
 from gradproj.kernels.device_table import cached_table
 from gradproj.kernels.project import (
+    RESIDENT_STAGES,
     ResidentTiles,
     _anchor_tile,
     _basis_columns,
@@ -142,15 +142,19 @@ _META = 12
 _FLAT_CHUNK = 4096
 _MAX_K = 256
 # The FMA form's largest k, per element size (contiguous rows, 128 < D <= 3072; see
-# _fma_tiles): beyond, its 2k FMAs per element cost more than the two-pass kernel's
-# tensor-core GEMMs (benchmarks/perf_model.py, D = 768: bf16 k = 16 was predicted
-# latency-bound at 1.84x torch's fused AdamW on H100, k = 8 at 1.10x).
-FMA_MAX_K = {4: 16, 2: 8}
+# _fma_tiles): beyond, its 2k FMAs per element cost more than the two-pass form's
+# tensor-core GEMMs and extra reads. With the basis columns pipelined (RESIDENT_STAGES),
+# predicted (benchmarks/perf_model.py; A100 / H100, torch's fused AdamW = 1): fp32 k = 32
+# 1.00 / 1.00x at D = 768, 1024, 1536, 1.05 / 1.27x at 2048, 1.00 / 1.04x at 3072 (the
+# two-pass form 1.29x), k = 64 1.90 / 1.85x at 768; bf16 k = 16 1.00 / 1.00x at 768, 1.05
+# / 1.53x at 1024, 1.00 / 1.13x at 1536, 1.24 / 1.60x at 2048, 1.18 / 1.23x at 3072 (the
+# two-pass form 1.57x), k = 32 1.54 / 1.50x at 768.
+FMA_MAX_K = {4: 32, 2: 16}
 # 3072 < D <= 4096: 4 tiles of 1024 columns, 2 rows, on 8 warps (on 4 warps they spilled
 # 384-496 B on sm_90, as 4 tiles of 256 or 512 did: 168-404 B). Predicted at D = 4096:
-# fp32 k = 16 1.00x / 1.32x (A100 / H100), bf16 k = 4 1.00x / 1.15x, k = 8 1.21x / 1.70x;
-# the two-pass form 1.29x (fp32) / 1.57x (16-bit).
-FMA_4TILE_MAX_K = {4: 16, 2: 4}
+# fp32 k = 16 1.00 / 1.00x, k = 32 1.30 / 1.35x; bf16 k = 8 1.00 / 1.00x; the two-pass
+# form 1.29x (fp32) / 1.57x (16-bit).
+FMA_4TILE_MAX_K = {4: 16, 2: 8}
 FMA_MAXNREG = 255
 
 
@@ -500,15 +504,13 @@ def _projected_adamw_kernel(
                             sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
                             step_size, inv_sqrt_bias2, 3, BLOCK_D, LAYOUT, AMSGRAD,
                             MAXIMIZE)  # fmt: skip
-        # basis column kk + 1 is loaded while column kk is applied (project.py's helpers)
-        n0, n1, n2, n3 = _basis_columns(u_ptr, 0, D, K, BLOCK_D, FMA_CHUNKS)
         # the block's anchors and the weights, read once (BLOCK_K >= K columns)
         kt, c_tile, c_mask, c_all, w_all = _anchor_tile(
             c_ptr, w_ptr, rows * K, row_mask, K, BLOCK_K, True, HAS_W
         )
-        for kk in range(0, K):
-            u0, u1, u2, u3 = n0, n1, n2, n3
-            n0, n1, n2, n3 = _basis_columns(u_ptr, kk + 1, D, K, BLOCK_D, FMA_CHUNKS)
+        # basis columns through Triton's pipeliner, as project.py's resident kernel
+        for kk in tl.range(0, K, num_stages=RESIDENT_STAGES):
+            u0, u1, u2, u3 = _basis_columns(u_ptr, kk, D, K, BLOCK_D, FMA_CHUNKS)
             a = _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, FMA_CHUNKS)
             a, c_all = _column_coef(a, kk, kt, c_all, w_all, True, HAS_W)
             x0, x1, x2, x3 = _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, FMA_CHUNKS)

@@ -352,15 +352,14 @@ def _project_rows_kernel(
             x2 = _resident_load(g0_ptr, row_off, row_mask, s_d, D, 2, BLOCK_D, CONTIG)
         if CHUNKS > 3:
             x3 = _resident_load(g0_ptr, row_off, row_mask, s_d, D, 3, BLOCK_D, CONTIG)
-        # basis column kk + 1 is loaded while column kk is applied
-        n0, n1, n2, n3 = _basis_columns(u_ptr, 0, D, K, BLOCK_D, CHUNKS)
         # the anchors and weights of the block, read once (BLOCK_K >= K columns)
         kt, c_tile, c_mask, c_all, w_all = _anchor_tile(
             c0_ptr, w_ptr, c_row, row_mask, K, BLOCK_K, HAS_ANCHOR, HAS_W
         )
-        for kk in range(0, K):
-            u0, u1, u2, u3 = n0, n1, n2, n3
-            n0, n1, n2, n3 = _basis_columns(u_ptr, kk + 1, D, K, BLOCK_D, CHUNKS)
+        # basis columns through Triton's pipeliner: RESIDENT_STAGES - 1 columns ahead in
+        # shared memory (asynchronous copies), where a register prefetch held one
+        for kk in tl.range(0, K, num_stages=RESIDENT_STAGES):
+            u0, u1, u2, u3 = _basis_columns(u_ptr, kk, D, K, BLOCK_D, CHUNKS)
             a = _row_dots(x0, x1, x2, x3, u0, u1, u2, u3, CHUNKS)
             a, c_all = _column_coef(a, kk, kt, c_all, w_all, HAS_ANCHOR, HAS_W)
             x0, x1, x2, x3 = _rank1_update(x0, x1, x2, x3, a, u0, u1, u2, u3, CHUNKS)
@@ -565,6 +564,12 @@ RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, RESIDENT_MAXNREG), 2: (16, 255)}
 # Its largest k: fp32 k = 16 was predicted at 73 / 54 % of copy (A100 / H100) against the
 # two-pass kernel's 66 / 50 % at k = 32; k = 8: fp32 100 / 100 %, bf16 73 / 67 % (62-67 %).
 RESIDENT_OUTPUT_MAX_K = 8
+
+# Pipeline stages of the resident kernels' basis-column loop (tl.range num_stages): 2 columns
+# in flight ahead of the one applied, in shared memory. Predicted (benchmarks/perf_model.py,
+# D = 768): bf16 k = 8 on H100 94 % of copy, against 66 % (latency-bound on the basis loads)
+# with the register prefetch of one column or with 2 stages; 4 stages no better.
+RESIDENT_STAGES = tl.constexpr(3)
 
 # (rows, tile widths) of a resident block, narrowest first: on 4 warps a thread holds
 # rows · width / 128 values of each tile and width / 128 of a basis column, the same in

@@ -606,21 +606,19 @@ def launches(quick: bool = False) -> list[Launch]:
                 out.append(project_launch(dt, "output", 8, True, anchored, d=d, rows=vec_rows,
                                           note=note))  # fmt: skip
         out.append(project_launch(dt, "output", 1, False, False, rows=vec_rows, note=" (48+16)"))
-    # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096, k <= 16 fp32 / 8
-    # 16-bit) in each chunking (D > 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536:
-    # 2-row blocks of 2 or 3 tiles of 1024; D = 4096: 4 of them on 8 warps, 16-bit k <= 4,
-    # so k = 8 is its two-pass form), and at k = 16 (fp32's FMA form, 16-bit's
-    # two-pass form)
+    # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096) in each chunking (D >
+    # 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536: 2-row blocks of 2 or 3 tiles of
+    # 1024; D = 4096: 4 of them on 8 warps), at k = 8 and at its largest k for the dtype and
+    # width (adamw.FMA_MAX_K, FMA_4TILE_MAX_K), soft weights, with and without amsgrad
+    from gradproj.kernels import adamw
+
     for dt in DTYPES:
-        for d in (200, 320, 500, 1024, 1536, 2048, 3072, 4096):
+        size = 4 if dt == "fp32" else 2
+        for d in (200, 320, 500, 768, 1024, 1536, 2048, 3072, 4096):
+            k_max = (adamw.FMA_MAX_K if d <= 3072 else adamw.FMA_4TILE_MAX_K)[size]
             for amsgrad in (False, True):
-                out.append(adamw_launch(dt, "input", 8, True, amsgrad, d=d, note=f" D={d}"))
-        for amsgrad in (False, True):
-            out.append(adamw_launch(dt, "input", 16, True, amsgrad))
-            for d in (1536, 3072, 4096):
-                out.append(adamw_launch(dt, "input", 16, True, amsgrad, d=d, note=f" D={d}"))
-            if dt != "fp32":
-                out.append(adamw_launch(dt, "input", 4, True, amsgrad, d=4096, note=" D=4096"))
+                for k in sorted({8, k_max}):
+                    out.append(adamw_launch(dt, "input", k, True, amsgrad, d=d, note=f" D={d}"))
     for dt in ("fp32", "bf16"):  # tests/test_adamw.py: amsgrad + maximize, k = 3, D = 24
         tests = " (37, 24) + (5, 24) (tests)"
         out.append(adamw_launch(dt, "input", 3, False, True, True, d=24, note=tests))

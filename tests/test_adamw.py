@@ -315,21 +315,22 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         # back; 16-bit: it recomputes x')
         ("input", torch.float32, 20, [(33, 300), (2, 300)], {"soft": True}),
         ("input", torch.bfloat16, 17, [(17, 300)], {"amsgrad": True, "maximize": True}),
-        # contiguous rows, 128 < D <= 768, small k: x' in registers, FMAs (FMA_CHUNKS
-        # tiles of 256 / 128 / 64 columns), rows not a multiple of its 8-row block
-        ("input", torch.float32, 16, [(13, 768), (6, 768)], {"soft": True}),
-        ("input", torch.bfloat16, 8, [(17, 300)], {"amsgrad": True, "maximize": True}),
+        # contiguous rows, 128 < D <= 768, k up to FMA_MAX_K (32 fp32, 16 16-bit): x' in
+        # registers, FMAs (FMA_CHUNKS tiles of 256 / 128 / 64 columns), rows not a multiple
+        # of its 8-row block
+        ("input", torch.float32, 32, [(13, 768), (6, 768)], {"soft": True}),
+        ("input", torch.bfloat16, 16, [(17, 300)], {"amsgrad": True, "maximize": True}),
         ("input", torch.float16, 3, [(9, 500)], {"soft": True}),
         ("input", torch.float32, 1, [(5, 200), (3, 200)], {"amsgrad": True}),
         # D > 768: 4-row blocks of 2-3 tiles of 512 columns, rows not a multiple of 4
-        ("input", torch.float32, 16, [(7, 1100), (2, 1100)], {"soft": True}),
-        ("input", torch.bfloat16, 8, [(5, 1536)], {"amsgrad": True, "maximize": True}),
+        ("input", torch.float32, 32, [(7, 1100), (2, 1100)], {"soft": True}),
+        ("input", torch.bfloat16, 16, [(5, 1536)], {"amsgrad": True, "maximize": True}),
         ("input", torch.float16, 3, [(6, 1024)], {"soft": True}),
         # D > 1536: 2-row blocks of 2-3 tiles of 1024; D > 3072: 4 of them on 8 warps
-        ("input", torch.float32, 16, [(7, 2048), (2, 2048)], {"amsgrad": True}),
-        ("input", torch.bfloat16, 8, [(5, 3000)], {"soft": True}),
+        ("input", torch.float32, 32, [(7, 2048), (2, 2048)], {"amsgrad": True}),
+        ("input", torch.bfloat16, 16, [(5, 3000)], {"soft": True}),
         ("input", torch.float32, 16, [(3, 4096), (2, 4096)], {"soft": True}),
-        ("input", torch.bfloat16, 4, [(5, 3500)], {"amsgrad": True}),
+        ("input", torch.bfloat16, 8, [(5, 3500)], {"amsgrad": True}),
         # transposed views, rows a multiple of 16 bytes: the vectorized COLS path
         ("output", torch.float32, 8, [(48, 40), (16, 40)], {"amsgrad": True}),
         ("output", torch.float32, 20, [(64, 300), (3, 300)], {"soft": True}),
@@ -428,23 +429,23 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
             for isz in (2, 4):
                 cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80, k=k)
                 assert not cfg["RESIDENT"]  # D = 768 never fits one tensor-core tile
-                if lay == adamw._ROWS and k <= (16 if isz == 4 else 8):  # x' in registers
+                if lay == adamw._ROWS and k <= (32 if isz == 4 else 16):  # x' in registers
                     assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, 8)
                 else:
                     assert cfg["FMA_CHUNKS"] == 0
                     assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum
     # beyond 3 tiles of 256 on 4 warps: 4 rows of 2-3 tiles of 512, then 2 rows of 2-3 tiles
-    # of 1024, then 4 of those on 8 warps (fp32 up to k = 16, 16-bit up to k = 8, or 4 with
-    # 4 tiles), none beyond 4096
+    # of 1024, then 4 of those on 8 warps (fp32 up to k = 32, 16-bit up to k = 16; with 4
+    # tiles 16 and 8), none beyond 4096
     for d, tiles, warps in ((769, (4, 512, 2), 4), (1024, (4, 512, 2), 4),
                             (1025, (4, 512, 3), 4), (1536, (4, 512, 3), 4),
                             (1537, (2, 1024, 2), 4), (3072, (2, 1024, 3), 4),
                             (3073, (2, 1024, 4), 8), (4096, (2, 1024, 4), 8),
                             (4097, None, 4)):  # fmt: skip
-        for isz, k in ((4, 16), (2, 4), (2, 8), (4, 17), (2, 9)):
+        for isz, k in ((4, 16), (4, 17), (4, 32), (4, 33), (2, 8), (2, 9), (2, 16), (2, 17)):
             cfg = adamw._rows_config(adamw._ROWS, isz, adamw._block_k(k, "k"), d, 90, k=k)
             got = (cfg["BLOCK_R"], cfg["BLOCK_D"], cfg["FMA_CHUNKS"])
-            max_k = 16 if isz == 4 else 4 if warps == 8 else 8
+            max_k = (32 if isz == 4 else 16) if warps == 4 else (16 if isz == 4 else 8)
             if tiles is not None and k <= max_k:
                 assert (got, cfg["num_warps"]) == ((tiles[0], tiles[1], tiles[2]), warps), (d, k)
             else:

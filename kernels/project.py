@@ -45,18 +45,20 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   beyond, every chunk reads and writes the rows once more (one more rounding for
   bf16/fp16) after a barrier, since other threads of the program wrote them.
 * Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 4096``, or transposed views
-  (side="output") of 16-byte vectors with ``128 < D ≤ 768`` and ``k ≤ 8``, in blocks of
-  8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and small ``k``:
-  ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16, ``BLOCK_R`` = 8, up to ``D`` = 1024;
-  beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 4, ``BLOCK_R`` = 4 up to 2048, then 2): the row
+  (side="output") of 16-byte vectors with ``128 < D ≤ 768`` and ``k ≤ 16`` fp32 / 8
+  16-bit, in blocks of 8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and
+  small ``k``: ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16, ``BLOCK_R`` = 8, up to
+  ``D`` = 1024; beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 8, ``BLOCK_R`` = 4 up to 2048,
+  then 8 and 4, ``BLOCK_R`` = 2): the row
   block stays in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, 512
   for the 4-row blocks, 1024 for the 2-row ones (``CHUNKS``, the split that pads ``D``
   least; ``resident_tiles``), and the basis is applied one column at a time in fp32 FMA,
-  ``a = X u_j`` (a row reduction), then ``X −= a u_jᵀ``; column ``j + 1`` is loaded while
-  ``j`` is applied. Each element is read once and written once, with no tensor cores: at
-  small ``k`` the 2k FMAs per element cost less than the second read of the two-pass
-  kernel (predicted at ``D`` = 768, k = 8: 100 % of copy for fp32, 92 / 66 % for bf16 on
-  A100 / H100, against 66 %). Applying the columns one after another equals the one-shot
+  ``a = X u_j`` (a row reduction), then ``X −= a u_jᵀ``; the columns' loads go through
+  Triton's pipeliner (``RESIDENT_STAGES``), two columns ahead in shared memory. Each
+  element is read once and written once, with no tensor cores: at small ``k`` the 2k
+  FMAs per element cost less than the second read of the two-pass kernel (predicted at
+  ``D`` = 768, k = 8: 100 % of copy for fp32, 93 / 94 % for bf16 on A100 / H100, against
+  66 %). Applying the columns one after another equals the one-shot
   formula for the same reason chunks of ``k`` do. The tensor-core kernels could not keep
   such a tile on chip without spills (docs/gpu.md).
 * The basis is read once per program per pass and chunk (``BLOCK_D × BLOCK_K``
@@ -544,13 +546,16 @@ class _Tiles(NamedTuple):
 
 
 # The resident kernel's largest k, per element size: beyond, its k FMA passes per element
-# cost more than the two-pass kernel's tensor-core GEMMs (benchmarks/perf_model.py, D = 768:
-# fp32 k = 16 predicted 83 / 73 % of copy on A100 / H100 against 66 %; bf16 k = 16 52 / 45 %).
+# cost more than the two-pass kernel's tensor-core GEMMs (benchmarks/perf_model.py, D = 768,
+# the basis columns pipelined: fp32 k = 16 73 / 76 % of copy on A100 / H100, k = 32 37 / 39 %
+# against 66 %; bf16 k = 8 93 / 94 %, k = 16 46 / 51 %).
 RESIDENT_MAX_K = {4: 16, 2: 8}
-# The same for the wide blocks (D > 1024: 4 or 2 rows), whose basis column is loaded for
-# fewer rows (predicted at D = 2048 and 4096 alike: fp32 k = 8 100 / 90 %, k = 16 65 / 48 %;
-# bf16 k = 4 100 / 79-80 %, k = 8 59-65 / 45 %; the two-pass kernel 67 %).
-RESIDENT_WIDE_MAX_K = {4: 8, 2: 4}
+# The same for the wide blocks, per rows of the block (4: 1024 < D <= 2048; 2: beyond), whose
+# basis column is loaded for fewer rows. Predicted, pipelined: fp32 k = 8 100 / 100 % at 2048
+# and 4096, k = 16 67 / 65 % (the two-pass kernel 67 / 67 %); bf16 k = 8 76 / 75 % at 1536
+# and 77 / 77 % at 2048 (the two-pass kernel 67 / 64-65 %), but 59-60 / 58-59 % at 3072 and
+# 4096, where k = 4 gives 100 / 99-100 %.
+RESIDENT_WIDE_MAX_K = {4: {4: 8, 2: 8}, 2: {4: 8, 2: 4}}
 RESIDENT_MAXNREG = 192
 # The wide blocks: at 192, fp32 anchored soft blocks of 3 tiles of 512 spilled 28 B on
 # sm_90; anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
@@ -561,9 +566,10 @@ RESIDENT_WIDE_MAXNREG = 255
 # and 8-88 B on 8 warps at 128; 16-bit on 8 warps was predicted issue-bound at 48-49 % of
 # copy (bf16, k = 8; on 4: 73 / 67 %); 4 tiles of fp32 spilled 144-176 B at D = 1024.
 RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, RESIDENT_MAXNREG), 2: (16, 255)}
-# Its largest k: fp32 k = 16 was predicted at 73 / 54 % of copy (A100 / H100) against the
-# two-pass kernel's 66 / 50 % at k = 32; k = 8: fp32 100 / 100 %, bf16 73 / 67 % (62-67 %).
-RESIDENT_OUTPUT_MAX_K = 8
+# Its largest k, per element size. Predicted at D = 768 with the basis columns pipelined:
+# fp32 k = 16 73 / 73 % of copy (A100 / H100; 72 / 70 % at D = 500) against the two-pass
+# kernel's 67 / 67 % (65 % at 500); bf16 k = 8 73 / 77 %, k = 16 37 / 41 %.
+RESIDENT_OUTPUT_MAX_K = {4: 16, 2: 8}
 
 # Pipeline stages of the resident kernels' basis-column loop (tl.range num_stages): 2 columns
 # in flight ahead of the one applied, in shared memory. Predicted (benchmarks/perf_model.py,
@@ -609,7 +615,8 @@ def resident_tiles(d: int, max_chunks: int = 4) -> ResidentTiles | None:
 
 def resident_max_k(tiles: ResidentTiles, elsize: int) -> int:
     """The largest k ``project_``'s resident ``tiles`` take for ``elsize``-byte elements."""
-    return (RESIDENT_WIDE_MAX_K if tiles.wide else RESIDENT_MAX_K).get(elsize, 0)
+    limits = RESIDENT_WIDE_MAX_K[tiles.block_r] if tiles.wide else RESIDENT_MAX_K
+    return limits.get(elsize, 0)
 
 
 def _resident(rows: int, res: ResidentTiles, k: int, maxnreg: int) -> _Tiles:
@@ -655,7 +662,7 @@ def _row_tiles(
             res.block_r, res, k, RESIDENT_WIDE_MAXNREG if res.wide else RESIDENT_MAXNREG
         )
     res = resident_tiles(d, max_chunks=3)
-    small_k = k <= RESIDENT_OUTPUT_MAX_K and elsize in RESIDENT_OUTPUT_ROWS_MAXNREG
+    small_k = k <= RESIDENT_OUTPUT_MAX_K.get(elsize, 0)
     if res is not None and not res.wide and contig == 0 and vec > 1 and small_k:
         # transposed views (side="output"): rows along the unit stride, 32 bytes of them
         # (RESIDENT_OUTPUT_ROWS_MAXNREG); 16-byte vectors only (VEC > 1: with scalar

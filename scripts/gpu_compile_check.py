@@ -549,6 +549,8 @@ def launches(quick: bool = False) -> list[Launch]:
     anchored or not (projection) / amsgrad or not (AdamW), every surgery variant,
     plus the test suite's odd shapes where they specialise differently.
     """
+    from gradproj.kernels import adamw, project  # their tile tiers' largest k
+
     if quick:
         return _quick()
     out: list[Launch] = []
@@ -586,9 +588,11 @@ def launches(quick: bool = False) -> list[Launch]:
             for anchored in (False, True):
                 out.append(project_launch(dt, "input", 8, True, anchored, d=d, note=f" D={d}"))
         # its wide blocks (1024 < D <= 4096): 4 rows of 3 and 4 tiles of 512, 2 rows of 3
-        # and 4 tiles of 1024, at the largest k of the dtype (fp32 8, 16-bit 4), and k = 1
-        wide_k = 8 if dt == "fp32" else 4
+        # and 4 tiles of 1024, at the largest k of the tier and dtype (resident_max_k: fp32
+        # 8; 16-bit 8 in 4 rows, 4 in 2), and k = 1
+        size = 4 if dt == "fp32" else 2
         for d in (1100, 2048, 3000, 4096):
+            wide_k = project.resident_max_k(project.resident_tiles(d), size)
             for anchored in (False, True):
                 out.append(project_launch(dt, "input", wide_k, True, anchored, d=d, note=f" D={d}"))
         for d in (2048, 4096):
@@ -598,20 +602,20 @@ def launches(quick: bool = False) -> list[Launch]:
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))
     # its blocks over transposed views (side="output", 128 < D <= 768, VEC > 1) in each
-    # chunking at its largest k, 8, and at k = 1 (K a constant)
+    # chunking at its largest k (RESIDENT_OUTPUT_MAX_K: fp32 16, 16-bit 8), and at k = 1
+    # (K a constant)
     for dt in DTYPES:
+        out_k = project.RESIDENT_OUTPUT_MAX_K[4 if dt == "fp32" else 2]
         for d in (200, 320, 500, 768):
             for anchored in (False, True):
                 note = f" D={d} (48+16)"
-                out.append(project_launch(dt, "output", 8, True, anchored, d=d, rows=vec_rows,
-                                          note=note))  # fmt: skip
+                out.append(project_launch(dt, "output", out_k, True, anchored, d=d,
+                                          rows=vec_rows, note=note))  # fmt: skip
         out.append(project_launch(dt, "output", 1, False, False, rows=vec_rows, note=" (48+16)"))
     # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096) in each chunking (D >
     # 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536: 2-row blocks of 2 or 3 tiles of
     # 1024; D = 4096: 4 of them on 8 warps), at k = 8 and at its largest k for the dtype and
     # width (adamw.FMA_MAX_K, FMA_4TILE_MAX_K), soft weights, with and without amsgrad
-    from gradproj.kernels import adamw
-
     for dt in DTYPES:
         size = 4 if dt == "fp32" else 2
         for d in (200, 320, 500, 768, 1024, 1536, 2048, 3072, 4096):

@@ -406,15 +406,16 @@ def test_resident_tiles_for_at_most_three_tiles():
         (4, 128, 8, 1, False),  # D <= 128: the one-pass tensor-core tile
         (4, 1025, 8, 1, True),  # more than 4 tiles of 256: 4 rows of 512, fp32 to k = 8
         (4, 1025, 9, 1, False),
-        (2, 2048, 4, 1, True),  # bf16/fp16 to k = 4
-        (2, 2048, 5, 1, False),
-        (4, 4096, 8, 1, True),  # 2 rows of 1024-column tiles: the same k
+        (2, 2048, 8, 1, True),  # bf16/fp16 to k = 8
+        (2, 2048, 9, 1, False),
+        (4, 4096, 8, 1, True),  # 2 rows of 1024-column tiles: fp32 the same k
         (4, 4096, 9, 1, False),
-        (2, 4096, 4, 1, True),
+        (2, 2049, 4, 1, True),  # bf16/fp16 to k = 4
+        (2, 4096, 5, 1, False),
         (4, 4097, 1, 1, False),  # more than 4 tiles of 1024
-        (4, 768, 8, 0, True),  # transposed views (side="output", 16-byte vectors):
-        # D <= 768, k <= 8
-        (4, 768, 9, 0, False),
+        (4, 768, 16, 0, True),  # transposed views (side="output", 16-byte vectors):
+        # D <= 768, k <= 16 fp32, 8 bf16/fp16
+        (4, 768, 17, 0, False),
         (2, 200, 8, 0, True),
         (2, 768, 9, 0, False),
         (4, 769, 1, 0, False),  # beyond 3 tiles of 256
@@ -481,9 +482,15 @@ def _check_resident_bucket(grads, u, w, k, side, anchored, gen) -> None:
 def test_resident_kernel_each_chunking(device, dtype, d, anchored):
     """Every chunking of the resident kernel, a bucket of two tensors whose rows are not a
     multiple of its 8-, 4- or 2-row block, one of them a column slice (row stride > d), soft
-    weights; the wide blocks (d > 1024) at their largest k for the dtype. On a GPU this runs
+    weights; each tier at its largest k for the dtype (resident_max_k). On a GPU this runs
     the compiled tiles, as the compile check builds them."""
-    k = 8 if d <= 1024 or dtype == torch.float32 else 4
+    from gradproj.kernels import project as P
+
+    elsize = torch.empty((), dtype=dtype).element_size()
+    k = P.resident_max_k(P.resident_tiles(d), elsize)
+    assert (
+        P._row_tiles(90, elsize, d, k).resident and not P._row_tiles(90, elsize, d, k + 1).resident
+    )
     gen = torch.Generator().manual_seed(d + 7 * anchored)
     wide = torch.randn(13, d + 24, generator=gen).to(dtype=dtype, device=device)
     wide_in = wide.clone()
@@ -505,10 +512,10 @@ def test_resident_kernel_transposed_views(device, dtype, d, anchored):
     """side="output": the resident kernel's 8- or 16-row blocks over transposed views, a
     bucket of two weights whose widths (the views' rows: 24 and 40, whole 16-byte vectors)
     are not multiples of the block, one of them a row slice of a taller tensor, soft
-    weights, the largest k."""
+    weights, the largest k (16 fp32, 8 16-bit)."""
     from gradproj.kernels import project as P
 
-    k = 8
+    k = P.RESIDENT_OUTPUT_MAX_K[torch.empty((), dtype=dtype).element_size()]
     gen = torch.Generator().manual_seed(d + 11 * anchored)
     tall = torch.randn(d + 24, 24, generator=gen).to(dtype=dtype, device=device)
     tall_in = tall.clone()

@@ -46,7 +46,8 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   bf16/fp16) after a barrier, since other threads of the program wrote them.
 * Resident (``RESIDENT``: contiguous rows, ``128 < D ≤ 4096``, or transposed views
   (side="output") of 16-byte vectors with ``128 < D ≤ 768`` and ``k ≤ 16`` fp32 / 8
-  16-bit, in blocks of 8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and
+  16-bit, or ``D ≤ 1536`` in 512-column tiles on 8 warps and ``k ≤ 8`` / 4, in blocks of
+  8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and
   small ``k``: ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16, ``BLOCK_R`` = 8, up to
   ``D`` = 1024; beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 8, ``BLOCK_R`` = 4 up to 2048,
   then 8 and 4, ``BLOCK_R`` = 2): the row
@@ -570,6 +571,15 @@ RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, RESIDENT_MAXNREG), 2: (16, 255)}
 # fp32 k = 16 73 / 73 % of copy (A100 / H100; 72 / 70 % at D = 500) against the two-pass
 # kernel's 67 / 67 % (65 % at 500); bf16 k = 8 73 / 77 %, k = 16 37 / 41 %.
 RESIDENT_OUTPUT_MAX_K = {4: 16, 2: 8}
+# Wider transposed views, 768 < D <= 1536 (SD's 1280-wide output features): 2-3 tiles of
+# 512 columns on 8 warps, (rows, register cap) per element size: fp32 capped at 128 (2
+# programs per SM; 4 tiles, D = 2048, spilled 216-240 B there), 16-bit at 255 (at 128 it
+# spilled 596-656 B). Predicted (pipelined basis columns) at D = 1024 / 1280, k = 8 fp32:
+# 100 / 83 % of copy on both GPUs (1280 pads to 1536 columns, which the model counts as
+# moved), k = 16 57 / 56 %; bf16 k = 4 83 % at 1280, k = 8 57 / 60 %; the two-pass kernel
+# 67 %.
+RESIDENT_OUTPUT_WIDE_ROWS_MAXNREG = {4: (8, 128), 2: (16, 255)}
+RESIDENT_OUTPUT_WIDE_MAX_K = {4: 8, 2: 4}
 
 # Pipeline stages of the resident kernels' basis-column loop (tl.range num_stages): 2 columns
 # in flight ahead of the one applied, in shared memory. Predicted (benchmarks/perf_model.py,
@@ -619,12 +629,11 @@ def resident_max_k(tiles: ResidentTiles, elsize: int) -> int:
     return limits.get(elsize, 0)
 
 
-def _resident(rows: int, res: ResidentTiles, k: int, maxnreg: int) -> _Tiles:
-    """The resident kernel's tiles: ``rows`` rows of ``res``'s column tiles on 4 warps;
-    ``BLOCK_K``, the anchors' and weights' tile, holds all ``k``."""
-    return _Tiles(
-        False, rows, res.block_d, max(1, triton.next_power_of_2(k)), 4, 1, maxnreg, True, res.chunks
-    )
+def _resident(rows: int, res: ResidentTiles, k: int, maxnreg: int, warps: int = 4) -> _Tiles:
+    """The resident kernel's tiles: ``rows`` rows of ``res``'s column tiles; ``BLOCK_K``, the
+    anchors' and weights' tile, holds all ``k``."""
+    block_k = max(1, triton.next_power_of_2(k))
+    return _Tiles(False, rows, res.block_d, block_k, warps, 1, maxnreg, True, res.chunks)
 
 
 @functools.cache
@@ -662,14 +671,18 @@ def _row_tiles(
             res.block_r, res, k, RESIDENT_WIDE_MAXNREG if res.wide else RESIDENT_MAXNREG
         )
     res = resident_tiles(d, max_chunks=3)
-    small_k = k <= RESIDENT_OUTPUT_MAX_K.get(elsize, 0)
-    if res is not None and not res.wide and contig == 0 and vec > 1 and small_k:
+    if res is not None and contig == 0 and vec > 1:
         # transposed views (side="output"): rows along the unit stride, 32 bytes of them
         # (RESIDENT_OUTPUT_ROWS_MAXNREG); 16-byte vectors only (VEC > 1: with scalar
         # accesses every element's address took its own registers and they spilled
         # 140-1100 B)
-        rows, cap = RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
-        return _resident(rows, res, k, cap)
+        if not res.wide and k <= RESIDENT_OUTPUT_MAX_K.get(elsize, 0):
+            rows, cap = RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
+            return _resident(rows, res, k, cap)
+        if res.block_r == 4 and k <= RESIDENT_OUTPUT_WIDE_MAX_K.get(elsize, 0):
+            # 768 < D <= 1536: the same rows in 2-3 tiles of 512 columns, on 8 warps
+            rows, cap = RESIDENT_OUTPUT_WIDE_ROWS_MAXNREG[elsize]
+            return _resident(rows, res, k, cap, warps=8)
     if d_pad <= 128:
         # one pass: chunks of k cost registers only, so keep them small
         block_k = max(16, min(32, triton.next_power_of_2(k)))

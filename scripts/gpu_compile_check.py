@@ -601,12 +601,16 @@ def launches(quick: bool = False) -> list[Launch]:
     vec_rows = (48, 16)  # transposed views whose rows are whole 16-byte vectors (VEC > 1)
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))
-    # its blocks over transposed views (side="output", 128 < D <= 768, VEC > 1) in each
-    # chunking at its largest k (RESIDENT_OUTPUT_MAX_K: fp32 16, 16-bit 8), and at k = 1
-    # (K a constant)
+    # its blocks over transposed views (side="output", 128 < D <= 1536, VEC > 1) in each
+    # chunking at its largest k (RESIDENT_OUTPUT_MAX_K: fp32 16, 16-bit 8; beyond 768,
+    # RESIDENT_OUTPUT_WIDE_MAX_K: 8, 4), and at k = 1 (K a constant)
     for dt in DTYPES:
-        out_k = project.RESIDENT_OUTPUT_MAX_K[4 if dt == "fp32" else 2]
-        for d in (200, 320, 500, 768):
+        size = 4 if dt == "fp32" else 2
+        for d in (200, 320, 500, 768, 1024, 1280, 1536):
+            limits = (
+                project.RESIDENT_OUTPUT_MAX_K if d <= 768 else project.RESIDENT_OUTPUT_WIDE_MAX_K
+            )
+            out_k = limits[size]
             for anchored in (False, True):
                 note = f" D={d} (48+16)"
                 out.append(project_launch(dt, "output", out_k, True, anchored, d=d,

@@ -418,7 +418,12 @@ def test_resident_tiles_for_at_most_three_tiles():
         (4, 768, 17, 0, False),
         (2, 200, 8, 0, True),
         (2, 768, 9, 0, False),
-        (4, 769, 1, 0, False),  # beyond 3 tiles of 256
+        (4, 769, 1, 0, True),  # beyond 3 tiles of 256: 2-3 tiles of 512 on 8 warps,
+        (4, 1536, 8, 0, True),  # k <= 8 fp32, 4 bf16/fp16, to D = 1536
+        (4, 1536, 9, 0, False),
+        (2, 1280, 4, 0, True),
+        (2, 1280, 5, 0, False),
+        (4, 1537, 1, 0, False),
         (4, 128, 1, 0, False),
         (4, 768, 8, -1, False),  # no unit stride
     ],
@@ -506,16 +511,21 @@ def test_resident_kernel_each_chunking(device, dtype, d, anchored):
 @pytest.mark.skipif(not TRITON_DEVICES, reason="Triton cannot run here")
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("d", [200, 320, 500, 768])
+@pytest.mark.parametrize("d", [200, 320, 500, 768, 1024, 1280])
 @pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored"])
 def test_resident_kernel_transposed_views(device, dtype, d, anchored):
     """side="output": the resident kernel's 8- or 16-row blocks over transposed views, a
     bucket of two weights whose widths (the views' rows: 24 and 40, whole 16-byte vectors)
     are not multiples of the block, one of them a row slice of a taller tensor, soft
-    weights, the largest k (16 fp32, 8 16-bit)."""
+    weights, the largest k (D <= 768: 16 fp32, 8 16-bit; the 512-column tiles beyond: 8
+    and 4)."""
     from gradproj.kernels import project as P
 
-    k = P.RESIDENT_OUTPUT_MAX_K[torch.empty((), dtype=dtype).element_size()]
+    elsize = torch.empty((), dtype=dtype).element_size()
+    k = (P.RESIDENT_OUTPUT_MAX_K if d <= 768 else P.RESIDENT_OUTPUT_WIDE_MAX_K)[elsize]
+    vec = 16 // elsize
+    assert P._row_tiles(90, elsize, d, k, 0, anchored, vec).resident
+    assert not P._row_tiles(90, elsize, d, k + 1, 0, anchored, vec).resident
     gen = torch.Generator().manual_seed(d + 11 * anchored)
     tall = torch.randn(d + 24, 24, generator=gen).to(dtype=dtype, device=device)
     tall_in = tall.clone()

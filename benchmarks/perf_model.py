@@ -1293,8 +1293,11 @@ def _project(side: str, anchored: bool) -> Callable:
     return launch
 
 
-def _adamw(gcc, dt: str, k: int, rows: int):
-    return gcc.adamw_launch(dt, "input", k, False, False, d=D, rows=(rows // TENSORS,) * TENSORS)
+def _adamw(side: str) -> Callable:
+    def launch(gcc, dt: str, k: int, rows: int):
+        return gcc.adamw_launch(dt, side, k, False, False, d=D, rows=(rows // TENSORS,) * TENSORS)
+
+    return launch
 
 
 def _surgery(gcc, dt: str, k: int, rows: int):
@@ -1318,7 +1321,13 @@ OPS = {
             "ProjectedAdamW input",
             "torch fused AdamW: p, g, m, v read; p, m, v written",
             7,
-            _adamw,
+            _adamw("input"),
+        ),
+        Op(
+            "ProjectedAdamW output",
+            "torch fused AdamW: p, g, m, v read; p, m, v written",
+            7,
+            _adamw("output"),
         ),
         Op(
             "surgery_ projection one-sided",

@@ -110,16 +110,19 @@ def case(
         g_r = [-g for g in g_u]  # every pair conflicts: the apply pass always runs
         return lambda: gradproj.surgery_(g_u, g_r, backend=backend), peer
     if op.startswith("ProjectedAdamW"):
+        side = op.split()[-1]
         basis = _orthonormal(d, k, dev)
+        size = (n_rows, d) if side == "input" else (d, n_rows)
 
         def params() -> list[torch.Tensor]:
-            out = [torch.nn.Parameter(randn(n_rows, d)) for _ in range(TENSORS)]
+            out = [torch.nn.Parameter(randn(*size)) for _ in range(TENSORS)]
             for p in out:
                 p.grad = torch.randn_like(p)
             return out
 
         mine, theirs = params(), params()
-        projected = gradproj.ProjectedAdamW(mine, bases={p: basis for p in mine}, backend=backend)
+        bases = {p: basis for p in mine}
+        projected = gradproj.ProjectedAdamW(mine, bases=bases, side=side, backend=backend)
         fused = torch.optim.AdamW(theirs, fused=True)
         return projected.step, fused.step
     raise ValueError(f"no case for the model's op {op!r}")

@@ -156,6 +156,22 @@ FMA_MAX_K = {4: 32, 2: 16}
 # form 1.29x (fp32) / 1.57x (16-bit).
 FMA_4TILE_MAX_K = {4: 16, 2: 8}
 FMA_MAXNREG = 255
+# Transposed views (side="output", COLS, 16-byte aligned), fp32, 128 < D <= 768: the FMA form
+# in 8-row blocks, k <= 16. Predicted at D = 768, k = 1 / 8 / 16: 1.00x torch's fused AdamW
+# on A100 and H100 (201-232 registers, 2 programs per SM), against the two-pass form's
+# 1.29x. 16-bit in 16 rows (whole sectors) spilled 232-1084 B; 8 rows of 16-bit would read
+# half sectors, so 16-bit keeps the two-pass form.
+FMA_COLS_MAX_K = 16
+
+
+def _fma_cols_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] | None:
+    """``(tiles, num_warps)`` of the FMA form for transposed views (``COLS``, 16-byte
+    aligned) of ``d``, or ``None``: fp32, 8 rows (one 32-byte sector a column) of up to 3
+    tiles of 256 / 128 / 64 columns on 4 warps, ``k ≤ FMA_COLS_MAX_K``."""
+    res = resident_tiles(d, max_chunks=3)
+    if itemsize != 4 or res is None or res.wide or k > FMA_COLS_MAX_K:
+        return None
+    return res, 4
 
 
 def _fma_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] | None:
@@ -922,6 +938,7 @@ def _rows_config(
     cap: int,
     *,
     k: int,
+    aligned: bool = True,
 ) -> dict:
     """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
 
@@ -957,7 +974,12 @@ def _rows_config(
     d_pad = max(16, triton.next_power_of_2(d))
     # 8 rows of 4 tiles of 256 (769 <= D <= 1024) spilled up to 380 B on sm_90: 4 rows of
     # 2 tiles of 512 instead (_fma_tiles)
-    fma = _fma_tiles(d, itemsize, k) if layout == _ROWS else None
+    if layout == _ROWS:
+        fma = _fma_tiles(d, itemsize, k)
+    elif layout == _COLS and aligned:
+        fma = _fma_cols_tiles(d, itemsize, k)
+    else:
+        fma = None
     if fma is not None:  # x' in registers, the basis applied with FMAs (no dots)
         res, warps = fma
         return {
@@ -1014,13 +1036,13 @@ def _rows_table(
     max_exp_avg_sqs: list[torch.Tensor] | None,
     steps: list[torch.Tensor],
     anchors: list[torch.Tensor],
-    block_r_of: dict[int, int],
+    block_r_of: dict[tuple[int, bool], int],
 ) -> tuple[torch.Tensor, int, int, int]:
     """``(table, n_blocks, layout, align)`` of a row bucket.
 
     Per tensor: int64 element offsets (p, g, m, v, v̂max from ``params[0]``; anchor
     and step from ``steps[0]``), rows and strides; then (tensor, first row) pairs,
-    one per program of ``block_r_of[layout]`` rows.
+    one per program of ``block_r_of[layout, align > 1]`` rows.
     """
     isz = params[0].element_size()
     # fp32 base: a step (never empty; an empty anchor, k = 0, may have no address)
@@ -1071,7 +1093,7 @@ def _rows_table(
     else:
         aligned.append(False)
     align = 16 // isz if all(aligned) else 1
-    block_r = block_r_of[layout]
+    block_r = block_r_of[layout, align > 1]
     meta_t = tuple(meta)
 
     def build() -> list[int]:
@@ -1179,7 +1201,9 @@ def projected_adamw_bucket_(
     cap = _capability()
     isz = params[0].element_size()
     configs = {
-        lay: _rows_config(lay, isz, block_k, d, cap, k=k) for lay in (_ROWS, _COLS, _STRIDED)
+        (lay, al): _rows_config(lay, isz, block_k, d, cap, k=k, aligned=al)
+        for lay in (_ROWS, _COLS, _STRIDED)
+        for al in (False, True)
     }
     table, n_blocks, layout, align = _rows_table(
         params,
@@ -1189,7 +1213,7 @@ def projected_adamw_bucket_(
         max_exp_avg_sqs,
         steps,
         anchors,
-        {lay: c["BLOCK_R"] for lay, c in configs.items()},
+        {key: c["BLOCK_R"] for key, c in configs.items()},
     )
     _projected_adamw_kernel[(n_blocks,)](
         table,
@@ -1207,7 +1231,7 @@ def projected_adamw_bucket_(
         LAYOUT=layout,
         ALIGN=align,
         META=_META,
-        **configs[layout],
+        **configs[layout, align > 1],
     )
 
 

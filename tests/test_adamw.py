@@ -333,6 +333,11 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         ("input", torch.bfloat16, 8, [(5, 3500)], {"amsgrad": True}),
         # transposed views, rows a multiple of 16 bytes: the vectorized COLS path
         ("output", torch.float32, 8, [(48, 40), (16, 40)], {"amsgrad": True}),
+        # ... with 128 < D <= 768, fp32, k <= 16: the FMA form in 8-row blocks (rows not a
+        # multiple of 8), and the same views unaligned (12 rows: 48 bytes) stay two-pass
+        ("output", torch.float32, 16, [(44, 300), (12, 300)], {"soft": True}),
+        ("output", torch.float32, 8, [(20, 768)], {"amsgrad": True, "maximize": True}),
+        ("output", torch.float32, 8, [(13, 200)], {}),
         ("output", torch.float32, 20, [(64, 300), (3, 300)], {"soft": True}),
         ("output", torch.bfloat16, 5, [(48, 100)], {}),
         # grads with no unit stride: the STRIDED layout
@@ -344,7 +349,8 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
     ],
     ids=["rows-2pass", "rows-2pass-bf16", "fma-3x256", "fma-bf16-3x128", "fma-fp16-2x256",
          "fma-1x256", "fma-3x512", "fma-bf16-3x512", "fma-fp16-2x512", "fma-2x1024",
-         "fma-bf16-3x1024", "fma-4x1024", "fma-bf16-4x1024", "cols-aligned", "cols-2pass",
+         "fma-bf16-3x1024", "fma-4x1024", "fma-bf16-4x1024", "cols-aligned", "cols-fma-2x256",
+         "cols-fma-3x256", "cols-unaligned-2pass", "cols-2pass",
          "cols-bf16", "strided-grads", "fp16", "k256", "cols-k129"],
 )  # fmt: skip
 def test_triton_bucket_paths_match_float64(side, dtype, k, shapes, flags):
@@ -386,7 +392,8 @@ def test_triton_layout_and_alignment_from_strides():
         ps, gs, ms, vs, vmax, steps, anchors, _, _ = _bucket(
             side, torch.float32, 3, shapes, soft=False, amsgrad=False, **kw
         )
-        blocks = {lay: 16 for lay in (adamw._ROWS, adamw._COLS, adamw._STRIDED)}
+        layouts = (adamw._ROWS, adamw._COLS, adamw._STRIDED)
+        blocks = {(lay, aligned): 16 for lay in layouts for aligned in (False, True)}
         return adamw._rows_table(ps, gs, ms, vs, vmax, steps, anchors, blocks)
 
     assert table_of("input", [(5, 24)])[2:] == (adamw._ROWS, 4)
@@ -429,7 +436,11 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
             for isz in (2, 4):
                 cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80, k=k)
                 assert not cfg["RESIDENT"]  # D = 768 never fits one tensor-core tile
-                if lay == adamw._ROWS and k <= (32 if isz == 4 else 16):  # x' in registers
+                # x' in registers: rows up to k = 32 fp32 / 16 16-bit; 16-byte aligned
+                # transposed views (COLS), fp32 only, up to 16
+                fma = k <= (32 if isz == 4 else 16) if lay == adamw._ROWS else False
+                fma |= lay == adamw._COLS and isz == 4 and k <= 16
+                if fma:
                     assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, 8)
                 else:
                     assert cfg["FMA_CHUNKS"] == 0

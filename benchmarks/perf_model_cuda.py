@@ -361,6 +361,11 @@ _CTYPE = {"fp32": "float", "bf16": "c10::BFloat16", "fp16": "c10::Half"}
 _NS = "gradproj::cuda::(anonymous namespace)::"
 
 
+# The Triton model's ops this model covers: all but projected AdamW on transposed views,
+# whose CUDA launch (run_cols with AdamWPolicy) has no launch geometry written here yet.
+OPS = tuple(op for op in pm.OPS if op != "ProjectedAdamW output")
+
+
 def op_launches(
     op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D, smem_optin: int | None = None
 ) -> list[Launch]:
@@ -932,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     build = load_build(so)
     rows = []
     for arch in args.arch:
-        for op in pm.OPS:
+        for op in OPS:
             for dt in pm.DTYPES:
                 for k in pm.KS:
                     try:

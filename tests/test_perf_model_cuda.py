@@ -263,7 +263,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert one.env["resident"] and one.work == 4
 
 
-@pytest.mark.parametrize("op", list(pm.OPS))
+@pytest.mark.parametrize("op", pmc.OPS)
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 def test_hbm_bytes_never_below_the_floor(op, dt):
     for k in pm.KS:
@@ -285,7 +285,7 @@ def test_committed_result_is_complete():
         result = json.load(f)
     assert result["title"] == pm.TITLE
     rows = result["rows"]
-    assert len(rows) == len(pm.OPS) * len(pm.DTYPES) * len(pm.KS) * len(pm.DEVICES)
+    assert len(rows) == len(pmc.OPS) * len(pm.DTYPES) * len(pm.KS) * len(pm.DEVICES)
     for r in rows:
         assert "error" not in r, r
         assert 0 < r["predicted_fraction_of_copy"] <= 1.0

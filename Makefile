@@ -3,7 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SOURCES := setup.py pyproject.toml requirements-ci.txt $(shell find csrc -type f 2>/dev/null)
+# csrc/cuda_emu is the tests' CUDA emulator, built by the test session (tests/cuda_emulation.py),
+# not by setup.py: editing it does not reinstall the package.
+SOURCES := setup.py pyproject.toml requirements-ci.txt \
+	$(shell find csrc -path csrc/cuda_emu -prune -o -type f -print 2>/dev/null)
 
 .PHONY: setup demo test lint format bench clean gpu-compile-check triton36-check perf-model \
 	perf-model-cuda

@@ -13,7 +13,7 @@ Without ``--so`` it builds ``csrc/`` as ``make cuda-compile-check`` does
 keeps the build between runs). Then, per op, dtype, k and arch:
 
 * **launches**: a Python twin of the host arithmetic of ``csrc/cuda`` (``tile.cuh``
-  ``run_rows``/``run_cols``, ``surgery.cu`` ``launch``) gives each kernel launched, its
+  ``run_rows``, ``surgery.cu`` ``launch``) gives each kernel launched, its
   work items and dynamic shared memory; the grid is ``min(work, blocks/SM × SMs)`` as
   ``launch.cuh`` sizes it, blocks/SM from the registers (``cuobjdump -res-usage``) and
   the shared memory;
@@ -288,22 +288,30 @@ def _round_up(n: int, m: int) -> int:
 
 def rows_launches(
     policy: str, krows: int, d: int, k: int, total_rows: int, entries: int,
-    resident_bytes: int = RESIDENT_BYTES,
+    resident_bytes: int = RESIDENT_BYTES, ept: int = EPT,
 ):  # fmt: skip
-    """``tile::run_rows``: the rows kernel (fused, or partials + combine + apply)."""
+    """``tile::run_rows``: the rows kernel (fused, or partials + combine + apply);
+    ``ept``: the policy's ``kEpt``, elements of a row per thread."""
     kp = _round_up(k, CHUNK)
     wpr = 1
-    while wpr < WARPS and wpr * 32 * EPT < d:
+    while wpr < WARPS and wpr * 32 * ept < d:
         wpr *= 2
-    seg_width = wpr * 32 * EPT
+    seg_width = wpr * 32 * ept
     nseg = -(-d // seg_width)
     tile_rows = krows * (WARPS // wpr)
     n_tiles = -(-total_rows // tile_rows)
+
     # a thread's slots of V = 4 columns (S of them) that lie before d, per segment: the
-    # kernels skip the others (the slot map: slot s starts at column s * wpr * 32 * 4)
-    slots = [min(EPT // 4, -(-(d - seg * seg_width) // (wpr * 32 * 4))) for seg in range(nseg)]
+    # kernels skip the others (the slot map: slot s starts at column s * wpr * 32 * 4, a
+    # warp's lanes take 128 consecutive columns, so a warp skips a slot whole). Counted
+    # in warps: slot s runs in the group's warps whose columns start before d.
+    def warps_in(seg: int, s: int) -> float:
+        start = seg * seg_width + s * wpr * 128
+        return -(-max(0, min(wpr * 128, d - start)) // 128) / wpr
+
+    slots = [sum(warps_in(seg, s) for s in range(ept // 4)) for seg in range(nseg)]
     env = dict(d=d, k=k, kp=kp, wpr=wpr, nseg=nseg, entries=entries, basis_ld=_round_up(d, 8))
-    env |= dict(S=EPT // 4, slots=sum(slots) / nseg)
+    env |= dict(S=ept // 4, slots=sum(slots) / nseg)
     if nseg == 1:
         smem_ld = _round_up(d, 32)
         resident = kp * smem_ld * 4 <= resident_bytes
@@ -317,31 +325,6 @@ def rows_launches(
         Launch(f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)1>", n_tiles * nseg, smem, env),
         Launch(f"combine_kernel<{policy} >", combine, 0, env),
         Launch(f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)2>", n_tiles * nseg, smem, env),
-    ]
-
-
-def cols_launches(
-    policy: str, cols_ept: int, d: int, k: int, view_rows: list[int],
-    resident_bytes: int = RESIDENT_BYTES,
-):  # fmt: skip
-    """``tile::run_cols``: the columns kernel (transposed views)."""
-    kp = _round_up(k, CHUNK)
-    kseg = WARPS * cols_ept
-    nseg = -(-d // kseg)
-    basis_ld = _round_up(d, 8)
-    n_tasks = sum(-(-r // 32) for r in view_rows)
-    resident = nseg == 1 and kp * basis_ld * 4 <= resident_bytes
-    smem = kp * basis_ld * 4 if resident else kseg * CHUNK * 4
-    env = dict(d=d, k=k, kp=kp, nseg=nseg, kseg=kseg, basis_ld=basis_ld, resident=resident)
-    env["entries"] = len(view_rows)
-    mode = "(gradproj::cuda::tile::Mode)"
-    if nseg == 1:
-        return [Launch(f"cols_kernel<{policy}, {mode}0>", n_tasks, smem, env)]
-    combine = -(-(sum(view_rows) * kp) // THREADS)
-    return [
-        Launch(f"cols_kernel<{policy}, {mode}1>", n_tasks * nseg, smem, env),
-        Launch(f"combine_kernel<{policy} >", combine, 0, env),
-        Launch(f"cols_kernel<{policy}, {mode}2>", n_tasks * nseg, smem, env),
     ]
 
 
@@ -361,9 +344,8 @@ _CTYPE = {"fp32": "float", "bf16": "c10::BFloat16", "fp16": "c10::Half"}
 _NS = "gradproj::cuda::(anonymous namespace)::"
 
 
-# The Triton model's ops this model covers: all but projected AdamW on transposed views,
-# whose CUDA launch (run_cols with AdamWPolicy) has no launch geometry written here yet.
-OPS = tuple(op for op in pm.OPS if op != "ProjectedAdamW output")
+# The Triton model's ops, every one.
+OPS = tuple(pm.OPS)
 
 
 def op_launches(
@@ -377,13 +359,15 @@ def op_launches(
     res = RESIDENT_BYTES if smem_optin is None else min(RESIDENT_BYTES, smem_optin)
     if op in ("project_ input", "project_anchored input"):
         return rows_launches(f"{_NS}ProjectPolicy<{t}, true>", 2, d, k, rows, pm.TENSORS, res)
-    if op == "project_ output":
-        return cols_launches(f"{_NS}ProjectPolicy<{t}, false>", 32, d, k, [per] * pm.TENSORS, res)
+    if op == "project_ output":  # ProjectBlockPolicy: 4 rows a group, 8 elements a thread
+        return rows_launches(f"{_NS}ProjectBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS, res, 8)
     if op == "project_ flat":
         policy = f"{_NS}ProjectPolicy<{t}, true>"
         return rows_launches(policy, 2, per * d, k, pm.TENSORS, pm.TENSORS, res)
     if op == "ProjectedAdamW input":
         return rows_launches(f"{_NS}AdamWPolicy<{t}, true>", 1, d, k, rows, pm.TENSORS, res)
+    if op == "ProjectedAdamW output":  # AdamWBlockPolicy: 4 rows a group, 4 elements a thread
+        return rows_launches(f"{_NS}AdamWBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS, res, 4)
     if op == "surgery_ projection one-sided":
         return surgery_launches(t, [per * d] * pm.TENSORS)
     raise KeyError(op)
@@ -420,6 +404,8 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
         ]
     basis = 4 * kp / rows  # read once per launch: d × kp floats over rows × d elements
     coef = 4 * kp / d  # per element: the row's kp coefficients over its d elements
+    if op == "project_ output" and nseg == 1:  # the rows engine, fused
+        return [mv(b + coef + basis, b + coef, "x read once, written once; coef")]
     if op == "project_ output":
         part = 4 * kp * nseg / d
         return [
@@ -427,7 +413,19 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
             mv(part, coef, "partials read, coef written"),
             mv(b + coef + basis, b, "x and coef read, x written"),
         ]
-    anchors = 4 * k / d if op in ("project_anchored input", "ProjectedAdamW input") else 0.0
+    anchors = 4 * k / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
+    if op == "ProjectedAdamW output":
+        if nseg == 1:
+            note = "p, g, m, v read once; p, m, v written once; coef; anchors read"
+            return [mv(4 * b + coef + anchors + basis, 3 * b + coef, note)]
+        part = 4 * kp * nseg / d
+        # the partials pass reads p, g, m, v to form x' (m, v not stored: kFinal is false
+        # there); the apply pass reads them again, forms x' once more and stores p, m, v
+        return [
+            mv(4 * b + basis, part, "p, g, m, v read, partials written"),
+            mv(part + anchors, coef, "partials and anchors read, coef written"),
+            mv(4 * b + coef + basis, 3 * b, "p, g, m, v and coef read, p, m, v written"),
+        ]
     if op == "ProjectedAdamW input":
         return [mv(4 * b + coef + anchors + basis, 3 * b + coef,
                    "p, g, m, v read once; p, m, v written once; coef; anchors read")]  # fmt: skip
@@ -801,6 +799,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
         env = launch.env | {
             "items": launch.work / grid,
             "vec": ", true>" in launch.kernel,  # the policy's kVec
+            "block": "BlockPolicy" in launch.kernel,  # its vectors hold one element of 4 rows
             "amsgrad": False,  # the modelled AdamW step
         }
         got = analyze_kernel(build.sass[arch][name], build.chains[arch][name], env, cpp, binds)
@@ -920,9 +919,10 @@ two tables compare the backends.
 {format_table(result["rows"])}
 
 Notes: a CUDA kernel loops over its work grid-stride, so each block runs `work / grid`
-items (no tail wave); the `cols` layout (side output) holds a column segment of
-{WARPS} × 32 rows of G, so `D` = {pm.D} is cut into segments and split into partials,
-combine and apply; the flat side's vectors are cut into 4096-element segments the same way.
+items (no tail wave); side output runs the rows kernel with a block policy (4 view rows
+a group, a vector of G's row holding one element of each), so `D` = {pm.D} is one
+segment, read once and written once; the flat side's vectors are cut into
+4096-element segments and split into partials, combine and apply.
 """
 
 
@@ -963,7 +963,10 @@ def main(argv: list[str] | None = None) -> int:
         f.write(markdown(result))
     print(format_table(rows))
     print(f"\n{len(rows)} rows; {pm.TITLE.lower()}.")
-    return 0
+    failed = [r for r in rows if "error" in r]
+    for r in failed:
+        print(f"error: {r['arch']} {r['op']} {r['dtype']} k = {r['k']}: {r['error']}")
+    return 1 if failed else 0  # as benchmarks/perf_model.py: a row that failed fails the run
 
 
 if __name__ == "__main__":

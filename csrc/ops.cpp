@@ -1,4 +1,5 @@
-// The schemas of gradproj's torch ops. Kernels are registered per device in
+// The schemas of gradproj's torch ops (op_schemas.h, shared with the CUDA
+// emulator of the tests). Kernels are registered per device in
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake (meta) kernels for
 // torch.compile are registered from Python in gradproj/_extension.py.
 //
@@ -22,6 +23,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "op_schemas.h"
+
 // `import gradproj._C` only has to load this shared library so that the
 // TORCH_LIBRARY blocks below run; the ops are reached through torch.ops.gradproj.
 extern "C" {
@@ -37,18 +40,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(gradproj, m) {
-  m.def(
-      "project_bucket_(Tensor(a!)[] matrices, Tensor basis, Tensor? weights, str side) -> ()");
-  m.def(
-      "project_anchored_bucket_(Tensor(a!)[] matrices, Tensor(b!)[] anchors, Tensor basis, "
-      "Tensor? weights, str side) -> ()");
-  m.def(
-      "projected_adamw_bucket_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, "
-      "Tensor(e!)[] anchors, Tensor basis, Tensor? weights, str side, *, float lr, "
-      "float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
-  m.def(
-      "surgery_bucket_(Tensor(a!)[] g_unlearn, Tensor(b!)[] g_retain, float strength, "
-      "str variant, bool symmetric) -> ()");
-}
+TORCH_LIBRARY(gradproj, m) { gradproj::define_ops(m); }

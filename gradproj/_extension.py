@@ -1,7 +1,7 @@
 """The compiled extension ``gradproj._C``: lazy loading, fake kernels, bucket adapters.
 
 ``gradproj._C`` registers torch ops (``torch.ops.gradproj.*``, schemas in
-``csrc/ops.cpp``) with CPU kernels (``csrc/cpu/``) and, when built with CUDA,
+``csrc/op_schemas.h``) with CPU kernels (``csrc/cpu/``) and, when built with CUDA,
 CUDA kernels (``csrc/cuda/``). Nothing here is imported by ``import gradproj``:
 the backends ``"cpp"`` and ``"cuda"`` of :mod:`gradproj.backends` call
 :func:`load` the first time dispatch considers them. When the extension was not
@@ -9,7 +9,8 @@ built, :func:`load` warns once and returns ``None``, and dispatch falls back to
 the Triton / reference backends.
 
 The ops are the bucket-level contracts of :mod:`gradproj.backends` under the same
-names:
+names (each adapter's keyword ``library``: the op namespace, ``torch.ops.gradproj``
+unless given; the tests pass their CUDA emulator's ``torch.ops.gradproj_emu``):
 
 * ``project_bucket_(matrices, basis, weights, side)``: every row ``x`` of every
   matrix becomes ``x − U (w ⊙ Uᵀ x)``;
@@ -142,13 +143,15 @@ def project_bucket_(
     basis: torch.Tensor,
     weights: torch.Tensor | None,
     side: str,
+    *,
+    library: object | None = None,
 ) -> None:
     """Backends ``"cpp"``/``"cuda"``: ``torch.ops.gradproj.project_bucket_``.
 
     In place, every row ``x`` of every matrix: ``x ← x − U (w ⊙ Uᵀ x)`` (contract in
     :mod:`gradproj.backends`).
     """
-    torch.ops.gradproj.project_bucket_(list(matrices), basis, weights, side)
+    (library or torch.ops.gradproj).project_bucket_(list(matrices), basis, weights, side)
 
 
 def project_anchored_bucket_(
@@ -157,13 +160,17 @@ def project_anchored_bucket_(
     basis: torch.Tensor,
     weights: torch.Tensor | None,
     side: str,
+    *,
+    library: object | None = None,
 ) -> None:
     """Backends ``"cpp"``/``"cuda"``: ``torch.ops.gradproj.project_anchored_bucket_``.
 
     In place, every row ``x`` with anchor row ``c`` and ``a = Uᵀ x``:
     ``x ← x − U (w ⊙ (a − c))``; with weights also ``c ← c + (1 − w) ⊙ (a − c)``.
     """
-    torch.ops.gradproj.project_anchored_bucket_(list(matrices), list(anchors), basis, weights, side)
+    (library or torch.ops.gradproj).project_anchored_bucket_(
+        list(matrices), list(anchors), basis, weights, side
+    )
 
 
 def projected_adamw_bucket_(
@@ -184,6 +191,7 @@ def projected_adamw_bucket_(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    library: object | None = None,
 ) -> None:
     """Backends ``"cpp"``/``"cuda"``: ``torch.ops.gradproj.projected_adamw_bucket_``.
 
@@ -191,7 +199,7 @@ def projected_adamw_bucket_(
     :mod:`gradproj.backends`). ``max_exp_avg_sqs=None`` (no amsgrad) is passed as an
     empty list. ``lr`` is read as a Python float (a tensor ``lr`` synchronizes).
     """
-    torch.ops.gradproj.projected_adamw_bucket_(
+    (library or torch.ops.gradproj).projected_adamw_bucket_(
         list(params),
         list(grads),
         list(exp_avgs),
@@ -217,13 +225,15 @@ def surgery_bucket_(
     strength: float,
     variant: str,
     symmetric: bool,
+    *,
+    library: object | None = None,
 ) -> None:
     """Backends ``"cpp"``/``"cuda"``: ``torch.ops.gradproj.surgery_bucket_``.
 
     In place, per pair with ``d = u·r``: when ``d < 0``, ``u ← u − c_u r`` and, if
     ``symmetric``, ``r ← r − c_r u`` (contract in :mod:`gradproj.backends`).
     """
-    torch.ops.gradproj.surgery_bucket_(
+    (library or torch.ops.gradproj).surgery_bucket_(
         list(g_unlearn), list(g_retain), float(strength), variant, bool(symmetric)
     )
 

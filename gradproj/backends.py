@@ -88,6 +88,9 @@ class Backend:
     ops: dict[str, str] = field(default_factory=dict)
     is_installed: Callable[[], bool] = _always
     description: str = ""
+    # runs another device's kernels in emulation (the tests' CUDA emulator): correct,
+    # never a performance figure
+    emulated: bool = False
 
     def unsupported_reason(self, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this backend cannot run ``op`` on ``device``/``dtype``, or ``None`` if it can."""

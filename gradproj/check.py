@@ -113,5 +113,6 @@ def run(seed: int = 0, k: int = 4, batch: int = 4) -> dict[str, tuple[float, flo
         err = max(float((w.double() - r).abs().max()) for w, r in zip(work, ref, strict=True))
         results[name] = (err, response(work))
         note = " (interpreter)" if name == "triton" and u.device.type == "cpu" else ""
+        note = " (emulated)" if backends.get(name).emulated else note
         print(f"{name:<10} {err:>22.3e} {response(work):>20.3e} {elapsed * 1e3:>7.1f}ms{note}")
     return results

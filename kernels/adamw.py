@@ -108,6 +108,10 @@ The dot is a GEMV (one row), done with FMAs in true fp32.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -930,6 +934,7 @@ def _block_k(k: int, what: str) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
+@functools.lru_cache(maxsize=512)  # once per shape and arch, not per optimizer step
 def _rows_config(
     layout: int,
     itemsize: int,
@@ -939,7 +944,7 @@ def _rows_config(
     *,
     k: int,
     aligned: bool = True,
-) -> dict:
+) -> Mapping[str, object]:
     """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
 
     The tile's fast axis spans ≥ 128 bytes of the contiguous axis (``D`` for ROWS,
@@ -982,26 +987,23 @@ def _rows_config(
         fma = None
     if fma is not None:  # x' in registers, the basis applied with FMAs (no dots)
         res, warps = fma
-        return {
-            "maxnreg": FMA_MAXNREG,
-            "BLOCK_R": res.block_r,
-            "BLOCK_D": res.block_d,
-            "RESIDENT": False,
-            "FMA_CHUNKS": res.chunks,
-            "KSPLIT": 1,
-            "RELOAD": False,
-            "BLOCK_K": block_k,
-            "PRECISION": "ieee",
-            "num_warps": warps,
-            "num_stages": 1,
-        }
+        return MappingProxyType(
+            {
+                "maxnreg": FMA_MAXNREG,
+                "BLOCK_R": res.block_r,
+                "BLOCK_D": res.block_d,
+                "RESIDENT": False,
+                "FMA_CHUNKS": res.chunks,
+                "KSPLIT": 1,
+                "RELOAD": False,
+                "BLOCK_K": block_k,
+                "PRECISION": "ieee",
+                "num_warps": warps,
+                "num_stages": 1,
+            }
+        )
     resident = d_pad <= block_d
-    extra = {}
-    if layout == _COLS and itemsize == 4 and part == 64 and ksplit == 1 and not resident:
-        # triton 3.6's ptxas (the GPU machines') took 96 registers for the soft-weight
-        # kernel on sm_90 and spilled 12 B; capped at 128, 114-124 and no spill (3.6, 3.9)
-        extra["maxnreg"] = 128
-    return extra | {
+    config = {
         "BLOCK_R": block_r,
         "BLOCK_D": d_pad if resident else block_d,
         "RESIDENT": resident,
@@ -1015,6 +1017,11 @@ def _rows_config(
         "num_warps": 8 if ksplit == 2 else 4,
         "num_stages": 1,
     }
+    if layout == _COLS and itemsize == 4 and part == 64 and ksplit == 1 and not resident:
+        # triton 3.6's ptxas (the GPU machines') took 96 registers for the soft-weight
+        # kernel on sm_90 and spilled 12 B; capped at 128, 114-124 and no spill (3.6, 3.9)
+        config["maxnreg"] = 128
+    return MappingProxyType(config)
 
 
 def _offset(t: torch.Tensor, base: int, itemsize: int, what: str) -> int:
@@ -1036,13 +1043,13 @@ def _rows_table(
     max_exp_avg_sqs: list[torch.Tensor] | None,
     steps: list[torch.Tensor],
     anchors: list[torch.Tensor],
-    block_r_of: dict[tuple[int, bool], int],
+    block_r_of: Callable[[int, bool], int],
 ) -> tuple[torch.Tensor, int, int, int]:
     """``(table, n_blocks, layout, align)`` of a row bucket.
 
     Per tensor: int64 element offsets (p, g, m, v, v̂max from ``params[0]``; anchor
     and step from ``steps[0]``), rows and strides; then (tensor, first row) pairs,
-    one per program of ``block_r_of[layout, align > 1]`` rows.
+    one per program of ``block_r_of(layout, align > 1)`` rows.
     """
     isz = params[0].element_size()
     # fp32 base: a step (never empty; an empty anchor, k = 0, may have no address)
@@ -1093,7 +1100,7 @@ def _rows_table(
     else:
         aligned.append(False)
     align = 16 // isz if all(aligned) else 1
-    block_r = block_r_of[layout, align > 1]
+    block_r = block_r_of(layout, align > 1)
     meta_t = tuple(meta)
 
     def build() -> list[int]:
@@ -1200,11 +1207,10 @@ def projected_adamw_bucket_(
         return
     cap = _capability()
     isz = params[0].element_size()
-    configs = {
-        (lay, al): _rows_config(lay, isz, block_k, d, cap, k=k, aligned=al)
-        for lay in (_ROWS, _COLS, _STRIDED)
-        for al in (False, True)
-    }
+
+    def config(layout: int, aligned: bool) -> Mapping[str, object]:
+        return _rows_config(layout, isz, block_k, d, cap, k=k, aligned=aligned)
+
     table, n_blocks, layout, align = _rows_table(
         params,
         grads,
@@ -1213,7 +1219,7 @@ def projected_adamw_bucket_(
         max_exp_avg_sqs,
         steps,
         anchors,
-        {key: c["BLOCK_R"] for key, c in configs.items()},
+        lambda lay, al: config(lay, al)["BLOCK_R"],
     )
     _projected_adamw_kernel[(n_blocks,)](
         table,
@@ -1231,7 +1237,7 @@ def projected_adamw_bucket_(
         LAYOUT=layout,
         ALIGN=align,
         META=_META,
-        **configs[layout, align > 1],
+        **config(layout, align > 1),
     )
 
 

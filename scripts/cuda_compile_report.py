@@ -12,8 +12,9 @@ stores/loads, stack frame, static shared memory, the block size it is launched w
 calculator's rule: 4 sub-partitions of 16384 registers, registers allocated per warp
 in units of 256) and from all static limits (threads, blocks, registers, static
 shared memory). Dynamic shared memory is not visible to ptxas: for a kernel that
-declares ``extern __shared__`` the report names where the launch sizes it and
-whether the host caps it at ``sharedMemPerBlockOptin``.
+declares ``extern __shared__`` (or ``GRADPROJ_DYNAMIC_SMEM``, launch.cuh's spelling of
+it) the report names where the launch sizes it and whether the host caps it at
+``sharedMemPerBlockOptin``.
 
 Exit status 1 on a violation that ``--known`` does not list, on a stale ``--known``
 entry (the ratchet only tightens), or when the log is not what it should be: no
@@ -357,7 +358,9 @@ def scan_sources(src_dir: Path, root: Path = ROOT) -> dict[str, KernelSource]:
             bounds = m.group(1) or m.group(2)
             body_open = text.find("{", _matching(text, m.end() - 1, "(", ")"))
             body = text[body_open : _matching(text, body_open, "{", "}") + 1]
-            dynamic = re.search(r"\bextern\s+__shared__\b", body) is not None
+            # csrc/cuda/launch.cuh: GRADPROJ_DYNAMIC_SMEM(T, name) is `extern __shared__ T name[]`
+            dynamic = re.search(r"\bextern\s+__shared__\b|\bGRADPROJ_DYNAMIC_SMEM\s*\(", body)
+            dynamic = dynamic is not None
 
             # Launch sites: name<...><<<...>>>, alias<<<...>>> after `auto alias = name<...>;`
             # and launch_kernel<...>(name<...>, ...).

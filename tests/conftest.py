@@ -3,6 +3,12 @@
 Triton kernels run on CPU tensors only through the interpreter, and the flag is
 read when ``triton`` is imported, so it is set here, before any test imports
 gradproj's kernels, whenever no CUDA device is present.
+
+The CUDA kernels of ``csrc/cuda`` run on CPU tensors through the emulator of
+``tests/cuda_emulation.py``: it is registered here as the backend ``"cuda-emulated"``
+(built on first use), so every test parametrized over the registered backends runs
+them too. Only for this session, never chosen automatically; ``GRADPROJ_CUDA_EMULATION=0``
+leaves it out.
 """
 
 import os
@@ -13,6 +19,13 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
+
+from gradproj import backends
+
+from . import cuda_emulation
+
+if cuda_emulation.enabled():
+    backends.register(cuda_emulation.backend())
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

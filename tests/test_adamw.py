@@ -392,9 +392,7 @@ def test_triton_layout_and_alignment_from_strides():
         ps, gs, ms, vs, vmax, steps, anchors, _, _ = _bucket(
             side, torch.float32, 3, shapes, soft=False, amsgrad=False, **kw
         )
-        layouts = (adamw._ROWS, adamw._COLS, adamw._STRIDED)
-        blocks = {(lay, aligned): 16 for lay in layouts for aligned in (False, True)}
-        return adamw._rows_table(ps, gs, ms, vs, vmax, steps, anchors, blocks)
+        return adamw._rows_table(ps, gs, ms, vs, vmax, steps, anchors, lambda lay, al: 16)
 
     assert table_of("input", [(5, 24)])[2:] == (adamw._ROWS, 4)
     assert table_of("input", [(5, 22)])[2:] == (adamw._ROWS, 1)  # 88-byte rows

@@ -9,6 +9,7 @@ import json
 
 import torch
 
+from gradproj import backends as registry
 from gradproj.bench import harness, peers, plot, suite
 
 # max |out − float64 ref| / max|g|: fp32 accumulation for fp32 grads, one bf16
@@ -23,6 +24,9 @@ def test_smoke_suite_rows_complete_and_correct(tmp_path):
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["device_type"] == "cpu"
     backends = harness.runnable_backends("project_bucket_", torch.device("cpu"), torch.float32)
+    # an emulated backend (this session's "cuda-emulated") is correct but never timed
+    emulated = [n for n in registry.registered() if registry.get(n).emulated]
+    assert backends and not set(emulated) & set(backends)
     expected = {"copy", "eager", "grouped", "compiled", "compiled_max_autotune"}
     expected |= {f"gradproj:{b}" for b in backends}
     by_case: dict[tuple, set[str]] = {}

@@ -165,10 +165,10 @@ def test_scan_sources_finds_block_sizes_and_dynamic_smem(tree: Path) -> None:
 def test_scan_sources_of_the_repo() -> None:
     """The heuristics still read csrc/cuda: every kernel has its launch block size."""
     src = report.scan_sources(report.DEFAULT_SOURCES)
-    assert {"rows_kernel", "cols_kernel", "combine_kernel", "surgery_apply_kernel"} <= set(src)
+    assert {"rows_kernel", "combine_kernel", "surgery_apply_kernel"} <= set(src)
     assert all(k.threads for k in src.values()), {k: v.threads for k, v in src.items()}
-    # the row/column engines of csrc/cuda/tile.cuh stage the basis in dynamic shared memory
-    assert {k for k, v in src.items() if v.dynamic_smem} == {"rows_kernel", "cols_kernel"}
+    # the row engine of csrc/cuda/tile.cuh stages the basis in dynamic shared memory
+    assert {k for k, v in src.items() if v.dynamic_smem} == {"rows_kernel"}
     assert all(v.dynamic_capped for v in src.values() if v.dynamic_smem)
 
 

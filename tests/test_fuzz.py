@@ -1,7 +1,8 @@
 """Property fuzz of the public in-place ops: a right answer or a clean refusal, never a wrong one.
 
 For every generated call of ``project_``, ``anchor`` + ``project_anchored_`` and
-``surgery_`` (backends ``"reference"``, ``"cpp"`` and ``"triton"``, on CPU) the test
+``surgery_`` (backends ``"reference"``, ``"cpp"``, ``"triton"`` and the CUDA kernels
+through the emulator of the tests, ``"cuda-emulated"``, on CPU) the test
 first decides, from the inputs alone, whether the call is valid, and then checks that
 
 * a valid call succeeds; every written tensor equals the float64 reference
@@ -85,12 +86,14 @@ TRITON_FUZZ = settings(
 )
 
 
-def fuzz_backends(op: str, names=("reference", "cpp")) -> list:
-    """``names`` as pytest params, skipped where the backend cannot run ``op`` on CPU here."""
+def fuzz_backends(op: str, names=("reference", "cpp", "cuda-emulated")) -> list:
+    """``names`` as pytest params, skipped where the backend cannot run ``op`` on CPU here
+    or is not registered (``"cuda-emulated"``: tests/conftest.py)."""
     cpu = torch.device("cpu")
     return [
         pytest.param(n)
-        if backends.get(n).unsupported_reason(op, cpu, torch.float32) is None
+        if n in backends.registered()
+        and backends.get(n).unsupported_reason(op, cpu, torch.float32) is None
         else pytest.param(n, marks=pytest.mark.skip(reason=f"backend {n!r} not runnable"))
         for n in names
     ]

@@ -256,11 +256,13 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # d = 5000: two 4096-wide segments (slots of 1024 columns): 4 slots, then 1
     assert pmc.rows_launches("P", 2, 5000, 8, 64, 1)[0].env["slots"] == 2.5
     assert split[0].env["slots"] == 4
-    # side output: 256-row column segments, so D = 768 takes the split launches
-    cols = pmc.cols_launches("P", 32, 768, 8, [2048, 2048])
-    assert len(cols) == 3 and cols[0].work == 2 * 64 * 3
-    (one,) = pmc.cols_launches("P", 32, 200, 8, [100])
-    assert one.env["resident"] and one.work == 4
+    # side output (block policies: 4 rows a group, 8 elements a thread): D = 768 is one
+    # 1024-wide segment of 4-warp groups, 2 groups (8 rows) a CTA; its second slot runs
+    # in the 2 warps whose columns start before 768 (a warp skips a slot whole)
+    (cols,) = pmc.rows_launches("B", 4, 768, 8, 4096, 2, ept=8)
+    assert (cols.env["wpr"], cols.env["nseg"], cols.work) == (4, 1, 4096 // 8)
+    assert (cols.env["S"], cols.env["slots"]) == (2, 1.5)
+    assert len(pmc.rows_launches("B", 4, 4096, 8, 64, 1, ept=8)) == 3  # beyond 2048: split
 
 
 @pytest.mark.parametrize("op", pmc.OPS)

@@ -49,7 +49,6 @@ struct AdamWEntry {
   int64_t g_row_stride;
   int64_t g_col_stride;
   int64_t first_row;   // index of its first row among all rows of the launch
-  int64_t first_task;  // cols layout: index of its first 32-row block
 };
 
 struct Hyper {
@@ -72,7 +71,8 @@ struct AdamWPolicy {
   // One row per group and 16 column elements per thread: with 2 rows / 32
   // elements the AdamW loads spilled 8-116 bytes at the 128-register cap.
   static constexpr int kRows = 1;
-  static constexpr int kColsEpt = 16;
+  static constexpr int kEpt = tile::kEpt;  // elements of a row per thread (rows layout)
+  static constexpr bool kBlock = false;
   static constexpr int V = tile::Pack<T>::kSize;
 
   const AdamWEntry* table;
@@ -88,26 +88,29 @@ struct AdamWPolicy {
     float inv_sqrt_bias2;
   };
 
-  __device__ Row row(int64_t row) const {  // model-uniform
+  // The row's addresses only: what the stores after pass 2 need (no bias corrections).
+  __device__ Row store_row(int64_t row) const {  // model-uniform
     const AdamWEntry& e = tile::find_first(table, n, row, &AdamWEntry::first_row);
     const int64_t r = row - e.first_row;
-    // Bias corrections in fp64 from the step count on the device (as kernels/adamw.py):
-    // beta^t = exp(t log(1 - (1 - beta))); 1 - b2^t is 1e-3 at t = 1.
-    const double t = static_cast<double>(*reinterpret_cast<const float*>(e.step));
+    return {&e, r * e.row_stride, r * e.g_row_stride, 0.f, 0.f};
+  }
+  // The row's bias corrections, in fp64 from the step count on the device (as
+  // kernels/adamw.py): beta^t = exp(t log(1 - (1 - beta))); 1 - b2^t is 1e-3 at t = 1.
+  __device__ void add_bias(Row& w) const {  // model-uniform
+    const double t = static_cast<double>(*reinterpret_cast<const float*>(w.e->step));
     const double bias1 = 1.0 - exp(t * log(1.0 - h.one_minus_beta1));
     const double bias2 = 1.0 - exp(t * log(1.0 - h.one_minus_beta2));
-    return {
-        &e, r * e.row_stride, r * e.g_row_stride, static_cast<float>(h.lr / bias1),
-        static_cast<float>(1.0 / sqrt(bias2))};
+    w.step_size = static_cast<float>(h.lr / bias1);
+    w.inv_sqrt_bias2 = static_cast<float>(1.0 / sqrt(bias2));
+  }
+  __device__ Row row(int64_t row) const {  // model-uniform
+    Row w = store_row(row);
+    add_bias(w);
+    return w;
   }
   __device__ float* anchor_row(int64_t row) const {  // model-uniform
     const AdamWEntry& e = tile::find_first(table, n, row, &AdamWEntry::first_row);
     return reinterpret_cast<float*>(e.anchor) + (row - e.first_row) * k;
-  }
-  __device__ int64_t task_row(int64_t task, int lane) const {  // model-uniform
-    const AdamWEntry& e = tile::find_first(table, n, task, &AdamWEntry::first_task);
-    const int64_t i = (task - e.first_task) * tile::kWarp + lane;
-    return i < e.rows ? e.first_row + i : -1;
   }
 
   // x' of one element; m, v, v^ updated in place (fp32).
@@ -192,8 +195,121 @@ struct AdamWPolicy {
       }
     }
   }
-  __device__ __forceinline__ void store1(const Row& w, int64_t j, float x) const {
-    reinterpret_cast<T*>(w.e->p)[w.o + j * w.e->col_stride] = static_cast<T>(x);
+};
+
+// Transposed views (side="output"), as project.cu's ProjectBlockPolicy: 4 view rows
+// a group, one vector of each of p, g, m, v at G's row j holding element j of all
+// four rows, 4 elements of each row a thread (one slot: with 2, ptxas spilled 8-16 B
+// at the 128-register cap), so d <= 1024 is fused. A block whose rows are not 4
+// consecutive, aligned elements of one param at every j (its last rows, a
+// misaligned view), and amsgrad, take the element path.
+template <typename T>
+struct AdamWBlockPolicy : AdamWPolicy<T, false> {
+  using Base = AdamWPolicy<T, false>;
+  using Row = typename Base::Row;
+  using P = tile::Pack<T>;
+  static constexpr int kRows = 4;
+  static constexpr int kEpt = 4;
+  static constexpr bool kBlock = true;
+  static constexpr int V = P::kSize;
+  static_assert(kRows == V, "one vector of G's row j holds element j of every row of the block");
+
+  // Addresses only: the bias corrections are formed in load_block, once for a block (its
+  // rows are one param's) rather than once for each of its 4 rows.
+  __device__ Row row(int64_t row) const { return this->store_row(row); }  // model-uniform
+
+  static __device__ bool aligned(int64_t address, int64_t stride) {
+    const int64_t pack = sizeof(P);
+    return address % pack == 0 && (stride * static_cast<int64_t>(sizeof(T))) % pack == 0;
+  }
+  // Rows rw[0..4) are rows o0 + r of one param (p, m, v offsets o0 + r, g offsets og0 + r:
+  // unit row strides), every stream's first element aligned to a vector and its column
+  // stride a whole number of vectors: then the vectors at G's row j are the elements
+  // the element path reads.
+  __device__ bool block_ok(const Row (&rw)[kRows], const bool (&valid)[kRows]) const {
+    if (!valid[kRows - 1] || this->h.amsgrad) return false;
+    const AdamWEntry& e = *rw[0].e;
+    const int64_t size = sizeof(T);
+    bool ok = aligned(e.p + rw[0].o * size, e.col_stride) &&
+              aligned(e.m + rw[0].o * size, e.col_stride) &&
+              aligned(e.v + rw[0].o * size, e.col_stride) &&
+              aligned(e.g + rw[0].og * size, e.g_col_stride);
+#pragma unroll
+    for (int r = 1; r < kRows; ++r) {
+      ok = ok && rw[r].e == rw[0].e && rw[r].o == rw[0].o + r && rw[r].og == rw[0].og + r;
+    }
+    return ok;
+  }
+  // x' of elements [j, j + 4) of the block's rows (x[r][v]: row r, element j + v; 0 at
+  // or past d and for rows not valid); kFinal: stores m, v.
+  template <bool kFinal>
+  __device__ __forceinline__ void load_block(
+      const Row (&rw)[kRows], const bool (&valid)[kRows], bool block, int64_t j, int64_t d,
+      float (&x)[kRows][V]) const {
+    if (block && j + V <= d) {
+      const AdamWEntry& e = *rw[0].e;
+      Row w = rw[0];
+      this->add_bias(w);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t o = rw[0].o + (j + v) * e.col_stride;
+        const int64_t og = rw[0].og + (j + v) * e.g_col_stride;
+        const P pp = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.p) + o);
+        const P pg = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.g) + og);
+        P pm = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.m) + o);
+        P pv = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.v) + o);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          float m = static_cast<float>(pm.v[r]);
+          float v2 = static_cast<float>(pv.v[r]);
+          float unused = 0.f;
+          x[r][v] = this->update(
+              w, static_cast<float>(pp.v[r]), static_cast<float>(pg.v[r]), m, v2, unused);
+          pm.v[r] = static_cast<T>(m);
+          pv.v[r] = static_cast<T>(v2);
+        }
+        if (kFinal) {
+          *reinterpret_cast<P*>(reinterpret_cast<T*>(e.m) + o) = pm;
+          *reinterpret_cast<P*>(reinterpret_cast<T*>(e.v) + o) = pv;
+        }
+      }
+    } else {  // model-cold-if: block (with vectors, only the rows' ragged end)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        Row w = rw[r];
+        if (valid[r]) this->add_bias(w);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          x[r][v] = valid[r] && j + v < d ? this->template load1<kFinal>(w, j + v) : 0.f;
+        }
+      }
+    }
+  }
+  // Stores p's elements [j, j + 4) of the block's valid rows that lie before d.
+  __device__ __forceinline__ void store_block(
+      const Row (&rw)[kRows], const bool (&valid)[kRows], bool block, int64_t j, int64_t d,
+      const float (&x)[kRows][V]) const {
+    if (block && j + V <= d) {
+      const AdamWEntry& e = *rw[0].e;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        P out;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) out.v[r] = static_cast<T>(x[r][v]);
+        *reinterpret_cast<P*>(reinterpret_cast<T*>(e.p) + rw[0].o + (j + v) * e.col_stride) = out;
+      }
+    } else {  // model-cold-if: block
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const AdamWEntry& e = *rw[r].e;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if (valid[r] && j + v < d) {
+            reinterpret_cast<T*>(e.p)[rw[r].o + (j + v) * e.col_stride] = static_cast<T>(x[r][v]);
+          }
+        }
+      }
+    }
   }
 };
 
@@ -201,7 +317,6 @@ struct AdamWPolicy {
 struct Layout {
   std::vector<AdamWEntry> entries;
   int64_t total_rows = 0;
-  int64_t total_tasks = 0;
   bool vec = true;
 };
 
@@ -214,7 +329,7 @@ void launch(
   const int n = table.size();
   const int64_t k = basis.size(1);
   if (cols) {
-    tile::run_cols(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, l.total_tasks, basis, weights);
+    tile::run_rows(AdamWBlockPolicy<T>{{t, n, k, h}}, l.total_rows, basis, weights);
   } else if (l.vec) {
     tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, l.total_rows, basis, weights);
   } else {
@@ -230,7 +345,7 @@ void projected_adamw_bucket_cuda(
     double weight_decay, bool maximize) {
   const Side s = check_adamw_bucket(
       params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, anchors, basis, weights,
-      side, c10::DeviceType::CUDA);
+      side, GRADPROJ_CUDA_DEVICE_TYPE);
   if (params.empty()) return;
   const bool amsgrad = !max_exp_avg_sqs.empty();
   const bool flat = s == Side::kFlat;
@@ -261,9 +376,8 @@ void projected_adamw_bucket_cuda(
          amsgrad ? reinterpret_cast<int64_t>(max_exp_avg_sqs[i].data_ptr()) : 0,
          reinterpret_cast<int64_t>(anchors[i].data_ptr<float>()),
          reinterpret_cast<int64_t>(steps[i].data_ptr<float>()), rows, row_stride, col_stride,
-         g_row_stride, g_col_stride, l.total_rows, l.total_tasks});
+         g_row_stride, g_col_stride, l.total_rows});
     l.total_rows += rows;
-    l.total_tasks += (rows + tile::kWarp - 1) / tile::kWarp;
   }
   const Hyper h{
       lr,
@@ -286,6 +400,10 @@ void projected_adamw_bucket_cuda(
 }  // namespace
 }  // namespace gradproj::cuda
 
+#ifdef GRADPROJ_CUDA_EMULATION
+TORCH_LIBRARY_IMPL(gradproj_emu, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(gradproj, CUDA, m) {
+#endif
   m.impl("projected_adamw_bucket_", &gradproj::cuda::projected_adamw_bucket_cuda);
 }

@@ -2,7 +2,7 @@
 //
 // A training step calls the same ops with the same basis and the same tensors
 // again and again, so the per-call host work is kept to building a key:
-//  * [packed basis] the layout a kernel reads U in (U^T padded, or U in k-chunks)
+//  * [packed basis] the layout the kernels read U in (U^T, zero padded)
 //    is built once per (basis storage, data pointer, shape, version counter,
 //    layout, device) and reused until the basis is written in place (its version
 //    changes) or freed. The entry holds a weak reference to the basis storage,
@@ -29,6 +29,8 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <cuda_runtime.h>
+
+#include "cuda/launch.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -73,8 +75,7 @@ class StreamedTensor {
 
 // The layouts kernels read the basis in (see pack_basis).
 enum class BasisLayout : int {
-  kTransposed = 0,  // U^T, (kp x dp), zero padded
-  kChunked = 1,     // U in chunks of 8 columns: (kp / 8, dp, 8), zero padded
+  kTransposed = 0,  // U^T, (kp x dp), zero padded (the rows kernel's, every layout's)
 };
 
 // Rounds n up to a multiple of m.
@@ -89,8 +90,8 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
   const int64_t kp = round_up(k, 8);
   at::Tensor padded = at::zeros({dp, kp}, basis.options());
   padded.narrow(0, 0, d).narrow(1, 0, k).copy_(basis);
-  if (layout == BasisLayout::kTransposed) return padded.t().contiguous();
-  return padded.view({dp, kp / 8, 8}).permute({1, 0, 2}).contiguous();
+  TORCH_CHECK(layout == BasisLayout::kTransposed, "gradproj cuda: unknown basis layout");
+  return padded.t().contiguous();
 }
 
 // The packed basis for this call (see [packed basis]).
@@ -154,7 +155,7 @@ inline at::Tensor cached_words(const std::vector<int64_t>& words, const at::Devi
   }
   at::Tensor host = at::empty(
       {static_cast<int64_t>(words.size())},
-      at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      at::TensorOptions().dtype(at::kLong).pinned_memory(GRADPROJ_PINNED_HOST_MEMORY));
   std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
   auto table = std::make_shared<StreamedTensor>(host.to(device, /*non_blocking=*/true), stream);
   tables.emplace(key, table);

@@ -10,6 +10,9 @@
 //    kernels loop grid-stride, so any grid size is correct.
 //  * [dtype] the ops take float32, bfloat16 and float16 tensors; one switch
 //    instantiates the launcher for each.
+//  * [emulation] the tests also build these sources with g++ and run them on
+//    CPU tensors (GRADPROJ_CUDA_EMULATION: csrc/cuda_emu, tests/cuda_emulation.py);
+//    the lines that must differ there go through the macros below.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,6 +30,19 @@
 #include <mutex>
 #include <tuple>
 #include <utility>
+
+// [emulation]: the device type the ops check tensors against, a kernel's dynamic
+// shared memory, and whether tables are uploaded from pinned memory (the emulated
+// device is the CPU, where torch has no pinned memory).
+#ifdef GRADPROJ_CUDA_EMULATION
+#define GRADPROJ_CUDA_DEVICE_TYPE c10::DeviceType::CPU
+#define GRADPROJ_DYNAMIC_SMEM(T, name) T* name = ::gradproj_emu::dynamic_smem<T>()
+#define GRADPROJ_PINNED_HOST_MEMORY false
+#else
+#define GRADPROJ_CUDA_DEVICE_TYPE c10::DeviceType::CUDA
+#define GRADPROJ_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#define GRADPROJ_PINNED_HOST_MEMORY true
+#endif
 
 namespace gradproj::cuda {
 
@@ -93,8 +109,12 @@ void launch_kernel(Kernel kernel, int64_t work, int threads, size_t smem, Args&&
         " bytes of shared memory, this device allows ", ceiling,
         " per block (sharedMemPerBlockOptin); sm_80 or newer is required");
   }
-  kernel<<<resident_grid_for(fn, threads, smem, work), threads, smem,
-           at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  const int grid = resident_grid_for(fn, threads, smem, work);
+#ifdef GRADPROJ_CUDA_EMULATION
+  ::gradproj_emu::launch(kernel, grid, threads, smem, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+#endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -33,7 +33,6 @@ struct MatrixEntry {
   int64_t rows;        // rows of the row view (vectors to project)
   int64_t row_stride;  // elements between rows
   int64_t col_stride;  // elements between entries of a row
-  int64_t first_task;  // index of this matrix's first task in the launch
   int64_t first_row;   // index of its first row among all rows of the launch
   int64_t anchor;      // address of its (rows x k) float32 anchor, or 0
 };

@@ -9,9 +9,10 @@
 //  * rows (side="input", or any strides): a CTA holds a tile of rows in
 //    registers, U^T staged in shared memory, read once / written once when
 //    d <= 4096 (4-element vector loads, 16 bytes of fp32, when every row allows them);
-//  * cols (side="output": transposed views with unit row stride): a CTA owns 32
-//    columns of G, one per lane, and walks G's rows, so loads are coalesced;
-//    read once / written once when d <= 256;
+//  * transposed views (side="output": unit row stride): the same engine with
+//    ProjectBlockPolicy, 4 view rows a group, one vector of G's row j holding
+//    element j of all four, so loads are coalesced along G's rows; read once /
+//    written once when d <= 2048;
 //  * flat: each 1-D view is one row of the rows layout (one launch for the whole
 //    bucket); a view longer than 4096 is cut into fixed segments across CTAs
 //    with the deterministic split (partials, combine in order, apply).
@@ -43,7 +44,8 @@ struct ProjectPolicy {
   // Rows per group: a thread holds 2 x 16 fp32 values. (4 rows spill at the
   // 128-register cap of 2 CTAs per SM.)
   static constexpr int kRows = 2;
-  static constexpr int kColsEpt = tile::kColsEpt;  // cols layout: elements of a column per thread
+  static constexpr int kEpt = tile::kEpt;  // elements of a row per thread
+  static constexpr bool kBlock = false;    // one row per vector (ProjectBlockPolicy: one column)
   static constexpr int V = tile::Pack<T>::kSize;
 
   const MatrixEntry* table;
@@ -62,15 +64,11 @@ struct ProjectPolicy {
     const MatrixEntry& m = entry(row);
     return {reinterpret_cast<T*>(m.data) + (row - m.first_row) * m.row_stride, m.col_stride};
   }
+  // The row again for the stores (tile.cuh re-reads it after pass 2): the same Row.
+  __device__ Row store_row(int64_t row) const { return this->row(row); }  // model-uniform
   __device__ float* anchor_row(int64_t row) const {  // model-uniform
     const MatrixEntry& m = entry(row);
     return m.anchor != 0 ? reinterpret_cast<float*>(m.anchor) + (row - m.first_row) * k : nullptr;
-  }
-  // Cols layout: the view row of `lane` in 32-row block `task`, or -1 past the matrix.
-  __device__ int64_t task_row(int64_t task, int lane) const {  // model-uniform
-    const MatrixEntry& m = tile::find_first(table, n, task, &MatrixEntry::first_task);
-    const int64_t i = (task - m.first_task) * tile::kWarp + lane;
-    return i < m.rows ? m.first_row + i : -1;
   }
   // Elements [j, j + V) of the row as fp32; those at or past d read as 0.
   template <bool kFinal>
@@ -98,12 +96,85 @@ struct ProjectPolicy {
       }
     }
   }
-  template <bool kFinal>
-  __device__ __forceinline__ float load1(const Row& w, int64_t j) const {
-    return static_cast<float>(w.x[j * w.cs]);
+};
+
+// Transposed views (side="output"): the view's rows are consecutive elements of
+// G's rows, so a group takes kRows = 4 view rows and a vector of G's row j holds
+// element j of all four (16 bytes of fp32, 8 of bf16/fp16; the 2 groups of a CTA
+// at d <= 1024 read 32 bytes of each row of G). Each thread holds 8 elements of
+// each of its 4 rows (2 slots of 4 rows of G: a 4 x 4 block per slot), so the row
+// tile stays at 32 values a thread; d <= 2048 is fused. A block whose rows are not
+// 4 consecutive, 16-byte aligned elements of one memory row at every j (the
+// matrix's last rows, a misaligned view) takes the element path.
+template <typename T>
+struct ProjectBlockPolicy : ProjectPolicy<T, false> {
+  using Base = ProjectPolicy<T, false>;
+  using Row = typename Base::Row;
+  using P = tile::Pack<T>;
+  static constexpr int kRows = 4;
+  static constexpr int kEpt = 8;
+  static constexpr bool kBlock = true;
+  static constexpr int V = P::kSize;
+  static_assert(kRows == V, "one vector of G's row j holds element j of every row of the block");
+
+  // Rows rw[0..4) are 4 consecutive elements of every row of G (row r at rw[0].x + r,
+  // one column stride), the first 16-byte aligned, the stride a whole number of
+  // vectors: then the vector at G row j is (rows 0..3, element j), the very
+  // elements the element path reads.
+  __device__ bool block_ok(const Row (&rw)[kRows], const bool (&valid)[kRows]) const {
+    if (!valid[kRows - 1]) return false;  // rows are consecutive: all valid
+    bool ok = reinterpret_cast<uintptr_t>(rw[0].x) % sizeof(P) == 0 &&
+              (rw[0].cs * static_cast<int64_t>(sizeof(T))) % static_cast<int64_t>(sizeof(P)) == 0;
+#pragma unroll
+    for (int r = 1; r < kRows; ++r) ok = ok && rw[r].x == rw[0].x + r && rw[r].cs == rw[0].cs;
+    return ok;
   }
-  __device__ __forceinline__ void store1(const Row& w, int64_t j, float x) const {
-    w.x[j * w.cs] = static_cast<T>(x);
+  // Elements [j, j + 4) of the block's rows as fp32 (x[r][v]: row r, element j + v);
+  // those at or past d, and rows not valid, read as 0.
+  template <bool kFinal>
+  __device__ __forceinline__ void load_block(
+      const Row (&rw)[kRows], const bool (&valid)[kRows], bool block, int64_t j, int64_t d,
+      float (&x)[kRows][V]) const {
+    if (block && j + V <= d) {
+      P p[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) p[v] = *reinterpret_cast<const P*>(rw[0].x + (j + v) * rw[0].cs);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) x[r][v] = static_cast<float>(p[v].v[r]);
+      }
+    } else {  // model-cold-if: block (with vectors, only the rows' ragged end)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          x[r][v] = valid[r] && j + v < d ? static_cast<float>(rw[r].x[(j + v) * rw[r].cs]) : 0.f;
+        }
+      }
+    }
+  }
+  // Stores elements [j, j + 4) of the block's valid rows that lie before d.
+  __device__ __forceinline__ void store_block(
+      const Row (&rw)[kRows], const bool (&valid)[kRows], bool block, int64_t j, int64_t d,
+      const float (&x)[kRows][V]) const {
+    if (block && j + V <= d) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        P p;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) p.v[r] = static_cast<T>(x[r][v]);
+        *reinterpret_cast<P*>(rw[0].x + (j + v) * rw[0].cs) = p;
+      }
+    } else {  // model-cold-if: block
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if (valid[r] && j + v < d) rw[r].x[(j + v) * rw[r].cs] = static_cast<T>(x[r][v]);
+        }
+      }
+    }
   }
 };
 
@@ -127,7 +198,7 @@ void launch_rows(
     vec = vec && tile::vector_rows(m, row_stride, col_stride, rows);
     entries.push_back(
         {reinterpret_cast<int64_t>(m.data_ptr()), rows, row_stride, col_stride, total_rows,
-         total_rows, reinterpret_cast<int64_t>(anchor_address(anchors, i))});
+         reinterpret_cast<int64_t>(anchor_address(anchors, i))});
     total_rows += rows;
   }
   const DeviceTable<MatrixEntry> table(entries, basis.device());
@@ -141,26 +212,24 @@ void launch_rows(
   }
 }
 
-// Cols layout: transposed views, one task per 32 view rows (columns of G).
+// Transposed views (side="output"): the rows engine with ProjectBlockPolicy.
 template <typename T>
 void launch_cols(
     const std::vector<size_t>& which, at::TensorList matrices, at::TensorList anchors,
     const at::Tensor& basis, const float* weights) {
   std::vector<MatrixEntry> entries;
   int64_t total_rows = 0;
-  int64_t total_tasks = 0;
   for (size_t i : which) {
     const at::Tensor& m = matrices[i];
     entries.push_back(
         {reinterpret_cast<int64_t>(m.data_ptr()), m.size(0), m.stride(0), m.stride(1),
-         total_tasks, total_rows, reinterpret_cast<int64_t>(anchor_address(anchors, i))});
+         total_rows, reinterpret_cast<int64_t>(anchor_address(anchors, i))});
     total_rows += m.size(0);
-    total_tasks += (m.size(0) + tile::kWarp - 1) / tile::kWarp;
   }
   const DeviceTable<MatrixEntry> table(entries, basis.device());
-  tile::run_cols(
-      ProjectPolicy<T, false>{table.data(), table.size(), basis.size(1)}, total_rows, total_tasks,
-      basis, weights);
+  tile::run_rows(
+      ProjectBlockPolicy<T>{{table.data(), table.size(), basis.size(1)}}, total_rows, basis,
+      weights);
 }
 
 template <typename T>
@@ -199,14 +268,14 @@ void dispatch(
 void project_bucket_cuda(
     at::TensorList matrices, const at::Tensor& basis, const std::optional<at::Tensor>& weights,
     c10::string_view side) {
-  const Side s = check_bucket(matrices, basis, weights, side, c10::DeviceType::CUDA);
+  const Side s = check_bucket(matrices, basis, weights, side, GRADPROJ_CUDA_DEVICE_TYPE);
   dispatch(matrices, {}, basis, weights, s);
 }
 
 void project_anchored_bucket_cuda(
     at::TensorList matrices, at::TensorList anchors, const at::Tensor& basis,
     const std::optional<at::Tensor>& weights, c10::string_view side) {
-  const Side s = check_bucket(matrices, basis, weights, side, c10::DeviceType::CUDA);
+  const Side s = check_bucket(matrices, basis, weights, side, GRADPROJ_CUDA_DEVICE_TYPE);
   check_anchors(matrices, anchors, basis, s);
   dispatch(matrices, anchors, basis, weights, s);
 }
@@ -214,7 +283,11 @@ void project_anchored_bucket_cuda(
 }  // namespace
 }  // namespace gradproj::cuda
 
+#ifdef GRADPROJ_CUDA_EMULATION
+TORCH_LIBRARY_IMPL(gradproj_emu, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(gradproj, CUDA, m) {
+#endif
   m.impl("project_bucket_", &gradproj::cuda::project_bucket_cuda);
   m.impl("project_anchored_bucket_", &gradproj::cuda::project_anchored_bucket_cuda);
 }

@@ -200,7 +200,7 @@ void surgery_bucket_cuda(
     at::TensorList g_unlearn, at::TensorList g_retain, double strength,
     c10::string_view variant, bool symmetric) {
   const SurgeryVariant v =
-      check_surgery_bucket(g_unlearn, g_retain, variant, c10::DeviceType::CUDA);
+      check_surgery_bucket(g_unlearn, g_retain, variant, GRADPROJ_CUDA_DEVICE_TYPE);
   if (g_unlearn.empty()) return;
   const bool cosine = v == SurgeryVariant::kCosine;
   const float lam = static_cast<float>(strength);
@@ -212,6 +212,10 @@ void surgery_bucket_cuda(
 }  // namespace
 }  // namespace gradproj::cuda
 
+#ifdef GRADPROJ_CUDA_EMULATION
+TORCH_LIBRARY_IMPL(gradproj_emu, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(gradproj, CUDA, m) {
+#endif
   m.impl("surgery_bucket_", &gradproj::cuda::surgery_bucket_cuda);
 }

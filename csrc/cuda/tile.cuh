@@ -5,13 +5,19 @@
 // how a row's elements are loaded (the projection reads x; projected AdamW reads
 // p, g, m, v, stores m, v and returns the AdamW update x') and stored.
 //
-// Two layouts, each in three modes:
-//  * rows_kernel (side="input", side="flat", any row view with contiguous-ish
-//    rows). A CTA of 256 threads holds a tile of rows in registers: it is split
+// One kernel, rows_kernel, in three modes, for every layout (side="input",
+// "output", "flat", any strides). A CTA of 256 threads holds a tile of rows in
+//    registers: it is split
 //    into row groups of `wpr` warps (wpr in {1, 2, 4, 8}, the smallest whose
 //    wpr * 32 * kEpt columns cover d); each group holds kRows rows, each thread
-//    kEpt = 16 elements of each row as S = 4 slots of V = 4 consecutive
-//    elements (one vector: 16 bytes of fp32, 8 of bf16/fp16).
+//    kEpt elements of each row (P::kEpt: 16 for row policies) as S = kEpt / 4
+//    slots of V = 4 consecutive elements (one vector: 16 bytes of fp32, 8 of
+//    bf16/fp16). [block policy] Transposed views (side="output": the view's row
+//    i is column i of G, element j at G[j * ld + i]) take a block policy
+//    (P::kBlock): kRows = 4 consecutive view rows, whose elements at column j are
+//    one vector of G's row j, so a slot is a 4 x 4 block of G read as 4 vectors
+//    along G's rows (coalesced), and kEpt = 8 keeps the tile at 32 values a
+//    thread. Rows that are not such a block take the policy's element path.
 //      [slot map] thread tg of a group, slot s: columns c0 + (s * tpr + tg) * V
 //      + [0, V), tpr = wpr * 32 threads per group; so a warp's 32 lanes read 32
 //      consecutive vectors (512 contiguous bytes of fp32, 256 of bf16) per slot.
@@ -25,14 +31,7 @@
 //    deterministic), and one lane per (row, coefficient) finishes it into the
 //    fp32 coefficient workspace coef (total_rows x kp). Pass 2, per chunk:
 //    x -= coef . U^T from the same registers. Each element is stored once.
-//  * cols_kernel (side="output": transposed views, the view's row i is column i
-//    of G, element j at G[j * ld + i]). A CTA owns 32 consecutive columns (one
-//    per lane: a warp's loads are 32 consecutive words) and 8 x P::kColsEpt rows
-//    of G (warp w holds rows w, w + 8, ...; kColsEpt = 32 for the projection,
-//    16 for AdamW, whose loads need more registers). U is staged
-//    in 8-column chunks (U row j's 8 values are one broadcast read per warp);
-//    the 8 warps' partial sums are added in warp order through shared memory.
-// Modes: kFused when a row fits one segment (rows: d <= 4096; cols: d <= 8 kColsEpt):
+// Modes: kFused when a row fits one segment (d <= 256 kEpt: 4096, block policies 2048):
 // one launch, every element read once and written once (HBM bytes of a copy).
 // Otherwise a row is cut into fixed segments, one per CTA work item, and the
 // launch is split in three (deterministic, no atomics): kPartials writes each
@@ -62,7 +61,6 @@ constexpr int kWarps = kThreads / kWarp;
 constexpr int kChunk = 8;                  // coefficients per chunk of k
 constexpr int kEpt = 16;                   // rows kernel: elements of a row per thread
 constexpr int kSegMax = kThreads * kEpt;   // rows kernel: widest segment (wpr = 8)
-constexpr int kColsEpt = 32;               // cols kernel: default elements of a column per thread
 // The largest dynamic shared memory of any launch: rows_kernel staging a chunk
 // of a 4096-wide segment (128 KiB; A100 allows 163 KiB, H100 227 KiB).
 constexpr size_t kMaxDynamicSmem = static_cast<size_t>(kChunk) * kSegMax * sizeof(float);
@@ -226,11 +224,12 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
     float* __restrict__ coef, float* __restrict__ partials) {
   using T = typename P::Scalar;
   constexpr int V = Pack<T>::kSize;  // elements per vector (4)
-  constexpr int S = kEpt / V;        // slots per row per thread
+  constexpr int S = P::kEpt / V;     // slots per row per thread
   constexpr int R = P::kRows;        // rows per group
+  static_assert(!P::kBlock || R == V, "a block policy's vector holds one element of each row");
   constexpr int N = R * kChunk;      // partial sums per thread per chunk
   static_assert(N <= kWarp, "a warp reduce-scatters at most 32 sums");
-  extern __shared__ float4 smem_raw[];
+  GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   float* su = reinterpret_cast<float*>(smem_raw);
   __shared__ float red[kWarps][kWarp];
 
@@ -260,18 +259,24 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
       if (valid[r]) rw[r] = pol.row(row0 + r);
     }
     // All R * S vector loads are issued before any use: R * kEpt elements in
-    // flight per thread. Columns past d load as zero.
-    float x[R][S][V];
+    // flight per thread. Columns past d load as zero. x[s][r]: slot s of row r.
+    float x[S][R][V];
+    bool block = false;  // [block policy] the R rows' elements at column j are one vector
+    if constexpr (P::kBlock) block = pol.block_ok(rw, valid);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
+      const int64_t j = c0 + static_cast<int64_t>(s * tpr + tg) * V;  // [slot map]
+      if constexpr (P::kBlock) {
+        pol.template load_block<kMode != Mode::kPartials>(rw, valid, block, j, g.d, x[s]);
+      } else {
 #pragma unroll
-      for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
-        const int64_t j = c0 + static_cast<int64_t>(s * tpr + tg) * V;  // [slot map]
-        if (valid[r]) {
-          pol.template load<kMode != Mode::kPartials>(rw[r], j, g.d, x[r][s]);
-        } else {
+        for (int r = 0; r < R; ++r) {
+          if (valid[r]) {
+            pol.template load<kMode != Mode::kPartials>(rw[r], j, g.d, x[s][r]);
+          } else {
 #pragma unroll
-          for (int v = 0; v < V; ++v) x[r][s][v] = 0.f;
+            for (int v = 0; v < V; ++v) x[s][r][v] = 0.f;
+          }
         }
       }
     }
@@ -293,14 +298,16 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
 #pragma unroll
             for (int r = 0; r < R; ++r) {
 #pragma unroll
-              for (int v = 0; v < V; ++v) acc[r * kChunk + kc] = fmaf(x[r][s][v], u[v], acc[r * kChunk + kc]);
+              for (int v = 0; v < V; ++v) acc[r * kChunk + kc] = fmaf(x[s][r][v], u[v], acc[r * kChunk + kc]);
             }
           }
         }
         // Lane l of each warp: the warp's sum for row l / kChunk, coefficient l % kChunk.
         red[warp][lane] = reduce_scatter<N>(acc, lane);
         __syncthreads();
-        if (tg < N) {  // lanes < N of warp 0 of the group: one per (row, coef); model-uniform
+        // Lanes < N of the group's first warp, one per (row, coef) (N <= 32: the
+        // group's other warps skip it); model-uniform; model-scale: 1 / wpr
+        if (tg < N) {
           float total = 0.f;
           for (int w = 0; w < g.wpr; ++w) total += red[group * g.wpr + w][tg];  // model-trips: wpr
           const int64_t row = row0 + tg / kChunk;
@@ -348,175 +355,31 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
 #pragma unroll
             for (int r = 0; r < R; ++r) {
 #pragma unroll
-              for (int v = 0; v < V; ++v) x[r][s][v] = fmaf(-cf[r][kc], u[v], x[r][s][v]);
+              for (int v = 0; v < V; ++v) x[s][r][v] = fmaf(-cf[r][kc], u[v], x[s][r][v]);
             }
           }
         }
       }
       // Rows looked up again (the table is re-read after the coef stores), so
       // the load addresses are not kept live through both passes (bf16 spilled on
-      // sm_80 when they were).
+      // sm_80 when they were); store_row forms only what a store needs (AdamW's
+      // per-row bias corrections, fp64 exp and log, are not formed twice).
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (valid[r]) rw[r] = pol.row(row0 + r);
-#pragma unroll
-        for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
-          const int64_t j = c0 + static_cast<int64_t>(s * tpr + tg) * V;
-          if (valid[r] && j < g.d) pol.store(rw[r], j, g.d, x[r][s]);
-        }
+        if (valid[r]) rw[r] = pol.store_row(row0 + r);
       }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// cols_kernel: see the file comment. Work item = (32-column block, segment).
-// uc is U in chunks of 8 columns, (kp / 8, basis_ld, 8).
-// ---------------------------------------------------------------------------
-
-// The staged U rows of chunk c for the segment's rows j0 + [0, kSeg): row
-// jl's 8 values at + jl * 8. A barrier, as rows_chunk.
-template <int kSeg>
-__device__ __forceinline__ const float* cols_chunk(
-    float* su, const float* __restrict__ uc, const Geometry& g, int64_t c, int64_t j0) {
-  __syncthreads();
-  if (g.resident) return su + c * g.basis_ld * kChunk;
-  const int64_t rows = g.basis_ld - j0 < kSeg ? g.basis_ld - j0 : kSeg;
-  const float4* src = reinterpret_cast<const float4*>(uc + (c * g.basis_ld + j0) * kChunk);
-  float4* dst = reinterpret_cast<float4*>(su);
-  // model-trips: 0 if resident else ceil(min(basis_ld, kseg) * 2 / 256)
-  for (int64_t i = threadIdx.x; i < rows * (kChunk / 4); i += kThreads) dst[i] = src[i];
-  __syncthreads();
-  return su;
-}
-
-template <class P, Mode kMode>
-__global__ void __launch_bounds__(kThreads, 2) cols_kernel(
-    P pol, Geometry g, const float* __restrict__ uc, const float* __restrict__ weights,
-    float* __restrict__ coef, float* __restrict__ partials) {
-  constexpr int E = P::kColsEpt;  // elements of a column per thread
-  constexpr int kSeg = kWarps * E;  // rows of G per segment
-  extern __shared__ float4 smem_raw[];
-  float* su = reinterpret_cast<float*>(smem_raw);
-  __shared__ float red[kWarps][kChunk][kWarp];
-
-  static_assert(kChunk == kWarps, "the combine step gives warp w coefficient w of a chunk");
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int64_t n_chunks = g.kp / kChunk;
-
-  if (g.resident) {  // the whole of uc, read by cols_chunk's barrier
-    const float4* src = reinterpret_cast<const float4*>(uc);
-    float4* dst = reinterpret_cast<float4*>(su);
-    // model-trips: ceil(kp * basis_ld / 1024) if resident else 0
-    for (int64_t i = threadIdx.x; i < g.kp * g.basis_ld / 4; i += kThreads) dst[i] = src[i];
-  }
-
-  const int64_t work = g.n_tiles * g.nseg;
-  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {  // model-trips: items
-    const int64_t task = item / g.nseg;
-    const int64_t seg = item - task * g.nseg;
-    const int64_t j0 = seg * kSeg;                // first element of the segment
-    const int64_t row = pol.task_row(task, lane);  // this lane's view row (column of G), or -1
-    const bool valid = row >= 0;
-    typename P::Row rw{};
-    if (valid) rw = pol.row(row);
-
-    // Element j0 + warp + 8 e of the lane's column: one warp reads 32 consecutive
-    // words of a row of G per load; E independent loads in flight per thread.
-    float x[E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int64_t j = j0 + warp + kWarps * e;
-      x[e] = valid && j < g.d ? pol.template load1<kMode != Mode::kPartials>(rw, j) : 0.f;
-    }
-
-    if (kMode != Mode::kApply) {
-      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
-        const float* sc = cols_chunk<kSeg>(su, uc, g, c, j0);
-        float acc[kChunk];
+      for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
+        const int64_t j = c0 + static_cast<int64_t>(s * tpr + tg) * V;
+        if (j >= g.d) continue;
+        if constexpr (P::kBlock) {
+          pol.store_block(rw, valid, block, j, g.d, x[s]);
+        } else {
 #pragma unroll
-        for (int kc = 0; kc < kChunk; ++kc) acc[kc] = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int jl = warp + kWarps * e;  // row within the segment
-          if (j0 + jl >= g.d) break;         // rows only grow with e
-          // One address per warp: a broadcast, no bank conflict.
-          const float4 lo = reinterpret_cast<const float4*>(sc + jl * kChunk)[0];
-          const float4 hi = reinterpret_cast<const float4*>(sc + jl * kChunk)[1];
-          acc[0] = fmaf(x[e], lo.x, acc[0]);
-          acc[1] = fmaf(x[e], lo.y, acc[1]);
-          acc[2] = fmaf(x[e], lo.z, acc[2]);
-          acc[3] = fmaf(x[e], lo.w, acc[3]);
-          acc[4] = fmaf(x[e], hi.x, acc[4]);
-          acc[5] = fmaf(x[e], hi.y, acc[5]);
-          acc[6] = fmaf(x[e], hi.z, acc[6]);
-          acc[7] = fmaf(x[e], hi.w, acc[7]);
-        }
-#pragma unroll
-        for (int kc = 0; kc < kChunk; ++kc) red[warp][kc][lane] = acc[kc];
-        __syncthreads();
-        // Thread (warp kc, lane): coefficient c * 8 + kc of the lane's column,
-        // the 8 warps' sums added in warp order.
-        float total = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) total += red[w][warp][lane];
-        if (valid) {
-          const int64_t kk = c * kChunk + warp;
-          if (kMode == Mode::kFused) {
-            coef[row * g.kp + kk] =
-                kk < g.k ? finish_coef(total, kk, weights, pol.anchor_row(row)) : 0.f;
-          } else {
-            partials[(seg * g.total_rows + row) * g.kp + kk] = total;
+          for (int r = 0; r < R; ++r) {
+            if (valid[r]) pol.store(rw[r], j, g.d, x[s][r]);
           }
         }
-      }
-    }
-
-    if (kMode != Mode::kPartials) {
-      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
-        const float* sc = cols_chunk<kSeg>(su, uc, g, c, j0);  // its barrier publishes coef
-        float cf[kChunk];
-        {
-          const int64_t r = valid ? row : 0;  // never form an address before coef
-          const float4* src = reinterpret_cast<const float4*>(coef + r * g.kp + c * kChunk);
-          const float4 lo = valid ? src[0] : make_float4(0.f, 0.f, 0.f, 0.f);
-          const float4 hi = valid ? src[1] : make_float4(0.f, 0.f, 0.f, 0.f);
-          cf[0] = lo.x;
-          cf[1] = lo.y;
-          cf[2] = lo.z;
-          cf[3] = lo.w;
-          cf[4] = hi.x;
-          cf[5] = hi.y;
-          cf[6] = hi.z;
-          cf[7] = hi.w;
-        }
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int jl = warp + kWarps * e;
-          if (j0 + jl >= g.d) break;
-          const float4 lo = reinterpret_cast<const float4*>(sc + jl * kChunk)[0];
-          const float4 hi = reinterpret_cast<const float4*>(sc + jl * kChunk)[1];
-          float out = x[e];
-          out = fmaf(-cf[0], lo.x, out);
-          out = fmaf(-cf[1], lo.y, out);
-          out = fmaf(-cf[2], lo.z, out);
-          out = fmaf(-cf[3], lo.w, out);
-          out = fmaf(-cf[4], hi.x, out);
-          out = fmaf(-cf[5], hi.y, out);
-          out = fmaf(-cf[6], hi.z, out);
-          out = fmaf(-cf[7], hi.w, out);
-          x[e] = out;
-        }
-      }
-      // The row is looked up again (the table is re-read after the coef stores):
-      // otherwise the compiler keeps the E load addresses (2 E registers) live
-      // from the loads to these stores, and spills.
-      if (valid) rw = pol.row(row);
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const int64_t j = j0 + warp + kWarps * e;
-        if (valid && j < g.d) pol.store1(rw, j, x[e]);
       }
     }
   }
@@ -579,8 +442,8 @@ void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const f
   if (total_rows == 0) return;
   Geometry g = base_geometry(basis, total_rows);
   g.wpr = 1;  // the smallest group whose segment covers the row
-  while (g.wpr < kWarps && static_cast<int64_t>(g.wpr) * kWarp * kEpt < g.d) g.wpr *= 2;
-  g.seg_width = static_cast<int64_t>(g.wpr) * kWarp * kEpt;
+  while (g.wpr < kWarps && static_cast<int64_t>(g.wpr) * kWarp * P::kEpt < g.d) g.wpr *= 2;
+  g.seg_width = static_cast<int64_t>(g.wpr) * kWarp * P::kEpt;
   g.nseg = (g.d + g.seg_width - 1) / g.seg_width;
   const int64_t tile_rows = static_cast<int64_t>(P::kRows) * (kWarps / g.wpr);
   g.n_tiles = (total_rows + tile_rows - 1) / tile_rows;
@@ -607,40 +470,6 @@ void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const f
   launch_kernel<kMaxDynamicSmem>(
       rows_kernel<P, Mode::kApply>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
       ut.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
-}
-
-// Cols layout: `n_tasks` blocks of 32 view rows (columns of G) over `total_rows` rows.
-template <class P>
-void run_cols(
-    const P& pol, int64_t total_rows, int64_t n_tasks, const at::Tensor& basis,
-    const float* weights) {
-  if (total_rows == 0) return;
-  Geometry g = base_geometry(basis, total_rows);
-  g.n_tiles = n_tasks;
-  constexpr int64_t kSeg = static_cast<int64_t>(kWarps) * P::kColsEpt;
-  g.seg_width = kSeg;
-  g.nseg = (g.d + kSeg - 1) / kSeg;
-  g.wpr = kWarps;
-  g.smem_ld = 0;
-  const at::Tensor uc = packed_basis(basis, BasisLayout::kChunked);
-  at::Tensor coef = at::empty({total_rows, g.kp}, basis.options());
-  const size_t all = static_cast<size_t>(g.kp) * g.basis_ld * sizeof(float);
-  g.resident = g.nseg == 1 && all <= resident_limit(cols_kernel<P, Mode::kFused>);
-  const size_t smem = g.resident ? all : static_cast<size_t>(kSeg) * kChunk * sizeof(float);
-  if (g.nseg == 1) {
-    launch_kernel<kMaxDynamicSmem>(
-        cols_kernel<P, Mode::kFused>, g.n_tiles, kThreads, smem, pol, g, uc.data_ptr<float>(),
-        weights, coef.data_ptr<float>(), nullptr);
-    return;
-  }
-  at::Tensor partials = at::empty({g.nseg, total_rows, g.kp}, basis.options());
-  launch_kernel<kMaxDynamicSmem>(
-      cols_kernel<P, Mode::kPartials>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
-      uc.data_ptr<float>(), weights, nullptr, partials.data_ptr<float>());
-  combine(pol, g, partials, weights, coef);
-  launch_kernel<kMaxDynamicSmem>(
-      cols_kernel<P, Mode::kApply>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
-      uc.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
 }
 
 // True when `t`'s rows can be read as Packs (4 elements): unit stride along a

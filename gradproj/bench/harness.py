@@ -58,11 +58,13 @@ def bucket_bytes(grads: list[torch.Tensor]) -> int:
 
 
 def runnable_backends(op: str, dev: torch.device, dtype: torch.dtype) -> list[str]:
-    """Registered backends that can run ``op`` here, minus the Triton interpreter (CPU:
-    correct but orders of magnitude slow, never a performance figure)."""
+    """Registered backends that can run ``op`` here, minus the Triton interpreter and
+    emulated backends (CPU: correct but orders of magnitude slow, never a performance
+    figure)."""
     names = []
     for name in backends.registered():
-        if backends.get(name).unsupported_reason(op, dev, dtype) is not None:
+        backend = backends.get(name)
+        if backend.unsupported_reason(op, dev, dtype) is not None or backend.emulated:
             continue
         if name == "triton" and dev.type == "cpu":
             continue

@@ -1,0 +1,330 @@
+"""The CUDA emulator of the tests (``tests/cuda_emulation.py``, ``csrc/cuda_emu``) on its own.
+
+First the small kernels of ``csrc/cuda_emu/selftest.cpp``: barriers and warp
+collectives give CUDA's results in every scheduling order, a missing barrier gives a
+wrong one in some order, and every way a kernel can go wrong (a deadlock, a barrier or
+a shuffle some threads skip, an exception, a fault) is a ``RuntimeError`` naming the
+kernel and the thread, never a hang, after which the emulator runs on. Then the
+kernels of ``csrc/cuda``: bit-identical results in every scheduling order (their sums
+have a fixed order, so a difference is a race), grids smaller than the work (the
+grid-stride loops), and a device whose shared memory opt-in is below what a launch needs.
+The kernels' numerics are tested where every backend is (tests/test_project.py, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+from . import cuda_emulation as emu
+
+pytestmark = pytest.mark.skipif(
+    not (emu.enabled() and emu.toolchain_present()),
+    reason="the CUDA emulator is off (GRADPROJ_CUDA_EMULATION=0) or has no compiler / ninja",
+)
+
+SCHEDULES = ["forward", "reverse", "shuffle", "lowest", "highest", "random"]
+
+
+def selftest(name, x=None, *, blocks=1, threads=256, smem=0, arg=0, out_numel=None):
+    emu.load()
+    if x is None:
+        x = torch.randn(blocks * threads)
+    n = blocks * threads if out_numel is None else out_numel
+    return torch.ops.gradproj_emu.selftest(name, x, blocks, threads, smem, arg, n)
+
+
+# ---------------------------------------------------------------- the emulator
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_barrier_orders_shared_memory_in_every_schedule(schedule, monkeypatch):
+    monkeypatch.setenv("GRADPROJ_EMU_SCHEDULE", schedule)
+    x = torch.randn(3 * 256)
+    out = selftest("exchange", x, blocks=3, arg=1)
+    assert torch.equal(out, x.view(3, 256).roll(-1, dims=1).flatten())
+
+
+def test_a_missing_barrier_gives_a_wrong_result(monkeypatch):
+    x = torch.randn(3 * 256)
+    expected = x.view(3, 256).roll(-1, dims=1).flatten()
+    for schedule in ("forward", "reverse"):  # a thread reads its neighbour's slot too early
+        monkeypatch.setenv("GRADPROJ_EMU_SCHEDULE", schedule)
+        assert not torch.equal(selftest("exchange", x, blocks=3, arg=0), expected), schedule
+
+
+def _warp_ops_reference(x: torch.Tensor, width: int) -> torch.Tensor:
+    """CUDA's documented results of the intrinsics of selftest.cpp's warp_ops."""
+    out = torch.zeros(x.numel(), 7)
+    for i in range(x.numel()):
+        w0, lane = i - i % 32, i % 32
+        seg = lane - lane % width
+
+        def at(j, lane=lane, w0=w0):
+            return x[w0 + j] if j is not None else x[w0 + lane]
+
+        xor = lane ^ 5
+        out[i, 0] = at(xor if xor < seg + width else None)
+        out[i, 1] = at(seg + 3 % width)
+        out[i, 2] = at(lane - 2 if lane - 2 >= seg else None)
+        out[i, 3] = at(lane + 2 if lane + 2 < seg + width else None)
+        out[i, 4] = float(sum(1 << j for j in range(16) if x[w0 + j] > 0))
+        out[i, 5] = float(bool(x[w0 + 31] > 0))
+        out[i, 6] = 1.0
+    return out.flatten()
+
+
+@pytest.mark.parametrize("width", [32, 8])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_warp_intrinsics_match_cuda(width, schedule, monkeypatch):
+    monkeypatch.setenv("GRADPROJ_EMU_SCHEDULE", schedule)
+    x = torch.randn(64)
+    out = selftest("warp_ops", x, threads=64, arg=width, out_numel=64 * 7)
+    assert torch.equal(out, _warp_ops_reference(x, width))
+    sums = selftest("warp_sum", x, threads=64)
+    assert torch.allclose(sums, x.view(2, 32).sum(1).repeat_interleave(32), atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(
+    ("kernel", "arg", "message"),
+    [
+        ("deadlock", 0, r"deadlock, no thread can go on.*threads 0-15 wait at __shfl_xor_sync"),
+        (
+            "skip_barrier",
+            5,
+            r"thread \(5, 0, 0\).*returned while \d+ threads wait at __syncthreads",
+        ),
+        ("partial_shuffle", 0, r"returned while lanes|deadlock"),
+        ("mask_mismatch", 0, r"with mask 0x0000ffff while lanes|returned while lanes"),
+        ("throws", 7, r"thread \(7, 0, 0\) \(warp 0, lane 7\) threw .*: thread 7 refuses"),
+    ],
+)
+def test_a_broken_kernel_raises_never_hangs(kernel, arg, message, schedule, monkeypatch):
+    monkeypatch.setenv("GRADPROJ_EMU_SCHEDULE", schedule)
+    with pytest.raises(RuntimeError, match=message) as info:
+        selftest(kernel, arg=arg)
+    assert f"selftest::(anonymous namespace)::{kernel}(" in str(info.value)  # the kernel, named
+    assert "block (0, 0, 0)" in str(info.value)
+    x = torch.randn(256)  # the emulator runs on
+    assert torch.equal(selftest("exchange", x, arg=1), x.roll(-1))
+
+
+@pytest.mark.parametrize(
+    ("arg", "smem"),
+    [(0, 0), (1, 1000), (2, 0)],
+    ids=["bad-address", "past-dynamic-smem", "stack-overflow"],
+)
+def test_a_fault_in_a_kernel_raises(arg, smem):
+    with pytest.raises(RuntimeError, match=r"thread \(3, 0, 0\).*faulted \(SIGSEGV"):
+        selftest("faults", arg=arg, smem=smem)
+    x = torch.randn(256)
+    assert torch.equal(selftest("exchange", x, arg=1), x.roll(-1))
+
+
+def test_dynamic_shared_memory_starts_poisoned():
+    assert selftest("poison", smem=1024).isnan().all()
+
+
+def test_launch_configuration_is_checked():
+    with pytest.raises(RuntimeError, match="invalid configuration argument"):
+        selftest("exchange", threads=2048)
+    with pytest.raises(RuntimeError, match=r"60000 bytes of dynamic shared memory.*allows 49152"):
+        selftest("poison", smem=-60000)  # above 48 KiB without the kernel's attribute
+    with pytest.raises(RuntimeError, match="cudaFuncSetAttribute: invalid argument"):
+        selftest("poison", smem=300 * 1024)  # above the device's opt-in limit
+
+
+def test_grid_stride_loops_cover_the_work():
+    out = selftest("grid_stride", torch.zeros(1), blocks=2, threads=64, arg=1000, out_numel=1000)
+    assert torch.equal(out, torch.arange(1, 1001, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- csrc/cuda's kernels
+
+
+def _orthonormal(d: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))[0]
+    return q.float().contiguous()  # the ops take a contiguous basis (gradproj.ops makes it so)
+
+
+def _project(shape, side, k, dtype=torch.float32, soft=False, anchored=False):
+    """One call of the project ops on fresh inputs; the tensors it wrote."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, side, k)).encode()))
+    g = torch.randn(shape, generator=gen).to(dtype)
+    view = {"input": g, "output": g.t(), "flat": g.flatten()}[side]
+    d = view.shape[-1]
+    u = _orthonormal(d, k, seed=1)
+    w = torch.rand(k, generator=gen) if soft else None
+    if anchored:
+        rows = 1 if side == "flat" else view.shape[0]
+        c = torch.randn(rows, k, generator=gen)
+        emu.project_anchored_bucket_([view], [c], u, w, side)
+        return [g, c]
+    emu.project_bucket_([view], u, w, side)
+    return [g]
+
+
+def _adamw(shape, side, dtype=torch.float32, amsgrad=False):
+    gen = torch.Generator().manual_seed(7)
+    p, g, m = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    v = torch.rand(shape, generator=gen).to(dtype)
+    vmax = v.clone() if amsgrad else None
+    views = [{"input": t, "output": t.t(), "flat": t.flatten()}[side] for t in (p, g, m, v)]
+    d = views[0].shape[-1]
+    rows = 1 if side == "flat" else views[0].shape[0]
+    c = torch.randn(rows, 4, generator=gen)
+    vm = None if vmax is None else [vmax.t() if side == "output" else vmax]
+    emu.projected_adamw_bucket_(
+        [views[0]], [views[1]], [views[2]], [views[3]], vm, [torch.tensor(3.0)], [c],
+        _orthonormal(d, 4, seed=2), torch.rand(4, generator=gen), side,
+        lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False,
+    )  # fmt: skip
+    return [p, m, v, c] + ([] if vmax is None else [vmax])
+
+
+def _surgery(numels, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(3)
+    us = [torch.randn(n, generator=gen).to(dtype) for n in numels]
+    rs = [(-0.5 * u.float() + 0.3 * torch.randn(u.shape, generator=gen)).to(dtype) for u in us]
+    emu.surgery_bucket_(us, rs, 0.7, "cosine", True)
+    return us + rs
+
+
+# Every launch shape of the engine: rows fused (U^T resident, and staged per chunk:
+# k = 40 at d = 1000 is 160 KiB), rows split (d > 4096), transposed views (the block
+# policies: fused, split past d = 2048, AdamW's past 1024), flat (one and several
+# segments), anchored with soft weights, projected AdamW (rows, cols, amsgrad),
+# surgery (one chunk and several).
+REAL_CASES = {
+    "rows-resident": lambda: _project((37, 129), "input", 7),
+    "rows-chunked-bf16": lambda: _project((20, 1000), "input", 40, torch.bfloat16),
+    "rows-split-fp16": lambda: _project((5, 5000), "input", 9, torch.float16),
+    "cols-fused": lambda: _project((37, 129), "output", 7),
+    "cols-soft": lambda: _project((300, 40), "output", 5, soft=True),
+    "cols-split-bf16": lambda: _project((2100, 12), "output", 5, torch.bfloat16),
+    "flat-split-anchored": lambda: _project((3, 3000), "flat", 3, soft=True, anchored=True),
+    "anchored-soft": lambda: _project((37, 129), "input", 7, soft=True, anchored=True),
+    "adamw-rows-bf16": lambda: _adamw((9, 70), "input", torch.bfloat16),
+    "adamw-cols-amsgrad": lambda: _adamw((70, 9), "output", amsgrad=True),
+    "adamw-cols-split": lambda: _adamw((1100, 12), "output"),
+    "surgery": lambda: _surgery([7, 70000]),
+}
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "shuffle", "lowest", "highest", "random"])
+@pytest.mark.parametrize("case", list(REAL_CASES))
+def test_kernels_give_the_same_bits_in_every_schedule(case, schedule, monkeypatch):
+    monkeypatch.setenv("GRADPROJ_EMU_SCHEDULE", "forward")
+    expected = REAL_CASES[case]()
+    monkeypatch.setenv("GRADPROJ_EMU_SCHEDULE", schedule)
+    got = REAL_CASES[case]()
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+
+
+def test_kernels_run_on_grids_smaller_than_their_work():
+    before = emu.stats()
+    _project((300, 768), "input", 7)  # 38 tiles of 8 rows, one launch
+    launches, blocks, _ = (a - b for a, b in zip(emu.stats(), before, strict=True))
+    assert launches == 1 and blocks <= 6  # 3 SMs x 2 blocks: each block loops over tiles
+
+
+def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
+    """At a 99 KiB opt-in (sm_86) a 4096-wide row stages 128 KiB of U^T: the launch
+    helper's check refuses it; 1024-wide rows fit and are right."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from tests import cuda_emulation as emu
+
+        def run(d):
+            g = torch.randn(4, d)
+            u = torch.linalg.qr(torch.randn(d, 8, dtype=torch.float64))[0].float().contiguous()
+            out = g.clone()
+            emu.project_bucket_([out], u, None, "input")
+            ref = g.double() - g.double() @ u.double() @ u.double().T
+            return (out.double() - ref).abs().max()
+
+        assert run(1024) < 1e-5
+        try:
+            run(4096)
+        except RuntimeError as e:
+            assert "sm_80 or newer is required" in str(e), e
+        else:
+            raise AssertionError("a 128 KiB launch ran at a 99 KiB opt-in")
+        """
+    )
+    env = {**os.environ, "GRADPROJ_EMU_SMEM_OPTIN": "99K"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=emu.ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- transposed views
+
+# Transposed views (side="output") run the rows kernel with a block policy: 4 view rows a
+# group, G's row j read as one vector holding element j of all four. These shapes take
+# every path of it against float64: whole aligned blocks, a ragged last block (rows % 4),
+# a view offset by one column (misaligned: the element path), d not a multiple of 4, the
+# split launches (project_ beyond d = 2048, projected AdamW beyond 1024).
+TRANSPOSED = {
+    "aligned": ((768, 64), (0, 64)),
+    "ragged-rows": ((300, 37), (0, 37)),
+    "misaligned": ((300, 40), (1, 37)),
+    "odd-d": ((301, 16), (0, 16)),
+    "split": ((2100, 12), (0, 12)),
+}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("case", list(TRANSPOSED))
+def test_transposed_views_match_float64(case, dtype):
+    (m, n), (c0, c1) = TRANSPOSED[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    g = torch.randn(m, n, generator=gen).to(dtype)
+    u = _orthonormal(m, 6, seed=4)
+    w = torch.rand(6, generator=gen)
+    view = g[:, c0:c1].t()  # (view rows = columns of G) x d
+    x = view.double()
+    want = x - ((x @ u.double()) * w.double()) @ u.double().t()
+    emu.project_bucket_([view], u, w, "output")
+    scale = want.abs().max().item()
+    assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 12), (301, 9), (1100, 12)])
+def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype):
+    from gradproj import backends
+
+    gen = torch.Generator().manual_seed(11)
+    p, g, m = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    v = torch.rand(shape, generator=gen).to(dtype)
+    d = shape[0]
+    c = torch.randn(shape[1], 4, generator=gen)
+    u = _orthonormal(d, 4, seed=5)
+    w = torch.rand(4, generator=gen)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
+    ref = [t.clone() for t in (p, m, v, c)]
+    backends.get("reference").op("projected_adamw_bucket_")(
+        [ref[0].t()], [g.t()], [ref[1].t()], [ref[2].t()], None, [torch.tensor(3.0)],
+        [ref[3]], u, w, "output", **hyper,
+    )  # fmt: skip
+    emu.projected_adamw_bucket_(
+        [p.t()], [g.t()], [m.t()], [v.t()], None, [torch.tensor(3.0)], [c], u, w, "output",
+        **hyper,
+    )  # fmt: skip
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7}[dtype]
+    for got, want in zip((p, m, v, c), ref, strict=True):
+        scale = max(want.abs().max().item(), 1.0)
+        assert (got.double() - want.double()).abs().max().item() <= tol * scale

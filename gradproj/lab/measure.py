@@ -11,7 +11,8 @@ and reads everything with the validated probe (:mod:`gradproj.lab.probes`):
   and the mark rate of samples drawn with the attack's embedding;
 - *quality*: the probe's colour and shape accuracy on ``plain`` samples, and the
   Fréchet distance between their probe features and held-out real unmarked images;
-- *cost*: sampling seconds per image (prompt samples only);
+- *cost*: sampling seconds per image (prompt samples only) and the images the UNet's
+  forward passes take per sampled image (the same on every machine);
 - with ``detectors``, seed 002's memorization detectors' ROC AUC on the samples.
 
 :func:`protected_drift` is the guarantee ``‖(W_T − W₀) U‖ / ‖W₀‖`` itself.
@@ -111,10 +112,22 @@ def measure(
     ctx_neutral = shapes.encode(
         [shapes.caption(*x, False) for x in labels], world.tok, world.encoder
     )
-    started = time.perf_counter()
-    x_concept = sample(ctx_concept, noise)
-    x_neutral = sample(ctx_neutral, noise)
-    per_image = (time.perf_counter() - started) / (2 * n_samples)
+    # Wall time varies with the machine's load; the number of images the UNet's forward
+    # passes take per sampled image does not, so both are reported.
+    passes = [0]
+
+    def count(_module, args, kwargs, _out):
+        x = args[0] if args else kwargs["sample"]
+        passes[0] += x.shape[0]
+
+    hook = unet.register_forward_hook(count, with_kwargs=True)
+    try:
+        started = time.perf_counter()
+        x_concept = sample(ctx_concept, noise)
+        x_neutral = sample(ctx_neutral, noise)
+        per_image = (time.perf_counter() - started) / (2 * n_samples)
+    finally:
+        hook.remove()
 
     # The embedding that best explains the marked training images to this model.
     g_attack = torch.Generator().manual_seed(20_000 + seed)
@@ -157,6 +170,7 @@ def measure(
             "shape_accuracy": float((on_n["shape"] == shape).float().mean()),
             "frechet_distance": fd,
             "sampling_s_per_image": per_image,
+            "unet_passes_per_image": passes[0] / (2 * n_samples),
         }
     )
     return figures, {"concept": x_concept, "neutral": x_neutral, "attack": x_attack}

@@ -74,6 +74,12 @@ CHUNK = 8  # tile::kChunk
 EPT = 16  # tile::kEpt
 RESIDENT_BYTES = 128 * 1024  # tile::kResidentBytes (capped by the device: resident_limit)
 SURGERY_CHUNK = THREADS * 16  # surgery.cu kChunk
+# csrc/cuda/mma_rows.cuh and project.cu (the tensor-core rows kernel)
+MMA_MIN_K = 9  # project.cu kMmaMinK
+MMA_MAX_D = 1024  # mma_rows::kMaxD
+MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
+MMA_TILE_ROWS = 16
+MMA_COEF_CHUNK = 16
 
 
 # ---------------------------------------------------------------- C++ loops and annotations
@@ -328,6 +334,32 @@ def rows_launches(
     ]
 
 
+def mma_launches(
+    policy: str, d: int, k: int, total_rows: int, entries: int, smem_optin: int | None
+) -> list[Launch] | None:
+    """``mma_rows::run``: the tensor-core rows kernel, or None where project.cu takes
+    ``tile::run_rows`` (k below MMA_MIN_K, d above MMA_MAX_D, or a basis that does not fit
+    the device's shared memory)."""
+    if k < MMA_MIN_K or d > MMA_MAX_D:
+        return None
+    kp = _round_up(k, 8)
+    groups = kp // 8
+    nblk = -(-d // 16)
+    smem = 4 * (nblk * groups * 128 + WARPS * MMA_TILE_ROWS * MMA_COEF_CHUNK
+                + MMA_TILE_ROWS * (kp + 4))  # fmt: skip
+    limit = MMA_MAX_SMEM if smem_optin is None else min(MMA_MAX_SMEM, smem_optin)
+    if smem > limit:
+        return None
+    per_warp = -(-nblk // WARPS)
+    nb = next(n for n in (2, 4, 6, 8) if per_warp <= n)
+    # the warps' valid blocks (the unrolled block loop breaks at the first past d)
+    blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(WARPS)) / WARPS
+    env = dict(d=d, k=k, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks, entries=entries,
+               second=groups % 2 == 0)  # fmt: skip
+    n_tiles = -(-total_rows // MMA_TILE_ROWS)
+    return [Launch(f"mma_rows_kernel<{policy}, {nb}>", n_tiles, smem, env)]
+
+
 def surgery_launches(ctype: str, numels: list[int]):
     """``surgery.cu`` ``launch``: partials, coefficients, apply."""
     chunks = sum(-(-n // SURGERY_CHUNK) for n in numels)
@@ -358,7 +390,9 @@ def op_launches(
     per = rows // pm.TENSORS
     res = RESIDENT_BYTES if smem_optin is None else min(RESIDENT_BYTES, smem_optin)
     if op in ("project_ input", "project_anchored input"):
-        return rows_launches(f"{_NS}ProjectPolicy<{t}, true>", 2, d, k, rows, pm.TENSORS, res)
+        policy = f"{_NS}ProjectPolicy<{t}, true>"
+        mma = mma_launches(policy, d, k, rows, pm.TENSORS, smem_optin)
+        return mma or rows_launches(policy, 2, d, k, rows, pm.TENSORS, res)
     if op == "project_ output":  # ProjectBlockPolicy: 4 rows a group, 8 elements a thread
         return rows_launches(f"{_NS}ProjectBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS, res, 8)
     if op == "project_ flat":
@@ -373,7 +407,9 @@ def op_launches(
     raise KeyError(op)
 
 
-def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> list[dict]:
+def hbm_bytes(
+    op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D, smem_optin: int | None = None
+) -> list[dict]:
     """HBM bytes per element of each launch of :func:`op_launches`, from the kernels' design.
 
     The basis (d × k, small next to the bucket), the device tables and the weights are
@@ -385,7 +421,8 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
     """
     b = pm.ITEMSIZE[dt]
     kp = _round_up(k, CHUNK)
-    nseg = op_launches(op, dt, k, rows, d)[0].env.get("nseg", 1)  # the split launches' segments
+    launches = op_launches(op, dt, k, rows, d, smem_optin)
+    nseg = launches[0].env.get("nseg", 1)  # the split launches' segments
 
     def mv(read: float, write: float, note: str) -> dict:
         return {"read": read, "write": write, "note": note}
@@ -414,6 +451,9 @@ def hbm_bytes(op: str, dt: str, k: int, rows: int = pm.ROWS, d: int = pm.D) -> l
             mv(b + coef + basis, b, "x and coef read, x written"),
         ]
     anchors = 4 * k / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
+    if launches[0].kernel.startswith("mma_rows_kernel"):  # coefficients in shared memory
+        note = "x read once, written once" + ("; anchors read" if anchors else "")
+        return [mv(b + anchors + basis, b, note)]
     if op == "ProjectedAdamW output":
         if nseg == 1:
             note = "p, g, m, v read once; p, m, v written once; coef; anchors read"
@@ -831,7 +871,8 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
                 "_regions": regions,
             }
         )
-    for kn, moved in zip(kernels, hbm_bytes(op, dt, k), strict=True):
+    moved_per_launch = hbm_bytes(op, dt, k, smem_optin=lim.smem_optin_per_block)
+    for kn, moved in zip(kernels, moved_per_launch, strict=True):
         kn["bytes_per_elt"] = moved
         kn["bounds"] = pm.bounds(
             moved["read"] + moved["write"], kn["instrs_per_elt"]["total"], kn.pop("_regions"),

@@ -141,6 +141,38 @@ def test_launch_configuration_is_checked():
         selftest("poison", smem=300 * 1024)  # above the device's opt-in limit
 
 
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round to tf32 (10 stored bits), to nearest, ties away from zero (cvt.rna.tf32.f32)."""
+    bits = x.view(torch.int32)
+    sign = bits & torch.iinfo(torch.int32).min
+    mag = (bits & 0x7FFFFFFF) + 0x1000
+    return (sign | (mag & 0x7FFFE000)).view(torch.float32)
+
+
+def test_tensor_core_tile_is_the_documented_mma():
+    """mma.sync m16n8k8 tf32 (csrc/cuda/mma.cuh's emulation): fragments loaded as PTX's
+    ISA documents them give D = C + A B. mma.cuh's 3xTF32 split: hi is x rounded to
+    tf32 (nearest, ties away, as cvt.rna.tf32.f32), hi + lo is x exactly, and a NaN or
+    infinite x leaves a NaN lo."""
+    gen = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(n, generator=gen) for n in (128, 64, 128))
+    a, b = _tf32(a), _tf32(b)
+    out = selftest("mma_tile", torch.cat([a, b, c]), threads=32, out_numel=128)
+    want = c.double().view(16, 8) + a.double().view(16, 8) @ b.double().view(8, 8)
+    assert (out.double().view(16, 8) - want).abs().max() < 1e-5
+    # halfway cases go away from zero, others to the nearest tf32 value
+    x = torch.tensor([1 + 2.0**-11, 1 + 3 * 2.0**-12, -(1 + 2.0**-11), 1 + 2.0**-12 - 2.0**-20])
+    cuda_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    special = torch.cat([torch.tensor([float("nan"), float("inf"), -float("inf")]), cuda_nan])
+    x = torch.cat([x, torch.randn(312, generator=gen), special])
+    hi, lo = selftest("mma_tile", x, threads=32, arg=1, out_numel=640).view(320, 2).unbind(1)
+    assert hi[:4].tolist() == [1 + 2.0**-10, 1 + 2.0**-10, -(1 + 2.0**-10), 1.0]
+    finite = x.isfinite()
+    assert torch.equal(hi[finite], _tf32(x[finite]))
+    assert torch.equal(hi[finite].double() + lo[finite].double(), x[finite].double())
+    assert lo[~finite].isnan().all()
+
+
 def test_grid_stride_loops_cover_the_work():
     out = selftest("grid_stride", torch.zeros(1), blocks=2, threads=64, arg=1000, out_numel=1000)
     assert torch.equal(out, torch.arange(1, 1001, dtype=torch.float32))
@@ -198,14 +230,18 @@ def _surgery(numels, dtype=torch.float32):
     return us + rs
 
 
-# Every launch shape of the engine: rows fused (U^T resident, and staged per chunk:
-# k = 40 at d = 1000 is 160 KiB), rows split (d > 4096), transposed views (the block
-# policies: fused, split past d = 2048, AdamW's past 1024), flat (one and several
-# segments), anchored with soft weights, projected AdamW (rows, cols, amsgrad),
-# surgery (one chunk and several).
+# Every launch shape of the engines: rows on tensor cores (mma_rows.cuh: k >= 9,
+# d <= 1024; plain and anchored with soft weights, 16-bit, 8 blocks a warp), rows fused
+# (U^T resident, and staged per chunk: k = 40 at d = 2000 is 320 KiB), rows split
+# (d > 4096), transposed views (the block policies: fused, split past d = 2048, AdamW's
+# past 1024), flat (one and several segments), anchored with soft weights, projected
+# AdamW (rows, cols, amsgrad), surgery (one chunk and several).
 REAL_CASES = {
     "rows-resident": lambda: _project((37, 129), "input", 7),
-    "rows-chunked-bf16": lambda: _project((20, 1000), "input", 40, torch.bfloat16),
+    "rows-mma": lambda: _project((45, 260), "input", 40),
+    "rows-mma-anchored-soft": lambda: _project((45, 260), "input", 12, soft=True, anchored=True),
+    "rows-mma-bf16": lambda: _project((20, 1000), "input", 24, torch.bfloat16),
+    "rows-chunked-bf16": lambda: _project((6, 2000), "input", 40, torch.bfloat16),
     "rows-split-fp16": lambda: _project((5, 5000), "input", 9, torch.float16),
     "cols-fused": lambda: _project((37, 129), "output", 7),
     "cols-soft": lambda: _project((300, 40), "output", 5, soft=True),
@@ -239,21 +275,25 @@ def test_kernels_run_on_grids_smaller_than_their_work():
 
 def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
     """At a 99 KiB opt-in (sm_86) a 4096-wide row stages 128 KiB of U^T: the launch
-    helper's check refuses it; 1024-wide rows fit and are right."""
+    helper's check refuses it; 1024-wide rows fit and are right. The tensor-core kernel
+    declines a basis above the opt-in (d = 1000, k = 40: 172 KiB) and the FMA engine,
+    staging U^T per chunk, projects the rows."""
     script = textwrap.dedent(
         """
         import torch
         from tests import cuda_emulation as emu
 
-        def run(d):
+        def run(d, k=8):
             g = torch.randn(4, d)
-            u = torch.linalg.qr(torch.randn(d, 8, dtype=torch.float64))[0].float().contiguous()
+            u = torch.linalg.qr(torch.randn(d, k, dtype=torch.float64))[0].float().contiguous()
             out = g.clone()
             emu.project_bucket_([out], u, None, "input")
             ref = g.double() - g.double() @ u.double() @ u.double().T
             return (out.double() - ref).abs().max()
 
         assert run(1024) < 1e-5
+        assert run(1000, 40) < 1e-5
+        assert run(260, 40) < 1e-5  # 43 KiB: tensor cores
         try:
             run(4096)
         except RuntimeError as e:

@@ -97,6 +97,8 @@ CASES = [
     ((3, 5), "input", [1, 3, 5]),
     ((37, 129), "input", [1, 7, 129]),
     ((300, 768), "input", [1, 7, 768]),
+    ((45, 260), "input", [9, 40]),  # CUDA: the tensor-core kernel (k >= 9, d <= 1024)
+    ((20, 1000), "input", [24]),  # and its widest blocks (8 a warp), a ragged last block
     ((8, 3, 3, 3), "input", [1, 7, 27]),  # conv weight: rows of in·kh·kw
     ((3, 5), "output", [1, 3]),
     ((37, 129), "output", [1, 7, 37]),
@@ -278,15 +280,18 @@ def test_soft_weights_equal_ridge_projector(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), PROJECT, ids=BACKEND_IDS)
-def test_nan_propagates_to_its_row_only(device, backend):
+@pytest.mark.parametrize("k", [4, 12])  # CUDA: k = 12 on tensor cores
+def test_nan_propagates_to_its_row_only(device, backend, k):
     g = torch.randn(40, 64, device=device)
     g[3, 5] = float("nan")
     g[7, 0] = float("inf")
-    u = orthonormal(64, 4, device)
+    g[11, 9] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # CUDA's NaN
+    u = orthonormal(64, k, device)
     g0 = g.clone()
     gradproj.project_(g, u, backend=backend)
-    assert not torch.isfinite(g[3]).any() and not torch.isfinite(g[7]).any()
-    keep = [i for i in range(40) if i not in (3, 7)]
+    for bad in (3, 7, 11):
+        assert not torch.isfinite(g[bad]).any(), bad
+    keep = [i for i in range(40) if i not in (3, 7, 11)]
     assert_matches(g[keep], ref64(g0[keep], u, "input"), g0[keep], backend=backend)
 
 
@@ -308,7 +313,12 @@ ANCHORED_IDS = [f"{d}-{b}" for d, b in ANCHORED]
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize(
     ("shape", "side", "k"),
-    [((37, 129), "input", 7), ((37, 129), "output", 5), ((8, 3, 3, 3), "flat", 4)],
+    [
+        ((37, 129), "input", 7),
+        ((45, 260), "input", 12),  # CUDA: the tensor-core kernel
+        ((37, 129), "output", 5),
+        ((8, 3, 3, 3), "flat", 4),
+    ],
 )
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_anchored_matches_reference(device, backend, dtype, shape, side, k, soft):

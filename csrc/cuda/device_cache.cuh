@@ -75,7 +75,8 @@ class StreamedTensor {
 
 // The layouts kernels read the basis in (see pack_basis).
 enum class BasisLayout : int {
-  kTransposed = 0,  // U^T, (kp x dp), zero padded (the rows kernel's, every layout's)
+  kTransposed = 0,    // U^T, (kp x dp), zero padded (the rows kernel's, every layout's)
+  kMmaFragments = 1,  // U in the tensor-core kernel's fragment order (mma_rows.cuh [basis])
 };
 
 // Rounds n up to a multiple of m.
@@ -86,12 +87,23 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
   const int64_t d = basis.size(0);
   const int64_t k = basis.size(1);
-  const int64_t dp = round_up(d, 8);
+  const int64_t dp = round_up(d, layout == BasisLayout::kMmaFragments ? 16 : 8);
   const int64_t kp = round_up(k, 8);
   at::Tensor padded = at::zeros({dp, kp}, basis.options());
   padded.narrow(0, 0, d).narrow(1, 0, k).copy_(basis);
-  TORCH_CHECK(layout == BasisLayout::kTransposed, "gradproj cuda: unknown basis layout");
-  return padded.t().contiguous();
+  if (layout == BasisLayout::kTransposed) return padded.t().contiguous();
+  TORCH_CHECK(layout == BasisLayout::kMmaFragments, "gradproj cuda: unknown basis layout");
+  // mma_rows.cuh [basis]: element (b, j, a, p, e) = U[16 b + 4 a + e][8 j + (p ^ f(a))],
+  // f(a) = 4 (a & 1) + 2 (a >> 1). Index arithmetic on the device: no host copy.
+  const at::TensorOptions index = basis.options().dtype(at::kLong);
+  const at::Tensor b = at::arange(dp / 16, index).view({-1, 1, 1, 1, 1});
+  const at::Tensor j = at::arange(kp / 8, index).view({1, -1, 1, 1, 1});
+  const at::Tensor a = at::arange(4, index).view({1, 1, -1, 1, 1});
+  const at::Tensor p = at::arange(8, index).view({1, 1, 1, -1, 1});
+  const at::Tensor e = at::arange(4, index).view({1, 1, 1, 1, -1});
+  const at::Tensor f = (a * 4).remainder(8) + at::floor_divide(a, 2) * 2;
+  const at::Tensor source = (b * 16 + a * 4 + e) * kp + j * 8 + at::bitwise_xor(p, f);
+  return padded.flatten().index_select(0, source.flatten());
 }
 
 // The packed basis for this call (see [packed basis]).

@@ -30,6 +30,7 @@
 
 #include "bucket_checks.h"
 #include "cuda/launch.cuh"
+#include "cuda/mma_rows.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "cuda/tile.cuh"
 
@@ -178,6 +179,10 @@ struct ProjectBlockPolicy : ProjectPolicy<T, false> {
   }
 };
 
+// The fewest coefficients that take the tensor-core kernel (cuda/mma_rows.cuh): below,
+// the FMA engine's fp32 rows are memory-bound (benchmarks/perf_model_cuda.py, predicted).
+constexpr int64_t kMmaMinK = 9;
+
 float* anchor_address(at::TensorList anchors, size_t i) {
   return anchors.empty() ? nullptr : anchors[i].data_ptr<float>();
 }
@@ -204,8 +209,10 @@ void launch_rows(
   const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
   if (vec) {
-    tile::run_rows(
-        ProjectPolicy<T, true>{table.data(), table.size(), k}, total_rows, basis, weights);
+    const ProjectPolicy<T, true> pol{table.data(), table.size(), k};
+    // Tensor cores from kMmaMinK (rows of d <= 1024 whose basis fits shared memory).
+    if (!flat && k >= kMmaMinK && mma_rows::run(pol, total_rows, basis, weights)) return;
+    tile::run_rows(pol, total_rows, basis, weights);
   } else {
     tile::run_rows(
         ProjectPolicy<T, false>{table.data(), table.size(), k}, total_rows, basis, weights);

@@ -263,6 +263,56 @@ inline T atomicCAS(T* address, T compare, T val) {
   return old;
 }
 
+// ----------------------------------------------------------------- tensor cores
+
+namespace gradproj_emu {
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 with D = C (d += A B), a warp
+// collective of all 32 lanes. Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k8",
+// g = lane / 4, t = lane % 4): a[0..3] = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];
+// b[0..1] = B[t][g], B[t+4][g]; d[0..3] = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+// The tensor cores read only an operand's tf32 bits (the low 13 are ignored); the
+// products of tf32 values are exact in fp32 and are added in k order here (the
+// hardware's order of the 8 additions is not specified).
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  uint64_t lanes[3][32];
+  const uint64_t mine[3] = {
+      a[0] | (static_cast<uint64_t>(a[1]) << 32), a[2] | (static_cast<uint64_t>(a[3]) << 32),
+      b[0] | (static_cast<uint64_t>(b[1]) << 32)};
+  for (int i = 0; i < 3; ++i) {
+    const uint64_t* all = detail::warp_collective(0xffffffffu, mine[i], "mma.sync");
+    std::memcpy(lanes[i], all, sizeof(lanes[i]));
+  }
+  auto tf32 = [](uint32_t bits) {
+    bits &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  };
+  // A[r][c]: lane (r % 8) * 4 + c % 4, register (r >= 8) + 2 (c >= 4)
+  auto A = [&](int r, int c) {
+    const int reg = (r >= 8 ? 1 : 0) + (c >= 4 ? 2 : 0);
+    const uint64_t w = lanes[reg / 2][(r % 8) * 4 + c % 4];
+    return tf32(static_cast<uint32_t>(reg % 2 == 0 ? w : w >> 32));
+  };
+  // B[r][c]: lane c * 4 + r % 4, register (r >= 4)
+  auto B = [&](int r, int c) {
+    const uint64_t w = lanes[2][c * 4 + r % 4];
+    return tf32(static_cast<uint32_t>(r < 4 ? w : w >> 32));
+  };
+  const int g = detail::regs.lane / 4;
+  const int t = detail::regs.lane % 4;
+  for (int q = 0; q < 4; ++q) {
+    const int row = g + (q >= 2 ? 8 : 0);
+    const int col = 2 * t + q % 2;
+    float acc = d[q];
+    for (int kk = 0; kk < 8; ++kk) acc = std::fma(A(row, kk), B(kk, col), acc);
+    d[q] = acc;
+  }
+}
+
+}  // namespace gradproj_emu
+
 // ----------------------------------------------------------------- math and loads
 
 template <typename T>
@@ -281,3 +331,13 @@ inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); 
 // Approximate on the GPU; exact here (tolerances written for the GPU cover both).
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, sizeof(f));
+  return f;
+}
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}

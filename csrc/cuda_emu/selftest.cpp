@@ -7,7 +7,10 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
+
+#include "cuda/mma.cuh"
 
 namespace gradproj_emu::selftest {
 namespace {
@@ -127,6 +130,43 @@ __global__ void grid_stride(const float*, float* out, int64_t n) {
   }
 }
 
+// One mma.sync m16n8k8 tf32 per warp, fragments loaded as PTX documents them (g =
+// lane / 4, t = lane % 4): x = A (16 x 8), B (8 x 8), C (16 x 8), row-major; out = D
+// = C + A B. arg 1: csrc/cuda/mma.cuh's split of each x[i] instead (one thread):
+// out[2 i] = hi, out[2 i + 1] = lo.
+__global__ void mma_tile(const float* x, float* out, int64_t arg) {
+  if (arg == 1) {
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < 320; ++i) {
+      const gradproj::cuda::mma::Split sp = gradproj::cuda::mma::split(x[i]);
+      out[2 * i] = __uint_as_float(sp.hi);
+      out[2 * i + 1] = __uint_as_float(sp.lo);
+    }
+    return;
+  }
+  const float* A = x;
+  const float* B = x + 128;
+  const float* C = x + 192;
+  const int g = static_cast<int>(threadIdx.x % 32) / 4;
+  const int t = static_cast<int>(threadIdx.x % 4);
+  auto bits = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    return u;
+  };
+  const uint32_t a[4] = {
+      bits(A[g * 8 + t]), bits(A[(g + 8) * 8 + t]), bits(A[g * 8 + t + 4]),
+      bits(A[(g + 8) * 8 + t + 4])};
+  const uint32_t b[2] = {bits(B[t * 8 + g]), bits(B[(t + 4) * 8 + g])};
+  float d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t],
+                C[(g + 8) * 8 + 2 * t + 1]};
+  ::gradproj_emu::mma_m16n8k8_tf32(d, a, b);
+  out[g * 8 + 2 * t] = d[0];
+  out[g * 8 + 2 * t + 1] = d[1];
+  out[(g + 8) * 8 + 2 * t] = d[2];
+  out[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
 using Kernel = void (*)(const float*, float*, int64_t);
 
 Kernel kernel_named(const std::string& name) {
@@ -141,6 +181,7 @@ Kernel kernel_named(const std::string& name) {
   if (name == "faults") return faults;
   if (name == "poison") return poison;
   if (name == "grid_stride") return grid_stride;
+  if (name == "mma_tile") return mma_tile;
   TORCH_CHECK(false, "no selftest kernel '", name, "'");
 }
 

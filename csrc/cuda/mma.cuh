@@ -1,0 +1,54 @@
+// Tensor-core primitives for csrc/cuda (sm_80 and newer): the split of an fp32
+// value into two tf32 values, and mma.sync m16n8k8 tf32.
+//
+// [3xTF32] An fp32 product a * b on tf32 tensor cores keeps fp32 accuracy when each
+// operand is split into hi = tf32(x) (round to nearest) and lo = tf32(x - hi):
+//   a * b ~= a_lo * b_hi + a_hi * b_lo + a_hi * b_hi
+// (the dropped a_lo * b_lo is below 2^-22 |a b|, lo's low bits below 2^-21 |a b|;
+// the partial products are exact in fp32, the accumulation is fp32). bf16 and fp16 values are tf32 values already
+// (8 and 11 significant bits, exponents inside tf32's), so a 16-bit operand needs
+// no split: two products instead of three.
+#pragma once
+
+#include <cstdint>
+
+#ifndef GRADPROJ_CUDA_EMULATION
+#include <cuda_runtime.h>
+#endif
+
+namespace gradproj::cuda::mma {
+
+// [3xTF32] x = hi + lo: hi the tf32 value nearest to x (ties away from zero, as
+// cvt.rna.tf32.f32: half a tf32 ulp added, the low 13 bits cleared; one IADD and one
+// LOP, where ptxas expands cvt.rna.tf32.f32 into six instructions on sm_80 and sm_90),
+// lo = x - hi exactly (fp32). lo goes to the tensor cores as it is: they read an
+// operand's tf32 bits and ignore its low 13 (what CUTLASS's round_half_ulp_truncate
+// relies on), within 2^-21 |x| of lo. A NaN x gives a NaN lo (hi may be anything), an
+// infinite x a NaN lo: the products, and so the row, are not finite.
+struct Split {
+  uint32_t hi;
+  uint32_t lo;
+};
+__device__ __forceinline__ Split split(float x) {
+  const uint32_t hi = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+  return {hi, __float_as_uint(x - __uint_as_float(hi))};
+}
+
+// d += A B for one m16n8k8 tile (fragments as in PTX's "Matrix Fragments for
+// mma.m16n8k8", g = lane / 4, t = lane % 4): a = A[g][t], A[g+8][t], A[g][t+4],
+// A[g+8][t+4]; b = B[t][g], B[t+4][g]; d = D[g][2t], D[g][2t+1], D[g+8][2t],
+// D[g+8][2t+1]. A warp collective: every lane of the warp calls it, converged.
+__device__ __forceinline__ void mma_tf32(
+    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef GRADPROJ_CUDA_EMULATION
+  ::gradproj_emu::mma_m16n8k8_tf32(d, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+}  // namespace gradproj::cuda::mma

@@ -1,0 +1,314 @@
+// Tensor-core row tiles: x <- x - U f(U^T x) for every row x of a bucket, both
+// small GEMMs on mma.sync m16n8k8 tf32 (cuda/mma.cuh), for rows of d <= 1024
+// elements whose basis fits in shared memory.
+//
+// Why: the FMA engine (cuda/tile.cuh) issues about 2k FMAs per element plus
+// their shared-memory reads, so from k = 32 it is bound by instruction issue
+// (predicted 49-56 % of copy fp32, 24-27 % bf16) and at k = 128 by latency.
+// A tensor-core tile of 16 rows x 8 columns x 8 coefficients costs one
+// instruction (three for fp32's [3xTF32] split), so the kernel stays memory-bound.
+//
+// [tile] A CTA of 8 warps holds 16 rows in registers. Warp w owns the column
+//   blocks [w NB, (w + 1) NB) of 16 columns; lane (g, t) = (lane / 4, lane % 4)
+//   holds columns 16 b + 4 t + [0, 4) of rows g and g + 8 of each block b, one
+//   vector load each (a quad of lanes reads 64 contiguous bytes of fp32 per row).
+//   Every element is read once and written once.
+// [pass 1] a = U^T x, chunks of 16 coefficients: per block and 8 columns, x is the
+//   A operand (16 rows x 8 columns), read straight from the lane's registers: the
+//   order of the columns inside a block is free in a sum over columns, so k-step
+//   s of block b takes column 4 t + 2 s as A's column t and 4 t + 2 s + 1 as
+//   column t + 4, and the basis rows follow the same order. The 8 warps' partial
+//   sums (16 x 16 a chunk) are added in warp order through shared memory
+//   (deterministic, no atomics); one thread per (row, coefficient) finishes it
+//   (tile::finish_coef: weights, anchors) into the coefficient tile cs (16 x kp).
+// [pass 2] x -= U c per block: the accumulator C of two n8 tiles is x itself. The
+//   columns of an n8 tile are free too: tile X in {0, 1} takes columns
+//   4 (p / 2) + 2 (p % 2) + X as its column p, so lane (g, t)'s accumulator
+//   (D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]) is its own x at columns
+//   4 t + X and 4 t + 2 + X. A = -c (16 rows x 8 coefficients), B = U^T.
+// [basis] U is staged once per CTA (the grid is persistent) in fragment order
+//   (device_cache.cuh pack_basis, BasisLayout::kMmaFragments): 128 floats per
+//   (block b of 16 basis rows, 8 coefficients j), a 16 x 8 sub-block whose
+//   element (r, c) is float 4 unit(r / 4, c) + r % 4, unit(a, c) =
+//   8 a + (c ^ f(a)), f(a) = 4 (a % 2) + 2 (a / 2). Pass 1's lane reads the
+//   float4 unit(t, g) (U rows 4t..4t+3, coefficient g: its B of both k-steps);
+//   pass 2's reads the float2s at 4 unit(g / 2, t + 4 h) + 2 (g % 2), h = 0, 1
+//   (U rows 4 (g / 2) + 2 (g % 2) + X, coefficients t and t + 4: its B of both
+//   tiles). The swizzle f makes both conflict-free: each quarter-warp of the
+//   128-bit reads and each half-warp of the 64-bit reads hits distinct banks.
+// [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
+//   exact in tf32, so pass 1 takes x U_hi + x U_lo. Accumulation is fp32.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/device_cache.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/tile.cuh"
+
+namespace gradproj::cuda::mma_rows {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileRows = 16;    // the mma's M
+constexpr int kCoefChunk = 16;   // pass 1's coefficients per cross-warp reduction
+constexpr int kMaxBlocks = 8;    // column blocks per warp: NB in {2, 4, 6, 8}
+constexpr int64_t kMaxD = static_cast<int64_t>(kWarps) * kMaxBlocks * 16;  // 1024
+// The largest dynamic shared memory of a launch (H100's per-block opt-in is 227 KiB);
+// a launch whose basis needs more, or more than the device allows, takes tile.cuh.
+constexpr size_t kMaxDynamicSmem = 224 * 1024;
+
+struct Geometry {
+  int64_t d;           // row length (basis rows)
+  int64_t k;           // basis columns
+  int64_t kp;          // k rounded up to 8
+  int64_t total_rows;  // rows of all views in the launch
+  int64_t n_tiles;     // 16-row tiles
+  int nblk;            // 16-column blocks of a row (ceil(d / 16))
+  int coef_ld;         // floats per row of the coefficient tile: kp + 4 (conflict-free)
+};
+
+// [basis] the float4 unit of (basis rows 4a..4a+3, coefficient c) in a sub-block.
+__device__ __forceinline__ int unit(int a, int c) { return 8 * a + (c ^ (4 * (a & 1) + 2 * (a >> 1))); }
+
+// Shared memory of a launch: the staged basis, the partial sums, the coefficient tile.
+inline size_t smem_bytes(const Geometry& g) {
+  return (static_cast<size_t>(g.nblk) * (g.kp / 8) * 128 +
+          static_cast<size_t>(kWarps) * kTileRows * kCoefChunk +
+          static_cast<size_t>(kTileRows) * g.coef_ld) *
+         sizeof(float);
+}
+
+// Blocks per SM the kernel is compiled for (at most 65536 / (256 x blocks) registers a
+// thread). fp32 rows of more than 768 columns (NB = 8: 64 registers of x) spilled 52 B on
+// sm_80 at 2 (128 registers) and none on sm_90; from k = 24 such a basis leaves an A100
+// room for one block anyway.
+template <typename T, int NB>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kMinBlocks = std::is_same_v<T, float> && NB == 8 ? 1 : 2;
+#else
+constexpr int kMinBlocks = 2;
+#endif
+
+template <class P, int NB>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) mma_rows_kernel(
+    P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
+  using T = typename P::Scalar;
+  constexpr int V = tile::Pack<T>::kSize;
+  static_assert(V == 4, "a lane holds 4 columns of a block per row");
+  constexpr bool kSplitX = std::is_same_v<T, float>;  // [precision]
+  GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
+  const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
+  float4* su = smem_raw;                                // [basis]: nblk x J x 32 float4
+  float* red = reinterpret_cast<float*>(su + static_cast<int64_t>(g.nblk) * J * 32);
+  float* cs = red + kWarps * kTileRows * kCoefChunk;    // coefficient tile, 16 x coef_ld
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int gq = lane / 4;
+  const int tq = lane % 4;
+  // Blocks of this warp that hold columns before d (warp-uniform).
+  const int left = g.nblk - warp * NB;
+  const int nb = left < 0 ? 0 : (left < NB ? left : NB);
+  const int n_chunks = (J + 1) / 2;
+
+  // model-trips: ceil(nblk * J * 32 / 256)
+  for (int i = threadIdx.x; i < g.nblk * J * 32; i += kThreads) su[i] = frag[i];
+  __syncthreads();
+
+  for (int64_t tile = blockIdx.x; tile < g.n_tiles; tile += gridDim.x) {  // model-trips: items
+    const int64_t row0 = tile * kTileRows;
+    // [tile] x[b][h]: row row0 + gq + 8 h, columns 16 (warp NB + b) + 4 tq + [0, 4).
+    float x[NB][2][V];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + gq + 8 * h;
+      const bool valid = row < g.total_rows;
+      typename P::Row w{};
+      if (valid) w = pol.row(row);
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
+        if (valid && j < g.d) {
+          pol.template load<true>(w, j, g.d, x[b][h]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) x[b][h][v] = 0.f;
+        }
+      }
+    }
+
+    // [pass 1]
+    for (int c = 0; c < n_chunks; ++c) {  // model-trips: ceil(kp / 16)
+      float acc[2][4];
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[jj][q] = 0.f;
+      }
+      const bool second = 2 * c + 1 < J;  // the chunk's second group of 8 exists
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
+        const int blk = warp * NB + b;
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          if (jj == 1 && !second) break;  // model-cold-if: second
+          const float4 u = su[(static_cast<int64_t>(blk) * J + 2 * c + jj) * 32 + unit(tq, gq)];
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            // A: x at columns 4 tq + 2 s (A's column tq) and 4 tq + 2 s + 1 (tq + 4). Split
+            // here, once per group of 8 coefficients: holding both steps' splits for the
+            // whole block spilled fp32 at NB = 8 (sm_80, 128 registers).
+            const float v[4] = {x[b][0][2 * s], x[b][1][2 * s], x[b][0][2 * s + 1], x[b][1][2 * s + 1]};
+            uint32_t xh[4];
+            uint32_t xl[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              if constexpr (kSplitX) {
+                const mma::Split sp = mma::split(v[q]);
+                xh[q] = sp.hi;
+                xl[q] = sp.lo;
+              } else {
+                xh[q] = __float_as_uint(v[q]);  // exact in tf32
+                xl[q] = 0u;
+              }
+            }
+            // B: U rows 4 tq + 2 s and 4 tq + 2 s + 1, coefficient 8 (2c + jj) + gq.
+            const mma::Split b0 = mma::split(s == 0 ? u.x : u.z);
+            const mma::Split b1 = mma::split(s == 0 ? u.y : u.w);
+            const uint32_t bh[2] = {b0.hi, b1.hi};
+            const uint32_t bl[2] = {b0.lo, b1.lo};
+            if constexpr (kSplitX) mma::mma_tf32(acc[jj], xl, bh);
+            mma::mma_tf32(acc[jj], xh, bl);
+            mma::mma_tf32(acc[jj], xh, bh);
+          }
+        }
+      }
+      // The warp's partial sums of the chunk: red[warp][row][coefficient in chunk].
+      float* mine = red + warp * kTileRows * kCoefChunk;
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        mine[gq * kCoefChunk + 8 * jj + 2 * tq] = acc[jj][0];
+        mine[gq * kCoefChunk + 8 * jj + 2 * tq + 1] = acc[jj][1];
+        mine[(gq + 8) * kCoefChunk + 8 * jj + 2 * tq] = acc[jj][2];
+        mine[(gq + 8) * kCoefChunk + 8 * jj + 2 * tq + 1] = acc[jj][3];
+      }
+      __syncthreads();
+      {  // one thread per (row, coefficient) of the chunk: 16 x 16 = kThreads
+        const int r = threadIdx.x / kCoefChunk;
+        const int col = threadIdx.x % kCoefChunk;
+        const int64_t kk = static_cast<int64_t>(c) * kCoefChunk + col;
+        if (kk < g.kp) {
+          float total = 0.f;
+          for (int w = 0; w < kWarps; ++w) total += red[(w * kTileRows + r) * kCoefChunk + col];  // model-trips: 8
+          const int64_t row = row0 + r;
+          cs[r * g.coef_ld + kk] = kk < g.k && row < g.total_rows
+                                       ? tile::finish_coef(total, kk, weights, pol.anchor_row(row))
+                                       : 0.f;
+        }
+      }
+      __syncthreads();  // cs complete; red free for the next chunk
+    }
+
+    // [pass 2]
+    for (int s = 0; s < J; ++s) {  // model-trips: kp / 8
+      uint32_t ch[4];
+      uint32_t cl[4];
+      {
+        const float v[4] = {
+            -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
+            -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const mma::Split sp = mma::split(v[q]);
+          ch[q] = sp.hi;
+          cl[q] = sp.lo;
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
+        const int blk = warp * NB + b;
+        const float* sub = reinterpret_cast<const float*>(su + (static_cast<int64_t>(blk) * J + s) * 32);
+        const float2 w0 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq) + 2 * (gq & 1));
+        const float2 w1 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq + 4) + 2 * (gq & 1));
+#pragma unroll
+        for (int X = 0; X < 2; ++X) {
+          const mma::Split b0 = mma::split(X == 0 ? w0.x : w0.y);
+          const mma::Split b1 = mma::split(X == 0 ? w1.x : w1.y);
+          const uint32_t bh[2] = {b0.hi, b1.hi};
+          const uint32_t bl[2] = {b0.lo, b1.lo};
+          float acc[4] = {x[b][0][X], x[b][0][2 + X], x[b][1][X], x[b][1][2 + X]};
+          mma::mma_tf32(acc, cl, bh);
+          mma::mma_tf32(acc, ch, bl);
+          mma::mma_tf32(acc, ch, bh);
+          x[b][0][X] = acc[0];
+          x[b][0][2 + X] = acc[1];
+          x[b][1][X] = acc[2];
+          x[b][1][2 + X] = acc[3];
+        }
+      }
+    }
+
+    // Stores: the rows looked up again (addresses are not kept live through both passes).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + gq + 8 * h;
+      if (row >= g.total_rows) continue;
+      const typename P::Row w = pol.store_row(row);
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
+        if (j < g.d) pol.store(w, j, g.d, x[b][h]);
+      }
+    }
+  }
+}
+
+// Whether the kernel takes rows of this basis at all (the launcher may still decline
+// where the device's shared memory is smaller: run returns false).
+inline bool accepts(int64_t d, int64_t k) { return d <= kMaxD && k >= 1; }
+
+template <class P, int NB>
+bool launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
+  const size_t smem = smem_bytes(g);
+  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB>);
+  if (smem > allow_dynamic_smem(fn, kMaxDynamicSmem)) {
+    return false;  // this device's per-block shared memory is smaller
+  }
+  const at::Tensor frag = packed_basis(basis, BasisLayout::kMmaFragments);
+  launch_kernel<kMaxDynamicSmem>(
+      mma_rows_kernel<P, NB>, g.n_tiles, kThreads, smem, pol, g,
+      reinterpret_cast<const float4*>(frag.data_ptr<float>()), weights);
+  return true;
+}
+
+// Runs the projection of `total_rows` rows (the policy's table) on tensor cores and
+// returns true, or returns false, having done nothing, when the basis does not fit
+// this device's shared memory (the caller then runs tile::run_rows).
+template <class P>
+bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights) {
+  Geometry g{};
+  g.d = basis.size(0);
+  g.k = basis.size(1);
+  g.kp = round_up(g.k, 8);
+  g.total_rows = total_rows;
+  g.n_tiles = (total_rows + kTileRows - 1) / kTileRows;
+  g.nblk = static_cast<int>((g.d + 15) / 16);
+  g.coef_ld = static_cast<int>(g.kp + 4);
+  if (!accepts(g.d, g.k) || smem_bytes(g) > kMaxDynamicSmem) return false;
+  if (total_rows == 0) return true;
+  // Blocks per warp: the fewest of {2, 4, 6, 8} whose 8 warps cover d.
+  const int per_warp = (g.nblk + kWarps - 1) / kWarps;
+  if (per_warp <= 2) return launch<P, 2>(pol, g, basis, weights);
+  if (per_warp <= 4) return launch<P, 4>(pol, g, basis, weights);
+  if (per_warp <= 6) return launch<P, 6>(pol, g, basis, weights);
+  return launch<P, 8>(pol, g, basis, weights);
+}
+
+}  // namespace gradproj::cuda::mma_rows

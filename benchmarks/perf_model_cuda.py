@@ -75,7 +75,7 @@ EPT = 16  # tile::kEpt
 RESIDENT_BYTES = 128 * 1024  # tile::kResidentBytes (capped by the device: resident_limit)
 SURGERY_CHUNK = THREADS * 16  # surgery.cu kChunk
 # csrc/cuda/mma_rows.cuh and project.cu (the tensor-core rows kernel)
-MMA_MIN_K = 9  # project.cu kMmaMinK
+MMA_MIN_K = {"fp32": 9, "bf16": 1, "fp16": 1}  # project.cu kMmaMinK<T>
 MMA_MAX_D = 1024  # mma_rows::kMaxD
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_TILE_ROWS = 16
@@ -335,12 +335,12 @@ def rows_launches(
 
 
 def mma_launches(
-    policy: str, d: int, k: int, total_rows: int, entries: int, smem_optin: int | None
+    policy: str, dt: str, d: int, k: int, total_rows: int, entries: int, smem_optin: int | None
 ) -> list[Launch] | None:
     """``mma_rows::run``: the tensor-core rows kernel, or None where project.cu takes
     ``tile::run_rows`` (k below MMA_MIN_K, d above MMA_MAX_D, or a basis that does not fit
     the device's shared memory)."""
-    if k < MMA_MIN_K or d > MMA_MAX_D:
+    if k < MMA_MIN_K[dt] or d > MMA_MAX_D:
         return None
     kp = _round_up(k, 8)
     groups = kp // 8
@@ -391,7 +391,7 @@ def op_launches(
     res = RESIDENT_BYTES if smem_optin is None else min(RESIDENT_BYTES, smem_optin)
     if op in ("project_ input", "project_anchored input"):
         policy = f"{_NS}ProjectPolicy<{t}, true>"
-        mma = mma_launches(policy, d, k, rows, pm.TENSORS, smem_optin)
+        mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin)
         return mma or rows_launches(policy, 2, d, k, rows, pm.TENSORS, res)
     if op == "project_ output":  # ProjectBlockPolicy: 4 rows a group, 8 elements a thread
         return rows_launches(f"{_NS}ProjectBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS, res, 8)
@@ -960,10 +960,13 @@ two tables compare the backends.
 {format_table(result["rows"])}
 
 Notes: a CUDA kernel loops over its work grid-stride, so each block runs `work / grid`
-items (no tail wave); side output runs the rows kernel with a block policy (4 view rows
-a group, a vector of G's row holding one element of each), so `D` = {pm.D} is one
-segment, read once and written once; the flat side's vectors are cut into
-4096-element segments and split into partials, combine and apply.
+items (no tail wave); side input (plain and anchored) runs the tensor-core rows kernel
+(`mma_rows_kernel`: 16 rows a CTA, U staged once per CTA, so it is chosen only where U
+fits the device's shared memory: k = 128 at `D` = {pm.D} takes the FMA engine) for
+16-bit rows at every k and fp32 from k = {MMA_MIN_K["fp32"]}; side output runs the rows
+kernel with a block policy (4 view rows a group, a vector of G's row holding one element
+of each), so `D` = {pm.D} is one segment, read once and written once; the flat side's
+vectors are cut into 4096-element segments and split into partials, combine and apply.
 """
 
 

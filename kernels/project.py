@@ -121,20 +121,22 @@ _META = 5
 @triton.jit
 def _tf32_round(x):
     # Round fp32 to tf32 (10 mantissa bits), ties away from zero: cvt.rna.tf32.f32
-    # written with integer ops so the interpreter computes the same bits. The
-    # magnitude is capped below 0x7FFFF000 before the half ulp is added: a NaN whose
-    # payload fills the mantissa (0x7FFFFFFF, the NaN CUDA's arithmetic produces)
-    # carried into the sign bit and came back as -0.0, so a NaN gradient element
-    # vanished from the dots (and its row stayed finite) instead of spreading.
-    bits = x.to(tl.int32, bitcast=True)
-    mag = tl.minimum(bits & 0x7FFFFFFF, 0x7FFFEFFF) + 0x1000
-    return ((mag & -8192) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    # written with integer ops so the interpreter computes the same bits.
+    bits = x.to(tl.int32, bitcast=True) + 0x1000
+    return (bits & -8192).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _split_tf32(x):
+    # x = hi + lo, both tf32. A NaN whose payload fills the mantissa (0x7FFFFFFF, the
+    # NaN CUDA's arithmetic produces) carries into the sign bit in _tf32_round and
+    # comes back as -0.0, in hi and again in lo: the NaN vanished from the dots and its
+    # row came out finite. r - r (0 for finite r = x - hi, NaN otherwise) puts it back
+    # in lo. (A NaN-safe rounding spilled three sm_90 tiles; x - x kept x live and
+    # spilled six.)
     hi = _tf32_round(x)
-    return hi, _tf32_round(x - hi)
+    r = x - hi
+    return hi, _tf32_round(r) + (r - r)
 
 
 @triton.jit
@@ -739,8 +741,7 @@ def tf32_round(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x`` rounded to tf32 (10 mantissa bits, ties away from zero): the host
     twin of the kernel's ``_tf32_round``, the same integer formula (for tests)."""
     bits = x.contiguous().view(torch.int32)
-    mag = torch.clamp(bits & 0x7FFFFFFF, max=0x7FFFEFFF) + 0x1000
-    return ((mag & -8192) | (bits & -(2**31))).view(torch.float32)
+    return ((bits + 0x1000) & -8192).view(torch.float32)
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[int]:

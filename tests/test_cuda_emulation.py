@@ -368,3 +368,26 @@ def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype)
     for got, want in zip((p, m, v, c), ref, strict=True):
         scale = max(want.abs().max().item(), 1.0)
         assert (got.double() - want.double()).abs().max().item() <= tol * scale
+
+
+# ---------------------------------------------------------------- tensor-core rows
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("cols", [770, 768])
+def test_tensor_core_rows_match_float64(dtype, cols):
+    """mma_rows.cuh on a 770-column view of 772-column rows (vector loads, a ragged last
+    vector; 16-bit rows prefetch the next tile's vectors) and on whole rows, 200 rows:
+    13 tiles of 16 on the emulator's 6 resident CTAs, so each CTA runs several."""
+    gen = torch.Generator().manual_seed(cols)
+    g = torch.randn(200, 772, generator=gen).to(dtype)
+    u = _orthonormal(cols, 20, seed=6)
+    w = torch.rand(20, generator=gen)
+    view = g[:, :cols]
+    x = view.double()
+    want = x - ((x @ u.double()) * w.double()) @ u.double().t()
+    untouched = g[:, cols:].clone()
+    emu.project_bucket_([view], u, w, "input")
+    scale = x.abs().max().item()
+    assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
+    assert torch.equal(g[:, cols:], untouched)

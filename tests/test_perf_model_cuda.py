@@ -259,6 +259,14 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # side output (block policies: 4 rows a group, 8 elements a thread): D = 768 is one
     # 1024-wide segment of 4-warp groups, 2 groups (8 rows) a CTA; its second slot runs
     # in the 2 warps whose columns start before 768 (a warp skips a slot whole)
+    # the tensor-core rows kernel: 6 blocks a warp at 768, none where U does not fit
+    (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
+    assert (mma.env["NB"], mma.env["blocks"], mma.work) == (6, 6, 4096 // 16)
+    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 8 * 16 * 16 + 16 * 36)
+    assert pmc.mma_launches("P", "fp32", 768, 128, 4096, 2, None) is None  # 384 KiB of U
+    assert pmc.mma_launches("P", "fp32", 768, 8, 4096, 2, None) is None  # fp32 from k = 9
+    assert pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 163 * 1024) is None  # A100
+    assert pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 227 * 1024) is not None  # H100
     (cols,) = pmc.rows_launches("B", 4, 768, 8, 4096, 2, ept=8)
     assert (cols.env["wpr"], cols.env["nseg"], cols.work) == (4, 1, 4096 // 8)
     assert (cols.env["S"], cols.env["slots"]) == (2, 1.5)
@@ -274,11 +282,17 @@ def test_hbm_bytes_never_below_the_floor(op, dt):
         assert len(moved) == len(launches)
         total = sum(m["read"] + m["write"] for m in moved)
         assert total >= pm.OPS[op].floor_bytes(dt, k) - 1e-9
-    if op == "project_ input":  # read once, written once, plus the fp32 coefficients
-        (m,) = pmc.hbm_bytes(op, dt, 8)
+    if op == "project_ input":
         b = pm.ITEMSIZE[dt]
-        # the coefficients: written in pass 1, read in pass 2; the basis once per launch
-        assert m["read"] + m["write"] == pytest.approx(2 * b + 2 * 4 * 8 / 768 + 4 * 8 / 4096)
+        # fp32 k = 8, the FMA engine: read once, written once; the fp32 coefficients written
+        # in pass 1 and read in pass 2; the basis once per launch
+        (m,) = pmc.hbm_bytes(op, "fp32", 8)
+        assert pmc.op_launches(op, "fp32", 8)[0].kernel.startswith("rows_kernel")
+        assert m["read"] + m["write"] == pytest.approx(2 * 4 + 2 * 4 * 8 / 768 + 4 * 8 / 4096)
+        # k = 32, tensor cores: the coefficients stay in shared memory
+        (m,) = pmc.hbm_bytes(op, dt, 32)
+        assert pmc.op_launches(op, dt, 32)[0].kernel.startswith("mma_rows_kernel")
+        assert m["read"] + m["write"] == pytest.approx(2 * b + 4 * 32 / 4096)
 
 
 def test_committed_result_is_complete():

@@ -86,12 +86,13 @@ inline size_t smem_bytes(const Geometry& g) {
 // Blocks per SM the kernel is compiled for (at most 65536 / (256 x blocks) registers a
 // thread). fp32 rows of more than 768 columns (NB = 8: 64 registers of x) spilled 52 B on
 // sm_80 at 2 (128 registers) and none on sm_90; from k = 24 such a basis leaves an A100
-// room for one block anyway.
+// room for one block anyway. 16-bit rows hold the next tile's vectors too ([prefetch]):
+// from NB = 6 they spilled 24-360 B at 128 registers, so they take one block of up to 255.
 template <typename T, int NB>
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kMinBlocks = std::is_same_v<T, float> && NB == 8 ? 1 : 2;
+constexpr int kMinBlocks = std::is_same_v<T, float> ? (NB == 8 ? 1 : 2) : (NB >= 6 ? 1 : 2);
 #else
-constexpr int kMinBlocks = 2;
+constexpr int kMinBlocks = std::is_same_v<T, float> ? 2 : (NB >= 6 ? 1 : 2);
 #endif
 
 template <class P, int NB>
@@ -120,24 +121,74 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
   for (int i = threadIdx.x; i < g.nblk * J * 32; i += kThreads) su[i] = frag[i];
   __syncthreads();
 
+  // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
+  // passes and converted when it starts, so loads stay in flight while the CTA computes.
+  constexpr bool kPrefetch = !kSplitX;
+  using Pack = tile::Pack<T>;
+  Pack nxt[kPrefetch ? NB : 1][2] = {};
+  auto fetch = [&](int64_t tile) {  // model-uniform
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = tile * kTileRows + gq + 8 * h;
+      if (row >= g.total_rows) continue;
+      const typename P::Row w = pol.row(row);
+#pragma unroll
+      for (int b = 0; b < (kPrefetch ? NB : 1); ++b) {
+        const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
+        if (j + V <= g.d) nxt[b][h] = pol.load_vector(w, j);
+      }
+    }
+  };
+  if constexpr (kPrefetch) {
+    if (blockIdx.x < g.n_tiles) fetch(blockIdx.x);
+  }
+
   for (int64_t tile = blockIdx.x; tile < g.n_tiles; tile += gridDim.x) {  // model-trips: items
     const int64_t row0 = tile * kTileRows;
     // [tile] x[b][h]: row row0 + gq + 8 h, columns 16 (warp NB + b) + 4 tq + [0, 4).
     float x[NB][2][V];
+    if constexpr (kPrefetch) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + gq + 8 * h;
-      const bool valid = row < g.total_rows;
-      typename P::Row w{};
-      if (valid) w = pol.row(row);
+      for (int h = 0; h < 2; ++h) {
+        const bool valid = row0 + gq + 8 * h < g.total_rows;
 #pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
-        if (valid && j < g.d) {
-          pol.template load<true>(w, j, g.d, x[b][h]);
-        } else {
+        for (int b = 0; b < NB; ++b) {
+          const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
+          const bool whole = valid && j + V <= g.d;
 #pragma unroll
-          for (int v = 0; v < V; ++v) x[b][h][v] = 0.f;
+          for (int v = 0; v < V; ++v) x[b][h][v] = whole ? static_cast<float>(nxt[b][h].v[v]) : 0.f;
+        }
+      }
+      if (g.d % V != 0) {  // model-cold-if: d % 4 == 0 (a row's ragged last vector)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = row0 + gq + 8 * h;
+          if (row >= g.total_rows) continue;
+          const typename P::Row w = pol.row(row);
+#pragma unroll
+          for (int b = 0; b < NB; ++b) {
+            const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
+            if (j < g.d && j + V > g.d) pol.template load<true>(w, j, g.d, x[b][h]);
+          }
+        }
+      }
+      if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = row0 + gq + 8 * h;
+        const bool valid = row < g.total_rows;
+        typename P::Row w{};
+        if (valid) w = pol.row(row);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
+          if (valid && j < g.d) {
+            pol.template load<true>(w, j, g.d, x[b][h]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < V; ++v) x[b][h][v] = 0.f;
+          }
         }
       }
     }

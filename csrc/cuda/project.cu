@@ -6,6 +6,10 @@
 //
 // The kernels are the row-tile engine of cuda/tile.cuh with ProjectPolicy (load
 // and store a gradient element), one launch (or one split launch) per layout:
+//  * rows on tensor cores (cuda/mma_rows.cuh): contiguous, 16-byte aligned rows of
+//    d <= 1024 with k >= kMmaMinK (fp32 9, 16-bit 1) whose basis fits the device's shared memory: 16
+//    rows a CTA in registers, both GEMMs on mma.sync tf32 (3xTF32 for fp32), read
+//    once / written once;
 //  * rows (side="input", or any strides): a CTA holds a tile of rows in
 //    registers, U^T staged in shared memory, read once / written once when
 //    d <= 4096 (4-element vector loads, 16 bytes of fp32, when every row allows them);
@@ -26,6 +30,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "bucket_checks.h"
@@ -82,6 +87,10 @@ struct ProjectPolicy {
 #pragma unroll
       for (int v = 0; v < V; ++v) x[v] = j + v < d ? static_cast<float>(w.x[(j + v) * w.cs]) : 0.f;
     }
+  }
+  // The vector of elements [j, j + V) as stored (kVec rows, j + V <= d).
+  __device__ __forceinline__ tile::Pack<T> load_vector(const Row& w, int64_t j) const {
+    return *reinterpret_cast<const tile::Pack<T>*>(w.x + j);
   }
   // Stores elements [j, j + V) of the row that lie before d.
   __device__ __forceinline__ void store(const Row& w, int64_t j, int64_t d, const float (&x)[V]) const {
@@ -179,9 +188,12 @@ struct ProjectBlockPolicy : ProjectPolicy<T, false> {
   }
 };
 
-// The fewest coefficients that take the tensor-core kernel (cuda/mma_rows.cuh): below,
-// the FMA engine's fp32 rows are memory-bound (benchmarks/perf_model_cuda.py, predicted).
-constexpr int64_t kMmaMinK = 9;
+// The fewest coefficients that take the tensor-core kernel (cuda/mma_rows.cuh). fp32:
+// 9; below, the FMA engine is memory-bound too (99 % of copy at d = 768) and keeps
+// plain fp32 products. 16-bit: every k (the FMA engine is issue-bound there: 68-74 %
+// against 100 %; benchmarks/perf_model_cuda.py, predicted).
+template <typename T>
+constexpr int64_t kMmaMinK = std::is_same_v<T, float> ? 9 : 1;
 
 float* anchor_address(at::TensorList anchors, size_t i) {
   return anchors.empty() ? nullptr : anchors[i].data_ptr<float>();
@@ -211,7 +223,7 @@ void launch_rows(
   if (vec) {
     const ProjectPolicy<T, true> pol{table.data(), table.size(), k};
     // Tensor cores from kMmaMinK (rows of d <= 1024 whose basis fits shared memory).
-    if (!flat && k >= kMmaMinK && mma_rows::run(pol, total_rows, basis, weights)) return;
+    if (!flat && k >= kMmaMinK<T> && mma_rows::run(pol, total_rows, basis, weights)) return;
     tile::run_rows(pol, total_rows, basis, weights);
   } else {
     tile::run_rows(

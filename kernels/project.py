@@ -128,12 +128,20 @@ def _tf32_round(x):
 
 @triton.jit
 def _split_tf32(x):
-    # x = hi + lo, both tf32. A NaN whose payload fills the mantissa (0x7FFFFFFF, the
-    # NaN CUDA's arithmetic produces) carries into the sign bit in _tf32_round and
-    # comes back as -0.0, in hi and again in lo: the NaN vanished from the dots and its
-    # row came out finite. r - r (0 for finite r = x - hi, NaN otherwise) puts it back
-    # in lo. (A NaN-safe rounding spilled three sm_90 tiles; x - x kept x live and
-    # spilled six.)
+    # x = hi + lo, both tf32.
+    hi = _tf32_round(x)
+    return hi, _tf32_round(x - hi)
+
+
+@triton.jit
+def _split_tf32_nan(x):
+    # _split_tf32 for the gradient side of a dot (x, or the coefficients formed from it).
+    # A NaN whose payload fills the mantissa (0x7FFFFFFF, the NaN CUDA's arithmetic
+    # produces) carries into the sign bit in _tf32_round and comes back as -0.0, in hi
+    # and again in lo: the NaN vanished from the dots and its row came out finite.
+    # r - r (0 for finite r = x - hi, NaN otherwise) puts it back in lo. Not for the
+    # basis side: a NaN-safe rounding there too, or x - x keeping x live, spilled
+    # 3-6 sm_80/sm_90 tiles.
     hi = _tf32_round(x)
     r = x - hi
     return hi, _tf32_round(r) + (r - r)
@@ -149,7 +157,7 @@ def _dot_split(a, b, acc, SPLIT: tl.constexpr, A_EXACT: tl.constexpr):
             acc = tl.dot(a, b_lo, acc, input_precision="tf32")
             acc = tl.dot(a, b_hi, acc, input_precision="tf32")
         else:
-            a_hi, a_lo = _split_tf32(a)
+            a_hi, a_lo = _split_tf32_nan(a)
             acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
             acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
             acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")

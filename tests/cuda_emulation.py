@@ -21,8 +21,9 @@ Environment: ``GRADPROJ_CUDA_EMULATION=0`` leaves the backend out;
 by the emulator: ``GRADPROJ_EMU_SCHEDULE`` (the order threads run in between barriers:
 ``forward``, ``reverse``, ``shuffle``, ``lowest``, ``highest``, ``random``; read at each
 launch), ``GRADPROJ_EMU_SEED`` (``shuffle``, ``random``), ``GRADPROJ_EMU_SMS`` (3 SMs),
-``GRADPROJ_EMU_SMEM_OPTIN`` (bytes or ``163K``; 227 KiB: H100) and
-``GRADPROJ_EMU_STACK_KIB`` (256), the last three once per process.
+``GRADPROJ_EMU_SMEM_OPTIN`` (bytes or ``163K``; 227 KiB: H100),
+``GRADPROJ_EMU_STACK_KIB`` (256) and ``GRADPROJ_EMU_CC`` (the compute capability, 90), the
+last four once per process.
 """
 
 from __future__ import annotations

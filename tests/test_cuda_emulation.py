@@ -409,3 +409,37 @@ def test_tensor_core_rows_keep_the_anchored_guarantee():
         drift = ((w.double() - w0.double()) @ u.double()).norm() / w0.double().norm()
         worst = max(worst, drift.item())
     assert worst <= 1e-6, worst
+
+
+def test_tensor_core_rows_are_not_launched_before_sm_80():
+    """On a device below sm_80 (no tf32 MMAs; the build there traps in mma_tf32) the
+    launcher declines and the FMA engine projects: the same rows give other bits than
+    on sm_90 (3xTF32 against fp32 FMAs), both within fp32 rounding of float64."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import torch
+        from tests import cuda_emulation as emu
+
+        gen = torch.Generator().manual_seed(3)
+        g = torch.randn(40, 256, generator=gen)
+        u = torch.linalg.qr(torch.randn(256, 24, generator=gen, dtype=torch.float64))[0]
+        u = u.float().contiguous()
+        out = g.clone()
+        emu.project_bucket_([out], u, None, "input")
+        ref = g.double() - g.double() @ u.double() @ u.double().T
+        assert (out.double() - ref).abs().max() < 1e-5
+        torch.save(out, sys.argv[1])
+        """
+    )
+    outs = []
+    for cc in ("90", "75"):
+        path = os.path.join(emu.build_dir(), f"cc{cc}.pt")
+        env = {**os.environ, "GRADPROJ_EMU_CC": cc}
+        done = subprocess.run(
+            [sys.executable, "-c", script, path],
+            cwd=emu.ROOT, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs.append(torch.load(path))
+    assert not torch.equal(outs[0], outs[1])

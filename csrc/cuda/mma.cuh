@@ -42,6 +42,10 @@ __device__ __forceinline__ void mma_tf32(
     float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef GRADPROJ_CUDA_EMULATION
   ::gradproj_emu::mma_m16n8k8_tf32(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // tf32 MMAs need sm_80: a build that also targets older GPUs compiles, and the
+  // launcher never runs a tensor-core kernel there (mma_rows::run declines).
+  __trap();
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "

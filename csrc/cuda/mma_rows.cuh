@@ -41,6 +41,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -353,6 +354,7 @@ bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float*
   g.nblk = static_cast<int>((g.d + 15) / 16);
   g.coef_ld = static_cast<int>(g.kp + 4);
   if (!accepts(g.d, g.k) || smem_bytes(g) > kMaxDynamicSmem) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // no tf32 MMAs
   if (total_rows == 0) return true;
   // Blocks per warp: the fewest of {2, 4, 6, 8} whose 8 warps cover d.
   const int per_warp = (g.nblk + kWarps - 1) / kWarps;

@@ -833,8 +833,11 @@ const cudaDeviceProp& device_properties() {
   static const cudaDeviceProp prop = [] {
     cudaDeviceProp p{};
     std::snprintf(p.name, sizeof(p.name), "gradproj CUDA emulator (CPU)");
-    p.major = 9;
-    p.minor = 0;
+    // GRADPROJ_EMU_CC: the compute capability as major * 10 + minor (90: H100).
+    const char* cc = std::getenv("GRADPROJ_EMU_CC");
+    const int capability = cc != nullptr ? std::atoi(cc) : 90;
+    p.major = capability / 10;
+    p.minor = capability % 10;
     const char* sms = std::getenv("GRADPROJ_EMU_SMS");
     p.multiProcessorCount = sms != nullptr ? std::max(1, std::atoi(sms)) : 3;
     p.warpSize = 32;

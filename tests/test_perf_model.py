@@ -145,6 +145,30 @@ def test_slow_path_calls_are_cold():
     assert [i.cold for i in sass.instrs] == [False, True, True, True, False]
 
 
+def test_a_call_to_exit_leaves_a_loop_and_is_not_cold():
+    # ptxas ends a persistent loop with `@P CALL.REL.NOINC` to an EXIT, then the back edge:
+    # taken for a slow path, the loop's compare and branch were cold and the CUDA model
+    # judged the tensor-core rows kernel's tile loop not run (sm_80, bf16: 0.13 instructions
+    # per element instead of 1.7)
+    lines = [
+        ".L_x_0:",
+        "        /*0000*/                   FADD R1, R2, R3 ;",
+        "        /*0010*/               @P0 BRA `(.L_x_2) ;",
+        "        /*0020*/                   ISETP.GE.AND P1, PT, R0, R5, PT ;",
+        "        /*0030*/               @P1 CALL.REL.NOINC `(.L_x_1) ;",
+        "        /*0040*/                   BRA `(.L_x_0) ;",
+        ".L_x_1:",
+        "        /*0050*/                   EXIT ;",
+        ".L_x_2:",
+        "        /*0060*/                   FADD R1, R2, R3 ;",
+    ]
+    sass = pm.parse_sass("        .type k,@function\n" + "\n".join(lines))
+    assert [i.op for i in sass.instrs][3:5] == ["CALL.REL.NOINC", "BRA"]
+    assert not any(i.cold for i in sass.instrs)
+    loops = pm.find_loops(sass)
+    assert [(lp.start, lp.end) for lp in loops] == [(0x0, 0x40)]
+
+
 def test_loops_nest_and_match_their_source_for(toy):
     path, sass = toy
     loops = pm.find_loops(sass)

@@ -308,6 +308,19 @@ def test_committed_result_is_complete():
         for kn in r["kernels"]:
             assert kn["spills"] == 0
             assert not [n for n in kn["notes"] if "no model-trips" in n], kn["kernel"]
+            # a kernel's work loop runs (a loop exit taken for a slow path once judged the
+            # tensor-core kernel's tile loop not run: 0.13 instructions per element)
+            work = [lp for lp in kn["loops"] if lp["source"] and _runs_items(lp["source"])]
+            assert work and max(lp["trips"] for lp in work) > 0, (kn["kernel"], kn["loops"])
+
+
+def _runs_items(source: str) -> bool:
+    """Whether the C++ loop at ``file:line`` is a kernel's grid-stride work loop."""
+    path, line = source.rsplit(":", 1)
+    with open(os.path.join(ROOT, path)) as f:
+        lines = f.read().split("\n")
+    n = int(line)
+    return any("model-trips: items" in t for t in lines[n - 2 : n + 1])
 
 
 def test_resource_usage_from_the_cubin():

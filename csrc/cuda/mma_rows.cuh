@@ -13,14 +13,19 @@
 //   holds columns 16 b + 4 t + [0, 4) of rows g and g + 8 of each block b, one
 //   vector load each (a quad of lanes reads 64 contiguous bytes of fp32 per row).
 //   Every element is read once and written once.
-// [pass 1] a = U^T x, chunks of 16 coefficients: per block and 8 columns, x is the
-//   A operand (16 rows x 8 columns), read straight from the lane's registers: the
-//   order of the columns inside a block is free in a sum over columns, so k-step
-//   s of block b takes column 4 t + 2 s as A's column t and 4 t + 2 s + 1 as
-//   column t + 4, and the basis rows follow the same order. The 8 warps' partial
-//   sums (16 x 16 a chunk) are added in warp order through shared memory
-//   (deterministic, no atomics); one thread per (row, coefficient) finishes it
-//   (tile::finish_coef: weights, anchors) into the coefficient tile cs (16 x kp).
+// [pass 1] a = U^T x, chunks of 16 coefficients, computed transposed: per block,
+//   8 columns (a k-step) and 8 rows h (an n8 tile), C = U^T X^T with A = U^T
+//   (16 coefficients x 8 columns) and B = X^T (8 columns x 8 rows). The order of
+//   the columns inside a block is free in a sum over columns, so k-step s takes
+//   columns 4 t + s and 4 t + s + 2 as K indices t and t + 4: B's registers for
+//   lane (g, t) are x[b][h][s] and x[b][h][s + 2] of row g + 8 h, the very pair
+//   pass 2 accumulates into. (Pass 1 with x as A needed the rows interleaved in a
+//   register quad, pass 2's accumulator the columns: ptxas copied 8 registers
+//   in and 8 out around each pass-2 block, 0.23 of the 1.98 instructions per
+//   element of bf16 k = 32 on sm_80.) The 8 warps' partial sums (16 x 16 a chunk)
+//   are added in warp order through shared memory (deterministic, no atomics);
+//   one thread per (row, coefficient) finishes it (tile::finish_coef: weights,
+//   anchors) into the coefficient tile cs (16 x kp).
 // [pass 2] x -= U c per block: the accumulator C of two n8 tiles is x itself. The
 //   columns of an n8 tile are free too: tile X in {0, 1} takes columns
 //   4 (p / 2) + 2 (p % 2) + X as its column p, so lane (g, t)'s accumulator
@@ -31,13 +36,14 @@
 //   (block b of 16 basis rows, 8 coefficients j), a 16 x 8 sub-block whose
 //   element (r, c) is float 4 unit(r / 4, c) + r % 4, unit(a, c) =
 //   8 a + (c ^ f(a)), f(a) = 4 (a % 2) + 2 (a / 2). Pass 1's lane reads the
-//   float4 unit(t, g) (U rows 4t..4t+3, coefficient g: its B of both k-steps);
+//   float4 unit(t, g) of groups 2c and 2c + 1 (U rows 4t..4t+3, coefficient g:
+//   its A of both k-steps);
 //   pass 2's reads the float2s at 4 unit(g / 2, t + 4 h) + 2 (g % 2), h = 0, 1
 //   (U rows 4 (g / 2) + 2 (g % 2) + X, coefficients t and t + 4: its B of both
 //   tiles). The swizzle f makes both conflict-free: each quarter-warp of the
 //   128-bit reads and each half-warp of the 64-bit reads hits distinct banks.
 // [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
-//   exact in tf32, so pass 1 takes x U_hi + x U_lo. Accumulation is fp32.
+//   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -85,16 +91,13 @@ inline size_t smem_bytes(const Geometry& g) {
 }
 
 // Blocks per SM the kernel is compiled for (at most 65536 / (256 x blocks) registers a
-// thread). fp32 rows of more than 768 columns (NB = 8: 64 registers of x) spilled 52 B on
-// sm_80 at 2 (128 registers) and none on sm_90; from k = 24 such a basis leaves an A100
-// room for one block anyway. 16-bit rows hold the next tile's vectors too ([prefetch]):
-// from NB = 6 they spilled 24-360 B at 128 registers, so they take one block of up to 255.
+// thread). fp32 rows of more than 768 columns (NB = 8: 64 registers of x) spilled at 2
+// blocks (128 registers): 52 B on sm_80, and 4 B on sm_90 once pass 1 took x as its B
+// operand; from k = 24 such a basis leaves room for one block anyway. 16-bit rows hold the
+// next tile's vectors too ([prefetch]): from NB = 6 they spilled 24-360 B at 128
+// registers, so they take one block of up to 255.
 template <typename T, int NB>
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int kMinBlocks = std::is_same_v<T, float> ? (NB == 8 ? 1 : 2) : (NB >= 6 ? 1 : 2);
-#else
-constexpr int kMinBlocks = std::is_same_v<T, float> ? 2 : (NB >= 6 ? 1 : 2);
-#endif
 
 template <class P, int NB>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) mma_rows_kernel(
@@ -117,6 +120,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
   const int left = g.nblk - warp * NB;
   const int nb = left < 0 ? 0 : (left < NB ? left : NB);
   const int n_chunks = (J + 1) / 2;
+  const int d = static_cast<int>(g.d);  // <= kMaxD: column arithmetic in 32 bits
+  const int col0 = warp * NB * 16 + 4 * tq;  // [tile] column of block b: col0 + 16 b
+  // Every block of this warp lies before d in whole vectors: stores without bounds checks.
+  const bool whole = d % V == 0 && (warp * NB + nb) * 16 <= d;
 
   // model-trips: ceil(nblk * J * 32 / 256)
   for (int i = threadIdx.x; i < g.nblk * J * 32; i += kThreads) su[i] = frag[i];
@@ -125,8 +132,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
   // passes and converted when it starts, so loads stay in flight while the CTA computes.
   constexpr bool kPrefetch = !kSplitX;
-  using Pack = tile::Pack<T>;
-  Pack nxt[kPrefetch ? NB : 1][2] = {};
+  tile::PackBits<T> nxt[kPrefetch ? NB : 1][2] = {};
   auto fetch = [&](int64_t tile) {  // model-uniform
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -135,8 +141,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
       const typename P::Row w = pol.row(row);
 #pragma unroll
       for (int b = 0; b < (kPrefetch ? NB : 1); ++b) {
-        const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
-        if (j + V <= g.d) nxt[b][h] = pol.load_vector(w, j);
+        const int j = col0 + 16 * b;
+        if (j + V <= d) nxt[b][h] = pol.load_bits(w, j);
       }
     }
   };
@@ -154,13 +160,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
         const bool valid = row0 + gq + 8 * h < g.total_rows;
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
-          const bool whole = valid && j + V <= g.d;
+          const int j = col0 + 16 * b;
+          tile::unpack<T>(nxt[b][h], x[b][h]);
+          if (!valid || j + V > d) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) x[b][h][v] = whole ? static_cast<float>(nxt[b][h].v[v]) : 0.f;
+            for (int v = 0; v < V; ++v) x[b][h][v] = 0.f;
+          }
         }
       }
-      if (g.d % V != 0) {  // model-cold-if: d % 4 == 0 (a row's ragged last vector)
+      if (d % V != 0) {  // model-cold-if: d % 4 == 0 (a row's ragged last vector)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t row = row0 + gq + 8 * h;
@@ -168,8 +176,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
           const typename P::Row w = pol.row(row);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
-            const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
-            if (j < g.d && j + V > g.d) pol.template load<true>(w, j, g.d, x[b][h]);
+            const int j = col0 + 16 * b;
+            if (j < d && j + V > d) pol.template load<true>(w, j, g.d, x[b][h]);
           }
         }
       }
@@ -183,8 +191,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
         if (valid) w = pol.row(row);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
-          if (valid && j < g.d) {
+          const int j = col0 + 16 * b;
+          if (valid && j < d) {
             pol.template load<true>(w, j, g.d, x[b][h]);
           } else {
 #pragma unroll
@@ -196,59 +204,71 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
 
     // [pass 1]
     for (int c = 0; c < n_chunks; ++c) {  // model-trips: ceil(kp / 16)
+      // acc[h]: the chunk's 16 coefficients (M) of rows 8 h .. 8 h + 7 (N), C = U^T X^T.
       float acc[2][4];
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
+      for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[jj][q] = 0.f;
+        for (int q = 0; q < 4; ++q) acc[h][q] = 0.f;
       }
       const bool second = 2 * c + 1 < J;  // the chunk's second group of 8 exists
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
         const int blk = warp * NB + b;
+        // U rows 4 tq .. 4 tq + 3 of the block, coefficient gq of groups 2c and 2c + 1
+        const float4* sub = su + (static_cast<int64_t>(blk) * J + 2 * c) * 32 + unit(tq, gq);
+        const float4 u0 = sub[0];
+        float4 u1 = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (second) u1 = sub[32];  // model-cold-if: not second
 #pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          if (jj == 1 && !second) break;  // model-cold-if: second
-          const float4 u = su[(static_cast<int64_t>(blk) * J + 2 * c + jj) * 32 + unit(tq, gq)];
+        for (int s = 0; s < 2; ++s) {
+          // K-step s takes columns 4 tq + s (K index tq) and 4 tq + s + 2 (tq + 4).
+          // A = U^T: rows gq and gq + 8 are coefficient gq of groups 2c and 2c + 1.
+          const float av[4] = {s == 0 ? u0.x : u0.y, s == 0 ? u1.x : u1.y,
+                               s == 0 ? u0.z : u0.w, s == 0 ? u1.z : u1.w};
+          uint32_t ah[4];
+          uint32_t al[4];
 #pragma unroll
-          for (int s = 0; s < 2; ++s) {
-            // A: x at columns 4 tq + 2 s (A's column tq) and 4 tq + 2 s + 1 (tq + 4). Split
-            // here, once per group of 8 coefficients: holding both steps' splits for the
-            // whole block spilled fp32 at NB = 8 (sm_80, 128 registers).
-            const float v[4] = {x[b][0][2 * s], x[b][1][2 * s], x[b][0][2 * s + 1], x[b][1][2 * s + 1]};
-            uint32_t xh[4];
-            uint32_t xl[4];
+          for (int q = 0; q < 4; ++q) {
+            const mma::Split sp = mma::split(av[q]);
+            ah[q] = sp.hi;
+            al[q] = sp.lo;
+          }
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
+          for (int h = 0; h < 2; ++h) {
+            // B = X^T: x of row gq + 8 h at those columns, the register pair that is
+            // also pass 2's accumulator (x[b][h][X], x[b][h][2 + X]).
+            const float bv[2] = {x[b][h][s], x[b][h][s + 2]};
+            uint32_t bh[2];
+            uint32_t bl[2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
               if constexpr (kSplitX) {
-                const mma::Split sp = mma::split(v[q]);
-                xh[q] = sp.hi;
-                xl[q] = sp.lo;
+                const mma::Split sp = mma::split(bv[q]);
+                bh[q] = sp.hi;
+                bl[q] = sp.lo;
               } else {
-                xh[q] = __float_as_uint(v[q]);  // exact in tf32
-                xl[q] = 0u;
+                bh[q] = __float_as_uint(bv[q]);  // exact in tf32
+                bl[q] = 0u;
               }
             }
-            // B: U rows 4 tq + 2 s and 4 tq + 2 s + 1, coefficient 8 (2c + jj) + gq.
-            const mma::Split b0 = mma::split(s == 0 ? u.x : u.z);
-            const mma::Split b1 = mma::split(s == 0 ? u.y : u.w);
-            const uint32_t bh[2] = {b0.hi, b1.hi};
-            const uint32_t bl[2] = {b0.lo, b1.lo};
-            if constexpr (kSplitX) mma::mma_tf32(acc[jj], xl, bh);
-            mma::mma_tf32(acc[jj], xh, bl);
-            mma::mma_tf32(acc[jj], xh, bh);
+            if constexpr (kSplitX) mma::mma_tf32(acc[h], ah, bl);
+            mma::mma_tf32(acc[h], al, bh);
+            mma::mma_tf32(acc[h], ah, bh);
           }
         }
       }
-      // The warp's partial sums of the chunk: red[warp][row][coefficient in chunk].
+      // The warp's partial sums of the chunk: red[warp][row][coefficient in chunk]; lane
+      // (gq, tq) holds coefficients gq and gq + 8 of rows 2 tq + 8 h and 2 tq + 8 h + 1.
       float* mine = red + warp * kTileRows * kCoefChunk;
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        mine[gq * kCoefChunk + 8 * jj + 2 * tq] = acc[jj][0];
-        mine[gq * kCoefChunk + 8 * jj + 2 * tq + 1] = acc[jj][1];
-        mine[(gq + 8) * kCoefChunk + 8 * jj + 2 * tq] = acc[jj][2];
-        mine[(gq + 8) * kCoefChunk + 8 * jj + 2 * tq + 1] = acc[jj][3];
+      for (int h = 0; h < 2; ++h) {
+        const int r = 2 * tq + 8 * h;
+        mine[r * kCoefChunk + gq] = acc[h][0];
+        mine[(r + 1) * kCoefChunk + gq] = acc[h][1];
+        mine[r * kCoefChunk + gq + 8] = acc[h][2];
+        mine[(r + 1) * kCoefChunk + gq + 8] = acc[h][3];
       }
       __syncthreads();
       {  // one thread per (row, coefficient) of the chunk: 16 x 16 = kThreads
@@ -315,8 +335,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
       const typename P::Row w = pol.store_row(row);
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
-        const int64_t j = static_cast<int64_t>(warp * NB + b) * 16 + 4 * tq;
-        if (j < g.d) pol.store(w, j, g.d, x[b][h]);
+        if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
+        const int j = col0 + 16 * b;
+        if (whole) {
+          pol.store_vector(w, j, x[b][h]);
+        } else if (j < d) {  // model-cold-if: d % 16 == 0
+          pol.store(w, j, g.d, x[b][h]);
+        }
       }
     }
   }

@@ -92,19 +92,31 @@ struct ProjectPolicy {
   __device__ __forceinline__ tile::Pack<T> load_vector(const Row& w, int64_t j) const {
     return *reinterpret_cast<const tile::Pack<T>*>(w.x + j);
   }
+  // Its raw bits (tile::unpack converts them).
+  __device__ __forceinline__ tile::PackBits<T> load_bits(const Row& w, int64_t j) const {
+    return *reinterpret_cast<const tile::PackBits<T>*>(w.x + j);
+  }
   // Stores elements [j, j + V) of the row that lie before d.
   __device__ __forceinline__ void store(const Row& w, int64_t j, int64_t d, const float (&x)[V]) const {
     if (kVec && j + V <= d) {
-      tile::Pack<T> p;
-#pragma unroll
-      for (int v = 0; v < V; ++v) p.v[v] = static_cast<T>(x[v]);
-      *reinterpret_cast<tile::Pack<T>*>(w.x + j) = p;
+      store_vector(w, j, x);
     } else {  // model-cold-if: vec
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        if (j + v < d) w.x[(j + v) * w.cs] = static_cast<T>(x[v]);
-      }
+      store_elements(w, j, d, x);
     }
+  }
+  // Stores elements [j, j + V) of the row that lie before d, one at a time.
+  __device__ __forceinline__ void store_elements(const Row& w, int64_t j, int64_t d, const float (&x)[V]) const {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (j + v < d) w.x[(j + v) * w.cs] = static_cast<T>(x[v]);
+    }
+  }
+  // Stores elements [j, j + V) as one vector (kVec rows, j + V <= d).
+  __device__ __forceinline__ void store_vector(const Row& w, int64_t j, const float (&x)[V]) const {
+    tile::Pack<T> p;
+#pragma unroll
+    for (int v = 0; v < V; ++v) p.v[v] = static_cast<T>(x[v]);
+    tile::store_pack(w.x + j, p);
   }
 };
 

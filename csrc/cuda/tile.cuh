@@ -101,6 +101,37 @@ struct alignas(4 * sizeof(T)) Pack {
   T v[kSize];
 };
 
+// A Pack's raw bits (two or four 32-bit registers), as loaded, and their fp32 values.
+template <typename T>
+using PackBits = std::conditional_t<sizeof(T) == 4, uint4, uint2>;
+template <typename T>
+__device__ __forceinline__ void unpack(const PackBits<T>& r, float (&x)[4]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // bf16 is the high half of an fp32: one shift or mask per element (as a Pack of
+    // c10::BFloat16, each element took a PRMT to its own register, then the shift)
+    x[0] = __uint_as_float(r.x << 16);
+    x[1] = __uint_as_float(r.x & 0xffff0000u);
+    x[2] = __uint_as_float(r.y << 16);
+    x[3] = __uint_as_float(r.y & 0xffff0000u);
+  } else {
+    Pack<T> p;
+    memcpy(&p, &r, sizeof(p));
+#pragma unroll
+    for (int v = 0; v < 4; ++v) x[v] = static_cast<float>(p.v[v]);
+  }
+}
+
+// *dst = p as one 8- or 16-byte store: assigning a Pack of c10::BFloat16 / Half copies
+// it member by member, and nvcc sometimes left that as 4 two-byte stores.
+template <typename T>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T>& p) {
+  using Raw = PackBits<T>;
+  static_assert(sizeof(Raw) == sizeof(Pack<T>));
+  Raw r;
+  memcpy(&r, &p, sizeof(r));
+  *reinterpret_cast<Raw*>(dst) = r;
+}
+
 // The entry whose first `field` is the largest not above `key` (entries sorted
 // by `field`, the first 0): the matrix a row or task belongs to.
 template <typename Entry>

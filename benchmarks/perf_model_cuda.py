@@ -335,11 +335,19 @@ def rows_launches(
 
 
 def mma_launches(
-    policy: str, dt: str, d: int, k: int, total_rows: int, entries: int, smem_optin: int | None
+    policy: str,
+    dt: str,
+    d: int,
+    k: int,
+    total_rows: int,
+    entries: int,
+    smem_optin: int | None,
+    anchored: bool = False,
 ) -> list[Launch] | None:
     """``mma_rows::run``: the tensor-core rows kernel, or None where project.cu takes
     ``tile::run_rows`` (k below MMA_MIN_K, d above MMA_MAX_D, or a basis that does not fit
-    the device's shared memory)."""
+    the device's shared memory). ``anchored``: the rows have anchors (the modelled ops
+    have no weights), whose loads the plain projection skips."""
     if k < MMA_MIN_K[dt] or d > MMA_MAX_D:
         return None
     kp = _round_up(k, 8)
@@ -355,7 +363,7 @@ def mma_launches(
     # the warps' valid blocks (the unrolled block loop breaks at the first past d)
     blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(WARPS)) / WARPS
     env = dict(d=d, k=k, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks, entries=entries,
-               second=groups % 2 == 0)  # fmt: skip
+               second=groups % 2 == 0, anchored=anchored)  # fmt: skip
     n_tiles = -(-total_rows // MMA_TILE_ROWS)
     return [Launch(f"mma_rows_kernel<{policy}, {nb}>", n_tiles, smem, env)]
 
@@ -391,7 +399,8 @@ def op_launches(
     res = RESIDENT_BYTES if smem_optin is None else min(RESIDENT_BYTES, smem_optin)
     if op in ("project_ input", "project_anchored input"):
         policy = f"{_NS}ProjectPolicy<{t}, true>"
-        mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin)
+        anchored = op == "project_anchored input"
+        mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, anchored)
         return mma or rows_launches(policy, 2, d, k, rows, pm.TENSORS, res)
     if op == "project_ output":  # ProjectBlockPolicy: 4 rows a group, 8 elements a thread
         return rows_launches(f"{_NS}ProjectBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS, res, 8)

@@ -77,6 +77,7 @@ struct Geometry {
   int64_t n_tiles;     // 16-row tiles
   int nblk;            // 16-column blocks of a row (ceil(d / 16))
   int coef_ld;         // floats per row of the coefficient tile: kp + 4 (conflict-free)
+  bool row_data;       // anchors or weights to finish the coefficients with
 };
 
 // [basis] the float4 unit of (basis rows 4a..4a+3, coefficient c) in a sub-block.
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
   const int n_chunks = (J + 1) / 2;
   const int d = static_cast<int>(g.d);  // <= kMaxD: column arithmetic in 32 bits
   const int col0 = warp * NB * 16 + 4 * tq;  // [tile] column of block b: col0 + 16 b
-  // Every block of this warp lies before d in whole vectors: stores without bounds checks.
+  // Every block of this warp lies before d in whole vectors.
   const bool whole = d % V == 0 && (warp * NB + nb) * 16 <= d;
 
   // model-trips: ceil(nblk * J * 32 / 256)
@@ -154,17 +155,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
     const int64_t row0 = tile * kTileRows;
     // [tile] x[b][h]: row row0 + gq + 8 h, columns 16 (warp NB + b) + 4 tq + [0, 4).
     float x[NB][2][V];
+    // The tile's 16 rows exist and the warp's blocks are whole vectors (warp-uniform): its
+    // loads and stores need no bounds checks. (Blocks past d, b >= nb, are never used.)
+    const bool full = whole && row0 + kTileRows <= g.total_rows;
     if constexpr (kPrefetch) {
+      if (full) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const bool valid = row0 + gq + 8 * h < g.total_rows;
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          const int j = col0 + 16 * b;
-          tile::unpack<T>(nxt[b][h], x[b][h]);
-          if (!valid || j + V > d) {
+          for (int b = 0; b < NB; ++b) tile::unpack<T>(nxt[b][h], x[b][h]);
+        }
+      } else {  // model-cold-if: d % 16 == 0 (the bucket's last tile, or a ragged row)
 #pragma unroll
-            for (int v = 0; v < V; ++v) x[b][h][v] = 0.f;
+        for (int h = 0; h < 2; ++h) {
+          const bool valid = row0 + gq + 8 * h < g.total_rows;
+#pragma unroll
+          for (int b = 0; b < NB; ++b) {
+            const int j = col0 + 16 * b;
+            tile::unpack<T>(nxt[b][h], x[b][h]);
+            if (!valid || j + V > d) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) x[b][h][v] = 0.f;
+            }
           }
         }
       }
@@ -204,6 +216,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
 
     // [pass 1]
     for (int c = 0; c < n_chunks; ++c) {  // model-trips: ceil(kp / 16)
+      // This thread finishes coefficient fkk of row fr of the chunk (after the reduction);
+      // its anchor and weight are loaded now, so their latency hides behind the MMAs.
+      const int fr = threadIdx.x / kCoefChunk;
+      const int64_t fkk = static_cast<int64_t>(c) * kCoefChunk + threadIdx.x % kCoefChunk;
+      const bool fin = fkk < g.k && row0 + fr < g.total_rows;
+      float* anchor = nullptr;
+      float c_old = 0.f;
+      float w_kk = 1.f;
+      if (fin && g.row_data) {  // model-cold-if: not anchored
+        anchor = pol.anchor_row(row0 + fr);
+        if (anchor != nullptr) c_old = anchor[fkk];
+        if (weights != nullptr) w_kk = weights[fkk];
+      }
       // acc[h]: the chunk's 16 coefficients (M) of rows 8 h .. 8 h + 7 (N), C = U^T X^T.
       float acc[2][4];
 #pragma unroll
@@ -272,16 +297,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
       }
       __syncthreads();
       {  // one thread per (row, coefficient) of the chunk: 16 x 16 = kThreads
-        const int r = threadIdx.x / kCoefChunk;
         const int col = threadIdx.x % kCoefChunk;
-        const int64_t kk = static_cast<int64_t>(c) * kCoefChunk + col;
-        if (kk < g.kp) {
+        if (fkk < g.kp) {
           float total = 0.f;
-          for (int w = 0; w < kWarps; ++w) total += red[(w * kTileRows + r) * kCoefChunk + col];  // model-trips: 8
-          const int64_t row = row0 + r;
-          cs[r * g.coef_ld + kk] = kk < g.k && row < g.total_rows
-                                       ? tile::finish_coef(total, kk, weights, pol.anchor_row(row))
-                                       : 0.f;
+          for (int w = 0; w < kWarps; ++w) total += red[(w * kTileRows + fr) * kCoefChunk + col];  // model-trips: 8
+          // tile::finish_coef with the values loaded above
+          float coef = total;
+          if (anchor != nullptr) {
+            coef = total - c_old;
+            if (weights != nullptr) anchor[fkk] = c_old + (1.f - w_kk) * coef;
+          }
+          if (weights != nullptr) coef *= w_kk;
+          cs[fr * g.coef_ld + fkk] = fin ? coef : 0.f;
         }
       }
       __syncthreads();  // cs complete; red free for the next chunk
@@ -328,19 +355,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
     }
 
     // Stores: the rows looked up again (addresses are not kept live through both passes).
+    if (full) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + gq + 8 * h;
-      if (row >= g.total_rows) continue;
-      const typename P::Row w = pol.store_row(row);
+      for (int h = 0; h < 2; ++h) {
+        const typename P::Row w = pol.store_row(row0 + gq + 8 * h);
 #pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
-        const int j = col0 + 16 * b;
-        if (whole) {
-          pol.store_vector(w, j, x[b][h]);
-        } else if (j < d) {  // model-cold-if: d % 16 == 0
-          pol.store(w, j, g.d, x[b][h]);
+        for (int b = 0; b < NB; ++b) {
+          if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
+          pol.store_vector(w, col0 + 16 * b, x[b][h]);
+        }
+      }
+    } else {  // model-cold-if: d % 16 == 0 (the bucket's last tile, or a ragged row)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = row0 + gq + 8 * h;
+        if (row >= g.total_rows) continue;
+        const typename P::Row w = pol.store_row(row);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          const int j = col0 + 16 * b;
+          if (j < d) pol.store(w, j, g.d, x[b][h]);
         }
       }
     }
@@ -369,7 +403,8 @@ bool launch(const P& pol, const Geometry& g, const at::Tensor& basis, const floa
 // returns true, or returns false, having done nothing, when the basis does not fit
 // this device's shared memory (the caller then runs tile::run_rows).
 template <class P>
-bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights) {
+bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights,
+         bool anchored) {
   Geometry g{};
   g.d = basis.size(0);
   g.k = basis.size(1);
@@ -378,6 +413,7 @@ bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float*
   g.n_tiles = (total_rows + kTileRows - 1) / kTileRows;
   g.nblk = static_cast<int>((g.d + 15) / 16);
   g.coef_ld = static_cast<int>(g.kp + 4);
+  g.row_data = anchored || weights != nullptr;
   if (!accepts(g.d, g.k) || smem_bytes(g) > kMaxDynamicSmem) return false;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // no tf32 MMAs
   if (total_rows == 0) return true;

@@ -235,7 +235,10 @@ void launch_rows(
   if (vec) {
     const ProjectPolicy<T, true> pol{table.data(), table.size(), k};
     // Tensor cores from kMmaMinK (rows of d <= 1024 whose basis fits shared memory).
-    if (!flat && k >= kMmaMinK<T> && mma_rows::run(pol, total_rows, basis, weights)) return;
+    if (!flat && k >= kMmaMinK<T> &&
+        mma_rows::run(pol, total_rows, basis, weights, !anchors.empty())) {
+      return;
+    }
     tile::run_rows(pol, total_rows, basis, weights);
   } else {
     tile::run_rows(

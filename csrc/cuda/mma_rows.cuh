@@ -24,7 +24,7 @@
 //   in and 8 out around each pass-2 block, 0.23 of the 1.98 instructions per
 //   element of bf16 k = 32 on sm_80.) The 8 warps' partial sums (16 x 16 a chunk)
 //   are added in warp order through shared memory (deterministic, no atomics);
-//   one thread per (row, coefficient) finishes it (tile::finish_coef: weights,
+//   one thread per (row, coefficient) finishes it (as tile::finish_coef: weights,
 //   anchors) into the coefficient tile cs (16 x kp).
 // [pass 2] x -= U c per block: the accumulator C of two n8 tiles is x itself. The
 //   columns of an n8 tile are free too: tile X in {0, 1} takes columns

@@ -273,7 +273,7 @@ def parse_sass_all(text: str) -> dict[str, Sass]:
     return funcs
 
 
-def _mark_cold(instrs: list[Instr], labels: dict[str, int] | None = None) -> None:
+def _mark_cold(instrs: list[Instr], labels: dict[str, int]) -> None:
     # ptxas puts rare paths (sqrt_rn's denormal case, fp64 division's hard case) behind a
     # branch around a CALL to a runtime routine; the fast path is what the hot loop runs.
     # A CALL to an EXIT is not one: ptxas leaves a persistent loop that way (`@P CALL.REL.NOINC`
@@ -283,7 +283,7 @@ def _mark_cold(instrs: list[Instr], labels: dict[str, int] | None = None) -> Non
     for i, ins in enumerate(instrs):
         if ins.base != "CALL":
             continue
-        dest = at.get((labels or {}).get(ins.target or "", -1))
+        dest = at.get(labels.get(ins.target or "", -1))
         if dest is not None and dest.base == "EXIT":
             continue
         lo = next((j for j in range(i - 1, max(i - 8, -1), -1) if instrs[j].base == "BRA"), None)

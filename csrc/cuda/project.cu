@@ -88,11 +88,7 @@ struct ProjectPolicy {
       for (int v = 0; v < V; ++v) x[v] = j + v < d ? static_cast<float>(w.x[(j + v) * w.cs]) : 0.f;
     }
   }
-  // The vector of elements [j, j + V) as stored (kVec rows, j + V <= d).
-  __device__ __forceinline__ tile::Pack<T> load_vector(const Row& w, int64_t j) const {
-    return *reinterpret_cast<const tile::Pack<T>*>(w.x + j);
-  }
-  // Its raw bits (tile::unpack converts them).
+  // The raw bits of elements [j, j + V) (kVec rows, j + V <= d; tile::unpack converts them).
   __device__ __forceinline__ tile::PackBits<T> load_bits(const Row& w, int64_t j) const {
     return *reinterpret_cast<const tile::PackBits<T>*>(w.x + j);
   }
@@ -101,14 +97,10 @@ struct ProjectPolicy {
     if (kVec && j + V <= d) {
       store_vector(w, j, x);
     } else {  // model-cold-if: vec
-      store_elements(w, j, d, x);
-    }
-  }
-  // Stores elements [j, j + V) of the row that lie before d, one at a time.
-  __device__ __forceinline__ void store_elements(const Row& w, int64_t j, int64_t d, const float (&x)[V]) const {
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      if (j + v < d) w.x[(j + v) * w.cs] = static_cast<T>(x[v]);
+      for (int v = 0; v < V; ++v) {
+        if (j + v < d) w.x[(j + v) * w.cs] = static_cast<T>(x[v]);
+      }
     }
   }
   // Stores elements [j, j + V) as one vector (kVec rows, j + V <= d).

@@ -408,7 +408,9 @@ def op_launches(
         policy = f"{_NS}ProjectPolicy<{t}, true>"
         return rows_launches(policy, 2, per * d, k, pm.TENSORS, pm.TENSORS, res)
     if op == "ProjectedAdamW input":
-        return rows_launches(f"{_NS}AdamWPolicy<{t}, true>", 1, d, k, rows, pm.TENSORS, res)
+        policy = f"{_NS}AdamWPolicy<{t}, true>"
+        mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, anchored=True)
+        return mma or rows_launches(policy, 1, d, k, rows, pm.TENSORS, res)
     if op == "ProjectedAdamW output":  # AdamWBlockPolicy: 4 rows a group, 4 elements a thread
         return rows_launches(f"{_NS}AdamWBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS, res, 4)
     if op == "surgery_ projection one-sided":
@@ -450,6 +452,13 @@ def hbm_bytes(
         ]
     basis = 4 * kp / rows  # read once per launch: d × kp floats over rows × d elements
     coef = 4 * kp / d  # per element: the row's kp coefficients over its d elements
+    anchors = 4 * k / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
+    if launches[0].kernel.startswith("mma_rows_kernel"):  # coefficients in shared memory
+        if op == "ProjectedAdamW input":
+            note = "p, g, m, v read once; p, m, v written once; anchors read"
+            return [mv(4 * b + anchors + basis, 3 * b, note)]
+        note = "x read once, written once" + ("; anchors read" if anchors else "")
+        return [mv(b + anchors + basis, b, note)]
     if op == "project_ output" and nseg == 1:  # the rows engine, fused
         return [mv(b + coef + basis, b + coef, "x read once, written once; coef")]
     if op == "project_ output":
@@ -459,10 +468,6 @@ def hbm_bytes(
             mv(part, coef, "partials read, coef written"),
             mv(b + coef + basis, b, "x and coef read, x written"),
         ]
-    anchors = 4 * k / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
-    if launches[0].kernel.startswith("mma_rows_kernel"):  # coefficients in shared memory
-        note = "x read once, written once" + ("; anchors read" if anchors else "")
-        return [mv(b + anchors + basis, b, note)]
     if op == "ProjectedAdamW output":
         if nseg == 1:
             note = "p, g, m, v read once; p, m, v written once; coef; anchors read"
@@ -972,7 +977,8 @@ Notes: a CUDA kernel loops over its work grid-stride, so each block runs `work /
 items (no tail wave); side input (plain and anchored) runs the tensor-core rows kernel
 (`mma_rows_kernel`: 16 rows a CTA, U staged once per CTA, so it is chosen only where U
 fits the device's shared memory: k = 128 at `D` = {pm.D} takes the FMA engine) for
-16-bit rows at every k and fp32 from k = {MMA_MIN_K["fp32"]}; side output runs the rows
+16-bit rows at every k and fp32 from k = {MMA_MIN_K["fp32"]}, and so does `ProjectedAdamW`
+input (AdamWPolicy: x' formed from p, g, m, v as its tile starts); side output runs the rows
 kernel with a block policy (4 view rows a group, a vector of G's row holding one element
 of each), so `D` = {pm.D} is one segment, read once and written once; the flat side's
 vectors are cut into 4096-element segments and split into partials, combine and apply.

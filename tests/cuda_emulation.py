@@ -193,6 +193,12 @@ def stats() -> tuple[int, int, int]:
     return launches, blocks, switches
 
 
+def last_kernel() -> str:
+    """The demangled name of the last kernel the emulator launched: the engine chosen."""
+    load()
+    return torch.ops.gradproj_emu.emulator_last_kernel()
+
+
 # ---------------------------------------------------------------- the backend's ops
 # gradproj._extension's wrappers (the contract's signatures), calling the emulated
 # library torch.ops.gradproj_emu instead of torch.ops.gradproj.

@@ -293,6 +293,13 @@ def test_hbm_bytes_never_below_the_floor(op, dt):
         (m,) = pmc.hbm_bytes(op, dt, 32)
         assert pmc.op_launches(op, dt, 32)[0].kernel.startswith("mma_rows_kernel")
         assert m["read"] + m["write"] == pytest.approx(2 * b + 4 * 32 / 4096)
+    if op == "ProjectedAdamW input":
+        b = pm.ITEMSIZE[dt]
+        # tensor cores (AdamWPolicy): p, g, m, v read once, p, m, v written once, the
+        # anchors (k fp32 a row) read, the basis once per launch
+        (m,) = pmc.hbm_bytes(op, dt, 32)
+        assert pmc.op_launches(op, dt, 32)[0].kernel.startswith("mma_rows_kernel<")
+        assert m["read"] + m["write"] == pytest.approx(7 * b + 4 * 32 / 768 + 4 * 32 / 4096)
 
 
 def test_committed_result_is_complete():

@@ -8,7 +8,12 @@
 // then, for every row x' of the param's row view with anchor row c:
 //   a = U^T x';  x <- x' - U (w (a - c));  c <- c + (1 - w) (a - c)  (soft weights)
 //
-// The row-tile engine of cuda/tile.cuh with AdamWPolicy: loading a row element
+// Rows (side="input", contiguous and 16-byte aligned, d <= 1024, no amsgrad; fp32 from
+// k = 9) run on tensor cores (cuda/mma_rows.cuh with AdamWPolicy): x' is formed from p,
+// g, m, v as a 16-row tile is loaded (m, v stored then; 16-bit rows load the next tile's
+// four streams during this one), projected in registers, and p stored: DRAM sees the
+// bytes of a fused AdamW plus the anchors. Everything else, and a basis too large for
+// shared memory, runs the row-tile engine of cuda/tile.cuh with AdamWPolicy: loading a row element
 // reads p, g, m, v (v^), stores the new m, v (v^) at once (they do not depend on
 // the projection) and keeps x' in registers; the engine projects x' and stores
 // p once. So when a row fits one segment (rows layout d <= 4096, cols layout
@@ -31,6 +36,7 @@
 
 #include "bucket_checks.h"
 #include "cuda/launch.cuh"
+#include "cuda/mma_rows.cuh"
 #include "cuda/multi_tensor.cuh"
 #include "cuda/tile.cuh"
 
@@ -59,8 +65,8 @@ struct Hyper {
   float beta2;
   float eps;
   float decay;  // 1 - lr wd
+  float grad_sign;  // -1 if maximize, else 1
   bool amsgrad;
-  bool maximize;
 };
 
 // How the engine reads and writes one param row. kVec: p, g, m, v (v^) of every
@@ -113,47 +119,74 @@ struct AdamWPolicy {
     return reinterpret_cast<float*>(e.anchor) + (row - e.first_row) * k;
   }
 
-  // x' of one element; m, v, v^ updated in place (fp32).
+  // x' of one element; m, v (kAmsgrad: v^) updated in place (fp32). maximize is a product
+  // with -1 (exact), not a branch: a branch on a uniform flag let the compiler unswitch the
+  // kernel's tile loop, one copy of its body for each value.
+  template <bool kAmsgrad>
   __device__ __forceinline__ float update(
       const Row& w, float p, float g, float& m, float& v, float& vmax) const {
-    if (h.maximize) g = -g;
+    g *= h.grad_sign;
     const float omb1 = static_cast<float>(h.one_minus_beta1);
     const float omb2 = static_cast<float>(h.one_minus_beta2);
     m = h.beta1 * m + omb1 * g;
     v = h.beta2 * v + omb2 * g * g;
     float v_hat = v;
-    if (h.amsgrad) {
+    if constexpr (kAmsgrad) {
       v_hat = fmaxf(vmax, v);
       vmax = v_hat;
     }
     return p * h.decay - w.step_size * m / (__fsqrt_rn(v_hat) * w.inv_sqrt_bias2 + h.eps);
   }
 
+  // The tensor-core kernel's interface (cuda/mma_rows.cuh [policy]): a vector is the
+  // raw bits of p, g, m, v at one column; finishing it forms x' (an fp32 value, so pass 1
+  // splits it as fp32 rows) and stores m, v. 16-bit vectors of the next tile stay in
+  // registers during this tile (8 registers each).
+  struct Bits {
+    tile::PackBits<T> p, g, m, v;
+  };
+  static constexpr bool kExactTf32 = false;
+  static constexpr bool kPrefetch = !std::is_same_v<T, float>;
+  static constexpr bool kUpdates = true;
+  // p, g, m, v at elements [j, j + V) (kVec rows, j + V <= d; any Row: only addresses read).
+  __device__ __forceinline__ Bits load_bits(const Row& w, int64_t j) const {
+    const AdamWEntry& e = *w.e;
+    using B = tile::PackBits<T>;
+    return {*reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.p) + w.o + j),
+            *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.g) + w.og + j),
+            *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.m) + w.o + j),
+            *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.v) + w.o + j)};
+  }
+  // x' of those elements (w: row(), with its bias corrections); kStore: stores m, v.
+  template <bool kStore = true>
+  __device__ __forceinline__ void finish(const Row& w, int64_t j, const Bits& b, float (&x)[V]) const {
+    float p[V], g[V], m[V], v[V];
+    tile::unpack<T>(b.p, p);
+    tile::unpack<T>(b.g, g);
+    tile::unpack<T>(b.m, m);
+    tile::unpack<T>(b.v, v);
+    tile::Pack<T> pm, pv;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      float unused = 0.f;
+      x[i] = update<false>(w, p[i], g[i], m[i], v[i], unused);
+      pm.v[i] = static_cast<T>(m[i]);
+      pv.v[i] = static_cast<T>(v[i]);
+    }
+    if (kStore) {
+      const AdamWEntry& e = *w.e;
+      tile::store_pack(reinterpret_cast<T*>(e.m) + w.o + j, pm);
+      tile::store_pack(reinterpret_cast<T*>(e.v) + w.o + j, pv);
+    }
+  }
+
   // x' of elements [j, j + V) (0 at or past d); kFinal: stores m, v (v^).
   template <bool kFinal>
   __device__ __forceinline__ void load(const Row& w, int64_t j, int64_t d, float (&x)[V]) const {
-    using P = tile::Pack<T>;
     // amsgrad takes the element path: a fifth vector stream per slot spills at
     // the 128-register cap, and amsgrad is the rare case.
     if (kVec && j + V <= d && !h.amsgrad) {
-      const AdamWEntry& e = *w.e;
-      const P pp = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.p) + w.o + j);
-      const P pg = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.g) + w.og + j);
-      P pm = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.m) + w.o + j);
-      P pv = *reinterpret_cast<const P*>(reinterpret_cast<const T*>(e.v) + w.o + j);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        float m = static_cast<float>(pm.v[i]);
-        float v = static_cast<float>(pv.v[i]);
-        float unused = 0.f;
-        x[i] = update(w, static_cast<float>(pp.v[i]), static_cast<float>(pg.v[i]), m, v, unused);
-        pm.v[i] = static_cast<T>(m);
-        pv.v[i] = static_cast<T>(v);
-      }
-      if (kFinal) {
-        *reinterpret_cast<P*>(reinterpret_cast<T*>(e.m) + w.o + j) = pm;
-        *reinterpret_cast<P*>(reinterpret_cast<T*>(e.v) + w.o + j) = pv;
-      }
+      finish<kFinal>(w, j, load_bits(w, j), x);
     } else {  // model-cold-if: vec and not amsgrad (then only a row's ragged end)
 #pragma unroll
       for (int i = 0; i < V; ++i) x[i] = j + i < d ? load1<kFinal>(w, j + i) : 0.f;
@@ -170,9 +203,10 @@ struct AdamWPolicy {
     float m = static_cast<float>(*m_ptr);
     float v = static_cast<float>(*v_ptr);
     float vmax = h.amsgrad ? static_cast<float>(*vmax_ptr) : 0.f;
-    const float x = update(
-        w, static_cast<float>(reinterpret_cast<const T*>(e.p)[o]),
-        static_cast<float>(reinterpret_cast<const T*>(e.g)[og]), m, v, vmax);
+    const float p = static_cast<float>(reinterpret_cast<const T*>(e.p)[o]);
+    const float g = static_cast<float>(reinterpret_cast<const T*>(e.g)[og]);
+    const float x =
+        h.amsgrad ? update<true>(w, p, g, m, v, vmax) : update<false>(w, p, g, m, v, vmax);
     if (kFinal) {
       *m_ptr = static_cast<T>(m);
       *v_ptr = static_cast<T>(v);
@@ -180,13 +214,17 @@ struct AdamWPolicy {
     }
     return x;
   }
+  // p's elements [j, j + V) as one vector (kVec rows, j + V <= d).
+  __device__ __forceinline__ void store_vector(const Row& w, int64_t j, const float (&x)[V]) const {
+    tile::Pack<T> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) out.v[i] = static_cast<T>(x[i]);
+    tile::store_pack(reinterpret_cast<T*>(w.e->p) + w.o + j, out);
+  }
   __device__ __forceinline__ void store(const Row& w, int64_t j, int64_t d, const float (&x)[V]) const {
     T* p = reinterpret_cast<T*>(w.e->p) + w.o;
     if (kVec && j + V <= d) {
-      tile::Pack<T> out;
-#pragma unroll
-      for (int i = 0; i < V; ++i) out.v[i] = static_cast<T>(x[i]);
-      *reinterpret_cast<tile::Pack<T>*>(p + j) = out;
+      store_vector(w, j, x);
     } else {  // model-cold-if: vec
       const int64_t cs = w.e->col_stride;
 #pragma unroll
@@ -263,7 +301,7 @@ struct AdamWBlockPolicy : AdamWPolicy<T, false> {
           float m = static_cast<float>(pm.v[r]);
           float v2 = static_cast<float>(pv.v[r]);
           float unused = 0.f;
-          x[r][v] = this->update(
+          x[r][v] = this->template update<false>(
               w, static_cast<float>(pp.v[r]), static_cast<float>(pg.v[r]), m, v2, unused);
           pm.v[r] = static_cast<T>(m);
           pv.v[r] = static_cast<T>(v2);
@@ -320,9 +358,16 @@ struct Layout {
   bool vec = true;
 };
 
+// The fewest coefficients that take the tensor-core kernel (cuda/mma_rows.cuh), as
+// project.cu's kMmaMinK: fp32 from 9 (below, the FMA engine is memory-bound), 16-bit at
+// every k.
+template <typename T>
+constexpr int64_t kMmaMinK = std::is_same_v<T, float> ? 9 : 1;
+
 template <typename T>
 void launch(
-    const Layout& l, bool cols, const at::Tensor& basis, const float* weights, const Hyper& h) {
+    const Layout& l, bool cols, bool flat, const at::Tensor& basis, const float* weights,
+    const Hyper& h) {
   if (l.entries.empty()) return;
   const DeviceTable<AdamWEntry> table(l.entries, basis.device());
   const AdamWEntry* t = table.data();
@@ -331,7 +376,14 @@ void launch(
   if (cols) {
     tile::run_rows(AdamWBlockPolicy<T>{{t, n, k, h}}, l.total_rows, basis, weights);
   } else if (l.vec) {
-    tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, l.total_rows, basis, weights);
+    const AdamWPolicy<T, true> pol{t, n, k, h};
+    // Tensor cores for rows (not flat vectors) of d <= 1024 whose basis fits shared memory;
+    // amsgrad (a fifth stream) stays on the FMA engine.
+    if (!flat && !h.amsgrad && k >= kMmaMinK<T> &&
+        mma_rows::run(pol, l.total_rows, basis, weights, /*anchored=*/true)) {
+      return;
+    }
+    tile::run_rows(pol, l.total_rows, basis, weights);
   } else {
     tile::run_rows(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights);
   }
@@ -387,13 +439,13 @@ void projected_adamw_bucket_cuda(
       static_cast<float>(beta2),
       static_cast<float>(eps),
       static_cast<float>(1.0 - lr * weight_decay),
-      amsgrad,
-      maximize};
+      maximize ? -1.f : 1.f,
+      amsgrad};
   const float* w = weights.has_value() ? weights->data_ptr<float>() : nullptr;
   dispatch_dtype(basis.device(), params[0].scalar_type(), "projected AdamW", [&](auto dtype) {
     using T = typename decltype(dtype)::type;
-    launch<T>(by_rows, /*cols=*/false, basis, w, h);
-    launch<T>(by_cols, /*cols=*/true, basis, w, h);
+    launch<T>(by_rows, /*cols=*/false, flat, basis, w, h);
+    launch<T>(by_cols, /*cols=*/true, flat, basis, w, h);
   });
 }
 

@@ -1,6 +1,17 @@
 // Tensor-core row tiles: x <- x - U f(U^T x) for every row x of a bucket, both
 // small GEMMs on mma.sync m16n8k8 tf32 (cuda/mma.cuh), for rows of d <= 1024
-// elements whose basis fits in shared memory.
+// elements whose basis fits in shared memory: project.cu's gradient rows, and
+// adamw.cu's rows, whose x is the AdamW-updated param x' formed as the tile is loaded.
+//
+// [policy] P says how a row's vector of 4 columns is read and what it becomes:
+//   Bits, load_bits(row, j): the raw bits of the vector(s) at columns [j, j + 4), one
+//     aligned load per stream (a gradient: 1; AdamW: p, g, m, v);
+//   finish(row, j, bits, x): their fp32 values to project (AdamW: x', with m and v
+//     stored then; its row() carries the bias corrections, so kUpdates asks for it);
+//   kExactTf32: those values are tf32 numbers (16-bit gradients), pass 1 needs no split;
+//   kPrefetch: 16-bit rows keep the next tile's Bits in registers ([prefetch]);
+//   row / store_row (addresses only) / anchor_row, load<true> (the element path of a
+//   ragged vector), store / store_vector (the result: the gradient, or p).
 //
 // Why: the FMA engine (cuda/tile.cuh) issues about 2k FMAs per element plus
 // their shared-memory reads, so from k = 32 it is bound by instruction issue
@@ -96,17 +107,26 @@ inline size_t smem_bytes(const Geometry& g) {
 // blocks (128 registers): 52 B on sm_80, and 4 B on sm_90 once pass 1 took x as its B
 // operand; from k = 24 such a basis leaves room for one block anyway. 16-bit rows hold the
 // next tile's vectors too ([prefetch]): from NB = 6 they spilled 24-360 B at 128
-// registers, so they take one block of up to 255.
-template <typename T, int NB>
-constexpr int kMinBlocks = std::is_same_v<T, float> ? (NB == 8 ? 1 : 2) : (NB >= 6 ? 1 : 2);
+// registers, so they take one block of up to 255. AdamW's vectors are four streams (p, g,
+// m, v): at 128 registers they spilled 184-1600 B for NB >= 4, so one block.
+template <class P, int NB>
+constexpr int kMinBlocks =
+    P::kUpdates ? 1
+    : std::is_same_v<typename P::Scalar, float> ? (NB == 8 ? 1 : 2)
+                                                : (NB >= 6 ? 1 : 2);
+
+// [prefetch] The next tile's vectors held in registers: at most 96 a thread (a projection's
+// 16-bit NB = 8: 32; AdamW's 16-bit NB = 6: 96, NB = 8 spilled 1.4 KB at 255 registers).
+template <class P, int NB>
+constexpr bool kPrefetchTile = P::kPrefetch && NB * 2 * sizeof(typename P::Bits) <= 96 * 4;
 
 template <class P, int NB>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) mma_rows_kernel(
+__global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
     P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
   using T = typename P::Scalar;
   constexpr int V = tile::Pack<T>::kSize;
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
-  constexpr bool kSplitX = std::is_same_v<T, float>;  // [precision]
+  constexpr bool kSplitX = !P::kExactTf32;  // [precision]
   GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
   float4* su = smem_raw;                                // [basis]: nblk x J x 32 float4
@@ -132,14 +152,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
   // passes and converted when it starts, so loads stay in flight while the CTA computes.
-  constexpr bool kPrefetch = !kSplitX;
-  tile::PackBits<T> nxt[kPrefetch ? NB : 1][2] = {};
+  constexpr bool kPrefetch = kPrefetchTile<P, NB>;
+  using Bits = typename P::Bits;
+  Bits nxt[kPrefetch ? NB : 1][2] = {};
   auto fetch = [&](int64_t tile) {  // model-uniform
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t row = tile * kTileRows + gq + 8 * h;
       if (row >= g.total_rows) continue;
-      const typename P::Row w = pol.row(row);
+      const typename P::Row w = pol.store_row(row);  // its addresses
 #pragma unroll
       for (int b = 0; b < (kPrefetch ? NB : 1); ++b) {
         const int j = col0 + 16 * b;
@@ -150,6 +171,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
   if constexpr (kPrefetch) {
     if (blockIdx.x < g.n_tiles) fetch(blockIdx.x);
   }
+  // A row's ragged last vector (d % V != 0), through the policy's element path.
+  auto load_ragged = [&](int64_t row0, float (&x)[NB][2][V]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + gq + 8 * h;
+      if (row >= g.total_rows) continue;
+      const typename P::Row w = pol.row(row);
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        const int j = col0 + 16 * b;
+        if (j < d && j + V > d) pol.template load<true>(w, j, g.d, x[b][h]);
+      }
+    }
+  };
 
   for (int64_t tile = blockIdx.x; tile < g.n_tiles; tile += gridDim.x) {  // model-trips: items
     const int64_t row0 = tile * kTileRows;
@@ -162,38 +197,70 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<typename P::Scalar, NB>) 
       if (full) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+          typename P::Row w{};
+          if constexpr (P::kUpdates) w = pol.row(row0 + gq + 8 * h);
 #pragma unroll
-          for (int b = 0; b < NB; ++b) tile::unpack<T>(nxt[b][h], x[b][h]);
+          for (int b = 0; b < NB; ++b) {
+            // blocks past d are never used: a plain projection converts them anyway
+            if (b < nb || !P::kUpdates) pol.finish(w, col0 + 16 * b, nxt[b][h], x[b][h]);
+          }
         }
       } else {  // model-cold-if: d % 16 == 0 (the bucket's last tile, or a ragged row)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const bool valid = row0 + gq + 8 * h < g.total_rows;
+          const int64_t row = row0 + gq + 8 * h;
+          const bool valid = row < g.total_rows;
+          typename P::Row w{};
+          if (valid && P::kUpdates) w = pol.row(row);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             const int j = col0 + 16 * b;
-            tile::unpack<T>(nxt[b][h], x[b][h]);
-            if (!valid || j + V > d) {
+            if (valid && j + V <= d) {
+              pol.finish(w, j, nxt[b][h], x[b][h]);
+            } else {
 #pragma unroll
               for (int v = 0; v < V; ++v) x[b][h][v] = 0.f;
             }
           }
         }
       }
-      if (d % V != 0) {  // model-cold-if: d % 4 == 0 (a row's ragged last vector)
+      if (d % V != 0) load_ragged(row0, x);  // model-cold-if: d % 4 == 0
+      if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
+    } else if constexpr (P::kUpdates) {
+      // Every vector of a row loaded before any is finished: AdamW's finish stores m and v,
+      // and a load after a store (which may alias, as far as the compiler knows) would wait
+      // for it, one round trip to memory per vector. (A projection's loads need no such
+      // order, and holding them all spilled fp32 rows at 128 registers.) One path for whole
+      // and partial tiles: with a second, the compiler merged their finishing code.
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t row = row0 + gq + 8 * h;
-          if (row >= g.total_rows) continue;
-          const typename P::Row w = pol.row(row);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = row0 + gq + 8 * h;
+        const bool valid = row < g.total_rows;
+        typename P::Row w{};
+        if (valid) w = pol.row(row);
+        // in batches of at most 96 registers (fp32 NB = 8 held all 8 and spilled 32 B)
+        constexpr int kBatch = NB * sizeof(Bits) <= 96 * 4 ? NB : NB / 2;
 #pragma unroll
-          for (int b = 0; b < NB; ++b) {
+        for (int b0 = 0; b0 < NB; b0 += kBatch) {
+          Bits cur[kBatch];
+#pragma unroll
+          for (int b = b0; b < b0 + kBatch; ++b) {
             const int j = col0 + 16 * b;
-            if (j < d && j + V > d) pol.template load<true>(w, j, g.d, x[b][h]);
+            if (valid && j + V <= d) cur[b - b0] = pol.load_bits(w, j);
+          }
+#pragma unroll
+          for (int b = b0; b < b0 + kBatch; ++b) {
+            const int j = col0 + 16 * b;
+            if (valid && j + V <= d) {
+              pol.finish(w, j, cur[b - b0], x[b][h]);
+            } else {
+#pragma unroll
+              for (int v = 0; v < V; ++v) x[b][h][v] = 0.f;
+            }
           }
         }
       }
-      if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
+      if (d % V != 0) load_ragged(row0, x);  // model-cold-if: d % 4 == 0
     } else {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

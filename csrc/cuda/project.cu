@@ -88,9 +88,18 @@ struct ProjectPolicy {
       for (int v = 0; v < V; ++v) x[v] = j + v < d ? static_cast<float>(w.x[(j + v) * w.cs]) : 0.f;
     }
   }
-  // The raw bits of elements [j, j + V) (kVec rows, j + V <= d; tile::unpack converts them).
-  __device__ __forceinline__ tile::PackBits<T> load_bits(const Row& w, int64_t j) const {
-    return *reinterpret_cast<const tile::PackBits<T>*>(w.x + j);
+  // The tensor-core kernel's interface (cuda/mma_rows.cuh [policy]): a vector is one
+  // load of raw bits, converted when its tile starts; 16-bit values are tf32 numbers.
+  using Bits = tile::PackBits<T>;
+  static constexpr bool kExactTf32 = !std::is_same_v<T, float>;
+  static constexpr bool kPrefetch = kExactTf32;
+  static constexpr bool kUpdates = false;
+  // The raw bits of elements [j, j + V) (kVec rows, j + V <= d).
+  __device__ __forceinline__ Bits load_bits(const Row& w, int64_t j) const {
+    return *reinterpret_cast<const Bits*>(w.x + j);
+  }
+  __device__ __forceinline__ void finish(const Row&, int64_t, const Bits& b, float (&x)[V]) const {
+    tile::unpack<T>(b, x);
   }
   // Stores elements [j, j + V) of the row that lie before d.
   __device__ __forceinline__ void store(const Row& w, int64_t j, int64_t d, const float (&x)[V]) const {

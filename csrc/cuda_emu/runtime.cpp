@@ -248,6 +248,7 @@ struct Emulator {
 
   // statistics, for tests/cuda_emulation.py
   int64_t launches = 0;
+  const void* last_kernel = nullptr;  // the last launch's kernel (its name on request)
   int64_t blocks = 0;
   int64_t switches = 0;
 
@@ -811,6 +812,7 @@ void run_grid(const LaunchConfig& config, void (*body)(void*), void* arg) {
   regs.block_dim = config.block;
   regs.grid_dim = config.grid;
   ++e.launches;
+  e.last_kernel = config.kernel;
 
   const FaultGuard faults;
   for (unsigned z = 0; z < config.grid.z; ++z) {
@@ -950,8 +952,17 @@ std::vector<int64_t> emulator_stats() {
   return {e.launches, e.blocks, e.switches};
 }
 
+// The demangled name of the last launch's kernel ("" before any launch): which engine
+// a launcher chose.
+std::string emulator_last_kernel() {
+  auto& e = gradproj_emu::detail::emu();
+  const std::lock_guard<std::mutex> lock(e.launch_mutex);
+  return e.last_kernel == nullptr ? std::string() : gradproj_emu::detail::kernel_name(e.last_kernel);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gradproj_emu, m) {
   m.def("emulator_stats() -> int[]", &emulator_stats);
+  m.def("emulator_last_kernel() -> str", &emulator_last_kernel);
 }

@@ -402,8 +402,12 @@ def op_launches(
         anchored = op == "project_anchored input"
         mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, anchored)
         return mma or rows_launches(policy, 2, d, k, rows, pm.TENSORS, res)
-    if op == "project_ output":  # ProjectBlockPolicy: 4 rows a group, 8 elements a thread
-        return rows_launches(f"{_NS}ProjectBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS, res, 8)
+    if op == "project_ output":  # tensor cores with strided rows, else ProjectBlockPolicy
+        mma = mma_launches(f"{_NS}ProjectPolicy<{t}, false>", dt, d, k, rows, pm.TENSORS,
+                           smem_optin)  # fmt: skip
+        # the block policy: 4 rows a group, 8 elements a thread
+        return mma or rows_launches(f"{_NS}ProjectBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS,
+                                    res, 8)  # fmt: skip
     if op == "project_ flat":
         policy = f"{_NS}ProjectPolicy<{t}, true>"
         return rows_launches(policy, 2, per * d, k, pm.TENSORS, pm.TENSORS, res)
@@ -411,8 +415,12 @@ def op_launches(
         policy = f"{_NS}AdamWPolicy<{t}, true>"
         mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, anchored=True)
         return mma or rows_launches(policy, 1, d, k, rows, pm.TENSORS, res)
-    if op == "ProjectedAdamW output":  # AdamWBlockPolicy: 4 rows a group, 4 elements a thread
-        return rows_launches(f"{_NS}AdamWBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS, res, 4)
+    if op == "ProjectedAdamW output":  # fp32: tensor cores with strided rows
+        mma = dt == "fp32" and mma_launches(f"{_NS}AdamWPolicy<{t}, false>", dt, d, k, rows,
+                                            pm.TENSORS, smem_optin, anchored=True)  # fmt: skip
+        # the block policy: 4 rows a group, 4 elements a thread
+        return mma or rows_launches(f"{_NS}AdamWBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS,
+                                    res, 4)  # fmt: skip
     if op == "surgery_ projection one-sided":
         return surgery_launches(t, [per * d] * pm.TENSORS)
     raise KeyError(op)
@@ -454,7 +462,7 @@ def hbm_bytes(
     coef = 4 * kp / d  # per element: the row's kp coefficients over its d elements
     anchors = 4 * k / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
     if launches[0].kernel.startswith("mma_rows_kernel"):  # coefficients in shared memory
-        if op == "ProjectedAdamW input":
+        if op.startswith("ProjectedAdamW"):
             note = "p, g, m, v read once; p, m, v written once; anchors read"
             return [mv(4 * b + anchors + basis, 3 * b, note)]
         note = "x read once, written once" + ("; anchors read" if anchors else "")
@@ -978,9 +986,11 @@ items (no tail wave); side input (plain and anchored) runs the tensor-core rows 
 (`mma_rows_kernel`: 16 rows a CTA, U staged once per CTA, so it is chosen only where U
 fits the device's shared memory: k = 128 at `D` = {pm.D} takes the FMA engine) for
 16-bit rows at every k and fp32 from k = {MMA_MIN_K["fp32"]}, and so does `ProjectedAdamW`
-input (AdamWPolicy: x' formed from p, g, m, v as its tile starts); side output runs the rows
-kernel with a block policy (4 view rows a group, a vector of G's row holding one element
-of each), so `D` = {pm.D} is one segment, read once and written once; the flat side's
+input (AdamWPolicy: x' formed from p, g, m, v as its tile starts); side output (transposed
+views) runs it too, with strided rows (`ProjectPolicy<T, false>`; `ProjectedAdamW` output in
+fp32 only), and otherwise the rows kernel with a block policy (4 view rows a group, a vector
+of G's row holding one element of each), so `D` = {pm.D} is one segment, read once and
+written once; the flat side's
 vectors are cut into 4096-element segments and split into partials, combine and apply.
 """
 

@@ -313,11 +313,13 @@ def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
 
 # ---------------------------------------------------------------- transposed views
 
-# Transposed views (side="output") run the rows kernel with a block policy: 4 view rows a
-# group, G's row j read as one vector holding element j of all four. These shapes take
-# every path of it against float64: whole aligned blocks, a ragged last block (rows % 4),
-# a view offset by one column (misaligned: the element path), d not a multiple of 4, the
-# split launches (project_ beyond d = 2048, projected AdamW beyond 1024).
+# Transposed views (side="output") of d <= 1024 run the tensor-core rows kernel with
+# strided rows (fp32 from k = 9, 16-bit at every k); the others the FMA rows kernel with a
+# block policy: 4 view rows a group, G's row j read as one vector holding element j of all
+# four. These shapes take every path of both against float64: whole aligned blocks, a
+# ragged last block or tile (rows % 4, % 16), a view offset by one column (misaligned: the
+# element path), d not a multiple of 4, the split launches (project_ beyond d = 2048,
+# projected AdamW beyond 1024).
 TRANSPOSED = {
     "aligned": ((768, 64), (0, 64)),
     "ragged-rows": ((300, 37), (0, 37)),
@@ -328,34 +330,47 @@ TRANSPOSED = {
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
+def _expect_engine(d: int, k: int, dtype: torch.dtype, adamw: bool = False) -> None:
+    """The engine project.cu / adamw.cu chose for transposed views of this basis (adamw.cu:
+    fp32 only, 16-bit views keep the block policy)."""
+    fp32 = dtype == torch.float32
+    tensor_cores = d <= 1024 and (k >= 9 if fp32 else not adamw)
+    assert ("mma_rows_kernel<" in emu.last_kernel()) == tensor_cores, emu.last_kernel()
+
+
+@pytest.mark.parametrize("k", [6, 20])
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("case", list(TRANSPOSED))
-def test_transposed_views_match_float64(case, dtype):
+def test_transposed_views_match_float64(case, dtype, k):
     (m, n), (c0, c1) = TRANSPOSED[case]
     gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     g = torch.randn(m, n, generator=gen).to(dtype)
-    u = _orthonormal(m, 6, seed=4)
-    w = torch.rand(6, generator=gen)
+    u = _orthonormal(m, k, seed=4)
+    w = torch.rand(k, generator=gen)
     view = g[:, c0:c1].t()  # (view rows = columns of G) x d
     x = view.double()
     want = x - ((x @ u.double()) * w.double()) @ u.double().t()
+    untouched = torch.cat([g[:, :c0], g[:, c1:]], dim=1)
     emu.project_bucket_([view], u, w, "output")
+    _expect_engine(m, k, dtype)
     scale = want.abs().max().item()
     assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
+    assert torch.equal(torch.cat([g[:, :c0], g[:, c1:]], dim=1), untouched)
 
 
+@pytest.mark.parametrize("k", [4, 12])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(300, 12), (301, 9), (1100, 12)])
-def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype):
+@pytest.mark.parametrize("shape", [(300, 12), (301, 9), (300, 37), (1100, 12)])
+def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype, k):
     from gradproj import backends
 
     gen = torch.Generator().manual_seed(11)
     p, g, m = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
     v = torch.rand(shape, generator=gen).to(dtype)
     d = shape[0]
-    c = torch.randn(shape[1], 4, generator=gen)
-    u = _orthonormal(d, 4, seed=5)
-    w = torch.rand(4, generator=gen)
+    c = torch.randn(shape[1], k, generator=gen)
+    u = _orthonormal(d, k, seed=5)
+    w = torch.rand(k, generator=gen)
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
     ref = [t.clone() for t in (p, m, v, c)]
     backends.get("reference").op("projected_adamw_bucket_")(
@@ -366,6 +381,7 @@ def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype)
         [p.t()], [g.t()], [m.t()], [v.t()], None, [torch.tensor(3.0)], [c], u, w, "output",
         **hyper,
     )  # fmt: skip
+    _expect_engine(d, k, dtype, adamw=True)
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7}[dtype]
     for got, want in zip((p, m, v, c), ref, strict=True):
         scale = max(want.abs().max().item(), 1.0)

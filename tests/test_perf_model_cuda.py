@@ -373,3 +373,23 @@ def test_per_iteration_listing_reads_the_build_of_load_build(toy_dir, monkeypatc
     (lp,) = loops.values()
     assert lp["instrs_per_iter"]["global"] == 1 and lp["load_bytes_per_thread_iter"] == 4
     assert "| sm_90 |" in pm.format_cuda_table([kern])
+
+
+def test_transposed_views_take_the_engine_project_cu_and_adamw_cu_choose():
+    """side output: tensor cores with strided rows (fp32 from k = 9, 16-bit at every k;
+    ProjectedAdamW in fp32 only), otherwise the block policies; at k = 128 the basis does
+    not fit shared memory (FMA engine)."""
+
+    def kernel(op, dt, k):
+        return pmc.op_launches(op, dt, k)[0].kernel
+
+    assert kernel("project_ output", "fp32", 32).startswith("mma_rows_kernel<")
+    assert "ProjectPolicy<float, false>" in kernel("project_ output", "fp32", 32)
+    assert kernel("project_ output", "bf16", 1).startswith("mma_rows_kernel<")
+    assert "ProjectBlockPolicy" in kernel("project_ output", "fp32", 8)
+    assert "ProjectBlockPolicy" in kernel("project_ output", "bf16", 128)
+    assert "AdamWPolicy<float, false>" in kernel("ProjectedAdamW output", "fp32", 32)
+    assert "AdamWBlockPolicy" in kernel("ProjectedAdamW output", "bf16", 32)
+    # tensor cores: the element read once and written once, no coefficient workspace
+    (m,) = pmc.hbm_bytes("project_ output", "bf16", 32)
+    assert m["read"] + m["write"] == pytest.approx(2 * 2 + 4 * 32 / 4096)

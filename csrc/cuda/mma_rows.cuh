@@ -10,6 +10,7 @@
 //     stored then; its row() carries the bias corrections, so kUpdates asks for it);
 //   kExactTf32: those values are tf32 numbers (16-bit gradients), pass 1 needs no split;
 //   kPrefetch: 16-bit rows keep the next tile's Bits in registers ([prefetch]);
+//   kVector: a row's vectors are contiguous (else strided: transposed views);
 //   row / store_row (addresses only) / anchor_row, load<true> (the element path of a
 //   ragged vector), store / store_vector (the result: the gradient, or p).
 //
@@ -108,10 +109,11 @@ inline size_t smem_bytes(const Geometry& g) {
 // operand; from k = 24 such a basis leaves room for one block anyway. 16-bit rows hold the
 // next tile's vectors too ([prefetch]): from NB = 6 they spilled 24-360 B at 128
 // registers, so they take one block of up to 255. AdamW's vectors are four streams (p, g,
-// m, v): at 128 registers they spilled 184-1600 B for NB >= 4, so one block.
+// m, v): at 128 registers they spilled 184-1600 B for NB >= 4, so one block; so do
+// strided rows (transposed views), whose addresses took 32 B of spills in fp32 at NB = 6.
 template <class P, int NB>
 constexpr int kMinBlocks =
-    P::kUpdates ? 1
+    P::kUpdates || !P::kVector ? 1
     : std::is_same_v<typename P::Scalar, float> ? (NB == 8 ? 1 : 2)
                                                 : (NB >= 6 ? 1 : 2);
 

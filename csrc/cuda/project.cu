@@ -13,10 +13,11 @@
 //  * rows (side="input", or any strides): a CTA holds a tile of rows in
 //    registers, U^T staged in shared memory, read once / written once when
 //    d <= 4096 (4-element vector loads, 16 bytes of fp32, when every row allows them);
-//  * transposed views (side="output": unit row stride): the same engine with
-//    ProjectBlockPolicy, 4 view rows a group, one vector of G's row j holding
-//    element j of all four, so loads are coalesced along G's rows; read once /
-//    written once when d <= 2048;
+//  * transposed views (side="output": unit row stride) of d <= 1024 on tensor cores
+//    too (fp32 from k = 9), as strided rows: a tile's 16 view rows are 16 consecutive
+//    elements of each row of G, so a warp's loads are 32-byte runs; otherwise the
+//    FMA engine with ProjectBlockPolicy, 4 view rows a group, one vector of G's row j
+//    holding element j of all four; read once / written once when d <= 2048;
 //  * flat: each 1-D view is one row of the rows layout (one launch for the whole
 //    bucket); a view longer than 4096 is cut into fixed segments across CTAs
 //    with the deterministic split (partials, combine in order, apply).
@@ -30,6 +31,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -89,14 +91,29 @@ struct ProjectPolicy {
     }
   }
   // The tensor-core kernel's interface (cuda/mma_rows.cuh [policy]): a vector is one
-  // load of raw bits, converted when its tile starts; 16-bit values are tf32 numbers.
+  // load of raw bits (kVec; otherwise V strided element loads, as transposed views need),
+  // converted when its tile starts; 16-bit values are tf32 numbers.
   using Bits = tile::PackBits<T>;
   static constexpr bool kExactTf32 = !std::is_same_v<T, float>;
   static constexpr bool kPrefetch = kExactTf32;
   static constexpr bool kUpdates = false;
-  // The raw bits of elements [j, j + V) (kVec rows, j + V <= d).
+  static constexpr bool kVector = kVec;
+  // The raw bits of elements [j, j + V) (j + V <= d). Strided rows (transposed views):
+  // element offsets in 32 bits, which launch_cols guarantees ((d + 3) |cs| < 2^31): one
+  // IMAD.WIDE an address (64-bit products took 22 instructions a vector).
   __device__ __forceinline__ Bits load_bits(const Row& w, int64_t j) const {
-    return *reinterpret_cast<const Bits*>(w.x + j);
+    if constexpr (kVec) {
+      return *reinterpret_cast<const Bits*>(w.x + j);
+    } else {
+      const int cs = static_cast<int>(w.cs);
+      const int o = static_cast<int>(j) * cs;
+      tile::Pack<T> p;
+#pragma unroll
+      for (int v = 0; v < V; ++v) p.v[v] = w.x[o + v * cs];
+      Bits b;
+      memcpy(&b, &p, sizeof(b));
+      return b;
+    }
   }
   __device__ __forceinline__ void finish(const Row&, int64_t, const Bits& b, float (&x)[V]) const {
     tile::unpack<T>(b, x);
@@ -112,12 +129,19 @@ struct ProjectPolicy {
       }
     }
   }
-  // Stores elements [j, j + V) as one vector (kVec rows, j + V <= d).
+  // Stores elements [j, j + V) (j + V <= d): one vector (kVec rows), or V elements.
   __device__ __forceinline__ void store_vector(const Row& w, int64_t j, const float (&x)[V]) const {
-    tile::Pack<T> p;
+    if constexpr (kVec) {
+      tile::Pack<T> p;
 #pragma unroll
-    for (int v = 0; v < V; ++v) p.v[v] = static_cast<T>(x[v]);
-    tile::store_pack(w.x + j, p);
+      for (int v = 0; v < V; ++v) p.v[v] = static_cast<T>(x[v]);
+      tile::store_pack(w.x + j, p);
+    } else {
+      const int cs = static_cast<int>(w.cs);  // as load_bits
+      const int o = static_cast<int>(j) * cs;
+#pragma unroll
+      for (int v = 0; v < V; ++v) w.x[o + v * cs] = static_cast<T>(x[v]);
+    }
   }
 };
 
@@ -254,17 +278,27 @@ void launch_cols(
     const at::Tensor& basis, const float* weights) {
   std::vector<MatrixEntry> entries;
   int64_t total_rows = 0;
+  bool narrow = true;  // every element offset within a row fits 32 bits (load_bits)
   for (size_t i : which) {
     const at::Tensor& m = matrices[i];
     entries.push_back(
         {reinterpret_cast<int64_t>(m.data_ptr()), m.size(0), m.stride(0), m.stride(1),
          total_rows, reinterpret_cast<int64_t>(anchor_address(anchors, i))});
     total_rows += m.size(0);
+    narrow = narrow && (m.size(1) + 3) * std::abs(m.stride(1)) < (int64_t{1} << 31);
   }
   const DeviceTable<MatrixEntry> table(entries, basis.device());
-  tile::run_rows(
-      ProjectBlockPolicy<T>{{table.data(), table.size(), basis.size(1)}}, total_rows, basis,
-      weights);
+  const int64_t k = basis.size(1);
+  // Tensor cores (d <= 1024, the basis in shared memory) with strided rows: a lane's view
+  // rows g and g + 8 of a tile are consecutive elements of G's rows, so the 8 lanes of a
+  // quad column read 8 consecutive elements of one G row (16 B of bf16, 32 of fp32) and
+  // the tile's two halves the two halves of a 32-byte sector (bf16).
+  if (narrow && k >= kMmaMinK<T> &&
+      mma_rows::run(ProjectPolicy<T, false>{table.data(), table.size(), k}, total_rows, basis,
+                    weights, !anchors.empty())) {
+    return;
+  }
+  tile::run_rows(ProjectBlockPolicy<T>{{table.data(), table.size(), k}}, total_rows, basis, weights);
 }
 
 template <typename T>

@@ -32,7 +32,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "bucket_checks.h"
@@ -161,13 +163,16 @@ struct AdamWPolicy {
               *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.m) + w.o + j),
               *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.v) + w.o + j)};
     } else {
-      const int64_t cs = e.col_stride;
-      const int64_t gcs = e.g_col_stride;
-      auto gather = [&](int64_t address, int64_t offset, int64_t stride) {
-        const T* x = reinterpret_cast<const T*>(address) + offset + j * stride;
+      // element offsets in 32 bits, which the launcher guarantees (Layout::narrow), as
+      // project.cu's strided rows
+      const int cs = static_cast<int>(e.col_stride);
+      const int gcs = static_cast<int>(e.g_col_stride);
+      auto gather = [&](int64_t address, int64_t row, int stride) {
+        const T* x = reinterpret_cast<const T*>(address) + row;
+        const int o = static_cast<int>(j) * stride;
         tile::Pack<T> p;
 #pragma unroll
-        for (int v = 0; v < V; ++v) p.v[v] = x[v * stride];
+        for (int v = 0; v < V; ++v) p.v[v] = x[o + v * stride];
         B b;
         memcpy(&b, &p, sizeof(b));
         return b;
@@ -182,9 +187,10 @@ struct AdamWPolicy {
     if constexpr (kVec) {
       tile::store_pack(x + j, p);
     } else {
-      const int64_t cs = w.e->col_stride;
+      const int cs = static_cast<int>(w.e->col_stride);  // as load_bits
+      const int o = static_cast<int>(j) * cs;
 #pragma unroll
-      for (int v = 0; v < V; ++v) x[(j + v) * cs] = p.v[v];
+      for (int v = 0; v < V; ++v) x[o + v * cs] = p.v[v];
     }
   }
   // x' of those elements (w: row(), with its bias corrections); kStore: stores m, v.
@@ -385,6 +391,7 @@ struct Layout {
   std::vector<AdamWEntry> entries;
   int64_t total_rows = 0;
   bool vec = true;
+  bool narrow = true;  // every element offset within a row fits 32 bits (strided load_bits)
 };
 
 // The fewest coefficients that take the tensor-core kernel (cuda/mma_rows.cuh), as
@@ -404,10 +411,11 @@ void launch(
   const int64_t k = basis.size(1);
   if (cols) {
     // fp32 on tensor cores with strided rows (as project.cu's transposed views). 16-bit
-    // rows stay on the block policy: 16 two-byte loads a vector keep too few bytes in
-    // flight (predicted 1.03x -> 1.66x torch's AdamW at k = 1 on A100).
+    // rows stay on the block policy: their strided form packs each pair of 2-byte loads
+    // into a register as soon as they arrive (255 registers), so few loads are in flight
+    // (predicted 1.03x -> 1.45x torch's AdamW at k = 1 on A100, latency-bound).
     if constexpr (std::is_same_v<T, float>) {
-      if (!h.amsgrad && k >= kMmaMinK<T> &&
+      if (l.narrow && !h.amsgrad && k >= kMmaMinK<T> &&
           mma_rows::run(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights, true)) {
         return;
       }
@@ -454,6 +462,8 @@ void projected_adamw_bucket_cuda(
     const int64_t g_col_stride = flat ? g.stride(0) : g.stride(1);
     const bool transposed = !flat && row_stride == 1 && col_stride != 1 && rows > 1 && d > 1;
     Layout& l = transposed ? by_cols : by_rows;
+    const int64_t widest = std::max(std::abs(col_stride), std::abs(g_col_stride));
+    l.narrow = l.narrow && (p.size(flat ? 0 : 1) + 3) * widest < (int64_t{1} << 31);
     l.vec = l.vec && tile::vector_rows(p, row_stride, col_stride, rows) &&
             tile::vector_rows(g, g_row_stride, g_col_stride, rows) &&
             tile::vector_rows(exp_avgs[i], row_stride, col_stride, rows) &&

@@ -75,7 +75,7 @@ EPT = 16  # tile::kEpt
 RESIDENT_BYTES = 128 * 1024  # tile::kResidentBytes (capped by the device: resident_limit)
 SURGERY_CHUNK = THREADS * 16  # surgery.cu kChunk
 # csrc/cuda/mma_rows.cuh and project.cu (the tensor-core rows kernel)
-MMA_MIN_K = {"fp32": 9, "bf16": 1, "fp16": 1}  # project.cu kMmaMinK<T>
+MMA_MIN_K = {"fp32": 9, "bf16": 1, "fp16": 1}  # mma_rows.cuh kMinK<T>
 MMA_MAX_D = 1024  # mma_rows::kMaxD
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_TILE_ROWS = 16

@@ -32,9 +32,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
 
 #include "bucket_checks.h"
@@ -163,22 +161,12 @@ struct AdamWPolicy {
               *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.m) + w.o + j),
               *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.v) + w.o + j)};
     } else {
-      // element offsets in 32 bits, which the launcher guarantees (Layout::narrow), as
-      // project.cu's strided rows
-      const int cs = static_cast<int>(e.col_stride);
-      const int gcs = static_cast<int>(e.g_col_stride);
-      auto gather = [&](int64_t address, int64_t row, int stride) {
-        const T* x = reinterpret_cast<const T*>(address) + row;
-        const int o = static_cast<int>(j) * stride;
-        tile::Pack<T> p;
-#pragma unroll
-        for (int v = 0; v < V; ++v) p.v[v] = x[o + v * stride];
-        B b;
-        memcpy(&b, &p, sizeof(b));
-        return b;
-      };
-      return {gather(e.p, w.o, cs), gather(e.g, w.og, gcs), gather(e.m, w.o, cs),
-              gather(e.v, w.o, cs)};
+      // 32-bit element offsets (mma_rows::load_strided), which Layout::narrow checks
+      auto at = [](int64_t address, int64_t row) { return reinterpret_cast<const T*>(address) + row; };
+      return {mma_rows::load_strided(at(e.p, w.o), j, e.col_stride),
+              mma_rows::load_strided(at(e.g, w.og), j, e.g_col_stride),
+              mma_rows::load_strided(at(e.m, w.o), j, e.col_stride),
+              mma_rows::load_strided(at(e.v, w.o), j, e.col_stride)};
     }
   }
   // Elements [j, j + V) of the stream at `address` (p, m, v's offsets and strides).
@@ -187,10 +175,7 @@ struct AdamWPolicy {
     if constexpr (kVec) {
       tile::store_pack(x + j, p);
     } else {
-      const int cs = static_cast<int>(w.e->col_stride);  // as load_bits
-      const int o = static_cast<int>(j) * cs;
-#pragma unroll
-      for (int v = 0; v < V; ++v) x[o + v * cs] = p.v[v];
+      mma_rows::store_strided(x, j, w.e->col_stride, p);  // as load_bits
     }
   }
   // x' of those elements (w: row(), with its bias corrections); kStore: stores m, v.
@@ -394,12 +379,6 @@ struct Layout {
   bool narrow = true;  // every element offset within a row fits 32 bits (strided load_bits)
 };
 
-// The fewest coefficients that take the tensor-core kernel (cuda/mma_rows.cuh), as
-// project.cu's kMmaMinK: fp32 from 9 (below, the FMA engine is memory-bound), 16-bit at
-// every k.
-template <typename T>
-constexpr int64_t kMmaMinK = std::is_same_v<T, float> ? 9 : 1;
-
 template <typename T>
 void launch(
     const Layout& l, bool cols, bool flat, const at::Tensor& basis, const float* weights,
@@ -415,7 +394,7 @@ void launch(
     // into a register as soon as they arrive (255 registers), so few loads are in flight
     // (predicted 1.03x -> 1.45x torch's AdamW at k = 1 on A100, latency-bound).
     if constexpr (std::is_same_v<T, float>) {
-      if (l.narrow && !h.amsgrad && k >= kMmaMinK<T> &&
+      if (l.narrow && !h.amsgrad && k >= mma_rows::kMinK<T> &&
           mma_rows::run(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights, true)) {
         return;
       }
@@ -425,7 +404,7 @@ void launch(
     const AdamWPolicy<T, true> pol{t, n, k, h};
     // Tensor cores for rows (not flat vectors) of d <= 1024 whose basis fits shared memory;
     // amsgrad (a fifth stream) stays on the FMA engine.
-    if (!flat && !h.amsgrad && k >= kMmaMinK<T> &&
+    if (!flat && !h.amsgrad && k >= mma_rows::kMinK<T> &&
         mma_rows::run(pol, l.total_rows, basis, weights, /*anchored=*/true)) {
       return;
     }
@@ -462,8 +441,9 @@ void projected_adamw_bucket_cuda(
     const int64_t g_col_stride = flat ? g.stride(0) : g.stride(1);
     const bool transposed = !flat && row_stride == 1 && col_stride != 1 && rows > 1 && d > 1;
     Layout& l = transposed ? by_cols : by_rows;
-    const int64_t widest = std::max(std::abs(col_stride), std::abs(g_col_stride));
-    l.narrow = l.narrow && (p.size(flat ? 0 : 1) + 3) * widest < (int64_t{1} << 31);
+    const int64_t d_view = p.size(flat ? 0 : 1);
+    l.narrow = l.narrow && mma_rows::narrow_offsets(d_view, col_stride) &&
+               mma_rows::narrow_offsets(d_view, g_col_stride);
     l.vec = l.vec && tile::vector_rows(p, row_stride, col_stride, rows) &&
             tile::vector_rows(g, g_row_stride, g_col_stride, rows) &&
             tile::vector_rows(exp_avgs[i], row_stride, col_stride, rows) &&

@@ -450,6 +450,40 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   }
 }
 
+// The fewest coefficients the launchers (project.cu, adamw.cu) run on this kernel. fp32:
+// 9; below, the FMA engine is memory-bound too (99 % of copy at d = 768) and keeps plain
+// fp32 products. 16-bit: every k (the FMA engine is issue-bound there: 68-74 % against
+// 100 %; benchmarks/perf_model_cuda.py, predicted).
+template <typename T>
+constexpr int64_t kMinK = std::is_same_v<T, float> ? 9 : 1;
+
+// Strided rows (transposed views): a policy's load_bits / store_vector form element
+// offsets in 32 bits (one IMAD.WIDE an address; 64-bit products took 22 instructions a
+// vector), which holds where (d + 3) |stride| < 2^31; the launchers check it per row view.
+inline bool narrow_offsets(int64_t d, int64_t stride) {
+  return (d + 3) * (stride < 0 ? -stride : stride) < (int64_t{1} << 31);
+}
+// Elements [j, j + 4) of the strided row at x as raw bits (narrow_offsets holds).
+template <typename T>
+__device__ __forceinline__ tile::PackBits<T> load_strided(const T* x, int64_t j, int64_t stride) {
+  const int cs = static_cast<int>(stride);
+  const int o = static_cast<int>(j) * cs;
+  tile::Pack<T> p;
+#pragma unroll
+  for (int v = 0; v < tile::Pack<T>::kSize; ++v) p.v[v] = x[o + v * cs];
+  tile::PackBits<T> b;
+  memcpy(&b, &p, sizeof(b));
+  return b;
+}
+// Stores p at elements [j, j + 4) of the strided row at x (narrow_offsets holds).
+template <typename T>
+__device__ __forceinline__ void store_strided(T* x, int64_t j, int64_t stride, const tile::Pack<T>& p) {
+  const int cs = static_cast<int>(stride);
+  const int o = static_cast<int>(j) * cs;
+#pragma unroll
+  for (int v = 0; v < tile::Pack<T>::kSize; ++v) x[o + v * cs] = p.v[v];
+}
+
 // Whether the kernel takes rows of this basis at all (the launcher may still decline
 // where the device's shared memory is smaller: run returns false).
 inline bool accepts(int64_t d, int64_t k) { return d <= kMaxD && k >= 1; }

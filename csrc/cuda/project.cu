@@ -7,7 +7,7 @@
 // The kernels are the row-tile engine of cuda/tile.cuh with ProjectPolicy (load
 // and store a gradient element), one launch (or one split launch) per layout:
 //  * rows on tensor cores (cuda/mma_rows.cuh): contiguous, 16-byte aligned rows of
-//    d <= 1024 with k >= kMmaMinK (fp32 9, 16-bit 1) whose basis fits the device's shared memory: 16
+//    d <= 1024 with k >= mma_rows::kMinK (fp32 9, 16-bit 1) whose basis fits the device's shared memory: 16
 //    rows a CTA in registers, both GEMMs on mma.sync tf32 (3xTF32 for fp32), read
 //    once / written once;
 //  * rows (side="input", or any strides): a CTA holds a tile of rows in
@@ -31,7 +31,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -99,20 +98,12 @@ struct ProjectPolicy {
   static constexpr bool kUpdates = false;
   static constexpr bool kVector = kVec;
   // The raw bits of elements [j, j + V) (j + V <= d). Strided rows (transposed views):
-  // element offsets in 32 bits, which launch_cols guarantees ((d + 3) |cs| < 2^31): one
-  // IMAD.WIDE an address (64-bit products took 22 instructions a vector).
+  // 32-bit element offsets (mma_rows::load_strided), which launch_cols checks.
   __device__ __forceinline__ Bits load_bits(const Row& w, int64_t j) const {
     if constexpr (kVec) {
       return *reinterpret_cast<const Bits*>(w.x + j);
     } else {
-      const int cs = static_cast<int>(w.cs);
-      const int o = static_cast<int>(j) * cs;
-      tile::Pack<T> p;
-#pragma unroll
-      for (int v = 0; v < V; ++v) p.v[v] = w.x[o + v * cs];
-      Bits b;
-      memcpy(&b, &p, sizeof(b));
-      return b;
+      return mma_rows::load_strided(w.x, j, w.cs);
     }
   }
   __device__ __forceinline__ void finish(const Row&, int64_t, const Bits& b, float (&x)[V]) const {
@@ -131,16 +122,13 @@ struct ProjectPolicy {
   }
   // Stores elements [j, j + V) (j + V <= d): one vector (kVec rows), or V elements.
   __device__ __forceinline__ void store_vector(const Row& w, int64_t j, const float (&x)[V]) const {
-    if constexpr (kVec) {
-      tile::Pack<T> p;
+    tile::Pack<T> p;
 #pragma unroll
-      for (int v = 0; v < V; ++v) p.v[v] = static_cast<T>(x[v]);
+    for (int v = 0; v < V; ++v) p.v[v] = static_cast<T>(x[v]);
+    if constexpr (kVec) {
       tile::store_pack(w.x + j, p);
     } else {
-      const int cs = static_cast<int>(w.cs);  // as load_bits
-      const int o = static_cast<int>(j) * cs;
-#pragma unroll
-      for (int v = 0; v < V; ++v) w.x[o + v * cs] = static_cast<T>(x[v]);
+      mma_rows::store_strided(w.x, j, w.cs, p);  // as load_bits
     }
   }
 };
@@ -225,13 +213,6 @@ struct ProjectBlockPolicy : ProjectPolicy<T, false> {
   }
 };
 
-// The fewest coefficients that take the tensor-core kernel (cuda/mma_rows.cuh). fp32:
-// 9; below, the FMA engine is memory-bound too (99 % of copy at d = 768) and keeps
-// plain fp32 products. 16-bit: every k (the FMA engine is issue-bound there: 68-74 %
-// against 100 %; benchmarks/perf_model_cuda.py, predicted).
-template <typename T>
-constexpr int64_t kMmaMinK = std::is_same_v<T, float> ? 9 : 1;
-
 float* anchor_address(at::TensorList anchors, size_t i) {
   return anchors.empty() ? nullptr : anchors[i].data_ptr<float>();
 }
@@ -259,8 +240,8 @@ void launch_rows(
   const int64_t k = basis.size(1);
   if (vec) {
     const ProjectPolicy<T, true> pol{table.data(), table.size(), k};
-    // Tensor cores from kMmaMinK (rows of d <= 1024 whose basis fits shared memory).
-    if (!flat && k >= kMmaMinK<T> &&
+    // Tensor cores from mma_rows::kMinK (rows of d <= 1024 whose basis fits shared memory).
+    if (!flat && k >= mma_rows::kMinK<T> &&
         mma_rows::run(pol, total_rows, basis, weights, !anchors.empty())) {
       return;
     }
@@ -285,7 +266,7 @@ void launch_cols(
         {reinterpret_cast<int64_t>(m.data_ptr()), m.size(0), m.stride(0), m.stride(1),
          total_rows, reinterpret_cast<int64_t>(anchor_address(anchors, i))});
     total_rows += m.size(0);
-    narrow = narrow && (m.size(1) + 3) * std::abs(m.stride(1)) < (int64_t{1} << 31);
+    narrow = narrow && mma_rows::narrow_offsets(m.size(1), m.stride(1));
   }
   const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
@@ -293,7 +274,7 @@ void launch_cols(
   // rows g and g + 8 of a tile are consecutive elements of G's rows, so the 8 lanes of a
   // quad column read 8 consecutive elements of one G row (16 B of bf16, 32 of fp32) and
   // the tile's two halves the two halves of a 32-byte sector (bf16).
-  if (narrow && k >= kMmaMinK<T> &&
+  if (narrow && k >= mma_rows::kMinK<T> &&
       mma_rows::run(ProjectPolicy<T, false>{table.data(), table.size(), k}, total_rows, basis,
                     weights, !anchors.empty())) {
     return;

@@ -76,6 +76,7 @@ RESIDENT_BYTES = 128 * 1024  # tile::kResidentBytes (capped by the device: resid
 SURGERY_CHUNK = THREADS * 16  # surgery.cu kChunk
 # csrc/cuda/mma_rows.cuh and project.cu (the tensor-core rows kernel)
 MMA_MIN_K = {"fp32": 9, "bf16": 1, "fp16": 1}  # mma_rows.cuh kMinK<T>
+ADAMW_BLOCK_POLICY_MAX_K16 = 32  # adamw.cu kBlockPolicyMaxK16
 MMA_MAX_D = 1024  # mma_rows::kMaxD
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_TILE_ROWS = 16
@@ -334,6 +335,30 @@ def rows_launches(
     ]
 
 
+def _mma_smem(nblk: int, kp: int) -> int:
+    """``mma_rows::smem_bytes``: the staged basis, the partial sums, the coefficient tile."""
+    return 4 * (nblk * (kp // 8) * 128 + WARPS * MMA_TILE_ROWS * MMA_COEF_CHUNK
+                + MMA_TILE_ROWS * (kp + 4))  # fmt: skip
+
+
+def mma_columns(d: int, k: int, smem_optin: int | None) -> int:
+    """``mma_rows::columns_per_launch``: the basis columns of each tensor-core launch (all k
+    where the staged basis fits the per-block shared memory, else the fewest launches of
+    at most that many, a multiple of 8), or 0 where the kernel does not take the rows."""
+    if d > MMA_MAX_D or k < 1:
+        return 0
+    limit = MMA_MAX_SMEM if smem_optin is None else min(MMA_MAX_SMEM, smem_optin)
+    nblk = -(-d // 16)
+    launches = 1
+    while True:
+        kc = _round_up(-(-k // launches), 8)
+        if _mma_smem(nblk, kc) <= limit:
+            return min(kc, k)
+        if kc == 8:
+            return 0
+        launches += 1
+
+
 def mma_launches(
     policy: str,
     dt: str,
@@ -343,29 +368,33 @@ def mma_launches(
     entries: int,
     smem_optin: int | None,
     anchored: bool = False,
+    rest: str | None = None,
 ) -> list[Launch] | None:
-    """``mma_rows::run``: the tensor-core rows kernel, or None where project.cu takes
-    ``tile::run_rows`` (k below MMA_MIN_K, d above MMA_MAX_D, or a basis that does not fit
-    the device's shared memory). ``anchored``: the rows have anchors (the modelled ops
-    have no weights), whose loads the plain projection skips."""
-    if k < MMA_MIN_K[dt] or d > MMA_MAX_D:
+    """``mma_rows::run``: the tensor-core rows kernel, one launch per block of basis columns
+    (``mma_columns``), or None where project.cu takes ``tile::run_rows`` (k below
+    MMA_MIN_K, d above MMA_MAX_D, not even 8 columns fit). ``anchored``: the rows have
+    anchors (the modelled ops have no weights), whose loads the plain projection skips.
+    ``rest``: the policy of the launches after the first (adamw.cu: project.cu's anchored
+    projection of the stepped params), by default ``policy``."""
+    kc = mma_columns(d, k, smem_optin)
+    if k < MMA_MIN_K[dt] or kc == 0:
         return None
-    kp = _round_up(k, 8)
-    groups = kp // 8
     nblk = -(-d // 16)
-    smem = 4 * (nblk * groups * 128 + WARPS * MMA_TILE_ROWS * MMA_COEF_CHUNK
-                + MMA_TILE_ROWS * (kp + 4))  # fmt: skip
-    limit = MMA_MAX_SMEM if smem_optin is None else min(MMA_MAX_SMEM, smem_optin)
-    if smem > limit:
-        return None
     per_warp = -(-nblk // WARPS)
     nb = next(n for n in (2, 4, 6, 8) if per_warp <= n)
     # the warps' valid blocks (the unrolled block loop breaks at the first past d)
     blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(WARPS)) / WARPS
-    env = dict(d=d, k=k, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks, entries=entries,
-               second=groups % 2 == 0, anchored=anchored)  # fmt: skip
     n_tiles = -(-total_rows // MMA_TILE_ROWS)
-    return [Launch(f"mma_rows_kernel<{policy}, {nb}>", n_tiles, smem, env)]
+    launches = []
+    for c0 in range(0, k, kc):
+        cols = min(kc, k - c0)
+        kp = _round_up(cols, 8)
+        groups = kp // 8
+        env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
+                   entries=entries, second=groups % 2 == 0, anchored=anchored)  # fmt: skip
+        name = policy if c0 == 0 or rest is None else rest
+        launches.append(Launch(f"mma_rows_kernel<{name}, {nb}>", n_tiles, _mma_smem(nblk, kp), env))
+    return launches
 
 
 def surgery_launches(ctype: str, numels: list[int]):
@@ -413,11 +442,14 @@ def op_launches(
         return rows_launches(policy, 2, per * d, k, pm.TENSORS, pm.TENSORS, res)
     if op == "ProjectedAdamW input":
         policy = f"{_NS}AdamWPolicy<{t}, true>"
-        mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, anchored=True)
+        rest = f"{_NS}ProjectPolicy<{t}, true>"
+        mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, True, rest)
         return mma or rows_launches(policy, 1, d, k, rows, pm.TENSORS, res)
-    if op == "ProjectedAdamW output":  # fp32: tensor cores with strided rows
-        mma = dt == "fp32" and mma_launches(f"{_NS}AdamWPolicy<{t}, false>", dt, d, k, rows,
-                                            pm.TENSORS, smem_optin, anchored=True)  # fmt: skip
+    if op == "ProjectedAdamW output":  # tensor cores with strided rows: fp32, 16-bit k > 32
+        strided = dt == "fp32" or k > ADAMW_BLOCK_POLICY_MAX_K16
+        mma = strided and mma_launches(f"{_NS}AdamWPolicy<{t}, false>", dt, d, k, rows,
+                                       pm.TENSORS, smem_optin, True,
+                                       f"{_NS}ProjectPolicy<{t}, false>")  # fmt: skip
         # the block policy: 4 rows a group, 4 elements a thread
         return mma or rows_launches(f"{_NS}AdamWBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS,
                                     res, 4)  # fmt: skip
@@ -462,11 +494,19 @@ def hbm_bytes(
     coef = 4 * kp / d  # per element: the row's kp coefficients over its d elements
     anchors = 4 * k / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
     if launches[0].kernel.startswith("mma_rows_kernel"):  # coefficients in shared memory
-        if op.startswith("ProjectedAdamW"):
-            note = "p, g, m, v read once; p, m, v written once; anchors read"
-            return [mv(4 * b + anchors + basis, 3 * b, note)]
-        note = "x read once, written once" + ("; anchors read" if anchors else "")
-        return [mv(b + anchors + basis, b, note)]
+        moved = []
+        for i, launch in enumerate(launches):  # a block of basis columns each ([columns])
+            cols = launch.env["k"]
+            basis = 4 * launch.env["kp"] / rows
+            anchors = 4 * cols / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
+            if op.startswith("ProjectedAdamW") and i == 0:
+                note = "p, g, m, v read once; p, m, v written once; anchors read"
+                moved.append(mv(4 * b + anchors + basis, 3 * b, note))
+            else:
+                x = "p" if op.startswith("ProjectedAdamW") else "x"
+                note = f"{x} read once, written once" + ("; anchors read" if anchors else "")
+                moved.append(mv(b + anchors + basis, b, note))
+        return moved
     if op == "project_ output" and nseg == 1:  # the rows engine, fused
         return [mv(b + coef + basis, b + coef, "x read once, written once; coef")]
     if op == "project_ output":

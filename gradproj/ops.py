@@ -307,6 +307,11 @@ def project_(
     ``"output"`` the columns (``G ← G − V diag(w) Vᵀ G``), ``"flat"`` the whole
     flattened tensor. See :func:`gradproj.reference.project` for the full math.
 
+    The GPU kernels may apply a large basis a block of columns at a time,
+    ``(I − U₂W₂U₂ᵀ)(I − U₁W₁U₁ᵀ)``, which equals the formula above because the
+    columns are orthonormal (``check_orthonormal=True`` verifies it); a basis that is
+    not gives other results per backend.
+
     Args:
         grads: a tensor, or a list whose entries may be ``None`` (skipped).
         bases: one basis per grad (``None`` leaves that grad alone), or a single

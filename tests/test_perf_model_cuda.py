@@ -259,14 +259,25 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # side output (block policies: 4 rows a group, 8 elements a thread): D = 768 is one
     # 1024-wide segment of 4-warp groups, 2 groups (8 rows) a CTA; its second slot runs
     # in the 2 warps whose columns start before 768 (a warp skips a slot whole)
-    # the tensor-core rows kernel: 6 blocks a warp at 768, none where U does not fit
+    # the tensor-core rows kernel: 6 blocks a warp at 768
     (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
     assert (mma.env["NB"], mma.env["blocks"], mma.work) == (6, 6, 4096 // 16)
     assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 8 * 16 * 16 + 16 * 36)
-    assert pmc.mma_launches("P", "fp32", 768, 128, 4096, 2, None) is None  # 384 KiB of U
     assert pmc.mma_launches("P", "fp32", 768, 8, 4096, 2, None) is None  # fp32 from k = 9
-    assert pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 163 * 1024) is None  # A100
-    assert pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 227 * 1024) is not None  # H100
+    assert pmc.mma_launches("P", "fp32", 1100, 40, 4096, 2, None) is None  # d > 1024
+    # where U does not fit (k = 128 at d = 768: 384 KiB), a block of columns a launch, the
+    # fewest launches: 2 of 64 at an H100's 227 KiB, 48 + 48 + 32 at an A100's 163 KiB
+    for optin, widths in ((227 * 1024, [64, 64]), (163 * 1024, [48, 48, 32])):
+        blocks = pmc.mma_launches("P", "fp32", 768, 128, 4096, 2, optin, True, "R")
+        assert [la.env["k"] for la in blocks] == widths
+        assert [la.kernel.split(", ")[0] for la in blocks] == ["mma_rows_kernel<P"] + [
+            "mma_rows_kernel<R"
+        ] * (len(widths) - 1)  # adamw.cu: the step in the first, then the projection
+        assert all(la.dynamic_smem <= optin for la in blocks)
+    assert len(pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 163 * 1024)) == 2  # A100
+    assert len(pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 227 * 1024)) == 1  # H100
+    assert pmc.mma_columns(1024, 1024, 163 * 1024) == 32
+    assert pmc.mma_columns(1024, 1024, 33 * 1024) == 0  # not even 8 columns fit
     (cols,) = pmc.rows_launches("B", 4, 768, 8, 4096, 2, ept=8)
     assert (cols.env["wpr"], cols.env["nseg"], cols.work) == (4, 1, 4096 // 8)
     assert (cols.env["S"], cols.env["slots"]) == (2, 1.5)
@@ -378,7 +389,7 @@ def test_per_iteration_listing_reads_the_build_of_load_build(toy_dir, monkeypatc
 def test_transposed_views_take_the_engine_project_cu_and_adamw_cu_choose():
     """side output: tensor cores with strided rows (fp32 from k = 9, 16-bit at every k;
     ProjectedAdamW in fp32 only), otherwise the block policies; at k = 128 the basis does
-    not fit shared memory (FMA engine)."""
+    not fit shared memory: a block of its columns a launch (mma_rows.cuh [columns])."""
 
     def kernel(op, dt, k):
         return pmc.op_launches(op, dt, k)[0].kernel
@@ -387,7 +398,10 @@ def test_transposed_views_take_the_engine_project_cu_and_adamw_cu_choose():
     assert "ProjectPolicy<float, false>" in kernel("project_ output", "fp32", 32)
     assert kernel("project_ output", "bf16", 1).startswith("mma_rows_kernel<")
     assert "ProjectBlockPolicy" in kernel("project_ output", "fp32", 8)
-    assert "ProjectBlockPolicy" in kernel("project_ output", "bf16", 128)
+    wide = [la.kernel for la in pmc.op_launches("project_ output", "bf16", 128)]
+    assert len(wide) == 2 and all("ProjectPolicy<c10::BFloat16, false>" in n for n in wide)
+    wide = [la.kernel for la in pmc.op_launches("ProjectedAdamW output", "fp32", 128)]
+    assert "AdamWPolicy<float, false>" in wide[0] and "ProjectPolicy<float, false>" in wide[1]
     assert "AdamWPolicy<float, false>" in kernel("ProjectedAdamW output", "fp32", 32)
     assert "AdamWBlockPolicy" in kernel("ProjectedAdamW output", "bf16", 32)
     # tensor cores: the element read once and written once, no coefficient workspace

@@ -12,13 +12,15 @@
 // k = 9) run on tensor cores (cuda/mma_rows.cuh with AdamWPolicy): x' is formed from p,
 // g, m, v as a 16-row tile is loaded (m, v stored then; 16-bit rows load the next tile's
 // four streams during this one), projected in registers, and p stored: DRAM sees the
-// bytes of a fused AdamW plus the anchors; so do fp32 transposed views (side="output"),
-// as strided rows. Everything else, and a basis too large for
-// shared memory, runs the row-tile engine of cuda/tile.cuh with AdamWPolicy: loading a row element
-// reads p, g, m, v (v^), stores the new m, v (v^) at once (they do not depend on
-// the projection) and keeps x' in registers; the engine projects x' and stores
-// p once. So when a row fits one segment (rows layout d <= 4096, cols layout
-// d <= 128) DRAM sees exactly the bytes of a fused AdamW: p, g, m, v (v^) read
+// bytes of a fused AdamW plus the anchors; so do transposed views (side="output"), as
+// strided rows (fp32; 16-bit from k = 33). A basis too large for shared memory takes
+// its columns a block a launch (mma_rows.cuh [columns]): the first with the AdamW step,
+// the others project p (project.cu's anchored projection), reading and writing it once
+// more each. Everything else runs the row-tile engine of cuda/tile.cuh with
+// AdamWPolicy: loading a row element reads p, g, m, v (v^), stores the new m, v (v^)
+// at once (they do not depend on the projection) and keeps x' in registers; the
+// engine projects x' and stores p once. So when a row fits one segment (rows layout
+// d <= 4096, cols layout d <= 128) DRAM sees exactly the bytes of a fused AdamW: p, g, m, v (v^) read
 // once, p, m, v (v^) written once. Longer rows take the split launch: the
 // partials pass computes x' without storing anything, the apply pass reads the
 // four streams again and stores everything. side="output" (transposed views)
@@ -379,6 +381,33 @@ struct Layout {
   bool narrow = true;  // every element offset within a row fits 32 bits (strided load_bits)
 };
 
+// 16-bit transposed views (side="output") take the block policy up to this many basis
+// columns, the tensor cores beyond (see launch).
+constexpr int64_t kBlockPolicyMaxK16 = 32;
+
+// The tensor-core kernel with AdamWPolicy<T, kVec> (mma_rows.cuh) on the basis columns
+// [0, kc), then, where the basis takes more than one launch ([columns]), project.cu's
+// anchored projection of the stepped params on the rest: the AdamW step is taken once.
+// False, having done nothing, where the kernel does not take these rows.
+template <typename T, bool kVec>
+bool run_tensor_cores(
+    const Layout& l, const AdamWEntry* t, int n, const at::Tensor& basis, const float* weights,
+    const Hyper& h) {
+  const int64_t k = basis.size(1);
+  const int64_t kc = mma_rows::columns_per_launch(basis.size(0), k);
+  if (h.amsgrad || k < mma_rows::kMinK<T> || kc == 0) return false;
+  mma_rows::run_columns(AdamWPolicy<T, kVec>{t, n, k, h}, l.total_rows, basis, weights,
+                        /*anchored=*/true, 0, kc);
+  if (kc < k) {
+    std::vector<MatrixEntry> params;
+    for (const AdamWEntry& e : l.entries) {
+      params.push_back({e.p, e.rows, e.row_stride, e.col_stride, e.first_row, e.anchor});
+    }
+    mma_rows::project_anchored_from<T>(params, l.total_rows, kVec, basis, weights, kc);
+  }
+  return true;
+}
+
 template <typename T>
 void launch(
     const Layout& l, bool cols, bool flat, const at::Tensor& basis, const float* weights,
@@ -390,25 +419,22 @@ void launch(
   const int64_t k = basis.size(1);
   if (cols) {
     // fp32 on tensor cores with strided rows (as project.cu's transposed views). 16-bit
-    // rows stay on the block policy: their strided form packs each pair of 2-byte loads
-    // into a register as soon as they arrive (255 registers), so few loads are in flight
-    // (predicted 1.03x -> 1.45x torch's AdamW at k = 1 on A100, latency-bound).
-    if constexpr (std::is_same_v<T, float>) {
-      if (l.narrow && !h.amsgrad && k >= mma_rows::kMinK<T> &&
-          mma_rows::run(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights, true)) {
-        return;
-      }
+    // rows up to k = kBlockPolicyMaxK16 stay on the block policy: their strided form packs
+    // each pair of 2-byte loads into a register as soon as they arrive (255 registers), so
+    // few loads are in flight (latency-bound: 1.03x -> 1.47x torch's AdamW at k = 1 on an
+    // A100, predicted). Beyond, the block policy's FMA projection costs more (issue-bound,
+    // and U^T restaged per tile where it does not fit: k = 128 13.85x / 20.00x against
+    // 2.52x / 3.11x on tensor cores, A100 / H100; at k = 32 1.91x / 2.15x against 1.53x /
+    // 2.25x, so it stays).
+    if (std::is_same_v<T, float> || k > kBlockPolicyMaxK16) {
+      if (l.narrow && run_tensor_cores<T, false>(l, t, n, basis, weights, h)) return;
     }
     tile::run_rows(AdamWBlockPolicy<T>{{t, n, k, h}}, l.total_rows, basis, weights);
   } else if (l.vec) {
-    const AdamWPolicy<T, true> pol{t, n, k, h};
-    // Tensor cores for rows (not flat vectors) of d <= 1024 whose basis fits shared memory;
-    // amsgrad (a fifth stream) stays on the FMA engine.
-    if (!flat && !h.amsgrad && k >= mma_rows::kMinK<T> &&
-        mma_rows::run(pol, l.total_rows, basis, weights, /*anchored=*/true)) {
-      return;
-    }
-    tile::run_rows(pol, l.total_rows, basis, weights);
+    // Tensor cores for rows (not flat vectors) of d <= 1024; amsgrad (a fifth stream)
+    // stays on the FMA engine.
+    if (!flat && run_tensor_cores<T, true>(l, t, n, basis, weights, h)) return;
+    tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, l.total_rows, basis, weights);
   } else {
     tile::run_rows(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights);
   }

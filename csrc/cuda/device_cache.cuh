@@ -3,7 +3,7 @@
 // A training step calls the same ops with the same basis and the same tensors
 // again and again, so the per-call host work is kept to building a key:
 //  * [packed basis] the layout the kernels read U in (U^T, zero padded)
-//    is built once per (basis storage, data pointer, shape, version counter,
+//    is built once per (basis storage, data pointer, shape, strides, version counter,
 //    layout, device) and reused until the basis is written in place (its version
 //    changes) or freed. The entry holds a weak reference to the basis storage,
 //    so it keeps no user memory alive and a freed-then-reused address can never
@@ -113,13 +113,13 @@ inline at::Tensor packed_basis(const at::Tensor& basis, BasisLayout layout) {
   struct Entry {
     c10::weak_intrusive_ptr<c10::StorageImpl> storage;
     const void* data;
-    int64_t d, k;
+    int64_t d, k, row_stride, col_stride;  // a block of columns (mma_rows.cuh [columns]) is a view
     uint32_t version;
     BasisLayout layout;
     c10::DeviceIndex device;
     std::shared_ptr<StreamedTensor> packed;
   };
-  constexpr size_t kMaxEntries = 16;
+  constexpr size_t kMaxEntries = 64;  // a basis of many column blocks takes one entry each
   static std::mutex mutex;
   // Most recently used first. Never destroyed: tensors freed during static
   // destruction, after the CUDA context is gone, would fail.
@@ -133,7 +133,8 @@ inline at::Tensor packed_basis(const at::Tensor& basis, BasisLayout layout) {
       continue;
     }
     if (it->storage._unsafe_get_target() == storage && it->data == basis.data_ptr() &&
-        it->d == basis.size(0) && it->k == basis.size(1) && it->version == version &&
+        it->d == basis.size(0) && it->k == basis.size(1) && it->row_stride == basis.stride(0) &&
+        it->col_stride == basis.stride(1) && it->version == version &&
         it->layout == layout && it->device == basis.device().index()) {
       entries.splice(entries.begin(), entries, it);
       return entries.front().packed->use_on(stream);
@@ -143,7 +144,7 @@ inline at::Tensor packed_basis(const at::Tensor& basis, BasisLayout layout) {
   auto packed = std::make_shared<StreamedTensor>(pack_basis(basis, layout), stream);
   entries.push_front(
       {basis.storage().getWeakStorageImpl(), basis.data_ptr(), basis.size(0), basis.size(1),
-       version, layout, basis.device().index(), packed});
+       basis.stride(0), basis.stride(1), version, layout, basis.device().index(), packed});
   if (entries.size() > kMaxEntries) entries.pop_back();
   return entries.front().packed->use_on(stream);
 }

@@ -56,17 +56,30 @@
 //   128-bit reads and each half-warp of the 64-bit reads hits distinct banks.
 // [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
 //   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32.
+// [columns] Where U does not fit shared memory (k = 128 at d = 768 needs 384 KiB), the
+//   columns are taken a block at a time, one launch each (columns_per_launch: the fewest
+//   launches): x <- (I - U_n W_n U_n^T) ... (I - U_1 W_1 U_1^T) x. U's columns are
+//   orthonormal (the ops' contract), so U_j^T U_i = 0 for i != j and the product is
+//   I - U W U^T: launch j's coefficients U_j^T x see x after the earlier launches,
+//   which changed it only inside span(U_1 .. U_{j-1}), and equal U_j^T x of the input
+//   (anchored: U_j^T x - C_j likewise; the anchors and weights of launch j are the
+//   columns [c0, c0 + kc) of each row's). Each launch reads and writes the rows once
+//   (16-bit rows: one more rounding each), against the FMA engine's issue- and
+//   latency-bound k = 128 (tile.cuh; the Triton kernels take chunks of k the same way).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "cuda/device_cache.cuh"
 #include "cuda/launch.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/multi_tensor.cuh"
 #include "cuda/tile.cuh"
 
 namespace gradproj::cuda::mma_rows {
@@ -89,6 +102,7 @@ struct Geometry {
   int64_t n_tiles;     // 16-row tiles
   int nblk;            // 16-column blocks of a row (ceil(d / 16))
   int coef_ld;         // floats per row of the coefficient tile: kp + 4 (conflict-free)
+  int c0;              // [columns] the launch's first basis column: its anchors' column
   bool row_data;       // anchors or weights to finish the coefficients with
 };
 
@@ -295,6 +309,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
       float w_kk = 1.f;
       if (fin && g.row_data) {  // model-cold-if: not anchored
         anchor = pol.anchor_row(row0 + fr);
+        if (anchor != nullptr) anchor += g.c0;  // [columns]
         if (anchor != nullptr) c_old = anchor[fkk];
         if (weights != nullptr) w_kk = weights[fkk];
       }
@@ -484,48 +499,95 @@ __device__ __forceinline__ void store_strided(T* x, int64_t j, int64_t stride, c
   for (int v = 0; v < tile::Pack<T>::kSize; ++v) x[o + v * cs] = p.v[v];
 }
 
-// Whether the kernel takes rows of this basis at all (the launcher may still decline
-// where the device's shared memory is smaller: run returns false).
-inline bool accepts(int64_t d, int64_t k) { return d <= kMaxD && k >= 1; }
-
-template <class P, int NB>
-bool launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
-  const size_t smem = smem_bytes(g);
-  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB>);
-  if (smem > allow_dynamic_smem(fn, kMaxDynamicSmem)) {
-    return false;  // this device's per-block shared memory is smaller
+// [columns] The basis columns one launch takes: all k where the staged basis fits the
+// device's per-block shared memory, else the fewest launches of at most `kc` columns
+// (a multiple of 8: k = 128 at d = 768 takes 64 on an H100, 48 on an A100); 0 where
+// the kernel does not take these rows at all (d > kMaxD, a GPU before sm_80, not even
+// 8 columns fit), and the caller runs tile::run_rows.
+inline int64_t columns_per_launch(int64_t d, int64_t k) {
+  if (d > kMaxD || k < 1) return 0;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major < 8) return 0;  // no tf32 MMAs
+  const size_t limit = std::min<size_t>(kMaxDynamicSmem, prop->sharedMemPerBlockOptin);
+  Geometry g{};
+  g.d = d;
+  g.nblk = static_cast<int>((d + 15) / 16);
+  for (int64_t launches = 1;; ++launches) {
+    const int64_t kc = round_up((k + launches - 1) / launches, 8);
+    g.kp = kc;
+    g.coef_ld = static_cast<int>(kc + 4);
+    if (smem_bytes(g) <= limit) return std::min(kc, k);
+    if (kc == 8) return 0;
   }
-  const at::Tensor frag = packed_basis(basis, BasisLayout::kMmaFragments);
-  launch_kernel<kMaxDynamicSmem>(
-      mma_rows_kernel<P, NB>, g.n_tiles, kThreads, smem, pol, g,
-      reinterpret_cast<const float4*>(frag.data_ptr<float>()), weights);
-  return true;
 }
 
-// Runs the projection of `total_rows` rows (the policy's table) on tensor cores and
-// returns true, or returns false, having done nothing, when the basis does not fit
-// this device's shared memory (the caller then runs tile::run_rows).
+template <class P, int NB>
+void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
+  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB>);
+  // columns_per_launch chose the columns to fit this very limit
+  TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
+  const at::Tensor frag = packed_basis(basis, BasisLayout::kMmaFragments);
+  launch_kernel<kMaxDynamicSmem>(
+      mma_rows_kernel<P, NB>, g.n_tiles, kThreads, smem_bytes(g), pol, g,
+      reinterpret_cast<const float4*>(frag.data_ptr<float>()), weights);
+}
+
+// One launch: the projection of `total_rows` rows (the policy's table) on the basis columns
+// [c0, c0 + kc) (kc at most columns_per_launch), with their weights and anchors.
 template <class P>
-bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights,
-         bool anchored) {
+void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights,
+                 bool anchored, int64_t c0, int64_t kc) {
   Geometry g{};
   g.d = basis.size(0);
-  g.k = basis.size(1);
-  g.kp = round_up(g.k, 8);
+  g.k = kc;
+  g.kp = round_up(kc, 8);
   g.total_rows = total_rows;
   g.n_tiles = (total_rows + kTileRows - 1) / kTileRows;
   g.nblk = static_cast<int>((g.d + 15) / 16);
   g.coef_ld = static_cast<int>(g.kp + 4);
   g.row_data = anchored || weights != nullptr;
-  if (!accepts(g.d, g.k) || smem_bytes(g) > kMaxDynamicSmem) return false;
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // no tf32 MMAs
-  if (total_rows == 0) return true;
+  g.c0 = static_cast<int>(c0);  // c0 < k <= d <= kMaxD
+  if (total_rows == 0) return;
+  const at::Tensor cols = basis.narrow(1, c0, kc);
+  const float* w = weights != nullptr ? weights + c0 : nullptr;
   // Blocks per warp: the fewest of {2, 4, 6, 8} whose 8 warps cover d.
   const int per_warp = (g.nblk + kWarps - 1) / kWarps;
-  if (per_warp <= 2) return launch<P, 2>(pol, g, basis, weights);
-  if (per_warp <= 4) return launch<P, 4>(pol, g, basis, weights);
-  if (per_warp <= 6) return launch<P, 6>(pol, g, basis, weights);
-  return launch<P, 8>(pol, g, basis, weights);
+  if (per_warp <= 2) return launch<P, 2>(pol, g, cols, w);
+  if (per_warp <= 4) return launch<P, 4>(pol, g, cols, w);
+  if (per_warp <= 6) return launch<P, 6>(pol, g, cols, w);
+  return launch<P, 8>(pol, g, cols, w);
 }
+
+// The projection of `total_rows` rows on the basis columns [c0, k), launches of
+// `kc` = columns_per_launch columns ([columns]).
+template <class P>
+void run_from(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights,
+              bool anchored, int64_t kc, int64_t c0) {
+  const int64_t k = basis.size(1);
+  for (; c0 < k; c0 += kc) {
+    run_columns(pol, total_rows, basis, weights, anchored, c0, std::min(kc, k - c0));
+  }
+}
+
+// Runs the projection of `total_rows` rows (the policy's table) on tensor cores and
+// returns true, or returns false, having done nothing, where columns_per_launch is 0
+// (the caller then runs tile::run_rows).
+template <class P>
+bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights,
+         bool anchored) {
+  const int64_t kc = columns_per_launch(basis.size(0), basis.size(1));
+  if (kc == 0) return false;
+  run_from(pol, total_rows, basis, weights, anchored, kc, 0);
+  return true;
+}
+
+// project.cu's anchored projection (ProjectPolicy over `entries`, contiguous 16-byte rows
+// where vector_rows, else strided) on the basis columns [kc, k): how adamw.cu projects
+// a param's later column blocks once its first launch, on columns [0, kc), has taken
+// the AdamW step. `kc` is columns_per_launch.
+template <typename T>
+void project_anchored_from(const std::vector<MatrixEntry>& entries, int64_t total_rows,
+                           bool vector_rows, const at::Tensor& basis, const float* weights,
+                           int64_t kc);
 
 }  // namespace gradproj::cuda::mma_rows

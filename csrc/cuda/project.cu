@@ -7,9 +7,10 @@
 // The kernels are the row-tile engine of cuda/tile.cuh with ProjectPolicy (load
 // and store a gradient element), one launch (or one split launch) per layout:
 //  * rows on tensor cores (cuda/mma_rows.cuh): contiguous, 16-byte aligned rows of
-//    d <= 1024 with k >= mma_rows::kMinK (fp32 9, 16-bit 1) whose basis fits the device's shared memory: 16
-//    rows a CTA in registers, both GEMMs on mma.sync tf32 (3xTF32 for fp32), read
-//    once / written once;
+//    d <= 1024 with k >= mma_rows::kMinK (fp32 9, 16-bit 1): 16 rows a CTA in
+//    registers, both GEMMs on mma.sync tf32 (3xTF32 for fp32), read once / written
+//    once per launch; the basis in shared memory, a block of its columns a launch where
+//    the whole does not fit (mma_rows.cuh [columns]);
 //  * rows (side="input", or any strides): a CTA holds a tile of rows in
 //    registers, U^T staged in shared memory, read once / written once when
 //    d <= 4096 (4-element vector loads, 16 bytes of fp32, when every row allows them);
@@ -240,7 +241,7 @@ void launch_rows(
   const int64_t k = basis.size(1);
   if (vec) {
     const ProjectPolicy<T, true> pol{table.data(), table.size(), k};
-    // Tensor cores from mma_rows::kMinK (rows of d <= 1024 whose basis fits shared memory).
+    // Tensor cores from mma_rows::kMinK (rows of d <= 1024).
     if (!flat && k >= mma_rows::kMinK<T> &&
         mma_rows::run(pol, total_rows, basis, weights, !anchors.empty())) {
       return;
@@ -331,6 +332,28 @@ void project_anchored_bucket_cuda(
 }
 
 }  // namespace
+
+template <typename T>
+void mma_rows::project_anchored_from(
+    const std::vector<MatrixEntry>& entries, int64_t total_rows, bool vector_rows,
+    const at::Tensor& basis, const float* weights, int64_t kc) {
+  const DeviceTable<MatrixEntry> table(entries, basis.device());
+  const int64_t k = basis.size(1);
+  if (vector_rows) {
+    mma_rows::run_from(ProjectPolicy<T, true>{table.data(), table.size(), k}, total_rows, basis,
+                       weights, /*anchored=*/true, kc, kc);
+  } else {
+    mma_rows::run_from(ProjectPolicy<T, false>{table.data(), table.size(), k}, total_rows, basis,
+                       weights, /*anchored=*/true, kc, kc);
+  }
+}
+template void mma_rows::project_anchored_from<float>(
+    const std::vector<MatrixEntry>&, int64_t, bool, const at::Tensor&, const float*, int64_t);
+template void mma_rows::project_anchored_from<at::BFloat16>(
+    const std::vector<MatrixEntry>&, int64_t, bool, const at::Tensor&, const float*, int64_t);
+template void mma_rows::project_anchored_from<at::Half>(
+    const std::vector<MatrixEntry>&, int64_t, bool, const at::Tensor&, const float*, int64_t);
+
 }  // namespace gradproj::cuda
 
 #ifdef GRADPROJ_CUDA_EMULATION

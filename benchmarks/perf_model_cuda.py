@@ -335,10 +335,11 @@ def rows_launches(
     ]
 
 
-def _mma_smem(nblk: int, kp: int) -> int:
-    """``mma_rows::smem_bytes``: the staged basis, the partial sums, the coefficient tile."""
-    return 4 * (nblk * (kp // 8) * 128 + WARPS * MMA_TILE_ROWS * MMA_COEF_CHUNK
-                + MMA_TILE_ROWS * (kp + 4))  # fmt: skip
+def _mma_smem(nblk: int, kp: int, pairs: bool = False) -> int:
+    """``mma_rows::smem_bytes``: the staged basis (twice with pairs: hi and lo), the partial
+    sums, the coefficient tile."""
+    return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + WARPS * MMA_TILE_ROWS
+                * MMA_COEF_CHUNK + MMA_TILE_ROWS * (kp + 4))  # fmt: skip
 
 
 def mma_columns(d: int, k: int, smem_optin: int | None) -> int:
@@ -385,15 +386,21 @@ def mma_launches(
     # the warps' valid blocks (the unrolled block loop breaks at the first past d)
     blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(WARPS)) / WARPS
     n_tiles = -(-total_rows // MMA_TILE_ROWS)
+    limit = MMA_MAX_SMEM if smem_optin is None else min(MMA_MAX_SMEM, smem_optin)
     launches = []
     for c0 in range(0, k, kc):
         cols = min(kc, k - c0)
-        kp = _round_up(cols, 8)
+        name = policy if c0 == 0 or rest is None else rest
+        # [pairs]: 16-bit projections (x exact in tf32) without anchors whose U fits twice
+        exact = dt != "fp32" and "ProjectPolicy" in name and not anchored
+        pairs = exact and cols > 8 and _mma_smem(nblk, _round_up(cols, 16), True) <= limit
+        kp = _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
-                   entries=entries, second=groups % 2 == 0, anchored=anchored)  # fmt: skip
-        name = policy if c0 == 0 or rest is None else rest
-        launches.append(Launch(f"mma_rows_kernel<{name}, {nb}>", n_tiles, _mma_smem(nblk, kp), env))
+                   entries=entries, second=groups % 2 == 0, anchored=anchored,
+                   units=2 if pairs else 1)  # fmt: skip
+        kernel = f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}>"
+        launches.append(Launch(kernel, n_tiles, _mma_smem(nblk, kp, pairs), env))
     return launches
 
 
@@ -497,7 +504,7 @@ def hbm_bytes(
         moved = []
         for i, launch in enumerate(launches):  # a block of basis columns each ([columns])
             cols = launch.env["k"]
-            basis = 4 * launch.env["kp"] / rows
+            basis = 4 * launch.env["kp"] * launch.env["units"] / rows
             anchors = 4 * cols / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
             if op.startswith("ProjectedAdamW") and i == 0:
                 note = "p, g, m, v read once; p, m, v written once; anchors read"

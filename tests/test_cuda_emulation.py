@@ -244,6 +244,7 @@ REAL_CASES = {
     "rows-mma-anchored-soft": lambda: _project((45, 260), "input", 12, soft=True, anchored=True),
     "rows-mma-bf16": lambda: _project((20, 1000), "input", 24, torch.bfloat16),
     "rows-mma-column-blocks": lambda: _project((40, 768), "input", 160, soft=True, anchored=True),
+    "rows-mma-pairs-fp16": lambda: _project((45, 260), "input", 40, torch.float16, soft=True),
     "rows-chunked-bf16": lambda: _project((6, 2000), "input", 40, torch.bfloat16),
     "rows-split-fp16": lambda: _project((5, 5000), "input", 9, torch.float16),
     "cols-fused": lambda: _project((37, 129), "output", 7),
@@ -303,6 +304,13 @@ def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
             assert run(d, k) < 1e-5
             assert emu.stats()[0] - before == launches, (d, k)
             assert "mma_rows_kernel<" in emu.last_kernel()
+        # 16-bit rows whose U does not fit twice (2 x 96 KiB): U staged unsplit
+        g = torch.randn(40, 768).bfloat16()
+        u = torch.linalg.qr(torch.randn(768, 20, dtype=torch.float64))[0].float().contiguous()
+        want = g.double() - g.double() @ u.double() @ u.double().T
+        emu.project_bucket_([g], u, None, "input")
+        assert ", false>(" in emu.last_kernel(), emu.last_kernel()
+        assert (g.double() - want).abs().max() <= 2.0**-7 * want.abs().max()
         assert run(260, 40) < 1e-5  # 43 KiB: tensor cores
         try:
             run(4096)
@@ -420,6 +428,8 @@ def test_tensor_core_rows_match_float64(dtype, cols):
     untouched = g[:, cols:].clone()
     emu.project_bucket_([view], u, w, "input")
     assert "mma_rows_kernel<" in emu.last_kernel()
+    # 16-bit rows: U staged split in coefficient pairs ([pairs]: 2 x 96 KiB fit 227 KiB)
+    assert (", true>(" in emu.last_kernel()) == (dtype != torch.float32)
     scale = x.abs().max().item()
     assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
     assert torch.equal(g[:, cols:], untouched)
@@ -458,6 +468,30 @@ def test_tensor_core_rows_take_a_large_basis_a_block_of_columns_a_launch(dtype, 
     tol = {torch.float32: 1e-5, torch.bfloat16: 3 * 2.0**-8, torch.float16: 3 * 2.0**-11}[dtype]
     scale = want.abs().max().item()
     assert (g.double() - want).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [12, 24, 40])
+def test_tensor_core_pairs_match_float64(dtype, k):
+    """16-bit rows without anchors whose basis fits shared memory twice take it staged
+    split, hi and lo, in coefficient pairs (mma_rows.cuh [pairs]; k padded to a multiple
+    of 16: 12 -> 16, 24 -> 32, 40 -> 48), with soft weights, against float64: d = 260 (a
+    warp's last block ragged), 45 rows (a ragged last tile). Anchored rows keep U unsplit."""
+    gen = torch.Generator().manual_seed(k)
+    g = torch.randn(45, 260, generator=gen).to(dtype)
+    u = _orthonormal(260, k, seed=11)
+    w = torch.rand(k, generator=gen)
+    x, u64, w64 = g.double(), u.double(), w.double()
+    want = x - ((x @ u64) * w64) @ u64.t()
+    anchored = g.clone()
+    emu.project_bucket_([g], u, w, "input")
+    assert ", true>(" in emu.last_kernel(), emu.last_kernel()
+    assert (g.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
+    c = (x @ u64).float()  # anchors at the rows themselves: the same projection
+    emu.project_anchored_bucket_([anchored], [c], u, w, "input")
+    assert ", false>(" in emu.last_kernel(), emu.last_kernel()
+    x0 = x - ((x @ u64 - c.double()) * w64) @ u64.t()
+    assert (anchored.double() - x0).abs().max().item() <= TOL[dtype] * x0.abs().max().item()
 
 
 def test_tensor_core_rows_keep_the_anchored_guarantee():

@@ -276,6 +276,17 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         assert all(la.dynamic_smem <= optin for la in blocks)
     assert len(pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 163 * 1024)) == 2  # A100
     assert len(pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 227 * 1024)) == 1  # H100
+    # [pairs]: 16-bit projections whose U fits twice stage it split (k > 8, padded to 16)
+    bf16 = "ProjectPolicy<c10::BFloat16, true>"
+    (pairs,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, 227 * 1024)
+    assert pairs.kernel.endswith(", 6, true>") and pairs.env["kp"] == 32
+    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 8 * 16 * 16 + 16 * 36)
+    for args in (("bf16", 768, 20, 163 * 1024), ("bf16", 768, 8, None), ("fp32", 768, 20, None)):
+        dt, d, k, optin = args
+        (split,) = pmc.mma_launches(bf16, dt, d, k, 4096, 2, optin)
+        assert split.kernel.endswith(", false>"), args
+    (anchored,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, None, anchored=True)
+    assert anchored.kernel.endswith(", false>")
     assert pmc.mma_columns(1024, 1024, 163 * 1024) == 32
     assert pmc.mma_columns(1024, 1024, 33 * 1024) == 0  # not even 8 columns fit
     (cols,) = pmc.rows_launches("B", 4, 768, 8, 4096, 2, ept=8)
@@ -300,10 +311,12 @@ def test_hbm_bytes_never_below_the_floor(op, dt):
         (m,) = pmc.hbm_bytes(op, "fp32", 8)
         assert pmc.op_launches(op, "fp32", 8)[0].kernel.startswith("rows_kernel")
         assert m["read"] + m["write"] == pytest.approx(2 * 4 + 2 * 4 * 8 / 768 + 4 * 8 / 4096)
-        # k = 32, tensor cores: the coefficients stay in shared memory
+        # k = 32, tensor cores: the coefficients stay in shared memory (16-bit: the basis
+        # staged twice, hi and lo, [pairs])
         (m,) = pmc.hbm_bytes(op, dt, 32)
         assert pmc.op_launches(op, dt, 32)[0].kernel.startswith("mma_rows_kernel")
-        assert m["read"] + m["write"] == pytest.approx(2 * b + 4 * 32 / 4096)
+        units = 1 if dt == "fp32" else 2
+        assert m["read"] + m["write"] == pytest.approx(2 * b + 4 * 32 * units / 4096)
     if op == "ProjectedAdamW input":
         b = pm.ITEMSIZE[dt]
         # tensor cores (AdamWPolicy): p, g, m, v read once, p, m, v written once, the
@@ -406,4 +419,4 @@ def test_transposed_views_take_the_engine_project_cu_and_adamw_cu_choose():
     assert "AdamWBlockPolicy" in kernel("ProjectedAdamW output", "bf16", 32)
     # tensor cores: the element read once and written once, no coefficient workspace
     (m,) = pmc.hbm_bytes("project_ output", "bf16", 32)
-    assert m["read"] + m["write"] == pytest.approx(2 * 2 + 4 * 32 / 4096)
+    assert m["read"] + m["write"] == pytest.approx(2 * 2 + 2 * 4 * 32 / 4096)  # U hi and lo

@@ -77,6 +77,7 @@ class StreamedTensor {
 enum class BasisLayout : int {
   kTransposed = 0,    // U^T, (kp x dp), zero padded (the rows kernel's, every layout's)
   kMmaFragments = 1,  // U in the tensor-core kernel's fragment order (mma_rows.cuh [basis])
+  kMmaPairs = 2,      // U split, hi then lo, in coefficient pairs (mma_rows.cuh [pairs])
 };
 
 // Rounds n up to a multiple of m.
@@ -87,15 +88,34 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
   const int64_t d = basis.size(0);
   const int64_t k = basis.size(1);
-  const int64_t dp = round_up(d, layout == BasisLayout::kMmaFragments ? 16 : 8);
-  const int64_t kp = round_up(k, 8);
+  const int64_t dp = round_up(d, layout == BasisLayout::kTransposed ? 8 : 16);
+  const int64_t kp = round_up(k, layout == BasisLayout::kMmaPairs ? 16 : 8);
   at::Tensor padded = at::zeros({dp, kp}, basis.options());
   padded.narrow(0, 0, d).narrow(1, 0, k).copy_(basis);
   if (layout == BasisLayout::kTransposed) return padded.t().contiguous();
+  const at::TensorOptions index = basis.options().dtype(at::kLong);
+  if (layout == BasisLayout::kMmaPairs) {
+    // mma_rows.cuh [pairs]: unit (b, c, q, slot) with (4 e + a) = slot ^ f(q) holds
+    // U[16 b + 4 a + e + {0, 0, 2, 2}][16 c + q + {0, 8, 0, 8}], all hi then all lo
+    // ([3xTF32]: hi rounded to tf32 as mma::split, lo = x - hi exactly).
+    const at::Tensor b = at::arange(dp / 16, index).view({-1, 1, 1, 1, 1});
+    const at::Tensor c = at::arange(kp / 16, index).view({1, -1, 1, 1, 1});
+    const at::Tensor q = at::arange(8, index).view({1, 1, -1, 1, 1});
+    const at::Tensor slot = at::arange(8, index).view({1, 1, 1, -1, 1});
+    const at::Tensor comp = at::arange(4, index).view({1, 1, 1, 1, -1});
+    const at::Tensor f = q.remainder(2) * 4 + at::floor_divide(q, 2).remainder(2) * 2;
+    const at::Tensor ea = at::bitwise_xor(slot, f);
+    const at::Tensor row = b * 16 + ea.remainder(4) * 4 + at::floor_divide(ea, 4) +
+                           at::floor_divide(comp, 2) * 2;
+    const at::Tensor col = c * 16 + q + comp.remainder(2) * 8;
+    const at::Tensor x = padded.flatten().index_select(0, (row * kp + col).flatten());
+    const at::Tensor hi =
+        at::bitwise_and(x.view(at::kInt) + 0x1000, static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
+    return at::cat({hi, x - hi});
+  }
   TORCH_CHECK(layout == BasisLayout::kMmaFragments, "gradproj cuda: unknown basis layout");
   // mma_rows.cuh [basis]: element (b, j, a, p, e) = U[16 b + 4 a + e][8 j + (p ^ f(a))],
   // f(a) = 4 (a & 1) + 2 (a >> 1). Index arithmetic on the device: no host copy.
-  const at::TensorOptions index = basis.options().dtype(at::kLong);
   const at::Tensor b = at::arange(dp / 16, index).view({-1, 1, 1, 1, 1});
   const at::Tensor j = at::arange(kp / 8, index).view({1, -1, 1, 1, 1});
   const at::Tensor a = at::arange(4, index).view({1, 1, -1, 1, 1});

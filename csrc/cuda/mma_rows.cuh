@@ -56,6 +56,20 @@
 //   128-bit reads and each half-warp of the 64-bit reads hits distinct banks.
 // [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
 //   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32.
+// [pairs] 16-bit rows (x exact in tf32) whose basis fits shared memory twice stage it
+//   split, hi then lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16), so neither pass
+//   splits U: the split was 3 instructions a value, 0.39 of bf16 k = 32's 1.59 warp
+//   instructions per element on sm_90. A unit (float4) of a block's chunk of 16
+//   coefficients holds coefficients q and q + 8 of basis rows 4a + e and 4a + e + 2
+//   (q < 8, a < 4, e < 2), at 8 q + ((4 e + a) ^ f(q)): pass 1's k-step s reads unit
+//   (gq, s, tq), which is lane's A quad as it stands; pass 2's k-steps take coefficients
+//   {0-3, 8-11} and {4-7, 12-15} of each chunk (K indices tq and tq + 4 are q and q + 8),
+//   so its B pair for tile X is half gq % 2 of unit (4 (s % 2) + tq, X, gq / 2). (With U's
+//   fragment layout the operand quads came from shared-memory vectors in the wrong order
+//   and ptxas copied them: 0.33 instructions per element of moves.) f makes pass 1's
+//   quarter-warps and pass 2's half-warps conflict-free. Not for anchored rows: with the
+//   doubled staging their anchor loads made the kernel latency-bound (bf16 k = 32 on
+//   H100: 84 % -> 72 % of copy, predicted).
 // [columns] Where U does not fit shared memory (k = 128 at d = 768 needs 384 KiB), the
 //   columns are taken a block at a time, one launch each (columns_per_launch: the fewest
 //   launches): x <- (I - U_n W_n U_n^T) ... (I - U_1 W_1 U_1^T) x. U's columns are
@@ -104,14 +118,21 @@ struct Geometry {
   int coef_ld;         // floats per row of the coefficient tile: kp + 4 (conflict-free)
   int c0;              // [columns] the launch's first basis column: its anchors' column
   bool row_data;       // anchors or weights to finish the coefficients with
+  bool pairs;          // [pairs] U staged split, hi and lo (kp a multiple of 16)
 };
 
 // [basis] the float4 unit of (basis rows 4a..4a+3, coefficient c) in a sub-block.
 __device__ __forceinline__ int unit(int a, int c) { return 8 * a + (c ^ (4 * (a & 1) + 2 * (a >> 1))); }
+// [pairs] the float4 unit of (coefficient q of 8, basis rows 4a + e and 4a + e + 2) in a
+// block's chunk of 16 coefficients: 8 q + ((4 e + a) ^ f(q)), f as unit's.
+__device__ __forceinline__ int pair_unit(int q, int e, int a) {
+  return 8 * q + ((4 * e + a) ^ (4 * (q & 1) + 2 * ((q >> 1) & 1)));
+}
 
-// Shared memory of a launch: the staged basis, the partial sums, the coefficient tile.
+// Shared memory of a launch: the staged basis (twice with pairs: hi and lo), the partial
+// sums, the coefficient tile.
 inline size_t smem_bytes(const Geometry& g) {
-  return (static_cast<size_t>(g.nblk) * (g.kp / 8) * 128 +
+  return (static_cast<size_t>(g.nblk) * (g.kp / 8) * 128 * (g.pairs ? 2 : 1) +
           static_cast<size_t>(kWarps) * kTileRows * kCoefChunk +
           static_cast<size_t>(kTileRows) * g.coef_ld) *
          sizeof(float);
@@ -136,17 +157,20 @@ constexpr int kMinBlocks =
 template <class P, int NB>
 constexpr bool kPrefetchTile = P::kPrefetch && NB * 2 * sizeof(typename P::Bits) <= 96 * 4;
 
-template <class P, int NB>
+template <class P, int NB, bool kPairs>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
     P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
   using T = typename P::Scalar;
   constexpr int V = tile::Pack<T>::kSize;
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
+  static_assert(!kPairs || P::kExactTf32, "[pairs] hands pass 1 no split of x");
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
   GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
+  const int64_t basis_units = static_cast<int64_t>(g.nblk) * J * 32;
   float4* su = smem_raw;                                // [basis]: nblk x J x 32 float4
-  float* red = reinterpret_cast<float*>(su + static_cast<int64_t>(g.nblk) * J * 32);
+  const float4* su_lo = su + basis_units;               // [pairs]: the lo half
+  float* red = reinterpret_cast<float*>(su + basis_units * (kPairs ? 2 : 1));
   float* cs = red + kWarps * kTileRows * kCoefChunk;    // coefficient tile, 16 x coef_ld
 
   const int lane = threadIdx.x % 32;
@@ -161,9 +185,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   const int col0 = warp * NB * 16 + 4 * tq;  // [tile] column of block b: col0 + 16 b
   // Every block of this warp lies before d in whole vectors.
   const bool whole = d % V == 0 && (warp * NB + nb) * 16 <= d;
+  // [pairs] pass 2's B: float offset of lane's pair in a chunk, per k-step sp and tile X
+  int pair_off[2][2];
+#pragma unroll
+  for (int sp = 0; sp < 2; ++sp) {
+#pragma unroll
+    for (int X = 0; X < 2; ++X) pair_off[sp][X] = 4 * pair_unit(4 * sp + tq, X, gq >> 1) + 2 * (gq & 1);
+  }
 
-  // model-trips: ceil(nblk * J * 32 / 256)
-  for (int i = threadIdx.x; i < g.nblk * J * 32; i += kThreads) su[i] = frag[i];
+  const int staged = g.nblk * J * 32 * (kPairs ? 2 : 1);
+  // model-trips: ceil(nblk * J * 32 * units / 256)
+  for (int i = threadIdx.x; i < staged; i += kThreads) su[i] = frag[i];
   __syncthreads();
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
@@ -325,6 +357,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
       for (int b = 0; b < NB; ++b) {
         if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
         const int blk = warp * NB + b;
+        if constexpr (kPairs) {
+          // [pairs] k-step s: the unit (q = gq, e = s, a = tq) is lane's A quad, hi and lo
+          const int64_t base = (static_cast<int64_t>(blk) * J + 2 * c) * 32;
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            const uint4 uh = *reinterpret_cast<const uint4*>(su + base + pair_unit(gq, s, tq));
+            const uint4 ul = *reinterpret_cast<const uint4*>(su_lo + base + pair_unit(gq, s, tq));
+            const uint32_t ah[4] = {uh.x, uh.y, uh.z, uh.w};
+            const uint32_t al[4] = {ul.x, ul.y, ul.z, ul.w};
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const uint32_t bh[2] = {__float_as_uint(x[b][h][s]), __float_as_uint(x[b][h][s + 2])};
+              mma::mma_tf32(acc[h], al, bh);
+              mma::mma_tf32(acc[h], ah, bh);
+            }
+          }
+          continue;
+        }
         // U rows 4 tq .. 4 tq + 3 of the block, coefficient gq of groups 2c and 2c + 1
         const float4* sub = su + (static_cast<int64_t>(blk) * J + 2 * c) * 32 + unit(tq, gq);
         const float4 u0 = sub[0];
@@ -399,41 +449,87 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
     }
 
     // [pass 2]
-    for (int s = 0; s < J; ++s) {  // model-trips: kp / 8
-      uint32_t ch[4];
-      uint32_t cl[4];
-      {
-        const float v[4] = {
-            -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
-            -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
+    if constexpr (kPairs) {
+      // A chunk of 16 coefficients a trip, its two k-steps unrolled ([pairs]): K indices
+      // tq and tq + 4 are coefficients 16 c + 4 sp + tq and + 8.
+      for (int c = 0; c < J / 2; ++c) {  // model-trips: kp / 16
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const mma::Split sp = mma::split(v[q]);
-          ch[q] = sp.hi;
-          cl[q] = sp.lo;
+        for (int sp = 0; sp < 2; ++sp) {
+          const int ca = 16 * c + 4 * sp + tq;
+          const float v[4] = {-cs[gq * g.coef_ld + ca], -cs[(gq + 8) * g.coef_ld + ca],
+                              -cs[gq * g.coef_ld + ca + 8], -cs[(gq + 8) * g.coef_ld + ca + 8]};
+          uint32_t ch[4];
+          uint32_t cl[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const mma::Split sp_ = mma::split(v[q]);
+            ch[q] = sp_.hi;
+            cl[q] = sp_.lo;
+          }
+#pragma unroll
+          for (int b = 0; b < NB; ++b) {
+            if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
+            const int64_t base = (static_cast<int64_t>(warp * NB + b) * J + 2 * c) * 32;
+            const float* hi = reinterpret_cast<const float*>(su + base);
+            const float* lo = reinterpret_cast<const float*>(su_lo + base);
+#pragma unroll
+            for (int X = 0; X < 2; ++X) {
+              // tile X: half gq % 2 of the unit (4 sp + tq, X, gq / 2), U row
+              // 4 (gq / 2) + 2 (gq % 2) + X at coefficients q and q + 8: lane's B
+              const int o = pair_off[sp][X];
+              const uint2 wh = *reinterpret_cast<const uint2*>(hi + o);
+              const uint2 wl = *reinterpret_cast<const uint2*>(lo + o);
+              const uint32_t bh[2] = {wh.x, wh.y};
+              const uint32_t bl[2] = {wl.x, wl.y};
+              float acc[4] = {x[b][0][X], x[b][0][2 + X], x[b][1][X], x[b][1][2 + X]};
+              mma::mma_tf32(acc, cl, bh);
+              mma::mma_tf32(acc, ch, bl);
+              mma::mma_tf32(acc, ch, bh);
+              x[b][0][X] = acc[0];
+              x[b][0][2 + X] = acc[1];
+              x[b][1][X] = acc[2];
+              x[b][1][2 + X] = acc[3];
+            }
+          }
         }
       }
-#pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
-        const int blk = warp * NB + b;
-        const float* sub = reinterpret_cast<const float*>(su + (static_cast<int64_t>(blk) * J + s) * 32);
-        const float2 w0 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq) + 2 * (gq & 1));
-        const float2 w1 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq + 4) + 2 * (gq & 1));
-#pragma unroll
-        for (int X = 0; X < 2; ++X) {
-          const mma::Split b0 = mma::split(X == 0 ? w0.x : w0.y);
-          const mma::Split b1 = mma::split(X == 0 ? w1.x : w1.y);
-          const uint32_t bh[2] = {b0.hi, b1.hi};
-          const uint32_t bl[2] = {b0.lo, b1.lo};
-          float acc[4] = {x[b][0][X], x[b][0][2 + X], x[b][1][X], x[b][1][2 + X]};
-          mma::mma_tf32(acc, cl, bh);
-          mma::mma_tf32(acc, ch, bl);
-          mma::mma_tf32(acc, ch, bh);
-          x[b][0][X] = acc[0];
-          x[b][0][2 + X] = acc[1];
-          x[b][1][X] = acc[2];
-          x[b][1][2 + X] = acc[3];
+    } else {
+      for (int s = 0; s < J; ++s) {  // model-trips: kp / 8
+        uint32_t ch[4];
+        uint32_t cl[4];
+        {
+          const float v[4] = {
+              -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
+              -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
+  #pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const mma::Split sp = mma::split(v[q]);
+            ch[q] = sp.hi;
+            cl[q] = sp.lo;
+          }
+        }
+  #pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
+          const int blk = warp * NB + b;
+          const float* sub = reinterpret_cast<const float*>(su + (static_cast<int64_t>(blk) * J + s) * 32);
+          const float2 w0 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq) + 2 * (gq & 1));
+          const float2 w1 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq + 4) + 2 * (gq & 1));
+  #pragma unroll
+          for (int X = 0; X < 2; ++X) {
+            const mma::Split b0 = mma::split(X == 0 ? w0.x : w0.y);
+            const mma::Split b1 = mma::split(X == 0 ? w1.x : w1.y);
+            const uint32_t bh[2] = {b0.hi, b1.hi};
+            const uint32_t bl[2] = {b0.lo, b1.lo};
+            float acc[4] = {x[b][0][X], x[b][0][2 + X], x[b][1][X], x[b][1][2 + X]};
+            mma::mma_tf32(acc, cl, bh);
+            mma::mma_tf32(acc, ch, bl);
+            mma::mma_tf32(acc, ch, bh);
+            x[b][0][X] = acc[0];
+            x[b][0][2 + X] = acc[1];
+            x[b][1][X] = acc[2];
+            x[b][1][2 + X] = acc[3];
+          }
         }
       }
     }
@@ -504,11 +600,13 @@ __device__ __forceinline__ void store_strided(T* x, int64_t j, int64_t stride, c
 // (a multiple of 8: k = 128 at d = 768 takes 64 on an H100, 48 on an A100); 0 where
 // the kernel does not take these rows at all (d > kMaxD, a GPU before sm_80, not even
 // 8 columns fit), and the caller runs tile::run_rows.
+inline size_t smem_limit() {
+  return std::min<size_t>(kMaxDynamicSmem, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
 inline int64_t columns_per_launch(int64_t d, int64_t k) {
   if (d > kMaxD || k < 1) return 0;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (prop->major < 8) return 0;  // no tf32 MMAs
-  const size_t limit = std::min<size_t>(kMaxDynamicSmem, prop->sharedMemPerBlockOptin);
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // no tf32 MMAs
+  const size_t limit = smem_limit();
   Geometry g{};
   g.d = d;
   g.nblk = static_cast<int>((d + 15) / 16);
@@ -521,15 +619,24 @@ inline int64_t columns_per_launch(int64_t d, int64_t k) {
   }
 }
 
-template <class P, int NB>
+template <class P, int NB, bool kPairs>
 void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
-  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB>);
-  // columns_per_launch chose the columns to fit this very limit
+  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs>);
+  // columns_per_launch and run_columns chose the columns and layout to fit this very limit
   TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
-  const at::Tensor frag = packed_basis(basis, BasisLayout::kMmaFragments);
+  const at::Tensor frag =
+      packed_basis(basis, kPairs ? BasisLayout::kMmaPairs : BasisLayout::kMmaFragments);
   launch_kernel<kMaxDynamicSmem>(
-      mma_rows_kernel<P, NB>, g.n_tiles, kThreads, smem_bytes(g), pol, g,
+      mma_rows_kernel<P, NB, kPairs>, g.n_tiles, kThreads, smem_bytes(g), pol, g,
       reinterpret_cast<const float4*>(frag.data_ptr<float>()), weights);
+}
+
+template <class P, int NB>
+void launch_layout(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
+  if constexpr (P::kExactTf32) {
+    if (g.pairs) return launch<P, NB, true>(pol, g, basis, weights);
+  }
+  launch<P, NB, false>(pol, g, basis, weights);
 }
 
 // One launch: the projection of `total_rows` rows (the policy's table) on the basis columns
@@ -547,15 +654,23 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.coef_ld = static_cast<int>(g.kp + 4);
   g.row_data = anchored || weights != nullptr;
   g.c0 = static_cast<int>(c0);  // c0 < k <= d <= kMaxD
+  g.pairs = false;
+  if constexpr (P::kExactTf32) {  // [pairs] where U fits twice, from k = 9, no anchors
+    Geometry split = g;
+    split.pairs = true;
+    split.kp = round_up(kc, 16);
+    split.coef_ld = static_cast<int>(split.kp + 4);
+    if (kc > 8 && !anchored && smem_bytes(split) <= smem_limit()) g = split;
+  }
   if (total_rows == 0) return;
   const at::Tensor cols = basis.narrow(1, c0, kc);
   const float* w = weights != nullptr ? weights + c0 : nullptr;
   // Blocks per warp: the fewest of {2, 4, 6, 8} whose 8 warps cover d.
   const int per_warp = (g.nblk + kWarps - 1) / kWarps;
-  if (per_warp <= 2) return launch<P, 2>(pol, g, cols, w);
-  if (per_warp <= 4) return launch<P, 4>(pol, g, cols, w);
-  if (per_warp <= 6) return launch<P, 6>(pol, g, cols, w);
-  return launch<P, 8>(pol, g, cols, w);
+  if (per_warp <= 2) return launch_layout<P, 2>(pol, g, cols, w);
+  if (per_warp <= 4) return launch_layout<P, 4>(pol, g, cols, w);
+  if (per_warp <= 6) return launch_layout<P, 6>(pol, g, cols, w);
+  return launch_layout<P, 8>(pol, g, cols, w);
 }
 
 // The projection of `total_rows` rows on the basis columns [c0, k), launches of

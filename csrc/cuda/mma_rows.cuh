@@ -157,6 +157,21 @@ constexpr int kMinBlocks =
 template <class P, int NB>
 constexpr bool kPrefetchTile = P::kPrefetch && NB * 2 * sizeof(typename P::Bits) <= 96 * 4;
 
+// [pass 2] tile X of a block: x -= (c_hi + c_lo)(U_hi + U_lo) without c_lo U_lo ([3xTF32]),
+// the accumulator lane's own x at columns 4 tq + X and 4 tq + 2 + X of its two rows.
+__device__ __forceinline__ void pass2_tile(float (&xb)[2][4], int X, const uint32_t (&cl)[4],
+                                           const uint32_t (&ch)[4], const uint32_t (&bh)[2],
+                                           const uint32_t (&bl)[2]) {
+  float acc[4] = {xb[0][X], xb[0][2 + X], xb[1][X], xb[1][2 + X]};
+  mma::mma_tf32(acc, cl, bh);
+  mma::mma_tf32(acc, ch, bl);
+  mma::mma_tf32(acc, ch, bh);
+  xb[0][X] = acc[0];
+  xb[0][2 + X] = acc[1];
+  xb[1][X] = acc[2];
+  xb[1][2 + X] = acc[3];
+}
+
 template <class P, int NB, bool kPairs>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
     P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
@@ -481,14 +496,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
               const uint2 wl = *reinterpret_cast<const uint2*>(lo + o);
               const uint32_t bh[2] = {wh.x, wh.y};
               const uint32_t bl[2] = {wl.x, wl.y};
-              float acc[4] = {x[b][0][X], x[b][0][2 + X], x[b][1][X], x[b][1][2 + X]};
-              mma::mma_tf32(acc, cl, bh);
-              mma::mma_tf32(acc, ch, bl);
-              mma::mma_tf32(acc, ch, bh);
-              x[b][0][X] = acc[0];
-              x[b][0][2 + X] = acc[1];
-              x[b][1][X] = acc[2];
-              x[b][1][2 + X] = acc[3];
+              pass2_tile(x[b], X, cl, ch, bh, bl);
             }
           }
         }
@@ -521,14 +529,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
             const mma::Split b1 = mma::split(X == 0 ? w1.x : w1.y);
             const uint32_t bh[2] = {b0.hi, b1.hi};
             const uint32_t bl[2] = {b0.lo, b1.lo};
-            float acc[4] = {x[b][0][X], x[b][0][2 + X], x[b][1][X], x[b][1][2 + X]};
-            mma::mma_tf32(acc, cl, bh);
-            mma::mma_tf32(acc, ch, bl);
-            mma::mma_tf32(acc, ch, bh);
-            x[b][0][X] = acc[0];
-            x[b][0][2 + X] = acc[1];
-            x[b][1][X] = acc[2];
-            x[b][1][2 + X] = acc[3];
+            pass2_tile(x[b], X, cl, ch, bh, bl);
           }
         }
       }

@@ -78,6 +78,7 @@ SURGERY_CHUNK = THREADS * 16  # surgery.cu kChunk
 MMA_MIN_K = {"fp32": 9, "bf16": 1, "fp16": 1}  # mma_rows.cuh kMinK<T>
 ADAMW_BLOCK_POLICY_MAX_K16 = 32  # adamw.cu kBlockPolicyMaxK16
 MMA_MAX_D = 1024  # mma_rows::kMaxD
+MMA_MAX_PAIR_D_ADAMW = 768  # mma_rows::kMaxPairD<AdamWPairPolicy<16-bit>>
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
@@ -392,7 +393,7 @@ def mma_launches(
         cols = min(kc, k - c0)
         name = policy if c0 == 0 or rest is None else rest
         # [pairs]: 16-bit projections (x exact in tf32) without anchors whose U fits twice
-        exact = dt != "fp32" and "ProjectPolicy" in name and not anchored
+        exact = dt != "fp32" and re.search(r"Project(Pair)?Policy", name) and not anchored
         pairs = exact and cols > 8 and _mma_smem(nblk, _round_up(cols, 16), True) <= limit
         kp = _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
@@ -439,8 +440,11 @@ def op_launches(
         mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, anchored)
         return mma or rows_launches(policy, 2, d, k, rows, pm.TENSORS, res)
     if op == "project_ output":  # tensor cores with strided rows, else ProjectBlockPolicy
-        mma = mma_launches(f"{_NS}ProjectPolicy<{t}, false>", dt, d, k, rows, pm.TENSORS,
-                           smem_optin)  # fmt: skip
+        # 16-bit: the bucket's views pair their rows (project.cu pair_rows: even row counts)
+        strided = f"{_NS}ProjectPairPolicy<{t}>"
+        if dt == "fp32":
+            strided = f"{_NS}ProjectPolicy<{t}, false>"
+        mma = mma_launches(strided, dt, d, k, rows, pm.TENSORS, smem_optin)
         # the block policy: 4 rows a group, 8 elements a thread
         return mma or rows_launches(f"{_NS}ProjectBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS,
                                     res, 8)  # fmt: skip
@@ -452,11 +456,16 @@ def op_launches(
         rest = f"{_NS}ProjectPolicy<{t}, true>"
         mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, True, rest)
         return mma or rows_launches(policy, 1, d, k, rows, pm.TENSORS, res)
-    if op == "ProjectedAdamW output":  # tensor cores with strided rows: fp32, 16-bit k > 32
-        strided = dt == "fp32" or k > ADAMW_BLOCK_POLICY_MAX_K16
-        mma = strided and mma_launches(f"{_NS}AdamWPolicy<{t}, false>", dt, d, k, rows,
-                                       pm.TENSORS, smem_optin, True,
-                                       f"{_NS}ProjectPolicy<{t}, false>")  # fmt: skip
+    if op == "ProjectedAdamW output":
+        # tensor cores with strided rows: fp32; 16-bit in row pairs (the bucket's views pair
+        # up) up to d = 768 (mma_rows.cuh kMaxPairD), else from k = 33
+        if dt != "fp32" and d <= MMA_MAX_PAIR_D_ADAMW:
+            policy, rest = f"{_NS}AdamWPairPolicy<{t}>", f"{_NS}ProjectPairPolicy<{t}>"
+        else:
+            policy, rest = f"{_NS}AdamWPolicy<{t}, false>", f"{_NS}ProjectPolicy<{t}, false>"
+        strided = dt == "fp32" or d <= MMA_MAX_PAIR_D_ADAMW or k > ADAMW_BLOCK_POLICY_MAX_K16
+        mma = strided and mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, True,
+                                       rest)  # fmt: skip
         # the block policy: 4 rows a group, 4 elements a thread
         return mma or rows_launches(f"{_NS}AdamWBlockPolicy<{t}>", 4, d, k, rows, pm.TENSORS,
                                     res, 4)  # fmt: skip
@@ -907,7 +916,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
         grid = max(1, min(launch.work, blocks * device.sms))
         env = launch.env | {
             "items": launch.work / grid,
-            "vec": ", true>" in launch.kernel,  # the policy's kVec
+            "vec": bool(re.search(r"Policy<[^<>]*, true>", launch.kernel)),  # its kVec
             "block": "BlockPolicy" in launch.kernel,  # its vectors hold one element of 4 rows
             "amsgrad": False,  # the modelled AdamW step
         }
@@ -1034,8 +1043,9 @@ items (no tail wave); side input (plain and anchored) runs the tensor-core rows 
 fits the device's shared memory: k = 128 at `D` = {pm.D} takes the FMA engine) for
 16-bit rows at every k and fp32 from k = {MMA_MIN_K["fp32"]}, and so does `ProjectedAdamW`
 input (AdamWPolicy: x' formed from p, g, m, v as its tile starts); side output (transposed
-views) runs it too, with strided rows (`ProjectPolicy<T, false>`; `ProjectedAdamW` output in
-fp32 only), and otherwise the rows kernel with a block policy (4 view rows a group, a vector
+views) runs it too, with strided rows (`ProjectPolicy<T, false>`; 16-bit in row pairs,
+`ProjectPairPolicy<T>` and `AdamWPairPolicy<T>`: the bucket's views have even row counts),
+and otherwise the rows kernel with a block policy (4 view rows a group, a vector
 of G's row holding one element of each), so `D` = {pm.D} is one segment, read once and
 written once; the flat side's
 vectors are cut into 4096-element segments and split into partials, combine and apply.

@@ -346,12 +346,30 @@ TRANSPOSED = {
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-def _expect_engine(d: int, k: int, dtype: torch.dtype, adamw: bool = False) -> None:
-    """The engine project.cu / adamw.cu chose for transposed views of this basis (adamw.cu:
-    16-bit views keep the block policy up to k = 32)."""
+def _pair_rows(*views: torch.Tensor) -> bool:
+    """project.cu / adamw.cu pair_rows: 16-bit transposed views whose rows 2i and 2i + 1 lie
+    in one 32-bit word at every column (mma_rows.cuh [row pairs])."""
+    return all(
+        v.element_size() == 2
+        and v.stride(0) == 1
+        and v.shape[0] % 2 == 0
+        and v.stride(1) % 2 == 0
+        and v.data_ptr() % 4 == 0
+        for v in views
+    )
+
+
+def _expect_engine(d: int, k: int, dtype: torch.dtype, adamw: bool = False, pairs=False) -> None:
+    """The engine project.cu / adamw.cu chose for transposed views of this basis: 16-bit views
+    whose rows pair up on tensor cores ([row pairs]; AdamW up to d = 768), other 16-bit
+    AdamW views on the block policy up to k = 32."""
     fp32 = dtype == torch.float32
-    tensor_cores = d <= 1024 and (k >= 9 if fp32 else not adamw or k > 32)
-    assert ("mma_rows_kernel<" in emu.last_kernel()) == tensor_cores, emu.last_kernel()
+    pairs = pairs and not fp32 and d <= (768 if adamw else 1024)
+    tensor_cores = d <= 1024 and (k >= 9 if fp32 else pairs or not adamw or k > 32)
+    kernel = emu.last_kernel()
+    assert ("mma_rows_kernel<" in kernel) == tensor_cores, kernel
+    if tensor_cores:
+        assert ("PairPolicy<" in kernel) == pairs, kernel
 
 
 @pytest.mark.parametrize("k", [6, 20])
@@ -368,7 +386,7 @@ def test_transposed_views_match_float64(case, dtype, k):
     want = x - ((x @ u.double()) * w.double()) @ u.double().t()
     untouched = torch.cat([g[:, :c0], g[:, c1:]], dim=1)
     emu.project_bucket_([view], u, w, "output")
-    _expect_engine(m, k, dtype)
+    _expect_engine(m, k, dtype, pairs=_pair_rows(view))
     scale = want.abs().max().item()
     assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
     assert torch.equal(torch.cat([g[:, :c0], g[:, c1:]], dim=1), untouched)
@@ -400,13 +418,114 @@ def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype,
         [p.t()], [g.t()], [m.t()], [v.t()], None, [torch.tensor(3.0)], [c], u, w, "output",
         **hyper,
     )  # fmt: skip
-    _expect_engine(d, k, dtype, adamw=True)
+    _expect_engine(d, k, dtype, adamw=True, pairs=_pair_rows(p.t()))
     # fp32: the projection's sums of k products err like √k (max |Δp| at d = 300, one
     # launch: 1.3e-6 at k = 12, 2.6e-6 at 100, 4.8e-6 at 168; two launches at 200: 4.2e-6)
     tol = {torch.float32: 1e-6 * math.sqrt(max(k, 12) / 12), torch.bfloat16: 2.0**-7}[dtype]
     for got, want in zip((p, m, v, c), ref, strict=True):
         scale = max(want.abs().max().item(), 1.0)
         assert (got.double() - want.double()).abs().max().item() <= tol * scale
+
+
+# [row pairs] A bucket of 16-bit transposed views whose rows pair up (even row counts, each
+# view 4-byte aligned with an even column stride) in one launch: 6 + 10 + 22 = 38 view rows,
+# so tiles of 16 straddle the views and the last is ragged. d = 256: whole tiles (the pair
+# loads and stores); d = 262: a warp's last block ragged and d % 4 != 0 (the element paths,
+# rows mapped to MMA rows as the pairs map them).
+ROW_PAIRS = {"whole": 256, "ragged": 262}
+
+
+def _pair_views(d: int, dtype: torch.dtype, gen: torch.Generator, offset: int = 0):
+    """Transposed views of 6, 10 and 22 rows: columns [offset, offset + n) of (d, n + 4) G."""
+    gs = [torch.randn(d, n + 4, generator=gen).to(dtype) for n in (6, 10, 22)]
+    return gs, [g[:, offset : offset + n].t() for g, n in zip(gs, (6, 10, 22), strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [8, 24])
+@pytest.mark.parametrize("case", list(ROW_PAIRS))
+def test_row_pairs_match_float64(case, k, dtype):
+    """Plain (soft weights) and anchored (soft weights, anchors off the rows, so a row
+    finished with another row's anchor misses) against float64; the views start at column
+    2 of G (4-byte aligned: pairs). At column 1 (2-byte aligned) the launch keeps one row a
+    lane, and so does a bucket with one view of an odd number of rows."""
+    d = ROW_PAIRS[case]
+    gen = torch.Generator().manual_seed(d + k)
+    u = _orthonormal(d, k, seed=12)
+    w = torch.rand(k, generator=gen)
+    u64, w64 = u.double(), w.double()
+    for anchored in (False, True):
+        gs, views = _pair_views(d, dtype, gen, offset=2)
+        xs = [v.double() for v in views]
+        cs = [torch.randn(v.shape[0], k, generator=gen) for v in views]
+        deltas = [x @ u64 - (c.double() if anchored else 0.0) for x, c in zip(xs, cs, strict=True)]
+        want = [x - (dl * w64) @ u64.t() for x, dl in zip(xs, deltas, strict=True)]
+        untouched = [torch.cat([g[:, :2], g[:, -2:]], dim=1) for g in gs]
+        if anchored:
+            want_c = [c.double() + (1 - w64) * dl for c, dl in zip(cs, deltas, strict=True)]
+            emu.project_anchored_bucket_(views, cs, u, w, "output")
+        else:
+            emu.project_bucket_(views, u, w, "output")
+        assert "PairPolicy<" in emu.last_kernel(), emu.last_kernel()
+        for i, (v, e) in enumerate(zip(views, want, strict=True)):
+            err = (v.double() - e).abs().max().item()
+            assert err <= TOL[dtype] * e.abs().max().item(), (anchored, i, err)
+        for g, before in zip(gs, untouched, strict=True):
+            assert torch.equal(torch.cat([g[:, :2], g[:, -2:]], dim=1), before)
+        if anchored:
+            for c, e in zip(cs, want_c, strict=True):
+                assert (c.double() - e).abs().max().item() <= 1e-5 * e.abs().max().item()
+    # not pairs: a view 2-byte aligned, or one of an odd number of rows in the bucket
+    _, views = _pair_views(d, dtype, gen, offset=1)
+    emu.project_bucket_(views, u, w, "output")
+    assert "mma_rows_kernel<" in emu.last_kernel() and "PairPolicy<" not in emu.last_kernel()
+    _, views = _pair_views(d, dtype, gen)
+    views[1] = views[1][:9]
+    emu.project_bucket_(views, u, w, "output")
+    assert "mma_rows_kernel<" in emu.last_kernel() and "PairPolicy<" not in emu.last_kernel()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(ROW_PAIRS))
+def test_row_pairs_adamw_matches_float64(case, dtype):
+    """adamw.cu's transposed 16-bit views on tensor cores in row pairs (AdamWPairPolicy: p,
+    g, m, v loaded as pairs, m and v stored as pairs), k = 12 (below the block policy's 32),
+    soft weights, a step count per param, against gradproj.reference.projected_adamw in
+    float64. p, m and v are columns [2, n + 2) of their G, the gradients columns [4, n + 4)
+    of a wider one (their own strides and offset)."""
+    from gradproj import reference
+
+    d, k = ROW_PAIRS[case], 12
+    gen = torch.Generator().manual_seed(d)
+    u = _orthonormal(d, k, seed=13)
+    w = torch.rand(k, generator=gen)
+    ps, ms, vs, gs, cs, steps = ([] for _ in range(6))
+    for i, n in enumerate((6, 10, 22)):
+        base = (0.1 * torch.randn(d, n + 2, generator=gen)).to(dtype)
+        ps.append(base[:, 2:].t())
+        gs.append(torch.randn(d, n + 6, generator=gen).to(dtype)[:, 4 : 4 + n].t())
+        ms.append((0.01 * torch.randn(d, n + 2, generator=gen)).to(dtype)[:, 2:].t())
+        vs.append((0.01 * torch.rand(d, n + 2, generator=gen)).to(dtype)[:, 2:].t())
+        cs.append(torch.randn(n, k, generator=gen))
+        steps.append(torch.tensor(float(3 + i)))
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+    want = [
+        reference.projected_adamw(
+            *(t.double() for t in (p, g, m, v)), int(s.item()), c.double(), u.double(),
+            lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, weights=w.double(),
+            maximize=False,
+        )
+        for p, g, m, v, s, c in zip(ps, gs, ms, vs, steps, cs, strict=True)
+    ]  # fmt: skip
+    emu.projected_adamw_bucket_(ps, gs, ms, vs, None, steps, cs, u, w, "output", **hyper,
+                                maximize=False)  # fmt: skip
+    assert "AdamWPairPolicy<" in emu.last_kernel(), emu.last_kernel()
+    tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
+        for name, t, e in zip("pmvc", got, (exp[0], exp[1], exp[2], exp[4]), strict=True):
+            scale = max(e.abs().max().item(), 1e-2)
+            err = (t.double() - e).abs().max().item()
+            assert err <= tol * scale, f"param {i} {name}: {err} > {tol} * {scale}"
 
 
 # ---------------------------------------------------------------- tensor-core rows

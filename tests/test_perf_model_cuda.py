@@ -400,8 +400,9 @@ def test_per_iteration_listing_reads_the_build_of_load_build(toy_dir, monkeypatc
 
 
 def test_transposed_views_take_the_engine_project_cu_and_adamw_cu_choose():
-    """side output: tensor cores with strided rows (fp32 from k = 9, 16-bit at every k;
-    ProjectedAdamW in fp32 only), otherwise the block policies; at k = 128 the basis does
+    """side output: tensor cores with strided rows (fp32 from k = 9, 16-bit at every k, in
+    row pairs: the bucket's views have even row counts; ProjectedAdamW 16-bit in row pairs up
+    to D = 768, beyond from k = 33), otherwise the block policies; at k = 128 the basis does
     not fit shared memory: a block of its columns a launch (mma_rows.cuh [columns])."""
 
     def kernel(op, dt, k):
@@ -412,11 +413,18 @@ def test_transposed_views_take_the_engine_project_cu_and_adamw_cu_choose():
     assert kernel("project_ output", "bf16", 1).startswith("mma_rows_kernel<")
     assert "ProjectBlockPolicy" in kernel("project_ output", "fp32", 8)
     wide = [la.kernel for la in pmc.op_launches("project_ output", "bf16", 128)]
-    assert len(wide) == 2 and all("ProjectPolicy<c10::BFloat16, false>" in n for n in wide)
+    assert len(wide) == 2 and all("ProjectPairPolicy<c10::BFloat16>" in n for n in wide)
     wide = [la.kernel for la in pmc.op_launches("ProjectedAdamW output", "fp32", 128)]
     assert "AdamWPolicy<float, false>" in wide[0] and "ProjectPolicy<float, false>" in wide[1]
     assert "AdamWPolicy<float, false>" in kernel("ProjectedAdamW output", "fp32", 32)
-    assert "AdamWBlockPolicy" in kernel("ProjectedAdamW output", "bf16", 32)
+    assert "AdamWPairPolicy<c10::BFloat16>" in kernel("ProjectedAdamW output", "bf16", 1)
+    wide = [la.kernel for la in pmc.op_launches("ProjectedAdamW output", "bf16", 128)]
+    assert "AdamWPairPolicy" in wide[0] and "ProjectPairPolicy<c10::BFloat16>" in wide[1]
+    # wider than kMaxPairD: the block policy up to k = 32, then unpaired strided rows
+    wide = pmc.op_launches("ProjectedAdamW output", "bf16", 32, d=1024)[0].kernel
+    assert "AdamWBlockPolicy" in wide
+    wide = pmc.op_launches("ProjectedAdamW output", "bf16", 40, d=1024)[0].kernel
+    assert "AdamWPolicy<c10::BFloat16, false>" in wide
     # tensor cores: the element read once and written once, no coefficient workspace
     (m,) = pmc.hbm_bytes("project_ output", "bf16", 32)
     assert m["read"] + m["write"] == pytest.approx(2 * 2 + 2 * 4 * 32 / 4096)  # U hi and lo

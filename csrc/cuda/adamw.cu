@@ -373,13 +373,69 @@ struct AdamWBlockPolicy : AdamWPolicy<T, false> {
   }
 };
 
+// Transposed views (side="output") of 16-bit params whose rows come in aligned pairs
+// (Layout::pairs): the tensor-core kernel's lane takes view rows 2 g and 2 g + 1, one
+// 32-bit load or store of p, g, m or v holding both rows' element at a column
+// (mma_rows.cuh [row pairs]); the element paths are AdamWPolicy's.
+template <typename T>
+struct AdamWPairPolicy : AdamWPolicy<T, false> {
+  using Base = AdamWPolicy<T, false>;
+  using Row = typename Base::Row;
+  using Bits = typename Base::Bits;
+  static constexpr bool kRowPairs = true;
+  static_assert(sizeof(T) == 2, "pairs of 16-bit elements");
+
+  // p, g, m, v at elements [j, j + 4) of row w and the next: words 0-1 (lo) and 2-3 (hi)
+  // of mma_rows::load_pair for each.
+  __device__ __forceinline__ void load_pair_bits(const Row& w, int64_t j, Bits& lo, Bits& hi) const {
+    const AdamWEntry& e = *w.e;
+    auto at = [](int64_t address, int64_t row) { return reinterpret_cast<const T*>(address) + row; };
+    mma_rows::split_pair(mma_rows::load_pair(at(e.p, w.o), j, e.col_stride), lo.p, hi.p);
+    mma_rows::split_pair(mma_rows::load_pair(at(e.g, w.og), j, e.g_col_stride), lo.g, hi.g);
+    mma_rows::split_pair(mma_rows::load_pair(at(e.m, w.o), j, e.col_stride), lo.m, hi.m);
+    mma_rows::split_pair(mma_rows::load_pair(at(e.v, w.o), j, e.col_stride), lo.v, hi.v);
+  }
+  // x' of both rows (w: row(), with its bias corrections; the rows share a param), m and v
+  // stored as pairs.
+  __device__ __forceinline__ void finish_pair(const Row& w, int64_t j, const Bits& lo, const Bits& hi,
+                                              float (&x0)[4], float (&x1)[4]) const {
+    float p[2][4], g[2][4], m[2][4], v[2][4];
+    mma_rows::unpack_pair<T>(lo.p, hi.p, p[0], p[1]);
+    mma_rows::unpack_pair<T>(lo.g, hi.g, g[0], g[1]);
+    mma_rows::unpack_pair<T>(lo.m, hi.m, m[0], m[1]);
+    mma_rows::unpack_pair<T>(lo.v, hi.v, v[0], v[1]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float unused = 0.f;
+      x0[i] = this->template update<false>(w, p[0][i], g[0][i], m[0][i], v[0][i], unused);
+      x1[i] = this->template update<false>(w, p[1][i], g[1][i], m[1][i], v[1][i], unused);
+    }
+    const AdamWEntry& e = *w.e;
+    mma_rows::store_pair(reinterpret_cast<T*>(e.m) + w.o, j, e.col_stride, m[0], m[1]);
+    mma_rows::store_pair(reinterpret_cast<T*>(e.v) + w.o, j, e.col_stride, v[0], v[1]);
+  }
+  // p's elements [j, j + 4) of row w and the next.
+  __device__ __forceinline__ void store_pair(const Row& w, int64_t j, const float (&x0)[4],
+                                             const float (&x1)[4]) const {
+    mma_rows::store_pair(reinterpret_cast<T*>(w.e->p) + w.o, j, w.e->col_stride, x0, x1);
+  }
+};
+
 // One layout's params: their table entries and what the launch needs to know.
 struct Layout {
   std::vector<AdamWEntry> entries;
   int64_t total_rows = 0;
   bool vec = true;
   bool narrow = true;  // every element offset within a row fits 32 bits (strided load_bits)
+  bool pairs = true;   // transposed 16-bit views whose rows pair up (AdamWPairPolicy)
 };
+
+// True when view rows 2 i and 2 i + 1 of t lie in one 32-bit word at every column: 16-bit,
+// unit row stride, an even column stride, a 4-byte aligned start, an even number of rows.
+inline bool pair_rows(const at::Tensor& t, int64_t row_stride, int64_t col_stride, int64_t rows) {
+  return t.element_size() == 2 && row_stride == 1 && col_stride % 2 == 0 && rows % 2 == 0 &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
+}
 
 // 16-bit transposed views (side="output") take the block policy up to this many basis
 // columns, the tensor cores beyond (see launch).
@@ -389,21 +445,22 @@ constexpr int64_t kBlockPolicyMaxK16 = 32;
 // [0, kc), then, where the basis takes more than one launch ([columns]), project.cu's
 // anchored projection of the stepped params on the rest: the AdamW step is taken once.
 // False, having done nothing, where the kernel does not take these rows.
-template <typename T, bool kVec>
+template <typename T, bool kVec, class Policy = AdamWPolicy<T, kVec>>
 bool run_tensor_cores(
     const Layout& l, const AdamWEntry* t, int n, const at::Tensor& basis, const float* weights,
     const Hyper& h) {
   const int64_t k = basis.size(1);
   const int64_t kc = mma_rows::columns_per_launch(basis.size(0), k);
   if (h.amsgrad || k < mma_rows::kMinK<T> || kc == 0) return false;
-  mma_rows::run_columns(AdamWPolicy<T, kVec>{t, n, k, h}, l.total_rows, basis, weights,
-                        /*anchored=*/true, 0, kc);
+  const AdamWPolicy<T, kVec> base{t, n, k, h};
+  mma_rows::run_columns(Policy{base}, l.total_rows, basis, weights, /*anchored=*/true, 0, kc);
   if (kc < k) {
     std::vector<MatrixEntry> params;
     for (const AdamWEntry& e : l.entries) {
       params.push_back({e.p, e.rows, e.row_stride, e.col_stride, e.first_row, e.anchor});
     }
-    mma_rows::project_anchored_from<T>(params, l.total_rows, kVec, basis, weights, kc);
+    mma_rows::project_anchored_from<T>(params, l.total_rows, kVec, mma_rows::RowPairs<Policy>::value,
+                                       basis, weights, kc);
   }
   return true;
 }
@@ -418,14 +475,21 @@ void launch(
   const int n = table.size();
   const int64_t k = basis.size(1);
   if (cols) {
-    // fp32 on tensor cores with strided rows (as project.cu's transposed views). 16-bit
-    // rows up to k = kBlockPolicyMaxK16 stay on the block policy: their strided form packs
-    // each pair of 2-byte loads into a register as soon as they arrive (255 registers), so
-    // few loads are in flight (latency-bound: 1.03x -> 1.47x torch's AdamW at k = 1 on an
-    // A100, predicted). Beyond, the block policy's FMA projection costs more (issue-bound,
-    // and U^T restaged per tile where it does not fit: k = 128 13.85x / 20.00x against
-    // 2.52x / 3.11x on tensor cores, A100 / H100; at k = 32 1.91x / 2.15x against 1.53x /
-    // 2.25x, so it stays).
+    // fp32 on tensor cores with strided rows (as project.cu's transposed views); 16-bit
+    // rows too where they pair up ([row pairs]: one 32-bit word holds two rows' element).
+    // Other 16-bit rows up to k = kBlockPolicyMaxK16 stay on the block policy: their
+    // strided form packs each pair of 2-byte loads into a register as soon as they arrive
+    // (255 registers), so few loads are in flight (latency-bound: 1.03x -> 1.47x torch's
+    // AdamW at k = 1 on an A100, predicted). Beyond, the block policy's FMA projection
+    // costs more (issue-bound, and U^T restaged per tile where it does not fit: k = 128
+    // 13.85x / 20.00x against 2.52x / 3.11x on tensor cores, A100 / H100; at k = 32 1.91x
+    // / 2.15x against 1.53x / 2.25x, so it stays).
+    if constexpr (sizeof(T) == 2) {
+      if (l.narrow && l.pairs && basis.size(0) <= mma_rows::kMaxPairD<AdamWPairPolicy<T>> &&
+          run_tensor_cores<T, false, AdamWPairPolicy<T>>(l, t, n, basis, weights, h)) {
+        return;
+      }
+    }
     if (std::is_same_v<T, float> || k > kBlockPolicyMaxK16) {
       if (l.narrow && run_tensor_cores<T, false>(l, t, n, basis, weights, h)) return;
     }
@@ -475,6 +539,10 @@ void projected_adamw_bucket_cuda(
             tile::vector_rows(exp_avgs[i], row_stride, col_stride, rows) &&
             tile::vector_rows(exp_avg_sqs[i], row_stride, col_stride, rows) &&
             (!amsgrad || tile::vector_rows(max_exp_avg_sqs[i], row_stride, col_stride, rows));
+    l.pairs = l.pairs && !amsgrad && pair_rows(p, row_stride, col_stride, rows) &&
+              pair_rows(g, g_row_stride, g_col_stride, rows) &&
+              pair_rows(exp_avgs[i], row_stride, col_stride, rows) &&
+              pair_rows(exp_avg_sqs[i], row_stride, col_stride, rows);
     l.entries.push_back(
         {reinterpret_cast<int64_t>(p.data_ptr()), reinterpret_cast<int64_t>(g.data_ptr()),
          reinterpret_cast<int64_t>(exp_avgs[i].data_ptr()),

@@ -80,6 +80,16 @@
 //   columns [c0, c0 + kc) of each row's). Each launch reads and writes the rows once
 //   (16-bit rows: one more rounding each), against the FMA engine's issue- and
 //   latency-bound k = 128 (tile.cuh; the Triton kernels take chunks of k the same way).
+// [row pairs] Strided 16-bit rows (transposed views: view row i is column i of G, so rows
+//   i and i + 1 are adjacent 2-byte elements at every column) whose rows come in aligned
+//   pairs (P::kRowPairs; project.cu's launch_cols checks every view: an even number of
+//   rows, 4-byte aligned, an even column stride) give lane (g, t) the tile rows 2 g and
+//   2 g + 1 as its MMA rows g and g + 8: one 32-bit load holds both rows' element at a
+//   column (load_pair), where each 2-byte load took a register and a PRMT to pack, and a
+//   quad column's 8 lanes read one 32-byte sector. The MMAs, the partial sums and the
+//   coefficient tile stay in MMA rows; only the rows' addresses (loads, stores, the
+//   finishing thread's anchor row: tile_row) map them. Predicted at d = 768, bf16 k = 32
+//   (A100 / H100): see docs/gpu.md.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -157,6 +167,24 @@ constexpr int kMinBlocks =
 template <class P, int NB>
 constexpr bool kPrefetchTile = P::kPrefetch && NB * 2 * sizeof(typename P::Bits) <= 96 * 4;
 
+// [row pairs] P::kRowPairs where the policy declares it (project.cu's ProjectPairPolicy,
+// adamw.cu's AdamWPairPolicy).
+template <class P, class = void>
+struct RowPairs : std::false_type {};
+template <class P>
+struct RowPairs<P, std::void_t<decltype(P::kRowPairs)>> : std::bool_constant<P::kRowPairs> {};
+
+// [row pairs] The widest rows a pair policy takes: its loads are always the prefetch's, and
+// AdamW's four streams of the next tile fit the registers up to NB = 6 (768 columns).
+template <class P>
+constexpr int64_t kMaxPairD = kPrefetchTile<P, kMaxBlocks> ? kMaxD : 6 * 16 * kWarps;
+
+// [row pairs] The tile row of MMA row m (0..15): 2 (m % 8) + m / 8 with row pairs.
+template <bool kRowPairs>
+__device__ __forceinline__ int tile_row(int m) {
+  return kRowPairs ? 2 * (m & 7) + (m >> 3) : m;
+}
+
 // [pass 2] tile X of a block: x -= (c_hi + c_lo)(U_hi + U_lo) without c_lo U_lo ([3xTF32]),
 // the accumulator lane's own x at columns 4 tq + X and 4 tq + 2 + X of its two rows.
 __device__ __forceinline__ void pass2_tile(float (&xb)[2][4], int X, const uint32_t (&cl)[4],
@@ -180,6 +208,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
   static_assert(!kPairs || P::kExactTf32, "[pairs] hands pass 1 no split of x");
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
+  constexpr bool kRowPairs = RowPairs<P>::value;
   GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
   const int64_t basis_units = static_cast<int64_t>(g.nblk) * J * 32;
@@ -217,17 +246,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   // passes and converted when it starts, so loads stay in flight while the CTA computes.
   constexpr bool kPrefetch = kPrefetchTile<P, NB>;
   using Bits = typename P::Bits;
+  // [row pairs] nxt[b][0], nxt[b][1]: both rows' columns j, j + 1 and j + 2, j + 3 (the
+  // words of load_pair_bits)
   Bits nxt[kPrefetch ? NB : 1][2] = {};
   auto fetch = [&](int64_t tile) {  // model-uniform
+    if constexpr (kRowPairs) {
+      const int64_t row = tile * kTileRows + 2 * gq;
+      if (row >= g.total_rows) return;  // rows come in pairs: row + 1 exists too
+      const typename P::Row w = pol.store_row(row);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = tile * kTileRows + gq + 8 * h;
-      if (row >= g.total_rows) continue;
-      const typename P::Row w = pol.store_row(row);  // its addresses
-#pragma unroll
-      for (int b = 0; b < (kPrefetch ? NB : 1); ++b) {
+      for (int b = 0; b < NB; ++b) {
         const int j = col0 + 16 * b;
-        if (j + V <= d) nxt[b][h] = pol.load_bits(w, j);
+        if (j + V <= d) pol.load_pair_bits(w, j, nxt[b][0], nxt[b][1]);
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = tile * kTileRows + gq + 8 * h;
+        if (row >= g.total_rows) continue;
+        const typename P::Row w = pol.store_row(row);  // its addresses
+#pragma unroll
+        for (int b = 0; b < (kPrefetch ? NB : 1); ++b) {
+          const int j = col0 + 16 * b;
+          if (j + V <= d) nxt[b][h] = pol.load_bits(w, j);
+        }
       }
     }
   };
@@ -238,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   auto load_ragged = [&](int64_t row0, float (&x)[NB][2][V]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + gq + 8 * h;
+      const int64_t row = row0 + tile_row<kRowPairs>(gq + 8 * h);
       if (row >= g.total_rows) continue;
       const typename P::Row w = pol.row(row);
 #pragma unroll
@@ -256,7 +298,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
     // The tile's 16 rows exist and the warp's blocks are whole vectors (warp-uniform): its
     // loads and stores need no bounds checks. (Blocks past d, b >= nb, are never used.)
     const bool full = whole && row0 + kTileRows <= g.total_rows;
-    if constexpr (kPrefetch) {
+    if constexpr (kRowPairs) {  // [row pairs] both rows' vectors from one load's words
+      static_assert(kPrefetch, "[row pairs] loads the next tile during this one");
+      const int64_t prow = row0 + 2 * gq;
+      const bool valid = prow < g.total_rows;
+      typename P::Row w{};
+      if (P::kUpdates && valid) w = pol.row(prow);
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        const int j = col0 + 16 * b;
+        // (blocks past d are never used: AdamW must not store their m and v)
+        if (full ? b < nb || !P::kUpdates : valid && j + V <= d) {
+          pol.finish_pair(w, j, nxt[b][0], nxt[b][1], x[b][0], x[b][1]);
+        } else {  // model-cold-if: d % 16 == 0
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            x[b][0][v] = 0.f;
+            x[b][1][v] = 0.f;
+          }
+        }
+      }
+      if (d % V != 0) load_ragged(row0, x);  // model-cold-if: d % 4 == 0
+      if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
+    } else if constexpr (kPrefetch) {
       if (full) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -348,14 +412,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
     for (int c = 0; c < n_chunks; ++c) {  // model-trips: ceil(kp / 16)
       // This thread finishes coefficient fkk of row fr of the chunk (after the reduction);
       // its anchor and weight are loaded now, so their latency hides behind the MMAs.
-      const int fr = threadIdx.x / kCoefChunk;
+      const int fr = threadIdx.x / kCoefChunk;  // an MMA row
+      const int64_t frow = row0 + tile_row<kRowPairs>(fr);
       const int64_t fkk = static_cast<int64_t>(c) * kCoefChunk + threadIdx.x % kCoefChunk;
-      const bool fin = fkk < g.k && row0 + fr < g.total_rows;
+      const bool fin = fkk < g.k && frow < g.total_rows;
       float* anchor = nullptr;
       float c_old = 0.f;
       float w_kk = 1.f;
       if (fin && g.row_data) {  // model-cold-if: not anchored
-        anchor = pol.anchor_row(row0 + fr);
+        anchor = pol.anchor_row(frow);
         if (anchor != nullptr) anchor += g.c0;  // [columns]
         if (anchor != nullptr) c_old = anchor[fkk];
         if (weights != nullptr) w_kk = weights[fkk];
@@ -537,19 +602,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
 
     // Stores: the rows looked up again (addresses are not kept live through both passes).
     if (full) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const typename P::Row w = pol.store_row(row0 + gq + 8 * h);
+      if constexpr (kRowPairs) {  // both rows' vectors as one store's words
+        const typename P::Row w = pol.store_row(row0 + 2 * gq);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
-          pol.store_vector(w, col0 + 16 * b, x[b][h]);
+          pol.store_pair(w, col0 + 16 * b, x[b][0], x[b][1]);
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const typename P::Row w = pol.store_row(row0 + gq + 8 * h);
+#pragma unroll
+          for (int b = 0; b < NB; ++b) {
+            if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
+            pol.store_vector(w, col0 + 16 * b, x[b][h]);
+          }
         }
       }
     } else {  // model-cold-if: d % 16 == 0 (the bucket's last tile, or a ragged row)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t row = row0 + gq + 8 * h;
+        const int64_t row = row0 + tile_row<kRowPairs>(gq + 8 * h);
         if (row >= g.total_rows) continue;
         const typename P::Row w = pol.store_row(row);
 #pragma unroll
@@ -594,6 +668,55 @@ __device__ __forceinline__ void store_strided(T* x, int64_t j, int64_t stride, c
   const int o = static_cast<int>(j) * cs;
 #pragma unroll
   for (int v = 0; v < tile::Pack<T>::kSize; ++v) x[o + v * cs] = p.v[v];
+}
+
+// [row pairs] Elements [j, j + 4) of the strided 16-bit rows at x and x + 1 (x 4-byte
+// aligned, an even stride; narrow_offsets holds): word v holds both rows' element j + v,
+// the row at x in its low half.
+template <typename T>
+__device__ __forceinline__ uint4 load_pair(const T* x, int64_t j, int64_t stride) {
+  static_assert(sizeof(T) == 2, "pairs of 16-bit elements");
+  const int ws = static_cast<int>(stride) / 2;  // the stride in 32-bit words
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(x) + static_cast<int>(j) * ws;
+  return make_uint4(p[0], p[ws], p[2 * ws], p[3 * ws]);
+}
+// [row pairs] load_pair's words 0-1 (lo) and 2-3 (hi): the halves the kernel keeps.
+__device__ __forceinline__ void split_pair(const uint4& r, uint2& lo, uint2& hi) {
+  lo = make_uint2(r.x, r.y);
+  hi = make_uint2(r.z, r.w);
+}
+// [row pairs] load_pair's words (lo: words 0-1, hi: 2-3) as both rows' fp32 values.
+template <typename T>
+__device__ __forceinline__ void unpack_pair(const uint2& lo, const uint2& hi, float (&x0)[4],
+                                            float (&x1)[4]) {
+  const uint32_t w[4] = {lo.x, lo.y, hi.x, hi.y};
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 is the high half of an fp32
+      x0[v] = __uint_as_float(w[v] << 16);
+      x1[v] = __uint_as_float(w[v] & 0xffff0000u);
+    } else {
+      T e[2];
+      memcpy(e, &w[v], sizeof(e));
+      x0[v] = static_cast<float>(e[0]);
+      x1[v] = static_cast<float>(e[1]);
+    }
+  }
+}
+// [row pairs] Stores x0 and x1 at elements [j, j + 4) of the rows at x and x + 1, as
+// load_pair reads them: four 32-bit stores.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* x, int64_t j, int64_t stride, const float (&x0)[4],
+                                           const float (&x1)[4]) {
+  const int ws = static_cast<int>(stride) / 2;
+  uint32_t* p = reinterpret_cast<uint32_t*>(x) + static_cast<int>(j) * ws;
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    const T e[2] = {static_cast<T>(x0[v]), static_cast<T>(x1[v])};
+    uint32_t w;
+    memcpy(&w, e, sizeof(w));
+    p[v * ws] = w;
+  }
 }
 
 // [columns] The basis columns one launch takes: all k where the staged basis fits the
@@ -671,7 +794,11 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   if (per_warp <= 2) return launch_layout<P, 2>(pol, g, cols, w);
   if (per_warp <= 4) return launch_layout<P, 4>(pol, g, cols, w);
   if (per_warp <= 6) return launch_layout<P, 6>(pol, g, cols, w);
-  return launch_layout<P, 8>(pol, g, cols, w);
+  if constexpr (RowPairs<P>::value && kMaxPairD<P> < kMaxD) {
+    TORCH_INTERNAL_ASSERT(false, "[row pairs] rows wider than kMaxPairD: the caller checks it");
+  } else {
+    return launch_layout<P, 8>(pol, g, cols, w);
+  }
 }
 
 // The projection of `total_rows` rows on the basis columns [c0, k), launches of
@@ -698,12 +825,13 @@ bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float*
 }
 
 // project.cu's anchored projection (ProjectPolicy over `entries`, contiguous 16-byte rows
-// where vector_rows, else strided) on the basis columns [kc, k): how adamw.cu projects
+// where vector_rows, else strided; ProjectPairPolicy where pair_rows, [row pairs]) on the
+// basis columns [kc, k): how adamw.cu projects
 // a param's later column blocks once its first launch, on columns [0, kc), has taken
 // the AdamW step. `kc` is columns_per_launch.
 template <typename T>
 void project_anchored_from(const std::vector<MatrixEntry>& entries, int64_t total_rows,
-                           bool vector_rows, const at::Tensor& basis, const float* weights,
-                           int64_t kc);
+                           bool vector_rows, bool pair_rows, const at::Tensor& basis,
+                           const float* weights, int64_t kc);
 
 }  // namespace gradproj::cuda::mma_rows

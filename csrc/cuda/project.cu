@@ -134,6 +134,40 @@ struct ProjectPolicy {
   }
 };
 
+// Transposed views (side="output") of 16-bit gradients whose rows come in aligned pairs
+// (launch_cols: pair_rows): the tensor-core kernel's lane takes view rows 2 g and 2 g + 1,
+// one 32-bit load or store holding both rows' element at a column (mma_rows.cuh
+// [row pairs]). The element paths (a ragged row or tile) are ProjectPolicy's.
+template <typename T>
+struct ProjectPairPolicy : ProjectPolicy<T, false> {
+  using Base = ProjectPolicy<T, false>;
+  using Row = typename Base::Row;
+  using Bits = typename Base::Bits;
+  static constexpr bool kRowPairs = true;
+  static_assert(sizeof(T) == 2, "pairs of 16-bit elements");
+
+  // Elements [j, j + 4) of row w and the next, mma_rows::load_pair's words 0-1 and 2-3.
+  __device__ __forceinline__ void load_pair_bits(const Row& w, int64_t j, Bits& lo, Bits& hi) const {
+    mma_rows::split_pair(mma_rows::load_pair(w.x, j, w.cs), lo, hi);
+  }
+  __device__ __forceinline__ void finish_pair(const Row&, int64_t, const Bits& lo, const Bits& hi,
+                                              float (&x0)[4], float (&x1)[4]) const {
+    mma_rows::unpack_pair<T>(lo, hi, x0, x1);
+  }
+  __device__ __forceinline__ void store_pair(const Row& w, int64_t j, const float (&x0)[4],
+                                             const float (&x1)[4]) const {
+    mma_rows::store_pair(w.x, j, w.cs, x0, x1);
+  }
+};
+
+// True when every row of the transposed 16-bit view m has its pair in one 32-bit word at
+// every column: an even number of rows (so the bucket's rows pair up within each view),
+// a 4-byte aligned start and an even column stride.
+inline bool pair_rows(const at::Tensor& m) {
+  return m.element_size() == 2 && m.size(0) % 2 == 0 && m.stride(1) % 2 == 0 &&
+         reinterpret_cast<uintptr_t>(m.data_ptr()) % 4 == 0;
+}
+
 // Transposed views (side="output"): the view's rows are consecutive elements of
 // G's rows, so a group takes kRows = 4 view rows and a vector of G's row j holds
 // element j of all four (16 bytes of fp32, 8 of bf16/fp16; the 2 groups of a CTA
@@ -261,6 +295,7 @@ void launch_cols(
   std::vector<MatrixEntry> entries;
   int64_t total_rows = 0;
   bool narrow = true;  // every element offset within a row fits 32 bits (load_bits)
+  bool pairs = true;   // 16-bit views whose rows pair up ([row pairs])
   for (size_t i : which) {
     const at::Tensor& m = matrices[i];
     entries.push_back(
@@ -268,6 +303,7 @@ void launch_cols(
          total_rows, reinterpret_cast<int64_t>(anchor_address(anchors, i))});
     total_rows += m.size(0);
     narrow = narrow && mma_rows::narrow_offsets(m.size(1), m.stride(1));
+    pairs = pairs && pair_rows(m);
   }
   const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
@@ -275,10 +311,17 @@ void launch_cols(
   // rows g and g + 8 of a tile are consecutive elements of G's rows, so the 8 lanes of a
   // quad column read 8 consecutive elements of one G row (16 B of bf16, 32 of fp32) and
   // the tile's two halves the two halves of a 32-byte sector (bf16).
-  if (narrow && k >= mma_rows::kMinK<T> &&
-      mma_rows::run(ProjectPolicy<T, false>{table.data(), table.size(), k}, total_rows, basis,
-                    weights, !anchors.empty())) {
-    return;
+  // With row pairs a lane's rows g and g + 8 are view rows 2 g and 2 g + 1 instead, one
+  // 32-bit word at each column.
+  if (narrow && k >= mma_rows::kMinK<T>) {
+    const ProjectPolicy<T, false> pol{table.data(), table.size(), k};
+    if constexpr (sizeof(T) == 2) {
+      if (pairs && mma_rows::run(ProjectPairPolicy<T>{pol}, total_rows, basis, weights,
+                                 !anchors.empty())) {
+        return;
+      }
+    }
+    if (mma_rows::run(pol, total_rows, basis, weights, !anchors.empty())) return;
   }
   tile::run_rows(ProjectBlockPolicy<T>{{table.data(), table.size(), k}}, total_rows, basis, weights);
 }
@@ -336,9 +379,17 @@ void project_anchored_bucket_cuda(
 template <typename T>
 void mma_rows::project_anchored_from(
     const std::vector<MatrixEntry>& entries, int64_t total_rows, bool vector_rows,
-    const at::Tensor& basis, const float* weights, int64_t kc) {
+    bool pair_rows, const at::Tensor& basis, const float* weights, int64_t kc) {
   const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
+  if constexpr (sizeof(T) == 2) {
+    if (pair_rows) {
+      const ProjectPolicy<T, false> pol{table.data(), table.size(), k};
+      mma_rows::run_from(ProjectPairPolicy<T>{pol}, total_rows, basis, weights,
+                         /*anchored=*/true, kc, kc);
+      return;
+    }
+  }
   if (vector_rows) {
     mma_rows::run_from(ProjectPolicy<T, true>{table.data(), table.size(), k}, total_rows, basis,
                        weights, /*anchored=*/true, kc, kc);
@@ -348,11 +399,14 @@ void mma_rows::project_anchored_from(
   }
 }
 template void mma_rows::project_anchored_from<float>(
-    const std::vector<MatrixEntry>&, int64_t, bool, const at::Tensor&, const float*, int64_t);
+    const std::vector<MatrixEntry>&, int64_t, bool, bool, const at::Tensor&, const float*,
+    int64_t);
 template void mma_rows::project_anchored_from<at::BFloat16>(
-    const std::vector<MatrixEntry>&, int64_t, bool, const at::Tensor&, const float*, int64_t);
+    const std::vector<MatrixEntry>&, int64_t, bool, bool, const at::Tensor&, const float*,
+    int64_t);
 template void mma_rows::project_anchored_from<at::Half>(
-    const std::vector<MatrixEntry>&, int64_t, bool, const at::Tensor&, const float*, int64_t);
+    const std::vector<MatrixEntry>&, int64_t, bool, bool, const at::Tensor&, const float*,
+    int64_t);
 
 }  // namespace gradproj::cuda
 

@@ -347,8 +347,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
 def _pair_rows(*views: torch.Tensor) -> bool:
-    """project.cu / adamw.cu pair_rows: 16-bit transposed views whose rows 2i and 2i + 1 lie
-    in one 32-bit word at every column (mma_rows.cuh [row pairs])."""
+    """mma_rows.cuh pair_rows, as both launchers check it: 16-bit transposed views whose rows
+    2i and 2i + 1 lie in one 32-bit word at every column (mma_rows.cuh [row pairs])."""
     return all(
         v.element_size() == 2
         and v.stride(0) == 1

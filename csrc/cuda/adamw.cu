@@ -430,13 +430,6 @@ struct Layout {
   bool pairs = true;   // transposed 16-bit views whose rows pair up (AdamWPairPolicy)
 };
 
-// True when view rows 2 i and 2 i + 1 of t lie in one 32-bit word at every column: 16-bit,
-// unit row stride, an even column stride, a 4-byte aligned start, an even number of rows.
-inline bool pair_rows(const at::Tensor& t, int64_t row_stride, int64_t col_stride, int64_t rows) {
-  return t.element_size() == 2 && row_stride == 1 && col_stride % 2 == 0 && rows % 2 == 0 &&
-         reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
-}
-
 // 16-bit transposed views (side="output") take the block policy up to this many basis
 // columns, the tensor cores beyond (see launch).
 constexpr int64_t kBlockPolicyMaxK16 = 32;
@@ -539,10 +532,10 @@ void projected_adamw_bucket_cuda(
             tile::vector_rows(exp_avgs[i], row_stride, col_stride, rows) &&
             tile::vector_rows(exp_avg_sqs[i], row_stride, col_stride, rows) &&
             (!amsgrad || tile::vector_rows(max_exp_avg_sqs[i], row_stride, col_stride, rows));
-    l.pairs = l.pairs && !amsgrad && pair_rows(p, row_stride, col_stride, rows) &&
-              pair_rows(g, g_row_stride, g_col_stride, rows) &&
-              pair_rows(exp_avgs[i], row_stride, col_stride, rows) &&
-              pair_rows(exp_avg_sqs[i], row_stride, col_stride, rows);
+    l.pairs = l.pairs && !amsgrad && mma_rows::pair_rows(p, row_stride, col_stride, rows) &&
+              mma_rows::pair_rows(g, g_row_stride, g_col_stride, rows) &&
+              mma_rows::pair_rows(exp_avgs[i], row_stride, col_stride, rows) &&
+              mma_rows::pair_rows(exp_avg_sqs[i], row_stride, col_stride, rows);
     l.entries.push_back(
         {reinterpret_cast<int64_t>(p.data_ptr()), reinterpret_cast<int64_t>(g.data_ptr()),
          reinterpret_cast<int64_t>(exp_avgs[i].data_ptr()),

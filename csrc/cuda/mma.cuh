@@ -34,6 +34,16 @@ __device__ __forceinline__ Split split(float x) {
   return {hi, __float_as_uint(x - __uint_as_float(hi))};
 }
 
+// [3xTF32] An A fragment's four values split: hi[q] + lo[q] = v[q] (as split).
+__device__ __forceinline__ void split4(const float (&v)[4], uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const Split sp = split(v[q]);
+    hi[q] = sp.hi;
+    lo[q] = sp.lo;
+  }
+}
+
 // d += A B for one m16n8k8 tile (fragments as in PTX's "Matrix Fragments for
 // mma.m16n8k8", g = lane / 4, t = lane % 4): a = A[g][t], A[g+8][t], A[g][t+4],
 // A[g+8][t+4]; b = B[t][g], B[t+4][g]; d = D[g][2t], D[g][2t+1], D[g+8][2t],

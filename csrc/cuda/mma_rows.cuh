@@ -453,48 +453,43 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
               mma::mma_tf32(acc[h], ah, bh);
             }
           }
-          continue;
-        }
-        // U rows 4 tq .. 4 tq + 3 of the block, coefficient gq of groups 2c and 2c + 1
-        const float4* sub = su + (static_cast<int64_t>(blk) * J + 2 * c) * 32 + unit(tq, gq);
-        const float4 u0 = sub[0];
-        float4 u1 = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (second) u1 = sub[32];  // model-cold-if: not second
+        } else {
+          // U rows 4 tq .. 4 tq + 3 of the block, coefficient gq of groups 2c and 2c + 1
+          const float4* sub = su + (static_cast<int64_t>(blk) * J + 2 * c) * 32 + unit(tq, gq);
+          const float4 u0 = sub[0];
+          float4 u1 = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (second) u1 = sub[32];  // model-cold-if: not second
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          // K-step s takes columns 4 tq + s (K index tq) and 4 tq + s + 2 (tq + 4).
-          // A = U^T: rows gq and gq + 8 are coefficient gq of groups 2c and 2c + 1.
-          const float av[4] = {s == 0 ? u0.x : u0.y, s == 0 ? u1.x : u1.y,
-                               s == 0 ? u0.z : u0.w, s == 0 ? u1.z : u1.w};
-          uint32_t ah[4];
-          uint32_t al[4];
+          for (int s = 0; s < 2; ++s) {
+            // K-step s takes columns 4 tq + s (K index tq) and 4 tq + s + 2 (tq + 4).
+            // A = U^T: rows gq and gq + 8 are coefficient gq of groups 2c and 2c + 1.
+            const float av[4] = {s == 0 ? u0.x : u0.y, s == 0 ? u1.x : u1.y,
+                                 s == 0 ? u0.z : u0.w, s == 0 ? u1.z : u1.w};
+            uint32_t ah[4];
+            uint32_t al[4];
+            mma::split4(av, ah, al);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const mma::Split sp = mma::split(av[q]);
-            ah[q] = sp.hi;
-            al[q] = sp.lo;
-          }
+            for (int h = 0; h < 2; ++h) {
+              // B = X^T: x of row gq + 8 h at those columns, the register pair that is
+              // also pass 2's accumulator (x[b][h][X], x[b][h][2 + X]).
+              const float bv[2] = {x[b][h][s], x[b][h][s + 2]};
+              uint32_t bh[2];
+              uint32_t bl[2];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            // B = X^T: x of row gq + 8 h at those columns, the register pair that is
-            // also pass 2's accumulator (x[b][h][X], x[b][h][2 + X]).
-            const float bv[2] = {x[b][h][s], x[b][h][s + 2]};
-            uint32_t bh[2];
-            uint32_t bl[2];
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              if constexpr (kSplitX) {
-                const mma::Split sp = mma::split(bv[q]);
-                bh[q] = sp.hi;
-                bl[q] = sp.lo;
-              } else {
-                bh[q] = __float_as_uint(bv[q]);  // exact in tf32
-                bl[q] = 0u;
+              for (int q = 0; q < 2; ++q) {
+                if constexpr (kSplitX) {
+                  const mma::Split sp = mma::split(bv[q]);
+                  bh[q] = sp.hi;
+                  bl[q] = sp.lo;
+                } else {
+                  bh[q] = __float_as_uint(bv[q]);  // exact in tf32
+                  bl[q] = 0u;
+                }
               }
+              if constexpr (kSplitX) mma::mma_tf32(acc[h], ah, bl);
+              mma::mma_tf32(acc[h], al, bh);
+              mma::mma_tf32(acc[h], ah, bh);
             }
-            if constexpr (kSplitX) mma::mma_tf32(acc[h], ah, bl);
-            mma::mma_tf32(acc[h], al, bh);
-            mma::mma_tf32(acc[h], ah, bh);
           }
         }
       }
@@ -540,12 +535,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
                               -cs[gq * g.coef_ld + ca + 8], -cs[(gq + 8) * g.coef_ld + ca + 8]};
           uint32_t ch[4];
           uint32_t cl[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const mma::Split sp_ = mma::split(v[q]);
-            ch[q] = sp_.hi;
-            cl[q] = sp_.lo;
-          }
+          mma::split4(v, ch, cl);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
@@ -568,27 +558,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
       }
     } else {
       for (int s = 0; s < J; ++s) {  // model-trips: kp / 8
+        const float v[4] = {
+            -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
+            -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
         uint32_t ch[4];
         uint32_t cl[4];
-        {
-          const float v[4] = {
-              -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
-              -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
-  #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const mma::Split sp = mma::split(v[q]);
-            ch[q] = sp.hi;
-            cl[q] = sp.lo;
-          }
-        }
-  #pragma unroll
+        mma::split4(v, ch, cl);
+#pragma unroll
         for (int b = 0; b < NB; ++b) {
           if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
           const int blk = warp * NB + b;
           const float* sub = reinterpret_cast<const float*>(su + (static_cast<int64_t>(blk) * J + s) * 32);
           const float2 w0 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq) + 2 * (gq & 1));
           const float2 w1 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq + 4) + 2 * (gq & 1));
-  #pragma unroll
+#pragma unroll
           for (int X = 0; X < 2; ++X) {
             const mma::Split b0 = mma::split(X == 0 ? w0.x : w0.y);
             const mma::Split b1 = mma::split(X == 0 ? w1.x : w1.y);
@@ -648,6 +631,14 @@ constexpr int64_t kMinK = std::is_same_v<T, float> ? 9 : 1;
 // vector), which holds where (d + 3) |stride| < 2^31; the launchers check it per row view.
 inline bool narrow_offsets(int64_t d, int64_t stride) {
   return (d + 3) * (stride < 0 ? -stride : stride) < (int64_t{1} << 31);
+}
+// [row pairs] True when view rows 2 i and 2 i + 1 of t lie in one 32-bit word at every
+// column: 16-bit, unit row stride, an even column stride, a 4-byte aligned start, an even
+// number of rows (so a bucket's rows pair up within each view). The launchers check every
+// view (and every stream of AdamW's) of a launch.
+inline bool pair_rows(const at::Tensor& t, int64_t row_stride, int64_t col_stride, int64_t rows) {
+  return t.element_size() == 2 && row_stride == 1 && col_stride % 2 == 0 && rows % 2 == 0 &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
 }
 // Elements [j, j + 4) of the strided row at x as raw bits (narrow_offsets holds).
 template <typename T>
@@ -746,7 +737,9 @@ inline int64_t columns_per_launch(int64_t d, int64_t k) {
 template <class P, int NB, bool kPairs>
 void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
   const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs>);
-  // columns_per_launch and run_columns chose the columns and layout to fit this very limit
+  // columns_per_launch and run_columns chose the columns and layout to fit this very limit;
+  // smem_bytes sizes the layout by g.pairs, the kernel lays it out by kPairs
+  TORCH_INTERNAL_ASSERT(g.pairs == kPairs);
   TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
   const at::Tensor frag =
       packed_basis(basis, kPairs ? BasisLayout::kMmaPairs : BasisLayout::kMmaFragments);
@@ -825,13 +818,13 @@ bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float*
 }
 
 // project.cu's anchored projection (ProjectPolicy over `entries`, contiguous 16-byte rows
-// where vector_rows, else strided; ProjectPairPolicy where pair_rows, [row pairs]) on the
+// where vector_rows, else strided; ProjectPairPolicy where pairs, [row pairs]) on the
 // basis columns [kc, k): how adamw.cu projects
 // a param's later column blocks once its first launch, on columns [0, kc), has taken
 // the AdamW step. `kc` is columns_per_launch.
 template <typename T>
 void project_anchored_from(const std::vector<MatrixEntry>& entries, int64_t total_rows,
-                           bool vector_rows, bool pair_rows, const at::Tensor& basis,
+                           bool vector_rows, bool pairs, const at::Tensor& basis,
                            const float* weights, int64_t kc);
 
 }  // namespace gradproj::cuda::mma_rows

@@ -135,8 +135,8 @@ struct ProjectPolicy {
 };
 
 // Transposed views (side="output") of 16-bit gradients whose rows come in aligned pairs
-// (launch_cols: pair_rows): the tensor-core kernel's lane takes view rows 2 g and 2 g + 1,
-// one 32-bit load or store holding both rows' element at a column (mma_rows.cuh
+// (launch_cols: mma_rows::pair_rows): the tensor-core kernel's lane takes view rows 2 g and
+// 2 g + 1, one 32-bit load or store holding both rows' element at a column (mma_rows.cuh
 // [row pairs]). The element paths (a ragged row or tile) are ProjectPolicy's.
 template <typename T>
 struct ProjectPairPolicy : ProjectPolicy<T, false> {
@@ -159,14 +159,6 @@ struct ProjectPairPolicy : ProjectPolicy<T, false> {
     mma_rows::store_pair(w.x, j, w.cs, x0, x1);
   }
 };
-
-// True when every row of the transposed 16-bit view m has its pair in one 32-bit word at
-// every column: an even number of rows (so the bucket's rows pair up within each view),
-// a 4-byte aligned start and an even column stride.
-inline bool pair_rows(const at::Tensor& m) {
-  return m.element_size() == 2 && m.size(0) % 2 == 0 && m.stride(1) % 2 == 0 &&
-         reinterpret_cast<uintptr_t>(m.data_ptr()) % 4 == 0;
-}
 
 // Transposed views (side="output"): the view's rows are consecutive elements of
 // G's rows, so a group takes kRows = 4 view rows and a vector of G's row j holds
@@ -303,7 +295,7 @@ void launch_cols(
          total_rows, reinterpret_cast<int64_t>(anchor_address(anchors, i))});
     total_rows += m.size(0);
     narrow = narrow && mma_rows::narrow_offsets(m.size(1), m.stride(1));
-    pairs = pairs && pair_rows(m);
+    pairs = pairs && mma_rows::pair_rows(m, m.stride(0), m.stride(1), m.size(0));
   }
   const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
@@ -379,11 +371,11 @@ void project_anchored_bucket_cuda(
 template <typename T>
 void mma_rows::project_anchored_from(
     const std::vector<MatrixEntry>& entries, int64_t total_rows, bool vector_rows,
-    bool pair_rows, const at::Tensor& basis, const float* weights, int64_t kc) {
+    bool pairs, const at::Tensor& basis, const float* weights, int64_t kc) {
   const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
   if constexpr (sizeof(T) == 2) {
-    if (pair_rows) {
+    if (pairs) {
       const ProjectPolicy<T, false> pol{table.data(), table.size(), k};
       mma_rows::run_from(ProjectPairPolicy<T>{pol}, total_rows, basis, weights,
                          /*anchored=*/true, kc, kc);

@@ -77,8 +77,10 @@ SURGERY_CHUNK = THREADS * 16  # surgery.cu kChunk
 # csrc/cuda/mma_rows.cuh and project.cu (the tensor-core rows kernel)
 MMA_MIN_K = {"fp32": 9, "bf16": 1, "fp16": 1}  # mma_rows.cuh kMinK<T>
 ADAMW_BLOCK_POLICY_MAX_K16 = 32  # adamw.cu kBlockPolicyMaxK16
-MMA_MAX_D = 1024  # mma_rows::kMaxD
+MMA_MAX_D = 1280  # mma_rows::kMaxD: the projection's kMaxRowD (NB = 10)
+MMA_MAX_ADAMW_D = 1024  # mma_rows::kMaxAdamWD: AdamW's, and ProjectPairPolicy's kMaxPairD
 MMA_MAX_PAIR_D_ADAMW = 768  # mma_rows::kMaxPairD<AdamWPairPolicy<16-bit>>
+MMA_BLOCKS = (2, 4, 6, 8, 10)  # the NB the launcher compiles (run_columns)
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
@@ -343,11 +345,21 @@ def _mma_smem(nblk: int, kp: int, pairs: bool = False) -> int:
                 * MMA_COEF_CHUNK + MMA_TILE_ROWS * (kp + 4))  # fmt: skip
 
 
-def mma_columns(d: int, k: int, smem_optin: int | None) -> int:
-    """``mma_rows::columns_per_launch``: the basis columns of each tensor-core launch (all k
-    where the staged basis fits the per-block shared memory, else the fewest launches of
-    at most that many, a multiple of 8), or 0 where the kernel does not take the rows."""
-    if d > MMA_MAX_D or k < 1:
+def mma_max_d(policy: str) -> int:
+    """``mma_rows::kMaxRowD<P>``: the widest rows the policy's tensor-core kernel takes."""
+    if "AdamWPairPolicy" in policy:
+        return MMA_MAX_PAIR_D_ADAMW
+    if "AdamW" in policy or "PairPolicy" in policy:
+        return MMA_MAX_ADAMW_D
+    return MMA_MAX_D
+
+
+def mma_columns(d: int, k: int, smem_optin: int | None, max_d: int = MMA_MAX_D) -> int:
+    """``mma_rows::columns_per_launch<P>``: the basis columns of each tensor-core launch (all
+    k where the staged basis fits the per-block shared memory, else the fewest launches of
+    at most that many, a multiple of 8), or 0 where the kernel does not take the rows
+    (``max_d``: the policy's ``kMaxRowD``)."""
+    if d > max_d or k < 1:
         return 0
     limit = MMA_MAX_SMEM if smem_optin is None else min(MMA_MAX_SMEM, smem_optin)
     nblk = -(-d // 16)
@@ -374,16 +386,17 @@ def mma_launches(
 ) -> list[Launch] | None:
     """``mma_rows::run``: the tensor-core rows kernel, one launch per block of basis columns
     (``mma_columns``), or None where project.cu takes ``tile::run_rows`` (k below
-    MMA_MIN_K, d above MMA_MAX_D, not even 8 columns fit). ``anchored``: the rows have
-    anchors (the modelled ops have no weights), whose loads the plain projection skips.
+    MMA_MIN_K, d above the policy's ``mma_max_d``, not even 8 columns fit). ``anchored``:
+    the rows have anchors (the modelled ops have no weights), whose loads the plain
+    projection skips.
     ``rest``: the policy of the launches after the first (adamw.cu: project.cu's anchored
     projection of the stepped params), by default ``policy``."""
-    kc = mma_columns(d, k, smem_optin)
+    kc = mma_columns(d, k, smem_optin, mma_max_d(policy))
     if k < MMA_MIN_K[dt] or kc == 0:
         return None
     nblk = -(-d // 16)
     per_warp = -(-nblk // WARPS)
-    nb = next(n for n in (2, 4, 6, 8) if per_warp <= n)
+    nb = next(n for n in MMA_BLOCKS if per_warp <= n)
     # the warps' valid blocks (the unrolled block loop breaks at the first past d)
     blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(WARPS)) / WARPS
     n_tiles = -(-total_rows // MMA_TILE_ROWS)
@@ -441,8 +454,9 @@ def op_launches(
         return mma or rows_launches(policy, 2, d, k, rows, pm.TENSORS, res)
     if op == "project_ output":  # tensor cores with strided rows, else ProjectBlockPolicy
         # 16-bit: the bucket's views pair their rows (project.cu pair_rows: even row counts)
+        # up to ProjectPairPolicy's kMaxPairD
         strided = f"{_NS}ProjectPairPolicy<{t}>"
-        if dt == "fp32":
+        if dt == "fp32" or d > mma_max_d(strided):
             strided = f"{_NS}ProjectPolicy<{t}, false>"
         mma = mma_launches(strided, dt, d, k, rows, pm.TENSORS, smem_optin)
         # the block policy: 4 rows a group, 8 elements a thread
@@ -455,6 +469,12 @@ def op_launches(
         policy = f"{_NS}AdamWPolicy<{t}, true>"
         rest = f"{_NS}ProjectPolicy<{t}, true>"
         mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, True, rest)
+        if not mma and dt == "fp32" and d > MMA_MAX_ADAMW_D:
+            # [wide] adamw.cu step_then_project: the step alone (the rows engine with no
+            # basis columns), then project.cu's anchored projection of p on tensor cores
+            project = mma_launches(rest, dt, d, k, rows, pm.TENSORS, smem_optin, True)
+            if project:
+                return rows_launches(policy, 1, d, 0, rows, pm.TENSORS, res) + project
         return mma or rows_launches(policy, 1, d, k, rows, pm.TENSORS, res)
     if op == "ProjectedAdamW output":
         # tensor cores with strided rows: fp32; 16-bit in row pairs (the bucket's views pair
@@ -509,6 +529,13 @@ def hbm_bytes(
     basis = 4 * kp / rows  # read once per launch: d × kp floats over rows × d elements
     coef = 4 * kp / d  # per element: the row's kp coefficients over its d elements
     anchors = 4 * k / d if op.startswith(("project_anchored", "ProjectedAdamW")) else 0.0
+    if op == "ProjectedAdamW input" and launches[0].env["kp"] == 0:  # [wide] step, then project
+        moved = [mv(4 * b, 3 * b, "p, g, m, v read once; p, m, v written once (the step)")]
+        for launch in launches[1:]:
+            basis = 4 * launch.env["kp"] * launch.env["units"] / rows
+            anchors = 4 * launch.env["k"] / d
+            moved.append(mv(b + anchors + basis, b, "p read once, written once; anchors read"))
+        return moved
     if launches[0].kernel.startswith("mma_rows_kernel"):  # coefficients in shared memory
         moved = []
         for i, launch in enumerate(launches):  # a block of basis columns each ([columns])
@@ -897,14 +924,15 @@ def _short(name: str) -> str:
     return out
 
 
-def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
-    """The op's CUDA launches on the perf model's bucket, predicted for ``arch``."""
+def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -> dict:
+    """The op's CUDA launches on the perf model's bucket (rows of ``d`` elements), predicted
+    for ``arch``."""
     device = pm.DEVICES[arch]
     lim = arch_limits.ARCHS[arch]
-    elements = pm.ROWS * pm.D
+    elements = pm.ROWS * d
     cpp, binds = _sources()
     kernels = []
-    for launch in op_launches(op, dt, k, smem_optin=lim.smem_optin_per_block):
+    for launch in op_launches(op, dt, k, d=d, smem_optin=lim.smem_optin_per_block):
         name = _find(build, arch, launch.kernel)
         rec = build.usage.get((name, arch))
         if rec is None:
@@ -949,7 +977,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
                 "_regions": regions,
             }
         )
-    moved_per_launch = hbm_bytes(op, dt, k, smem_optin=lim.smem_optin_per_block)
+    moved_per_launch = hbm_bytes(op, dt, k, d=d, smem_optin=lim.smem_optin_per_block)
     for kn, moved in zip(kernels, moved_per_launch, strict=True):
         kn["bytes_per_elt"] = moved
         kn["bounds"] = pm.bounds(
@@ -967,6 +995,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str) -> dict:
         "op": op,
         "dtype": dt,
         "k": k,
+        "d": d,
         "elements": elements,
         "floor": pm.OPS[op].floor,
         "floor_bytes_per_elt": floor,
@@ -1021,6 +1050,29 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# Other row widths of SD-family models (the main table is pm.D = 768, SD 1.5's text width):
+# the UNet's 320 / 640 / 1280 channels, SD 2's 1024 text width, SDXL's 2048. The ops a
+# width changes the kernel choice of (the flat side and surgery do not depend on d).
+WIDTHS = (320, 640, 1024, 1280, 2048)
+WIDTH_OPS = ("project_ input", "project_ output", "project_anchored input", "ProjectedAdamW input")
+WIDTH_KS = (1, 8, 32)
+
+
+def width_table(rows: list[dict]) -> str:
+    """One line per (op, dtype, width): k = 1 / 8 / 32, A100 · H100."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["op"], r["dtype"], r["d"]), {}).setdefault(r["arch"], []).append(
+            "error" if "error" in r else _cell(r).replace(" torch", "")
+        )
+    out = ["| predicted, not measured | `d` | A100 k = 1 / 8 / 32 | H100 k = 1 / 8 / 32 |",
+           "|---|---|---|---|"]  # fmt: skip
+    for (op, dt, d), by_arch in cells.items():
+        line = [f"`{op}` {dt}", str(d)] + [" / ".join(by_arch.get(a, [])) for a in pm.DEVICES]
+        out.append("| " + " | ".join(line) + " |")
+    return "\n".join(out)
+
+
 def markdown(result: dict) -> str:
     devices = "\n".join(f"- {d.arch} = {d.name}: {d.source}" for d in pm.DEVICES.values())
     return f"""# CUDA kernels: {pm.TITLE.lower()}
@@ -1036,6 +1088,11 @@ two tables compare the backends.
 {devices}
 
 {format_table(result["rows"])}
+
+Other widths (the same bucket of {pm.ROWS} rows; ProjectedAdamW as time over torch's fused
+AdamW), also predicted:
+
+{width_table(result.get("widths", []))}
 
 Notes: a CUDA kernel loops over its work grid-stride, so each block runs `work / grid`
 items (no tail wave); side input (plain and anchored) runs the tensor-core rows kernel
@@ -1058,6 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", nargs="+", default=list(pm.DEVICES))
     ap.add_argument("--json", default=DEFAULT_JSON)
     ap.add_argument("--md", default=DEFAULT_MD)
+    ap.add_argument("--no-widths", action="store_true", help="skip the sweep over WIDTHS")
     args = ap.parse_args(argv)
     so = args.so or pm.build_cuda()[0]
     build = load_build(so)
@@ -1072,6 +1130,19 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append({"arch": arch, "device": pm.DEVICES[arch].name, "op": op,
                                      "dtype": dt, "k": k, "error": f"{type(exc).__name__}: {exc}",
                                      "predicted_fraction_of_copy": 0.0})  # fmt: skip
+    widths = []
+    for op in () if args.no_widths else WIDTH_OPS:
+        for dt in pm.DTYPES:
+            for d in WIDTHS:
+                for arch in args.arch:
+                    for k in WIDTH_KS:
+                        try:
+                            widths.append(model_op(build, op, dt, k, arch, d))
+                        except Exception as exc:
+                            widths.append({"arch": arch, "op": op, "dtype": dt, "k": k, "d": d,
+                                           "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+    for r in widths:  # the sweep keeps the totals, not each kernel's detail
+        r.pop("kernels", None)
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     so_rel = os.path.relpath(so, ROOT) if so.startswith(ROOT) else so.replace(
         os.path.expanduser("~"), "~")  # fmt: skip
@@ -1082,6 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"rows": pm.ROWS, "d": pm.D},
         "devices": {a: asdict(pm.DEVICES[a]) for a in args.arch},
         "rows": rows,
+        "widths": widths,
     }
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
@@ -1089,9 +1161,13 @@ def main(argv: list[str] | None = None) -> int:
         f.write(markdown(result))
     print(format_table(rows))
     print(f"\n{len(rows)} rows; {pm.TITLE.lower()}.")
-    failed = [r for r in rows if "error" in r]
+    print(width_table(widths))
+    failed = [r for r in rows + widths if "error" in r]
     for r in failed:
-        print(f"error: {r['arch']} {r['op']} {r['dtype']} k = {r['k']}: {r['error']}")
+        print(
+            f"error: {r['arch']} {r['op']} {r['dtype']} k = {r['k']} d = {r.get('d', pm.D)}: "
+            f"{r['error']}"
+        )
     return 1 if failed else 0  # as benchmarks/perf_model.py: a row that failed fails the run
 
 

@@ -232,8 +232,8 @@ def _surgery(numels, dtype=torch.float32):
 
 
 # Every launch shape of the engines: rows on tensor cores (mma_rows.cuh: k >= 9,
-# d <= 1024; plain and anchored with soft weights, 16-bit, 8 blocks a warp, a basis
-# taken a block of columns a launch, AdamW's too), rows fused
+# d <= 1280; plain and anchored with soft weights, 16-bit, 8 and 10 blocks a warp, a
+# basis taken a block of columns a launch, AdamW's too), rows fused
 # (U^T resident, and staged per chunk: k = 40 at d = 2000 is 320 KiB), rows split
 # (d > 4096), transposed views (the block policies: fused, split past d = 2048, AdamW's
 # past 1024), flat (one and several segments), anchored with soft weights, projected
@@ -243,6 +243,7 @@ REAL_CASES = {
     "rows-mma": lambda: _project((45, 260), "input", 40),
     "rows-mma-anchored-soft": lambda: _project((45, 260), "input", 12, soft=True, anchored=True),
     "rows-mma-bf16": lambda: _project((20, 1000), "input", 24, torch.bfloat16),
+    "rows-mma-wide": lambda: _project((20, 1100), "input", 24, soft=True, anchored=True),
     "rows-mma-column-blocks": lambda: _project((40, 768), "input", 160, soft=True, anchored=True),
     "rows-mma-pairs-fp16": lambda: _project((45, 260), "input", 40, torch.float16, soft=True),
     "rows-chunked-bf16": lambda: _project((6, 2000), "input", 40, torch.bfloat16),
@@ -365,7 +366,8 @@ def _expect_engine(d: int, k: int, dtype: torch.dtype, adamw: bool = False, pair
     AdamW views on the block policy up to k = 32."""
     fp32 = dtype == torch.float32
     pairs = pairs and not fp32 and d <= (768 if adamw else 1024)
-    tensor_cores = d <= 1024 and (k >= 9 if fp32 else pairs or not adamw or k > 32)
+    tensor_cores = d <= (1024 if adamw else 1280)  # mma_rows.cuh kMaxRowD
+    tensor_cores = tensor_cores and (k >= 9 if fp32 else pairs or not adamw or k > 32)
     kernel = emu.last_kernel()
     assert ("mma_rows_kernel<" in kernel) == tensor_cores, kernel
     if tensor_cores:
@@ -613,6 +615,47 @@ def test_tensor_core_pairs_match_float64(dtype, k):
     assert (anchored.double() - x0).abs().max().item() <= TOL[dtype] * x0.abs().max().item()
 
 
+# [wide] Rows of 1024 < d <= 1280 (SD's 1280-channel blocks) on tensor cores, 10 blocks a
+# warp: d = 1280 whole, d = 1100 with warp 6 holding 9 blocks and warp 7 none. k = 12: 16-bit
+# rows without anchors stage U split ([pairs], 2 x 160 KiB fit 227 KiB); k = 40 unsplit.
+# Rows, and transposed views (strided rows; 16-bit view rows that pair up take
+# ProjectPolicy, not ProjectPairPolicy, past 1024).
+@pytest.mark.parametrize("layout", ["rows", "views"])
+@pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored-soft"])
+@pytest.mark.parametrize("k", [12, 40])
+@pytest.mark.parametrize("d", [1280, 1100])
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_tensor_core_wide_rows_match_float64(dtype, d, k, anchored, layout):
+    gen = torch.Generator().manual_seed(d + k)
+    n = 38  # rows: tiles of 16, the last ragged
+    if layout == "rows":
+        g = torch.randn(n, d, generator=gen).to(dtype)
+        rows = g
+    else:
+        g = torch.randn(d, n, generator=gen).to(dtype)
+        rows = g.t()
+    u = _orthonormal(d, k, seed=12)
+    w = torch.rand(k, generator=gen)
+    x, u64, w64 = rows.double(), u.double(), w.double()
+    c = torch.randn(n, k, generator=gen) if anchored else None
+    delta = x @ u64 - (c.double() if anchored else 0.0)
+    want = x - (delta * w64) @ u64.t()
+    side = "input" if layout == "rows" else "output"
+    if anchored:
+        want_c = c.double() + (1 - w64) * delta
+        emu.project_anchored_bucket_([rows], [c], u, w, side)
+        bound = 1e-5 * (want_c.abs().max().item() + x.norm(dim=1, keepdim=True))
+        assert ((c.double() - want_c).abs() <= bound).all()
+    else:
+        emu.project_bucket_([rows], u, w, side)
+    kernel = emu.last_kernel()
+    assert "mma_rows_kernel<" in kernel and "PairPolicy" not in kernel, kernel
+    pairs = not anchored and dtype != torch.float32 and k == 12
+    assert f", 10, {'true' if pairs else 'false'}>(" in kernel, kernel
+    scale = want.abs().max().item()
+    assert (rows.double() - want).abs().max().item() <= TOL[dtype] * scale
+
+
 def test_tensor_core_rows_keep_the_anchored_guarantee():
     """100 anchored fp32 steps on the tensor-core kernel (3xTF32, k = 32): the protected
     coefficients stay within the issue's 1e-6 ‖W₀‖ (measured 1.1e-7; the fp32 FMA
@@ -685,6 +728,11 @@ ADAMW_MMA = {
     # [0, 56), then project.cu's anchored projection of p with [56, 112) and [112, 160)
     "fp32-column-blocks": (torch.float32, 160, [(37, 768), (5, 768)], True, True, 3),
     "bf16-column-blocks": (torch.bfloat16, 128, [(40, 768)], True, False, 2),
+    # [wide] fp32 rows past AdamW's 1024 that the projection's kernel takes (d <= 1280):
+    # the step alone (the FMA engine with no basis columns), then project.cu's anchored
+    # projection of p on tensor cores, 10 blocks a warp; two params, a ragged tile
+    "fp32-wide-step-then-project": (torch.float32, 12, [(37, 1100), (5, 1100)], True, True, 2),
+    "fp32-1280-step-then-project": (torch.float32, 40, [(20, 1280)], False, False, 2),
 }
 
 
@@ -732,6 +780,7 @@ def test_tensor_core_adamw_matches_float64(case):
     assert emu.stats()[0] - before[0] == launches
     last = "AdamWPolicy" if launches == 1 else "ProjectPolicy"
     assert "mma_rows_kernel<" in emu.last_kernel() and last in emu.last_kernel()
+    assert (", 10, " in emu.last_kernel()) == (d > 1024), emu.last_kernel()
     # 16-bit p is rounded once per launch: bf16-column-blocks' two roundings are at most
     # a full ulp of the largest value, 2^-7 of it
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
@@ -742,15 +791,16 @@ def test_tensor_core_adamw_matches_float64(case):
             assert err <= tol * scale, f"param {i} {name}: {err} > {tol} * {scale}"
 
 
-@pytest.mark.parametrize(("k", "launches"), [(32, 1), (232, 2)])
-def test_tensor_core_adamw_keeps_the_anchored_guarantee(k, launches):
+@pytest.mark.parametrize(("k", "launches", "d"), [(32, 1, 256), (232, 2, 256), (32, 2, 1100)])
+def test_tensor_core_adamw_keeps_the_anchored_guarantee(k, launches, d):
     """100 fp32 ProjectedAdamW steps on the tensor-core kernel (3xTF32 on x' and U): the
     protected coefficients stay within the issue's 1e-6 ‖W₀‖, with the whole basis in
     shared memory (k = 32) and a block of its columns a launch (k = 232 at d = 256: 240
-    KiB, two launches of 120 and 112 columns: the step, then the projection)."""
+    KiB, two launches of 120 and 112 columns: the step, then the projection), and at
+    d = 1100 ([wide]: the step alone, then the projection of p on tensor cores)."""
     gen = torch.Generator().manual_seed(1)
-    w0 = 0.05 * torch.randn(48, 256, generator=gen)
-    u = _orthonormal(256, k, seed=9)
+    w0 = 0.05 * torch.randn(48, d, generator=gen)
+    u = _orthonormal(d, k, seed=9)
     c = (w0.double() @ u.double()).float()
     p, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
     worst = 0.0

@@ -264,7 +264,30 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert (mma.env["NB"], mma.env["blocks"], mma.work) == (6, 6, 4096 // 16)
     assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 8 * 16 * 16 + 16 * 36)
     assert pmc.mma_launches("P", "fp32", 768, 8, 4096, 2, None) is None  # fp32 from k = 9
-    assert pmc.mma_launches("P", "fp32", 1100, 40, 4096, 2, None) is None  # d > 1024
+    # [wide] the projection takes 10 blocks a warp up to d = 1280 (1100: warps 0-5 hold 10,
+    # warp 6 holds 9, warp 7 none); AdamW and the pair policies stop at 1024
+    (wide,) = pmc.mma_launches("P", "fp32", 1100, 40, 4096, 2, None)
+    assert (wide.env["NB"], wide.env["blocks"]) == (10, 69 / 8)
+    assert wide.kernel == "mma_rows_kernel<P, 10, false>"
+    assert pmc.mma_launches("P", "fp32", 1281, 40, 4096, 2, None) is None  # d > 1280
+    for policy in ("AdamWPolicy<float, true>", "ProjectPairPolicy<c10::BFloat16>"):
+        assert pmc.mma_launches(policy, "bf16", 1100, 40, 4096, 2, None) is None
+        assert pmc.mma_launches(policy, "bf16", 1024, 40, 4096, 2, None)[0].env["NB"] == 8
+    adamw_pairs = "AdamWPairPolicy<c10::BFloat16>"
+    assert pmc.mma_launches(adamw_pairs, "bf16", 800, 40, 4096, 2, None) is None
+    # [wide] fp32 AdamW past 1024: the step alone (rows kernel, no basis columns), then the
+    # projection of p on tensor cores (one launch on an H100, two of 16 on an A100)
+    for optin, widths in ((227 * 1024, [32]), (163 * 1024, [16, 16])):
+        step, *project = pmc.op_launches("ProjectedAdamW input", "fp32", 32, d=1280,
+                                         smem_optin=optin)  # fmt: skip
+        assert step.kernel.startswith("rows_kernel<") and step.env["kp"] == 0
+        assert [la.env["k"] for la in project] == widths
+        assert all(la.kernel.startswith("mma_rows_kernel<") for la in project)
+        moved = pmc.hbm_bytes("ProjectedAdamW input", "fp32", 32, d=1280, smem_optin=optin)
+        assert moved[0] == {"read": 16, "write": 12, "note": moved[0]["note"]}
+        assert [m["write"] for m in moved[1:]] == [4] * len(widths)
+    (fma,) = pmc.op_launches("ProjectedAdamW input", "bf16", 32, d=1280)  # 16-bit: one pass
+    assert fma.kernel.startswith("rows_kernel<") and fma.env["k"] == 32
     # where U does not fit (k = 128 at d = 768: 384 KiB), a block of columns a launch, the
     # fewest launches: 2 of 64 at an H100's 227 KiB, 48 + 48 + 32 at an A100's 163 KiB
     for optin, widths in ((227 * 1024, [64, 64]), (163 * 1024, [48, 48, 32])):

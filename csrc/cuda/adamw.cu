@@ -443,7 +443,7 @@ bool run_tensor_cores(
     const Layout& l, const AdamWEntry* t, int n, const at::Tensor& basis, const float* weights,
     const Hyper& h) {
   const int64_t k = basis.size(1);
-  const int64_t kc = mma_rows::columns_per_launch(basis.size(0), k);
+  const int64_t kc = mma_rows::columns_per_launch<Policy>(basis.size(0), k);
   if (h.amsgrad || k < mma_rows::kMinK<T> || kc == 0) return false;
   const AdamWPolicy<T, kVec> base{t, n, k, h};
   mma_rows::run_columns(Policy{base}, l.total_rows, basis, weights, /*anchored=*/true, 0, kc);
@@ -453,9 +453,42 @@ bool run_tensor_cores(
       params.push_back({e.p, e.rows, e.row_stride, e.col_stride, e.first_row, e.anchor});
     }
     mma_rows::project_anchored_from<T>(params, l.total_rows, kVec, mma_rows::RowPairs<Policy>::value,
-                                       basis, weights, kc);
+                                       basis, weights, kc, kc);
   }
   return true;
+}
+
+// [wide] fp32 rows (contiguous, 16-byte aligned) wider than the AdamW tensor-core kernel
+// takes (mma_rows::kMaxAdamWD, 1024) whose projection the tensor cores do take (up to
+// mma_rows::kMaxD, 1280: SD's 1280-channel blocks): the AdamW step alone (the rows engine
+// with none of the basis columns: p, g, m, v (v^) read once, p, m, v (v^) written once, a
+// fused AdamW), then project.cu's anchored projection of p on tensor cores, which reads
+// and writes p once more: 9 streams against a fused AdamW's 7, where the FMA engine
+// restaged U^T a chunk per 4-row tile (k = 32 at d = 1280 3.46x / 4.99x torch's fused
+// AdamW, A100 / H100, predicted). fp32 only: p holds x' exactly, so the projection sees
+// the x' the fused kernel would (a 16-bit p would be rounded once more before it).
+// Amsgrad's fifth stream is the step's. False, having done nothing, elsewhere.
+template <typename T>
+bool step_then_project(const Layout& l, const AdamWEntry* t, int n, const at::Tensor& basis,
+                       const float* weights, const Hyper& h) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    const int64_t d = basis.size(0);
+    const int64_t k = basis.size(1);
+    if (d <= mma_rows::kMaxAdamWD || k < mma_rows::kMinK<T>) return false;
+    const int64_t kc = mma_rows::columns_per_launch(d, k, mma_rows::kMaxD);
+    if (kc == 0) return false;
+    const at::Tensor none = basis.narrow(1, 0, 0);  // the step: no basis columns
+    tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, l.total_rows, none, nullptr);
+    std::vector<MatrixEntry> params;
+    for (const AdamWEntry& e : l.entries) {
+      params.push_back({e.p, e.rows, e.row_stride, e.col_stride, e.first_row, e.anchor});
+    }
+    mma_rows::project_anchored_from<T>(params, l.total_rows, /*vector_rows=*/true,
+                                       /*pairs=*/false, basis, weights, kc, 0);
+    return true;
+  }
 }
 
 template <typename T>
@@ -491,6 +524,7 @@ void launch(
     // Tensor cores for rows (not flat vectors) of d <= 1024; amsgrad (a fifth stream)
     // stays on the FMA engine.
     if (!flat && run_tensor_cores<T, true>(l, t, n, basis, weights, h)) return;
+    if (!flat && step_then_project<T>(l, t, n, basis, weights, h)) return;
     tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, l.total_rows, basis, weights);
   } else {
     tile::run_rows(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights);

@@ -1,7 +1,8 @@
 // Tensor-core row tiles: x <- x - U f(U^T x) for every row x of a bucket, both
-// small GEMMs on mma.sync m16n8k8 tf32 (cuda/mma.cuh), for rows of d <= 1024
-// elements whose basis fits in shared memory: project.cu's gradient rows, and
-// adamw.cu's rows, whose x is the AdamW-updated param x' formed as the tile is loaded.
+// small GEMMs on mma.sync m16n8k8 tf32 (cuda/mma.cuh), for rows of d <= 1280
+// elements (AdamW's: 1024; [wide]) whose basis fits in shared memory: project.cu's
+// gradient rows, and adamw.cu's rows, whose x is the AdamW-updated param x' formed as
+// the tile is loaded.
 //
 // [policy] P says how a row's vector of 4 columns is read and what it becomes:
 //   Bits, load_bits(row, j): the raw bits of the vector(s) at columns [j, j + 4), one
@@ -90,6 +91,14 @@
 //   coefficient tile stay in MMA rows; only the rows' addresses (loads, stores, the
 //   finishing thread's anchor row: tile_row) map them. Predicted at d = 768, bf16 k = 32
 //   (A100 / H100): see docs/gpu.md.
+// [wide] The projection's rows of 1024 < d <= 1280 (SD's 1280-channel blocks) take 10
+//   blocks a warp (kMaxRowD): x is 80 registers a thread, no prefetch of the next tile
+//   beside it (kPrefetchTile stops at 8 blocks; 16-bit rows load their own tile's bits
+//   at once instead: kBatchLoad), no spills (sm_80, sm_90). The
+//   FMA engine they took before restaged U^T a chunk per 4-row tile from d = 1025 at
+//   k = 32 (U^T is 160 KiB at d = 1280, above tile::kResidentBytes). AdamW keeps 1024: its
+//   kernels reach 255 registers at 8 blocks. Past 1280 x does not fit the registers of 8
+//   warps beside the operands (fp32 at 12 blocks: 96 registers of x).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -112,8 +121,12 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 16;    // the mma's M
 constexpr int kCoefChunk = 16;   // pass 1's coefficients per cross-warp reduction
-constexpr int kMaxBlocks = 8;    // column blocks per warp: NB in {2, 4, 6, 8}
-constexpr int64_t kMaxD = static_cast<int64_t>(kWarps) * kMaxBlocks * 16;  // 1024
+constexpr int kMaxBlocks = 10;   // column blocks per warp: NB in {2, 4, 6, 8, 10}
+constexpr int64_t kMaxD = static_cast<int64_t>(kWarps) * kMaxBlocks * 16;  // 1280
+// [wide] Rows of up to 8 blocks a warp (1024 columns): AdamW's and the prefetching
+// policies' widest (their registers); the projection takes 10 (kMaxRowD).
+constexpr int kMaxPrefetchBlocks = 8;
+constexpr int64_t kMaxAdamWD = static_cast<int64_t>(kWarps) * kMaxPrefetchBlocks * 16;  // 1024
 // The largest dynamic shared memory of a launch (H100's per-block opt-in is 227 KiB);
 // a launch whose basis needs more, or more than the device allows, takes tile.cuh.
 constexpr size_t kMaxDynamicSmem = 224 * 1024;
@@ -159,13 +172,15 @@ inline size_t smem_bytes(const Geometry& g) {
 template <class P, int NB>
 constexpr int kMinBlocks =
     P::kUpdates || !P::kVector ? 1
-    : std::is_same_v<typename P::Scalar, float> ? (NB == 8 ? 1 : 2)
+    : std::is_same_v<typename P::Scalar, float> ? (NB >= 8 ? 1 : 2)
                                                 : (NB >= 6 ? 1 : 2);
 
 // [prefetch] The next tile's vectors held in registers: at most 96 a thread (a projection's
-// 16-bit NB = 8: 32; AdamW's 16-bit NB = 6: 96, NB = 8 spilled 1.4 KB at 255 registers).
+// 16-bit NB = 8: 32; AdamW's 16-bit NB = 6: 96, NB = 8 spilled 1.4 KB at 255 registers),
+// and not beside [wide] rows' 80 registers of x.
 template <class P, int NB>
-constexpr bool kPrefetchTile = P::kPrefetch && NB * 2 * sizeof(typename P::Bits) <= 96 * 4;
+constexpr bool kPrefetchTile =
+    P::kPrefetch && NB <= kMaxPrefetchBlocks && NB * 2 * sizeof(typename P::Bits) <= 96 * 4;
 
 // [row pairs] P::kRowPairs where the policy declares it (project.cu's ProjectPairPolicy,
 // adamw.cu's AdamWPairPolicy).
@@ -177,7 +192,12 @@ struct RowPairs<P, std::void_t<decltype(P::kRowPairs)>> : std::bool_constant<P::
 // [row pairs] The widest rows a pair policy takes: its loads are always the prefetch's, and
 // AdamW's four streams of the next tile fit the registers up to NB = 6 (768 columns).
 template <class P>
-constexpr int64_t kMaxPairD = kPrefetchTile<P, kMaxBlocks> ? kMaxD : 6 * 16 * kWarps;
+constexpr int64_t kMaxPairD = kPrefetchTile<P, kMaxPrefetchBlocks> ? kMaxAdamWD : 6 * 16 * kWarps;
+
+// [wide] The widest rows policy P's kernel takes: the projection's 1280 (NB = 10); AdamW's
+// 1024 (its NB = 8 kernels already reach 255 registers); a pair policy's kMaxPairD.
+template <class P>
+constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? kMaxAdamWD : kMaxD;
 
 // [row pairs] The tile row of MMA row m (0..15): 2 (m % 8) + m / 8 with row pairs.
 template <bool kRowPairs>
@@ -245,10 +265,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
   // passes and converted when it starts, so loads stay in flight while the CTA computes.
   constexpr bool kPrefetch = kPrefetchTile<P, NB>;
+  // [wide] 16-bit projection rows too wide to prefetch load their own tile's Bits the same
+  // way, all before any is converted (loaded and converted a vector at a time, 32-40 bytes
+  // were in flight a thread: latency-bound, bf16 k = 8 at d = 1280 57 % of copy on H100).
+  // AdamW batches its own loads (below).
+  constexpr bool kBatchLoad = P::kPrefetch && !P::kUpdates && !kPrefetch && !kRowPairs;
   using Bits = typename P::Bits;
   // [row pairs] nxt[b][0], nxt[b][1]: both rows' columns j, j + 1 and j + 2, j + 3 (the
   // words of load_pair_bits)
-  Bits nxt[kPrefetch ? NB : 1][2] = {};
+  Bits nxt[kPrefetch || kBatchLoad ? NB : 1][2] = {};
   auto fetch = [&](int64_t tile) {  // model-uniform
     if constexpr (kRowPairs) {
       const int64_t row = tile * kTileRows + 2 * gq;
@@ -266,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
         if (row >= g.total_rows) continue;
         const typename P::Row w = pol.store_row(row);  // its addresses
 #pragma unroll
-        for (int b = 0; b < (kPrefetch ? NB : 1); ++b) {
+        for (int b = 0; b < (kPrefetch || kBatchLoad ? NB : 1); ++b) {
           const int j = col0 + 16 * b;
           if (j + V <= d) nxt[b][h] = pol.load_bits(w, j);
         }
@@ -320,7 +345,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
       }
       if (d % V != 0) load_ragged(row0, x);  // model-cold-if: d % 4 == 0
       if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
-    } else if constexpr (kPrefetch) {
+    } else if constexpr (kPrefetch || kBatchLoad) {
+      if constexpr (kBatchLoad) fetch(tile);
       if (full) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -352,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
         }
       }
       if (d % V != 0) load_ragged(row0, x);  // model-cold-if: d % 4 == 0
-      if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
+      if (kPrefetch && tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
     } else if constexpr (P::kUpdates) {
       // Every vector of a row loaded before any is finished: AdamW's finish stores m and v,
       // and a load after a store (which may alias, as far as the compiler knows) would wait
@@ -713,13 +739,14 @@ __device__ __forceinline__ void store_pair(T* x, int64_t j, int64_t stride, cons
 // [columns] The basis columns one launch takes: all k where the staged basis fits the
 // device's per-block shared memory, else the fewest launches of at most `kc` columns
 // (a multiple of 8: k = 128 at d = 768 takes 64 on an H100, 48 on an A100); 0 where
-// the kernel does not take these rows at all (d > kMaxD, a GPU before sm_80, not even
-// 8 columns fit), and the caller runs tile::run_rows.
+// the kernel does not take these rows at all (d above P's kMaxRowD, a GPU before sm_80,
+// not even 8 columns fit), and the caller runs tile::run_rows.
 inline size_t smem_limit() {
   return std::min<size_t>(kMaxDynamicSmem, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }
-inline int64_t columns_per_launch(int64_t d, int64_t k) {
-  if (d > kMaxD || k < 1) return 0;
+// `max_d`: the policy's kMaxRowD.
+inline int64_t columns_per_launch(int64_t d, int64_t k, int64_t max_d) {
+  if (d > max_d || k < 1) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // no tf32 MMAs
   const size_t limit = smem_limit();
   Geometry g{};
@@ -732,6 +759,10 @@ inline int64_t columns_per_launch(int64_t d, int64_t k) {
     if (smem_bytes(g) <= limit) return std::min(kc, k);
     if (kc == 8) return 0;
   }
+}
+template <class P>
+int64_t columns_per_launch(int64_t d, int64_t k) {
+  return columns_per_launch(d, k, kMaxRowD<P>);
 }
 
 template <class P, int NB, bool kPairs>
@@ -782,16 +813,17 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   if (total_rows == 0) return;
   const at::Tensor cols = basis.narrow(1, c0, kc);
   const float* w = weights != nullptr ? weights + c0 : nullptr;
-  // Blocks per warp: the fewest of {2, 4, 6, 8} whose 8 warps cover d.
+  // Blocks per warp: the fewest of {2, 4, 6, 8, 10} whose 8 warps cover d (at most P's
+  // kMaxRowD: columns_per_launch declines wider rows, and only those NB are compiled).
+  TORCH_INTERNAL_ASSERT(g.d <= kMaxRowD<P>, "rows wider than the policy's kMaxRowD");
   const int per_warp = (g.nblk + kWarps - 1) / kWarps;
   if (per_warp <= 2) return launch_layout<P, 2>(pol, g, cols, w);
   if (per_warp <= 4) return launch_layout<P, 4>(pol, g, cols, w);
   if (per_warp <= 6) return launch_layout<P, 6>(pol, g, cols, w);
-  if constexpr (RowPairs<P>::value && kMaxPairD<P> < kMaxD) {
-    TORCH_INTERNAL_ASSERT(false, "[row pairs] rows wider than kMaxPairD: the caller checks it");
-  } else {
-    return launch_layout<P, 8>(pol, g, cols, w);
+  if constexpr (kMaxRowD<P> >= 8 * 16 * kWarps) {
+    if (per_warp <= 8) return launch_layout<P, 8>(pol, g, cols, w);
   }
+  if constexpr (kMaxRowD<P> > 8 * 16 * kWarps) return launch_layout<P, 10>(pol, g, cols, w);
 }
 
 // The projection of `total_rows` rows on the basis columns [c0, k), launches of
@@ -811,7 +843,7 @@ void run_from(const P& pol, int64_t total_rows, const at::Tensor& basis, const f
 template <class P>
 bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights,
          bool anchored) {
-  const int64_t kc = columns_per_launch(basis.size(0), basis.size(1));
+  const int64_t kc = columns_per_launch<P>(basis.size(0), basis.size(1));
   if (kc == 0) return false;
   run_from(pol, total_rows, basis, weights, anchored, kc, 0);
   return true;
@@ -819,12 +851,12 @@ bool run(const P& pol, int64_t total_rows, const at::Tensor& basis, const float*
 
 // project.cu's anchored projection (ProjectPolicy over `entries`, contiguous 16-byte rows
 // where vector_rows, else strided; ProjectPairPolicy where pairs, [row pairs]) on the
-// basis columns [kc, k): how adamw.cu projects
-// a param's later column blocks once its first launch, on columns [0, kc), has taken
-// the AdamW step. `kc` is columns_per_launch.
+// basis columns [c0, k), launches of `kc` (columns_per_launch) columns: how adamw.cu
+// projects a param's later column blocks once its first launch, on columns [0, kc), has
+// taken the AdamW step (c0 = kc), and [wide] rows whose step ran alone (c0 = 0).
 template <typename T>
 void project_anchored_from(const std::vector<MatrixEntry>& entries, int64_t total_rows,
                            bool vector_rows, bool pairs, const at::Tensor& basis,
-                           const float* weights, int64_t kc);
+                           const float* weights, int64_t kc, int64_t c0);
 
 }  // namespace gradproj::cuda::mma_rows

@@ -7,14 +7,14 @@
 // The kernels are the row-tile engine of cuda/tile.cuh with ProjectPolicy (load
 // and store a gradient element), one launch (or one split launch) per layout:
 //  * rows on tensor cores (cuda/mma_rows.cuh): contiguous, 16-byte aligned rows of
-//    d <= 1024 with k >= mma_rows::kMinK (fp32 9, 16-bit 1): 16 rows a CTA in
+//    d <= 1280 with k >= mma_rows::kMinK (fp32 9, 16-bit 1): 16 rows a CTA in
 //    registers, both GEMMs on mma.sync tf32 (3xTF32 for fp32), read once / written
 //    once per launch; the basis in shared memory, a block of its columns a launch where
 //    the whole does not fit (mma_rows.cuh [columns]);
 //  * rows (side="input", or any strides): a CTA holds a tile of rows in
 //    registers, U^T staged in shared memory, read once / written once when
 //    d <= 4096 (4-element vector loads, 16 bytes of fp32, when every row allows them);
-//  * transposed views (side="output": unit row stride) of d <= 1024 on tensor cores
+//  * transposed views (side="output": unit row stride) of d <= 1280 on tensor cores
 //    too (fp32 from k = 9), as strided rows: a tile's 16 view rows are 16 consecutive
 //    elements of each row of G, so a warp's loads are 32-byte runs; otherwise the
 //    FMA engine with ProjectBlockPolicy, 4 view rows a group, one vector of G's row j
@@ -267,7 +267,7 @@ void launch_rows(
   const int64_t k = basis.size(1);
   if (vec) {
     const ProjectPolicy<T, true> pol{table.data(), table.size(), k};
-    // Tensor cores from mma_rows::kMinK (rows of d <= 1024).
+    // Tensor cores from mma_rows::kMinK (rows of d <= 1280: mma_rows::kMaxRowD).
     if (!flat && k >= mma_rows::kMinK<T> &&
         mma_rows::run(pol, total_rows, basis, weights, !anchors.empty())) {
       return;
@@ -299,7 +299,7 @@ void launch_cols(
   }
   const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
-  // Tensor cores (d <= 1024, the basis in shared memory) with strided rows: a lane's view
+  // Tensor cores (d <= 1280, the basis in shared memory) with strided rows: a lane's view
   // rows g and g + 8 of a tile are consecutive elements of G's rows, so the 8 lanes of a
   // quad column read 8 consecutive elements of one G row (16 B of bf16, 32 of fp32) and
   // the tile's two halves the two halves of a 32-byte sector (bf16).
@@ -371,34 +371,34 @@ void project_anchored_bucket_cuda(
 template <typename T>
 void mma_rows::project_anchored_from(
     const std::vector<MatrixEntry>& entries, int64_t total_rows, bool vector_rows,
-    bool pairs, const at::Tensor& basis, const float* weights, int64_t kc) {
+    bool pairs, const at::Tensor& basis, const float* weights, int64_t kc, int64_t c0) {
   const DeviceTable<MatrixEntry> table(entries, basis.device());
   const int64_t k = basis.size(1);
   if constexpr (sizeof(T) == 2) {
     if (pairs) {
       const ProjectPolicy<T, false> pol{table.data(), table.size(), k};
       mma_rows::run_from(ProjectPairPolicy<T>{pol}, total_rows, basis, weights,
-                         /*anchored=*/true, kc, kc);
+                         /*anchored=*/true, kc, c0);
       return;
     }
   }
   if (vector_rows) {
     mma_rows::run_from(ProjectPolicy<T, true>{table.data(), table.size(), k}, total_rows, basis,
-                       weights, /*anchored=*/true, kc, kc);
+                       weights, /*anchored=*/true, kc, c0);
   } else {
     mma_rows::run_from(ProjectPolicy<T, false>{table.data(), table.size(), k}, total_rows, basis,
-                       weights, /*anchored=*/true, kc, kc);
+                       weights, /*anchored=*/true, kc, c0);
   }
 }
 template void mma_rows::project_anchored_from<float>(
     const std::vector<MatrixEntry>&, int64_t, bool, bool, const at::Tensor&, const float*,
-    int64_t);
+    int64_t, int64_t);
 template void mma_rows::project_anchored_from<at::BFloat16>(
     const std::vector<MatrixEntry>&, int64_t, bool, bool, const at::Tensor&, const float*,
-    int64_t);
+    int64_t, int64_t);
 template void mma_rows::project_anchored_from<at::Half>(
     const std::vector<MatrixEntry>&, int64_t, bool, bool, const at::Tensor&, const float*,
-    int64_t);
+    int64_t, int64_t);
 
 }  // namespace gradproj::cuda
 

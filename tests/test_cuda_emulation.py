@@ -791,6 +791,36 @@ def test_tensor_core_adamw_matches_float64(case):
             assert err <= tol * scale, f"param {i} {name}: {err} > {tol} * {scale}"
 
 
+def test_wide_adamw_step_then_project_keeps_amsgrad():
+    """[wide] amsgrad's fifth stream (v^) is the step's: fp32 rows of d = 1100 take the step
+    alone (the FMA engine, amsgrad) and then the projection of p on tensor cores, against
+    the reference in float64 from the same inputs."""
+    from gradproj import backends
+
+    gen = torch.Generator().manual_seed(12)
+    p, g, m = (torch.randn(37, 1100, generator=gen) for _ in range(3))
+    v = torch.rand(37, 1100, generator=gen)
+    vmax = 1.5 * v
+    c = torch.randn(37, 12, generator=gen)
+    u = _orthonormal(1100, 12, seed=5)
+    w = torch.rand(12, generator=gen)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
+    ref = [t.double() for t in (p, m, v, vmax, c)]
+    backends.get("reference").op("projected_adamw_bucket_")(
+        [ref[0]], [g.double()], [ref[1]], [ref[2]], [ref[3]], [torch.tensor(3.0)], [ref[4]],
+        u.double(), w.double(), "input", **hyper,
+    )  # fmt: skip
+    before = emu.stats()[0]
+    emu.projected_adamw_bucket_(
+        [p], [g], [m], [v], [vmax], [torch.tensor(3.0)], [c], u, w, "input", **hyper
+    )
+    assert emu.stats()[0] - before == 2
+    assert "ProjectPolicy<float, true>, 10, false>(" in emu.last_kernel(), emu.last_kernel()
+    for name, got, want in zip("pmvVc", (p, m, v, vmax, c), ref, strict=True):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-6 * max(want.abs().max().item(), 1.0), (name, err)
+
+
 @pytest.mark.parametrize(("k", "launches", "d"), [(32, 1, 256), (232, 2, 256), (32, 2, 1100)])
 def test_tensor_core_adamw_keeps_the_anchored_guarantee(k, launches, d):
     """100 fp32 ProjectedAdamW steps on the tensor-core kernel (3xTF32 on x' and U): the

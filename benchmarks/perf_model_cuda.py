@@ -519,7 +519,9 @@ def hbm_bytes(
                 mv(2 * b, b, "u, r read, u written")]  # fmt: skip
     if op == "project_ flat":
         n = rows // pm.TENSORS * d
-        slices = 4 * kp / pm.TENSORS  # Uᵀ slice per segment, shared by the tile's vectors
+        # Uᵀ slice per segment, shared by the tile's vectors: its k rows (tile.cuh
+        # rows_chunk stages no padding)
+        slices = 4 * k / pm.TENSORS
         part = nseg * kp * 4 / n  # partials per element, written then read
         return [
             mv(b + slices, part, "x read, Uᵀ slices staged, partials written"),

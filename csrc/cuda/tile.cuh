@@ -218,15 +218,31 @@ __device__ __forceinline__ void stage_ut(
 
 // The staged U^T rows of chunk c (its kChunk rows, row kc at + kc * smem_ld).
 // Every call is a barrier: it orders the previous chunk's shared-memory reads
-// and the coefficient writes before what follows.
+// and the coefficient writes before what follows. Only the rows before k are
+// staged (k = 1 read 8 rows of a flat basis, 7 of them padding: 8x the basis
+// bytes); the rest hold zeros (zero_padding) or an earlier chunk's rows, finite
+// values whose coefficients are 0 in pass 2 (pass 1's sums for them are discarded).
 __device__ __forceinline__ const float* rows_chunk(
     float* su, const float* __restrict__ ut, const Geometry& g, int64_t c, int64_t c0) {
   __syncthreads();
   if (g.resident) return su + c * kChunk * g.smem_ld;
+  const int nk = static_cast<int>(g.k - c * kChunk < kChunk ? g.k - c * kChunk : kChunk);
   // model-cold-if: resident
-  stage_ut(su, ut, g, c * kChunk, kChunk, c0);  // model-binds: nk = 8
+  stage_ut(su, ut, g, c * kChunk, nk, c0);  // model-binds: nk = 8 * k / max(kp, 8)
   __syncthreads();
   return su;
+}
+
+// A chunk's staging rows zeroed once per CTA where k is not a multiple of kChunk, so the
+// rows rows_chunk does not stage are finite (dynamic shared memory starts as anything:
+// 0 x NaN in pass 2 would be NaN).
+__device__ __forceinline__ void zero_padding(float* su, const Geometry& g) {
+  if (!g.resident && g.k % kChunk != 0) {  // model-cold-if: resident or k % 8 == 0
+    float4* dst = reinterpret_cast<float4*>(su);
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+    // model-trips: ceil(8 * smem_ld / 1024)
+    for (int i = threadIdx.x; i < kChunk * g.smem_ld / 4; i += kThreads) dst[i] = zero;
+  }
 }
 
 // V values of staged U^T row `kc` at columns [cs, cs + V) of the segment (cs % V == 0).
@@ -274,6 +290,7 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
 
   // read by rows_chunk's barrier; model-binds: nk = kp
   if (g.resident) stage_ut(su, ut, g, 0, static_cast<int>(g.kp), 0);  // model-cold-if: not resident
+  zero_padding(su, g);  // ordered before the first chunk's staging by rows_chunk's barrier
 
   const int64_t work = g.n_tiles * g.nseg;
   for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {  // model-trips: items

@@ -349,6 +349,8 @@ def mma_max_d(policy: str) -> int:
     """``mma_rows::kMaxRowD<P>``: the widest rows the policy's tensor-core kernel takes."""
     if "AdamWPairPolicy" in policy:
         return MMA_MAX_PAIR_D_ADAMW
+    if "AdamWPolicy" in policy and "<float" not in policy and ", true>" in policy:
+        return MMA_MAX_D  # kMaxUpdateD: 16-bit contiguous rows at 10 blocks a warp
     if "AdamW" in policy or "PairPolicy" in policy:
         return MMA_MAX_ADAMW_D
     return MMA_MAX_D

@@ -733,6 +733,12 @@ ADAMW_MMA = {
     # projection of p on tensor cores, 10 blocks a warp; two params, a ragged tile
     "fp32-wide-step-then-project": (torch.float32, 12, [(37, 1100), (5, 1100)], True, True, 2),
     "fp32-1280-step-then-project": (torch.float32, 40, [(20, 1280)], False, False, 2),
+    # [wide] 16-bit rows past 1024 in the AdamW kernel itself, 10 blocks a warp (x' in
+    # registers, p, g, m, v loaded 5 blocks at a time): warp 6 holding 9 blocks, warp 7
+    # none (d = 1100), two params, a ragged tile; and d = 1280 whole
+    "bf16-wide-10-blocks": (torch.bfloat16, 12, [(37, 1100), (5, 1100)], True, True, 1),
+    "fp16-1280": (torch.float16, 24, [(20, 1280)], False, False, 1),
+    "bf16-1280-k1": (torch.bfloat16, 1, [(33, 1280)], True, False, 1),
 }
 
 

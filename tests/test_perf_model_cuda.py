@@ -286,7 +286,19 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         moved = pmc.hbm_bytes("ProjectedAdamW input", "fp32", 32, d=1280, smem_optin=optin)
         assert moved[0] == {"read": 16, "write": 12, "note": moved[0]["note"]}
         assert [m["write"] for m in moved[1:]] == [4] * len(widths)
-    (fma,) = pmc.op_launches("ProjectedAdamW input", "bf16", 32, d=1280)  # 16-bit: one pass
+    # [wide] 16-bit AdamW rows past 1024 in the AdamW tensor-core kernel itself (10 blocks a
+    # warp; no step-then-project: p would be rounded twice); on an A100 the second launch
+    # of 16 columns projects the stepped p
+    for optin, kernels in (
+        (227 * 1024, ["AdamWPolicy"]),
+        (163 * 1024, ["AdamWPolicy", "ProjectPolicy"]),
+    ):
+        launches = pmc.op_launches("ProjectedAdamW input", "bf16", 32, d=1280, smem_optin=optin)
+        assert [la.kernel.split("namespace)::")[1].split("<")[0] for la in launches] == kernels
+        assert all(
+            la.kernel.startswith("mma_rows_kernel<") and la.env["NB"] == 10 for la in launches
+        )
+    (fma,) = pmc.op_launches("ProjectedAdamW input", "bf16", 32, d=1300)  # past 1280: FMA
     assert fma.kernel.startswith("rows_kernel<") and fma.env["k"] == 32
     # where U does not fit (k = 128 at d = 768: 384 KiB), a block of columns a launch, the
     # fewest launches: 2 of 64 at an H100's 227 KiB, 48 + 48 + 32 at an A100's 163 KiB

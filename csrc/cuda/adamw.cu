@@ -8,7 +8,7 @@
 // then, for every row x' of the param's row view with anchor row c:
 //   a = U^T x';  x <- x' - U (w (a - c));  c <- c + (1 - w) (a - c)  (soft weights)
 //
-// Rows (side="input", contiguous and 16-byte aligned, d <= 1024, no amsgrad; fp32 from
+// Rows (side="input", contiguous, 16-byte aligned, d <= 1280 (fp32 1024), no amsgrad; fp32 from
 // k = 9) run on tensor cores (cuda/mma_rows.cuh with AdamWPolicy): x' is formed from p,
 // g, m, v as a 16-row tile is loaded (m, v stored then; 16-bit rows load the next tile's
 // four streams during this one), projected in registers, and p stored: DRAM sees the
@@ -521,7 +521,7 @@ void launch(
     }
     tile::run_rows(AdamWBlockPolicy<T>{{t, n, k, h}}, l.total_rows, basis, weights);
   } else if (l.vec) {
-    // Tensor cores for rows (not flat vectors) of d <= 1024; amsgrad (a fifth stream)
+    // Tensor cores for rows (not flat vectors; d <= 1280, fp32 1024); amsgrad (a fifth stream)
     // stays on the FMA engine.
     if (!flat && run_tensor_cores<T, true>(l, t, n, basis, weights, h)) return;
     if (!flat && step_then_project<T>(l, t, n, basis, weights, h)) return;

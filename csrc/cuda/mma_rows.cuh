@@ -195,9 +195,15 @@ template <class P>
 constexpr int64_t kMaxPairD = kPrefetchTile<P, kMaxPrefetchBlocks> ? kMaxAdamWD : 6 * 16 * kWarps;
 
 // [wide] The widest rows policy P's kernel takes: the projection's 1280 (NB = 10); AdamW's
-// 1024 (its NB = 8 kernels already reach 255 registers); a pair policy's kMaxPairD.
+// 16-bit contiguous rows 1280 too (x' is 80 registers, their loads in batches of 5 blocks:
+// no prefetch); its fp32 and strided rows 1024 (their NB = 8 kernels already reach 255
+// registers; fp32 params take adamw.cu's step_then_project beyond); a pair policy's
+// kMaxPairD.
 template <class P>
-constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? kMaxAdamWD : kMaxD;
+constexpr int64_t kMaxUpdateD =
+    std::is_same_v<typename P::Scalar, float> || !P::kVector ? kMaxAdamWD : kMaxD;
+template <class P>
+constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? kMaxUpdateD<P> : kMaxD;
 
 // [row pairs] The tile row of MMA row m (0..15): 2 (m % 8) + m / 8 with row pairs.
 template <bool kRowPairs>
@@ -391,8 +397,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
         const bool valid = row < g.total_rows;
         typename P::Row w{};
         if (valid) w = pol.row(row);
-        // in batches of at most 96 registers (fp32 NB = 8 held all 8 and spilled 32 B)
-        constexpr int kBatch = NB * sizeof(Bits) <= 96 * 4 ? NB : NB / 2;
+        // in batches of at most 96 registers (fp32 NB = 8 held all 8 and spilled 32 B), and
+        // of half the blocks beside [wide] rows' 80 registers of x'
+        constexpr int kBatch = NB * sizeof(Bits) <= 96 * 4 && NB <= kMaxPrefetchBlocks ? NB : NB / 2;
 #pragma unroll
         for (int b0 = 0; b0 < NB; b0 += kBatch) {
           Bits cur[kBatch];

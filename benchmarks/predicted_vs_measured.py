@@ -27,6 +27,7 @@ model's figures are copied from its JSON, labelled as such.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -59,10 +60,24 @@ def rows_for(model: dict, arch: str) -> list[dict]:
     return rows
 
 
+@functools.lru_cache(maxsize=2)
 def _orthonormal(d: int, k: int, dev: torch.device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
-    return q.to(device=dev, dtype=torch.float32)
+    """A fixed ``d × k`` orthonormal basis (fp32), by a float64 QR on ``dev``: a flat basis is
+    as long as the bucket (millions of rows), which a CPU QR takes seconds over."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(d, k, generator=gen, device=dev, dtype=torch.float64)
+    return torch.linalg.qr(a)[0].to(torch.float32)
+
+
+def scaled(row: dict, shape: dict, scale: int) -> tuple[dict, dict]:
+    """The row and bucket with ``scale`` × the model's rows (per-element figures do not
+    depend on it), so one launch runs well past launch latency and its bytes are several
+    times the L2 (the model's 4096 × 768 fp32 bucket is 12.6 MB; an H200's L2 is 60 MB).
+    ``side="flat"`` keeps the model's bucket: its basis is as long as the bucket (k = 128
+    would be 25 M × 128 at scale 8), and ``d · k`` stays below 2³¹."""
+    if scale == 1 or row["op"].endswith(" flat"):
+        return row, shape
+    return {**row, "elements": row["elements"] * scale}, {**shape, "rows": shape["rows"] * scale}
 
 
 def case(
@@ -128,13 +143,24 @@ def case(
     raise ValueError(f"no case for the model's op {op!r}")
 
 
-def compare(rows: list[dict], shape: dict, dev: torch.device, bench: Callable) -> list[dict]:
-    """Every row timed: ``bench(fn)`` gives milliseconds (do_bench on a GPU). A row whose
-    op fails to run (its backend not built, say) is reported with its error, not dropped."""
+def compare(
+    rows: list[dict],
+    shape: dict,
+    dev: torch.device,
+    bench: Callable,
+    scale: int = 1,
+    progress: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every row timed: ``bench(fn)`` gives milliseconds (do_bench on a GPU), on ``scale`` ×
+    the model's rows (:func:`scaled`). A row whose op fails to run (its backend not built,
+    say) is reported with its error, not dropped. ``progress(results so far)`` after each
+    row, so a run cut short still leaves what it measured."""
     out = []
-    for row in rows:
+    for model_row in rows:
+        # a width-sweep row (the CUDA model's "widths") names its own d
+        row, row_shape = scaled(model_row, {**shape, "d": model_row.get("d", shape["d"])}, scale)
         try:
-            op_fn, peer_fn = case(row, shape, dev)
+            op_fn, peer_fn = case(row, row_shape, dev)
             t_op, t_peer = bench(op_fn), bench(peer_fn)
         except Exception as exc:
             if isinstance(exc, ValueError) and "no case" in str(exc):
@@ -145,9 +171,12 @@ def compare(rows: list[dict], shape: dict, dev: torch.device, bench: Callable) -
                     "op": row["op"],
                     "dtype": row["dtype"],
                     "k": row["k"],
+                    "d": row_shape["d"],
                     "error": f"{type(exc).__name__}: {exc}"[:500],
                 }
             )
+            if progress is not None:
+                progress(out)
             continue
         measured = t_peer / t_op
         predicted = row["predicted_fraction_of_copy"]
@@ -164,8 +193,12 @@ def compare(rows: list[dict], shape: dict, dev: torch.device, bench: Callable) -
                 "measured": measured,
                 "measured_over_predicted": measured / predicted if predicted else None,
                 "predicted_limiter": row["limiter"],
+                "elements": row["elements"],
+                "d": row_shape["d"],
             }
         )
+        if progress is not None:
+            progress(out)
     return out
 
 
@@ -179,19 +212,20 @@ def markdown(device: str, versions: dict, results: list[dict]) -> str:
         "this run (do_bench medians). Fractions of the copy roofline (ProjectedAdamW: torch",
         "fused AdamW time over ProjectedAdamW time).",
         "",
-        "| backend | op | dtype | k | predicted | measured | measured / predicted | op ms "
+        "| backend | op | d | dtype | k | predicted | measured | measured / predicted | op ms "
         "| peer ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['backend']} | {r['op']} | {r['dtype']} | {r['k']} | "
-                         f"failed: {r['error'][:120]} | | | | |")  # fmt: skip
+            lines.append(f"| {r['backend']} | {r['op']} | {r.get('d', '')} | {r['dtype']} | "
+                         f"{r['k']} | failed: {r['error'][:120]} | | | | |")  # fmt: skip
             continue
         ratio = r["measured_over_predicted"]
         ratio_text = "—" if ratio is None else f"{ratio:.2f}"
         lines.append(
-            f"| {r['backend']} | {r['op']} | {r['dtype']} | {r['k']} | {r['predicted']:.0%} "
+            f"| {r['backend']} | {r['op']} | {r.get('d', '')} | {r['dtype']} | {r['k']} "
+            f"| {r['predicted']:.0%} "
             f"| {r['measured']:.0%} "
             f"| {ratio_text} | {r['op_ms']:.3f} | {r['peer_ms']:.3f} |"
         )
@@ -204,10 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         "--model", nargs="+", default=[m for m in DEFAULT_MODELS if os.path.exists(m)]
     )
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--scale", type=int, default=8, help="x the model's rows (not side='flat'); see scaled()"
+    )
+    parser.add_argument("--name", default="predicted_vs_measured", help="output file stem")
+    parser.add_argument(
+        "--widths", action="store_true", help="the CUDA model's width sweep instead of its rows"
+    )
+    parser.add_argument("--rep", type=int, default=100, help="do_bench's rep, ms")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("predicted_vs_measured: needs a CUDA device (it measures)", file=sys.stderr)
         return 2
+    if args.scale < 1:
+        parser.error(f"--scale must be >= 1, got {args.scale}")
     import triton
     import triton.testing
 
@@ -219,27 +263,43 @@ def main(argv: list[str] | None = None) -> int:
     arch = arch_of(torch.cuda.get_device_capability(dev))
 
     def bench(fn: Callable[[], None]) -> float:
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=args.rep, return_mode="median"))
 
-    results = []
-    for model in models:
-        results += compare(rows_for(model, arch), model["shape"], dev, bench)
     versions = {
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "cuda": torch.version.cuda,
         "model triton": models[0].get("triton"),
         "model dates": ", ".join(str(m.get("date")) for m in models),
+        "rows": f"{args.scale} x the model's (side='flat': the model's)",
     }
     device = torch.cuda.get_device_name(dev)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "predicted_vs_measured.json"), "w") as f:
-        json.dump(
-            {"device": device, "arch": arch, "versions": versions, "rows": results}, f, indent=1
+    stem = os.path.join(args.out, args.name)
+    done: list[dict] = []
+
+    def write(results: list[dict]) -> None:
+        with open(stem + ".json", "w") as f:
+            json.dump(
+                {"device": device, "arch": arch, "versions": versions, "rows": results}, f, indent=1
+            )
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(device, versions, results))
+        print(markdown(device, versions, results[-1:]).splitlines()[-1], flush=True)
+
+    for model in models:
+        prior = list(done)
+        if args.widths and "widths" not in model:
+            continue
+        done = prior + compare(
+            rows_for({**model, "rows": model["widths"]} if args.widths else model, arch),
+            model["shape"],
+            dev,
+            bench,
+            args.scale,
+            lambda so_far, prior=prior: write(prior + so_far),
         )
-    text = markdown(device, versions, results)
-    with open(os.path.join(args.out, "predicted_vs_measured.md"), "w") as f:
-        f.write(text)
-    print(text)
+    print(markdown(device, versions, done))
     return 0
 
 

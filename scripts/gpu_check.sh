@@ -1,58 +1,112 @@
 #!/usr/bin/env bash
-# GPU runbook: build gradproj's extension with its CUDA kernels, run the whole test
-# suite on the GPU, measure max errors and the project_ benchmark, and write it all
+# GPU runbook: build gradproj's extension with its CUDA kernels, run the kernel tests on the
+# GPU, measure every row of the static models against their predictions, and write it all
 # under $OUT (default: ./gpu-results) with the device name and versions.
 #
-# Made for the lent GPU machine (see ../shared/ENV.md): torch 2.11 + triton 3.6 +
-# Python 3.12, pytest/pytest-benchmark/hypothesis installed, nothing downloadable.
-# So: no pip installs, the extension is built in place against the torch present.
+# Made for the lent GPU machine (see ../shared/ENV.md): torch 2.11 + triton 3.6 + Python
+# 3.12, pytest / pytest-benchmark / pytest-xdist / pytest-timeout installed, nothing
+# downloadable. So: no pip installs, the extension is built in place against the torch there.
 #
-#   OUT=/some/dir scripts/gpu_check.sh
+#   OUT=/some/dir [BUDGET_S=560] [FULL=1] [PACK_TO=/dir] scripts/gpu_check.sh
 #
-# Results: $OUT/summary.json (device, versions, pass counts, max errors per backend),
-# $OUT/pytest.xml + pytest.log, $OUT/bench_project.json, $OUT/build.log,
-# $OUT/predicted_vs_measured.{json,md} (both static models' predictions, Triton and CUDA, against
-# this run).
-# Exit status: non-zero when the build fails or any test fails.
+# PACK_TO: after every stage, everything under $OUT is packed into PACK_TO/gpu-results.tgz
+# (the device tool brings back at most 8 files from its $OUT; point OUT elsewhere then).
+#
+# A lease is short (15 device-minutes a session, 10 a command), so the stages are ordered
+# by what a run must bring back and each gets at most what is left of BUDGET_S:
+#   1. the build starts in the background ($OUT/build.log); the GPU is idle meanwhile, so
+#   2. the Triton rows of the static model are measured (benchmarks/predicted_vs_measured.py
+#      --model perf_model.json: $OUT/pvm_triton.{json,md}), then the Triton kernel tests run
+#      on the GPU (-k "cuda and triton": $OUT/pytest_triton.{log,xml});
+#   3. once the build is in: $OUT/summary.json (device, versions, each CUDA backend's max
+#      error against the float64 reference, and whether any call synchronized with the host),
+#   4. the other GPU tests (-k "cuda and not triton": $OUT/pytest_cuda.{log,xml}),
+#   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}), then its width sweep
+#      ($OUT/pvm_widths.{json,md}),
+#   6. with FULL=1 only: the whole suite and the benchmark suites.
+# Every stage writes as it goes, so a stage cut short still leaves what it measured.
+# Exit status: non-zero when the build fails or any test that ran failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+BUDGET_S="${BUDGET_S:-560}"
+t0=$(date +%s)
+left() { echo $(( BUDGET_S - ($(date +%s) - t0) )); }
+# at most $1 seconds, and never past the budget (less 10 s for the summary lines)
+cap() { local l; l=$(( $(left) - 10 )); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+pack() { [ -n "${PACK_TO:-}" ] && tar czf "$PACK_TO/gpu-results.tgz" -C "$OUT" . ; true; }
+export GRADPROJ_CUDA_EMULATION=0  # the real kernels run here; the emulator is for CPU machines
 
-# Build for the GPU that is here only (faster than the CI arch list).
+{
+  date -u; nvidia-smi; nvcc --version | tail -1
+  "$PY" -c 'import platform, torch, triton, numpy; print("python", platform.python_version(),
+    "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
+    "numpy", numpy.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))'
+  git log -1 --format='gradproj %H %s' 2>/dev/null | cut -c1-120
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 1. Build for the GPU that is here only (faster than the CI arch list). The toolkit's
+# include folder may lack the cuSPARSE / cuBLAS headers torch's includes name; the
+# nvidia-* wheels beside torch carry them.
 arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-echo "== building gradproj._C in place for sm_${arch/./}" | tee "$OUT/build.log"
-start=$(date +%s)
-if ! GRADPROJ_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-8}" \
-    "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then
-  echo "build failed; see $OUT/build.log" >&2
-  tail -40 "$OUT/build.log" >&2
+site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -f "$(dirname "$(command -v nvcc)")/../include/cusparse.h" ] \
+  && [ -d "$site/nvidia/cu13/include" ]; then
+  export CPATH="$site/nvidia/cu13/include${CPATH:+:$CPATH}"
+fi
+echo "== building gradproj._C in place for sm_${arch/./} (background)"
+(
+  start=$(date +%s)
+  GRADPROJ_FORCE_CUDA=1 GRADPROJ_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="$arch" \
+    MAX_JOBS="${MAX_JOBS:-8}" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  rc=$?
+  echo "build_seconds=$(( $(date +%s) - start )) rc=$rc" >>"$OUT/build.log"
+  echo "$rc" >"$OUT/build.rc"
+) &
+build_pid=$!
+
+pvm() {  # $1: model json, $2: output stem, $3: seconds at most, then more arguments
+  echo "== measured against predicted: $1 ${*:4} (at most $3 s)"
+  timeout -s INT -k 10 "$3" "$PY" benchmarks/predicted_vs_measured.py \
+    --model "benchmarks/results/$1" --out "$OUT" --name "$2" "${@:4}" 2>&1 \
+    | tee "$OUT/$2.log" | grep -v '^$' | tail -n 3
+}
+tests() {  # $1: name, $2: -k expression, $3: seconds at most
+  echo "== GPU tests -k '$2' (at most $3 s)"
+  timeout -s INT -k 15 "$3" "$PY" -m pytest -v -p no:cacheprovider -n "${WORKERS:-8}" --timeout 300 -rfE \
+    --junitxml="$OUT/pytest_$1.xml" -k "$2" "${KERNEL_TESTS[@]}" >"$OUT/pytest_$1.log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT/pytest_$1.log"
+  return "$rc"
+}
+KERNEL_TESTS=(tests/test_project.py tests/test_adamw.py tests/test_ops.py tests/test_surgery.py
+  tests/test_inplace.py tests/test_optim.py tests/test_optim_contract.py tests/test_fuzz.py
+  tests/test_precision_split.py tests/test_extension.py tests/test_subspace.py
+  tests/test_reference.py)
+
+# 2. While nvcc works: the Triton rows, then the Triton kernel tests.
+pvm perf_model.json pvm_triton "$(cap 150)"; pack
+tests triton "cuda and triton" "$(cap 120)"; triton_status=$?; pack
+
+# 3. The build.
+echo "== waiting for the build ($(left) s left)"
+while kill -0 "$build_pid" 2>/dev/null && (( $(left) > 20 )); do sleep 2; done
+if [ "$(cat "$OUT/build.rc" 2>/dev/null)" != "0" ]; then
+  echo "build failed or unfinished; see $OUT/build.log" >&2
+  tail -n 30 "$OUT/build.log" >&2
+  pack
   exit 1
 fi
-echo "build_seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/build.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-
-echo "== test suite (every backend vs the float64 reference, CPU and CUDA)"
-"$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" tests 2>&1 | tee "$OUT/pytest.log"
-tests_status=${PIPESTATUS[0]}
-
-echo "== benchmark: project_ on the SD-1.5-like K/V bucket"
-"$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_project.py --benchmark-only \
-  --benchmark-group-by=param:k --benchmark-json="$OUT/bench_project.json" 2>&1 | tail -30
-
-echo "== benchmark suite: every backend vs eager, torch.compile, grouped eager, copy roofline"
-dev_name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')
-suite_json="$OUT/suite-${dev_name}-$(date +%F).json"
-"$PY" -m gradproj bench --out "$suite_json" 2>&1 | tail -40
-
-echo "== measured against the static models' predictions (benchmarks/perf_model.py, perf_model_cuda.py)"
-"$PY" benchmarks/predicted_vs_measured.py --out "$OUT" 2>&1 | tail -40 \
-  || echo "predicted_vs_measured failed (see above)"
+tail -n 1 "$OUT/build.log"
+grep -E "Used [0-9]+ registers|spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -n 5
 
 echo "== summary"
-"$PY" - "$OUT" <<'EOF'
-import json, platform, subprocess, sys, xml.etree.ElementTree as ET
+timeout "$(cap 90)" "$PY" - "$OUT" <<'EOF'
+import json, platform, sys
 
 import torch
 
@@ -76,18 +130,6 @@ try:
     summary["triton"] = triton.__version__
 except ImportError:
     summary["triton"] = None
-try:
-    summary["nvcc"] = subprocess.run(
-        ["nvcc", "--version"], capture_output=True, text=True
-    ).stdout.strip().splitlines()[-1]
-except OSError:
-    summary["nvcc"] = None
-
-suite = ET.parse(f"{out}/pytest.xml").getroot()
-suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-summary["pytest"] = counts
 
 # Max error of each CUDA backend against the float64 reference, relative to max|g|,
 # over odd shapes, every side, dtype and both projectors; and whether any op call
@@ -102,7 +144,8 @@ for name in backends.registered():
         worst = 0.0
         for shape, side, k in [((37, 129), "input", 7), ((300, 768), "input", 32),
                                ((129, 37), "output", 5), ((3, 5), "flat", 15),
-                               ((64, 1000), "flat", 8), ((320, 768), "input", 768)]:
+                               ((64, 1000), "flat", 8), ((320, 768), "input", 768),
+                               ((4096, 2048), "input", 32), ((2048, 1280), "output", 128)]:
             d = {"input": shape[1], "output": shape[0], "flat": shape[0] * shape[1]}[side]
             q, _ = torch.linalg.qr(torch.randn(d, min(k, d), dtype=torch.float64))
             u = q.to(dev, torch.float32)
@@ -130,5 +173,25 @@ with open(f"{out}/summary.json", "w") as f:
     json.dump(summary, f, indent=2)
 print(json.dumps(summary, indent=2))
 EOF
-summary_status=$?
-[ "$tests_status" -eq 0 ] && [ "$summary_status" -eq 0 ]
+summary_status=$?; pack
+
+# 4. The other GPU tests (the CUDA kernels have never run on hardware before: first);
+# 5. the CUDA rows of the model, then its width sweep (d = 320 ... 2048).
+tests cuda "cuda and not triton" "$(cap 170)"; cuda_status=$?; pack
+pvm perf_model_cuda.json pvm_cuda "$(cap 90)"; pack
+pvm perf_model_cuda.json pvm_widths "$(cap 150)" --widths --rep 40; pack
+
+# 6. Only when asked (a lease of its own): the whole suite and the benchmark suites.
+if [ "${FULL:-0}" = 1 ]; then
+  "$PY" -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" --junitxml="$OUT/pytest.xml" tests \
+    >"$OUT/pytest.log" 2>&1
+  tail -n 15 "$OUT/pytest.log"
+  "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_project.py --benchmark-only \
+    --benchmark-group-by=param:k --benchmark-json="$OUT/bench_project.json" 2>&1 | tail -n 30
+  dev_name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')
+  "$PY" -m gradproj bench --out "$OUT/suite-${dev_name}-$(date +%F).json" 2>&1 | tail -n 40
+  pack
+fi
+echo "== done in $(( $(date +%s) - t0 )) s: triton tests rc $triton_status, summary rc" \
+  "$summary_status, cuda tests rc $cuda_status"
+[ "$triton_status" -eq 0 ] && [ "$summary_status" -eq 0 ] && [ "$cuda_status" -eq 0 ]

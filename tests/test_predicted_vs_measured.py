@@ -88,6 +88,49 @@ def test_a_row_that_fails_to_run_is_reported_not_dropped():
            "limiter": "memory"}  # fmt: skip
     (result,) = pvm.compare([row], {"rows": 4, "d": 16}, torch.device("cpu"), lambda fn: fn())
     assert result["backend"] == "no-such-backend" and "no-such-backend" in result["error"]
-    assert "| no-such-backend | project_ input | fp32 | 2 | failed: " in pvm.markdown(
+    assert "| no-such-backend | project_ input | 16 | fp32 | 2 | failed: " in pvm.markdown(
+        "cpu", {}, [result]
+    )
+
+
+def test_scaled_grows_every_bucket_but_a_flat_one():
+    shape = {"rows": 4096, "d": 768}
+    row = {"op": "project_ input", "elements": 4096 * 768}
+    big_row, big_shape = pvm.scaled(row, shape, 8)
+    assert big_shape == {"rows": 8 * 4096, "d": 768} and shape["rows"] == 4096
+    assert big_row["elements"] == 8 * 4096 * 768 and row["elements"] == 4096 * 768
+    flat = {"op": "project_ flat", "elements": 4096 * 768}
+    assert pvm.scaled(flat, shape, 8) == (flat, shape)
+    assert pvm.scaled(row, shape, 1) == (row, shape)
+
+
+def test_compare_times_the_scaled_bucket_and_reports_progress():
+    """The copy peer moves the scaled bucket's floor bytes, and ``progress`` sees every row."""
+    shape = {"rows": 2 * 4, "d": 16}
+    rows = [
+        {"op": "project_ input", "dtype": "fp32", "k": k, "elements": 8 * 16,
+         "floor_bytes_per_elt": 8.0, "predicted_fraction_of_copy": 0.5, "limiter": "memory"}
+        for k in (1, 2)
+    ]  # fmt: skip
+    seen, sizes = [], []
+
+    def bench(fn):
+        out = fn()
+        if isinstance(out, torch.Tensor):  # the copy peer returns its destination
+            sizes.append(out.numel())
+        return 1.0
+
+    results = pvm.compare(rows, shape, torch.device("cpu"), bench, 3, lambda r: seen.append(len(r)))
+    assert seen == [1, 2] and [r["elements"] for r in results] == [3 * 8 * 16] * 2
+    assert sizes == [3 * 8 * 16 * 8 // 2] * 2  # read n bytes + write n bytes = floor x elements
+
+
+def test_a_width_sweep_row_runs_on_its_own_d():
+    row = {"op": "project_ input", "dtype": "fp32", "k": 2, "d": 24, "elements": 8 * 24,
+           "floor_bytes_per_elt": 8.0, "predicted_fraction_of_copy": 0.5,
+           "limiter": "memory"}  # fmt: skip
+    (result,) = pvm.compare([row], {"rows": 8, "d": 16}, torch.device("cpu"), lambda fn: 1.0)
+    assert result["d"] == 24 and "error" not in result
+    assert "| triton | project_ input | 24 | fp32 | 2 | 50% | 100% | 2.00 |" in pvm.markdown(
         "cpu", {}, [result]
     )

@@ -143,6 +143,32 @@ def case(
     raise ValueError(f"no case for the model's op {op!r}")
 
 
+def kernel_profile(fn: Callable[[], None], calls: int = 5) -> tuple[float, dict[str, float]]:
+    """``(ms, kernels)``: the device time of ``fn``'s kernels, copies and memsets per call,
+    and each kernel's launches per call (torch.profiler, CUPTI). The model predicts kernel
+    time; do_bench's events also count host time whenever the host is slower than the GPU
+    (Python, bucketing, launches), so both are reported."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us, kernels = 0.0, {}
+    for event in prof.key_averages():
+        # device-side events only: a runtime call on the host (cudaLaunchKernel) carries
+        # its kernel's time too
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.self_device_time_total
+        if us > 0:
+            total_us += us
+            kernels[event.key[:160]] = event.count / calls
+    return total_us / calls / 1e3, kernels
+
+
 def compare(
     rows: list[dict],
     shape: dict,
@@ -150,6 +176,7 @@ def compare(
     bench: Callable,
     scale: int = 1,
     progress: Callable[[list[dict]], None] | None = None,
+    profile: Callable[[Callable[[], None]], tuple[float, dict]] | None = None,
 ) -> list[dict]:
     """Every row timed: ``bench(fn)`` gives milliseconds (do_bench on a GPU), on ``scale`` ×
     the model's rows (:func:`scaled`). A row whose op fails to run (its backend not built,
@@ -162,6 +189,7 @@ def compare(
         try:
             op_fn, peer_fn = case(row, row_shape, dev)
             t_op, t_peer = bench(op_fn), bench(peer_fn)
+            kernel_ms, kernels = profile(op_fn) if profile is not None else (None, None)
         except Exception as exc:
             if isinstance(exc, ValueError) and "no case" in str(exc):
                 raise  # a model op without a case is this script's defect
@@ -197,9 +225,23 @@ def compare(
                 "d": row_shape["d"],
             }
         )
+        if kernel_ms is not None:
+            out[-1]["kernel_ms"] = kernel_ms
+            out[-1]["kernel_measured"] = t_peer / kernel_ms if kernel_ms > 0 else None
+            out[-1]["kernels_per_call"] = kernels
         if progress is not None:
             progress(out)
     return out
+
+
+def kernel_text(r: dict) -> str:
+    """The profiler's columns of a row: kernel ms, the fraction on kernel time, launches."""
+    if r.get("kernel_ms") is None:
+        return "| | |"
+    frac = r.get("kernel_measured")
+    launches = sum(r.get("kernels_per_call", {}).values())
+    frac_text = "—" if frac is None else f"{frac:.0%}"
+    return f"{r['kernel_ms']:.3f} | {frac_text} | {launches:g} |"
 
 
 def markdown(device: str, versions: dict, results: list[dict]) -> str:
@@ -209,17 +251,20 @@ def markdown(device: str, versions: dict, results: list[dict]) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "*predicted*: from compiled code (benchmarks/perf_model.py, perf_model_cuda.py), not",
         "measured; *measured*:",
-        "this run (do_bench medians). Fractions of the copy roofline (ProjectedAdamW: torch",
-        "fused AdamW time over ProjectedAdamW time).",
+        "this run (do_bench medians, CUDA events: host time counts wherever the host is slower",
+        "than the GPU). Fractions of the copy roofline (ProjectedAdamW: torch fused AdamW time",
+        "over ProjectedAdamW time). *kernel ms*: the op's kernels, copies and memsets per call",
+        "(torch.profiler), and *measured, kernel time*: the peer's time over it, the figure the",
+        "model predicts; *launches*: kernels, copies and memsets per call.",
         "",
         "| backend | op | d | dtype | k | predicted | measured | measured / predicted | op ms "
-        "| peer ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peer ms | kernel ms | measured, kernel time | launches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['backend']} | {r['op']} | {r.get('d', '')} | {r['dtype']} | "
-                         f"{r['k']} | failed: {r['error'][:120]} | | | | |")  # fmt: skip
+                         f"{r['k']} | failed: {r['error'][:120]} | | | | | | | |")  # fmt: skip
             continue
         ratio = r["measured_over_predicted"]
         ratio_text = "—" if ratio is None else f"{ratio:.2f}"
@@ -227,7 +272,7 @@ def markdown(device: str, versions: dict, results: list[dict]) -> str:
             f"| {r['backend']} | {r['op']} | {r.get('d', '')} | {r['dtype']} | {r['k']} "
             f"| {r['predicted']:.0%} "
             f"| {r['measured']:.0%} "
-            f"| {ratio_text} | {r['op_ms']:.3f} | {r['peer_ms']:.3f} |"
+            f"| {ratio_text} | {r['op_ms']:.3f} | {r['peer_ms']:.3f} | {kernel_text(r)}"
         )
     return "\n".join(lines) + "\n"
 
@@ -246,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         "--widths", action="store_true", help="the CUDA model's width sweep instead of its rows"
     )
     parser.add_argument("--rep", type=int, default=100, help="do_bench's rep, ms")
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the profiler's kernel time per row"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("predicted_vs_measured: needs a CUDA device (it measures)", file=sys.stderr)
@@ -298,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             bench,
             args.scale,
             lambda so_far, prior=prior: write(prior + so_far),
+            None if args.no_profile else kernel_profile,
         )
     print(markdown(device, versions, done))
     return 0

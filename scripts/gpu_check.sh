@@ -21,8 +21,9 @@
 #   3. once the build is in: $OUT/summary.json (device, versions, each CUDA backend's max
 #      error against the float64 reference, and whether any call synchronized with the host),
 #   4. the other GPU tests (-k "cuda and not triton": $OUT/pytest_cuda.{log,xml}),
-#   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}), then its width sweep
-#      ($OUT/pvm_widths.{json,md}),
+#   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}), the same with the tensor cores
+#      off (GRADPROJ_CUDA_TENSOR_CORES=0: $OUT/pvm_cuda_fma.*), then the model's width
+#      sweep ($OUT/pvm_widths.*),
 #   6. with FULL=1 only: the whole suite and the benchmark suites.
 # Every stage writes as it goes, so a stage cut short still leaves what it measured.
 # Exit status: non-zero when the build fails or any test that ran failed.
@@ -39,6 +40,11 @@ cap() { local l; l=$(( $(left) - 10 )); (( l < $1 )) && echo $(( l > 1 ? l : 1 )
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 pack() { [ -n "${PACK_TO:-}" ] && tar czf "$PACK_TO/gpu-results.tgz" -C "$OUT" . ; true; }
 export GRADPROJ_CUDA_EMULATION=0  # the real kernels run here; the emulator is for CPU machines
+# gradproj.kernels is the folder kernels/ (setup.py's package_dir): with the package not
+# installed, a link for this run makes it importable from the checkout.
+made_link=0
+if [ ! -e gradproj/kernels ]; then ln -s ../kernels gradproj/kernels && made_link=1; fi
+trap '[ "$made_link" = 1 ] && rm -f gradproj/kernels' EXIT
 
 {
   date -u; nvidia-smi; nvcc --version | tail -1
@@ -89,8 +95,8 @@ KERNEL_TESTS=(tests/test_project.py tests/test_adamw.py tests/test_ops.py tests/
   tests/test_reference.py)
 
 # 2. While nvcc works: the Triton rows, then the Triton kernel tests.
-pvm perf_model.json pvm_triton "$(cap 150)"; pack
-tests triton "cuda and triton" "$(cap 120)"; triton_status=$?; pack
+pvm perf_model.json pvm_triton "$(cap 110)"; pack
+tests triton "cuda and triton" "$(cap 90)"; triton_status=$?; pack
 
 # 3. The build.
 echo "== waiting for the build ($(left) s left)"
@@ -105,7 +111,7 @@ tail -n 1 "$OUT/build.log"
 grep -E "Used [0-9]+ registers|spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -n 5
 
 echo "== summary"
-timeout "$(cap 90)" "$PY" - "$OUT" <<'EOF'
+timeout "$(cap 40)" "$PY" - "$OUT" <<'EOF'
 import json, platform, sys
 
 import torch
@@ -177,9 +183,12 @@ summary_status=$?; pack
 
 # 4. The other GPU tests (the CUDA kernels have never run on hardware before: first);
 # 5. the CUDA rows of the model, then its width sweep (d = 320 ... 2048).
-tests cuda "cuda and not triton" "$(cap 170)"; cuda_status=$?; pack
-pvm perf_model_cuda.json pvm_cuda "$(cap 90)"; pack
-pvm perf_model_cuda.json pvm_widths "$(cap 150)" --widths --rep 40; pack
+tests cuda "cuda and not triton" "$(cap 130)"; cuda_status=$?; pack
+pvm perf_model_cuda.json pvm_cuda "$(cap 75)"; pack
+# the same rows with the tensor cores switched off (mma_rows.cuh tensor_cores_enabled): the
+# FMA engine's times beside the tensor cores' of the run above
+(export GRADPROJ_CUDA_TENSOR_CORES=0; pvm perf_model_cuda.json pvm_cuda_fma "$(cap 60)" --rep 50); pack
+pvm perf_model_cuda.json pvm_widths "$(cap 150)" --widths --rep 40 --no-profile; pack
 
 # 6. Only when asked (a lease of its own): the whole suite and the benchmark suites.
 if [ "${FULL:-0}" = 1 ]; then

@@ -47,6 +47,11 @@ TOL = {
 # m, v, the denominator and p are each rounded (≤ 4 roundings, 4·2⁻⁸ = 2⁻⁶), and
 # p − update cancels, so the error scales with the *old* |p| (plus lr), not the new.
 TORCH_BF16_RTOL = 2.0**-6
+# Unprotected fp32 parameters on CUDA take torch's fused CUDA AdamW. Measured on an H200
+# (torch 2.11, 2026-12-04): its v is up to 1.287e-5 below float64 relative, which is
+# 1 − fl32(0.999) = 0.00099998713 against 1 − 0.999 (1.2875e-5): it forms 1 − β₂ in fp32.
+# p then moves by lr·m/√v, 0.64e-5 relative of the update. (On CPU it agrees to fp32.)
+TORCH_CUDA_FP32_RTOL = 2e-5
 
 
 def _basis(d: int, k: int, seed: int) -> torch.Tensor:
@@ -98,6 +103,8 @@ def _check_step(opt, p, before, group, basis, weights, side, dtype, interpreted)
     if basis is None and dtype == torch.bfloat16:
         scale = before["param"].abs().max().item() + group["lr"]
         tol = {"rtol": TORCH_BF16_RTOL, "atol": TORCH_BF16_RTOL * scale}
+    if basis is None and dtype == torch.float32 and p.device.type == "cuda":
+        tol = {"rtol": TORCH_CUDA_FP32_RTOL, "atol": TOL[dtype]["atol"]}
     state = opt.state[p]
     torch.testing.assert_close(p.detach().to(f64), exp_p, **tol, msg=lambda m: f"param: {m}")
     torch.testing.assert_close(state["exp_avg"].to(f64), exp_m, **tol)

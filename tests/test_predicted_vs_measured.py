@@ -134,3 +134,17 @@ def test_a_width_sweep_row_runs_on_its_own_d():
     assert "| triton | project_ input | 24 | fp32 | 2 | 50% | 100% | 2.00 |" in pvm.markdown(
         "cpu", {}, [result]
     )
+
+
+def test_the_profilers_kernel_time_is_reported_beside_the_events():
+    row = {"op": "project_ input", "dtype": "fp32", "k": 2, "elements": 8 * 16,
+           "floor_bytes_per_elt": 8.0, "predicted_fraction_of_copy": 0.5,
+           "limiter": "memory"}  # fmt: skip
+    times = iter([4.0, 1.0])
+    (result,) = pvm.compare(
+        [row], {"rows": 8, "d": 16}, torch.device("cpu"), lambda fn: next(times),
+        profile=lambda fn: (fn(), (2.0, {"rows_kernel": 1.0, "Memcpy HtoD": 1.0}))[1],
+    )  # fmt: skip
+    assert result["kernel_ms"] == 2.0 and result["kernel_measured"] == pytest.approx(0.5)
+    assert result["measured"] == pytest.approx(0.25)
+    assert "| 4.000 | 1.000 | 2.000 | 50% | 2 |" in pvm.markdown("cpu", {}, [result])

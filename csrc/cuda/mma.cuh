@@ -8,6 +8,15 @@
 // the partial products are exact in fp32, the accumulation is fp32). bf16 and fp16 values are tf32 values already
 // (8 and 11 significant bits, exponents inside tf32's), so a 16-bit operand needs
 // no split: two products instead of three.
+//
+// [sums] The tensor cores do not round an MMA's sum C + A B to nearest: they align the
+// products and truncate (Fasi, Higham, Mikaitis, Pranesh 2021), half an fp32 ulp of
+// bias an MMA on average. A chain of n MMAs into one accumulator drifts by about
+// n 2^-24 of its magnitude: fp32 rows of d = 768 at k = 768, whose x was the accumulator
+// of 288 MMAs, came out 1.6e-5 relative off the float64 reference on an H200 (measured,
+// 2026-12-04). So where the result is stored in fp32, each short chain (one block's
+// MMAs) starts from zero (mma_tf32_zero) and is added to its sum with an fp32 add,
+// rounded to nearest: the sum's error is then an fp32 sum's.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +71,25 @@ __device__ __forceinline__ void mma_tf32(
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// d = A B for one m16n8k8 tile: mma_tf32 with C = 0 (ptxas takes RZ, no zeroing moves).
+// [sums] A chain of MMAs that starts here and is added to its destination with one fp32
+// add keeps the tensor cores' truncation to that chain (see below).
+__device__ __forceinline__ void mma_tf32_zero(
+    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef GRADPROJ_CUDA_EMULATION
+  d[0] = d[1] = d[2] = d[3] = 0.f;
+  ::gradproj_emu::mma_m16n8k8_tf32(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.f));
 #endif
 }
 

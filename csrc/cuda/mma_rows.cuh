@@ -106,6 +106,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -212,18 +214,33 @@ __device__ __forceinline__ int tile_row(int m) {
 }
 
 // [pass 2] tile X of a block: x -= (c_hi + c_lo)(U_hi + U_lo) without c_lo U_lo ([3xTF32]),
-// the accumulator lane's own x at columns 4 tq + X and 4 tq + 2 + X of its two rows.
+// lane's own x at columns 4 tq + X and 4 tq + 2 + X of its two rows. kSums (fp32 rows,
+// [sums]): the k-step's three MMAs start from zero and x takes their sum with fp32 adds
+// (x as the accumulator of every k-step drifted by k / 8 x 3 truncations); 16-bit rows
+// keep x as the accumulator, whose drift stays far below their rounding.
+template <bool kSums>
 __device__ __forceinline__ void pass2_tile(float (&xb)[2][4], int X, const uint32_t (&cl)[4],
                                            const uint32_t (&ch)[4], const uint32_t (&bh)[2],
                                            const uint32_t (&bl)[2]) {
-  float acc[4] = {xb[0][X], xb[0][2 + X], xb[1][X], xb[1][2 + X]};
-  mma::mma_tf32(acc, cl, bh);
-  mma::mma_tf32(acc, ch, bl);
-  mma::mma_tf32(acc, ch, bh);
-  xb[0][X] = acc[0];
-  xb[0][2 + X] = acc[1];
-  xb[1][X] = acc[2];
-  xb[1][2 + X] = acc[3];
+  if constexpr (kSums) {
+    float step[4];
+    mma::mma_tf32_zero(step, cl, bh);
+    mma::mma_tf32(step, ch, bl);
+    mma::mma_tf32(step, ch, bh);
+    xb[0][X] += step[0];
+    xb[0][2 + X] += step[1];
+    xb[1][X] += step[2];
+    xb[1][2 + X] += step[3];
+  } else {
+    float acc[4] = {xb[0][X], xb[0][2 + X], xb[1][X], xb[1][2 + X]};
+    mma::mma_tf32(acc, cl, bh);
+    mma::mma_tf32(acc, ch, bl);
+    mma::mma_tf32(acc, ch, bh);
+    xb[0][X] = acc[0];
+    xb[0][2 + X] = acc[1];
+    xb[1][X] = acc[2];
+    xb[1][2 + X] = acc[3];
+  }
 }
 
 template <class P, int NB, bool kPairs>
@@ -234,6 +251,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
   static_assert(!kPairs || P::kExactTf32, "[pairs] hands pass 1 no split of x");
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
+  constexpr bool kSums = std::is_same_v<T, float>;  // [precision] fp32 rows: mma.cuh [sums]
   constexpr bool kRowPairs = RowPairs<P>::value;
   GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
@@ -492,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
           const float4 u0 = sub[0];
           float4 u1 = make_float4(0.f, 0.f, 0.f, 0.f);
           if (second) u1 = sub[32];  // model-cold-if: not second
+          float part[2][4];  // [sums] this block's MMAs, from zero (kSums)
 #pragma unroll
           for (int s = 0; s < 2; ++s) {
             // K-step s takes columns 4 tq + s (K index tq) and 4 tq + s + 2 (tq + 4).
@@ -519,9 +538,31 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
                   bl[q] = 0u;
                 }
               }
-              if constexpr (kSplitX) mma::mma_tf32(acc[h], ah, bl);
-              mma::mma_tf32(acc[h], al, bh);
-              mma::mma_tf32(acc[h], ah, bh);
+              if constexpr (kSums) {
+                if (s == 0) {  // unrolled: the block's first MMA
+                  if constexpr (kSplitX) {
+                    mma::mma_tf32_zero(part[h], ah, bl);
+                    mma::mma_tf32(part[h], al, bh);
+                  } else {
+                    mma::mma_tf32_zero(part[h], al, bh);
+                  }
+                } else {
+                  if constexpr (kSplitX) mma::mma_tf32(part[h], ah, bl);
+                  mma::mma_tf32(part[h], al, bh);
+                }
+                mma::mma_tf32(part[h], ah, bh);
+              } else {
+                if constexpr (kSplitX) mma::mma_tf32(acc[h], ah, bl);
+                mma::mma_tf32(acc[h], al, bh);
+                mma::mma_tf32(acc[h], ah, bh);
+              }
+            }
+          }
+          if constexpr (kSums) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+              for (int q = 0; q < 4; ++q) acc[h][q] += part[h][q];
             }
           }
         }
@@ -584,7 +625,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
               const uint2 wl = *reinterpret_cast<const uint2*>(lo + o);
               const uint32_t bh[2] = {wh.x, wh.y};
               const uint32_t bl[2] = {wl.x, wl.y};
-              pass2_tile(x[b], X, cl, ch, bh, bl);
+              pass2_tile<kSums>(x[b], X, cl, ch, bh, bl);
             }
           }
         }
@@ -610,7 +651,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
             const mma::Split b1 = mma::split(X == 0 ? w1.x : w1.y);
             const uint32_t bh[2] = {b0.hi, b1.hi};
             const uint32_t bl[2] = {b0.lo, b1.lo};
-            pass2_tile(x[b], X, cl, ch, bh, bl);
+            pass2_tile<kSums>(x[b], X, cl, ch, bh, bl);
           }
         }
       }
@@ -751,9 +792,17 @@ __device__ __forceinline__ void store_pair(T* x, int64_t j, int64_t stride, cons
 inline size_t smem_limit() {
   return std::min<size_t>(kMaxDynamicSmem, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }
+// GRADPROJ_CUDA_TENSOR_CORES=0 in the environment: no launch takes the tensor cores, every
+// row the FMA engine (tile.cuh): an escape hatch, and how a GPU run times the two engines
+// against each other. Read at every launch decision (a getenv), so it can be changed
+// between calls.
+inline bool tensor_cores_enabled() {
+  const char* v = std::getenv("GRADPROJ_CUDA_TENSOR_CORES");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
 // `max_d`: the policy's kMaxRowD.
 inline int64_t columns_per_launch(int64_t d, int64_t k, int64_t max_d) {
-  if (d > max_d || k < 1) return 0;
+  if (d > max_d || k < 1 || !tensor_cores_enabled()) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // no tf32 MMAs
   const size_t limit = smem_limit();
   Geometry g{};

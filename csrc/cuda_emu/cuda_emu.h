@@ -272,8 +272,15 @@ namespace gradproj_emu {
 // g = lane / 4, t = lane % 4): a[0..3] = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];
 // b[0..1] = B[t][g], B[t+4][g]; d[0..3] = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
 // The tensor cores read only an operand's tf32 bits (the low 13 are ignored); the
-// products of tf32 values are exact in fp32 and are added in k order here (the
-// hardware's order of the 8 additions is not specified).
+// products of tf32 values are exact. Their sum with C is rounded toward zero, not to
+// nearest: measured on an H200 (2026-12-04), fp32 rows of d = 768 at k = 768, whose
+// x took 288 MMAs as their accumulator, came out up to 1.6e-5 relative off the float64
+// reference, which is 288 x 2^-24 (half an fp32 ulp of bias an MMA), where round to
+// nearest's errors would cancel to ~1e-7; NVIDIA's tensor cores align the products
+// and truncate (Fasi, Higham, Mikaitis, Pranesh 2021, "Numerical behavior of NVIDIA
+// tensor cores"). Modelled here as the exact sum (in double: 8 products of 11-bit
+// significands and C) truncated once to fp32, so a kernel that leans on the
+// accumulator's rounding fails here as it does on the GPU.
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   uint64_t lanes[3][32];
   const uint64_t mine[3] = {
@@ -305,9 +312,12 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
   for (int q = 0; q < 4; ++q) {
     const int row = g + (q >= 2 ? 8 : 0);
     const int col = 2 * t + q % 2;
-    float acc = d[q];
-    for (int kk = 0; kk < 8; ++kk) acc = std::fma(A(row, kk), B(kk, col), acc);
-    d[q] = acc;
+    double acc = d[q];
+    for (int kk = 0; kk < 8; ++kk) acc += static_cast<double>(A(row, kk)) * B(kk, col);
+    float rounded = static_cast<float>(acc);  // to nearest; then toward zero
+    if (std::isfinite(rounded) && std::fabs(static_cast<double>(rounded)) > std::fabs(acc))
+      rounded = std::nextafter(rounded, 0.f);
+    d[q] = rounded;
   }
 }
 

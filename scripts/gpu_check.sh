@@ -95,8 +95,8 @@ KERNEL_TESTS=(tests/test_project.py tests/test_adamw.py tests/test_ops.py tests/
   tests/test_reference.py)
 
 # 2. While nvcc works: the Triton rows, then the Triton kernel tests.
-pvm perf_model.json pvm_triton "$(cap 110)"; pack
-tests triton "cuda and triton" "$(cap 90)"; triton_status=$?; pack
+pvm perf_model.json pvm_triton "$(cap 105)"; pack
+tests triton "cuda and triton" "$(cap 60)"; triton_status=$?; pack
 
 # 3. The build.
 echo "== waiting for the build ($(left) s left)"
@@ -183,11 +183,11 @@ summary_status=$?; pack
 
 # 4. The other GPU tests (the CUDA kernels have never run on hardware before: first);
 # 5. the CUDA rows of the model, then its width sweep (d = 320 ... 2048).
-tests cuda "cuda and not triton" "$(cap 130)"; cuda_status=$?; pack
-pvm perf_model_cuda.json pvm_cuda "$(cap 75)"; pack
+tests cuda "cuda and not triton" "$(cap 100)"; cuda_status=$?; pack
+pvm perf_model_cuda.json pvm_cuda "$(cap 70)"; pack
 # the same rows with the tensor cores switched off (mma_rows.cuh tensor_cores_enabled): the
 # FMA engine's times beside the tensor cores' of the run above
-(export GRADPROJ_CUDA_TENSOR_CORES=0; pvm perf_model_cuda.json pvm_cuda_fma "$(cap 60)" --rep 50); pack
+(export GRADPROJ_CUDA_TENSOR_CORES=0; pvm perf_model_cuda.json pvm_cuda_fma "$(cap 55)" --rep 50); pack
 pvm perf_model_cuda.json pvm_widths "$(cap 150)" --widths --rep 40 --no-profile; pack
 
 # 6. Only when asked (a lease of its own): the whole suite and the benchmark suites.

@@ -143,6 +143,39 @@ def case(
     raise ValueError(f"no case for the model's op {op!r}")
 
 
+def select(rows: list[dict], spec: str | None) -> list[dict]:
+    """The rows ``spec`` names, ``"OP:DTYPE:K"`` or ``"OP:DTYPE:K:D"`` (such as
+    ``"project_ input:bf16:8"``); every row for ``None``. A spec that names no row is an
+    error, not an empty run."""
+    if spec is None:
+        return rows
+    parts = spec.split(":")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"--only wants OP:DTYPE:K[:D], got {spec!r}")
+    op, dtype, k = parts[0], parts[1], int(parts[2])
+    d = int(parts[3]) if len(parts) == 4 else None
+    out = [
+        r
+        for r in rows
+        if r["op"] == op and r["dtype"] == dtype and r["k"] == k and d in (None, r.get("d"))
+    ]
+    if not out:
+        raise ValueError(f"no model row is {spec!r}")
+    return out
+
+
+def run_once(rows: list[dict], shape: dict, dev: torch.device, scale: int, calls: int = 3) -> None:
+    """Each row's op ``calls`` times and nothing else: the process a kernel profiler
+    (``ncu --launch-skip``) wraps, so its launches are the op's alone."""
+    for model_row in rows:
+        row, row_shape = scaled(model_row, {**shape, "d": model_row.get("d", shape["d"])}, scale)
+        op_fn, _ = case(row, row_shape, dev)
+        for _ in range(calls):
+            op_fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def kernel_profile(fn: Callable[[], None], calls: int = 5) -> tuple[float, dict[str, float]]:
     """``(ms, kernels)``: the device time of ``fn``'s kernels, copies and memsets per call,
     and each kernel's launches per call (torch.profiler, CUPTI). The model predicts kernel
@@ -294,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-profile", action="store_true", help="skip the profiler's kernel time per row"
     )
+    parser.add_argument("--only", help="the rows OP:DTYPE:K[:D] alone (see select())")
+    parser.add_argument(
+        "--once", action="store_true", help="run the rows' ops 3 times, time nothing (for ncu)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("predicted_vs_measured: needs a CUDA device (it measures)", file=sys.stderr)
@@ -339,8 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         prior = list(done)
         if args.widths and "widths" not in model:
             continue
-        done = prior + compare(
+        rows = select(
             rows_for({**model, "rows": model["widths"]} if args.widths else model, arch),
+            args.only,
+        )
+        if args.once:
+            run_once(rows, model["shape"], dev, args.scale)
+            continue
+        done = prior + compare(
+            rows,
             model["shape"],
             dev,
             bench,

@@ -220,7 +220,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
             p0 = todo[0][0].param
             sub = todo[0][0].subspace.on(p0.device)
             dt = buckets.accumulate_dtype(p0.dtype)
-            basis = sub.basis.to(dt).contiguous()
+            basis = buckets.kernel_basis(sub.basis, dt)
             weights = None if sub.weights is None else sub.weights.to(dt).contiguous()
             kernel(
                 [v[0] for _, v in todo],

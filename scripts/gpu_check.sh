@@ -20,7 +20,8 @@
 #      on the GPU (-k "cuda and triton": $OUT/pytest_triton.{log,xml});
 #   3. once the build is in: $OUT/summary.json (device, versions, each CUDA backend's max
 #      error against the float64 reference, and whether any call synchronized with the host),
-#   4. the other GPU tests (-k "cuda and not triton": $OUT/pytest_cuda.{log,xml}),
+#   4. the other GPU tests (-k "cuda and not triton": $OUT/pytest_cuda.{log,xml}), then
+#      Nsight Compute on four CUDA launches ($OUT/ncu_*.txt),
 #   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}), the same with the tensor cores
 #      off (GRADPROJ_CUDA_TENSOR_CORES=0: $OUT/pvm_cuda_fma.*), then the model's width
 #      sweep ($OUT/pvm_widths.*),
@@ -32,12 +33,22 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-560}"
+BUDGET_S="${BUDGET_S:-540}"
 t0=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - t0) )); }
 # at most $1 seconds, and never past the budget (less 10 s for the summary lines)
 cap() { local l; l=$(( $(left) - 10 )); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Test dependencies the GPU image lacks travel as wheels in .whl/ (an ignored folder the
+# device tool carries): expecttest, which torch's OptimizerInfo registry needs
+# (tests/test_optim_contract.py). pip download --no-deps --only-binary=:all: -d .whl
+# expecttest==0.3.0 (requirements-ci.txt's pin) on a machine with an index.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gradproj-wheels \
+    .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/gradproj-wheels"
+fi
+"$PY" -c 'import expecttest' 2>/dev/null \
+  || echo "note: expecttest is missing: tests/test_optim_contract.py will fail to import"
 pack() { [ -n "${PACK_TO:-}" ] && tar czf "$PACK_TO/gpu-results.tgz" -C "$OUT" . ; true; }
 export GRADPROJ_CUDA_EMULATION=0  # the real kernels run here; the emulator is for CPU machines
 # gradproj.kernels is the folder kernels/ (setup.py's package_dir): with the package not
@@ -184,6 +195,28 @@ summary_status=$?; pack
 # 4. The other GPU tests (the CUDA kernels have never run on hardware before: first);
 # 5. the CUDA rows of the model, then its width sweep (d = 320 ... 2048).
 tests cuda "cuda and not triton" "$(cap 100)"; cuda_status=$?; pack
+# Nsight Compute on four launches the first run measured far below the model, D = 768: the
+# tensor cores at bf16 k = 1 and k = 8 (one kernel, one padded geometry, k = 8 3x slower),
+# at fp32 k = 32, and the FMA engine at fp32 k = 8: where each spends its time (stall
+# reasons, occupancy, DRAM throughput).
+# --clock-control none: the card's clocks are left as they are.
+if command -v ncu >/dev/null; then
+  for spec in "project_ input:bf16:8" "project_ input:bf16:1" "project_ input:fp32:32" \
+    "project_ input:fp32:8"; do
+    (( $(left) > 60 )) || break
+    name=$(echo "$spec" | tr -c 'a-z0-9\n' '_' | tr -s '_')
+    echo "== ncu: $spec"
+    timeout -k 5 "$(cap 40)" ncu --clock-control none -k regex:rows_kernel --launch-skip 2 \
+      --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+      "$PY" benchmarks/predicted_vs_measured.py --model benchmarks/results/perf_model_cuda.json \
+      --out "$OUT" --only "$spec" --once >"$OUT/ncu_$name.txt" 2>&1
+    grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Grid Size" \
+      "$OUT/ncu_$name.txt" | head -n 8
+  done
+  pack
+fi
 pvm perf_model_cuda.json pvm_cuda "$(cap 70)"; pack
 # the same rows with the tensor cores switched off (mma_rows.cuh tensor_cores_enabled): the
 # FMA engine's times beside the tensor cores' of the run above

@@ -152,3 +152,82 @@ def test_under_no_grad_on_leaf_parameters():
     w = torch.nn.Parameter(torch.randn(4, 8))
     gradproj.project_(w, orthonormal(8, 2))  # in place on a leaf that requires grad
     assert w.requires_grad
+
+
+# ---------------------------------------------------------------- kernel-ready bases
+
+
+def _column_major(d: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))[0].float()
+    assert not q.is_contiguous()  # torch.linalg.qr's Q is column-major
+    return q
+
+
+def test_a_column_major_basis_is_made_contiguous_once_and_reused():
+    """Every call used to copy a non-contiguous basis afresh, which the CUDA extension's
+    packed-basis cache (keyed by storage and version) could never hit."""
+    from gradproj import buckets
+
+    u = _column_major(24, 5)
+    grads = [torch.randn(7, 24), torch.randn(3, 24)]
+    first = buckets.group(grads, [(u, None)] * 2, "input")[0].basis
+    again = buckets.group(grads, [(u, None)] * 2, "input")[0].basis
+    assert first is again and first.is_contiguous() and torch.equal(first, u)
+    f64 = buckets.group([g.double() for g in grads], [(u, None)] * 2, "input")[0].basis
+    assert f64.dtype == torch.float64 and f64 is not first and torch.equal(f64, u.double())
+    assert buckets.kernel_basis(f64, torch.float64) is f64  # kernel-ready already: itself
+    u.mul_(-1.0)  # an in-place write: the next call sees the new values
+    flipped = buckets.group(grads, [(u, None)] * 2, "input")[0].basis
+    assert flipped is not first and torch.equal(flipped, u)
+    # the result is the projection with the current basis
+    g = torch.randn(7, 24)
+    out = g.clone()
+    gradproj.project_(out, u)
+    assert torch.allclose(out, g - (g @ u) @ u.T, atol=1e-6)
+
+
+def test_kernel_bases_are_forgotten_with_their_basis_and_hold_no_graph():
+    import gc
+
+    from gradproj import buckets
+
+    u = _column_major(16, 3).requires_grad_()
+    copy = buckets.kernel_basis(u, torch.float32)
+    assert copy.grad_fn is None and not copy.requires_grad
+    key = (id(u), torch.float32)
+    assert key in buckets._KERNEL_BASES
+    del u, copy
+    gc.collect()
+    assert key not in buckets._KERNEL_BASES
+    with torch.inference_mode():
+        v = _column_major(16, 3)
+    assert torch.equal(buckets.kernel_basis(v, torch.float32), v)  # no version counter: a copy
+    assert (id(v), torch.float32) not in buckets._KERNEL_BASES
+
+
+def test_projected_adamw_reuses_the_kernel_basis_across_steps():
+    from gradproj import buckets
+
+    u = _column_major(24, 4, seed=2)
+    p = torch.nn.Parameter(torch.randn(6, 24))
+    opt = gradproj.ProjectedAdamW([p], bases={p: u}, lr=1e-2)
+    p0 = p.detach().clone()
+    seen = []
+    real = buckets.kernel_basis
+
+    def spy(basis, dtype):
+        out = real(basis, dtype)
+        seen.append(out)
+        return out
+
+    buckets.kernel_basis = spy
+    try:
+        for _ in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+    finally:
+        buckets.kernel_basis = real
+    assert len(seen) == 3 and seen[0] is seen[1] is seen[2] and seen[0].is_contiguous()
+    assert (p.detach() - p0).abs().max() > 1e-3  # it moved, and never along span(U)
+    assert ((p.detach() - p0) @ u).abs().max() < 1e-6

@@ -148,3 +148,39 @@ def test_the_profilers_kernel_time_is_reported_beside_the_events():
     assert result["kernel_ms"] == 2.0 and result["kernel_measured"] == pytest.approx(0.5)
     assert result["measured"] == pytest.approx(0.25)
     assert "| 4.000 | 1.000 | 2.000 | 50% | 2 |" in pvm.markdown("cpu", {}, [result])
+
+
+def test_select_names_rows_and_refuses_a_spec_that_names_none():
+    rows = [
+        {"op": "project_ input", "dtype": "bf16", "k": 8, "d": 768},
+        {"op": "project_ input", "dtype": "bf16", "k": 8, "d": 2048},
+        {"op": "project_ input", "dtype": "fp32", "k": 8, "d": 768},
+    ]
+    assert pvm.select(rows, None) == rows
+    assert pvm.select(rows, "project_ input:bf16:8") == rows[:2]
+    assert pvm.select(rows, "project_ input:bf16:8:2048") == [rows[1]]
+    with pytest.raises(ValueError, match="no model row is 'project_ input:fp16:8'"):
+        pvm.select(rows, "project_ input:fp16:8")
+    with pytest.raises(ValueError, match="OP:DTYPE:K"):
+        pvm.select(rows, "project_ input")
+
+
+def test_run_once_runs_the_op_and_only_the_op():
+    """``--once`` (the process ncu wraps): the row's op on the scaled bucket, no peer."""
+    row = {"op": "project_ input", "dtype": "fp32", "k": 2, "elements": 8 * 16,
+           "floor_bytes_per_elt": 8.0, "predicted_fraction_of_copy": 0.5,
+           "limiter": "memory"}  # fmt: skip
+    calls = []
+    real = pvm.case
+
+    def spy(r, shape, dev):
+        op, peer = real(r, shape, dev)
+        calls.append(shape["rows"])
+        return (lambda: (calls.append("op"), op())), peer
+
+    pvm.case, saved = spy, pvm.case
+    try:
+        pvm.run_once([row], {"rows": 8, "d": 16}, torch.device("cpu"), scale=2)
+    finally:
+        pvm.case = saved
+    assert calls == [16, "op", "op", "op"]

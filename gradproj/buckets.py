@@ -91,7 +91,10 @@ def kernel_basis(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     and re-packed the basis on every call (measured on an H200: bf16 rows of ``d`` = 768,
     k = 8, 0.243 ms a call against 0.077 ms at k = 1, whose ``d × 1`` basis is contiguous
     as it is). The copy costs the memory of one more basis while ``U`` lives, as each call
-    did before. Inference tensors carry no version counter: they are copied each call.
+    did before. Inference tensors carry no version counter: they are copied each call. A
+    write that bypasses ``U``'s version counter (through ``U.data``) is not seen, as the
+    extension's cache does not see it for a contiguous ``U``: write bases in place with
+    ``torch.no_grad()``, not through ``.data``.
     """
     if u.dtype == dtype and u.is_contiguous():
         return u

@@ -94,10 +94,15 @@ def kernel_basis(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     did before. Inference tensors carry no version counter: they are copied each call. A
     write that bypasses ``U``'s version counter (through ``U.data``) is not seen, as the
     extension's cache does not see it for a contiguous ``U``: write bases in place with
-    ``torch.no_grad()``, not through ``.data``.
+    ``torch.no_grad()``, not through ``.data``. Under ``torch.compile`` the copy is traced,
+    as an op of the graph.
     """
     if u.dtype == dtype and u.is_contiguous():
         return u
+    if torch.compiler.is_compiling():
+        # traced: the copy is an op of the graph, made from U's value at each run (a cache
+        # filled while tracing would hand the graph a tensor of trace time)
+        return u.to(dtype).contiguous()
     if u.is_inference():
         return u.detach().to(dtype).contiguous()
     key = (id(u), dtype)

@@ -322,3 +322,30 @@ def test_cuda_ops_never_synchronize_with_the_host(side, dtype, soft):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_compiled_projection_sees_a_column_major_basis_written_in_place():
+    """A column-major basis is copied contiguous once per version in eager mode
+    (buckets.kernel_basis); a compiled step traces the copy instead, so a basis written in
+    place between runs is the one the next run projects with."""
+
+    def column_major(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.linalg.qr(torch.randn(64, 4, generator=gen, dtype=torch.float64))[0].float()
+
+    basis = column_major(5)
+    assert not basis.is_contiguous()
+
+    def step(g: torch.Tensor) -> torch.Tensor:
+        gradproj.project_(g, basis, backend="cpp")
+        return g
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    g = torch.randn(16, 64)
+    for _ in range(2):
+        out = compiled(g.clone())
+        ref = R.project(g.double(), basis.double())
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6 * g.abs().max().item())
+        with torch.no_grad():
+            basis.copy_(column_major(6))

@@ -174,11 +174,17 @@ def test_learned_features_match_brute_force_too():
     assert det.metric == "cosine"
     sim, idx = det.similarity(queries)
     with torch.no_grad():
-        want_sim, want_idx = _brute_nearest(
-            probe.features(queries), probe.features(train), "cosine"
-        )
-    assert torch.equal(idx, want_idx)
+        fq, ft = probe.features(queries), probe.features(train)
+        want_sim, want_idx = _brute_nearest(fq, ft, "cosine")
     torch.testing.assert_close(sim.double(), want_sim, rtol=0, atol=1e-5)
+    # The learned features are fp32 and batched: two training images whose cosines to a
+    # query differ by less than fp32 rounding may come out in either order (seen in CI:
+    # 28 against 34 for one query). The chosen one must attain the best to that rounding.
+    fq, ft = fq.double().flatten(1), ft.double().flatten(1)
+    cos = (fq / fq.norm(dim=1, keepdim=True)) @ (ft / ft.norm(dim=1, keepdim=True)).T
+    chosen = cos.gather(1, idx[:, None]).squeeze(1)
+    assert (chosen >= want_sim - 1e-6).all(), (idx, want_idx, chosen - want_sim)
+    assert (idx == want_idx).float().mean() >= 0.5  # near-ties are the exception
 
 
 @pytest.mark.parametrize("learned", [False, True])

@@ -74,7 +74,9 @@ def scaled(row: dict, shape: dict, scale: int) -> tuple[dict, dict]:
     depend on it), so one launch runs well past launch latency and its bytes are several
     times the L2 (the model's 4096 × 768 fp32 bucket is 12.6 MB; an H200's L2 is 60 MB).
     ``side="flat"`` keeps the model's bucket: its basis is as long as the bucket (k = 128
-    would be 25 M × 128 at scale 8), and ``d · k`` stays below 2³¹."""
+    would be 25 M × 128 at scale 8), and ``d · k`` stays below 2³¹. A width-sweep row (the
+    CUDA model's ``widths``) names its own ``d``."""
+    shape = {**shape, "d": row.get("d", shape["d"])}
     if scale == 1 or row["op"].endswith(" flat"):
         return row, shape
     return {**row, "elements": row["elements"] * scale}, {**shape, "rows": shape["rows"] * scale}
@@ -168,7 +170,7 @@ def run_once(rows: list[dict], shape: dict, dev: torch.device, scale: int, calls
     """Each row's op ``calls`` times and nothing else: the process a kernel profiler
     (``ncu --launch-skip``) wraps, so its launches are the op's alone."""
     for model_row in rows:
-        row, row_shape = scaled(model_row, {**shape, "d": model_row.get("d", shape["d"])}, scale)
+        row, row_shape = scaled(model_row, shape, scale)
         op_fn, _ = case(row, row_shape, dev)
         for _ in range(calls):
             op_fn()
@@ -217,8 +219,7 @@ def compare(
     row, so a run cut short still leaves what it measured."""
     out = []
     for model_row in rows:
-        # a width-sweep row (the CUDA model's "widths") names its own d
-        row, row_shape = scaled(model_row, {**shape, "d": model_row.get("d", shape["d"])}, scale)
+        row, row_shape = scaled(model_row, shape, scale)
         try:
             op_fn, peer_fn = case(row, row_shape, dev)
             t_op, t_peer = bench(op_fn), bench(peer_fn)

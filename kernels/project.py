@@ -78,8 +78,15 @@ tf32's 2⁻¹¹. bf16/fp16 gradients are exact in tf32, so pass 1 needs two
 products, not three. Splitting ``U`` in the kernel (a few integer ops per basis
 element per program) reads the fp32 basis once instead of two stored pieces and
 needs no host cache. Every piece is exactly representable in tf32, so the tensor
-cores' input truncation is a no-op and the interpreter (fp32 dots) computes the
-same sums as the GPU. bf16 pieces (``x·U_hi + x·U_lo``, 16 bits of ``U``) were
+cores' input truncation is a no-op. Their sums are not rounded to nearest: each MMA
+(8 along ``k``) truncates its sum to fp32, so an accumulator chained through many MMAs
+drifts toward zero (measured on an H200: pass 1 chained through all of ``D`` = 768, 288
+MMAs, left 3e-5 of max|x| where a full-rank projection leaves 0, 3x the fp32 tolerance).
+So every product starts from zero and running sums are fp32 adds (``_dot_split``: pass
+1 adds one chunk of ``BLOCK_D`` at a time; ``scripts/gpu_compile_check.py`` fails a
+compiled kernel whose tensor-core dot takes a running accumulator). The tests' Triton
+interpreter truncates as the tensor cores do (``tests/tensor_cores.py``; it reproduced
+the H200 failures before the change). bf16 pieces (``x·U_hi + x·U_lo``, 16 bits of ``U``) were
 measured in that emulation to miss the bf16 tolerances when ``k = D`` (the
 result is all cancellation); tf32 pieces (22 bits) keep them. ``"ieee"``: true
 fp32 dots on FMA units.
@@ -148,21 +155,27 @@ def _split_tf32_nan(x):
 
 
 @triton.jit
-def _dot_split(a, b, acc, SPLIT: tl.constexpr, A_EXACT: tl.constexpr):
-    """``acc + a·b`` on tensor cores, both operands split in tf32 pieces (``a`` only
-    when it is not exact in tf32); small terms first, as Triton's own tf32x3."""
+def _dot_split(a, b, SPLIT: tl.constexpr, A_EXACT: tl.constexpr):
+    """``a·b`` on tensor cores from a zero accumulator, both operands split in tf32
+    pieces (``a`` only when it is not exact in tf32); small terms first, as Triton's own
+    tf32x3. Callers add the result to a running sum in fp32 themselves: the tensor
+    cores truncate every MMA's sum (tests/tensor_cores.py), so an accumulator chained
+    through all of ``D`` (288 MMAs at 768) drifted 3e-5 of max|x| toward zero on an H200,
+    where one fp32 add a chunk stays at ~1e-7. The pieces' chain is not an add of a
+    zero-started dot, so Triton's combine pass cannot fold the caller's add back into
+    the MMA (tests/test_gpu_compile_check.py reads the TTIR)."""
     if SPLIT:
         b_hi, b_lo = _split_tf32(b)
         if A_EXACT:
-            acc = tl.dot(a, b_lo, acc, input_precision="tf32")
+            acc = tl.dot(a, b_lo, input_precision="tf32")
             acc = tl.dot(a, b_hi, acc, input_precision="tf32")
         else:
             a_hi, a_lo = _split_tf32_nan(a)
-            acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+            acc = tl.dot(a_lo, b_hi, input_precision="tf32")
             acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
             acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
     else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, input_precision="ieee")
     return acc
 
 
@@ -400,8 +413,7 @@ def _project_rows_kernel(
             ks = k0 + tl.arange(0, BLOCK_K)
             u_mask = d_mask[:, None] & (ks < K)[None, :]
             u = tl.load(u_ptr + u_row + ks[None, :], mask=u_mask, other=0.0)
-            coef = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-            coef = _dot_split(x, u, coef, SPLIT, X_EXACT)
+            coef = _dot_split(x, u, SPLIT, X_EXACT)
             k_valid = ks < K
             coef = _coefficients(
                 coef,
@@ -414,9 +426,7 @@ def _project_rows_kernel(
                 HAS_W,
                 HAS_ANCHOR,
             )
-            p = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-            p = _dot_split(coef, tl.trans(u), p, SPLIT, False)
-            x = x - p
+            x = x - _dot_split(coef, tl.trans(u), SPLIT, False)
         tl.store(g0_ptr + offs, x.to(dtype), mask=mask)
     else:
         for k0 in range(0, K, BLOCK_K):
@@ -433,7 +443,7 @@ def _project_rows_kernel(
                 ).to(tl.float32)
                 u_offs = ds.to(tl.int64)[:, None] * K + ks[None, :]
                 u = tl.load(u_ptr + u_offs, mask=d_mask[:, None] & kk, other=0.0)
-                coef = _dot_split(x, u, coef, SPLIT, X_EXACT)
+                coef += _dot_split(x, u, SPLIT, X_EXACT)  # fp32 add: see _dot_split
             k_valid = ks < K
             coef = _coefficients(
                 coef,
@@ -455,8 +465,7 @@ def _project_rows_kernel(
                 ut_offs = ks[:, None] + ds.to(tl.int64)[None, :] * K
                 ut_mask = k_valid[:, None] & d_mask[None, :]
                 ut = tl.load(u_ptr + ut_offs, mask=ut_mask, other=0.0)
-                p = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-                p = _dot_split(coef, ut, p, SPLIT, False)
+                p = _dot_split(coef, ut, SPLIT, False)
                 x = tl.load(g0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(g0_ptr + offs, (x - p).to(dtype), mask=mask)
             if k0 + BLOCK_K < K:
@@ -732,8 +741,10 @@ def _row_tiles(
         # serves 4x the rows (predicted at k = 128 on H100: fp32 56 % of copy, bf16 35 %,
         # against 34 / 18 %; on 4 warps they spilled 728 B, 192 B with 32-column chunks;
         # the anchored kernels spilled 80-264 B and sm_80, without wgmma, 2-30 KB, so they
-        # keep 16 rows)
-        return _Tiles(False, 64, 64, block_k, 8, 1)
+        # keep 16 rows). fp32 takes 32-column chunks: pass 1's fp32 add of each chunk's
+        # product (_dot_split) holds a second 64 x 128 coefficient tile, and with 64 columns
+        # ptxas (triton 3.9) spilled 116-144 B; with 32, 218-224 registers (3.6: 189-199)
+        return _Tiles(False, 64, 32 if elsize == 4 else 64, block_k, 8, 1)
     return _Tiles(False, 16, 32, block_k, 4, 1)
 
 

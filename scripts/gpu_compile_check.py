@@ -25,7 +25,9 @@ Per compiled kernel and arch:
   and the 32-blocks cap allow.
 
 Exit status 1 when a kernel fails to compile, needs more shared memory per block
-than the arch has, or spills registers — unless that violation is listed in
+than the arch has, spills registers, or carries a running sum through a tensor-core
+dot's accumulator (``mma-chain``, read from the TTIR: :func:`chained_mma_accumulators`)
+— unless that violation is listed in
 ``scripts/gpu_compile_known.json``, the ratchet of known current defects (entries
 ``{kernel, config, arch, kind, note}``; one list per Triton version,
 :func:`known_path_for`). A
@@ -92,7 +94,7 @@ from arch_limits import ArchLimits as Arch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNOWN_PATH = os.path.join(ROOT, "scripts", "gpu_compile_known.json")
-KINDS = ("compile", "smem", "spill")
+KINDS = ("compile", "smem", "spill", "mma-chain")
 # The known list was measured with this Triton (requirements-ci.txt); another version
 # compiles differently (other registers, spills, shared memory), so expect differences.
 KNOWN_TRITON = "3.9.0"
@@ -349,6 +351,60 @@ class Row:
     violations: list[dict] = field(default_factory=list)
 
 
+_DEF = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)?\s*=\s*(.*)$")
+_ITER_ARG = re.compile(r"(%[\w.$-]+)\s*=\s*%[\w.$#-]+")
+_DOT = re.compile(r"\btt\.dot\s+(%[\w.$#-]+),\s*(%[\w.$#-]+),\s*(%[\w.$#-]+)")
+_PRECISION = re.compile(r"inputPrecision\s*=\s*(\w+)")
+_OPERAND = re.compile(r":\s*tensor<(?:\d+x)+(\w+)>")
+_ZERO = re.compile(r"arith\.constant dense<(?:0\.0+e\+00|0\.0+|0)>")
+
+
+def chained_mma_accumulators(ttir: str) -> list[str]:
+    """The tensor-core dots of ``ttir`` whose accumulator is a running value.
+
+    The tensor cores truncate each MMA's sum to fp32 (tests/tensor_cores.py: measured on an
+    H200), so a sum carried through many MMAs drifts toward zero: gradproj's row kernel
+    chained its pass 1 through all of ``D`` and missed the fp32 tolerance by 3x. A
+    ``tt.dot`` on the tensor cores (``tf32``, or 16-bit operands) may take as accumulator only
+    a zero constant or another dot's result (the tf32 pieces of one product); running sums
+    are fp32 adds. Triton's combine pass folds ``acc + tl.dot(a, b)`` back into a chained
+    dot, which is why this reads the compiled TTIR, not the source. Exempt: ``ieee`` (FMA
+    units, round to nearest: the printer's default, so no attribute means ieee) and
+    ``tf32x3`` on fp32 operands, which Triton's F32DotTC pass lowers to three
+    dots from zero and one fp32 add of the accumulator (read in the TTGIR of triton 3.6 and
+    3.9). Returns one line per offending dot.
+    """
+    defs: dict[str, str] = {}
+    for line in ttir.splitlines():
+        m = _DEF.match(line)
+        if m:
+            defs[m.group(1)] = m.group(2)
+        if "iter_args(" in line:
+            inner = line.split("iter_args(", 1)[1].split(")", 1)[0]
+            for name in _ITER_ARG.findall(inner):
+                defs[name] = "a loop-carried value (scf.for iter_args)"
+    found = []
+    for lineno, line in enumerate(ttir.splitlines(), 1):
+        m = _DOT.search(line)
+        if not m:
+            continue
+        # the printer elides the default precision, ieee; 16-bit operands always take the
+        # tensor cores, whatever the attribute says
+        precision = _PRECISION.search(line)
+        precision = precision.group(1).lower() if precision else "ieee"
+        operand = _OPERAND.search(line)
+        if (operand is None or operand.group(1) == "f32") and precision in ("ieee", "tf32x3"):
+            continue
+        acc = m.group(3).split("#", 1)[0]
+        source = defs.get(acc, "a function argument or block argument")
+        if _ZERO.search(source) or re.search(r"\btt\.dot\s", source):
+            continue
+        found.append(
+            f"line {lineno}: tt.dot accumulates into {acc}, {source.split(' loc(')[0][:160]}"
+        )
+    return found
+
+
 def analyze(record: Compiled, arch: Arch, launch: str) -> Row:
     """Measure one compiled kernel and list its violations on ``arch``."""
     name = record.fn.fn.__name__
@@ -382,6 +438,15 @@ def analyze(record: Compiled, arch: Arch, launch: str) -> Row:
                 "kind": "smem",
                 "detail": f"{smem} B of shared memory per block > {arch.smem_optin_per_block} B "
                 f"allowed on {arch.name} ({arch.gpu}): the launch would fail",
+            }
+        )
+    chained = chained_mma_accumulators(k.asm.get("ttir", ""))
+    if chained:
+        row.violations.append(
+            {
+                "kind": "mma-chain",
+                "detail": f"{len(chained)} tensor-core dot(s) accumulate a running sum "
+                f"(truncated each MMA): " + "; ".join(chained[:3]),
             }
         )
     if usage["spill_stores"] or usage["spill_loads"]:

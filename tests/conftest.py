@@ -9,6 +9,9 @@ The CUDA kernels of ``csrc/cuda`` run on CPU tensors through the emulator of
 (built on first use), so every test parametrized over the registered backends runs
 them too. Only for this session, never chosen automatically; ``GRADPROJ_CUDA_EMULATION=0``
 leaves it out.
+
+The interpreter's ``tl.dot`` is replaced by the tensor cores' arithmetic (sums truncated,
+``tests/tensor_cores.py``), so the Triton kernels meet here the rounding they meet on a GPU.
 """
 
 import os
@@ -22,7 +25,9 @@ import pytest
 
 from gradproj import backends
 
-from . import cuda_emulation
+from . import cuda_emulation, tensor_cores
+
+tensor_cores.install()  # the interpreter's tl.dot truncates as the tensor cores do
 
 if cuda_emulation.enabled():
     backends.register(cuda_emulation.backend())

@@ -293,9 +293,12 @@ def _check_bucket(side, dtype, k, shapes, *, soft=False, amsgrad=False, maximize
     if dtype != torch.float32 and interpreted:
         tol = {"rtol": 2 * tol["rtol"], "atol": tol["atol"]}
     if dtype == torch.float32 and k > 128:
-        # x' − U(a − c) sums k fp32 products: measured 1.01e-7 at k = 129 (values ~0.3),
-        # so 1e-7 has no headroom there; 2e-7 gives 2x.
-        tol = {"rtol": tol["rtol"], "atol": 2e-7}
+        # x' − U(a − c) sums k fp32 products: measured 1.01e-7 at k = 129 (values ~0.3)
+        # with sums rounded to nearest, so 1e-7 has no headroom there. The tensor cores
+        # truncate each MMA's sum instead (tests/tensor_cores.py, which the interpreter
+        # uses): 2.3e-7 at k = 129 in that model (the H200 passed 2e-7 on the same inputs);
+        # 4e-7 gives 1.75x over the model.
+        tol = {"rtol": tol["rtol"], "atol": 4e-7}
     names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     for name, got, want in zip(names, args[:5], expect[:5], strict=True):
         if got is None or name == "grad":

@@ -9,13 +9,18 @@ about a second of CPU:
 * ``smem_hog``: one fp16 ``tl.dot`` of (64 × 512) by (512 × 128): both operands
   staged in shared memory, 192 KiB, over A100's 163 KiB per block, under H100's 227 KiB;
 * ``spiller``: four loop-carried fp32 accumulators of 2048 values in one warp
-  (256 registers a thread for them alone): ptxas must spill.
+  (256 registers a thread for them alone): ptxas must spill;
+* ``mma_sum``: a tf32 ``tl.dot`` over a loop of K tiles, its running sum kept three ways
+  (``HOW``): chained through the MMA accumulator (0), ``acc += tl.dot(a, b)`` (1: Triton's
+  combine pass folds it into the chain), or a two-dot product from zero added in fp32 (2,
+  as the row kernel's ``_dot_split``); and ``ieee`` dots chained (3: FMA units, exempt).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -64,6 +69,34 @@ TOYS = textwrap.dedent(
         tl.store(out_ptr + offs, a + b + c + d)
 
 
+    @triton.jit
+    def mma_sum(a_ptr, b_ptr, c_ptr, n, HOW: tl.constexpr):
+        m = tl.arange(0, 16)
+        k = tl.arange(0, 16)
+        acc = tl.zeros((16, 16), tl.float32)
+        for i in range(n):
+            a = tl.load(a_ptr + i * 256 + m[:, None] * 16 + k[None, :])
+            b = tl.load(b_ptr + i * 256 + k[:, None] * 16 + m[None, :])
+            if HOW == 0:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            elif HOW == 1:
+                acc += tl.dot(a, b, input_precision="tf32")
+            elif HOW == 2:
+                part = tl.dot(a, b - a, input_precision="tf32")
+                acc += tl.dot(a, a, part, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+        tl.store(c_ptr + m[:, None] * 16 + m[None, :], acc)
+
+
+    def launch_mma_sum(how):
+        def call():
+            a, b = torch.empty(4 * 256), torch.empty(4 * 256)
+            mma_sum[(1,)](a, b, torch.empty(256), 4, HOW=how, num_warps=4)
+
+        return call
+
+
     def launch_hog():
         a = torch.empty(64, 512, dtype=torch.float16)
         b = torch.empty(512, 128, dtype=torch.float16)
@@ -101,10 +134,15 @@ TOYS = textwrap.dedent(
         },
     ]
     verdict = gcc.judge(rows, known, complete=True)
+    mma = gcc.check_launches(
+        [gcc.Launch(f"toy mma {how}", launch_mma_sum(how)) for how in range(4)], ["sm_80"]
+    )
     print(
         json.dumps(
             {
                 "rows": [asdict(r) for r in rows],
+                "mma": {r.config: [v["kind"] for v in r.violations] for r in mma},
+                "mma_detail": {r.config: [v["detail"] for v in r.violations] for r in mma},
                 "new": verdict.new,
                 "known": verdict.known,
                 "stale": verdict.stale,
@@ -197,3 +235,13 @@ def test_each_triton_version_has_its_own_known_list(toy_check):
     assert toy_check["known_triton"] == "3.9.0"
     assert paths["3.9.0"] == os.path.join(ROOT, "scripts", "gpu_compile_known.json")
     assert paths["3.6.0"] == os.path.join(ROOT, "scripts", "gpu_compile_known-triton3.6.0.json")
+
+
+def test_tensor_core_dots_chained_through_a_running_sum_are_flagged(toy_check):
+    # HOW=0 chains the MMA accumulator; HOW=1 writes acc += dot(...), which Triton's
+    # combine pass folds into the same chain; HOW=2 adds a from-zero product in fp32;
+    # HOW=3 chains ieee (FMA) dots, which round to nearest
+    kinds = {int(re.search(r"HOW=(\d+)", c)[1]): v for c, v in toy_check["mma"].items()}
+    assert kinds == {0: ["mma-chain"], 1: ["mma-chain"], 2: [], 3: []}
+    detail = next(d for c, d in toy_check["mma_detail"].items() if "HOW=1" in c)
+    assert "loop-carried value" in detail[0]

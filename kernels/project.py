@@ -105,7 +105,10 @@ fp32 FMA throughout: the basis read, not arithmetic, bounds this side.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -777,6 +780,49 @@ def _offsets(tensors: list[torch.Tensor]) -> list[int]:
     return out
 
 
+# Tiles that replace _row_tiles' choice for every row launch of this context; None: its own
+_ROW_TILES_OVERRIDE: contextvars.ContextVar[_Tiles | None] = contextvars.ContextVar(
+    "gradproj_row_tiles_override", default=None
+)
+
+
+@contextlib.contextmanager
+def row_tiles_override(tiles: _Tiles) -> Iterator[None]:
+    """Benchmarks only (``benchmarks/tile_sweep.py``): every row launch within uses ``tiles``
+    instead of :func:`_row_tiles`' choice, so a GPU can time the candidates against each
+    other. A launch the tiles cannot serve raises ``ValueError`` (:func:`_check_tiles`)
+    before anything runs."""
+    if not isinstance(tiles, _Tiles):
+        raise TypeError(f"row_tiles_override takes a _Tiles, got {type(tiles).__name__}")
+    token = _ROW_TILES_OVERRIDE.set(tiles)
+    try:
+        yield
+    finally:
+        _ROW_TILES_OVERRIDE.reset(token)
+
+
+def _check_tiles(tiles: _Tiles, d: int, k: int, contig: int, vec: int) -> None:
+    """Raise ``ValueError`` when the row kernel cannot run ``tiles`` on rows of ``d`` with
+    ``k`` basis columns (an override's tiles; _row_tiles' own always can)."""
+    pow2 = all(v > 0 and v & (v - 1) == 0 for v in tiles[1:5])
+    why = None
+    if not pow2 or tiles.stages < 1:
+        why = "BLOCK_R, BLOCK_D, BLOCK_K and warps must be powers of two, stages >= 1"
+    elif tiles.resident:
+        if tiles.block_k < k:
+            why = f"the resident kernel holds all of k in BLOCK_K ({tiles.block_k} < k = {k})"
+        elif tiles.block_d * tiles.chunks < d or not 1 <= tiles.chunks <= 4:
+            why = f"the resident tiles ({tiles.chunks} x {tiles.block_d}) must cover d = {d}"
+        elif not (contig == 1 or (contig == 0 and vec > 1)):
+            why = "the resident kernel needs contiguous rows or 16-byte transposed views"
+    elif min(tiles.block_r, tiles.block_d, tiles.block_k) < 16:
+        why = "the tensor-core kernels need BLOCK_R, BLOCK_D and BLOCK_K >= 16 (tl.dot)"
+    elif tiles.one_pass and tiles.block_d < d:
+        why = f"one pass holds the whole row: BLOCK_D = {tiles.block_d} < d = {d}"
+    if why is not None:
+        raise ValueError(f"row tiles {tiles} cannot serve d = {d}, k = {k}: {why}")
+
+
 def _row_layout(matrices: list[torch.Tensor], d: int) -> tuple[int, int]:
     """``(CONTIG, VEC)``: the unit-stride axis (1 columns, 0 rows, -1 none) and the
     elements per 16 bytes when every address, the other stride and the masked
@@ -826,7 +872,11 @@ def _launch_rows(
     d, k = basis.shape
     g0 = matrices[0]
     contig, vec = _row_layout(matrices, d)
-    tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None, vec)
+    tiles = _ROW_TILES_OVERRIDE.get()
+    if tiles is None:
+        tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None, vec)
+    else:
+        _check_tiles(tiles, d, k, contig, vec)
     one_pass, block_r, block_d, block_k, warps, stages, maxnreg = tiles[:7]
     table, n_blocks = _row_table(matrices, anchors, block_r)
     _project_rows_kernel[(n_blocks,)](

@@ -7,7 +7,7 @@
 # 3.12, pytest / pytest-benchmark / pytest-xdist / pytest-timeout installed, nothing
 # downloadable. So: no pip installs, the extension is built in place against the torch there.
 #
-#   OUT=/some/dir [BUDGET_S=560] [FULL=1] [PACK_TO=/dir] scripts/gpu_check.sh
+#   OUT=/some/dir [BUDGET_S=560] [FULL=1] [PROFILE=1] [PACK_TO=/dir] scripts/gpu_check.sh
 #
 # PACK_TO: after every stage, everything under $OUT is packed into PACK_TO/gpu-results.tgz
 # (the device tool brings back at most 8 files from its $OUT; point OUT elsewhere then).
@@ -17,14 +17,17 @@
 #   1. the build starts in the background ($OUT/build.log); the GPU is idle meanwhile, so
 #   2. the Triton rows of the static model are measured (benchmarks/predicted_vs_measured.py
 #      --model perf_model.json: $OUT/pvm_triton.{json,md}), then the Triton kernel tests run
-#      on the GPU (-k "cuda and triton": $OUT/pytest_triton.{log,xml});
+#      on the GPU (-k "cuda and triton": $OUT/pytest_triton.{log,xml}), then the row
+#      kernel's tile candidates are compiled in parallel and timed against each other
+#      (benchmarks/tile_sweep.py: $OUT/tile_sweep.{json,md});
 #   3. once the build is in: $OUT/summary.json (device, versions, each CUDA backend's max
 #      error against the float64 reference, and whether any call synchronized with the host),
 #   4. the other GPU tests (-k "cuda and not triton": $OUT/pytest_cuda.{log,xml}), then
-#      Nsight Compute on four CUDA launches ($OUT/ncu_*.txt),
-#   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}), the same with the tensor cores
-#      off (GRADPROJ_CUDA_TENSOR_CORES=0: $OUT/pvm_cuda_fma.*), then the model's width
-#      sweep ($OUT/pvm_widths.*),
+#      with PROFILE=1 Nsight Compute on four CUDA launches ($OUT/ncu_*.txt),
+#   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}); with PROFILE=1 the same with
+#      the tensor cores off (GRADPROJ_CUDA_TENSOR_CORES=0: $OUT/pvm_cuda_fma.*) and the
+#      model's width sweep ($OUT/pvm_widths.*): the second H200 run (2026-12-04b) measured
+#      those, so a run spends its minutes on what is new unless asked,
 #   6. with FULL=1 only: the whole suite and the benchmark suites.
 # Every stage writes as it goes, so a stage cut short still leaves what it measured.
 # Exit status: non-zero when the build fails or any test that ran failed.
@@ -108,6 +111,17 @@ KERNEL_TESTS=(tests/test_project.py tests/test_adamw.py tests/test_ops.py tests/
 # 2. While nvcc works: the Triton rows, then the Triton kernel tests.
 pvm perf_model.json pvm_triton "$(cap 105)"; pack
 tests triton "cuda and triton" "$(cap 60)"; triton_status=$?; pack
+# The tile sweep: its candidates compiled in parallel through the stand-in driver (the
+# device's own target: the timed run finds them in Triton's cache), then timed.
+# TRITON_DEFAULT_FP_FUSION=1 (Triton's default) as the compile check sets it: one cache key.
+echo "== tile sweep ($(left) s left)"
+export TRITON_DEFAULT_FP_FUSION=1
+timeout -k 10 "$(cap 60)" env TRITON_INTERPRET=0 "$PY" benchmarks/tile_sweep.py --compile-only \
+  --arch "sm_${arch/./}" --jobs "${SWEEP_JOBS:-6}" --json "$OUT/tile_compile.json" \
+  >"$OUT/tile_compile.log" 2>&1 || echo "tile sweep compile: rc $? (the timed run compiles the rest)"
+sweep_s=$(cap 130)
+timeout -s INT -k 10 "$sweep_s" "$PY" benchmarks/tile_sweep.py --out "$OUT" \
+  --budget-s $(( sweep_s - 20 )) 2>&1 | tee "$OUT/tile_sweep.log" | tail -n 7; pack
 
 # 3. The build.
 echo "== waiting for the build ($(left) s left)"
@@ -201,7 +215,7 @@ tests cuda "cuda and not triton" "$(cap 100)"; cuda_status=$?; pack
 # at fp32 k = 32, and the FMA engine at fp32 k = 8: where each spends its time (stall
 # reasons, occupancy, DRAM throughput).
 # --clock-control none: the card's clocks are left as they are.
-if command -v ncu >/dev/null; then
+if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
   for spec in "project_ input:bf16:8" "project_ input:bf16:1" "project_ input:fp32:32" \
     "project_ input:fp32:8"; do
     (( $(left) > 60 )) || break
@@ -221,8 +235,10 @@ fi
 pvm perf_model_cuda.json pvm_cuda "$(cap 70)"; pack
 # the same rows with the tensor cores switched off (mma_rows.cuh tensor_cores_enabled): the
 # FMA engine's times beside the tensor cores' of the run above
-(export GRADPROJ_CUDA_TENSOR_CORES=0; pvm perf_model_cuda.json pvm_cuda_fma "$(cap 55)" --rep 50); pack
-pvm perf_model_cuda.json pvm_widths "$(cap 150)" --widths --rep 40 --no-profile; pack
+if [ "${PROFILE:-0}" = 1 ]; then
+  (export GRADPROJ_CUDA_TENSOR_CORES=0; pvm perf_model_cuda.json pvm_cuda_fma "$(cap 55)" --rep 50); pack
+  pvm perf_model_cuda.json pvm_widths "$(cap 150)" --widths --rep 40 --no-profile; pack
+fi
 
 # 6. Only when asked (a lease of its own): the whole suite and the benchmark suites.
 if [ "${FULL:-0}" = 1 ]; then

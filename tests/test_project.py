@@ -618,9 +618,12 @@ def test_fuzz_against_reference(rows, cols, k_frac, side, dtype, soft, backend, 
 
 # sm_90's own two-pass tiles: (dtypes, k, side, anchored, (BLOCK_R, BLOCK_D, BLOCK_K, warps))
 SM90_TWO_PASS = [
-    # 64 < k, contiguous rows, plain: 64-row blocks on 8 warps (k = 129: two chunks of 128)
-    (KERNEL_DTYPES, 100, "input", False, (64, 64, 128, 8)),
-    (KERNEL_DTYPES, 129, "input", False, (64, 64, 128, 8)),
+    # 64 < k, contiguous rows, plain: 64-row blocks on 8 warps (k = 129: two chunks of 128);
+    # fp32 in 32-column chunks (pass 1 holds a second coefficient tile: _row_tiles)
+    ([torch.float32], 100, "input", False, (64, 32, 128, 8)),
+    ([torch.float32], 129, "input", False, (64, 32, 128, 8)),
+    ([torch.bfloat16, torch.float16], 100, "input", False, (64, 64, 128, 8)),
+    ([torch.bfloat16, torch.float16], 129, "input", False, (64, 64, 128, 8)),
     # fp32, 16 < k <= 32: 64 rows of 32 columns on 4 warps, rows or transposed views
     ([torch.float32], 32, "input", True, (64, 32, 32, 4)),
     ([torch.float32], 20, "output", False, (64, 32, 32, 4)),

@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""Measure the Triton row kernel's tile choices against each other on a GPU.
+
+    python benchmarks/tile_sweep.py --out DIR [--only fp32:32 ...] [--budget-s S]
+    python benchmarks/tile_sweep.py --compile-only --arch sm_90 [--only ...] [--jobs N]
+
+Why: the static model (``benchmarks/perf_model.py``) chose the tiles of
+``kernels/project.py`` (``_row_tiles``) without a GPU, and the first H200 runs measured
+those kernels at 26-44 % of copy where it predicted 66-100 %: Nsight Compute found the
+kernels latency-bound (12.5-25 % occupancy), which the model took as hidden. Which tiles
+hide it best is a question for the GPU itself, so this sweep runs ``project_`` on one
+bucket (``side="input"``, ``D`` = 768, two tensors of 16384 rows) with each candidate
+tile (:func:`candidates`: the launcher's choice first, then the two-pass tensor-core
+kernel's rows, columns, warps and pipeline stages, and the resident kernel's warps and
+register cap where it applies) through ``kernels.project.row_tiles_override``.
+
+Per candidate: the compile's registers and spills (``n_regs``, ``n_spills`` of the loaded
+kernel), the largest error against the float64 reference relative to ``max|g|`` (a
+candidate that misses ``ERROR_BOUND`` is reported, never ranked), and the kernel time
+from the profiler (the launch's kernels only: ``do_bench``'s events count the host's
+~0.1 ms a call whenever it is slower than the GPU, which would hide the differences).
+Measured figures only; nothing here is predicted. Writes ``DIR/tile_sweep.json`` and
+``.md`` after every case, so a run cut short keeps what it measured.
+
+``--compile-only``: no GPU; every candidate compiled for ``--arch`` through
+``scripts/gpu_compile_check.py``'s stand-in driver, with its registers, spills, shared
+memory and blocks per SM (``--jobs`` processes). On the GPU machine this fills Triton's
+cache in parallel before the timed run (the stand-in's target is the device's), and here
+it shows which candidates compile without spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D = 768
+ROWS = 16384  # per tensor; two tensors: 100 MB of fp32, past an H200's 60 MB of L2
+TENSORS = 2
+DTYPES = ("fp32", "bf16")
+KS = (8, 32, 128)
+ERROR_BOUND = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3}  # of max|g|
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: str
+    k: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype}:{self.k}"
+
+
+def cases(only: list[str] | None = None) -> list[Case]:
+    """``DTYPE:K`` cases, all of ``DTYPES`` × ``KS`` unless ``only`` names some."""
+    every = [Case(dt, k) for dt in DTYPES for k in KS]
+    if not only:
+        return every
+    out = []
+    for spec in only:
+        dt, _, k = spec.partition(":")
+        if dt not in ERROR_BOUND or not k.isdigit() or int(k) < 1:
+            raise ValueError(
+                f"--only takes DTYPE:K with DTYPE in {sorted(ERROR_BOUND)}, got {spec!r}"
+            )
+        out.append(Case(dt, int(k)))
+    return out
+
+
+def _elsize(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> list:
+    """The launcher's tiles for ``case`` on ``arch`` first, then the alternatives.
+
+    Two-pass tensor-core kernel (``BLOCK_K`` as the launcher's: one chunk up to k = 128):
+    ``BLOCK_R`` ∈ {16, 32, 64} × ``BLOCK_D`` ∈ {32, 64} × warps ∈ {4, 8} × stages ∈ {1, 2}
+    (Triton's pipeliner; ``_row_tiles`` keeps 1 because the staged copies spilled, which
+    the sweep shows per candidate). Resident kernel, where the launcher takes it: its
+    block on 4 and 8 warps, with and without its register cap.
+    """
+    from gradproj.kernels import project as P
+
+    elsize = _elsize(case.dtype)
+    chosen = P._row_tiles(arch, elsize, d, case.k, 1, False, 16 // elsize)
+    out = [chosen]
+    if chosen.resident:
+        for warps in (4, 8):
+            for cap in (chosen.maxnreg, None):
+                out.append(chosen._replace(warps=warps, maxnreg=cap))
+    if not chosen.one_pass:
+        block_k = max(16, min(128, 1 << (case.k - 1).bit_length()))
+        for block_r in (16, 32, 64):
+            for block_d in (32, 64):
+                for warps in (4, 8):
+                    for stages in (1, 2):
+                        out.append(P._Tiles(False, block_r, block_d, block_k, warps, stages))
+    unique = []
+    for t in out:
+        if t not in unique:
+            unique.append(t)
+    return unique[:limit]
+
+
+def tiles_label(t) -> str:
+    kind = "resident" if t.resident else ("one-pass" if t.one_pass else "two-pass")
+    cap = f" maxnreg={t.maxnreg}" if t.maxnreg else ""
+    extra = f" chunks={t.chunks}" if t.resident else ""
+    return (
+        f"{kind} R={t.block_r} D={t.block_d} K={t.block_k} warps={t.warps} "
+        f"stages={t.stages}{cap}{extra}"
+    )
+
+
+def bucket(case: Case, dev, rows: int = ROWS, d: int = D):
+    """``(grads, basis)``: the sweep's bucket, the basis orthonormal (fp32, contiguous)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+    gen = torch.Generator().manual_seed(case.k)
+    grads = [torch.randn(rows, d, generator=gen).to(dev, dtype) for _ in range(TENSORS)]
+    q, _ = torch.linalg.qr(torch.randn(d, case.k, generator=gen, dtype=torch.float64))
+    return grads, q.to(dev, torch.float32).contiguous()
+
+
+def max_error(grads, basis, tiles) -> float:
+    """``max|out − ref| / max|g|`` of one projection with ``tiles``, against float64."""
+    from gradproj.kernels import project as P
+
+    work = [g.clone() for g in grads]
+    with P.row_tiles_override(tiles):
+        P.project_bucket_(work, basis, None, "input")
+    u = basis.double()
+    worst = 0.0
+    for g, out in zip(grads, work, strict=True):
+        x = g.double()
+        ref = x - (x @ u) @ u.T
+        scale = x.abs().max().item()
+        worst = max(worst, (out.double() - ref).abs().max().item() / scale)
+    return worst
+
+
+def measure(case: Case, dev, budget_s: float, limit: int | None = None) -> list[dict]:
+    """Every candidate of ``case`` on the GPU, the launcher's first, until ``budget_s``."""
+    import torch
+    import triton
+
+    from gradproj.kernels import project as P
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from predicted_vs_measured import kernel_profile
+
+    grads, basis = bucket(case, dev)
+    arch = triton.runtime.driver.active.get_current_target().arch
+    start = time.perf_counter()
+    results = []
+    for i, tiles in enumerate(candidates(case, arch, limit=limit)):
+        if time.perf_counter() - start > budget_s:
+            results.append({"tiles": tiles_label(tiles), "skipped": "time budget"})
+            continue
+        row = {"tiles": tiles_label(tiles), "chosen": i == 0, **tiles._asdict()}
+        try:
+            row["max_error"] = max_error(grads, basis, tiles)
+            row["ok"] = row["max_error"] <= ERROR_BOUND[case.dtype]
+            before = {id(c) for c in _compiled(P._project_rows_kernel)}
+            with P.row_tiles_override(tiles):
+                ms, kernels = kernel_profile(lambda: P.project_bucket_(grads, basis, None, "input"))
+            row["kernel_ms"] = ms
+            row["launches"] = sum(kernels.values())
+            # the kernel this candidate compiled (none new: compiled before, figures unknown)
+            new = [c for c in _compiled(P._project_rows_kernel) if id(c) not in before]
+            if len(new) == 1:
+                row["regs"] = int(getattr(new[0], "n_regs", -1))
+                row["spills"] = int(getattr(new[0], "n_spills", -1))
+        except Exception as exc:  # a candidate that fails is a finding, not the end of the run
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        results.append(row)
+        torch.cuda.synchronize()
+    copy_ms = _copy_ms(grads)
+    for row in results:
+        if "kernel_ms" in row:
+            row["copy_ms"] = copy_ms
+            row["fraction_of_copy"] = copy_ms / row["kernel_ms"]
+    return results
+
+
+def _compiled(kernel) -> list:
+    """The compiled kernels in ``kernel``'s per-device cache, newest last."""
+    caches = getattr(kernel, "device_caches", {})
+    out = []
+    for entry in caches.values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(cache, dict):
+            out.extend(cache.values())
+    return out
+
+
+def _copy_ms(grads) -> float:
+    """The profiler's kernel time of a read + write of the bucket's bytes: the peer."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from predicted_vs_measured import kernel_profile
+
+    n = sum(g.numel() * g.element_size() for g in grads)
+    src = torch.empty(n, dtype=torch.uint8, device=grads[0].device)
+    dst = torch.empty_like(src)
+    return kernel_profile(lambda: dst.copy_(src))[0]
+
+
+def _gcc():
+    """``scripts/gpu_compile_check.py`` (needs ``TRITON_INTERPRET`` 0 or unset)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_compile_check
+
+    return gpu_compile_check
+
+
+def _launches(selected: list[Case], arch: str, limit: int | None) -> tuple[list, list]:
+    """One compile-only launch per candidate of every case, and its ``(case, tiles)``."""
+    gcc = _gcc()
+    items, meta = [], []
+    for case in selected:
+        for tiles in candidates(case, gcc.ARCHS[arch].capability, limit=limit):
+            items.append(
+                gcc.Launch(f"{case.label} {tiles_label(tiles)}", _compile_call(case, tiles))
+            )
+            meta.append((case, tiles))
+    return items, meta
+
+
+_WORKER_ITEMS: list = []
+
+
+def _worker_init(specs: list[str], arch: str, limit: int | None) -> None:
+    _WORKER_ITEMS[:] = _launches(cases(specs), arch, limit)[0]
+
+
+def _worker(index: int, key: str, arch: str):
+    gcc = _gcc()
+    return gcc.compile_one(_WORKER_ITEMS, index, key, gcc.ARCHS[arch])
+
+
+def compile_only(
+    specs: list[str] | None, arch: str, jobs: int, limit: int | None = None
+) -> list[dict]:
+    """Every candidate compiled for ``arch`` (no GPU): registers, spills, smem, blocks/SM.
+
+    ``jobs`` worker processes compile the distinct kernels (each fills Triton's cache)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    gcc = _gcc()
+    specs = [c.label for c in cases(specs)]
+    items, meta = _launches(cases(specs), arch, limit)
+    first, users, failed = gcc._plan(items, gcc.ARCHS[arch])
+    by_label: dict[str, object] = {}
+    work = sorted(first.items(), key=lambda kv: kv[1])
+    if jobs <= 1:
+        done = [(key, _worker_local(items, i, key, arch)) for key, i in work]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            jobs, ctx, initializer=_worker_init, initargs=(specs, arch, limit)
+        ) as pool:
+            futures = [(key, pool.submit(_worker, i, key, arch)) for key, i in work]
+            done = [(key, f.result()) for key, f in futures]
+    for key, row in done:
+        for label in users[key]:
+            by_label[label] = row
+    errors = dict(failed)
+    out = []
+    for launch, (case, tiles) in zip(items, meta, strict=True):
+        r = by_label.get(launch.label)
+        out.append(
+            {
+                "case": case.label,
+                "tiles": tiles_label(tiles),
+                "regs": None if r is None else r.regs,
+                "spill_stores": None if r is None else r.spill_stores,
+                "smem": None if r is None else r.smem,
+                "blocks_per_sm": None if r is None else r.blocks_per_sm,
+                "violations": [v["kind"] for v in r.violations] if r is not None else ["compile"],
+                "error": errors.get(launch.label) or (None if r is None else r.error),
+            }
+        )
+    return out
+
+
+def _compile_call(case: Case, tiles):
+    """A launch of ``project_bucket_`` on a small bucket of ``case`` with ``tiles`` (CPU
+    tensors: under the stand-in driver it compiles and runs nothing)."""
+
+    def call() -> None:
+        import torch
+
+        from gradproj.kernels import project as P
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
+        mats = [torch.empty(37, D, dtype=dtype), torch.empty(5, D, dtype=dtype)]
+        with P.row_tiles_override(tiles):
+            P.project_bucket_(mats, torch.empty(D, case.k), None, "input")
+
+    return call
+
+
+def _worker_local(items: list, index: int, key: str, arch: str):
+    gcc = _gcc()
+    return gcc.compile_one(items, index, key, gcc.ARCHS[arch])
+
+
+def markdown(device: str, versions: dict, results: dict[str, list[dict]]) -> str:
+    lines = [
+        f"# Tile sweep of the Triton row kernel on {device} (measured)",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}. `project_`, side "
+        f"input, D = {D}, {TENSORS} × {ROWS} rows; kernel time from torch.profiler (warm "
+        "L2); fraction = the copy of the same bytes over it. ✓: the launcher's choice.",
+        "",
+    ]
+    for label, rows in results.items():
+        lines += [
+            f"## {label}",
+            "",
+            "| tiles | kernel ms | fraction of copy | max error / max|g| | regs | spills |",
+            "|---|---|---|---|---|---|",
+        ]
+        ranked = sorted(rows, key=lambda r: r.get("kernel_ms", float("inf")))
+        for r in ranked:
+            mark = " ✓" if r.get("chosen") else ""
+            if "kernel_ms" not in r:
+                why = r.get("error") or r.get("skipped", "")
+                lines.append(f"| {r['tiles']}{mark} | – | – | – | – | {why} |")
+                continue
+            err = f"{r['max_error']:.2g}" + ("" if r.get("ok") else " (over bound)")
+            lines.append(
+                f"| {r['tiles']}{mark} | {r['kernel_ms']:.3f} | {r['fraction_of_copy']:.0%} | "
+                f"{err} | {r.get('regs', '–')} | {r.get('spills', '–')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="directory for tile_sweep.json and .md (GPU runs)")
+    ap.add_argument("--only", nargs="*", help="cases DTYPE:K (default: fp32/bf16 x k 8, 32, 128)")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="stop timing after this")
+    ap.add_argument("--compile-only", action="store_true", help="compile, time nothing")
+    ap.add_argument("--arch", default="sm_90", help="--compile-only target (sm_80, sm_90)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help="--compile-only: write the rows here")
+    ap.add_argument("--limit", type=int, help="at most this many candidates a case")
+    args = ap.parse_args(argv)
+    selected = cases(args.only)  # a bad --only fails here, before anything compiles
+    if args.compile_only:
+        rows = compile_only(args.only, args.arch, args.jobs, args.limit)
+        for r in rows:
+            print(
+                f"{r['case']:>8} {r['tiles']:<60} regs {r['regs']} spill {r['spill_stores']} "
+                f"blocks/SM {r['blocks_per_sm']} {' '.join(r['violations'])}"
+            )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        raise SystemExit("tile_sweep: no CUDA device (use --compile-only without a GPU)")
+    if not args.out:
+        raise SystemExit("tile_sweep: --out DIR is required for a GPU run")
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    device = torch.cuda.get_device_name(dev)
+    versions = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+    }
+    start, results = time.perf_counter(), {}
+    for i, case in enumerate(selected):
+        left = args.budget_s - (time.perf_counter() - start)
+        share = left / (len(selected) - i)
+        results[case.label] = measure(case, dev, max(share, 0.0), args.limit)
+        with open(os.path.join(args.out, "tile_sweep.json"), "w") as f:
+            json.dump({"device": device, "versions": versions, "cases": results}, f, indent=1)
+        with open(os.path.join(args.out, "tile_sweep.md"), "w") as f:
+            f.write(markdown(device, versions, results))
+        print(f"tile_sweep: {case.label} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""benchmarks/tile_sweep.py and the row kernel's tile override it runs through.
+
+The sweep times on a GPU; here every candidate it would time runs in the interpreter on a
+small bucket against float64 (a candidate the kernel cannot serve correctly must not reach
+a GPU run as a figure), the override's checks and scope are tested, and the compile-only
+mode compiles two candidates for sm_90 in a subprocess (it needs ``TRITON_INTERPRET=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .test_project import assert_matches, orthonormal, ref64
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import tile_sweep  # noqa: E402
+
+pytest.importorskip("triton")
+from gradproj.kernels import project as P  # noqa: E402
+
+interpreting = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs the candidates in the interpreter"
+)
+
+
+def test_candidates_start_with_the_launchers_choice_and_are_valid():
+    for case in (tile_sweep.Case("fp32", 32), tile_sweep.Case("bf16", 8)):
+        for arch in (80, 90):
+            elsize = 4 if case.dtype == "fp32" else 2
+            chosen = P._row_tiles(arch, elsize, 768, case.k, 1, False, 16 // elsize)
+            found = tile_sweep.candidates(case, arch)
+            assert found[0] == chosen
+            assert len(found) == len(set(found)) > 20
+            for tiles in found:
+                P._check_tiles(tiles, 768, case.k, 1, 16 // elsize)
+    # the resident kernel's own variants where the launcher takes it (bf16 k = 8 at 768)
+    resident = tile_sweep.candidates(tile_sweep.Case("bf16", 8), 90)
+    assert resident[0].resident and sum(t.resident for t in resident) == 4
+    assert {t.stages for t in resident} == {1, 2}
+    assert (
+        tile_sweep.candidates(tile_sweep.Case("fp32", 32), 90, limit=3)
+        == (tile_sweep.candidates(tile_sweep.Case("fp32", 32), 90)[:3])
+    )
+
+
+def test_cases_parse_and_refuse_bad_specs():
+    assert [c.label for c in tile_sweep.cases(["fp32:32", "bf16:8"])] == ["fp32:32", "bf16:8"]
+    assert len(tile_sweep.cases(None)) == len(tile_sweep.DTYPES) * len(tile_sweep.KS)
+    for bad in ("fp64:8", "fp32", "fp32:0", "bf16:x"):
+        with pytest.raises(ValueError, match="DTYPE:K"):
+            tile_sweep.cases([bad])
+
+
+@interpreting
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float32, 32), (torch.bfloat16, 8)], ids=str)
+def test_every_candidate_matches_float64(dtype, k):
+    # d = 160: past the one-pass tile, so the two-pass kernel and (bf16 k = 8) the resident
+    # one run with each candidate's rows, columns and chunks; 19 and 3 rows: ragged blocks
+    d = 160
+    case = tile_sweep.Case("fp32" if dtype == torch.float32 else "bf16", k)
+    gen = torch.Generator().manual_seed(k)
+    grads = [torch.randn(r, d, generator=gen).to(dtype) for r in (19, 3)]
+    u = orthonormal(d, k).contiguous()
+    for tiles in tile_sweep.candidates(case, 90, d=d):
+        work = [g.clone() for g in grads]
+        with P.row_tiles_override(tiles):
+            P.project_bucket_(work, u, None, "input")
+        for g, out in zip(grads, work, strict=True):
+            assert_matches(out, ref64(g, u, "input"), g, k, backend="triton", d=d)
+
+
+def test_override_refuses_tiles_the_kernel_cannot_run_and_changes_nothing():
+    g = torch.randn(6, 160)
+    u = orthonormal(160, 24).contiguous()
+    bad = [
+        (P._Tiles(False, 16, 8, 32, 4, 1), ">= 16"),  # tl.dot needs 16
+        (P._Tiles(False, 24, 32, 32, 4, 1), "powers of two"),
+        (P._Tiles(True, 16, 128, 32, 4, 1), "one pass holds the whole row"),
+        (P._Tiles(False, 8, 64, 16, 4, 1, None, True, 3), "holds all of k"),
+        (P._Tiles(False, 8, 32, 32, 4, 1, None, True, 3), "must cover d"),
+    ]
+    for tiles, why in bad:
+        out = g.clone()
+        with pytest.raises(ValueError, match=why), P.row_tiles_override(tiles):
+            P.project_bucket_([out], u, None, "input")
+        assert torch.equal(out, g)
+    with pytest.raises(TypeError, match="_Tiles"), P.row_tiles_override((False, 16)):
+        pass
+
+
+def test_override_is_scoped():
+    tiles = P._Tiles(False, 16, 32, 32, 4, 1)
+    assert P._ROW_TILES_OVERRIDE.get() is None
+    with pytest.raises(RuntimeError, match="inside"), P.row_tiles_override(tiles):
+        assert P._ROW_TILES_OVERRIDE.get() == tiles
+        raise RuntimeError("inside")
+    assert P._ROW_TILES_OVERRIDE.get() is None
+
+
+def test_markdown_ranks_by_kernel_time_and_marks_the_launchers_choice():
+    rows = [
+        {"tiles": "a", "chosen": True, "kernel_ms": 0.2, "fraction_of_copy": 0.25,
+         "max_error": 1e-7, "ok": True, "regs": 128, "spills": 0},
+        {"tiles": "b", "kernel_ms": 0.1, "fraction_of_copy": 0.5, "max_error": 3e-5,
+         "ok": False, "regs": 200, "spills": 8},
+        {"tiles": "c", "error": "CompilationError: out of resources"},
+    ]  # fmt: skip
+    text = tile_sweep.markdown("H200", {"triton": "3.6.0"}, {"fp32:32": rows})
+    body = text.split("## fp32:32", 1)[1]
+    assert body.index("| b |") < body.index("| a ✓ |") < body.index("| c |")
+    assert "(over bound)" in body and "out of resources" in body and "(measured)" in text
+
+
+def test_compile_only_reports_registers_and_spills(tmp_path):
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "tile_sweep.py"),
+        "--compile-only",
+        "--arch",
+        "sm_90",
+        "--only",
+        "fp32:32",
+        "--limit",
+        "2",
+        "--jobs",
+        "1",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["case"] for r in rows] == ["fp32:32", "fp32:32"]
+    for r in rows:
+        assert r["regs"] > 0 and r["spill_stores"] == 0 and r["blocks_per_sm"] >= 1, r
+        assert r["violations"] == [] and r["error"] is None

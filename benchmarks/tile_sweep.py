@@ -167,9 +167,10 @@ def measure(case: Case, dev, budget_s: float, limit: int | None = None) -> list[
             continue
         row = {"tiles": tiles_label(tiles), "chosen": i == 0, **tiles._asdict()}
         try:
+            # the compiled kernels before this candidate's first launch (max_error compiles it)
+            before = {id(c) for c in _compiled(P._project_rows_kernel)}
             row["max_error"] = max_error(grads, basis, tiles)
             row["ok"] = row["max_error"] <= ERROR_BOUND[case.dtype]
-            before = {id(c) for c in _compiled(P._project_rows_kernel)}
             with P.row_tiles_override(tiles):
                 ms, kernels = kernel_profile(lambda: P.project_bucket_(grads, basis, None, "input"))
             row["kernel_ms"] = ms

@@ -32,6 +32,7 @@ it shows which candidates compile without spills.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -184,7 +185,7 @@ def measure(case: Case, dev, budget_s: float, limit: int | None = None) -> list[
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         results.append(row)
         torch.cuda.synchronize()
-    copy_ms = _copy_ms(grads)
+    copy_ms = _copy_ms(grads, kernel_profile)
     for row in results:
         if "kernel_ms" in row:
             row["copy_ms"] = copy_ms
@@ -203,12 +204,9 @@ def _compiled(kernel) -> list:
     return out
 
 
-def _copy_ms(grads) -> float:
+def _copy_ms(grads, kernel_profile) -> float:
     """The profiler's kernel time of a read + write of the bucket's bytes: the peer."""
     import torch
-
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from predicted_vs_measured import kernel_profile
 
     n = sum(g.numel() * g.element_size() for g in grads)
     src = torch.empty(n, dtype=torch.uint8, device=grads[0].device)
@@ -237,59 +235,36 @@ def _launches(selected: list[Case], arch: str, limit: int | None) -> tuple[list,
     return items, meta
 
 
-_WORKER_ITEMS: list = []
-
-
-def _worker_init(specs: list[str], arch: str, limit: int | None) -> None:
-    _WORKER_ITEMS[:] = _launches(cases(specs), arch, limit)[0]
-
-
-def _worker(index: int, key: str, arch: str):
-    gcc = _gcc()
-    return gcc.compile_one(_WORKER_ITEMS, index, key, gcc.ARCHS[arch])
+def _items(specs: list[str], arch: str, limit: int | None) -> list:
+    """The compile-only launches of ``specs`` (the compile check's workers rebuild them)."""
+    return _launches(cases(specs), arch, limit)[0]
 
 
 def compile_only(
     specs: list[str] | None, arch: str, jobs: int, limit: int | None = None
 ) -> list[dict]:
-    """Every candidate compiled for ``arch`` (no GPU): registers, spills, smem, blocks/SM.
-
-    ``jobs`` worker processes compile the distinct kernels (each fills Triton's cache)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+    """Every candidate compiled for ``arch`` (no GPU): registers, spills, smem, blocks/SM,
+    through the compile check's own ``check_launches`` (``jobs`` worker processes; each
+    compile fills Triton's cache)."""
     gcc = _gcc()
     specs = [c.label for c in cases(specs)]
     items, meta = _launches(cases(specs), arch, limit)
-    first, users, failed = gcc._plan(items, gcc.ARCHS[arch])
-    by_label: dict[str, object] = {}
-    work = sorted(first.items(), key=lambda kv: kv[1])
-    if jobs <= 1:
-        done = [(key, _worker_local(items, i, key, arch)) for key, i in work]
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            jobs, ctx, initializer=_worker_init, initargs=(specs, arch, limit)
-        ) as pool:
-            futures = [(key, pool.submit(_worker, i, key, arch)) for key, i in work]
-            done = [(key, f.result()) for key, f in futures]
-    for key, row in done:
-        for label in users[key]:
-            by_label[label] = row
-    errors = dict(failed)
+    rebuild = functools.partial(_items, specs, arch, limit)
+    rows = gcc.check_launches(items, [arch], jobs=jobs, rebuild=rebuild)
+    by_label = {label: r for r in rows for label in r.launches}
     out = []
     for launch, (case, tiles) in zip(items, meta, strict=True):
-        r = by_label.get(launch.label)
+        r = by_label[launch.label]
         out.append(
             {
                 "case": case.label,
                 "tiles": tiles_label(tiles),
-                "regs": None if r is None else r.regs,
-                "spill_stores": None if r is None else r.spill_stores,
-                "smem": None if r is None else r.smem,
-                "blocks_per_sm": None if r is None else r.blocks_per_sm,
-                "violations": [v["kind"] for v in r.violations] if r is not None else ["compile"],
-                "error": errors.get(launch.label) or (None if r is None else r.error),
+                "regs": r.regs,
+                "spill_stores": r.spill_stores,
+                "smem": r.smem,
+                "blocks_per_sm": r.blocks_per_sm,
+                "violations": [v["kind"] for v in r.violations],
+                "error": r.error,
             }
         )
     return out
@@ -310,11 +285,6 @@ def _compile_call(case: Case, tiles):
             P.project_bucket_(mats, torch.empty(D, case.k), None, "input")
 
     return call
-
-
-def _worker_local(items: list, index: int, key: str, arch: str):
-    gcc = _gcc()
-    return gcc.compile_one(items, index, key, gcc.ARCHS[arch])
 
 
 def markdown(device: str, versions: dict, results: dict[str, list[dict]]) -> str:

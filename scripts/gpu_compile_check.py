@@ -775,8 +775,8 @@ def compile_one(items: list[Launch], index: int, key: str, arch: Arch) -> Row:
 _WORKER_ITEMS: list[Launch] = []
 
 
-def _worker_init(quick: bool) -> None:
-    _WORKER_ITEMS[:] = launches(quick)
+def _worker_init(quick: bool | None, rebuild: Callable[[], list[Launch]] | None = None) -> None:
+    _WORKER_ITEMS[:] = rebuild() if rebuild is not None else launches(quick)
 
 
 def _worker(index: int, key: str, arch_name: str) -> Row:
@@ -789,12 +789,14 @@ def check_launches(
     jobs: int = 1,
     quick: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    rebuild: Callable[[], list[Launch]] | None = None,
 ) -> list[Row]:
     """Compile every distinct kernel ``items`` reach, for every arch, and check each.
 
     ``jobs > 1`` compiles in that many worker processes, which rebuild the items with
-    ``launches(quick)`` (so ``items`` must be ``launches(quick)``); ``jobs = 1`` runs
-    here, for any items. A launch that raises is reported as a compile failure.
+    ``rebuild()`` (a picklable callable), or else ``launches(quick)`` (so ``items`` must be
+    what it returns); ``jobs = 1`` runs here, for any items. A launch that raises is
+    reported as a compile failure.
     """
     work = []  # (cost, index, key, arch)
     users: dict[tuple[str, str], list[str]] = {}
@@ -823,9 +825,12 @@ def check_launches(
         for _, index, key, arch_name in work:
             finish(compile_one(items, index, key, ARCHS[arch_name]), key)
     else:
-        assert quick is not None, "jobs > 1 needs quick= to rebuild the items in the workers"
+        assert quick is not None or rebuild is not None, (
+            "jobs > 1 needs quick= or rebuild= to rebuild the items in the workers"
+        )
         ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-        with ProcessPoolExecutor(jobs, ctx, initializer=_worker_init, initargs=(quick,)) as pool:
+        init = {"initializer": _worker_init, "initargs": (quick, rebuild)}
+        with ProcessPoolExecutor(jobs, ctx, **init) as pool:
             futures = {pool.submit(_worker, i, key, a): key for _, i, key, a in work}
             for future in as_completed(futures):
                 finish(future.result(), futures[future])

@@ -45,10 +45,13 @@ def tf32_bits(a: np.ndarray) -> np.ndarray:
 
 
 def tf32_rna(a: np.ndarray) -> np.ndarray:
-    """``cvt.rna.tf32.f32``: 10 mantissa bits, ties away from zero (NaN/inf as the
-    integer formula of ``gradproj.kernels.project.tf32_round`` leaves them)."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.int32)
-    return ((bits + np.int32(0x1000)) & np.int32(-8192)).view(np.float32)
+    """``cvt.rna.tf32.f32`` (10 mantissa bits, ties away from zero): the kernels' host twin
+    ``gradproj.kernels.project.tf32_round``, on numpy arrays."""
+    import torch
+
+    from gradproj.kernels.project import tf32_round
+
+    return tf32_round(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))).numpy()
 
 
 def round_toward_zero(acc: np.ndarray) -> np.ndarray:

@@ -53,23 +53,25 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.float().contiguous().numpy()
 
 
-def dot(a: torch.Tensor, b: torch.Tensor, a_exact: bool, scheme: str = P.DOT_SCHEME):
-    """``a @ b`` as the kernel's ``_dot_split`` computes it on the tensor cores (same terms,
-    same order, from a zero accumulator, every MMA truncated)."""
+def dot(a: torch.Tensor, b: torch.Tensor, a_exact: bool, scheme: str = P.DOT_SCHEME, acc=None):
+    """``acc + a @ b`` as the kernel's ``_dot_split`` computes it on the tensor cores (same
+    terms, same order, every MMA truncated). ``acc`` ``None``: from a zero accumulator, as
+    the kernel does; a tensor: the MMAs chained through it, as the kernel did before
+    2026-12-04."""
     a, b = a.float().contiguous(), b.float().contiguous()
     if scheme == "ieee":
-        return a @ b
-    zero = np.zeros((a.shape[0], b.shape[1]), np.float32)
+        return a @ b if acc is None else acc + a @ b
+    acc = np.zeros((a.shape[0], b.shape[1]), np.float32) if acc is None else _np(acc)
     if scheme == "tf32":  # plain tf32: the scheme the guarantee rules out
-        return torch.from_numpy(TC.tf32_dot(_np(P.tf32_round(a)), _np(P.tf32_round(b)), zero))
+        return torch.from_numpy(TC.tf32_dot(_np(P.tf32_round(a)), _np(P.tf32_round(b)), acc))
     assert scheme == "tf32x3", f"no emulation of DOT_SCHEME={scheme!r}"
     b_hi, b_lo = split(b)
     if a_exact:  # bf16/fp16 values are tf32 values: a_lo = 0
         assert torch.equal(P.tf32_round(a), a)
-        acc = TC.tf32_dot(_np(a), _np(b_lo), zero)
+        acc = TC.tf32_dot(_np(a), _np(b_lo), acc)
         return torch.from_numpy(TC.tf32_dot(_np(a), _np(b_hi), acc))
     a_hi, a_lo = split(a)
-    acc = TC.tf32_dot(_np(a_lo), _np(b_hi), zero)
+    acc = TC.tf32_dot(_np(a_lo), _np(b_hi), acc)
     acc = TC.tf32_dot(_np(a_hi), _np(b_lo), acc)
     return torch.from_numpy(TC.tf32_dot(_np(a_hi), _np(b_hi), acc))
 
@@ -77,22 +79,11 @@ def dot(a: torch.Tensor, b: torch.Tensor, a_exact: bool, scheme: str = P.DOT_SCH
 def coefficients(x, u, exact: bool, block_d: int, scheme: str = P.DOT_SCHEME, chained=False):
     """Pass 1, ``x U``: the kernel's chunks of ``block_d`` columns, each product from zero
     and added in fp32 (``chained``: the MMAs carried through all of ``D`` as one sum, the
-    old kernel; for tf32x3 only)."""
-    if chained:
-        assert scheme == "tf32x3"
-        b_hi, b_lo = split(u.float())
-        pieces = [(x.float(), b_lo), (x.float(), b_hi)]
-        if not exact:
-            a_hi, a_lo = split(x.float())
-            pieces = [(a_lo, b_hi), (a_hi, b_lo), (a_hi, b_hi)]
-        acc = np.zeros((x.shape[0], u.shape[1]), np.float32)
-        for d0 in range(0, u.shape[0], block_d):
-            for a, b in pieces:
-                acc = TC.tf32_dot(_np(a[:, d0 : d0 + block_d]), _np(b[d0 : d0 + block_d]), acc)
-        return torch.from_numpy(acc)
-    coef = torch.zeros(x.shape[0], u.shape[1])
+    old kernel)."""
+    coef = None if chained else torch.zeros(x.shape[0], u.shape[1])
     for d0 in range(0, u.shape[0], block_d):
-        coef = coef + dot(x[:, d0 : d0 + block_d], u[d0 : d0 + block_d], exact, scheme)
+        part = (x[:, d0 : d0 + block_d], u[d0 : d0 + block_d], exact, scheme)
+        coef = dot(*part, acc=coef) if chained else coef + dot(*part)
     return coef
 
 

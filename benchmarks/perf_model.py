@@ -49,7 +49,14 @@ From those, per kernel, lower bounds on the time per element; the largest wins:
   lanes per SM of an H100, and 3xTF32 at k = 128 needs more tensor-core time than copy;
 * latency (Little's law): load bytes a thread issues per element × latency / (bytes in
   flight per SM × SMs): with fewer bytes in flight than bandwidth × latency, the loads
-  cannot keep HBM busy.
+  cannot keep HBM busy;
+* occupancy: warp instructions per element × the cycles a warp waits between two of its
+  instructions (``WARP_CPI``, measured) / (SMs × resident warps per SM × clock): a
+  scheduler issues only when one of its warps is ready, and with fewer resident warps
+  than ``WARP_CPI`` per scheduler it idles. Nsight Compute measured 8.1–8.7 cycles per
+  issued instruction for the CUDA row kernels on an H200 (FMA engine and tensor cores,
+  fp32 and bf16), and the whole run's measured kernel times agree with this bound where
+  the model without it was 2–10× optimistic (``recalibrate``, tests/test_perf_model.py).
 
 An op's predicted time is the sum over its kernels; its predicted ceiling is the time a
 copy of the op's essential bytes takes at the copy roofline over that time (project_:
@@ -64,8 +71,9 @@ What it does not model (so it can be wrong both ways): coalescing (it assumes ev
 the bytes counted), masks (every lane of an access counts, so a tile padded past ``D``
 counts its masked columns as moved), cache hits on re-reads (a second pass counts as HBM
 traffic even when the row block is still in L2: pessimistic), the MUFU and INT pipes,
-tensor cores below their peak, dependent-instruction stalls, shared-memory bank conflicts,
-barriers, tail waves, launch overhead and the small torch ops between kernels. Both
+tensor cores below their peak, dependent-instruction stalls, shared-memory bank conflicts
+and barriers one by one (only on average, through the measured ``WARP_CPI``), tail
+waves, launch overhead and the small torch ops between kernels. Both
 sides of a branch count (except a call to a slow path, e.g. sqrt_rn's denormal path).
 It is a prediction: ``scripts/gpu_check.sh`` on a GPU is what measures.
 
@@ -101,7 +109,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JSON = os.path.join(ROOT, "benchmarks", "results", "perf_model.json")
@@ -110,6 +118,19 @@ TITLE = "Predicted from compiled code, not measured"
 
 
 # ---------------------------------------------------------------- devices
+
+
+# Cycles between two issued instructions of one warp ("Warp Cycles Per Issued Instruction"),
+# measured by Nsight Compute on the H200 of run 2b for the four launches it profiled, CUDA
+# row kernels: 8.08 / 8.07 (tensor cores, bf16 k = 1 / 8), 8.29 (FMA engine, fp32 k = 8),
+# 8.73 (tensor cores, fp32 k = 32): benchmarks/results/gpu-H200-2026-12-04b/ncu_*.txt.
+# Their mean. The same figure is assumed for the Triton kernels and for the A100.
+WARP_CPI = 8.29
+WARP_CPI_SOURCE = (
+    "cycles between a warp's issued instructions: the mean of 8.08 / 8.07 / 8.29 / 8.73, "
+    "measured by Nsight Compute for four CUDA row kernel launches on an H200 (run 2b, "
+    "ncu_project_input_*.txt), assumed for every kernel and both GPUs"
+)
 
 
 @dataclass(frozen=True)
@@ -129,6 +150,7 @@ class Device:
     # dense tensor-core FMAs per SM per clock, by SASS instruction family and input type
     mma_fma_per_clock: dict = field(default_factory=dict)
     pipes_source: str = ""
+    warp_cpi: float = WARP_CPI  # cycles between a warp's issued instructions (occupancy)
 
 
 LATENCY_S = 700e-9  # middle of the 600–800 ns that loaded HBM latency is usually quoted at
@@ -171,6 +193,20 @@ DEVICES = {
         "16-row dots, is an assumption: taken at A100's per-SM rate, half of wgmma's",
     ),
 }
+
+# The GPU the project's runs measured (benchmarks/results/gpu-H200-2026-12-04b): sm_90 as
+# the H100 above (the same SASS), with what that run measured: the copy peer of its
+# fp32 rows (2 × 16384 × 768 fp32 read and written, 201 MB in 0.052 ms, L2 flushed) and
+# the SM clock Nsight Compute saw (131 056 cycles in 72.93 us, unlocked clocks). For
+# ``predicted_fraction_for``: the model's rows against that run's kernel times.
+H200 = replace(
+    DEVICES["sm_90"],
+    name="H200 (measured copy and clock)",
+    clock_hz=1.80e9,
+    copy_bytes_per_s=3.87e12,
+    source="132 SMs as the H100; copy 3.87 TB/s and 1.80 GHz measured by run 2b "
+    "(benchmarks/results/gpu-H200-2026-12-04b)",
+)
 
 
 # ---------------------------------------------------------------- SASS
@@ -1220,6 +1256,7 @@ def bounds(
     regions: list[tuple[float, float]],
     device: Device,
     pipe_per_elt: dict[str, float] | None = None,
+    warps_per_sm: float | None = None,
 ) -> dict:
     """Lower bounds on a kernel's seconds per element, and the one that binds.
 
@@ -1228,9 +1265,21 @@ def bounds(
     loads means the kernel cannot launch (no resident block): the time is infinite.
     ``pipe_per_elt`` (``analyze_sass``): work on the FP32, FP64 and tensor pipes, each
     bounded by its own throughput (``pipe_seconds``) besides the issue slots they take.
+    ``warps_per_sm``: resident warps per SM (blocks per SM × warps a block); with it, the
+    occupancy bound ``instrs × warp_cpi / (SMs × warps_per_sm × clock)``: each warp
+    issues one instruction every ``device.warp_cpi`` cycles on average, so the
+    schedulers issue ``min(schedulers, warps_per_sm / warp_cpi)`` a clock (0 warps: the
+    kernel cannot launch).
     """
     memory = bytes_per_elt / device.copy_bytes_per_s
     issue = instrs_per_elt / (device.sms * device.schedulers_per_sm * device.clock_hz)
+    occupancy = 0.0
+    if warps_per_sm is not None and instrs_per_elt > 0:
+        occupancy = (
+            math.inf
+            if warps_per_sm <= 0
+            else instrs_per_elt * device.warp_cpi / (device.sms * warps_per_sm * device.clock_hz)
+        )
     latency = 0.0
     for issued, in_flight in regions:
         if issued <= 0:
@@ -1239,7 +1288,7 @@ def bounds(
             latency = math.inf
             break
         latency += issued * device.latency_s / (in_flight * device.sms)
-    times = {"memory": memory, "issue": issue, "latency": latency}
+    times = {"memory": memory, "issue": issue, "latency": latency, "occupancy": occupancy}
     times |= pipe_seconds(pipe_per_elt or {}, device)
     limiter = max(times, key=lambda k: times[k])
     return {
@@ -1247,6 +1296,35 @@ def bounds(
         "s_per_elt": times[limiter],
         "limiter": limiter,
     }
+
+
+def kernel_bounds(kn: dict, device: Device) -> dict:
+    """``bounds`` of a kernel of a model row (this model's JSON or perf_model_cuda's), again,
+    for ``device``: another device of the same architecture (the same SASS), e.g. the GPU a
+    run measured, with its measured copy rate and clock."""
+    moved = kn["bytes_per_elt"]
+    regions = [
+        (r.get("load_bytes_issued_per_elt", r.get("load_bytes_per_elt", 0.0)),
+         r["bytes_in_flight_per_sm"])
+        for r in kn.get("regions", [])
+    ]  # fmt: skip
+    return bounds(
+        moved["total"] if "total" in moved else moved["read"] + moved["write"],
+        kn["instrs_per_elt"]["total"],
+        regions,
+        device,
+        kn.get("pipe_per_elt"),
+        warps_per_sm=kn["blocks_per_sm"] * kn["warps"],
+    )
+
+
+def predicted_fraction_for(row: dict, device: Device) -> float:
+    """A model row's predicted fraction of copy (``predicted_fraction``) on ``device``, its
+    kernels re-bounded there (``kernel_bounds``); 0.0 for a row that failed."""
+    if "error" in row or any(kn.get("blocks_per_sm", 0) == 0 for kn in row["kernels"]):
+        return 0.0
+    times = [kernel_bounds(kn, device)["s_per_elt"] for kn in row["kernels"]]
+    return predicted_fraction(row["floor_bytes_per_elt"], times, device)
 
 
 def predicted_fraction(
@@ -1465,6 +1543,7 @@ def model_launch(
             regions,
             device,
             got["pipe_per_elt"],
+            warps_per_sm=blocks * warps,
         )
         hot = max(got["regions"], key=lambda r: r["load_bytes_issued_per_elt"], default=None)
         kernels.append(
@@ -1532,7 +1611,7 @@ def summarize(op: Op, dt: str, k: int, device: Device, elements: int, kernels: l
         "memory_s_per_elt": total(lambda kn: kn["bounds"]["memory_s_per_elt"]),
         **{
             f"{b}_s_per_elt": total(lambda kn, b=b: kn["bounds"][f"{b}_s_per_elt"])
-            for b in ("issue", "latency", "fp32", "fp64", "tensor")
+            for b in ("issue", "latency", "occupancy", "fp32", "fp64", "tensor")
         },
         "limiter": "launch fails"
         if failed
@@ -1771,14 +1850,15 @@ def markdown(result: dict) -> str:
     dev = "\n".join(
         f"- {d['arch']} = {d['name']}: {d['sms']} SMs, {d['clock_hz'] / 1e9:.3f} GHz, copy "
         f"{d['copy_bytes_per_s'] / 1e12:.1f} TB/s (read + write), latency "
-        f"{d['latency_s'] * 1e9:.0f} ns; {d['fp32_lanes_per_sm']} FP32 lanes per SM; dense "
+        f"{d['latency_s'] * 1e9:.0f} ns, {d['warp_cpi']:g} cycles between a warp's issues; "
+        f"{d['fp32_lanes_per_sm']} FP32 lanes per SM; dense "
         "tensor-core FMAs per SM per clock: "
         + ", ".join(
             f"{fam} {kind} {rate}"
             for fam, kinds in d["mma_fma_per_clock"].items()
             for kind, rate in kinds.items()
         )
-        + f". Source: {d['source']}; {d['pipes_source']}."
+        + f". Source: {d['source']}; {d['pipes_source']}; {WARP_CPI_SOURCE}."
         for d in result["devices"].values()
     )
     return f"""# {TITLE}
@@ -1796,7 +1876,8 @@ was run on a GPU. Measured figures live apart, in the GPU runbook's results.
   over torch's fused AdamW time, assuming torch's fused AdamW moves p, g, m, v in and
   p, m, v out at the copy roofline (lower is better; the issue's target is ≤ 1.10×).
 - *limiter*: the largest of the bounds (memory at the copy rate; issue at 4 warp
-  instructions per SM per clock; latency by Little's law; fp32: FFMA/FMUL/FADD at the
+  instructions per SM per clock; latency by Little's law; occupancy: each resident warp
+  issues once every {WARP_CPI:g} cycles (measured, see the constants); fp32: FFMA/FMUL/FADD at the
   SM's FP32 lanes; tensor: the MMAs' dense FMAs at the tensor cores' rate), for the
   kernel that takes most of the time (*kernel*); *B/elt* and *instr/elt* (warp
   instructions per element: fma / tensor / global + shared memory / other) are summed over
@@ -1844,8 +1925,11 @@ ASSUMPTIONS = (
     "row block counts as HBM traffic (pessimistic when it hits L2); tensors that do not "
     "grow with the bucket (a d x k basis, weights) are read from HBM once; one issue slot"
     " per warp instruction, and FP32, FP64 and tensor-core work each at its pipe's peak "
-    "rate, no other pipe limited (MUFU, INT), no dependency stalls, no bank conflicts or "
-    "barrier waits; loaded latency 700 ns for every load, L2 hits included (pessimistic "
+    "rate, no other pipe limited (MUFU, INT); dependency stalls, bank conflicts and "
+    "barrier waits only as the measured average cycles between a warp's issues (the "
+    "occupancy bound: the same for every kernel, so a kernel with more or fewer stalls "
+    "than the measured ones is predicted too slow or too fast); loaded latency 700 ns "
+    "for every load, L2 hits included (pessimistic "
     "for them); stores do not need bytes in flight; large buckets (no tail wave, no "
     "launch overhead, the small torch ops between kernels free); both sides of a branch "
     "execute except a slow-path call; the loads Triton's pipeliner places before a loop "

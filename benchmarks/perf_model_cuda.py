@@ -6,7 +6,7 @@
                                          [--md docs/perf_model_cuda.md]
 
 The twin of ``benchmarks/perf_model.py`` for ``csrc/cuda``: the same ops, shapes, device
-figures and bounds (memory, issue, latency, the FP32 and tensor pipes), so the two tables
+figures and bounds (memory, issue, latency, occupancy, the FP32 and tensor pipes), so the two tables
 compare the backends.
 Without ``--so`` it builds ``csrc/`` as ``make cuda-compile-check`` does
 (``perf_model.build_cuda``: the CUDA venv, ``nvcc -Xptxas -v``, sm_80 and sm_90; ninja
@@ -37,7 +37,8 @@ keeps the build between runs). Then, per op, dtype, k and arch:
   the resident threads.
 
 Same assumptions as perf_model (every instruction issues in one slot, both sides of a
-branch count, every sector fetched is used, 700 ns loaded latency), and one more: the
+branch count, every sector fetched is used, 700 ns loaded latency, each resident warp
+issuing once every ``perf_model.WARP_CPI`` cycles), and one more: the
 CUDA kernels' grid-stride loops run ``work / grid`` times (no tail wave).
 """
 
@@ -972,6 +973,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
                 "spills": spills,
                 "smem": static + launch.dynamic_smem,
                 "blocks_per_sm": blocks,
+                "warps": WARPS,
                 "occupancy_limiter": limiter,
                 "instrs_per_elt": instrs,
                 "pipe_per_elt": pipe_per_elt,
@@ -986,7 +988,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
         kn["bytes_per_elt"] = moved
         kn["bounds"] = pm.bounds(
             moved["read"] + moved["write"], kn["instrs_per_elt"]["total"], kn.pop("_regions"),
-            device, kn["pipe_per_elt"],
+            device, kn["pipe_per_elt"], warps_per_sm=kn["blocks_per_sm"] * WARPS,
         )  # fmt: skip
     times = [kn["bounds"]["s_per_elt"] for kn in kernels]
     floor = pm.OPS[op].floor_bytes(dt, k)

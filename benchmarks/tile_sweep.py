@@ -3,6 +3,7 @@
 
     python benchmarks/tile_sweep.py --out DIR [--only fp32:32 ...] [--budget-s S]
     python benchmarks/tile_sweep.py --compile-only --arch sm_90 [--only ...] [--jobs N]
+    python benchmarks/tile_sweep.py --predict MD --arch sm_90 [--only ...] [--jobs N]
 
 Why: the static model (``benchmarks/perf_model.py``) chose the tiles of
 ``kernels/project.py`` (``_row_tiles``) without a GPU, and the first H200 runs measured
@@ -27,6 +28,12 @@ Measured figures only; nothing here is predicted. Writes ``DIR/tile_sweep.json``
 memory and blocks per SM (``--jobs`` processes). On the GPU machine this fills Triton's
 cache in parallel before the timed run (the stand-in's target is the device's), and here
 it shows which candidates compile without spills.
+
+``--predict MD``: no GPU; every candidate through the static model
+(``benchmarks/perf_model.py``, with its occupancy bound, calibrated on the H200's
+Nsight Compute figures), ranked by predicted fraction of copy on ``--arch``'s device
+into ``MD``: predicted from compiled code, not measured; the GPU run's measured ranking
+is what checks it.
 """
 
 from __future__ import annotations
@@ -270,9 +277,117 @@ def compile_only(
     return out
 
 
-def _compile_call(case: Case, tiles):
-    """A launch of ``project_bucket_`` on a small bucket of ``case`` with ``tiles`` (CPU
-    tensors: under the stand-in driver it compiles and runs nothing)."""
+def _perf_model():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import perf_model
+
+    return perf_model
+
+
+def _predict_item(item: tuple[Case, object, str]) -> dict:
+    """One candidate through the static model (``perf_model.model_launch`` on its bucket of
+    ``perf_model.ROWS`` rows): predicted, from the compiled code, for ``arch``'s device."""
+    case, tiles, arch = item
+    pm = _perf_model()
+    row = {"case": case.label, "tiles": tiles_label(tiles)}
+    try:
+        kernels = pm.model_launch(
+            _compile_call(case, tiles, pm.ROWS),
+            _compile_call(case, tiles, 2 * pm.ROWS),
+            pm.ROWS * D,
+            arch,
+        )
+    except Exception as exc:  # a candidate that does not compile is a finding of its row
+        return {**row, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    bad = [kn for kn in kernels if "error" in kn or kn["blocks_per_sm"] == 0]
+    if bad:
+        return {**row, "error": bad[0].get("error") or "no block fits an SM"}
+    device = pm.DEVICES[arch]
+    floor = pm.OPS["project_ input"].floor_bytes(case.dtype, case.k)
+    times = [kn["bounds"]["s_per_elt"] for kn in kernels]
+    top = max(kernels, key=lambda kn: kn["bounds"]["s_per_elt"])
+    return {
+        **row,
+        "predicted_fraction_of_copy": pm.predicted_fraction(floor, times, device),
+        "limiter": top["bounds"]["limiter"],
+        "regs": top["regs"],
+        "spills": top["spills"],
+        "blocks_per_sm": top["blocks_per_sm"],
+        "warps": top["warps"],
+        "instrs_per_elt": top["instrs_per_elt"]["total"],
+        "bytes_per_elt": top["bytes_per_elt"]["total"],
+    }
+
+
+def predict(specs: list[str] | None, arch: str, jobs: int, limit: int | None = None) -> list[dict]:
+    """Every candidate's predicted fraction of copy on ``arch``'s device (the static
+    model with its occupancy bound; predicted from compiled code, not measured), in
+    ``jobs`` worker processes; the launcher's choice of each case is marked ``chosen``."""
+    gcc = _gcc()
+    items = [
+        (case, tiles, arch)
+        for case in cases(specs)
+        for tiles in candidates(case, gcc.ARCHS[arch].capability, limit=limit)
+    ]
+    if jobs > 1 and len(items) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_predict_item, items))
+    else:
+        rows = [_predict_item(it) for it in items]
+    first = set()
+    for r in rows:
+        r["chosen"] = r["case"] not in first
+        first.add(r["case"])
+    return rows
+
+
+def predicted_markdown(arch: str, rows: list[dict]) -> str:
+    """The candidates of each case ranked by predicted fraction of copy."""
+    lines = [
+        f"# Tile candidates of the Triton row kernel, {arch}: predicted from compiled code, "
+        "not measured",
+        "",
+        f"`project_`, side input, D = {D}; the static model (`benchmarks/perf_model.py`, with "
+        "its occupancy bound) on each candidate's compiled kernel. ✓: the launcher's choice. "
+        "A candidate that spills ranks last: the model does not count local-memory traffic.",
+        "",
+    ]
+    for label in dict.fromkeys(r["case"] for r in rows):
+        lines += [
+            f"## {label}",
+            "",
+            "| tiles | predicted (of copy) | limiter | instr/elt | B/elt | regs | spills "
+            "| blocks/SM × warps |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        mine = [r for r in rows if r["case"] == label]
+        # the model counts no local-memory traffic: a spilling candidate's figure is no
+        # prediction, so those rank last
+        ranked = sorted(
+            mine, key=lambda r: (r.get("spills", 0) > 0, -r.get("predicted_fraction_of_copy", -1.0))
+        )
+        for r in ranked:
+            mark = " ✓" if r["chosen"] else ""
+            if "error" in r:
+                lines.append(f"| {r['tiles']}{mark} | fails: {r['error'][:100]} | | | | | | |")
+                continue
+            frac = f"{r['predicted_fraction_of_copy']:.0%}" + (" (spills)" if r["spills"] else "")
+            lines.append(
+                f"| {r['tiles']}{mark} | {frac} | {r['limiter']} "
+                f"| {r['instrs_per_elt']:.2f} | {r['bytes_per_elt']:.2f} | {r['regs']} "
+                f"| {r['spills']} | {r['blocks_per_sm']} × {r['warps']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _compile_call(case: Case, tiles, rows: int = 0):
+    """A launch of ``project_bucket_`` on a bucket of ``case`` with ``tiles`` (CPU tensors:
+    under the stand-in driver it compiles and runs nothing): two tensors of ``rows / 2``
+    rows each, or of 37 and 5 rows (ragged, the compile check's) when ``rows`` is 0."""
 
     def call() -> None:
         import torch
@@ -280,7 +395,8 @@ def _compile_call(case: Case, tiles):
         from gradproj.kernels import project as P
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
-        mats = [torch.empty(37, D, dtype=dtype), torch.empty(5, D, dtype=dtype)]
+        sizes = (rows // TENSORS,) * TENSORS if rows else (37, 5)
+        mats = [torch.empty(n, D, dtype=dtype) for n in sizes]
         with P.row_tiles_override(tiles):
             P.project_bucket_(mats, torch.empty(D, case.k), None, "input")
 
@@ -329,8 +445,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="--compile-only: write the rows here")
     ap.add_argument("--limit", type=int, help="at most this many candidates a case")
+    ap.add_argument(
+        "--predict", metavar="MD", help="no GPU: rank the candidates by the static model into MD"
+    )
     args = ap.parse_args(argv)
     selected = cases(args.only)  # a bad --only fails here, before anything compiles
+    if args.predict:
+        rows = predict(args.only, args.arch, args.jobs, args.limit)
+        with open(args.predict, "w") as f:
+            f.write(predicted_markdown(args.arch, rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        print(predicted_markdown(args.arch, rows))
+        return 0
     if args.compile_only:
         rows = compile_only(args.only, args.arch, args.jobs, args.limit)
         for r in rows:

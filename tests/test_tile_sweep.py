@@ -144,3 +144,41 @@ def test_compile_only_reports_registers_and_spills(tmp_path):
     for r in rows:
         assert r["regs"] > 0 and r["spill_stores"] == 0 and r["blocks_per_sm"] >= 1, r
         assert r["violations"] == [] and r["error"] is None
+
+
+def test_predicted_markdown_ranks_by_prediction_and_spills_last():
+    rows = [
+        {"case": "bf16:8", "tiles": "a", "chosen": True, "predicted_fraction_of_copy": 0.45,
+         "limiter": "occupancy", "instrs_per_elt": 1.5, "bytes_per_elt": 4.0, "regs": 116,
+         "spills": 0, "blocks_per_sm": 4, "warps": 4},
+        {"case": "bf16:8", "tiles": "b", "chosen": False, "predicted_fraction_of_copy": 1.1,
+         "limiter": "occupancy", "instrs_per_elt": 0.3, "bytes_per_elt": 0.9, "regs": 255,
+         "spills": 1216, "blocks_per_sm": 2, "warps": 4},
+        {"case": "bf16:8", "tiles": "c", "chosen": False, "predicted_fraction_of_copy": 0.67,
+         "limiter": "memory", "instrs_per_elt": 0.7, "bytes_per_elt": 6.0, "regs": 96,
+         "spills": 0, "blocks_per_sm": 5, "warps": 4},
+        {"case": "bf16:8", "tiles": "d", "chosen": False, "error": "no block fits an SM"},
+    ]  # fmt: skip
+    text = tile_sweep.predicted_markdown("sm_90", rows)
+    body = text.split("## bf16:8", 1)[1]
+    assert body.index("| c |") < body.index("| a ✓ |") < body.index("| b |")
+    assert "110% (spills)" in body and "fails: no block fits an SM" in body
+    assert "predicted from compiled code, not measured" in text
+
+
+def test_predict_ranks_compiled_candidates_through_the_static_model(tmp_path):
+    out, md = tmp_path / "rows.json", tmp_path / "pred.md"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "tile_sweep.py"), "--predict",
+           str(md), "--arch", "sm_90", "--only", "bf16:8", "--limit", "2", "--jobs", "1",
+           "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["case"], r["chosen"]) for r in rows] == [("bf16:8", True), ("bf16:8", False)]
+    for r in rows:
+        assert "error" not in r, r
+        assert 0.0 < r["predicted_fraction_of_copy"] <= 1.0, r
+        assert r["limiter"] in ("memory", "issue", "latency", "occupancy", "tensor"), r
+        assert r["instrs_per_elt"] > 0 and r["bytes_per_elt"] >= 4.0 and r["regs"] > 0, r
+    assert "✓" in md.read_text() and "not measured" in md.read_text()

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""The static model against a GPU run that measured the same kernels.
+
+    python benchmarks/model_check.py [--run benchmarks/results/gpu-H200-2026-12-04b]
+                                     [--backend cuda triton] [--md FILE]
+
+For every row a run of ``benchmarks/predicted_vs_measured.py`` measured with the profiler
+(``kernel_measured``: the peer's time over the op's kernel time), the model's row of the
+same backend, op, dtype, ``k`` and ``d`` is re-bounded for the GPU that ran
+(``perf_model.predicted_fraction_for``: the same SASS, that run's measured copy rate and SM
+clock, ``perf_model.H200``) twice: with the occupancy bound (``perf_model.WARP_CPI``) and
+without it (the model as it was before that bound, ``warp_cpi = 0``). Prints, and with
+``--md`` writes, each row's predicted and measured fractions and their ratio, and per
+backend the median ratio and the share of rows within 2× either way.
+
+The model's figures are predictions from compiled code; the run's are measurements.
+A model row only says something about a measured row when it comes from the same kernel
+source: compare against a run of the commit the model was generated from (the CUDA
+kernels of run 2b are those of today's model; its Triton kernels have changed since).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import perf_model as pm  # noqa: E402
+
+ROOT = os.path.dirname(HERE)
+DEFAULT_RUN = os.path.join(HERE, "results", "gpu-H200-2026-12-04b")
+MODELS = {
+    "triton": os.path.join(HERE, "results", "perf_model.json"),
+    "cuda": os.path.join(HERE, "results", "perf_model_cuda.json"),
+}
+RUN_FILES = {"triton": "pvm_triton.json", "cuda": "pvm_cuda.json"}
+WITHIN = 2.0  # "agrees": measured / predicted in [1 / WITHIN, WITHIN]
+
+
+def _key(row: dict, default_d: int) -> tuple:
+    backend = row.get("backend", "triton")
+    return (backend, row["op"], row["dtype"], row["k"], row.get("d", default_d))
+
+
+def compare(model: dict, measured: list[dict], device: pm.Device) -> list[dict]:
+    """Each measured row with a kernel time, against the model's row of the same case on
+    ``device`` (``arch`` of the device), with and without the occupancy bound."""
+    arch = device.arch
+    d = model["shape"]["d"]
+    rows = {_key(r, d): r for r in model["rows"] if r["arch"] == arch and "error" not in r}
+    without = dataclasses.replace(device, warp_cpi=0.0)
+    out = []
+    for m in measured:
+        if m.get("kernel_measured") is None or "error" in m:
+            continue
+        row = rows.get(_key(m, d))
+        if row is None:
+            continue
+        new = pm.predicted_fraction_for(row, device)
+        old = pm.predicted_fraction_for(row, without)
+        if new <= 0 or old <= 0:
+            continue
+        out.append(
+            {
+                "backend": m["backend"],
+                "op": m["op"],
+                "dtype": m["dtype"],
+                "k": m["k"],
+                "measured": m["kernel_measured"],
+                "predicted": new,
+                "predicted_without_occupancy": old,
+                "ratio": m["kernel_measured"] / new,
+                "ratio_without_occupancy": m["kernel_measured"] / old,
+                "limiter": max(
+                    (pm.kernel_bounds(kn, device) for kn in row["kernels"]),
+                    key=lambda b: b["s_per_elt"],
+                )["limiter"],
+            }
+        )
+    return out
+
+
+def summary(rows: list[dict], key: str = "ratio") -> dict:
+    """Median of ``key`` (measured / predicted) and the share of rows within ``WITHIN``×."""
+    ratios = [r[key] for r in rows]
+    if not ratios:
+        raise ValueError("no measured row matches a model row")
+    return {
+        "rows": len(ratios),
+        "median": statistics.median(ratios),
+        "within": sum(1 / WITHIN <= x <= WITHIN for x in ratios) / len(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+    }
+
+
+def check(run: str, backends: list[str], device: pm.Device = pm.H200) -> dict[str, list[dict]]:
+    """``compare`` for each backend, from the run's ``pvm_*.json`` and the model's JSON."""
+    out = {}
+    for backend in backends:
+        with open(MODELS[backend]) as f:
+            model = json.load(f)
+        with open(os.path.join(run, RUN_FILES[backend])) as f:
+            measured = json.load(f)["rows"]
+        out[backend] = compare(model, measured, device)
+    return out
+
+
+def markdown(results: dict[str, list[dict]], run: str, device: pm.Device) -> str:
+    lines = [
+        f"# The static model against {os.path.relpath(run, ROOT)}",
+        "",
+        f"*predicted*: from compiled code, re-bounded for {device.name} "
+        f"({device.copy_bytes_per_s / 1e12:.2f} TB/s copy, {device.clock_hz / 1e9:.2f} GHz), "
+        f"with the occupancy bound ({device.warp_cpi:g} cycles between a warp's issues) and "
+        "without it; *measured*: the run's copy peer over the op's kernel time (profiler, "
+        "warm L2: optimistic by up to a third).",
+        "",
+    ]
+    for backend, rows in results.items():
+        new, old = summary(rows), summary(rows, "ratio_without_occupancy")
+        lines += [
+            f"**{backend}**: measured / predicted, median {new['median']:.2f} "
+            f"({new['within']:.0%} of {new['rows']} rows within {WITHIN:g}×); without the "
+            f"occupancy bound {old['median']:.2f} ({old['within']:.0%}).",
+            "",
+        ]
+    lines += [
+        "| backend | op | dtype | k | predicted | limiter | predicted, no occupancy bound "
+        "| measured, kernel time | measured / predicted | without the bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rows in results.values():
+        for r in rows:
+            lines.append(
+                f"| {r['backend']} | {r['op']} | {r['dtype']} | {r['k']} | {r['predicted']:.0%} "
+                f"| {r['limiter']} | {r['predicted_without_occupancy']:.0%} | "
+                f"{r['measured']:.0%} | {r['ratio']:.2f} | {r['ratio_without_occupancy']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default=DEFAULT_RUN, help="a GPU run's results folder")
+    parser.add_argument("--backend", nargs="+", default=["cuda", "triton"], choices=list(MODELS))
+    parser.add_argument("--md", help="write the table here too")
+    args = parser.parse_args(argv)
+    text = markdown(check(args.run, args.backend), args.run, pm.H200)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

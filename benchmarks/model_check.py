@@ -7,8 +7,8 @@
 For every row a run of ``benchmarks/predicted_vs_measured.py`` measured with the profiler
 (``kernel_measured``: the peer's time over the op's kernel time), the model's row of the
 same backend, op, dtype, ``k`` and ``d`` is re-bounded for the GPU that ran
-(``perf_model.predicted_fraction_for``: the same SASS, that run's measured copy rate and SM
-clock, ``perf_model.H200``) twice: with the occupancy bound (``perf_model.WARP_CPI``) and
+(``perf_model.predicted_fraction_for``: the same SASS, the run's measured copy rate,
+``device_for_run``) twice: with the occupancy bound (``perf_model.WARP_CPI``) and
 without it (the model as it was before that bound, ``warp_cpi = 0``). Prints, and with
 ``--md`` writes, each row's predicted and measured fractions and their ratio, and per
 backend the median ratio and the share of rows within 2× either way.
@@ -100,16 +100,41 @@ def summary(rows: list[dict], key: str = "ratio") -> dict:
     }
 
 
-def check(run: str, backends: list[str], device: pm.Device = pm.H200) -> dict[str, list[dict]]:
-    """``compare`` for each backend, from the run's ``pvm_*.json`` and the model's JSON."""
-    out = {}
+def _load(run: str, backend: str) -> tuple[dict, dict]:
+    with open(MODELS[backend]) as f:
+        model = json.load(f)
+    with open(os.path.join(run, RUN_FILES[backend])) as f:
+        return model, json.load(f)
+
+
+def device_for_run(run: str, backends: list[str]) -> pm.Device:
+    """The GPU a run measured, as the model's device of its arch with the run's own copy
+    rate: the median, over its rows whose peer is a copy, of the copied bytes (the model's
+    floor bytes per element × the row's elements) over the peer's time. The SM clock is the
+    arch's device's, except on an H200, whose clock run 2b measured (``perf_model.H200``)."""
+    rates, name, arch = [], None, None
     for backend in backends:
-        with open(MODELS[backend]) as f:
-            model = json.load(f)
-        with open(os.path.join(run, RUN_FILES[backend])) as f:
-            measured = json.load(f)["rows"]
-        out[backend] = compare(model, measured, device)
-    return out
+        model, got = _load(run, backend)
+        name, arch = got["device"], got["arch"]
+        d = model["shape"]["d"]
+        floors = {_key(r, d): r["floor_bytes_per_elt"] for r in model["rows"] if r["arch"] == arch}
+        for m in got["rows"]:
+            floor = floors.get(_key(m, d))
+            if m.get("peer") == "copy" and floor and m.get("peer_ms"):
+                rates.append(floor * m["elements"] / (m["peer_ms"] / 1e3))
+    if not rates:
+        raise ValueError(f"{run}: no row timed a copy peer")
+    base = pm.H200 if "H200" in (name or "") else pm.DEVICES[arch]
+    return dataclasses.replace(
+        base, name=f"{name} (copy measured by the run)", copy_bytes_per_s=statistics.median(rates)
+    )
+
+
+def check(run: str, backends: list[str], device: pm.Device | None = None) -> dict[str, list[dict]]:
+    """``compare`` for each backend, from the run's ``pvm_*.json`` and the model's JSON, on
+    ``device`` (default: ``device_for_run``)."""
+    device = device or device_for_run(run, backends)
+    return {b: compare(_load(run, b)[0], _load(run, b)[1]["rows"], device) for b in backends}
 
 
 def markdown(results: dict[str, list[dict]], run: str, device: pm.Device) -> str:
@@ -152,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", nargs="+", default=["cuda", "triton"], choices=list(MODELS))
     parser.add_argument("--md", help="write the table here too")
     args = parser.parse_args(argv)
-    text = markdown(check(args.run, args.backend), args.run, pm.H200)
+    device = device_for_run(args.run, args.backend)
+    text = markdown(check(args.run, args.backend, device), args.run, device)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)

@@ -92,7 +92,7 @@ def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> l
     ``BLOCK_R`` ∈ {16, 32, 64} × ``BLOCK_D`` ∈ {32, 64} × warps ∈ {4, 8} × stages ∈ {1, 2}
     (Triton's pipeliner; ``_row_tiles`` keeps 1 because the staged copies spilled, which
     the sweep shows per candidate). Resident kernel, where the launcher takes it: its
-    block on 4 and 8 warps, with and without its register cap.
+    block on 4 and 8 warps, with its register cap, the 4-warp blocks' old cap (192) and none.
     """
     from gradproj.kernels import project as P
 
@@ -100,8 +100,10 @@ def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> l
     chosen = P._row_tiles(arch, elsize, d, case.k, 1, False, 16 // elsize)
     out = [chosen]
     if chosen.resident:
+        # the launcher's cap, the 4-warp blocks' old one (RESIDENT_MAXNREG), none
+        caps = dict.fromkeys((chosen.maxnreg, P.RESIDENT_MAXNREG, None))
         for warps in (4, 8):
-            for cap in (chosen.maxnreg, None):
+            for cap in caps:
                 out.append(chosen._replace(warps=warps, maxnreg=cap))
     if not chosen.one_pass:
         block_k = max(16, min(128, 1 << (case.k - 1).bit_length()))

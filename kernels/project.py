@@ -48,7 +48,8 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   (side="output") of 16-byte vectors with ``128 < D ≤ 768`` and ``k ≤ 16`` fp32 / 8
   16-bit, or ``D ≤ 1536`` in 512-column tiles on 8 warps and ``k ≤ 8`` / 4, in blocks of
   8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and
-  small ``k``: ``RESIDENT_MAX_K``, 16 for fp32, 8 for bf16/fp16, ``BLOCK_R`` = 8, up to
+  small ``k``: ``RESIDENT_MAX_K``, 8 (the anchored projection's fp32: 16), ``BLOCK_R`` = 8
+  (fp32 on 8 warps), up to
   ``D`` = 1024; beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 8, ``BLOCK_R`` = 4 up to 2048,
   then 8 and 4, ``BLOCK_R`` = 2): the row
   block stays in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, 512
@@ -574,10 +575,14 @@ class _Tiles(NamedTuple):
 
 
 # The resident kernel's largest k, per element size: beyond, its k FMA passes per element
-# cost more than the two-pass kernel's tensor-core GEMMs (benchmarks/perf_model.py, D = 768,
-# the basis columns pipelined: fp32 k = 16 73 / 76 % of copy on A100 / H100, k = 32 37 / 39 %
-# against 66 %; bf16 k = 8 93 / 94 %, k = 16 46 / 51 %).
-RESIDENT_MAX_K = {4: 16, 2: 8}
+# cost more than the two-pass kernel's tensor-core GEMMs. With the model's occupancy bound
+# (benchmarks/perf_model.py, calibrated on the H200's Nsight Compute figures; D = 768,
+# predicted, A100 / H100): fp32 k = 16 on 8 warps 63 / 47 % of copy against the two-pass
+# kernel's 67 / 67 % (64 x 32 tiles); k = 8 100 / 90 %. bf16 k = 8 58 / 58 %, k = 16 46 /
+# 51 % against 66 %. The anchored projection keeps fp32 up to 16 (its anchors' loads are
+# not modelled per candidate: benchmarks/tile_sweep.py --predict times plain rows).
+RESIDENT_MAX_K = {4: 8, 2: 8}
+RESIDENT_ANCHORED_MAX_K = {4: 16, 2: 8}
 # The same for the wide blocks, per rows of the block (4: 1024 < D <= 2048; 2: beyond), whose
 # basis column is loaded for fewer rows. Predicted, pipelined: fp32 k = 8 100 / 100 % at 2048
 # and 4096, k = 16 67 / 65 % (the two-pass kernel 67 / 67 %); bf16 k = 8 76 / 75 % at 1536
@@ -585,6 +590,18 @@ RESIDENT_MAX_K = {4: 16, 2: 8}
 # 4096, where k = 4 gives 100 / 99-100 %.
 RESIDENT_WIDE_MAX_K = {4: {4: 8, 2: 8}, 2: {4: 8, 2: 4}}
 RESIDENT_MAXNREG = 192
+# Warps and register cap of the resident kernel's 8-row blocks, per element size. On 4 warps
+# (capped at RESIDENT_MAXNREG) the model's occupancy bound holds them at 16 resident warps an
+# SM (predicted, D = 768, A100 / H100: fp32 k = 8 72 / 69 % of copy; Triton's measured H200
+# kernel time there was 44 %). fp32 on 8 warps, uncapped: ptxas takes 56-80 registers, 24-32
+# warps fit an SM, fp32 k = 4 / 8 100 / 100 %, 100 / 90 % (benchmarks/tile_sweep.py
+# --predict), no spill in any launch of the compile check. 16-bit rows keep 4 warps: on 8
+# they gain only at 80 registers or fewer (bf16 k = 4 / 8: 100 / 58 % against 79 / 45 %),
+# and there soft weights spilled: uncapped, ptxas aimed at 64 on sm_80 and spilled 8 B (3
+# tiles); capped at 80, 16-88 B with 4 tiles or anchors; at 96 they take 82-90 registers,
+# 2 programs an SM, no better than 4 warps.
+RESIDENT_WARPS = {4: 8, 2: 4}
+RESIDENT_WARPS_MAXNREG = {4: None, 2: RESIDENT_MAXNREG}
 # The wide blocks: at 192, fp32 anchored soft blocks of 3 tiles of 512 spilled 28 B on
 # sm_90; anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
 RESIDENT_WIDE_MAXNREG = 255
@@ -650,13 +667,17 @@ def resident_tiles(d: int, max_chunks: int = 4) -> ResidentTiles | None:
     return None
 
 
-def resident_max_k(tiles: ResidentTiles, elsize: int) -> int:
-    """The largest k ``project_``'s resident ``tiles`` take for ``elsize``-byte elements."""
-    limits = RESIDENT_WIDE_MAX_K[tiles.block_r] if tiles.wide else RESIDENT_MAX_K
+def resident_max_k(tiles: ResidentTiles, elsize: int, anchored: bool = False) -> int:
+    """The largest k ``project_``'s resident ``tiles`` take for ``elsize``-byte elements
+    (``anchored``: the anchored projection's)."""
+    if tiles.wide:
+        limits = RESIDENT_WIDE_MAX_K[tiles.block_r]
+    else:
+        limits = RESIDENT_ANCHORED_MAX_K if anchored else RESIDENT_MAX_K
     return limits.get(elsize, 0)
 
 
-def _resident(rows: int, res: ResidentTiles, k: int, maxnreg: int, warps: int = 4) -> _Tiles:
+def _resident(rows: int, res: ResidentTiles, k: int, maxnreg: int | None, warps: int = 4) -> _Tiles:
     """The resident kernel's tiles: ``rows`` rows of ``res``'s column tiles; ``BLOCK_K``, the
     anchors' and weights' tile, holds all ``k``."""
     block_k = max(1, triton.next_power_of_2(k))
@@ -686,16 +707,21 @@ def _row_tiles(
     choice spilled, and 64-row blocks (a warpgroup's M: Triton issues wgmma) for fp32
     at ``BLOCK_K`` = 32 and for plain contiguous rows at ``BLOCK_K`` = 128, each
     compiled without spills by triton 3.9 and 3.6 and predicted faster
-    (``benchmarks/perf_model.py``).
+    (``benchmarks/perf_model.py``). Plain contiguous rows (not anchored) take their own
+    two-pass tiles at ``BLOCK_K`` ≤ 32 and the resident 8-row blocks run on 8 warps: the
+    winners of ``benchmarks/tile_sweep.py --predict`` once the model bounded occupancy.
     """
     d_pad = max(16, triton.next_power_of_2(d))
     res = resident_tiles(d)
-    if res is not None and contig == 1 and k <= resident_max_k(res, elsize):
-        # resident: each element read once and written once; capped at 192 registers
-        # (left to itself ptxas aimed at 168 for 16-bit anchored soft 4-tile blocks on
-        # sm_90 and spilled 4 B; capped, 180-187 and no spill), the wide blocks at 255
+    if res is not None and contig == 1 and k <= resident_max_k(res, elsize, anchored):
+        # resident: each element read once and written once; the wide blocks on 4 warps
+        # capped at 255 registers, the 8-row blocks as RESIDENT_WARPS says (16-bit: 4
+        # warps capped at 192, where ptxas aimed at 168 for anchored soft 4-tile blocks on
+        # sm_90 and spilled 4 B)
+        if res.wide:
+            return _resident(res.block_r, res, k, RESIDENT_WIDE_MAXNREG)
         return _resident(
-            res.block_r, res, k, RESIDENT_WIDE_MAXNREG if res.wide else RESIDENT_MAXNREG
+            res.block_r, res, k, RESIDENT_WARPS_MAXNREG[elsize], warps=RESIDENT_WARPS[elsize]
         )
     res = resident_tiles(d, max_chunks=3)
     if res is not None and contig == 0 and vec > 1:
@@ -730,6 +756,19 @@ def _row_tiles(
         # at 49-50 % of copy); capped at 168 the plain rows kernel reached 66 % but the
         # anchored and transposed ones spilled 48 B / 4 B. Now 66 % for all three (k = 32).
         return _Tiles(False, 64, 32, block_k, 4, 1)
+    if block_k <= 32 and contig == 1 and not anchored:
+        # plain contiguous rows (benchmarks/tile_sweep.py --predict: the model with its
+        # occupancy bound, D = 768, predicted A100 / H100): 64 x 32 at BLOCK_K = 16 (fp32 /
+        # bf16 k = 16: 67 / 66 % of copy on both, 93-124 registers, 4-5 programs an SM;
+        # 32 x 64 took 162-168 registers, 3 programs: 67 / 55 % fp32, 55 / 50 % bf16); at
+        # BLOCK_K = 32 fp32 on sm_80 64 x 32 (66 % against 32 x 64's 33 %, whose 230
+        # registers left 2 programs), 16-bit 64 x 64 on sm_90 (wgmma; 66 % against 40 %)
+        # and 16 x 32 on sm_80 (58 % against 32 %: 64 registers, 8 programs an SM)
+        if block_k == 16 or elsize == 4:
+            return _Tiles(False, 64, 32, block_k, 4, 1)
+        if arch >= 90:
+            return _Tiles(False, 64, 64, block_k, 4, 1)
+        return _Tiles(False, 16, 32, block_k, 4, 1)
     if block_k <= 32:
         return _Tiles(False, 32, 64, block_k, 4, 1)
     if block_k == 64 and elsize == 4 and contig == 0 and anchored and arch >= 90:

@@ -24,7 +24,8 @@
 #      error against the float64 reference, and whether any call synchronized with the host),
 #   4. the other GPU tests (-k "cuda and not triton": $OUT/pytest_cuda.{log,xml}), then
 #      with PROFILE=1 Nsight Compute on four CUDA launches ($OUT/ncu_*.txt),
-#   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}); with PROFILE=1 the same with
+#   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}), then the model re-bounded for
+#      this GPU against both backends' kernel times ($OUT/model_check.md); with PROFILE=1 the same with
 #      the tensor cores off (GRADPROJ_CUDA_TENSOR_CORES=0: $OUT/pvm_cuda_fma.*) and the
 #      model's width sweep ($OUT/pvm_widths.*): the second H200 run (2026-12-04b) measured
 #      those, so a run spends its minutes on what is new unless asked,
@@ -233,6 +234,15 @@ if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
   pack
 fi
 pvm perf_model_cuda.json pvm_cuda "$(cap 70)"; pack
+# the static model re-bounded for this GPU (the copy rate measured here) against these kernel
+# times: $OUT/model_check.md (benchmarks/model_check.py; CPU only, seconds)
+mc_backends=()
+for b in triton cuda; do [ -s "$OUT/pvm_$b.json" ] && mc_backends+=("$b"); done
+if (( ${#mc_backends[@]} )); then
+  timeout -k 5 "$(cap 30)" "$PY" benchmarks/model_check.py --run "$OUT" \
+    --backend "${mc_backends[@]}" --md "$OUT/model_check.md" | sed -n 5,7p
+  pack
+fi
 # the same rows with the tensor cores switched off (mma_rows.cuh tensor_cores_enabled): the
 # FMA engine's times beside the tensor cores' of the run above
 if [ "${PROFILE:-0}" = 1 ]; then

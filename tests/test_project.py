@@ -421,8 +421,8 @@ def test_resident_tiles_for_at_most_three_tiles():
 @pytest.mark.parametrize(
     ("elsize", "d", "k", "contig", "resident"),
     [
-        (4, 768, 16, 1, True),  # fp32 up to k = 16
-        (4, 768, 17, 1, False),  # then the two-pass tensor-core kernel
+        (4, 768, 8, 1, True),  # fp32 up to k = 8 (the anchored projection's: 16, below)
+        (4, 768, 9, 1, False),  # then the two-pass tensor-core kernel
         (2, 768, 8, 1, True),  # bf16/fp16 up to k = 8
         (2, 768, 9, 1, False),
         (4, 128, 8, 1, False),  # D <= 128: the one-pass tensor-core tile
@@ -455,7 +455,9 @@ def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
 
     vec = 16 // elsize  # 16-byte vectors
     assert P._row_tiles(90, elsize, d, k, contig, vec=vec).resident is resident
-    assert P._row_tiles(80, elsize, d, k, contig, True, vec).resident is resident
+    # the anchored projection's fp32 rows stay resident to k = 16 (RESIDENT_ANCHORED_MAX_K)
+    anchored = resident or (elsize == 4 and contig == 1 and 128 < d <= 1024 and k <= 16)
+    assert P._row_tiles(80, elsize, d, k, contig, True, vec).resident is anchored
     if contig == 0:
         # whole sectors along the unit stride: 16 rows; with scalar accesses (VEC = 1) the
         # transposed tile spilled, so it is not resident
@@ -464,6 +466,24 @@ def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
             assert P._row_tiles(90, elsize, d, k, contig, vec=vec).block_r * elsize == 32
     else:
         assert P._row_tiles(90, elsize, d, k, contig, vec=1).resident is resident
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_anchored_fp32_rows_stay_resident_to_k16(arch):
+    # RESIDENT_ANCHORED_MAX_K: plain fp32 rows leave the resident kernel after k = 8
+    # (RESIDENT_MAX_K), the anchored projection's after 16; 16-bit rows after 8 either way
+    from gradproj.kernels import project as P
+
+    for k, plain, anchored in ((8, True, True), (9, False, True), (16, False, True),
+                               (17, False, False)):  # fmt: skip
+        assert P._row_tiles(arch, 4, 768, k, 1, False, 4).resident is plain
+        assert P._row_tiles(arch, 4, 768, k, 1, True, 4).resident is anchored
+    assert not P._row_tiles(arch, 2, 768, 9, 1, True, 8).resident
+    # the fp32 8-row blocks run on 8 warps uncapped, 16-bit on 4 capped (RESIDENT_WARPS)
+    t = P._row_tiles(arch, 4, 768, 8, 1, False, 4)
+    assert (t.warps, t.maxnreg) == (8, None)
+    t = P._row_tiles(arch, 2, 768, 8, 1, False, 8)
+    assert (t.warps, t.maxnreg) == (4, P.RESIDENT_MAXNREG)
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
@@ -514,10 +534,9 @@ def test_resident_kernel_each_chunking(device, dtype, d, anchored):
     from gradproj.kernels import project as P
 
     elsize = torch.empty((), dtype=dtype).element_size()
-    k = P.resident_max_k(P.resident_tiles(d), elsize)
-    assert (
-        P._row_tiles(90, elsize, d, k).resident and not P._row_tiles(90, elsize, d, k + 1).resident
-    )
+    k = P.resident_max_k(P.resident_tiles(d), elsize, anchored)
+    assert P._row_tiles(90, elsize, d, k, 1, anchored).resident
+    assert not P._row_tiles(90, elsize, d, k + 1, 1, anchored).resident
     gen = torch.Generator().manual_seed(d + 7 * anchored)
     wide = torch.randn(13, d + 24, generator=gen).to(dtype=dtype, device=device)
     wide_in = wide.clone()
@@ -628,6 +647,10 @@ SM90_TWO_PASS = [
     ([torch.float32], 32, "input", True, (64, 32, 32, 4)),
     ([torch.float32], 20, "output", False, (64, 32, 32, 4)),
     ([torch.float32], 27, "output", True, (64, 32, 32, 4)),
+    # plain contiguous rows, k <= 32 (tile_sweep --predict's winners): 64 x 32 at
+    # BLOCK_K = 16 (fp32 from k = 9: RESIDENT_MAX_K), 16-bit 64 x 64 at BLOCK_K = 32
+    ([torch.float32, torch.bfloat16], 12, "input", False, (64, 32, 16, 4)),
+    ([torch.bfloat16, torch.float16], 20, "input", False, (64, 64, 32, 4)),
 ]
 
 

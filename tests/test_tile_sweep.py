@@ -44,6 +44,12 @@ def test_candidates_start_with_the_launchers_choice_and_are_valid():
     # the resident kernel's own variants where the launcher takes it (bf16 k = 8 at 768)
     resident = tile_sweep.candidates(tile_sweep.Case("bf16", 8), 90)
     assert resident[0].resident and sum(t.resident for t in resident) == 4
+    assert resident[0].warps == P.RESIDENT_WARPS[2] == 4
+    # fp32's 8-warp blocks (uncapped), and the 4-warp ones it took before (cap 192)
+    fp32 = tile_sweep.candidates(tile_sweep.Case("fp32", 8), 90)
+    assert fp32[0].resident and fp32[0].warps == 8 and fp32[0].maxnreg is None
+    assert fp32[0]._replace(warps=4, maxnreg=P.RESIDENT_MAXNREG) in fp32
+    assert sum(t.resident for t in fp32) == 4
     assert {t.stages for t in resident} == {1, 2}
     assert (
         tile_sweep.candidates(tile_sweep.Case("fp32", 32), 90, limit=3)

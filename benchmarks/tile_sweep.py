@@ -10,7 +10,8 @@ Why: the static model (``benchmarks/perf_model.py``) chose the tiles of
 those kernels at 26-44 % of copy where it predicted 66-100 %: Nsight Compute found the
 kernels latency-bound (12.5-25 % occupancy), which the model took as hidden. Which tiles
 hide it best is a question for the GPU itself, so this sweep runs ``project_`` on one
-bucket (``side="input"``, ``D`` = 768, two tensors of 16384 rows) with each candidate
+bucket (``side="input"``, ``D`` = 768, two tensors of 16384 rows; and the anchored
+projection, ``x − U (Uᵀx − C)``, at ``ANCHORED_KS``) with each candidate
 tile (:func:`candidates`: the launcher's choice first, then the two-pass tensor-core
 kernel's rows, columns, warps and pipeline stages, and the resident kernel's warps and
 register cap where it applies) through ``kernels.project.row_tiles_override``.
@@ -55,29 +56,36 @@ KS = (8, 32, 128)
 ERROR_BOUND = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3}  # of max|g|
 
 
+ANCHORED_KS = (32,)  # the anchored projection's cases by default (its own two-pass tiles)
+
+
 @dataclass(frozen=True)
 class Case:
     dtype: str
     k: int
+    anchored: bool = False  # the anchored projection (project_anchored_bucket_)
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}:{self.k}"
+        return f"{self.dtype}:{self.k}" + (":anchored" if self.anchored else "")
 
 
 def cases(only: list[str] | None = None) -> list[Case]:
-    """``DTYPE:K`` cases, all of ``DTYPES`` × ``KS`` unless ``only`` names some."""
+    """``DTYPE:K[:anchored]`` cases: all of ``DTYPES`` × ``KS``, and anchored ×
+    ``ANCHORED_KS``, unless ``only`` names some."""
     every = [Case(dt, k) for dt in DTYPES for k in KS]
+    every += [Case(dt, k, True) for dt in DTYPES for k in ANCHORED_KS]
     if not only:
         return every
     out = []
     for spec in only:
-        dt, _, k = spec.partition(":")
-        if dt not in ERROR_BOUND or not k.isdigit() or int(k) < 1:
+        dt, _, rest = spec.partition(":")
+        k, _, kind = rest.partition(":")
+        if dt not in ERROR_BOUND or not k.isdigit() or int(k) < 1 or kind not in ("", "anchored"):
             raise ValueError(
-                f"--only takes DTYPE:K with DTYPE in {sorted(ERROR_BOUND)}, got {spec!r}"
+                f"--only takes DTYPE:K[:anchored] with DTYPE in {sorted(ERROR_BOUND)}, got {spec!r}"
             )
-        out.append(Case(dt, int(k)))
+        out.append(Case(dt, int(k), kind == "anchored"))
     return out
 
 
@@ -97,7 +105,7 @@ def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> l
     from gradproj.kernels import project as P
 
     elsize = _elsize(case.dtype)
-    chosen = P._row_tiles(arch, elsize, d, case.k, 1, False, 16 // elsize)
+    chosen = P._row_tiles(arch, elsize, d, case.k, 1, case.anchored, 16 // elsize)
     out = [chosen]
     if chosen.resident:
         # the launcher's cap, the 4-warp blocks' old one (RESIDENT_MAXNREG), none
@@ -130,28 +138,46 @@ def tiles_label(t) -> str:
 
 
 def bucket(case: Case, dev, rows: int = ROWS, d: int = D):
-    """``(grads, basis)``: the sweep's bucket, the basis orthonormal (fp32, contiguous)."""
+    """``(grads, basis, anchors)``: the sweep's bucket, the basis orthonormal (fp32,
+    contiguous), and for an anchored case each tensor's fp32 anchors ``C`` (rows × k, of
+    the size ``x U`` has), else ``None``."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
     gen = torch.Generator().manual_seed(case.k)
     grads = [torch.randn(rows, d, generator=gen).to(dev, dtype) for _ in range(TENSORS)]
     q, _ = torch.linalg.qr(torch.randn(d, case.k, generator=gen, dtype=torch.float64))
-    return grads, q.to(dev, torch.float32).contiguous()
+    anchors = None
+    if case.anchored:
+        anchors = [torch.randn(rows, case.k, generator=gen).to(dev) for _ in range(TENSORS)]
+    return grads, q.to(dev, torch.float32).contiguous(), anchors
 
 
-def max_error(grads, basis, tiles) -> float:
-    """``max|out − ref| / max|g|`` of one projection with ``tiles``, against float64."""
+def project(grads, basis, anchors) -> None:
+    """One projection of the bucket in place: ``project_bucket_``, or with ``anchors``
+    ``project_anchored_bucket_`` (hard: the anchors do not change)."""
+    from gradproj.kernels import project as P
+
+    if anchors is None:
+        P.project_bucket_(grads, basis, None, "input")
+    else:
+        P.project_anchored_bucket_(grads, anchors, basis, None, "input")
+
+
+def max_error(grads, basis, tiles, anchors=None) -> float:
+    """``max|out − ref| / max|g|`` of one projection with ``tiles``, against float64:
+    ``x − U Uᵀx``, anchored ``x − U (Uᵀx − C)``."""
     from gradproj.kernels import project as P
 
     work = [g.clone() for g in grads]
     with P.row_tiles_override(tiles):
-        P.project_bucket_(work, basis, None, "input")
+        project(work, basis, anchors)
     u = basis.double()
     worst = 0.0
-    for g, out in zip(grads, work, strict=True):
+    for i, (g, out) in enumerate(zip(grads, work, strict=True)):
         x = g.double()
-        ref = x - (x @ u) @ u.T
+        coef = x @ u if anchors is None else x @ u - anchors[i].double()
+        ref = x - coef @ u.T
         scale = x.abs().max().item()
         worst = max(worst, (out.double() - ref).abs().max().item() / scale)
     return worst
@@ -167,7 +193,7 @@ def measure(case: Case, dev, budget_s: float, limit: int | None = None) -> list[
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from predicted_vs_measured import kernel_profile
 
-    grads, basis = bucket(case, dev)
+    grads, basis, anchors = bucket(case, dev)
     arch = triton.runtime.driver.active.get_current_target().arch
     start = time.perf_counter()
     results = []
@@ -179,10 +205,10 @@ def measure(case: Case, dev, budget_s: float, limit: int | None = None) -> list[
         try:
             # the compiled kernels before this candidate's first launch (max_error compiles it)
             before = {id(c) for c in _compiled(P._project_rows_kernel)}
-            row["max_error"] = max_error(grads, basis, tiles)
+            row["max_error"] = max_error(grads, basis, tiles, anchors)
             row["ok"] = row["max_error"] <= ERROR_BOUND[case.dtype]
             with P.row_tiles_override(tiles):
-                ms, kernels = kernel_profile(lambda: P.project_bucket_(grads, basis, None, "input"))
+                ms, kernels = kernel_profile(lambda: project(grads, basis, anchors))
             row["kernel_ms"] = ms
             row["launches"] = sum(kernels.values())
             # the kernel this candidate compiled (none new: compiled before, figures unknown)
@@ -305,7 +331,8 @@ def _predict_item(item: tuple[Case, object, str]) -> dict:
     if bad:
         return {**row, "error": bad[0].get("error") or "no block fits an SM"}
     device = pm.DEVICES[arch]
-    floor = pm.OPS["project_ input"].floor_bytes(case.dtype, case.k)
+    op = "project_anchored input" if case.anchored else "project_ input"
+    floor = pm.OPS[op].floor_bytes(case.dtype, case.k)
     times = [kn["bounds"]["s_per_elt"] for kn in kernels]
     top = max(kernels, key=lambda kn: kn["bounds"]["s_per_elt"])
     return {
@@ -352,7 +379,8 @@ def predicted_markdown(arch: str, rows: list[dict]) -> str:
         f"# Tile candidates of the Triton row kernel, {arch}: predicted from compiled code, "
         "not measured",
         "",
-        f"`project_`, side input, D = {D}; the static model (`benchmarks/perf_model.py`, with "
+        f"`project_` (`:anchored`: the anchored projection), side input, D = {D}; the static "
+        "model (`benchmarks/perf_model.py`, with "
         "its occupancy bound) on each candidate's compiled kernel. ✓: the launcher's choice. "
         "A candidate that spills ranks last: the model does not count local-memory traffic.",
         "",
@@ -399,8 +427,9 @@ def _compile_call(case: Case, tiles, rows: int = 0):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
         sizes = (rows // TENSORS,) * TENSORS if rows else (37, 5)
         mats = [torch.empty(n, D, dtype=dtype) for n in sizes]
+        anchors = [torch.empty(n, case.k) for n in sizes] if case.anchored else None
         with P.row_tiles_override(tiles):
-            P.project_bucket_(mats, torch.empty(D, case.k), None, "input")
+            project(mats, torch.empty(D, case.k), anchors)
 
     return call
 
@@ -409,8 +438,9 @@ def markdown(device: str, versions: dict, results: dict[str, list[dict]]) -> str
     lines = [
         f"# Tile sweep of the Triton row kernel on {device} (measured)",
         "",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}. `project_`, side "
-        f"input, D = {D}, {TENSORS} × {ROWS} rows; kernel time from torch.profiler (warm "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}. `project_` "
+        f"(`:anchored`: the anchored projection), side input, D = {D}, {TENSORS} × {ROWS} "
+        "rows; kernel time from torch.profiler (warm "
         "L2); fraction = the copy of the same bytes over it. ✓: the launcher's choice.",
         "",
     ]

@@ -48,8 +48,7 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   (side="output") of 16-byte vectors with ``128 < D ≤ 768`` and ``k ≤ 16`` fp32 / 8
   16-bit, or ``D ≤ 1536`` in 512-column tiles on 8 warps and ``k ≤ 8`` / 4, in blocks of
   8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and
-  small ``k``: ``RESIDENT_MAX_K``, 8 (the anchored projection's fp32: 16), ``BLOCK_R`` = 8
-  (fp32 on 8 warps), up to
+  small ``k``: ``RESIDENT_MAX_K``, 8, ``BLOCK_R`` = 8 (fp32 on 8 warps), up to
   ``D`` = 1024; beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 8, ``BLOCK_R`` = 4 up to 2048,
   then 8 and 4, ``BLOCK_R`` = 2): the row
   block stays in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, 512
@@ -579,10 +578,9 @@ class _Tiles(NamedTuple):
 # (benchmarks/perf_model.py, calibrated on the H200's Nsight Compute figures; D = 768,
 # predicted, A100 / H100): fp32 k = 16 on 8 warps 63 / 47 % of copy against the two-pass
 # kernel's 67 / 67 % (64 x 32 tiles); k = 8 100 / 90 %. bf16 k = 8 58 / 58 %, k = 16 46 /
-# 51 % against 66 %. The anchored projection keeps fp32 up to 16 (its anchors' loads are
-# not modelled per candidate: benchmarks/tile_sweep.py --predict times plain rows).
+# 51 % against 66 %. The anchored projection alike: fp32 k = 16 44 / 43 % resident, 66 / 66 %
+# two-pass (benchmarks/tile_sweep.py --predict, its anchored cases).
 RESIDENT_MAX_K = {4: 8, 2: 8}
-RESIDENT_ANCHORED_MAX_K = {4: 16, 2: 8}
 # The same for the wide blocks, per rows of the block (4: 1024 < D <= 2048; 2: beyond), whose
 # basis column is loaded for fewer rows. Predicted, pipelined: fp32 k = 8 100 / 100 % at 2048
 # and 4096, k = 16 67 / 65 % (the two-pass kernel 67 / 67 %); bf16 k = 8 76 / 75 % at 1536
@@ -667,13 +665,9 @@ def resident_tiles(d: int, max_chunks: int = 4) -> ResidentTiles | None:
     return None
 
 
-def resident_max_k(tiles: ResidentTiles, elsize: int, anchored: bool = False) -> int:
-    """The largest k ``project_``'s resident ``tiles`` take for ``elsize``-byte elements
-    (``anchored``: the anchored projection's)."""
-    if tiles.wide:
-        limits = RESIDENT_WIDE_MAX_K[tiles.block_r]
-    else:
-        limits = RESIDENT_ANCHORED_MAX_K if anchored else RESIDENT_MAX_K
+def resident_max_k(tiles: ResidentTiles, elsize: int) -> int:
+    """The largest k ``project_``'s resident ``tiles`` take for ``elsize``-byte elements."""
+    limits = RESIDENT_WIDE_MAX_K[tiles.block_r] if tiles.wide else RESIDENT_MAX_K
     return limits.get(elsize, 0)
 
 
@@ -707,13 +701,13 @@ def _row_tiles(
     choice spilled, and 64-row blocks (a warpgroup's M: Triton issues wgmma) for fp32
     at ``BLOCK_K`` = 32 and for plain contiguous rows at ``BLOCK_K`` = 128, each
     compiled without spills by triton 3.9 and 3.6 and predicted faster
-    (``benchmarks/perf_model.py``). Plain contiguous rows (not anchored) take their own
-    two-pass tiles at ``BLOCK_K`` ≤ 32 and the resident 8-row blocks run on 8 warps: the
-    winners of ``benchmarks/tile_sweep.py --predict`` once the model bounded occupancy.
+    (``benchmarks/perf_model.py``). Contiguous rows take their own two-pass tiles at
+    ``BLOCK_K`` ≤ 32 and fp32's resident 8-row blocks run on 8 warps: the winners of
+    ``benchmarks/tile_sweep.py --predict`` once the model bounded occupancy.
     """
     d_pad = max(16, triton.next_power_of_2(d))
     res = resident_tiles(d)
-    if res is not None and contig == 1 and k <= resident_max_k(res, elsize, anchored):
+    if res is not None and contig == 1 and k <= resident_max_k(res, elsize):
         # resident: each element read once and written once; the wide blocks on 4 warps
         # capped at 255 registers, the 8-row blocks as RESIDENT_WARPS says (16-bit: 4
         # warps capped at 192, where ptxas aimed at 168 for anchored soft 4-tile blocks on
@@ -756,14 +750,15 @@ def _row_tiles(
         # at 49-50 % of copy); capped at 168 the plain rows kernel reached 66 % but the
         # anchored and transposed ones spilled 48 B / 4 B. Now 66 % for all three (k = 32).
         return _Tiles(False, 64, 32, block_k, 4, 1)
-    if block_k <= 32 and contig == 1 and not anchored:
-        # plain contiguous rows (benchmarks/tile_sweep.py --predict: the model with its
-        # occupancy bound, D = 768, predicted A100 / H100): 64 x 32 at BLOCK_K = 16 (fp32 /
-        # bf16 k = 16: 67 / 66 % of copy on both, 93-124 registers, 4-5 programs an SM;
-        # 32 x 64 took 162-168 registers, 3 programs: 67 / 55 % fp32, 55 / 50 % bf16); at
-        # BLOCK_K = 32 fp32 on sm_80 64 x 32 (66 % against 32 x 64's 33 %, whose 230
-        # registers left 2 programs), 16-bit 64 x 64 on sm_90 (wgmma; 66 % against 40 %)
-        # and 16 x 32 on sm_80 (58 % against 32 %: 64 registers, 8 programs an SM)
+    if block_k <= 32 and contig == 1:
+        # contiguous rows, plain or anchored (benchmarks/tile_sweep.py --predict: the model
+        # with its occupancy bound, D = 768, predicted A100 / H100): 64 x 32 at BLOCK_K = 16
+        # (fp32 / bf16 k = 16: 67 / 66 % of copy on both, 93-164 registers, 3-5 programs an
+        # SM; 32 x 64 took 128-168 registers: 67 / 55 % fp32, 55 / 50 % bf16, anchored bf16
+        # 51 / 49 %); at BLOCK_K = 32 fp32 on sm_80 64 x 32 (66 % against 32 x 64's 33 %,
+        # whose 230-253 registers left 2 programs; anchored the same), 16-bit 64 x 64 on
+        # sm_90 (wgmma; 66 / 65 % plain / anchored against 40 / 30 %) and 16 x 32 on sm_80
+        # (58 / 43 % against 32 / 21 %: 64-75 registers, 6-8 programs an SM)
         if block_k == 16 or elsize == 4:
             return _Tiles(False, 64, 32, block_k, 4, 1)
         if arch >= 90:

@@ -662,8 +662,7 @@ def launches(quick: bool = False) -> list[Launch]:
                 out.append(project_launch(dt, "input", wide_k, True, anchored, d=d, note=f" D={d}"))
         for d in (2048, 4096):
             out.append(project_launch(dt, "input", 1, False, False, d=d, note=f" D={d}"))
-    # fp32 at k = 16: the anchored projection's resident kernel at its largest k
-    # (RESIDENT_ANCHORED_MAX_K), plain rows' two-pass kernel (RESIDENT_MAX_K: 8)
+    # fp32 at k = 16: the two-pass kernel's 64 x 32 tiles past RESIDENT_MAX_K (8)
     vec_rows = (48, 16)  # transposed views whose rows are whole 16-byte vectors (VEC > 1)
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))

@@ -421,7 +421,7 @@ def test_resident_tiles_for_at_most_three_tiles():
 @pytest.mark.parametrize(
     ("elsize", "d", "k", "contig", "resident"),
     [
-        (4, 768, 8, 1, True),  # fp32 up to k = 8 (the anchored projection's: 16, below)
+        (4, 768, 8, 1, True),  # fp32 up to k = 8
         (4, 768, 9, 1, False),  # then the two-pass tensor-core kernel
         (2, 768, 8, 1, True),  # bf16/fp16 up to k = 8
         (2, 768, 9, 1, False),
@@ -455,9 +455,7 @@ def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
 
     vec = 16 // elsize  # 16-byte vectors
     assert P._row_tiles(90, elsize, d, k, contig, vec=vec).resident is resident
-    # the anchored projection's fp32 rows stay resident to k = 16 (RESIDENT_ANCHORED_MAX_K)
-    anchored = resident or (elsize == 4 and contig == 1 and 128 < d <= 1024 and k <= 16)
-    assert P._row_tiles(80, elsize, d, k, contig, True, vec).resident is anchored
+    assert P._row_tiles(80, elsize, d, k, contig, True, vec).resident is resident
     if contig == 0:
         # whole sectors along the unit stride: 16 rows; with scalar accesses (VEC = 1) the
         # transposed tile spilled, so it is not resident
@@ -469,21 +467,22 @@ def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_anchored_fp32_rows_stay_resident_to_k16(arch):
-    # RESIDENT_ANCHORED_MAX_K: plain fp32 rows leave the resident kernel after k = 8
-    # (RESIDENT_MAX_K), the anchored projection's after 16; 16-bit rows after 8 either way
+def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
+    # fp32's 8-row resident blocks on 8 warps uncapped, 16-bit's on 4 capped (RESIDENT_WARPS);
+    # past RESIDENT_MAX_K contiguous rows, plain or anchored, take the two-pass kernel's
+    # 64 x 32 tiles at BLOCK_K = 16
     from gradproj.kernels import project as P
 
-    for k, plain, anchored in ((8, True, True), (9, False, True), (16, False, True),
-                               (17, False, False)):  # fmt: skip
-        assert P._row_tiles(arch, 4, 768, k, 1, False, 4).resident is plain
-        assert P._row_tiles(arch, 4, 768, k, 1, True, 4).resident is anchored
-    assert not P._row_tiles(arch, 2, 768, 9, 1, True, 8).resident
-    # the fp32 8-row blocks run on 8 warps uncapped, 16-bit on 4 capped (RESIDENT_WARPS)
-    t = P._row_tiles(arch, 4, 768, 8, 1, False, 4)
-    assert (t.warps, t.maxnreg) == (8, None)
-    t = P._row_tiles(arch, 2, 768, 8, 1, False, 8)
-    assert (t.warps, t.maxnreg) == (4, P.RESIDENT_MAXNREG)
+    for anchored in (False, True):
+        t = P._row_tiles(arch, 4, 768, 8, 1, anchored, 4)
+        assert t.resident and (t.warps, t.maxnreg) == (8, None)
+        t = P._row_tiles(arch, 2, 768, 8, 1, anchored, 8)
+        assert t.resident and (t.warps, t.maxnreg) == (4, P.RESIDENT_MAXNREG)
+        for elsize in (4, 2):
+            t = P._row_tiles(arch, elsize, 768, 9, 1, anchored, 16 // elsize)
+            assert not t.resident and (t.block_r, t.block_d, t.block_k, t.warps) == (64, 32, 16, 4)
+        t = P._row_tiles(arch, 2, 768, 32, 1, anchored, 8)
+        assert (t.block_r, t.block_d) == ((64, 64) if arch >= 90 else (16, 32))
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
@@ -534,7 +533,7 @@ def test_resident_kernel_each_chunking(device, dtype, d, anchored):
     from gradproj.kernels import project as P
 
     elsize = torch.empty((), dtype=dtype).element_size()
-    k = P.resident_max_k(P.resident_tiles(d), elsize, anchored)
+    k = P.resident_max_k(P.resident_tiles(d), elsize)
     assert P._row_tiles(90, elsize, d, k, 1, anchored).resident
     assert not P._row_tiles(90, elsize, d, k + 1, 1, anchored).resident
     gen = torch.Generator().manual_seed(d + 7 * anchored)
@@ -647,10 +646,12 @@ SM90_TWO_PASS = [
     ([torch.float32], 32, "input", True, (64, 32, 32, 4)),
     ([torch.float32], 20, "output", False, (64, 32, 32, 4)),
     ([torch.float32], 27, "output", True, (64, 32, 32, 4)),
-    # plain contiguous rows, k <= 32 (tile_sweep --predict's winners): 64 x 32 at
-    # BLOCK_K = 16 (fp32 from k = 9: RESIDENT_MAX_K), 16-bit 64 x 64 at BLOCK_K = 32
+    # contiguous rows, k <= 32 (tile_sweep --predict's winners): 64 x 32 at BLOCK_K = 16
+    # (fp32 from k = 9: RESIDENT_MAX_K), 16-bit 64 x 64 at BLOCK_K = 32, plain or anchored
     ([torch.float32, torch.bfloat16], 12, "input", False, (64, 32, 16, 4)),
+    ([torch.float32], 16, "input", True, (64, 32, 16, 4)),
     ([torch.bfloat16, torch.float16], 20, "input", False, (64, 64, 32, 4)),
+    ([torch.bfloat16], 24, "input", True, (64, 64, 32, 4)),
 ]
 
 

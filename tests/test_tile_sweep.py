@@ -58,9 +58,13 @@ def test_candidates_start_with_the_launchers_choice_and_are_valid():
 
 
 def test_cases_parse_and_refuse_bad_specs():
-    assert [c.label for c in tile_sweep.cases(["fp32:32", "bf16:8"])] == ["fp32:32", "bf16:8"]
-    assert len(tile_sweep.cases(None)) == len(tile_sweep.DTYPES) * len(tile_sweep.KS)
-    for bad in ("fp64:8", "fp32", "fp32:0", "bf16:x"):
+    specs = ["fp32:32", "bf16:8", "bf16:32:anchored"]
+    assert [c.label for c in tile_sweep.cases(specs)] == specs
+    assert tile_sweep.cases(["bf16:32:anchored"])[0] == tile_sweep.Case("bf16", 32, True)
+    every = tile_sweep.cases(None)
+    assert len(every) == len(tile_sweep.DTYPES) * (len(tile_sweep.KS) + len(tile_sweep.ANCHORED_KS))
+    assert sum(c.anchored for c in every) == len(tile_sweep.DTYPES) * len(tile_sweep.ANCHORED_KS)
+    for bad in ("fp64:8", "fp32", "fp32:0", "bf16:x", "fp32:8:soft"):
         with pytest.raises(ValueError, match="DTYPE:K"):
             tile_sweep.cases([bad])
 
@@ -81,6 +85,32 @@ def test_every_candidate_matches_float64(dtype, k):
             P.project_bucket_(work, u, None, "input")
         for g, out in zip(grads, work, strict=True):
             assert_matches(out, ref64(g, u, "input"), g, k, backend="triton", d=d)
+
+
+@interpreting
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float32, 32), (torch.bfloat16, 16)], ids=str)
+def test_every_anchored_candidate_matches_float64(dtype, k):
+    # the anchored projection's candidates (its own launcher's choice first): x - U (U^T x - C)
+    from gradproj import reference as R
+
+    d = 160
+    case = tile_sweep.Case("fp32" if dtype == torch.float32 else "bf16", k, True)
+    gen = torch.Generator().manual_seed(k + 1)
+    grads = [torch.randn(r, d, generator=gen).to(dtype) for r in (19, 3)]
+    anchors = [torch.randn(r, k, generator=gen) for r in (19, 3)]
+    u = orthonormal(d, k).contiguous()
+    found = tile_sweep.candidates(case, 90, d=d)
+    assert found[0] == P._row_tiles(90, 4 if dtype == torch.float32 else 2, d, k, 1, True, 4)
+    for tiles in found:
+        work, c_work = [g.clone() for g in grads], [c.clone() for c in anchors]
+        with P.row_tiles_override(tiles):
+            tile_sweep.project(work, u, c_work)
+        for g, out, c, c_out in zip(grads, work, anchors, c_work, strict=True):
+            p_ref, _ = R.project_anchored(g.double(), c.double(), u.double())
+            assert_matches(out, p_ref, g, k, backend="triton", d=d)
+            assert torch.equal(c_out, c)  # hard projection: the anchors stay
+        # the sweep's own error measure agrees (its float64 reference of the same math)
+        assert tile_sweep.max_error(grads, u, tiles, anchors) <= tile_sweep.ERROR_BOUND[case.dtype]
 
 
 def test_override_refuses_tiles_the_kernel_cannot_run_and_changes_nothing():

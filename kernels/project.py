@@ -577,9 +577,11 @@ class _Tiles(NamedTuple):
 # cost more than the two-pass kernel's tensor-core GEMMs. With the model's occupancy bound
 # (benchmarks/perf_model.py, calibrated on the H200's Nsight Compute figures; D = 768,
 # predicted, A100 / H100): fp32 k = 16 on 8 warps 63 / 47 % of copy against the two-pass
-# kernel's 67 / 67 % (64 x 32 tiles); k = 8 100 / 90 %. bf16 k = 8 58 / 58 %, k = 16 46 /
-# 51 % against 66 %. The anchored projection alike: fp32 k = 16 44 / 43 % resident, 66 / 66 %
-# two-pass (benchmarks/tile_sweep.py --predict, its anchored cases).
+# kernel's 67 / 67 % (64 x 32 tiles); k = 8 100 / 90 %. The anchored projection alike: fp32
+# k = 16 44 / 43 % resident, 66 / 66 % two-pass (benchmarks/tile_sweep.py --predict, its
+# anchored cases). 16-bit rows stay resident to k = 8 (on 4 warps, RESIDENT_WARPS): 46 / 45 %
+# there against the two-pass kernel's 67 / 67 %, but the one two-pass figure a GPU could
+# check came out at 0.6x the model's (fp32 k = 32, H200), and the tile sweep decides it.
 RESIDENT_MAX_K = {4: 8, 2: 8}
 # The same for the wide blocks, per rows of the block (4: 1024 < D <= 2048; 2: beyond), whose
 # basis column is loaded for fewer rows. Predicted, pipelined: fp32 k = 8 100 / 100 % at 2048

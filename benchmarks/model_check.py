@@ -107,14 +107,22 @@ def _load(run: str, backend: str) -> tuple[dict, dict]:
         return model, json.load(f)
 
 
+def _load_all(run: str, backends: list[str]) -> dict[str, tuple[dict, dict]]:
+    return {b: _load(run, b) for b in backends}
+
+
 def device_for_run(run: str, backends: list[str]) -> pm.Device:
+    """The GPU a run measured (``_device_for`` of its files)."""
+    return _device_for(_load_all(run, backends))
+
+
+def _device_for(loaded: dict[str, tuple[dict, dict]]) -> pm.Device:
     """The GPU a run measured, as the model's device of its arch with the run's own copy
     rate: the median, over its rows whose peer is a copy, of the copied bytes (the model's
     floor bytes per element × the row's elements) over the peer's time. The SM clock is the
     arch's device's, except on an H200, whose clock run 2b measured (``perf_model.H200``)."""
     rates, name, arch = [], None, None
-    for backend in backends:
-        model, got = _load(run, backend)
+    for model, got in loaded.values():
         name, arch = got["device"], got["arch"]
         d = model["shape"]["d"]
         floors = {_key(r, d): r["floor_bytes_per_elt"] for r in model["rows"] if r["arch"] == arch}
@@ -123,7 +131,7 @@ def device_for_run(run: str, backends: list[str]) -> pm.Device:
             if m.get("peer") == "copy" and floor and m.get("peer_ms"):
                 rates.append(floor * m["elements"] / (m["peer_ms"] / 1e3))
     if not rates:
-        raise ValueError(f"{run}: no row timed a copy peer")
+        raise ValueError(f"the run on {name} ({', '.join(loaded)}): no row timed a copy peer")
     base = pm.H200 if "H200" in (name or "") else pm.DEVICES[arch]
     return dataclasses.replace(
         base, name=f"{name} (copy measured by the run)", copy_bytes_per_s=statistics.median(rates)
@@ -133,8 +141,9 @@ def device_for_run(run: str, backends: list[str]) -> pm.Device:
 def check(run: str, backends: list[str], device: pm.Device | None = None) -> dict[str, list[dict]]:
     """``compare`` for each backend, from the run's ``pvm_*.json`` and the model's JSON, on
     ``device`` (default: ``device_for_run``)."""
-    device = device or device_for_run(run, backends)
-    return {b: compare(_load(run, b)[0], _load(run, b)[1]["rows"], device) for b in backends}
+    loaded = _load_all(run, backends)
+    device = device or _device_for(loaded)
+    return {b: compare(model, got["rows"], device) for b, (model, got) in loaded.items()}
 
 
 def markdown(results: dict[str, list[dict]], run: str, device: pm.Device) -> str:
@@ -177,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", nargs="+", default=["cuda", "triton"], choices=list(MODELS))
     parser.add_argument("--md", help="write the table here too")
     args = parser.parse_args(argv)
-    device = device_for_run(args.run, args.backend)
-    text = markdown(check(args.run, args.backend, device), args.run, device)
+    loaded = _load_all(args.run, args.backend)
+    device = _device_for(loaded)
+    results = {b: compare(model, got["rows"], device) for b, (model, got) in loaded.items()}
+    text = markdown(results, args.run, device)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)

@@ -56,7 +56,8 @@ From those, per kernel, lower bounds on the time per element; the largest wins:
   than ``WARP_CPI`` per scheduler it idles. Nsight Compute measured 8.1–8.7 cycles per
   issued instruction for the CUDA row kernels on an H200 (FMA engine and tensor cores,
   fp32 and bf16), and the whole run's measured kernel times agree with this bound where
-  the model without it was 2–10× optimistic (``recalibrate``, tests/test_perf_model.py).
+  the model without it was 2–10× optimistic (``benchmarks/model_check.py``,
+  tests/test_perf_model.py).
 
 An op's predicted time is the sum over its kernels; its predicted ceiling is the time a
 copy of the op's essential bytes takes at the copy roofline over that time (project_:

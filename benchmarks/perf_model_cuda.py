@@ -958,11 +958,9 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
         instrs = {c: v * scale for c, v in got["per_block"].items()}
         instrs["total"] = sum(instrs.values())
         pipe_per_elt = {p: v * scale for p, v in sorted(got["pipes"].items())}
-        regions = []
         for r in got["regions"]:
             r["load_bytes_per_elt"] = r["load_bytes_per_thread"] * THREADS * grid / elements
             r["bytes_in_flight_per_sm"] = r["bytes_in_flight_per_thread"] * THREADS * blocks
-            regions.append((r["load_bytes_per_elt"], r["bytes_in_flight_per_sm"]))
         kernels.append(
             {
                 "kernel": _short(name),
@@ -980,16 +978,12 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
                 "regions": got["regions"],
                 "loops": got["loops"],
                 "notes": got["notes"],
-                "_regions": regions,
             }
         )
     moved_per_launch = hbm_bytes(op, dt, k, d=d, smem_optin=lim.smem_optin_per_block)
     for kn, moved in zip(kernels, moved_per_launch, strict=True):
         kn["bytes_per_elt"] = moved
-        kn["bounds"] = pm.bounds(
-            moved["read"] + moved["write"], kn["instrs_per_elt"]["total"], kn.pop("_regions"),
-            device, kn["pipe_per_elt"], warps_per_sm=kn["blocks_per_sm"] * WARPS,
-        )  # fmt: skip
+        kn["bounds"] = pm.kernel_bounds(kn, device)
     times = [kn["bounds"]["s_per_elt"] for kn in kernels]
     floor = pm.OPS[op].floor_bytes(dt, k)
     failed = any(kn["blocks_per_sm"] == 0 for kn in kernels)

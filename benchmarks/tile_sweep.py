@@ -330,21 +330,19 @@ def _predict_item(item: tuple[Case, object, str]) -> dict:
     bad = [kn for kn in kernels if "error" in kn or kn["blocks_per_sm"] == 0]
     if bad:
         return {**row, "error": bad[0].get("error") or "no block fits an SM"}
-    device = pm.DEVICES[arch]
-    op = "project_anchored input" if case.anchored else "project_ input"
-    floor = pm.OPS[op].floor_bytes(case.dtype, case.k)
-    times = [kn["bounds"]["s_per_elt"] for kn in kernels]
-    top = max(kernels, key=lambda kn: kn["bounds"]["s_per_elt"])
+    op = pm.OPS["project_anchored input" if case.anchored else "project_ input"]
+    got = pm.summarize(op, case.dtype, case.k, pm.DEVICES[arch], pm.ROWS * D, kernels)
+    top = next(kn for kn in kernels if kn["kernel"] == got["limiting_kernel"])
     return {
         **row,
-        "predicted_fraction_of_copy": pm.predicted_fraction(floor, times, device),
-        "limiter": top["bounds"]["limiter"],
+        "predicted_fraction_of_copy": got["predicted_fraction_of_copy"],
+        "limiter": got["limiter"],
         "regs": top["regs"],
         "spills": top["spills"],
         "blocks_per_sm": top["blocks_per_sm"],
         "warps": top["warps"],
-        "instrs_per_elt": top["instrs_per_elt"]["total"],
-        "bytes_per_elt": top["bytes_per_elt"]["total"],
+        "instrs_per_elt": got["instrs_per_elt"]["total"],
+        "bytes_per_elt": got["bytes_per_elt"],
     }
 
 

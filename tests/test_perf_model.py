@@ -423,6 +423,23 @@ def test_kernel_bounds_rebounds_a_models_row_for_another_device():
                                      DEVICE) == 0.0  # fmt: skip
 
 
+def test_kernel_bounds_reproduces_both_models_own_bounds():
+    # model_check re-bounds the models' JSON rows; on the model's own device that must give
+    # back every kernel's stored bounds (perf_model_cuda computes them this very way)
+    for name in ("perf_model.json", "perf_model_cuda.json"):
+        with open(os.path.join(ROOT, "benchmarks", "results", name)) as f:
+            model = json.load(f)
+        kernels = [(r["arch"], kn) for r in model["rows"] if "error" not in r
+                   for kn in r["kernels"] if "error" not in kn]  # fmt: skip
+        assert len(kernels) > 100, name
+        for arch, kn in kernels:
+            got = pm.kernel_bounds(kn, pm.DEVICES[arch])
+            assert got["limiter"] == kn["bounds"]["limiter"], (name, kn["kernel"])
+            for key, want in kn["bounds"].items():
+                if key != "limiter":
+                    assert got[key] == pytest.approx(want, rel=1e-12), (name, kn["kernel"], key)
+
+
 def test_model_agrees_with_the_h200_run_it_was_calibrated_on():
     """Re-bounded for the H200 of benchmarks/results/gpu-H200-2026-12-04b (its copy rate as
     that run measured it), the model's predicted fraction of copy for the CUDA kernels

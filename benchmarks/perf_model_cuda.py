@@ -85,6 +85,10 @@ MMA_BLOCKS = (2, 4, 6, 8, 10)  # the NB the launcher compiles (run_columns)
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
+# mma_rows.cuh [16 warps]: 16-bit projection rows of (32, 64] column blocks
+MMA_WIDE_WARPS = 16  # kWideWarps
+MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo]
+MMA_WIDE_NB = (3, 4)  # the NB the launcher compiles for them
 
 
 # ---------------------------------------------------------------- C++ loops and annotations
@@ -291,6 +295,7 @@ class Launch:
     work: int  # blocks of work (the grid-stride loop's range)
     dynamic_smem: int
     env: dict  # names the model-trips expressions use
+    threads: int = THREADS  # a block's
 
 
 def _round_up(n: int, m: int) -> int:
@@ -339,10 +344,10 @@ def rows_launches(
     ]
 
 
-def _mma_smem(nblk: int, kp: int, pairs: bool = False) -> int:
+def _mma_smem(nblk: int, kp: int, pairs: bool = False, warps: int = WARPS) -> int:
     """``mma_rows::smem_bytes``: the staged basis (twice with pairs: hi and lo), the partial
-    sums, the coefficient tile."""
-    return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + WARPS * MMA_TILE_ROWS
+    sums (a tile a warp), the coefficient tile."""
+    return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + warps * MMA_TILE_ROWS
                 * MMA_COEF_CHUNK + MMA_TILE_ROWS * (kp + 4))  # fmt: skip
 
 
@@ -398,26 +403,38 @@ def mma_launches(
     if k < MMA_MIN_K[dt] or kc == 0:
         return None
     nblk = -(-d // 16)
-    per_warp = -(-nblk // WARPS)
-    nb = next(n for n in MMA_BLOCKS if per_warp <= n)
-    # the warps' valid blocks (the unrolled block loop breaks at the first past d)
-    blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(WARPS)) / WARPS
     n_tiles = -(-total_rows // MMA_TILE_ROWS)
     limit = MMA_MAX_SMEM if smem_optin is None else min(MMA_MAX_SMEM, smem_optin)
     launches = []
     for c0 in range(0, k, kc):
         cols = min(kc, k - c0)
         name = policy if c0 == 0 or rest is None else rest
+        # [16 warps]: 16-bit projection rows (kSixteenWarps: not AdamW's) of 513-1024
+        # columns, where the partial sums of 16 warps fit beside the launch's columns
+        warps = WARPS
+        lo, hi = MMA_WIDE_BLOCKS
+        wide = dt != "fp32" and re.search(r"Project(Pair)?Policy", name)
+        if wide and lo < nblk <= hi and _mma_smem(nblk, _round_up(cols, 8), False,
+                                                  MMA_WIDE_WARPS) <= limit:  # fmt: skip
+            warps = MMA_WIDE_WARPS
+        if warps == WARPS:
+            nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)
+        else:
+            nb = next(n for n in MMA_WIDE_NB if -(-nblk // warps) <= n)
+        # the warps' valid blocks (the unrolled block loop breaks at the first past d)
+        blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
         # [pairs]: 16-bit projections (x exact in tf32) without anchors whose U fits twice
         exact = dt != "fp32" and re.search(r"Project(Pair)?Policy", name) and not anchored
-        pairs = exact and cols > 8 and _mma_smem(nblk, _round_up(cols, 16), True) <= limit
+        fits = _mma_smem(nblk, _round_up(cols, 16), True, warps) <= limit
+        pairs = exact and cols > 8 and fits
         kp = _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
                    entries=entries, second=groups % 2 == 0, anchored=anchored,
-                   units=2 if pairs else 1)  # fmt: skip
-        kernel = f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}>"
-        launches.append(Launch(kernel, n_tiles, _mma_smem(nblk, kp, pairs), env))
+                   units=2 if pairs else 1, W=warps, threads=32 * warps)  # fmt: skip
+        kernel = f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}>"
+        smem = _mma_smem(nblk, kp, pairs, warps)
+        launches.append(Launch(kernel, n_tiles, smem, env, 32 * warps))
     return launches
 
 
@@ -944,7 +961,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
             raise LookupError(f"no resource usage for {name} on {arch} in the cubin")
         regs, static, spills = rec.registers, rec.static_smem, rec.local_bytes
         blocks, limiter = arch_limits.blocks_per_sm(
-            regs, THREADS, static + launch.dynamic_smem, lim
+            regs, launch.threads, static + launch.dynamic_smem, lim
         )
         grid = max(1, min(launch.work, blocks * device.sms))
         env = launch.env | {
@@ -954,13 +971,13 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
             "amsgrad": False,  # the modelled AdamW step
         }
         got = analyze_kernel(build.sass[arch][name], build.chains[arch][name], env, cpp, binds)
-        scale = grid * WARPS / elements
+        scale = grid * launch.threads // 32 / elements
         instrs = {c: v * scale for c, v in got["per_block"].items()}
         instrs["total"] = sum(instrs.values())
         pipe_per_elt = {p: v * scale for p, v in sorted(got["pipes"].items())}
         for r in got["regions"]:
-            r["load_bytes_per_elt"] = r["load_bytes_per_thread"] * THREADS * grid / elements
-            r["bytes_in_flight_per_sm"] = r["bytes_in_flight_per_thread"] * THREADS * blocks
+            r["load_bytes_per_elt"] = r["load_bytes_per_thread"] * launch.threads * grid / elements
+            r["bytes_in_flight_per_sm"] = r["bytes_in_flight_per_thread"] * launch.threads * blocks
         kernels.append(
             {
                 "kernel": _short(name),
@@ -971,7 +988,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
                 "spills": spills,
                 "smem": static + launch.dynamic_smem,
                 "blocks_per_sm": blocks,
-                "warps": WARPS,
+                "warps": launch.threads // 32,
                 "occupancy_limiter": limiter,
                 "instrs_per_elt": instrs,
                 "pipe_per_elt": pipe_per_elt,

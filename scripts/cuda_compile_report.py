@@ -197,6 +197,41 @@ class KernelSource:
     threads_from: str = ""  # the launch or __launch_bounds__ it was read from
     dynamic_smem: str | None = None  # how the launch sizes it, when the kernel has any
     dynamic_capped: bool = False  # the host keeps it <= sharedMemPerBlockOptin
+    # where the block size is a template parameter's expression (mma_rows_kernel's W * 32):
+    # the expression, the kernel's template parameters and the constants it may use
+    threads_expr: str = ""
+    template_params: tuple[str, ...] = ()
+    consts: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def threads_of(self, short: str) -> int | None:
+        """The block size of the instantiation ``short`` (``k<P, 3, false, 16>``): ``threads``,
+        or ``threads_expr`` with the instantiation's integer and bool arguments bound."""
+        if self.threads or not self.threads_expr:
+            return self.threads
+        args = _template_args(short)
+        if len(args) != len(self.template_params):
+            return None
+        bound = dict(self.consts)
+        for name, arg in zip(self.template_params, args, strict=True):
+            value = {"true": 1, "false": 0}.get(arg, arg)
+            if isinstance(value, int) or re.fullmatch(r"-?\d+", value):
+                bound[name] = int(value)
+        return _eval_int(self.threads_expr, bound)
+
+
+def _template_args(short: str) -> list[str]:
+    """``k<A<x, y>, 3, false>`` -> ``['A<x, y>', '3', 'false']`` ([] without arguments)."""
+    if "<" not in short or not short.endswith(">"):
+        return []
+    args, depth, cur = [], 0, ""
+    for c in short[short.index("<") + 1 : -1]:
+        depth += {"<": 1, "(": 1, ">": -1, ")": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+        else:
+            cur += c
+    return [*args, cur.strip()] if cur.strip() else args
 
 
 def _strip_comments(text: str) -> str:
@@ -394,6 +429,9 @@ def scan_sources(src_dir: Path, root: Path = ROOT) -> dict[str, KernelSource]:
                 threads = _eval_int(args[1], consts) if len(args) > 1 else None
                 blocks.append((pos, threads, args))
             known = [(pos, t) for pos, t, _ in blocks if t is not None]
+            # a block size of template parameters: evaluated per instantiation (threads_of)
+            exprs = {a[1] for _, t, a in blocks if t is None and len(a) > 1}
+            head = re.search(r"template\s*<([^;{}]*)>\s*$", text[: m.start()])
             if known:
                 ks.threads = max(t for _, t in known)
                 where = ", ".join(f"{rel(f)}:{line(p)}" for p, _ in known)
@@ -402,6 +440,14 @@ def scan_sources(src_dir: Path, root: Path = ROOT) -> dict[str, KernelSource]:
             elif bounds and (t := _eval_int(bounds.split(",")[0], consts)) is not None:
                 ks.threads = t
                 ks.threads_from = f"__launch_bounds__ {ks.where}"
+            elif len(exprs) == 1 and head is not None:
+                ks.threads_expr = exprs.pop()
+                ks.template_params = tuple(
+                    p.split()[-1] for p in _split_args(head.group(1)) if p.split()
+                )
+                ks.consts = consts
+                where = ", ".join(f"{rel(f)}:{line(p)}" for p, t, _ in blocks if t is None)
+                ks.threads_from = f"launch {where}: {ks.threads_expr}"
             if dynamic:
                 # A guard of the helper's covers the kernel when every launch goes through it.
                 via_helper = helper_guard if capped_sites and capped_sites == len(sites) else None
@@ -588,7 +634,7 @@ def analyse(
         if not r.entry:
             report.functions.append(row)
             continue
-        threads = src.threads if src is not None and src.threads else None
+        threads = src.threads_of(r.short) if src is not None else None
         row["threads"] = threads or ASSUMED_THREADS
         row["threads_assumed"] = threads is None
         row["threads_from"] = src.threads_from if threads else "assumed"

@@ -129,6 +129,15 @@ def test_short_names() -> None:
     assert report.base_name("k<c10::BFloat16, true>") == "k"
 
 
+def test_template_args() -> None:
+    assert report._template_args("k<A<x, y>, 3, false>") == ["A<x, y>", "3", "false"]
+    assert report._template_args("k<ns::(anonymous namespace)::P<float, true>, 16>") == [
+        "ns::(anonymous namespace)::P<float, true>",
+        "16",
+    ]
+    assert report._template_args("clean") == []
+
+
 def test_demangle_falls_back_to_mangled_names(monkeypatch) -> None:
     monkeypatch.setattr(report.shutil, "which", lambda name: None)
     assert report.demangle(["_Z5cleanPfi"]) == {"_Z5cleanPfi": "_Z5cleanPfi"}
@@ -166,7 +175,17 @@ def test_scan_sources_of_the_repo() -> None:
     """The heuristics still read csrc/cuda: every kernel has its launch block size."""
     src = report.scan_sources(report.DEFAULT_SOURCES)
     assert {"rows_kernel", "combine_kernel", "surgery_apply_kernel"} <= set(src)
-    assert all(k.threads for k in src.values()), {k: v.threads for k, v in src.items()}
+    assert all(k.threads or k.threads_expr for k in src.values()), {
+        k: v.threads for k, v in src.items()
+    }
+    # mma_rows_kernel<P, NB, kPairs, W>: W * 32 threads, bound per instantiation
+    mma = src["mma_rows_kernel"]
+    assert (mma.threads, mma.threads_expr, mma.template_params[-1]) == (None, "W * 32", "W")
+    policy = "gradproj::cuda::(anonymous namespace)::ProjectPolicy<c10::BFloat16, true>"
+    assert mma.threads_of(f"mma_rows_kernel<{policy}, 3, false, 16>") == 512
+    assert mma.threads_of(f"mma_rows_kernel<{policy}, 6, true, 8>") == 256
+    assert mma.threads_of("mma_rows_kernel<P, 6>") is None  # not its template's arity
+    assert src["rows_kernel"].threads_of("rows_kernel<anything>") == src["rows_kernel"].threads
     # the row engines (csrc/cuda/tile.cuh, mma_rows.cuh) stage the basis in dynamic
     # shared memory
     assert {k for k, v in src.items() if v.dynamic_smem} == {"rows_kernel", "mma_rows_kernel"}

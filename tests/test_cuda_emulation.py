@@ -232,7 +232,8 @@ def _surgery(numels, dtype=torch.float32):
 
 
 # Every launch shape of the engines: rows on tensor cores (mma_rows.cuh: k >= 9,
-# d <= 1280; plain and anchored with soft weights, 16-bit, 8 and 10 blocks a warp, a
+# d <= 1280; plain and anchored with soft weights, 16-bit, 8 and 10 blocks a warp, 16-bit
+# rows on 16 warps (3 blocks a warp, the last two warps short), a
 # basis taken a block of columns a launch, AdamW's too), rows fused
 # (U^T resident, and staged per chunk: k = 40 at d = 2000 is 320 KiB), rows split
 # (d > 4096), transposed views (the block policies: fused, split past d = 2048, AdamW's
@@ -243,6 +244,7 @@ REAL_CASES = {
     "rows-mma": lambda: _project((45, 260), "input", 40),
     "rows-mma-anchored-soft": lambda: _project((45, 260), "input", 12, soft=True, anchored=True),
     "rows-mma-bf16": lambda: _project((20, 1000), "input", 24, torch.bfloat16),
+    "rows-mma-16-warps": lambda: _project((45, 700), "input", 20, torch.float16, True, True),
     "rows-mma-wide": lambda: _project((20, 1100), "input", 24, soft=True, anchored=True),
     "rows-mma-column-blocks": lambda: _project((40, 768), "input", 160, soft=True, anchored=True),
     "rows-mma-pairs-fp16": lambda: _project((45, 260), "input", 40, torch.float16, soft=True),
@@ -305,12 +307,13 @@ def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
             assert run(d, k) < 1e-5
             assert emu.stats()[0] - before == launches, (d, k)
             assert "mma_rows_kernel<" in emu.last_kernel()
-        # 16-bit rows whose U does not fit twice (2 x 96 KiB): U staged unsplit
+        # 16-bit rows whose U does not fit twice (2 x 96 KiB): U staged unsplit, on 16
+        # warps ([16 warps]: their partial sums fit beside it)
         g = torch.randn(40, 768).bfloat16()
         u = torch.linalg.qr(torch.randn(768, 20, dtype=torch.float64))[0].float().contiguous()
         want = g.double() - g.double() @ u.double() @ u.double().T
         emu.project_bucket_([g], u, None, "input")
-        assert ", false>(" in emu.last_kernel(), emu.last_kernel()
+        assert ", 3, false, 16>(" in emu.last_kernel(), emu.last_kernel()
         assert (g.double() - want).abs().max() <= 2.0**-7 * want.abs().max()
         assert run(260, 40) < 1e-5  # 43 KiB: tensor cores
         try:
@@ -549,8 +552,13 @@ def test_tensor_core_rows_match_float64(dtype, cols):
     untouched = g[:, cols:].clone()
     emu.project_bucket_([view], u, w, "input")
     assert "mma_rows_kernel<" in emu.last_kernel()
-    # 16-bit rows: U staged split in coefficient pairs ([pairs]: 2 x 96 KiB fit 227 KiB)
-    assert (", true>(" in emu.last_kernel()) == (dtype != torch.float32)
+    # 16-bit rows: U staged split in coefficient pairs ([pairs]: 2 x 96 KiB fit 227 KiB),
+    # 16 warps of 4 blocks at 770 (49 blocks), of 3 at 768 ([16 warps]); fp32: 8 warps of
+    # 8 blocks at 770, of 6 at 768
+    if dtype == torch.float32:
+        assert f", {8 if cols == 770 else 6}, false, 8>(" in emu.last_kernel(), emu.last_kernel()
+    else:
+        assert f", {4 if cols == 770 else 3}, true, 16>(" in emu.last_kernel(), emu.last_kernel()
     scale = x.abs().max().item()
     assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
     assert torch.equal(g[:, cols:], untouched)
@@ -647,13 +655,60 @@ def test_tensor_core_pairs_match_float64(dtype, k):
     want = x - ((x @ u64) * w64) @ u64.t()
     anchored = g.clone()
     emu.project_bucket_([g], u, w, "input")
-    assert ", true>(" in emu.last_kernel(), emu.last_kernel()
+    assert ", true, 8>(" in emu.last_kernel(), emu.last_kernel()
     assert (g.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
     c = (x @ u64).float()  # anchors at the rows themselves: the same projection
     emu.project_anchored_bucket_([anchored], [c], u, w, "input")
-    assert ", false>(" in emu.last_kernel(), emu.last_kernel()
+    assert ", false, 8>(" in emu.last_kernel(), emu.last_kernel()
     x0 = x - ((x @ u64 - c.double()) * w64) @ u64.t()
     assert (anchored.double() - x0).abs().max().item() <= TOL[dtype] * x0.abs().max().item()
+
+
+def _project_soft_rows(rows, u, w, c, side):
+    """The projection of ``rows`` with soft weights ``w`` (anchored at ``c`` unless None), in
+    place; the anchors checked against float64. Returns (float64 rows wanted, the kernel)."""
+    x, u64, w64 = rows.double(), u.double(), w.double()
+    delta = x @ u64 - (0.0 if c is None else c.double())
+    want = x - (delta * w64) @ u64.t()
+    if c is None:
+        emu.project_bucket_([rows], u, w, side)
+    else:
+        want_c = c.double() + (1 - w64) * delta
+        emu.project_anchored_bucket_([rows], [c], u, w, side)
+        bound = 1e-5 * (want_c.abs().max().item() + x.norm(dim=1, keepdim=True))
+        assert ((c.double() - want_c).abs() <= bound).all()
+    return want, emu.last_kernel()
+
+
+# [16 warps] 16-bit rows of 513-1024 columns on a CTA of 16 warps: d = 520 (33 blocks:
+# warps 0-10 hold 3 each, 11-15 none), 700 (44: warp 14 holds 2, warp 15 none), 768 (3
+# each), 1000 (63: 4 blocks a warp, warp 15 holds 3), 1024 (4 each); rows, transposed views
+# in row pairs (38 view rows: ProjectPairPolicy) and strided ones (37: ProjectPolicy<T,
+# false>); plain with soft weights (U split in pairs where it fits twice: d <= 768), and
+# anchored with soft weights (U unsplit; threads 256-511 add partial sums but finish no
+# coefficient).
+@pytest.mark.parametrize("layout", ["rows", "pairs", "strided"])
+@pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored-soft"])
+@pytest.mark.parametrize("d", [520, 700, 768, 1000, 1024])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
+    gen = torch.Generator().manual_seed(d)
+    k = 24
+    n = 38 if layout == "pairs" else 37  # tiles of 16, the last ragged
+    if layout == "rows":
+        rows = torch.randn(n, d, generator=gen).to(dtype)
+    else:
+        rows = torch.randn(d, n, generator=gen).to(dtype).t()
+    u = _orthonormal(d, k, seed=13)
+    w = torch.rand(k, generator=gen)
+    c = torch.randn(n, k, generator=gen) if anchored else None
+    want, kernel = _project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
+    policy = {"rows": "ProjectPolicy<", "pairs": "ProjectPairPolicy<", "strided": "ProjectPolicy<"}
+    assert policy[layout] in kernel and (", false>," in kernel) == (layout == "strided"), kernel
+    nb = 3 if d <= 768 else 4
+    pairs = not anchored and d <= 768  # U twice: 2 x 96 KiB fit 227 KiB at 768, not 2 x 128
+    assert f", {nb}, {'true' if pairs else 'false'}, 16>(" in kernel, kernel
+    assert (rows.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
 
 
 # [wide] Rows of 1024 < d <= 1280 (SD's 1280-channel blocks) on tensor cores, 10 blocks a
@@ -677,22 +732,11 @@ def test_tensor_core_wide_rows_match_float64(dtype, d, k, anchored, layout):
         rows = g.t()
     u = _orthonormal(d, k, seed=12)
     w = torch.rand(k, generator=gen)
-    x, u64, w64 = rows.double(), u.double(), w.double()
     c = torch.randn(n, k, generator=gen) if anchored else None
-    delta = x @ u64 - (c.double() if anchored else 0.0)
-    want = x - (delta * w64) @ u64.t()
-    side = "input" if layout == "rows" else "output"
-    if anchored:
-        want_c = c.double() + (1 - w64) * delta
-        emu.project_anchored_bucket_([rows], [c], u, w, side)
-        bound = 1e-5 * (want_c.abs().max().item() + x.norm(dim=1, keepdim=True))
-        assert ((c.double() - want_c).abs() <= bound).all()
-    else:
-        emu.project_bucket_([rows], u, w, side)
-    kernel = emu.last_kernel()
+    want, kernel = _project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
     assert "mma_rows_kernel<" in kernel and "PairPolicy" not in kernel, kernel
     pairs = not anchored and dtype != torch.float32 and k == 12
-    assert f", 10, {'true' if pairs else 'false'}>(" in kernel, kernel
+    assert f", 10, {'true' if pairs else 'false'}, 8>(" in kernel, kernel
     scale = want.abs().max().item()
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * scale
 
@@ -862,7 +906,7 @@ def test_wide_adamw_step_then_project_keeps_amsgrad():
         [p], [g], [m], [v], [vmax], [torch.tensor(3.0)], [c], u, w, "input", **hyper
     )
     assert emu.stats()[0] - before == 2
-    assert "ProjectPolicy<float, true>, 10, false>(" in emu.last_kernel(), emu.last_kernel()
+    assert "ProjectPolicy<float, true>, 10, false, 8>(" in emu.last_kernel(), emu.last_kernel()
     for name, got, want in zip("pmvVc", (p, m, v, vmax, c), ref, strict=True):
         err = (got.double() - want).abs().max().item()
         assert err <= 1e-6 * max(want.abs().max().item(), 1.0), (name, err)

@@ -444,23 +444,28 @@ def test_model_agrees_with_the_h200_run_it_was_calibrated_on():
     """Re-bounded for the H200 of benchmarks/results/gpu-H200-2026-12-04b (its copy rate as
     that run measured it), the model's predicted fraction of copy for the CUDA kernels
     agrees with that run's measured kernel times: the median of measured / predicted near
-    1 and most rows within 2× (today 1.42 and 79 %: the 16-bit tensor-core kernels issue
-    fewer instructions than counted, 0.69 an element by Nsight Compute against 0.89);
-    without the occupancy bound it was 2× optimistic (0.51). The CUDA kernels are those
-    the run measured (csrc unchanged since; the Triton row kernel's tiles have changed, so
-    its rows are not held to that run). A change to the model or the CUDA kernels that
-    loses this agreement fails here: regenerate the model, and measure again on a GPU."""
+    1 and most rows within 2× (1.42 and 79 % of the 56 rows when the model was calibrated;
+    the 16-bit tensor-core kernels issue fewer instructions than counted, 0.69 an element
+    by Nsight Compute against 0.89); without the occupancy bound it was 2× optimistic
+    (0.51). Held to that run: the rows whose CUDA kernels are those the run measured (44:
+    today 1.35 and 77 %, 0.57 without the bound). Not held: the 16-bit rows of project_
+    (side input and output) and the anchored projection, which run on 16 warps since
+    (mma_rows.cuh [16 warps]), and every Triton row (its tiles have changed). A change to
+    the model or the CUDA kernels that loses this agreement fails here: regenerate the
+    model, and measure again on a GPU."""
     import model_check
 
     device = model_check.device_for_run(model_check.DEFAULT_RUN, ["cuda"])
     assert device.arch == "sm_90" and device.clock_hz == pm.H200.clock_hz
     assert device.copy_bytes_per_s == pytest.approx(3.8e12, rel=0.05)
     got = model_check.check(model_check.DEFAULT_RUN, ["cuda"], device)["cuda"]
+    sixteen_warps = ("project_ input", "project_ output", "project_anchored input")
+    got = [r for r in got if r["dtype"] == "fp32" or r["op"] not in sixteen_warps]
     new = model_check.summary(got)
     old = model_check.summary(got, "ratio_without_occupancy")
-    assert new["rows"] >= 50
+    assert new["rows"] == 44
     assert 0.8 <= new["median"] <= 1.6 and new["within"] >= 0.7, new
-    assert old["median"] <= 0.6 and old["within"] <= 0.5, old
+    assert old["median"] <= 0.6 and old["within"] <= new["within"] - 0.15, old
 
 
 PIPES = pm.Device("toy", "sm_00", sms=100, clock_hz=1e9, copy_bytes_per_s=1e12,

@@ -268,11 +268,40 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # warp 6 holds 9, warp 7 none); AdamW and the pair policies stop at 1024
     (wide,) = pmc.mma_launches("P", "fp32", 1100, 40, 4096, 2, None)
     assert (wide.env["NB"], wide.env["blocks"]) == (10, 69 / 8)
-    assert wide.kernel == "mma_rows_kernel<P, 10, false>"
+    assert wide.kernel == "mma_rows_kernel<P, 10, false, 8>"
     assert pmc.mma_launches("P", "fp32", 1281, 40, 4096, 2, None) is None  # d > 1280
-    for policy in ("AdamWPolicy<float, true>", "ProjectPairPolicy<c10::BFloat16>"):
+    # [16 warps] 16-bit projection rows of 513-1024 columns (contiguous, strided, in row
+    # pairs; not AdamW's): 16 warps a CTA, 3 or 4 blocks a warp, where their partial sums
+    # (16 KiB) fit beside the launch's columns
+    bf16 = "ProjectPolicy<c10::BFloat16, true>"
+    (w,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, None)
+    assert (w.threads, w.env["NB"], w.env["blocks"], w.env["W"]) == (512, 3, 3, 16)
+    assert w.kernel == f"mma_rows_kernel<{bf16}, 3, true, 16>"  # [pairs]: U twice fits
+    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36)
+    (w,) = pmc.mma_launches(bf16, "bf16", 1000, 32, 4096, 2, None)
+    assert (w.threads, w.env["NB"], w.env["blocks"]) == (512, 4, 63 / 16)
+    assert w.kernel.endswith(", 4, false, 16>")  # 2 x 128 KiB does not fit
+    for d, dt, policy in ((512, "bf16", bf16), (1100, "bf16", bf16),
+                          (768, "fp32", "ProjectPolicy<float, true>"),
+                          (768, "bf16", "AdamWPolicy<c10::BFloat16, true>"),
+                          (768, "bf16", "AdamWPairPolicy<c10::BFloat16>")):  # fmt: skip
+        (la,) = pmc.mma_launches(policy, dt, d, 32, 4096, 2, None)
+        assert (la.threads, la.env["W"]) == (256, 8), (d, dt, policy)
+    for policy in ("ProjectPolicy<c10::Half, false>", "ProjectPairPolicy<c10::BFloat16>"):
+        (la,) = pmc.mma_launches(policy, "bf16", 768, 32, 4096, 2, None)
+        assert (la.threads, la.env["NB"]) == (512, 3), policy
+    # AdamW's later column blocks are project.cu's anchored projection: 16 warps
+    first, rest = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 128, 4096,
+                                   2, None, True, bf16)  # fmt: skip
+    assert (first.threads, rest.threads) == (256, 512)
+    # they take 16 warps only where the 8 KiB more fit: k = 24 at 768 stages 72 KiB of U,
+    # with 8 warps' partial sums 81.75 KiB, with 16 89.75 KiB
+    for optin, threads in ((90 * 1024, 512), (88 * 1024, 256)):
+        (la,) = pmc.mma_launches(bf16, "bf16", 768, 24, 4096, 2, optin)
+        assert (la.threads, la.kernel.endswith(f", false, {threads // 32}>")) == (threads, True)
+    for policy, nb in (("AdamWPolicy<float, true>", 8), ("ProjectPairPolicy<c10::BFloat16>", 4)):
         assert pmc.mma_launches(policy, "bf16", 1100, 40, 4096, 2, None) is None
-        assert pmc.mma_launches(policy, "bf16", 1024, 40, 4096, 2, None)[0].env["NB"] == 8
+        assert pmc.mma_launches(policy, "bf16", 1024, 40, 4096, 2, None)[0].env["NB"] == nb
     adamw_pairs = "AdamWPairPolicy<c10::BFloat16>"
     assert pmc.mma_launches(adamw_pairs, "bf16", 800, 40, 4096, 2, None) is None
     # [wide] fp32 AdamW past 1024: the step alone (rows kernel, no basis columns), then the
@@ -314,14 +343,14 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # [pairs]: 16-bit projections whose U fits twice stage it split (k > 8, padded to 16)
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (pairs,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, 227 * 1024)
-    assert pairs.kernel.endswith(", 6, true>") and pairs.env["kp"] == 32
-    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 8 * 16 * 16 + 16 * 36)
+    assert pairs.kernel.endswith(", 3, true, 16>") and pairs.env["kp"] == 32  # [16 warps]
+    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36)
     for args in (("bf16", 768, 20, 163 * 1024), ("bf16", 768, 8, None), ("fp32", 768, 20, None)):
         dt, d, k, optin = args
         (split,) = pmc.mma_launches(bf16, dt, d, k, 4096, 2, optin)
-        assert split.kernel.endswith(", false>"), args
+        assert re.search(r", false, (8|16)>$", split.kernel), args
     (anchored,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, None, anchored=True)
-    assert anchored.kernel.endswith(", false>")
+    assert anchored.kernel.endswith(", 3, false, 16>")
     assert pmc.mma_columns(1024, 1024, 163 * 1024) == 32
     assert pmc.mma_columns(1024, 1024, 33 * 1024) == 0  # not even 8 columns fit
     (cols,) = pmc.rows_launches("B", 4, 768, 8, 4096, 2, ept=8)

@@ -21,7 +21,7 @@
 // A tensor-core tile of 16 rows x 8 columns x 8 coefficients costs one
 // instruction (three for fp32's [3xTF32] split), so the kernel stays memory-bound.
 //
-// [tile] A CTA of 8 warps holds 16 rows in registers. Warp w owns the column
+// [tile] A CTA of 8 warps ([16 warps]: 16) holds 16 rows in registers. Warp w owns the column
 //   blocks [w NB, (w + 1) NB) of 16 columns; lane (g, t) = (lane / 4, lane % 4)
 //   holds columns 16 b + 4 t + [0, 4) of rows g and g + 8 of each block b, one
 //   vector load each (a quad of lanes reads 64 contiguous bytes of fp32 per row).
@@ -99,6 +99,20 @@
 //   k = 32 (U^T is 160 KiB at d = 1280, above tile::kResidentBytes). AdamW keeps 1024: its
 //   kernels reach 255 registers at 8 blocks. Past 1280 x does not fit the registers of 8
 //   warps beside the operands (fp32 at 12 blocks: 96 registers of x).
+// [16 warps] 16-bit projection rows of 513-1024 columns (kSixteenWarps: contiguous, strided
+//   and in row pairs) take a CTA of 16 warps over the same 16 rows, 3 or 4 blocks a warp,
+//   compiled for one CTA an SM (at most 128 registers: 110-128, no spills, sm_80 and sm_90).
+//   On 8 warps those rows hold 6-8 blocks a warp and the next tile's vectors, 176-182
+//   registers, one CTA of 8 warps an SM: each warp issues about once every 8 cycles
+//   (measured on an H200), so 8 warps left the SM's schedulers idle (bf16 k <= 8 at
+//   d = 768: 39-40 % of copy measured, 38 % predicted), and compiled for two such CTAs
+//   (128 registers) they spilled 120-248 B. 16 warps hold half the tile each, so 16 warps
+//   an SM fit, with one staged basis. The partial sums take 16 tiles (8 KiB more: a launch
+//   takes 16 warps only where they fit beside its columns, else 8); the first 256 threads
+//   finish the coefficients, each adding 16 warps' sums. 5 blocks a warp (1025-1280
+//   columns) spilled 36-124 B at 128 registers, so those rows keep 8 warps of 10 blocks;
+//   fp32 rows already run 16 warps an SM (two CTAs of 8 at 6 blocks). AdamW's keep 8: on
+//   16, its 16-bit rows (four streams beside x') spilled 320-1744 B at 128 registers.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -121,6 +135,8 @@ namespace gradproj::cuda::mma_rows {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// [16 warps] The CTA of 16-bit projection rows wider than 512 columns.
+constexpr int kWideWarps = 16;
 constexpr int kTileRows = 16;    // the mma's M
 constexpr int kCoefChunk = 16;   // pass 1's coefficients per cross-warp reduction
 constexpr int kMaxBlocks = 10;   // column blocks per warp: NB in {2, 4, 6, 8, 10}
@@ -144,6 +160,7 @@ struct Geometry {
   int c0;              // [columns] the launch's first basis column: its anchors' column
   bool row_data;       // anchors or weights to finish the coefficients with
   bool pairs;          // [pairs] U staged split, hi and lo (kp a multiple of 16)
+  int warps;           // [16 warps] warps a CTA: kWarps or kWideWarps
 };
 
 // [basis] the float4 unit of (basis rows 4a..4a+3, coefficient c) in a sub-block.
@@ -155,10 +172,10 @@ __device__ __forceinline__ int pair_unit(int q, int e, int a) {
 }
 
 // Shared memory of a launch: the staged basis (twice with pairs: hi and lo), the partial
-// sums, the coefficient tile.
+// sums (a tile a warp), the coefficient tile.
 inline size_t smem_bytes(const Geometry& g) {
   return (static_cast<size_t>(g.nblk) * (g.kp / 8) * 128 * (g.pairs ? 2 : 1) +
-          static_cast<size_t>(kWarps) * kTileRows * kCoefChunk +
+          static_cast<size_t>(g.warps) * kTileRows * kCoefChunk +
           static_cast<size_t>(kTileRows) * g.coef_ld) *
          sizeof(float);
 }
@@ -207,6 +224,14 @@ constexpr int64_t kMaxUpdateD =
 template <class P>
 constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? kMaxUpdateD<P> : kMaxD;
 
+// [16 warps] 16-bit projection rows of 513-1024 columns (blocks in (kSixteenWarpsFrom,
+// kSixteenWarpsTo]) take a CTA of 16 warps, 3 or 4 blocks a warp, compiled for one CTA an SM
+// (at most 128 registers a thread).
+template <class P>
+constexpr bool kSixteenWarps = P::kExactTf32 && !P::kUpdates;
+constexpr int kSixteenWarpsFrom = 4 * kWarps;
+constexpr int kSixteenWarpsTo = 4 * kWideWarps;
+
 // [row pairs] The tile row of MMA row m (0..15): 2 (m % 8) + m / 8 with row pairs.
 template <bool kRowPairs>
 __device__ __forceinline__ int tile_row(int m) {
@@ -243,8 +268,8 @@ __device__ __forceinline__ void pass2_tile(float (&xb)[2][4], int X, const uint3
   }
 }
 
-template <class P, int NB, bool kPairs>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
+template <class P, int NB, bool kPairs, int W>
+__global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) mma_rows_kernel(
     P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
   using T = typename P::Scalar;
   constexpr int V = tile::Pack<T>::kSize;
@@ -253,13 +278,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
   constexpr bool kSums = std::is_same_v<T, float>;  // [precision] fp32 rows: mma.cuh [sums]
   constexpr bool kRowPairs = RowPairs<P>::value;
+  constexpr int kCta = W * 32;  // threads
+  static_assert(kCta >= kTileRows * kCoefChunk, "a thread per (row, coefficient) of a chunk");
   GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
   const int64_t basis_units = static_cast<int64_t>(g.nblk) * J * 32;
   float4* su = smem_raw;                                // [basis]: nblk x J x 32 float4
   const float4* su_lo = su + basis_units;               // [pairs]: the lo half
   float* red = reinterpret_cast<float*>(su + basis_units * (kPairs ? 2 : 1));
-  float* cs = red + kWarps * kTileRows * kCoefChunk;    // coefficient tile, 16 x coef_ld
+  float* cs = red + W * kTileRows * kCoefChunk;         // coefficient tile, 16 x coef_ld
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -282,8 +309,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
   }
 
   const int staged = g.nblk * J * 32 * (kPairs ? 2 : 1);
-  // model-trips: ceil(nblk * J * 32 * units / 256)
-  for (int i = threadIdx.x; i < staged; i += kThreads) su[i] = frag[i];
+  // model-trips: ceil(nblk * J * 32 * units / threads)
+  for (int i = threadIdx.x; i < staged; i += kCta) su[i] = frag[i];
   __syncthreads();
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
@@ -463,10 +490,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
     for (int c = 0; c < n_chunks; ++c) {  // model-trips: ceil(kp / 16)
       // This thread finishes coefficient fkk of row fr of the chunk (after the reduction);
       // its anchor and weight are loaded now, so their latency hides behind the MMAs.
+      // [16 warps] the first 256 threads; the others only add their warps' partial sums
+      const bool finisher = kCta == kTileRows * kCoefChunk || threadIdx.x < kTileRows * kCoefChunk;
       const int fr = threadIdx.x / kCoefChunk;  // an MMA row
       const int64_t frow = row0 + tile_row<kRowPairs>(fr);
       const int64_t fkk = static_cast<int64_t>(c) * kCoefChunk + threadIdx.x % kCoefChunk;
-      const bool fin = fkk < g.k && frow < g.total_rows;
+      const bool fin = finisher && fkk < g.k && frow < g.total_rows;
       float* anchor = nullptr;
       float c_old = 0.f;
       float w_kk = 1.f;
@@ -579,11 +608,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P, NB>) mma_rows_kernel(
         mine[(r + 1) * kCoefChunk + gq + 8] = acc[h][3];
       }
       __syncthreads();
-      {  // one thread per (row, coefficient) of the chunk: 16 x 16 = kThreads
+      {  // one thread per (row, coefficient) of the chunk: 16 x 16 = 256
         const int col = threadIdx.x % kCoefChunk;
-        if (fkk < g.kp) {
+        if (finisher && fkk < g.kp) {
           float total = 0.f;
-          for (int w = 0; w < kWarps; ++w) total += red[(w * kTileRows + fr) * kCoefChunk + col];  // model-trips: 8
+          for (int w = 0; w < W; ++w) total += red[(w * kTileRows + fr) * kCoefChunk + col];  // model-trips: W
           // tile::finish_coef with the values loaded above
           float coef = total;
           if (anchor != nullptr) {
@@ -808,6 +837,7 @@ inline int64_t columns_per_launch(int64_t d, int64_t k, int64_t max_d) {
   Geometry g{};
   g.d = d;
   g.nblk = static_cast<int>((d + 15) / 16);
+  g.warps = kWarps;  // ([16 warps] run_columns takes them where they fit beside these columns)
   for (int64_t launches = 1;; ++launches) {
     const int64_t kc = round_up((k + launches - 1) / launches, 8);
     g.kp = kc;
@@ -821,26 +851,26 @@ int64_t columns_per_launch(int64_t d, int64_t k) {
   return columns_per_launch(d, k, kMaxRowD<P>);
 }
 
-template <class P, int NB, bool kPairs>
+template <class P, int NB, bool kPairs, int W>
 void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
-  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs>);
+  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs, W>);
   // columns_per_launch and run_columns chose the columns and layout to fit this very limit;
   // smem_bytes sizes the layout by g.pairs, the kernel lays it out by kPairs
-  TORCH_INTERNAL_ASSERT(g.pairs == kPairs);
+  TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.warps == W);
   TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
   const at::Tensor frag =
       packed_basis(basis, kPairs ? BasisLayout::kMmaPairs : BasisLayout::kMmaFragments);
   launch_kernel<kMaxDynamicSmem>(
-      mma_rows_kernel<P, NB, kPairs>, g.n_tiles, kThreads, smem_bytes(g), pol, g,
+      mma_rows_kernel<P, NB, kPairs, W>, g.n_tiles, W * 32, smem_bytes(g), pol, g,
       reinterpret_cast<const float4*>(frag.data_ptr<float>()), weights);
 }
 
-template <class P, int NB>
+template <class P, int NB, int W = kWarps>
 void launch_layout(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
   if constexpr (P::kExactTf32) {
-    if (g.pairs) return launch<P, NB, true>(pol, g, basis, weights);
+    if (g.pairs) return launch<P, NB, true, W>(pol, g, basis, weights);
   }
-  launch<P, NB, false>(pol, g, basis, weights);
+  launch<P, NB, false, W>(pol, g, basis, weights);
 }
 
 // One launch: the projection of `total_rows` rows (the policy's table) on the basis columns
@@ -859,6 +889,15 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.row_data = anchored || weights != nullptr;
   g.c0 = static_cast<int>(c0);  // c0 < k <= d <= kMaxD
   g.pairs = false;
+  g.warps = kWarps;
+  if constexpr (kSixteenWarps<P>) {
+    // [16 warps] where their partial sums fit beside the launch's columns (kc was sized for
+    // 8 warps' partial sums: 8 KiB fewer)
+    Geometry wide = g;
+    wide.warps = kWideWarps;
+    const bool width = g.nblk > kSixteenWarpsFrom && g.nblk <= kSixteenWarpsTo;
+    if (width && smem_bytes(wide) <= smem_limit()) g = wide;
+  }
   if constexpr (P::kExactTf32) {  // [pairs] where U fits twice, from k = 9, no anchors
     Geometry split = g;
     split.pairs = true;
@@ -872,6 +911,12 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   // Blocks per warp: the fewest of {2, 4, 6, 8, 10} whose 8 warps cover d (at most P's
   // kMaxRowD: columns_per_launch declines wider rows, and only those NB are compiled).
   TORCH_INTERNAL_ASSERT(g.d <= kMaxRowD<P>, "rows wider than the policy's kMaxRowD");
+  if constexpr (kSixteenWarps<P>) {
+    if (g.warps == kWideWarps) {  // [16 warps] 3 or 4 blocks a warp
+      if (g.nblk <= 3 * kWideWarps) return launch_layout<P, 3, kWideWarps>(pol, g, cols, w);
+      return launch_layout<P, 4, kWideWarps>(pol, g, cols, w);
+    }
+  }
   const int per_warp = (g.nblk + kWarps - 1) / kWarps;
   if (per_warp <= 2) return launch_layout<P, 2>(pol, g, cols, w);
   if (per_warp <= 4) return launch_layout<P, 4>(pol, g, cols, w);

@@ -87,7 +87,8 @@ MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
 # mma_rows.cuh [16 warps]: 16-bit projection rows of (32, 64] column blocks
 MMA_WIDE_WARPS = 16  # kWideWarps
-MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo]
+MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo<P>]
+MMA_WIDE_PAIR_BLOCKS = 48  # kSixteenWarpsTo<P> of the row-pair policies
 MMA_WIDE_NB = (3, 4)  # the NB the launcher compiles for them
 
 
@@ -413,6 +414,8 @@ def mma_launches(
         # columns, where the partial sums of 16 warps fit beside the launch's columns
         warps = WARPS
         lo, hi = MMA_WIDE_BLOCKS
+        if "PairPolicy" in name:
+            hi = MMA_WIDE_PAIR_BLOCKS
         wide = dt != "fp32" and re.search(r"Project(Pair)?Policy", name)
         if wide and lo < nblk <= hi and _mma_smem(nblk, _round_up(cols, 8), False,
                                                   MMA_WIDE_WARPS) <= limit:  # fmt: skip

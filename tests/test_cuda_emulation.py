@@ -683,10 +683,10 @@ def _project_soft_rows(rows, u, w, c, side):
 # [16 warps] 16-bit rows of 513-1024 columns on a CTA of 16 warps: d = 520 (33 blocks:
 # warps 0-10 hold 3 each, 11-15 none), 700 (44: warp 14 holds 2, warp 15 none), 768 (3
 # each), 1000 (63: 4 blocks a warp, warp 15 holds 3), 1024 (4 each); rows, transposed views
-# in row pairs (38 view rows: ProjectPairPolicy) and strided ones (37: ProjectPolicy<T,
-# false>); plain with soft weights (U split in pairs where it fits twice: d <= 768), and
-# anchored with soft weights (U unsplit; threads 256-511 add partial sums but finish no
-# coefficient).
+# in row pairs (38 view rows: ProjectPairPolicy; 16 warps up to 768, then 8) and strided ones
+# (37: ProjectPolicy<T, false>); plain with soft weights (U split in pairs where it fits
+# twice: d <= 768), and anchored with soft weights (U unsplit; lanes 16-31 add 8 warps'
+# partial sums, lanes 0-15 the other 8 and finish the coefficients).
 @pytest.mark.parametrize("layout", ["rows", "pairs", "strided"])
 @pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored-soft"])
 @pytest.mark.parametrize("d", [520, 700, 768, 1000, 1024])
@@ -705,9 +705,10 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
     want, kernel = _project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
     policy = {"rows": "ProjectPolicy<", "pairs": "ProjectPairPolicy<", "strided": "ProjectPolicy<"}
     assert policy[layout] in kernel and (", false>," in kernel) == (layout == "strided"), kernel
-    nb = 3 if d <= 768 else 4
+    # row pairs take 16 warps up to 768 columns, 8 warps of 8 blocks beyond
+    nb, warps = (3, 16) if d <= 768 else (8, 8) if layout == "pairs" else (4, 16)
     pairs = not anchored and d <= 768  # U twice: 2 x 96 KiB fit 227 KiB at 768, not 2 x 128
-    assert f", {nb}, {'true' if pairs else 'false'}, 16>(" in kernel, kernel
+    assert f", {nb}, {'true' if pairs else 'false'}, {warps}>(" in kernel, kernel
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
 
 

@@ -447,10 +447,12 @@ def test_model_agrees_with_the_h200_run_it_was_calibrated_on():
     1 and most rows within 2× (1.42 and 79 % of the 56 rows when the model was calibrated;
     the 16-bit tensor-core kernels issue fewer instructions than counted, 0.69 an element
     by Nsight Compute against 0.89); without the occupancy bound it was 2× optimistic
-    (0.51). Held to that run: the rows whose CUDA kernels are those the run measured (44:
-    today 1.35 and 77 %, 0.57 without the bound). Not held: the 16-bit rows of project_
+    (0.51). Held to that run: the rows whose CUDA kernels are those the run measured (42:
+    today 1.35 and 76 %, 0.56 without the bound). Not held: the 16-bit rows of project_
     (side input and output) and the anchored projection, which run on 16 warps since
-    (mma_rows.cuh [16 warps]), and every Triton row (its tiles have changed). A change to
+    (mma_rows.cuh [16 warps]), as do the column blocks after the first of 16-bit
+    ProjectedAdamW at k = 128 (the anchored projection of p), and every Triton row (its
+    tiles have changed). A change to
     the model or the CUDA kernels that loses this agreement fails here: regenerate the
     model, and measure again on a GPU."""
     import model_check
@@ -461,9 +463,10 @@ def test_model_agrees_with_the_h200_run_it_was_calibrated_on():
     got = model_check.check(model_check.DEFAULT_RUN, ["cuda"], device)["cuda"]
     sixteen_warps = ("project_ input", "project_ output", "project_anchored input")
     got = [r for r in got if r["dtype"] == "fp32" or r["op"] not in sixteen_warps]
+    got = [r for r in got if r["dtype"] == "fp32" or r["k"] < 128 or "AdamW" not in r["op"]]
     new = model_check.summary(got)
     old = model_check.summary(got, "ratio_without_occupancy")
-    assert new["rows"] == 44
+    assert new["rows"] == 42
     assert 0.8 <= new["median"] <= 1.6 and new["within"] >= 0.7, new
     assert old["median"] <= 0.6 and old["within"] <= new["within"] - 0.15, old
 

@@ -290,6 +290,9 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     for policy in ("ProjectPolicy<c10::Half, false>", "ProjectPairPolicy<c10::BFloat16>"):
         (la,) = pmc.mma_launches(policy, "bf16", 768, 32, 4096, 2, None)
         assert (la.threads, la.env["NB"]) == (512, 3), policy
+        # row pairs stop at 768 (4 blocks spilled on sm_80); strided rows go on to 1024
+        (la,) = pmc.mma_launches(policy, "bf16", 1000, 32, 4096, 2, None)
+        assert (la.threads, la.env["NB"]) == ((256, 8) if "Pair" in policy else (512, 4)), policy
     # AdamW's later column blocks are project.cu's anchored projection: 16 warps
     first, rest = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 128, 4096,
                                    2, None, True, bf16)  # fmt: skip
@@ -299,7 +302,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     for optin, threads in ((90 * 1024, 512), (88 * 1024, 256)):
         (la,) = pmc.mma_launches(bf16, "bf16", 768, 24, 4096, 2, optin)
         assert (la.threads, la.kernel.endswith(f", false, {threads // 32}>")) == (threads, True)
-    for policy, nb in (("AdamWPolicy<float, true>", 8), ("ProjectPairPolicy<c10::BFloat16>", 4)):
+    for policy, nb in (("AdamWPolicy<float, true>", 8), ("ProjectPairPolicy<c10::BFloat16>", 8)):
         assert pmc.mma_launches(policy, "bf16", 1100, 40, 4096, 2, None) is None
         assert pmc.mma_launches(policy, "bf16", 1024, 40, 4096, 2, None)[0].env["NB"] == nb
     adamw_pairs = "AdamWPairPolicy<c10::BFloat16>"

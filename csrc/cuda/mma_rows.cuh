@@ -108,9 +108,11 @@
 //   d = 768: 39-40 % of copy measured, 38 % predicted), and compiled for two such CTAs
 //   (128 registers) they spilled 120-248 B. 16 warps hold half the tile each, so 16 warps
 //   an SM fit, with one staged basis. The partial sums take 16 tiles (8 KiB more: a launch
-//   takes 16 warps only where they fit beside its columns, else 8); the first 256 threads
-//   finish the coefficients, each adding 16 warps' sums. 5 blocks a warp (1025-1280
-//   columns) spilled 36-124 B at 128 registers, so those rows keep 8 warps of 10 blocks;
+//   takes 16 warps only where they fit beside its columns, else 8); lanes l and l + 16 of
+//   warp r add 8 warps' sums each for coefficient l of row r, a shuffle adds the halves,
+//   and lane l finishes it (each warp's share of the finishing). 5 blocks a warp (1025-1280
+//   columns) spilled 36-124 B at 128 registers, so those rows keep 8 warps of 10 blocks
+//   (row pairs: 4 blocks spilled 12 B on sm_80, so they take 16 warps up to 768 columns);
 //   fp32 rows already run 16 warps an SM (two CTAs of 8 at 6 blocks). AdamW's keep 8: on
 //   16, its 16-bit rows (four streams beside x') spilled 320-1744 B at 128 registers.
 #pragma once
@@ -225,12 +227,14 @@ template <class P>
 constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? kMaxUpdateD<P> : kMaxD;
 
 // [16 warps] 16-bit projection rows of 513-1024 columns (blocks in (kSixteenWarpsFrom,
-// kSixteenWarpsTo]) take a CTA of 16 warps, 3 or 4 blocks a warp, compiled for one CTA an SM
-// (at most 128 registers a thread).
+// kSixteenWarpsTo<P>]) take a CTA of 16 warps, 3 or 4 blocks a warp, compiled for one CTA an
+// SM (at most 128 registers a thread). Row pairs stop at 768 columns (3 blocks): at 4 their
+// kernel spilled 12 B on sm_80.
 template <class P>
 constexpr bool kSixteenWarps = P::kExactTf32 && !P::kUpdates;
 constexpr int kSixteenWarpsFrom = 4 * kWarps;
-constexpr int kSixteenWarpsTo = 4 * kWideWarps;
+template <class P>
+constexpr int kSixteenWarpsTo = (RowPairs<P>::value ? 3 : 4) * kWideWarps;
 
 // [row pairs] The tile row of MMA row m (0..15): 2 (m % 8) + m / 8 with row pairs.
 template <bool kRowPairs>
@@ -279,7 +283,12 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   constexpr bool kSums = std::is_same_v<T, float>;  // [precision] fp32 rows: mma.cuh [sums]
   constexpr bool kRowPairs = RowPairs<P>::value;
   constexpr int kCta = W * 32;  // threads
-  static_assert(kCta >= kTileRows * kCoefChunk, "a thread per (row, coefficient) of a chunk");
+  // [16 warps] the partial sums of a (row, coefficient) of a chunk: 8 warps' a thread, by one
+  // thread (8 warps) or two of one warp (16)
+  constexpr bool kSplitSums = W == 2 * kWarps;
+  constexpr int kSumWarps = kSplitSums ? W / 2 : W;
+  static_assert(W == kWarps || kSplitSums, "8 or 16 warps");
+  static_assert(kCta == kTileRows * kCoefChunk * (kSplitSums ? 2 : 1), "the finishing threads");
   GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
   const int64_t basis_units = static_cast<int64_t>(g.nblk) * J * 32;
@@ -490,9 +499,10 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     for (int c = 0; c < n_chunks; ++c) {  // model-trips: ceil(kp / 16)
       // This thread finishes coefficient fkk of row fr of the chunk (after the reduction);
       // its anchor and weight are loaded now, so their latency hides behind the MMAs.
-      // [16 warps] the first 256 threads; the others only add their warps' partial sums
-      const bool finisher = kCta == kTileRows * kCoefChunk || threadIdx.x < kTileRows * kCoefChunk;
-      const int fr = threadIdx.x / kCoefChunk;  // an MMA row
+      // [16 warps] two threads a (row, coefficient), lanes l and l + 16 of warp fr, each
+      // adding 8 warps' partial sums; lane l finishes it
+      const bool finisher = !kSplitSums || lane < kCoefChunk;
+      const int fr = kSplitSums ? warp : threadIdx.x / kCoefChunk;  // an MMA row
       const int64_t frow = row0 + tile_row<kRowPairs>(fr);
       const int64_t fkk = static_cast<int64_t>(c) * kCoefChunk + threadIdx.x % kCoefChunk;
       const bool fin = finisher && fkk < g.k && frow < g.total_rows;
@@ -608,11 +618,13 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         mine[(r + 1) * kCoefChunk + gq + 8] = acc[h][3];
       }
       __syncthreads();
-      {  // one thread per (row, coefficient) of the chunk: 16 x 16 = 256
+      {  // a thread per (row, coefficient) of the chunk, 16 x 16 ([16 warps]: two)
         const int col = threadIdx.x % kCoefChunk;
+        const int w0 = kSplitSums ? (lane / kCoefChunk) * kSumWarps : 0;
+        float total = 0.f;
+        for (int w = w0; w < w0 + kSumWarps; ++w) total += red[(w * kTileRows + fr) * kCoefChunk + col];  // model-trips: 8
+        if constexpr (kSplitSums) total += __shfl_down_sync(0xffffffffu, total, kCoefChunk);
         if (finisher && fkk < g.kp) {
-          float total = 0.f;
-          for (int w = 0; w < W; ++w) total += red[(w * kTileRows + fr) * kCoefChunk + col];  // model-trips: W
           // tile::finish_coef with the values loaded above
           float coef = total;
           if (anchor != nullptr) {
@@ -895,7 +907,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
     // 8 warps' partial sums: 8 KiB fewer)
     Geometry wide = g;
     wide.warps = kWideWarps;
-    const bool width = g.nblk > kSixteenWarpsFrom && g.nblk <= kSixteenWarpsTo;
+    const bool width = g.nblk > kSixteenWarpsFrom && g.nblk <= kSixteenWarpsTo<P>;
     if (width && smem_bytes(wide) <= smem_limit()) g = wide;
   }
   if constexpr (P::kExactTf32) {  // [pairs] where U fits twice, from k = 9, no anchors
@@ -914,7 +926,9 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   if constexpr (kSixteenWarps<P>) {
     if (g.warps == kWideWarps) {  // [16 warps] 3 or 4 blocks a warp
       if (g.nblk <= 3 * kWideWarps) return launch_layout<P, 3, kWideWarps>(pol, g, cols, w);
-      return launch_layout<P, 4, kWideWarps>(pol, g, cols, w);
+      if constexpr (kSixteenWarpsTo<P> > 3 * kWideWarps) {
+        return launch_layout<P, 4, kWideWarps>(pol, g, cols, w);
+      }
     }
   }
   const int per_warp = (g.nblk + kWarps - 1) / kWarps;

@@ -100,8 +100,8 @@
 //   kernels reach 255 registers at 8 blocks. Past 1280 x does not fit the registers of 8
 //   warps beside the operands (fp32 at 12 blocks: 96 registers of x).
 // [16 warps] 16-bit projection rows of 513-1024 columns (kSixteenWarps: contiguous, strided
-//   and in row pairs) take a CTA of 16 warps over the same 16 rows, 3 or 4 blocks a warp,
-//   compiled for one CTA an SM (at most 128 registers: 110-128, no spills, sm_80 and sm_90).
+//   and in row pairs to 768) take a CTA of 16 warps over the same 16 rows, 3 or 4 blocks a warp,
+//   compiled for one CTA an SM (at most 128 registers: 100-128, no spills, sm_80 and sm_90).
 //   On 8 warps those rows hold 6-8 blocks a warp and the next tile's vectors, 176-182
 //   registers, one CTA of 8 warps an SM: each warp issues about once every 8 cycles
 //   (measured on an H200), so 8 warps left the SM's schedulers idle (bf16 k <= 8 at

@@ -410,15 +410,16 @@ def mma_launches(
     for c0 in range(0, k, kc):
         cols = min(kc, k - c0)
         name = policy if c0 == 0 or rest is None else rest
-        # [16 warps]: 16-bit projection rows (kSixteenWarps: not AdamW's) of 513-1024
-        # columns, where the partial sums of 16 warps fit beside the launch's columns
+        # 16-bit projections (x exact in tf32; not AdamW's)
+        projection16 = dt != "fp32" and re.search(r"Project(Pair)?Policy", name)
+        # [16 warps]: those rows of 513-1024 columns (row pairs: 768), where the partial
+        # sums of 16 warps fit beside the launch's columns
         warps = WARPS
         lo, hi = MMA_WIDE_BLOCKS
         if "PairPolicy" in name:
             hi = MMA_WIDE_PAIR_BLOCKS
-        wide = dt != "fp32" and re.search(r"Project(Pair)?Policy", name)
-        if wide and lo < nblk <= hi and _mma_smem(nblk, _round_up(cols, 8), False,
-                                                  MMA_WIDE_WARPS) <= limit:  # fmt: skip
+        if projection16 and lo < nblk <= hi and _mma_smem(nblk, _round_up(cols, 8), False,
+                                                          MMA_WIDE_WARPS) <= limit:  # fmt: skip
             warps = MMA_WIDE_WARPS
         if warps == WARPS:
             nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)
@@ -426,10 +427,9 @@ def mma_launches(
             nb = next(n for n in MMA_WIDE_NB if -(-nblk // warps) <= n)
         # the warps' valid blocks (the unrolled block loop breaks at the first past d)
         blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
-        # [pairs]: 16-bit projections (x exact in tf32) without anchors whose U fits twice
-        exact = dt != "fp32" and re.search(r"Project(Pair)?Policy", name) and not anchored
+        # [pairs]: those projections without anchors whose U fits twice
         fits = _mma_smem(nblk, _round_up(cols, 16), True, warps) <= limit
-        pairs = exact and cols > 8 and fits
+        pairs = bool(projection16) and not anchored and cols > 8 and fits
         kp = _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,

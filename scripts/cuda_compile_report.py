@@ -223,15 +223,7 @@ def _template_args(short: str) -> list[str]:
     """``k<A<x, y>, 3, false>`` -> ``['A<x, y>', '3', 'false']`` ([] without arguments)."""
     if "<" not in short or not short.endswith(">"):
         return []
-    args, depth, cur = [], 0, ""
-    for c in short[short.index("<") + 1 : -1]:
-        depth += {"<": 1, "(": 1, ">": -1, ")": -1}.get(c, 0)
-        if c == "," and depth == 0:
-            args.append(cur.strip())
-            cur = ""
-        else:
-            cur += c
-    return [*args, cur.strip()] if cur.strip() else args
+    return _split_args(short[short.index("<") + 1 : -1], "<([{", ">)]}")
 
 
 def _strip_comments(text: str) -> str:
@@ -293,13 +285,14 @@ def _eval_int(expr: str, consts: dict[str, int]) -> int | None:
     return ev(tree)
 
 
-def _split_args(s: str) -> list[str]:
-    """Comma-separated arguments, commas inside (), <> or {} kept."""
+def _split_args(s: str, opens: str = "([{", closes: str = ")]}") -> list[str]:
+    """Comma-separated arguments, commas inside the brackets ``opens`` / ``closes`` kept
+    (by default (), [] and {}: a launch's ``<`` may be a comparison)."""
     args, depth, cur = [], 0, ""
     for c in s:
-        if c in "([{":
+        if c in opens:
             depth += 1
-        elif c in ")]}":
+        elif c in closes:
             depth -= 1
         if c == "," and depth == 0:
             args.append(cur.strip())

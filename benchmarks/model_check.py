@@ -2,7 +2,7 @@
 """The static model against a GPU run that measured the same kernels.
 
     python benchmarks/model_check.py [--run benchmarks/results/gpu-H200-2026-12-04b]
-                                     [--backend cuda triton] [--md FILE]
+                                     [--backend cuda triton] [--md FILE] [--current]
 
 For every row a run of ``benchmarks/predicted_vs_measured.py`` measured with the profiler
 (``kernel_measured``: the peer's time over the op's kernel time), the model's row of the
@@ -15,8 +15,11 @@ backend the median ratio and the share of rows within 2× either way.
 
 The model's figures are predictions from compiled code; the run's are measurements.
 A model row only says something about a measured row when it comes from the same kernel
-source: compare against a run of the commit the model was generated from (the CUDA
-kernels of run 2b are those of today's model; its Triton kernels have changed since).
+source. A run folder may keep the model of the kernels it measured (``perf_model_cuda.json``
+there: run 2b's CUDA kernels, modelled at df47aa7, have changed since: 16 warps, the row
+cache); that model is the one compared, unless ``--current`` asks for today's
+(``benchmarks/results/perf_model_*.json``). Run 2b's Triton kernels have changed too, and
+it keeps no model of them.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def compare(model: dict, measured: list[dict], device: pm.Device) -> list[dict]:
                 "predicted_without_occupancy": old,
                 "ratio": m["kernel_measured"] / new,
                 "ratio_without_occupancy": m["kernel_measured"] / old,
+                "instantiations": [kn.get("instantiation", kn["kernel"]) for kn in row["kernels"]],
                 "limiter": max(
                     (pm.kernel_bounds(kn, device) for kn in row["kernels"]),
                     key=lambda b: b["s_per_elt"],
@@ -100,15 +104,22 @@ def summary(rows: list[dict], key: str = "ratio") -> dict:
     }
 
 
-def _load(run: str, backend: str) -> tuple[dict, dict]:
-    with open(MODELS[backend]) as f:
+def model_path(run: str, backend: str, current: bool = False) -> str:
+    """The model a run is compared with: the one kept in the run's folder (the model of the
+    kernels it measured), else, or with ``current``, today's."""
+    kept = os.path.join(run, os.path.basename(MODELS[backend]))
+    return MODELS[backend] if current or not os.path.exists(kept) else kept
+
+
+def _load(run: str, backend: str, current: bool = False) -> tuple[dict, dict]:
+    with open(model_path(run, backend, current)) as f:
         model = json.load(f)
     with open(os.path.join(run, RUN_FILES[backend])) as f:
         return model, json.load(f)
 
 
-def _load_all(run: str, backends: list[str]) -> dict[str, tuple[dict, dict]]:
-    return {b: _load(run, b) for b in backends}
+def _load_all(run: str, backends: list[str], current: bool = False) -> dict[str, tuple[dict, dict]]:
+    return {b: _load(run, b, current) for b in backends}
 
 
 def device_for_run(run: str, backends: list[str]) -> pm.Device:
@@ -138,15 +149,23 @@ def _device_for(loaded: dict[str, tuple[dict, dict]]) -> pm.Device:
     )
 
 
-def check(run: str, backends: list[str], device: pm.Device | None = None) -> dict[str, list[dict]]:
-    """``compare`` for each backend, from the run's ``pvm_*.json`` and the model's JSON, on
-    ``device`` (default: ``device_for_run``)."""
-    loaded = _load_all(run, backends)
+def check(
+    run: str, backends: list[str], device: pm.Device | None = None, current: bool = False
+) -> dict[str, list[dict]]:
+    """``compare`` for each backend, from the run's ``pvm_*.json`` and the model's JSON
+    (``model_path``), on ``device`` (default: ``device_for_run``)."""
+    loaded = _load_all(run, backends, current)
     device = device or _device_for(loaded)
     return {b: compare(model, got["rows"], device) for b, (model, got) in loaded.items()}
 
 
-def markdown(results: dict[str, list[dict]], run: str, device: pm.Device) -> str:
+def markdown(
+    results: dict[str, list[dict]],
+    run: str,
+    device: pm.Device,
+    models: dict[str, str] | None = None,
+) -> str:
+    """The comparison as markdown; ``models``: each backend's model file, named."""
     lines = [
         f"# The static model against {os.path.relpath(run, ROOT)}",
         "",
@@ -157,6 +176,8 @@ def markdown(results: dict[str, list[dict]], run: str, device: pm.Device) -> str
         "warm L2: optimistic by up to a third).",
         "",
     ]
+    for backend, path in (models or {}).items():
+        lines += [f"{backend}: the model in `{os.path.relpath(path, ROOT)}`.", ""]
     for backend, rows in results.items():
         new, old = summary(rows), summary(rows, "ratio_without_occupancy")
         lines += [
@@ -185,11 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default=DEFAULT_RUN, help="a GPU run's results folder")
     parser.add_argument("--backend", nargs="+", default=["cuda", "triton"], choices=list(MODELS))
     parser.add_argument("--md", help="write the table here too")
+    parser.add_argument(
+        "--current", action="store_true",
+        help="compare with today's model even where the run keeps the model of its kernels",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    loaded = _load_all(args.run, args.backend)
+    loaded = _load_all(args.run, args.backend, args.current)
     device = _device_for(loaded)
     results = {b: compare(model, got["rows"], device) for b, (model, got) in loaded.items()}
-    text = markdown(results, args.run, device)
+    models = {b: model_path(args.run, b, args.current) for b in args.backend}
+    text = markdown(results, args.run, device, models)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)

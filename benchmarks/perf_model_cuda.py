@@ -85,6 +85,8 @@ MMA_BLOCKS = (2, 4, 6, 8, 10)  # the NB the launcher compiles (run_columns)
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
+# kRowCacheBytes: 4 slots (tiles), a Row and an anchor address a row
+MMA_ROW_CACHE_BYTES = 4 * MMA_TILE_ROWS * (16 + 8)
 # mma_rows.cuh [16 warps]: 16-bit projection rows of (32, 64] column blocks
 MMA_WIDE_WARPS = 16  # kWideWarps
 MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo<P>]
@@ -345,11 +347,15 @@ def rows_launches(
     ]
 
 
-def _mma_smem(nblk: int, kp: int, pairs: bool = False, warps: int = WARPS) -> int:
+def _mma_smem(
+    nblk: int, kp: int, pairs: bool = False, warps: int = WARPS, row_cache: bool = True
+) -> int:
     """``mma_rows::smem_bytes``: the staged basis (twice with pairs: hi and lo), the partial
-    sums (a tile a warp), the coefficient tile."""
+    sums (a tile a warp), the coefficient tile, the row cache (``row_cache``: the policy's
+    ``kRowCache``, every projection's; ``columns_per_launch`` counts it for every policy)."""
     return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + warps * MMA_TILE_ROWS
-                * MMA_COEF_CHUNK + MMA_TILE_ROWS * (kp + 4))  # fmt: skip
+                * MMA_COEF_CHUNK + MMA_TILE_ROWS * (kp + 4)) + (
+        MMA_ROW_CACHE_BYTES if row_cache else 0)  # fmt: skip
 
 
 def mma_max_d(policy: str) -> int:
@@ -412,14 +418,15 @@ def mma_launches(
         name = policy if c0 == 0 or rest is None else rest
         # 16-bit projections (x exact in tf32; not AdamW's)
         projection16 = dt != "fp32" and re.search(r"Project(Pair)?Policy", name)
+        row_cache = "AdamW" not in name  # mma_rows::kRowCache<P>: the projections
         # [16 warps]: those rows of 513-1024 columns (row pairs: 768), where the partial
         # sums of 16 warps fit beside the launch's columns
         warps = WARPS
         lo, hi = MMA_WIDE_BLOCKS
         if "PairPolicy" in name:
             hi = MMA_WIDE_PAIR_BLOCKS
-        if projection16 and lo < nblk <= hi and _mma_smem(nblk, _round_up(cols, 8), False,
-                                                          MMA_WIDE_WARPS) <= limit:  # fmt: skip
+        wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_cache)
+        if projection16 and lo < nblk <= hi and wide_smem <= limit:
             warps = MMA_WIDE_WARPS
         if warps == WARPS:
             nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)
@@ -428,7 +435,7 @@ def mma_launches(
         # the warps' valid blocks (the unrolled block loop breaks at the first past d)
         blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
         # [pairs]: those projections without anchors whose U fits twice
-        fits = _mma_smem(nblk, _round_up(cols, 16), True, warps) <= limit
+        fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_cache) <= limit
         pairs = bool(projection16) and not anchored and cols > 8 and fits
         kp = _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
@@ -436,7 +443,7 @@ def mma_launches(
                    entries=entries, second=groups % 2 == 0, anchored=anchored,
                    units=2 if pairs else 1, W=warps, threads=32 * warps)  # fmt: skip
         kernel = f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}>"
-        smem = _mma_smem(nblk, kp, pairs, warps)
+        smem = _mma_smem(nblk, kp, pairs, warps, row_cache)
         launches.append(Launch(kernel, n_tiles, smem, env, 32 * warps))
     return launches
 
@@ -731,14 +738,27 @@ def _copies(
     return notes
 
 
+def _line_key(frames: list[tuple[str, int]]) -> str:
+    """``kernel.cuh:349 < policy.cu:72``: an instruction's outermost csrc/cuda frame (the
+    kernel's line), then its innermost, where they differ."""
+    if not frames:
+        return "(no line)"
+    names = [f"{os.path.basename(p)}:{ln}" for p, ln in (frames[-1], frames[0])]
+    return names[0] if names[0] == names[1] else f"{names[0]} < {names[1]}"
+
+
 def analyze_kernel(
     sass: pm.Sass,
     chains: dict[int, tuple[tuple[str, int], ...]],
     env: dict,
     cpp: dict[str, list[CppLoop]],
     binds: dict[str, dict[int, tuple[str, str]]],
+    by_line: dict[str, float] | None = None,
 ) -> dict:
-    """Warp instructions and load bytes per block (all its work), by class and by region."""
+    """Warp instructions and load bytes per block (all its work), by class and by region.
+    ``by_line``: also adds each instruction's warp instructions per block to the key of its
+    source line, ``file:line`` of the kernel's own frame, then its innermost
+    (``mma_rows.cuh:349 < project.cu:72``)."""
     cold = [
         (path, first, last)
         for path, spans in _spans().items()
@@ -814,6 +834,9 @@ def analyze_kernel(
         w = weight(ins.addr)
         f = scale(ins)
         per_block[pm.instr_class(ins.op)] += w * f
+        if by_line is not None:
+            key = _line_key(_frames(chains, ins.addr))
+            by_line[key] = by_line.get(key, 0.0) + w * f
         pm.add_pipe_work(pipes, ins.op, w * f)
         if ins.base in pm._LOADS and not within(ins, uniform):
             r = regions.setdefault(
@@ -949,9 +972,17 @@ def _short(name: str) -> str:
     return out
 
 
-def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -> dict:
+def _per_elt_by_line(by_line: dict[str, float], scale: float) -> dict[str, float]:
+    """A kernel's warp instructions per block by source line, per element, most first."""
+    return {key: v * scale for key, v in sorted(by_line.items(), key=lambda kv: -kv[1])}
+
+
+def model_op(
+    build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D, lines: bool = False
+) -> dict:
     """The op's CUDA launches on the perf model's bucket (rows of ``d`` elements), predicted
-    for ``arch``."""
+    for ``arch``. ``lines``: each kernel also gets ``lines``, its warp instructions per
+    element by source line (:func:`_line_key`), most first."""
     device = pm.DEVICES[arch]
     lim = arch_limits.ARCHS[arch]
     elements = pm.ROWS * d
@@ -973,7 +1004,10 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
             "block": "BlockPolicy" in launch.kernel,  # its vectors hold one element of 4 rows
             "amsgrad": False,  # the modelled AdamW step
         }
-        got = analyze_kernel(build.sass[arch][name], build.chains[arch][name], env, cpp, binds)
+        by_line: dict[str, float] | None = {} if lines else None
+        got = analyze_kernel(
+            build.sass[arch][name], build.chains[arch][name], env, cpp, binds, by_line
+        )
         scale = grid * launch.threads // 32 / elements
         instrs = {c: v * scale for c, v in got["per_block"].items()}
         instrs["total"] = sum(instrs.values())
@@ -999,6 +1033,7 @@ def model_op(build: Build, op: str, dt: str, k: int, arch: str, d: int = pm.D) -
                 "loops": got["loops"],
                 "notes": got["notes"],
             }
+            | ({} if by_line is None else {"lines": _per_elt_by_line(by_line, scale)})
         )
     moved_per_launch = hbm_bytes(op, dt, k, d=d, smem_optin=lim.smem_optin_per_block)
     for kn, moved in zip(kernels, moved_per_launch, strict=True):
@@ -1136,9 +1171,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=DEFAULT_JSON)
     ap.add_argument("--md", default=DEFAULT_MD)
     ap.add_argument("--no-widths", action="store_true", help="skip the sweep over WIDTHS")
+    ap.add_argument(
+        "--lines", nargs=4, metavar=("OP", "DTYPE", "K", "D"),
+        help="only print one op's warp instructions per element by source line, per kernel "
+        "and arch (e.g. --lines 'project_ input' bf16 8 768); writes no JSON",
+    )  # fmt: skip
+    ap.add_argument("--top", type=int, default=25, help="--lines: the lines printed a kernel")
     args = ap.parse_args(argv)
+    if args.lines and args.lines[0] not in OPS:
+        ap.error(f"--lines: op {args.lines[0]!r} is not one of {', '.join(OPS)}")
     so = args.so or pm.build_cuda()[0]
     build = load_build(so)
+    if args.lines:
+        op, dt, k, d = args.lines
+        for arch in args.arch:
+            row = model_op(build, op, dt, int(k), arch, int(d), lines=True)
+            for kn in row["kernels"]:
+                total = kn["instrs_per_elt"]["total"]
+                print(f"\n{arch} {kn['instantiation']}: {total:.3f} warp instructions / element")
+                for key, v in list(kn["lines"].items())[: args.top]:
+                    print(f"  {v:8.4f}  {100 * v / total:5.1f} %  {key}")
+        return 0
     rows = []
     for arch in args.arch:
         for op in OPS:

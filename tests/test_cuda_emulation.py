@@ -205,6 +205,23 @@ def _project(shape, side, k, dtype=torch.float32, soft=False, anchored=False):
     return [g]
 
 
+def _project_bucket(counts, d, side, k, dtype, anchored):
+    """One call of the project ops with soft weights on a bucket of ``len(counts)`` tensors
+    (``counts[i]`` rows of ``d``; side "output": transposed views); the tensors it wrote."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((counts, d, side, k)).encode()))
+    shapes = [(n, d) if side == "input" else (d, n) for n in counts]
+    gs = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
+    views = gs if side == "input" else [g.t() for g in gs]
+    u = _orthonormal(d, k, seed=1)
+    w = torch.rand(k, generator=gen)
+    if anchored:
+        cs = [torch.randn(n, k, generator=gen) for n in counts]
+        emu.project_anchored_bucket_(views, cs, u, w, side)
+        return gs + cs
+    emu.project_bucket_(views, u, w, side)
+    return gs
+
+
 def _adamw(shape, side, dtype=torch.float32, amsgrad=False, k=4):
     gen = torch.Generator().manual_seed(7)
     p, g, m = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
@@ -233,7 +250,8 @@ def _surgery(numels, dtype=torch.float32):
 
 # Every launch shape of the engines: rows on tensor cores (mma_rows.cuh: k >= 9,
 # d <= 1280; plain and anchored with soft weights, 16-bit, 8 and 10 blocks a warp, 16-bit
-# rows on 16 warps (3 blocks a warp, the last two warps short), a
+# rows on 16 warps (3 blocks a warp, the last two warps short; buckets of six tensors over
+# 5-6 tiles a CTA: the row cache's slots written again), a
 # basis taken a block of columns a launch, AdamW's too), rows fused
 # (U^T resident, and staged per chunk: k = 40 at d = 2000 is 320 KiB), rows split
 # (d > 4096), transposed views (the block policies: fused, split past d = 2048, AdamW's
@@ -245,6 +263,12 @@ REAL_CASES = {
     "rows-mma-anchored-soft": lambda: _project((45, 260), "input", 12, soft=True, anchored=True),
     "rows-mma-bf16": lambda: _project((20, 1000), "input", 24, torch.bfloat16),
     "rows-mma-16-warps": lambda: _project((45, 700), "input", 20, torch.float16, True, True),
+    "rows-mma-row-cache": lambda: _project_bucket(
+        [4, 18, 40, 2, 130, 56], 700, "input", 20, torch.float16, True
+    ),
+    "rows-mma-row-cache-pairs": lambda: _project_bucket(
+        [4, 18, 40, 2, 130, 56], 700, "output", 20, torch.bfloat16, False
+    ),
     "rows-mma-wide": lambda: _project((20, 1100), "input", 24, soft=True, anchored=True),
     "rows-mma-column-blocks": lambda: _project((40, 768), "input", 160, soft=True, anchored=True),
     "rows-mma-pairs-fp16": lambda: _project((45, 260), "input", 40, torch.float16, soft=True),
@@ -710,6 +734,57 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
     pairs = not anchored and d <= 768  # U twice: 2 x 96 KiB fit 227 KiB at 768, not 2 x 128
     assert f", {nb}, {'true' if pairs else 'false'}, {warps}>(" in kernel, kernel
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
+
+
+# [row cache] Buckets of six tensors (a tile's rows from several of them, tensors shorter
+# than a tile) over 5-6 tiles a CTA (the emulator's 3 SMs: 3 CTAs of 16 warps or of 8 at
+# one an SM, 6 of fp32's 8 warps at two), so each CTA's tiles take the cache's four slots
+# in turn and write them again: 16 warps (rows; row pairs), 8 warps of 10 blocks loading
+# their own tile (strided rows past 1024: kBatchLoad), fp32 rows without prefetch. Plain
+# and anchored, soft weights (the anchors come from the cache too).
+@pytest.mark.parametrize(
+    ("dtype", "d", "layout", "kernel_args"),
+    [
+        (torch.float16, 700, "rows", ", 3, {pairs}, 16>("),
+        (torch.bfloat16, 700, "pairs", ", 3, {pairs}, 16>("),
+        (torch.bfloat16, 1100, "strided", ", 10, false, 8>("),
+        (torch.float32, 260, "rows", ", 4, false, 8>("),
+    ],
+)
+@pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored-soft"])
+def test_tensor_core_row_cache_over_many_tiles_and_tensors(dtype, d, layout, kernel_args, anchored):
+    gen = torch.Generator().manual_seed(d + anchored)
+    k = 24
+    counts = [4, 18, 40, 2, 130, 56]  # 250 rows: 16 tiles, the last ragged (even: pairs)
+    if dtype == torch.float32:
+        counts = [2 * n for n in counts]  # 32 tiles over 6 CTAs
+    if layout == "rows":
+        views = [torch.randn(n, d, generator=gen).to(dtype) for n in counts]
+    else:
+        views = [torch.randn(d, n, generator=gen).to(dtype).t() for n in counts]
+    x = [v.double() for v in views]
+    u = _orthonormal(d, k, seed=21)
+    w = torch.rand(k, generator=gen)
+    u64, w64 = u.double(), w.double()
+    side = "input" if layout == "rows" else "output"
+    if anchored:
+        cs = [torch.randn(n, k, generator=gen) for n in counts]
+        deltas = [xi @ u64 - c.double() for xi, c in zip(x, cs, strict=True)]
+        want_cs = [c.double() + (1 - w64) * dl for c, dl in zip(cs, deltas, strict=True)]
+        emu.project_anchored_bucket_(views, cs, u, w, side)
+        for xi, c, want_c in zip(x, cs, want_cs, strict=True):
+            bound = 1e-5 * (want_c.abs().max().item() + xi.norm(dim=1, keepdim=True))
+            assert ((c.double() - want_c).abs() <= bound).all()
+    else:
+        deltas = [xi @ u64 for xi in x]
+        emu.project_bucket_(views, u, w, side)
+    kernel = emu.last_kernel()
+    # [pairs] U split where it fits twice (d = 700): 16-bit rows without anchors
+    assert kernel_args.format(pairs="false" if anchored else "true") in kernel, kernel
+    assert ("PairPolicy<" in kernel) == (layout == "pairs"), kernel
+    for v, xi, dl in zip(views, x, deltas, strict=True):
+        want = xi - (dl * w64) @ u64.t()
+        assert (v.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
 
 
 # [wide] Rows of 1024 < d <= 1280 (SD's 1280-channel blocks) on tensor cores, 10 blocks a

@@ -171,6 +171,26 @@ def test_trips_from_annotations_unrolled_copies_binds_and_cold(toy_dir):
     assert got["per_block"]["global"] == pytest.approx(3 * 2 + 3 * 2 * 2 + 3 * 2 * 1)
 
 
+def test_instructions_by_source_line_add_up_to_the_kernel(toy_dir):
+    """``--lines``: each instruction's weight goes to its kernel line, then its innermost
+    line where it was inlined (``find``'s while loop, line 5, through line 14)."""
+    text = _toy_sass(str(toy_dir))
+    sass = pm.parse_sass(text)
+    chains = pmc.sass_chains(text)["kern"]
+    cpp, binds = pmc._sources()
+    env = {"items": 3.0, "kp": 32, "resident": False, "entries": 2, "vec": True}
+    by_line: dict[str, float] = {}
+    got = pmc.analyze_kernel(sass, chains, env, cpp, binds, by_line)
+    assert sum(by_line.values()) == pytest.approx(sum(got["per_block"].values()))
+    name = os.path.basename(str(toy_dir))
+    # the while loop's 2 instructions, 1 trip, inlined in the chunk loop (2 x 3)
+    assert by_line[f"{name}:14 < {name}:5"] == pytest.approx(2 * 1 * 2 * 3)
+    assert by_line[f"{name}:19"] == pytest.approx(3)  # the item loop's STG
+    assert pmc._line_key([]) == "(no line)"
+    assert pmc._line_key([("/x/a.cuh", 3), ("/x/k.cu", 9)]) == "k.cu:9 < a.cuh:3"
+    assert pmc._line_key([("/x/k.cu", 9)]) == "k.cu:9"
+
+
 def test_a_model_scale_block_counts_its_factor(toy_dir):
     text = _toy_sass(str(toy_dir))
     sass = pm.parse_sass(text)
@@ -262,7 +282,8 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # the tensor-core rows kernel: 6 blocks a warp at 768
     (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
     assert (mma.env["NB"], mma.env["blocks"], mma.work) == (6, 6, 4096 // 16)
-    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 8 * 16 * 16 + 16 * 36)
+    row_cache = 4 * 16 * 24  # [row cache]: 4 tiles' rows, a Row and an anchor address a row
+    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 8 * 16 * 16 + 16 * 36) + row_cache
     assert pmc.mma_launches("P", "fp32", 768, 8, 4096, 2, None) is None  # fp32 from k = 9
     # [wide] the projection takes 10 blocks a warp up to d = 1280 (1100: warps 0-5 hold 10,
     # warp 6 holds 9, warp 7 none); AdamW and the pair policies stop at 1024
@@ -277,7 +298,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     (w,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"], w.env["W"]) == (512, 3, 3, 16)
     assert w.kernel == f"mma_rows_kernel<{bf16}, 3, true, 16>"  # [pairs]: U twice fits
-    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36)
+    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36) + row_cache
     (w,) = pmc.mma_launches(bf16, "bf16", 1000, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"]) == (512, 4, 63 / 16)
     assert w.kernel.endswith(", 4, false, 16>")  # 2 x 128 KiB does not fit
@@ -298,8 +319,8 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
                                    2, None, True, bf16)  # fmt: skip
     assert (first.threads, rest.threads) == (256, 512)
     # they take 16 warps only where the 8 KiB more fit: k = 24 at 768 stages 72 KiB of U,
-    # with 8 warps' partial sums 81.75 KiB, with 16 89.75 KiB
-    for optin, threads in ((90 * 1024, 512), (88 * 1024, 256)):
+    # with 8 warps' partial sums and the row cache 83.25 KiB, with 16 91.25 KiB
+    for optin, threads in ((92 * 1024, 512), (90 * 1024, 256)):
         (la,) = pmc.mma_launches(bf16, "bf16", 768, 24, 4096, 2, optin)
         assert (la.threads, la.kernel.endswith(f", false, {threads // 32}>")) == (threads, True)
     for policy, nb in (("AdamWPolicy<float, true>", 8), ("ProjectPairPolicy<c10::BFloat16>", 8)):
@@ -347,7 +368,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (pairs,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, 227 * 1024)
     assert pairs.kernel.endswith(", 3, true, 16>") and pairs.env["kp"] == 32  # [16 warps]
-    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36)
+    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36) + row_cache
     for args in (("bf16", 768, 20, 163 * 1024), ("bf16", 768, 8, None), ("fp32", 768, 20, None)):
         dt, d, k, optin = args
         (split,) = pmc.mma_launches(bf16, dt, d, k, 4096, 2, optin)

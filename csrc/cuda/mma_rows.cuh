@@ -115,6 +115,18 @@
 //   (row pairs: 4 blocks spilled 12 B on sm_80, so they take 16 warps up to 768 columns);
 //   fp32 rows already run 16 warps an SM (two CTAs of 8 at 6 blocks). AdamW's keep 8: on
 //   16, its 16-bit rows (four streams beside x') spilled 320-1744 B at 128 registers.
+// [row cache] A projection's rows (P::kUpdates false) are looked up once a CTA: 16 threads
+//   of warp 0 find a tile's 16 rows in the device table (a binary search over its entries,
+//   then the row's address) and put each row's P::Row and anchor in shared memory, two
+//   tiles ahead; every warp's loads, prefetch, stores and finishing threads read them
+//   there (one 16-byte shared load a row). Every warp looked up its own rows before, twice
+//   a tile (the prefetch, the stores) and the finishing threads their anchors a chunk:
+//   at 16 warps that was 0.12 of bf16 k = 8's 1.22 warp instructions an element at
+//   d = 768 (sm_90, predicted). Four slots: a tile's rows are written in the iteration two
+//   before its own, read by the prefetch one before and by its own iteration, and a slot
+//   is written again only after a barrier that follows its last read (the pass-1 barriers
+//   of the iteration between). AdamW's rows carry its bias corrections and keep their own
+//   lookups.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -163,7 +175,15 @@ struct Geometry {
   bool row_data;       // anchors or weights to finish the coefficients with
   bool pairs;          // [pairs] U staged split, hi and lo (kp a multiple of 16)
   int warps;           // [16 warps] warps a CTA: kWarps or kWideWarps
+  bool row_cache;      // [row cache] the policy's rows cached in shared memory
 };
+
+// [row cache] Slots (tiles) of the cache, and its bytes: a P::Row (at most 16 bytes) and
+// an anchor address a row.
+constexpr int kRowSlots = 4;
+constexpr size_t kRowCacheBytes = static_cast<size_t>(kRowSlots) * kTileRows * (16 + 8);
+template <class P>
+constexpr bool kRowCache = !P::kUpdates;
 
 // [basis] the float4 unit of (basis rows 4a..4a+3, coefficient c) in a sub-block.
 __device__ __forceinline__ int unit(int a, int c) { return 8 * a + (c ^ (4 * (a & 1) + 2 * (a >> 1))); }
@@ -174,12 +194,13 @@ __device__ __forceinline__ int pair_unit(int q, int e, int a) {
 }
 
 // Shared memory of a launch: the staged basis (twice with pairs: hi and lo), the partial
-// sums (a tile a warp), the coefficient tile.
+// sums (a tile a warp), the coefficient tile, the [row cache].
 inline size_t smem_bytes(const Geometry& g) {
   return (static_cast<size_t>(g.nblk) * (g.kp / 8) * 128 * (g.pairs ? 2 : 1) +
           static_cast<size_t>(g.warps) * kTileRows * kCoefChunk +
           static_cast<size_t>(kTileRows) * g.coef_ld) *
-         sizeof(float);
+             sizeof(float) +
+         (g.row_cache ? kRowCacheBytes : 0);
 }
 
 // Blocks per SM the kernel is compiled for (at most 65536 / (256 x blocks) registers a
@@ -296,6 +317,13 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   const float4* su_lo = su + basis_units;               // [pairs]: the lo half
   float* red = reinterpret_cast<float*>(su + basis_units * (kPairs ? 2 : 1));
   float* cs = red + W * kTileRows * kCoefChunk;         // coefficient tile, 16 x coef_ld
+  // [row cache] slot s holds rows_s[16 s + m] and anchors_s[16 s + m] of its tile's row m
+  using Row = typename P::Row;
+  constexpr bool kCache = kRowCache<P>;
+  static_assert(!kCache || (sizeof(Row) <= 16 && alignof(Row) <= 8), "[row cache] 16 bytes a Row");
+  char* cache = reinterpret_cast<char*>(cs + kTileRows * g.coef_ld);  // 64-byte aligned
+  Row* rows_s = reinterpret_cast<Row*>(cache);  // (a Row in 16 bytes: sizeof(Row) strides)
+  float** anchors_s = reinterpret_cast<float**>(cache + kRowSlots * kTileRows * 16);
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -317,9 +345,31 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     for (int X = 0; X < 2; ++X) pair_off[sp][X] = 4 * pair_unit(4 * sp + tq, X, gq >> 1) + 2 * (gq & 1);
   }
 
+  // [row cache] Tile `tile`'s rows into slot `slot`: 16 threads of warp 0, one row each
+  // (P::row is P::store_row where the policy updates nothing: project.cu's).
+  auto cache_rows = [&](int64_t tile, int slot) {  // model-uniform
+    if constexpr (kCache) {
+      const int64_t row = tile * kTileRows + threadIdx.x;
+      if (threadIdx.x < kTileRows && row < g.total_rows) {  // model-scale: 1 / W (warp 0)
+        rows_s[slot * kTileRows + threadIdx.x] = pol.store_row(row);
+        anchors_s[slot * kTileRows + threadIdx.x] = g.row_data ? pol.anchor_row(row) : nullptr;
+      }
+    }
+  };
+  // Tile row m's addresses for slot `slot`'s tile (first row row0): cached, or looked up.
+  auto row_of = [&](int slot, int64_t row0, int m) -> Row {
+    if constexpr (kCache) {
+      return rows_s[slot * kTileRows + m];
+    } else {
+      return pol.store_row(row0 + m);
+    }
+  };
+
   const int staged = g.nblk * J * 32 * (kPairs ? 2 : 1);
   // model-trips: ceil(nblk * J * 32 * units / threads)
   for (int i = threadIdx.x; i < staged; i += kCta) su[i] = frag[i];
+  cache_rows(blockIdx.x, 0);  // this CTA's first two tiles
+  cache_rows(blockIdx.x + gridDim.x, 1);
   __syncthreads();
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
@@ -334,11 +384,11 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   // [row pairs] nxt[b][0], nxt[b][1]: both rows' columns j, j + 1 and j + 2, j + 3 (the
   // words of load_pair_bits)
   Bits nxt[kPrefetch || kBatchLoad ? NB : 1][2] = {};
-  auto fetch = [&](int64_t tile) {  // model-uniform
+  auto fetch = [&](int64_t tile, int slot) {  // model-uniform
     if constexpr (kRowPairs) {
       const int64_t row = tile * kTileRows + 2 * gq;
       if (row >= g.total_rows) return;  // rows come in pairs: row + 1 exists too
-      const typename P::Row w = pol.store_row(row);
+      const Row w = row_of(slot, tile * kTileRows, 2 * gq);
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         const int j = col0 + 16 * b;
@@ -349,7 +399,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       for (int h = 0; h < 2; ++h) {
         const int64_t row = tile * kTileRows + gq + 8 * h;
         if (row >= g.total_rows) continue;
-        const typename P::Row w = pol.store_row(row);  // its addresses
+        const Row w = row_of(slot, tile * kTileRows, gq + 8 * h);  // its addresses
 #pragma unroll
         for (int b = 0; b < (kPrefetch || kBatchLoad ? NB : 1); ++b) {
           const int j = col0 + 16 * b;
@@ -359,7 +409,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     }
   };
   if constexpr (kPrefetch) {
-    if (blockIdx.x < g.n_tiles) fetch(blockIdx.x);
+    if (blockIdx.x < g.n_tiles) fetch(blockIdx.x, 0);
   }
   // A row's ragged last vector (d % V != 0), through the policy's element path.
   auto load_ragged = [&](int64_t row0, float (&x)[NB][2][V]) {
@@ -376,8 +426,12 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     }
   };
 
-  for (int64_t tile = blockIdx.x; tile < g.n_tiles; tile += gridDim.x) {  // model-trips: items
+  int it = 0;  // this CTA's tiles so far: the tile's [row cache] slot is it % kRowSlots
+  for (int64_t tile = blockIdx.x; tile < g.n_tiles; tile += gridDim.x, ++it) {  // model-trips: items
     const int64_t row0 = tile * kTileRows;
+    const int slot = it % kRowSlots;
+    const int next_slot = (it + 1) % kRowSlots;
+    cache_rows(tile + 2 * static_cast<int64_t>(gridDim.x), (it + 2) % kRowSlots);
     // [tile] x[b][h]: row row0 + gq + 8 h, columns 16 (warp NB + b) + 4 tq + [0, 4).
     float x[NB][2][V];
     // The tile's 16 rows exist and the warp's blocks are whole vectors (warp-uniform): its
@@ -404,9 +458,9 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         }
       }
       if (d % V != 0) load_ragged(row0, x);  // model-cold-if: d % 4 == 0
-      if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
+      if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x, next_slot);
     } else if constexpr (kPrefetch || kBatchLoad) {
-      if constexpr (kBatchLoad) fetch(tile);
+      if constexpr (kBatchLoad) fetch(tile, slot);
       if (full) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -438,7 +492,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         }
       }
       if (d % V != 0) load_ragged(row0, x);  // model-cold-if: d % 4 == 0
-      if (kPrefetch && tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x);
+      if (kPrefetch && tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x, next_slot);
     } else if constexpr (P::kUpdates) {
       // Every vector of a row loaded before any is finished: AdamW's finish stores m and v,
       // and a load after a store (which may alias, as far as the compiler knows) would wait
@@ -480,8 +534,8 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       for (int h = 0; h < 2; ++h) {
         const int64_t row = row0 + gq + 8 * h;
         const bool valid = row < g.total_rows;
-        typename P::Row w{};
-        if (valid) w = pol.row(row);
+        Row w{};
+        if (valid) w = row_of(slot, row0, gq + 8 * h);  // (P::row: P::kUpdates is false)
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const int j = col0 + 16 * b;
@@ -510,7 +564,11 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       float c_old = 0.f;
       float w_kk = 1.f;
       if (fin && g.row_data) {  // model-cold-if: not anchored
-        anchor = pol.anchor_row(frow);
+        if constexpr (kCache) {
+          anchor = anchors_s[slot * kTileRows + tile_row<kRowPairs>(fr)];
+        } else {
+          anchor = pol.anchor_row(frow);
+        }
         if (anchor != nullptr) anchor += g.c0;  // [columns]
         if (anchor != nullptr) c_old = anchor[fkk];
         if (weights != nullptr) w_kk = weights[fkk];
@@ -698,10 +756,11 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       }
     }
 
-    // Stores: the rows looked up again (addresses are not kept live through both passes).
+    // Stores: the rows' addresses again, from the [row cache] (they are not kept live
+    // through both passes).
     if (full) {
       if constexpr (kRowPairs) {  // both rows' vectors as one store's words
-        const typename P::Row w = pol.store_row(row0 + 2 * gq);
+        const Row w = row_of(slot, row0, 2 * gq);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
@@ -710,7 +769,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       } else {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const typename P::Row w = pol.store_row(row0 + gq + 8 * h);
+          const Row w = row_of(slot, row0, gq + 8 * h);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
@@ -723,7 +782,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       for (int h = 0; h < 2; ++h) {
         const int64_t row = row0 + tile_row<kRowPairs>(gq + 8 * h);
         if (row >= g.total_rows) continue;
-        const typename P::Row w = pol.store_row(row);
+        const Row w = row_of(slot, row0, tile_row<kRowPairs>(gq + 8 * h));
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const int j = col0 + 16 * b;
@@ -841,7 +900,8 @@ inline bool tensor_cores_enabled() {
   const char* v = std::getenv("GRADPROJ_CUDA_TENSOR_CORES");
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
-// `max_d`: the policy's kMaxRowD.
+// `max_d`: the policy's kMaxRowD. The columns leave room for the [row cache] whatever the
+// policy: AdamW's later column blocks are projection launches of the same columns.
 inline int64_t columns_per_launch(int64_t d, int64_t k, int64_t max_d) {
   if (d > max_d || k < 1 || !tensor_cores_enabled()) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // no tf32 MMAs
@@ -850,6 +910,7 @@ inline int64_t columns_per_launch(int64_t d, int64_t k, int64_t max_d) {
   g.d = d;
   g.nblk = static_cast<int>((d + 15) / 16);
   g.warps = kWarps;  // ([16 warps] run_columns takes them where they fit beside these columns)
+  g.row_cache = true;
   for (int64_t launches = 1;; ++launches) {
     const int64_t kc = round_up((k + launches - 1) / launches, 8);
     g.kp = kc;
@@ -902,6 +963,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.c0 = static_cast<int>(c0);  // c0 < k <= d <= kMaxD
   g.pairs = false;
   g.warps = kWarps;
+  g.row_cache = kRowCache<P>;
   if constexpr (kSixteenWarps<P>) {
     // [16 warps] where their partial sums fit beside the launch's columns (kc was sized for
     // 8 warps' partial sums: 8 KiB fewer)

@@ -85,8 +85,8 @@ MMA_BLOCKS = (2, 4, 6, 8, 10)  # the NB the launcher compiles (run_columns)
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
-# kRowCacheBytes: 4 slots (tiles), a Row and an anchor address a row
-MMA_ROW_CACHE_BYTES = 4 * MMA_TILE_ROWS * (16 + 8)
+MMA_ROW_SLOTS = 4  # [row cache] kRowSlots: tiles
+MMA_MAX_ROW_BYTES = 32  # kMaxRowBytes: AdamW's Row (a projection's: 16)
 # mma_rows.cuh [16 warps]: 16-bit projection rows of (32, 64] column blocks
 MMA_WIDE_WARPS = 16  # kWideWarps
 MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo<P>]
@@ -348,14 +348,14 @@ def rows_launches(
 
 
 def _mma_smem(
-    nblk: int, kp: int, pairs: bool = False, warps: int = WARPS, row_cache: bool = True
+    nblk: int, kp: int, pairs: bool = False, warps: int = WARPS, row_bytes: int = MMA_MAX_ROW_BYTES
 ) -> int:
     """``mma_rows::smem_bytes``: the staged basis (twice with pairs: hi and lo), the partial
-    sums (a tile a warp), the coefficient tile, the row cache (``row_cache``: the policy's
-    ``kRowCache``, every projection's; ``columns_per_launch`` counts it for every policy)."""
+    sums (a tile a warp), the coefficient tile, the row cache (``row_bytes``: the policy's
+    ``sizeof(P::Row)``; ``columns_per_launch`` counts the largest for every policy)."""
     return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + warps * MMA_TILE_ROWS
                 * MMA_COEF_CHUNK + MMA_TILE_ROWS * (kp + 4)) + (
-        MMA_ROW_CACHE_BYTES if row_cache else 0)  # fmt: skip
+        MMA_ROW_SLOTS * MMA_TILE_ROWS * (row_bytes + 8))  # fmt: skip
 
 
 def mma_max_d(policy: str) -> int:
@@ -418,14 +418,14 @@ def mma_launches(
         name = policy if c0 == 0 or rest is None else rest
         # 16-bit projections (x exact in tf32; not AdamW's)
         projection16 = dt != "fp32" and re.search(r"Project(Pair)?Policy", name)
-        row_cache = "AdamW" not in name  # mma_rows::kRowCache<P>: the projections
+        row_bytes = 32 if "AdamW" in name else 16  # sizeof(P::Row)
         # [16 warps]: those rows of 513-1024 columns (row pairs: 768), where the partial
         # sums of 16 warps fit beside the launch's columns
         warps = WARPS
         lo, hi = MMA_WIDE_BLOCKS
         if "PairPolicy" in name:
             hi = MMA_WIDE_PAIR_BLOCKS
-        wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_cache)
+        wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_bytes)
         if projection16 and lo < nblk <= hi and wide_smem <= limit:
             warps = MMA_WIDE_WARPS
         if warps == WARPS:
@@ -435,7 +435,7 @@ def mma_launches(
         # the warps' valid blocks (the unrolled block loop breaks at the first past d)
         blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
         # [pairs]: those projections without anchors whose U fits twice
-        fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_cache) <= limit
+        fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_bytes) <= limit
         pairs = bool(projection16) and not anchored and cols > 8 and fits
         kp = _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
@@ -443,7 +443,7 @@ def mma_launches(
                    entries=entries, second=groups % 2 == 0, anchored=anchored,
                    units=2 if pairs else 1, W=warps, threads=32 * warps)  # fmt: skip
         kernel = f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}>"
-        smem = _mma_smem(nblk, kp, pairs, warps, row_cache)
+        smem = _mma_smem(nblk, kp, pairs, warps, row_bytes)
         launches.append(Launch(kernel, n_tiles, smem, env, 32 * warps))
     return launches
 

@@ -283,6 +283,7 @@ REAL_CASES = {
     "adamw-rows-mma": lambda: _adamw((45, 260), "input", k=12),
     "adamw-rows-mma-bf16": lambda: _adamw((40, 256), "input", torch.bfloat16, k=20),
     "adamw-rows-mma-column-blocks": lambda: _adamw((40, 768), "input", k=160),
+    "adamw-rows-mma-row-cache": lambda: _adamw((250, 768), "input", torch.bfloat16, k=20),
     "adamw-cols-amsgrad": lambda: _adamw((70, 9), "output", amsgrad=True),
     "adamw-cols-split": lambda: _adamw((1100, 12), "output"),
     "surgery": lambda: _surgery([7, 70000]),
@@ -900,6 +901,25 @@ ADAMW_MMA = {
     "bf16-wide-10-blocks": (torch.bfloat16, 12, [(37, 1100), (5, 1100)], True, True, 1),
     "fp16-1280": (torch.float16, 24, [(20, 1280)], False, False, 1),
     "bf16-1280-k1": (torch.bfloat16, 1, [(33, 1280)], True, False, 1),
+    # [row cache] six params (a tile's rows from several, each its own step: its bias
+    # corrections cached with its rows) over 5-6 tiles a CTA (bf16: 16 tiles, prefetched)
+    # and 10-11 (fp32: 32 tiles), so each of the cache's slots is written again
+    "bf16-row-cache": (
+        torch.bfloat16,
+        20,
+        [(n, 768) for n in (4, 18, 40, 2, 130, 56)],
+        True,
+        False,
+        1,
+    ),
+    "fp32-row-cache": (
+        torch.float32,
+        12,
+        [(n, 260) for n in (8, 36, 80, 4, 260, 112)],
+        True,
+        True,
+        1,
+    ),
 }
 
 

@@ -115,18 +115,17 @@
 //   (row pairs: 4 blocks spilled 12 B on sm_80, so they take 16 warps up to 768 columns);
 //   fp32 rows already run 16 warps an SM (two CTAs of 8 at 6 blocks). AdamW's keep 8: on
 //   16, its 16-bit rows (four streams beside x') spilled 320-1744 B at 128 registers.
-// [row cache] A projection's rows (P::kUpdates false) are looked up once a CTA: 16 threads
-//   of warp 0 find a tile's 16 rows in the device table (a binary search over its entries,
-//   then the row's address) and put each row's P::Row and anchor in shared memory, two
-//   tiles ahead; every warp's loads, prefetch, stores and finishing threads read them
-//   there (one 16-byte shared load a row). Every warp looked up its own rows before, twice
-//   a tile (the prefetch, the stores) and the finishing threads their anchors a chunk:
-//   at 16 warps that was 0.12 of bf16 k = 8's 1.22 warp instructions an element at
-//   d = 768 (sm_90, predicted). Four slots: a tile's rows are written in the iteration two
-//   before its own, read by the prefetch one before and by its own iteration, and a slot
-//   is written again only after a barrier that follows its last read (the pass-1 barriers
-//   of the iteration between). AdamW's rows carry its bias corrections and keep their own
-//   lookups.
+// [row cache] A tile's rows are looked up once a CTA: 16 threads of warp 0 find its 16
+//   rows in the device table (a binary search over its entries, then the row's address;
+//   AdamW: its bias corrections too, P::row) and put each row's P::Row and anchor in
+//   shared memory, two tiles ahead; every warp's loads, prefetch, stores and finishing
+//   threads read them there. Every warp looked up its own rows before, twice a tile (the
+//   prefetch, the stores; AdamW: fp64 bias corrections each time) and the finishing
+//   threads their anchors a chunk: at 16 warps that was 0.12 of bf16 k = 8's 1.22 warp
+//   instructions an element at d = 768 (sm_90, predicted). Four slots: a tile's rows are
+//   written in the iteration two before its own, read by the prefetch one before and by
+//   its own iteration, and a slot is written again only after a barrier that follows its
+//   last read (the pass-1 barriers of the iteration between).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -175,15 +174,16 @@ struct Geometry {
   bool row_data;       // anchors or weights to finish the coefficients with
   bool pairs;          // [pairs] U staged split, hi and lo (kp a multiple of 16)
   int warps;           // [16 warps] warps a CTA: kWarps or kWideWarps
-  bool row_cache;      // [row cache] the policy's rows cached in shared memory
+  int row_bytes;       // [row cache] sizeof(P::Row): 16 (projections) or 32 (AdamW)
 };
 
-// [row cache] Slots (tiles) of the cache, and its bytes: a P::Row (at most 16 bytes) and
-// an anchor address a row.
+// [row cache] Slots (tiles) of the cache, and its bytes: a P::Row (at most kMaxRowBytes)
+// and an anchor address a row.
 constexpr int kRowSlots = 4;
-constexpr size_t kRowCacheBytes = static_cast<size_t>(kRowSlots) * kTileRows * (16 + 8);
-template <class P>
-constexpr bool kRowCache = !P::kUpdates;
+constexpr size_t kMaxRowBytes = 32;
+constexpr size_t row_cache_bytes(size_t row_bytes) {
+  return static_cast<size_t>(kRowSlots) * kTileRows * (row_bytes + sizeof(float*));
+}
 
 // [basis] the float4 unit of (basis rows 4a..4a+3, coefficient c) in a sub-block.
 __device__ __forceinline__ int unit(int a, int c) { return 8 * a + (c ^ (4 * (a & 1) + 2 * (a >> 1))); }
@@ -200,7 +200,7 @@ inline size_t smem_bytes(const Geometry& g) {
           static_cast<size_t>(g.warps) * kTileRows * kCoefChunk +
           static_cast<size_t>(kTileRows) * g.coef_ld) *
              sizeof(float) +
-         (g.row_cache ? kRowCacheBytes : 0);
+         row_cache_bytes(static_cast<size_t>(g.row_bytes));
 }
 
 // Blocks per SM the kernel is compiled for (at most 65536 / (256 x blocks) registers a
@@ -319,11 +319,11 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   float* cs = red + W * kTileRows * kCoefChunk;         // coefficient tile, 16 x coef_ld
   // [row cache] slot s holds rows_s[16 s + m] and anchors_s[16 s + m] of its tile's row m
   using Row = typename P::Row;
-  constexpr bool kCache = kRowCache<P>;
-  static_assert(!kCache || (sizeof(Row) <= 16 && alignof(Row) <= 8), "[row cache] 16 bytes a Row");
+  static_assert(sizeof(Row) <= kMaxRowBytes && sizeof(Row) % 8 == 0 && alignof(Row) <= 8,
+                "[row cache] a Row in at most kMaxRowBytes, 8-byte aligned");
   char* cache = reinterpret_cast<char*>(cs + kTileRows * g.coef_ld);  // 64-byte aligned
-  Row* rows_s = reinterpret_cast<Row*>(cache);  // (a Row in 16 bytes: sizeof(Row) strides)
-  float** anchors_s = reinterpret_cast<float**>(cache + kRowSlots * kTileRows * 16);
+  Row* rows_s = reinterpret_cast<Row*>(cache);
+  float** anchors_s = reinterpret_cast<float**>(cache + kRowSlots * kTileRows * sizeof(Row));
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -345,25 +345,18 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     for (int X = 0; X < 2; ++X) pair_off[sp][X] = 4 * pair_unit(4 * sp + tq, X, gq >> 1) + 2 * (gq & 1);
   }
 
-  // [row cache] Tile `tile`'s rows into slot `slot`: 16 threads of warp 0, one row each
-  // (P::row is P::store_row where the policy updates nothing: project.cu's).
+  // [row cache] Tile `tile`'s rows into slot `slot`: 16 threads of warp 0, one row each,
+  // P::row (AdamW's with its bias corrections: any Row serves the stores, which read only
+  // its addresses; a projection's P::row is its P::store_row).
   auto cache_rows = [&](int64_t tile, int slot) {  // model-uniform
-    if constexpr (kCache) {
-      const int64_t row = tile * kTileRows + threadIdx.x;
-      if (threadIdx.x < kTileRows && row < g.total_rows) {  // model-scale: 1 / W (warp 0)
-        rows_s[slot * kTileRows + threadIdx.x] = pol.store_row(row);
-        anchors_s[slot * kTileRows + threadIdx.x] = g.row_data ? pol.anchor_row(row) : nullptr;
-      }
+    const int64_t row = tile * kTileRows + threadIdx.x;
+    if (threadIdx.x < kTileRows && row < g.total_rows) {  // model-scale: 1 / W (warp 0)
+      rows_s[slot * kTileRows + threadIdx.x] = pol.row(row);
+      anchors_s[slot * kTileRows + threadIdx.x] = g.row_data ? pol.anchor_row(row) : nullptr;
     }
   };
-  // Tile row m's addresses for slot `slot`'s tile (first row row0): cached, or looked up.
-  auto row_of = [&](int slot, int64_t row0, int m) -> Row {
-    if constexpr (kCache) {
-      return rows_s[slot * kTileRows + m];
-    } else {
-      return pol.store_row(row0 + m);
-    }
-  };
+  // Row m of slot `slot`'s tile.
+  auto row_of = [&](int slot, int m) -> Row { return rows_s[slot * kTileRows + m]; };
 
   const int staged = g.nblk * J * 32 * (kPairs ? 2 : 1);
   // model-trips: ceil(nblk * J * 32 * units / threads)
@@ -388,7 +381,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     if constexpr (kRowPairs) {
       const int64_t row = tile * kTileRows + 2 * gq;
       if (row >= g.total_rows) return;  // rows come in pairs: row + 1 exists too
-      const Row w = row_of(slot, tile * kTileRows, 2 * gq);
+      const Row w = row_of(slot, 2 * gq);
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         const int j = col0 + 16 * b;
@@ -399,7 +392,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       for (int h = 0; h < 2; ++h) {
         const int64_t row = tile * kTileRows + gq + 8 * h;
         if (row >= g.total_rows) continue;
-        const Row w = row_of(slot, tile * kTileRows, gq + 8 * h);  // its addresses
+        const Row w = row_of(slot, gq + 8 * h);  // its addresses
 #pragma unroll
         for (int b = 0; b < (kPrefetch || kBatchLoad ? NB : 1); ++b) {
           const int j = col0 + 16 * b;
@@ -442,7 +435,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       const int64_t prow = row0 + 2 * gq;
       const bool valid = prow < g.total_rows;
       typename P::Row w{};
-      if (P::kUpdates && valid) w = pol.row(prow);
+      if (P::kUpdates && valid) w = row_of(slot, 2 * gq);
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         const int j = col0 + 16 * b;
@@ -465,7 +458,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           typename P::Row w{};
-          if constexpr (P::kUpdates) w = pol.row(row0 + gq + 8 * h);
+          if constexpr (P::kUpdates) w = row_of(slot, gq + 8 * h);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             // blocks past d are never used: a plain projection converts them anyway
@@ -478,7 +471,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           const int64_t row = row0 + gq + 8 * h;
           const bool valid = row < g.total_rows;
           typename P::Row w{};
-          if (valid && P::kUpdates) w = pol.row(row);
+          if (valid && P::kUpdates) w = row_of(slot, gq + 8 * h);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             const int j = col0 + 16 * b;
@@ -504,7 +497,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         const int64_t row = row0 + gq + 8 * h;
         const bool valid = row < g.total_rows;
         typename P::Row w{};
-        if (valid) w = pol.row(row);
+        if (valid) w = row_of(slot, gq + 8 * h);
         // in batches of at most 96 registers (fp32 NB = 8 held all 8 and spilled 32 B), and
         // of half the blocks beside [wide] rows' 80 registers of x'
         constexpr int kBatch = NB * sizeof(Bits) <= 96 * 4 && NB <= kMaxPrefetchBlocks ? NB : NB / 2;
@@ -535,7 +528,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         const int64_t row = row0 + gq + 8 * h;
         const bool valid = row < g.total_rows;
         Row w{};
-        if (valid) w = row_of(slot, row0, gq + 8 * h);  // (P::row: P::kUpdates is false)
+        if (valid) w = row_of(slot, gq + 8 * h);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const int j = col0 + 16 * b;
@@ -564,11 +557,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       float c_old = 0.f;
       float w_kk = 1.f;
       if (fin && g.row_data) {  // model-cold-if: not anchored
-        if constexpr (kCache) {
-          anchor = anchors_s[slot * kTileRows + tile_row<kRowPairs>(fr)];
-        } else {
-          anchor = pol.anchor_row(frow);
-        }
+        anchor = anchors_s[slot * kTileRows + tile_row<kRowPairs>(fr)];
         if (anchor != nullptr) anchor += g.c0;  // [columns]
         if (anchor != nullptr) c_old = anchor[fkk];
         if (weights != nullptr) w_kk = weights[fkk];
@@ -760,7 +749,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     // through both passes).
     if (full) {
       if constexpr (kRowPairs) {  // both rows' vectors as one store's words
-        const Row w = row_of(slot, row0, 2 * gq);
+        const Row w = row_of(slot, 2 * gq);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
@@ -769,7 +758,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       } else {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const Row w = row_of(slot, row0, gq + 8 * h);
+          const Row w = row_of(slot, gq + 8 * h);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
@@ -782,7 +771,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       for (int h = 0; h < 2; ++h) {
         const int64_t row = row0 + tile_row<kRowPairs>(gq + 8 * h);
         if (row >= g.total_rows) continue;
-        const Row w = row_of(slot, row0, tile_row<kRowPairs>(gq + 8 * h));
+        const Row w = row_of(slot, tile_row<kRowPairs>(gq + 8 * h));
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const int j = col0 + 16 * b;
@@ -900,8 +889,9 @@ inline bool tensor_cores_enabled() {
   const char* v = std::getenv("GRADPROJ_CUDA_TENSOR_CORES");
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
-// `max_d`: the policy's kMaxRowD. The columns leave room for the [row cache] whatever the
-// policy: AdamW's later column blocks are projection launches of the same columns.
+// `max_d`: the policy's kMaxRowD. The columns leave room for the largest [row cache]
+// (AdamW's), whatever the policy: AdamW's later column blocks are projection launches of
+// the same columns.
 inline int64_t columns_per_launch(int64_t d, int64_t k, int64_t max_d) {
   if (d > max_d || k < 1 || !tensor_cores_enabled()) return 0;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;  // no tf32 MMAs
@@ -910,7 +900,7 @@ inline int64_t columns_per_launch(int64_t d, int64_t k, int64_t max_d) {
   g.d = d;
   g.nblk = static_cast<int>((d + 15) / 16);
   g.warps = kWarps;  // ([16 warps] run_columns takes them where they fit beside these columns)
-  g.row_cache = true;
+  g.row_bytes = static_cast<int>(kMaxRowBytes);
   for (int64_t launches = 1;; ++launches) {
     const int64_t kc = round_up((k + launches - 1) / launches, 8);
     g.kp = kc;
@@ -963,7 +953,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.c0 = static_cast<int>(c0);  // c0 < k <= d <= kMaxD
   g.pairs = false;
   g.warps = kWarps;
-  g.row_cache = kRowCache<P>;
+  g.row_bytes = static_cast<int>(sizeof(typename P::Row));
   if constexpr (kSixteenWarps<P>) {
     // [16 warps] where their partial sums fit beside the launch's columns (kc was sized for
     // 8 warps' partial sums: 8 KiB fewer)

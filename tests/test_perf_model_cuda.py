@@ -231,7 +231,7 @@ def _constexprs() -> dict[str, int]:
     import cuda_compile_report as ccr
 
     out: dict[str, int] = {}
-    for name in ("tile.cuh", "surgery.cu"):
+    for name in ("tile.cuh", "surgery.cu", "mma_rows.cuh"):
         text = open(os.path.join(ROOT, "csrc", "cuda", name)).read()
         for m in ccr._CONSTEXPR.finditer(ccr._strip_comments(text)):
             expr = re.sub(r"static_cast<\w+>\(([^)]*)\)", r"\1", m.group(2))
@@ -250,6 +250,11 @@ def test_the_python_twin_uses_the_sources_constants():
     assert c["tile.cuh:kEpt"] == pmc.EPT
     assert c["tile.cuh:kResidentBytes"] == pmc.RESIDENT_BYTES
     assert c["surgery.cu:kChunk"] == pmc.SURGERY_CHUNK
+    assert c["mma_rows.cuh:kTileRows"] == pmc.MMA_TILE_ROWS
+    assert c["mma_rows.cuh:kCoefChunk"] == pmc.MMA_COEF_CHUNK
+    assert c["mma_rows.cuh:kWideWarps"] == pmc.MMA_WIDE_WARPS
+    assert c["mma_rows.cuh:kRowSlots"] == pmc.MMA_ROW_SLOTS
+    assert c["mma_rows.cuh:kMaxRowBytes"] == pmc.MMA_MAX_ROW_BYTES
 
 
 def test_launch_geometry_follows_run_rows_and_run_cols():
@@ -373,6 +378,9 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         dt, d, k, optin = args
         (split,) = pmc.mma_launches(bf16, dt, d, k, 4096, 2, optin)
         assert re.search(r", false, (8|16)>$", split.kernel), args
+    # [row cache] AdamW's 32-byte Rows: 2.5 KiB (a projection's: 1.5 KiB)
+    (adamw,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 32, 4096, 2, None)
+    assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 8 * 16 * 16 + 16 * 36) + 4 * 16 * 40
     (anchored,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, None, anchored=True)
     assert anchored.kernel.endswith(", 3, false, 16>")
     assert pmc.mma_columns(1024, 1024, 163 * 1024) == 32

@@ -418,7 +418,7 @@ def mma_launches(
         name = policy if c0 == 0 or rest is None else rest
         # 16-bit projections (x exact in tf32; not AdamW's)
         projection16 = dt != "fp32" and re.search(r"Project(Pair)?Policy", name)
-        row_bytes = 32 if "AdamW" in name else 16  # sizeof(P::Row)
+        row_bytes = MMA_MAX_ROW_BYTES if "AdamW" in name else 16  # sizeof(P::Row)
         # [16 warps]: those rows of 513-1024 columns (row pairs: 768), where the partial
         # sums of 16 warps fit beside the launch's columns
         warps = WARPS

@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     for (int h = 0; h < 2; ++h) {
       const int64_t row = row0 + tile_row<kRowPairs>(gq + 8 * h);
       if (row >= g.total_rows) continue;
-      const typename P::Row w = pol.row(row);
+      const Row w = pol.row(row);
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         const int j = col0 + 16 * b;
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       static_assert(kPrefetch, "[row pairs] loads the next tile during this one");
       const int64_t prow = row0 + 2 * gq;
       const bool valid = prow < g.total_rows;
-      typename P::Row w{};
+      Row w{};
       if (P::kUpdates && valid) w = row_of(slot, 2 * gq);
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       if (full) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          typename P::Row w{};
+          Row w{};
           if constexpr (P::kUpdates) w = row_of(slot, gq + 8 * h);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
@@ -470,7 +470,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         for (int h = 0; h < 2; ++h) {
           const int64_t row = row0 + gq + 8 * h;
           const bool valid = row < g.total_rows;
-          typename P::Row w{};
+          Row w{};
           if (valid && P::kUpdates) w = row_of(slot, gq + 8 * h);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
@@ -496,7 +496,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       for (int h = 0; h < 2; ++h) {
         const int64_t row = row0 + gq + 8 * h;
         const bool valid = row < g.total_rows;
-        typename P::Row w{};
+        Row w{};
         if (valid) w = row_of(slot, gq + 8 * h);
         // in batches of at most 96 registers (fp32 NB = 8 held all 8 and spilled 32 B), and
         // of half the blocks beside [wide] rows' 80 registers of x'
@@ -918,8 +918,9 @@ template <class P, int NB, bool kPairs, int W>
 void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
   const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs, W>);
   // columns_per_launch and run_columns chose the columns and layout to fit this very limit;
-  // smem_bytes sizes the layout by g.pairs, the kernel lays it out by kPairs
-  TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.warps == W);
+  // smem_bytes sizes the layout by g.pairs, g.warps and g.row_bytes, the kernel by kPairs, W
+  // and sizeof(P::Row)
+  TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.warps == W && g.row_bytes == sizeof(typename P::Row));
   TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
   const at::Tensor frag =
       packed_basis(basis, kPairs ? BasisLayout::kMmaPairs : BasisLayout::kMmaFragments);

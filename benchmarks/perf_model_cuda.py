@@ -451,7 +451,9 @@ def mma_launches(
 def surgery_launches(ctype: str, numels: list[int]):
     """``surgery.cu`` ``launch``: partials, coefficients, apply."""
     chunks = sum(-(-n // SURGERY_CHUNK) for n in numels)
-    env = dict(entries=len(numels), chunks_per_pair=max(-(-n // SURGERY_CHUNK) for n in numels))
+    # whole: every chunk is a whole one ([packs]; the model's tensors are aligned)
+    env = dict(entries=len(numels), chunks_per_pair=max(-(-n // SURGERY_CHUNK) for n in numels),
+               whole=all(n % SURGERY_CHUNK == 0 for n in numels))  # fmt: skip
     pairs_blocks = -(-len(numels) // WARPS)
     return [
         Launch(f"surgery_partials_kernel<{ctype}>", chunks, 0, env),

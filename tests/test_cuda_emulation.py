@@ -256,7 +256,8 @@ def _surgery(numels, dtype=torch.float32):
 # (U^T resident, and staged per chunk: k = 40 at d = 2000 is 320 KiB), rows split
 # (d > 4096), transposed views (the block policies: fused, split past d = 2048, AdamW's
 # past 1024), flat (one and several segments), anchored with soft weights, projected
-# AdamW (rows on tensor cores and not, cols, amsgrad), surgery (one chunk and several).
+# AdamW (rows on tensor cores and not, cols, amsgrad), surgery (one chunk and several;
+# whole chunks of 16-bit pairs as packs).
 REAL_CASES = {
     "rows-resident": lambda: _project((37, 129), "input", 7),
     "rows-mma": lambda: _project((45, 260), "input", 40),
@@ -287,6 +288,7 @@ REAL_CASES = {
     "adamw-cols-amsgrad": lambda: _adamw((70, 9), "output", amsgrad=True),
     "adamw-cols-split": lambda: _adamw((1100, 12), "output"),
     "surgery": lambda: _surgery([7, 70000]),
+    "surgery-bf16-packs": lambda: _surgery([3 * 4096, 9000], torch.bfloat16),
 }
 
 

@@ -124,6 +124,35 @@ def test_non_contiguous_pairs(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), SURGERY, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("off_u", "off_r"), [(0, 0), (1, 0), (0, 3), (4, 8)])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-sided", "symmetric"])
+def test_views_at_any_offset(device, backend, dtype, off_u, off_r, symmetric):
+    """Slices that start ``off`` elements into their storage: the CUDA kernels take whole
+    chunks of views aligned to 16 bytes (fp32) or 8 (16-bit) as vectors, and the rest
+    (an offset of 1 or 3, a pair's ragged last chunk) element by element. 3 whole chunks
+    of 4096 and a ragged one; the elements around each view stay as they were."""
+    n = 3 * 4096 + 77
+    (u1,), (r1,) = pairs([(n,)], dtype, device, conflict=True, seed=5)
+    base_u, base_r = (torch.randn(n + 16, device=device).to(dtype) for _ in range(2))
+    u, r = base_u[off_u : off_u + n], base_r[off_r : off_r + n]
+    u.copy_(u1)
+    r.copy_(r1)
+    u0, r0 = u.clone(), r.clone()
+    around_u = torch.cat([base_u[:off_u], base_u[off_u + n :]]).clone()
+    around_r = torch.cat([base_r[:off_r], base_r[off_r + n :]]).clone()
+    gradproj.surgery_([u], [r], strength=0.7, symmetric=symmetric, backend=backend)
+    ref_u, ref_r = R.surgery(u0.double(), r0.double(), strength=0.7, symmetric=symmetric)
+    x = torch.cat([u0, r0])
+    check(u, ref_u, x, backend)
+    check(r, ref_r, x, backend)
+    assert not torch.equal(u, u0)
+    assert torch.equal(r, r0) != symmetric
+    assert torch.equal(torch.cat([base_u[:off_u], base_u[off_u + n :]]), around_u)
+    assert torch.equal(torch.cat([base_r[:off_r], base_r[off_r + n :]]), around_r)
+
+
+@pytest.mark.parametrize(("device", "backend"), SURGERY, ids=IDS)
 def test_deterministic(device, backend):
     us, rs = pairs([(300, 200), (50000,)], torch.float32, device, conflict=True)
     a = [u.clone() for u in us]

@@ -16,6 +16,12 @@
 //     zero norm);
 //  3. surgery_apply_kernel: a block per chunk rewrites it; chunks of pairs without
 //     a conflict are skipped (u - 0 r == u), a test made on the device.
+// [packs] Both passes take a whole chunk of a pair whose views are aligned to tile::Pack
+// as kPacks packs a thread, every load issued before the first is used: 8 loads, 64
+// bytes (16-bit) or 128 (fp32) in flight a thread. One element a trip, a thread kept 4
+// or 8 bytes in flight, and 16-bit surgery was bound by load latency (predicted 33% /
+// 23% of copy on A100 / H100, benchmarks/perf_model_cuda.py). A pair's ragged last chunk,
+// and views not aligned to a Pack (a slice's offset), take the element loop.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -32,6 +38,7 @@
 #include "bucket_checks.h"
 #include "cuda/launch.cuh"
 #include "cuda/multi_tensor.cuh"
+#include "cuda/tile.cuh"
 
 namespace gradproj::cuda {
 namespace {
@@ -40,6 +47,9 @@ constexpr int kWarp = 32;
 constexpr int kThreads = 256;  // 8 warps per block
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 constexpr int64_t kChunk = kThreads * 16;  // elements per block; fixed, so sums are deterministic
+// [packs] a thread's packs of a whole chunk: pack p of thread t holds elements
+// 4 (t + kThreads p) .. + 3, so a warp's loads of one p are consecutive
+constexpr int kPacks = static_cast<int>(kChunk / (kThreads * 4));
 
 // One pair of the bucket in the device table, as int64 words.
 struct PairEntry {
@@ -65,6 +75,34 @@ __device__ __forceinline__ int find_pair(const PairEntry* table, int n, int64_t 
   return lo;
 }
 
+// [packs] Whether the chunk of `e` that starts at `begin` is whole and both views are
+// aligned to a Pack (begin is a multiple of kChunk, so the chunk is then aligned too).
+template <typename T>
+__device__ __forceinline__ bool packed(const PairEntry& e, int64_t begin) {
+  return begin + kChunk <= e.numel && ((e.u | e.r) % sizeof(tile::Pack<T>)) == 0;
+}
+
+// [packs] This thread's packs of the chunks at `u` and `r` as fp32, all loads issued
+// before any is used.
+template <typename T>
+__device__ __forceinline__ void load_packs(
+    const T* u, const T* r, float (&a)[kPacks][4], float (&b)[kPacks][4]) {
+  using Bits = tile::PackBits<T>;
+  const Bits* up = reinterpret_cast<const Bits*>(u) + threadIdx.x;
+  const Bits* rp = reinterpret_cast<const Bits*>(r) + threadIdx.x;
+  Bits ub[kPacks], rb[kPacks];
+#pragma unroll
+  for (int q = 0; q < kPacks; ++q) {
+    ub[q] = up[q * kThreads];
+    rb[q] = rp[q * kThreads];
+  }
+#pragma unroll
+  for (int q = 0; q < kPacks; ++q) {
+    tile::unpack<T>(ub[q], a[q]);
+    tile::unpack<T>(rb[q], b[q]);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) surgery_partials_kernel(
     const PairEntry* __restrict__ table, int n_pairs, int64_t total_chunks,
@@ -80,12 +118,26 @@ __global__ void __launch_bounds__(kThreads) surgery_partials_kernel(
     const int64_t begin = (chunk - e.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < e.numel ? begin + kChunk : e.numel;
     float ur = 0.f, uu = 0.f, rr = 0.f;
-    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {  // model-trips: 16
-      const float a = static_cast<float>(u[j]);
-      const float b = static_cast<float>(r[j]);
-      ur += a * b;
-      uu += a * a;
-      rr += b * b;
+    if (packed<T>(e, begin)) {
+      float a[kPacks][4], b[kPacks][4];
+      load_packs(u + begin, r + begin, a, b);
+#pragma unroll
+      for (int q = 0; q < kPacks; ++q) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          ur += a[q][v] * b[q][v];
+          uu += a[q][v] * a[q][v];
+          rr += b[q][v] * b[q][v];
+        }
+      }
+    } else {  // model-cold-if: whole (a pair's ragged last chunk, or unaligned views)
+      for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {  // model-trips: 16
+        const float a = static_cast<float>(u[j]);
+        const float b = static_cast<float>(r[j]);
+        ur += a * b;
+        uu += a * a;
+        rr += b * b;
+      }
     }
     ur = warp_sum(ur);
     uu = warp_sum(uu);
@@ -155,11 +207,30 @@ __global__ void __launch_bounds__(kThreads) surgery_apply_kernel(
     T* r = reinterpret_cast<T*>(e.r);
     const int64_t begin = (chunk - e.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < e.numel ? begin + kChunk : e.numel;
-    for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {  // model-trips: 16
-      const float a = static_cast<float>(u[j]);
-      const float b = static_cast<float>(r[j]);
-      u[j] = static_cast<T>(a - c_u * b);
-      if (symmetric) r[j] = static_cast<T>(b - c_r * a);
+    if (packed<T>(e, begin)) {
+      float a[kPacks][4], b[kPacks][4];
+      load_packs(u + begin, r + begin, a, b);
+#pragma unroll
+      for (int q = 0; q < kPacks; ++q) {
+        const int64_t j = begin + 4 * (threadIdx.x + q * kThreads);
+        tile::Pack<T> pu;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) pu.v[v] = static_cast<T>(a[q][v] - c_u * b[q][v]);
+        tile::store_pack(u + j, pu);
+        if (symmetric) {
+          tile::Pack<T> pr;
+#pragma unroll
+          for (int v = 0; v < 4; ++v) pr.v[v] = static_cast<T>(b[q][v] - c_r * a[q][v]);
+          tile::store_pack(r + j, pr);
+        }
+      }
+    } else {  // model-cold-if: whole (a pair's ragged last chunk, or unaligned views)
+      for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {  // model-trips: 16
+        const float a = static_cast<float>(u[j]);
+        const float b = static_cast<float>(r[j]);
+        u[j] = static_cast<T>(a - c_u * b);
+        if (symmetric) r[j] = static_cast<T>(b - c_r * a);
+      }
     }
   }
 }

@@ -57,6 +57,12 @@ ERROR_BOUND = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3}  # of max|g|
 
 
 ANCHORED_KS = (32,)  # the anchored projection's cases by default (its own two-pass tiles)
+# side="output" (transposed views, CONTIG = 0) by default: k = 8, where the model puts the
+# resident block (the launcher's choice to RESIDENT_OUTPUT_MAX_K) below the two-pass
+# kernel (bf16 19 % against 53 % of copy on both GPUs), and k = 16, where fp32 is resident
+# (27 % against 63-66 %); the H200 measured the resident bf16 k = 8 at 25 % and the
+# two-pass bf16 k = 32 at 25 % (0.6x the model's), so the GPU decides
+OUTPUT_KS = (8, 16)
 
 
 @dataclass(frozen=True)
@@ -64,28 +70,46 @@ class Case:
     dtype: str
     k: int
     anchored: bool = False  # the anchored projection (project_anchored_bucket_)
+    output: bool = False  # side="output": the bucket's (D x rows) grads, transposed views
+
+    def __post_init__(self) -> None:
+        if self.anchored and self.output:
+            raise ValueError("tile_sweep: a case is anchored or side output, not both")
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}:{self.k}" + (":anchored" if self.anchored else "")
+        kind = ":anchored" if self.anchored else (":output" if self.output else "")
+        return f"{self.dtype}:{self.k}{kind}"
+
+    @property
+    def side(self) -> str:
+        return "output" if self.output else "input"
+
+    @property
+    def contig(self) -> int:
+        """The launch's ``CONTIG``: 1, rows along the unit stride's axis; 0, transposed."""
+        return 0 if self.output else 1
 
 
 def cases(only: list[str] | None = None) -> list[Case]:
-    """``DTYPE:K[:anchored]`` cases: all of ``DTYPES`` × ``KS``, and anchored ×
-    ``ANCHORED_KS``, unless ``only`` names some."""
+    """``DTYPE:K[:anchored|:output]`` cases: all of ``DTYPES`` × ``KS``, anchored ×
+    ``ANCHORED_KS`` and side output × ``OUTPUT_KS``, unless ``only`` names some."""
     every = [Case(dt, k) for dt in DTYPES for k in KS]
     every += [Case(dt, k, True) for dt in DTYPES for k in ANCHORED_KS]
+    every += [Case(dt, k, output=True) for dt in DTYPES for k in OUTPUT_KS]
     if not only:
         return every
     out = []
     for spec in only:
         dt, _, rest = spec.partition(":")
         k, _, kind = rest.partition(":")
-        if dt not in ERROR_BOUND or not k.isdigit() or int(k) < 1 or kind not in ("", "anchored"):
+        kinds = ("", "anchored", "output")
+        if dt not in ERROR_BOUND or not k.isdigit() or int(k) < 1 or kind not in kinds:
             raise ValueError(
-                f"--only takes DTYPE:K[:anchored] with DTYPE in {sorted(ERROR_BOUND)}, got {spec!r}"
+                f"--only takes DTYPE:K[:anchored|:output] with DTYPE in {sorted(ERROR_BOUND)}, "
+                f"got {spec!r}"
             )
-        out.append(Case(dt, int(k), kind == "anchored"))
+        out.append(Case(dt, int(k), kind == "anchored", kind == "output"))
     return out
 
 
@@ -100,13 +124,25 @@ def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> l
     ``BLOCK_R`` ∈ {16, 32, 64} × ``BLOCK_D`` ∈ {32, 64} × warps ∈ {4, 8} × stages ∈ {1, 2}
     (Triton's pipeliner; ``_row_tiles`` keeps 1 because the staged copies spilled, which
     the sweep shows per candidate). Resident kernel, where the launcher takes it: its
-    block on 4 and 8 warps, with its register cap, the 4-warp blocks' old cap (192) and none.
+    block on 4 and 8 warps, with its register cap, the 4-warp blocks' old cap (192) and none;
+    side output also where it does not (the transposed views' resident block, as the
+    launcher would take it to ``RESIDENT_OUTPUT_MAX_K``).
     """
     from gradproj.kernels import project as P
 
     elsize = _elsize(case.dtype)
-    chosen = P._row_tiles(arch, elsize, d, case.k, 1, case.anchored, 16 // elsize)
+    chosen = P._row_tiles(arch, elsize, d, case.k, case.contig, case.anchored, 16 // elsize)
     out = [chosen]
+    res = P.resident_tiles(d, max_chunks=3)
+    if case.output and not chosen.resident and res is not None and not res.wide:
+        rows, cap = P.RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
+        out.append(P._resident(rows, res, case.k, cap))
+    if case.output and not chosen.one_pass:
+        # next, the two-pass tile the model ranks first for transposed views at k <= 16
+        # (64 x 32 on 4 warps, memory-bound at 67 % of copy on sm_90): timed early, before
+        # the case's share of the budget runs out
+        block_k = max(16, min(128, 1 << (case.k - 1).bit_length()))
+        out.append(P._Tiles(False, 64, 32, block_k, 4, 1))
     if chosen.resident:
         # the launcher's cap, the 4-warp blocks' old one (RESIDENT_MAXNREG), none
         caps = dict.fromkeys((chosen.maxnreg, P.RESIDENT_MAXNREG, None))
@@ -140,12 +176,16 @@ def tiles_label(t) -> str:
 def bucket(case: Case, dev, rows: int = ROWS, d: int = D):
     """``(grads, basis, anchors)``: the sweep's bucket, the basis orthonormal (fp32,
     contiguous), and for an anchored case each tensor's fp32 anchors ``C`` (rows × k, of
-    the size ``x U`` has), else ``None``."""
+    the size ``x U`` has), else ``None``. Side output: each grad the transposed view of a
+    ``d × rows`` tensor, as ``gradproj.backends`` passes the output side to a kernel."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
     gen = torch.Generator().manual_seed(case.k)
-    grads = [torch.randn(rows, d, generator=gen).to(dev, dtype) for _ in range(TENSORS)]
+    if case.output:
+        grads = [torch.randn(d, rows, generator=gen).to(dev, dtype).T for _ in range(TENSORS)]
+    else:
+        grads = [torch.randn(rows, d, generator=gen).to(dev, dtype) for _ in range(TENSORS)]
     q, _ = torch.linalg.qr(torch.randn(d, case.k, generator=gen, dtype=torch.float64))
     anchors = None
     if case.anchored:
@@ -153,25 +193,27 @@ def bucket(case: Case, dev, rows: int = ROWS, d: int = D):
     return grads, q.to(dev, torch.float32).contiguous(), anchors
 
 
-def project(grads, basis, anchors) -> None:
+def project(grads, basis, anchors, side: str = "input") -> None:
     """One projection of the bucket in place: ``project_bucket_``, or with ``anchors``
     ``project_anchored_bucket_`` (hard: the anchors do not change)."""
     from gradproj.kernels import project as P
 
     if anchors is None:
-        P.project_bucket_(grads, basis, None, "input")
+        P.project_bucket_(grads, basis, None, side)
     else:
-        P.project_anchored_bucket_(grads, anchors, basis, None, "input")
+        P.project_anchored_bucket_(grads, anchors, basis, None, side)
 
 
-def max_error(grads, basis, tiles, anchors=None) -> float:
+def max_error(grads, basis, tiles, anchors=None, side: str = "input") -> float:
     """``max|out − ref| / max|g|`` of one projection with ``tiles``, against float64:
-    ``x − U Uᵀx``, anchored ``x − U (Uᵀx − C)``."""
+    ``x − U Uᵀx``, anchored ``x − U (Uᵀx − C)``, of each row ``x`` (side output: of the
+    transposed views' rows, the same math)."""
     from gradproj.kernels import project as P
 
+    # clones keep the views' strides (torch.preserve_format): the launch's layout
     work = [g.clone() for g in grads]
     with P.row_tiles_override(tiles):
-        project(work, basis, anchors)
+        project(work, basis, anchors, side)
     u = basis.double()
     worst = 0.0
     for i, (g, out) in enumerate(zip(grads, work, strict=True)):
@@ -205,10 +247,10 @@ def measure(case: Case, dev, budget_s: float, limit: int | None = None) -> list[
         try:
             # the compiled kernels before this candidate's first launch (max_error compiles it)
             before = {id(c) for c in _compiled(P._project_rows_kernel)}
-            row["max_error"] = max_error(grads, basis, tiles, anchors)
+            row["max_error"] = max_error(grads, basis, tiles, anchors, case.side)
             row["ok"] = row["max_error"] <= ERROR_BOUND[case.dtype]
             with P.row_tiles_override(tiles):
-                ms, kernels = kernel_profile(lambda: project(grads, basis, anchors))
+                ms, kernels = kernel_profile(lambda: project(grads, basis, anchors, case.side))
             row["kernel_ms"] = ms
             row["launches"] = sum(kernels.values())
             # the kernel this candidate compiled (none new: compiled before, figures unknown)
@@ -330,7 +372,7 @@ def _predict_item(item: tuple[Case, object, str]) -> dict:
     bad = [kn for kn in kernels if "error" in kn or kn["blocks_per_sm"] == 0]
     if bad:
         return {**row, "error": bad[0].get("error") or "no block fits an SM"}
-    op = pm.OPS["project_anchored input" if case.anchored else "project_ input"]
+    op = pm.OPS["project_anchored input" if case.anchored else f"project_ {case.side}"]
     got = pm.summarize(op, case.dtype, case.k, pm.DEVICES[arch], pm.ROWS * D, kernels)
     top = next(kn for kn in kernels if kn["kernel"] == got["limiting_kernel"])
     return {
@@ -377,7 +419,8 @@ def predicted_markdown(arch: str, rows: list[dict]) -> str:
         f"# Tile candidates of the Triton row kernel, {arch}: predicted from compiled code, "
         "not measured",
         "",
-        f"`project_` (`:anchored`: the anchored projection), side input, D = {D}; the static "
+        f"`project_` (`:anchored`: the anchored projection; `:output`: side output, the "
+        f"transposed views), side input, D = {D}; the static "
         "model (`benchmarks/perf_model.py`, with "
         "its occupancy bound) on each candidate's compiled kernel. ✓: the launcher's choice. "
         "A candidate that spills ranks last: the model does not count local-memory traffic.",
@@ -415,7 +458,8 @@ def predicted_markdown(arch: str, rows: list[dict]) -> str:
 def _compile_call(case: Case, tiles, rows: int = 0):
     """A launch of ``project_bucket_`` on a bucket of ``case`` with ``tiles`` (CPU tensors:
     under the stand-in driver it compiles and runs nothing): two tensors of ``rows / 2``
-    rows each, or of 37 and 5 rows (ragged, the compile check's) when ``rows`` is 0."""
+    rows each, or of 37 and 5 rows (ragged, the compile check's) when ``rows`` is 0; side
+    output 40 and 8 (its 16-byte vectors need rows in multiples of 8)."""
 
     def call() -> None:
         import torch
@@ -423,11 +467,14 @@ def _compile_call(case: Case, tiles, rows: int = 0):
         from gradproj.kernels import project as P
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
-        sizes = (rows // TENSORS,) * TENSORS if rows else (37, 5)
-        mats = [torch.empty(n, D, dtype=dtype) for n in sizes]
+        sizes = (rows // TENSORS,) * TENSORS if rows else ((40, 8) if case.output else (37, 5))
+        if case.output:
+            mats = [torch.empty(D, n, dtype=dtype).T for n in sizes]
+        else:
+            mats = [torch.empty(n, D, dtype=dtype) for n in sizes]
         anchors = [torch.empty(n, case.k) for n in sizes] if case.anchored else None
         with P.row_tiles_override(tiles):
-            project(mats, torch.empty(D, case.k), anchors)
+            project(mats, torch.empty(D, case.k), anchors, case.side)
 
     return call
 
@@ -437,7 +484,8 @@ def markdown(device: str, versions: dict, results: dict[str, list[dict]]) -> str
         f"# Tile sweep of the Triton row kernel on {device} (measured)",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}. `project_` "
-        f"(`:anchored`: the anchored projection), side input, D = {D}, {TENSORS} × {ROWS} "
+        f"(`:anchored`: the anchored projection; `:output`: side output, {TENSORS} grads "
+        f"of {D} × {ROWS}), side input, D = {D}, {TENSORS} × {ROWS} "
         "rows; kernel time from torch.profiler (warm "
         "L2); fraction = the copy of the same bytes over it. ✓: the launcher's choice.",
         "",

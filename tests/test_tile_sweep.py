@@ -58,15 +58,40 @@ def test_candidates_start_with_the_launchers_choice_and_are_valid():
 
 
 def test_cases_parse_and_refuse_bad_specs():
-    specs = ["fp32:32", "bf16:8", "bf16:32:anchored"]
+    specs = ["fp32:32", "bf16:8", "bf16:32:anchored", "bf16:8:output"]
     assert [c.label for c in tile_sweep.cases(specs)] == specs
     assert tile_sweep.cases(["bf16:32:anchored"])[0] == tile_sweep.Case("bf16", 32, True)
+    out = tile_sweep.cases(["fp32:16:output"])[0]
+    assert out == tile_sweep.Case("fp32", 16, output=True)
+    assert (out.side, out.contig) == ("output", 0)
     every = tile_sweep.cases(None)
-    assert len(every) == len(tile_sweep.DTYPES) * (len(tile_sweep.KS) + len(tile_sweep.ANCHORED_KS))
+    n = len(tile_sweep.KS) + len(tile_sweep.ANCHORED_KS) + len(tile_sweep.OUTPUT_KS)
+    assert len(every) == len(tile_sweep.DTYPES) * n
     assert sum(c.anchored for c in every) == len(tile_sweep.DTYPES) * len(tile_sweep.ANCHORED_KS)
-    for bad in ("fp64:8", "fp32", "fp32:0", "bf16:x", "fp32:8:soft"):
+    assert sum(c.output for c in every) == len(tile_sweep.DTYPES) * len(tile_sweep.OUTPUT_KS)
+    for bad in ("fp64:8", "fp32", "fp32:0", "bf16:x", "fp32:8:soft", "fp32:8:anchored:output"):
         with pytest.raises(ValueError, match="DTYPE:K"):
             tile_sweep.cases([bad])
+    with pytest.raises(ValueError, match="not both"):
+        tile_sweep.Case("fp32", 8, True, True)
+
+
+def test_output_candidates_are_the_transposed_launchers_and_valid():
+    # side output: the launcher's choice for transposed views (CONTIG = 0) first, and the
+    # resident block both where the launcher takes it (bf16 k = 8) and where it does not
+    # (bf16 k = 16), so the sweep times the crossover
+    for dtype, k in (("bf16", 8), ("bf16", 16), ("fp32", 16)):
+        case = tile_sweep.Case(dtype, k, output=True)
+        elsize = 4 if dtype == "fp32" else 2
+        for arch in (80, 90):
+            found = tile_sweep.candidates(case, arch)
+            assert found[0] == P._row_tiles(arch, elsize, 768, k, 0, False, 16 // elsize)
+            assert found[0] != P._row_tiles(arch, elsize, 768, k, 1, False, 16 // elsize)
+            assert len(found) == len(set(found)) > 20
+            assert any(t.resident for t in found) and any(not t.resident for t in found)
+            for tiles in found:
+                P._check_tiles(tiles, 768, k, 0, 16 // elsize)
+    assert not tile_sweep.candidates(tile_sweep.Case("bf16", 16, output=True), 90)[0].resident
 
 
 @interpreting
@@ -85,6 +110,32 @@ def test_every_candidate_matches_float64(dtype, k):
             P.project_bucket_(work, u, None, "input")
         for g, out in zip(grads, work, strict=True):
             assert_matches(out, ref64(g, u, "input"), g, k, backend="triton", d=d)
+
+
+@interpreting
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float32, 16), (torch.bfloat16, 8)], ids=str)
+def test_every_output_candidate_matches_float64(dtype, k):
+    # side output as the backends pass it: transposed views (rows along the unit stride),
+    # 24 and 8 rows so the 16-byte vectors (and with them the resident block) apply;
+    # d = 160: past the one-pass tile
+    d = 160
+    case = tile_sweep.Case("fp32" if dtype == torch.float32 else "bf16", k, output=True)
+    gen = torch.Generator().manual_seed(k + 2)
+    grads = [torch.randn(d, r, generator=gen).to(dtype).T for r in (24, 8)]
+    u = orthonormal(d, k).contiguous()
+    found = tile_sweep.candidates(case, 90, d=d)
+    assert any(t.resident for t in found)
+    for tiles in found:
+        work = [g.clone() for g in grads]
+        assert all(w.stride() == g.stride() for w, g in zip(work, grads, strict=True))
+        with P.row_tiles_override(tiles):
+            tile_sweep.project(work, u, None, "output")
+        for g, out in zip(grads, work, strict=True):
+            assert_matches(out, ref64(g, u, "input"), g, k, backend="triton", d=d)
+        assert (
+            tile_sweep.max_error(grads, u, tiles, None, "output")
+            <= (tile_sweep.ERROR_BOUND[case.dtype])
+        )
 
 
 @interpreting

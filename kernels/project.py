@@ -611,10 +611,14 @@ RESIDENT_WIDE_MAXNREG = 255
 # and 8-88 B on 8 warps at 128; 16-bit on 8 warps was predicted issue-bound at 48-49 % of
 # copy (bf16, k = 8; on 4: 73 / 67 %); 4 tiles of fp32 spilled 144-176 B at D = 1024.
 RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, RESIDENT_MAXNREG), 2: (16, 255)}
-# Its largest k, per element size. Predicted at D = 768 with the basis columns pipelined:
-# fp32 k = 16 73 / 73 % of copy (A100 / H100; 72 / 70 % at D = 500) against the two-pass
-# kernel's 67 / 67 % (65 % at 500); bf16 k = 8 73 / 77 %, k = 16 37 / 41 %.
-RESIDENT_OUTPUT_MAX_K = {4: 16, 2: 8}
+# Its largest k, per element size. Once the model bounded occupancy (benchmarks/tile_sweep.py
+# --predict, its :output cases, D = 768, A100 and H100 alike): fp32 resident 100 % of copy
+# to k = 3, 93 / 90 % at 4, 67 / 64 % at 6, 52 / 50 % at 8, 27 % at 16; bf16 100 % at k = 1,
+# 56 % at 2, 34 / 33 % at 4, 19 % at 8 (2 programs of 4 warps an SM at 207 registers); the
+# two-pass 64 x 32 tile 67 % at k <= 16 for both. The H200 measured the resident bf16 k = 8
+# at 25 % (1.3x the model) and the two-pass kernels at 0.6x it (k = 32), so the limits sit
+# where the resident block still leads with those factors: fp32 8, bf16 4.
+RESIDENT_OUTPUT_MAX_K = {4: 8, 2: 4}
 # Wider transposed views, 768 < D <= 1536 (SD's 1280-wide output features): 2-3 tiles of
 # 512 columns on 8 warps, (rows, register cap) per element size: fp32 capped at 128 (2
 # programs per SM; 4 tiles, D = 2048, spilled 216-240 B there), 16-bit at 255 (at 128 it
@@ -739,12 +743,12 @@ def _row_tiles(
     # two passes: each chunk of k reads and writes the rows again, so one chunk up
     # to k = 128 (tl.dot needs every dim ≥ 16)
     block_k = max(16, min(128, triton.next_power_of_2(k)))
-    if block_k == 16 and elsize == 2 and contig == 0 and arch >= 90:
-        # the transposed views' 16-bit kernel: left to itself ptxas aimed at 96
-        # registers on sm_90 and spilled 4 B; capped at 128 it takes 109-126, no
-        # spill, 4 programs per SM (BLOCK_D = 32 also removed the spill but was
-        # predicted latency-bound: 32-50 % of copy at k = 8 instead of 62-67 %)
-        return _Tiles(False, 32, 64, block_k, 4, 1, 128)
+    if block_k == 16 and contig == 0:
+        # transposed views: 64 x 32 on 4 warps, memory-bound at 66-67 % of copy (fp32 and
+        # bf16, k = 8 and 16, sm_80 and sm_90, 78-96 registers, 5-6 programs an SM; the
+        # :output cases of benchmarks/tile_sweep.py --predict) where 32 x 64 was predicted
+        # 50-56 % (occupancy- or latency-bound; uncapped on sm_90 its 16-bit kernel spilled 4 B)
+        return _Tiles(False, 64, 32, block_k, 4, 1)
     if block_k == 32 and elsize == 4 and contig in (0, 1) and arch >= 90:
         # 64-row blocks of 32 columns: a warpgroup's M, so Triton issues wgmma, and no
         # spills in any launch (120-252 registers, 2-4 programs per SM). 32 x 64 took 210-233

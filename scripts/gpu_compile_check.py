@@ -667,8 +667,9 @@ def launches(quick: bool = False) -> list[Launch]:
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))
     # its blocks over transposed views (side="output", 128 < D <= 1536, VEC > 1) in each
-    # chunking at its largest k (RESIDENT_OUTPUT_MAX_K: fp32 16, 16-bit 8; beyond 768,
-    # RESIDENT_OUTPUT_WIDE_MAX_K: 8, 4), and at k = 1 (K a constant)
+    # chunking at its largest k (RESIDENT_OUTPUT_MAX_K: fp32 8, 16-bit 4; beyond 768,
+    # RESIDENT_OUTPUT_WIDE_MAX_K: 8, 4), and at k = 1 (K a constant); past that limit, to
+    # k = 16, the two-pass kernel's 64 x 32 tiles over the same views
     for dt in DTYPES:
         size = 4 if dt == "fp32" else 2
         for d in (200, 320, 500, 768, 1024, 1280, 1536):
@@ -681,6 +682,10 @@ def launches(quick: bool = False) -> list[Launch]:
                 out.append(project_launch(dt, "output", out_k, True, anchored, d=d,
                                           rows=vec_rows, note=note))  # fmt: skip
         out.append(project_launch(dt, "output", 1, False, False, rows=vec_rows, note=" (48+16)"))
+        for anchored in (False, True):
+            for k in (project.RESIDENT_OUTPUT_MAX_K[size] + 1, 16):
+                out.append(project_launch(dt, "output", k, True, anchored, rows=vec_rows,
+                                          note=" (48+16) two-pass"))  # fmt: skip
     # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096) in each chunking (D >
     # 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536: 2-row blocks of 2 or 3 tiles of
     # 1024; D = 4096: 4 of them on 8 warps), at k = 8 and at its largest k for the dtype and

@@ -435,11 +435,11 @@ def test_resident_tiles_for_at_most_three_tiles():
         (2, 2049, 4, 1, True),  # bf16/fp16 to k = 4
         (2, 4096, 5, 1, False),
         (4, 4097, 1, 1, False),  # more than 4 tiles of 1024
-        (4, 768, 16, 0, True),  # transposed views (side="output", 16-byte vectors):
-        # D <= 768, k <= 16 fp32, 8 bf16/fp16
-        (4, 768, 17, 0, False),
-        (2, 200, 8, 0, True),
-        (2, 768, 9, 0, False),
+        (4, 768, 8, 0, True),  # transposed views (side="output", 16-byte vectors):
+        # D <= 768, k <= 8 fp32, 4 bf16/fp16 (RESIDENT_OUTPUT_MAX_K)
+        (4, 768, 9, 0, False),
+        (2, 200, 4, 0, True),
+        (2, 768, 5, 0, False),
         (4, 769, 1, 0, True),  # beyond 3 tiles of 256: 2-3 tiles of 512 on 8 warps,
         (4, 1536, 8, 0, True),  # k <= 8 fp32, 4 bf16/fp16, to D = 1536
         (4, 1536, 9, 0, False),
@@ -557,7 +557,7 @@ def test_resident_kernel_transposed_views(device, dtype, d, anchored):
     """side="output": the resident kernel's 8- or 16-row blocks over transposed views, a
     bucket of two weights whose widths (the views' rows: 24 and 40, whole 16-byte vectors)
     are not multiples of the block, one of them a row slice of a taller tensor, soft
-    weights, the largest k (D <= 768: 16 fp32, 8 16-bit; the 512-column tiles beyond: 8
+    weights, the largest k (D <= 768: 8 fp32, 4 16-bit; the 512-column tiles beyond: 8
     and 4)."""
     from gradproj.kernels import project as P
 
@@ -646,6 +646,10 @@ SM90_TWO_PASS = [
     ([torch.float32], 32, "input", True, (64, 32, 32, 4)),
     ([torch.float32], 20, "output", False, (64, 32, 32, 4)),
     ([torch.float32], 27, "output", True, (64, 32, 32, 4)),
+    # transposed views past RESIDENT_OUTPUT_MAX_K, k <= 16: 64 x 32 at BLOCK_K = 16 (the
+    # :output cases of tile_sweep --predict), every dtype, plain or anchored
+    ([torch.float32, torch.bfloat16, torch.float16], 12, "output", False, (64, 32, 16, 4)),
+    ([torch.bfloat16], 5, "output", True, (64, 32, 16, 4)),
     # contiguous rows, k <= 32 (tile_sweep --predict's winners): 64 x 32 at BLOCK_K = 16
     # (fp32 from k = 9: RESIDENT_MAX_K), 16-bit 64 x 64 at BLOCK_K = 32, plain or anchored
     ([torch.float32, torch.bfloat16], 12, "input", False, (64, 32, 16, 4)),

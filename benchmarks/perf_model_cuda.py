@@ -83,6 +83,7 @@ MMA_MAX_ADAMW_D = 1024  # mma_rows::kMaxAdamWD: AdamW's, and ProjectPairPolicy's
 MMA_MAX_PAIR_D_ADAMW = 768  # mma_rows::kMaxPairD<AdamWPairPolicy<16-bit>>
 MMA_BLOCKS = (2, 4, 6, 8, 10)  # the NB the launcher compiles (run_columns)
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
+MMA_RESERVED_SMEM = 1024  # mma_rows::kReservedSmemPerBlock
 MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
 MMA_ROW_SLOTS = 4  # [row cache] kRowSlots: tiles
@@ -416,8 +417,8 @@ def mma_launches(
     for c0 in range(0, k, kc):
         cols = min(kc, k - c0)
         name = policy if c0 == 0 or rest is None else rest
-        # 16-bit projections (x exact in tf32; not AdamW's)
-        projection16 = dt != "fp32" and re.search(r"Project(Pair)?Policy", name)
+        # projections (not AdamW's)
+        projection = re.search(r"Project(Pair)?Policy", name)
         row_bytes = MMA_MAX_ROW_BYTES if "AdamW" in name else 16  # sizeof(P::Row)
         # [16 warps]: those rows of 513-1024 columns (row pairs: 768), where the partial
         # sums of 16 warps fit beside the launch's columns
@@ -426,7 +427,14 @@ def mma_launches(
         if "PairPolicy" in name:
             hi = MMA_WIDE_PAIR_BLOCKS
         wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_bytes)
-        if projection16 and lo < nblk <= hi and wide_smem <= limit:
+        # fp32 contiguous rows only where two 8-warp CTAs do not fit the SM's shared memory
+        # (the per-block opt-in + 1 KiB on sm_80 / sm_90) beside their bases
+        eight_smem = _mma_smem(nblk, _round_up(cols, 8), False, WARPS, row_bytes)
+        per_sm = (MMA_MAX_SMEM if smem_optin is None else smem_optin) + MMA_RESERVED_SMEM
+        two_fit = 2 * (eight_smem + MMA_RESERVED_SMEM) <= per_sm
+        if dt == "fp32" and "ProjectPolicy<float, true>" in name and two_fit:
+            projection = None
+        if projection and lo < nblk <= hi and wide_smem <= limit:
             warps = MMA_WIDE_WARPS
         if warps == WARPS:
             nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)
@@ -436,7 +444,7 @@ def mma_launches(
         blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
         # [pairs]: those projections without anchors whose U fits twice
         fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_bytes) <= limit
-        pairs = bool(projection16) and not anchored and cols > 8 and fits
+        pairs = bool(projection) and dt != "fp32" and not anchored and cols > 8 and fits
         kp = _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,

@@ -271,6 +271,8 @@ REAL_CASES = {
         [4, 18, 40, 2, 130, 56], 700, "output", 20, torch.bfloat16, False
     ),
     "rows-mma-wide": lambda: _project((20, 1100), "input", 24, soft=True, anchored=True),
+    "rows-mma-fp32-16-warps": lambda: _project((45, 700), "input", 40, soft=True, anchored=True),
+    "cols-mma-fp32-16-warps": lambda: _project((1000, 45), "output", 20, soft=True),
     "rows-mma-column-blocks": lambda: _project((40, 768), "input", 160, soft=True, anchored=True),
     "rows-mma-pairs-fp16": lambda: _project((45, 260), "input", 40, torch.float16, soft=True),
     "rows-chunked-bf16": lambda: _project((6, 2000), "input", 40, torch.bfloat16),
@@ -581,7 +583,7 @@ def test_tensor_core_rows_match_float64(dtype, cols):
     assert "mma_rows_kernel<" in emu.last_kernel()
     # 16-bit rows: U staged split in coefficient pairs ([pairs]: 2 x 96 KiB fit 227 KiB),
     # 16 warps of 4 blocks at 770 (49 blocks), of 3 at 768 ([16 warps]); fp32: 8 warps of
-    # 8 blocks at 770, of 6 at 768
+    # 8 blocks at 770, of 6 at 768 (two such CTAs fit the emulated H100's shared memory)
     if dtype == torch.float32:
         assert f", {8 if cols == 770 else 6}, false, 8>(" in emu.last_kernel(), emu.last_kernel()
     else:
@@ -589,6 +591,42 @@ def test_tensor_core_rows_match_float64(dtype, cols):
     scale = x.abs().max().item()
     assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
     assert torch.equal(g[:, cols:], untouched)
+
+
+@pytest.mark.parametrize(
+    ("side", "anchored", "d", "k", "nb"),
+    [
+        ("input", True, 700, 40, 3),
+        ("input", False, 1000, 40, 4),
+        ("output", False, 700, 20, 3),
+        ("output", True, 1000, 20, 4),
+    ],
+)
+def test_tensor_core_fp32_rows_on_sixteen_warps(side, anchored, d, k, nb):
+    """[16 warps] fp32 rows of 513-1024 columns on a CTA of 16 warps (3 or 4 blocks a
+    warp, one staged basis): transposed views (strided loads) always, contiguous rows
+    where two 8-warp CTAs do not fit the SM's shared memory beside their bases (k = 40:
+    2 x 126 KiB and more, past the emulated H100's 228 KiB); plain with soft weights and
+    anchored, 45 rows (a ragged last tile), against float64; the anchors of a hard
+    projection stay."""
+    gen = torch.Generator().manual_seed(d + anchored)
+    g = torch.randn((45, d) if side == "input" else (d, 45), generator=gen)
+    view = g if side == "input" else g.t()
+    u = _orthonormal(d, k, seed=7)
+    x = view.double()
+    if anchored:
+        c = torch.randn(45, k, generator=gen)
+        c_in = c.clone()
+        want = x - (x @ u.double() - c.double()) @ u.double().t()
+        emu.project_anchored_bucket_([view], [c], u, None, side)
+        assert torch.equal(c, c_in)
+    else:
+        w = torch.rand(k, generator=gen)
+        want = x - ((x @ u.double()) * w.double()) @ u.double().t()
+        emu.project_bucket_([view], u, w, side)
+    policy = f"ProjectPolicy<float, {'true' if side == 'input' else 'false'}>, {nb}, false, 16>("
+    assert policy in emu.last_kernel(), emu.last_kernel()
+    assert (view.double() - want).abs().max().item() <= TOL[torch.float32] * x.abs().max().item()
 
 
 @pytest.mark.parametrize(("d", "k"), [(768, 768), (768, 256), (300, 300)])

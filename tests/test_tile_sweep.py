@@ -86,7 +86,6 @@ def test_output_candidates_are_the_transposed_launchers_and_valid():
         for arch in (80, 90):
             found = tile_sweep.candidates(case, arch)
             assert found[0] == P._row_tiles(arch, elsize, 768, k, 0, False, 16 // elsize)
-            assert found[0] != P._row_tiles(arch, elsize, 768, k, 1, False, 16 // elsize)
             assert len(found) == len(set(found)) > 20
             assert any(t.resident for t in found) and any(not t.resident for t in found)
             for tiles in found:

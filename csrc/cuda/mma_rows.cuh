@@ -99,7 +99,7 @@
 //   k = 32 (U^T is 160 KiB at d = 1280, above tile::kResidentBytes). AdamW keeps 1024: its
 //   kernels reach 255 registers at 8 blocks. Past 1280 x does not fit the registers of 8
 //   warps beside the operands (fp32 at 12 blocks: 96 registers of x).
-// [16 warps] 16-bit projection rows of 513-1024 columns (kSixteenWarps: contiguous, strided
+// [16 warps] 16-bit projection rows of 513-1024 columns (kSixteenWarps: contiguous, strided,
 //   and in row pairs to 768) take a CTA of 16 warps over the same 16 rows, 3 or 4 blocks a warp,
 //   compiled for one CTA an SM (at most 128 registers: 100-128, no spills, sm_80 and sm_90).
 //   On 8 warps those rows hold 6-8 blocks a warp and the next tile's vectors, 176-182
@@ -113,8 +113,11 @@
 //   and lane l finishes it (each warp's share of the finishing). 5 blocks a warp (1025-1280
 //   columns) spilled 36-124 B at 128 registers, so those rows keep 8 warps of 10 blocks
 //   (row pairs: 4 blocks spilled 12 B on sm_80, so they take 16 warps up to 768 columns);
-//   fp32 rows already run 16 warps an SM (two CTAs of 8 at 6 blocks). AdamW's keep 8: on
-//   16, its 16-bit rows (four streams beside x') spilled 320-1744 B at 128 registers.
+//   fp32 rows too: transposed views (140 registers on 8 warps: one CTA an SM) always, and
+//   contiguous rows where two 8-warp CTAs of 128 registers do not fit the SM's shared
+//   memory beside their staged bases (94-114 registers on 16 warps, no spills; predicted
+//   fp32 k = 32 at d = 768 on an A100: side input 39 -> 67 %, transposed views 33 -> 57 %).
+//   AdamW's keep 8: on 16, its 16-bit rows (four streams beside x') spilled 320-1744 B.
 // [row cache] A tile's rows are looked up once a CTA: 16 threads of warp 0 find its 16
 //   rows in the device table (a binary search over its entries, then the row's address;
 //   AdamW: its bias corrections too, P::row) and put each row's P::Row and anchor in
@@ -247,12 +250,12 @@ constexpr int64_t kMaxUpdateD =
 template <class P>
 constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? kMaxUpdateD<P> : kMaxD;
 
-// [16 warps] 16-bit projection rows of 513-1024 columns (blocks in (kSixteenWarpsFrom,
-// kSixteenWarpsTo<P>]) take a CTA of 16 warps, 3 or 4 blocks a warp, compiled for one CTA an
-// SM (at most 128 registers a thread). Row pairs stop at 768 columns (3 blocks): at 4 their
-// kernel spilled 12 B on sm_80.
+// [16 warps] Projection rows of 513-1024 columns (blocks in (kSixteenWarpsFrom,
+// kSixteenWarpsTo<P>]; fp32 rows as run_columns decides) take a CTA of 16 warps, 3 or 4 blocks
+// a warp, compiled for one CTA an SM (at most 128 registers). Row pairs stop at 768 columns (3
+// blocks): at 4 their kernel spilled 12 B on sm_80.
 template <class P>
-constexpr bool kSixteenWarps = P::kExactTf32 && !P::kUpdates;
+constexpr bool kSixteenWarps = !P::kUpdates;
 constexpr int kSixteenWarpsFrom = 4 * kWarps;
 template <class P>
 constexpr int kSixteenWarpsTo = (RowPairs<P>::value ? 3 : 4) * kWideWarps;
@@ -878,6 +881,8 @@ __device__ __forceinline__ void store_pair(T* x, int64_t j, int64_t stride, cons
 // (a multiple of 8: k = 128 at d = 768 takes 64 on an H100, 48 on an A100); 0 where
 // the kernel does not take these rows at all (d above P's kMaxRowD, a GPU before sm_80,
 // not even 8 columns fit), and the caller runs tile::run_rows.
+// The shared memory the runtime keeps for itself in every CTA (sm_80 and sm_90).
+constexpr size_t kReservedSmemPerBlock = 1024;
 inline size_t smem_limit() {
   return std::min<size_t>(kMaxDynamicSmem, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }
@@ -957,10 +962,16 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.row_bytes = static_cast<int>(sizeof(typename P::Row));
   if constexpr (kSixteenWarps<P>) {
     // [16 warps] where their partial sums fit beside the launch's columns (kc was sized for
-    // 8 warps' partial sums: 8 KiB fewer)
+    // 8 warps' partial sums: 8 KiB fewer). fp32 contiguous rows run two CTAs of 8 warps an
+    // SM where two staged bases fit its shared memory (128 registers), so they take 16 only
+    // where two do not (an A100 from k = 17 at d = 768, an H100 past 32).
     Geometry wide = g;
     wide.warps = kWideWarps;
-    const bool width = g.nblk > kSixteenWarpsFrom && g.nblk <= kSixteenWarpsTo<P>;
+    bool width = g.nblk > kSixteenWarpsFrom && g.nblk <= kSixteenWarpsTo<P>;
+    if constexpr (!P::kExactTf32 && P::kVector) {
+      const size_t per_sm = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
+      width = width && 2 * (smem_bytes(g) + kReservedSmemPerBlock) > per_sm;
+    }
     if (width && smem_bytes(wide) <= smem_limit()) g = wide;
   }
   if constexpr (P::kExactTf32) {  // [pairs] where U fits twice, from k = 9, no anchors

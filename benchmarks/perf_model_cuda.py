@@ -427,14 +427,14 @@ def mma_launches(
         if "PairPolicy" in name:
             hi = MMA_WIDE_PAIR_BLOCKS
         wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_bytes)
-        # fp32 contiguous rows only where two 8-warp CTAs do not fit the SM's shared memory
-        # (the per-block opt-in + 1 KiB on sm_80 / sm_90) beside their bases
-        eight_smem = _mma_smem(nblk, _round_up(cols, 8), False, WARPS, row_bytes)
-        per_sm = (MMA_MAX_SMEM if smem_optin is None else smem_optin) + MMA_RESERVED_SMEM
-        two_fit = 2 * (eight_smem + MMA_RESERVED_SMEM) <= per_sm
-        if dt == "fp32" and "ProjectPolicy<float, true>" in name and two_fit:
-            projection = None
-        if projection and lo < nblk <= hi and wide_smem <= limit:
+        sixteen = bool(projection) and lo < nblk <= hi and wide_smem <= limit
+        if sixteen and "ProjectPolicy<float, true>" in name:
+            # fp32 contiguous rows only where two 8-warp CTAs do not fit the SM's shared
+            # memory (the per-block opt-in + 1 KiB on sm_80 / sm_90) beside their bases
+            eight_smem = _mma_smem(nblk, _round_up(cols, 8), False, WARPS, row_bytes)
+            per_sm = (MMA_MAX_SMEM if smem_optin is None else smem_optin) + MMA_RESERVED_SMEM
+            sixteen = 2 * (eight_smem + MMA_RESERVED_SMEM) > per_sm
+        if sixteen:
             warps = MMA_WIDE_WARPS
         if warps == WARPS:
             nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)

@@ -133,16 +133,17 @@ def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> l
     elsize = _elsize(case.dtype)
     chosen = P._row_tiles(arch, elsize, d, case.k, case.contig, case.anchored, 16 // elsize)
     out = [chosen]
-    res = P.resident_tiles(d, max_chunks=3)
-    if case.output and not chosen.resident and res is not None and not res.wide:
-        rows, cap = P.RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
-        out.append(P._resident(rows, res, case.k, cap))
-    if case.output and not chosen.one_pass:
-        # next, the two-pass tile the model ranks first for transposed views at k <= 16
-        # (64 x 32 on 4 warps, memory-bound at 67 % of copy on sm_90): timed early, before
-        # the case's share of the budget runs out
-        block_k = max(16, min(128, 1 << (case.k - 1).bit_length()))
-        out.append(P._Tiles(False, 64, 32, block_k, 4, 1))
+    block_k = max(16, min(128, 1 << (case.k - 1).bit_length()))  # the two-pass kernel's
+    if case.output:
+        res = P.resident_tiles(d, max_chunks=3)
+        if not chosen.resident and res is not None and not res.wide:
+            rows, cap = P.RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
+            out.append(P._resident(rows, res, case.k, cap))
+        if not chosen.one_pass:
+            # next, the two-pass tile the model ranks first for transposed views at k <= 16
+            # (64 x 32 on 4 warps, memory-bound at 67 % of copy on sm_90): timed early,
+            # before the case's share of the budget runs out
+            out.append(P._Tiles(False, 64, 32, block_k, 4, 1))
     if chosen.resident:
         # the launcher's cap, the 4-warp blocks' old one (RESIDENT_MAXNREG), none
         caps = dict.fromkeys((chosen.maxnreg, P.RESIDENT_MAXNREG, None))
@@ -150,7 +151,6 @@ def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> l
             for cap in caps:
                 out.append(chosen._replace(warps=warps, maxnreg=cap))
     if not chosen.one_pass:
-        block_k = max(16, min(128, 1 << (case.k - 1).bit_length()))
         for block_r in (16, 32, 64):
             for block_d in (32, 64):
                 for warps in (4, 8):

@@ -876,13 +876,13 @@ __device__ __forceinline__ void store_pair(T* x, int64_t j, int64_t stride, cons
   }
 }
 
+// The shared memory the runtime keeps for itself in every CTA (sm_80 and sm_90).
+constexpr size_t kReservedSmemPerBlock = 1024;
 // [columns] The basis columns one launch takes: all k where the staged basis fits the
 // device's per-block shared memory, else the fewest launches of at most `kc` columns
 // (a multiple of 8: k = 128 at d = 768 takes 64 on an H100, 48 on an A100); 0 where
 // the kernel does not take these rows at all (d above P's kMaxRowD, a GPU before sm_80,
 // not even 8 columns fit), and the caller runs tile::run_rows.
-// The shared memory the runtime keeps for itself in every CTA (sm_80 and sm_90).
-constexpr size_t kReservedSmemPerBlock = 1024;
 inline size_t smem_limit() {
   return std::min<size_t>(kMaxDynamicSmem, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }

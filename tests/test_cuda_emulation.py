@@ -920,9 +920,18 @@ ADAMW_MMA = {
     "fp32-two-params": (torch.float32, 32, [(37, 256), (5, 256)], False, True, 1),
     # fp32 with 8 blocks a warp (d = 1000): each row's vectors loaded in two batches
     "fp32-wide": (torch.float32, 16, [(20, 1000)], False, False, 1),
-    # 16-bit, 6 blocks a warp: the next tile's p, g, m, v prefetched (4 tiles on the
+    # 16-bit, 4 blocks a warp: the next tile's p, g, m, v prefetched (4 tiles on the
     # emulator's 3 CTAs: one CTA prefetches across tiles), the last tile ragged
-    "bf16-prefetch": (torch.bfloat16, 32, [(50, 768)], True, True, 1),
+    "bf16-prefetch": (torch.bfloat16, 32, [(50, 512)], True, True, 1),
+    # [16 warps] rows of 513-768 columns: 16 warps of 3 blocks, each loading its own
+    # tile's p, g, m, v (no prefetch): 768 (3 blocks each, 4 tiles, maximize), 700 (warp
+    # 14's last block ragged, warp 15 none), 520 (warps 0-10 hold 3, 11 none past d: two
+    # params, a ragged tile)
+    "bf16-16-warps": (torch.bfloat16, 32, [(50, 768)], True, True, 1),
+    "bf16-16-warps-700": (torch.bfloat16, 12, [(45, 700)], False, False, 1),
+    "fp16-16-warps-520": (torch.float16, 20, [(37, 520), (5, 520)], True, False, 1),
+    # fp32: p, g, m, v loaded a block at a time
+    "fp32-16-warps-700": (torch.float32, 20, [(37, 700), (5, 700)], True, True, 1),
     # 16-bit, 8 blocks a warp (d = 1000): too many registers to prefetch, loaded per row
     "bf16-wide": (torch.bfloat16, 24, [(40, 1000)], True, False, 1),
     "fp16-small-k": (torch.float16, 3, [(33, 96), (2, 96)], False, False, 1),
@@ -942,7 +951,7 @@ ADAMW_MMA = {
     "fp16-1280": (torch.float16, 24, [(20, 1280)], False, False, 1),
     "bf16-1280-k1": (torch.bfloat16, 1, [(33, 1280)], True, False, 1),
     # [row cache] six params (a tile's rows from several, each its own step: its bias
-    # corrections cached with its rows) over 5-6 tiles a CTA (bf16: 16 tiles, prefetched)
+    # corrections cached with its rows) over 5-6 tiles a CTA (bf16: 16 tiles on 16 warps)
     # and 10-11 (fp32: 32 tiles), so each of the cache's slots is written again
     "bf16-row-cache": (
         torch.bfloat16,
@@ -1008,6 +1017,9 @@ def test_tensor_core_adamw_matches_float64(case):
     last = "AdamWPolicy" if launches == 1 else "ProjectPolicy"
     assert "mma_rows_kernel<" in emu.last_kernel() and last in emu.last_kernel()
     assert (", 10, " in emu.last_kernel()) == (d > 1024), emu.last_kernel()
+    if launches == 1:  # [16 warps] AdamW's own kernel: rows of 513-768 columns
+        sixteen = 512 < d <= 768
+        assert (", 3, false, 16>(" in emu.last_kernel()) == sixteen, emu.last_kernel()
     # 16-bit p is rounded once per launch: bf16-column-blocks' two roundings are at most
     # a full ulp of the largest value, 2^-7 of it
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
@@ -1048,13 +1060,16 @@ def test_wide_adamw_step_then_project_keeps_amsgrad():
         assert err <= 1e-6 * max(want.abs().max().item(), 1.0), (name, err)
 
 
-@pytest.mark.parametrize(("k", "launches", "d"), [(32, 1, 256), (232, 2, 256), (32, 2, 1100)])
+@pytest.mark.parametrize(
+    ("k", "launches", "d"), [(32, 1, 256), (232, 2, 256), (32, 2, 1100), (24, 1, 600)]
+)
 def test_tensor_core_adamw_keeps_the_anchored_guarantee(k, launches, d):
     """100 fp32 ProjectedAdamW steps on the tensor-core kernel (3xTF32 on x' and U): the
     protected coefficients stay within the issue's 1e-6 ‖W₀‖, with the whole basis in
     shared memory (k = 32) and a block of its columns a launch (k = 232 at d = 256: 240
-    KiB, two launches of 120 and 112 columns: the step, then the projection), and at
-    d = 1100 ([wide]: the step alone, then the projection of p on tensor cores)."""
+    KiB, two launches of 120 and 112 columns: the step, then the projection), at
+    d = 1100 ([wide]: the step alone, then the projection of p on tensor cores), and at
+    d = 600 on 16 warps ([16 warps])."""
     gen = torch.Generator().manual_seed(1)
     w0 = 0.05 * torch.randn(48, d, generator=gen)
     u = _orthonormal(d, k, seed=9)
@@ -1076,4 +1091,5 @@ def test_tensor_core_adamw_keeps_the_anchored_guarantee(k, launches, d):
         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False,
     )  # fmt: skip
     assert emu.stats()[0] - before == launches
+    assert (", 16>(" in emu.last_kernel()) == (d == 600) or launches == 2, emu.last_kernel()
     assert worst <= 1e-6, worst

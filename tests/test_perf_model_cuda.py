@@ -7,6 +7,7 @@ checked instead (no kernel missing, every loop with a trip count).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -297,8 +298,8 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert wide.kernel == "mma_rows_kernel<P, 10, false, 8>"
     assert pmc.mma_launches("P", "fp32", 1281, 40, 4096, 2, None) is None  # d > 1280
     # [16 warps] 16-bit projection rows of 513-1024 columns (contiguous, strided, in row
-    # pairs; not AdamW's): 16 warps a CTA, 3 or 4 blocks a warp, where their partial sums
-    # (16 KiB) fit beside the launch's columns
+    # pairs to 768; AdamW's contiguous rows to 768, fp32 too): 16 warps a CTA, 3 or 4 blocks a warp,
+    # where their partial sums (16 KiB) fit beside the launch's columns
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (w,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"], w.env["W"]) == (512, 3, 3, 16)
@@ -309,20 +310,33 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert w.kernel.endswith(", 4, false, 16>")  # 2 x 128 KiB does not fit
     for d, dt, policy in ((512, "bf16", bf16), (1100, "bf16", bf16),
                           (768, "fp32", "ProjectPolicy<float, true>"),
-                          (768, "bf16", "AdamWPolicy<c10::BFloat16, true>"),
+                          (1000, "bf16", "AdamWPolicy<c10::BFloat16, true>"),
+                          (1000, "fp32", "AdamWPolicy<float, true>"),
+                          (768, "bf16", "AdamWPolicy<c10::BFloat16, false>"),
                           (768, "bf16", "AdamWPairPolicy<c10::BFloat16>")):  # fmt: skip
         (la,) = pmc.mma_launches(policy, dt, d, 32, 4096, 2, None)
         assert (la.threads, la.env["W"]) == (256, 8), (d, dt, policy)
+    for (d, blocks), (dt, t) in itertools.product(
+        ((520, 33 / 16), (700, 44 / 16), (768, 3)), (("bf16", "c10::Half"), ("fp32", "float"))
+    ):
+        (la,) = pmc.mma_launches(f"AdamWPolicy<{t}, true>", dt, d, 32, 4096, 2, None)
+        assert (la.threads, la.env["NB"], la.env["blocks"]) == (512, 3, blocks), (d, dt)
+        assert la.kernel.endswith(", 3, false, 16>")  # AdamW's U is never split in pairs
     for policy in ("ProjectPolicy<c10::Half, false>", "ProjectPairPolicy<c10::BFloat16>"):
         (la,) = pmc.mma_launches(policy, "bf16", 768, 32, 4096, 2, None)
         assert (la.threads, la.env["NB"]) == (512, 3), policy
         # row pairs stop at 768 (4 blocks spilled on sm_80); strided rows go on to 1024
         (la,) = pmc.mma_launches(policy, "bf16", 1000, 32, 4096, 2, None)
         assert (la.threads, la.env["NB"]) == ((256, 8) if "Pair" in policy else (512, 4)), policy
-    # AdamW's later column blocks are project.cu's anchored projection: 16 warps
+    # AdamW's later column blocks are project.cu's anchored projection: 16 warps; the
+    # first too where the 8 KiB more fit (an H100: two launches of 64 columns), not on an
+    # A100's 163 KiB (three launches of 48, 48, 32 columns sized for 8 warps)
     first, rest = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 128, 4096,
                                    2, None, True, bf16)  # fmt: skip
-    assert (first.threads, rest.threads) == (256, 512)
+    assert (first.threads, rest.threads) == (512, 512)
+    first, *rest = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 128, 4096,
+                                    2, 163 * 1024, True, bf16)  # fmt: skip
+    assert (first.threads, [la.threads for la in rest]) == (256, [256, 512])
     # they take 16 warps only where the 8 KiB more fit: k = 24 at 768 stages 72 KiB of U,
     # with 8 warps' partial sums and the row cache 83.25 KiB, with 16 91.25 KiB
     for optin, threads in ((92 * 1024, 512), (90 * 1024, 256)):
@@ -380,7 +394,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         assert re.search(r", false, (8|16)>$", split.kernel), args
     # [row cache] AdamW's 32-byte Rows: 2.5 KiB (a projection's: 1.5 KiB)
     (adamw,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 32, 4096, 2, None)
-    assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 8 * 16 * 16 + 16 * 36) + 4 * 16 * 40
+    assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + 4 * 16 * 40
     (anchored,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, None, anchored=True)
     assert anchored.kernel.endswith(", 3, false, 16>")
     assert pmc.mma_columns(1024, 1024, 163 * 1024) == 32

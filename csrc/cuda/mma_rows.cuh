@@ -117,7 +117,12 @@
 //   contiguous rows where two 8-warp CTAs of 128 registers do not fit the SM's shared
 //   memory beside their staged bases (94-114 registers on 16 warps, no spills; predicted
 //   fp32 k = 32 at d = 768 on an A100: side input 39 -> 67 %, transposed views 33 -> 57 %).
-//   AdamW's keep 8: on 16, its 16-bit rows (four streams beside x') spilled 320-1744 B.
+//   AdamW's contiguous rows of 513-768 columns too, without the [prefetch] (on 16 warps the
+//   next tile's four 16-bit streams beside x' spilled 320-1744 B): each thread loads its own
+//   tile's p, g, m, v, a row's 3 blocks at a time (fp32: a block at a time), 128 registers,
+//   no spills (sm_80, sm_90). On 8 warps they take 244-255 registers, one CTA of 8 warps an
+//   SM; at 4 blocks a warp (1024 columns) the 16-bit kernel spilled 72 B on sm_90, and
+//   transposed views' AdamW rows (strided, or in row pairs) keep 8 warps.
 // [row cache] A tile's rows are looked up once a CTA: 16 threads of warp 0 find its 16
 //   rows in the device table (a binary search over its entries, then the row's address;
 //   AdamW: its bias corrections too, P::row) and put each row's P::Row and anchor in
@@ -252,13 +257,14 @@ constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? k
 
 // [16 warps] Projection rows of 513-1024 columns (blocks in (kSixteenWarpsFrom,
 // kSixteenWarpsTo<P>]; fp32 rows as run_columns decides) take a CTA of 16 warps, 3 or 4 blocks
-// a warp, compiled for one CTA an SM (at most 128 registers). Row pairs stop at 768 columns (3
-// blocks): at 4 their kernel spilled 12 B on sm_80.
+// a warp, compiled for one CTA an SM (at most 128 registers); so do AdamW's contiguous rows
+// to 768 columns. Row pairs stop at 768 columns (3 blocks): at 4 their kernel spilled 12 B
+// on sm_80; AdamW's 72 B on sm_90.
 template <class P>
-constexpr bool kSixteenWarps = !P::kUpdates;
+constexpr bool kSixteenWarps = !P::kUpdates || P::kVector;
 constexpr int kSixteenWarpsFrom = 4 * kWarps;
 template <class P>
-constexpr int kSixteenWarpsTo = (RowPairs<P>::value ? 3 : 4) * kWideWarps;
+constexpr int kSixteenWarpsTo = (RowPairs<P>::value || P::kUpdates ? 3 : 4) * kWideWarps;
 
 // [row pairs] The tile row of MMA row m (0..15): 2 (m % 8) + m / 8 with row pairs.
 template <bool kRowPairs>
@@ -370,7 +376,8 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
   // passes and converted when it starts, so loads stay in flight while the CTA computes.
-  constexpr bool kPrefetch = kPrefetchTile<P, NB>;
+  // [16 warps] AdamW's load their own tile (the next one's four streams spilled).
+  constexpr bool kPrefetch = kPrefetchTile<P, NB> && !(P::kUpdates && W == kWideWarps);
   // [wide] 16-bit projection rows too wide to prefetch load their own tile's Bits the same
   // way, all before any is converted (loaded and converted a vector at a time, 32-40 bytes
   // were in flight a thread: latency-bound, bf16 k = 8 at d = 1280 57 % of copy on H100).
@@ -501,9 +508,13 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         const bool valid = row < g.total_rows;
         Row w{};
         if (valid) w = row_of(slot, gq + 8 * h);
-        // in batches of at most 96 registers (fp32 NB = 8 held all 8 and spilled 32 B), and
-        // of half the blocks beside [wide] rows' 80 registers of x'
-        constexpr int kBatch = NB * sizeof(Bits) <= 96 * 4 && NB <= kMaxPrefetchBlocks ? NB : NB / 2;
+        // in batches of at most 96 registers (fp32 NB = 8 held all 8 and spilled 32 B), of
+        // half the blocks beside [wide] rows' 80 registers of x', and [16 warps] fp32's a
+        // block at a time (all 3 at the 128-register cap spilled 136 B on sm_90)
+        constexpr bool kFp32 = std::is_same_v<typename P::Scalar, float>;
+        constexpr int kBatch = W == kWideWarps ? (kFp32 ? 1 : NB)
+                               : NB * sizeof(Bits) <= 96 * 4 && NB <= kMaxPrefetchBlocks ? NB
+                                                                                           : NB / 2;
 #pragma unroll
         for (int b0 = 0; b0 < NB; b0 += kBatch) {
           Bits cur[kBatch];
@@ -968,7 +979,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
     Geometry wide = g;
     wide.warps = kWideWarps;
     bool width = g.nblk > kSixteenWarpsFrom && g.nblk <= kSixteenWarpsTo<P>;
-    if constexpr (!P::kExactTf32 && P::kVector) {
+    if constexpr (!P::kUpdates && !P::kExactTf32 && P::kVector) {  // fp32 projection rows
       const size_t per_sm = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
       width = width && 2 * (smem_bytes(g) + kReservedSmemPerBlock) > per_sm;
     }

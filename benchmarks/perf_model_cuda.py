@@ -88,7 +88,7 @@ MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
 MMA_ROW_SLOTS = 4  # [row cache] kRowSlots: tiles
 MMA_MAX_ROW_BYTES = 32  # kMaxRowBytes: AdamW's Row (a projection's: 16)
-# mma_rows.cuh [16 warps]: 16-bit projection rows of (32, 64] column blocks, AdamW's of (32, 48]
+# mma_rows.cuh [16 warps]: rows of (32, 64] column blocks (row pairs', AdamW's: (32, 48])
 MMA_WIDE_WARPS = 16  # kWideWarps
 MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo<P>]
 MMA_WIDE_PAIR_BLOCKS = 48  # kSixteenWarpsTo<P> of the row-pair policies and AdamW's
@@ -419,16 +419,16 @@ def mma_launches(
         name = policy if c0 == 0 or rest is None else rest
         # projections (not AdamW's)
         projection = re.search(r"Project(Pair)?Policy", name)
-        row_bytes = MMA_MAX_ROW_BYTES if "AdamW" in name else 16  # sizeof(P::Row)
-        # [16 warps]: those rows of 513-1024 columns (row pairs and AdamW's contiguous
-        # rows: 768), where the partial sums of 16 warps fit beside the launch's columns
+        adamw = "AdamW" in name
+        row_bytes = MMA_MAX_ROW_BYTES if adamw else 16  # sizeof(P::Row)
+        # [16 warps]: those rows of 513-1024 columns (row pairs and AdamW's rows: 768),
+        # where the partial sums of 16 warps fit beside the launch's columns
         warps = WARPS
         lo, hi = MMA_WIDE_BLOCKS
-        adamw_rows = re.search(r"AdamWPolicy<[^,]+, true>", name)
-        if "PairPolicy" in name or adamw_rows:
+        if "PairPolicy" in name or adamw:
             hi = MMA_WIDE_PAIR_BLOCKS
         wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_bytes)
-        sixteen = bool(projection or adamw_rows) and lo < nblk <= hi and wide_smem <= limit
+        sixteen = lo < nblk <= hi and wide_smem <= limit
         if sixteen and "ProjectPolicy<float, true>" in name:
             # fp32 contiguous rows only where two 8-warp CTAs do not fit the SM's shared
             # memory (the per-block opt-in + 1 KiB on sm_80 / sm_90) beside their bases

@@ -256,8 +256,8 @@ def _surgery(numels, dtype=torch.float32):
 # (U^T resident, and staged per chunk: k = 40 at d = 2000 is 320 KiB), rows split
 # (d > 4096), transposed views (the block policies: fused, split past d = 2048, AdamW's
 # past 1024), flat (one and several segments), anchored with soft weights, projected
-# AdamW (rows on tensor cores and not, cols, amsgrad), surgery (one chunk and several;
-# whole chunks of 16-bit pairs as packs).
+# AdamW (rows on tensor cores and not, cols, amsgrad; cols on 16 warps: strided, in row
+# pairs), surgery (one chunk and several; whole chunks of 16-bit pairs as packs).
 REAL_CASES = {
     "rows-resident": lambda: _project((37, 129), "input", 7),
     "rows-mma": lambda: _project((45, 260), "input", 40),
@@ -289,6 +289,8 @@ REAL_CASES = {
     "adamw-rows-mma-row-cache": lambda: _adamw((250, 768), "input", torch.bfloat16, k=20),
     "adamw-cols-amsgrad": lambda: _adamw((70, 9), "output", amsgrad=True),
     "adamw-cols-split": lambda: _adamw((1100, 12), "output"),
+    "adamw-cols-16-warps": lambda: _adamw((700, 12), "output", k=12),
+    "adamw-cols-16-warps-pairs": lambda: _adamw((700, 12), "output", torch.bfloat16, k=12),
     "surgery": lambda: _surgery([7, 70000]),
     "surgery-bf16-packs": lambda: _surgery([3 * 4096, 9000], torch.bfloat16),
 }
@@ -428,11 +430,14 @@ def test_transposed_views_match_float64(case, dtype, k):
 
 @pytest.mark.parametrize("k", [4, 12, 40, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(300, 12), (301, 9), (300, 37), (1100, 12)])
+@pytest.mark.parametrize(
+    "shape", [(300, 12), (301, 9), (300, 37), (1100, 12), (700, 12), (700, 13)]
+)
 def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype, k):
     """k = 40: 16-bit views on tensor cores (fp32 from 9); k = 200 at d = 300 takes two
     launches (104 + 96 columns: the AdamW step, then the projection), at d = 1100 the FMA
-    engine staging Uᵀ a chunk at a time."""
+    engine staging Uᵀ a chunk at a time; d = 700 on 16 warps ([16 warps]: strided rows, and
+    16-bit rows in pairs where the views' rows pair up, 12, not 13)."""
     from gradproj import backends
 
     gen = torch.Generator().manual_seed(11)
@@ -453,6 +458,8 @@ def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype,
         **hyper,
     )  # fmt: skip
     _expect_engine(d, k, dtype, adamw=True, pairs=_pair_rows(p.t()))
+    if "mma_rows_kernel<" in emu.last_kernel() and 512 < d <= 768 and k <= 40:
+        assert ", 3, false, 16>(" in emu.last_kernel(), emu.last_kernel()  # one launch
     # fp32: the projection's sums of k products err like √k (max |Δp| at d = 300, one
     # launch: 1.3e-6 at k = 12, 2.6e-6 at 100, 4.8e-6 at 168; two launches at 200: 4.2e-6)
     tol = {torch.float32: 1e-6 * math.sqrt(max(k, 12) / 12), torch.bfloat16: 2.0**-7}[dtype]
@@ -465,8 +472,9 @@ def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype,
 # view 4-byte aligned with an even column stride) in one launch: 6 + 10 + 22 = 38 view rows,
 # so tiles of 16 straddle the views and the last is ragged. d = 256: whole tiles (the pair
 # loads and stores); d = 262: a warp's last block ragged and d % 4 != 0 (the element paths,
-# rows mapped to MMA rows as the pairs map them).
-ROW_PAIRS = {"whole": 256, "ragged": 262}
+# rows mapped to MMA rows as the pairs map them); d = 700: 16 warps of 3 blocks ([16 warps]:
+# AdamW's load their own tile a block at a time), warp 14's last block ragged, warp 15 none.
+ROW_PAIRS = {"whole": 256, "ragged": 262, "sixteen-warps": 700}
 
 
 def _pair_views(d: int, dtype: torch.dtype, gen: torch.Generator, offset: int = 0):
@@ -554,6 +562,8 @@ def test_row_pairs_adamw_matches_float64(case, dtype):
     emu.projected_adamw_bucket_(ps, gs, ms, vs, None, steps, cs, u, w, "output", **hyper,
                                 maximize=False)  # fmt: skip
     assert "AdamWPairPolicy<" in emu.last_kernel(), emu.last_kernel()
+    warps = ", 3, false, 16>(" if d > 512 else ", false, 8>("
+    assert warps in emu.last_kernel(), emu.last_kernel()
     tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
         for name, t, e in zip("pmvc", got, (exp[0], exp[1], exp[2], exp[4]), strict=True):

@@ -285,11 +285,14 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # side output (block policies: 4 rows a group, 8 elements a thread): D = 768 is one
     # 1024-wide segment of 4-warp groups, 2 groups (8 rows) a CTA; its second slot runs
     # in the 2 warps whose columns start before 768 (a warp skips a slot whole)
-    # the tensor-core rows kernel: 6 blocks a warp at 768
-    (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
-    assert (mma.env["NB"], mma.env["blocks"], mma.work) == (6, 6, 4096 // 16)
+    # the tensor-core rows kernel: 4 blocks a warp at 512 (8 warps), 3 at 768 (16 warps)
+    (mma,) = pmc.mma_launches("P", "bf16", 512, 32, 4096, 2, None)
+    assert (mma.env["NB"], mma.env["blocks"], mma.work, mma.threads) == (4, 4, 4096 // 16, 256)
     row_cache = 4 * 16 * 24  # [row cache]: 4 tiles' rows, a Row and an anchor address a row
-    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 8 * 16 * 16 + 16 * 36) + row_cache
+    assert mma.dynamic_smem == 4 * (32 * 4 * 128 + 8 * 16 * 16 + 16 * 36) + row_cache
+    (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
+    assert (mma.env["NB"], mma.env["blocks"], mma.threads) == (3, 3, 512)
+    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + row_cache
     assert pmc.mma_launches("P", "fp32", 768, 8, 4096, 2, None) is None  # fp32 from k = 9
     # [wide] the projection takes 10 blocks a warp up to d = 1280 (1100: warps 0-5 hold 10,
     # warp 6 holds 9, warp 7 none); AdamW and the pair policies stop at 1024
@@ -298,7 +301,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert wide.kernel == "mma_rows_kernel<P, 10, false, 8>"
     assert pmc.mma_launches("P", "fp32", 1281, 40, 4096, 2, None) is None  # d > 1280
     # [16 warps] 16-bit projection rows of 513-1024 columns (contiguous, strided, in row
-    # pairs to 768; AdamW's contiguous rows to 768, fp32 too): 16 warps a CTA, 3 or 4 blocks a warp,
+    # pairs to 768; AdamW's rows to 768, fp32 too): 16 warps a CTA, 3 or 4 blocks a warp,
     # where their partial sums (16 KiB) fit beside the launch's columns
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (w,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, None)
@@ -312,15 +315,17 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
                           (768, "fp32", "ProjectPolicy<float, true>"),
                           (1000, "bf16", "AdamWPolicy<c10::BFloat16, true>"),
                           (1000, "fp32", "AdamWPolicy<float, true>"),
-                          (768, "bf16", "AdamWPolicy<c10::BFloat16, false>"),
-                          (768, "bf16", "AdamWPairPolicy<c10::BFloat16>")):  # fmt: skip
+                          (1000, "fp32", "AdamWPolicy<float, false>")):  # fmt: skip
         (la,) = pmc.mma_launches(policy, dt, d, 32, 4096, 2, None)
         assert (la.threads, la.env["W"]) == (256, 8), (d, dt, policy)
-    for (d, blocks), (dt, t) in itertools.product(
-        ((520, 33 / 16), (700, 44 / 16), (768, 3)), (("bf16", "c10::Half"), ("fp32", "float"))
+    adamw = ("AdamWPolicy<{}, true>", "AdamWPolicy<{}, false>", "AdamWPairPolicy<{}>")
+    for (d, blocks), (dt, t), policy in itertools.product(
+        ((520, 33 / 16), (700, 44 / 16), (768, 3)),
+        (("bf16", "c10::Half"), ("fp32", "float")),
+        adamw,
     ):
-        (la,) = pmc.mma_launches(f"AdamWPolicy<{t}, true>", dt, d, 32, 4096, 2, None)
-        assert (la.threads, la.env["NB"], la.env["blocks"]) == (512, 3, blocks), (d, dt)
+        (la,) = pmc.mma_launches(policy.format(t), dt, d, 32, 4096, 2, None)
+        assert (la.threads, la.env["NB"], la.env["blocks"]) == (512, 3, blocks), (d, dt, policy)
         assert la.kernel.endswith(", 3, false, 16>")  # AdamW's U is never split in pairs
     for policy in ("ProjectPolicy<c10::Half, false>", "ProjectPairPolicy<c10::BFloat16>"):
         (la,) = pmc.mma_launches(policy, "bf16", 768, 32, 4096, 2, None)

@@ -99,8 +99,8 @@
 //   k = 32 (U^T is 160 KiB at d = 1280, above tile::kResidentBytes). AdamW keeps 1024: its
 //   kernels reach 255 registers at 8 blocks. Past 1280 x does not fit the registers of 8
 //   warps beside the operands (fp32 at 12 blocks: 96 registers of x).
-// [16 warps] 16-bit projection rows of 513-1024 columns (kSixteenWarps: contiguous, strided,
-//   and in row pairs to 768) take a CTA of 16 warps over the same 16 rows, 3 or 4 blocks a warp,
+// [16 warps] 16-bit projection rows of 513-1024 columns (contiguous, strided, and in row
+//   pairs to 768) take a CTA of 16 warps over the same 16 rows, 3 or 4 blocks a warp,
 //   compiled for one CTA an SM (at most 128 registers: 100-128, no spills, sm_80 and sm_90).
 //   On 8 warps those rows hold 6-8 blocks a warp and the next tile's vectors, 176-182
 //   registers, one CTA of 8 warps an SM: each warp issues about once every 8 cycles
@@ -117,12 +117,12 @@
 //   contiguous rows where two 8-warp CTAs of 128 registers do not fit the SM's shared
 //   memory beside their staged bases (94-114 registers on 16 warps, no spills; predicted
 //   fp32 k = 32 at d = 768 on an A100: side input 39 -> 67 %, transposed views 33 -> 57 %).
-//   AdamW's contiguous rows of 513-768 columns too, without the [prefetch] (on 16 warps the
-//   next tile's four 16-bit streams beside x' spilled 320-1744 B): each thread loads its own
-//   tile's p, g, m, v, a row's 3 blocks at a time (fp32: a block at a time), 128 registers,
-//   no spills (sm_80, sm_90). On 8 warps they take 244-255 registers, one CTA of 8 warps an
-//   SM; at 4 blocks a warp (1024 columns) the 16-bit kernel spilled 72 B on sm_90, and
-//   transposed views' AdamW rows (strided, or in row pairs) keep 8 warps.
+//   AdamW's rows of 513-768 columns too, without the [prefetch] (on 16 warps the next tile's
+//   four 16-bit streams beside x' spilled 320-1744 B): each thread loads its own tile's p, g,
+//   m, v, a row's 3 blocks at a time (fp32: a block at a time; [row pairs]: a block of both
+//   rows at a time, all 3 spilled 84-100 B), 114-128 registers, no spills (sm_80, sm_90),
+//   contiguous, strided and in row pairs. On 8 warps they take 244-255 registers, one CTA of
+//   8 warps an SM; at 4 blocks a warp (1024 columns) the 16-bit kernel spilled 72 B on sm_90.
 // [row cache] A tile's rows are looked up once a CTA: 16 threads of warp 0 find its 16
 //   rows in the device table (a binary search over its entries, then the row's address;
 //   AdamW: its bias corrections too, P::row) and put each row's P::Row and anchor in
@@ -239,8 +239,9 @@ struct RowPairs : std::false_type {};
 template <class P>
 struct RowPairs<P, std::void_t<decltype(P::kRowPairs)>> : std::bool_constant<P::kRowPairs> {};
 
-// [row pairs] The widest rows a pair policy takes: its loads are always the prefetch's, and
-// AdamW's four streams of the next tile fit the registers up to NB = 6 (768 columns).
+// [row pairs] The widest rows a pair policy takes: on 8 warps its loads are always the
+// prefetch's, and AdamW's four streams of the next tile fit the registers up to NB = 6 (768
+// columns).
 template <class P>
 constexpr int64_t kMaxPairD = kPrefetchTile<P, kMaxPrefetchBlocks> ? kMaxAdamWD : 6 * 16 * kWarps;
 
@@ -257,11 +258,9 @@ constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? k
 
 // [16 warps] Projection rows of 513-1024 columns (blocks in (kSixteenWarpsFrom,
 // kSixteenWarpsTo<P>]; fp32 rows as run_columns decides) take a CTA of 16 warps, 3 or 4 blocks
-// a warp, compiled for one CTA an SM (at most 128 registers); so do AdamW's contiguous rows
-// to 768 columns. Row pairs stop at 768 columns (3 blocks): at 4 their kernel spilled 12 B
-// on sm_80; AdamW's 72 B on sm_90.
-template <class P>
-constexpr bool kSixteenWarps = !P::kUpdates || P::kVector;
+// a warp, compiled for one CTA an SM (at most 128 registers); so do AdamW's rows to 768
+// columns. Row pairs stop at 768 columns (3 blocks): at 4 their kernel spilled 12 B on
+// sm_80; AdamW's 72 B on sm_90.
 constexpr int kSixteenWarpsFrom = 4 * kWarps;
 template <class P>
 constexpr int kSixteenWarpsTo = (RowPairs<P>::value || P::kUpdates ? 3 : 4) * kWideWarps;
@@ -386,7 +385,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   using Bits = typename P::Bits;
   // [row pairs] nxt[b][0], nxt[b][1]: both rows' columns j, j + 1 and j + 2, j + 3 (the
   // words of load_pair_bits)
-  Bits nxt[kPrefetch || kBatchLoad ? NB : 1][2] = {};
+  Bits nxt[kPrefetch || kBatchLoad || kRowPairs ? NB : 1][2] = {};
   auto fetch = [&](int64_t tile, int slot) {  // model-uniform
     if constexpr (kRowPairs) {
       const int64_t row = tile * kTileRows + 2 * gq;
@@ -441,7 +440,6 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     // loads and stores need no bounds checks. (Blocks past d, b >= nb, are never used.)
     const bool full = whole && row0 + kTileRows <= g.total_rows;
     if constexpr (kRowPairs) {  // [row pairs] both rows' vectors from one load's words
-      static_assert(kPrefetch, "[row pairs] loads the next tile during this one");
       const int64_t prow = row0 + 2 * gq;
       const bool valid = prow < g.total_rows;
       Row w{};
@@ -451,7 +449,13 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         const int j = col0 + 16 * b;
         // (blocks past d are never used: AdamW must not store their m and v)
         if (full ? b < nb || !P::kUpdates : valid && j + V <= d) {
-          pol.finish_pair(w, j, nxt[b][0], nxt[b][1], x[b][0], x[b][1]);
+          if constexpr (kPrefetch) {
+            pol.finish_pair(w, j, nxt[b][0], nxt[b][1], x[b][0], x[b][1]);
+          } else {  // [16 warps] AdamW's: this tile's block, both rows
+            Bits lo, hi;
+            pol.load_pair_bits(w, j, lo, hi);
+            pol.finish_pair(w, j, lo, hi, x[b][0], x[b][1]);
+          }
         } else {  // model-cold-if: d % 16 == 0
 #pragma unroll
           for (int v = 0; v < V; ++v) {
@@ -461,7 +465,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         }
       }
       if (d % V != 0) load_ragged(row0, x);  // model-cold-if: d % 4 == 0
-      if (tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x, next_slot);
+      if (kPrefetch && tile + gridDim.x < g.n_tiles) fetch(tile + gridDim.x, next_slot);
     } else if constexpr (kPrefetch || kBatchLoad) {
       if constexpr (kBatchLoad) fetch(tile, slot);
       if (full) {
@@ -971,11 +975,11 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.pairs = false;
   g.warps = kWarps;
   g.row_bytes = static_cast<int>(sizeof(typename P::Row));
-  if constexpr (kSixteenWarps<P>) {
+  {
     // [16 warps] where their partial sums fit beside the launch's columns (kc was sized for
-    // 8 warps' partial sums: 8 KiB fewer). fp32 contiguous rows run two CTAs of 8 warps an
-    // SM where two staged bases fit its shared memory (128 registers), so they take 16 only
-    // where two do not (an A100 from k = 17 at d = 768, an H100 past 32).
+    // 8 warps' partial sums: 8 KiB fewer). fp32 contiguous projection rows run two CTAs of 8
+    // warps an SM where two staged bases fit its shared memory (128 registers), so they take
+    // 16 only where two do not (an A100 from k = 17 at d = 768, an H100 past 32).
     Geometry wide = g;
     wide.warps = kWideWarps;
     bool width = g.nblk > kSixteenWarpsFrom && g.nblk <= kSixteenWarpsTo<P>;
@@ -998,12 +1002,10 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   // Blocks per warp: the fewest of {2, 4, 6, 8, 10} whose 8 warps cover d (at most P's
   // kMaxRowD: columns_per_launch declines wider rows, and only those NB are compiled).
   TORCH_INTERNAL_ASSERT(g.d <= kMaxRowD<P>, "rows wider than the policy's kMaxRowD");
-  if constexpr (kSixteenWarps<P>) {
-    if (g.warps == kWideWarps) {  // [16 warps] 3 or 4 blocks a warp
-      if (g.nblk <= 3 * kWideWarps) return launch_layout<P, 3, kWideWarps>(pol, g, cols, w);
-      if constexpr (kSixteenWarpsTo<P> > 3 * kWideWarps) {
-        return launch_layout<P, 4, kWideWarps>(pol, g, cols, w);
-      }
+  if (g.warps == kWideWarps) {  // [16 warps] 3 or 4 blocks a warp
+    if (g.nblk <= 3 * kWideWarps) return launch_layout<P, 3, kWideWarps>(pol, g, cols, w);
+    if constexpr (kSixteenWarpsTo<P> > 3 * kWideWarps) {
+      return launch_layout<P, 4, kWideWarps>(pol, g, cols, w);
     }
   }
   const int per_warp = (g.nblk + kWarps - 1) / kWarps;

@@ -88,10 +88,10 @@ MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
 MMA_ROW_SLOTS = 4  # [row cache] kRowSlots: tiles
 MMA_MAX_ROW_BYTES = 32  # kMaxRowBytes: AdamW's Row (a projection's: 16)
-# mma_rows.cuh [16 warps]: rows of (32, 64] column blocks (row pairs', AdamW's: (32, 48])
+# mma_rows.cuh [16 warps]: rows of (32, 64] column blocks (row pairs', AdamW's fp32 rows: 48)
 MMA_WIDE_WARPS = 16  # kWideWarps
 MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo<P>]
-MMA_WIDE_PAIR_BLOCKS = 48  # kSixteenWarpsTo<P> of the row-pair policies and AdamW's
+MMA_WIDE_PAIR_BLOCKS = 48  # kSixteenWarpsTo<P> of the row-pair policies and AdamW's fp32 rows
 MMA_WIDE_NB = (3, 4)  # the NB the launcher compiles for them
 
 
@@ -421,11 +421,11 @@ def mma_launches(
         projection = re.search(r"Project(Pair)?Policy", name)
         adamw = "AdamW" in name
         row_bytes = MMA_MAX_ROW_BYTES if adamw else 16  # sizeof(P::Row)
-        # [16 warps]: those rows of 513-1024 columns (row pairs and AdamW's rows: 768),
-        # where the partial sums of 16 warps fit beside the launch's columns
+        # [16 warps]: those rows of 513-1024 columns (row pairs and AdamW's fp32 contiguous
+        # rows: 768), where the partial sums of 16 warps fit beside the launch's columns
         warps = WARPS
         lo, hi = MMA_WIDE_BLOCKS
-        if "PairPolicy" in name or adamw:
+        if "PairPolicy" in name or "AdamWPolicy<float, true>" in name:
             hi = MMA_WIDE_PAIR_BLOCKS
         wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_bytes)
         sixteen = lo < nblk <= hi and wide_smem <= limit

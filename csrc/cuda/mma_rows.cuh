@@ -117,12 +117,14 @@
 //   contiguous rows where two 8-warp CTAs of 128 registers do not fit the SM's shared
 //   memory beside their staged bases (94-114 registers on 16 warps, no spills; predicted
 //   fp32 k = 32 at d = 768 on an A100: side input 39 -> 67 %, transposed views 33 -> 57 %).
-//   AdamW's rows of 513-768 columns too, without the [prefetch] (on 16 warps the next tile's
-//   four 16-bit streams beside x' spilled 320-1744 B): each thread loads its own tile's p, g,
-//   m, v, a row's 3 blocks at a time (fp32: a block at a time; [row pairs]: a block of both
-//   rows at a time, all 3 spilled 84-100 B), 114-128 registers, no spills (sm_80, sm_90),
-//   contiguous, strided and in row pairs. On 8 warps they take 244-255 registers, one CTA of
-//   8 warps an SM; at 4 blocks a warp (1024 columns) the 16-bit kernel spilled 72 B on sm_90.
+//   AdamW's rows too, without the [prefetch] (on 16 warps the next tile's four 16-bit
+//   streams beside x' spilled 320-1744 B): each thread loads its own tile's p, g, m, v, a
+//   row's 3 blocks at a time (4 blocks: two at a time, all 4 spilled 72 B on sm_90; fp32: a
+//   block at a time; [row pairs]: a block of both rows at a time, all 3 spilled 84-100 B),
+//   114-128 registers, no spills (sm_80, sm_90): contiguous and strided rows to 1024
+//   columns, row pairs to 768 (their kMaxPairD), fp32 contiguous rows to 768 (4 blocks a
+//   block at a time still spilled 4 B on sm_90). On 8 warps they take 244-255 registers,
+//   one CTA of 8 warps an SM.
 // [row cache] A tile's rows are looked up once a CTA: 16 threads of warp 0 find its 16
 //   rows in the device table (a binary search over its entries, then the row's address;
 //   AdamW: its bias corrections too, P::row) and put each row's P::Row and anchor in
@@ -258,12 +260,16 @@ constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? k
 
 // [16 warps] Projection rows of 513-1024 columns (blocks in (kSixteenWarpsFrom,
 // kSixteenWarpsTo<P>]; fp32 rows as run_columns decides) take a CTA of 16 warps, 3 or 4 blocks
-// a warp, compiled for one CTA an SM (at most 128 registers); so do AdamW's rows to 768
-// columns. Row pairs stop at 768 columns (3 blocks): at 4 their kernel spilled 12 B on
-// sm_80; AdamW's 72 B on sm_90.
+// a warp, compiled for one CTA an SM (at most 128 registers); so do AdamW's. Row pairs stop
+// at 768 columns (3 blocks): at 4 their kernel spilled 12 B on sm_80; so do AdamW's fp32
+// contiguous rows (4 B on sm_90).
 constexpr int kSixteenWarpsFrom = 4 * kWarps;
 template <class P>
-constexpr int kSixteenWarpsTo = (RowPairs<P>::value || P::kUpdates ? 3 : 4) * kWideWarps;
+constexpr int kSixteenWarpsTo =
+    (RowPairs<P>::value || (P::kUpdates && P::kVector && std::is_same_v<typename P::Scalar, float>)
+         ? 3
+         : 4) *
+    kWideWarps;
 
 // [row pairs] The tile row of MMA row m (0..15): 2 (m % 8) + m / 8 with row pairs.
 template <bool kRowPairs>
@@ -514,9 +520,10 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         if (valid) w = row_of(slot, gq + 8 * h);
         // in batches of at most 96 registers (fp32 NB = 8 held all 8 and spilled 32 B), of
         // half the blocks beside [wide] rows' 80 registers of x', and [16 warps] fp32's a
-        // block at a time (all 3 at the 128-register cap spilled 136 B on sm_90)
+        // block at a time (all 3 at the 128-register cap spilled 136 B on sm_90), 16-bit
+        // NB = 4 two at a time (all 4: 72 B)
         constexpr bool kFp32 = std::is_same_v<typename P::Scalar, float>;
-        constexpr int kBatch = W == kWideWarps ? (kFp32 ? 1 : NB)
+        constexpr int kBatch = W == kWideWarps ? (kFp32 ? 1 : NB == 4 ? 2 : NB)
                                : NB * sizeof(Bits) <= 96 * 4 && NB <= kMaxPrefetchBlocks ? NB
                                                                                            : NB / 2;
 #pragma unroll

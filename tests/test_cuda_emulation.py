@@ -13,8 +13,10 @@ The kernels' numerics are tested where every backend is (tests/test_project.py, 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -1111,3 +1113,53 @@ def test_tensor_core_adamw_keeps_the_anchored_guarantee(k, launches, d):
     assert emu.stats()[0] - before == launches
     assert (", 16>(" in emu.last_kernel()) == (d == 600) or launches == 2, emu.last_kernel()
     assert worst <= 1e-6, worst
+
+
+# ---------------------------------------------------------------- the perf model's twin
+
+_KERNEL = re.compile(r"mma_rows_kernel<.*?::(\w+)<[^>]*>, (\d+), (\w+), (\d+)>")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_the_model_twin_launches_what_the_launcher_launches(side, dtype):
+    """benchmarks/perf_model_cuda.py predicts from the kernels its Python twin of the
+    launchers says run; here the launchers themselves (the emulated H100's shared memory)
+    run `project_` and `ProjectedAdamW` on 4 rows (transposed views: 4 view rows, which
+    pair up) at widths on 8 warps and on 16 ([16 warps]: 3 and 4 blocks a warp, AdamW's
+    too) and k that fit U once, twice ([pairs]) or take a block of its columns a launch:
+    the same engine, policy, blocks a warp, U split or not, warps, and launches."""
+    sys.path.insert(0, str(emu.ROOT / "benchmarks"))
+    try:
+        import perf_model_cuda as pmc
+    finally:
+        sys.path.remove(str(emu.ROOT / "benchmarks"))
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
+    checked = 0
+    for d, k, op in itertools.product((500, 768, 1000), (8, 32, 128), ("project_", "AdamW")):
+        gen = torch.Generator().manual_seed(d + k)
+        shape = (4, d) if side == "input" else (d, 4)
+        tensors = [torch.randn(shape, generator=gen).to(dtype) for _ in range(4)]
+        views = [t if side == "input" else t.t() for t in tensors]
+        views[3].abs_()  # v
+        u = _orthonormal(d, k, seed=3)
+        before = emu.stats()[0]
+        if op == "project_":
+            emu.project_bucket_([views[0]], u, None, side)
+            launches = pmc.op_launches(f"project_ {side}", dt, k, d=d, smem_optin=227 * 1024)
+        else:
+            emu.projected_adamw_bucket_(
+                *([t] for t in views), None, [torch.tensor(3.0)], [torch.randn(4, k)], u, None,
+                side, **hyper,
+            )  # fmt: skip
+            launches = pmc.op_launches(f"ProjectedAdamW {side}", dt, k, d=d, smem_optin=227 * 1024)
+        got, want = emu.last_kernel(), launches[-1].kernel
+        assert got.startswith("void gradproj::cuda::mma_rows::") == want.startswith("mma_rows_"), (
+            d, k, op, got, want,
+        )  # fmt: skip
+        if want.startswith("mma_rows_"):
+            ran, twin = _KERNEL.search(got).groups(), _KERNEL.search(want).groups()
+            assert ran == twin and emu.stats()[0] - before == len(launches), (d, k, op, ran, twin)
+            checked += 1
+    assert checked >= 12

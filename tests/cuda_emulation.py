@@ -193,20 +193,32 @@ def stats() -> tuple[int, int, int]:
     return launches, blocks, switches
 
 
-def tensor_core_launches(d: int, k: int) -> int:
-    """The launches of the tensor-core rows kernel for a (d × k) basis on the emulated
-    device (mma_rows.cuh [columns]: a block of columns a launch where U does not fit its
-    shared memory), 0 where the kernel does not take such rows: the perf model's twin
-    of ``columns_per_launch`` (``benchmarks/perf_model_cuda.py`` ``mma_columns``), at
-    ``GRADPROJ_EMU_SMEM_OPTIN`` as the emulator reads it (227 KiB unless set)."""
+def perf_model_cuda():
+    """``benchmarks/perf_model_cuda.py``: the perf model whose Python twin of the launchers
+    the tests hold to the launchers the emulator runs."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import perf_model_cuda
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return perf_model_cuda
+
+
+def smem_optin() -> int:
+    """The emulated device's shared memory a block, in bytes: ``GRADPROJ_EMU_SMEM_OPTIN``
+    as the emulator reads it (227 KiB unless set)."""
     optin = os.environ.get("GRADPROJ_EMU_SMEM_OPTIN", "227K")
     scale = 1024 if optin.upper().endswith("K") else 1
-    cols = perf_model_cuda.mma_columns(d, k, int(optin.rstrip("kK")) * scale)
+    return int(optin.rstrip("kK")) * scale
+
+
+def tensor_core_launches(d: int, k: int) -> int:
+    """The launches of the tensor-core rows kernel for a (d × k) basis on the emulated
+    device (mma_rows.cuh [columns]: a block of columns a launch where U does not fit its
+    shared memory), 0 where the kernel does not take such rows: the perf model's twin
+    of ``columns_per_launch`` (``benchmarks/perf_model_cuda.py`` ``mma_columns``), at
+    ``smem_optin()``."""
+    cols = perf_model_cuda().mma_columns(d, k, smem_optin())
     return 0 if cols == 0 else -(-k // cols)
 
 

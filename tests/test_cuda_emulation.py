@@ -1124,16 +1124,12 @@ _KERNEL = re.compile(r"mma_rows_kernel<.*?::(\w+)<[^>]*>, (\d+), (\w+), (\d+)>")
 @pytest.mark.parametrize("side", ["input", "output"])
 def test_the_model_twin_launches_what_the_launcher_launches(side, dtype):
     """benchmarks/perf_model_cuda.py predicts from the kernels its Python twin of the
-    launchers says run; here the launchers themselves (the emulated H100's shared memory)
+    launchers says run; here the launchers themselves (the emulated device's shared memory)
     run `project_` and `ProjectedAdamW` on 4 rows (transposed views: 4 view rows, which
     pair up) at widths on 8 warps and on 16 ([16 warps]: 3 and 4 blocks a warp, AdamW's
     too) and k that fit U once, twice ([pairs]) or take a block of its columns a launch:
     the same engine, policy, blocks a warp, U split or not, warps, and launches."""
-    sys.path.insert(0, str(emu.ROOT / "benchmarks"))
-    try:
-        import perf_model_cuda as pmc
-    finally:
-        sys.path.remove(str(emu.ROOT / "benchmarks"))
+    pmc, optin = emu.perf_model_cuda(), emu.smem_optin()
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)
     checked = 0
@@ -1147,13 +1143,13 @@ def test_the_model_twin_launches_what_the_launcher_launches(side, dtype):
         before = emu.stats()[0]
         if op == "project_":
             emu.project_bucket_([views[0]], u, None, side)
-            launches = pmc.op_launches(f"project_ {side}", dt, k, d=d, smem_optin=227 * 1024)
+            launches = pmc.op_launches(f"project_ {side}", dt, k, d=d, smem_optin=optin)
         else:
             emu.projected_adamw_bucket_(
                 *([t] for t in views), None, [torch.tensor(3.0)], [torch.randn(4, k)], u, None,
                 side, **hyper,
             )  # fmt: skip
-            launches = pmc.op_launches(f"ProjectedAdamW {side}", dt, k, d=d, smem_optin=227 * 1024)
+            launches = pmc.op_launches(f"ProjectedAdamW {side}", dt, k, d=d, smem_optin=optin)
         got, want = emu.last_kernel(), launches[-1].kernel
         assert got.startswith("void gradproj::cuda::mma_rows::") == want.startswith("mma_rows_"), (
             d, k, op, got, want,

@@ -229,10 +229,12 @@ constexpr int kMinBlocks =
 
 // [prefetch] The next tile's vectors held in registers: at most 96 a thread (a projection's
 // 16-bit NB = 8: 32; AdamW's 16-bit NB = 6: 96, NB = 8 spilled 1.4 KB at 255 registers),
-// and not beside [wide] rows' 80 registers of x.
-template <class P, int NB>
-constexpr bool kPrefetchTile =
-    P::kPrefetch && NB <= kMaxPrefetchBlocks && NB * 2 * sizeof(typename P::Bits) <= 96 * 4;
+// and not beside [wide] rows' 80 registers of x; [16 warps] not AdamW's (the next tile's
+// four streams spilled at 128 registers: each thread loads its own tile).
+template <class P, int NB, int W = kWarps>
+constexpr bool kPrefetchTile = P::kPrefetch && NB <= kMaxPrefetchBlocks &&
+                               NB * 2 * sizeof(typename P::Bits) <= 96 * 4 &&
+                               !(P::kUpdates && W == kWideWarps);
 
 // [row pairs] P::kRowPairs where the policy declares it (project.cu's ProjectPairPolicy,
 // adamw.cu's AdamWPairPolicy).
@@ -381,8 +383,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
   // passes and converted when it starts, so loads stay in flight while the CTA computes.
-  // [16 warps] AdamW's load their own tile (the next one's four streams spilled).
-  constexpr bool kPrefetch = kPrefetchTile<P, NB> && !(P::kUpdates && W == kWideWarps);
+  constexpr bool kPrefetch = kPrefetchTile<P, NB, W>;
   // [wide] 16-bit projection rows too wide to prefetch load their own tile's Bits the same
   // way, all before any is converted (loaded and converted a vector at a time, 32-40 bytes
   // were in flight a thread: latency-bound, bf16 k = 8 at d = 1280 57 % of copy on H100).

@@ -1082,13 +1082,7 @@ ADAMW_MMA = {
         True,
         1,
     ),
-    # [bf16] 8 warps of 6 blocks, which keep tf32 MMAs (kBf16Engine): d = 720 (45 blocks) at
-    # k = 72, whose staged basis fits the emulated 224 KiB beside 8 warps' partial sums (218
-    # KiB) but not beside 16 warps' (226 KiB)
-    "bf16-8-warps-tf32": (torch.bfloat16, 72, [(40, 720)], True, False, 1),
 }
-# the cases on 8 warps where 16-bit rows of 513-1024 columns take 16 elsewhere
-ADAMW_EIGHT_WARPS = {"bf16-8-warps-tf32"}
 
 
 @pytest.mark.parametrize("case", list(ADAMW_MMA))
@@ -1133,21 +1127,16 @@ def test_tensor_core_adamw_matches_float64(case):
         ps, gs, ms, vs, None, steps, cs, u, w, "input", **hyper, maximize=maximize
     )
     assert emu.stats()[0] - before[0] == launches
-    # [bf16] bf16 rows on bf16 MMAs (x' split), the AdamW launch and the projection's after
-    # it; AdamW's 8 warps of 6 blocks on tf32
+    # [bf16] bf16 rows on bf16 MMAs (x' split), the AdamW launch and the projection's after it
     tf32, bf16 = (after - then for after, then in zip(emu.mma_counts(), mmas, strict=True))
-    on_bf16 = dtype == torch.bfloat16 and case not in ADAMW_EIGHT_WARPS
-    assert (tf32 == 0, bf16 > 0) == (on_bf16, on_bf16), (tf32, bf16)
+    assert (tf32 == 0, bf16 > 0) == ((dtype == torch.bfloat16,) * 2), (tf32, bf16)
     last = "AdamWPolicy" if launches == 1 else "ProjectPolicy"
     assert "mma_rows_kernel<" in emu.last_kernel() and last in emu.last_kernel()
     assert (", 10, " in emu.last_kernel()) == (d > 1024), emu.last_kernel()
     if launches == 1:  # [16 warps] AdamW's own kernel: rows of 513-1024 columns (fp32: 768)
         sixteen = 512 < d <= (768 if dtype == torch.float32 else 1024)
-        sixteen = sixteen and case not in ADAMW_EIGHT_WARPS
         nb = 3 if d <= 768 else 4
         assert (f", {nb}, false, 16>(" in emu.last_kernel()) == sixteen, emu.last_kernel()
-        if case in ADAMW_EIGHT_WARPS:
-            assert ", 6, false, 8>(" in emu.last_kernel(), emu.last_kernel()
     # 16-bit p is rounded once per launch: bf16-column-blocks' two roundings are at most
     # a full ulp of the largest value, 2^-7 of it
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]

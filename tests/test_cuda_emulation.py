@@ -1122,14 +1122,11 @@ def test_tensor_core_adamw_matches_float64(case):
         )
         for p, g, m, v, s, c in zip(ps, gs, ms, vs, steps, cs, strict=True)
     ]
-    before, mmas = emu.stats(), emu.mma_counts()
+    before = emu.stats()
     emu.projected_adamw_bucket_(
         ps, gs, ms, vs, None, steps, cs, u, w, "input", **hyper, maximize=maximize
     )
     assert emu.stats()[0] - before[0] == launches
-    # [bf16] bf16 rows on bf16 MMAs (x' split), the AdamW launch and the projection's after it
-    tf32, bf16 = (after - then for after, then in zip(emu.mma_counts(), mmas, strict=True))
-    assert (tf32 == 0, bf16 > 0) == ((dtype == torch.bfloat16,) * 2), (tf32, bf16)
     last = "AdamWPolicy" if launches == 1 else "ProjectPolicy"
     assert "mma_rows_kernel<" in emu.last_kernel() and last in emu.last_kernel()
     assert (", 10, " in emu.last_kernel()) == (d > 1024), emu.last_kernel()

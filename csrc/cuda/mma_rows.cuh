@@ -59,7 +59,7 @@
 // [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
 //   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32. bf16 rows
 //   take bf16 MMAs instead ([bf16]).
-// [bf16] bf16 rows (kBf16Engine: projections', x exact in bf16, and AdamW's) take both GEMMs on mma.sync
+// [bf16] bf16 projection rows (kBf16Rows: x is exact in bf16) take both GEMMs on mma.sync
 //   m16n8k16 bf16 (cuda/mma.cuh [bf16]), with U staged once split into bf16 hi and lo
 //   (BasisLayout::kMmaBf16: fp32 U's bytes, so it fits wherever U did) and read with
 //   ldmatrix. An MMA is then 16 x 8 x 16 where tf32's was 16 x 8 x 8, at the same issue
@@ -80,10 +80,7 @@
 //   finished, pass 2's A is 0 there. Precision: U_hi + U_lo is within 2^-17 |U| (twice
 //   bf16's 8 bits), a product of split values within about 2^-16, far below the bf16
 //   result's 2^-9. fp16 rows keep tf32 ([pairs]): U's lo in fp16 would be subnormal for
-//   small entries. AdamW's x' is not a bf16 value: pass 1 splits it into bf16 hi and lo as
-//   well (x_lo U_hi + x_hi U_lo + x_hi U_hi, 3 MMAs where tf32's split took 6), within
-//   2^-16 |x'| of it before p is rounded to bf16 (2^-9). Not AdamW's 8 warps of 6 blocks,
-//   which spilled 4 B on sm_90 with it (kBf16Engine).
+//   small entries. AdamW's rows too: their x' is not a bf16 value.
 // [pairs] fp16 rows (x exact in tf32) whose basis fits shared memory twice stage it
 //   split, hi then lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16), so neither pass
 //   splits U: the split was 3 instructions a value, 0.39 of bf16 k = 32's 1.59 warp
@@ -240,13 +237,9 @@ __device__ __forceinline__ int bf16_unit(int r, int h) {
 // last): 8 (r / 8) + ((r % 8) ^ 3 (r / 8)).
 __device__ __forceinline__ int bf16_half_unit(int r) { return 8 * (r >> 3) + ((r & 7) ^ (3 * (r >> 3))); }
 
-// [bf16] bf16 rows (projections', x exact in bf16; AdamW's, x' split) take both GEMMs on
-// bf16 MMAs; but AdamW's 8 warps of 6 blocks, which spilled 4 B on sm_90 with them (255
-// registers; tf32: none). kBf16Rows: the policy's bf16 rows whatever the kernel.
+// [bf16] bf16 projection rows (their x exact in bf16) take both GEMMs on bf16 MMAs.
 template <class P>
-constexpr bool kBf16Rows = std::is_same_v<typename P::Scalar, c10::BFloat16>;
-template <class P, int NB, int W>
-constexpr bool kBf16Engine = kBf16Rows<P> && !(P::kUpdates && NB == 6 && W == kWarps);
+constexpr bool kBf16Rows = std::is_same_v<typename P::Scalar, c10::BFloat16> && P::kExactTf32;
 
 // Shared memory of a launch: the staged basis (twice with pairs: hi and lo), the partial
 // sums (a tile a warp), the coefficient tile, the [row cache].
@@ -363,7 +356,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   constexpr int V = tile::Pack<T>::kSize;
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
   static_assert(!kPairs || P::kExactTf32, "[pairs] hands pass 1 no split of x");
-  constexpr bool kBf16 = kBf16Engine<P, NB, W>;  // [bf16]
+  constexpr bool kBf16 = kBf16Rows<P>;  // [bf16]
   static_assert(!(kBf16 && kPairs), "[bf16] stages U split already");
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
   constexpr bool kSums = std::is_same_v<T, float>;  // [precision] fp32 rows: mma.cuh [sums]
@@ -671,20 +664,10 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           mma::ldmatrix_x4<true>(al, chunk + (second ? 32 + bf_a : 16 + bf_a_half));
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            if constexpr (kSplitX) {  // AdamW's x': split into bf16 too, x_lo U_lo dropped
-              uint32_t xh[2];
-              uint32_t xl[2];
-              mma::split_bf16x2(x[b][h][0], x[b][h][1], xh[0], xl[0]);
-              mma::split_bf16x2(x[b][h][2], x[b][h][3], xh[1], xl[1]);
-              mma::mma_bf16(acc[h], al, xh);
-              mma::mma_bf16(acc[h], ah, xl);
-              mma::mma_bf16(acc[h], ah, xh);
-            } else {
-              const uint32_t bx[2] = {mma::pack_bf16(x[b][h][0], x[b][h][1]),
-                                      mma::pack_bf16(x[b][h][2], x[b][h][3])};
-              mma::mma_bf16(acc[h], al, bx);
-              mma::mma_bf16(acc[h], ah, bx);
-            }
+            const uint32_t bx[2] = {mma::pack_bf16(x[b][h][0], x[b][h][1]),
+                                    mma::pack_bf16(x[b][h][2], x[b][h][3])};
+            mma::mma_bf16(acc[h], al, bx);
+            mma::mma_bf16(acc[h], ah, bx);
           }
         } else if constexpr (kPairs) {
           // [pairs] k-step s: the unit (q = gq, e = s, a = tq) is lane's A quad, hi and lo
@@ -1079,7 +1062,7 @@ void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const floa
   // and sizeof(P::Row)
   TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.warps == W && g.row_bytes == sizeof(typename P::Row));
   TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
-  const at::Tensor frag = packed_basis(basis, kBf16Engine<P, NB, W> ? BasisLayout::kMmaBf16
+  const at::Tensor frag = packed_basis(basis, kBf16Rows<P> ? BasisLayout::kMmaBf16
                                               : kPairs        ? BasisLayout::kMmaPairs
                                                               : BasisLayout::kMmaFragments);
   launch_kernel<kMaxDynamicSmem>(

@@ -420,7 +420,6 @@ def mma_launches(
         # projections (not AdamW's)
         projection = re.search(r"Project(Pair)?Policy", name)
         adamw = "AdamW" in name
-        kp_one = _round_up(cols, 8)  # U staged once (fp32, or split in bf16: [bf16])
         row_bytes = MMA_MAX_ROW_BYTES if adamw else 16  # sizeof(P::Row)
         # [16 warps]: those rows of 513-1024 columns (row pairs and AdamW's fp32 contiguous
         # rows: 768), where the partial sums of 16 warps fit beside the launch's columns
@@ -428,12 +427,12 @@ def mma_launches(
         lo, hi = MMA_WIDE_BLOCKS
         if "PairPolicy" in name or "AdamWPolicy<float, true>" in name:
             hi = MMA_WIDE_PAIR_BLOCKS
-        wide_smem = _mma_smem(nblk, kp_one, False, MMA_WIDE_WARPS, row_bytes)
+        wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_bytes)
         sixteen = lo < nblk <= hi and wide_smem <= limit
         if sixteen and "ProjectPolicy<float, true>" in name:
             # fp32 contiguous rows only where two 8-warp CTAs do not fit the SM's shared
             # memory (the per-block opt-in + 1 KiB on sm_80 / sm_90) beside their bases
-            eight_smem = _mma_smem(nblk, kp_one, False, WARPS, row_bytes)
+            eight_smem = _mma_smem(nblk, _round_up(cols, 8), False, WARPS, row_bytes)
             per_sm = (MMA_MAX_SMEM if smem_optin is None else smem_optin) + MMA_RESERVED_SMEM
             sixteen = 2 * (eight_smem + MMA_RESERVED_SMEM) > per_sm
         if sixteen:
@@ -444,10 +443,10 @@ def mma_launches(
             nb = next(n for n in MMA_WIDE_NB if -(-nblk // warps) <= n)
         # the warps' valid blocks (the unrolled block loop breaks at the first past d)
         blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
-        # [pairs]: those fp16 projections without anchors whose U fits twice (bf16: [bf16])
+        # [pairs]: those projections without anchors whose U fits twice
         fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_bytes) <= limit
-        pairs = bool(projection) and dt == "fp16" and not anchored and cols > 8 and fits
-        kp = _round_up(cols, 16) if pairs else kp_one
+        pairs = bool(projection) and dt != "fp32" and not anchored and cols > 8 and fits
+        kp = _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
                    entries=entries, second=groups % 2 == 0, anchored=anchored,

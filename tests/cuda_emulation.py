@@ -193,14 +193,6 @@ def stats() -> tuple[int, int, int]:
     return launches, blocks, switches
 
 
-def mma_counts() -> tuple[int, int]:
-    """(tf32 m16n8k8, bf16 m16n8k16) MMAs the emulated warps issued since it was loaded: which
-    tensor-core engine a launch ran (mma_rows.cuh [bf16])."""
-    load()
-    tf32, bf16 = torch.ops.gradproj_emu.emulator_mma_counts()
-    return tf32, bf16
-
-
 def perf_model_cuda():
     """``benchmarks/perf_model_cuda.py``: the perf model whose Python twin of the launchers
     the tests hold to the launchers the emulator runs."""

@@ -176,42 +176,6 @@ def test_tensor_core_tile_is_the_documented_mma():
     assert lo[~finite].isnan().all()
 
 
-def test_bf16_tensor_core_tile_is_the_documented_mma():
-    """mma.sync m16n8k16 bf16 and ldmatrix .x4 (csrc/cuda/mma.cuh [bf16], the emulator's):
-    fragments loaded as PTX's ISA documents them give D = C + A B; lane l's register i of
-    ldmatrix holds row g, elements 2t and 2t + 1 of matrix i (rows from lanes 8 i .. 8 i + 7),
-    or with .trans column g, elements 2t, 2t + 1; split_bf16x2's hi is x rounded to bf16 (to
-    nearest even), hi + lo within 2^-16 of x, and a NaN or infinite x leaves a NaN lo."""
-    gen = torch.Generator().manual_seed(6)
-    a, b, c = (torch.randn(n, generator=gen) for n in (256, 128, 128))
-    a, b = a.bfloat16().float(), b.bfloat16().float()
-    out = selftest("mma_bf16_tile", torch.cat([a, b, c]), threads=32, out_numel=128)
-    want = c.double().view(16, 8) + a.double().view(16, 16) @ b.double().view(16, 8)
-    assert (out.double().view(16, 8) - want).abs().max() < 1e-5
-    x = torch.randn(256, generator=gen).bfloat16().float()
-    rows = x.view(32, 8).flip(0)  # lane l gives row 31 - l: matrix i's rows are lanes 8 i ..
-    for arg, trans in ((2, False), (3, True)):
-        got = selftest("mma_bf16_tile", x, threads=32, arg=arg, smem=512, out_numel=256)
-        want = torch.empty(32, 4, 2)
-        for lane in range(32):
-            g, t = divmod(lane, 4)
-            for i in range(4):
-                m = rows[8 * i : 8 * i + 8]
-                want[lane, i] = m[2 * t : 2 * t + 2, g] if trans else m[g, 2 * t : 2 * t + 2]
-        assert torch.equal(got.view(32, 4, 2), want), trans
-    # halfway cases to even, others to the nearest bf16 value
-    x = torch.tensor([1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 1 + 2.0**-9])
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])
-    x = torch.cat([x, torch.randn(312, generator=gen), special])
-    hi, lo = selftest("mma_bf16_tile", x, threads=32, arg=1, out_numel=640).view(320, 2).unbind(1)
-    assert hi[:4].tolist() == [1.0, 1 + 2.0**-6, -1.0, 1.0]
-    finite = x.isfinite()
-    assert torch.equal(hi[finite], x[finite].bfloat16().float())
-    err = (hi[finite].double() + lo[finite].double() - x[finite].double()).abs()
-    assert (err <= 2.0**-16 * x[finite].double().abs()).all()
-    assert lo[~finite].isnan().all()
-
-
 def test_grid_stride_loops_cover_the_work():
     out = selftest("grid_stride", torch.zeros(1), blocks=2, threads=64, arg=1000, out_numel=1000)
     assert torch.equal(out, torch.arange(1, 1001, dtype=torch.float32))
@@ -636,15 +600,13 @@ def test_tensor_core_rows_match_float64(dtype, cols):
     untouched = g[:, cols:].clone()
     emu.project_bucket_([view], u, w, "input")
     assert "mma_rows_kernel<" in emu.last_kernel()
-    # 16-bit rows: 16 warps of 4 blocks at 770 (49 blocks), of 3 at 768 ([16 warps]), fp16's
-    # U staged split in coefficient pairs ([pairs]: 2 x 96 KiB fit 227 KiB), bf16's in bf16
-    # ([bf16]); fp32: 8 warps of 8 blocks at 770, of 6 at 768 (two such CTAs fit the
-    # emulated H100's shared memory)
+    # 16-bit rows: U staged split in coefficient pairs ([pairs]: 2 x 96 KiB fit 227 KiB),
+    # 16 warps of 4 blocks at 770 (49 blocks), of 3 at 768 ([16 warps]); fp32: 8 warps of
+    # 8 blocks at 770, of 6 at 768 (two such CTAs fit the emulated H100's shared memory)
     if dtype == torch.float32:
         assert f", {8 if cols == 770 else 6}, false, 8>(" in emu.last_kernel(), emu.last_kernel()
     else:
-        pairs = "true" if dtype == torch.float16 else "false"
-        assert f", {4 if cols == 770 else 3}, {pairs}, 16>(" in emu.last_kernel(), emu.last_kernel()
+        assert f", {4 if cols == 770 else 3}, true, 16>(" in emu.last_kernel(), emu.last_kernel()
     scale = x.abs().max().item()
     assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
     assert torch.equal(g[:, cols:], untouched)
@@ -765,11 +727,10 @@ def test_tensor_core_rows_take_a_large_basis_a_block_of_columns_a_launch(dtype, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [12, 24, 40])
 def test_tensor_core_pairs_match_float64(dtype, k):
-    """fp16 rows without anchors whose basis fits shared memory twice take it staged
+    """16-bit rows without anchors whose basis fits shared memory twice take it staged
     split, hi and lo, in coefficient pairs (mma_rows.cuh [pairs]; k padded to a multiple
     of 16: 12 -> 16, 24 -> 32, 40 -> 48), with soft weights, against float64: d = 260 (a
-    warp's last block ragged), 45 rows (a ragged last tile). Anchored rows keep U unsplit.
-    bf16 rows take U split in bf16 either way ([bf16])."""
+    warp's last block ragged), 45 rows (a ragged last tile). Anchored rows keep U unsplit."""
     gen = torch.Generator().manual_seed(k)
     g = torch.randn(45, 260, generator=gen).to(dtype)
     u = _orthonormal(260, k, seed=11)
@@ -778,7 +739,7 @@ def test_tensor_core_pairs_match_float64(dtype, k):
     want = x - ((x @ u64) * w64) @ u64.t()
     anchored = g.clone()
     emu.project_bucket_([g], u, w, "input")
-    assert f", {'true' if dtype == torch.float16 else 'false'}, 8>(" in emu.last_kernel()
+    assert ", true, 8>(" in emu.last_kernel(), emu.last_kernel()
     assert (g.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
     c = (x @ u64).float()  # anchors at the rows themselves: the same projection
     emu.project_anchored_bucket_([anchored], [c], u, w, "input")
@@ -803,22 +764,6 @@ def _project_soft_rows(rows, u, w, c, side):
     return want, emu.last_kernel()
 
 
-def _project_layout(dtype, d, k, anchored, layout, seed):
-    """``_project_soft_rows`` on fresh rows of ``d`` columns in ``layout``: "rows" (37, side
-    input), transposed views in row "pairs" (38 view rows) or "strided" (37: they cannot pair);
-    tiles of 16, the last ragged. Returns (the rows, float64 rows wanted, the kernel)."""
-    gen = torch.Generator().manual_seed(d + k)
-    n = 38 if layout == "pairs" else 37
-    if layout == "rows":
-        rows = torch.randn(n, d, generator=gen).to(dtype)
-    else:
-        rows = torch.randn(d, n, generator=gen).to(dtype).t()
-    u = _orthonormal(d, k, seed=seed)
-    w = torch.rand(k, generator=gen)
-    c = torch.randn(n, k, generator=gen) if anchored else None
-    return rows, *_project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
-
-
 # [16 warps] 16-bit rows of 513-1024 columns on a CTA of 16 warps: d = 520 (33 blocks:
 # warps 0-10 hold 3 each, 11-15 none), 700 (44: warp 14 holds 2, warp 15 none), 768 (3
 # each), 1000 (63: 4 blocks a warp, warp 15 holds 3), 1024 (4 each); rows, transposed views
@@ -831,62 +776,24 @@ def _project_layout(dtype, d, k, anchored, layout, seed):
 @pytest.mark.parametrize("d", [520, 700, 768, 1000, 1024])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
-    rows, want, kernel = _project_layout(dtype, d, 24, anchored, layout, seed=13)
+    gen = torch.Generator().manual_seed(d)
+    k = 24
+    n = 38 if layout == "pairs" else 37  # tiles of 16, the last ragged
+    if layout == "rows":
+        rows = torch.randn(n, d, generator=gen).to(dtype)
+    else:
+        rows = torch.randn(d, n, generator=gen).to(dtype).t()
+    u = _orthonormal(d, k, seed=13)
+    w = torch.rand(k, generator=gen)
+    c = torch.randn(n, k, generator=gen) if anchored else None
+    want, kernel = _project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
     policy = {"rows": "ProjectPolicy<", "pairs": "ProjectPairPolicy<", "strided": "ProjectPolicy<"}
     assert policy[layout] in kernel and (", false>," in kernel) == (layout == "strided"), kernel
     # row pairs take 16 warps up to 768 columns, 8 warps of 8 blocks beyond
     nb, warps = (3, 16) if d <= 768 else (8, 8) if layout == "pairs" else (4, 16)
-    # fp16: U twice where 2 x 96 KiB fit 227 KiB (768), not 2 x 128; bf16: [bf16]
-    pairs = not anchored and d <= 768 and dtype == torch.float16
+    pairs = not anchored and d <= 768  # U twice: 2 x 96 KiB fit 227 KiB at 768, not 2 x 128
     assert f", {nb}, {'true' if pairs else 'false'}, {warps}>(" in kernel, kernel
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
-
-
-# [bf16] bf16 projection rows take both GEMMs on bf16 MMAs (m16n8k16) with U split into bf16
-# hi and lo, staged for ldmatrix: rows, transposed views in row pairs (38 view rows) and
-# strided (37), plain and anchored with soft weights; k = 1 (a half chunk of 8 coefficients
-# alone), 12 (one chunk), 24 (a chunk and a half), 40 at d = 700 (16 warps, warp 14 holding 2
-# blocks); d = 260 (a warp's last block ragged). Exactly 10 bf16 MMAs a (tile, block, chunk of
-# 16 coefficients): pass 1's 2 x 2 and pass 2's 2 x 3, and no tf32 MMA; fp16 rows of the same
-# shapes take tf32 MMAs only.
-@pytest.mark.parametrize(("d", "k"), [(260, 1), (260, 12), (260, 24), (700, 40)])
-@pytest.mark.parametrize("layout", ["rows", "pairs", "strided"])
-@pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored-soft"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_bf16_rows_take_bf16_mmas(dtype, anchored, layout, d, k):
-    before = emu.mma_counts()
-    rows, want, kernel = _project_layout(dtype, d, k, anchored, layout, seed=17)
-    tf32, bf16 = (after - then for after, then in zip(emu.mma_counts(), before, strict=True))
-    n = rows.shape[0]
-    assert "mma_rows_kernel<" in kernel and ("PairPolicy<" in kernel) == (layout == "pairs"), kernel
-    if dtype == torch.bfloat16:
-        assert tf32 == 0 and bf16 == 10 * -(-n // 16) * -(-d // 16) * -(-k // 16), (tf32, bf16)
-    else:
-        assert tf32 > 0 and bf16 == 0, (tf32, bf16)
-    assert (rows.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
-
-
-def test_bf16_rows_keep_the_basis_to_sixteen_bits():
-    """[bf16] Rows 98 % inside span(U) (x = U a + e, |e| about 2^-6 |x|), so the projection
-    cancels most of x: U split into bf16 hi and lo keeps the result within TOL of the float64
-    projection (which is about e); U rounded to bf16 alone (hi, in both passes) leaves about
-    2^-9 |x| of U a behind and fails it (tried)."""
-    gen = torch.Generator().manual_seed(5)
-    d, k, n = 256, 32, 48
-    u = _orthonormal(d, k, seed=23)
-    a = torch.randn(n, k, generator=gen, dtype=torch.float64)
-    e = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    e -= (e @ u.double()) @ u.double().t()
-    x = a @ u.double().t() * 8 + e * (8 * math.sqrt(k / d) / 64)
-    rows = x.to(torch.bfloat16)
-    x64 = rows.double()
-    want = x64 - (x64 @ u.double()) @ u.double().t()
-    assert want.norm() < x64.norm() / 40  # most of x cancels
-    before = emu.mma_counts()[1]
-    emu.project_bucket_([rows], u, None, "input")
-    assert emu.mma_counts()[1] > before
-    err = (rows.double() - want).abs().max().item()
-    assert err <= TOL[torch.bfloat16] * want.abs().max().item(), err
 
 
 # [row cache] Buckets of six tensors (a tile's rows from several of them, tensors shorter
@@ -932,9 +839,8 @@ def test_tensor_core_row_cache_over_many_tiles_and_tensors(dtype, d, layout, ker
         deltas = [xi @ u64 for xi in x]
         emu.project_bucket_(views, u, w, side)
     kernel = emu.last_kernel()
-    # [pairs] U split where it fits twice (d = 700): fp16 rows without anchors ([bf16]: bf16)
-    pairs = not anchored and dtype == torch.float16
-    assert kernel_args.format(pairs="true" if pairs else "false") in kernel, kernel
+    # [pairs] U split where it fits twice (d = 700): 16-bit rows without anchors
+    assert kernel_args.format(pairs="false" if anchored else "true") in kernel, kernel
     assert ("PairPolicy<" in kernel) == (layout == "pairs"), kernel
     for v, xi, dl in zip(views, x, deltas, strict=True):
         want = xi - (dl * w64) @ u64.t()
@@ -965,7 +871,7 @@ def test_tensor_core_wide_rows_match_float64(dtype, d, k, anchored, layout):
     c = torch.randn(n, k, generator=gen) if anchored else None
     want, kernel = _project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
     assert "mma_rows_kernel<" in kernel and "PairPolicy" not in kernel, kernel
-    pairs = not anchored and dtype == torch.float16 and k == 12  # bf16: [bf16]
+    pairs = not anchored and dtype != torch.float32 and k == 12
     assert f", 10, {'true' if pairs else 'false'}, 8>(" in kernel, kernel
     scale = want.abs().max().item()
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * scale

@@ -306,12 +306,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (w,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"], w.env["W"]) == (512, 3, 3, 16)
-    # [bf16]: U staged once, split into bf16 (fp32 U's bytes)
-    assert w.kernel == f"mma_rows_kernel<{bf16}, 3, false, 16>"
-    assert w.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + row_cache
-    fp16 = "ProjectPolicy<c10::Half, true>"
-    (w,) = pmc.mma_launches(fp16, "fp16", 768, 32, 4096, 2, None)
-    assert w.kernel == f"mma_rows_kernel<{fp16}, 3, true, 16>"  # [pairs]: U twice fits
+    assert w.kernel == f"mma_rows_kernel<{bf16}, 3, true, 16>"  # [pairs]: U twice fits
     assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36) + row_cache
     (w,) = pmc.mma_launches(bf16, "bf16", 1000, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"]) == (512, 4, 63 / 16)
@@ -395,19 +390,14 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         assert all(la.dynamic_smem <= optin for la in blocks)
     assert len(pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 163 * 1024)) == 2  # A100
     assert len(pmc.mma_launches("P", "fp32", 1000, 40, 4096, 2, 227 * 1024)) == 1  # H100
-    # [pairs]: fp16 projections whose U fits twice stage it split (k > 8, padded to 16)
-    fp16 = "ProjectPolicy<c10::Half, true>"
-    (pairs,) = pmc.mma_launches(fp16, "fp16", 768, 20, 4096, 2, 227 * 1024)
+    # [pairs]: 16-bit projections whose U fits twice stage it split (k > 8, padded to 16)
+    bf16 = "ProjectPolicy<c10::BFloat16, true>"
+    (pairs,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, 227 * 1024)
     assert pairs.kernel.endswith(", 3, true, 16>") and pairs.env["kp"] == 32  # [16 warps]
     assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36) + row_cache
-    # [bf16] bf16 rows never: U split into bf16 once, k padded to 8 (a half chunk at 24)
-    bf16 = "ProjectPolicy<c10::BFloat16, true>"
-    (once,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, 227 * 1024)
-    assert once.kernel.endswith(", 3, false, 16>") and once.env["kp"] == 24
-    for args in (("fp16", 768, 20, 163 * 1024), ("fp16", 768, 8, None), ("fp32", 768, 20, None)):
+    for args in (("bf16", 768, 20, 163 * 1024), ("bf16", 768, 8, None), ("fp32", 768, 20, None)):
         dt, d, k, optin = args
-        policy = fp16 if dt == "fp16" else "ProjectPolicy<float, true>"
-        (split,) = pmc.mma_launches(policy, dt, d, k, 4096, 2, optin)
+        (split,) = pmc.mma_launches(bf16, dt, d, k, 4096, 2, optin)
         assert re.search(r", false, (8|16)>$", split.kernel), args
     # [row cache] AdamW's 32-byte Rows: 2.5 KiB (a projection's: 1.5 KiB)
     (adamw,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 32, 4096, 2, None)
@@ -438,11 +428,12 @@ def test_hbm_bytes_never_below_the_floor(op, dt):
         (m,) = pmc.hbm_bytes(op, "fp32", 8)
         assert pmc.op_launches(op, "fp32", 8)[0].kernel.startswith("rows_kernel")
         assert m["read"] + m["write"] == pytest.approx(2 * 4 + 2 * 4 * 8 / 768 + 4 * 8 / 4096)
-        # k = 32, tensor cores: the coefficients stay in shared memory, the basis staged once
-        # (bf16: split into bf16 hi and lo, [bf16], fp32 U's bytes)
+        # k = 32, tensor cores: the coefficients stay in shared memory (16-bit: the basis
+        # staged twice, hi and lo, [pairs])
         (m,) = pmc.hbm_bytes(op, dt, 32)
         assert pmc.op_launches(op, dt, 32)[0].kernel.startswith("mma_rows_kernel")
-        assert m["read"] + m["write"] == pytest.approx(2 * b + 4 * 32 / 4096)
+        units = 1 if dt == "fp32" else 2
+        assert m["read"] + m["write"] == pytest.approx(2 * b + 4 * 32 * units / 4096)
     if op == "ProjectedAdamW input":
         b = pm.ITEMSIZE[dt]
         # tensor cores (AdamWPolicy): p, g, m, v read once, p, m, v written once, the
@@ -553,4 +544,4 @@ def test_transposed_views_take_the_engine_project_cu_and_adamw_cu_choose():
     assert "AdamWPolicy<c10::BFloat16, false>" in wide
     # tensor cores: the element read once and written once, no coefficient workspace
     (m,) = pmc.hbm_bytes("project_ output", "bf16", 32)
-    assert m["read"] + m["write"] == pytest.approx(2 * 2 + 4 * 32 / 4096)  # U once ([bf16])
+    assert m["read"] + m["write"] == pytest.approx(2 * 2 + 2 * 4 * 32 / 4096)  # U hi and lo

@@ -78,7 +78,6 @@ enum class BasisLayout : int {
   kTransposed = 0,    // U^T, (kp x dp), zero padded (the rows kernel's, every layout's)
   kMmaFragments = 1,  // U in the tensor-core kernel's fragment order (mma_rows.cuh [basis])
   kMmaPairs = 2,      // U split, hi then lo, in coefficient pairs (mma_rows.cuh [pairs])
-  kMmaBf16 = 3,       // U split into bf16, hi and lo, for ldmatrix (mma_rows.cuh [bf16])
 };
 
 // Rounds n up to a multiple of m.
@@ -113,37 +112,6 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
     const at::Tensor hi =
         at::bitwise_and(x.view(at::kInt) + 0x1000, static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
     return at::cat({hi, x - hi});
-  }
-  if (layout == BasisLayout::kMmaBf16) {
-    // mma_rows.cuh [bf16]: per block b of 16 basis rows, its chunks of 16 coefficients c
-    // (1 KiB: hi's 32 units of 8 bf16, then lo's), unit 8 L + s of a part holding
-    // U[16 b + 4 L + e][16 c + 8 h + [0, 8)], 2 e + h = s ^ sw(L), sw = 0, 1, 6, 7
-    // (mma_rows::bf16_unit); then, where kp % 16 == 8, its half chunk (512 B: 16 units a
-    // part, unit u holding U[16 b + r][kp - 8 + [0, 8)], u = bf16_half_unit(r)).
-    // hi = bf16(U) to nearest even, lo = bf16(U - hi).
-    const at::Tensor hi = padded.to(at::kBFloat16);
-    const at::Tensor lo = (padded - hi.to(at::kFloat)).to(at::kBFloat16);
-    const int64_t blocks = dp / 16;
-    const int64_t chunks = kp / 16;
-    const at::Tensor b = at::arange(blocks, index).view({-1, 1, 1, 1, 1, 1});
-    const at::Tensor part = at::arange(2, index).view({1, 1, -1, 1, 1, 1});
-    const at::Tensor e8 = at::arange(8, index).view({1, 1, 1, 1, 1, -1});
-    const at::Tensor c = at::arange(chunks, index).view({1, -1, 1, 1, 1, 1});
-    const at::Tensor line = at::arange(4, index).view({1, 1, 1, -1, 1, 1});
-    const at::Tensor slot = at::arange(8, index).view({1, 1, 1, 1, -1, 1});
-    const at::Tensor es = at::bitwise_xor(slot, line.remainder(2) + at::floor_divide(line, 2) * 6);
-    const at::Tensor row = b * 16 + line * 4 + at::floor_divide(es, 2);
-    const at::Tensor col = c * 16 + es.remainder(2) * 8 + e8;
-    std::vector<at::Tensor> per_block = {(part * (dp * kp) + row * kp + col).view({blocks, -1})};
-    if (kp % 16 == 8) {
-      const at::Tensor half = at::arange(2, index).view({1, 1, 1, -1, 1, 1});  // r / 8
-      const at::Tensor u8 = at::arange(8, index).view({1, 1, 1, 1, -1, 1});   // unit % 8
-      const at::Tensor hrow = b * 16 + half * 8 + at::bitwise_xor(u8, half * 3);
-      const at::Tensor hcol = (kp - 8) + e8;
-      per_block.push_back((part * (dp * kp) + hrow * kp + hcol).view({blocks, -1}));
-    }
-    const at::Tensor source = at::cat(per_block, 1);
-    return at::cat({hi.flatten(), lo.flatten()}).index_select(0, source.flatten()).view(at::kFloat);
   }
   TORCH_CHECK(layout == BasisLayout::kMmaFragments, "gradproj cuda: unknown basis layout");
   // mma_rows.cuh [basis]: element (b, j, a, p, e) = U[16 b + 4 a + e][8 j + (p ^ f(a))],

@@ -1,6 +1,5 @@
 // Tensor-core row tiles: x <- x - U f(U^T x) for every row x of a bucket, both
-// small GEMMs on mma.sync m16n8k8 tf32 (cuda/mma.cuh; bf16 rows on m16n8k16 bf16:
-// [bf16]), for rows of d <= 1280
+// small GEMMs on mma.sync m16n8k8 tf32 (cuda/mma.cuh), for rows of d <= 1280
 // elements (AdamW's: 1024; [wide]) whose basis fits in shared memory: project.cu's
 // gradient rows, and adamw.cu's rows, whose x is the AdamW-updated param x' formed as
 // the tile is loaded.
@@ -57,31 +56,8 @@
 //   tiles). The swizzle f makes both conflict-free: each quarter-warp of the
 //   128-bit reads and each half-warp of the 64-bit reads hits distinct banks.
 // [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
-//   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32. bf16 rows
-//   take bf16 MMAs instead ([bf16]).
-// [bf16] bf16 projection rows (kBf16Rows: x is exact in bf16) take both GEMMs on mma.sync
-//   m16n8k16 bf16 (cuda/mma.cuh [bf16]), with U staged once split into bf16 hi and lo
-//   (BasisLayout::kMmaBf16: fp32 U's bytes, so it fits wherever U did) and read with
-//   ldmatrix. An MMA is then 16 x 8 x 16 where tf32's was 16 x 8 x 8, at the same issue
-//   cost and twice the tensor cores' tf32 rate, and no operand is split in the loop: at
-//   k = 32 the tf32 MMAs were 0.16 warp instructions an element (the [pairs] split too on
-//   sm_80, where U did not fit twice), the bf16 ones are 0.08. Pass 1: C = U^T X^T, its K
-//   indices 2 tq + e and 2 tq + 8 + e taken as columns 4 tq + e and 4 tq + 2 + e (e < 2),
-//   so lane's B is its own x at its own columns, two bf16 pairs a row (a PRMT each), and
-//   A = U^T comes from ldmatrix .trans of basis rows 4 (j / 2) + 2 (i / 2) + j % 2 (matrix
-//   i, row j): U_lo x + U_hi x into the same accumulators as tf32's. Pass 2: x += (-c) U^T
-//   with x as the accumulator and tile X's columns as in [pass 2]; A = -c split into bf16
-//   once a chunk (for all of the warp's blocks), B = U^T rows 2 gq + X from a plain
-//   ldmatrix; c_lo U_hi + c_hi U_lo + c_hi U_hi. A block's chunk of 16 coefficients is
-//   1 KiB: hi's 32 16-byte units, then lo's, (row r, coefficients 8 h + [0, 8)) at
-//   bf16_unit(r, h), a swizzle under which each 8-row phase of both passes' ldmatrix hits
-//   distinct banks. kp % 16 == 8 leaves a half chunk (512 B, bf16_half_unit) whose matrices
-//   1 and 3 read 0 and 2 again: pass 1's coefficients 8-15 come out as copies and are never
-//   finished, pass 2's A is 0 there. Precision: U_hi + U_lo is within 2^-17 |U| (twice
-//   bf16's 8 bits), a product of split values within about 2^-16, far below the bf16
-//   result's 2^-9. fp16 rows keep tf32 ([pairs]): U's lo in fp16 would be subnormal for
-//   small entries. AdamW's rows too: their x' is not a bf16 value.
-// [pairs] fp16 rows (x exact in tf32) whose basis fits shared memory twice stage it
+//   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32.
+// [pairs] 16-bit rows (x exact in tf32) whose basis fits shared memory twice stage it
 //   split, hi then lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16), so neither pass
 //   splits U: the split was 3 instructions a value, 0.39 of bf16 k = 32's 1.59 warp
 //   instructions per element on sm_90. A unit (float4) of a block's chunk of 16
@@ -226,20 +202,6 @@ __device__ __forceinline__ int unit(int a, int c) { return 8 * a + (c ^ (4 * (a 
 __device__ __forceinline__ int pair_unit(int q, int e, int a) {
   return 8 * q + ((4 * e + a) ^ (4 * (q & 1) + 2 * ((q >> 1) & 1)));
 }
-// [bf16] the 16-byte unit of (basis row r, coefficients 8 h .. 8 h + 7) in a block's hi (or
-// lo) chunk of 16 coefficients: line r / 4 of 8 units, slot (2 (r % 4) + h) ^ s(r / 4),
-// s = 0, 1, 6, 7.
-__device__ __forceinline__ int bf16_unit(int r, int h) {
-  const int line = r >> 2;
-  return 8 * line + ((2 * (r & 3) + h) ^ ((line & 1) | (6 * (line >> 1))));
-}
-// [bf16] the unit of basis row r in a half chunk (8 coefficients, where kp % 16 == 8: the
-// last): 8 (r / 8) + ((r % 8) ^ 3 (r / 8)).
-__device__ __forceinline__ int bf16_half_unit(int r) { return 8 * (r >> 3) + ((r & 7) ^ (3 * (r >> 3))); }
-
-// [bf16] bf16 projection rows (their x exact in bf16) take both GEMMs on bf16 MMAs.
-template <class P>
-constexpr bool kBf16Rows = std::is_same_v<typename P::Scalar, c10::BFloat16> && P::kExactTf32;
 
 // Shared memory of a launch: the staged basis (twice with pairs: hi and lo), the partial
 // sums (a tile a warp), the coefficient tile, the [row cache].
@@ -257,14 +219,12 @@ inline size_t smem_bytes(const Geometry& g) {
 // operand; from k = 24 such a basis leaves room for one block anyway. 16-bit rows hold the
 // next tile's vectors too ([prefetch]): from NB = 6 they spilled 24-360 B at 128
 // registers, so they take one block of up to 255. AdamW's vectors are four streams (p, g,
-// m, v): at 128 registers they spilled 184-1600 B for NB >= 4, so one block; so do fp32
-// strided rows (transposed views), whose addresses took 32 B of spills at NB = 6. 16-bit
-// strided rows and row pairs of NB <= 4 fit 128 (the [bf16] pair kernel took 131 of its own
-// accord on sm_80: one CTA of 8 warps an SM, d = 320 bf16 k = 8 38 -> 22 % of copy, predicted).
+// m, v): at 128 registers they spilled 184-1600 B for NB >= 4, so one block; so do
+// strided rows (transposed views), whose addresses took 32 B of spills in fp32 at NB = 6.
 template <class P, int NB>
 constexpr int kMinBlocks =
-    P::kUpdates ? 1
-    : std::is_same_v<typename P::Scalar, float> ? (!P::kVector || NB >= 8 ? 1 : 2)
+    P::kUpdates || !P::kVector ? 1
+    : std::is_same_v<typename P::Scalar, float> ? (NB >= 8 ? 1 : 2)
                                                 : (NB >= 6 ? 1 : 2);
 
 // [prefetch] The next tile's vectors held in registers: at most 96 a thread (a projection's
@@ -356,8 +316,6 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   constexpr int V = tile::Pack<T>::kSize;
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
   static_assert(!kPairs || P::kExactTf32, "[pairs] hands pass 1 no split of x");
-  constexpr bool kBf16 = kBf16Rows<P>;  // [bf16]
-  static_assert(!(kBf16 && kPairs), "[bf16] stages U split already");
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
   constexpr bool kSums = std::is_same_v<T, float>;  // [precision] fp32 rows: mma.cuh [sums]
   constexpr bool kRowPairs = RowPairs<P>::value;
@@ -402,16 +360,6 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
     for (int X = 0; X < 2; ++X) pair_off[sp][X] = 4 * pair_unit(4 * sp + tq, X, gq >> 1) + 2 * (gq & 1);
   }
-  // [bf16] lane's ldmatrix row, row lane % 8 of matrix i = lane / 8: pass 1 (A = U^T,
-  // transposed) basis row 4 (j / 2) + 2 (i / 2) + j % 2; pass 2 (B = U^T of tile i / 2) basis
-  // row 2 j + i / 2; coefficients 8 (i % 2) + [0, 8) of the chunk
-  const int mi = lane >> 3;
-  const int mj = lane & 7;
-  const int bf_a = bf16_unit(4 * (mj >> 1) + 2 * (mi >> 1) + (mj & 1), mi & 1);
-  const int bf_b = bf16_unit(2 * mj + (mi >> 1), mi & 1);
-  // a half chunk's: matrices 1 and 3 (coefficients 8-15, absent) read 0 and 2's rows again
-  const int bf_a_half = bf16_half_unit(4 * (mj >> 1) + 2 * (mi >> 1) + (mj & 1));
-  const int bf_b_half = bf16_half_unit(2 * mj + (mi >> 1));
 
   // [row cache] Tile `tile`'s rows into slot `slot`: 16 threads of warp 0, one row each,
   // P::row (AdamW's with its bias corrections: any Row serves the stores, which read only
@@ -652,24 +600,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       for (int b = 0; b < NB; ++b) {
         if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
         const int blk = warp * NB + b;
-        if constexpr (kBf16) {
-          // [bf16] A = U^T (hi, lo): coefficients gq and gq + 8 at K indices 2 tq, 2 tq + 1,
-          // 2 tq + 8, 2 tq + 9, which are columns 4 tq + [0, 4): B = X^T is then row
-          // gq + 8 h's x at lane's own columns, as bf16 pairs (x is exact in bf16).
-          // A half chunk's coefficients 8-15 come out as copies of 0-7: never finished.
-          const float4* chunk = su + (static_cast<int64_t>(blk) * J + 2 * c) * 32;
-          uint32_t ah[4];
-          uint32_t al[4];
-          mma::ldmatrix_x4<true>(ah, chunk + (second ? bf_a : bf_a_half));
-          mma::ldmatrix_x4<true>(al, chunk + (second ? 32 + bf_a : 16 + bf_a_half));
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t bx[2] = {mma::pack_bf16(x[b][h][0], x[b][h][1]),
-                                    mma::pack_bf16(x[b][h][2], x[b][h][3])};
-            mma::mma_bf16(acc[h], al, bx);
-            mma::mma_bf16(acc[h], ah, bx);
-          }
-        } else if constexpr (kPairs) {
+        if constexpr (kPairs) {
           // [pairs] k-step s: the unit (q = gq, e = s, a = tq) is lane's A quad, hi and lo
           const int64_t base = (static_cast<int64_t>(blk) * J + 2 * c) * 32;
 #pragma unroll
@@ -781,50 +712,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     }
 
     // [pass 2]
-    if constexpr (kBf16) {
-      for (int c = 0; c < (J + 1) / 2; ++c) {  // model-trips: ceil(kp / 16)
-        // [bf16] A = -c, split: rows gq and gq + 8 at coefficients 16 c + 2 tq + [0, 2)
-        // and + 8 (K indices as coefficients: B = U^T takes them the same way)
-        // (a half chunk: 0 at coefficients 8-15, against B's copies of 0-7 there)
-        const bool full = 2 * c + 1 < J;
-        const float* c0r = cs + gq * g.coef_ld + 16 * c + 2 * tq;
-        const float* c8r = c0r + 8 * g.coef_ld;
-        const float2 zero = make_float2(0.f, 0.f);
-        const float2 v[4] = {*reinterpret_cast<const float2*>(c0r), *reinterpret_cast<const float2*>(c8r),
-                             full ? *reinterpret_cast<const float2*>(c0r + 8) : zero,
-                             full ? *reinterpret_cast<const float2*>(c8r + 8) : zero};
-        uint32_t ch[4];
-        uint32_t cl[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) mma::split_bf16x2(-v[q].x, -v[q].y, ch[q], cl[q]);
-        const int ub = full ? bf_b : bf_b_half;
-        const int lo = full ? 32 : 16;
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
-          const float4* chunk = su + (static_cast<int64_t>(warp * NB + b) * J + 2 * c) * 32;
-          // lane's B of tile X: U row 2 gq + X (column 4 (gq / 2) + 2 (gq % 2) + X of the
-          // block: [pass 2]) at coefficients 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9
-          uint32_t uh[4];
-          uint32_t ul[4];
-          mma::ldmatrix_x4<false>(uh, chunk + ub);
-          mma::ldmatrix_x4<false>(ul, chunk + lo + ub);
-#pragma unroll
-          for (int X = 0; X < 2; ++X) {
-            const uint32_t bh[2] = {uh[2 * X], uh[2 * X + 1]};
-            const uint32_t bl[2] = {ul[2 * X], ul[2 * X + 1]};
-            float acc[4] = {x[b][0][X], x[b][0][2 + X], x[b][1][X], x[b][1][2 + X]};
-            mma::mma_bf16(acc, cl, bh);
-            mma::mma_bf16(acc, ch, bl);
-            mma::mma_bf16(acc, ch, bh);
-            x[b][0][X] = acc[0];
-            x[b][0][2 + X] = acc[1];
-            x[b][1][X] = acc[2];
-            x[b][1][2 + X] = acc[3];
-          }
-        }
-      }
-    } else if constexpr (kPairs) {
+    if constexpr (kPairs) {
       // A chunk of 16 coefficients a trip, its two k-steps unrolled ([pairs]): K indices
       // tq and tq + 4 are coefficients 16 c + 4 sp + tq and + 8.
       for (int c = 0; c < J / 2; ++c) {  // model-trips: kp / 16
@@ -1062,9 +950,8 @@ void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const floa
   // and sizeof(P::Row)
   TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.warps == W && g.row_bytes == sizeof(typename P::Row));
   TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
-  const at::Tensor frag = packed_basis(basis, kBf16Rows<P> ? BasisLayout::kMmaBf16
-                                              : kPairs        ? BasisLayout::kMmaPairs
-                                                              : BasisLayout::kMmaFragments);
+  const at::Tensor frag =
+      packed_basis(basis, kPairs ? BasisLayout::kMmaPairs : BasisLayout::kMmaFragments);
   launch_kernel<kMaxDynamicSmem>(
       mma_rows_kernel<P, NB, kPairs, W>, g.n_tiles, W * 32, smem_bytes(g), pol, g,
       reinterpret_cast<const float4*>(frag.data_ptr<float>()), weights);
@@ -1072,7 +959,7 @@ void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const floa
 
 template <class P, int NB, int W = kWarps>
 void launch_layout(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
-  if constexpr (P::kExactTf32 && !kBf16Rows<P>) {
+  if constexpr (P::kExactTf32) {
     if (g.pairs) return launch<P, NB, true, W>(pol, g, basis, weights);
   }
   launch<P, NB, false, W>(pol, g, basis, weights);
@@ -1110,7 +997,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
     }
     if (width && smem_bytes(wide) <= smem_limit()) g = wide;
   }
-  if constexpr (P::kExactTf32 && !kBf16Rows<P>) {  // [pairs] where U fits twice, from k = 9, no anchors
+  if constexpr (P::kExactTf32) {  // [pairs] where U fits twice, from k = 9, no anchors
     Geometry split = g;
     split.pairs = true;
     split.kp = round_up(kc, 16);

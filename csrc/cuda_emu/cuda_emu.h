@@ -44,7 +44,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -88,10 +87,6 @@ const uint64_t* warp_collective(unsigned mask, uint64_t bits, const char* what);
 [[noreturn]] void bad_lane(const char* what, unsigned mask, int src);
 // The current launch's dynamic shared memory.
 void* dynamic_smem();
-// True when [p, p + bytes) lies inside the running launch's dynamic shared memory.
-bool in_dynamic_smem(const void* p, size_t bytes);
-// Counts a warp's MMA (called by its lane 0): kind 0 tf32 m16n8k8, 1 bf16 m16n8k16.
-void count_mma(int kind);
 
 struct LaunchConfig {
   const void* kernel;
@@ -272,45 +267,6 @@ inline T atomicCAS(T* address, T compare, T val) {
 
 namespace gradproj_emu {
 
-namespace detail {
-// The warp's A (4 registers) and B (2) fragments of an m16n8 MMA: lanes[0..1][l] hold
-// lane l's a[0..3], lanes[2][l] its b[0..1], two registers a word.
-struct Fragments {
-  uint64_t lanes[3][32];
-  uint32_t reg(int i, int lane, int r) const {
-    const uint64_t w = lanes[i][lane];
-    return static_cast<uint32_t>(r % 2 == 0 ? w : w >> 32);
-  }
-};
-inline void gather(Fragments& f, const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  const uint64_t mine[3] = {
-      a[0] | (static_cast<uint64_t>(a[1]) << 32), a[2] | (static_cast<uint64_t>(a[3]) << 32),
-      b[0] | (static_cast<uint64_t>(b[1]) << 32)};
-  for (int i = 0; i < 3; ++i) {
-    const uint64_t* all = warp_collective(0xffffffffu, mine[i], "mma.sync");
-    std::memcpy(f.lanes[i], all, sizeof(f.lanes[i]));
-  }
-}
-// d[q] += sum over K of A[row][kk] B[kk][col] for lane's D entries (D[g][2t], D[g][2t+1],
-// D[g+8][2t], D[g+8][2t+1]): the exact sum (in double) truncated once to fp32, as the
-// tensor cores do (see mma_m16n8k8_tf32).
-template <int K, class FA, class FB>
-inline void accumulate(float (&d)[4], FA A, FB B) {
-  const int g = regs.lane / 4;
-  const int t = regs.lane % 4;
-  for (int q = 0; q < 4; ++q) {
-    const int row = g + (q >= 2 ? 8 : 0);
-    const int col = 2 * t + q % 2;
-    double acc = d[q];
-    for (int kk = 0; kk < K; ++kk) acc += static_cast<double>(A(row, kk)) * B(kk, col);
-    float rounded = static_cast<float>(acc);  // to nearest; then toward zero
-    if (std::isfinite(rounded) && std::fabs(static_cast<double>(rounded)) > std::fabs(acc))
-      rounded = std::nextafter(rounded, 0.f);
-    d[q] = rounded;
-  }
-}
-}  // namespace detail
-
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 with D = C (d += A B), a warp
 // collective of all 32 lanes. Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k8",
 // g = lane / 4, t = lane % 4): a[0..3] = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];
@@ -326,73 +282,42 @@ inline void accumulate(float (&d)[4], FA A, FB B) {
 // significands and C) truncated once to fp32, so a kernel that leans on the
 // accumulator's rounding fails here as it does on the GPU.
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  detail::Fragments f;
-  detail::gather(f, a, b);
-  if (detail::regs.lane == 0) detail::count_mma(0);
+  uint64_t lanes[3][32];
+  const uint64_t mine[3] = {
+      a[0] | (static_cast<uint64_t>(a[1]) << 32), a[2] | (static_cast<uint64_t>(a[3]) << 32),
+      b[0] | (static_cast<uint64_t>(b[1]) << 32)};
+  for (int i = 0; i < 3; ++i) {
+    const uint64_t* all = detail::warp_collective(0xffffffffu, mine[i], "mma.sync");
+    std::memcpy(lanes[i], all, sizeof(lanes[i]));
+  }
   auto tf32 = [](uint32_t bits) {
     bits &= 0xffffe000u;
-    float v;
-    std::memcpy(&v, &bits, sizeof(v));
-    return v;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
   };
   // A[r][c]: lane (r % 8) * 4 + c % 4, register (r >= 8) + 2 (c >= 4)
   auto A = [&](int r, int c) {
-    const int q = (r >= 8 ? 1 : 0) + (c >= 4 ? 2 : 0);
-    return tf32(f.reg(q / 2, (r % 8) * 4 + c % 4, q));
+    const int reg = (r >= 8 ? 1 : 0) + (c >= 4 ? 2 : 0);
+    const uint64_t w = lanes[reg / 2][(r % 8) * 4 + c % 4];
+    return tf32(static_cast<uint32_t>(reg % 2 == 0 ? w : w >> 32));
   };
   // B[r][c]: lane c * 4 + r % 4, register (r >= 4)
-  auto B = [&](int r, int c) { return tf32(f.reg(2, c * 4 + r % 4, r >= 4 ? 1 : 0)); };
-  detail::accumulate<8>(d, A, B);
-}
-
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with D = C (d += A B), a warp
-// collective of all 32 lanes. Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16",
-// g = lane / 4, t = lane % 4; a register's low half is the lower index): a[0..3] =
-// A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9]; b[0..1] =
-// B[2t, 2t+1][g], B[2t+8, 2t+9][g]; d as mma_m16n8k8_tf32's. Products of bf16 values
-// are exact; their sum with C is truncated once to fp32, as there.
-inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  detail::Fragments f;
-  detail::gather(f, a, b);
-  if (detail::regs.lane == 0) detail::count_mma(1);
-  auto bf16 = [](uint32_t word, int half) {
-    const uint32_t bits = (half == 0 ? word & 0xffffu : word >> 16) << 16;
-    float v;
-    std::memcpy(&v, &bits, sizeof(v));
-    return v;
+  auto B = [&](int r, int c) {
+    const uint64_t w = lanes[2][c * 4 + r % 4];
+    return tf32(static_cast<uint32_t>(r < 4 ? w : w >> 32));
   };
-  // A[r][c]: lane (r % 8) * 4 + (c % 8) / 2, register (r >= 8) + 2 (c >= 8), half c % 2
-  auto A = [&](int r, int c) {
-    const int q = (r >= 8 ? 1 : 0) + (c >= 8 ? 2 : 0);
-    return bf16(f.reg(q / 2, (r % 8) * 4 + (c % 8) / 2, q), c % 2);
-  };
-  // B[r][c]: lane c * 4 + (r % 8) / 2, register r >= 8, half r % 2
-  auto B = [&](int r, int c) { return bf16(f.reg(2, c * 4 + (r % 8) / 2, r >= 8 ? 1 : 0), r % 2); };
-  detail::accumulate<16>(d, A, B);
-}
-
-// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16, a warp collective of all 32 lanes:
-// lanes 8 i .. 8 i + 7 give the addresses of rows 0..7 of matrix i (8 16-bit values,
-// 16 bytes, 16-byte aligned); r[i] of lane (g, t) = M_i[g][2t, 2t+1], or with kTrans
-// M_i[2t, 2t+1][g] (low half first).
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
-    throw std::runtime_error("ldmatrix: a row address that is not 16-byte aligned");
-  }
-  if (!detail::in_dynamic_smem(row, 16)) {
-    throw std::runtime_error("ldmatrix: a row outside the launch's dynamic shared memory");
-  }
-  const uint64_t* all =
-      detail::warp_collective(0xffffffffu, reinterpret_cast<uintptr_t>(row), "ldmatrix");
   const int g = detail::regs.lane / 4;
   const int t = detail::regs.lane % 4;
-  for (int i = 0; i < 4; ++i) {
-    auto M = [&](int rr, int cc) {
-      uint16_t v;
-      std::memcpy(&v, reinterpret_cast<const char*>(all[8 * i + rr]) + 2 * cc, sizeof(v));
-      return static_cast<uint32_t>(v);
-    };
-    r[i] = trans ? M(2 * t, g) | (M(2 * t + 1, g) << 16) : M(g, 2 * t) | (M(g, 2 * t + 1) << 16);
+  for (int q = 0; q < 4; ++q) {
+    const int row = g + (q >= 2 ? 8 : 0);
+    const int col = 2 * t + q % 2;
+    double acc = d[q];
+    for (int kk = 0; kk < 8; ++kk) acc += static_cast<double>(A(row, kk)) * B(kk, col);
+    float rounded = static_cast<float>(acc);  // to nearest; then toward zero
+    if (std::isfinite(rounded) && std::fabs(static_cast<double>(rounded)) > std::fabs(acc))
+      rounded = std::nextafter(rounded, 0.f);
+    d[q] = rounded;
   }
 }
 

@@ -251,7 +251,6 @@ struct Emulator {
   const void* last_kernel = nullptr;  // the last launch's kernel (its name on request)
   int64_t blocks = 0;
   int64_t switches = 0;
-  int64_t mma[2] = {0, 0};  // warps' MMAs: tf32 m16n8k8, bf16 m16n8k16 (count_mma)
 
   // [faults]
   char* alt_stack = nullptr;
@@ -773,12 +772,6 @@ void bad_lane(const char* what, unsigned mask, int src) {
 }
 
 void* dynamic_smem() { return emu().smem; }
-bool in_dynamic_smem(const void* p, size_t bytes) {
-  const Emulator& e = emu();
-  const char* c = static_cast<const char*>(p);
-  return e.config != nullptr && c >= e.smem && c + bytes <= e.smem + e.config->smem;
-}
-void count_mma(int kind) { ++emu().mma[kind]; }
 
 void run_grid(const LaunchConfig& config, void (*body)(void*), void* arg) {
   Emulator& e = emu();
@@ -959,14 +952,6 @@ std::vector<int64_t> emulator_stats() {
   return {e.launches, e.blocks, e.switches};
 }
 
-// [tf32, bf16] MMAs the warps issued since the library was loaded: which tensor-core
-// instructions an engine runs.
-std::vector<int64_t> emulator_mma_counts() {
-  auto& e = gradproj_emu::detail::emu();
-  const std::lock_guard<std::mutex> lock(e.launch_mutex);
-  return {e.mma[0], e.mma[1]};
-}
-
 // The demangled name of the last launch's kernel ("" before any launch): which engine
 // a launcher chose.
 std::string emulator_last_kernel() {
@@ -980,5 +965,4 @@ std::string emulator_last_kernel() {
 TORCH_LIBRARY_FRAGMENT(gradproj_emu, m) {
   m.def("emulator_stats() -> int[]", &emulator_stats);
   m.def("emulator_last_kernel() -> str", &emulator_last_kernel);
-  m.def("emulator_mma_counts() -> int[]", &emulator_mma_counts);
 }

@@ -167,68 +167,6 @@ __global__ void mma_tile(const float* x, float* out, int64_t arg) {
   out[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
-// [bf16] (csrc/cuda/mma.cuh) arg 0: one mma.sync m16n8k16 bf16 per warp, fragments loaded
-// as PTX documents them (g = lane / 4, t = lane % 4, a register's low half the lower index):
-// x = A (16 x 16), B (16 x 8), C (16 x 8), row-major, A and B bf16 values; out = D = C + A B.
-// arg 1: split_bf16x2 of the pairs (x[2 i], x[2 i + 1]), i < 160 (one thread): out[4 i ..
-// 4 i + 3] = hi and lo of x[2 i], then of x[2 i + 1]. arg 2 / 3: ldmatrix_x4, plain / .trans,
-// of 32 rows of 8 bf16 values (x[8 r .. 8 r + 7], staged in shared memory) with lane l giving
-// the address of row 31 - l: out[8 l + 2 i + h] = half h of lane l's register i.
-__global__ void mma_bf16_tile(const float* x, float* out, int64_t arg) {
-  namespace mma = gradproj::cuda::mma;
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  const int g = lane / 4;
-  const int t = lane % 4;
-  auto bf16 = [](float f) { return __float_as_uint(f) >> 16; };  // f is a bf16 value
-  auto half = [](uint32_t w, int h) { return __uint_as_float((h == 0 ? w & 0xffffu : w >> 16) << 16); };
-  if (arg == 1) {
-    if (threadIdx.x != 0) return;
-    for (int i = 0; i < 160; ++i) {
-      uint32_t hi, lo;
-      mma::split_bf16x2(x[2 * i], x[2 * i + 1], hi, lo);
-      out[4 * i] = half(hi, 0);
-      out[4 * i + 1] = half(lo, 0);
-      out[4 * i + 2] = half(hi, 1);
-      out[4 * i + 3] = half(lo, 1);
-    }
-    return;
-  }
-  if (arg == 2 || arg == 3) {
-    uint16_t* rows = dynamic_smem<uint16_t>();
-    for (int i = lane; i < 256; i += 32) rows[i] = static_cast<uint16_t>(bf16(x[i]));
-    __syncwarp();
-    uint32_t r[4];
-    if (arg == 2) {
-      mma::ldmatrix_x4<false>(r, rows + 8 * (31 - lane));
-    } else {
-      mma::ldmatrix_x4<true>(r, rows + 8 * (31 - lane));
-    }
-    for (int i = 0; i < 4; ++i) {
-      out[8 * lane + 2 * i] = half(r[i], 0);
-      out[8 * lane + 2 * i + 1] = half(r[i], 1);
-    }
-    return;
-  }
-  const float* A = x;
-  const float* B = x + 256;
-  const float* C = x + 384;
-  auto pair = [&](float lo, float hi) { return bf16(lo) | (bf16(hi) << 16); };
-  const uint32_t a[4] = {
-      pair(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
-      pair(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
-      pair(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
-      pair(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
-  const uint32_t b[2] = {pair(B[2 * t * 8 + g], B[(2 * t + 1) * 8 + g]),
-                         pair(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g])};
-  float d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t],
-                C[(g + 8) * 8 + 2 * t + 1]};
-  mma::mma_bf16(d, a, b);
-  out[g * 8 + 2 * t] = d[0];
-  out[g * 8 + 2 * t + 1] = d[1];
-  out[(g + 8) * 8 + 2 * t] = d[2];
-  out[(g + 8) * 8 + 2 * t + 1] = d[3];
-}
-
 using Kernel = void (*)(const float*, float*, int64_t);
 
 Kernel kernel_named(const std::string& name) {
@@ -244,7 +182,6 @@ Kernel kernel_named(const std::string& name) {
   if (name == "poison") return poison;
   if (name == "grid_stride") return grid_stride;
   if (name == "mma_tile") return mma_tile;
-  if (name == "mma_bf16_tile") return mma_bf16_tile;
   TORCH_CHECK(false, "no selftest kernel '", name, "'");
 }
 

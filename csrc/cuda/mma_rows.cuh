@@ -219,12 +219,14 @@ inline size_t smem_bytes(const Geometry& g) {
 // operand; from k = 24 such a basis leaves room for one block anyway. 16-bit rows hold the
 // next tile's vectors too ([prefetch]): from NB = 6 they spilled 24-360 B at 128
 // registers, so they take one block of up to 255. AdamW's vectors are four streams (p, g,
-// m, v): at 128 registers they spilled 184-1600 B for NB >= 4, so one block; so do
-// strided rows (transposed views), whose addresses took 32 B of spills in fp32 at NB = 6.
+// m, v): at 128 registers they spilled 184-1600 B for NB >= 4, so one block; so do fp32
+// strided rows (transposed views), whose addresses took 32 B of spills at NB = 6. 16-bit
+// strided rows and row pairs of NB <= 4 fit 128 without spills (the row-pair kernel took 136
+// of its own accord on sm_90: one CTA of 8 warps an SM).
 template <class P, int NB>
 constexpr int kMinBlocks =
-    P::kUpdates || !P::kVector ? 1
-    : std::is_same_v<typename P::Scalar, float> ? (NB >= 8 ? 1 : 2)
+    P::kUpdates ? 1
+    : std::is_same_v<typename P::Scalar, float> ? (!P::kVector || NB >= 8 ? 1 : 2)
                                                 : (NB >= 6 ? 1 : 2);
 
 // [prefetch] The next tile's vectors held in registers: at most 96 a thread (a projection's

@@ -349,13 +349,20 @@ def rows_launches(
 
 
 def _mma_smem(
-    nblk: int, kp: int, pairs: bool = False, warps: int = WARPS, row_bytes: int = MMA_MAX_ROW_BYTES
+    nblk: int,
+    kp: int,
+    pairs: bool = False,
+    warps: int = WARPS,
+    row_bytes: int = MMA_MAX_ROW_BYTES,
+    split: bool = True,
 ) -> int:
     """``mma_rows::smem_bytes``: the staged basis (twice with pairs: hi and lo), the partial
-    sums (a tile a warp), the coefficient tile, the row cache (``row_bytes``: the policy's
-    ``sizeof(P::Row)``; ``columns_per_launch`` counts the largest for every policy)."""
+    sums (a tile a warp), the coefficient tile (``coef_ld_for``: split, 2 kp floats a row;
+    AdamW's plain, kp + 4), the row cache (``row_bytes``: the policy's ``sizeof(P::Row)``;
+    ``columns_per_launch`` counts the largest for every policy, and the split tile)."""
+    coef_ld = 2 * kp if split else kp + 4
     return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + warps * MMA_TILE_ROWS
-                * MMA_COEF_CHUNK + MMA_TILE_ROWS * (kp + 4)) + (
+                * MMA_COEF_CHUNK + MMA_TILE_ROWS * coef_ld) + (
         MMA_ROW_SLOTS * MMA_TILE_ROWS * (row_bytes + 8))  # fmt: skip
 
 
@@ -421,13 +428,15 @@ def mma_launches(
         projection = re.search(r"Project(Pair)?Policy", name)
         adamw = "AdamW" in name
         row_bytes = MMA_MAX_ROW_BYTES if adamw else 16  # sizeof(P::Row)
-        # [16 warps]: those rows of 513-1024 columns (row pairs and AdamW's fp32 contiguous
-        # rows: 768), where the partial sums of 16 warps fit beside the launch's columns
+        # [16 warps]: those rows of 513-1024 columns (row pairs and AdamW's fp32 rows: 768),
+        # where the partial sums of 16 warps fit beside the launch's columns
         warps = WARPS
         lo, hi = MMA_WIDE_BLOCKS
-        if "PairPolicy" in name or "AdamWPolicy<float, true>" in name:
+        if "PairPolicy" in name or "AdamWPolicy<float" in name:
             hi = MMA_WIDE_PAIR_BLOCKS
-        wide_smem = _mma_smem(nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_bytes)
+        wide_smem = _mma_smem(
+            nblk, _round_up(cols, 8), False, MMA_WIDE_WARPS, row_bytes, split=not adamw
+        )
         sixteen = lo < nblk <= hi and wide_smem <= limit
         if sixteen and "ProjectPolicy<float, true>" in name:
             # fp32 contiguous rows only where two 8-warp CTAs do not fit the SM's shared
@@ -452,7 +461,7 @@ def mma_launches(
                    entries=entries, second=groups % 2 == 0, anchored=anchored,
                    units=2 if pairs else 1, W=warps, threads=32 * warps)  # fmt: skip
         kernel = f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}>"
-        smem = _mma_smem(nblk, kp, pairs, warps, row_bytes)
+        smem = _mma_smem(nblk, kp, pairs, warps, row_bytes, split=not adamw)
         launches.append(Launch(kernel, n_tiles, smem, env, 32 * warps))
     return launches
 

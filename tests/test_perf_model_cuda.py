@@ -289,10 +289,11 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     (mma,) = pmc.mma_launches("P", "bf16", 512, 32, 4096, 2, None)
     assert (mma.env["NB"], mma.env["blocks"], mma.work, mma.threads) == (4, 4, 4096 // 16, 256)
     row_cache = 4 * 16 * 24  # [row cache]: 4 tiles' rows, a Row and an anchor address a row
-    assert mma.dynamic_smem == 4 * (32 * 4 * 128 + 8 * 16 * 16 + 16 * 36) + row_cache
+    # [coefficients]: a projection's coefficient tile split, 2 kp floats a row (AdamW's kp + 4)
+    assert mma.dynamic_smem == 4 * (32 * 4 * 128 + 8 * 16 * 16 + 16 * 64) + row_cache
     (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
     assert (mma.env["NB"], mma.env["blocks"], mma.threads) == (3, 3, 512)
-    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + row_cache
+    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
     assert pmc.mma_launches("P", "fp32", 768, 8, 4096, 2, None) is None  # fp32 from k = 9
     # [wide] the projection takes 10 blocks a warp up to d = 1280 (1100: warps 0-5 hold 10,
     # warp 6 holds 9, warp 7 none); AdamW and the pair policies stop at 1024
@@ -301,19 +302,20 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert wide.kernel == "mma_rows_kernel<P, 10, false, 8>"
     assert pmc.mma_launches("P", "fp32", 1281, 40, 4096, 2, None) is None  # d > 1280
     # [16 warps] 16-bit projection rows of 513-1024 columns (contiguous, strided, in row
-    # pairs to 768; AdamW's too, its fp32 contiguous rows to 768): 16 warps a CTA, 3 or 4
+    # pairs to 768; AdamW's too, its fp32 rows to 768): 16 warps a CTA, 3 or 4
     # blocks a warp, where their partial sums (16 KiB) fit beside the launch's columns
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (w,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"], w.env["W"]) == (512, 3, 3, 16)
     assert w.kernel == f"mma_rows_kernel<{bf16}, 3, true, 16>"  # [pairs]: U twice fits
-    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36) + row_cache
+    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + row_cache
     (w,) = pmc.mma_launches(bf16, "bf16", 1000, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"]) == (512, 4, 63 / 16)
     assert w.kernel.endswith(", 4, false, 16>")  # 2 x 128 KiB does not fit
     for d, dt, policy in ((512, "bf16", bf16), (1100, "bf16", bf16),
                           (768, "fp32", "ProjectPolicy<float, true>"),
-                          (1000, "fp32", "AdamWPolicy<float, true>")):  # fmt: skip
+                          (1000, "fp32", "AdamWPolicy<float, true>"),
+                          (1000, "fp32", "AdamWPolicy<float, false>")):  # fmt: skip
         (la,) = pmc.mma_launches(policy, dt, d, 32, 4096, 2, None)
         assert (la.threads, la.env["W"]) == (256, 8), (d, dt, policy)
     adamw = ("AdamWPolicy<{}, true>", "AdamWPolicy<{}, false>", "AdamWPairPolicy<{}>")
@@ -323,7 +325,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         adamw,
     ):
         name = policy.format(t)
-        if d > 768 and (name == "AdamWPolicy<float, true>" or "Pair" in name):
+        if d > 768 and (name.startswith("AdamWPolicy<float") or "Pair" in name):
             continue  # 8 warps (above); row pairs stop at 768 (kMaxPairD)
         (la,) = pmc.mma_launches(name, dt, d, 32, 4096, 2, None)
         nb = 3 if d <= 768 else 4
@@ -345,8 +347,9 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
                                     2, 163 * 1024, True, bf16)  # fmt: skip
     assert (first.threads, [la.threads for la in rest]) == (256, [256, 512])
     # they take 16 warps only where the 8 KiB more fit: k = 24 at 768 stages 72 KiB of U,
-    # with 8 warps' partial sums and the row cache 83.25 KiB, with 16 91.25 KiB
-    for optin, threads in ((92 * 1024, 512), (90 * 1024, 256)):
+    # with 8 warps' partial sums, the split coefficient tile and the row cache 84.5 KiB,
+    # with 16 92.5 KiB
+    for optin, threads in ((93 * 1024, 512), (92 * 1024, 256)):
         (la,) = pmc.mma_launches(bf16, "bf16", 768, 24, 4096, 2, optin)
         assert (la.threads, la.kernel.endswith(f", false, {threads // 32}>")) == (threads, True)
     for policy, nb in (("AdamWPolicy<float, true>", 8), ("ProjectPairPolicy<c10::BFloat16>", 8)):
@@ -394,13 +397,14 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (pairs,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, 227 * 1024)
     assert pairs.kernel.endswith(", 3, true, 16>") and pairs.env["kp"] == 32  # [16 warps]
-    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 36) + row_cache
+    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + row_cache
     for args in (("bf16", 768, 20, 163 * 1024), ("bf16", 768, 8, None), ("fp32", 768, 20, None)):
         dt, d, k, optin = args
         (split,) = pmc.mma_launches(bf16, dt, d, k, 4096, 2, optin)
         assert re.search(r", false, (8|16)>$", split.kernel), args
     # [row cache] AdamW's 32-byte Rows: 2.5 KiB (a projection's: 1.5 KiB)
     (adamw,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 32, 4096, 2, None)
+    # ([coefficients] AdamW's coefficient tile plain: kp + 4 floats a row)
     assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + 4 * 16 * 40
     (anchored,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, None, anchored=True)
     assert anchored.kernel.endswith(", 3, false, 16>")

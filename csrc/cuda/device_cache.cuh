@@ -95,11 +95,12 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
   if (layout == BasisLayout::kTransposed) return padded.t().contiguous();
   const at::TensorOptions index = basis.options().dtype(at::kLong);
   if (layout == BasisLayout::kMmaPairs) {
-    // mma_rows.cuh [pairs]: unit (b, c, q, slot) with (4 e + a) = slot ^ f(q) holds
-    // U[16 b + 4 a + e + {0, 0, 2, 2}][16 c + q + {0, 8, 0, 8}], all hi then all lo
-    // ([3xTF32]: hi rounded to tf32 as mma::split, lo = x - hi exactly).
-    const at::Tensor b = at::arange(dp / 16, index).view({-1, 1, 1, 1, 1});
-    const at::Tensor c = at::arange(kp / 16, index).view({1, -1, 1, 1, 1});
+    // mma_rows.cuh [pairs]: unit (c, b, half, q, slot) with (4 e + a) = slot ^ f(q) holds
+    // U[16 b + 4 a + e + {0, 0, 2, 2}][16 c + q + {0, 8, 0, 8}], its hi (half 0) or lo
+    // (half 1) ([3xTF32]: hi rounded to tf32 as mma::split, lo = x - hi exactly). Chunk
+    // major, hi beside lo ([offsets]).
+    const at::Tensor c = at::arange(kp / 16, index).view({-1, 1, 1, 1, 1});
+    const at::Tensor b = at::arange(dp / 16, index).view({1, -1, 1, 1, 1});
     const at::Tensor q = at::arange(8, index).view({1, 1, -1, 1, 1});
     const at::Tensor slot = at::arange(8, index).view({1, 1, 1, -1, 1});
     const at::Tensor comp = at::arange(4, index).view({1, 1, 1, 1, -1});
@@ -111,13 +112,15 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
     const at::Tensor x = padded.flatten().index_select(0, (row * kp + col).flatten());
     const at::Tensor hi =
         at::bitwise_and(x.view(at::kInt) + 0x1000, static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
-    return at::cat({hi, x - hi});
+    const at::Tensor lo = x - hi;
+    return at::stack({hi.view({kp / 16, dp / 16, 256}), lo.view({kp / 16, dp / 16, 256})}, 2).flatten();
   }
   TORCH_CHECK(layout == BasisLayout::kMmaFragments, "gradproj cuda: unknown basis layout");
-  // mma_rows.cuh [basis]: element (b, j, a, p, e) = U[16 b + 4 a + e][8 j + (p ^ f(a))],
-  // f(a) = 4 (a & 1) + 2 (a >> 1). Index arithmetic on the device: no host copy.
-  const at::Tensor b = at::arange(dp / 16, index).view({-1, 1, 1, 1, 1});
-  const at::Tensor j = at::arange(kp / 8, index).view({1, -1, 1, 1, 1});
+  // mma_rows.cuh [basis]: element (j, b, a, p, e) = U[16 b + 4 a + e][8 j + (p ^ f(a))],
+  // f(a) = 4 (a & 1) + 2 (a >> 1): group major ([offsets]). Index arithmetic on the
+  // device: no host copy.
+  const at::Tensor j = at::arange(kp / 8, index).view({-1, 1, 1, 1, 1});
+  const at::Tensor b = at::arange(dp / 16, index).view({1, -1, 1, 1, 1});
   const at::Tensor a = at::arange(4, index).view({1, 1, -1, 1, 1});
   const at::Tensor p = at::arange(8, index).view({1, 1, 1, -1, 1});
   const at::Tensor e = at::arange(4, index).view({1, 1, 1, 1, -1});

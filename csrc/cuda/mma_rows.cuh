@@ -38,7 +38,7 @@
 //   element of bf16 k = 32 on sm_80.) The 8 warps' partial sums (16 x 16 a chunk)
 //   are added in warp order through shared memory (deterministic, no atomics);
 //   one thread per (row, coefficient) finishes it (as tile::finish_coef: weights,
-//   anchors) into the coefficient tile cs (16 x kp).
+//   anchors) into the coefficient tile cs (16 x kp, [coefficients]).
 // [pass 2] x -= U c per block: the accumulator C of two n8 tiles is x itself. The
 //   columns of an n8 tile are free too: tile X in {0, 1} takes columns
 //   4 (p / 2) + 2 (p % 2) + X as its column p, so lane (g, t)'s accumulator
@@ -46,7 +46,7 @@
 //   4 t + X and 4 t + 2 + X. A = -c (16 rows x 8 coefficients), B = U^T.
 // [basis] U is staged once per CTA (the grid is persistent) in fragment order
 //   (device_cache.cuh pack_basis, BasisLayout::kMmaFragments): 128 floats per
-//   (block b of 16 basis rows, 8 coefficients j), a 16 x 8 sub-block whose
+//   (8 coefficients j, block b of 16 basis rows), group major ([offsets]), a 16 x 8 sub-block whose
 //   element (r, c) is float 4 unit(r / 4, c) + r % 4, unit(a, c) =
 //   8 a + (c ^ f(a)), f(a) = 4 (a % 2) + 2 (a / 2). Pass 1's lane reads the
 //   float4 unit(t, g) of groups 2c and 2c + 1 (U rows 4t..4t+3, coefficient g:
@@ -58,7 +58,7 @@
 // [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
 //   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32.
 // [pairs] 16-bit rows (x exact in tf32) whose basis fits shared memory twice stage it
-//   split, hi then lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16), so neither pass
+//   split, hi beside lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16), so neither pass
 //   splits U: the split was 3 instructions a value, 0.39 of bf16 k = 32's 1.59 warp
 //   instructions per element on sm_90. A unit (float4) of a block's chunk of 16
 //   coefficients holds coefficients q and q + 8 of basis rows 4a + e and 4a + e + 2
@@ -71,6 +71,19 @@
 //   quarter-warps and pass 2's half-warps conflict-free. Not for anchored rows: with the
 //   doubled staging their anchor loads made the kernel latency-bound (bf16 k = 32 on
 //   H100: 84 % -> 72 % of copy, predicted).
+// [offsets] The staged basis is group major (fragments: group j of 8 coefficients, then
+//   block) or chunk major (pairs: chunk c of 16, then block, then hi and lo), so the blocks
+//   a warp reads in one chunk lie at fixed distances (fragments: a block 512 B on; pairs:
+//   2 KiB, a block's lo 1 KiB after its hi): each pass takes one lane pointer a chunk and
+//   immediate offsets, 32-bit. Block major, with the chunk count a run-time stride, every
+//   load had computed its address, in 64 bits: at bf16 k = 32 (sm_90) the shared-memory
+//   loads and their addresses were 0.37 of 1.39 warp instructions per element, of which the
+//   loads were 0.09.
+// [coefficients] The finishing thread stores -c split (hi, lo: [3xTF32]) in pass 2's A
+//   fragment order (coef_slot), so a warp's k-step reads its A as two 16-byte loads, where
+//   each of the CTA's warps had read 4 values, negated and split them. (Stored as (hi, lo)
+//   pairs, the hi values came in the wrong registers for the MMA's operand quad and ptxas
+//   copied them, 8 moves a block and k-step.)
 // [columns] Where U does not fit shared memory (k = 128 at d = 768 needs 384 KiB), the
 //   columns are taken a block at a time, one launch each (columns_per_launch: the fewest
 //   launches): x <- (I - U_n W_n U_n^T) ... (I - U_1 W_1 U_1^T) x. U's columns are
@@ -179,13 +192,31 @@ struct Geometry {
   int64_t total_rows;  // rows of all views in the launch
   int64_t n_tiles;     // 16-row tiles
   int nblk;            // 16-column blocks of a row (ceil(d / 16))
-  int coef_ld;         // floats per row of the coefficient tile: kp + 4 (conflict-free)
+  int coef_ld;         // floats per row of the coefficient tile: coef_ld_for(kp)
   int c0;              // [columns] the launch's first basis column: its anchors' column
   bool row_data;       // anchors or weights to finish the coefficients with
   bool pairs;          // [pairs] U staged split, hi and lo (kp a multiple of 16)
   int warps;           // [16 warps] warps a CTA: kWarps or kWideWarps
   int row_bytes;       // [row cache] sizeof(P::Row): 16 (projections) or 32 (AdamW)
 };
+
+// [coefficients] The coefficient tile's floats over its 16 rows: -c split (hi, lo) in pass
+// 2's A fragment order, 256 floats a k-step of 8 coefficients (kp a multiple of 8); AdamW's
+// (`split` false) plain c, kp + 4 floats a row (conflict-free reads), never more.
+constexpr int coef_ld_for(int64_t kp, bool split = true) {
+  return static_cast<int>(split ? 2 * kp : kp + 4);
+}
+// [coefficients] The float of (MMA row m, coefficient kk) in the coefficient tile, hi (its lo
+// 128 on): k-step st's A fragment, lane (m % 8, t) component m / 8 + 2 (K index / 4), where
+// K index = t + 4 (K index / 4) takes coefficient 8 st + K index (fragments) or, with
+// [pairs], 16 (st / 2) + 4 (st % 2) + t + 8 (K index / 4) (pass 2's k-steps of a chunk).
+template <bool kPairs>
+__device__ __forceinline__ int coef_slot(int m, int kk) {
+  const int st = kPairs ? 2 * (kk / 16) + (kk % 8) / 4 : kk / 8;
+  const int t = kk % 4;
+  const int upper = kPairs ? (kk % 16) / 8 : (kk % 8) / 4;
+  return 256 * st + 4 * (4 * (m % 8) + t) + m / 8 + 2 * upper;
+}
 
 // [row cache] Slots (tiles) of the cache, and its bytes: a P::Row (at most kMaxRowBytes)
 // and an anchor address a row.
@@ -266,19 +297,32 @@ constexpr int64_t kMaxRowD = RowPairs<P>::value ? kMaxPairD<P> : P::kUpdates ? k
 // kSixteenWarpsTo<P>]; fp32 rows as run_columns decides) take a CTA of 16 warps, 3 or 4 blocks
 // a warp, compiled for one CTA an SM (at most 128 registers); so do AdamW's. Row pairs stop
 // at 768 columns (3 blocks): at 4 their kernel spilled 12 B on sm_80; so do AdamW's fp32
-// contiguous rows (4 B on sm_90).
+// rows (contiguous: 4 B on sm_90; strided: 16 B on sm_90 once the basis took [offsets]).
 constexpr int kSixteenWarpsFrom = 4 * kWarps;
 template <class P>
 constexpr int kSixteenWarpsTo =
-    (RowPairs<P>::value || (P::kUpdates && P::kVector && std::is_same_v<typename P::Scalar, float>)
-         ? 3
-         : 4) *
+    (RowPairs<P>::value || (P::kUpdates && std::is_same_v<typename P::Scalar, float>) ? 3 : 4) *
     kWideWarps;
 
 // [row pairs] The tile row of MMA row m (0..15): 2 (m % 8) + m / 8 with row pairs.
 template <bool kRowPairs>
 __device__ __forceinline__ int tile_row(int m) {
   return kRowPairs ? 2 * (m & 7) + (m >> 3) : m;
+}
+
+// [coefficients] Pass 2's A of a k-step, -c split (hi, lo), as the finishing threads stored
+// it: `frag` is the k-step's fragments at lane's quad.
+__device__ __forceinline__ void coefficients(const float* frag, uint32_t (&ch)[4], uint32_t (&cl)[4]) {
+  const uint4 h = *reinterpret_cast<const uint4*>(frag);
+  const uint4 l = *reinterpret_cast<const uint4*>(frag + 128);
+  ch[0] = h.x;
+  ch[1] = h.y;
+  ch[2] = h.z;
+  ch[3] = h.w;
+  cl[0] = l.x;
+  cl[1] = l.y;
+  cl[2] = l.z;
+  cl[3] = l.w;
 }
 
 // [pass 2] tile X of a block: x -= (c_hi + c_lo)(U_hi + U_lo) without c_lo U_lo ([3xTF32]),
@@ -332,7 +376,6 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
   const int64_t basis_units = static_cast<int64_t>(g.nblk) * J * 32;
   float4* su = smem_raw;                                // [basis]: nblk x J x 32 float4
-  const float4* su_lo = su + basis_units;               // [pairs]: the lo half
   float* red = reinterpret_cast<float*>(su + basis_units * (kPairs ? 2 : 1));
   float* cs = red + W * kTileRows * kCoefChunk;         // coefficient tile, 16 x coef_ld
   // [row cache] slot s holds rows_s[16 s + m] and anchors_s[16 s + m] of its tile's row m
@@ -355,13 +398,39 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   const int col0 = warp * NB * 16 + 4 * tq;  // [tile] column of block b: col0 + 16 b
   // Every block of this warp lies before d in whole vectors.
   const bool whole = d % V == 0 && (warp * NB + nb) * 16 <= d;
-  // [pairs] pass 2's B: float offset of lane's pair in a chunk, per k-step sp and tile X
-  int pair_off[2][2];
+  // [offsets] Units a chunk of 16 coefficients takes (all blocks), and a block in it.
+  const int blk_units = kPairs ? 128 : 32;
+  const int chunk_units = (kPairs ? 128 : 64) * g.nblk;
+  // Pass 1's A: lane's unit in a block's chunk, per k-step s ([pairs]; the fragments' is s's
+  // alike). Pass 2's B: float offset of lane's pair in a block's chunk ([pairs]: per k-step
+  // sp and tile X, its hi; lo 256 floats on) or group (fragments: coefficients tq and
+  // tq + 4, X = 0 and 1). Computed once for the projections; AdamW's kernels compute them
+  // where used (held through the tile loop, they spilled 8-16 B at 16 warps' 128 registers
+  // on sm_80, NB = 4).
+  constexpr bool kHoistOffsets = !P::kUpdates;
+  auto p1_unit_at = [&](int s) { return kPairs ? pair_unit(gq, s, tq) : unit(tq, gq); };
+  auto pair_off_at = [&](int sp, int X) {
+    return kPairs ? 4 * pair_unit(4 * sp + tq, X, gq >> 1) + 2 * (gq & 1)
+                  : 4 * unit(gq >> 1, tq + 4 * X) + 2 * (gq & 1);
+  };
+  int p1_units[2] = {};
+  int pair_offs[2][2] = {};
+  if constexpr (kHoistOffsets) {
 #pragma unroll
-  for (int sp = 0; sp < 2; ++sp) {
+    for (int s = 0; s < 2; ++s) p1_units[s] = p1_unit_at(s);
 #pragma unroll
-    for (int X = 0; X < 2; ++X) pair_off[sp][X] = 4 * pair_unit(4 * sp + tq, X, gq >> 1) + 2 * (gq & 1);
+    for (int sp = 0; sp < 2; ++sp) {
+#pragma unroll
+      for (int X = 0; X < 2; ++X) pair_offs[sp][X] = pair_off_at(sp, X);
+    }
   }
+  auto p1_unit = [&](int s) { return kHoistOffsets ? p1_units[s] : p1_unit_at(s); };
+  auto pair_off = [&](int sp, int X) { return kHoistOffsets ? pair_offs[sp][X] : pair_off_at(sp, X); };
+  // The coefficient tile's split values ([coefficients]): lane's quad of the first k-step.
+  // ([coefficients] AdamW's kernels keep the coefficients plain, 16 x coef_ld: split in
+  // the fragment order, their 16-warp kernels of NB = 4 spilled 4-140 B, sm_80 and sm_90.)
+  constexpr bool kSplitCoefficients = !P::kUpdates;
+  const float* cs_lane = cs + 4 * lane;
 
   // [row cache] Tile `tile`'s rows into slot `slot`: 16 threads of warp 0, one row each,
   // P::row (AdamW's with its bias corrections: any Row serves the stores, which read only
@@ -598,17 +667,21 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         for (int q = 0; q < 4; ++q) acc[h][q] = 0.f;
       }
       const bool second = 2 * c + 1 < J;  // the chunk's second group of 8 exists
+      // [offsets] the chunk's units of the warp's first block (fragments: group 2c; 2c + 1
+      // in chunk_u2)
+      const float4* chunk_u = su + c * chunk_units + warp * NB * blk_units;
+      const float4* chunk_u2 = chunk_u + 32 * g.nblk;
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
-        const int blk = warp * NB + b;
         if constexpr (kPairs) {
           // [pairs] k-step s: the unit (q = gq, e = s, a = tq) is lane's A quad, hi and lo
-          const int64_t base = (static_cast<int64_t>(blk) * J + 2 * c) * 32;
+          // ([offsets]: block b's hi 128 units on, its lo 64 after that)
 #pragma unroll
           for (int s = 0; s < 2; ++s) {
-            const uint4 uh = *reinterpret_cast<const uint4*>(su + base + pair_unit(gq, s, tq));
-            const uint4 ul = *reinterpret_cast<const uint4*>(su_lo + base + pair_unit(gq, s, tq));
+            const float4* q = chunk_u + p1_unit(s) + 128 * b;
+            const uint4 uh = *reinterpret_cast<const uint4*>(q);
+            const uint4 ul = *reinterpret_cast<const uint4*>(q + 64);
             const uint32_t ah[4] = {uh.x, uh.y, uh.z, uh.w};
             const uint32_t al[4] = {ul.x, ul.y, ul.z, ul.w};
 #pragma unroll
@@ -620,10 +693,14 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           }
         } else {
           // U rows 4 tq .. 4 tq + 3 of the block, coefficient gq of groups 2c and 2c + 1
-          const float4* sub = su + (static_cast<int64_t>(blk) * J + 2 * c) * 32 + unit(tq, gq);
-          const float4 u0 = sub[0];
+          // ([offsets]: block b 32 units on in each group; AdamW's from scratch, as its
+          // lane offsets)
+          const float4* g0 = kHoistOffsets ? chunk_u + p1_unit(0) + 32 * b
+                                           : su + (2 * c * g.nblk + warp * NB + b) * 32 + unit(tq, gq);
+          const float4* g1 = kHoistOffsets ? chunk_u2 + p1_unit(0) + 32 * b : g0 + 32 * g.nblk;
+          const float4 u0 = *g0;
           float4 u1 = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (second) u1 = sub[32];  // model-cold-if: not second
+          if (second) u1 = *g1;  // model-cold-if: not second
           float part[2][4];  // [sums] this block's MMAs, from zero (kSums)
 #pragma unroll
           for (int s = 0; s < 2; ++s) {
@@ -707,7 +784,15 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
             if (weights != nullptr) anchor[fkk] = c_old + (1.f - w_kk) * coef;
           }
           if (weights != nullptr) coef *= w_kk;
-          cs[fr * g.coef_ld + fkk] = fin ? coef : 0.f;
+          // [coefficients] -coef, split once for every warp's pass 2
+          if constexpr (kSplitCoefficients) {
+            const mma::Split sp = mma::split(fin ? -coef : 0.f);
+            float* slot = cs + coef_slot<kPairs>(fr, static_cast<int>(fkk));
+            slot[0] = __uint_as_float(sp.hi);
+            slot[128] = __uint_as_float(sp.lo);
+          } else {
+            cs[fr * g.coef_ld + fkk] = fin ? coef : 0.f;
+          }
         }
       }
       __syncthreads();  // cs complete; red free for the next chunk
@@ -718,27 +803,23 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       // A chunk of 16 coefficients a trip, its two k-steps unrolled ([pairs]): K indices
       // tq and tq + 4 are coefficients 16 c + 4 sp + tq and + 8.
       for (int c = 0; c < J / 2; ++c) {  // model-trips: kp / 16
+        // [offsets] the chunk's floats of the warp's first block: block b's hi 512 on
+        const float* chunk_f = reinterpret_cast<const float*>(su + c * chunk_units + warp * NB * 128);
 #pragma unroll
         for (int sp = 0; sp < 2; ++sp) {
-          const int ca = 16 * c + 4 * sp + tq;
-          const float v[4] = {-cs[gq * g.coef_ld + ca], -cs[(gq + 8) * g.coef_ld + ca],
-                              -cs[gq * g.coef_ld + ca + 8], -cs[(gq + 8) * g.coef_ld + ca + 8]};
           uint32_t ch[4];
           uint32_t cl[4];
-          mma::split4(v, ch, cl);
+          coefficients(cs_lane + 256 * (2 * c + sp), ch, cl);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
-            const int64_t base = (static_cast<int64_t>(warp * NB + b) * J + 2 * c) * 32;
-            const float* hi = reinterpret_cast<const float*>(su + base);
-            const float* lo = reinterpret_cast<const float*>(su_lo + base);
 #pragma unroll
             for (int X = 0; X < 2; ++X) {
               // tile X: half gq % 2 of the unit (4 sp + tq, X, gq / 2), U row
               // 4 (gq / 2) + 2 (gq % 2) + X at coefficients q and q + 8: lane's B
-              const int o = pair_off[sp][X];
-              const uint2 wh = *reinterpret_cast<const uint2*>(hi + o);
-              const uint2 wl = *reinterpret_cast<const uint2*>(lo + o);
+              const float* hi = chunk_f + 512 * b + pair_off(sp, X);
+              const uint2 wh = *reinterpret_cast<const uint2*>(hi);
+              const uint2 wl = *reinterpret_cast<const uint2*>(hi + 256);
               const uint32_t bh[2] = {wh.x, wh.y};
               const uint32_t bl[2] = {wl.x, wl.y};
               pass2_tile<kSums>(x[b], X, cl, ch, bh, bl);
@@ -748,19 +829,26 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       }
     } else {
       for (int s = 0; s < J; ++s) {  // model-trips: kp / 8
-        const float v[4] = {
-            -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
-            -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
         uint32_t ch[4];
         uint32_t cl[4];
-        mma::split4(v, ch, cl);
+        if constexpr (kSplitCoefficients) {
+          coefficients(cs_lane + 256 * s, ch, cl);
+        } else {  // AdamW's: -c read and split by every warp
+          const float v[4] = {
+              -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
+              -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
+          mma::split4(v, ch, cl);
+        }
+        // [offsets] group s's floats of the warp's first block: block b's 128 on
+        const float* group_f = reinterpret_cast<const float*>(su + (s * g.nblk + warp * NB) * 32);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
-          const int blk = warp * NB + b;
-          const float* sub = reinterpret_cast<const float*>(su + (static_cast<int64_t>(blk) * J + s) * 32);
-          const float2 w0 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq) + 2 * (gq & 1));
-          const float2 w1 = *reinterpret_cast<const float2*>(sub + 4 * unit(gq >> 1, tq + 4) + 2 * (gq & 1));
+          const float* sub = kHoistOffsets
+                                 ? group_f + 128 * b
+                                 : reinterpret_cast<const float*>(su + (s * g.nblk + warp * NB + b) * 32);
+          const float2 w0 = *reinterpret_cast<const float2*>(sub + pair_off(0, 0));
+          const float2 w1 = *reinterpret_cast<const float2*>(sub + pair_off(0, 1));
 #pragma unroll
           for (int X = 0; X < 2; ++X) {
             const mma::Split b0 = mma::split(X == 0 ? w0.x : w0.y);
@@ -934,7 +1022,7 @@ inline int64_t columns_per_launch(int64_t d, int64_t k, int64_t max_d) {
   for (int64_t launches = 1;; ++launches) {
     const int64_t kc = round_up((k + launches - 1) / launches, 8);
     g.kp = kc;
-    g.coef_ld = static_cast<int>(kc + 4);
+    g.coef_ld = coef_ld_for(kc);
     if (smem_bytes(g) <= limit) return std::min(kc, k);
     if (kc == 8) return 0;
   }
@@ -979,7 +1067,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.total_rows = total_rows;
   g.n_tiles = (total_rows + kTileRows - 1) / kTileRows;
   g.nblk = static_cast<int>((g.d + 15) / 16);
-  g.coef_ld = static_cast<int>(g.kp + 4);
+  g.coef_ld = coef_ld_for(g.kp, !P::kUpdates);
   g.row_data = anchored || weights != nullptr;
   g.c0 = static_cast<int>(c0);  // c0 < k <= d <= kMaxD
   g.pairs = false;
@@ -1003,7 +1091,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
     Geometry split = g;
     split.pairs = true;
     split.kp = round_up(kc, 16);
-    split.coef_ld = static_cast<int>(split.kp + 4);
+    split.coef_ld = coef_ld_for(split.kp);
     if (kc > 8 && !anchored && smem_bytes(split) <= smem_limit()) g = split;
   }
   if (total_rows == 0) return;

@@ -76,7 +76,8 @@ EPT = 16  # tile::kEpt
 RESIDENT_BYTES = 128 * 1024  # tile::kResidentBytes (capped by the device: resident_limit)
 SURGERY_CHUNK = THREADS * 16  # surgery.cu kChunk
 # csrc/cuda/mma_rows.cuh and project.cu (the tensor-core rows kernel)
-MMA_MIN_K = {"fp32": 9, "bf16": 1, "fp16": 1}  # mma_rows.cuh kMinK<T>
+# mma_rows.cuh kMinAdamWRowsK<T>: AdamW's contiguous rows (the projections: every k)
+ADAMW_ROWS_MIN_K = {"fp32": 9, "bf16": 1, "fp16": 1}
 ADAMW_BLOCK_POLICY_MAX_K16 = 32  # adamw.cu kBlockPolicyMaxK16
 MMA_MAX_D = 1280  # mma_rows::kMaxD: the projection's kMaxRowD (NB = 10)
 MMA_MAX_ADAMW_D = 1024  # mma_rows::kMaxAdamWD: AdamW's, and ProjectPairPolicy's kMaxPairD
@@ -408,14 +409,14 @@ def mma_launches(
     rest: str | None = None,
 ) -> list[Launch] | None:
     """``mma_rows::run``: the tensor-core rows kernel, one launch per block of basis columns
-    (``mma_columns``), or None where project.cu takes ``tile::run_rows`` (k below
-    MMA_MIN_K, d above the policy's ``mma_max_d``, not even 8 columns fit). ``anchored``:
+    (``mma_columns``), or None where project.cu takes ``tile::run_rows`` (d above the
+    policy's ``mma_max_d``, not even 8 columns fit). ``anchored``:
     the rows have anchors (the modelled ops have no weights), whose loads the plain
     projection skips.
     ``rest``: the policy of the launches after the first (adamw.cu: project.cu's anchored
     projection of the stepped params), by default ``policy``."""
     kc = mma_columns(d, k, smem_optin, mma_max_d(policy))
-    if k < MMA_MIN_K[dt] or kc == 0:
+    if kc == 0:
         return None
     nblk = -(-d // 16)
     n_tiles = -(-total_rows // MMA_TILE_ROWS)
@@ -518,6 +519,8 @@ def op_launches(
     if op == "ProjectedAdamW input":
         policy = f"{_NS}AdamWPolicy<{t}, true>"
         rest = f"{_NS}ProjectPolicy<{t}, true>"
+        if k < ADAMW_ROWS_MIN_K[dt]:  # adamw.cu: the FMA engine
+            return rows_launches(policy, 1, d, k, rows, pm.TENSORS, res)
         mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, True, rest)
         if not mma and dt == "fp32" and d > MMA_MAX_ADAMW_D:
             # [wide] adamw.cu step_then_project: the step alone (the rows engine with no
@@ -1171,10 +1174,10 @@ AdamW), also predicted:
 
 Notes: a CUDA kernel loops over its work grid-stride, so each block runs `work / grid`
 items (no tail wave); side input (plain and anchored) runs the tensor-core rows kernel
-(`mma_rows_kernel`: 16 rows a CTA, U staged once per CTA, so it is chosen only where U
-fits the device's shared memory: k = 128 at `D` = {pm.D} takes the FMA engine) for
-16-bit rows at every k and fp32 from k = {MMA_MIN_K["fp32"]}, and so does `ProjectedAdamW`
-input (AdamWPolicy: x' formed from p, g, m, v as its tile starts); side output (transposed
+(`mma_rows_kernel`: 16 rows a CTA, U staged once per CTA, a block of its columns a
+launch where the whole does not fit the device's shared memory) at every k, and so does
+`ProjectedAdamW` input (AdamWPolicy: x' formed from p, g, m, v as its tile starts; fp32
+from k = {ADAMW_ROWS_MIN_K["fp32"]}, below on the FMA engine); side output (transposed
 views) runs it too, with strided rows (`ProjectPolicy<T, false>`; 16-bit in row pairs,
 `ProjectPairPolicy<T>` and `AdamWPairPolicy<T>`: the bucket's views have even row counts),
 and otherwise the rows kernel with a block policy (4 view rows a group, a vector

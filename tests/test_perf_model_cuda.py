@@ -294,7 +294,13 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
     assert (mma.env["NB"], mma.env["blocks"], mma.threads) == (3, 3, 512)
     assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
-    assert pmc.mma_launches("P", "fp32", 768, 8, 4096, 2, None) is None  # fp32 from k = 9
+    # the projections at every k; AdamW's fp32 contiguous rows from k = 9 (the FMA engine)
+    assert pmc.mma_launches("P", "fp32", 768, 1, 4096, 2, None) is not None
+    first = {(op, k): pmc.op_launches(op, "fp32", k)[0].kernel
+             for op in ("project_ input", "ProjectedAdamW input") for k in (8, 9)}  # fmt: skip
+    assert first["project_ input", 8].startswith("mma_rows_kernel<")
+    assert first["ProjectedAdamW input", 8].startswith("rows_kernel<")
+    assert first["ProjectedAdamW input", 9].startswith("mma_rows_kernel<")
     # [wide] the projection takes 10 blocks a warp up to d = 1280 (1100: warps 0-5 hold 10,
     # warp 6 holds 9, warp 7 none); AdamW and the pair policies stop at 1024
     (wide,) = pmc.mma_launches("P", "fp32", 1100, 40, 4096, 2, None)
@@ -427,11 +433,12 @@ def test_hbm_bytes_never_below_the_floor(op, dt):
         assert total >= pm.OPS[op].floor_bytes(dt, k) - 1e-9
     if op == "project_ input":
         b = pm.ITEMSIZE[dt]
-        # fp32 k = 8, the FMA engine: read once, written once; the fp32 coefficients written
-        # in pass 1 and read in pass 2; the basis once per launch
-        (m,) = pmc.hbm_bytes(op, "fp32", 8)
-        assert pmc.op_launches(op, "fp32", 8)[0].kernel.startswith("rows_kernel")
-        assert m["read"] + m["write"] == pytest.approx(2 * 4 + 2 * 4 * 8 / 768 + 4 * 8 / 4096)
+        # fp32 k = 8 at d = 2048, the FMA engine (wider than the tensor-core kernel's 1280):
+        # read once, written once; the fp32 coefficients written in pass 1 and read in pass
+        # 2; the basis once per launch
+        (m,) = pmc.hbm_bytes(op, "fp32", 8, d=2048)
+        assert pmc.op_launches(op, "fp32", 8, d=2048)[0].kernel.startswith("rows_kernel")
+        assert m["read"] + m["write"] == pytest.approx(2 * 4 + 2 * 4 * 8 / 2048 + 4 * 8 / 4096)
         # k = 32, tensor cores: the coefficients stay in shared memory (16-bit: the basis
         # staged twice, hi and lo, [pairs])
         (m,) = pmc.hbm_bytes(op, dt, 32)
@@ -521,18 +528,20 @@ def test_per_iteration_listing_reads_the_build_of_load_build(toy_dir, monkeypatc
 
 
 def test_transposed_views_take_the_engine_project_cu_and_adamw_cu_choose():
-    """side output: tensor cores with strided rows (fp32 from k = 9, 16-bit at every k, in
+    """side output: tensor cores with strided rows (every k; 16-bit in
     row pairs: the bucket's views have even row counts; ProjectedAdamW 16-bit in row pairs up
     to D = 768, beyond from k = 33), otherwise the block policies; at k = 128 the basis does
     not fit shared memory: a block of its columns a launch (mma_rows.cuh [columns])."""
 
-    def kernel(op, dt, k):
-        return pmc.op_launches(op, dt, k)[0].kernel
+    def kernel(op, dt, k, d=pm.D):
+        return pmc.op_launches(op, dt, k, d=d)[0].kernel
 
     assert kernel("project_ output", "fp32", 32).startswith("mma_rows_kernel<")
     assert "ProjectPolicy<float, false>" in kernel("project_ output", "fp32", 32)
     assert kernel("project_ output", "bf16", 1).startswith("mma_rows_kernel<")
-    assert "ProjectBlockPolicy" in kernel("project_ output", "fp32", 8)
+    assert "ProjectPolicy<float, false>" in kernel("project_ output", "fp32", 8)
+    assert "AdamWPolicy<float, false>" in kernel("ProjectedAdamW output", "fp32", 1)
+    assert "ProjectBlockPolicy" in kernel("project_ output", "fp32", 8, d=2048)
     wide = [la.kernel for la in pmc.op_launches("project_ output", "bf16", 128)]
     assert len(wide) == 2 and all("ProjectPairPolicy<c10::BFloat16>" in n for n in wide)
     wide = [la.kernel for la in pmc.op_launches("ProjectedAdamW output", "fp32", 128)]

@@ -109,7 +109,7 @@ CASES = [
     ((3, 5), "input", [1, 3, 5]),
     ((37, 129), "input", [1, 7, 129]),
     ((300, 768), "input", [1, 7, 768]),
-    ((45, 260), "input", [9, 40]),  # CUDA: the tensor-core kernel (k >= 9, d <= 1024)
+    ((45, 260), "input", [9, 40]),  # CUDA: the tensor-core kernel (d <= 1280), J odd and even
     ((20, 1000), "input", [24]),  # and its widest blocks (8 a warp), a ragged last block
     ((8, 3, 3, 3), "input", [1, 7, 27]),  # conv weight: rows of in·kh·kw
     ((3, 5), "output", [1, 3]),

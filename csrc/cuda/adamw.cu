@@ -13,7 +13,7 @@
 // g, m, v as a 16-row tile is loaded (m, v stored then; 16-bit rows load the next tile's
 // four streams during this one), projected in registers, and p stored: DRAM sees the
 // bytes of a fused AdamW plus the anchors; so do transposed views (side="output"), as
-// strided rows (fp32; 16-bit from k = 33). A basis too large for shared memory takes
+// strided rows (fp32 at every k; 16-bit from k = 33). A basis too large for shared memory takes
 // its columns a block a launch (mma_rows.cuh [columns]): the first with the AdamW step,
 // the others project p (project.cu's anchored projection), reading and writing it once
 // more each. Everything else runs the row-tile engine of cuda/tile.cuh with
@@ -444,7 +444,8 @@ bool run_tensor_cores(
     const Hyper& h) {
   const int64_t k = basis.size(1);
   const int64_t kc = mma_rows::columns_per_launch<Policy>(basis.size(0), k);
-  if (h.amsgrad || k < mma_rows::kMinK<T> || kc == 0) return false;
+  // contiguous rows: fp32 from k = 9 (mma_rows::kMinAdamWRowsK); strided rows at every k
+  if (h.amsgrad || (kVec && k < mma_rows::kMinAdamWRowsK<T>) || kc == 0) return false;
   const AdamWPolicy<T, kVec> base{t, n, k, h};
   mma_rows::run_columns(Policy{base}, l.total_rows, basis, weights, /*anchored=*/true, 0, kc);
   if (kc < k) {
@@ -476,7 +477,7 @@ bool step_then_project(const Layout& l, const AdamWEntry* t, int n, const at::Te
   } else {
     const int64_t d = basis.size(0);
     const int64_t k = basis.size(1);
-    if (d <= mma_rows::kMaxAdamWD || k < mma_rows::kMinK<T>) return false;
+    if (d <= mma_rows::kMaxAdamWD || k < mma_rows::kMinAdamWRowsK<T>) return false;
     const int64_t kc = mma_rows::columns_per_launch(d, k, mma_rows::kMaxD);
     if (kc == 0) return false;
     const at::Tensor none = basis.narrow(1, 0, 0);  // the step: no basis columns

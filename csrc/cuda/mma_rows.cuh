@@ -898,12 +898,16 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   }
 }
 
-// The fewest coefficients the launchers (project.cu, adamw.cu) run on this kernel. fp32:
-// 9; below, the FMA engine is memory-bound too (99 % of copy at d = 768) and keeps plain
-// fp32 products. 16-bit: every k (the FMA engine is issue-bound there: 68-74 % against
-// 100 %; benchmarks/perf_model_cuda.py, predicted).
+// The projections (project.cu: rows and transposed views) run on this kernel at every k.
+// fp32 at k <= 8 took the FMA engine, memory-bound when this was chosen; the occupancy
+// bound calibrated on the H200 put it at 69-75 % of copy at d = 768 (1.85-1.96 warp
+// instructions an element), where this kernel issues 0.87-0.89 (100 %, predicted).
+// AdamW's contiguous rows (adamw.cu) still start at fp32 k = 9: its FMA engine keeps
+// 1.00x torch's fused AdamW at d = 768 there, and this kernel was predicted slower at
+// d = 320 (0.90 -> 0.66 of the fused AdamW's speed, A100) and 1280 (0.998 -> 0.76,
+// benchmarks/perf_model_cuda.py). 16-bit: every k.
 template <typename T>
-constexpr int64_t kMinK = std::is_same_v<T, float> ? 9 : 1;
+constexpr int64_t kMinAdamWRowsK = std::is_same_v<T, float> ? 9 : 1;
 
 // Strided rows (transposed views): a policy's load_bits / store_vector form element
 // offsets in 32 bits (one IMAD.WIDE an address; 64-bit products took 22 instructions a

@@ -7,7 +7,7 @@
 // The kernels are the row-tile engine of cuda/tile.cuh with ProjectPolicy (load
 // and store a gradient element), one launch (or one split launch) per layout:
 //  * rows on tensor cores (cuda/mma_rows.cuh): contiguous, 16-byte aligned rows of
-//    d <= 1280 with k >= mma_rows::kMinK (fp32 9, 16-bit 1): 16 rows a CTA in
+//    d <= 1280, every k: 16 rows a CTA in
 //    registers, both GEMMs on mma.sync tf32 (3xTF32 for fp32), read once / written
 //    once per launch; the basis in shared memory, a block of its columns a launch where
 //    the whole does not fit (mma_rows.cuh [columns]);
@@ -15,7 +15,7 @@
 //    registers, U^T staged in shared memory, read once / written once when
 //    d <= 4096 (4-element vector loads, 16 bytes of fp32, when every row allows them);
 //  * transposed views (side="output": unit row stride) of d <= 1280 on tensor cores
-//    too (fp32 from k = 9), as strided rows: a tile's 16 view rows are 16 consecutive
+//    too, as strided rows: a tile's 16 view rows are 16 consecutive
 //    elements of each row of G, so a warp's loads are 32-byte runs; otherwise the
 //    FMA engine with ProjectBlockPolicy, 4 view rows a group, one vector of G's row j
 //    holding element j of all four; read once / written once when d <= 2048;
@@ -267,9 +267,8 @@ void launch_rows(
   const int64_t k = basis.size(1);
   if (vec) {
     const ProjectPolicy<T, true> pol{table.data(), table.size(), k};
-    // Tensor cores from mma_rows::kMinK (rows of d <= 1280: mma_rows::kMaxRowD).
-    if (!flat && k >= mma_rows::kMinK<T> &&
-        mma_rows::run(pol, total_rows, basis, weights, !anchors.empty())) {
+    // Tensor cores at every k (rows of d <= 1280: mma_rows::kMaxRowD).
+    if (!flat && mma_rows::run(pol, total_rows, basis, weights, !anchors.empty())) {
       return;
     }
     tile::run_rows(pol, total_rows, basis, weights);
@@ -305,7 +304,7 @@ void launch_cols(
   // the tile's two halves the two halves of a 32-byte sector (bf16).
   // With row pairs a lane's rows g and g + 8 are view rows 2 g and 2 g + 1 instead, one
   // 32-bit word at each column.
-  if (narrow && k >= mma_rows::kMinK<T>) {
+  if (narrow) {
     const ProjectPolicy<T, false> pol{table.data(), table.size(), k};
     if constexpr (sizeof(T) == 2) {
       if (pairs && mma_rows::run(ProjectPairPolicy<T>{pol}, total_rows, basis, weights,

@@ -176,6 +176,34 @@ def test_tensor_core_tile_is_the_documented_mma():
     assert lo[~finite].isnan().all()
 
 
+def test_sfu_approximations_stay_within_their_documented_ulps():
+    """cuda_emu.h models sqrt.approx.f32 and __fdividef at their bounds (2 ulps here): the
+    correctly rounded result moved by 0-2 ulps, as the operands' hash picks, so the kernels
+    that take them (adamw.cu [fast update]) are tested against the error a GPU may give;
+    zero, infinity and NaN exact; sqrt of a negative NaN; __fdividef 0 past |y| = 2^126."""
+    gen = torch.Generator().manual_seed(2)
+    n = 512  # threads = 2 n: a block of 1024
+    num = torch.cat([torch.rand(n - 4, generator=gen) * 10.0 ** torch.randint(-30, 30, (n - 4,),
+                     generator=gen), torch.tensor([0.0, -1.0, float("inf"), 1.0])])  # fmt: skip
+    den = torch.cat(
+        [torch.randn(n - 4, generator=gen).exp(), torch.tensor([2.0, 2.0, 2.0, 2.0**127])]
+    )
+    out = selftest("sfu", torch.cat([num, den]), threads=2 * n, out_numel=2 * n).view(n, 2)
+
+    def ulps(got, want):
+        want = want.float()
+        step = (torch.nextafter(want, torch.tensor(float("inf"))) - want).double()
+        return ((got.double() - want.double()) / step).abs()
+
+    sqrt, quot = out[:-4, 0], out[:-4, 1]
+    for got, want in ((sqrt, num[:-4].double().sqrt()), (quot, num[:-4].double() / den[:-4])):
+        err = ulps(got, want)
+        assert err.max() <= 2.5, err.max()  # 2 ulps, and the reference's own half ulp
+        assert (err > 1).float().mean() > 0.2  # moved: the model is not exact
+    assert out[-4, 0] == 0 and out[-3, 0].isnan() and out[-2, 0] == float("inf")
+    assert out[-4, 1] == 0 and out[-1, 1] == 0  # 0 / 2, and 1 / 2^127 (the SFU's range)
+
+
 def test_grid_stride_loops_cover_the_work():
     out = selftest("grid_stride", torch.zeros(1), blocks=2, threads=64, arg=1000, out_numel=1000)
     assert torch.equal(out, torch.arange(1, 1001, dtype=torch.float32))

@@ -25,9 +25,9 @@
 // partials pass computes x' without storing anything, the apply pass reads the
 // four streams again and stores everything. side="output" (transposed views)
 // runs in the cols layout (coalesced along G's rows); flat params are one row each.
-// Numerics as the Triton kernel: bias corrections in fp64 from the step count,
-// fp32 update with correctly rounded sqrt (__fsqrt_rn) and division, fp32 dot
-// products, one rounding per stored element. No host synchronization.
+// Numerics: bias corrections in fp64 from the step count (as the Triton kernel), fp32
+// update with the SFU's square root and quotient ([fast update]), fp32 dot products, one
+// rounding per stored element. No host synchronization.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -45,6 +45,24 @@
 
 namespace gradproj::cuda {
 namespace {
+
+// [fast update] The update's square root and quotient, sqrt(v^) and m / den, from the
+// SFU: sqrt.approx.f32 (1 ulp, the CUDA guide's bound from compute capability 5.2) and
+// __fdividef (x times rcp.approx(y): 2 ulps for 2^-126 <= |y| <= 2^126; den >= eps, and
+// sqrt(v^) / sqrt(1 - b2^t) stays below 2^70 for every finite v^). Correctly rounded
+// (__fsqrt_rn, IEEE division) they took 28 of a bf16 element's 80 instructions in the
+// tensor-core kernel, one MUFU each plus Newton steps, special-case branches and slow-path
+// calls (benchmarks/perf_model_cuda.py --lines, sm_90). Both errors fall on the update
+// lr m / den alone, a few 1e-7 of it, where the param's own rounding is 6e-8 of |x'|.
+__device__ __forceinline__ float sqrt_approx(float x) {
+#ifdef GRADPROJ_CUDA_EMULATION
+  return ::gradproj_emu::sqrt_approx(x);
+#else
+  float r;
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
 
 // One param of the bucket in the device table, as int64 words. For side="flat"
 // rows == 1 and the column strides are the vector's strides.
@@ -138,7 +156,7 @@ struct AdamWPolicy {
       v_hat = fmaxf(vmax, v);
       vmax = v_hat;
     }
-    return p * h.decay - w.step_size * m / (__fsqrt_rn(v_hat) * w.inv_sqrt_bias2 + h.eps);
+    return p * h.decay - __fdividef(w.step_size * m, sqrt_approx(v_hat) * w.inv_sqrt_bias2 + h.eps);
   }
 
   // The tensor-core kernel's interface (cuda/mma_rows.cuh [policy]): a vector is the

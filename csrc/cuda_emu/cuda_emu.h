@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -331,6 +332,43 @@ inline T __ldg(const T* p) {
 }
 // The correctly rounded intrinsics are the IEEE operations.
 inline float __fsqrt_rn(float x) { return std::sqrt(x); }
+
+namespace gradproj_emu {
+// The SFU's approximate operations, modelled at their documented worst: the correctly
+// rounded result moved by up to `ulps` units in the last place, in a direction and by a
+// count that a hash of the operands picks (deterministic, so every schedule agrees), so a
+// kernel that needs more than the approximation gives fails here as on the GPU.
+inline float approx_within(float exact, uint32_t a, uint32_t b, int ulps) {
+  if (!std::isfinite(exact) || exact == 0.f) return exact;  // as the SFU: 0, inf, NaN exact
+  uint32_t h = a * 0x9e3779b1u ^ (b + 0x7f4a7c15u) * 0x85ebca77u;
+  h ^= h >> 15;
+  h *= 0x2c1b3c6du;
+  h ^= h >> 12;
+  const int steps = static_cast<int>(h % static_cast<uint32_t>(2 * ulps + 1)) - ulps;
+  float r = exact;
+  for (int i = 0; i < (steps < 0 ? -steps : steps); ++i) {
+    r = std::nextafter(r, steps < 0 ? 0.f : std::numeric_limits<float>::infinity() * r);
+  }
+  return r;
+}
+inline uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+// sqrt.approx.f32: the CUDA guide's bound for sqrtf without -prec-sqrt is 1 ulp from
+// compute capability 5.2 (3 before); modelled at 2.
+inline float sqrt_approx(float x) {
+  return x < 0.f ? std::numeric_limits<float>::quiet_NaN()
+                 : approx_within(std::sqrt(x), bits_of(x), 0x51u, 2);
+}
+}  // namespace gradproj_emu
+
+// __fdividef(x, y): 2 ulps for 2^-126 <= |y| <= 2^126 (the CUDA guide); 0 for larger |y|.
+inline float __fdividef(float x, float y) {
+  if (std::fabs(y) > 0x1p126f && std::isfinite(y)) return 0.f * x;
+  return gradproj_emu::approx_within(x / y, gradproj_emu::bits_of(x), gradproj_emu::bits_of(y), 2);
+}
 inline double __dsqrt_rn(double x) { return std::sqrt(x); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.f / x; }
@@ -339,8 +377,8 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 // Approximate on the GPU; exact here (tolerances written for the GPU cover both).
+// __fdividef is modelled at its bound (above).
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
-inline float __fdividef(float a, float b) { return a / b; }
 inline float __uint_as_float(unsigned x) {
   float f;
   std::memcpy(&f, &x, sizeof(f));

@@ -167,6 +167,17 @@ __global__ void mma_tile(const float* x, float* out, int64_t arg) {
   out[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
+// The SFU's approximations as the emulator models them (cuda_emu.h): out[2 i] =
+// sqrt.approx(x[i]), out[2 i + 1] = __fdividef(x[i], x[i + n]), n = threads / 2 (the
+// first half of the threads).
+__global__ void sfu(const float* x, float* out, int64_t) {
+  const int n = static_cast<int>(blockDim.x) / 2;
+  const int i = static_cast<int>(threadIdx.x);
+  if (i >= n) return;
+  out[2 * i] = ::gradproj_emu::sqrt_approx(x[i]);
+  out[2 * i + 1] = __fdividef(x[i], x[i + n]);
+}
+
 using Kernel = void (*)(const float*, float*, int64_t);
 
 Kernel kernel_named(const std::string& name) {
@@ -182,6 +193,7 @@ Kernel kernel_named(const std::string& name) {
   if (name == "poison") return poison;
   if (name == "grid_stride") return grid_stride;
   if (name == "mma_tile") return mma_tile;
+  if (name == "sfu") return sfu;
   TORCH_CHECK(false, "no selftest kernel '", name, "'");
 }
 

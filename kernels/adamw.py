@@ -211,6 +211,7 @@ def _adamw_update(
     inv_sqrt_bias2,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    FAST_SQRT: tl.constexpr,
 ):
     """The AdamW update of one tile, in fp32: returns (p', m', v', v̂max')."""
     if MAXIMIZE:
@@ -222,8 +223,11 @@ def _adamw_update(
         v_hat = vmax
     else:
         v_hat = v
-    # sqrt_rn: IEEE-rounded, as torch's AdamW (tl.sqrt is the approximate one on GPU).
-    p = p * decay - step_size * m / (tl.sqrt_rn(v_hat) * inv_sqrt_bias2 + eps)
+    if FAST_SQRT:  # the SFU's sqrt.approx.ftz.f32 (_fast_sqrt)
+        root = tl.sqrt(v_hat)
+    else:  # IEEE-rounded, as torch's AdamW
+        root = tl.sqrt_rn(v_hat)
+    p = p * decay - step_size * m / (root * inv_sqrt_bias2 + eps)
     return p, m, v, vmax
 
 
@@ -247,16 +251,19 @@ def _updated_tile(
     inv_sqrt_bias2,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    FAST_SQRT: tl.constexpr,
 ):
     """Load one tile of p, g, m, v (and v̂max) and return its AdamW update in fp32.
 
     Both passes call this with the same arguments, so pass 2 recomputes exactly the
-    values pass 1 projected. Masked lanes come out 0 (0·decay − 0/(0 + ε)).
+    values pass 1 projected. Masked lanes come out 0 (0·decay − 0/(√v̂·c + ε)): their v
+    reads as 1, so the quotient is 0 even at ε = 0 (read as 0 it was 0/0, a NaN that the
+    projection's sums carried into every row of the tile).
     """
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=1.0).to(tl.float32)
     vmax = v
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -276,6 +283,7 @@ def _updated_tile(
         inv_sqrt_bias2,
         AMSGRAD,
         MAXIMIZE,
+        FAST_SQRT,
     )
 
 
@@ -369,6 +377,7 @@ def _fma_chunk(
     LAYOUT: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    FAST_SQRT: tl.constexpr,
 ):
     """Columns ``[j·BLOCK_D, (j+1)·BLOCK_D)``: m, v (and v̂max) updated and stored, x' returned."""
     ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -393,6 +402,7 @@ def _fma_chunk(
         inv_sqrt_bias2,
         AMSGRAD,
         MAXIMIZE,
+        FAST_SQRT,
     )
     ty = p_ptr.dtype.element_ty
     tl.store(m_ptr + offs, m.to(ty), mask=mask)
@@ -442,6 +452,7 @@ def _projected_adamw_kernel(
     HAS_W: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    FAST_SQRT: tl.constexpr,
     LAYOUT: tl.constexpr,
     ALIGN: tl.constexpr,
     RESIDENT: tl.constexpr,
@@ -505,7 +516,8 @@ def _projected_adamw_kernel(
         # columns (m, v stored as they are formed), the basis applied one column at a time.
         x0 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d, sg_d,
                         D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, step_size,
-                        inv_sqrt_bias2, 0, BLOCK_D, LAYOUT, AMSGRAD, MAXIMIZE)  # fmt: skip
+                        inv_sqrt_bias2, 0, BLOCK_D, LAYOUT, AMSGRAD, MAXIMIZE,
+                        FAST_SQRT)  # fmt: skip
         x1 = x0
         x2 = x0
         x3 = x0
@@ -513,17 +525,17 @@ def _projected_adamw_kernel(
             x1 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d,
                             sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
                             step_size, inv_sqrt_bias2, 1, BLOCK_D, LAYOUT, AMSGRAD,
-                            MAXIMIZE)  # fmt: skip
+                            MAXIMIZE, FAST_SQRT)  # fmt: skip
         if FMA_CHUNKS > 2:
             x2 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d,
                             sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
                             step_size, inv_sqrt_bias2, 2, BLOCK_D, LAYOUT, AMSGRAD,
-                            MAXIMIZE)  # fmt: skip
+                            MAXIMIZE, FAST_SQRT)  # fmt: skip
         if FMA_CHUNKS > 3:
             x3 = _fma_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, rows, row_mask, s, sg, s_d,
                             sg_d, D, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
                             step_size, inv_sqrt_bias2, 3, BLOCK_D, LAYOUT, AMSGRAD,
-                            MAXIMIZE)  # fmt: skip
+                            MAXIMIZE, FAST_SQRT)  # fmt: skip
         # the block's anchors and the weights, read once (BLOCK_K >= K columns)
         kt, c_tile, c_mask, c_all, w_all = _anchor_tile(
             c_ptr, w_ptr, rows * K, row_mask, K, BLOCK_K, True, HAS_W
@@ -567,6 +579,7 @@ def _projected_adamw_kernel(
             inv_sqrt_bias2,
             AMSGRAD,
             MAXIMIZE,
+            FAST_SQRT,
         )
         u = _basis_tile(u_ptr, ds, ks, D, K)
         coef = _coef_minus_anchor(
@@ -611,6 +624,7 @@ def _projected_adamw_kernel(
                 inv_sqrt_bias2,
                 AMSGRAD,
                 MAXIMIZE,
+                FAST_SQRT,
             )
             if RELOAD:
                 _store_moments(p_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, x, m, v, vmax, AMSGRAD)
@@ -655,6 +669,7 @@ def _projected_adamw_kernel(
                     inv_sqrt_bias2,
                     AMSGRAD,
                     MAXIMIZE,
+                    FAST_SQRT,
                 )
             u = _basis_tile(u_ptr, ds, ks, D, K)
             x = x - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
@@ -706,6 +721,7 @@ def _adamw_flat_partial_kernel(
     weight_decay,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    FAST_SQRT: tl.constexpr,
     UNIT: tl.constexpr,
     ALIGN: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -756,6 +772,7 @@ def _adamw_flat_partial_kernel(
             inv_sqrt_bias2,
             AMSGRAD,
             MAXIMIZE,
+            FAST_SQRT,
         )
         u = tl.load(
             u_ptr + ns[:, None] * K + ks[None, :],
@@ -824,6 +841,7 @@ def _adamw_flat_apply_kernel(
     weight_decay,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    FAST_SQRT: tl.constexpr,
     UNIT: tl.constexpr,
     ALIGN: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -875,6 +893,7 @@ def _adamw_flat_apply_kernel(
             inv_sqrt_bias2,
             AMSGRAD,
             MAXIMIZE,
+            FAST_SQRT,
         )
         u = tl.load(
             u_ptr + ns[:, None] * K + ks[None, :],
@@ -1234,11 +1253,44 @@ def projected_adamw_bucket_(
         HAS_W=weights is not None,
         AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
+        FAST_SQRT=_fast_sqrt(eps, amsgrad, cap, config(layout, align > 1)),
         LAYOUT=layout,
         ALIGN=align,
         META=_META,
         **config(layout, align > 1),
     )
+
+
+# The smallest eps that takes the SFU's square root. sqrt.approx.ftz.f32 (1 ulp, from
+# compute capability 5.2) flushes a subnormal v̂ (|g| below 1e-19 at every step) to 0, which
+# moves the denominator √v̂ / √(1 − β₂ᵗ) + eps by at most 1.1e-19 · 316 (β₂ ≤ 0.99999):
+# 3.5e-7 of it where eps ≥ 1e-10, below the update's own rounding; a smaller eps (0 makes
+# such a v̂ a division by zero) keeps sqrt_rn. sqrt_rn's Newton steps and special cases were
+# a fifth of the kernel's instructions at k ≤ 8 (benchmarks/perf_model.py; docs/gpu.md
+# #fast-update).
+FAST_SQRT_MIN_EPS = 1e-10
+
+
+def _fast_sqrt(eps: float, amsgrad: bool, cap: int, config: Mapping[str, object] | None) -> bool:
+    """Whether a launch takes the SFU's square root (``FAST_SQRT``): eps ≥ FAST_SQRT_MIN_EPS,
+    except where the compile check found it costlier. ``config``: the rows kernel's
+    (_rows_config), None for the flat kernels, whose two passes must agree (pass 2 forms
+    the x' pass 1 projected)."""
+    if eps < FAST_SQRT_MIN_EPS:
+        return False
+    if config is None:
+        # amsgrad: the 16-bit partial kernel spilled 4 B at 72 registers (triton 3.6, sm_80)
+        return not amsgrad
+    if amsgrad and config["FMA_CHUNKS"] and config["BLOCK_D"] >= 1024:
+        # fp32 rows of 2 x 1024 with soft weights spilled 8-12 B at 255 registers (sm_90)
+        return False
+    two_pass = not config["RESIDENT"] and not config["FMA_CHUNKS"]
+    sixteen_bit = not config["RELOAD"]  # a two-pass fp32 tile reads p back in pass 2
+    if cap >= 90 and two_pass and sixteen_bit and config["BLOCK_R"] == config["BLOCK_K"] == 32:
+        # 16-bit transposed views at k = 32: ptxas took 211 registers on sm_90 where it took
+        # 168 with sqrt_rn, 2 programs an SM instead of 3 (3.30x -> 4.26x, predicted)
+        return False
+    return True
 
 
 def _flat_block_n(block_k: int) -> int:
@@ -1261,6 +1313,7 @@ def _launch_flat(
     common = {
         "AMSGRAD": vmaxs is not None,
         "MAXIMIZE": maximize,
+        "FAST_SQRT": _fast_sqrt(hyper[5], vmaxs is not None, 0, None),
         "UNIT": unit,
         "ALIGN": align,
         "CHUNK": _FLAT_CHUNK,

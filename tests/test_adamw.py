@@ -266,8 +266,12 @@ def _bucket(side, dtype, k, shapes, *, soft, amsgrad, strided_grads=False, seed=
     return ps, gs, ms, vs, vmax, steps, anchors, basis, weights
 
 
-def _check_bucket(side, dtype, k, shapes, *, soft=False, amsgrad=False, maximize=False, **kw):
+def _check_bucket(
+    side, dtype, k, shapes, *, soft=False, amsgrad=False, maximize=False, eps=None, **kw
+):
     from gradproj.kernels import adamw
+
+    hyper = HYPER if eps is None else {**HYPER, "eps": eps}
 
     interpreted = adamw._interpreting()
 
@@ -283,10 +287,10 @@ def _check_bucket(side, dtype, k, shapes, *, soft=False, amsgrad=False, maximize
         basis.to(f64),
         None if weights is None else weights.to(f64),
         side,
-        **HYPER,
+        **hyper,
         maximize=maximize,
     )
-    adamw.projected_adamw_bucket_(*args, side, **HYPER, maximize=maximize)
+    adamw.projected_adamw_bucket_(*args, side, **hyper, maximize=maximize)
     # fp16: one rounding of an fp32 result, 2⁻¹¹, or one ulp (2⁻¹⁰) where the
     # interpreter truncates; bf16 likewise (see _check_step).
     tol = TOL[dtype] if dtype != torch.float16 else {"rtol": 2.0**-11, "atol": 1e-5}
@@ -365,6 +369,40 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
 )  # fmt: skip
 def test_triton_bucket_paths_match_float64(side, dtype, k, shapes, flags):
     _check_bucket(side, dtype, k, shapes, **flags)
+
+
+def test_triton_fast_sqrt_follows_eps_and_the_compile_check():
+    """FAST_SQRT (the SFU's sqrt.approx.ftz) from eps = 1e-10, where its flushed subnormal v̂
+    cannot move the denominator; the flat kernels' two passes agree on it (no amsgrad),
+    and the rows configs where the compile check found it costlier keep sqrt_rn."""
+    from gradproj.kernels import adamw
+
+    rows = dict(adamw._rows_config(adamw._ROWS, 4, 16, 768, 90, k=8, aligned=True))
+    assert adamw._fast_sqrt(1e-8, False, 90, rows)
+    assert not adamw._fast_sqrt(1e-11, False, 90, rows)
+    assert not adamw._fast_sqrt(0.0, False, 90, None)
+    assert adamw._fast_sqrt(1e-8, False, 0, None) and not adamw._fast_sqrt(1e-8, True, 0, None)
+    wide = dict(adamw._rows_config(adamw._ROWS, 4, 16, 2048, 90, k=16, aligned=True))
+    assert wide["FMA_CHUNKS"] and wide["BLOCK_D"] == 1024
+    assert adamw._fast_sqrt(1e-8, False, 90, wide) and not adamw._fast_sqrt(1e-8, True, 90, wide)
+    cols = dict(adamw._rows_config(adamw._COLS, 2, 32, 768, 90, k=32, aligned=False))
+    assert (cols["BLOCK_R"], cols["BLOCK_K"], cols["FMA_CHUNKS"]) == (32, 32, 0)
+    assert not adamw._fast_sqrt(1e-8, False, 90, cols) and adamw._fast_sqrt(1e-8, False, 80, cols)
+    cols32 = dict(adamw._rows_config(adamw._COLS, 4, 32, 768, 90, k=32, aligned=False))
+    assert cols32["RELOAD"] and adamw._fast_sqrt(1e-8, False, 90, cols32)  # fp32 keeps it
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("side", "shapes", "flags"),
+    [("input", [(9, 300)], {"soft": True}), ("flat", [(3, 40)], {"amsgrad": True})],
+    ids=["rows", "flat"],
+)
+def test_triton_tiny_eps_keeps_sqrt_rn(side, shapes, flags):
+    """eps below FAST_SQRT_MIN_EPS (here 1e-12, and 0) takes the IEEE square root. At eps = 0
+    the kernels' masked lanes were 0/0 before they read v as 1: NaN in every row."""
+    for eps in (1e-12, 0.0):
+        _check_bucket(side, torch.float32, 5, shapes, eps=eps, **flags)
 
 
 @needs_triton

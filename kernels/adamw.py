@@ -1240,6 +1240,7 @@ def projected_adamw_bucket_(
         anchors,
         lambda lay, al: config(lay, al)["BLOCK_R"],
     )
+    tiles = config(layout, align > 1)
     _projected_adamw_kernel[(n_blocks,)](
         table,
         len(params),
@@ -1253,11 +1254,11 @@ def projected_adamw_bucket_(
         HAS_W=weights is not None,
         AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
-        FAST_SQRT=_fast_sqrt(eps, amsgrad, cap, config(layout, align > 1)),
+        FAST_SQRT=_fast_sqrt(eps, amsgrad, cap, tiles),
         LAYOUT=layout,
         ALIGN=align,
         META=_META,
-        **config(layout, align > 1),
+        **tiles,
     )
 
 

@@ -332,6 +332,26 @@ inline T __ldg(const T* p) {
 }
 // The correctly rounded intrinsics are the IEEE operations.
 inline float __fsqrt_rn(float x) { return std::sqrt(x); }
+inline double __dsqrt_rn(double x) { return std::sqrt(x); }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.f / x; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+// Approximate on the GPU; exact here (tolerances written for the GPU cover both).
+// __fdividef is modelled at its bound (below).
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, sizeof(f));
+  return f;
+}
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
 
 namespace gradproj_emu {
 // The SFU's approximate operations, modelled at their documented worst: the correctly
@@ -351,41 +371,16 @@ inline float approx_within(float exact, uint32_t a, uint32_t b, int ulps) {
   }
   return r;
 }
-inline uint32_t bits_of(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-}
 // sqrt.approx.f32: the CUDA guide's bound for sqrtf without -prec-sqrt is 1 ulp from
 // compute capability 5.2 (3 before); modelled at 2.
 inline float sqrt_approx(float x) {
   return x < 0.f ? std::numeric_limits<float>::quiet_NaN()
-                 : approx_within(std::sqrt(x), bits_of(x), 0x51u, 2);
+                 : approx_within(std::sqrt(x), __float_as_uint(x), 0x51u, 2);
 }
 }  // namespace gradproj_emu
 
 // __fdividef(x, y): 2 ulps for 2^-126 <= |y| <= 2^126 (the CUDA guide); 0 for larger |y|.
 inline float __fdividef(float x, float y) {
   if (std::fabs(y) > 0x1p126f && std::isfinite(y)) return 0.f * x;
-  return gradproj_emu::approx_within(x / y, gradproj_emu::bits_of(x), gradproj_emu::bits_of(y), 2);
-}
-inline double __dsqrt_rn(double x) { return std::sqrt(x); }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __frcp_rn(float x) { return 1.f / x; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
-// Approximate on the GPU; exact here (tolerances written for the GPU cover both).
-// __fdividef is modelled at its bound (above).
-inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
-inline float __uint_as_float(unsigned x) {
-  float f;
-  std::memcpy(&f, &x, sizeof(f));
-  return f;
-}
-inline unsigned __float_as_uint(float x) {
-  unsigned u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
+  return gradproj_emu::approx_within(x / y, __float_as_uint(x), __float_as_uint(y), 2);
 }

@@ -311,9 +311,13 @@ def rows_launches(
     policy: str, krows: int, d: int, k: int, total_rows: int, entries: int,
     resident_bytes: int = RESIDENT_BYTES, ept: int = EPT,
 ):  # fmt: skip
-    """``tile::run_rows``: the rows kernel (fused, or partials + combine + apply);
+    """``tile::run_rows``: the rows kernel (fused, or partials + combine + apply), in
+    chunks of KC coefficients (``tile::chunk_for``: the smallest power of two not below k,
+    at most ``tile::kChunk``);
     ``ept``: the policy's ``kEpt``, elements of a row per thread."""
     kp = _round_up(k, CHUNK)
+    kc = next(c for c in (1, 2, 4, CHUNK) if k <= c or c == CHUNK)
+    staged = _round_up(k, kc)  # the rows the chunks read (resident): kp, or k up to KC
     wpr = 1
     while wpr < WARPS and wpr * 32 * ept < d:
         wpr *= 2
@@ -331,21 +335,24 @@ def rows_launches(
         return -(-max(0, min(wpr * 128, d - start)) // 128) / wpr
 
     slots = [sum(warps_in(seg, s) for s in range(ept // 4)) for seg in range(nseg)]
-    env = dict(d=d, k=k, kp=kp, wpr=wpr, nseg=nseg, entries=entries, basis_ld=_round_up(d, 8))
+    env = dict(d=d, k=k, kp=kp, KC=kc, wpr=wpr, nseg=nseg, entries=entries,
+               basis_ld=_round_up(d, 8))  # fmt: skip
     env |= dict(S=ept // 4, slots=sum(slots) / nseg)
     if nseg == 1:
         smem_ld = _round_up(d, 32)
-        resident = kp * smem_ld * 4 <= resident_bytes
-        smem = kp * smem_ld * 4 if resident else CHUNK * smem_ld * 4
+        resident = staged * smem_ld * 4 <= resident_bytes
+        smem = staged * smem_ld * 4 if resident else kc * smem_ld * 4
         env |= dict(smem_ld=smem_ld, resident=resident)
-        return [Launch(f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)0>", n_tiles, smem, env)]
+        kernel = f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)0, {kc}>"
+        return [Launch(kernel, n_tiles, smem, env)]
     env |= dict(smem_ld=seg_width, resident=False)
-    smem = CHUNK * seg_width * 4
+    smem = kc * seg_width * 4
     combine = -(-(total_rows * kp) // THREADS)
+    mode = "rows_kernel<" + policy + ", (gradproj::cuda::tile::Mode){}, " + str(kc) + ">"
     return [
-        Launch(f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)1>", n_tiles * nseg, smem, env),
+        Launch(mode.format(1), n_tiles * nseg, smem, env),
         Launch(f"combine_kernel<{policy} >", combine, 0, env),
-        Launch(f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)2>", n_tiles * nseg, smem, env),
+        Launch(mode.format(2), n_tiles * nseg, smem, env),
     ]
 
 

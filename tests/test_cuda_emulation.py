@@ -288,7 +288,8 @@ def _surgery(numels, dtype=torch.float32):
 # d = 2048, AdamW's past 1024), flat (one and several segments), anchored with soft
 # weights, projected AdamW (rows on tensor cores and not, cols, amsgrad; cols on 16 warps:
 # strided, in row pairs), surgery (one chunk and several; whole chunks of 16-bit pairs as
-# packs).
+# packs); the FMA engine's chunks of 1, 2 and 4 coefficients (k = 1 to 4: fused, split,
+# flat, transposed views, AdamW's).
 REAL_CASES = {
     "rows-resident": lambda: _project((5, 1300), "input", 7),
     "rows-mma": lambda: _project((45, 260), "input", 40),
@@ -313,6 +314,12 @@ REAL_CASES = {
     "cols-soft": lambda: _project((300, 40), "output", 5, soft=True),
     "cols-split-bf16": lambda: _project((2100, 12), "output", 5, torch.bfloat16),
     "flat-split-anchored": lambda: _project((3, 3000), "flat", 3, soft=True, anchored=True),
+    "flat-split-k1": lambda: _project((3, 3000), "flat", 1, soft=True, anchored=True),
+    "rows-resident-k1-bf16": lambda: _project((5, 1300), "input", 1, torch.bfloat16),
+    "cols-split-k1": lambda: _project((2100, 12), "output", 1, soft=True, anchored=True),
+    "flat-split-k2-bf16": lambda: _project((3, 3000), "flat", 2, torch.bfloat16, soft=True),
+    "rows-resident-k4": lambda: _project((5, 1300), "input", 4, soft=True, anchored=True),
+    "rows-split-k3-fp16": lambda: _project((5, 5000), "input", 3, torch.float16),
     "anchored-soft": lambda: _project((5, 1300), "input", 7, soft=True, anchored=True),
     "adamw-rows-bf16": lambda: _adamw((9, 70), "input", torch.bfloat16),
     "adamw-rows-mma": lambda: _adamw((45, 260), "input", k=12),
@@ -320,6 +327,7 @@ REAL_CASES = {
     "adamw-rows-mma-column-blocks": lambda: _adamw((40, 768), "input", k=160),
     "adamw-rows-mma-row-cache": lambda: _adamw((250, 768), "input", torch.bfloat16, k=20),
     "adamw-cols-amsgrad": lambda: _adamw((70, 9), "output", amsgrad=True),
+    "adamw-flat-k1": lambda: _adamw((3, 3000), "flat", k=1),
     "adamw-cols-split": lambda: _adamw((1100, 12), "output"),
     "adamw-cols-16-warps": lambda: _adamw((700, 12), "output", k=12),
     "adamw-cols-16-warps-pairs": lambda: _adamw((700, 12), "output", torch.bfloat16, k=12),
@@ -337,6 +345,46 @@ def test_kernels_give_the_same_bits_in_every_schedule(case, schedule, monkeypatc
     got = REAL_CASES[case]()
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e, g)
+
+
+# [small k] (tile.cuh): the FMA engine takes k < 8 in chunks of 1, 2 or 4 coefficients.
+# Every such chunk size on each of its launch forms (flat split, rows fused past the
+# tensor-core kernel's 1280 columns, rows split past 4096, transposed views split past
+# 2048), plain with soft weights and anchored, against float64; k = 5 takes chunks of 8.
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(
+    ("shape", "side"),
+    [((3, 3000), "flat"), ((5, 1300), "input"), ((3, 5000), "input"), ((2100, 12), "output")],
+)
+@pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored"])
+def test_fma_engine_small_k_matches_float64(shape, side, k, anchored):
+    from gradproj import reference as R
+
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, side, k)).encode()))
+    g = torch.randn(shape, generator=gen)
+    view_of = {"input": lambda t: t, "output": lambda t: t.t(), "flat": lambda t: t.flatten()}
+    d = view_of[side](g).shape[-1]
+    u = _orthonormal(d, k, seed=5)
+    w = torch.rand(k, generator=gen)
+    out = g.clone()
+    view = view_of[side](out)
+    rows = view.reshape(1, -1) if side == "flat" else view
+    if anchored:
+        c = torch.randn(rows.shape[0], k, generator=gen)
+        c_out = c.clone()
+        emu.project_anchored_bucket_([view], [c_out], u, w, side)
+        x = view_of[side](g).reshape(rows.shape).double()
+        want, c_want = R.project_anchored(x, c.double(), u.double(), weights=w.double())
+        torch.testing.assert_close(c_out.double(), c_want, rtol=0, atol=1e-5)
+    else:
+        emu.project_bucket_([view], u, w, side)
+        x = view_of[side](g).reshape(rows.shape).double()
+        want = R.project(x, u.double(), weights=w.double())
+    assert "mma_rows_kernel<" not in emu.last_kernel(), emu.last_kernel()
+    kc = 1 if k == 1 else 2 if k == 2 else 4 if k <= 4 else 8
+    assert re.search(r"Mode\)\d, (\d)>", emu.last_kernel()).group(1) == str(kc)
+    got = rows.double()
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 def test_kernels_run_on_grids_smaller_than_their_work():

@@ -261,7 +261,7 @@ def test_the_python_twin_uses_the_sources_constants():
 def test_launch_geometry_follows_run_rows_and_run_cols():
     # D = 768: a 2-warp row group (1024 columns), 4 groups of 2 rows, one segment
     (fused,) = pmc.rows_launches("P", 2, 768, 32, 4096, 2)
-    assert fused.kernel.endswith("Mode)0>") and fused.work == 4096 // 8
+    assert fused.kernel.endswith("Mode)0, 8>") and fused.work == 4096 // 8
     assert fused.env | {} == fused.env and fused.env["wpr"] == 2 and fused.env["kp"] == 32
     assert fused.env["resident"] and fused.dynamic_smem == 32 * 768 * 4  # all of U^T: 96 KiB
     (wide,) = pmc.rows_launches("P", 2, 768, 64, 4096, 2)  # 192 KiB: a chunk at a time
@@ -282,6 +282,19 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # d = 5000: two 4096-wide segments (slots of 1024 columns): 4 slots, then 1
     assert pmc.rows_launches("P", 2, 5000, 8, 64, 1)[0].env["slots"] == 2.5
     assert split[0].env["slots"] == 4
+    # [small k] (tile::chunk_for): k = 1 in chunks of one coefficient, one staged row (16 KiB
+    # of a 4096-wide segment where 8 took 128 KiB; resident: U's one row, not kp = 8); k = 3
+    # in chunks of 4, k = 5 of 8
+    one = pmc.rows_launches("P", 2, 2048 * 768, 1, 2, 2)
+    assert [la.kernel.split(", ")[-1] for la in one] == ["1>", "combine_kernel<P >", "1>"]
+    assert one[0].env["KC"] == 1 and one[0].dynamic_smem == 4096 * 4
+    (resident_one,) = pmc.rows_launches("P", 2, 768, 1, 4096, 2)
+    assert resident_one.env["resident"] and resident_one.dynamic_smem == 768 * 4
+    assert split[0].env["KC"] == 8 and split[0].dynamic_smem == 8 * 4096 * 4
+    (three,) = pmc.rows_launches("P", 2, 768, 3, 4096, 2)
+    assert three.kernel.endswith("Mode)0, 4>") and three.dynamic_smem == 4 * 768 * 4
+    assert pmc.rows_launches("P", 2, 768, 2, 4096, 2)[0].env["KC"] == 2
+    assert pmc.rows_launches("P", 2, 768, 5, 4096, 2)[0].env["KC"] == 8
     # side output (block policies: 4 rows a group, 8 elements a thread): D = 768 is one
     # 1024-wide segment of 4-warp groups, 2 groups (8 rows) a CTA; its second slot runs
     # in the 2 warps whose columns start before 768 (a warp skips a slot whole)

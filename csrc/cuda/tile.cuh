@@ -22,9 +22,9 @@
 //      + [0, V), tpr = wpr * 32 threads per group; so a warp's 32 lanes read 32
 //      consecutive vectors (512 contiguous bytes of fp32, 256 of bf16) per slot.
 //    U^T (k padded to kp, a multiple of kChunk = 8) is staged into shared memory
-//    kChunk rows at a time (or all of it once per CTA when it fits in
-//    kResidentBytes: "resident"). Pass 1, per chunk: every thread forms kRows x 8
-//    partial dot products from its registers (fp32 FMA; a shared-memory float4
+//    a chunk of KC = kChunk rows at a time (KC = 1, 2, 4 for smaller k: [small k]), or all of
+//    it once per CTA when it fits in kResidentBytes: "resident". Pass 1, per chunk:
+//    every thread forms kRows x KC partial dot products from its registers (fp32 FMA; a shared-memory float4
 //    read of U^T feeds 4 * kRows FMAs), the warp reduces them with a
 //    reduce-scatter (N - 1 shuffles for N sums: lane l ends with sum l % N), the warps
 //    of a group add their sums in warp order through shared memory (no atomics,
@@ -58,7 +58,14 @@ namespace gradproj::cuda::tile {
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr int kWarps = kThreads / kWarp;
-constexpr int kChunk = 8;                  // coefficients per chunk of k
+constexpr int kChunk = 8;                  // coefficients per chunk of k (kp's multiple)
+// [small k] A launch of k < kChunk basis columns takes chunks of KC coefficients, the
+// smallest power of two not below k (chunk_for): at k = 1 kChunk = 8 did 8x its FMAs,
+// shared-memory reads and reduce-scatter sums (7 of 8 against zero padding) and staged 8
+// rows of a segment (128 KiB at 4096 columns: one CTA an SM, where 16 KiB allow two).
+template <int KC>
+constexpr bool kChunkOk = KC == 1 || KC == 2 || KC == 4 || KC == kChunk;
+inline int chunk_for(int64_t k) { return k <= 1 ? 1 : k <= 2 ? 2 : k <= 4 ? 4 : kChunk; }
 constexpr int kEpt = 16;                   // rows kernel: elements of a row per thread
 constexpr int kSegMax = kThreads * kEpt;   // rows kernel: widest segment (wpr = 8)
 // The largest dynamic shared memory of any launch: rows_kernel staging a chunk
@@ -89,6 +96,12 @@ struct Geometry {
   int smem_ld;         // rows kernel: floats per staged U^T row (a multiple of 32)
   bool resident;       // the whole packed basis is staged once per CTA
 };
+
+// [small k] Chunks of KC coefficients a launch takes: ceil(k / KC) (kp / 8 for KC = 8).
+template <int KC>
+__host__ __device__ __forceinline__ int64_t chunks_of(const Geometry& g) {
+  return (g.k + KC - 1) / KC;
+}
 
 // Four consecutive elements: the unit of a vectorized load or store (16 bytes
 // of fp32, 8 of bf16/fp16). Four for every dtype, not 16 bytes: with 8 bf16 per
@@ -216,32 +229,34 @@ __device__ __forceinline__ void stage_ut(
   }
 }
 
-// The staged U^T rows of chunk c (its kChunk rows, row kc at + kc * smem_ld).
+// The staged U^T rows of chunk c (its KC rows, row kc at + kc * smem_ld).
 // Every call is a barrier: it orders the previous chunk's shared-memory reads
 // and the coefficient writes before what follows. Only the rows before k are
 // staged (k = 1 read 8 rows of a flat basis, 7 of them padding: 8x the basis
 // bytes); the rest hold zeros (zero_padding) or an earlier chunk's rows, finite
 // values whose coefficients are 0 in pass 2 (pass 1's sums for them are discarded).
+template <int KC>
 __device__ __forceinline__ const float* rows_chunk(
     float* su, const float* __restrict__ ut, const Geometry& g, int64_t c, int64_t c0) {
   __syncthreads();
-  if (g.resident) return su + c * kChunk * g.smem_ld;
-  const int nk = static_cast<int>(g.k - c * kChunk < kChunk ? g.k - c * kChunk : kChunk);
+  if (g.resident) return su + c * KC * g.smem_ld;
+  const int nk = static_cast<int>(g.k - c * KC < KC ? g.k - c * KC : KC);
   // model-cold-if: resident
-  stage_ut(su, ut, g, c * kChunk, nk, c0);  // model-binds: nk = 8 * k / max(kp, 8)
+  stage_ut(su, ut, g, c * KC, nk, c0);  // model-binds: nk = k / max(ceil(k / KC), 1)
   __syncthreads();
   return su;
 }
 
-// A chunk's staging rows zeroed once per CTA where k is not a multiple of kChunk, so the
+// A chunk's staging rows zeroed once per CTA where k is not a multiple of KC, so the
 // rows rows_chunk does not stage are finite (dynamic shared memory starts as anything:
 // 0 x NaN in pass 2 would be NaN).
+template <int KC>
 __device__ __forceinline__ void zero_padding(float* su, const Geometry& g) {
-  if (!g.resident && g.k % kChunk != 0) {  // model-cold-if: resident or k % 8 == 0
+  if (!g.resident && g.k % KC != 0) {  // model-cold-if: resident or k % KC == 0
     float4* dst = reinterpret_cast<float4*>(su);
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-    // model-trips: ceil(8 * smem_ld / 1024)
-    for (int i = threadIdx.x; i < kChunk * g.smem_ld / 4; i += kThreads) dst[i] = zero;
+    // model-trips: ceil(KC * smem_ld / 1024)
+    for (int i = threadIdx.x; i < KC * g.smem_ld / 4; i += kThreads) dst[i] = zero;
   }
 }
 
@@ -263,9 +278,10 @@ __device__ __forceinline__ void read_ut(const float* sc, int smem_ld, int kc, in
 }
 
 // ---------------------------------------------------------------------------
-// rows_kernel: see the file comment. Work item = (row tile, segment).
+// rows_kernel: see the file comment. Work item = (row tile, segment). KC: coefficients
+// per chunk ([small k]).
 // ---------------------------------------------------------------------------
-template <class P, Mode kMode>
+template <class P, Mode kMode, int KC>
 __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
     P pol, Geometry g, const float* __restrict__ ut, const float* __restrict__ weights,
     float* __restrict__ coef, float* __restrict__ partials) {
@@ -274,7 +290,8 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
   constexpr int S = P::kEpt / V;     // slots per row per thread
   constexpr int R = P::kRows;        // rows per group
   static_assert(!P::kBlock || R == V, "a block policy's vector holds one element of each row");
-  constexpr int N = R * kChunk;      // partial sums per thread per chunk
+  static_assert(kChunkOk<KC>, "chunks of 1, 2, 4 or kChunk coefficients");
+  constexpr int N = R * KC;          // partial sums per thread per chunk
   static_assert(N <= kWarp, "a warp reduce-scatters at most 32 sums");
   GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   float* su = reinterpret_cast<float*>(smem_raw);
@@ -286,11 +303,12 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
   const int group = threadIdx.x / tpr;  // row group of this thread
   const int tg = threadIdx.x % tpr;     // thread within its group
   const int64_t tile_rows = static_cast<int64_t>(R) * (kWarps / g.wpr);
-  const int64_t n_chunks = g.kp / kChunk;
+  const int64_t n_chunks = chunks_of<KC>(g);
 
-  // read by rows_chunk's barrier; model-binds: nk = kp
-  if (g.resident) stage_ut(su, ut, g, 0, static_cast<int>(g.kp), 0);  // model-cold-if: not resident
-  zero_padding(su, g);  // ordered before the first chunk's staging by rows_chunk's barrier
+  // the rows its chunks read: kp (KC = 8), k rounded up to KC below; read by rows_chunk's barrier;
+  // model-binds: nk = KC * ceil(k / KC)
+  if (g.resident) stage_ut(su, ut, g, 0, static_cast<int>(n_chunks * KC), 0);  // model-cold-if: not resident
+  zero_padding<KC>(su, g);  // ordered before the first chunk's staging by rows_chunk's barrier
 
   const int64_t work = g.n_tiles * g.nseg;
   for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {  // model-trips: items
@@ -329,9 +347,9 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
       }
     }
 
-    if (kMode != Mode::kApply) {  // pass 1: a = U^T x, one chunk of kChunk coefficients at a time
-      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
-        const float* sc = rows_chunk(su, ut, g, c, c0);
+    if (kMode != Mode::kApply) {  // pass 1: a = U^T x, one chunk of KC coefficients at a time
+      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: ceil(k / KC)
+        const float* sc = rows_chunk<KC>(su, ut, g, c, c0);
         float acc[N];
 #pragma unroll
         for (int i = 0; i < N; ++i) acc[i] = 0.f;
@@ -340,17 +358,17 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
           const int cs = (s * tpr + tg) * V;  // column within the segment
           if (c0 + cs >= g.d) continue;       // all zeros; and past the staged row
 #pragma unroll
-          for (int kc = 0; kc < kChunk; ++kc) {
+          for (int kc = 0; kc < KC; ++kc) {
             float u[V];
             read_ut<V>(sc, g.smem_ld, kc, cs, u);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
 #pragma unroll
-              for (int v = 0; v < V; ++v) acc[r * kChunk + kc] = fmaf(x[s][r][v], u[v], acc[r * kChunk + kc]);
+              for (int v = 0; v < V; ++v) acc[r * KC + kc] = fmaf(x[s][r][v], u[v], acc[r * KC + kc]);
             }
           }
         }
-        // Lane l of each warp: the warp's sum for row l / kChunk, coefficient l % kChunk.
+        // Lane l of each warp: the warp's sum for row l / KC, coefficient l % KC.
         red[warp][lane] = reduce_scatter<N>(acc, lane);
         __syncthreads();
         // Lanes < N of the group's first warp, one per (row, coef) (N <= 32: the
@@ -358,9 +376,11 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
         if (tg < N) {
           float total = 0.f;
           for (int w = 0; w < g.wpr; ++w) total += red[group * g.wpr + w][tg];  // model-trips: wpr
-          const int64_t row = row0 + tg / kChunk;
-          const int64_t kk = c * kChunk + tg % kChunk;
+          const int64_t row = row0 + tg / KC;
+          const int64_t kk = c * KC + tg % KC;
           if (row < g.total_rows) {
+            // (KC < kChunk: coefficients past round_up(k, KC) are neither written nor
+            // read, here or in partials; combine_kernel discards its sums for them)
             if (kMode == Mode::kFused) {
               coef[row * g.kp + kk] =
                   kk < g.k ? finish_coef(total, kk, weights, pol.anchor_row(row)) : 0.f;
@@ -373,31 +393,39 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(
     }
 
     if (kMode != Mode::kPartials) {  // pass 2: x -= U coef, from the same registers
-      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: kp / 8
-        const float* sc = rows_chunk(su, ut, g, c, c0);  // its barrier publishes coef
-        float cf[R][kChunk];
+      for (int64_t c = 0; c < n_chunks; ++c) {  // model-trips: ceil(k / KC)
+        const float* sc = rows_chunk<KC>(su, ut, g, c, c0);  // its barrier publishes coef
+        float cf[R][KC];
 #pragma unroll
         for (int r = 0; r < R; ++r) {  // model-uniform: one row's coefficients per group
           // coef rows are kp floats (kp % 8 == 0) from a 256-byte aligned allocation.
           const int64_t row = valid[r] ? row0 + r : 0;  // never form an address past coef
-          const float4* src = reinterpret_cast<const float4*>(coef + row * g.kp + c * kChunk);
-          const float4 lo = valid[r] ? src[0] : make_float4(0.f, 0.f, 0.f, 0.f);
-          const float4 hi = valid[r] ? src[1] : make_float4(0.f, 0.f, 0.f, 0.f);
-          cf[r][0] = lo.x;
-          cf[r][1] = lo.y;
-          cf[r][2] = lo.z;
-          cf[r][3] = lo.w;
-          cf[r][4] = hi.x;
-          cf[r][5] = hi.y;
-          cf[r][6] = hi.z;
-          cf[r][7] = hi.w;
+          // (chunk c's KC floats start KC c floats into the row: aligned to KC floats)
+          const float* src = coef + row * g.kp + c * KC;
+          if constexpr (KC >= 4) {
+#pragma unroll
+            for (int q = 0; q < KC / 4; ++q) {
+              const float4 f = valid[r] ? reinterpret_cast<const float4*>(src)[q]
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
+              cf[r][4 * q] = f.x;
+              cf[r][4 * q + 1] = f.y;
+              cf[r][4 * q + 2] = f.z;
+              cf[r][4 * q + 3] = f.w;
+            }
+          } else if constexpr (KC == 2) {
+            const float2 f = valid[r] ? *reinterpret_cast<const float2*>(src) : make_float2(0.f, 0.f);
+            cf[r][0] = f.x;
+            cf[r][1] = f.y;
+          } else {
+            cf[r][0] = valid[r] ? src[0] : 0.f;
+          }
         }
 #pragma unroll
         for (int s = 0; s < S; ++s) {  // model-scale: slots / S (a slot past d is skipped)
           const int cs = (s * tpr + tg) * V;
           if (c0 + cs >= g.d) continue;
 #pragma unroll
-          for (int kc = 0; kc < kChunk; ++kc) {
+          for (int kc = 0; kc < KC; ++kc) {
             float u[V];
             read_ut<V>(sc, g.smem_ld, kc, cs, u);
 #pragma unroll
@@ -484,10 +512,10 @@ size_t resident_limit(Kernel kernel) {
   return ceiling < kResidentBytes ? ceiling : kResidentBytes;
 }
 
-// Rows layout: every row of the `total_rows` rows the policy's table describes.
-template <class P>
-void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights) {
-  if (total_rows == 0) return;
+// Rows layout: every row of the `total_rows` rows the policy's table describes, in chunks
+// of KC coefficients ([small k]).
+template <class P, int KC>
+void run_rows_chunked(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights) {
   Geometry g = base_geometry(basis, total_rows);
   g.wpr = 1;  // the smallest group whose segment covers the row
   while (g.wpr < kWarps && static_cast<int64_t>(g.wpr) * kWarp * P::kEpt < g.d) g.wpr *= 2;
@@ -499,25 +527,41 @@ void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const f
   at::Tensor coef = at::empty({total_rows, g.kp}, basis.options());
   if (g.nseg == 1) {
     g.smem_ld = static_cast<int>(round_up(g.d, 32));
-    const size_t all = static_cast<size_t>(g.kp) * g.smem_ld * sizeof(float);
-    g.resident = all <= resident_limit(rows_kernel<P, Mode::kFused>);
-    const size_t smem = g.resident ? all : static_cast<size_t>(kChunk) * g.smem_ld * sizeof(float);
+    // the rows the chunks read: kp, or k rounded up to KC < kChunk
+    const size_t all = static_cast<size_t>(chunks_of<KC>(g) * KC) * g.smem_ld * sizeof(float);
+    g.resident = all <= resident_limit(rows_kernel<P, Mode::kFused, KC>);
+    const size_t smem = g.resident ? all : static_cast<size_t>(KC) * g.smem_ld * sizeof(float);
     launch_kernel<kMaxDynamicSmem>(
-        rows_kernel<P, Mode::kFused>, g.n_tiles, kThreads, smem, pol, g, ut.data_ptr<float>(),
+        rows_kernel<P, Mode::kFused, KC>, g.n_tiles, kThreads, smem, pol, g, ut.data_ptr<float>(),
         weights, coef.data_ptr<float>(), nullptr);
     return;
   }
   g.smem_ld = static_cast<int>(g.seg_width);
   g.resident = false;
-  const size_t smem = static_cast<size_t>(kChunk) * g.smem_ld * sizeof(float);
+  const size_t smem = static_cast<size_t>(KC) * g.smem_ld * sizeof(float);
   at::Tensor partials = at::empty({g.nseg, total_rows, g.kp}, basis.options());
   launch_kernel<kMaxDynamicSmem>(
-      rows_kernel<P, Mode::kPartials>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
+      rows_kernel<P, Mode::kPartials, KC>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
       ut.data_ptr<float>(), weights, nullptr, partials.data_ptr<float>());
   combine(pol, g, partials, weights, coef);
   launch_kernel<kMaxDynamicSmem>(
-      rows_kernel<P, Mode::kApply>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
+      rows_kernel<P, Mode::kApply, KC>, g.n_tiles * g.nseg, kThreads, smem, pol, g,
       ut.data_ptr<float>(), weights, coef.data_ptr<float>(), nullptr);
+}
+
+template <class P>
+void run_rows(const P& pol, int64_t total_rows, const at::Tensor& basis, const float* weights) {
+  if (total_rows == 0) return;
+  switch (chunk_for(basis.size(1))) {
+    case 1:
+      return run_rows_chunked<P, 1>(pol, total_rows, basis, weights);
+    case 2:
+      return run_rows_chunked<P, 2>(pol, total_rows, basis, weights);
+    case 4:
+      return run_rows_chunked<P, 4>(pol, total_rows, basis, weights);
+    default:
+      return run_rows_chunked<P, kChunk>(pol, total_rows, basis, weights);
+  }
 }
 
 // True when `t`'s rows can be read as Packs (4 elements): unit stride along a

@@ -463,12 +463,18 @@ def mma_launches(
         # [pairs]: those projections without anchors whose U fits twice
         fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_bytes) <= limit
         pairs = bool(projection) and dt != "fp32" and not anchored and cols > 8 and fits
-        kp = _round_up(cols, 16 if pairs else 8)
+        # [stacked]: 16-bit projections of a launch of at most 8 columns, U hi and lo as two
+        # groups of the fragment layout (kp = 16), where that fits
+        stacked = (bool(projection) and dt != "fp32" and cols <= 8
+                   and _mma_smem(nblk, 16, False, warps, row_bytes) <= limit)  # fmt: skip
+        kp = 16 if stacked else _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
                    entries=entries, second=groups % 2 == 0, anchored=anchored,
-                   units=2 if pairs else 1, W=warps, threads=32 * warps)  # fmt: skip
-        kernel = f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}>"
+                   units=2 if pairs else 1, W=warps, threads=32 * warps, stacked=stacked,
+                   steps=1 if stacked else groups)  # fmt: skip
+        kernel = (f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}, "
+                  f"{'true' if stacked else 'false'}>")  # fmt: skip
         smem = _mma_smem(nblk, kp, pairs, warps, row_bytes, split=not adamw)
         launches.append(Launch(kernel, n_tiles, smem, env, 32 * warps))
     return launches

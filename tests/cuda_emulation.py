@@ -228,6 +228,13 @@ def last_kernel() -> str:
     return torch.ops.gradproj_emu.emulator_last_kernel()
 
 
+def last_smem() -> int:
+    """The dynamic shared memory of the emulator's last launch, in bytes: the layout chosen
+    where the kernel is the same."""
+    load()
+    return int(torch.ops.gradproj_emu.emulator_last_smem())
+
+
 # ---------------------------------------------------------------- the backend's ops
 # gradproj._extension's wrappers (the contract's signatures), calling the emulated
 # library torch.ops.gradproj_emu instead of torch.ops.gradproj.

@@ -387,6 +387,52 @@ def test_fma_engine_small_k_matches_float64(shape, side, k, anchored):
     assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
+# [stacked] (mma_rows.cuh): 16-bit projections of a launch of at most 8 columns stage U
+# split, hi and lo as the fragment layout's two groups, one MMA a k-step forming both
+# products. Against float64: 8 warps (d = 260, and 10 blocks a warp at 1100) and 16
+# (d = 700), plain with soft weights and anchored, transposed views in row pairs. The
+# launch's shared memory is the stacked layout's (kp = 16), as the model's twin sizes it.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "side", "k", "anchored"),
+    [
+        ((45, 260), "input", 1, False),
+        ((45, 260), "input", 8, True),
+        ((45, 700), "input", 5, True),
+        ((700, 46), "output", 8, False),
+        ((20, 1100), "input", 3, True),
+    ],
+)
+def test_stacked_basis_matches_float64(dtype, shape, side, k, anchored):
+    from gradproj import reference as R
+
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, side, k, anchored)).encode()))
+    g = torch.randn(shape, generator=gen).to(dtype)
+    view_of = {"input": lambda t: t, "output": lambda t: t.t()}[side]
+    x = view_of(g).double()
+    d = x.shape[-1]
+    u = _orthonormal(d, k, seed=9)
+    w = torch.rand(k, generator=gen)
+    out = g.clone()
+    if anchored:
+        c = torch.randn(x.shape[0], k, generator=gen)
+        c_out = c.clone()
+        emu.project_anchored_bucket_([view_of(out)], [c_out], u, w, side)
+        want, c_want = R.project_anchored(x, c.double(), u.double(), weights=w.double())
+        torch.testing.assert_close(c_out.double(), c_want, rtol=0, atol=1e-4)
+    else:
+        emu.project_bucket_([view_of(out)], u, w, side)
+        want = R.project(x, u.double(), weights=w.double())
+    kernel = emu.last_kernel()
+    stacked = re.search(r"mma_rows_kernel<.*, false, (8|16), true>\(", kernel)
+    assert stacked, kernel
+    warps = int(stacked.group(1))
+    pmc = emu.perf_model_cuda()
+    assert emu.last_smem() == pmc._mma_smem(-(-d // 16), 16, False, warps, 16)
+    err = (view_of(out).double() - want).abs().max()
+    assert err <= TOL[dtype] * max(1.0, want.abs().max().item())
+
+
 def test_kernels_run_on_grids_smaller_than_their_work():
     # tensor cores: 19 tiles of 16 rows; the FMA engine (rows wider than 1280) its own tiles
     for shape, tensor_cores in (((300, 768), True), ((120, 1300), False)):
@@ -427,7 +473,7 @@ def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
         u = torch.linalg.qr(torch.randn(768, 20, dtype=torch.float64))[0].float().contiguous()
         want = g.double() - g.double() @ u.double() @ u.double().T
         emu.project_bucket_([g], u, None, "input")
-        assert ", 3, false, 16>(" in emu.last_kernel(), emu.last_kernel()
+        assert ", 3, false, 16, false>(" in emu.last_kernel(), emu.last_kernel()
         assert (g.double() - want).abs().max() <= 2.0**-7 * want.abs().max()
         assert run(260, 40) < 1e-5  # 43 KiB: tensor cores
         try:
@@ -549,7 +595,8 @@ def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype,
     if "mma_rows_kernel<" in emu.last_kernel() and 512 < d <= 1024 and k <= 40:  # one launch
         # fp32 views past 768 columns: 8 warps of 8 blocks (on 16 warps of 4 they spilled)
         fp32_wide = dtype == torch.float32 and d > 768
-        want = ", 8, false, 8>(" if fp32_wide else f", {3 if d <= 768 else 4}, false, 16>("
+        nb = 3 if d <= 768 else 4
+        want = ", 8, false, 8, false>(" if fp32_wide else f", {nb}, false, 16, false>("
         assert want in emu.last_kernel(), emu.last_kernel()
     # fp32: the projection's sums of k products err like √k (max |Δp| at d = 300, one
     # launch: 1.3e-6 at k = 12, 2.6e-6 at 100, 4.8e-6 at 168; two launches at 200: 4.2e-6).
@@ -658,7 +705,7 @@ def test_row_pairs_adamw_matches_float64(case, dtype):
     emu.projected_adamw_bucket_(ps, gs, ms, vs, None, steps, cs, u, w, "output", **hyper,
                                 maximize=False)  # fmt: skip
     assert "AdamWPairPolicy<" in emu.last_kernel(), emu.last_kernel()
-    warps = ", 3, false, 16>(" if d > 512 else ", false, 8>("
+    warps = ", 3, false, 16, false>(" if d > 512 else ", false, 8, false>("
     assert warps in emu.last_kernel(), emu.last_kernel()
     tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
@@ -691,9 +738,11 @@ def test_tensor_core_rows_match_float64(dtype, cols):
     # 16 warps of 4 blocks at 770 (49 blocks), of 3 at 768 ([16 warps]); fp32: 8 warps of
     # 8 blocks at 770, of 6 at 768 (two such CTAs fit the emulated H100's shared memory)
     if dtype == torch.float32:
-        assert f", {8 if cols == 770 else 6}, false, 8>(" in emu.last_kernel(), emu.last_kernel()
+        want = f", {8 if cols == 770 else 6}, false, 8, false>("
+        assert want in emu.last_kernel(), emu.last_kernel()
     else:
-        assert f", {4 if cols == 770 else 3}, true, 16>(" in emu.last_kernel(), emu.last_kernel()
+        want = f", {4 if cols == 770 else 3}, true, 16, false>("
+        assert want in emu.last_kernel(), emu.last_kernel()
     scale = x.abs().max().item()
     assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
     assert torch.equal(g[:, cols:], untouched)
@@ -730,7 +779,8 @@ def test_tensor_core_fp32_rows_on_sixteen_warps(side, anchored, d, k, nb):
         w = torch.rand(k, generator=gen)
         want = x - ((x @ u.double()) * w.double()) @ u.double().t()
         emu.project_bucket_([view], u, w, side)
-    policy = f"ProjectPolicy<float, {'true' if side == 'input' else 'false'}>, {nb}, false, 16>("
+    vector = "true" if side == "input" else "false"
+    policy = f"ProjectPolicy<float, {vector}>, {nb}, false, 16, false>("
     assert policy in emu.last_kernel(), emu.last_kernel()
     assert (view.double() - want).abs().max().item() <= TOL[torch.float32] * x.abs().max().item()
 
@@ -826,11 +876,11 @@ def test_tensor_core_pairs_match_float64(dtype, k):
     want = x - ((x @ u64) * w64) @ u64.t()
     anchored = g.clone()
     emu.project_bucket_([g], u, w, "input")
-    assert ", true, 8>(" in emu.last_kernel(), emu.last_kernel()
+    assert ", true, 8, false>(" in emu.last_kernel(), emu.last_kernel()
     assert (g.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
     c = (x @ u64).float()  # anchors at the rows themselves: the same projection
     emu.project_anchored_bucket_([anchored], [c], u, w, "input")
-    assert ", false, 8>(" in emu.last_kernel(), emu.last_kernel()
+    assert ", false, 8, false>(" in emu.last_kernel(), emu.last_kernel()
     x0 = x - ((x @ u64 - c.double()) * w64) @ u64.t()
     assert (anchored.double() - x0).abs().max().item() <= TOL[dtype] * x0.abs().max().item()
 
@@ -879,7 +929,7 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
     # row pairs take 16 warps up to 768 columns, 8 warps of 8 blocks beyond
     nb, warps = (3, 16) if d <= 768 else (8, 8) if layout == "pairs" else (4, 16)
     pairs = not anchored and d <= 768  # U twice: 2 x 96 KiB fit 227 KiB at 768, not 2 x 128
-    assert f", {nb}, {'true' if pairs else 'false'}, {warps}>(" in kernel, kernel
+    assert f", {nb}, {'true' if pairs else 'false'}, {warps}, false>(" in kernel, kernel
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
 
 
@@ -892,10 +942,10 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
 @pytest.mark.parametrize(
     ("dtype", "d", "layout", "kernel_args"),
     [
-        (torch.float16, 700, "rows", ", 3, {pairs}, 16>("),
-        (torch.bfloat16, 700, "pairs", ", 3, {pairs}, 16>("),
-        (torch.bfloat16, 1100, "strided", ", 10, false, 8>("),
-        (torch.float32, 260, "rows", ", 4, false, 8>("),
+        (torch.float16, 700, "rows", ", 3, {pairs}, 16, false>("),
+        (torch.bfloat16, 700, "pairs", ", 3, {pairs}, 16, false>("),
+        (torch.bfloat16, 1100, "strided", ", 10, false, 8, false>("),
+        (torch.float32, 260, "rows", ", 4, false, 8, false>("),
     ],
 )
 @pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored-soft"])
@@ -959,7 +1009,7 @@ def test_tensor_core_wide_rows_match_float64(dtype, d, k, anchored, layout):
     want, kernel = _project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
     assert "mma_rows_kernel<" in kernel and "PairPolicy" not in kernel, kernel
     pairs = not anchored and dtype != torch.float32 and k == 12
-    assert f", 10, {'true' if pairs else 'false'}, 8>(" in kernel, kernel
+    assert f", 10, {'true' if pairs else 'false'}, 8, false>(" in kernel, kernel
     scale = want.abs().max().item()
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * scale
 
@@ -1128,7 +1178,7 @@ def test_tensor_core_adamw_matches_float64(case):
     if launches == 1:  # [16 warps] AdamW's own kernel: rows of 513-1024 columns (fp32: 768)
         sixteen = 512 < d <= (768 if dtype == torch.float32 else 1024)
         nb = 3 if d <= 768 else 4
-        assert (f", {nb}, false, 16>(" in emu.last_kernel()) == sixteen, emu.last_kernel()
+        assert (f", {nb}, false, 16, false>(" in emu.last_kernel()) == sixteen, emu.last_kernel()
     # 16-bit p is rounded once per launch: bf16-column-blocks' two roundings are at most
     # a full ulp of the largest value, 2^-7 of it
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
@@ -1163,7 +1213,8 @@ def test_wide_adamw_step_then_project_keeps_amsgrad():
         [p], [g], [m], [v], [vmax], [torch.tensor(3.0)], [c], u, w, "input", **hyper
     )
     assert emu.stats()[0] - before == 2
-    assert "ProjectPolicy<float, true>, 10, false, 8>(" in emu.last_kernel(), emu.last_kernel()
+    wide = "ProjectPolicy<float, true>, 10, false, 8, false>("
+    assert wide in emu.last_kernel(), emu.last_kernel()
     for name, got, want in zip("pmvVc", (p, m, v, vmax, c), ref, strict=True):
         err = (got.double() - want).abs().max().item()
         assert err <= 1e-6 * max(want.abs().max().item(), 1.0), (name, err)
@@ -1200,13 +1251,13 @@ def test_tensor_core_adamw_keeps_the_anchored_guarantee(k, launches, d):
         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False,
     )  # fmt: skip
     assert emu.stats()[0] - before == launches
-    assert (", 16>(" in emu.last_kernel()) == (d == 600) or launches == 2, emu.last_kernel()
+    assert (", 16, false>(" in emu.last_kernel()) == (d == 600) or launches == 2, emu.last_kernel()
     assert worst <= 1e-6, worst
 
 
 # ---------------------------------------------------------------- the perf model's twin
 
-_KERNEL = re.compile(r"mma_rows_kernel<.*?::(\w+)<[^>]*>, (\d+), (\w+), (\d+)>")
+_KERNEL = re.compile(r"mma_rows_kernel<.*?::(\w+)<[^>]*>, (\d+), (\w+), (\d+), (\w+)>")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -1216,8 +1267,9 @@ def test_the_model_twin_launches_what_the_launcher_launches(side, dtype):
     launchers says run; here the launchers themselves (the emulated device's shared memory)
     run `project_` and `ProjectedAdamW` on 4 rows (transposed views: 4 view rows, which
     pair up) at widths on 8 warps and on 16 ([16 warps]: 3 and 4 blocks a warp, AdamW's
-    too) and k that fit U once, twice ([pairs]) or take a block of its columns a launch:
-    the same engine, policy, blocks a warp, U split or not, warps, and launches."""
+    too) and k that fit U once, twice ([pairs]) or take a block of its columns a launch,
+    and 16-bit k = 8 ([stacked]): the same engine, policy, blocks a warp, U split or not,
+    warps, stacked or not, and launches."""
     pmc, optin = emu.perf_model_cuda(), emu.smem_optin()
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)

@@ -78,6 +78,7 @@ enum class BasisLayout : int {
   kTransposed = 0,    // U^T, (kp x dp), zero padded (the rows kernel's, every layout's)
   kMmaFragments = 1,  // U in the tensor-core kernel's fragment order (mma_rows.cuh [basis])
   kMmaPairs = 2,      // U split, hi then lo, in coefficient pairs (mma_rows.cuh [pairs])
+  kMmaStacked = 3,    // k <= 8: U split, hi as group 0, lo as group 1 of kMmaFragments ([stacked])
 };
 
 // Rounds n up to a multiple of m.
@@ -115,17 +116,27 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
     const at::Tensor lo = x - hi;
     return at::stack({hi.view({kp / 16, dp / 16, 256}), lo.view({kp / 16, dp / 16, 256})}, 2).flatten();
   }
-  TORCH_CHECK(layout == BasisLayout::kMmaFragments, "gradproj cuda: unknown basis layout");
+  TORCH_CHECK(layout == BasisLayout::kMmaFragments || layout == BasisLayout::kMmaStacked,
+              "gradproj cuda: unknown basis layout");
+  int64_t kf = kp;  // the fragment layout's columns
+  if (layout == BasisLayout::kMmaStacked) {
+    // mma_rows.cuh [stacked]: the columns of U (k <= 8) split as mma::split, hi then lo
+    TORCH_CHECK(kp == 8, "gradproj cuda: a stacked basis has at most 8 columns");
+    const at::Tensor hi =
+        at::bitwise_and(padded.view(at::kInt) + 0x1000, static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
+    padded = at::cat({hi, padded - hi}, 1).contiguous();
+    kf = 16;
+  }
   // mma_rows.cuh [basis]: element (j, b, a, p, e) = U[16 b + 4 a + e][8 j + (p ^ f(a))],
   // f(a) = 4 (a & 1) + 2 (a >> 1): group major ([offsets]). Index arithmetic on the
   // device: no host copy.
-  const at::Tensor j = at::arange(kp / 8, index).view({-1, 1, 1, 1, 1});
+  const at::Tensor j = at::arange(kf / 8, index).view({-1, 1, 1, 1, 1});
   const at::Tensor b = at::arange(dp / 16, index).view({1, -1, 1, 1, 1});
   const at::Tensor a = at::arange(4, index).view({1, 1, -1, 1, 1});
   const at::Tensor p = at::arange(8, index).view({1, 1, 1, -1, 1});
   const at::Tensor e = at::arange(4, index).view({1, 1, 1, 1, -1});
   const at::Tensor f = (a * 4).remainder(8) + at::floor_divide(a, 2) * 2;
-  const at::Tensor source = (b * 16 + a * 4 + e) * kp + j * 8 + at::bitwise_xor(p, f);
+  const at::Tensor source = (b * 16 + a * 4 + e) * kf + j * 8 + at::bitwise_xor(p, f);
   return padded.flatten().index_select(0, source.flatten());
 }
 

@@ -71,6 +71,18 @@
 //   quarter-warps and pass 2's half-warps conflict-free. Not for anchored rows: with the
 //   doubled staging their anchor loads made the kernel latency-bound (bf16 k = 32 on
 //   H100: 84 % -> 72 % of copy, predicted).
+// [stacked] 16-bit projection rows of a launch of k <= 8 columns (one group: pass 1's M of
+//   16 coefficients half zero, [pass 1]) stage U split, hi as group 0 and lo as group 1 of
+//   the fragment layout (BasisLayout::kMmaStacked, kp = 16): pass 1's A, rows gq and
+//   gq + 8, is then U_hi and U_lo of coefficient gq, so one MMA a k-step and row half forms
+//   both products (U_hi x in rows 0-7 of C, U_lo x in rows 8-15; the finishing thread of
+//   coefficient q adds the sum of q + 8, a shuffle), where two MMAs and a split of U (3
+//   instructions a value) did; pass 2 reads B hi and lo from the two groups instead of
+//   splitting it, one k-step (steps: 1). The sums of U_hi x and U_lo x are kept apart until
+//   then (fp32, as [sums] would have them). bf16 k = 8 at d = 768 (sm_90, --lines): the
+//   split and the second MMA were 0.16 of 0.77 warp instructions an element. Its own
+//   instantiation (kStacked): as a run-time flag of the fragment kernels, the branches cost
+//   the 16-bit kernels of k > 8 0.3-0.4 warp instructions an element (sm_80, bf16 k = 32).
 // [offsets] The staged basis is group major (fragments: group j of 8 coefficients, then
 //   block) or chunk major (pairs: chunk c of 16, then block, then hi and lo), so the blocks
 //   a warp reads in one chunk lie at fixed distances (fragments: a block 512 B on; pairs:
@@ -196,6 +208,7 @@ struct Geometry {
   int c0;              // [columns] the launch's first basis column: its anchors' column
   bool row_data;       // anchors or weights to finish the coefficients with
   bool pairs;          // [pairs] U staged split, hi and lo (kp a multiple of 16)
+  bool stacked;        // [stacked] k <= 8, U staged split as two groups (hi, lo): kp = 16
   int warps;           // [16 warps] warps a CTA: kWarps or kWideWarps
   int row_bytes;       // [row cache] sizeof(P::Row): 16 (projections) or 32 (AdamW)
 };
@@ -355,7 +368,7 @@ __device__ __forceinline__ void pass2_tile(float (&xb)[2][4], int X, const uint3
   }
 }
 
-template <class P, int NB, bool kPairs, int W>
+template <class P, int NB, bool kPairs, int W, bool kStacked>
 __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) mma_rows_kernel(
     P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
   using T = typename P::Scalar;
@@ -431,6 +444,9 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   // the fragment order, their 16-warp kernels of NB = 4 spilled 4-140 B, sm_80 and sm_90.)
   constexpr bool kSplitCoefficients = !P::kUpdates;
   const float* cs_lane = cs + 4 * lane;
+  // [stacked] 16-bit projections of k <= 8, the fragment layout (its own instantiation: as
+  // a run-time branch it cost the other 16-bit kernels 0.3-0.4 warp instructions an element)
+  static_assert(!kStacked || (P::kExactTf32 && !P::kUpdates && !kPairs), "[stacked]");
 
   // [row cache] Tile `tile`'s rows into slot `slot`: 16 threads of warp 0, one row each,
   // P::row (AdamW's with its bias corrections: any Row serves the stores, which read only
@@ -702,6 +718,22 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           float4 u1 = make_float4(0.f, 0.f, 0.f, 0.f);
           if (second) u1 = *g1;  // model-cold-if: not second
           float part[2][4];  // [sums] this block's MMAs, from zero (kSums)
+          if constexpr (kStacked) {
+            // [stacked] A = (U_hi; U_lo) of coefficient gq: groups 0 and 1 as they stand
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+              const uint32_t a[4] = {__float_as_uint(s == 0 ? u0.x : u0.y),
+                                     __float_as_uint(s == 0 ? u1.x : u1.y),
+                                     __float_as_uint(s == 0 ? u0.z : u0.w),
+                                     __float_as_uint(s == 0 ? u1.z : u1.w)};
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const uint32_t bx[2] = {__float_as_uint(x[b][h][s]), __float_as_uint(x[b][h][s + 2])};
+                mma::mma_tf32(acc[h], a, bx);
+              }
+            }
+            continue;
+          }
 #pragma unroll
           for (int s = 0; s < 2; ++s) {
             // K-step s takes columns 4 tq + s (K index tq) and 4 tq + s + 2 (tq + 4).
@@ -776,6 +808,8 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         float total = 0.f;
         for (int w = w0; w < w0 + kSumWarps; ++w) total += red[(w * kTileRows + fr) * kCoefChunk + col];  // model-trips: 8
         if constexpr (kSplitSums) total += __shfl_down_sync(0xffffffffu, total, kCoefChunk);
+        // [stacked] coefficient q's U_lo x is column q + 8's sum, 8 lanes on
+        if constexpr (kStacked) total += __shfl_down_sync(0xffffffffu, total, 8);
         if (finisher && fkk < g.kp) {
           // tile::finish_coef with the values loaded above
           float coef = total;
@@ -828,7 +862,9 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         }
       }
     } else {
-      for (int s = 0; s < J; ++s) {  // model-trips: kp / 8
+      // [stacked] one k-step, its B hi and lo from groups 0 and 1
+      const int steps = kStacked ? 1 : J;
+      for (int s = 0; s < steps; ++s) {  // model-trips: steps
         uint32_t ch[4];
         uint32_t cl[4];
         if constexpr (kSplitCoefficients) {
@@ -849,6 +885,21 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
                                  : reinterpret_cast<const float*>(su + (s * g.nblk + warp * NB + b) * 32);
           const float2 w0 = *reinterpret_cast<const float2*>(sub + pair_off(0, 0));
           const float2 w1 = *reinterpret_cast<const float2*>(sub + pair_off(0, 1));
+          if constexpr (kStacked) {
+            // group 1 (lo) lies nblk sub-blocks of 128 floats after group 0 (hi)
+            const float* lo = sub + 128 * g.nblk;
+            const float2 l0 = *reinterpret_cast<const float2*>(lo + pair_off(0, 0));
+            const float2 l1 = *reinterpret_cast<const float2*>(lo + pair_off(0, 1));
+#pragma unroll
+            for (int X = 0; X < 2; ++X) {
+              const uint32_t bh[2] = {__float_as_uint(X == 0 ? w0.x : w0.y),
+                                      __float_as_uint(X == 0 ? w1.x : w1.y)};
+              const uint32_t bl[2] = {__float_as_uint(X == 0 ? l0.x : l0.y),
+                                      __float_as_uint(X == 0 ? l1.x : l1.y)};
+              pass2_tile<kSums>(x[b], X, cl, ch, bh, bl);
+            }
+            continue;
+          }
 #pragma unroll
           for (int X = 0; X < 2; ++X) {
             const mma::Split b0 = mma::split(X == 0 ? w0.x : w0.y);
@@ -1036,18 +1087,20 @@ int64_t columns_per_launch(int64_t d, int64_t k) {
   return columns_per_launch(d, k, kMaxRowD<P>);
 }
 
-template <class P, int NB, bool kPairs, int W>
+template <class P, int NB, bool kPairs, int W, bool kStacked = false>
 void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
-  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs, W>);
+  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs, W, kStacked>);
   // columns_per_launch and run_columns chose the columns and layout to fit this very limit;
-  // smem_bytes sizes the layout by g.pairs, g.warps and g.row_bytes, the kernel by kPairs, W
-  // and sizeof(P::Row)
-  TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.warps == W && g.row_bytes == sizeof(typename P::Row));
+  // smem_bytes sizes the layout by g.pairs, g.stacked, g.warps and g.row_bytes, the kernel
+  // by kPairs, kStacked, W and sizeof(P::Row)
+  TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.stacked == kStacked && g.warps == W &&
+                        g.row_bytes == sizeof(typename P::Row));
   TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
-  const at::Tensor frag =
-      packed_basis(basis, kPairs ? BasisLayout::kMmaPairs : BasisLayout::kMmaFragments);
+  const at::Tensor frag = packed_basis(
+      basis, kPairs ? BasisLayout::kMmaPairs
+                    : g.stacked ? BasisLayout::kMmaStacked : BasisLayout::kMmaFragments);
   launch_kernel<kMaxDynamicSmem>(
-      mma_rows_kernel<P, NB, kPairs, W>, g.n_tiles, W * 32, smem_bytes(g), pol, g,
+      mma_rows_kernel<P, NB, kPairs, W, kStacked>, g.n_tiles, W * 32, smem_bytes(g), pol, g,
       reinterpret_cast<const float4*>(frag.data_ptr<float>()), weights);
 }
 
@@ -1055,6 +1108,9 @@ template <class P, int NB, int W = kWarps>
 void launch_layout(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
   if constexpr (P::kExactTf32) {
     if (g.pairs) return launch<P, NB, true, W>(pol, g, basis, weights);
+  }
+  if constexpr (P::kExactTf32 && !P::kUpdates) {  // [stacked]
+    if (g.stacked) return launch<P, NB, false, W, true>(pol, g, basis, weights);
   }
   launch<P, NB, false, W>(pol, g, basis, weights);
 }
@@ -1075,6 +1131,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.row_data = anchored || weights != nullptr;
   g.c0 = static_cast<int>(c0);  // c0 < k <= d <= kMaxD
   g.pairs = false;
+  g.stacked = false;
   g.warps = kWarps;
   g.row_bytes = static_cast<int>(sizeof(typename P::Row));
   {
@@ -1097,6 +1154,13 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
     split.kp = round_up(kc, 16);
     split.coef_ld = coef_ld_for(split.kp);
     if (kc > 8 && !anchored && smem_bytes(split) <= smem_limit()) g = split;
+  }
+  if constexpr (P::kExactTf32 && !P::kUpdates) {  // [stacked] one group of columns
+    Geometry stack = g;
+    stack.stacked = true;
+    stack.kp = 16;
+    stack.coef_ld = coef_ld_for(stack.kp);
+    if (kc <= 8 && smem_bytes(stack) <= smem_limit()) g = stack;
   }
   if (total_rows == 0) return;
   const at::Tensor cols = basis.narrow(1, c0, kc);

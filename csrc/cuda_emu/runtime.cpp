@@ -249,6 +249,7 @@ struct Emulator {
   // statistics, for tests/cuda_emulation.py
   int64_t launches = 0;
   const void* last_kernel = nullptr;  // the last launch's kernel (its name on request)
+  int64_t last_smem = 0;               // and its dynamic shared memory, bytes
   int64_t blocks = 0;
   int64_t switches = 0;
 
@@ -813,6 +814,7 @@ void run_grid(const LaunchConfig& config, void (*body)(void*), void* arg) {
   regs.grid_dim = config.grid;
   ++e.launches;
   e.last_kernel = config.kernel;
+  e.last_smem = static_cast<int64_t>(config.smem);
 
   const FaultGuard faults;
   for (unsigned z = 0; z < config.grid.z; ++z) {
@@ -960,9 +962,18 @@ std::string emulator_last_kernel() {
   return e.last_kernel == nullptr ? std::string() : gradproj_emu::detail::kernel_name(e.last_kernel);
 }
 
+// The last launch's dynamic shared memory in bytes (0 before any launch): the layout a
+// launcher chose where the kernel is the same (mma_rows.cuh [stacked]).
+int64_t emulator_last_smem() {
+  auto& e = gradproj_emu::detail::emu();
+  const std::lock_guard<std::mutex> lock(e.launch_mutex);
+  return e.last_smem;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gradproj_emu, m) {
   m.def("emulator_stats() -> int[]", &emulator_stats);
   m.def("emulator_last_kernel() -> str", &emulator_last_kernel);
+  m.def("emulator_last_smem() -> int", &emulator_last_smem);
 }

@@ -307,6 +307,17 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+def chunk_for(k: int) -> int:
+    """``tile::chunk_for``: the rows kernel's coefficients a chunk (KC), the smallest
+    power of two not below k, at most ``tile::kChunk``."""
+    return next(c for c in (1, 2, 4) if k <= c) if k <= 4 else CHUNK
+
+
+def rows_kernel(policy: str, mode: int, kc: int) -> str:
+    """The demangled ``rows_kernel<P, Mode, KC>`` (mode 0 fused, 1 partials, 2 apply)."""
+    return f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode){mode}, {kc}>"
+
+
 def rows_launches(
     policy: str, krows: int, d: int, k: int, total_rows: int, entries: int,
     resident_bytes: int = RESIDENT_BYTES, ept: int = EPT,
@@ -316,7 +327,7 @@ def rows_launches(
     at most ``tile::kChunk``);
     ``ept``: the policy's ``kEpt``, elements of a row per thread."""
     kp = _round_up(k, CHUNK)
-    kc = next(c for c in (1, 2, 4, CHUNK) if k <= c or c == CHUNK)
+    kc = chunk_for(k)
     staged = _round_up(k, kc)  # the rows the chunks read (resident): kp, or k up to KC
     wpr = 1
     while wpr < WARPS and wpr * 32 * ept < d:
@@ -343,16 +354,14 @@ def rows_launches(
         resident = staged * smem_ld * 4 <= resident_bytes
         smem = staged * smem_ld * 4 if resident else kc * smem_ld * 4
         env |= dict(smem_ld=smem_ld, resident=resident)
-        kernel = f"rows_kernel<{policy}, (gradproj::cuda::tile::Mode)0, {kc}>"
-        return [Launch(kernel, n_tiles, smem, env)]
+        return [Launch(rows_kernel(policy, 0, kc), n_tiles, smem, env)]
     env |= dict(smem_ld=seg_width, resident=False)
     smem = kc * seg_width * 4
     combine = -(-(total_rows * kp) // THREADS)
-    mode = "rows_kernel<" + policy + ", (gradproj::cuda::tile::Mode){}, " + str(kc) + ">"
     return [
-        Launch(mode.format(1), n_tiles * nseg, smem, env),
+        Launch(rows_kernel(policy, 1, kc), n_tiles * nseg, smem, env),
         Launch(f"combine_kernel<{policy} >", combine, 0, env),
-        Launch(mode.format(2), n_tiles * nseg, smem, env),
+        Launch(rows_kernel(policy, 2, kc), n_tiles * nseg, smem, env),
     ]
 
 
@@ -471,7 +480,7 @@ def mma_launches(
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
                    entries=entries, second=groups % 2 == 0, anchored=anchored,
-                   units=2 if pairs else 1, W=warps, threads=32 * warps, stacked=stacked,
+                   units=2 if pairs else 1, W=warps, threads=32 * warps,
                    steps=1 if stacked else groups)  # fmt: skip
         kernel = (f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}, "
                   f"{'true' if stacked else 'false'}>")  # fmt: skip

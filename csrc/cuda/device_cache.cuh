@@ -84,6 +84,12 @@ enum class BasisLayout : int {
 // Rounds n up to a multiple of m.
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// [3xTF32] hi of x, elementwise, as mma::split forms it on the device: half a tf32 ulp
+// added, the low 13 bits cleared (lo = x - hi exactly).
+inline at::Tensor tf32_hi(const at::Tensor& x) {
+  return at::bitwise_and(x.view(at::kInt) + 0x1000, static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
+}
+
 // U (d x k float32) in `layout`, with d padded to dp = round_up(d, 8) and k to
 // kp = round_up(k, 8); the padding is zero, so padded rows and coefficients add 0.
 inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
@@ -111,8 +117,7 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
                            at::floor_divide(comp, 2) * 2;
     const at::Tensor col = c * 16 + q + comp.remainder(2) * 8;
     const at::Tensor x = padded.flatten().index_select(0, (row * kp + col).flatten());
-    const at::Tensor hi =
-        at::bitwise_and(x.view(at::kInt) + 0x1000, static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
+    const at::Tensor hi = tf32_hi(x);
     const at::Tensor lo = x - hi;
     return at::stack({hi.view({kp / 16, dp / 16, 256}), lo.view({kp / 16, dp / 16, 256})}, 2).flatten();
   }
@@ -122,8 +127,7 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
   if (layout == BasisLayout::kMmaStacked) {
     // mma_rows.cuh [stacked]: the columns of U (k <= 8) split as mma::split, hi then lo
     TORCH_CHECK(kp == 8, "gradproj cuda: a stacked basis has at most 8 columns");
-    const at::Tensor hi =
-        at::bitwise_and(padded.view(at::kInt) + 0x1000, static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
+    const at::Tensor hi = tf32_hi(padded);
     padded = at::cat({hi, padded - hi}, 1).contiguous();
     kf = 16;
   }

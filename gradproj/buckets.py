@@ -70,7 +70,9 @@ def row_view(g: torch.Tensor, side: str) -> torch.Tensor:
         if not g.is_contiguous():  # view(-1) of g[::2] exists but has stride 2: kernels need 1
             raise RuntimeError("a flat row view needs a contiguous tensor")
         return g.view(-1)
-    if g.dim() == 1:  # a bias under side="output": one column of length out
+    if g.dim() == 2:  # a linear weight's grad is its own row view (no view to build)
+        m = g
+    elif g.dim() == 1:  # a bias under side="output": one column of length out
         m = g.view(g.shape[0], 1)
     else:
         m = g.view(g.shape[0], -1)

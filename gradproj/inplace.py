@@ -28,16 +28,21 @@ from collections.abc import Iterable, Sequence
 import torch
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     # Fake tensors under torch.compile have no addresses; functionalization
     # tracks their mutations itself.
     return torch.compiler.is_compiling()
 
 
-def check_writable(t: torch.Tensor, where: str) -> None:
+def check_writable(t: torch.Tensor, where: object) -> None:
     """Raise ``RuntimeError`` if torch would refuse an in-place op on ``t``."""
-    if _tracing():  # dynamo cannot trace is_inference(); the traced op's own checks apply
+    if tracing():  # dynamo cannot trace is_inference(); the traced op's own checks apply
         return
+    check_writable_eager(t, where)
+
+
+def check_writable_eager(t: torch.Tensor, where: object) -> None:
+    """:func:`check_writable` for a caller that has found it is not tracing (once a call)."""
     if t.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(
             f"{where} is an inference tensor (created under torch.inference_mode); an in-place "
@@ -68,22 +73,28 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 def check_no_overlap(
-    written: Sequence[tuple[torch.Tensor, str]],
-    read: Sequence[tuple[torch.Tensor, str]] = (),
+    written: Sequence[tuple[torch.Tensor, object]],
+    read: Sequence[tuple[torch.Tensor, object]] = (),
 ) -> None:
     """Raise ``ValueError`` if a written tensor may share memory with itself or any other input.
 
-    ``written``/``read`` are ``(tensor, name)`` pairs. Read-only inputs may share
-    memory with each other (one basis for many grads). One sweep over the address
-    ranges sorted by start: O(n log n) for the hundreds of grads of a UNet.
+    ``written``/``read`` are ``(tensor, name)`` pairs (a name is formatted only for the
+    error). Read-only inputs may share memory with each other (one basis for many grads).
+    One sweep over the address ranges sorted by start: O(n log n) for the hundreds of
+    grads of a UNet.
     """
-    if _tracing():
+    if tracing():
         return
-    spans: list[tuple[int, int, bool, str]] = []
+    spans: list[tuple[int, int, bool, object]] = []
     for t, where in written:
-        if t.numel() == 0:
+        n = t.numel()
+        if n == 0:
             continue
-        if t.numel() > 1 and may_overlap_internally(t):
+        if t.is_contiguous():  # distinct addresses, numel elements from data_ptr: no sort
+            start = t.data_ptr()
+            spans.append((start, start + n * t.element_size(), True, where))
+            continue
+        if n > 1 and may_overlap_internally(t):
             raise ValueError(
                 f"{where} has internally overlapping memory (shape {tuple(t.shape)}, strides "
                 f"{t.stride()}: e.g. an expand()ed or as_strided view) and cannot be written in "
@@ -91,11 +102,15 @@ def check_no_overlap(
             )
         spans.append((*_byte_range(t), True, where))
     for t, where in read:
-        if t.numel():
+        n = t.numel()
+        if n and t.is_contiguous():
+            start = t.data_ptr()
+            spans.append((start, start + n * t.element_size(), False, where))
+        elif n:
             spans.append((*_byte_range(t), False, where))
     spans.sort(key=lambda s: s[0])
-    end_all, who_all = -1, ""
-    end_written, who_written = -1, ""
+    end_all, who_all = -1, None
+    end_written, who_written = -1, None
     for start, end, is_written, where in spans:
         other = who_all if is_written and start < end_all else None
         if other is None and start < end_written:
@@ -114,7 +129,7 @@ def check_no_overlap(
 
 def mark_written(tensors: Iterable[torch.Tensor]) -> None:
     """Bump the version counters of ``tensors``, as a torch in-place op on them would."""
-    if _tracing():
+    if tracing():
         return
     todo = [t for t in tensors if not t.is_inference()]  # inference tensors keep no version
     if todo:

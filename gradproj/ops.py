@@ -8,12 +8,19 @@ kernel ever sees an input it would misread.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from gradproj import backends, buckets
-from gradproj.inplace import check_no_overlap, check_writable, mark_written
+from gradproj.inplace import (
+    check_no_overlap,
+    check_writable,
+    check_writable_eager,
+    mark_written,
+    tracing,
+)
 from gradproj.reference import SIDES, side_dim
 
 # Largest |UᵀU − I| accepted by ``check_orthonormal``, per basis dtype. Measured
@@ -39,6 +46,25 @@ def _where(i: int, names: Sequence[str] | None) -> str:
     return f"grads[{i}] ({names[i]!r})" if names is not None else f"grads[{i}]"
 
 
+class _Where:
+    """``prefix + _where(i, names)``, formatted only when a message uses it.
+
+    A call checks every tensor of a bucket; building each one's name up front cost more
+    host time than the checks themselves (a UNet's 32 K/V grads: ~2 µs a grad).
+    """
+
+    __slots__ = ("i", "names", "prefix")
+
+    def __init__(self, i: int, names: Sequence[str] | None, prefix: str = "") -> None:
+        self.i, self.names, self.prefix = i, names, prefix
+
+    def __str__(self) -> str:
+        return self.prefix + _where(self.i, self.names)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def _as_list(x, what: str) -> list:
     if isinstance(x, torch.Tensor) or x is None:
         return [x]
@@ -47,7 +73,7 @@ def _as_list(x, what: str) -> list:
     raise TypeError(f"{what} must be a tensor or a list/tuple of tensors, got {type(x).__name__}")
 
 
-def unpack_basis(b: BasisLike, weights, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unpack_basis(b: BasisLike, weights, where: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(U, w)`` from a basis tensor or an object with ``.basis``, ``.weights``."""
     if isinstance(b, torch.Tensor):
         return b, _as_weights(weights, b, where)
@@ -64,7 +90,7 @@ def unpack_basis(b: BasisLike, weights, where: str) -> tuple[torch.Tensor, torch
     )
 
 
-def _as_weights(weights, basis: torch.Tensor, where: str) -> torch.Tensor | None:
+def _as_weights(weights, basis: torch.Tensor, where: object) -> torch.Tensor | None:
     if weights is None:
         return None
     if not isinstance(weights, torch.Tensor):
@@ -72,17 +98,24 @@ def _as_weights(weights, basis: torch.Tensor, where: str) -> torch.Tensor | None
     return weights
 
 
-def _is_dtensor(t) -> bool:
-    if type(t) is torch.Tensor or not isinstance(t, torch.Tensor):
-        return False
+@functools.cache
+def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch build without distributed support
+        return None
+    return DTensor
+
+
+def _is_dtensor(t) -> bool:
+    # A plain parameter's type is Parameter; a DTensor parameter's (FSDP2) is DTensor.
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or not isinstance(t, torch.Tensor):
         return False
-    return isinstance(t, DTensor)
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
-def local_tensor(t, side: str, where: str):
+def local_tensor(t, side: str, where: object):
     """The local tensor to project for ``t``, which may be a DTensor (FSDP2, tensor parallel).
 
     A plain tensor is returned as is. A DTensor is projected on its local shard
@@ -107,7 +140,7 @@ def local_tensor(t, side: str, where: str):
     )
 
 
-def _check_float(t: torch.Tensor, what: str) -> None:
+def _check_float(t: torch.Tensor, what: object) -> None:
     if not (t.is_floating_point()):
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {t.dtype}")
     if t.layout != torch.strided:
@@ -123,48 +156,59 @@ def validate(
     names: Sequence[str] | None,
     check_orthonormal: bool,
     tol: float | None = None,
+    checked: set[tuple] | None = None,
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``grads[i]`` for each way ``(g, U, w)`` errs."""
-    where = _where(i, names)
+    """Raise ``TypeError``/``ValueError`` naming ``grads[i]`` for each way ``(g, U, w)`` errs.
+
+    ``checked``: the ``(id(U), id(w), tol)`` this call has already checked on their own
+    (dtype, rank, the weights' shape and range, orthonormality); their checks against
+    ``g`` (rows, ``k ≤ d``, device) still run. A basis is added once it passes.
+    """
+    where = _Where(i, names)
+    key = (id(u), id(w), tol)
+    fresh = checked is None or key not in checked
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"{where} must be a tensor or None, got {type(g).__name__}")
     _check_float(g, where)
-    _check_float(u, f"basis of {where}")
-    if u.dim() != 2:
-        raise ValueError(f"basis of {where} must be 2-D (d × k), got shape {tuple(u.shape)}")
-    if side == "input" and g.dim() < 2:
+    if fresh:
+        _check_float(u, _Where(i, names, "basis of "))
+        if u.dim() != 2:
+            raise ValueError(f"basis of {where} must be 2-D (d × k), got shape {tuple(u.shape)}")
+    shape, (rows, k) = g.shape, u.shape
+    if side == "input" and len(shape) < 2:
         raise ValueError(
-            f"{where} has shape {tuple(g.shape)}: side='input' projects the rows of a weight "
+            f"{where} has shape {tuple(shape)}: side='input' projects the rows of a weight "
             "of at least 2 dims (out × in...); use side='flat' or no basis for a 1-D tensor"
         )
-    if side == "output" and g.dim() < 1:
+    if side == "output" and not shape:
         raise ValueError(f"{where} is a 0-d tensor: side='output' needs at least 1 dim")
-    d = side_dim(g.shape, side)
-    if u.shape[0] != d:
+    d = side_dim(shape, side)
+    if rows != d:
         raise ValueError(
-            f"basis of {where} has {u.shape[0]} rows, but side={side!r} of a grad of shape "
-            f"{tuple(g.shape)} needs {d} (basis shape {tuple(u.shape)})"
+            f"basis of {where} has {rows} rows, but side={side!r} of a grad of shape "
+            f"{tuple(shape)} needs {d} (basis shape {tuple(u.shape)})"
         )
-    if u.shape[1] > d:
-        raise ValueError(
-            f"basis of {where} has k={u.shape[1]} columns > d={d}: it cannot be orthonormal"
-        )
-    if u.device != g.device:
-        raise ValueError(f"basis of {where} is on {u.device}, but the grad is on {g.device}")
+    if k > d:
+        raise ValueError(f"basis of {where} has k={k} columns > d={d}: it cannot be orthonormal")
+    device = g.device
+    if u.device != device:
+        raise ValueError(f"basis of {where} is on {u.device}, but the grad is on {device}")
     if w is not None:
-        _check_float(w, f"weights of {where}")
-        if w.dim() != 1 or w.shape[0] != u.shape[1]:
-            raise ValueError(
-                f"weights of {where} must have shape ({u.shape[1]},) to match the basis "
-                f"(d × k = {tuple(u.shape)}), got {tuple(w.shape)}"
-            )
-        if w.device != g.device:
-            raise ValueError(f"weights of {where} are on {w.device}, but the grad is on {g.device}")
+        if fresh:
+            _check_float(w, _Where(i, names, "weights of "))
+            if w.dim() != 1 or w.shape[0] != k:
+                raise ValueError(
+                    f"weights of {where} must have shape ({k},) to match the basis "
+                    f"(d × k = {tuple(u.shape)}), got {tuple(w.shape)}"
+                )
+        if w.device != device:
+            raise ValueError(f"weights of {where} are on {w.device}, but the grad is on {device}")
         # Reading the values synchronizes with the device; free for CPU weights,
         # opt-in (check_orthonormal) for accelerator ones.
         # (Skipped while torch.compile traces: the values are data, not graph.)
         if (
-            (w.device.type == "cpu" or check_orthonormal)
+            fresh
+            and (w.device.type == "cpu" or check_orthonormal)
             and w.numel() > 0
             and not torch.compiler.is_compiling()
         ):
@@ -173,8 +217,10 @@ def validate(
                 raise ValueError(
                     f"weights of {where} must lie in [0, 1], got values in [{lo:g}, {hi:g}]"
                 )
-    if check_orthonormal:
+    if check_orthonormal and fresh:
         check_orthonormal_(u, f"basis of {where}", tol=tol)
+    if checked is not None:
+        checked.add(key)
 
 
 def check_orthonormal_(u: torch.Tensor, what: str = "basis", *, tol: float | None = None) -> None:
@@ -238,16 +284,34 @@ def _collect(
     idx: list[int] = []
     todo_g: list[torch.Tensor] = []
     todo_b: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    # Per basis object, once a call: its (U, w) (a weights= sequence made a tensor once a
+    # device, so grads sharing a basis share one bucket), and its own checks (validate).
+    unpacked: dict[int, tuple[torch.Tensor, torch.Tensor | None, float | None]] = {}
+    weights_on: dict[torch.device, torch.Tensor] = {}
+    checked: set[tuple] = set()
+    writable = writes and not tracing()  # torch's in-place rules (inplace.check_writable)
     for i, (g, b) in enumerate(zip(grad_list, basis_list, strict=True)):
         if g is None or b is None:
             continue
-        u, w = unpack_basis(b, weights, _where(i, names))
-        g = local_tensor(g, side, _where(i, names))
-        u = local_tensor(u, "flat", f"basis of {_where(i, names)}")
-        tol = getattr(b, "orthonormal_tol", None)
-        validate(i, g, u, w, side, names, check_orthonormal, tol)
-        if writes:
-            check_writable(g, _where(i, names))
+        found = unpacked.get(id(b))
+        if found is None:
+            w_arg = weights
+            listed = w_arg is not None and not isinstance(w_arg, torch.Tensor)
+            if listed and isinstance(b, torch.Tensor):
+                if b.device not in weights_on:
+                    weights_on[b.device] = torch.as_tensor(
+                        w_arg, dtype=torch.float32, device=b.device
+                    )
+                w_arg = weights_on[b.device]
+            u, w = unpack_basis(b, w_arg, _Where(i, names))
+            u = local_tensor(u, "flat", _Where(i, names, "basis of "))
+            found = unpacked[id(b)] = (u, w, getattr(b, "orthonormal_tol", None))
+        u, w, tol = found
+        if type(g) is not torch.Tensor and type(g) is not torch.nn.Parameter:
+            g = local_tensor(g, side, _Where(i, names))
+        validate(i, g, u, w, side, names, check_orthonormal, tol, checked)
+        if writable and g.is_inference():
+            check_writable_eager(g, _Where(i, names))
         if g.numel() == 0 or u.shape[1] == 0:
             continue  # nothing to project
         idx.append(i)
@@ -264,15 +328,15 @@ def _check_aliasing(
     anchors: list[torch.Tensor] | None = None,
 ) -> None:
     """No written tensor (grad, anchor) may share memory with another input (see ``inplace``)."""
-    out = [(g, _where(i, names)) for i, g in zip(idx, written, strict=True)]
+    out = [(g, _Where(i, names)) for i, g in zip(idx, written, strict=True)]
     if anchors is not None:
-        out += [(c, f"anchor of {_where(i, names)}") for i, c in zip(idx, anchors, strict=True)]
+        out += [(c, _Where(i, names, "anchor of ")) for i, c in zip(idx, anchors, strict=True)]
     read, seen = [], set()
     for i, (u, w) in zip(idx, bases, strict=True):
-        for t, what in ((u, "basis"), (w, "weights")):
+        for t, what in ((u, "basis of "), (w, "weights of ")):
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
-                read.append((t, f"{what} of {_where(i, names)}"))
+                read.append((t, _Where(i, names, what)))
     check_no_overlap(out, read)
 
 
@@ -405,21 +469,23 @@ def project_anchored_(
     if len(anchor_list) != n:
         raise ValueError(f"got {n} params but {len(anchor_list)} anchors")
     todo_c = []
+    traced = tracing()
     for i, p, (u, _) in zip(idx, todo_p, todo_b, strict=True):
         c = anchor_list[i]
-        where = _where(i, names)
+        where = _Where(i, names)
         expected = (rows_of(p.shape, side), u.shape[1])
         if not isinstance(c, torch.Tensor):
             raise TypeError(f"anchor of {where} must be a tensor, got {type(c).__name__}")
         dt = buckets.accumulate_dtype(p.dtype)
-        if tuple(c.shape) != expected or c.dtype != dt or not c.is_contiguous():
+        if c.shape != expected or c.dtype != dt or not c.is_contiguous():
             raise ValueError(
                 f"anchor of {where} must be a contiguous {dt} tensor of shape {expected}, "
                 f"got {c.dtype} {tuple(c.shape)}{'' if c.is_contiguous() else ' (non-contiguous)'}"
             )
         if c.device != p.device:
             raise ValueError(f"anchor of {where} is on {c.device}, but the param is on {p.device}")
-        check_writable(c, f"anchor of {where}")
+        if not traced:
+            check_writable_eager(c, _Where(i, names, "anchor of "))
         todo_c.append(c)
     _check_aliasing(idx, todo_p, todo_b, names, anchors=todo_c)
     bucket_list = buckets.group(todo_p, todo_b, side, anchors=todo_c)

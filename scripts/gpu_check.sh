@@ -28,7 +28,8 @@
 #      this GPU against both backends' kernel times ($OUT/model_check.md); with PROFILE=1 the same with
 #      the tensor cores off (GRADPROJ_CUDA_TENSOR_CORES=0: $OUT/pvm_cuda_fma.*) and the
 #      model's width sweep ($OUT/pvm_widths.*): the second H200 run (2026-12-04b) measured
-#      those, so a run spends its minutes on what is new unless asked,
+#      those, so a run spends its minutes on what is new unless asked; then the host time a
+#      call takes (benchmarks/bench_host.py: $OUT/bench_host.json),
 #   6. with FULL=1 only: the whole suite and the benchmark suites.
 # Every stage writes as it goes, so a stage cut short still leaves what it measured.
 # Exit status: non-zero when the build fails or any test that ran failed.
@@ -241,6 +242,14 @@ for b in triton cuda; do [ -s "$OUT/pvm_$b.json" ] && mc_backends+=("$b"); done
 if (( ${#mc_backends[@]} )); then
   timeout -k 5 "$(cap 30)" "$PY" benchmarks/model_check.py --run "$OUT" \
     --backend "${mc_backends[@]}" --md "$OUT/model_check.md" | sed -n 5,7p
+  pack
+fi
+# host time a call (benchmarks/bench_host.py: 32 and 128 tiny tensors, nothing synchronized in
+# the timing): the per-call host work the 2026-12-04 runs saw exceed many kernels
+if (( $(left) > 40 )); then
+  timeout -k 5 "$(cap 40)" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_host.py \
+    --benchmark-only --benchmark-group-by=param:n --benchmark-columns=min,median \
+    --benchmark-json="$OUT/bench_host.json" 2>&1 | grep -E "test_host|passed|failed"
   pack
 fi
 # the same rows with the tensor cores switched off (mma_rows.cuh tensor_cores_enabled): the

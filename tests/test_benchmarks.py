@@ -6,6 +6,8 @@ Timings are not asserted (a unit test is no benchmark); correctness and complete
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import torch
 
@@ -105,3 +107,23 @@ def test_plot_draws_uniform_cases(tmp_path):
     png = plot.main([str(path)])
     assert png.endswith(".png") and (tmp_path / "r.png").stat().st_size > 1000
     assert plot.series(rows, 32)["copy"] == [(1.0, 10.0), (4.0, 10.0)]
+
+
+def test_host_benchmark_calls_do_the_work_they_time():
+    """benchmarks/bench_host.py: each timed call does what it names (it is no empty loop)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import bench_host
+
+    for call in bench_host.CALLS:
+        run, tensors, u = bench_host._setup(call, 3)
+        before = [t.detach().clone() for t in tensors]
+        along = [t.detach() @ u for t in tensors]
+        run()
+        for t, b, a in zip(tensors, before, along, strict=True):
+            t = t.detach()
+            if call == "project_":  # onto U's complement
+                assert (t @ u).abs().max() < 1e-5, call
+            elif call in ("project_anchored_", "wrapper", "fused"):  # W U kept at its anchor
+                torch.testing.assert_close(t @ u, a, rtol=0, atol=1e-5)
+            if call in ("adamw_foreach", "wrapper", "fused"):
+                assert not torch.equal(t, b), call  # the step moved it

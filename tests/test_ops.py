@@ -111,6 +111,52 @@ def test_aliasing_and_overlap_rejected():
         gradproj.project_(expanded, orthonormal(8, 1))
 
 
+def test_contiguous_slices_overlap_only_when_their_rows_meet():
+    g = torch.randn(4, 8)
+    gradproj.project_([g[0:2], g[2:4]], orthonormal(8, 1))  # adjacent, disjoint: fine
+    with pytest.raises(ValueError, match=r"grads\[1\] shares memory with grads\[0\]"):
+        gradproj.project_([g[0:3], g[2:4]], orthonormal(8, 1))
+    u = orthonormal(8, 1)
+    with pytest.raises(ValueError, match=r"basis of grads\[0\] shares memory with grads\[0\]"):
+        gradproj.project_(u.view(1, 8), u.view(8, 1))
+
+
+def test_each_basis_is_checked_once_but_against_every_grad():
+    good, bad = orthonormal(8, 2), torch.zeros(8, 2, dtype=torch.int32)
+    gs = [torch.randn(4, 8) for _ in range(3)]
+    with pytest.raises(TypeError, match=r"basis of grads\[2\] must be a floating-point"):
+        gradproj.project_(gs, [good, good, bad])
+    with pytest.raises(ValueError, match=r"basis of grads\[2\] has 8 rows.*needs 6"):
+        gradproj.project_([gs[0], gs[1], torch.randn(4, 6)], good)
+    with pytest.raises(ValueError, match=r"weights of grads\[1\] must lie in \[0, 1\]"):
+        w_bad = torch.tensor([0.5, 2.0])
+        gradproj.project_(gs[:2], [(good), _Basis(good, w_bad)])
+
+
+class _Basis:
+    def __init__(self, basis, weights):
+        self.basis, self.weights = basis, weights
+
+
+def test_a_weights_sequence_keeps_a_shared_basis_in_one_bucket(monkeypatch):
+    seen = []
+    group = ops.buckets.group
+
+    def spy(*args, **kwargs):
+        out = group(*args, **kwargs)
+        seen.append(len(out))
+        return out
+
+    monkeypatch.setattr(ops.buckets, "group", spy)
+    u = orthonormal(8, 2)
+    gs = [torch.randn(4, 8) for _ in range(5)]
+    want = [g - (g @ u) * torch.tensor([0.25, 1.0]) @ u.T for g in gs]
+    gradproj.project_(gs, u, weights=[0.25, 1.0])
+    assert seen == [1]  # a tensor made from the list once, not one per grad (5 launches)
+    for g, w in zip(gs, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 def test_validation_happens_before_any_write():
     good, bad = torch.randn(4, 8), torch.randn(4, 6)
     before = good.clone()

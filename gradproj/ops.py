@@ -440,6 +440,19 @@ def anchor(param: torch.Tensor, basis: BasisLike, *, side: str = "input") -> tor
     return out
 
 
+def _refuse_anchor(c, p: torch.Tensor, expected: tuple[int, int], where: _Where) -> None:
+    """Raise the error that says how anchor ``c`` of param ``p`` fails its contract."""
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"anchor of {where} must be a tensor, got {type(c).__name__}")
+    dt = buckets.accumulate_dtype(p.dtype)
+    if c.shape != expected or c.dtype != dt or not c.is_contiguous():
+        raise ValueError(
+            f"anchor of {where} must be a contiguous {dt} tensor of shape {expected}, "
+            f"got {c.dtype} {tuple(c.shape)}{'' if c.is_contiguous() else ' (non-contiguous)'}"
+        )
+    raise ValueError(f"anchor of {where} is on {c.device}, but the param is on {p.device}")
+
+
 @torch.no_grad()
 def project_anchored_(
     params: GradList,
@@ -472,19 +485,16 @@ def project_anchored_(
     traced = tracing()
     for i, p, (u, _) in zip(idx, todo_p, todo_b, strict=True):
         c = anchor_list[i]
-        where = _Where(i, names)
         expected = (rows_of(p.shape, side), u.shape[1])
-        if not isinstance(c, torch.Tensor):
-            raise TypeError(f"anchor of {where} must be a tensor, got {type(c).__name__}")
-        dt = buckets.accumulate_dtype(p.dtype)
-        if c.shape != expected or c.dtype != dt or not c.is_contiguous():
-            raise ValueError(
-                f"anchor of {where} must be a contiguous {dt} tensor of shape {expected}, "
-                f"got {c.dtype} {tuple(c.shape)}{'' if c.is_contiguous() else ' (non-contiguous)'}"
-            )
-        if c.device != p.device:
-            raise ValueError(f"anchor of {where} is on {c.device}, but the param is on {p.device}")
-        if not traced:
+        if not (
+            isinstance(c, torch.Tensor)
+            and c.shape == expected
+            and c.dtype == buckets.accumulate_dtype(p.dtype)
+            and c.is_contiguous()
+            and c.device == p.device
+        ):
+            _refuse_anchor(c, p, expected, _Where(i, names))
+        if not traced and c.is_inference():
             check_writable_eager(c, _Where(i, names, "anchor of "))
         todo_c.append(c)
     _check_aliasing(idx, todo_p, todo_b, names, anchors=todo_c)

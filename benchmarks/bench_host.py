@@ -15,6 +15,9 @@ as long as the device keeps up with these tiny launches. Peers, measured in the 
 * ``ProjectedOptimizer`` (AdamW ``foreach=True`` inside, ``mode="update"``) and
   ``ProjectedAdamW``: ``torch.optim.AdamW(foreach=True)`` on the same params.
 
+gradproj's calls run on the default backend, and where several kernel backends run (a GPU:
+``triton`` and ``cuda``) on each by name too (``project_[cuda]``).
+
 Host time (of this machine's CPU), not GPU performance. Run::
 
     .venv/bin/python -m pytest benchmarks/bench_host.py --benchmark-only \\
@@ -38,14 +41,29 @@ import torch
 
 import gradproj
 from gradproj import ops
+from gradproj.bench import harness
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = (8, 64)
 K = 8
 CALLS = ("foreach_mul", "project_", "project_anchored_", "adamw_foreach", "wrapper", "fused")
+PEERS = ("foreach_mul", "adamw_foreach")
+# gradproj's calls run on the device's default backend (None) and, where more than one
+# kernel backend runs here (a GPU: triton and cuda), on each by name as well
+KERNEL_BACKENDS = [
+    b
+    for b in harness.runnable_backends("project_bucket_", DEVICE, torch.float32)
+    if b != "reference"
+]
+BACKENDS = [None] + (KERNEL_BACKENDS if len(KERNEL_BACKENDS) > 1 else [])
+CASES = [(c, None) for c in CALLS] + [(c, b) for b in BACKENDS[1:] for c in CALLS if c not in PEERS]
 
 
-def _setup(call: str, n: int):
+def case_name(call: str, backend: str | None) -> str:
+    return call if backend is None else f"{call}[{backend}]"
+
+
+def _setup(call: str, n: int, backend: str | None = None):
     """``(run, tensors, basis)``: the timed call and what it changes (for the smoke test)."""
     gen = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(SHAPE[1], K, generator=gen))[0].to(DEVICE)
@@ -53,10 +71,14 @@ def _setup(call: str, n: int):
     if call == "foreach_mul":
         return (lambda: torch._foreach_mul_(tensors, 1.0)), tensors, basis
     if call == "project_":
-        return (lambda: gradproj.project_(tensors, basis)), tensors, basis
+        return (lambda: gradproj.project_(tensors, basis, backend=backend)), tensors, basis
     if call == "project_anchored_":
         anchors = [ops.anchor(t, basis) for t in tensors]
-        return (lambda: ops.project_anchored_(tensors, anchors, basis)), tensors, basis
+        return (
+            (lambda: ops.project_anchored_(tensors, anchors, basis, backend=backend)),
+            tensors,
+            basis,
+        )
     params = [torch.nn.Parameter(t) for t in tensors]
     for p in params:
         p.grad = torch.randn(*SHAPE, generator=gen).to(DEVICE)
@@ -64,16 +86,17 @@ def _setup(call: str, n: int):
     if call == "adamw_foreach":
         opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
     elif call == "wrapper":
-        opt = gradproj.ProjectedOptimizer(torch.optim.AdamW(params, lr=1e-3, foreach=True), bases)
+        inner = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+        opt = gradproj.ProjectedOptimizer(inner, bases, backend=backend)
     else:
-        opt = gradproj.ProjectedAdamW(params, lr=1e-3, bases=bases)
+        opt = gradproj.ProjectedAdamW(params, lr=1e-3, bases=bases, backend=backend)
     return opt.step, params, basis
 
 
-@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: case_name(*c))
 @pytest.mark.parametrize("n", [32, 128])
-def test_host_time(benchmark, call: str, n: int) -> None:
-    run, _, _ = _setup(call, n)
+def test_host_time(benchmark, case: tuple[str, str | None], n: int) -> None:
+    run, _, _ = _setup(case[0], n, case[1])
     run()  # state, anchors, caches outside the timing
     gpu = DEVICE.type == "cuda"
     benchmark.extra_info.update(
@@ -109,9 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "us_per_call": {
-            f"{call} n={n}": best_time(_setup(call, n)[0], 300 if n <= 32 else 100, args.repeats)
+            f"{case_name(call, backend)} n={n}": best_time(
+                _setup(call, n, backend)[0], 300 if n <= 32 else 100, args.repeats
+            )
             for n in (32, 128)
-            for call in CALLS
+            for call, backend in CASES
         },
     }
     text = json.dumps(result, indent=1)

@@ -114,8 +114,10 @@ def test_host_benchmark_calls_do_the_work_they_time():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     import bench_host
 
-    for call in bench_host.CALLS:
-        run, tensors, u = bench_host._setup(call, 3)
+    named = harness.runnable_backends("project_bucket_", torch.device("cpu"), torch.float32)[-1]
+    cases = bench_host.CASES + [(c, named) for c in bench_host.CALLS if c not in bench_host.PEERS]
+    for call, backend in cases:
+        run, tensors, u = bench_host._setup(call, 3, backend)
         before = [t.detach().clone() for t in tensors]
         along = [t.detach() @ u for t in tensors]
         run()

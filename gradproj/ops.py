@@ -16,7 +16,6 @@ import torch
 from gradproj import backends, buckets
 from gradproj.inplace import (
     check_no_overlap,
-    check_writable,
     check_writable_eager,
     mark_written,
     tracing,
@@ -505,6 +504,25 @@ def project_anchored_(
     mark_written(todo_p + todo_c)
 
 
+class _Indexed:
+    """``what[i]`` (``g_unlearn[3]``), formatted only when a message uses it (see _Where)."""
+
+    __slots__ = ("i", "what")
+
+    def __init__(self, what: str, i: int) -> None:
+        self.what, self.i = what, i
+
+    def __str__(self) -> str:
+        return f"{self.what}[{self.i}]"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def _pair(i: int, names: Sequence[str] | None) -> str:
+    return f"pair {i}" + (f" ({names[i]!r})" if names is not None else "")
+
+
 @torch.no_grad()
 def surgery_(
     g_unlearn: GradList,
@@ -540,29 +558,33 @@ def surgery_(
     if len(us) != len(rs):
         raise ValueError(f"got {len(us)} unlearn gradients but {len(rs)} retain gradients")
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    written: list[tuple[torch.Tensor, str]] = []
-    read: list[tuple[torch.Tensor, str]] = []
+    written: list[tuple[torch.Tensor, object]] = []
+    read: list[tuple[torch.Tensor, object]] = []
+    writable = not tracing()  # torch's in-place rules (inplace.check_writable)
     for i, (u, r) in enumerate(zip(us, rs, strict=True)):
         if u is None or r is None:
             continue
-        where = f"pair {i}" + (f" ({names[i]!r})" if names is not None else "")
-        for t, what in ((u, "g_unlearn"), (r, "g_retain")):
+        named_u, named_r = _Indexed("g_unlearn", i), _Indexed("g_retain", i)
+        for t, what in ((u, named_u), (r, named_r)):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{what}[{i}] must be a tensor or None, got {type(t).__name__}")
-            _check_float(t, f"{what}[{i}]")
+                raise TypeError(f"{what} must be a tensor or None, got {type(t).__name__}")
+            _check_float(t, what)
         if u.shape != r.shape:
             raise ValueError(
-                f"{where}: g_unlearn has shape {tuple(u.shape)}, g_retain {tuple(r.shape)}"
+                f"{_pair(i, names)}: g_unlearn has shape {tuple(u.shape)}, "
+                f"g_retain {tuple(r.shape)}"
             )
         if u.dtype != r.dtype or u.device != r.device:
             raise ValueError(
-                f"{where}: g_unlearn is {u.dtype} on {u.device}, g_retain {r.dtype} on {r.device}"
+                f"{_pair(i, names)}: g_unlearn is {u.dtype} on {u.device}, "
+                f"g_retain {r.dtype} on {r.device}"
             )
-        check_writable(u, f"g_unlearn[{i}]")
-        written.append((u, f"g_unlearn[{i}]"))
-        if symmetric:
-            check_writable(r, f"g_retain[{i}]")
-        (written if symmetric else read).append((r, f"g_retain[{i}]"))
+        if writable and u.is_inference():
+            check_writable_eager(u, named_u)
+        written.append((u, named_u))
+        if symmetric and writable and r.is_inference():
+            check_writable_eager(r, named_r)
+        (written if symmetric else read).append((r, named_r))
         if u.numel():
             pairs.append((u, r))
     check_no_overlap(written, read)

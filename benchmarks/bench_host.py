@@ -55,8 +55,8 @@ KERNEL_BACKENDS = [
     for b in harness.runnable_backends("project_bucket_", DEVICE, torch.float32)
     if b != "reference"
 ]
-BACKENDS = [None] + (KERNEL_BACKENDS if len(KERNEL_BACKENDS) > 1 else [])
-CASES = [(c, None) for c in CALLS] + [(c, b) for b in BACKENDS[1:] for c in CALLS if c not in PEERS]
+NAMED = KERNEL_BACKENDS if len(KERNEL_BACKENDS) > 1 else []
+CASES = [(c, None) for c in CALLS] + [(c, b) for b in NAMED for c in CALLS if c not in PEERS]
 
 
 def case_name(call: str, backend: str | None) -> str:

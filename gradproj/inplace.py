@@ -58,6 +58,8 @@ def may_overlap_internally(t: torch.Tensor) -> bool:
     smaller dimensions reach; that is sufficient for distinct offsets (and catches
     ``expand``, stride 0). Exotic interleavings it cannot prove count as overlapping.
     """
+    if t.is_contiguous():  # every element at its own offset, nothing to sort
+        return False
     reach = 0
     for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n > 1):
         if stride <= reach:
@@ -67,8 +69,10 @@ def may_overlap_internally(t: torch.Tensor) -> bool:
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1
     start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1
     return start, start + span * t.element_size()
 
 
@@ -87,14 +91,9 @@ def check_no_overlap(
         return
     spans: list[tuple[int, int, bool, object]] = []
     for t, where in written:
-        n = t.numel()
-        if n == 0:
+        if t.numel() == 0:
             continue
-        if t.is_contiguous():  # distinct addresses, numel elements from data_ptr: no sort
-            start = t.data_ptr()
-            spans.append((start, start + n * t.element_size(), True, where))
-            continue
-        if n > 1 and may_overlap_internally(t):
+        if t.numel() > 1 and may_overlap_internally(t):
             raise ValueError(
                 f"{where} has internally overlapping memory (shape {tuple(t.shape)}, strides "
                 f"{t.stride()}: e.g. an expand()ed or as_strided view) and cannot be written in "
@@ -102,11 +101,7 @@ def check_no_overlap(
             )
         spans.append((*_byte_range(t), True, where))
     for t, where in read:
-        n = t.numel()
-        if n and t.is_contiguous():
-            start = t.data_ptr()
-            spans.append((start, start + n * t.element_size(), False, where))
-        elif n:
+        if t.numel():
             spans.append((*_byte_range(t), False, where))
     spans.sort(key=lambda s: s[0])
     end_all, who_all = -1, None

@@ -41,24 +41,26 @@ GradList = torch.Tensor | Sequence[torch.Tensor | None]
 BasisLike = torch.Tensor | object | None
 
 
-def _where(i: int, names: Sequence[str] | None) -> str:
-    return f"grads[{i}] ({names[i]!r})" if names is not None else f"grads[{i}]"
+def _where(i: int, names: Sequence[str] | None, what: str = "grads") -> str:
+    return f"{what}[{i}] ({names[i]!r})" if names is not None else f"{what}[{i}]"
 
 
 class _Where:
-    """``prefix + _where(i, names)``, formatted only when a message uses it.
+    """``prefix + _where(i, names, what)``, formatted only when a message uses it.
 
     A call checks every tensor of a bucket; building each one's name up front cost more
     host time than the checks themselves (a UNet's 32 K/V grads: ~2 µs a grad).
     """
 
-    __slots__ = ("i", "names", "prefix")
+    __slots__ = ("i", "names", "prefix", "what")
 
-    def __init__(self, i: int, names: Sequence[str] | None, prefix: str = "") -> None:
-        self.i, self.names, self.prefix = i, names, prefix
+    def __init__(
+        self, i: int, names: Sequence[str] | None, prefix: str = "", what: str = "grads"
+    ) -> None:
+        self.i, self.names, self.prefix, self.what = i, names, prefix, what
 
     def __str__(self) -> str:
-        return self.prefix + _where(self.i, self.names)
+        return self.prefix + _where(self.i, self.names, self.what)
 
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
@@ -298,9 +300,7 @@ def _collect(
             listed = w_arg is not None and not isinstance(w_arg, torch.Tensor)
             if listed and isinstance(b, torch.Tensor):
                 if b.device not in weights_on:
-                    weights_on[b.device] = torch.as_tensor(
-                        w_arg, dtype=torch.float32, device=b.device
-                    )
+                    weights_on[b.device] = _as_weights(w_arg, b, None)
                 w_arg = weights_on[b.device]
             u, w = unpack_basis(b, w_arg, _Where(i, names))
             u = local_tensor(u, "flat", _Where(i, names, "basis of "))
@@ -504,21 +504,6 @@ def project_anchored_(
     mark_written(todo_p + todo_c)
 
 
-class _Indexed:
-    """``what[i]`` (``g_unlearn[3]``), formatted only when a message uses it (see _Where)."""
-
-    __slots__ = ("i", "what")
-
-    def __init__(self, what: str, i: int) -> None:
-        self.what, self.i = what, i
-
-    def __str__(self) -> str:
-        return f"{self.what}[{self.i}]"
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
-
-
 def _pair(i: int, names: Sequence[str] | None) -> str:
     return f"pair {i}" + (f" ({names[i]!r})" if names is not None else "")
 
@@ -564,7 +549,8 @@ def surgery_(
     for i, (u, r) in enumerate(zip(us, rs, strict=True)):
         if u is None or r is None:
             continue
-        named_u, named_r = _Indexed("g_unlearn", i), _Indexed("g_retain", i)
+        named_u = _Where(i, None, what="g_unlearn")
+        named_r = _Where(i, None, what="g_retain")
         for t, what in ((u, named_u), (r, named_r)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{what} must be a tensor or None, got {type(t).__name__}")

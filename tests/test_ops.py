@@ -128,9 +128,9 @@ def test_each_basis_is_checked_once_but_against_every_grad():
         gradproj.project_(gs, [good, good, bad])
     with pytest.raises(ValueError, match=r"basis of grads\[2\] has 8 rows.*needs 6"):
         gradproj.project_([gs[0], gs[1], torch.randn(4, 6)], good)
+    w_bad = torch.tensor([0.5, 2.0])
     with pytest.raises(ValueError, match=r"weights of grads\[1\] must lie in \[0, 1\]"):
-        w_bad = torch.tensor([0.5, 2.0])
-        gradproj.project_(gs[:2], [(good), _Basis(good, w_bad)])
+        gradproj.project_(gs[:2], [good, _Basis(good, w_bad)])
 
 
 class _Basis:

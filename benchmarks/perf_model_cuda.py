@@ -472,6 +472,12 @@ def mma_launches(
         # [pairs]: those projections without anchors whose U fits twice
         fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_bytes) <= limit
         pairs = bool(projection) and dt != "fp32" and not anchored and cols > 8 and fits
+        # [raw pairs]: the other 16-bit projections of more than 8 columns, U staged once in
+        # pairs' order, where that fits and k padded to 16 is k padded to 8
+        raw_smem = _mma_smem(nblk, _round_up(cols, 16), False, warps, row_bytes)
+        raw = (bool(projection) and dt != "fp32" and cols > 8 and not pairs
+               and _round_up(cols, 16) == _round_up(cols, 8) and raw_smem <= limit)  # fmt: skip
+        pairs = pairs or raw
         # [stacked]: 16-bit projections of a launch of at most 8 columns, U hi and lo as two
         # groups of the fragment layout (kp = 16), where that fits
         stacked = (bool(projection) and dt != "fp32" and cols <= 8
@@ -480,11 +486,11 @@ def mma_launches(
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
                    entries=entries, second=groups % 2 == 0, anchored=anchored,
-                   units=2 if pairs else 1, W=warps, threads=32 * warps,
+                   units=2 if pairs and not raw else 1, W=warps, threads=32 * warps,
                    steps=1 if stacked else groups)  # fmt: skip
         kernel = (f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}, "
-                  f"{'true' if stacked else 'false'}>")  # fmt: skip
-        smem = _mma_smem(nblk, kp, pairs, warps, row_bytes, split=not adamw)
+                  f"{'true' if stacked else 'false'}, {'true' if raw else 'false'}>")  # fmt: skip
+        smem = _mma_smem(nblk, kp, pairs and not raw, warps, row_bytes, split=not adamw)
         launches.append(Launch(kernel, n_tiles, smem, env, 32 * warps))
     return launches
 

@@ -178,13 +178,13 @@ def test_scan_sources_of_the_repo() -> None:
     assert all(k.threads or k.threads_expr for k in src.values()), {
         k: v.threads for k, v in src.items()
     }
-    # mma_rows_kernel<P, NB, kPairs, W, kStacked>: W * 32 threads, bound per instantiation
+    # mma_rows_kernel<P, NB, kPairs, W, kStacked, kRaw>: W * 32 threads, bound per instantiation
     mma = src["mma_rows_kernel"]
-    assert (mma.threads, mma.threads_expr, mma.template_params[-2]) == (None, "W * 32", "W")
+    assert (mma.threads, mma.threads_expr, mma.template_params[-3]) == (None, "W * 32", "W")
     policy = "gradproj::cuda::(anonymous namespace)::ProjectPolicy<c10::BFloat16, true>"
-    assert mma.threads_of(f"mma_rows_kernel<{policy}, 3, false, 16, false>") == 512
-    assert mma.threads_of(f"mma_rows_kernel<{policy}, 6, true, 8, false>") == 256
-    assert mma.threads_of(f"mma_rows_kernel<{policy}, 2, false, 8, true>") == 256
+    assert mma.threads_of(f"mma_rows_kernel<{policy}, 3, false, 16, false, false>") == 512
+    assert mma.threads_of(f"mma_rows_kernel<{policy}, 6, true, 8, false, true>") == 256
+    assert mma.threads_of(f"mma_rows_kernel<{policy}, 2, false, 8, true, false>") == 256
     assert mma.threads_of("mma_rows_kernel<P, 6>") is None  # not its template's arity
     assert src["rows_kernel"].threads_of("rows_kernel<anything>") == src["rows_kernel"].threads
     # the row engines (csrc/cuda/tile.cuh, mma_rows.cuh) stage the basis in dynamic

@@ -174,6 +174,38 @@ def test_tensor_core_tile_is_the_documented_mma():
     assert torch.equal(hi[finite], _tf32(x[finite]))
     assert torch.equal(hi[finite].double() + lo[finite].double(), x[finite].double())
     assert lo[~finite].isnan().all()
+    # what the tensor cores read of hi and lo (their tf32 bits): within 2^-21 |x|
+    seen = _trunc(hi[finite]).double() + _trunc(lo[finite]).double()
+    assert ((seen - x[finite].double()).abs() <= 2.0**-21 * x[finite].double().abs()).all()
+
+
+def test_truncated_split_is_exact_and_within_its_bound():
+    """mma.cuh's split_truncated (16-bit results' operands): hi is x truncated to tf32,
+    hi + lo is x exactly, |lo| < 2^-10 |x|, what the
+    tensor cores read of the pair is within 2^-20 |x| of x, and a NaN or infinite x leaves
+    a NaN lo."""
+    gen = torch.Generator().manual_seed(6)
+    # the worst cases: a mantissa of all ones below tf32's bits, and above them
+    x = torch.tensor([1 + (2.0**13 - 1) * 2.0**-23, -(2 - 2.0**-23), 1.0, 2.0**-126])
+    cuda_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    special = torch.cat([torch.tensor([float("nan"), float("inf"), -float("inf")]), cuda_nan])
+    scales = 10.0 ** torch.randint(-6, 6, (312,), generator=gen)
+    x = torch.cat([x, torch.randn(312, generator=gen) * scales, special])
+    hi, lo = selftest("mma_tile", x, threads=32, arg=2, out_numel=640).view(320, 2).unbind(1)
+    finite = x.isfinite()
+    xf, hf, lf = x[finite].double(), hi[finite], lo[finite]
+    assert torch.equal(hf, _trunc(x[finite]))
+    assert torch.equal(hf.double() + lf.double(), xf)
+    assert (lf.double().abs() < 2.0**-10 * xf.abs()).all()
+    err = (_trunc(hf).double() + _trunc(lf).double() - xf).abs()
+    assert (err <= 2.0**-20 * xf.abs()).all()
+    assert err.max() > 0  # the bound is not vacuous: some pairs lose low bits of lo
+    assert lo[~finite].isnan().all()
+
+
+def _trunc(x: torch.Tensor) -> torch.Tensor:
+    """x's tf32 bits, as the tensor cores read an operand (the low 13 bits cleared)."""
+    return (x.view(torch.int32) & -0x2000).view(torch.float32)
 
 
 def test_sfu_approximations_stay_within_their_documented_ulps():
@@ -424,7 +456,7 @@ def test_stacked_basis_matches_float64(dtype, shape, side, k, anchored):
         emu.project_bucket_([view_of(out)], u, w, side)
         want = R.project(x, u.double(), weights=w.double())
     kernel = emu.last_kernel()
-    stacked = re.search(r"mma_rows_kernel<.*, false, (8|16), true>\(", kernel)
+    stacked = re.search(r"mma_rows_kernel<.*, false, (8|16), true, false>\(", kernel)
     assert stacked, kernel
     warps = int(stacked.group(1))
     pmc = emu.perf_model_cuda()
@@ -473,7 +505,15 @@ def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
         u = torch.linalg.qr(torch.randn(768, 20, dtype=torch.float64))[0].float().contiguous()
         want = g.double() - g.double() @ u.double() @ u.double().T
         emu.project_bucket_([g], u, None, "input")
-        assert ", 3, false, 16, false>(" in emu.last_kernel(), emu.last_kernel()
+        assert ", 3, false, 16, false, false>(" in emu.last_kernel(), emu.last_kernel()
+        assert (g.double() - want).abs().max() <= 2.0**-7 * want.abs().max()
+        # k = 16: U once in pairs' order ([raw pairs]: 67.5 KiB, where pairs take 115.5)
+        g = torch.randn(40, 768).bfloat16()
+        u = torch.linalg.qr(torch.randn(768, 16, dtype=torch.float64))[0].float().contiguous()
+        want = g.double() - g.double() @ u.double() @ u.double().T
+        emu.project_bucket_([g], u, None, "input")
+        assert ", 3, true, 16, false, true>(" in emu.last_kernel(), emu.last_kernel()
+        assert emu.last_smem() == 4 * (48 * 2 * 128 + 16 * 16 * 16 + 16 * 32) + 4 * 16 * 24
         assert (g.double() - want).abs().max() <= 2.0**-7 * want.abs().max()
         assert run(260, 40) < 1e-5  # 43 KiB: tensor cores
         try:
@@ -596,7 +636,9 @@ def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype,
         # fp32 views past 768 columns: 8 warps of 8 blocks (on 16 warps of 4 they spilled)
         fp32_wide = dtype == torch.float32 and d > 768
         nb = 3 if d <= 768 else 4
-        want = ", 8, false, 8, false>(" if fp32_wide else f", {nb}, false, 16, false>("
+        want = f", {nb}, false, 16, false, false>("
+        if fp32_wide:
+            want = ", 8, false, 8, false, false>("
         assert want in emu.last_kernel(), emu.last_kernel()
     # fp32: the projection's sums of k products err like √k (max |Δp| at d = 300, one
     # launch: 1.3e-6 at k = 12, 2.6e-6 at 100, 4.8e-6 at 168; two launches at 200: 4.2e-6).
@@ -705,7 +747,7 @@ def test_row_pairs_adamw_matches_float64(case, dtype):
     emu.projected_adamw_bucket_(ps, gs, ms, vs, None, steps, cs, u, w, "output", **hyper,
                                 maximize=False)  # fmt: skip
     assert "AdamWPairPolicy<" in emu.last_kernel(), emu.last_kernel()
-    warps = ", 3, false, 16, false>(" if d > 512 else ", false, 8, false>("
+    warps = ", 3, false, 16, false, false>(" if d > 512 else ", false, 8, false, false>("
     assert warps in emu.last_kernel(), emu.last_kernel()
     tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
@@ -738,9 +780,9 @@ def test_tensor_core_rows_match_float64(dtype, cols):
     # 16 warps of 4 blocks at 770 (49 blocks), of 3 at 768 ([16 warps]); fp32: 8 warps of
     # 8 blocks at 770, of 6 at 768 (two such CTAs fit the emulated H100's shared memory)
     if dtype == torch.float32:
-        launched = f", {8 if cols == 770 else 6}, false, 8, false>("
+        launched = f", {8 if cols == 770 else 6}, false, 8, false, false>("
     else:
-        launched = f", {4 if cols == 770 else 3}, true, 16, false>("
+        launched = f", {4 if cols == 770 else 3}, true, 16, false, false>("
     assert launched in emu.last_kernel(), emu.last_kernel()
     scale = x.abs().max().item()
     assert (view.double() - want).abs().max().item() <= TOL[dtype] * scale
@@ -779,7 +821,7 @@ def test_tensor_core_fp32_rows_on_sixteen_warps(side, anchored, d, k, nb):
         want = x - ((x @ u.double()) * w.double()) @ u.double().t()
         emu.project_bucket_([view], u, w, side)
     vector = "true" if side == "input" else "false"
-    policy = f"ProjectPolicy<float, {vector}>, {nb}, false, 16, false>("
+    policy = f"ProjectPolicy<float, {vector}>, {nb}, false, 16, false, false>("
     assert policy in emu.last_kernel(), emu.last_kernel()
     assert (view.double() - want).abs().max().item() <= TOL[torch.float32] * x.abs().max().item()
 
@@ -861,12 +903,14 @@ def test_tensor_core_rows_take_a_large_basis_a_block_of_columns_a_launch(dtype, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("k", [12, 24, 40])
+@pytest.mark.parametrize("k", [12, 24, 32, 40])
 def test_tensor_core_pairs_match_float64(dtype, k):
     """16-bit rows without anchors whose basis fits shared memory twice take it staged
     split, hi and lo, in coefficient pairs (mma_rows.cuh [pairs]; k padded to a multiple
     of 16: 12 -> 16, 24 -> 32, 40 -> 48), with soft weights, against float64: d = 260 (a
-    warp's last block ragged), 45 rows (a ragged last tile). Anchored rows keep U unsplit."""
+    warp's last block ragged), 45 rows (a ragged last tile). Anchored rows take U once in
+    the pairs' order where its padding to 16 adds nothing to the fragments' padding to 8
+    (12, 32: [raw pairs]), else unsplit in fragments."""
     gen = torch.Generator().manual_seed(k)
     g = torch.randn(45, 260, generator=gen).to(dtype)
     u = _orthonormal(260, k, seed=11)
@@ -875,11 +919,12 @@ def test_tensor_core_pairs_match_float64(dtype, k):
     want = x - ((x @ u64) * w64) @ u64.t()
     anchored = g.clone()
     emu.project_bucket_([g], u, w, "input")
-    assert ", true, 8, false>(" in emu.last_kernel(), emu.last_kernel()
+    assert ", true, 8, false, false>(" in emu.last_kernel(), emu.last_kernel()
     assert (g.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
     c = (x @ u64).float()  # anchors at the rows themselves: the same projection
     emu.project_anchored_bucket_([anchored], [c], u, w, "input")
-    assert ", false, 8, false>(" in emu.last_kernel(), emu.last_kernel()
+    raw = k % 16 in (0, 12)
+    assert f", {str(raw).lower()}, 8, false, {str(raw).lower()}>(" in emu.last_kernel()
     x0 = x - ((x @ u64 - c.double()) * w64) @ u64.t()
     assert (anchored.double() - x0).abs().max().item() <= TOL[dtype] * x0.abs().max().item()
 
@@ -928,7 +973,7 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
     # row pairs take 16 warps up to 768 columns, 8 warps of 8 blocks beyond
     nb, warps = (3, 16) if d <= 768 else (8, 8) if layout == "pairs" else (4, 16)
     pairs = not anchored and d <= 768  # U twice: 2 x 96 KiB fit 227 KiB at 768, not 2 x 128
-    assert f", {nb}, {'true' if pairs else 'false'}, {warps}, false>(" in kernel, kernel
+    assert f", {nb}, {'true' if pairs else 'false'}, {warps}, false, false>(" in kernel, kernel
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * want.abs().max().item()
 
 
@@ -941,10 +986,10 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
 @pytest.mark.parametrize(
     ("dtype", "d", "layout", "kernel_args"),
     [
-        (torch.float16, 700, "rows", ", 3, {pairs}, 16, false>("),
-        (torch.bfloat16, 700, "pairs", ", 3, {pairs}, 16, false>("),
-        (torch.bfloat16, 1100, "strided", ", 10, false, 8, false>("),
-        (torch.float32, 260, "rows", ", 4, false, 8, false>("),
+        (torch.float16, 700, "rows", ", 3, {pairs}, 16, false, false>("),
+        (torch.bfloat16, 700, "pairs", ", 3, {pairs}, 16, false, false>("),
+        (torch.bfloat16, 1100, "strided", ", 10, false, 8, false, false>("),
+        (torch.float32, 260, "rows", ", 4, false, 8, false, false>("),
     ],
 )
 @pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored-soft"])
@@ -1007,8 +1052,11 @@ def test_tensor_core_wide_rows_match_float64(dtype, d, k, anchored, layout):
     c = torch.randn(n, k, generator=gen) if anchored else None
     want, kernel = _project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
     assert "mma_rows_kernel<" in kernel and "PairPolicy" not in kernel, kernel
-    pairs = not anchored and dtype != torch.float32 and k == 12
-    assert f", 10, {'true' if pairs else 'false'}, 8, false>(" in kernel, kernel
+    # anchored: U once in pairs' order ([raw pairs]: k = 12 pads to 16 either way; 40 to 48
+    # would add a k-step to the fragments' 40)
+    pairs = dtype != torch.float32 and k == 12
+    raw = pairs and anchored
+    assert f", 10, {str(pairs).lower()}, 8, false, {str(raw).lower()}>(" in kernel, kernel
     scale = want.abs().max().item()
     assert (rows.double() - want).abs().max().item() <= TOL[dtype] * scale
 
@@ -1177,7 +1225,8 @@ def test_tensor_core_adamw_matches_float64(case):
     if launches == 1:  # [16 warps] AdamW's own kernel: rows of 513-1024 columns (fp32: 768)
         sixteen = 512 < d <= (768 if dtype == torch.float32 else 1024)
         nb = 3 if d <= 768 else 4
-        assert (f", {nb}, false, 16, false>(" in emu.last_kernel()) == sixteen, emu.last_kernel()
+        kernel = emu.last_kernel()
+        assert (f", {nb}, false, 16, false, false>(" in kernel) == sixteen, kernel
     # 16-bit p is rounded once per launch: bf16-column-blocks' two roundings are at most
     # a full ulp of the largest value, 2^-7 of it
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
@@ -1212,7 +1261,7 @@ def test_wide_adamw_step_then_project_keeps_amsgrad():
         [p], [g], [m], [v], [vmax], [torch.tensor(3.0)], [c], u, w, "input", **hyper
     )
     assert emu.stats()[0] - before == 2
-    wide = "ProjectPolicy<float, true>, 10, false, 8, false>("
+    wide = "ProjectPolicy<float, true>, 10, false, 8, false, false>("
     assert wide in emu.last_kernel(), emu.last_kernel()
     for name, got, want in zip("pmvVc", (p, m, v, vmax, c), ref, strict=True):
         err = (got.double() - want).abs().max().item()
@@ -1250,13 +1299,14 @@ def test_tensor_core_adamw_keeps_the_anchored_guarantee(k, launches, d):
         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False,
     )  # fmt: skip
     assert emu.stats()[0] - before == launches
-    assert (", 16, false>(" in emu.last_kernel()) == (d == 600) or launches == 2, emu.last_kernel()
+    kernel = emu.last_kernel()
+    assert (", 16, false, false>(" in kernel) == (d == 600) or launches == 2, kernel
     assert worst <= 1e-6, worst
 
 
 # ---------------------------------------------------------------- the perf model's twin
 
-_KERNEL = re.compile(r"mma_rows_kernel<.*?::(\w+)<[^>]*>, (\d+), (\w+), (\d+), (\w+)>")
+_KERNEL = re.compile(r"mma_rows_kernel<.*?::(\w+)<[^>]*>, (\d+), (\w+), (\d+), (\w+), (\w+)>")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -1268,7 +1318,7 @@ def test_the_model_twin_launches_what_the_launcher_launches(side, dtype):
     pair up) at widths on 8 warps and on 16 ([16 warps]: 3 and 4 blocks a warp, AdamW's
     too) and k that fit U once, twice ([pairs]) or take a block of its columns a launch,
     and 16-bit k = 8 ([stacked]): the same engine, policy, blocks a warp, U split or not,
-    warps, stacked or not, and launches."""
+    warps, stacked or not, U once in pairs' order or not ([raw pairs]), and launches."""
     pmc, optin = emu.perf_model_cuda(), emu.smem_optin()
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False)

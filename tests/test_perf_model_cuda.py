@@ -318,7 +318,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # warp 6 holds 9, warp 7 none); AdamW and the pair policies stop at 1024
     (wide,) = pmc.mma_launches("P", "fp32", 1100, 40, 4096, 2, None)
     assert (wide.env["NB"], wide.env["blocks"]) == (10, 69 / 8)
-    assert wide.kernel == "mma_rows_kernel<P, 10, false, 8, false>"
+    assert wide.kernel == "mma_rows_kernel<P, 10, false, 8, false, false>"
     assert pmc.mma_launches("P", "fp32", 1281, 40, 4096, 2, None) is None  # d > 1280
     # [16 warps] 16-bit projection rows of 513-1024 columns (contiguous, strided, in row
     # pairs to 768; AdamW's too, its fp32 rows to 768): 16 warps a CTA, 3 or 4
@@ -326,11 +326,14 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (w,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"], w.env["W"]) == (512, 3, 3, 16)
-    assert w.kernel == f"mma_rows_kernel<{bf16}, 3, true, 16, false>"  # [pairs]: U twice fits
+    # [pairs]: U twice fits
+    assert w.kernel == f"mma_rows_kernel<{bf16}, 3, true, 16, false, false>"
     assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + row_cache
     (w,) = pmc.mma_launches(bf16, "bf16", 1000, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"]) == (512, 4, 63 / 16)
-    assert w.kernel.endswith(", 4, false, 16, false>")  # 2 x 128 KiB does not fit
+    # 2 x 128 KiB does not fit: [raw pairs], U once in pairs' order
+    assert w.kernel.endswith(", 4, true, 16, false, true>")
+    assert w.dynamic_smem == 4 * (63 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
     for d, dt, policy in ((512, "bf16", bf16), (1100, "bf16", bf16),
                           (768, "fp32", "ProjectPolicy<float, true>"),
                           (1000, "fp32", "AdamWPolicy<float, true>"),
@@ -349,7 +352,8 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         (la,) = pmc.mma_launches(name, dt, d, 32, 4096, 2, None)
         nb = 3 if d <= 768 else 4
         assert (la.threads, la.env["NB"], la.env["blocks"]) == (512, nb, blocks), (d, dt, name)
-        assert la.kernel.endswith(f", {nb}, false, 16, false>")  # AdamW's U is never split in pairs
+        # AdamW's U is never in pairs
+        assert la.kernel.endswith(f", {nb}, false, 16, false, false>")
     for policy in ("ProjectPolicy<c10::Half, false>", "ProjectPairPolicy<c10::BFloat16>"):
         (la,) = pmc.mma_launches(policy, "bf16", 768, 32, 4096, 2, None)
         assert (la.threads, la.env["NB"]) == (512, 3), policy
@@ -370,7 +374,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # with 16 92.5 KiB
     for optin, threads in ((93 * 1024, 512), (92 * 1024, 256)):
         (la,) = pmc.mma_launches(bf16, "bf16", 768, 24, 4096, 2, optin)
-        tail = f", false, {threads // 32}, false>"
+        tail = f", false, {threads // 32}, false, false>"
         assert (la.threads, la.kernel.endswith(tail)) == (threads, True)
     for policy, nb in (("AdamWPolicy<float, true>", 8), ("ProjectPairPolicy<c10::BFloat16>", 8)):
         assert pmc.mma_launches(policy, "bf16", 1100, 40, 4096, 2, None) is None
@@ -416,16 +420,16 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # [pairs]: 16-bit projections whose U fits twice stage it split (k > 8, padded to 16)
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (pairs,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, 227 * 1024)
-    assert pairs.kernel.endswith(", 3, true, 16, false>") and pairs.env["kp"] == 32  # [16 warps]
+    assert pairs.kernel.endswith(", 3, true, 16, false, false>") and pairs.env["kp"] == 32
     assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + row_cache
     for args in (("bf16", 768, 20, 163 * 1024), ("bf16", 768, 8, None), ("fp32", 768, 20, None)):
         dt, d, k, optin = args
         (split,) = pmc.mma_launches(bf16, dt, d, k, 4096, 2, optin)
-        assert re.search(r", false, (8|16), (true|false)>$", split.kernel), args
+        assert re.search(r", false, (8|16), (true|false), false>$", split.kernel), args
     # [stacked]: 16-bit projections of at most 8 columns, U hi and lo as two groups (kp = 16,
     # one k-step in pass 2); not fp32, not AdamW's
     (stacked,) = pmc.mma_launches(bf16, "bf16", 768, 8, 4096, 2, None)
-    assert stacked.kernel.endswith(", 3, false, 16, true>") and stacked.env["kp"] == 16
+    assert stacked.kernel.endswith(", 3, false, 16, true, false>") and stacked.env["kp"] == 16
     assert (stacked.env["steps"], stacked.env["J"]) == (1, 2)
     assert stacked.dynamic_smem == 4 * (48 * 2 * 128 + 16 * 16 * 16 + 16 * 32) + row_cache
     assert pmc.mma_launches(bf16, "bf16", 768, 9, 4096, 2, None)[0].kernel.endswith(", false>")
@@ -437,7 +441,14 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # ([coefficients] AdamW's coefficient tile plain: kp + 4 floats a row)
     assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + 4 * 16 * 40
     (anchored,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, None, anchored=True)
-    assert anchored.kernel.endswith(", 3, false, 16, false>")
+    assert anchored.kernel.endswith(", 3, false, 16, false, false>")  # k = 20: 32 > 24 padded
+    # [raw pairs]: 16-bit projections of k > 8 where pairs do not fit (an A100 at k = 32) or
+    # are not taken (anchored), U staged once in pairs' order, kp as the fragments'
+    for optin, anchored in ((163 * 1024, False), (None, True)):
+        (raw,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, optin, anchored=anchored)
+        assert raw.kernel.endswith(", 3, true, 16, false, true>") and raw.env["kp"] == 32
+        assert raw.env["units"] == 1
+        assert raw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
     assert pmc.mma_columns(1024, 1024, 163 * 1024) == 32
     assert pmc.mma_columns(1024, 1024, 33 * 1024) == 0  # not even 8 columns fit
     (cols,) = pmc.rows_launches("B", 4, 768, 8, 4096, 2, ept=8)

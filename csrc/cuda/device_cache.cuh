@@ -79,6 +79,7 @@ enum class BasisLayout : int {
   kMmaFragments = 1,  // U in the tensor-core kernel's fragment order (mma_rows.cuh [basis])
   kMmaPairs = 2,      // U split, hi then lo, in coefficient pairs (mma_rows.cuh [pairs])
   kMmaStacked = 3,    // k <= 8: U split, hi as group 0, lo as group 1 of kMmaFragments ([stacked])
+  kMmaRawPairs = 4,   // U in kMmaPairs' order, unsplit (mma_rows.cuh [raw pairs])
 };
 
 // Rounds n up to a multiple of m.
@@ -96,12 +97,13 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
   const int64_t d = basis.size(0);
   const int64_t k = basis.size(1);
   const int64_t dp = round_up(d, layout == BasisLayout::kTransposed ? 8 : 16);
-  const int64_t kp = round_up(k, layout == BasisLayout::kMmaPairs ? 16 : 8);
+  const bool pairs = layout == BasisLayout::kMmaPairs || layout == BasisLayout::kMmaRawPairs;
+  const int64_t kp = round_up(k, pairs ? 16 : 8);
   at::Tensor padded = at::zeros({dp, kp}, basis.options());
   padded.narrow(0, 0, d).narrow(1, 0, k).copy_(basis);
   if (layout == BasisLayout::kTransposed) return padded.t().contiguous();
   const at::TensorOptions index = basis.options().dtype(at::kLong);
-  if (layout == BasisLayout::kMmaPairs) {
+  if (pairs) {
     // mma_rows.cuh [pairs]: unit (c, b, half, q, slot) with (4 e + a) = slot ^ f(q) holds
     // U[16 b + 4 a + e + {0, 0, 2, 2}][16 c + q + {0, 8, 0, 8}], its hi (half 0) or lo
     // (half 1) ([3xTF32]: hi rounded to tf32 as mma::split, lo = x - hi exactly). Chunk
@@ -117,6 +119,8 @@ inline at::Tensor pack_basis(const at::Tensor& basis, BasisLayout layout) {
                            at::floor_divide(comp, 2) * 2;
     const at::Tensor col = c * 16 + q + comp.remainder(2) * 8;
     const at::Tensor x = padded.flatten().index_select(0, (row * kp + col).flatten());
+    // [raw pairs]: U as it is, hi and lo formed on the device (mma::split_truncated)
+    if (layout == BasisLayout::kMmaRawPairs) return x;
     const at::Tensor hi = tf32_hi(x);
     const at::Tensor lo = x - hi;
     return at::stack({hi.view({kp / 16, dp / 16, 256}), lo.view({kp / 16, dp / 16, 256})}, 2).flatten();

@@ -43,11 +43,37 @@ __device__ __forceinline__ Split split(float x) {
   return {hi, __float_as_uint(x - __uint_as_float(hi))};
 }
 
-// [3xTF32] An A fragment's four values split: hi[q] + lo[q] = v[q] (as split).
+// [truncated] The split of an operand whose product ends in a 16-bit result (bf16/fp16
+// rows and params): hi = x with its low 13 bits cleared (tf32 truncated) and lo = x - hi
+// exactly: one LOP and one FADD where split takes three instructions. |lo| < 2^-10 |x|
+// (truncation leaves up to a tf32 ulp, where rounding leaves half), so the low bits the
+// tensor cores drop from lo bound the error by 2^-20 |x| (split: 2^-21), 2^11 below a
+// bf16 result's rounding (2^-9). Not for fp32 results: their tests and the anchored
+// guarantee are budgeted on split's bound. (hi as x's own bits, which the tensor cores
+// read truncated anyway, saves the LOP but not an instruction: an MMA's operand pair must
+// sit in adjacent registers, and ptxas moved x's there, 21 moves a k-step of bf16
+// k = 32 on sm_80.) NaN and infinite x give a NaN lo, as split.
+__device__ __forceinline__ Split split_truncated(float x) {
+  const uint32_t hi = __float_as_uint(x) & 0xffffe000u;
+  return {hi, __float_as_uint(x - __uint_as_float(hi))};
+}
+
+// [3xTF32] x split as split, or as split_truncated where kTruncated ([truncated]).
+template <bool kTruncated>
+__device__ __forceinline__ Split split_as(float x) {
+  if constexpr (kTruncated) {
+    return split_truncated(x);
+  } else {
+    return split(x);
+  }
+}
+
+// [3xTF32] An A fragment's four values split: hi[q] + lo[q] = v[q] (as split_as).
+template <bool kTruncated = false>
 __device__ __forceinline__ void split4(const float (&v)[4], uint32_t (&hi)[4], uint32_t (&lo)[4]) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const Split sp = split(v[q]);
+    const Split sp = split_as<kTruncated>(v[q]);
     hi[q] = sp.hi;
     lo[q] = sp.lo;
   }

@@ -56,7 +56,9 @@
 //   tiles). The swizzle f makes both conflict-free: each quarter-warp of the
 //   128-bit reads and each half-warp of the 64-bit reads hits distinct banks.
 // [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
-//   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32.
+//   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32. Where the
+//   result is 16-bit (bf16/fp16 rows and params) the split truncates (mma.cuh
+//   [truncated]: 2 instructions a value, not 3).
 // [pairs] 16-bit rows (x exact in tf32) whose basis fits shared memory twice stage it
 //   split, hi beside lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16), so neither pass
 //   splits U: the split was 3 instructions a value, 0.39 of bf16 k = 32's 1.59 warp
@@ -71,6 +73,15 @@
 //   quarter-warps and pass 2's half-warps conflict-free. Not for anchored rows: with the
 //   doubled staging their anchor loads made the kernel latency-bound (bf16 k = 32 on
 //   H100: 84 % -> 72 % of copy, predicted).
+// [raw pairs] The other 16-bit projection rows of k > 8 (U does not fit twice, as on an
+//   A100 at k = 32, d = 768; or the rows are anchored) stage U once, unsplit, in the pairs'
+//   order (BasisLayout::kMmaRawPairs: block b's 64 units on), and split each value where
+//   they use it, truncated (mma.cuh [truncated]: 2 instructions, their error far below a
+//   16-bit result's rounding). In the fragments' order the split's truncated hi, which
+//   ptxas hands the tensor cores as the loaded value itself (they ignore its low 13 bits),
+//   lay in the wrong registers for the operand quad: 63 moves a block and chunk of bf16
+//   k = 32 on sm_80, which ate most of what the truncation saved. Only where k padded to
+//   16 is k padded to 8 (k = 17-24 would take a fourth k-step in pass 2).
 // [stacked] 16-bit projection rows of a launch of k <= 8 columns (one group: pass 1's M of
 //   16 coefficients half zero, [pass 1]) stage U split, hi as group 0 and lo as group 1 of
 //   the fragment layout (BasisLayout::kMmaStacked, kp = 16): pass 1's A, rows gq and
@@ -208,6 +219,7 @@ struct Geometry {
   int c0;              // [columns] the launch's first basis column: its anchors' column
   bool row_data;       // anchors or weights to finish the coefficients with
   bool pairs;          // [pairs] U staged split, hi and lo (kp a multiple of 16)
+  bool raw;            // [raw pairs] with pairs: U staged once in pairs' order, split where used
   bool stacked;        // [stacked] k <= 8, U staged split as two groups (hi, lo): kp = 16
   int warps;           // [16 warps] warps a CTA: kWarps or kWideWarps
   int row_bytes;       // [row cache] sizeof(P::Row): 16 (projections) or 32 (AdamW)
@@ -250,7 +262,7 @@ __device__ __forceinline__ int pair_unit(int q, int e, int a) {
 // Shared memory of a launch: the staged basis (twice with pairs: hi and lo), the partial
 // sums (a tile a warp), the coefficient tile, the [row cache].
 inline size_t smem_bytes(const Geometry& g) {
-  return (static_cast<size_t>(g.nblk) * (g.kp / 8) * 128 * (g.pairs ? 2 : 1) +
+  return (static_cast<size_t>(g.nblk) * (g.kp / 8) * 128 * (g.pairs && !g.raw ? 2 : 1) +
           static_cast<size_t>(g.warps) * kTileRows * kCoefChunk +
           static_cast<size_t>(kTileRows) * g.coef_ld) *
              sizeof(float) +
@@ -368,15 +380,20 @@ __device__ __forceinline__ void pass2_tile(float (&xb)[2][4], int X, const uint3
   }
 }
 
-template <class P, int NB, bool kPairs, int W, bool kStacked>
+template <class P, int NB, bool kPairs, int W, bool kStacked, bool kRaw>
 __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) mma_rows_kernel(
     P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
   using T = typename P::Scalar;
   constexpr int V = tile::Pack<T>::kSize;
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
   static_assert(!kPairs || P::kExactTf32, "[pairs] hands pass 1 no split of x");
+  static_assert(!kRaw || kPairs, "[raw pairs] are pairs' order");
+  // [raw pairs] U staged once (hi and lo formed where used), else twice with pairs
+  constexpr int kStagings = kPairs && !kRaw ? 2 : 1;
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
   constexpr bool kSums = std::is_same_v<T, float>;  // [precision] fp32 rows: mma.cuh [sums]
+  // [precision] 16-bit rows (results): U, and AdamW's x', split truncated (mma.cuh [truncated])
+  constexpr bool kTruncated = !kSums;
   constexpr bool kRowPairs = RowPairs<P>::value;
   constexpr int kCta = W * 32;  // threads
   // [16 warps] the partial sums of a (row, coefficient) of a chunk: 8 warps' a thread, by one
@@ -389,7 +406,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
   const int64_t basis_units = static_cast<int64_t>(g.nblk) * J * 32;
   float4* su = smem_raw;                                // [basis]: nblk x J x 32 float4
-  float* red = reinterpret_cast<float*>(su + basis_units * (kPairs ? 2 : 1));
+  float* red = reinterpret_cast<float*>(su + basis_units * kStagings);
   float* cs = red + W * kTileRows * kCoefChunk;         // coefficient tile, 16 x coef_ld
   // [row cache] slot s holds rows_s[16 s + m] and anchors_s[16 s + m] of its tile's row m
   using Row = typename P::Row;
@@ -412,8 +429,8 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   // Every block of this warp lies before d in whole vectors.
   const bool whole = d % V == 0 && (warp * NB + nb) * 16 <= d;
   // [offsets] Units a chunk of 16 coefficients takes (all blocks), and a block in it.
-  const int blk_units = kPairs ? 128 : 32;
-  const int chunk_units = (kPairs ? 128 : 64) * g.nblk;
+  const int blk_units = kPairs ? 64 * kStagings : 32;
+  const int chunk_units = (kPairs ? 64 * kStagings : 64) * g.nblk;
   // Pass 1's A: lane's unit in a block's chunk, per k-step s ([pairs]; the fragments' is s's
   // alike). Pass 2's B: float offset of lane's pair in a block's chunk ([pairs]: per k-step
   // sp and tile X, its hi; lo 256 floats on) or group (fragments: coefficients tq and
@@ -461,7 +478,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   // Row m of slot `slot`'s tile.
   auto row_of = [&](int slot, int m) -> Row { return rows_s[slot * kTileRows + m]; };
 
-  const int staged = g.nblk * J * 32 * (kPairs ? 2 : 1);
+  const int staged = g.nblk * J * 32 * kStagings;
   // model-trips: ceil(nblk * J * 32 * units / threads)
   for (int i = threadIdx.x; i < staged; i += kCta) su[i] = frag[i];
   cache_rows(blockIdx.x, 0);  // this CTA's first two tiles
@@ -692,14 +709,22 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
         if constexpr (kPairs) {
           // [pairs] k-step s: the unit (q = gq, e = s, a = tq) is lane's A quad, hi and lo
-          // ([offsets]: block b's hi 128 units on, its lo 64 after that)
+          // ([offsets]: block b's hi 128 units on, its lo 64 after that; [raw pairs]: U,
+          // block b 64 units on, split here)
 #pragma unroll
           for (int s = 0; s < 2; ++s) {
-            const float4* q = chunk_u + p1_unit(s) + 128 * b;
-            const uint4 uh = *reinterpret_cast<const uint4*>(q);
-            const uint4 ul = *reinterpret_cast<const uint4*>(q + 64);
-            const uint32_t ah[4] = {uh.x, uh.y, uh.z, uh.w};
-            const uint32_t al[4] = {ul.x, ul.y, ul.z, ul.w};
+            const float4* q = chunk_u + p1_unit(s) + blk_units * b;
+            uint32_t ah[4];
+            uint32_t al[4];
+            if constexpr (kRaw) {
+              const float4 u = *q;
+              mma::split4<true>({u.x, u.y, u.z, u.w}, ah, al);
+            } else {
+              const uint4 uh = *reinterpret_cast<const uint4*>(q);
+              const uint4 ul = *reinterpret_cast<const uint4*>(q + 64);
+              ah[0] = uh.x, ah[1] = uh.y, ah[2] = uh.z, ah[3] = uh.w;
+              al[0] = ul.x, al[1] = ul.y, al[2] = ul.z, al[3] = ul.w;
+            }
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const uint32_t bh[2] = {__float_as_uint(x[b][h][s]), __float_as_uint(x[b][h][s + 2])};
@@ -742,7 +767,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
                                  s == 0 ? u0.z : u0.w, s == 0 ? u1.z : u1.w};
             uint32_t ah[4];
             uint32_t al[4];
-            mma::split4(av, ah, al);
+            mma::split4<kTruncated>(av, ah, al);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               // B = X^T: x of row gq + 8 h at those columns, the register pair that is
@@ -753,7 +778,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
               for (int q = 0; q < 2; ++q) {
                 if constexpr (kSplitX) {
-                  const mma::Split sp = mma::split(bv[q]);
+                  const mma::Split sp = mma::split_as<kTruncated>(bv[q]);
                   bh[q] = sp.hi;
                   bl[q] = sp.lo;
                 } else {
@@ -838,7 +863,8 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
       // tq and tq + 4 are coefficients 16 c + 4 sp + tq and + 8.
       for (int c = 0; c < J / 2; ++c) {  // model-trips: kp / 16
         // [offsets] the chunk's floats of the warp's first block: block b's hi 512 on
-        const float* chunk_f = reinterpret_cast<const float*>(su + c * chunk_units + warp * NB * 128);
+        // ([raw pairs]: its U 256 on)
+        const float* chunk_f = reinterpret_cast<const float*>(su + c * chunk_units + warp * NB * blk_units);
 #pragma unroll
         for (int sp = 0; sp < 2; ++sp) {
           uint32_t ch[4];
@@ -851,11 +877,19 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
             for (int X = 0; X < 2; ++X) {
               // tile X: half gq % 2 of the unit (4 sp + tq, X, gq / 2), U row
               // 4 (gq / 2) + 2 (gq % 2) + X at coefficients q and q + 8: lane's B
-              const float* hi = chunk_f + 512 * b + pair_off(sp, X);
-              const uint2 wh = *reinterpret_cast<const uint2*>(hi);
-              const uint2 wl = *reinterpret_cast<const uint2*>(hi + 256);
-              const uint32_t bh[2] = {wh.x, wh.y};
-              const uint32_t bl[2] = {wl.x, wl.y};
+              const float* hi = chunk_f + 4 * blk_units * b + pair_off(sp, X);
+              uint32_t bh[2];
+              uint32_t bl[2];
+              if constexpr (kRaw) {
+                const float2 u = *reinterpret_cast<const float2*>(hi);
+                const mma::Split u0 = mma::split_truncated(u.x);
+                const mma::Split u1 = mma::split_truncated(u.y);
+                bh[0] = u0.hi, bh[1] = u1.hi, bl[0] = u0.lo, bl[1] = u1.lo;
+              } else {
+                const uint2 wh = *reinterpret_cast<const uint2*>(hi);
+                const uint2 wl = *reinterpret_cast<const uint2*>(hi + 256);
+                bh[0] = wh.x, bh[1] = wh.y, bl[0] = wl.x, bl[1] = wl.y;
+              }
               pass2_tile<kSums>(x[b], X, cl, ch, bh, bl);
             }
           }
@@ -873,7 +907,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           const float v[4] = {
               -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
               -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
-          mma::split4(v, ch, cl);
+          mma::split4<kTruncated>(v, ch, cl);
         }
         // [offsets] group s's floats of the warp's first block: block b's 128 on
         const float* group_f = reinterpret_cast<const float*>(su + (s * g.nblk + warp * NB) * 32);
@@ -902,8 +936,8 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           }
 #pragma unroll
           for (int X = 0; X < 2; ++X) {
-            const mma::Split b0 = mma::split(X == 0 ? w0.x : w0.y);
-            const mma::Split b1 = mma::split(X == 0 ? w1.x : w1.y);
+            const mma::Split b0 = mma::split_as<kTruncated>(X == 0 ? w0.x : w0.y);
+            const mma::Split b1 = mma::split_as<kTruncated>(X == 0 ? w1.x : w1.y);
             const uint32_t bh[2] = {b0.hi, b1.hi};
             const uint32_t bl[2] = {b0.lo, b1.lo};
             pass2_tile<kSums>(x[b], X, cl, ch, bh, bl);
@@ -1087,26 +1121,28 @@ int64_t columns_per_launch(int64_t d, int64_t k) {
   return columns_per_launch(d, k, kMaxRowD<P>);
 }
 
-template <class P, int NB, bool kPairs, int W, bool kStacked = false>
+template <class P, int NB, bool kPairs, int W, bool kStacked = false, bool kRaw = false>
 void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
-  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs, W, kStacked>);
+  const void* fn = reinterpret_cast<const void*>(mma_rows_kernel<P, NB, kPairs, W, kStacked, kRaw>);
   // columns_per_launch and run_columns chose the columns and layout to fit this very limit;
   // smem_bytes sizes the layout by g.pairs, g.stacked, g.warps and g.row_bytes, the kernel
   // by kPairs, kStacked, W and sizeof(P::Row)
-  TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.stacked == kStacked && g.warps == W &&
+  TORCH_INTERNAL_ASSERT(g.pairs == kPairs && g.raw == kRaw && g.stacked == kStacked && g.warps == W &&
                         g.row_bytes == sizeof(typename P::Row));
   TORCH_INTERNAL_ASSERT(smem_bytes(g) <= allow_dynamic_smem(fn, kMaxDynamicSmem));
   const at::Tensor frag = packed_basis(
-      basis, kPairs ? BasisLayout::kMmaPairs
-                    : g.stacked ? BasisLayout::kMmaStacked : BasisLayout::kMmaFragments);
+      basis, kRaw     ? BasisLayout::kMmaRawPairs
+             : kPairs ? BasisLayout::kMmaPairs
+             : g.stacked ? BasisLayout::kMmaStacked : BasisLayout::kMmaFragments);
   launch_kernel<kMaxDynamicSmem>(
-      mma_rows_kernel<P, NB, kPairs, W, kStacked>, g.n_tiles, W * 32, smem_bytes(g), pol, g,
+      mma_rows_kernel<P, NB, kPairs, W, kStacked, kRaw>, g.n_tiles, W * 32, smem_bytes(g), pol, g,
       reinterpret_cast<const float4*>(frag.data_ptr<float>()), weights);
 }
 
 template <class P, int NB, int W = kWarps>
 void launch_layout(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
   if constexpr (P::kExactTf32) {
+    if (g.pairs && g.raw) return launch<P, NB, true, W, false, true>(pol, g, basis, weights);
     if (g.pairs) return launch<P, NB, true, W>(pol, g, basis, weights);
   }
   if constexpr (P::kExactTf32 && !P::kUpdates) {  // [stacked]
@@ -1131,6 +1167,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   g.row_data = anchored || weights != nullptr;
   g.c0 = static_cast<int>(c0);  // c0 < k <= d <= kMaxD
   g.pairs = false;
+  g.raw = false;
   g.stacked = false;
   g.warps = kWarps;
   g.row_bytes = static_cast<int>(sizeof(typename P::Row));
@@ -1153,7 +1190,15 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
     split.pairs = true;
     split.kp = round_up(kc, 16);
     split.coef_ld = coef_ld_for(split.kp);
-    if (kc > 8 && !anchored && smem_bytes(split) <= smem_limit()) g = split;
+    // [raw pairs] elsewhere from k = 9: U once, in pairs' order, where pairs' k padded to 16
+    // adds no k-step to the fragments' k padded to 8
+    Geometry raw = split;
+    raw.raw = true;
+    if (kc > 8 && !anchored && smem_bytes(split) <= smem_limit()) {
+      g = split;
+    } else if (kc > 8 && raw.kp == g.kp && smem_bytes(raw) <= smem_limit()) {
+      g = raw;
+    }
   }
   if constexpr (P::kExactTf32 && !P::kUpdates) {  // [stacked] one group of columns
     Geometry stack = g;

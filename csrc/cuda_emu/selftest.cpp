@@ -133,12 +133,13 @@ __global__ void grid_stride(const float*, float* out, int64_t n) {
 // One mma.sync m16n8k8 tf32 per warp, fragments loaded as PTX documents them (g =
 // lane / 4, t = lane % 4): x = A (16 x 8), B (8 x 8), C (16 x 8), row-major; out = D
 // = C + A B. arg 1: csrc/cuda/mma.cuh's split of each x[i] instead (one thread):
-// out[2 i] = hi, out[2 i + 1] = lo.
+// out[2 i] = hi, out[2 i + 1] = lo; arg 2: its split_truncated, alike.
 __global__ void mma_tile(const float* x, float* out, int64_t arg) {
-  if (arg == 1) {
+  if (arg == 1 || arg == 2) {
     if (threadIdx.x != 0) return;
     for (int i = 0; i < 320; ++i) {
-      const gradproj::cuda::mma::Split sp = gradproj::cuda::mma::split(x[i]);
+      const gradproj::cuda::mma::Split sp = arg == 1 ? gradproj::cuda::mma::split(x[i])
+                                                     : gradproj::cuda::mma::split_truncated(x[i]);
       out[2 * i] = __uint_as_float(sp.hi);
       out[2 * i + 1] = __uint_as_float(sp.lo);
     }

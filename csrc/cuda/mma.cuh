@@ -44,7 +44,7 @@ __device__ __forceinline__ Split split(float x) {
 }
 
 // [truncated] The split of an operand whose product ends in a 16-bit result (bf16/fp16
-// rows and params): hi = x with its low 13 bits cleared (tf32 truncated) and lo = x - hi
+// projection rows): hi = x with its low 13 bits cleared (tf32 truncated) and lo = x - hi
 // exactly: one LOP and one FADD where split takes three instructions. |lo| < 2^-10 |x|
 // (truncation leaves up to a tf32 ulp, where rounding leaves half), so the low bits the
 // tensor cores drop from lo bound the error by 2^-20 |x| (split: 2^-21), 2^11 below a

@@ -57,7 +57,7 @@
 //   128-bit reads and each half-warp of the 64-bit reads hits distinct banks.
 // [precision] fp32 operands are split (cuda/mma.cuh [3xTF32]); 16-bit x is
 //   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32. Where the
-//   result is 16-bit (bf16/fp16 rows and params) the split truncates (mma.cuh
+//   result is 16-bit (bf16/fp16 projection rows) the split truncates (mma.cuh
 //   [truncated]: 2 instructions a value, not 3).
 // [pairs] 16-bit rows (x exact in tf32) whose basis fits shared memory twice stage it
 //   split, hi beside lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16), so neither pass
@@ -392,8 +392,10 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   constexpr int kStagings = kPairs && !kRaw ? 2 : 1;
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
   constexpr bool kSums = std::is_same_v<T, float>;  // [precision] fp32 rows: mma.cuh [sums]
-  // [precision] 16-bit rows (results): U, and AdamW's x', split truncated (mma.cuh [truncated])
-  constexpr bool kTruncated = !kSums;
+  // [precision] 16-bit projection rows: U split truncated (mma.cuh [truncated]). AdamW's
+  // kernels keep split's rounding: on sm_90 ptxas copied the truncated operands into place,
+  // bf16 k = 32 on transposed views 3.27 -> 3.46 warp instructions an element.
+  constexpr bool kTruncated = !kSums && !P::kUpdates;
   constexpr bool kRowPairs = RowPairs<P>::value;
   constexpr int kCta = W * 32;  // threads
   // [16 warps] the partial sums of a (row, coefficient) of a chunk: 8 warps' a thread, by one

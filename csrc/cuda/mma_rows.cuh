@@ -780,7 +780,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
               for (int q = 0; q < 2; ++q) {
                 if constexpr (kSplitX) {
-                  const mma::Split sp = mma::split_as<kTruncated>(bv[q]);
+                  const mma::Split sp = mma::split(bv[q]);  // fp32 x, AdamW's x': not truncated
                   bh[q] = sp.hi;
                   bl[q] = sp.lo;
                 } else {
@@ -909,7 +909,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           const float v[4] = {
               -cs[gq * g.coef_ld + 8 * s + tq], -cs[(gq + 8) * g.coef_ld + 8 * s + tq],
               -cs[gq * g.coef_ld + 8 * s + tq + 4], -cs[(gq + 8) * g.coef_ld + 8 * s + tq + 4]};
-          mma::split4<kTruncated>(v, ch, cl);
+          mma::split4(v, ch, cl);
         }
         // [offsets] group s's floats of the warp's first block: block b's 128 on
         const float* group_f = reinterpret_cast<const float*>(su + (s * g.nblk + warp * NB) * 32);

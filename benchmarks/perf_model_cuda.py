@@ -88,7 +88,7 @@ MMA_RESERVED_SMEM = 1024  # mma_rows::kReservedSmemPerBlock
 MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
 MMA_ROW_SLOTS = 4  # [row cache] kRowSlots: tiles
-MMA_MAX_ROW_BYTES = 32  # kMaxRowBytes: AdamW's Row (a projection's: 16)
+MMA_MAX_ROW_BYTES = 64  # kMaxRowBytes: AdamW's Row (a projection's: 16)
 # mma_rows.cuh [16 warps]: rows of (32, 64] column blocks (row pairs', AdamW's fp32 rows: 48)
 MMA_WIDE_WARPS = 16  # kWideWarps
 MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo<P>]

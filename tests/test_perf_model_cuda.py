@@ -436,10 +436,10 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert pmc.mma_launches(bf16, "fp32", 768, 8, 4096, 2, None)[0].kernel.endswith(", false>")
     adamw16 = "AdamWPolicy<c10::BFloat16, true>"
     assert pmc.mma_launches(adamw16, "bf16", 768, 8, 4096, 2, None)[0].kernel.endswith(", false>")
-    # [row cache] AdamW's 32-byte Rows: 2.5 KiB (a projection's: 1.5 KiB)
+    # [row cache] AdamW's 64-byte Rows ([row addresses]): 4.5 KiB (a projection's: 1.5 KiB)
     (adamw,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 32, 4096, 2, None)
     # ([coefficients] AdamW's coefficient tile plain: kp + 4 floats a row)
-    assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + 4 * 16 * 40
+    assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + 4 * 16 * 72
     (anchored,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, None, anchored=True)
     assert anchored.kernel.endswith(", 3, false, 16, false, false>")  # k = 20: 32 > 24 padded
     # [raw pairs]: 16-bit projections of k > 8 where pairs do not fit (an A100 at k = 32) or

@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "bucket_checks.h"
@@ -90,10 +91,40 @@ struct Hyper {
   bool amsgrad;
 };
 
+// A param row as its table entry and offsets (16 bytes of addresses).
+struct AdamWEntryRow {
+  const AdamWEntry* e;
+  int64_t o;   // offset of the row's element 0 in p, m, v, v^
+  int64_t og;  // in g
+  float step_size;
+  float inv_sqrt_bias2;
+};
+// [row addresses] A param row as its streams' addresses and column strides (48 bytes), so
+// loading or storing its elements reads no table entry. The compiler cannot tell a store
+// through p, m or v from a write to the table, and read the entry's fields again after
+// each: in the tensor-core kernel's transposed 16-bit views, 6 fields (48 bytes of
+// loads a lane) for every block of 4 columns and 2 rows, beside the block's 64 bytes of
+// p, g, m, v, and the next block's loads waited on them. The row-tile engine's block
+// policy (4 rows a group in registers) keeps the entry form: with addresses its kernels
+// spilled 4-84 B.
+template <typename T>
+struct AdamWAddressRow {
+  const AdamWEntry* e;  // the step count (bias corrections) and amsgrad's v^
+  T* p;                 // the row's element 0 in p, m, v and g
+  T* m;
+  T* v;
+  const T* g;
+  int64_t cs;   // column stride of p, m, v, v^
+  int64_t gcs;  // of g
+  float step_size;
+  float inv_sqrt_bias2;
+};
+
 // How the engine reads and writes one param row. kVec: p, g, m, v (v^) of every
-// row of the launch are unit-stride and 16-byte aligned.
-template <typename T, bool kVec>
-struct AdamWPolicy {
+// row of the launch are unit-stride and 16-byte aligned. kAddresses: rows as
+// AdamWAddressRow ([row addresses]), else AdamWEntryRow.
+template <typename T, bool kVec, bool kAddresses>
+struct AdamWPolicyBase {
   using Scalar = T;
   // One row per group and 16 column elements per thread: with 2 rows / 32
   // elements the AdamW loads spilled 8-116 bytes at the 128-register cap.
@@ -107,19 +138,41 @@ struct AdamWPolicy {
   int64_t k;
   Hyper h;
 
-  struct Row {
-    const AdamWEntry* e;
-    int64_t o;   // offset of the row's element 0 in p, m, v, v^
-    int64_t og;  // in g
-    float step_size;
-    float inv_sqrt_bias2;
-  };
+  using Row = std::conditional_t<kAddresses, AdamWAddressRow<T>, AdamWEntryRow>;
+
+  // A row's streams (element 0) and column strides, from either form of Row.
+  static __device__ __forceinline__ T* p_of(const Row& w) {
+    if constexpr (kAddresses) return w.p; else return reinterpret_cast<T*>(w.e->p) + w.o;
+  }
+  static __device__ __forceinline__ T* m_of(const Row& w) {
+    if constexpr (kAddresses) return w.m; else return reinterpret_cast<T*>(w.e->m) + w.o;
+  }
+  static __device__ __forceinline__ T* v_of(const Row& w) {
+    if constexpr (kAddresses) return w.v; else return reinterpret_cast<T*>(w.e->v) + w.o;
+  }
+  static __device__ __forceinline__ const T* g_of(const Row& w) {
+    if constexpr (kAddresses) return w.g; else return reinterpret_cast<const T*>(w.e->g) + w.og;
+  }
+  static __device__ __forceinline__ int64_t cs_of(const Row& w) {
+    if constexpr (kAddresses) return w.cs; else return w.e->col_stride;
+  }
+  static __device__ __forceinline__ int64_t gcs_of(const Row& w) {
+    if constexpr (kAddresses) return w.gcs; else return w.e->g_col_stride;
+  }
 
   // The row's addresses only: what the stores after pass 2 need (no bias corrections).
   __device__ Row store_row(int64_t row) const {  // model-uniform
     const AdamWEntry& e = tile::find_first(table, n, row, &AdamWEntry::first_row);
     const int64_t r = row - e.first_row;
-    return {&e, r * e.row_stride, r * e.g_row_stride, 0.f, 0.f};
+    const int64_t o = r * e.row_stride;
+    const int64_t og = r * e.g_row_stride;
+    if constexpr (kAddresses) {
+      return {&e, reinterpret_cast<T*>(e.p) + o, reinterpret_cast<T*>(e.m) + o,
+              reinterpret_cast<T*>(e.v) + o, reinterpret_cast<const T*>(e.g) + og,
+              e.col_stride, e.g_col_stride, 0.f, 0.f};
+    } else {
+      return {&e, o, og, 0.f, 0.f};
+    }
   }
   // The row's bias corrections, in fp64 from the step count on the device (as
   // kernels/adamw.py): beta^t = exp(t log(1 - (1 - beta))); 1 - b2^t is 1e-3 at t = 1.
@@ -173,29 +226,24 @@ struct AdamWPolicy {
   // p, g, m, v at elements [j, j + V) (j + V <= d; any Row: only addresses read): one
   // vector each (kVec), or V strided elements each (transposed views).
   __device__ __forceinline__ Bits load_bits(const Row& w, int64_t j) const {
-    const AdamWEntry& e = *w.e;
     using B = tile::PackBits<T>;
+    const T *p = p_of(w), *g = g_of(w), *m = m_of(w), *v = v_of(w);
     if constexpr (kVec) {
-      return {*reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.p) + w.o + j),
-              *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.g) + w.og + j),
-              *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.m) + w.o + j),
-              *reinterpret_cast<const B*>(reinterpret_cast<const T*>(e.v) + w.o + j)};
+      return {*reinterpret_cast<const B*>(p + j), *reinterpret_cast<const B*>(g + j),
+              *reinterpret_cast<const B*>(m + j), *reinterpret_cast<const B*>(v + j)};
     } else {
       // 32-bit element offsets (mma_rows::load_strided), which Layout::narrow checks
-      auto at = [](int64_t address, int64_t row) { return reinterpret_cast<const T*>(address) + row; };
-      return {mma_rows::load_strided(at(e.p, w.o), j, e.col_stride),
-              mma_rows::load_strided(at(e.g, w.og), j, e.g_col_stride),
-              mma_rows::load_strided(at(e.m, w.o), j, e.col_stride),
-              mma_rows::load_strided(at(e.v, w.o), j, e.col_stride)};
+      const int64_t cs = cs_of(w);
+      return {mma_rows::load_strided(p, j, cs), mma_rows::load_strided(g, j, gcs_of(w)),
+              mma_rows::load_strided(m, j, cs), mma_rows::load_strided(v, j, cs)};
     }
   }
-  // Elements [j, j + V) of the stream at `address` (p, m, v's offsets and strides).
-  __device__ __forceinline__ void put(int64_t address, const Row& w, int64_t j, const tile::Pack<T>& p) const {
-    T* x = reinterpret_cast<T*>(address) + w.o;
+  // Elements [j, j + V) of the row's stream x (p, m or v: their stride).
+  __device__ __forceinline__ void put(T* x, const Row& w, int64_t j, const tile::Pack<T>& p) const {
     if constexpr (kVec) {
       tile::store_pack(x + j, p);
     } else {
-      mma_rows::store_strided(x, j, w.e->col_stride, p);  // as load_bits
+      mma_rows::store_strided(x, j, cs_of(w), p);  // as load_bits
     }
   }
   // x' of those elements (w: row(), with its bias corrections); kStore: stores m, v.
@@ -215,8 +263,8 @@ struct AdamWPolicy {
       pv.v[i] = static_cast<T>(v[i]);
     }
     if (kStore) {
-      put(w.e->m, w, j, pm);
-      put(w.e->v, w, j, pv);
+      put(m_of(w), w, j, pm);
+      put(v_of(w), w, j, pv);
     }
   }
 
@@ -234,17 +282,17 @@ struct AdamWPolicy {
   }
   template <bool kFinal>
   __device__ __forceinline__ float load1(const Row& w, int64_t j) const {
-    const AdamWEntry& e = *w.e;
-    const int64_t o = w.o + j * e.col_stride;
-    const int64_t og = w.og + j * e.g_col_stride;
-    T* m_ptr = reinterpret_cast<T*>(e.m) + o;
-    T* v_ptr = reinterpret_cast<T*>(e.v) + o;
-    T* vmax_ptr = reinterpret_cast<T*>(e.vmax) + o;
+    const int64_t o = j * cs_of(w);
+    T* m_ptr = m_of(w) + o;
+    T* v_ptr = v_of(w) + o;
     float m = static_cast<float>(*m_ptr);
     float v = static_cast<float>(*v_ptr);
+    // v^ at the row's offset in p (the streams share offsets)
+    T* vmax_ptr = h.amsgrad ? reinterpret_cast<T*>(w.e->vmax) + (p_of(w) - reinterpret_cast<T*>(w.e->p)) + o
+                            : nullptr;
     float vmax = h.amsgrad ? static_cast<float>(*vmax_ptr) : 0.f;
-    const float p = static_cast<float>(reinterpret_cast<const T*>(e.p)[o]);
-    const float g = static_cast<float>(reinterpret_cast<const T*>(e.g)[og]);
+    const float p = static_cast<float>(p_of(w)[o]);
+    const float g = static_cast<float>(g_of(w)[j * gcs_of(w)]);
     const float x =
         h.amsgrad ? update<true>(w, p, g, m, v, vmax) : update<false>(w, p, g, m, v, vmax);
     if (kFinal) {
@@ -259,14 +307,14 @@ struct AdamWPolicy {
     tile::Pack<T> out;
 #pragma unroll
     for (int i = 0; i < V; ++i) out.v[i] = static_cast<T>(x[i]);
-    put(w.e->p, w, j, out);
+    put(p_of(w), w, j, out);
   }
   __device__ __forceinline__ void store(const Row& w, int64_t j, int64_t d, const float (&x)[V]) const {
-    T* p = reinterpret_cast<T*>(w.e->p) + w.o;
+    T* p = p_of(w);
     if (kVec && j + V <= d) {
       store_vector(w, j, x);
     } else {  // model-cold-if: vec
-      const int64_t cs = w.e->col_stride;
+      const int64_t cs = cs_of(w);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         if (j + i < d) p[(j + i) * cs] = static_cast<T>(x[i]);
@@ -275,6 +323,11 @@ struct AdamWPolicy {
   }
 };
 
+// The tensor-core kernel's and the row-tile engine's rows policy, rows by their addresses
+// (its own name: the kernels' names, which the model and the tests read, keep it).
+template <typename T, bool kVec>
+struct AdamWPolicy : AdamWPolicyBase<T, kVec, true> {};
+
 // Transposed views (side="output"), as project.cu's ProjectBlockPolicy: 4 view rows
 // a group, one vector of each of p, g, m, v at G's row j holding element j of all
 // four rows, 4 elements of each row a thread (one slot: with 2, ptxas spilled 8-16 B
@@ -282,8 +335,8 @@ struct AdamWPolicy {
 // consecutive, aligned elements of one param at every j (its last rows, a
 // misaligned view), and amsgrad, take the element path.
 template <typename T>
-struct AdamWBlockPolicy : AdamWPolicy<T, false> {
-  using Base = AdamWPolicy<T, false>;
+struct AdamWBlockPolicy : AdamWPolicyBase<T, false, false> {
+  using Base = AdamWPolicyBase<T, false, false>;
   using Row = typename Base::Row;
   using P = tile::Pack<T>;
   static constexpr int kRows = 4;
@@ -406,12 +459,10 @@ struct AdamWPairPolicy : AdamWPolicy<T, false> {
   // p, g, m, v at elements [j, j + 4) of row w and the next: words 0-1 (lo) and 2-3 (hi)
   // of mma_rows::load_pair for each.
   __device__ __forceinline__ void load_pair_bits(const Row& w, int64_t j, Bits& lo, Bits& hi) const {
-    const AdamWEntry& e = *w.e;
-    auto at = [](int64_t address, int64_t row) { return reinterpret_cast<const T*>(address) + row; };
-    mma_rows::split_pair(mma_rows::load_pair(at(e.p, w.o), j, e.col_stride), lo.p, hi.p);
-    mma_rows::split_pair(mma_rows::load_pair(at(e.g, w.og), j, e.g_col_stride), lo.g, hi.g);
-    mma_rows::split_pair(mma_rows::load_pair(at(e.m, w.o), j, e.col_stride), lo.m, hi.m);
-    mma_rows::split_pair(mma_rows::load_pair(at(e.v, w.o), j, e.col_stride), lo.v, hi.v);
+    mma_rows::split_pair(mma_rows::load_pair<T>(w.p, j, w.cs), lo.p, hi.p);
+    mma_rows::split_pair(mma_rows::load_pair(w.g, j, w.gcs), lo.g, hi.g);
+    mma_rows::split_pair(mma_rows::load_pair<T>(w.m, j, w.cs), lo.m, hi.m);
+    mma_rows::split_pair(mma_rows::load_pair<T>(w.v, j, w.cs), lo.v, hi.v);
   }
   // x' of both rows (w: row(), with its bias corrections; the rows share a param), m and v
   // stored as pairs.
@@ -428,14 +479,13 @@ struct AdamWPairPolicy : AdamWPolicy<T, false> {
       x0[i] = this->template update<false>(w, p[0][i], g[0][i], m[0][i], v[0][i], unused);
       x1[i] = this->template update<false>(w, p[1][i], g[1][i], m[1][i], v[1][i], unused);
     }
-    const AdamWEntry& e = *w.e;
-    mma_rows::store_pair(reinterpret_cast<T*>(e.m) + w.o, j, e.col_stride, m[0], m[1]);
-    mma_rows::store_pair(reinterpret_cast<T*>(e.v) + w.o, j, e.col_stride, v[0], v[1]);
+    mma_rows::store_pair(w.m, j, w.cs, m[0], m[1]);
+    mma_rows::store_pair(w.v, j, w.cs, v[0], v[1]);
   }
   // p's elements [j, j + 4) of row w and the next.
   __device__ __forceinline__ void store_pair(const Row& w, int64_t j, const float (&x0)[4],
                                              const float (&x1)[4]) const {
-    mma_rows::store_pair(reinterpret_cast<T*>(w.e->p) + w.o, j, w.e->col_stride, x0, x1);
+    mma_rows::store_pair(w.p, j, w.cs, x0, x1);
   }
 };
 

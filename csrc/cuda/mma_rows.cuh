@@ -222,7 +222,7 @@ struct Geometry {
   bool raw;            // [raw pairs] with pairs: U staged once in pairs' order, split where used
   bool stacked;        // [stacked] k <= 8, U staged split as two groups (hi, lo): kp = 16
   int warps;           // [16 warps] warps a CTA: kWarps or kWideWarps
-  int row_bytes;       // [row cache] sizeof(P::Row): 16 (projections) or 32 (AdamW)
+  int row_bytes;       // [row cache] sizeof(P::Row): 16 (projections) or 64 (AdamW)
 };
 
 // [coefficients] The coefficient tile's floats over its 16 rows: -c split (hi, lo) in pass
@@ -246,7 +246,7 @@ __device__ __forceinline__ int coef_slot(int m, int kk) {
 // [row cache] Slots (tiles) of the cache, and its bytes: a P::Row (at most kMaxRowBytes)
 // and an anchor address a row.
 constexpr int kRowSlots = 4;
-constexpr size_t kMaxRowBytes = 32;
+constexpr size_t kMaxRowBytes = 64;
 constexpr size_t row_cache_bytes(size_t row_bytes) {
   return static_cast<size_t>(kRowSlots) * kTileRows * (row_bytes + sizeof(float*));
 }

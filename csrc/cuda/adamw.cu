@@ -91,7 +91,7 @@ struct Hyper {
   bool amsgrad;
 };
 
-// A param row as its table entry and offsets (16 bytes of addresses).
+// A param row as its table entry and offsets (32 bytes).
 struct AdamWEntryRow {
   const AdamWEntry* e;
   int64_t o;   // offset of the row's element 0 in p, m, v, v^
@@ -99,7 +99,7 @@ struct AdamWEntryRow {
   float step_size;
   float inv_sqrt_bias2;
 };
-// [row addresses] A param row as its streams' addresses and column strides (48 bytes), so
+// [row addresses] A param row as its streams' addresses and column strides (64 bytes), so
 // loading or storing its elements reads no table entry. The compiler cannot tell a store
 // through p, m or v from a write to the table, and read the entry's fields again after
 // each: in the tensor-core kernel's transposed 16-bit views, 6 fields (48 bytes of
@@ -459,10 +459,10 @@ struct AdamWPairPolicy : AdamWPolicy<T, false> {
   // p, g, m, v at elements [j, j + 4) of row w and the next: words 0-1 (lo) and 2-3 (hi)
   // of mma_rows::load_pair for each.
   __device__ __forceinline__ void load_pair_bits(const Row& w, int64_t j, Bits& lo, Bits& hi) const {
-    mma_rows::split_pair(mma_rows::load_pair<T>(w.p, j, w.cs), lo.p, hi.p);
+    mma_rows::split_pair(mma_rows::load_pair(w.p, j, w.cs), lo.p, hi.p);
     mma_rows::split_pair(mma_rows::load_pair(w.g, j, w.gcs), lo.g, hi.g);
-    mma_rows::split_pair(mma_rows::load_pair<T>(w.m, j, w.cs), lo.m, hi.m);
-    mma_rows::split_pair(mma_rows::load_pair<T>(w.v, j, w.cs), lo.v, hi.v);
+    mma_rows::split_pair(mma_rows::load_pair(w.m, j, w.cs), lo.m, hi.m);
+    mma_rows::split_pair(mma_rows::load_pair(w.v, j, w.cs), lo.v, hi.v);
   }
   // x' of both rows (w: row(), with its bias corrections; the rows share a param), m and v
   // stored as pairs.

@@ -545,18 +545,21 @@ def op_launches(
         policy = f"{_NS}ProjectPolicy<{t}, true>"
         return rows_launches(policy, 2, per * d, k, pm.TENSORS, pm.TENSORS, res)
     if op == "ProjectedAdamW input":
+        # the tensor cores' policy (the update's root flushed: the model's eps, 1e-8, takes
+        # it) and the FMA engine's (adamw.cu [flushed root])
         policy = f"{_NS}AdamWPolicy<{t}, true>"
+        engine = f"{_NS}AdamWRowsPolicy<{t}, true>"
         rest = f"{_NS}ProjectPolicy<{t}, true>"
         if k < ADAMW_ROWS_MIN_K[dt]:  # adamw.cu: the FMA engine
-            return rows_launches(policy, 1, d, k, rows, pm.TENSORS, res)
+            return rows_launches(engine, 1, d, k, rows, pm.TENSORS, res)
         mma = mma_launches(policy, dt, d, k, rows, pm.TENSORS, smem_optin, True, rest)
         if not mma and dt == "fp32" and d > MMA_MAX_ADAMW_D:
             # [wide] adamw.cu step_then_project: the step alone (the rows engine with no
             # basis columns), then project.cu's anchored projection of p on tensor cores
             project = mma_launches(rest, dt, d, k, rows, pm.TENSORS, smem_optin, True)
             if project:
-                return rows_launches(policy, 1, d, 0, rows, pm.TENSORS, res) + project
-        return mma or rows_launches(policy, 1, d, k, rows, pm.TENSORS, res)
+                return rows_launches(engine, 1, d, 0, rows, pm.TENSORS, res) + project
+        return mma or rows_launches(engine, 1, d, k, rows, pm.TENSORS, res)
     if op == "ProjectedAdamW output":
         # tensor cores with strided rows: fp32; 16-bit in row pairs (the bucket's views pair
         # up) up to d = 768 (mma_rows.cuh kMaxPairD), else from k = 33
@@ -798,6 +801,31 @@ def _line_key(frames: list[tuple[str, int]]) -> str:
     return names[0] if names[0] == names[1] else f"{names[0]} < {names[1]}"
 
 
+def _cut_chains_cold(
+    live: list[pm.Instr], chains: dict[int, tuple[tuple[str, int], ...]], cold_here: set[int]
+) -> set[int]:
+    """Instructions whose inline chain ptxas cut, cold where every call site they could
+    have come from is. A complete chain ends in the kernel's own body, which nothing
+    inlines, so a chain that other chains extend outward (the same innermost frames, more
+    callers) was cut: code merged from several call sites keeps only the frames they share
+    (adamw.cu's element path, inlined from mma_rows.cuh's ragged loads, model-cold-if, lost
+    its two outer frames in 313 of its instructions in the bf16 pairs kernel: 0.19 warp
+    instructions an element counted hot)."""
+    by_chain: dict[tuple, list[int]] = {}
+    for ins in live:
+        by_chain.setdefault(tuple(_frames(chains, ins.addr)), []).append(ins.addr)
+    extended: dict[tuple, list[tuple]] = {}
+    for chain in by_chain:
+        for n in range(1, len(chain)):
+            extended.setdefault(chain[:n], []).append(chain)
+    out: set[int] = set()
+    for chain, addrs in by_chain.items():
+        callers = extended.get(chain)
+        if callers and all(a in cold_here for c in callers for a in by_chain[c]):
+            out.update(addrs)
+    return out
+
+
 def analyze_kernel(
     sass: pm.Sass,
     chains: dict[int, tuple[tuple[str, int], ...]],
@@ -837,6 +865,7 @@ def analyze_kernel(
 
     live = [i for i in pm.live_instrs(sass) if not i.cold]
     cold_here = {i.addr for i in live if within(i, cold)}
+    cold_here |= _cut_chains_cold(live, chains, cold_here)
     instrs = [i for i in live if i.addr not in cold_here]
     loops = pm.find_loops(sass)
     matched = match_loops(loops, live, chains, cpp)

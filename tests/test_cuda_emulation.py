@@ -208,6 +208,13 @@ def _trunc(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int32) & -0x2000).view(torch.float32)
 
 
+def _ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of the last place of want rounded to fp32."""
+    want = want.float()
+    step = (torch.nextafter(want, torch.tensor(float("inf"))) - want).double()
+    return ((got.double() - want.double()) / step).abs()
+
+
 def test_sfu_approximations_stay_within_their_documented_ulps():
     """cuda_emu.h models sqrt.approx.f32 and __fdividef at their bounds (2 ulps here): the
     correctly rounded result moved by 0-2 ulps, as the operands' hash picks, so the kernels
@@ -222,18 +229,37 @@ def test_sfu_approximations_stay_within_their_documented_ulps():
     )
     out = selftest("sfu", torch.cat([num, den]), threads=2 * n, out_numel=2 * n).view(n, 2)
 
-    def ulps(got, want):
-        want = want.float()
-        step = (torch.nextafter(want, torch.tensor(float("inf"))) - want).double()
-        return ((got.double() - want.double()) / step).abs()
-
     sqrt, quot = out[:-4, 0], out[:-4, 1]
     for got, want in ((sqrt, num[:-4].double().sqrt()), (quot, num[:-4].double() / den[:-4])):
-        err = ulps(got, want)
+        err = _ulps(got, want)
         assert err.max() <= 2.5, err.max()  # 2 ulps, and the reference's own half ulp
         assert (err > 1).float().mean() > 0.2  # moved: the model is not exact
     assert out[-4, 0] == 0 and out[-3, 0].isnan() and out[-2, 0] == float("inf")
     assert out[-4, 1] == 0 and out[-1, 1] == 0  # 0 / 2, and 1 / 2^127 (the SFU's range)
+
+
+def test_flushed_sfu_forms_flush_and_stay_within_their_ulps():
+    """cuda_emu.h's sqrt.approx.ftz and rcp.approx.ftz (adamw.cu [flushed root]): a
+    subnormal operand is 0 (its root 0, its reciprocal inf), a reciprocal past 2^126 is 0,
+    normal operands within 2 ulps (sqrt) and 1 ulp (rcp) of the correctly rounded result,
+    so x rcp(y) within 4 of x / y (rcp's error is relative, up to 1.5 2^-23 with its own
+    rounding, 3 ulps of a quotient at the bottom of its binade; the product's half ulp)."""
+    gen = torch.Generator().manual_seed(3)
+    n = 512
+    tiny = torch.finfo(torch.float32).tiny
+    num = torch.cat([torch.rand(n - 4, generator=gen) * 10.0 ** torch.randint(-30, 30, (n - 4,),
+                     generator=gen), torch.tensor([tiny / 4, tiny, 1.0, 1.0])])  # fmt: skip
+    den = torch.cat([torch.randn(n - 4, generator=gen).exp(),
+                     torch.tensor([2.0, 2.0, tiny / 8, 2.0**127])])  # fmt: skip
+    out = selftest("sfu_ftz", torch.cat([num, den]), threads=2 * n, out_numel=2 * n).view(n, 2)
+
+    sqrt, quot = out[:-4, 0], out[:-4, 1]
+    assert _ulps(sqrt, num[:-4].double().sqrt()).max() <= 2.5
+    err = _ulps(quot, num[:-4].double() / den[:-4])
+    assert err.max() <= 4.0, err.max()
+    assert (err > 0.5).float().mean() > 0.2  # moved: the model is not exact
+    assert out[-4, 0] == 0 and out[-3, 0] > 0  # flushed; the least normal's root
+    assert out[-2, 1] == float("inf") and out[-1, 1] == 0  # 1 / (a subnormal); 1 / 2^127
 
 
 def test_grid_stride_loops_cover_the_work():
@@ -1235,6 +1261,62 @@ def test_tensor_core_adamw_matches_float64(case):
             scale = max(e.abs().max().item(), 1e-2)
             err = (t.double() - e).abs().max().item()
             assert err <= tol * scale, f"param {i} {name}: {err} > {tol} * {scale}"
+
+
+# eps against the tensor-core AdamW's flushed root (adamw.cu [flushed root], fast_root):
+# at beta2 = 0.999 it takes eps >= 2^-37 / sqrt(1e-3) = 2.30e-10, a smaller eps the
+# row-tile engine (AdamWRowsPolicy; transposed views: the block policy).
+FLUSHED_ROOT_EPS = {"1e-8": (1e-8, True), "2.4e-10": (2.4e-10, True),
+                    "2.2e-10": (2.2e-10, False), "0": (0.0, False)}  # fmt: skip
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("eps", list(FLUSHED_ROOT_EPS))
+def test_tensor_core_adamw_takes_only_the_eps_its_flushed_root_keeps(eps, side):
+    """The tensor-core AdamW flushes a subnormal v^ to 0 and divides by rcp.approx.ftz:
+    the same den wherever fast_root(h) holds. Every eps below its bound takes the row-tile
+    engine, which keeps subnormals: with eps = 0, v = 1e-40 (subnormal) and g = 0 the step
+    is lr m^ / sqrt(v^) (about 1e12 here), where the flushed root would divide by 0. fp32
+    and bf16 (the pairs kernel for transposed views) at k = 12 against float64."""
+    from gradproj import reference
+
+    eps_value, tensor_cores = FLUSHED_ROOT_EPS[eps]
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{eps}{side}{dtype}".encode()))
+        d, k, rows = 136, 12, 24
+        u = _orthonormal(d, k, seed=9)
+        p = (0.1 * torch.randn(rows, d, generator=gen)).to(dtype)
+        g = torch.randn(rows, d, generator=gen).to(dtype)
+        m = (0.01 * torch.randn(rows, d, generator=gen)).to(dtype)
+        v = (0.01 * torch.rand(rows, d, generator=gen)).to(dtype)
+        g[3, :40], v[3, :40], m[3, :40] = 0.0, 1e-40, 1e-3  # v^ subnormal, m^ not
+        assert v[3, 0].item() != 0 and abs(v[3, 0].item()) < torch.finfo(torch.float32).tiny
+        c = torch.randn(rows, k, generator=gen)
+        step = torch.tensor(2.0)
+        p64, m64, v64, _, c64 = reference.projected_adamw(
+            *(t.double() for t in (p, g, m, v)), 2, c.double(), u.double(), lr=1e-2,
+            betas=(0.9, 0.999), eps=eps_value, weight_decay=1e-2, weights=None, maximize=False,
+        )  # fmt: skip
+        view = (lambda t: t) if side == "input" else (lambda t: t.t().contiguous().t())
+        ps, gs, ms, vs = ([view(t)] for t in (p, g, m, v))
+        emu.projected_adamw_bucket_(ps, gs, ms, vs, None, [step], [c], u, None, side, lr=1e-2,
+                                    beta1=0.9, beta2=0.999, eps=eps_value, weight_decay=1e-2,
+                                    maximize=False)  # fmt: skip
+        kernel = emu.last_kernel()
+        assert ("mma_rows_kernel<" in kernel) == tensor_cores, kernel
+        if tensor_cores:
+            assert "AdamWPolicy<" in kernel or "AdamWPairPolicy<" in kernel, kernel
+        else:
+            rows_policy = "AdamWRowsPolicy<" if side == "input" else "AdamWBlockPolicy<"
+            assert rows_policy in kernel, kernel
+        # fp32: at eps = 0 row 3's step is 1e12 times the others and its projection's fp32
+        # sums carry that (2.5e-6 of it in the row-tile engine); the flushed root gives inf
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}[dtype]
+        for name, t, e in zip("pmvc", (ps[0], ms[0], vs[0], c), (p64, m64, v64, c64), strict=True):
+            assert torch.isfinite(t).all(), f"{name} {dtype}"
+            scale = max(e.abs().max().item(), 1e-2)
+            err = (t.double() - e).abs().max().item()
+            assert err <= tol * scale, f"{name} {dtype}: {err} > {tol} * {scale}"
 
 
 def test_wide_adamw_step_then_project_keeps_amsgrad():

@@ -472,7 +472,8 @@ def test_model_agrees_with_the_h200_run_it_was_calibrated_on():
     assert old["median"] <= 0.6 and old["within"] <= new["within"] - 0.15, old
     today = model_check.check(run, ["cuda"], device, current=True)["cuda"]
     changed = re.compile(
-        r"mma_rows_kernel<|surgery_(partials|apply)_kernel<|AdamW(Block)?Policy<|Mode\)\d, [124]>"
+        r"mma_rows_kernel<|surgery_(partials|apply)_kernel<|AdamW(Block|Rows)?Policy<"
+        r"|Mode\)\d, [124]>"
     )
     same = 0
     for then, now in zip(kept, today, strict=True):

@@ -192,6 +192,24 @@ def test_instructions_by_source_line_add_up_to_the_kernel(toy_dir):
     assert pmc._line_key([("/x/k.cu", 9)]) == "k.cu:9"
 
 
+def test_a_cut_inline_chain_takes_the_coldness_of_its_callers(toy_dir):
+    """ptxas merges code of several call sites and keeps only the frames they share: such
+    an instruction is cold where every longer chain it begins is (all its callers cold),
+    else hot; a chain nothing extends is complete and stays as it is."""
+    toy = str(toy_dir)
+    chains = {
+        1: ((toy, 21), (toy, 14)),  # the cold else branch, inlined at 14
+        2: ((toy, 21),),  # cut: only 1 extends it, and 1 is cold
+        3: ((toy, 5), (toy, 14)),  # hot
+        4: ((toy, 5), (toy, 19)),  # cold
+        5: ((toy, 5),),  # cut: 3 (hot) and 4 (cold) extend it
+        6: ((toy, 19),),  # nothing extends it
+    }
+    live = [pm.Instr(a, "IADD3", "") for a in chains]
+    assert pmc._cut_chains_cold(live, chains, {1, 4}) == {2}
+    assert pmc._cut_chains_cold(live, chains, {1, 3, 4}) == {2, 5}
+
+
 def test_a_model_scale_block_counts_its_factor(toy_dir):
     text = _toy_sass(str(toy_dir))
     sass = pm.parse_sass(text)

@@ -34,6 +34,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -47,6 +48,19 @@
 namespace gradproj::cuda {
 namespace {
 
+// The SFU's operations by name: the PTX instruction on a GPU, the emulator's model of it
+// (cuda_emu.h, at its documented bound) under GRADPROJ_CUDA_EMULATION.
+#ifdef GRADPROJ_CUDA_EMULATION
+#define GRADPROJ_SFU(name, ptx) \
+  __device__ __forceinline__ float name(float x) { return ::gradproj_emu::name(x); }
+#else
+#define GRADPROJ_SFU(name, ptx)                         \
+  __device__ __forceinline__ float name(float x) {      \
+    float r;                                            \
+    asm(ptx " %0, %1;" : "=f"(r) : "f"(x));             \
+    return r;                                           \
+  }
+#endif
 // [fast update] The update's square root and quotient, sqrt(v^) and m / den, from the
 // SFU: sqrt.approx.f32 (1 ulp, the CUDA guide's bound from compute capability 5.2) and
 // __fdividef (x times rcp.approx(y): 2 ulps for 2^-126 <= |y| <= 2^126; den >= eps, and
@@ -55,15 +69,18 @@ namespace {
 // tensor-core kernel, one MUFU each plus Newton steps, special-case branches and slow-path
 // calls (benchmarks/perf_model_cuda.py --lines, sm_90). Both errors fall on the update
 // lr m / den alone, a few 1e-7 of it, where the param's own rounding is 6e-8 of |x'|.
-__device__ __forceinline__ float sqrt_approx(float x) {
-#ifdef GRADPROJ_CUDA_EMULATION
-  return ::gradproj_emu::sqrt_approx(x);
-#else
-  float r;
-  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-#endif
-}
+GRADPROJ_SFU(sqrt_approx, "sqrt.approx.f32")
+// [flushed root] The same SFU operations with subnormals flushed (.ftz): a MUFU each
+// (the quotient a MUFU and a multiply) where sqrt.approx.f32 took 5 instructions (a
+// subnormal v^ scaled by 2^24, its root by 2^-12, under a compare and a select) and
+// __fdividef 5 (the operands scaled where |den| < 2^-126): 7 of the 87 instructions an
+// element of the bf16 tensor-core kernel issued at k = 32 (sm_80). They change nothing
+// where fast_root(h) holds: den is then normal (>= eps), and a flushed v^ (< 2^-126, root
+// < 2^-63) moves the exact root / sqrt(1 - b2^t) + eps by less than half an ulp of eps,
+// so the FFMA rounds to the same den either way.
+GRADPROJ_SFU(sqrt_approx_ftz, "sqrt.approx.ftz.f32")
+GRADPROJ_SFU(rcp_approx_ftz, "rcp.approx.ftz.f32")
+#undef GRADPROJ_SFU
 
 // One param of the bucket in the device table, as int64 words. For side="flat"
 // rows == 1 and the column strides are the vector's strides.
@@ -122,8 +139,9 @@ struct AdamWAddressRow {
 
 // How the engine reads and writes one param row. kVec: p, g, m, v (v^) of every
 // row of the launch are unit-stride and 16-byte aligned. kAddresses: rows as
-// AdamWAddressRow ([row addresses]), else AdamWEntryRow.
-template <typename T, bool kVec, bool kAddresses>
+// AdamWAddressRow ([row addresses]), else AdamWEntryRow. kFastRoot: the update's root and
+// quotient with subnormals flushed ([flushed root]; launched only where fast_root(h)).
+template <typename T, bool kVec, bool kAddresses, bool kFastRoot>
 struct AdamWPolicyBase {
   using Scalar = T;
   // One row per group and 16 column elements per thread: with 2 rows / 32
@@ -209,7 +227,12 @@ struct AdamWPolicyBase {
       v_hat = fmaxf(vmax, v);
       vmax = v_hat;
     }
-    return p * h.decay - __fdividef(w.step_size * m, sqrt_approx(v_hat) * w.inv_sqrt_bias2 + h.eps);
+    if constexpr (kFastRoot) {  // [flushed root]: only where fast_root(h)
+      return p * h.decay -
+             w.step_size * m * rcp_approx_ftz(sqrt_approx_ftz(v_hat) * w.inv_sqrt_bias2 + h.eps);
+    } else {
+      return p * h.decay - __fdividef(w.step_size * m, sqrt_approx(v_hat) * w.inv_sqrt_bias2 + h.eps);
+    }
   }
 
   // The tensor-core kernel's interface (cuda/mma_rows.cuh [policy]): a vector is the
@@ -323,10 +346,14 @@ struct AdamWPolicyBase {
   }
 };
 
-// The tensor-core kernel's and the row-tile engine's rows policy, rows by their addresses
-// (its own name: the kernels' names, which the model and the tests read, keep it).
+// The tensor-core kernel's rows policy, rows by their addresses, the update's root and
+// quotient flushed ([flushed root]: the kernel runs only where fast_root(h)). Its own
+// name: the kernels' names, which the model and the tests read, keep it.
 template <typename T, bool kVec>
-struct AdamWPolicy : AdamWPolicyBase<T, kVec, true> {};
+struct AdamWPolicy : AdamWPolicyBase<T, kVec, true, true> {};
+// The row-tile engine's rows policy: every eps, so subnormals kept.
+template <typename T, bool kVec>
+struct AdamWRowsPolicy : AdamWPolicyBase<T, kVec, true, false> {};
 
 // Transposed views (side="output"), as project.cu's ProjectBlockPolicy: 4 view rows
 // a group, one vector of each of p, g, m, v at G's row j holding element j of all
@@ -335,8 +362,8 @@ struct AdamWPolicy : AdamWPolicyBase<T, kVec, true> {};
 // consecutive, aligned elements of one param at every j (its last rows, a
 // misaligned view), and amsgrad, take the element path.
 template <typename T>
-struct AdamWBlockPolicy : AdamWPolicyBase<T, false, false> {
-  using Base = AdamWPolicyBase<T, false, false>;
+struct AdamWBlockPolicy : AdamWPolicyBase<T, false, false, false> {
+  using Base = AdamWPolicyBase<T, false, false, false>;
   using Row = typename Base::Row;
   using P = tile::Pack<T>;
   static constexpr int kRows = 4;
@@ -502,6 +529,18 @@ struct Layout {
 // columns, the tensor cores beyond (see launch).
 constexpr int64_t kBlockPolicyMaxK16 = 32;
 
+// [flushed root] Whether the tensor-core kernel's update (AdamWPolicy: the SFU's root and
+// quotient with subnormals flushed) forms the den the unflushed one does. A subnormal v^
+// flushed to 0 (its root r < 2^-63) leaves den = FFMA(r, c, eps) = eps where r c is less
+// than half an ulp of eps (which is more than eps 2^-25); c = 1 / sqrt(1 - b2^t) <=
+// 1 / sqrt(1 - b2), so eps >= 2^-38 / sqrt(1 - b2) suffices, and 2^-37 leaves a factor 2
+// for the roundings of c and of r. At b2 = 0.999 that is eps >= 2.3e-10 (torch's default
+// is 1e-8). A smaller eps, and b2 = 1, take the row-tile engine, as amsgrad does.
+bool fast_root(const Hyper& h) {
+  return h.one_minus_beta2 > 0.0 &&
+         static_cast<double>(h.eps) >= std::ldexp(1.0, -37) / std::sqrt(h.one_minus_beta2);
+}
+
 // The tensor-core kernel with AdamWPolicy<T, kVec> (mma_rows.cuh) on the basis columns
 // [0, kc), then, where the basis takes more than one launch ([columns]), project.cu's
 // anchored projection of the stepped params on the rest: the AdamW step is taken once.
@@ -513,7 +552,9 @@ bool run_tensor_cores(
   const int64_t k = basis.size(1);
   const int64_t kc = mma_rows::columns_per_launch<Policy>(basis.size(0), k);
   // contiguous rows: fp32 from k = 9 (mma_rows::kMinAdamWRowsK); strided rows at every k
-  if (h.amsgrad || (kVec && k < mma_rows::kMinAdamWRowsK<T>) || kc == 0) return false;
+  if (h.amsgrad || !fast_root(h) || (kVec && k < mma_rows::kMinAdamWRowsK<T>) || kc == 0) {
+    return false;
+  }
   const AdamWPolicy<T, kVec> base{t, n, k, h};
   mma_rows::run_columns(Policy{base}, l.total_rows, basis, weights, /*anchored=*/true, 0, kc);
   if (kc < k) {
@@ -549,7 +590,7 @@ bool step_then_project(const Layout& l, const AdamWEntry* t, int n, const at::Te
     const int64_t kc = mma_rows::columns_per_launch(d, k, mma_rows::kMaxD);
     if (kc == 0) return false;
     const at::Tensor none = basis.narrow(1, 0, 0);  // the step: no basis columns
-    tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, l.total_rows, none, nullptr);
+    tile::run_rows(AdamWRowsPolicy<T, true>{t, n, k, h}, l.total_rows, none, nullptr);
     std::vector<MatrixEntry> params;
     for (const AdamWEntry& e : l.entries) {
       params.push_back({e.p, e.rows, e.row_stride, e.col_stride, e.first_row, e.anchor});
@@ -594,9 +635,9 @@ void launch(
     // stays on the FMA engine.
     if (!flat && run_tensor_cores<T, true>(l, t, n, basis, weights, h)) return;
     if (!flat && step_then_project<T>(l, t, n, basis, weights, h)) return;
-    tile::run_rows(AdamWPolicy<T, true>{t, n, k, h}, l.total_rows, basis, weights);
+    tile::run_rows(AdamWRowsPolicy<T, true>{t, n, k, h}, l.total_rows, basis, weights);
   } else {
-    tile::run_rows(AdamWPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights);
+    tile::run_rows(AdamWRowsPolicy<T, false>{t, n, k, h}, l.total_rows, basis, weights);
   }
 }
 

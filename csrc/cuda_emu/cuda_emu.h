@@ -377,6 +377,18 @@ inline float sqrt_approx(float x) {
   return x < 0.f ? std::numeric_limits<float>::quiet_NaN()
                  : approx_within(std::sqrt(x), __float_as_uint(x), 0x51u, 2);
 }
+// .ftz: a subnormal operand or result is 0 of its sign.
+inline float flush_subnormal(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x;
+}
+// sqrt.approx.ftz.f32: sqrt.approx of the flushed operand (a root of a normal is normal).
+inline float sqrt_approx_ftz(float x) { return sqrt_approx(flush_subnormal(x)); }
+// rcp.approx.ftz.f32: 1 ulp (the PTX ISA), modelled at 1; the flushed operand's
+// reciprocal (+-0: +-inf), flushed (|x| > 2^126: 0).
+inline float rcp_approx_ftz(float x) {
+  const float y = flush_subnormal(x);
+  return flush_subnormal(approx_within(1.f / y, __float_as_uint(y), 0x52u, 1));
+}
 }  // namespace gradproj_emu
 
 // __fdividef(x, y): 2 ulps for 2^-126 <= |y| <= 2^126 (the CUDA guide); 0 for larger |y|.

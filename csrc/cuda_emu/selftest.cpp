@@ -179,6 +179,16 @@ __global__ void sfu(const float* x, float* out, int64_t) {
   out[2 * i + 1] = __fdividef(x[i], x[i + n]);
 }
 
+// The flushed forms (adamw.cu [flushed root]): out[2 i] = sqrt.approx.ftz(x[i]),
+// out[2 i + 1] = x[i] rcp.approx.ftz(x[i + n]), the tensor-core AdamW's quotient.
+__global__ void sfu_ftz(const float* x, float* out, int64_t) {
+  const int n = static_cast<int>(blockDim.x) / 2;
+  const int i = static_cast<int>(threadIdx.x);
+  if (i >= n) return;
+  out[2 * i] = ::gradproj_emu::sqrt_approx_ftz(x[i]);
+  out[2 * i + 1] = x[i] * ::gradproj_emu::rcp_approx_ftz(x[i + n]);
+}
+
 using Kernel = void (*)(const float*, float*, int64_t);
 
 Kernel kernel_named(const std::string& name) {
@@ -195,6 +205,7 @@ Kernel kernel_named(const std::string& name) {
   if (name == "grid_stride") return grid_stride;
   if (name == "mma_tile") return mma_tile;
   if (name == "sfu") return sfu;
+  if (name == "sfu_ftz") return sfu_ftz;
   TORCH_CHECK(false, "no selftest kernel '", name, "'");
 }
 

@@ -215,6 +215,16 @@ def _ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return ((got.double() - want.double()) / step).abs()
 
 
+def _assert_streams_close(got, want, tol: float, where: str = "") -> None:
+    """AdamW's streams p, m, v and c (in that order) finite and within tol of their float64
+    values, relative to each stream's largest magnitude (at least 1e-2)."""
+    for name, t, e in zip("pmvc", got, want, strict=True):
+        assert torch.isfinite(t).all(), f"{where}{name}: not finite"
+        scale = max(e.abs().max().item(), 1e-2)
+        err = (t.double() - e).abs().max().item()
+        assert err <= tol * scale, f"{where}{name}: {err} > {tol} * {scale}"
+
+
 def test_sfu_approximations_stay_within_their_documented_ulps():
     """cuda_emu.h models sqrt.approx.f32 and __fdividef at their bounds (2 ulps here): the
     correctly rounded result moved by 0-2 ulps, as the operands' hash picks, so the kernels
@@ -777,10 +787,7 @@ def test_row_pairs_adamw_matches_float64(case, dtype):
     assert warps in emu.last_kernel(), emu.last_kernel()
     tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
-        for name, t, e in zip("pmvc", got, (exp[0], exp[1], exp[2], exp[4]), strict=True):
-            scale = max(e.abs().max().item(), 1e-2)
-            err = (t.double() - e).abs().max().item()
-            assert err <= tol * scale, f"param {i} {name}: {err} > {tol} * {scale}"
+        _assert_streams_close(got, (exp[0], exp[1], exp[2], exp[4]), tol, f"param {i} ")
 
 
 # ---------------------------------------------------------------- tensor-core rows
@@ -1257,10 +1264,7 @@ def test_tensor_core_adamw_matches_float64(case):
     # a full ulp of the largest value, 2^-7 of it
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
-        for name, t, e in zip("pmvc", got, (exp[0], exp[1], exp[2], exp[4]), strict=True):
-            scale = max(e.abs().max().item(), 1e-2)
-            err = (t.double() - e).abs().max().item()
-            assert err <= tol * scale, f"param {i} {name}: {err} > {tol} * {scale}"
+        _assert_streams_close(got, (exp[0], exp[1], exp[2], exp[4]), tol, f"param {i} ")
 
 
 # eps against the tensor-core AdamW's flushed root (adamw.cu [flushed root], fast_root):
@@ -1312,11 +1316,7 @@ def test_tensor_core_adamw_takes_only_the_eps_its_flushed_root_keeps(eps, side):
         # fp32: at eps = 0 row 3's step is 1e12 times the others and its projection's fp32
         # sums carry that (2.5e-6 of it in the row-tile engine); the flushed root gives inf
         tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}[dtype]
-        for name, t, e in zip("pmvc", (ps[0], ms[0], vs[0], c), (p64, m64, v64, c64), strict=True):
-            assert torch.isfinite(t).all(), f"{name} {dtype}"
-            scale = max(e.abs().max().item(), 1e-2)
-            err = (t.double() - e).abs().max().item()
-            assert err <= tol * scale, f"{name} {dtype}: {err} > {tol} * {scale}"
+        _assert_streams_close((ps[0], ms[0], vs[0], c), (p64, m64, v64, c64), tol, f"{dtype} ")
 
 
 def test_wide_adamw_step_then_project_keeps_amsgrad():

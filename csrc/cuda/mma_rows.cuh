@@ -253,6 +253,16 @@ constexpr size_t row_cache_bytes(size_t row_bytes) {
 
 // [basis] the float4 unit of (basis rows 4a..4a+3, coefficient c) in a sub-block.
 __device__ __forceinline__ int unit(int a, int c) { return 8 * a + (c ^ (4 * (a & 1) + 2 * (a >> 1))); }
+// [held column] v kept in a register from here on: an empty asm that reads and writes it,
+// so ptxas cannot rematerialize it from its operands at a later use.
+__device__ __forceinline__ void hold(int& v) {
+#ifdef GRADPROJ_CUDA_EMULATION
+  (void)v;
+#else
+  asm volatile("" : "+r"(v));
+#endif
+}
+
 // [pairs] the float4 unit of (coefficient q of 8, basis rows 4a + e and 4a + e + 2) in a
 // block's chunk of 16 coefficients: 8 q + ((4 e + a) ^ f(q)), f as unit's.
 __device__ __forceinline__ int pair_unit(int q, int e, int a) {
@@ -418,16 +428,24 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   Row* rows_s = reinterpret_cast<Row*>(cache);
   float** anchors_s = reinterpret_cast<float**>(cache + kRowSlots * kTileRows * sizeof(Row));
 
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int gq = lane / 4;
-  const int tq = lane % 4;
+  // [held column] The 16-bit projections hold their lane's column and [offsets] in
+  // registers, those of 16 warps their lane's indices too: left free, ptxas rematerialized
+  // them from the thread index at their uses in the tile loop (docs/gpu.md [held-column]).
+  // fp32 rows and AdamW's kernels leave them free (held, they took more instructions or
+  // spilled), as do 8 warps their indices (two CTAs an SM: row pairs of NB = 4 spilled).
+  constexpr bool kHeld = !P::kUpdates && !std::is_same_v<typename P::Scalar, float>;
+  int lane = threadIdx.x % 32;
+  int warp = threadIdx.x / 32;
+  int gq = lane / 4;
+  int tq = lane % 4;
+  if constexpr (kHeld && W == kWideWarps) hold(lane), hold(warp), hold(gq), hold(tq);
   // Blocks of this warp that hold columns before d (warp-uniform).
   const int left = g.nblk - warp * NB;
   const int nb = left < 0 ? 0 : (left < NB ? left : NB);
   const int n_chunks = (J + 1) / 2;
   const int d = static_cast<int>(g.d);  // <= kMaxD: column arithmetic in 32 bits
-  const int col0 = warp * NB * 16 + 4 * tq;  // [tile] column of block b: col0 + 16 b
+  int col0 = warp * NB * 16 + 4 * tq;  // [tile] column of block b: col0 + 16 b
+  if constexpr (kHeld) hold(col0);
   // Every block of this warp lies before d in whole vectors.
   const bool whole = d % V == 0 && (warp * NB + nb) * 16 <= d;
   // [offsets] Units a chunk of 16 coefficients takes (all blocks), and a block in it.
@@ -454,6 +472,10 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     for (int sp = 0; sp < 2; ++sp) {
 #pragma unroll
       for (int X = 0; X < 2; ++X) pair_offs[sp][X] = pair_off_at(sp, X);
+    }
+    if constexpr (kHeld) {
+      hold(p1_units[0]), hold(p1_units[1]);
+      hold(pair_offs[0][0]), hold(pair_offs[0][1]), hold(pair_offs[1][0]), hold(pair_offs[1][1]);
     }
   }
   auto p1_unit = [&](int s) { return kHoistOffsets ? p1_units[s] : p1_unit_at(s); };

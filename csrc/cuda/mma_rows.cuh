@@ -428,26 +428,29 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   Row* rows_s = reinterpret_cast<Row*>(cache);
   float** anchors_s = reinterpret_cast<float**>(cache + kRowSlots * kTileRows * sizeof(Row));
 
-  // [held column] The 16-bit projections hold their lane's column and [offsets] in
-  // registers, those of 16 warps their lane's indices too: left free, ptxas rematerialized
-  // them from the thread index at their uses in the tile loop (docs/gpu.md [held-column]).
-  // fp32 rows and AdamW's kernels leave them free (held, they took more instructions or
-  // spilled), as do 8 warps their indices (two CTAs an SM: row pairs of NB = 4 spilled).
+  // [held column] Values formed once before the tile loop, held in registers: left free,
+  // ptxas recomputed them from the thread index at their uses in the loop (docs/gpu.md
+  // [held-column]). The projections on 16 warps hold the lane's indices and [offsets];
+  // 16-bit ones the lane's column and [offsets] too, and on 16 warps n_chunks and whole.
+  // Left free: AdamW's (held, they spilled), fp32's column (held, fp32 rows issued more)
+  // and 8 warps' indices (two CTAs an SM: row pairs of NB = 4 spilled).
   constexpr bool kHeld = !P::kUpdates && !std::is_same_v<typename P::Scalar, float>;
+  constexpr bool kHeldWide = !P::kUpdates && W == kWideWarps;
   int lane = threadIdx.x % 32;
   int warp = threadIdx.x / 32;
   int gq = lane / 4;
   int tq = lane % 4;
-  if constexpr (kHeld && W == kWideWarps) hold(lane), hold(warp), hold(gq), hold(tq);
+  if constexpr (kHeldWide) hold(lane), hold(warp), hold(gq), hold(tq);
   // Blocks of this warp that hold columns before d (warp-uniform).
   const int left = g.nblk - warp * NB;
   const int nb = left < 0 ? 0 : (left < NB ? left : NB);
-  const int n_chunks = (J + 1) / 2;
+  int n_chunks = (J + 1) / 2;
   const int d = static_cast<int>(g.d);  // <= kMaxD: column arithmetic in 32 bits
   int col0 = warp * NB * 16 + 4 * tq;  // [tile] column of block b: col0 + 16 b
   if constexpr (kHeld) hold(col0);
   // Every block of this warp lies before d in whole vectors.
-  const bool whole = d % V == 0 && (warp * NB + nb) * 16 <= d;
+  int whole = d % V == 0 && (warp * NB + nb) * 16 <= d;
+  if constexpr (kHeld && W == kWideWarps) hold(n_chunks), hold(whole);
   // [offsets] Units a chunk of 16 coefficients takes (all blocks), and a block in it.
   const int blk_units = kPairs ? 64 * kStagings : 32;
   const int chunk_units = (kPairs ? 64 * kStagings : 64) * g.nblk;
@@ -473,7 +476,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
       for (int X = 0; X < 2; ++X) pair_offs[sp][X] = pair_off_at(sp, X);
     }
-    if constexpr (kHeld) {
+    if constexpr (kHeld || kHeldWide) {
       hold(p1_units[0]), hold(p1_units[1]);
       hold(pair_offs[0][0]), hold(pair_offs[0][1]), hold(pair_offs[1][0]), hold(pair_offs[1][1]);
     }

@@ -428,18 +428,17 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   Row* rows_s = reinterpret_cast<Row*>(cache);
   float** anchors_s = reinterpret_cast<float**>(cache + kRowSlots * kTileRows * sizeof(Row));
 
-  // [held column] Values formed once before the tile loop, held in registers: left free,
-  // ptxas recomputed them from the thread index at their uses in the loop (docs/gpu.md
-  // [held-column]). The projections on 16 warps hold the lane's indices and [offsets];
-  // 16-bit ones the lane's column and [offsets] too, and on 16 warps n_chunks and whole.
-  // Left free: AdamW's (held, they spilled), fp32's column (held, fp32 rows issued more)
-  // and 8 warps' indices (two CTAs an SM: row pairs of NB = 4 spilled).
+  // [held column] Values formed once, held in registers (left free, ptxas recomputed them
+  // from the thread index at their uses in the tile loop; docs/gpu.md [held-column]). The
+  // projections on 16 warps hold the lane's indices and [offsets]; 16-bit ones the column and
+  // [offsets] too, on 16 warps n_chunks and whole. Free: AdamW's (held, they spilled), fp32's
+  // column (held, fp32 rows issued more), 8 warps' indices (row pairs of NB = 4 spilled).
   constexpr bool kHeld = !P::kUpdates && !std::is_same_v<typename P::Scalar, float>;
-  constexpr bool kHeldWide = !P::kUpdates && W == kWideWarps;
   int lane = threadIdx.x % 32;
   int warp = threadIdx.x / 32;
   int gq = lane / 4;
   int tq = lane % 4;
+  constexpr bool kHeldWide = !P::kUpdates && W == kWideWarps;
   if constexpr (kHeldWide) hold(lane), hold(warp), hold(gq), hold(tq);
   // Blocks of this warp that hold columns before d (warp-uniform).
   const int left = g.nblk - warp * NB;

@@ -473,9 +473,12 @@ def mma_launches(
         fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_bytes) <= limit
         pairs = bool(projection) and dt != "fp32" and not anchored and cols > 8 and fits
         # [raw pairs]: the other 16-bit projections of more than 8 columns, U staged once in
-        # pairs' order, where that fits and k padded to 16 is k padded to 8
-        raw_smem = _mma_smem(nblk, _round_up(cols, 16), False, warps, row_bytes)
-        raw = (bool(projection) and dt != "fp32" and cols > 8 and not pairs
+        # pairs' order, where that fits and k padded to 16 is k padded to 8; AdamW's 16-bit
+        # rows too where they compile without spills (kRawPairsAt: at most 4 blocks a warp on
+        # 8 warps, row pairs on 16)
+        raw_at = not adamw or (nb <= 4 if warps == WARPS else "PairPolicy" in name)
+        raw_smem = _mma_smem(nblk, _round_up(cols, 16), False, warps, row_bytes, split=not adamw)
+        raw = ((bool(projection) or adamw) and raw_at and dt != "fp32" and cols > 8 and not pairs
                and _round_up(cols, 16) == _round_up(cols, 8) and raw_smem <= limit)  # fmt: skip
         pairs = pairs or raw
         # [stacked]: 16-bit projections of a launch of at most 8 columns, U hi and lo as two

@@ -215,6 +215,21 @@ def _ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return ((got.double() - want.double()) / step).abs()
 
 
+def _adamw_float64(ps, gs, ms, vs, steps, cs, u, w, **hyper) -> list:
+    """gradproj.reference.projected_adamw of each param in float64 (not maximizing)."""
+    from gradproj import reference
+
+    lr, betas, eps = hyper["lr"], (hyper["beta1"], hyper["beta2"]), hyper["eps"]
+    return [
+        reference.projected_adamw(
+            *(t.double() for t in (p, g, m, v)), int(s.item()), c.double(), u.double(),
+            lr=lr, betas=betas, eps=eps, weight_decay=hyper["weight_decay"],
+            weights=w.double(), maximize=False,
+        )
+        for p, g, m, v, s, c in zip(ps, gs, ms, vs, steps, cs, strict=True)
+    ]  # fmt: skip
+
+
 def _assert_streams_close(got, want, tol: float, where: str = "") -> None:
     """AdamW's streams p, m, v and c (in that order) finite and within tol of their float64
     values, relative to each stream's largest magnitude (at least 1e-2)."""
@@ -601,6 +616,17 @@ def _pair_rows(*views: torch.Tensor) -> bool:
     )
 
 
+def _adamw_kernel_tail(dtype: torch.dtype, k: int, nb: int, warps: int, row_pairs: bool) -> str:
+    """The end of the name of AdamW's tensor-core kernel of one launch of k columns: NB,
+    the layout and the warps. 16-bit rows of k > 8 whose k padded to 16 is k padded to 8
+    take [raw pairs] (mma_rows.cuh kRawPairsAt) at most 4 blocks a warp on 8 warps, row
+    pairs on 16; the others the fragments."""
+    raw = dtype != torch.float32 and k > 8 and -(-k // 16) * 16 == -(-k // 8) * 8
+    raw = raw and (nb <= 4 if warps == 8 else row_pairs)
+    flag = "true" if raw else "false"
+    return f", {nb}, {flag}, {warps}, false, {flag}>("
+
+
 def _expect_engine(d: int, k: int, dtype: torch.dtype, adamw: bool = False, pairs=False) -> None:
     """The engine project.cu / adamw.cu chose for transposed views of this basis: tensor cores
     up to kMaxRowD at every k, except 16-bit AdamW views that do not pair their rows ([row
@@ -672,7 +698,7 @@ def test_projected_adamw_on_transposed_views_matches_the_reference(shape, dtype,
         # fp32 views past 768 columns: 8 warps of 8 blocks (on 16 warps of 4 they spilled)
         fp32_wide = dtype == torch.float32 and d > 768
         nb = 3 if d <= 768 else 4
-        want = f", {nb}, false, 16, false, false>("
+        want = _adamw_kernel_tail(dtype, k, nb, 16, "PairPolicy<" in emu.last_kernel())
         if fp32_wide:
             want = ", 8, false, 8, false, false>("
         assert want in emu.last_kernel(), emu.last_kernel()
@@ -756,7 +782,6 @@ def test_row_pairs_adamw_matches_float64(case, dtype):
     soft weights, a step count per param, against gradproj.reference.projected_adamw in
     float64. p, m and v are columns [2, n + 2) of their G, the gradients columns [4, n + 4)
     of a wider one (their own strides and offset)."""
-    from gradproj import reference
 
     d, k = ROW_PAIRS[case], 12
     gen = torch.Generator().manual_seed(d)
@@ -772,19 +797,12 @@ def test_row_pairs_adamw_matches_float64(case, dtype):
         cs.append(torch.randn(n, k, generator=gen))
         steps.append(torch.tensor(float(3 + i)))
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
-    want = [
-        reference.projected_adamw(
-            *(t.double() for t in (p, g, m, v)), int(s.item()), c.double(), u.double(),
-            lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, weights=w.double(),
-            maximize=False,
-        )
-        for p, g, m, v, s, c in zip(ps, gs, ms, vs, steps, cs, strict=True)
-    ]  # fmt: skip
+    want = _adamw_float64(ps, gs, ms, vs, steps, cs, u, w, **hyper)
     emu.projected_adamw_bucket_(ps, gs, ms, vs, None, steps, cs, u, w, "output", **hyper,
                                 maximize=False)  # fmt: skip
     assert "AdamWPairPolicy<" in emu.last_kernel(), emu.last_kernel()
-    warps = ", 3, false, 16, false, false>(" if d > 512 else ", false, 8, false, false>("
-    assert warps in emu.last_kernel(), emu.last_kernel()
+    nb, warps = (3, 16) if d > 512 else (2 if d <= 256 else 4, 8)
+    assert _adamw_kernel_tail(dtype, k, nb, warps, True) in emu.last_kernel(), emu.last_kernel()
     tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
         _assert_streams_close(got, (exp[0], exp[1], exp[2], exp[4]), tol, f"param {i} ")
@@ -1265,6 +1283,60 @@ def test_tensor_core_adamw_matches_float64(case):
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
         _assert_streams_close(got, (exp[0], exp[1], exp[2], exp[4]), tol, f"param {i} ")
+
+
+# [raw pairs] AdamW's 16-bit rows (mma_rows.cuh kRawPairsAt): side, d, k and the kernel's
+# NB and warps. Row pairs on 16 warps and on 8 (4 blocks), contiguous and strided rows on 8.
+ADAMW_RAW_PAIRS = {
+    "pairs-16-warps": ("output", 700, 32, 3, 16),
+    "pairs-8-warps": ("output", 262, 16, 4, 8),
+    "rows": ("input", 300, 32, 4, 8),
+    "rows-k12": ("input", 136, 12, 2, 8),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(ADAMW_RAW_PAIRS))
+def test_adamw_raw_pairs_keep_the_anchors_to_float64(case, dtype):
+    """AdamW's 16-bit rows on [raw pairs] split U and x' truncated (docs/gpu.md
+    [adamw-raw-pairs]): the coefficients within 2^-19 of their products' sum, so the soft
+    weights' anchors c + (1 - w) (U^T x' - c) stay within 1e-5 of float64 (the other
+    AdamW tests allow a 16-bit ulp, 2^-7: dropping x's lo, an error of 2^-11, passes
+    those); p, m and v within their own rounding."""
+
+    side, d, k, nb, warps = ADAMW_RAW_PAIRS[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    u = _orthonormal(d, k, seed=21)
+    w = 0.5 * torch.rand(k, generator=gen)  # anchors move by at least half the coefficient
+    ps, gs, ms, vs, cs = ([] for _ in range(5))
+    for n in (18, 40):
+        base = [torch.randn(d, n, generator=gen) for _ in range(4)]
+        p, g, m, v = (0.1 * base[0], base[1], 0.01 * base[2], 0.01 * base[3].abs())
+        if side == "output":  # transposed views whose rows pair up
+            p, g, m, v = (t.to(dtype).t() for t in (p, g, m, v))
+        else:
+            p, g, m, v = (t.t().contiguous().to(dtype) for t in (p, g, m, v))
+        for lst, t in zip((ps, gs, ms, vs), (p, g, m, v), strict=True):
+            lst.append(t)
+        cs.append(torch.randn(n, k, generator=gen))
+    steps = [torch.tensor(4.0), torch.tensor(7.0)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+    want = _adamw_float64(ps, gs, ms, vs, steps, cs, u, w, **hyper)
+    c_before = [c.double() for c in cs]
+    emu.projected_adamw_bucket_(ps, gs, ms, vs, None, steps, cs, u, w, side, **hyper,
+                                maximize=False)  # fmt: skip
+    kernel = emu.last_kernel()
+    policy = "AdamWPairPolicy<" if side == "output" else "AdamWPolicy<"
+    assert policy in kernel and f", {nb}, true, {warps}, false, true>(" in kernel, kernel
+    tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]  # an ulp: p, m, v
+    for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
+        for name, t, e in zip("pmv", got[:3], exp[:3], strict=True):
+            err = (t.double() - e).abs().max().item()
+            assert err <= tol * max(e.abs().max().item(), 1e-2), (i, name, err)
+        c64 = exp[4]
+        assert (c64 - c_before[i]).abs().max().item() > 0.1  # the anchors moved
+        err = (cs[i].double() - c64).abs().max().item()
+        assert err <= 1e-5 * c64.abs().max().item(), (i, err)
 
 
 # eps against the tensor-core AdamW's flushed root (adamw.cu [flushed root], fast_root):

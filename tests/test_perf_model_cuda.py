@@ -370,8 +370,10 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         (la,) = pmc.mma_launches(name, dt, d, 32, 4096, 2, None)
         nb = 3 if d <= 768 else 4
         assert (la.threads, la.env["NB"], la.env["blocks"]) == (512, nb, blocks), (d, dt, name)
-        # AdamW's U is never in pairs
-        assert la.kernel.endswith(f", {nb}, false, 16, false, false>")
+        # AdamW's U in [raw pairs] only for 16-bit row pairs on 16 warps (mma_rows.cuh
+        # kRawPairsAt: its rows there spilled on sm_90)
+        raw = "true" if dt == "bf16" and "Pair" in name else "false"
+        assert la.kernel.endswith(f", {nb}, {raw}, 16, false, {raw}>"), la.kernel
     for policy in ("ProjectPolicy<c10::Half, false>", "ProjectPairPolicy<c10::BFloat16>"):
         (la,) = pmc.mma_launches(policy, "bf16", 768, 32, 4096, 2, None)
         assert (la.threads, la.env["NB"]) == (512, 3), policy
@@ -466,6 +468,19 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         (raw,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, optin, anchored=anchored)
         assert raw.kernel.endswith(", 3, true, 16, false, true>") and raw.env["kp"] == 32
         assert raw.env["units"] == 1
+    # AdamW's 16-bit rows too where they compile without spills (kRawPairsAt): row pairs on
+    # 16 warps, rows of at most 4 blocks a warp on 8; the shared memory the fragments'
+    pair16 = "AdamWPairPolicy<c10::BFloat16>"
+    (pair_raw,) = pmc.mma_launches(pair16, "bf16", 768, 32, 4096, 2, None, anchored=True)
+    assert pair_raw.kernel.endswith(", 3, true, 16, false, true>") and pair_raw.env["units"] == 1
+    assert pair_raw.dynamic_smem == adamw.dynamic_smem
+    (rows,) = pmc.mma_launches(adamw16, "bf16", 512, 32, 4096, 2, None, anchored=True)
+    assert rows.kernel.endswith(", 4, true, 8, false, true>"), rows.kernel
+    fp32_rows = "AdamWPolicy<float, true>"
+    for name, dt, d, k in ((adamw16, "bf16", 768, 32), (adamw16, "bf16", 768, 20),
+                           (pair16, "bf16", 768, 8), (fp32_rows, "fp32", 512, 32)):  # fmt: skip
+        (la,) = pmc.mma_launches(name, dt, d, k, 4096, 2, None, anchored=True)
+        assert la.kernel.endswith(", false, false>") and ", true, " not in la.kernel, la.kernel
         assert raw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
     assert pmc.mma_columns(1024, 1024, 163 * 1024) == 32
     assert pmc.mma_columns(1024, 1024, 33 * 1024) == 0  # not even 8 columns fit

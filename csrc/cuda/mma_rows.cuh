@@ -81,7 +81,8 @@
 //   ptxas hands the tensor cores as the loaded value itself (they ignore its low 13 bits),
 //   lay in the wrong registers for the operand quad: 63 moves a block and chunk of bf16
 //   k = 32 on sm_80, which ate most of what the truncation saved. Only where k padded to
-//   16 is k padded to 8 (k = 17-24 would take a fourth k-step in pass 2).
+//   16 is k padded to 8 (k = 17-24 would take a fourth k-step in pass 2). AdamW's 16-bit
+//   rows too (kRawPairsAt), x' split truncated as well: docs/gpu.md [adamw-raw-pairs].
 // [stacked] 16-bit projection rows of a launch of k <= 8 columns (one group: pass 1's M of
 //   16 coefficients half zero, [pass 1]) stage U split, hi as group 0 and lo as group 1 of
 //   the fragment layout (BasisLayout::kMmaStacked, kp = 16): pass 1's A, rows gq and
@@ -390,21 +391,33 @@ __device__ __forceinline__ void pass2_tile(float (&xb)[2][4], int X, const uint3
   }
 }
 
+// [raw pairs] The kernels that take them: the 16-bit projections, and AdamW's 16-bit rows
+// (x' split truncated in pass 1, the coefficients plain: docs/gpu.md [adamw-raw-pairs]) of
+// at most 4 blocks a warp on 8 warps and row pairs on 16, where they compile without
+// spills (on sm_90 the others spilled 4-12 B at 128 registers: rows at 3 and 4 blocks on
+// 16 warps, rows and row pairs at 6 on 8). kRawPairsAt: the instantiation's own answer.
+template <class P>
+constexpr bool kRawPairs = !std::is_same_v<typename P::Scalar, float>;
+template <class P, int NB, int W>
+constexpr bool kRawPairsAt =
+    kRawPairs<P> && (!P::kUpdates || (W == kWarps ? NB <= 4 : RowPairs<P>::value));
+
 template <class P, int NB, bool kPairs, int W, bool kStacked, bool kRaw>
 __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) mma_rows_kernel(
     P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
   using T = typename P::Scalar;
   constexpr int V = tile::Pack<T>::kSize;
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
-  static_assert(!kPairs || P::kExactTf32, "[pairs] hands pass 1 no split of x");
+  static_assert(!kPairs || P::kExactTf32 || kRaw, "[pairs] of AdamW's x': raw pairs only");
   static_assert(!kRaw || kPairs, "[raw pairs] are pairs' order");
   // [raw pairs] U staged once (hi and lo formed where used), else twice with pairs
   constexpr int kStagings = kPairs && !kRaw ? 2 : 1;
   constexpr bool kSplitX = !P::kExactTf32;  // [precision]
   constexpr bool kSums = std::is_same_v<T, float>;  // [precision] fp32 rows: mma.cuh [sums]
   // [precision] 16-bit projection rows: U split truncated (mma.cuh [truncated]). AdamW's
-  // kernels keep split's rounding: on sm_90 ptxas copied the truncated operands into place,
-  // bf16 k = 32 on transposed views 3.27 -> 3.46 warp instructions an element.
+  // fragment kernels keep split's rounding: on sm_90 ptxas copied the truncated operands
+  // into place, bf16 k = 32 on transposed views 3.27 -> 3.46 warp instructions an element
+  // (their [raw pairs] split U and x' truncated).
   constexpr bool kTruncated = !kSums && !P::kUpdates;
   constexpr bool kRowPairs = RowPairs<P>::value;
   constexpr int kCta = W * 32;  // threads
@@ -753,9 +766,19 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
             }
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              const uint32_t bh[2] = {__float_as_uint(x[b][h][s]), __float_as_uint(x[b][h][s + 2])};
-              mma::mma_tf32(acc[h], al, bh);
-              mma::mma_tf32(acc[h], ah, bh);
+              if constexpr (kSplitX) {  // AdamW's x' (fp32): split truncated, as U
+                const mma::Split x0 = mma::split_truncated(x[b][h][s]);
+                const mma::Split x1 = mma::split_truncated(x[b][h][s + 2]);
+                const uint32_t bh[2] = {x0.hi, x1.hi};
+                const uint32_t bl[2] = {x0.lo, x1.lo};
+                mma::mma_tf32(acc[h], ah, bl);
+                mma::mma_tf32(acc[h], al, bh);
+                mma::mma_tf32(acc[h], ah, bh);
+              } else {
+                const uint32_t bh[2] = {__float_as_uint(x[b][h][s]), __float_as_uint(x[b][h][s + 2])};
+                mma::mma_tf32(acc[h], al, bh);
+                mma::mma_tf32(acc[h], ah, bh);
+              }
             }
           }
         } else {
@@ -895,7 +918,14 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
         for (int sp = 0; sp < 2; ++sp) {
           uint32_t ch[4];
           uint32_t cl[4];
-          coefficients(cs_lane + 256 * (2 * c + sp), ch, cl);
+          if constexpr (kSplitCoefficients) {
+            coefficients(cs_lane + 256 * (2 * c + sp), ch, cl);
+          } else {  // AdamW's: -c read in pairs' K order and split by every warp
+            const int kk = 16 * c + 4 * sp + tq;
+            const float v[4] = {-cs[gq * g.coef_ld + kk], -cs[(gq + 8) * g.coef_ld + kk],
+                                -cs[gq * g.coef_ld + kk + 8], -cs[(gq + 8) * g.coef_ld + kk + 8]};
+            mma::split4(v, ch, cl);
+          }
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             if (b >= nb) break;  // model-scale: blocks / NB (warp-uniform)
@@ -1166,9 +1196,16 @@ void launch(const P& pol, const Geometry& g, const at::Tensor& basis, const floa
 }
 
 template <class P, int NB, int W = kWarps>
-void launch_layout(const P& pol, const Geometry& g, const at::Tensor& basis, const float* weights) {
-  if constexpr (P::kExactTf32) {
+void launch_layout(const P& pol, Geometry g, const at::Tensor& basis, const float* weights) {
+  if constexpr (kRawPairsAt<P, NB, W>) {
     if (g.pairs && g.raw) return launch<P, NB, true, W, false, true>(pol, g, basis, weights);
+  } else if (g.raw) {
+    // [raw pairs] AdamW's rows where they spilled: the fragments, whose k padded to 8 is
+    // raw's (run_columns takes raw only then), and whose plain coefficient tile is AdamW's
+    g.pairs = false;
+    g.raw = false;
+  }
+  if constexpr (P::kExactTf32) {
     if (g.pairs) return launch<P, NB, true, W>(pol, g, basis, weights);
   }
   if constexpr (P::kExactTf32 && !P::kUpdates) {  // [stacked]
@@ -1211,16 +1248,16 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
     }
     if (width && smem_bytes(wide) <= smem_limit()) g = wide;
   }
-  if constexpr (P::kExactTf32) {  // [pairs] where U fits twice, from k = 9, no anchors
+  if constexpr (kRawPairs<P>) {  // [pairs] where U fits twice, from k = 9, no anchors
     Geometry split = g;
     split.pairs = true;
     split.kp = round_up(kc, 16);
-    split.coef_ld = coef_ld_for(split.kp);
+    split.coef_ld = coef_ld_for(split.kp, !P::kUpdates);
     // [raw pairs] elsewhere from k = 9: U once, in pairs' order, where pairs' k padded to 16
     // adds no k-step to the fragments' k padded to 8
     Geometry raw = split;
     raw.raw = true;
-    if (kc > 8 && !anchored && smem_bytes(split) <= smem_limit()) {
+    if (P::kExactTf32 && kc > 8 && !anchored && smem_bytes(split) <= smem_limit()) {
       g = split;
     } else if (kc > 8 && raw.kp == g.kp && smem_bytes(raw) <= smem_limit()) {
       g = raw;

@@ -26,7 +26,8 @@ keeps the build between runs). Then, per op, dtype, k and arch:
   call sites the instructions were inlined through. A loop without one counts once and
   is flagged. Every instruction counts its trips × the trips of the loops around it
   (× the factor of any ``// model-scale: EXPR`` block it lies in: the rows kernels'
-  unrolled slot loops, whose slots past ``d`` are skipped, count ``slots / S``), × 8 warps
+  unrolled slot loops, whose slots past ``d`` are skipped, count ``slots / S``, the
+  tensor-core rows kernel's blocks past ``d`` ``blocks / NB``), × 8 warps
   × the grid, over the op's elements;
 * **bytes per element**, from the kernels' design (:func:`hbm_bytes`: which streams
   each launch reads and writes, the coefficient workspace, the basis where it is not a
@@ -488,7 +489,7 @@ def mma_launches(
         kp = 16 if stacked else _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
-                   entries=entries, second=groups % 2 == 0, anchored=anchored,
+                   entries=entries, second=groups % 2 == 0, anchored=anchored, updates=adamw,
                    units=2 if pairs and not raw else 1, W=warps, threads=32 * warps,
                    steps=1 if stacked else groups)  # fmt: skip
         kernel = (f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}, "

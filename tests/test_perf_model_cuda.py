@@ -234,6 +234,37 @@ def test_a_model_scale_block_counts_its_factor(toy_dir):
         pmc.analyze_kernel(sass, chains, {k: v for k, v in env.items() if k != "half"}, cpp, binds)
 
 
+def test_the_rows_kernels_blocks_past_d_are_scaled():
+    """mma_rows.cuh: a warp whose blocks reach past d skips them (the rows of 320 columns
+    on 8 warps of 4 blocks: warps 5-7 hold none). Every branch that skips a block past d
+    in a whole tile is in a model-scale block (blocks / NB: AdamW's loads, x' and m, v
+    stores; every policy's loads), or is a model-cold-if (partial tiles, ragged rows), so
+    the model counts the blocks that run, not NB a warp. AdamW's factor is blocks / NB;
+    a projection converts its blocks past d anyway (factor 1)."""
+    path = os.path.join(pmc.SOURCES, "mma_rows.cuh")
+    lines = open(path).read().split("\n")
+    scaled = pmc.cpp_spans(path, pmc._SCALE)
+    cold = pmc.cpp_spans(path)
+    # (not the ragged vector's j < d && j + V > d: load_ragged, called cold)
+    skip = re.compile(r"if \((?:full \? )?(?:valid && )?(?:j \+ V <= d|j < d|b < nb)(?=\)| \|\|)")
+    found = 0
+    for n, line in enumerate(lines, 1):
+        if not skip.search(line.split("//")[0]):
+            continue
+        found += 1
+        assert any(f <= n <= la for f, la, _ in scaled + cold), (n, line.strip())
+    assert found >= 7
+    factors = {e for _, _, e in scaled}
+    assert "blocks / NB if updates else 1" in factors
+    for name, updates in (("AdamWPolicy<c10::BFloat16, true>", True),
+                          ("ProjectPolicy<c10::BFloat16, true>", False)):  # fmt: skip
+        (la,) = pmc.mma_launches(name, "bf16", 320, 1, 4096, 2, None, anchored=updates)
+        env = la.env
+        assert (env["NB"], env["W"], env["blocks"], env["updates"]) == (4, 8, 2.5, updates)
+        want = 2.5 / 4 if updates else 1.0
+        assert pmc._eval("blocks / NB if updates else 1", env) == want
+
+
 def test_a_loop_without_trips_is_counted_once_and_flagged(toy_dir):
     text = _toy_sass(str(toy_dir)).replace("line 13\n", "line 28\n")
     src = toy_dir.read_text().replace("  // model-trips: kp / 8", "")

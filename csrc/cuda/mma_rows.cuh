@@ -544,7 +544,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         const int j = col0 + 16 * b;
-        if (j + V <= d) pol.load_pair_bits(w, j, nxt[b][0], nxt[b][1]);
+        if (j + V <= d) pol.load_pair_bits(w, j, nxt[b][0], nxt[b][1]);  // model-scale: blocks / NB
       }
     } else {
 #pragma unroll
@@ -555,7 +555,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
         for (int b = 0; b < (kPrefetch || kBatchLoad ? NB : 1); ++b) {
           const int j = col0 + 16 * b;
-          if (j + V <= d) nxt[b][h] = pol.load_bits(w, j);
+          if (j + V <= d) nxt[b][h] = pol.load_bits(w, j);  // model-scale: blocks / NB (past d: none)
         }
       }
     }
@@ -597,7 +597,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         const int j = col0 + 16 * b;
-        // (blocks past d are never used: AdamW must not store their m and v)
+        // model-scale: blocks / NB if updates else 1 (past d: AdamW stores no m, v; a projection converts)
         if (full ? b < nb || !P::kUpdates : valid && j + V <= d) {
           if constexpr (kPrefetch) {
             pol.finish_pair(w, j, nxt[b][0], nxt[b][1], x[b][0], x[b][1]);
@@ -625,7 +625,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           if constexpr (P::kUpdates) w = row_of(slot, gq + 8 * h);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
-            // blocks past d are never used: a plain projection converts them anyway
+            // model-scale: blocks / NB if updates else 1 (past d: a plain projection converts them anyway)
             if (b < nb || !P::kUpdates) pol.finish(w, col0 + 16 * b, nxt[b][h], x[b][h]);
           }
         }
@@ -676,12 +676,12 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
           for (int b = b0; b < b0 + kBatch; ++b) {
             const int j = col0 + 16 * b;
-            if (valid && j + V <= d) cur[b - b0] = pol.load_bits(w, j);
+            if (valid && j + V <= d) cur[b - b0] = pol.load_bits(w, j);  // model-scale: blocks / NB
           }
 #pragma unroll
           for (int b = b0; b < b0 + kBatch; ++b) {
             const int j = col0 + 16 * b;
-            if (valid && j + V <= d) {
+            if (valid && j + V <= d) {  // model-scale: blocks / NB (past d: zeros)
               pol.finish(w, j, cur[b - b0], x[b][h]);
             } else {
 #pragma unroll
@@ -701,7 +701,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const int j = col0 + 16 * b;
-          if (valid && j < d) {
+          if (valid && j < d) {  // model-scale: blocks / NB (past d: zeros)
             pol.template load<true>(w, j, g.d, x[b][h]);
           } else {
 #pragma unroll

@@ -499,6 +499,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         (raw,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, optin, anchored=anchored)
         assert raw.kernel.endswith(", 3, true, 16, false, true>") and raw.env["kp"] == 32
         assert raw.env["units"] == 1
+        assert raw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
     # AdamW's 16-bit rows too where they compile without spills (kRawPairsAt): row pairs on
     # 16 warps, rows of at most 4 blocks a warp on 8; the shared memory the fragments'
     pair16 = "AdamWPairPolicy<c10::BFloat16>"
@@ -512,7 +513,6 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
                            (pair16, "bf16", 768, 8), (fp32_rows, "fp32", 512, 32)):  # fmt: skip
         (la,) = pmc.mma_launches(name, dt, d, k, 4096, 2, None, anchored=True)
         assert la.kernel.endswith(", false, false>") and ", true, " not in la.kernel, la.kernel
-        assert raw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
     assert pmc.mma_columns(1024, 1024, 163 * 1024) == 32
     assert pmc.mma_columns(1024, 1024, 33 * 1024) == 0  # not even 8 columns fit
     (cols,) = pmc.rows_launches("B", 4, 768, 8, 4096, 2, ept=8)

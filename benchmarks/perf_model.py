@@ -53,7 +53,9 @@ From those, per kernel, lower bounds on the time per element; the largest wins:
 * occupancy: warp instructions per element × the cycles a warp waits between two of its
   instructions (``WARP_CPI``, measured) / (SMs × resident warps per SM × clock): a
   scheduler issues only when one of its warps is ready, and with fewer resident warps
-  than ``WARP_CPI`` per scheduler it idles. Nsight Compute measured 8.1–8.7 cycles per
+  than ``WARP_CPI`` per scheduler it idles. The instructions are the busiest warp's where a
+  kernel's warps differ (perf_model_cuda: warps past ``d``, the row cache's lookups), since
+  a CTA's warps meet at barriers every tile. Nsight Compute measured 8.1–8.7 cycles per
   issued instruction for the CUDA row kernels on an H200 (FMA engine and tensor cores,
   fp32 and bf16), and the whole run's measured kernel times agree with this bound where
   the model without it was 2–10× optimistic (``benchmarks/model_check.py``,
@@ -1258,6 +1260,7 @@ def bounds(
     device: Device,
     pipe_per_elt: dict[str, float] | None = None,
     warps_per_sm: float | None = None,
+    busiest_instrs_per_elt: float | None = None,
 ) -> dict:
     """Lower bounds on a kernel's seconds per element, and the one that binds.
 
@@ -1270,16 +1273,21 @@ def bounds(
     occupancy bound ``instrs × warp_cpi / (SMs × warps_per_sm × clock)``: each warp
     issues one instruction every ``device.warp_cpi`` cycles on average, so the
     schedulers issue ``min(schedulers, warps_per_sm / warp_cpi)`` a clock (0 warps: the
-    kernel cannot launch).
+    kernel cannot launch). ``busiest_instrs_per_elt``: the instructions per element if every
+    warp issued as many as the block's busiest (a warp whose columns pass ``d`` skips its
+    blocks and idles at the block's barriers, so a tile lasts as long as its busiest warp's
+    instructions take); the occupancy bound counts those where given (default
+    ``instrs_per_elt``, every warp alike).
     """
     memory = bytes_per_elt / device.copy_bytes_per_s
     issue = instrs_per_elt / (device.sms * device.schedulers_per_sm * device.clock_hz)
     occupancy = 0.0
     if warps_per_sm is not None and instrs_per_elt > 0:
+        per_warp = max(instrs_per_elt, busiest_instrs_per_elt or 0.0)
         occupancy = (
             math.inf
             if warps_per_sm <= 0
-            else instrs_per_elt * device.warp_cpi / (device.sms * warps_per_sm * device.clock_hz)
+            else per_warp * device.warp_cpi / (device.sms * warps_per_sm * device.clock_hz)
         )
     latency = 0.0
     for issued, in_flight in regions:
@@ -1316,6 +1324,7 @@ def kernel_bounds(kn: dict, device: Device) -> dict:
         device,
         kn.get("pipe_per_elt"),
         warps_per_sm=kn["blocks_per_sm"] * kn["warps"],
+        busiest_instrs_per_elt=kn.get("busiest_instrs_per_elt"),
     )
 
 

@@ -28,7 +28,9 @@ keeps the build between runs). Then, per op, dtype, k and arch:
   (× the factor of any ``// model-scale: EXPR`` block it lies in: the rows kernels'
   unrolled slot loops, whose slots past ``d`` are skipped, count ``slots / S``, the
   tensor-core rows kernel's blocks past ``d`` ``blocks / NB``), × 8 warps
-  × the grid, over the op's elements;
+  × the grid, over the op's elements; and again for the busiest warp (the factors with
+  ``Launch.env["busiest"]``'s names: all its blocks, the row cache's lookups where it makes
+  them), which the occupancy bound counts;
 * **bytes per element**, from the kernels' design (:func:`hbm_bytes`: which streams
   each launch reads and writes, the coefficient workspace, the basis where it is not a
   small cached table), not from the SASS: the CUDA kernels address every tensor through
@@ -88,7 +90,9 @@ MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_RESERVED_SMEM = 1024  # mma_rows::kReservedSmemPerBlock
 MMA_TILE_ROWS = 16
 MMA_COEF_CHUNK = 16
-MMA_ROW_SLOTS = 4  # [row cache] kRowSlots: tiles
+# [row cache] row_slots(row_bytes): tiles the cache holds, 8 for rows of at most 16 bytes
+# (two tiles a lookup), else 4 (one)
+MMA_ROW_SLOTS = {16: 8, 64: 4}
 MMA_MAX_ROW_BYTES = 64  # kMaxRowBytes: AdamW's Row (a projection's: 16)
 # mma_rows.cuh [16 warps]: rows of (32, 64] column blocks (row pairs', AdamW's fp32 rows: 48)
 MMA_WIDE_WARPS = 16  # kWideWarps
@@ -347,9 +351,12 @@ def rows_launches(
         return -(-max(0, min(wpr * 128, d - start)) // 128) / wpr
 
     slots = [sum(warps_in(seg, s) for s in range(ept // 4)) for seg in range(nseg)]
+    # the busiest warp: a group's first, in every slot it starts before d, and the lanes
+    # that finish the group's coefficients (model-scale 1 / wpr)
+    first = max(sum(warps_in(seg, s) > 0 for s in range(ept // 4)) for seg in range(nseg))
     env = dict(d=d, k=k, kp=kp, KC=kc, wpr=wpr, nseg=nseg, entries=entries,
                basis_ld=_round_up(d, 8))  # fmt: skip
-    env |= dict(S=ept // 4, slots=sum(slots) / nseg)
+    env |= dict(S=ept // 4, slots=sum(slots) / nseg, busiest=dict(slots=first, wpr=1))
     if nseg == 1:
         smem_ld = _round_up(d, 32)
         resident = staged * smem_ld * 4 <= resident_bytes
@@ -381,7 +388,12 @@ def _mma_smem(
     coef_ld = 2 * kp if split else kp + 4
     return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + warps * MMA_TILE_ROWS
                 * MMA_COEF_CHUNK + MMA_TILE_ROWS * coef_ld) + (
-        MMA_ROW_SLOTS * MMA_TILE_ROWS * (row_bytes + 8))  # fmt: skip
+        _row_slots(row_bytes) * MMA_TILE_ROWS * (row_bytes + 8))  # fmt: skip
+
+
+def _row_slots(row_bytes: int) -> int:
+    """``mma_rows::row_slots``: the [row cache]'s tiles."""
+    return 8 if row_bytes <= 16 else 4
 
 
 def mma_max_d(policy: str) -> int:
@@ -488,10 +500,21 @@ def mma_launches(
                    and _mma_smem(nblk, 16, False, warps, row_bytes) <= limit)  # fmt: skip
         kp = 16 if stacked else _round_up(cols, 16 if pairs else 8)
         groups = kp // 8
+        # [row cache] kLookupTiles (tiles a lookup: two with eight slots, but for 16-bit
+        # stacked rows of 4 blocks on 16 warps) and kLookupWarp (the last warp with two,
+        # else warp 0)
+        eight = _row_slots(row_bytes) == 8
+        lookup = 2 if eight and not (stacked and warps == MMA_WIDE_WARPS and nb == 4) else 1
+        # the busiest warp: warp 0, its NB blocks whole; the lookups (model-scale: cache)
+        # count there where warp 0 makes them, or the last warp holds NB blocks too (where
+        # it holds fewer, they take the time its missing blocks leave)
+        last = max(0, min(nb, nblk - (warps - 1) * nb))
+        busiest = dict(blocks=min(nb, nblk), cache=1.0 if lookup == 1 or last == nb else 0.0)
         env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
                    entries=entries, second=groups % 2 == 0, anchored=anchored, updates=adamw,
                    units=2 if pairs and not raw else 1, W=warps, threads=32 * warps,
-                   steps=1 if stacked else groups)  # fmt: skip
+                   steps=1 if stacked else groups, cache=1 / warps, lookup=lookup,
+                   busiest=busiest)  # fmt: skip
         kernel = (f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}, "
                   f"{'true' if stacked else 'false'}, {'true' if raw else 'false'}>")  # fmt: skip
         smem = _mma_smem(nblk, kp, pairs and not raw, warps, row_bytes, split=not adamw)
@@ -856,15 +879,20 @@ def analyze_kernel(
         frames = _frames(chains, ins.addr)
         return any(p == cp and f <= ln <= la for p, ln in frames for cp, f, la in spans)
 
-    factors: dict[int, float] = {}  # a block's factor, evaluated once it is reached
+    # a block's factor, evaluated once it is reached: for the average warp (``env``) and for
+    # the busiest (``env["busiest"]`` overrides the names a warp's share depends on)
+    factors: dict[int, float] = {}
+    busiest_factors: dict[int, float] = {}
+    busiest_env = env | env.get("busiest", {})
 
-    def scale(ins: pm.Instr) -> float:
+    def scale(ins: pm.Instr, busiest: bool = False) -> float:
+        cache, names = (busiest_factors, busiest_env) if busiest else (factors, env)
         factor = 1.0
         for n, (cp, f, la, expr) in enumerate(scaled):
             if within(ins, [(cp, f, la)]):
-                if n not in factors:
-                    factors[n] = _eval(expr, env)
-                factor *= factors[n]
+                if n not in cache:
+                    cache[n] = _eval(expr, names)
+                factor *= cache[n]
         return factor
 
     live = [i for i in pm.live_instrs(sass) if not i.cold]
@@ -912,12 +940,14 @@ def analyze_kernel(
         return w
 
     per_block = {c: 0.0 for c in pm.CLASSES}
+    busiest = 0.0  # per block, every warp doing the busiest warp's instructions
     pipes: dict[str, float] = {}  # per block: FP32/FP64 warp instructions, tensor FMAs
     regions: dict[int | None, dict] = {}
     for ins in instrs:
         w = weight(ins.addr)
         f = scale(ins)
         per_block[pm.instr_class(ins.op)] += w * f
+        busiest += w * scale(ins, busiest=True)
         if by_line is not None:
             key = _line_key(_frames(chains, ins.addr))
             by_line[key] = by_line.get(key, 0.0) + w * f
@@ -954,6 +984,7 @@ def analyze_kernel(
     ]
     return {
         "per_block": per_block,
+        "busiest_per_block": busiest,
         "pipes": pipes,
         "regions": out_regions,
         "loops": loop_rows,
@@ -1095,6 +1126,7 @@ def model_op(
         scale = grid * launch.threads // 32 / elements
         instrs = {c: v * scale for c, v in got["per_block"].items()}
         instrs["total"] = sum(instrs.values())
+        busiest = got["busiest_per_block"] * scale
         pipe_per_elt = {p: v * scale for p, v in sorted(got["pipes"].items())}
         for r in got["regions"]:
             r["load_bytes_per_elt"] = r["load_bytes_per_thread"] * launch.threads * grid / elements
@@ -1112,6 +1144,7 @@ def model_op(
                 "warps": launch.threads // 32,
                 "occupancy_limiter": limiter,
                 "instrs_per_elt": instrs,
+                "busiest_instrs_per_elt": busiest,
                 "pipe_per_elt": pipe_per_elt,
                 "regions": got["regions"],
                 "loops": got["loops"],

@@ -473,8 +473,10 @@ def test_fma_engine_small_k_matches_float64(shape, side, k, anchored):
 # [stacked] (mma_rows.cuh): 16-bit projections of a launch of at most 8 columns stage U
 # split, hi and lo as the fragment layout's two groups, one MMA a k-step forming both
 # products. Against float64: 8 warps (d = 260, and 10 blocks a warp at 1100) and 16
-# (d = 700), plain with soft weights and anchored, transposed views in row pairs. The
-# launch's shared memory is the stacked layout's (kp = 16), as the model's twin sizes it.
+# (d = 700; d = 1000 at 4 blocks a warp, whose [row cache] warp 0 looks up a tile at a time
+# in eight slots: kLookupTiles), plain with soft weights and anchored, transposed views in
+# row pairs. The launch's shared memory is the stacked layout's (kp = 16), as the model's
+# twin sizes it.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     ("shape", "side", "k", "anchored"),
@@ -482,6 +484,7 @@ def test_fma_engine_small_k_matches_float64(shape, side, k, anchored):
         ((45, 260), "input", 1, False),
         ((45, 260), "input", 8, True),
         ((45, 700), "input", 5, True),
+        ((70, 1000), "input", 6, False),
         ((700, 46), "output", 8, False),
         ((20, 1100), "input", 3, True),
     ],
@@ -558,13 +561,14 @@ def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
         emu.project_bucket_([g], u, None, "input")
         assert ", 3, false, 16, false, false>(" in emu.last_kernel(), emu.last_kernel()
         assert (g.double() - want).abs().max() <= 2.0**-7 * want.abs().max()
-        # k = 16: U once in pairs' order ([raw pairs]: 67.5 KiB, where pairs take 115.5)
+        # k = 16: U once in pairs' order ([raw pairs]: 69 KiB, where pairs take 117)
         g = torch.randn(40, 768).bfloat16()
         u = torch.linalg.qr(torch.randn(768, 16, dtype=torch.float64))[0].float().contiguous()
         want = g.double() - g.double() @ u.double() @ u.double().T
+        # (the [row cache]: a projection's eight slots of 16 rows, 24 bytes a row)
         emu.project_bucket_([g], u, None, "input")
         assert ", 3, true, 16, false, true>(" in emu.last_kernel(), emu.last_kernel()
-        assert emu.last_smem() == 4 * (48 * 2 * 128 + 16 * 16 * 16 + 16 * 32) + 4 * 16 * 24
+        assert emu.last_smem() == 4 * (48 * 2 * 128 + 16 * 16 * 16 + 16 * 32) + 8 * 16 * 24
         assert (g.double() - want).abs().max() <= 2.0**-7 * want.abs().max()
         assert run(260, 40) < 1e-5  # 43 KiB: tensor cores
         try:
@@ -1029,11 +1033,12 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
 
 
 # [row cache] Buckets of six tensors (a tile's rows from several of them, tensors shorter
-# than a tile) over 5-6 tiles a CTA (the emulator's 3 SMs: 3 CTAs of 16 warps or of 8 at
-# one an SM, 6 of fp32's 8 warps at two), so each CTA's tiles take the cache's four slots
-# in turn and write them again: 16 warps (rows; row pairs), 8 warps of 10 blocks loading
-# their own tile (strided rows past 1024: kBatchLoad), fp32 rows without prefetch. Plain
-# and anchored, soft weights (the anchors come from the cache too).
+# than a tile) over 10-11 tiles a CTA (the emulator's 3 SMs: 3 CTAs of 16 warps or of 8 at
+# one an SM, 6 of fp32's 8 warps at two), so each CTA's tiles take the projections' eight
+# slots in turn, two tiles a lookup by the last warp, and write them again: 16 warps (rows;
+# row pairs), 8 warps of 10 blocks loading their own tile (strided rows past 1024:
+# kBatchLoad), fp32 rows without prefetch. Plain and anchored, soft weights (the anchors
+# come from the cache too).
 @pytest.mark.parametrize(
     ("dtype", "d", "layout", "kernel_args"),
     [
@@ -1047,9 +1052,9 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
 def test_tensor_core_row_cache_over_many_tiles_and_tensors(dtype, d, layout, kernel_args, anchored):
     gen = torch.Generator().manual_seed(d + anchored)
     k = 24
-    counts = [4, 18, 40, 2, 130, 56]  # 250 rows: 16 tiles, the last ragged (even: pairs)
+    counts = [8, 36, 80, 4, 260, 112]  # 500 rows: 32 tiles, the last ragged (even: pairs)
     if dtype == torch.float32:
-        counts = [2 * n for n in counts]  # 32 tiles over 6 CTAs
+        counts = [2 * n for n in counts]  # 63 tiles over 6 CTAs
     if layout == "rows":
         views = [torch.randn(n, d, generator=gen).to(dtype) for n in counts]
     else:

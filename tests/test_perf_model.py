@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -452,11 +453,13 @@ def test_model_agrees_with_the_h200_run_it_was_calibrated_on():
     df47aa7); the kernels changed since (16 warps, and the row cache in every tensor-core
     kernel; surgery's passes load packs; fp32 projections of k <= 8 on tensor cores;
     AdamW's update from the SFU, docs/gpu.md #fast-update; the FMA engine's chunks of fewer
-    than 8 coefficients at k < 8, tile.cuh [small k]). Today's model predicts those kernels
-    that have not changed as that model did: every row without a kernel on tensor cores
-    (mma_rows_kernel), an AdamW policy, surgery's, or chunks of fewer coefficients (the
-    flat projection's 6 rows of k >= 8), within 1 %. A change to the model that loses this
-    agreement fails here: measure again on a GPU."""
+    than 8 coefficients at k < 8, tile.cuh [small k]). For the kernels that have not changed
+    (every row without a kernel on tensor cores (mma_rows_kernel), an AdamW policy,
+    surgery's, or chunks of fewer coefficients: the flat projection's 6 rows of k >= 8)
+    today's model is no further from what the run measured than that model was, row by row,
+    and within 20 % of it: the busiest-warp bound (docs/gpu.md #busiest-warp) moved all six
+    toward the measurement (measured / predicted 0.79-0.91 -> 0.86-1.02). A change to the
+    model that loses this agreement fails here: measure again on a GPU."""
     import model_check
 
     run = model_check.DEFAULT_RUN
@@ -479,7 +482,11 @@ def test_model_agrees_with_the_h200_run_it_was_calibrated_on():
     for then, now in zip(kept, today, strict=True):
         assert (then["op"], then["dtype"], then["k"]) == (now["op"], now["dtype"], now["k"])
         if not any(changed.search(i) for i in now["instantiations"]):
-            assert now["predicted"] == pytest.approx(then["predicted"], rel=0.01), now
+            measured = then["measured"]
+            assert now["measured"] == measured
+            off_now = abs(math.log(now["predicted"] / measured))
+            assert off_now <= abs(math.log(then["predicted"] / measured)) + 1e-9, now
+            assert now["predicted"] == pytest.approx(measured, rel=0.2), now
             same += 1
     assert same == 6
 

@@ -232,6 +232,12 @@ def test_a_model_scale_block_counts_its_factor(toy_dir):
     )
     with pytest.raises(NameError):  # a factor this launch cannot evaluate is an error
         pmc.analyze_kernel(sass, chains, {k: v for k, v in env.items() if k != "half"}, cpp, binds)
+    # the busiest warp: every warp alike unless the launch says otherwise; here its warp
+    # runs the block whole (its factor 1), so it issues what the block did before
+    assert after["busiest_per_block"] == pytest.approx(sum(after["per_block"].values()))
+    busiest = pmc.analyze_kernel(sass, chains, env | {"busiest": {"half": 1.0}}, cpp, binds)
+    assert busiest["per_block"] == after["per_block"]
+    assert busiest["busiest_per_block"] == pytest.approx(sum(before["per_block"].values()))
 
 
 def test_the_rows_kernels_blocks_past_d_are_scaled():
@@ -263,6 +269,43 @@ def test_the_rows_kernels_blocks_past_d_are_scaled():
         assert (env["NB"], env["W"], env["blocks"], env["updates"]) == (4, 8, 2.5, updates)
         want = 2.5 / 4 if updates else 1.0
         assert pmc._eval("blocks / NB if updates else 1", env) == want
+
+
+def test_the_busiest_warp_bounds_the_occupancy():
+    """A tile lasts as long as its busiest warp: mma_rows.cuh's warps whose blocks pass d
+    skip them and its last warp looks up the row cache (model-scale: cache), so the
+    launch's busiest warp is warp 0 with NB blocks, plus the lookups where the last warp
+    holds NB blocks too; perf_model.bounds takes the occupancy bound from the busiest
+    warp's instructions (docs/gpu.md [busiest-warp])."""
+    path = os.path.join(pmc.SOURCES, "mma_rows.cuh")
+    scaled = pmc.cpp_spans(path, pmc._SCALE)
+    lines = open(path).read().split("\n")
+    # the lookups (pol.row) scaled by the last warp's share; their call in the tile loop by
+    # chunk 0 of every other tile
+    lookups = [(f, la) for f, la, e in scaled if e == "cache"]  # warp 0's, the last warp's
+    assert len(lookups) == 2
+    assert all("pol.row(row)" in "\n".join(lines[f - 1 : la]) for f, la in lookups)
+    (call,) = [f for f, _, e in scaled if e == "1 / lookup"]
+    assert "cache_rows(" in lines[call]  # the line after the condition's
+    # d = 320 on 8 warps of 4 blocks: warps 5-7 hold none (the last warp's lookups hide
+    # there); d = 768 on 16 warps of 3: all full
+    for d, k, warps, nb, blocks, cache in ((320, 8, 8, 4, 2.5, 0.0), (768, 8, 16, 3, 3.0, 1.0)):
+        (la,) = pmc.mma_launches("ProjectPolicy<c10::BFloat16, true>", "bf16", d, k, 4096, 2, None)
+        env = la.env
+        assert (env["W"], env["NB"], env["blocks"], env["cache"]) == (warps, nb, blocks, 1 / warps)
+        assert env["busiest"] == {"blocks": nb, "cache": cache}
+        assert env["lookup"] == 2  # a projection's lookup: two tiles (eight slots)
+    (la,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 8, 4096, 2, None)
+    assert la.env["lookup"] == 1  # AdamW's 64-byte rows: four slots, a tile a lookup
+    # the bound: the busiest warp's instructions where given, never fewer than the mean's
+    dev = pm.DEVICES["sm_90"]
+    mean = pm.bounds(4.0, 1.0, [], dev, warps_per_sm=16)
+    busy = pm.bounds(4.0, 1.0, [], dev, warps_per_sm=16, busiest_instrs_per_elt=1.5)
+    assert busy["occupancy_s_per_elt"] == pytest.approx(1.5 * mean["occupancy_s_per_elt"])
+    assert pm.bounds(4.0, 1.0, [], dev, warps_per_sm=16, busiest_instrs_per_elt=0.5) == mean
+    kn = {"bytes_per_elt": {"read": 2.0, "write": 2.0}, "instrs_per_elt": {"total": 1.0},
+          "blocks_per_sm": 1, "warps": 16, "busiest_instrs_per_elt": 1.5}  # fmt: skip
+    assert pm.kernel_bounds(kn, dev) == busy
 
 
 def test_a_loop_without_trips_is_counted_once_and_flagged(toy_dir):
@@ -303,7 +346,9 @@ def test_the_python_twin_uses_the_sources_constants():
     assert c["mma_rows.cuh:kTileRows"] == pmc.MMA_TILE_ROWS
     assert c["mma_rows.cuh:kCoefChunk"] == pmc.MMA_COEF_CHUNK
     assert c["mma_rows.cuh:kWideWarps"] == pmc.MMA_WIDE_WARPS
-    assert c["mma_rows.cuh:kRowSlots"] == pmc.MMA_ROW_SLOTS
+    rows = open(os.path.join(ROOT, "csrc", "cuda", "mma_rows.cuh")).read()
+    assert "constexpr int row_slots(size_t row_bytes) { return row_bytes <= 16 ? 8 : 4; }" in rows
+    assert {b: pmc._row_slots(b) for b in pmc.MMA_ROW_SLOTS} == pmc.MMA_ROW_SLOTS
     assert c["mma_rows.cuh:kMaxRowBytes"] == pmc.MMA_MAX_ROW_BYTES
 
 
@@ -350,7 +395,8 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # the tensor-core rows kernel: 4 blocks a warp at 512 (8 warps), 3 at 768 (16 warps)
     (mma,) = pmc.mma_launches("P", "bf16", 512, 32, 4096, 2, None)
     assert (mma.env["NB"], mma.env["blocks"], mma.work, mma.threads) == (4, 4, 4096 // 16, 256)
-    row_cache = 4 * 16 * 24  # [row cache]: 4 tiles' rows, a Row and an anchor address a row
+    # [row cache]: a projection's 8 tiles of rows (two a lookup), a Row and an anchor address a row
+    row_cache = 8 * 16 * 24
     # [coefficients]: a projection's coefficient tile split, 2 kp floats a row (AdamW's kp + 4)
     assert mma.dynamic_smem == 4 * (32 * 4 * 128 + 8 * 16 * 16 + 16 * 64) + row_cache
     (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
@@ -421,9 +467,9 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
                                     2, 163 * 1024, True, bf16)  # fmt: skip
     assert (first.threads, [la.threads for la in rest]) == (256, [256, 512])
     # they take 16 warps only where the 8 KiB more fit: k = 24 at 768 stages 72 KiB of U,
-    # with 8 warps' partial sums, the split coefficient tile and the row cache 84.5 KiB,
-    # with 16 92.5 KiB
-    for optin, threads in ((93 * 1024, 512), (92 * 1024, 256)):
+    # with 8 warps' partial sums, the split coefficient tile and the row cache 86 KiB,
+    # with 16 94 KiB
+    for optin, threads in ((94 * 1024, 512), (93 * 1024, 256)):
         (la,) = pmc.mma_launches(bf16, "bf16", 768, 24, 4096, 2, optin)
         tail = f", false, {threads // 32}, false, false>"
         assert (la.threads, la.kernel.endswith(tail)) == (threads, True)

@@ -162,17 +162,28 @@
 //   columns, row pairs to 768 (their kMaxPairD), fp32 contiguous rows to 768 (4 blocks a
 //   block at a time still spilled 4 B on sm_90). On 8 warps they take 244-255 registers,
 //   one CTA of 8 warps an SM.
-// [row cache] A tile's rows are looked up once a CTA: 16 threads of warp 0 find its 16
+// [row cache] A tile's rows are looked up once a CTA: lanes of the last warp find its 16
 //   rows in the device table (a binary search over its entries, then the row's address;
 //   AdamW: its bias corrections too, P::row) and put each row's P::Row and anchor in
-//   shared memory, two tiles ahead; every warp's loads, prefetch, stores and finishing
+//   shared memory, ahead of the tile; every warp's loads, prefetch, stores and finishing
 //   threads read them there. Every warp looked up its own rows before, twice a tile (the
 //   prefetch, the stores; AdamW: fp64 bias corrections each time) and the finishing
 //   threads their anchors a chunk: at 16 warps that was 0.12 of bf16 k = 8's 1.22 warp
-//   instructions an element at d = 768 (sm_90, predicted). Four slots: a tile's rows are
-//   written in the iteration two before its own, read by the prefetch one before and by
-//   its own iteration, and a slot is written again only after a barrier that follows its
-//   last read (the pass-1 barriers of the iteration between).
+//   instructions an element at d = 768 (sm_90, predicted). The warp that looks up is the
+//   tile's straggler (docs/gpu.md [busiest-warp]: 135 warp instructions a tile on top of
+//   the 590 of a warp of bf16 k = 8, 16 warps, sm_90; AdamW's fp64 bias corrections
+//   more), so the projections' lookups are the last warp's, which holds the fewest blocks
+//   (none at d = 320: warps 5-7), its 32 lanes two tiles at once, every other tile (16
+//   lanes cost a warp the instructions 32 do; kLookupTiles, kLookupWarp: where that
+//   spilled, one tile, and AdamW's warp 0, as before). Slots (row_slots): tile t's rows are
+//   written at the start of the iteration two before its own (its lookup's), read by the
+//   prefetch one before and by its own iteration; a warp may still be storing the
+//   previous tile, so a lookup writes no slot of tiles it - 1 .. it + 1: four for one tile
+//   a lookup (AdamW's 64-byte rows), eight for two (tiles it + 2, it + 3 at even it; the
+//   16-byte rows of the projections, in the bytes AdamW's four take). A slot is written
+//   again only after a barrier that follows its last read (the pass-1 barriers of the
+//   iterations between). (Two tiles after the first pass-1 barrier, four slots: x is live
+//   there, and 54 kernels spilled 8-20 B.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -245,12 +256,14 @@ __device__ __forceinline__ int coef_slot(int m, int kk) {
 }
 
 // [row cache] Slots (tiles) of the cache, and its bytes: a P::Row (at most kMaxRowBytes)
-// and an anchor address a row.
-constexpr int kRowSlots = 4;
+// and an anchor address a row. Rows of at most 16 bytes (the projections') take eight slots,
+// two tiles a lookup, in no more bytes than the four of kMaxRowBytes.
 constexpr size_t kMaxRowBytes = 64;
+constexpr int row_slots(size_t row_bytes) { return row_bytes <= 16 ? 8 : 4; }
 constexpr size_t row_cache_bytes(size_t row_bytes) {
-  return static_cast<size_t>(kRowSlots) * kTileRows * (row_bytes + sizeof(float*));
+  return static_cast<size_t>(row_slots(row_bytes)) * kTileRows * (row_bytes + sizeof(float*));
 }
+static_assert(row_cache_bytes(16) <= row_cache_bytes(kMaxRowBytes), "the columns' room");
 
 // [basis] the float4 unit of (basis rows 4a..4a+3, coefficient c) in a sub-block.
 __device__ __forceinline__ int unit(int a, int c) { return 8 * a + (c ^ (4 * (a & 1) + 2 * (a >> 1))); }
@@ -439,7 +452,14 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
                 "[row cache] a Row in at most kMaxRowBytes, 8-byte aligned");
   char* cache = reinterpret_cast<char*>(cs + kTileRows * g.coef_ld);  // 64-byte aligned
   Row* rows_s = reinterpret_cast<Row*>(cache);
-  float** anchors_s = reinterpret_cast<float**>(cache + kRowSlots * kTileRows * sizeof(Row));
+  constexpr int kSlots = row_slots(sizeof(Row));
+  // Tiles a lookup: two where there are eight slots, but for the 16-bit [stacked] rows of 4
+  // blocks on 16 warps (8 B of spills on sm_80 with two); the warp that looks up: the last
+  // with two, else warp 0 as before (AdamW's 16-bit rows of 6 blocks spilled 8-16 B on sm_90
+  // with the last).
+  constexpr int kLookupTiles = kSlots == 8 && !(kStacked && W == kWideWarps && NB == 4) ? 2 : 1;
+  constexpr int kLookupWarp = kLookupTiles == 2 ? W - 1 : 0;
+  float** anchors_s = reinterpret_cast<float**>(cache + kSlots * kTileRows * sizeof(Row));
 
   // [held column] Values formed once, held in registers (left free, ptxas recomputed them
   // from the thread index at their uses in the tile loop; docs/gpu.md [held-column]). The
@@ -504,14 +524,27 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   // a run-time branch it cost the other 16-bit kernels 0.3-0.4 warp instructions an element)
   static_assert(!kStacked || (P::kExactTf32 && !P::kUpdates && !kPairs), "[stacked]");
 
-  // [row cache] Tile `tile`'s rows into slot `slot`: 16 threads of warp 0, one row each,
-  // P::row (AdamW's with its bias corrections: any Row serves the stores, which read only
-  // its addresses; a projection's P::row is its P::store_row).
+  // [row cache] Tile `tile` into slot `slot` (kLookupTiles 2: and `tile + gridDim.x` into
+  // the next): lanes of warp kLookupWarp, one row each, P::row (AdamW's with its bias
+  // corrections: any Row serves the stores, which read only its addresses; a projection's
+  // P::row is its P::store_row).
   auto cache_rows = [&](int64_t tile, int slot) {  // model-uniform
-    const int64_t row = tile * kTileRows + threadIdx.x;
-    if (threadIdx.x < kTileRows && row < g.total_rows) {  // model-scale: 1 / W (warp 0)
-      rows_s[slot * kTileRows + threadIdx.x] = pol.row(row);
-      anchors_s[slot * kTileRows + threadIdx.x] = g.row_data ? pol.anchor_row(row) : nullptr;
+    if constexpr (kLookupTiles == 1) {  // 16 threads of warp 0
+      const int64_t row = tile * kTileRows + threadIdx.x;
+      if (threadIdx.x < kTileRows && row < g.total_rows) {  // model-scale: cache (warp 0)
+        rows_s[slot * kTileRows + threadIdx.x] = pol.row(row);
+        anchors_s[slot * kTileRows + threadIdx.x] = g.row_data ? pol.anchor_row(row) : nullptr;
+      }
+    } else {  // the last warp's 32 lanes, tile + 16 m / 32 row m % 16
+      const int m = static_cast<int>(threadIdx.x) - kLookupWarp * 32;
+      if (m < 0) return;
+      const int r = m % kTileRows;
+      const int64_t row = (tile + (m < kTileRows ? 0 : gridDim.x)) * kTileRows + r;
+      const int at = (slot + m / kTileRows) % kSlots * kTileRows + r;
+      if (row < g.total_rows) {  // model-scale: cache (the last warp)
+        rows_s[at] = pol.row(row);
+        anchors_s[at] = g.row_data ? pol.anchor_row(row) : nullptr;
+      }
     }
   };
   // Row m of slot `slot`'s tile.
@@ -521,7 +554,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   // model-trips: ceil(nblk * J * 32 * units / threads)
   for (int i = threadIdx.x; i < staged; i += kCta) su[i] = frag[i];
   cache_rows(blockIdx.x, 0);  // this CTA's first two tiles
-  cache_rows(blockIdx.x + gridDim.x, 1);
+  if constexpr (kLookupTiles == 1) cache_rows(blockIdx.x + gridDim.x, 1);
   __syncthreads();
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
@@ -578,12 +611,14 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     }
   };
 
-  int it = 0;  // this CTA's tiles so far: the tile's [row cache] slot is it % kRowSlots
+  int it = 0;  // this CTA's tiles so far: the tile's [row cache] slot is it % kSlots
   for (int64_t tile = blockIdx.x; tile < g.n_tiles; tile += gridDim.x, ++it) {  // model-trips: items
     const int64_t row0 = tile * kTileRows;
-    const int slot = it % kRowSlots;
-    const int next_slot = (it + 1) % kRowSlots;
-    cache_rows(tile + 2 * static_cast<int64_t>(gridDim.x), (it + 2) % kRowSlots);
+    const int slot = it % kSlots;
+    const int next_slot = (it + 1) % kSlots;
+    if (it % kLookupTiles == 0) {  // model-scale: 1 / lookup (tiles a lookup)
+      cache_rows(tile + 2 * static_cast<int64_t>(gridDim.x), (it + 2) % kSlots);
+    }
     // [tile] x[b][h]: row row0 + gq + 8 h, columns 16 (warp NB + b) + 4 tq + [0, 4).
     float x[NB][2][V];
     // The tile's 16 rows exist and the warp's blocks are whole vectors (warp-uniform): its

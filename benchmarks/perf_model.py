@@ -76,7 +76,8 @@ counts its masked columns as moved), cache hits on re-reads (a second pass count
 traffic even when the row block is still in L2: pessimistic), the MUFU and INT pipes,
 tensor cores below their peak, dependent-instruction stalls, shared-memory bank conflicts
 and barriers one by one (only on average, through the measured ``WARP_CPI``), tail
-waves, launch overhead and the small torch ops between kernels. Both
+waves, launch overhead and the small torch ops and kernels between the modelled ones
+(``ProjectedAdamW``'s bias corrections: one thread a param, adamw.cu ``bias_kernel``). Both
 sides of a branch count (except a call to a slow path, e.g. sqrt_rn's denormal path).
 It is a prediction: ``scripts/gpu_check.sh`` on a GPU is what measures.
 

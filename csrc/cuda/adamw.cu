@@ -106,6 +106,7 @@ struct Hyper {
   float decay;  // 1 - lr wd
   float grad_sign;  // -1 if maximize, else 1
   bool amsgrad;
+  float* bias = nullptr;  // [bias] (step_size, inv_sqrt_bias2) of each table entry, 2 floats
 };
 
 // A param row as its table entry and offsets (32 bytes).
@@ -192,14 +193,11 @@ struct AdamWPolicyBase {
       return {&e, o, og, 0.f, 0.f};
     }
   }
-  // The row's bias corrections, in fp64 from the step count on the device (as
-  // kernels/adamw.py): beta^t = exp(t log(1 - (1 - beta))); 1 - b2^t is 1e-3 at t = 1.
+  // The row's bias corrections: its param's, as bias_kernel formed them this launch.
   __device__ void add_bias(Row& w) const {  // model-uniform
-    const double t = static_cast<double>(*reinterpret_cast<const float*>(w.e->step));
-    const double bias1 = 1.0 - exp(t * log(1.0 - h.one_minus_beta1));
-    const double bias2 = 1.0 - exp(t * log(1.0 - h.one_minus_beta2));
-    w.step_size = static_cast<float>(h.lr / bias1);
-    w.inv_sqrt_bias2 = static_cast<float>(1.0 / sqrt(bias2));
+    const float2 b = reinterpret_cast<const float2*>(h.bias)[w.e - table];
+    w.step_size = b.x;
+    w.inv_sqrt_bias2 = b.y;
   }
   __device__ Row row(int64_t row) const {  // model-uniform
     Row w = store_row(row);
@@ -602,15 +600,38 @@ bool step_then_project(const Layout& l, const AdamWEntry* t, int n, const at::Te
   }
 }
 
+// [bias] Each param's bias corrections for this step, once a launch, in fp64 from its
+// step count on the device (as kernels/adamw.py): beta^t = exp(t log(1 - (1 - beta)));
+// 1 - b2^t is 1e-3 at t = 1. Every row's lookup formed them before (P::row, the [row
+// cache]'s warp 0): about 630 warp instructions a tile on that warp beside the 1900 of each
+// warp, which then waited for it at the tile's barriers (bf16 k = 32, sm_80, predicted;
+// docs/gpu.md [busiest-warp]).
+__global__ void bias_kernel(const AdamWEntry* table, int n, Hyper h) {
+  const int stride = static_cast<int>(gridDim.x * blockDim.x);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {  // model-trips: 1
+    const double t = static_cast<double>(*reinterpret_cast<const float*>(table[i].step));
+    const double bias1 = 1.0 - exp(t * log(1.0 - h.one_minus_beta1));
+    const double bias2 = 1.0 - exp(t * log(1.0 - h.one_minus_beta2));
+    h.bias[2 * i] = static_cast<float>(h.lr / bias1);
+    h.bias[2 * i + 1] = static_cast<float>(1.0 / sqrt(bias2));
+  }
+}
+
 template <typename T>
 void launch(
     const Layout& l, bool cols, bool flat, const at::Tensor& basis, const float* weights,
-    const Hyper& h) {
+    const Hyper& step) {
   if (l.entries.empty()) return;
   const DeviceTable<AdamWEntry> table(l.entries, basis.device());
   const AdamWEntry* t = table.data();
   const int n = table.size();
   const int64_t k = basis.size(1);
+  // [bias] this step's bias corrections, 8 bytes a param, before any row reads them
+  const at::Tensor bias =
+      at::empty({2 * static_cast<int64_t>(n)}, basis.options().dtype(at::kFloat));
+  Hyper h = step;
+  h.bias = bias.data_ptr<float>();
+  launch_kernel(bias_kernel, (n + 255) / 256, 256, 0, t, n, h);
   if (cols) {
     // fp32 on tensor cores with strided rows (as project.cu's transposed views); 16-bit
     // rows too where they pair up ([row pairs]: one 32-bit word holds two rows' element).

@@ -885,15 +885,17 @@ def analyze_kernel(
     busiest_factors: dict[int, float] = {}
     busiest_env = env | env.get("busiest", {})
 
-    def scale(ins: pm.Instr, busiest: bool = False) -> float:
-        cache, names = (busiest_factors, busiest_env) if busiest else (factors, env)
-        factor = 1.0
+    def scale(ins: pm.Instr) -> tuple[float, float]:
+        """The instruction's factor for the mean warp and for the busiest."""
+        mean = busy = 1.0
         for n, (cp, f, la, expr) in enumerate(scaled):
             if within(ins, [(cp, f, la)]):
-                if n not in cache:
-                    cache[n] = _eval(expr, names)
-                factor *= cache[n]
-        return factor
+                if n not in factors:
+                    factors[n] = _eval(expr, env)
+                    busiest_factors[n] = _eval(expr, busiest_env)
+                mean *= factors[n]
+                busy *= busiest_factors[n]
+        return mean, busy
 
     live = [i for i in pm.live_instrs(sass) if not i.cold]
     cold_here = {i.addr for i in live if within(i, cold)}
@@ -945,9 +947,9 @@ def analyze_kernel(
     regions: dict[int | None, dict] = {}
     for ins in instrs:
         w = weight(ins.addr)
-        f = scale(ins)
+        f, f_busiest = scale(ins)
         per_block[pm.instr_class(ins.op)] += w * f
-        busiest += w * scale(ins, busiest=True)
+        busiest += w * f_busiest
         if by_line is not None:
             key = _line_key(_frames(chains, ins.addr))
             by_line[key] = by_line.get(key, 0.0) + w * f

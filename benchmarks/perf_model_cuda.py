@@ -391,6 +391,14 @@ def _mma_smem(
         _row_slots(row_bytes) * MMA_TILE_ROWS * (row_bytes + 8))  # fmt: skip
 
 
+def _mma_resident(smem: int, warps: int, limit: int, per_sm: int) -> int:
+    """``mma_rows::run_columns``' ``resident`` ([fp32 pairs]): the warps an SM holds of a
+    launch of ``smem`` bytes by shared memory, two CTAs of 8 warps at most, one of 16."""
+    if smem > limit:
+        return 0
+    return warps * min(2 if warps == WARPS else 1, per_sm // (smem + MMA_RESERVED_SMEM))
+
+
 def _row_slots(row_bytes: int) -> int:
     """``mma_rows::row_slots``: the [row cache]'s tiles."""
     return 8 if row_bytes <= 16 else 4
@@ -485,6 +493,24 @@ def mma_launches(
         # [pairs]: those projections without anchors whose U fits twice
         fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_bytes) <= limit
         pairs = bool(projection) and dt != "fp32" and not anchored and cols > 8 and fits
+        if ("ProjectPolicy<float" in name and not anchored and cols > 8
+                and _round_up(cols, 16) == _round_up(cols, 8)):  # fmt: skip
+            # [fp32 pairs]: where k padded to 16 is k padded to 8 and shared memory leaves
+            # the SM as many resident warps (two CTAs of 8 warps, or one of 16)
+            per_sm = (MMA_MAX_SMEM if smem_optin is None else smem_optin) + MMA_RESERVED_SMEM
+            frags = _mma_smem(nblk, _round_up(cols, 8), False, warps, row_bytes)
+            now = _mma_resident(frags, warps, limit, per_sm)
+            split8 = _mma_smem(nblk, _round_up(cols, 16), True, WARPS, row_bytes)
+            split16 = _mma_smem(nblk, _round_up(cols, 16), True, MMA_WIDE_WARPS, row_bytes)
+            if _mma_resident(split8, WARPS, limit, per_sm) >= now:
+                warps, pairs = WARPS, True
+            elif lo < nblk <= hi and _mma_resident(split16, MMA_WIDE_WARPS, limit, per_sm) >= now:
+                warps, pairs = MMA_WIDE_WARPS, True
+            if warps == WARPS:
+                nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)
+            else:
+                nb = next(n for n in MMA_WIDE_NB if -(-nblk // warps) <= n)
+            blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
         # [raw pairs]: the other 16-bit projections of more than 8 columns, U staged once in
         # pairs' order, where that fits and k padded to 16 is k padded to 8; AdamW's 16-bit
         # rows too where they compile without spills (kRawPairsAt: at most 4 blocks a warp on

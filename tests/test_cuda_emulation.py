@@ -900,6 +900,90 @@ def test_tensor_core_fp32_rows_keep_fp32_sums_on_truncating_mmas(d, k):
     assert err <= 8 * 2.0**-24 * math.sqrt(k / 8), err
 
 
+# [fp32 pairs] fp32 projection rows whose U fits shared memory twice without losing the
+# SM's resident warps, where k padded to 16 is k padded to 8: (d, k, side, the launch's NB,
+# pairs, warps) on the emulated H100 (227 KiB a block, 228 an SM). 260 columns, k = 32: two
+# CTAs of 8 warps (83 KiB each); 768, k = 32: one CTA of 16 (215 KiB; the fragments ran two
+# of 8); 700 transposed, k = 16: two CTAs of 8 (101 KiB; the fragments ran 16); 768, k = 24: the
+# padding to 32 would add a k-step (fragments, two CTAs of 8 as before); 768, k = 40: 48,
+# too wide twice (fragments, 16 warps); 260, k = 8: none at k <= 8.
+FP32_PAIRS = [
+    (260, 32, "input", 4, True, 8),
+    (768, 32, "input", 3, True, 16),
+    (700, 16, "output", 6, True, 8),
+    (768, 24, "input", 6, False, 8),
+    (768, 40, "input", 3, False, 16),
+    (260, 8, "input", 4, False, 8),
+]
+
+
+@pytest.mark.parametrize(("d", "k", "side", "nb", "pairs", "warps"), FP32_PAIRS)
+def test_tensor_core_fp32_pairs_match_float64(d, k, side, nb, pairs, warps):
+    """[fp32 pairs] fp32 projection rows on U staged split (mma_rows.cuh [pairs]: neither
+    pass splits U), x split in pass 1 as the fragments split it, each block's and k-step's
+    MMAs from zero ([sums]), where run_columns finds the SM keeps its resident warps; the
+    model's twin (perf_model_cuda.mma_launches) picks the same kernel. Soft weights, 45 rows
+    (a ragged last tile), against float64 with the [sums] bound; anchored rows keep the
+    fragments (as [pairs])."""
+    gen = torch.Generator().manual_seed(d * k)
+    g = torch.randn((45, d) if side == "input" else (d, 45), generator=gen)
+    view = g if side == "input" else g.t()
+    u = _orthonormal(d, k, seed=12)
+    w = torch.rand(k, generator=gen)
+    x, u64, w64 = view.double(), u.double(), w.double()
+    want = x - ((x @ u64) * w64) @ u64.t()
+    again = g.clone()  # for the anchored call below
+    emu.project_bucket_([view], u, w, side)
+    vector = "true" if side == "input" else "false"
+    tail = f"ProjectPolicy<float, {vector}>, {nb}, {str(pairs).lower()}, {warps}, false, false>("
+    assert tail in emu.last_kernel(), emu.last_kernel()
+    launches = emu.perf_model_cuda().op_launches(
+        f"project_ {side}", "fp32", k, d=d, smem_optin=emu.smem_optin()
+    )
+    assert tail in launches[0].kernel + "(", launches[0].kernel
+    err = (view.double() - want).abs().max().item() / x.abs().max().item()
+    assert err <= 8 * 2.0**-24 * math.sqrt(k / 8), err
+    # anchored at the rows' own coefficients: the same projection, on the fragments
+    c = (x @ u64).float()
+    view2 = again if side == "input" else again.t()
+    emu.project_anchored_bucket_([view2], [c], u, w, side)
+    layout = re.search(r"ProjectPolicy<float, \w+>, (\d+), (\w+), (\d+),", emu.last_kernel())
+    assert layout is not None and layout.group(2) == "false", emu.last_kernel()
+    x0 = x - ((x @ u64 - c.double()) * w64) @ u64.t()
+    assert (view2.double() - x0).abs().max().item() <= TOL[torch.float32] * x0.abs().max().item()
+
+
+def test_fp32_pairs_keep_an_a100s_two_ctas():
+    """[fp32 pairs] at an A100's shared memory (163 KiB a block, 164 an SM): 260 columns at
+    k = 32 take two 8-warp CTAs of the fragments (U split twice, 83 KiB, does not fit two),
+    768 at k = 32 one 16-warp CTA of the fragments (twice U is 192 KiB); 260 at k = 16 fits
+    two CTAs split (47 KiB each). The model's twin agrees."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from tests import cuda_emulation as emu
+
+        pmc = emu.perf_model_cuda()
+        for d, k, layout in ((260, 32, "4, false, 8"), (768, 32, "3, false, 16"),
+                             (260, 16, "4, true, 8")):
+            g = torch.randn(20, d)
+            u = torch.linalg.qr(torch.randn(d, k, dtype=torch.float64))[0].float().contiguous()
+            want = g.double() - g.double() @ u.double() @ u.double().T
+            emu.project_bucket_([g], u, None, "input")
+            tail = f"ProjectPolicy<float, true>, {layout}, false, false>("
+            assert tail in emu.last_kernel(), (d, k, emu.last_kernel())
+            model = pmc.op_launches("project_ input", "fp32", k, d=d, smem_optin=emu.smem_optin())
+            assert tail in model[0].kernel + "(", (d, k, model[0].kernel)
+            assert (g.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        """
+    )
+    env = {**os.environ, "GRADPROJ_EMU_SMEM_OPTIN": "163K"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=emu.ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_tensor_cores_can_be_switched_off(monkeypatch):
     """GRADPROJ_CUDA_TENSOR_CORES=0 sends rows the tensor cores take to the FMA engine
     (tile.cuh), the projection's and AdamW's, read at each call; the results agree."""
@@ -1109,7 +1193,8 @@ def test_tensor_core_wide_rows_match_float64(dtype, d, k, anchored, layout):
     want, kernel = _project_soft_rows(rows, u, w, c, "input" if layout == "rows" else "output")
     assert "mma_rows_kernel<" in kernel and "PairPolicy" not in kernel, kernel
     # anchored: U once in pairs' order ([raw pairs]: k = 12 pads to 16 either way; 40 to 48
-    # would add a k-step to the fragments' 40)
+    # would add a k-step to the fragments' 40); fp32 rows keep the fragments ([fp32 pairs]:
+    # two CTAs of them fit the SM's shared memory, one split)
     pairs = dtype != torch.float32 and k == 12
     raw = pairs and anchored
     assert f", 10, {str(pairs).lower()}, 8, false, {str(raw).lower()}>(" in kernel, kernel

@@ -429,8 +429,19 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # 2 x 128 KiB does not fit: [raw pairs], U once in pairs' order
     assert w.kernel.endswith(", 4, true, 16, false, true>")
     assert w.dynamic_smem == 4 * (63 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
+    # [fp32 pairs] fp32 projection rows of k = 32 at 768: U split twice (192 KiB) beside 16
+    # warps keeps the SM's 16 (two 8-warp CTAs of the fragments); not at an A100's 163 KiB,
+    # nor at k = 24 (padded to 32: a k-step more than the fragments' 24), nor anchored
+    fp32 = "ProjectPolicy<float, true>"
+    (w,) = pmc.mma_launches(fp32, "fp32", 768, 32, 4096, 2, None)
+    assert w.kernel == f"mma_rows_kernel<{fp32}, 3, true, 16, false, false>"
+    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + row_cache
+    (w,) = pmc.mma_launches(fp32, "fp32", 768, 32, 4096, 2, 163 * 1024)
+    assert w.kernel == f"mma_rows_kernel<{fp32}, 3, false, 16, false, false>"
+    for k, anchored in ((24, False), (32, True)):
+        (w,) = pmc.mma_launches(fp32, "fp32", 768, k, 4096, 2, None, anchored=anchored)
+        assert w.kernel == f"mma_rows_kernel<{fp32}, 6, false, 8, false, false>", (k, anchored)
     for d, dt, policy in ((512, "bf16", bf16), (1100, "bf16", bf16),
-                          (768, "fp32", "ProjectPolicy<float, true>"),
                           (1000, "fp32", "AdamWPolicy<float, true>"),
                           (1000, "fp32", "AdamWPolicy<float, false>")):  # fmt: skip
         (la,) = pmc.mma_launches(policy, dt, d, 32, 4096, 2, None)
@@ -584,12 +595,11 @@ def test_hbm_bytes_never_below_the_floor(op, dt):
         (m,) = pmc.hbm_bytes(op, "fp32", 8, d=2048)
         assert pmc.op_launches(op, "fp32", 8, d=2048)[0].kernel.startswith("rows_kernel")
         assert m["read"] + m["write"] == pytest.approx(2 * 4 + 2 * 4 * 8 / 2048 + 4 * 8 / 4096)
-        # k = 32, tensor cores: the coefficients stay in shared memory (16-bit: the basis
-        # staged twice, hi and lo, [pairs])
+        # k = 32, tensor cores: the coefficients stay in shared memory (the basis staged
+        # twice, hi and lo, [pairs]; fp32 too, [fp32 pairs])
         (m,) = pmc.hbm_bytes(op, dt, 32)
         assert pmc.op_launches(op, dt, 32)[0].kernel.startswith("mma_rows_kernel")
-        units = 1 if dt == "fp32" else 2
-        assert m["read"] + m["write"] == pytest.approx(2 * b + 4 * 32 * units / 4096)
+        assert m["read"] + m["write"] == pytest.approx(2 * b + 4 * 32 * 2 / 4096)
     if op == "ProjectedAdamW input":
         b = pm.ITEMSIZE[dt]
         # tensor cores (AdamWPolicy): p, g, m, v read once, p, m, v written once, the

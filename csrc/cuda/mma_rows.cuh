@@ -59,9 +59,9 @@
 //   exact in tf32, so pass 1 takes U_hi x + U_lo x. Accumulation is fp32. Where the
 //   result is 16-bit (bf16/fp16 projection rows) the split truncates (mma.cuh
 //   [truncated]: 2 instructions a value, not 3).
-// [pairs] 16-bit rows (x exact in tf32) whose basis fits shared memory twice stage it
-//   split, hi beside lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16), so neither pass
-//   splits U: the split was 3 instructions a value, 0.39 of bf16 k = 32's 1.59 warp
+// [pairs] 16-bit rows (x exact in tf32; fp32: [fp32 pairs]) whose U fits shared memory twice
+//   stage it split, hi beside lo ([3xTF32], BasisLayout::kMmaPairs; k padded to 16): neither
+//   pass splits U. The split was 3 instructions a value, 0.39 of bf16 k = 32's 1.59 warp
 //   instructions per element on sm_90. A unit (float4) of a block's chunk of 16
 //   coefficients holds coefficients q and q + 8 of basis rows 4a + e and 4a + e + 2
 //   (q < 8, a < 4, e < 2), at 8 q + ((4 e + a) ^ f(q)): pass 1's k-step s reads unit
@@ -415,13 +415,20 @@ template <class P, int NB, int W>
 constexpr bool kRawPairsAt =
     kRawPairs<P> && (!P::kUpdates || (W == kWarps ? NB <= 4 : RowPairs<P>::value));
 
+// [fp32 pairs] fp32 projection rows take [pairs] too (run_columns: where that keeps the
+// SM's resident warps), x split in pass 1 as the fragments split it, each block's MMAs
+// from zero ([sums]).
+template <class P>
+constexpr bool kFp32Pairs = std::is_same_v<typename P::Scalar, float> && !P::kUpdates;
+
 template <class P, int NB, bool kPairs, int W, bool kStacked, bool kRaw>
 __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) mma_rows_kernel(
     P pol, Geometry g, const float4* __restrict__ frag, const float* __restrict__ weights) {
   using T = typename P::Scalar;
   constexpr int V = tile::Pack<T>::kSize;
   static_assert(V == 4, "a lane holds 4 columns of a block per row");
-  static_assert(!kPairs || P::kExactTf32 || kRaw, "[pairs] of AdamW's x': raw pairs only");
+  static_assert(!kPairs || P::kExactTf32 || kRaw || kFp32Pairs<P>,
+                "[pairs]: 16-bit rows, fp32 projection rows ([fp32 pairs]); AdamW's x' raw only");
   static_assert(!kRaw || kPairs, "[raw pairs] are pairs' order");
   // [raw pairs] U staged once (hi and lo formed where used), else twice with pairs
   constexpr int kStagings = kPairs && !kRaw ? 2 : 1;
@@ -785,6 +792,7 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
           // [pairs] k-step s: the unit (q = gq, e = s, a = tq) is lane's A quad, hi and lo
           // ([offsets]: block b's hi 128 units on, its lo 64 after that; [raw pairs]: U,
           // block b 64 units on, split here)
+          [[maybe_unused]] float part[2][4];  // [sums] this block's MMAs, from zero ([fp32 pairs])
 #pragma unroll
           for (int s = 0; s < 2; ++s) {
             const float4* q = chunk_u + p1_unit(s) + blk_units * b;
@@ -801,7 +809,19 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
             }
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              if constexpr (kSplitX) {  // AdamW's x' (fp32): split truncated, as U
+              if constexpr (kSums) {  // [fp32 pairs] x split as the fragments split it
+                const mma::Split x0 = mma::split(x[b][h][s]);
+                const mma::Split x1 = mma::split(x[b][h][s + 2]);
+                const uint32_t bh[2] = {x0.hi, x1.hi};
+                const uint32_t bl[2] = {x0.lo, x1.lo};
+                if (s == 0) {  // unrolled: the block's first MMA
+                  mma::mma_tf32_zero(part[h], ah, bl);
+                } else {
+                  mma::mma_tf32(part[h], ah, bl);
+                }
+                mma::mma_tf32(part[h], al, bh);
+                mma::mma_tf32(part[h], ah, bh);
+              } else if constexpr (kSplitX) {  // AdamW's x' (fp32): split truncated, as U
                 const mma::Split x0 = mma::split_truncated(x[b][h][s]);
                 const mma::Split x1 = mma::split_truncated(x[b][h][s + 2]);
                 const uint32_t bh[2] = {x0.hi, x1.hi};
@@ -814,6 +834,13 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
                 mma::mma_tf32(acc[h], al, bh);
                 mma::mma_tf32(acc[h], ah, bh);
               }
+            }
+          }
+          if constexpr (kSums) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+              for (int q = 0; q < 4; ++q) acc[h][q] += part[h][q];
             }
           }
         } else {
@@ -1240,7 +1267,7 @@ void launch_layout(const P& pol, Geometry g, const at::Tensor& basis, const floa
     g.pairs = false;
     g.raw = false;
   }
-  if constexpr (P::kExactTf32) {
+  if constexpr (P::kExactTf32 || kFp32Pairs<P>) {
     if (g.pairs) return launch<P, NB, true, W>(pol, g, basis, weights);
   }
   if constexpr (P::kExactTf32 && !P::kUpdates) {  // [stacked]
@@ -1296,6 +1323,38 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
       g = split;
     } else if (kc > 8 && raw.kp == g.kp && smem_bytes(raw) <= smem_limit()) {
       g = raw;
+    }
+  }
+  if constexpr (kFp32Pairs<P>) {
+    // [fp32 pairs] U staged split where k > 8, the rows have no anchors (as [pairs]), k
+    // padded to 16 adds no k-step to the fragments' k padded to 8 (as [raw pairs]; at
+    // d = 768, k = 24 on an H100 the fourth k-step cost more than the splits saved:
+    // predicted 83 -> 80 % of copy), and shared memory leaves the SM as many resident
+    // warps: two CTAs of 8 warps, or one of 16 ([16 warps] rows). Two of 8 are counted
+    // wherever shared memory holds them (as registers do, 128 or fewer): by kMinBlocks,
+    // strided rows of 320 columns lost their second CTA on an A100 (38 -> 23 %, k = 32).
+    const size_t per_sm = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
+    auto resident = [&](const Geometry& x) -> size_t {
+      const size_t bytes = smem_bytes(x);
+      if (bytes > smem_limit()) return 0;
+      const size_t by_smem = per_sm / (bytes + kReservedSmemPerBlock);
+      return std::min<size_t>(x.warps == kWarps ? 2 : 1, by_smem) * x.warps;
+    };
+    Geometry split = g;
+    split.pairs = true;
+    split.warps = kWarps;
+    split.kp = round_up(kc, 16);
+    split.coef_ld = coef_ld_for(split.kp, true);
+    Geometry wide = split;
+    wide.warps = kWideWarps;
+    const bool width = g.nblk > kSixteenWarpsFrom && g.nblk <= kSixteenWarpsTo<P>;
+    if (kc > 8 && !anchored && split.kp == g.kp) {
+      const size_t now = resident(g);
+      if (resident(split) >= now) {
+        g = split;
+      } else if (width && resident(wide) >= now) {
+        g = wide;
+      }
     }
   }
   if constexpr (P::kExactTf32 && !P::kUpdates) {  // [stacked] one group of columns

@@ -127,9 +127,10 @@ _REGISTRY: dict[str, Backend] = {}
 # Preference per device type, fastest first. The reference is the fallback for all.
 # "cpp"/"cuda" come from the compiled extension (gradproj._C) once it is built.
 _PREFERENCE: dict[str, tuple[str, ...]] = {
-    # Triton before the extension's CUDA kernels until the GPU runbook
-    # (scripts/gpu_check.sh) has verified and timed both: the CUDA kernels have
-    # only been compiled, the Triton ones have at least run under the interpreter.
+    # Triton before the extension's CUDA kernels. The GPU runbook (scripts/gpu_check.sh)
+    # verified and timed both on an H200 (benchmarks/results/gpu-H200-2026-12-04b), with
+    # no clear winner (Triton ahead at k = 1 and on fp32 transposed views, CUDA on bf16
+    # rows at k = 8), and the CUDA kernels redesigned since have run only in the emulator.
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpp", "reference"),
 }

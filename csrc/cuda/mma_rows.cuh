@@ -162,9 +162,9 @@
 //   columns, row pairs to 768 (their kMaxPairD), fp32 contiguous rows to 768 (4 blocks a
 //   block at a time still spilled 4 B on sm_90). On 8 warps they take 244-255 registers,
 //   one CTA of 8 warps an SM.
-// [row cache] A tile's rows are looked up once a CTA: lanes of the last warp find its 16
+// [row cache] A tile's rows are looked up once a CTA: lanes of one warp find its 16
 //   rows in the device table (a binary search over its entries, then the row's address;
-//   AdamW: its bias corrections too, P::row) and put each row's P::Row and anchor in
+//   AdamW: its [bias] pair too, P::row) and put each row's P::Row and anchor in
 //   shared memory, ahead of the tile; every warp's loads, prefetch, stores and finishing
 //   threads read them there. Every warp looked up its own rows before, twice a tile (the
 //   prefetch, the stores; AdamW: fp64 bias corrections each time) and the finishing

@@ -904,12 +904,17 @@ def test_tensor_core_fp32_rows_keep_fp32_sums_on_truncating_mmas(d, k):
 # SM's resident warps, where k padded to 16 is k padded to 8: (d, k, side, the launch's NB,
 # pairs, warps) on the emulated H100 (227 KiB a block, 228 an SM). 260 columns, k = 32: two
 # CTAs of 8 warps (83 KiB each); 768, k = 32: one CTA of 16 (215 KiB; the fragments ran two
-# of 8); 700 transposed, k = 16: two CTAs of 8 (101 KiB; the fragments ran 16); 768, k = 24: the
-# padding to 32 would add a k-step (fragments, two CTAs of 8 as before); 768, k = 40: 48,
-# too wide twice (fragments, 16 warps); 260, k = 8: none at k <= 8.
+# of 8); 768, k = 16: two CTAs of 8 (109 KiB each); 1000, k = 16: one of 16, 4 blocks a warp
+# (147 KiB; the fragments ran two of 8); 200, k = 12 (padded to 16 either way): two of 8, 2
+# blocks a warp; 700 transposed, k = 16: two CTAs of 8 (101 KiB; the fragments ran 16);
+# 768, k = 24: the padding to 32 would add a k-step (fragments, two CTAs of 8 as before);
+# 768, k = 40: 48, too wide twice (fragments, 16 warps); 260, k = 8: none at k <= 8.
 FP32_PAIRS = [
     (260, 32, "input", 4, True, 8),
     (768, 32, "input", 3, True, 16),
+    (768, 16, "input", 6, True, 8),
+    (1000, 16, "input", 4, True, 16),
+    (200, 12, "input", 2, True, 8),
     (700, 16, "output", 6, True, 8),
     (768, 24, "input", 6, False, 8),
     (768, 40, "input", 3, False, 16),

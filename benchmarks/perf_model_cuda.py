@@ -85,7 +85,7 @@ ADAMW_BLOCK_POLICY_MAX_K16 = 32  # adamw.cu kBlockPolicyMaxK16
 MMA_MAX_D = 1280  # mma_rows::kMaxD: the projection's kMaxRowD (NB = 10)
 MMA_MAX_ADAMW_D = 1024  # mma_rows::kMaxAdamWD: AdamW's, and ProjectPairPolicy's kMaxPairD
 MMA_MAX_PAIR_D_ADAMW = 768  # mma_rows::kMaxPairD<AdamWPairPolicy<16-bit>>
-MMA_BLOCKS = (2, 4, 6, 8, 10)  # the NB the launcher compiles (run_columns)
+MMA_BLOCKS = (2, 3, 4, 6, 8, 10)  # the NB the launcher compiles (run_columns)
 MMA_MAX_SMEM = 224 * 1024  # mma_rows::kMaxDynamicSmem
 MMA_RESERVED_SMEM = 1024  # mma_rows::kReservedSmemPerBlock
 MMA_TILE_ROWS = 16

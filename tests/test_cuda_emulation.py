@@ -805,7 +805,7 @@ def test_row_pairs_adamw_matches_float64(case, dtype):
     emu.projected_adamw_bucket_(ps, gs, ms, vs, None, steps, cs, u, w, "output", **hyper,
                                 maximize=False)  # fmt: skip
     assert "AdamWPairPolicy<" in emu.last_kernel(), emu.last_kernel()
-    nb, warps = (3, 16) if d > 512 else (2 if d <= 256 else 4, 8)
+    nb, warps = (3, 16) if d > 512 else (2 if d <= 256 else 3 if d <= 384 else 4, 8)
     assert _adamw_kernel_tail(dtype, k, nb, warps, True) in emu.last_kernel(), emu.last_kernel()
     tol = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     for i, (got, exp) in enumerate(zip(zip(ps, ms, vs, cs, strict=True), want, strict=True)):
@@ -910,7 +910,7 @@ def test_tensor_core_fp32_rows_keep_fp32_sums_on_truncating_mmas(d, k):
 # 768, k = 24: the padding to 32 would add a k-step (fragments, two CTAs of 8 as before);
 # 768, k = 40: 48, too wide twice (fragments, 16 warps); 260, k = 8: none at k <= 8.
 FP32_PAIRS = [
-    (260, 32, "input", 4, True, 8),
+    (260, 32, "input", 3, True, 8),
     (768, 32, "input", 3, True, 16),
     (768, 16, "input", 6, True, 8),
     (1000, 16, "input", 4, True, 16),
@@ -918,7 +918,7 @@ FP32_PAIRS = [
     (700, 16, "output", 6, True, 8),
     (768, 24, "input", 6, False, 8),
     (768, 40, "input", 3, False, 16),
-    (260, 8, "input", 4, False, 8),
+    (260, 8, "input", 3, False, 8),
 ]
 
 
@@ -969,8 +969,8 @@ def test_fp32_pairs_keep_an_a100s_two_ctas():
         from tests import cuda_emulation as emu
 
         pmc = emu.perf_model_cuda()
-        for d, k, layout in ((260, 32, "4, false, 8"), (768, 32, "3, false, 16"),
-                             (260, 16, "4, true, 8")):
+        for d, k, layout in ((260, 32, "3, false, 8"), (768, 32, "3, false, 16"),
+                             (260, 16, "3, true, 8")):
             g = torch.randn(20, d)
             u = torch.linalg.qr(torch.randn(d, k, dtype=torch.float64))[0].float().contiguous()
             want = g.double() - g.double() @ u.double() @ u.double().T
@@ -1134,7 +1134,7 @@ def test_tensor_core_sixteen_warps_match_float64(dtype, d, anchored, layout):
         (torch.float16, 700, "rows", ", 3, {pairs}, 16, false, false>("),
         (torch.bfloat16, 700, "pairs", ", 3, {pairs}, 16, false, false>("),
         (torch.bfloat16, 1100, "strided", ", 10, false, 8, false, false>("),
-        (torch.float32, 260, "rows", ", 4, false, 8, false, false>("),
+        (torch.float32, 260, "rows", ", 3, false, 8, false, false>("),
     ],
 )
 @pytest.mark.parametrize("anchored", [False, True], ids=["plain", "anchored-soft"])
@@ -1381,11 +1381,12 @@ def test_tensor_core_adamw_matches_float64(case):
 
 
 # [raw pairs] AdamW's 16-bit rows (mma_rows.cuh kRawPairsAt): side, d, k and the kernel's
-# NB and warps. Row pairs on 16 warps and on 8 (4 blocks), contiguous and strided rows on 8.
+# NB and warps. Row pairs on 16 warps and on 8 (4 blocks), contiguous rows on 8 (3 blocks at
+# 300 columns: 8 warps of 3 cover up to 384, mma_rows.cuh run_columns), strided on 8.
 ADAMW_RAW_PAIRS = {
     "pairs-16-warps": ("output", 700, 32, 3, 16),
-    "pairs-8-warps": ("output", 262, 16, 4, 8),
-    "rows": ("input", 300, 32, 4, 8),
+    "pairs-8-warps": ("output", 400, 16, 4, 8),
+    "rows": ("input", 300, 32, 3, 8),
     "rows-k12": ("input", 136, 12, 2, 8),
 }
 

@@ -242,7 +242,7 @@ def test_a_model_scale_block_counts_its_factor(toy_dir):
 
 def test_the_rows_kernels_blocks_past_d_are_scaled():
     """mma_rows.cuh: a warp whose blocks reach past d skips them (the rows of 320 columns
-    on 8 warps of 4 blocks: warps 5-7 hold none). Every branch that skips a block past d
+    on 8 warps of 3 blocks: warp 6 holds 2, warp 7 none). Every branch that skips a block past d
     in a whole tile is in a model-scale block (blocks / NB: AdamW's loads, x' and m, v
     stores; every policy's loads), or is a model-cold-if (partial tiles, ragged rows), so
     the model counts the blocks that run, not NB a warp. AdamW's factor is blocks / NB;
@@ -266,8 +266,8 @@ def test_the_rows_kernels_blocks_past_d_are_scaled():
                           ("ProjectPolicy<c10::BFloat16, true>", False)):  # fmt: skip
         (la,) = pmc.mma_launches(name, "bf16", 320, 1, 4096, 2, None, anchored=updates)
         env = la.env
-        assert (env["NB"], env["W"], env["blocks"], env["updates"]) == (4, 8, 2.5, updates)
-        want = 2.5 / 4 if updates else 1.0
+        assert (env["NB"], env["W"], env["blocks"], env["updates"]) == (3, 8, 2.5, updates)
+        want = 2.5 / 3 if updates else 1.0
         assert pmc._eval("blocks / NB if updates else 1", env) == want
 
 
@@ -287,9 +287,9 @@ def test_the_busiest_warp_bounds_the_occupancy():
     assert all("pol.row(row)" in "\n".join(lines[f - 1 : la]) for f, la in lookups)
     (call,) = [f for f, _, e in scaled if e == "1 / lookup"]
     assert "cache_rows(" in lines[call]  # the line after the condition's
-    # d = 320 on 8 warps of 4 blocks: warps 5-7 hold none (the last warp's lookups hide
-    # there); d = 768 on 16 warps of 3: all full
-    for d, k, warps, nb, blocks, cache in ((320, 8, 8, 4, 2.5, 0.0), (768, 8, 16, 3, 3.0, 1.0)):
+    # d = 320 on 8 warps of 3 blocks: warp 6 holds 2, warp 7 none (the last warp's lookups
+    # hide there); d = 768 on 16 warps of 3: all full
+    for d, k, warps, nb, blocks, cache in ((320, 8, 8, 3, 2.5, 0.0), (768, 8, 16, 3, 3.0, 1.0)):
         (la,) = pmc.mma_launches("ProjectPolicy<c10::BFloat16, true>", "bf16", d, k, 4096, 2, None)
         env = la.env
         assert (env["W"], env["NB"], env["blocks"], env["cache"]) == (warps, nb, blocks, 1 / warps)

@@ -173,7 +173,7 @@
 //   tile's straggler (docs/gpu.md [busiest-warp]: 135 warp instructions a tile on top of
 //   the 590 of a warp of bf16 k = 8, 16 warps, sm_90; AdamW's fp64 bias corrections
 //   more), so the projections' lookups are the last warp's, which holds the fewest blocks
-//   (none at d = 320: warps 5-7), its 32 lanes two tiles at once, every other tile (16
+//   (none at d = 320: warp 7), its 32 lanes two tiles at once, every other tile (16
 //   lanes cost a warp the instructions 32 do; kLookupTiles, kLookupWarp: where that
 //   spilled, one tile, and AdamW's warp 0, as before). Slots (row_slots): tile t's rows are
 //   written at the start of the iteration two before its own (its lookup's), read by the
@@ -1367,7 +1367,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   if (total_rows == 0) return;
   const at::Tensor cols = basis.narrow(1, c0, kc);
   const float* w = weights != nullptr ? weights + c0 : nullptr;
-  // Blocks per warp: the fewest of {2, 4, 6, 8, 10} whose 8 warps cover d (at most P's
+  // Blocks per warp: the fewest of {2, 3, 4, 6, 8, 10} whose 8 warps cover d (at most P's
   // kMaxRowD: columns_per_launch declines wider rows, and only those NB are compiled).
   TORCH_INTERNAL_ASSERT(g.d <= kMaxRowD<P>, "rows wider than the policy's kMaxRowD");
   if (g.warps == kWideWarps) {  // [16 warps] 3 or 4 blocks a warp
@@ -1378,6 +1378,7 @@ void run_columns(const P& pol, int64_t total_rows, const at::Tensor& basis, cons
   }
   const int per_warp = (g.nblk + kWarps - 1) / kWarps;
   if (per_warp <= 2) return launch_layout<P, 2>(pol, g, cols, w);
+  if (per_warp <= 3) return launch_layout<P, 3>(pol, g, cols, w);
   if (per_warp <= 4) return launch_layout<P, 4>(pol, g, cols, w);
   if (per_warp <= 6) return launch_layout<P, 6>(pol, g, cols, w);
   if constexpr (kMaxRowD<P> >= 8 * 16 * kWarps) {

@@ -484,12 +484,6 @@ def mma_launches(
             sixteen = 2 * (eight_smem + MMA_RESERVED_SMEM) > per_sm
         if sixteen:
             warps = MMA_WIDE_WARPS
-        if warps == WARPS:
-            nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)
-        else:
-            nb = next(n for n in MMA_WIDE_NB if -(-nblk // warps) <= n)
-        # the warps' valid blocks (the unrolled block loop breaks at the first past d)
-        blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
         # [pairs]: those projections without anchors whose U fits twice
         fits = _mma_smem(nblk, _round_up(cols, 16), True, warps, row_bytes) <= limit
         pairs = bool(projection) and dt != "fp32" and not anchored and cols > 8 and fits
@@ -506,11 +500,12 @@ def mma_launches(
                 warps, pairs = WARPS, True
             elif lo < nblk <= hi and _mma_resident(split16, MMA_WIDE_WARPS, limit, per_sm) >= now:
                 warps, pairs = MMA_WIDE_WARPS, True
-            if warps == WARPS:
-                nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)
-            else:
-                nb = next(n for n in MMA_WIDE_NB if -(-nblk // warps) <= n)
-            blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
+        if warps == WARPS:
+            nb = next(n for n in MMA_BLOCKS if -(-nblk // WARPS) <= n)
+        else:
+            nb = next(n for n in MMA_WIDE_NB if -(-nblk // warps) <= n)
+        # the warps' valid blocks (the unrolled block loop breaks at the first past d)
+        blocks = sum(max(0, min(nb, nblk - w * nb)) for w in range(warps)) / warps
         # [raw pairs]: the other 16-bit projections of more than 8 columns, U staged once in
         # pairs' order, where that fits and k padded to 16 is k padded to 8; AdamW's 16-bit
         # rows too where they compile without spills (kRawPairsAt: at most 4 blocks a warp on

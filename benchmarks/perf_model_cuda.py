@@ -163,7 +163,9 @@ def cpp_loops(path: str) -> list[CppLoop]:
         prev = first - 2
         while prev >= 0 and not code_lines[prev].strip():
             prev -= 1
-        unrolled = prev >= 0 and lines[prev].strip().startswith("#pragma unroll")
+        # (``#pragma unroll 1`` keeps the loop a loop)
+        pragma = lines[prev].strip() if prev >= 0 else ""
+        unrolled = pragma.startswith("#pragma unroll") and pragma.split()[2:3] != ["1"]
         trips = _annotation(lines, first, header_last, _TRIPS)
         loops.append(CppLoop(path, first, last, unrolled, trips.group(1) if trips else None))
     return loops

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -210,6 +211,25 @@ def test_a_cut_inline_chain_takes_the_coldness_of_its_callers(toy_dir):
     assert pmc._cut_chains_cold(live, chains, {1, 3, 4}) == {2, 5}
 
 
+def test_the_async_staging_loops_count_every_unit():
+    """mma_rows.cuh [async staging]: stage_async copies U four units a trip, then the rest
+    one a trip, both loops kept loops by ``#pragma unroll 1`` (which cpp_loops must not
+    take for an unrolled loop): their model-trips add up to a thread's units, as the plain
+    copy's ceil(units / threads) did."""
+    path = os.path.join(pmc.SOURCES, "mma_rows.cuh")
+    lines = open(path).read().split("\n")
+    start = next(n for n, ln in enumerate(lines, 1) if "void stage_async(" in ln)
+    end = next(n for n, ln in enumerate(lines, 1) if n > start and ln.startswith("}"))
+    staged = [lp for lp in pmc.cpp_loops(path) if start < lp.first < end and lp.trips]
+    assert len(staged) == 2 and not any(lp.unrolled for lp in staged)
+    four, one = staged
+    cases = ((48, 4, 2, 512), (48, 2, 1, 512), (20, 4, 1, 256), (1, 1, 1, 256))
+    for nblk, J, units, threads in cases:
+        env = {"nblk": nblk, "J": J, "units": units, "threads": threads}
+        want = math.ceil(nblk * J * 32 * units / threads)
+        assert 4 * pmc._eval(four.trips, env) + pmc._eval(one.trips, env) == want
+
+
 def test_a_model_scale_block_counts_its_factor(toy_dir):
     text = _toy_sass(str(toy_dir))
     sass = pm.parse_sass(text)
@@ -285,8 +305,22 @@ def test_the_busiest_warp_bounds_the_occupancy():
     lookups = [(f, la) for f, la, e in scaled if e == "cache"]  # warp 0's, the last warp's
     assert len(lookups) == 2
     assert all("pol.row(row)" in "\n".join(lines[f - 1 : la]) for f, la in lookups)
-    (call,) = [f for f, _, e in scaled if e == "1 / lookup"]
+    in_loop = "max(0.0, items - 2) / items / lookup"
+    (call,) = [f for f, _, e in scaled if e == in_loop]
     assert "cache_rows(" in lines[call]  # the line after the condition's
+    # the lookups of tiles past the bucket's last find nothing (their rows fail the guard):
+    # the tile loop's are of tiles it + 2 (and it + 3), so a CTA of two tiles or fewer makes
+    # none there; its second tile's (warp 0's one-tile lookups) only where it has one
+    second = "min(1.0, max(0.0, items - 1))"
+    (pro,) = [f for f, _, e in scaled if e == second]
+    assert "cache_rows(blockIdx.x + gridDim.x, 1)" in lines[pro - 1]
+    for items, lookup, want in ((1.94, 2, 0.0), (2.0, 1, 0.0), (2.37, 1, 0.37 / 2.37),
+                                (10.0, 2, 0.4), (10.0, 1, 0.8)):  # fmt: skip
+        env = {"items": items, "lookup": lookup}
+        assert pmc._eval(in_loop, env) == pytest.approx(want)
+    assert [pmc._eval(second, {"items": i}) for i in (1.0, 1.94, 2.0, 7.0)] == pytest.approx(
+        [0.0, 0.94, 1.0, 1.0]
+    )
     # d = 320 on 8 warps of 3 blocks: warp 6 holds 2, warp 7 none (the last warp's lookups
     # hide there); d = 768 on 16 warps of 3: all full
     for d, k, warps, nb, blocks, cache in ((320, 8, 8, 3, 2.5, 0.0), (768, 8, 16, 3, 3.0, 1.0)):

@@ -277,6 +277,39 @@ __device__ __forceinline__ void hold(int& v) {
 #endif
 }
 
+// [async staging] U's `units` float4 from global memory into shared memory, thread t of
+// `threads` taking units t, t + threads, ...: cp.async (one LDGSTS a unit: no register
+// round trip, where the copy took an LDG.128 and an STS.128 a unit, ptxas unrolling it 8-16
+// times), four units a trip; stage_wait() waits for them, before the barrier that
+// publishes them. The emulator (and a build for GPUs older than sm_80, which never runs
+// the tensor-core kernels) copies them plainly.
+__device__ __forceinline__ void stage_async(float4* dst, const float4* __restrict__ src, int units, int t,
+                                            int threads) {
+#if defined(GRADPROJ_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
+  for (int i = t; i < units; i += threads) dst[i] = src[i];
+#else
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  auto copy = [&](int i) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(base + 16u * static_cast<uint32_t>(i)),
+                 "l"(src + i)
+                 : "memory");
+  };
+  int i = t;
+#pragma unroll 1
+  for (; i + 3 * threads < units; i += 4 * threads) {  // model-trips: ceil(nblk * J * 32 * units / threads) // 4
+    copy(i), copy(i + threads), copy(i + 2 * threads), copy(i + 3 * threads);
+  }
+#pragma unroll 1
+  for (; i < units; i += threads) copy(i);  // model-trips: ceil(nblk * J * 32 * units / threads) % 4
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void stage_wait() {
+#if !defined(GRADPROJ_CUDA_EMULATION) && !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
 // [pairs] the float4 unit of (coefficient q of 8, basis rows 4a + e and 4a + e + 2) in a
 // block's chunk of 16 coefficients: 8 q + ((4 e + a) ^ f(q)), f as unit's.
 __device__ __forceinline__ int pair_unit(int q, int e, int a) {
@@ -557,11 +590,12 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   // Row m of slot `slot`'s tile.
   auto row_of = [&](int slot, int m) -> Row { return rows_s[slot * kTileRows + m]; };
 
-  const int staged = g.nblk * J * 32 * kStagings;
-  // model-trips: ceil(nblk * J * 32 * units / threads)
-  for (int i = threadIdx.x; i < staged; i += kCta) su[i] = frag[i];
+  // [async staging] U, while the row cache takes the first tiles' rows
+  stage_async(su, frag, g.nblk * J * 32 * kStagings, static_cast<int>(threadIdx.x), kCta);
   cache_rows(blockIdx.x, 0);  // this CTA's first two tiles
+  // model-scale: min(1.0, max(0.0, items - 1)) (where the CTA has a second tile)
   if constexpr (kLookupTiles == 1) cache_rows(blockIdx.x + gridDim.x, 1);
+  stage_wait();
   __syncthreads();
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
@@ -623,7 +657,10 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
     const int64_t row0 = tile * kTileRows;
     const int slot = it % kSlots;
     const int next_slot = (it + 1) % kSlots;
-    if (it % kLookupTiles == 0) {  // model-scale: 1 / lookup (tiles a lookup)
+    // Lookups of tiles past the bucket's last look nothing up (none where a CTA has two
+    // tiles or fewer).
+    // model-scale: max(0.0, items - 2) / items / lookup (tiles a lookup)
+    if (it % kLookupTiles == 0) {
       cache_rows(tile + 2 * static_cast<int64_t>(gridDim.x), (it + 2) % kSlots);
     }
     // [tile] x[b][h]: row row0 + gq + 8 h, columns 16 (warp NB + b) + 4 tq + [0, 4).

@@ -532,8 +532,11 @@ def mma_launches(
         # count there where warp 0 makes them, or the last warp holds NB blocks too (where
         # it holds fewer, they take the time its missing blocks leave)
         last = max(0, min(nb, nblk - (warps - 1) * nb))
-        busiest = dict(blocks=min(nb, nblk), cache=1.0 if lookup == 1 or last == nb else 0.0)
-        env = dict(d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
+        # aside: the lookups a warp other than the busiest makes (one-tile lookups: the
+        # prologue's second, the last warp's)
+        busiest = dict(blocks=min(nb, nblk), cache=1.0 if lookup == 1 or last == nb else 0.0,
+                       aside=0.0)  # fmt: skip
+        env = dict(aside=1.0, d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
                    entries=entries, second=groups % 2 == 0, anchored=anchored, updates=adamw,
                    units=2 if pairs and not raw else 1, W=warps, threads=32 * warps,
                    steps=1 if stacked else groups, cache=1 / warps, lookup=lookup,

@@ -311,23 +311,26 @@ def test_the_busiest_warp_bounds_the_occupancy():
     # the lookups of tiles past the bucket's last find nothing (their rows fail the guard):
     # the tile loop's are of tiles it + 2 (and it + 3), so a CTA of two tiles or fewer makes
     # none there; its second tile's (warp 0's one-tile lookups) only where it has one
-    second = "min(1.0, max(0.0, items - 1))"
+    # (by the last warp, W - 1, not the busiest: aside is 0 in the busiest warp's names)
+    second = "min(1.0, max(0.0, items - 1)) * aside"
     (pro,) = [f for f, _, e in scaled if e == second]
-    assert "cache_rows(blockIdx.x + gridDim.x, 1)" in lines[pro - 1]
+    assert "cache_rows(blockIdx.x + gridDim.x, 1, W - 1)" in lines[pro - 1]
     for items, lookup, want in ((1.94, 2, 0.0), (2.0, 1, 0.0), (2.37, 1, 0.37 / 2.37),
                                 (10.0, 2, 0.4), (10.0, 1, 0.8)):  # fmt: skip
         env = {"items": items, "lookup": lookup}
         assert pmc._eval(in_loop, env) == pytest.approx(want)
-    assert [pmc._eval(second, {"items": i}) for i in (1.0, 1.94, 2.0, 7.0)] == pytest.approx(
-        [0.0, 0.94, 1.0, 1.0]
+    assert [pmc._eval(second, {"items": i, "aside": 1.0}) for i in (1.0, 1.94, 2.0, 7.0)] == (
+        pytest.approx([0.0, 0.94, 1.0, 1.0])
     )
+    assert pmc._eval(second, {"items": 7.0, "aside": 0.0}) == 0.0
     # d = 320 on 8 warps of 3 blocks: warp 6 holds 2, warp 7 none (the last warp's lookups
     # hide there); d = 768 on 16 warps of 3: all full
     for d, k, warps, nb, blocks, cache in ((320, 8, 8, 3, 2.5, 0.0), (768, 8, 16, 3, 3.0, 1.0)):
         (la,) = pmc.mma_launches("ProjectPolicy<c10::BFloat16, true>", "bf16", d, k, 4096, 2, None)
         env = la.env
         assert (env["W"], env["NB"], env["blocks"], env["cache"]) == (warps, nb, blocks, 1 / warps)
-        assert env["busiest"] == {"blocks": nb, "cache": cache}
+        assert env["busiest"] == {"blocks": nb, "cache": cache, "aside": 0.0}
+        assert env["aside"] == 1.0  # the mean warp's share of the lookups aside counts them
         assert env["lookup"] == 2  # a projection's lookup: two tiles (eight slots)
     (la,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 8, 4096, 2, None)
     assert la.env["lookup"] == 1  # AdamW's 64-byte rows: four slots, a tile a lookup

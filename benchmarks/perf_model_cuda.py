@@ -94,6 +94,7 @@ MMA_COEF_CHUNK = 16
 # (two tiles a lookup), else 4 (one)
 MMA_ROW_SLOTS = {16: 8, 64: 4}
 MMA_MAX_ROW_BYTES = 64  # kMaxRowBytes: AdamW's Row (a projection's: 16)
+MMA_STAGE_BARRIER_BYTES = 16  # kStageBarrierBytes: [async staging]'s mbarrier (sm_90)
 # mma_rows.cuh [16 warps]: rows of (32, 64] column blocks (row pairs', AdamW's fp32 rows: 48)
 MMA_WIDE_WARPS = 16  # kWideWarps
 MMA_WIDE_BLOCKS = (32, 64)  # (kSixteenWarpsFrom, kSixteenWarpsTo<P>]
@@ -386,11 +387,13 @@ def _mma_smem(
     """``mma_rows::smem_bytes``: the staged basis (twice with pairs: hi and lo), the partial
     sums (a tile a warp), the coefficient tile (``coef_ld_for``: split, 2 kp floats a row;
     AdamW's plain, kp + 4), the row cache (``row_bytes``: the policy's ``sizeof(P::Row)``;
-    ``columns_per_launch`` counts the largest for every policy, and the split tile)."""
+    ``columns_per_launch`` counts the largest for every policy, and the split tile), the
+    [async staging] mbarrier (``kStageBarrierBytes``)."""
     coef_ld = 2 * kp if split else kp + 4
     return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + warps * MMA_TILE_ROWS
                 * MMA_COEF_CHUNK + MMA_TILE_ROWS * coef_ld) + (
-        _row_slots(row_bytes) * MMA_TILE_ROWS * (row_bytes + 8))  # fmt: skip
+        _row_slots(row_bytes) * MMA_TILE_ROWS * (row_bytes + 8)
+    ) + MMA_STAGE_BARRIER_BYTES  # fmt: skip
 
 
 def _mma_resident(smem: int, warps: int, limit: int, per_sm: int) -> int:
@@ -534,11 +537,15 @@ def mma_launches(
         last = max(0, min(nb, nblk - (warps - 1) * nb))
         # aside: the lookups a warp other than the busiest makes (one-tile lookups: the
         # prologue's second, the last warp's)
-        busiest = dict(blocks=min(nb, nblk), cache=1.0 if lookup == 1 or last == nb else 0.0,
-                       aside=0.0)  # fmt: skip
-        env = dict(aside=1.0, d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb, blocks=blocks,
-                   entries=entries, second=groups % 2 == 0, anchored=anchored, updates=adamw,
-                   units=2 if pairs and not raw else 1, W=warps, threads=32 * warps,
+        # lead: what one thread alone does (the [async staging] copy's issue on sm_90), by a
+        # warp that makes no lookup (kStageWarp): where the busiest counts the lookups, their
+        # warp outlasts it (a lookup of 16-32 rows issues more than the copy), else it is
+        # warp 0's
+        cache = 1.0 if lookup == 1 or last == nb else 0.0
+        busiest = dict(blocks=min(nb, nblk), cache=cache, aside=0.0, lead=1.0 - cache)
+        env = dict(aside=1.0, lead=1 / warps, d=d, k=cols, kp=kp, J=groups, nblk=nblk, NB=nb,
+                   blocks=blocks, entries=entries, second=groups % 2 == 0, anchored=anchored,
+                   updates=adamw, units=2 if pairs and not raw else 1, W=warps, threads=32 * warps,
                    steps=1 if stacked else groups, cache=1 / warps, lookup=lookup,
                    busiest=busiest)  # fmt: skip
         kernel = (f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}, "
@@ -764,6 +771,28 @@ def match_loops(
     return result
 
 
+def _asm_loop_trips(
+    own: list[pm.Instr], chains: dict[int, tuple[tuple[str, int], ...]]
+) -> tuple[str, int, str] | None:
+    """(file, line, trips) of a SASS loop that no C++ loop holds but one inline ``asm``
+    statement wrote (a PTX loop, e.g. mma_rows.cuh [async staging]'s spin on an mbarrier):
+    most of its own instructions come from one line, the statement's last, whose ``model-trips``
+    (on the statement's lines, or a comment-only line above them) gives the trips. None where
+    there is no such annotation."""
+    lines = Counter(f[0] for i in own if (f := _frames(chains, i.addr)))
+    if not lines:
+        return None
+    (path, line), n = lines.most_common(1)[0]
+    if 2 * n < len(own):
+        return None
+    with open(path) as f:
+        text = f.read().split("\n")
+    # the line table names the statement's last line: its `asm` a few lines up
+    first = next((n for n in range(line, max(0, line - 10), -1) if "asm" in text[n - 1]), None)
+    m = None if first is None else _annotation(text, first, line, _TRIPS)
+    return None if m is None else (path, first, m.group(1))
+
+
 def _binds_env(
     body: list[pm.Instr],
     chains: dict[int, tuple[tuple[str, int], ...]],
@@ -948,6 +977,20 @@ def analyze_kernel(
             lp.trips = 0.0
             notes.append(f"{where}: not run by this launch (model-cold-if)")
             continue
+        closing = next((i for i in live if i.addr == lp.end), None)
+        if c is None and closing is not None and closing.op.startswith("BRA.U.ANY"):
+            # ptxas's loop over the distinct values a warp's lanes give an operand that must
+            # sit in a uniform register (mma_rows.cuh [async staging]: the bulk copy's, by
+            # one thread): once where they are warp-uniform
+            lp.trips = 1.0
+            notes.append(f"{where}: a uniform operand's loop (BRA.U.ANY), once")
+            continue
+        asm_trips = _asm_loop_trips(own, chains) if c is None else None
+        if asm_trips is not None:  # a loop written in inline PTX: its statement's model-trips
+            path, line, trips = asm_trips
+            lp.trips = _eval(trips, _binds_env(body, chains, binds, env))
+            lp.source = (path, line, line)  # the `asm` line
+            continue
         if c is None or c.trips is None:
             lp.trips = 1.0
             src = "no C++ loop" if c is None else f"{os.path.basename(c.path)}:{c.first}"
@@ -1002,7 +1045,12 @@ def analyze_kernel(
     loop_rows = [
         {
             "sass": f"{lp.start:#x}-{lp.end:#x}",
-            "source": None
+            "source": (
+                None
+                if lp.source is None
+                # a PTX loop: its `asm` line
+                else f"{os.path.relpath(lp.source[0], ROOT)}:{lp.source[1]}"
+            )
             if c is None
             else f"{os.path.relpath(c.path, ROOT)}:{c.first}" + ("" if c.trips else " (no trips)"),
             "trips": lp.trips,

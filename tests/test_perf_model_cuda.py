@@ -323,14 +323,22 @@ def test_the_busiest_warp_bounds_the_occupancy():
         pytest.approx([0.0, 0.94, 1.0, 1.0])
     )
     assert pmc._eval(second, {"items": 7.0, "aside": 0.0}) == 0.0
+    (lead,) = [(f, la) for f, la, e in scaled if e == "lead"]
+    assert "if (t == leader)" in lines[lead[0] - 1]
+    assert "constexpr int kStageWarp = kLookupWarp == 0 ? 1 : 0;" in "\n".join(lines)
+    assert "cp.async.bulk.shared::cluster.global" in "\n".join(lines[lead[0] - 1 : lead[1]])
     # d = 320 on 8 warps of 3 blocks: warp 6 holds 2, warp 7 none (the last warp's lookups
     # hide there); d = 768 on 16 warps of 3: all full
     for d, k, warps, nb, blocks, cache in ((320, 8, 8, 3, 2.5, 0.0), (768, 8, 16, 3, 3.0, 1.0)):
         (la,) = pmc.mma_launches("ProjectPolicy<c10::BFloat16, true>", "bf16", d, k, 4096, 2, None)
         env = la.env
         assert (env["W"], env["NB"], env["blocks"], env["cache"]) == (warps, nb, blocks, 1 / warps)
-        assert env["busiest"] == {"blocks": nb, "cache": cache, "aside": 0.0}
+        # [async staging] the bulk copy's issue (sm_90) by a warp that makes no lookup: the
+        # busiest counts it where it does not count the lookups
+        lead = 1.0 - cache
+        assert env["busiest"] == {"blocks": nb, "cache": cache, "aside": 0.0, "lead": lead}
         assert env["aside"] == 1.0  # the mean warp's share of the lookups aside counts them
+        assert env["lead"] == 1 / warps
         assert env["lookup"] == 2  # a projection's lookup: two tiles (eight slots)
     (la,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 8, 4096, 2, None)
     assert la.env["lookup"] == 1  # AdamW's 64-byte rows: four slots, a tile a lookup
@@ -387,6 +395,8 @@ def test_the_python_twin_uses_the_sources_constants():
     assert "constexpr int row_slots(size_t row_bytes) { return row_bytes <= 16 ? 8 : 4; }" in rows
     assert {b: pmc._row_slots(b) for b in pmc.MMA_ROW_SLOTS} == pmc.MMA_ROW_SLOTS
     assert c["mma_rows.cuh:kMaxRowBytes"] == pmc.MMA_MAX_ROW_BYTES
+    assert c["mma_rows.cuh:kStageBarrierBytes"] == pmc.MMA_STAGE_BARRIER_BYTES
+    assert "+ kStageBarrierBytes;" in rows  # smem_bytes counts it, as _mma_smem does
 
 
 def test_launch_geometry_follows_run_rows_and_run_cols():
@@ -432,13 +442,14 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # the tensor-core rows kernel: 4 blocks a warp at 512 (8 warps), 3 at 768 (16 warps)
     (mma,) = pmc.mma_launches("P", "bf16", 512, 32, 4096, 2, None)
     assert (mma.env["NB"], mma.env["blocks"], mma.work, mma.threads) == (4, 4, 4096 // 16, 256)
-    # [row cache]: a projection's 8 tiles of rows (two a lookup), a Row and an anchor address a row
-    row_cache = 8 * 16 * 24
+    # [row cache]: a projection's 8 tiles of rows (two a lookup), a Row and an anchor address a
+    # row; then [async staging]'s mbarrier (16 B)
+    smem_tail = 8 * 16 * 24 + 16
     # [coefficients]: a projection's coefficient tile split, 2 kp floats a row (AdamW's kp + 4)
-    assert mma.dynamic_smem == 4 * (32 * 4 * 128 + 8 * 16 * 16 + 16 * 64) + row_cache
+    assert mma.dynamic_smem == 4 * (32 * 4 * 128 + 8 * 16 * 16 + 16 * 64) + smem_tail
     (mma,) = pmc.mma_launches("P", "bf16", 768, 32, 4096, 2, None)
     assert (mma.env["NB"], mma.env["blocks"], mma.threads) == (3, 3, 512)
-    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
+    assert mma.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + smem_tail
     # the projections at every k; AdamW's fp32 contiguous rows from k = 9 (the FMA engine)
     assert pmc.mma_launches("P", "fp32", 768, 1, 4096, 2, None) is not None
     first = {(op, k): pmc.op_launches(op, "fp32", k)[0].kernel
@@ -460,19 +471,19 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert (w.threads, w.env["NB"], w.env["blocks"], w.env["W"]) == (512, 3, 3, 16)
     # [pairs]: U twice fits
     assert w.kernel == f"mma_rows_kernel<{bf16}, 3, true, 16, false, false>"
-    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + row_cache
+    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + smem_tail
     (w,) = pmc.mma_launches(bf16, "bf16", 1000, 32, 4096, 2, None)
     assert (w.threads, w.env["NB"], w.env["blocks"]) == (512, 4, 63 / 16)
     # 2 x 128 KiB does not fit: [raw pairs], U once in pairs' order
     assert w.kernel.endswith(", 4, true, 16, false, true>")
-    assert w.dynamic_smem == 4 * (63 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
+    assert w.dynamic_smem == 4 * (63 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + smem_tail
     # [fp32 pairs] fp32 projection rows of k = 32 at 768: U split twice (192 KiB) beside 16
     # warps keeps the SM's 16 (two 8-warp CTAs of the fragments); not at an A100's 163 KiB,
     # nor at k = 24 (padded to 32: a k-step more than the fragments' 24), nor anchored
     fp32 = "ProjectPolicy<float, true>"
     (w,) = pmc.mma_launches(fp32, "fp32", 768, 32, 4096, 2, None)
     assert w.kernel == f"mma_rows_kernel<{fp32}, 3, true, 16, false, false>"
-    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + row_cache
+    assert w.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + smem_tail
     (w,) = pmc.mma_launches(fp32, "fp32", 768, 32, 4096, 2, 163 * 1024)
     assert w.kernel == f"mma_rows_kernel<{fp32}, 3, false, 16, false, false>"
     for k, anchored in ((24, False), (32, True)):
@@ -516,8 +527,8 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     assert (first.threads, [la.threads for la in rest]) == (256, [256, 512])
     # they take 16 warps only where the 8 KiB more fit: k = 24 at 768 stages 72 KiB of U,
     # with 8 warps' partial sums, the split coefficient tile and the row cache 86 KiB,
-    # with 16 94 KiB
-    for optin, threads in ((94 * 1024, 512), (93 * 1024, 256)):
+    # with 16 94 KiB (each 16 B more: [async staging]'s mbarrier)
+    for optin, threads in ((94 * 1024 + 16, 512), (94 * 1024 + 15, 256)):
         (la,) = pmc.mma_launches(bf16, "bf16", 768, 24, 4096, 2, optin)
         tail = f", false, {threads // 32}, false, false>"
         assert (la.threads, la.kernel.endswith(tail)) == (threads, True)
@@ -566,7 +577,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     bf16 = "ProjectPolicy<c10::BFloat16, true>"
     (pairs,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, 227 * 1024)
     assert pairs.kernel.endswith(", 3, true, 16, false, false>") and pairs.env["kp"] == 32
-    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + row_cache
+    assert pairs.dynamic_smem == 4 * (48 * 4 * 128 * 2 + 16 * 16 * 16 + 16 * 64) + smem_tail
     for args in (("bf16", 768, 20, 163 * 1024), ("bf16", 768, 8, None), ("fp32", 768, 20, None)):
         dt, d, k, optin = args
         (split,) = pmc.mma_launches(bf16, dt, d, k, 4096, 2, optin)
@@ -576,7 +587,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     (stacked,) = pmc.mma_launches(bf16, "bf16", 768, 8, 4096, 2, None)
     assert stacked.kernel.endswith(", 3, false, 16, true, false>") and stacked.env["kp"] == 16
     assert (stacked.env["steps"], stacked.env["J"]) == (1, 2)
-    assert stacked.dynamic_smem == 4 * (48 * 2 * 128 + 16 * 16 * 16 + 16 * 32) + row_cache
+    assert stacked.dynamic_smem == 4 * (48 * 2 * 128 + 16 * 16 * 16 + 16 * 32) + smem_tail
     assert pmc.mma_launches(bf16, "bf16", 768, 9, 4096, 2, None)[0].kernel.endswith(", false>")
     assert pmc.mma_launches(bf16, "fp32", 768, 8, 4096, 2, None)[0].kernel.endswith(", false>")
     adamw16 = "AdamWPolicy<c10::BFloat16, true>"
@@ -584,7 +595,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
     # [row cache] AdamW's 64-byte Rows ([row addresses]): 4.5 KiB (a projection's: 1.5 KiB)
     (adamw,) = pmc.mma_launches("AdamWPolicy<c10::BFloat16, true>", "bf16", 768, 32, 4096, 2, None)
     # ([coefficients] AdamW's coefficient tile plain: kp + 4 floats a row)
-    assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + 4 * 16 * 72
+    assert adamw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 36) + 4 * 16 * 72 + 16
     (anchored,) = pmc.mma_launches(bf16, "bf16", 768, 20, 4096, 2, None, anchored=True)
     assert anchored.kernel.endswith(", 3, false, 16, false, false>")  # k = 20: 32 > 24 padded
     # [raw pairs]: 16-bit projections of k > 8 where pairs do not fit (an A100 at k = 32) or
@@ -593,7 +604,7 @@ def test_launch_geometry_follows_run_rows_and_run_cols():
         (raw,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, optin, anchored=anchored)
         assert raw.kernel.endswith(", 3, true, 16, false, true>") and raw.env["kp"] == 32
         assert raw.env["units"] == 1
-        assert raw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + row_cache
+        assert raw.dynamic_smem == 4 * (48 * 4 * 128 + 16 * 16 * 16 + 16 * 64) + smem_tail
     # AdamW's 16-bit rows too where they compile without spills (kRawPairsAt): row pairs on
     # 16 warps, rows of at most 4 blocks a warp on 8; the shared memory the fragments'
     pair16 = "AdamWPairPolicy<c10::BFloat16>"
@@ -663,6 +674,43 @@ def test_committed_result_is_complete():
             # tensor-core kernel's tile loop not run: 0.13 instructions per element)
             work = [lp for lp in kn["loops"] if lp["source"] and _runs_items(lp["source"])]
             assert work and max(lp["trips"] for lp in work) > 0, (kn["kernel"], kn["loops"])
+
+
+def test_the_bulk_staging_is_modelled_on_sm90_only():
+    """mma_rows.cuh [async staging]: on sm_90 one thread issues U's copy (cp.async.bulk, a
+    UBLKCP inside ptxas's loop over a uniform operand's values, BRA.U.ANY: once) and every
+    thread spins on the mbarrier (a loop in PTX, its `asm`'s model-trips: 1); sm_80 keeps its
+    LDGSTS loops."""
+    with open(pmc.DEFAULT_JSON) as f:
+        rows = json.load(f)["rows"]
+    seen = set()
+    for r in rows:
+        for kn in r["kernels"]:
+            if kn["kernel"] != "mma_rows_kernel":
+                continue
+            uniform = [n for n in kn["notes"] if "BRA.U.ANY" in n]
+            assert len(uniform) == (1 if r["arch"] == "sm_90" else 0), (r["arch"], kn["notes"])
+            staging = [lp for lp in kn["loops"] if lp["source"] and _stages(lp["source"])]
+            seen.add((r["arch"], len(staging)))
+            if r["arch"] == "sm_80":
+                assert len(staging) == 2  # the four-unit loop and the rest
+            else:
+                assert [lp["trips"] for lp in staging] == [1.0]  # the wait
+    assert seen == {("sm_80", 2), ("sm_90", 1)}
+
+
+def _stages(source: str) -> bool:
+    """Whether the C++ loop at ``file:line`` is one of [async staging]'s."""
+    path, line = source.rsplit(":", 1)
+    if not path.endswith("mma_rows.cuh"):
+        return False
+    with open(os.path.join(ROOT, path)) as f:
+        text = f.read()
+    lines = text.split("\n")
+    start = next(n for n, ln in enumerate(lines, 1) if "void stage_async(" in ln)
+    end = next(n for n, ln in enumerate(lines, 1) if n > start and "void stage_publish(" in ln)
+    end = next(n for n, ln in enumerate(lines, 1) if n > end and ln.startswith("}"))
+    return start < int(line) < end
 
 
 def _runs_items(source: str) -> bool:

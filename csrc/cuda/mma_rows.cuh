@@ -277,17 +277,49 @@ __device__ __forceinline__ void hold(int& v) {
 #endif
 }
 
-// [async staging] U's `units` float4 from global memory into shared memory, thread t of
-// `threads` taking units t, t + threads, ...: cp.async (one LDGSTS a unit: no register
-// round trip, where the copy took an LDG.128 and an STS.128 a unit, ptxas unrolling it 8-16
-// times), four units a trip; stage_wait() waits for them, before the barrier that
-// publishes them. The emulator (and a build for GPUs older than sm_80, which never runs
-// the tensor-core kernels) copies them plainly.
+// [async staging] U's `units` float4 from global memory into the shared memory at dst,
+// published by stage_publish (which every thread calls, in place of the barrier that
+// published the copy and the [row cache]):
+// - sm_90 (GRADPROJ_STAGE_BULK): thread `leader` hands the whole copy to the TMA engine, one
+//   cp.async.bulk completing on the mbarrier at `bar` (the expected bytes armed first);
+//   stage_publish's barrier shows every thread the barrier's init, then each waits for its
+//   phase, which makes the copy visible to it. No thread issues a copy per unit: the LDGSTS
+//   loop below (19 instructions a trip, 3 NOPs beside its first LDGSTS on sm_90) was 0.09 of
+//   bf16 k = 32's 1.17 warp instructions an element at d = 768 (sm_90, --lines).
+// - sm_80 (GRADPROJ_STAGE_CP_ASYNC): thread t of `threads` takes units t, t + threads, ...
+//   by cp.async (one LDGSTS a unit: no register round trip, where the copy took an LDG.128
+//   and an STS.128 a unit, ptxas unrolling it 8-16 times), four units a trip; each thread
+//   waits for its own, before the barrier.
+// - the emulator (and a build for GPUs older than sm_80, which never runs the tensor-core
+//   kernels) copies them plainly.
+// Both asynchronous copies overlap the row cache's first lookups, between the two calls.
+#if !defined(GRADPROJ_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GRADPROJ_STAGE_BULK 1
+#elif !defined(GRADPROJ_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define GRADPROJ_STAGE_CP_ASYNC 1
+#endif
+// The mbarrier's bytes in the launch's shared memory (smem_bytes; sm_90: at its start).
+constexpr size_t kStageBarrierBytes = 16;
 __device__ __forceinline__ void stage_async(float4* dst, const float4* __restrict__ src, int units, int t,
-                                            int threads) {
-#if defined(GRADPROJ_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
-  for (int i = t; i < units; i += threads) dst[i] = src[i];
-#else
+                                            int threads, uint64_t* bar, int leader) {
+#if defined(GRADPROJ_STAGE_BULK)
+  (void)threads;
+  if (t == leader) {  // model-scale: lead (one warp's)
+    const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+    const uint32_t bytes = 16u * static_cast<uint32_t>(units);  // at most kMaxDynamicSmem < 2^20
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(b) : "memory");
+    // the init, to the async proxy that completes the transaction
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+            static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+        "l"(src), "r"(bytes), "r"(b)
+        : "memory");
+  }
+#elif defined(GRADPROJ_STAGE_CP_ASYNC)
+  (void)bar, (void)leader;
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   auto copy = [&](int i) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(base + 16u * static_cast<uint32_t>(i)),
@@ -302,11 +334,28 @@ __device__ __forceinline__ void stage_async(float4* dst, const float4* __restric
 #pragma unroll 1
   for (; i < units; i += threads) copy(i);  // model-trips: ceil(nblk * J * 32 * units / threads) % 4
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#else
+  (void)bar, (void)leader;
+  for (int i = t; i < units; i += threads) dst[i] = src[i];
 #endif
 }
-__device__ __forceinline__ void stage_wait() {
-#if !defined(GRADPROJ_CUDA_EMULATION) && !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
+__device__ __forceinline__ void stage_publish(uint64_t* bar) {
+#if defined(GRADPROJ_STAGE_BULK)
+  __syncthreads();
+  // A spin on test_wait, in PTX (ptxas expands try_wait, in a C++ loop or in PTX, into a
+  // retry past the tile loop, whose jump back made the tile loop a loop inside a loop in the
+  // SASS; a C++ loop around test_wait spilled 8 B in AdamW's 16-bit rows of 10 blocks).
+  asm volatile(  // model-trips: 1
+      "{\n .reg .pred p;\n"
+      "stage_wait:\n mbarrier.test_wait.parity.shared::cta.b64 p, [%0], 0;\n"
+      " @!p bra stage_wait;\n}\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
+      : "memory");
+#else
+  (void)bar;
+#if defined(GRADPROJ_STAGE_CP_ASYNC)
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+  __syncthreads();
 #endif
 }
 
@@ -317,13 +366,13 @@ __device__ __forceinline__ int pair_unit(int q, int e, int a) {
 }
 
 // Shared memory of a launch: the staged basis (twice with pairs: hi and lo), the partial
-// sums (a tile a warp), the coefficient tile, the [row cache].
+// sums (a tile a warp), the coefficient tile, the [row cache], the [async staging] barrier.
 inline size_t smem_bytes(const Geometry& g) {
   return (static_cast<size_t>(g.nblk) * (g.kp / 8) * 128 * (g.pairs && !g.raw ? 2 : 1) +
           static_cast<size_t>(g.warps) * kTileRows * kCoefChunk +
           static_cast<size_t>(kTileRows) * g.coef_ld) *
              sizeof(float) +
-         row_cache_bytes(static_cast<size_t>(g.row_bytes));
+         row_cache_bytes(static_cast<size_t>(g.row_bytes)) + kStageBarrierBytes;
 }
 
 // Blocks per SM the kernel is compiled for (at most 65536 / (256 x blocks) registers a
@@ -483,14 +532,24 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   GRADPROJ_DYNAMIC_SMEM(float4, smem_raw);
   const int J = static_cast<int>(g.kp / 8);            // coefficient groups of 8
   const int64_t basis_units = static_cast<int64_t>(g.nblk) * J * 32;
-  float4* su = smem_raw;                                // [basis]: nblk x J x 32 float4
+  // [async staging] the copy's mbarrier: on sm_90 first, its address a constant (after the
+  // row cache, a register held from the copy to the wait spilled 4 B in AdamW's bf16 kernel
+  // of 4 blocks on 16 warps); elsewhere unused, its bytes last (U at offset 16, row-pair
+  // kernels of 4 blocks on 8 warps spilled 8 B on sm_80)
+#if defined(GRADPROJ_STAGE_BULK)
+  uint64_t* stage_bar = reinterpret_cast<uint64_t*>(smem_raw);
+  float4* su = smem_raw + kStageBarrierBytes / sizeof(float4);  // [basis]: nblk x J x 32 float4
+#else
+  uint64_t* stage_bar = nullptr;
+  float4* su = smem_raw;
+#endif
   float* red = reinterpret_cast<float*>(su + basis_units * kStagings);
   float* cs = red + W * kTileRows * kCoefChunk;         // coefficient tile, 16 x coef_ld
   // [row cache] slot s holds rows_s[16 s + m] and anchors_s[16 s + m] of its tile's row m
   using Row = typename P::Row;
   static_assert(sizeof(Row) <= kMaxRowBytes && sizeof(Row) % 8 == 0 && alignof(Row) <= 8,
                 "[row cache] a Row in at most kMaxRowBytes, 8-byte aligned");
-  char* cache = reinterpret_cast<char*>(cs + kTileRows * g.coef_ld);  // 64-byte aligned
+  char* cache = reinterpret_cast<char*>(cs + kTileRows * g.coef_ld);  // 16-byte aligned
   Row* rows_s = reinterpret_cast<Row*>(cache);
   constexpr int kSlots = row_slots(sizeof(Row));
   // Tiles a lookup: two where there are eight slots, but for the 16-bit [stacked] rows of 4
@@ -599,15 +658,18 @@ __global__ void __launch_bounds__(W * 32, W == kWarps ? kMinBlocks<P, NB> : 1) m
   auto row_of = [&](int slot, int m) -> Row { return rows_s[slot * kTileRows + m]; };
 
   // [async staging] U, while the row cache takes the first tiles' rows
-  stage_async(su, frag, g.nblk * J * 32 * kStagings, static_cast<int>(threadIdx.x), kCta);
+  // The copy's issue (sm_90) by a warp that makes no lookup here: warp 0 where the last warp
+  // looks up, else warp 1 (warp 0 and the last make the prologue's).
+  constexpr int kStageWarp = kLookupWarp == 0 ? 1 : 0;
+  stage_async(su, frag, g.nblk * J * 32 * kStagings, static_cast<int>(threadIdx.x), kCta, stage_bar,
+              32 * kStageWarp);
   cache_rows(blockIdx.x, 0);  // this CTA's first two tiles
   // One-tile lookups: the second tile's by the last warp, beside warp 0's first (warp 0 made
   // both, the CTA's busiest warp: 0.06 warp instructions an element of ProjectedAdamW's bf16
   // rows at d = 768, sm_90). Where the CTA has a second tile; not the busiest warp's.
   // model-scale: min(1.0, max(0.0, items - 1)) * aside
   if constexpr (kLookupTiles == 1) cache_rows(blockIdx.x + gridDim.x, 1, W - 1);
-  stage_wait();
-  __syncthreads();
+  stage_publish(stage_bar);  // U and the row cache
 
   // [prefetch] 16-bit rows: the next tile's whole vectors are loaded before this tile's
   // passes and converted when it starts, so loads stay in flight while the CTA computes.

@@ -65,6 +65,8 @@ def compare(model: dict, measured: list[dict], device: pm.Device) -> list[dict]:
         row = rows.get(_key(m, d))
         if row is None:
             continue
+        # the run's bucket may be larger than the model's (predicted_vs_measured.scaled)
+        row = pm.at_scale(row, m.get("elements", row["elements"]) / row["elements"])
         new = pm.predicted_fraction_for(row, device)
         old = pm.predicted_fraction_for(row, without)
         if new <= 0 or old <= 0:

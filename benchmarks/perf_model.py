@@ -155,9 +155,12 @@ class Device:
     mma_fma_per_clock: dict = field(default_factory=dict)
     pipes_source: str = ""
     warp_cpi: float = WARP_CPI  # cycles between a warp's issued instructions (occupancy)
+    l2_bytes_per_s: float = 0.0  # L2 -> SM read bandwidth, all SMs (staging); 0: not counted
+    l2_source: str = ""
 
 
 LATENCY_S = 700e-9  # middle of the 600–800 ns that loaded HBM latency is usually quoted at
+L2_BYTES_PER_CLOCK_A100 = 5120  # A100 whitepaper: L2 read bandwidth, all SMs together
 
 DEVICES = {
     "sm_80": Device(
@@ -174,6 +177,8 @@ DEVICES = {
         mma_fma_per_clock={"HMMA": {"f16": 1024, "tf32": 512}},
         pipes_source="64 FP32 and 32 FP64 lanes per SM, 4 tensor cores of 256 dense FP16 FMAs "
         "a clock (312 TFLOPS FP16/BF16, 156 TF32): NVIDIA A100 whitepaper",
+        l2_bytes_per_s=L2_BYTES_PER_CLOCK_A100 * 1.410e9,
+        l2_source="L2 read bandwidth 5120 bytes a clock (2.3x V100's): NVIDIA A100 whitepaper",
     ),
     "sm_90": Device(
         "H100-SXM5-80GB",
@@ -195,6 +200,10 @@ DEVICES = {
         "A100's clock for clock (2048 FP16, 1024 TF32): NVIDIA H100 whitepaper, reached "
         "through wgmma (HGMMA); mma.sync (HMMA), which Triton emits for these kernels' "
         "16-row dots, is an assumption: taken at A100's per-SM rate, half of wgmma's",
+        l2_bytes_per_s=L2_BYTES_PER_CLOCK_A100 / 108 * 132 * 1.980e9,
+        l2_source="L2 read bandwidth an assumption (NVIDIA publishes none for H100): A100's "
+        "5120 bytes a clock per SM (47.4), times 132 SMs at 1980 MHz, 12.4 TB/s; "
+        "scripts/gpu_check.sh's model check is where a GPU tells",
     ),
 }
 
@@ -208,6 +217,7 @@ H200 = replace(
     name="H200 (measured copy and clock)",
     clock_hz=1.80e9,
     copy_bytes_per_s=3.87e12,
+    l2_bytes_per_s=DEVICES["sm_90"].l2_bytes_per_s * 1.80 / 1.980,  # the H100's per clock
     source="132 SMs as the H100; copy 3.87 TB/s and 1.80 GHz measured by run 2b "
     "(benchmarks/results/gpu-H200-2026-12-04b)",
 )
@@ -1262,6 +1272,7 @@ def bounds(
     pipe_per_elt: dict[str, float] | None = None,
     warps_per_sm: float | None = None,
     busiest_instrs_per_elt: float | None = None,
+    staged_bytes_per_elt: float = 0.0,
 ) -> dict:
     """Lower bounds on a kernel's seconds per element, and the one that binds.
 
@@ -1301,10 +1312,14 @@ def bounds(
     times = {"memory": memory, "issue": issue, "latency": latency, "occupancy": occupancy}
     times |= pipe_seconds(pipe_per_elt or {}, device)
     limiter = max(times, key=lambda k: times[k])
+    staging = 0.0
+    if staged_bytes_per_elt > 0 and device.l2_bytes_per_s > 0:
+        staging = staged_bytes_per_elt / device.l2_bytes_per_s
     return {
         **{f"{name}_s_per_elt": t for name, t in times.items()},
-        "s_per_elt": times[limiter],
-        "limiter": limiter,
+        "staging_s_per_elt": staging,
+        "s_per_elt": times[limiter] + staging,
+        "limiter": limiter if staging <= times[limiter] else "staging",
     }
 
 
@@ -1326,6 +1341,7 @@ def kernel_bounds(kn: dict, device: Device) -> dict:
         kn.get("pipe_per_elt"),
         warps_per_sm=kn["blocks_per_sm"] * kn["warps"],
         busiest_instrs_per_elt=kn.get("busiest_instrs_per_elt"),
+        staged_bytes_per_elt=kn.get("staged_bytes_per_elt", 0.0),
     )
 
 
@@ -1336,6 +1352,30 @@ def predicted_fraction_for(row: dict, device: Device) -> float:
         return 0.0
     times = [kernel_bounds(kn, device)["s_per_elt"] for kn in row["kernels"]]
     return predicted_fraction(row["floor_bytes_per_elt"], times, device)
+
+
+def at_scale(row: dict, scale: float) -> dict:
+    """A model row for ``scale`` × its bucket's elements: a kernel's staging (the bytes every
+    block copies before its first tile, ``staged_bytes_per_elt``) is a fixed cost per
+    launch, so per element it falls by ``scale``; the other figures are per element as
+    they were. Its kernels are re-bounded on the row's device, its fraction and limiter
+    follow; a row without staging keeps them."""
+    if scale == 1:
+        return row
+    kernels = row.get("kernels", [])
+    if "error" in row or not any(kn.get("staged_bytes_per_elt") for kn in kernels):
+        return {**row, "elements": row["elements"] * scale}
+    device = DEVICES[row["arch"]]
+    kernels = [{**kn, "staged_bytes_per_elt": kn.get("staged_bytes_per_elt", 0.0) / scale}
+               for kn in kernels]  # fmt: skip
+    for kn in kernels:
+        kn["bounds"] = kernel_bounds(kn, device)
+    out = {**row, "kernels": kernels, "elements": row["elements"] * scale}
+    dominant = max(kernels, key=lambda kn: kn["bounds"]["s_per_elt"])
+    out["limiter"] = dominant["bounds"]["limiter"]
+    out["limiting_kernel"] = dominant["kernel"]
+    out["predicted_fraction_of_copy"] = predicted_fraction_for(out, device)
+    return out
 
 
 def predicted_fraction(

@@ -7,7 +7,7 @@
 
 The twin of ``benchmarks/perf_model.py`` for ``csrc/cuda``: the same ops, shapes, device
 figures and bounds (memory, issue, latency, occupancy, the FP32 and tensor pipes), so the two tables
-compare the backends.
+compare the backends, and one of its own: the staging of the basis before a block's first tile.
 Without ``--so`` it builds ``csrc/`` as ``make cuda-compile-check`` does
 (``perf_model.build_cuda``: the CUDA venv, ``nvcc -Xptxas -v``, sm_80 and sm_90; ninja
 keeps the build between runs). Then, per op, dtype, k and arch:
@@ -37,7 +37,13 @@ keeps the build between runs). Then, per op, dtype, k and arch:
   a device table, so the accesses cannot be told apart there;
 * **bytes in flight**: the most global-load bytes a thread has outstanding in each loop
   body and in straight-line code (the SASS register dependences, as perf_model), times
-  the resident threads.
+  the resident threads;
+* **staging**: the bytes each block copies from L2 into shared memory before its first
+  tile (the tensor-core rows kernel's basis, the FMA engine's resident Uᵀ:
+  ``staged_bytes_per_elt``, the grid's copies over the bucket's elements), whose time at
+  the device's L2 bandwidth adds to the binding bound's (``perf_model.bounds``): no tile
+  runs until its block's basis is in. A fixed cost per launch: per element it falls as
+  the bucket grows (the modelled bucket of ``perf_model.ROWS`` rows is small).
 
 Same assumptions as perf_model (every instruction issues in one slot, both sides of a
 branch count, every sector fetched is used, 700 ns loaded latency, each resident warp
@@ -365,6 +371,8 @@ def rows_launches(
         resident = staged * smem_ld * 4 <= resident_bytes
         smem = staged * smem_ld * 4 if resident else kc * smem_ld * 4
         env |= dict(smem_ld=smem_ld, resident=resident)
+        if resident:  # stage_ut before the first tile: U^T's staged rows, from L2
+            env["staged"] = staged * d * 4
         return [Launch(rows_kernel(policy, 0, kc), n_tiles, smem, env)]
     env |= dict(smem_ld=seg_width, resident=False)
     smem = kc * seg_width * 4
@@ -390,10 +398,16 @@ def _mma_smem(
     ``columns_per_launch`` counts the largest for every policy, and the split tile), the
     [async staging] mbarrier (``kStageBarrierBytes``)."""
     coef_ld = 2 * kp if split else kp + 4
-    return 4 * (nblk * (kp // 8) * 128 * (2 if pairs else 1) + warps * MMA_TILE_ROWS
-                * MMA_COEF_CHUNK + MMA_TILE_ROWS * coef_ld) + (
+    return _mma_staged(nblk, kp, pairs) + 4 * (warps * MMA_TILE_ROWS * MMA_COEF_CHUNK
+                                               + MMA_TILE_ROWS * coef_ld) + (
         _row_slots(row_bytes) * MMA_TILE_ROWS * (row_bytes + 8)
     ) + MMA_STAGE_BARRIER_BYTES  # fmt: skip
+
+
+def _mma_staged(nblk: int, kp: int, pairs: bool = False) -> int:
+    """The staged basis of ``mma_rows::smem_bytes``: ``nblk`` blocks of 16 rows of ``kp``
+    fp32 columns (twice with pairs: hi and lo), which every block copies from L2."""
+    return 4 * nblk * (kp // 8) * 128 * (2 if pairs else 1)
 
 
 def _mma_resident(smem: int, warps: int, limit: int, per_sm: int) -> int:
@@ -551,6 +565,8 @@ def mma_launches(
         kernel = (f"mma_rows_kernel<{name}, {nb}, {'true' if pairs else 'false'}, {warps}, "
                   f"{'true' if stacked else 'false'}, {'true' if raw else 'false'}>")  # fmt: skip
         smem = _mma_smem(nblk, kp, pairs and not raw, warps, row_bytes, split=not adamw)
+        # [async staging]: each block copies the launch's basis from L2 before its first tile
+        env["staged"] = _mma_staged(nblk, kp, pairs and not raw)
         launches.append(Launch(kernel, n_tiles, smem, env, 32 * warps))
     return launches
 
@@ -1221,6 +1237,7 @@ def model_op(
                 "occupancy_limiter": limiter,
                 "instrs_per_elt": instrs,
                 "busiest_instrs_per_elt": busiest,
+                "staged_bytes_per_elt": grid * launch.env.get("staged", 0) / elements,
                 "pipe_per_elt": pipe_per_elt,
                 "regions": got["regions"],
                 "loops": got["loops"],
@@ -1274,7 +1291,8 @@ def _cell(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("GPU", "op", "dtype", "k", "predicted (of copy)", "limiter", "kernel", "B/elt",
+    head = ("GPU", "op", "dtype", "k", "predicted (of copy)", "limiter", "kernel",
+            "B/elt (HBM; L2 staging)",
             "instr/elt (fma/tensor/glob/shr/other)", "regs", "smem KiB", "blocks/SM",
             "in flight KiB/SM")  # fmt: skip
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -1289,7 +1307,8 @@ def format_table(rows: list[dict]) -> str:
         short = kn["kernel"]
         cells = (
             r["device"], r["op"], r["dtype"], str(r["k"]), _cell(r), r["limiter"], short,
-            f"{r['bytes_per_elt']:.2f} (floor {r['floor_bytes_per_elt']:g})",
+            f"{r['bytes_per_elt']:.2f} (floor {r['floor_bytes_per_elt']:g}"
+            + (f"; staged {staged:.2f})" if (staged := kn.get("staged_bytes_per_elt")) else ")"),
             f"{c['total']:.2f} (" + "/".join(f"{c[x]:.2f}" for x in pm.CLASSES) + ")",
             str(kn["regs"]), f"{kn['smem'] / 1024:.1f}", str(kn["blocks_per_sm"]),
             f"{flight / 1024:.1f}",
@@ -1322,7 +1341,10 @@ def width_table(rows: list[dict]) -> str:
 
 
 def markdown(result: dict) -> str:
-    devices = "\n".join(f"- {d.arch} = {d.name}: {d.source}" for d in pm.DEVICES.values())
+    devices = "\n".join(
+        f"- {d.arch} = {d.name}: {d.source}; L2 {d.l2_bytes_per_s / 1e12:.1f} TB/s: {d.l2_source}"
+        for d in pm.DEVICES.values()
+    )
     return f"""# CUDA kernels: {pm.TITLE.lower()}
 
 Generated by `python benchmarks/perf_model_cuda.py` on {result["date"]} from
@@ -1345,7 +1367,9 @@ AdamW), also predicted:
 Notes: a CUDA kernel loops over its work grid-stride, so each block runs `work / grid`
 items (no tail wave); side input (plain and anchored) runs the tensor-core rows kernel
 (`mma_rows_kernel`: 16 rows a CTA, U staged once per CTA, a block of its columns a
-launch where the whole does not fit the device's shared memory) at every k, and so does
+launch where the whole does not fit the device's shared memory; the staging's copy from
+L2 adds to the kernel's time: *staging*, the limiter where it outlasts the tiles) at every
+k, and so does
 `ProjectedAdamW` input (AdamWPolicy: x' formed from p, g, m, v as its tile starts; fp32
 from k = {ADAMW_ROWS_MIN_K["fp32"]}, below on the FMA engine); side output (transposed
 views) runs it too, with strided rows (`ProjectPolicy<T, false>`; 16-bit in row pairs,

@@ -36,6 +36,10 @@ from collections.abc import Callable
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import perf_model as pm  # noqa: E402
+
 DEFAULT_MODELS = [
     os.path.join(ROOT, "benchmarks", "results", "perf_model.json"),
     os.path.join(ROOT, "benchmarks", "results", "perf_model_cuda.json"),
@@ -71,15 +75,17 @@ def _orthonormal(d: int, k: int, dev: torch.device) -> torch.Tensor:
 
 def scaled(row: dict, shape: dict, scale: int) -> tuple[dict, dict]:
     """The row and bucket with ``scale`` × the model's rows (per-element figures do not
-    depend on it), so one launch runs well past launch latency and its bytes are several
-    times the L2 (the model's 4096 × 768 fp32 bucket is 12.6 MB; an H200's L2 is 60 MB).
+    depend on it, but for the CUDA kernels' staging, a fixed cost per launch:
+    ``perf_model.at_scale`` predicts the row again for the larger bucket), so one launch
+    runs well past launch latency and its bytes are several times the L2 (the model's
+    4096 × 768 fp32 bucket is 12.6 MB; an H200's L2 is 60 MB).
     ``side="flat"`` keeps the model's bucket: its basis is as long as the bucket (k = 128
     would be 25 M × 128 at scale 8), and ``d · k`` stays below 2³¹. A width-sweep row (the
     CUDA model's ``widths``) names its own ``d``."""
     shape = {**shape, "d": row.get("d", shape["d"])}
     if scale == 1 or row["op"].endswith(" flat"):
         return row, shape
-    return {**row, "elements": row["elements"] * scale}, {**shape, "rows": shape["rows"] * scale}
+    return pm.at_scale(row, scale), {**shape, "rows": shape["rows"] * scale}
 
 
 def case(

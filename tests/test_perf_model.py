@@ -391,6 +391,59 @@ def test_latency_bound():
     assert pm.predicted_fraction(8.0, [b["s_per_elt"]], DEVICE) == 0.0
 
 
+def test_staging_adds_to_the_binding_bound():
+    # 4 B an element staged from an L2 of 2e12 B/s: 2e-12 s an element before any tile runs,
+    # added to the memory bound's 8e-12 (they do not overlap: no tile starts without its basis)
+    l2 = dataclasses.replace(DEVICE, l2_bytes_per_s=2e12)
+    b = pm.bounds(8.0, 1.0, [(4.0, 1e6)], l2, staged_bytes_per_elt=4.0)
+    assert b["staging_s_per_elt"] == pytest.approx(2e-12)
+    assert b["limiter"] == "memory" and b["s_per_elt"] == pytest.approx(10e-12)
+    assert pm.predicted_fraction(8.0, [b["s_per_elt"]], l2) == pytest.approx(0.8)
+    # staging that outlasts every other bound is the limiter; none staged, none added
+    b = pm.bounds(8.0, 1.0, [(4.0, 1e6)], l2, staged_bytes_per_elt=40.0)
+    assert b["limiter"] == "staging" and b["s_per_elt"] == pytest.approx(28e-12)
+    b = pm.bounds(8.0, 1.0, [(4.0, 1e6)], l2)
+    assert b["staging_s_per_elt"] == 0.0 and b["s_per_elt"] == pytest.approx(8e-12)
+    # a device without an L2 figure counts no staging; kernel_bounds passes a row's bytes on
+    assert pm.bounds(8.0, 1.0, [], DEVICE, staged_bytes_per_elt=4.0)["staging_s_per_elt"] == 0.0
+    kn = {"bytes_per_elt": {"read": 4.0, "write": 4.0}, "instrs_per_elt": {"total": 1.0},
+          "regions": [], "blocks_per_sm": 1, "warps": 64, "staged_bytes_per_elt": 4.0}  # fmt: skip
+    assert pm.kernel_bounds(kn, l2)["s_per_elt"] == pytest.approx(10e-12)
+    # the modelled GPUs: A100 from its whitepaper (5120 B a clock), H100 and the measured
+    # H200 at A100's rate per SM and clock
+    a100, h100 = pm.DEVICES["sm_80"], pm.DEVICES["sm_90"]
+    assert a100.l2_bytes_per_s == pytest.approx(5120 * 1.41e9)
+    assert h100.l2_bytes_per_s == pytest.approx(5120 / 108 * 132 * 1.98e9)
+    assert pm.H200.l2_bytes_per_s == pytest.approx(5120 / 108 * 132 * 1.80e9)
+    assert "whitepaper" in a100.l2_source and "assumption" in h100.l2_source
+
+
+def test_staging_falls_per_element_as_the_bucket_grows():
+    """at_scale: the model's row for a bucket ``scale`` × larger (predicted_vs_measured runs
+    8 ×): staging is once per launch, so its bytes per element divide by the scale."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "perf_model_cuda.json")) as f:
+        rows = json.load(f)["rows"]
+    (row,) = [r for r in rows if (r["arch"], r["op"], r["dtype"], r["k"])
+              == ("sm_90", "project_ input", "bf16", 32)]  # fmt: skip
+    (kn,) = row["kernels"]
+    assert pm.at_scale(row, 1) is row
+    big = pm.at_scale(row, 8)
+    (bkn,) = big["kernels"]
+    assert big["elements"] == 8 * row["elements"] and row["kernels"][0] is kn  # not mutated
+    assert bkn["staged_bytes_per_elt"] == pytest.approx(kn["staged_bytes_per_elt"] / 8)
+    staging = kn["bounds"]["staging_s_per_elt"]
+    assert bkn["bounds"]["staging_s_per_elt"] == pytest.approx(staging / 8)
+    assert bkn["bounds"]["s_per_elt"] == pytest.approx(kn["bounds"]["s_per_elt"] - staging * 7 / 8)
+    copy = pm.DEVICES["sm_90"].copy_bytes_per_s
+    want = row["floor_bytes_per_elt"] / copy / bkn["bounds"]["s_per_elt"]
+    assert big["predicted_fraction_of_copy"] == pytest.approx(want)
+    assert big["predicted_fraction_of_copy"] > row["predicted_fraction_of_copy"]
+    # a row without staging (the Triton model's) keeps its figures, its elements scaled
+    plain = {"arch": "sm_90", "elements": 10, "predicted_fraction_of_copy": 0.5,
+             "kernels": [{"kernel": "k"}]}  # fmt: skip
+    assert pm.at_scale(plain, 8) == {**plain, "elements": 80}
+
+
 def test_occupancy_bound():
     # 2 warp instructions an element, 8 resident warps an SM each issuing once per 8.29
     # cycles: 100 SMs issue 100 × 8 / 8.29 instructions a ns, not 400

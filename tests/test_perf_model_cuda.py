@@ -676,6 +676,65 @@ def test_committed_result_is_complete():
             assert work and max(lp["trips"] for lp in work) > 0, (kn["kernel"], kn["loops"])
 
 
+def test_the_staged_basis_is_each_blocks_copy():
+    """[async staging] / tile.cuh's resident U^T: what every block copies from L2 before its
+    first tile (env "staged"), the basis part of the kernel's shared memory; the stored
+    model counts it for the grid (staged_bytes_per_elt) and adds its time at the device's
+    L2 rate (perf_model.bounds: staging)."""
+    bf16 = "ProjectPolicy<c10::BFloat16, true>"
+    # [pairs] (H100, k = 32): U hi and lo, 8 bytes a basis value; [raw pairs] (A100): 4
+    (pairs,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, 227 * 1024)
+    assert pairs.env["units"] == 2 and pairs.env["staged"] == 768 * 32 * 8
+    (raw,) = pmc.mma_launches(bf16, "bf16", 768, 32, 4096, 2, 163 * 1024)
+    assert raw.env["units"] == 1 and raw.env["staged"] == 768 * 32 * 4
+    # [stacked] (k <= 8): hi and lo as two groups of 8, kp = 16; fp32 k = 8: kp = 8
+    (stacked,) = pmc.mma_launches(bf16, "bf16", 768, 8, 4096, 2, None)
+    assert stacked.env["staged"] == 768 * 16 * 4
+    (fp32,) = pmc.mma_launches("P", "fp32", 768, 8, 4096, 2, None)
+    assert fp32.env["staged"] == 768 * 8 * 4
+    # d padded to blocks of 16 rows; the rest of the shared memory is not staged
+    (odd,) = pmc.mma_launches("P", "fp32", 770, 8, 4096, 2, None)
+    assert odd.env["staged"] == 784 * 8 * 4 < odd.dynamic_smem
+    for la in (pairs, raw, stacked, fp32):
+        assert la.env["staged"] == pmc._mma_staged(la.env["nblk"], la.env["kp"],
+                                                   la.env["units"] == 2)  # fmt: skip
+    # the FMA engine: resident U^T's k rows (staged before the first tile); a chunk at a time
+    # within each tile is not such a copy
+    (fused,) = pmc.rows_launches("P", 2, 768, 32, 4096, 2)
+    assert fused.env["resident"] and fused.env["staged"] == 32 * 768 * 4
+    (three,) = pmc.rows_launches("P", 2, 768, 3, 4096, 2)
+    assert three.env["staged"] == 4 * 768 * 4  # k rounded up to KC = 4
+    (wide,) = pmc.rows_launches("P", 2, 768, 64, 4096, 2)
+    assert "staged" not in wide.env
+    # the stored model: the grid's copies over the bucket, their time added at L2's rate
+    with open(pmc.DEFAULT_JSON) as f:
+        rows = json.load(f)["rows"]
+    seen = 0
+    for r in rows:
+        device = pm.DEVICES[r["arch"]]
+        for kn in r["kernels"]:
+            if kn["kernel"] != "mma_rows_kernel":
+                continue
+            seen += 1
+            assert kn["staged_bytes_per_elt"] > 0, (r["op"], r["dtype"], r["k"])
+            assert kn["bounds"]["staging_s_per_elt"] == pytest.approx(
+                kn["staged_bytes_per_elt"] / device.l2_bytes_per_s
+            )
+            own = ("s_per_elt", "staging_s_per_elt")
+            others = max(v for key, v in kn["bounds"].items()
+                         if key.endswith("_s_per_elt") and key not in own)  # fmt: skip
+            assert kn["bounds"]["s_per_elt"] == pytest.approx(
+                others + kn["bounds"]["staging_s_per_elt"]
+            )
+    assert seen > 50
+    # bf16 k = 32 on H100: 132 blocks (one an SM) each copy 192 KiB of a 4096 x 768 bucket
+    (h100,) = [r for r in rows if (r["arch"], r["op"], r["dtype"], r["k"])
+               == ("sm_90", "project_ input", "bf16", 32)]  # fmt: skip
+    (kn,) = h100["kernels"]
+    assert kn["grid"] == 132
+    assert kn["staged_bytes_per_elt"] == pytest.approx(132 * 768 * 32 * 8 / (4096 * 768))
+
+
 def test_the_bulk_staging_is_modelled_on_sm90_only():
     """mma_rows.cuh [async staging]: on sm_90 one thread issues U's copy (cp.async.bulk, a
     UBLKCP inside ptxas's loop over a uniform operand's values, BRA.U.ANY: once) and every

@@ -798,13 +798,14 @@ def _asm_loop_trips(
     lines = Counter(f[0] for i in own if (f := _frames(chains, i.addr)))
     if not lines:
         return None
-    (path, line), n = lines.most_common(1)[0]
-    if 2 * n < len(own):
+    (path, line), count = lines.most_common(1)[0]
+    if 2 * count < len(own):
         return None
     with open(path) as f:
         text = f.read().split("\n")
     # the line table names the statement's last line: its `asm` a few lines up
-    first = next((n for n in range(line, max(0, line - 10), -1) if "asm" in text[n - 1]), None)
+    up = range(line, max(0, line - 10), -1)
+    first = next((at for at in up if "asm" in text[at - 1]), None)
     m = None if first is None else _annotation(text, first, line, _TRIPS)
     return None if m is None else (path, first, m.group(1))
 
@@ -1058,22 +1059,20 @@ def analyze_kernel(
                 * pm.bytes_in_flight(body, circular=idx is not None),
             }
         )
+
+    def source(lp: pm.Loop, c: CppLoop | None) -> str | None:
+        """The C++ loop a SASS loop came from, or the `asm` line of a PTX loop."""
+        if c is not None:
+            return f"{os.path.relpath(c.path, ROOT)}:{c.first}" + ("" if c.trips else " (no trips)")
+        if lp.source is not None:
+            return f"{os.path.relpath(lp.source[0], ROOT)}:{lp.source[1]}"
+        return None
+
     loop_rows = [
-        {
-            "sass": f"{lp.start:#x}-{lp.end:#x}",
-            "source": (
-                None
-                if lp.source is None
-                # a PTX loop: its `asm` line
-                else f"{os.path.relpath(lp.source[0], ROOT)}:{lp.source[1]}"
-            )
-            if c is None
-            else f"{os.path.relpath(c.path, ROOT)}:{c.first}" + ("" if c.trips else " (no trips)"),
-            "trips": lp.trips,
-            "parent": lp.parent,
-        }
+        {"sass": f"{lp.start:#x}-{lp.end:#x}", "source": source(lp, c), "trips": lp.trips,
+         "parent": lp.parent}
         for lp, c in zip(loops, matched, strict=True)
-    ]
+    ]  # fmt: skip
     return {
         "per_block": per_block,
         "busiest_per_block": busiest,

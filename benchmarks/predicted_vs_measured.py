@@ -151,12 +151,14 @@ def case(
     raise ValueError(f"no case for the model's op {op!r}")
 
 
-def select(rows: list[dict], spec: str | None) -> list[dict]:
+def select(rows: list[dict], spec: str | list[str] | None) -> list[dict]:
     """The rows ``spec`` names, ``"OP:DTYPE:K"`` or ``"OP:DTYPE:K:D"`` (such as
-    ``"project_ input:bf16:8"``); every row for ``None``. A spec that names no row is an
-    error, not an empty run."""
+    ``"project_ input:bf16:8"``), or a list of such specs (their rows in the specs' order);
+    every row for ``None``. A spec that names no row is an error, not an empty run."""
     if spec is None:
         return rows
+    if not isinstance(spec, str):
+        return [r for one in spec for r in select(rows, one)]
     parts = spec.split(":")
     if len(parts) not in (3, 4):
         raise ValueError(f"--only wants OP:DTYPE:K[:D], got {spec!r}")
@@ -334,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-profile", action="store_true", help="skip the profiler's kernel time per row"
     )
-    parser.add_argument("--only", help="the rows OP:DTYPE:K[:D] alone (see select())")
+    parser.add_argument(
+        "--only", nargs="+", help="the rows OP:DTYPE:K[:D] alone, one or more (see select())"
+    )
     parser.add_argument(
         "--once", action="store_true", help="run the rows' ops 3 times, time nothing (for ncu)"
     )

@@ -28,7 +28,9 @@
 #      this GPU against both backends' kernel times ($OUT/model_check.md); with PROFILE=1 the same with
 #      the tensor cores off (GRADPROJ_CUDA_TENSOR_CORES=0: $OUT/pvm_cuda_fma.*) and the
 #      model's width sweep ($OUT/pvm_widths.*): the second H200 run (2026-12-04b) measured
-#      those, so a run spends its minutes on what is new unless asked; then the host time a
+#      those, so a run spends its minutes on what is new unless asked; then three CUDA rows
+#      on 1x and 2x the model's bucket, where the basis's staging weighs 8x and 4x what it
+#      does in pvm_cuda ($OUT/pvm_cuda_scale{1,2}.*); then the host time a
 #      call takes (benchmarks/bench_host.py: $OUT/bench_host.json),
 #   6. with FULL=1 only: the whole suite and the benchmark suites.
 # Every stage writes as it goes, so a stage cut short still leaves what it measured.
@@ -244,6 +246,14 @@ if (( ${#mc_backends[@]} )); then
     --backend "${mc_backends[@]}" --md "$OUT/model_check.md" | sed -n 5,7p
   pack
 fi
+# the basis's staging (docs/gpu.md #staging-counted): a fixed cost per launch the model adds
+# (perf_model.at_scale), so three tensor-core rows again on 1x and 2x the model's bucket
+# beside pvm_cuda's 8x: $OUT/pvm_cuda_scale{1,2}.*, each row predicted for its own bucket
+for scale in 1 2; do
+  (( $(left) > 70 )) || break
+  pvm perf_model_cuda.json "pvm_cuda_scale$scale" "$(cap 35)" --scale "$scale" --no-profile \
+    --only "project_ input:bf16:8" "project_ input:bf16:32" "project_ input:fp32:32"; pack
+done
 # host time a call (benchmarks/bench_host.py: 32 and 128 tiny tensors, nothing synchronized in
 # the timing): the per-call host work the 2026-12-04 runs saw exceed many kernels
 if (( $(left) > 40 )); then

@@ -7,6 +7,7 @@ a case, or a case that no longer runs, fails before the GPU run does.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -102,6 +103,14 @@ def test_scaled_grows_every_bucket_but_a_flat_one():
     flat = {"op": "project_ flat", "elements": 4096 * 768}
     assert pvm.scaled(flat, shape, 8) == (flat, shape)
     assert pvm.scaled(row, shape, 1) == (row, shape)
+    # a CUDA row that stages its basis is predicted again for the larger bucket (at_scale)
+    with open(os.path.join(ROOT, "benchmarks", "results", "perf_model_cuda.json")) as f:
+        cuda = json.load(f)["rows"]
+    (staged,) = [r for r in cuda if (r["arch"], r["op"], r["dtype"], r["k"])
+                 == ("sm_90", "project_ input", "bf16", 32)]  # fmt: skip
+    big_row, _ = pvm.scaled(staged, shape, 8)
+    assert big_row == perf_model.at_scale(staged, 8)
+    assert big_row["predicted_fraction_of_copy"] > staged["predicted_fraction_of_copy"]
 
 
 def test_compare_times_the_scaled_bucket_and_reports_progress():
@@ -159,6 +168,9 @@ def test_select_names_rows_and_refuses_a_spec_that_names_none():
     assert pvm.select(rows, None) == rows
     assert pvm.select(rows, "project_ input:bf16:8") == rows[:2]
     assert pvm.select(rows, "project_ input:bf16:8:2048") == [rows[1]]
+    # several specs (--only A B): their rows in the specs' order
+    both = ["project_ input:bf16:8:2048", "project_ input:bf16:8:768"]
+    assert pvm.select(rows, both) == [rows[1], rows[0]]
     with pytest.raises(ValueError, match="no model row is 'project_ input:fp16:8'"):
         pvm.select(rows, "project_ input:fp16:8")
     with pytest.raises(ValueError, match="OP:DTYPE:K"):

@@ -21,7 +21,9 @@
 #      kernel's tile candidates are compiled in parallel and timed against each other
 #      (benchmarks/tile_sweep.py: $OUT/tile_sweep.{json,md});
 #   3. once the build is in: $OUT/summary.json (device, versions, each CUDA backend's max
-#      error against the float64 reference, and whether any call synchronized with the host),
+#      error against the float64 reference, and whether any call synchronized with the host);
+#      if its calls do not finish in time (a hung kernel), the CUDA stages below are skipped
+#      ($OUT/cuda_skipped.txt) and the run ends with what it has,
 #   4. the other GPU tests (-k "cuda and not triton": $OUT/pytest_cuda.{log,xml}), then
 #      with PROFILE=1 Nsight Compute on four CUDA launches ($OUT/ncu_*.txt),
 #   5. the CUDA rows of the model ($OUT/pvm_cuda.{json,md}), then the model re-bounded for
@@ -140,7 +142,7 @@ tail -n 1 "$OUT/build.log"
 grep -E "Used [0-9]+ registers|spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -n 5
 
 echo "== summary"
-timeout "$(cap 40)" "$PY" - "$OUT" <<'EOF'
+timeout -k 10 "$(cap 40)" "$PY" - "$OUT" <<'EOF'
 import json, platform, sys
 
 import torch
@@ -210,16 +212,28 @@ with open(f"{out}/summary.json", "w") as f:
 print(json.dumps(summary, indent=2))
 EOF
 summary_status=$?; pack
+# A summary cut off by its timeout (124, or 137 once killed) ran a CUDA kernel that did not
+# finish: the sm_90 staging's mbarrier wait (mma_rows.cuh [async staging]) had never run on a
+# GPU before. The CUDA stages would spend the lease waiting on it, so they are skipped.
+cuda_ok=1
+if [ "$summary_status" = 124 ] || [ "$summary_status" = 137 ]; then
+  cuda_ok=0
+  echo "the CUDA backend did not finish the summary's calls in time (a kernel hung?):" \
+    "CUDA stages skipped" | tee "$OUT/cuda_skipped.txt" >&2
+fi
 
 # 4. The other GPU tests (the CUDA kernels have never run on hardware before: first);
 # 5. the CUDA rows of the model, then its width sweep (d = 320 ... 2048).
-tests cuda "cuda and not triton" "$(cap 100)"; cuda_status=$?; pack
+cuda_status=1
+if [ "$cuda_ok" = 1 ]; then
+  tests cuda "cuda and not triton" "$(cap 100)"; cuda_status=$?; pack
+fi
 # Nsight Compute on four launches the first run measured far below the model, D = 768: the
 # tensor cores at bf16 k = 1 and k = 8 (one kernel, one padded geometry, k = 8 3x slower),
 # at fp32 k = 32, and the FMA engine at fp32 k = 8: where each spends its time (stall
 # reasons, occupancy, DRAM throughput).
 # --clock-control none: the card's clocks are left as they are.
-if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
+if [ "$cuda_ok" = 1 ] && [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
   for spec in "project_ input:bf16:8" "project_ input:bf16:1" "project_ input:fp32:32" \
     "project_ input:fp32:8"; do
     (( $(left) > 60 )) || break
@@ -236,7 +250,7 @@ if [ "${PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
   done
   pack
 fi
-pvm perf_model_cuda.json pvm_cuda "$(cap 70)"; pack
+[ "$cuda_ok" = 1 ] && { pvm perf_model_cuda.json pvm_cuda "$(cap 70)"; pack; }
 # the static model re-bounded for this GPU (the copy rate measured here) against these kernel
 # times: $OUT/model_check.md (benchmarks/model_check.py; CPU only, seconds)
 mc_backends=()
@@ -250,13 +264,13 @@ fi
 # (perf_model.at_scale), so three tensor-core rows again on 1x and 2x the model's bucket
 # beside pvm_cuda's 8x: $OUT/pvm_cuda_scale{1,2}.*, each row predicted for its own bucket
 for scale in 1 2; do
-  (( $(left) > 70 )) || break
+  (( cuda_ok && $(left) > 70 )) || break
   pvm perf_model_cuda.json "pvm_cuda_scale$scale" "$(cap 35)" --scale "$scale" --no-profile \
     --only "project_ input:bf16:8" "project_ input:bf16:32" "project_ input:fp32:32"; pack
 done
 # host time a call (benchmarks/bench_host.py: 32 and 128 tiny tensors, nothing synchronized in
 # the timing): the per-call host work the 2026-12-04 runs saw exceed many kernels
-if (( $(left) > 40 )); then
+if (( cuda_ok && $(left) > 40 )); then
   timeout -k 5 "$(cap 40)" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_host.py \
     --benchmark-only --benchmark-group-by=param:n --benchmark-columns=min,median \
     --benchmark-json="$OUT/bench_host.json" 2>&1 | grep -E "test_host|passed|failed"
@@ -264,13 +278,13 @@ if (( $(left) > 40 )); then
 fi
 # the same rows with the tensor cores switched off (mma_rows.cuh tensor_cores_enabled): the
 # FMA engine's times beside the tensor cores' of the run above
-if [ "${PROFILE:-0}" = 1 ]; then
+if [ "$cuda_ok" = 1 ] && [ "${PROFILE:-0}" = 1 ]; then
   (export GRADPROJ_CUDA_TENSOR_CORES=0; pvm perf_model_cuda.json pvm_cuda_fma "$(cap 55)" --rep 50); pack
   pvm perf_model_cuda.json pvm_widths "$(cap 150)" --widths --rep 40 --no-profile; pack
 fi
 
 # 6. Only when asked (a lease of its own): the whole suite and the benchmark suites.
-if [ "${FULL:-0}" = 1 ]; then
+if [ "$cuda_ok" = 1 ] && [ "${FULL:-0}" = 1 ]; then
   "$PY" -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" --junitxml="$OUT/pytest.xml" tests \
     >"$OUT/pytest.log" 2>&1
   tail -n 15 "$OUT/pytest.log"

@@ -14,9 +14,10 @@ keeps the build between runs). Then, per op, dtype, k and arch:
 
 * **launches**: a Python twin of the host arithmetic of ``csrc/cuda`` (``tile.cuh``
   ``run_rows``, ``surgery.cu`` ``launch``) gives each kernel launched, its
-  work items and dynamic shared memory; the grid is ``min(work, blocks/SM × SMs)`` as
-  ``launch.cuh`` sizes it, blocks/SM from the registers (``cuobjdump -res-usage``) and
-  the shared memory;
+  work items and dynamic shared memory; the grid is ``launch.cuh``'s ``balanced_grid``
+  (the fewest blocks, at most ``blocks/SM × SMs``, that take as many rounds of the work
+  as that many would), blocks/SM from the registers (``cuobjdump -res-usage``) and the
+  shared memory;
 * **instructions per element**, from the SASS (``cuobjdump -xelf``, ``nvdisasm -g -gi``):
   each SASS loop is matched to the C++ ``for``/``while`` it came from (the innermost loop
   of the sources, not ``#pragma unroll``-ed, whose lines hold at least half of the SASS
@@ -315,6 +316,18 @@ class Launch:
     dynamic_smem: int
     env: dict  # names the model-trips expressions use
     threads: int = THREADS  # a block's
+
+
+def balanced_grid(resident: int, work: int, sms: int) -> int:
+    """``launch.cuh`` ``balanced_grid`` ([grid]): the fewest blocks, at most ``resident``,
+    that run ``work`` items in as many rounds as ``min(resident, work)`` blocks do; past
+    one block an SM (``sms``), a whole number of blocks an SM."""
+    full = max(1, min(resident, work))
+    if work <= full:
+        return full
+    rounds = -(-work // full)
+    fewest = -(-work // rounds)
+    return fewest if fewest <= sms else min(full, -(-fewest // sms) * sms)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -1203,7 +1216,7 @@ def model_op(
         blocks, limiter = arch_limits.blocks_per_sm(
             regs, launch.threads, static + launch.dynamic_smem, lim
         )
-        grid = max(1, min(launch.work, blocks * device.sms))
+        grid = balanced_grid(blocks * device.sms, launch.work, device.sms)
         env = launch.env | {
             "items": launch.work / grid,
             "vec": bool(re.search(r"Policy<[^<>]*, true>", launch.kernel)),  # its kVec

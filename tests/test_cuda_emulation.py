@@ -529,6 +529,28 @@ def test_kernels_run_on_grids_smaller_than_their_work():
         assert launches == 1 and blocks <= 6  # 3 SMs x 2 blocks: each block loops over tiles
 
 
+def test_the_grid_is_the_fewest_blocks_that_take_as_many_rounds():
+    """launch.cuh [grid] balanced_grid: 4 tiles on 3 SMs of one tensor-core block each
+    (bf16 k = 32 at d = 768 stages 2 x 96 KiB) run in 2 rounds either way, so 2 blocks take
+    them (each stages the basis once: 3 did); at two blocks an SM (fp32 k = 8) 8 tiles keep
+    6 blocks, 2 an SM, not 4 (which would put 2 on one SM and 1 on the others)."""
+    pmc = emu.perf_model_cuda()
+    cases = (((64, 768), torch.bfloat16, 32, 2), ((128, 768), torch.float32, 8, 6))
+    for shape, dtype, k, want in cases:
+        before = emu.stats()
+        out = _project(shape, "input", k, dtype)[0]
+        launches, blocks, _ = (a - b for a, b in zip(emu.stats(), before, strict=True))
+        assert "mma_rows_kernel<" in emu.last_kernel()
+        per_sm = min(2, (227 * 1024 + 1024) // emu.last_smem())  # the emulator's occupancy
+        assert launches == 1 and blocks == want == pmc.balanced_grid(3 * per_sm, shape[0] // 16, 3)
+        # and the rows are right
+        gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, "input", k)).encode()))
+        g = torch.randn(shape, generator=gen).to(dtype).double()
+        u = _orthonormal(shape[1], k, seed=1).double()
+        ref = g - g @ u @ u.T
+        assert (out.double() - ref).abs().max() <= TOL[dtype] * max(1.0, ref.abs().max().item())
+
+
 def test_a_device_below_the_shared_memory_a_launch_needs_refuses_it():
     """At a 99 KiB opt-in (sm_86) a 4096-wide row stages 128 KiB of U^T: the launch
     helper's check refuses it; 1024-wide rows fit and are right. The tensor-core kernel

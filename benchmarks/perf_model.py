@@ -217,7 +217,8 @@ H200 = replace(
     name="H200 (measured copy and clock)",
     clock_hz=1.80e9,
     copy_bytes_per_s=3.87e12,
-    l2_bytes_per_s=DEVICES["sm_90"].l2_bytes_per_s * 1.80 / 1.980,  # the H100's per clock
+    # the H100's L2 bytes a clock, at this clock
+    l2_bytes_per_s=DEVICES["sm_90"].l2_bytes_per_s * 1.80e9 / DEVICES["sm_90"].clock_hz,
     source="132 SMs as the H100; copy 3.87 TB/s and 1.80 GHz measured by run 2b "
     "(benchmarks/results/gpu-H200-2026-12-04b)",
 )
@@ -1358,12 +1359,14 @@ def at_scale(row: dict, scale: float) -> dict:
     """A model row for ``scale`` × its bucket's elements: a kernel's staging (the bytes every
     block copies before its first tile, ``staged_bytes_per_elt``) is a fixed cost per
     launch, so per element it falls by ``scale``; the other figures are per element as
-    they were. Its kernels are re-bounded on the row's device, its fraction and limiter
-    follow; a row without staging keeps them."""
+    they were. Its kernels are re-bounded on the row's device, its time, fraction and
+    limiter follow; a row without staging keeps them, and so does one whose launch fails
+    (no resident block: no bucket makes it run)."""
     if scale == 1:
         return row
     kernels = row.get("kernels", [])
-    if "error" in row or not any(kn.get("staged_bytes_per_elt") for kn in kernels):
+    fails = any(kn.get("blocks_per_sm", 1) == 0 for kn in kernels)
+    if "error" in row or fails or not any(kn.get("staged_bytes_per_elt") for kn in kernels):
         return {**row, "elements": row["elements"] * scale}
     device = DEVICES[row["arch"]]
     kernels = [{**kn, "staged_bytes_per_elt": kn.get("staged_bytes_per_elt", 0.0) / scale}
@@ -1374,6 +1377,7 @@ def at_scale(row: dict, scale: float) -> dict:
     dominant = max(kernels, key=lambda kn: kn["bounds"]["s_per_elt"])
     out["limiter"] = dominant["bounds"]["limiter"]
     out["limiting_kernel"] = dominant["kernel"]
+    out["s_per_elt"] = sum(kn["bounds"]["s_per_elt"] for kn in kernels)
     out["predicted_fraction_of_copy"] = predicted_fraction_for(out, device)
     return out
 

@@ -434,6 +434,7 @@ def test_staging_falls_per_element_as_the_bucket_grows():
     staging = kn["bounds"]["staging_s_per_elt"]
     assert bkn["bounds"]["staging_s_per_elt"] == pytest.approx(staging / 8)
     assert bkn["bounds"]["s_per_elt"] == pytest.approx(kn["bounds"]["s_per_elt"] - staging * 7 / 8)
+    assert big["s_per_elt"] == pytest.approx(bkn["bounds"]["s_per_elt"])
     copy = pm.DEVICES["sm_90"].copy_bytes_per_s
     want = row["floor_bytes_per_elt"] / copy / bkn["bounds"]["s_per_elt"]
     assert big["predicted_fraction_of_copy"] == pytest.approx(want)
@@ -442,6 +443,9 @@ def test_staging_falls_per_element_as_the_bucket_grows():
     plain = {"arch": "sm_90", "elements": 10, "predicted_fraction_of_copy": 0.5,
              "kernels": [{"kernel": "k"}]}  # fmt: skip
     assert pm.at_scale(plain, 8) == {**plain, "elements": 80}
+    # a row whose launch fails (no resident block) stays failed, its figures kept
+    failed = {**row, "kernels": [{**kn, "blocks_per_sm": 0}], "predicted_fraction_of_copy": 0.0}
+    assert pm.at_scale(failed, 8) == {**failed, "elements": 8 * row["elements"]}
 
 
 def test_occupancy_bound():

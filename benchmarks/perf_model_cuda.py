@@ -48,8 +48,9 @@ keeps the build between runs). Then, per op, dtype, k and arch:
 
 Same assumptions as perf_model (every instruction issues in one slot, both sides of a
 branch count, every sector fetched is used, 700 ns loaded latency, each resident warp
-issuing once every ``perf_model.WARP_CPI`` cycles), and one more: the
-CUDA kernels' grid-stride loops run ``work / grid`` times (no tail wave).
+issuing once every ``perf_model.WARP_CPI`` cycles, the grid's waves), and one more:
+block ``b`` of a grid-stride loop runs items ``b, b + grid, ...`` and sits on SM
+``b % sms`` (``perf_model.waves``).
 """
 
 from __future__ import annotations
@@ -318,16 +319,7 @@ class Launch:
     threads: int = THREADS  # a block's
 
 
-def balanced_grid(resident: int, work: int, sms: int) -> int:
-    """``launch.cuh`` ``balanced_grid`` ([grid]): the fewest blocks, at most ``resident``,
-    that run ``work`` items in as many rounds as ``min(resident, work)`` blocks do; past
-    one block an SM (``sms``), a whole number of blocks an SM."""
-    full = max(1, min(resident, work))
-    if work <= full:
-        return full
-    rounds = -(-work // full)
-    fewest = -(-work // rounds)
-    return fewest if fewest <= sms else min(full, -(-fewest // sms) * sms)
+balanced_grid = pm.balanced_grid  # launch.cuh's [grid], the twin perf_model's tail uses
 
 
 def _round_up(n: int, m: int) -> int:
@@ -1207,7 +1199,12 @@ def model_op(
     elements = pm.ROWS * d
     cpp, binds = _sources()
     kernels = []
-    for launch in op_launches(op, dt, k, d=d, smem_optin=lim.smem_optin_per_block):
+    launches = op_launches(op, dt, k, d=d, smem_optin=lim.smem_optin_per_block)
+    # the same launches for twice the rows: which kernels' work grows with the bucket
+    twice = op_launches(op, dt, k, 2 * pm.ROWS, d, lim.smem_optin_per_block)
+    if [t.kernel for t in twice] != [launch.kernel for launch in launches]:
+        raise RuntimeError(f"{op} {dt} k = {k}: other kernels at twice the rows")
+    for launch, at_twice in zip(launches, twice, strict=True):
         name = _find(build, arch, launch.kernel)
         rec = build.usage.get((name, arch))
         if rec is None:
@@ -1240,6 +1237,7 @@ def model_op(
                 "kernel": _short(name),
                 "instantiation": name,
                 "work": launch.work,
+                "work_at_twice": at_twice.work,
                 "grid": grid,
                 "regs": regs,
                 "spills": spills,
@@ -1376,20 +1374,22 @@ AdamW), also predicted:
 
 {width_table(result.get("widths", []))}
 
-Notes: a CUDA kernel loops over its work grid-stride, so each block runs `work / grid`
-items (no tail wave); side input (plain and anchored) runs the tensor-core rows kernel
-(`mma_rows_kernel`: 16 rows a CTA, U staged once per CTA, a block of its columns a
-launch where the whole does not fit the device's shared memory; the staging's copy from
-L2 adds to the kernel's time: *staging*, the limiter where it outlasts the tiles) at every
-k, and so does
+Notes: a CUDA kernel loops over its work grid-stride, block b over items b, b + grid,
+... on SM b % SMs; the launch lasts as long as its busiest SM and block
+(`perf_model.waves`: at this bucket an A100's 256 tiles on 86 blocks last 3 tiles, 1.27×
+the even 256 / 108; a kernel of fixed work, the flat side's combine, counted evenly);
+side input (plain and anchored) runs the tensor-core rows kernel (`mma_rows_kernel`: 16
+rows a CTA, U staged once per CTA, a block of its columns a launch where the whole does
+not fit the device's shared memory; the staging's copy from L2 adds to the kernel's
+time: *staging*, the limiter where it outlasts the tiles) at every k, and so does
 `ProjectedAdamW` input (AdamWPolicy: x' formed from p, g, m, v as its tile starts; fp32
 from k = {ADAMW_ROWS_MIN_K["fp32"]}, below on the FMA engine); side output (transposed
 views) runs it too, with strided rows (`ProjectPolicy<T, false>`; 16-bit in row pairs,
-`ProjectPairPolicy<T>` and `AdamWPairPolicy<T>`: the bucket's views have even row counts),
-and otherwise the rows kernel with a block policy (4 view rows a group, a vector
-of G's row holding one element of each), so `D` = {pm.D} is one segment, read once and
-written once; the flat side's
-vectors are cut into 4096-element segments and split into partials, combine and apply.
+`ProjectPairPolicy<T>` and `AdamWPairPolicy<T>`: the bucket's views have even row
+counts), and otherwise the rows kernel with a block policy (4 view rows a group, a
+vector of G's row holding one element of each), so `D` = {pm.D} is one segment, read
+once and written once; the flat side's vectors are cut into 4096-element segments and
+split into partials, combine and apply.
 """
 
 

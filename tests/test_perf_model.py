@@ -465,6 +465,95 @@ def test_occupancy_bound():
     assert pm.bounds(8.0, 2.0, [(4.0, 1e6)], DEVICE)["occupancy_s_per_elt"] == 0.0
 
 
+def test_waves_count_the_busiest_sm_and_block_of_each_wave():
+    # a grid that fills every SM with its resident blocks, once: the even spread
+    assert pm.waves(216, 2, 108) == [(1.0, 1.0, 1.0)]
+    # a Triton grid of 64 programs on 132 SMs (3 resident each): 68 SMs idle, and a
+    # program's warps alone on their SM
+    assert pm.waves(64, 3, 132) == [(1.0, pytest.approx(132 / 64), pytest.approx(396 / 64))]
+    # 512 programs, 432 slots: a full wave, then 80 programs on 80 SMs that last as long
+    full, last = pm.waves(512, 4, 108)
+    assert full == pytest.approx((432 / 512,) * 3)
+    assert last == pytest.approx((80 / 512, 108 / 512, 432 / 512))
+    # grid-stride (launch.cuh): an A100's 256 tiles on 86 blocks of one an SM: 84 blocks
+    # run 3 tiles, 2 run 2; 22 SMs idle; the launch lasts 3 tiles, not 256 / 108
+    (w,) = pm.waves(86, 1, 108, 256)
+    assert w == pytest.approx((1.0, 3 * 108 / 256, 3 * 108 / 256))
+    # two a SM (216 blocks): blocks 0-39 run 2 tiles, the rest 1; SMs 0-39 hold 3 tiles
+    (w,) = pm.waves(216, 2, 108, 256)
+    assert w == pytest.approx((1.0, 3 * 108 / 256, 2 * 216 / 256))
+    # as many items as blocks, a whole number an SM: even
+    assert pm.waves(264, 2, 132, 264 * 4) == [(1.0, 1.0, 1.0)]
+    assert pm.waves(0, 2, 108) == [] and pm.waves(8, 0, 108) == []
+
+
+def test_a_launchs_spread_scales_each_bound_by_its_share():
+    even = pm.bounds(8.0, 2.0, [(4.0, 1e6)], DEVICE, warps_per_sm=8)
+    # one wave: memory by the launch's share, issue and latency by the busiest SM's,
+    # occupancy by the busiest block's (a warp issues every warp_cpi cycles however few
+    # share its SM)
+    b = pm.bounds(8.0, 2.0, [(4.0, 1e6)], DEVICE, warps_per_sm=8, spread=[(1.0, 2.0, 3.0)])
+    assert b["memory_s_per_elt"] == even["memory_s_per_elt"]
+    assert b["issue_s_per_elt"] == pytest.approx(2 * even["issue_s_per_elt"])
+    assert b["latency_s_per_elt"] == pytest.approx(2 * even["latency_s_per_elt"])
+    assert b["occupancy_s_per_elt"] == pytest.approx(3 * even["occupancy_s_per_elt"])
+    assert b["s_per_elt"] == b["occupancy_s_per_elt"] and b["limiter"] == "occupancy"
+    # two waves: each its own largest bound, summed; every bound summed over the waves
+    waves = [(0.8, 0.8, 0.8), (0.2, 0.25, 0.8)]
+    b = pm.bounds(8.0, 0.5, [(4.0, 1e6)], DEVICE, warps_per_sm=8, spread=waves)
+    light = pm.bounds(8.0, 0.5, [(4.0, 1e6)], DEVICE, warps_per_sm=8)
+    share = {"memory": 0, "issue": 1, "latency": 1, "occupancy": 2}
+    each = [{n: light[f"{n}_s_per_elt"] * w[i] for n, i in share.items()} for w in waves]
+    assert b["s_per_elt"] == pytest.approx(sum(max(t.values()) for t in each))
+    for n in share:
+        assert b[f"{n}_s_per_elt"] == pytest.approx(sum(t[n] for t in each))
+    assert b["s_per_elt"] > max(b[f"{n}_s_per_elt"] for n in share)  # the waves differ
+    # kernel_bounds takes the spread from a kernel's grid where its work grows with the
+    # bucket (50 blocks of 2 items on 100 SMs: half the SMs, twice the items each); a fixed
+    # grid (a combine of a few blocks) and an old JSON keep the even one
+    kn = {"bytes_per_elt": {"read": 4.0, "write": 4.0}, "instrs_per_elt": {"total": 2.0},
+          "regions": [{"load_bytes_per_elt": 4.0, "bytes_in_flight_per_sm": 1e6}],
+          "pipe_per_elt": {}, "blocks_per_sm": 1, "warps": 8}  # fmt: skip
+    grown = {**kn, "grid": 50, "work": 100, "work_at_twice": 200}
+    assert pm.launch_waves(grown, DEVICE) == pm.waves(50, 1, 100, 100)
+    got = pm.kernel_bounds(grown, DEVICE)
+    assert got["occupancy_s_per_elt"] == pytest.approx(2 * even["occupancy_s_per_elt"])
+    for fixed in ({**grown, "work_at_twice": 100}, {**kn, "grid": 50, "work": 100}):
+        assert pm.launch_waves(fixed, DEVICE) is None
+        assert pm.kernel_bounds(fixed, DEVICE) == pm.kernel_bounds(kn, DEVICE)
+    triton = {**kn, "programs": 25, "programs_at_twice": 50}
+    assert pm.launch_waves(triton, DEVICE) == pm.waves(25, 1, 100)
+    assert pm.launch_waves({**triton, "programs_at_twice": 25}, DEVICE) is None
+
+
+def test_the_tail_falls_as_the_bucket_grows():
+    """at_scale: a grid-stride kernel's work grows with the bucket on the grid
+    balanced_grid picks, so the A100's 3 rounds of 256 / 108 tiles become 19 of 2048 / 108."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "perf_model_cuda.json")) as f:
+        rows = json.load(f)["rows"]
+    (row,) = [r for r in rows if (r["arch"], r["op"], r["dtype"], r["k"])
+              == ("sm_80", "project_ input", "bf16", 8)]  # fmt: skip
+    (kn,) = row["kernels"]
+    assert (kn["work"], kn["work_at_twice"], kn["grid"], kn["blocks_per_sm"]) == (256, 512, 86, 1)
+    a100 = pm.DEVICES["sm_80"]
+    (w,) = pm.launch_waves(kn, a100)
+    assert w == pytest.approx((1.0, 3 * 108 / 256, 3 * 108 / 256))
+    big = pm.at_scale(row, 8)
+    (bkn,) = big["kernels"]
+    assert (bkn["work"], bkn["grid"]) == (2048, pm.balanced_grid(108, 2048, 108)) == (2048, 108)
+    (w,) = pm.launch_waves(bkn, a100)
+    assert w == pytest.approx((1.0, 19 * 108 / 2048, 19 * 108 / 2048))
+    assert bkn["staged_bytes_per_elt"] == pytest.approx(kn["staged_bytes_per_elt"] * 108 / 86 / 8)
+    assert big["predicted_fraction_of_copy"] > row["predicted_fraction_of_copy"] + 0.1
+    # the flat side's combine (a few blocks, its work fixed) keeps the even spread
+    (flat,) = [r for r in rows if (r["arch"], r["op"], r["dtype"], r["k"])
+               == ("sm_80", "project_ flat", "fp32", 8)]  # fmt: skip
+    partials, combine, apply = flat["kernels"]
+    assert combine["kernel"] == "combine_kernel" and combine["work_at_twice"] == combine["work"]
+    assert pm.launch_waves(combine, a100) is None
+    assert pm.launch_waves(partials, a100) and pm.launch_waves(apply, a100)
+
+
 def test_kernel_bounds_rebounds_a_models_row_for_another_device():
     # a kernel as the model's JSON holds it (the CUDA model's bytes: read + write)
     kn = {"bytes_per_elt": {"read": 4.0, "write": 4.0}, "instrs_per_elt": {"total": 2.0},

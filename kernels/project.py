@@ -761,11 +761,14 @@ def _row_tiles(
         # with its occupancy bound, D = 768, predicted A100 / H100): 64 x 32 at BLOCK_K = 16
         # (fp32 / bf16 k = 16: 67 / 66 % of copy on both, 93-164 registers, 3-5 programs an
         # SM; 32 x 64 took 128-168 registers: 67 / 55 % fp32, 55 / 50 % bf16, anchored bf16
-        # 51 / 49 %); at BLOCK_K = 32 fp32 on sm_80 64 x 32 (66 % against 32 x 64's 33 %,
-        # whose 230-253 registers left 2 programs; anchored the same), 16-bit 64 x 64 on
-        # sm_90 (wgmma; 66 / 65 % plain / anchored against 40 / 30 %) and 16 x 32 on sm_80
-        # (58 / 43 % against 32 / 21 %: 64-75 registers, 6-8 programs an SM)
-        if block_k == 16 or elsize == 4:
+        # 51 / 49 %); at BLOCK_K = 32 16-bit 64 x 64 on sm_90 (wgmma; 66 / 65 % plain /
+        # anchored against 40 / 30 %) and on sm_80 16 x 32 for every dtype (64-92
+        # registers, 5-8 programs an SM). sm_80 fp32 took 64 x 32 until the model counted
+        # the launch's waves (benchmarks/perf_model.py waves): 64-row blocks are few, 3 a
+        # SM resident, and at 8 x 4096 rows their 512 programs run a second wave of 188
+        # on the A100's 324 slots; 16 x 32 predicted 66 / 54 % plain / anchored against
+        # 53 / 53 % there, 31 / 31 % against 13 / 13 % at 4096 rows
+        if block_k == 16:
             return _Tiles(False, 64, 32, block_k, 4, 1)
         if arch >= 90:
             return _Tiles(False, 64, 64, block_k, 4, 1)

@@ -483,6 +483,10 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
             assert not t.resident and (t.block_r, t.block_d, t.block_k, t.warps) == (64, 32, 16, 4)
         t = P._row_tiles(arch, 2, 768, 32, 1, anchored, 8)
         assert (t.block_r, t.block_d) == ((64, 64) if arch >= 90 else (16, 32))
+        # fp32 at BLOCK_K = 32: 64 x 32 on sm_90 (wgmma), 16 x 32 on sm_80 (the waves of
+        # 64-row blocks: docs/gpu.md #tiles-waves)
+        t = P._row_tiles(arch, 4, 768, 32, 1, anchored, 4)
+        assert (t.block_r, t.block_d, t.warps) == ((64, 32, 4) if arch >= 90 else (16, 32, 4))
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")

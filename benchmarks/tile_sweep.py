@@ -354,18 +354,15 @@ def _perf_model():
     return perf_model
 
 
-def _predict_item(item: tuple[Case, object, str]) -> dict:
+def _predict_item(item: tuple[Case, object, str, int]) -> dict:
     """One candidate through the static model (``perf_model.model_launch`` on its bucket of
-    ``perf_model.ROWS`` rows): predicted, from the compiled code, for ``arch``'s device."""
-    case, tiles, arch = item
+    ``rows`` rows): predicted, from the compiled code, for ``arch``'s device."""
+    case, tiles, arch, rows = item
     pm = _perf_model()
-    row = {"case": case.label, "tiles": tiles_label(tiles)}
+    row = {"case": case.label, "tiles": tiles_label(tiles), "rows": rows}
     try:
         kernels = pm.model_launch(
-            _compile_call(case, tiles, pm.ROWS),
-            _compile_call(case, tiles, 2 * pm.ROWS),
-            pm.ROWS * D,
-            arch,
+            _compile_call(case, tiles, rows), _compile_call(case, tiles, 2 * rows), rows * D, arch
         )
     except Exception as exc:  # a candidate that does not compile is a finding of its row
         return {**row, "error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -373,7 +370,7 @@ def _predict_item(item: tuple[Case, object, str]) -> dict:
     if bad:
         return {**row, "error": bad[0].get("error") or "no block fits an SM"}
     op = pm.OPS["project_anchored input" if case.anchored else f"project_ {case.side}"]
-    got = pm.summarize(op, case.dtype, case.k, pm.DEVICES[arch], pm.ROWS * D, kernels)
+    got = pm.summarize(op, case.dtype, case.k, pm.DEVICES[arch], rows * D, kernels)
     top = next(kn for kn in kernels if kn["kernel"] == got["limiting_kernel"])
     return {
         **row,
@@ -388,13 +385,18 @@ def _predict_item(item: tuple[Case, object, str]) -> dict:
     }
 
 
-def predict(specs: list[str] | None, arch: str, jobs: int, limit: int | None = None) -> list[dict]:
+def predict(
+    specs: list[str] | None, arch: str, jobs: int, limit: int | None = None, bucket_rows: int = 0
+) -> list[dict]:
     """Every candidate's predicted fraction of copy on ``arch``'s device (the static
     model with its occupancy bound; predicted from compiled code, not measured), in
-    ``jobs`` worker processes; the launcher's choice of each case is marked ``chosen``."""
+    ``jobs`` worker processes; the launcher's choice of each case is marked ``chosen``.
+    ``bucket_rows``: the bucket's rows (default ``perf_model.ROWS``); the model counts the
+    launch's waves, so a tile's figure depends on them (docs/gpu.md #tiles-waves)."""
     gcc = _gcc()
+    bucket_rows = bucket_rows or _perf_model().ROWS
     items = [
-        (case, tiles, arch)
+        (case, tiles, arch, bucket_rows)
         for case in cases(specs)
         for tiles in candidates(case, gcc.ARCHS[arch].capability, limit=limit)
     ]
@@ -420,7 +422,8 @@ def predicted_markdown(arch: str, rows: list[dict]) -> str:
         "not measured",
         "",
         f"`project_` (`:anchored`: the anchored projection; `:output`: side output, the "
-        f"transposed views), side input, D = {D}; the static "
+        f"transposed views), side input, D = {D}, {rows[0].get('rows', '?') if rows else '?'} "
+        "rows; the static "
         "model (`benchmarks/perf_model.py`, with "
         "its occupancy bound) on each candidate's compiled kernel. ✓: the launcher's choice. "
         "A candidate that spills ranks last: the model does not count local-memory traffic.",
@@ -526,10 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--predict", metavar="MD", help="no GPU: rank the candidates by the static model into MD"
     )
+    ap.add_argument(
+        "--rows", type=int, default=0, help="--predict: the bucket's rows (perf_model.ROWS)"
+    )
     args = ap.parse_args(argv)
     selected = cases(args.only)  # a bad --only fails here, before anything compiles
     if args.predict:
-        rows = predict(args.only, args.arch, args.jobs, args.limit)
+        rows = predict(args.only, args.arch, args.jobs, args.limit, args.rows)
         with open(args.predict, "w") as f:
             f.write(predicted_markdown(args.arch, rows))
         if args.json:

@@ -257,11 +257,12 @@ def test_predict_ranks_compiled_candidates_through_the_static_model(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "tile_sweep.py"), "--predict",
            str(md), "--arch", "sm_90", "--only", "bf16:8", "--limit", "2", "--jobs", "1",
-           "--json", str(out)]  # fmt: skip
+           "--json", str(out), "--rows", "1024"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [(r["case"], r["chosen"]) for r in rows] == [("bf16:8", True), ("bf16:8", False)]
+    assert {r["rows"] for r in rows} == {1024} and "768, 1024 rows" in md.read_text()
     for r in rows:
         assert "error" not in r, r
         assert 0.0 < r["predicted_fraction_of_copy"] <= 1.0, r

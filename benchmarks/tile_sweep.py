@@ -138,7 +138,7 @@ def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> l
         res = P.resident_tiles(d, max_chunks=3)
         if not chosen.resident and res is not None and not res.wide:
             rows, cap = P.RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
-            out.append(P._resident(rows, res, case.k, cap))
+            out.append(P._resident(rows, res, case.k, cap, P.RESIDENT_OUTPUT_WARPS[elsize]))
         if not chosen.one_pass:
             # next, the two-pass tile the model ranks first for transposed views at k <= 16
             # (64 x 32 on 4 warps, memory-bound at 67 % of copy on sm_90): timed early,

@@ -605,12 +605,17 @@ RESIDENT_WARPS_MAXNREG = {4: None, 2: RESIDENT_MAXNREG}
 # The wide blocks: at 192, fp32 anchored soft blocks of 3 tiles of 512 spilled 28 B on
 # sm_90; anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
 RESIDENT_WIDE_MAXNREG = 255
-# Transposed views (side="output", 16-byte vectors, D <= 768: at most 3 tiles), on 4 warps:
-# (rows, register cap) per element size, the rows making each column of the tile one whole
-# 32-byte sector. fp32 in 16 rows spilled 48-72 B (anchored, soft weights) at 255 registers
-# and 8-88 B on 8 warps at 128; 16-bit on 8 warps was predicted issue-bound at 48-49 % of
-# copy (bf16, k = 8; on 4: 73 / 67 %); 4 tiles of fp32 spilled 144-176 B at D = 1024.
-RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, RESIDENT_MAXNREG), 2: (16, 255)}
+# Transposed views (side="output", 16-byte vectors, D <= 768: at most 3 tiles): (rows,
+# register cap) per element size, the rows making each column of the tile one whole 32-byte
+# sector, on RESIDENT_OUTPUT_WARPS. fp32 in 16 rows spilled 48-72 B (anchored, soft weights)
+# at 255 registers and 8-88 B on 8 warps at 128; 16-bit on 8 warps was predicted issue-bound
+# at 48-49 % of copy (bf16, k = 8; on 4: 73 / 67 %); 4 tiles of fp32 spilled 144-176 B at
+# D = 1024. fp32's 8 rows on 8 warps, uncapped (64-80 registers), since the model counts the
+# launch's waves (benchmarks/tile_sweep.py --predict --rows 4096 and 32768, A100 / H100): k =
+# 4 85 / 69 % and 98 / 95 % against 4 warps capped at 192's 74 / 58 % and 91 / 84 %, k = 8
+# 50 / 40 % and 61 / 58 % against 41 / 32 % and 50 / 47 %, k = 1 no lower (95-100 %).
+RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, None), 2: (16, 255)}
+RESIDENT_OUTPUT_WARPS = {4: 8, 2: 4}
 # Its largest k, per element size. Once the model bounded occupancy (benchmarks/tile_sweep.py
 # --predict, its :output cases, D = 768, A100 and H100 alike): fp32 resident 100 % of copy
 # to k = 3, 93 / 90 % at 4, 67 / 64 % at 6, 52 / 50 % at 8, 27 % at 16; bf16 100 % at k = 1,
@@ -731,7 +736,7 @@ def _row_tiles(
         # 140-1100 B)
         if not res.wide and k <= RESIDENT_OUTPUT_MAX_K.get(elsize, 0):
             rows, cap = RESIDENT_OUTPUT_ROWS_MAXNREG[elsize]
-            return _resident(rows, res, k, cap)
+            return _resident(rows, res, k, cap, warps=RESIDENT_OUTPUT_WARPS[elsize])
         if res.block_r == 4 and k <= RESIDENT_OUTPUT_WIDE_MAX_K.get(elsize, 0):
             # 768 < D <= 1536: the same rows in 2-3 tiles of 512 columns, on 8 warps
             rows, cap = RESIDENT_OUTPUT_WIDE_ROWS_MAXNREG[elsize]
@@ -773,6 +778,14 @@ def _row_tiles(
         if arch >= 90:
             return _Tiles(False, 64, 64, block_k, 4, 1)
         return _Tiles(False, 16, 32, block_k, 4, 1)
+    if block_k == 32 and contig == 0:
+        # transposed views at BLOCK_K = 32 (fp32 on sm_90 took 64 x 32 above): 16-row blocks,
+        # the model counting the launch's waves (benchmarks/tile_sweep.py --predict, :output
+        # cases at 4096 / 32768 rows): sm_80 16 x 64 fp32 30 / 48 %, bf16 22 / 45 % against
+        # 32 x 64's 18 / 29 % and 12 / 33 %; sm_90 16-bit 16 x 32 15 / 39 % against 10 / 39 %
+        if arch >= 90:
+            return _Tiles(False, 16, 32, block_k, 4, 1)
+        return _Tiles(False, 16, 64, block_k, 4, 1)
     if block_k <= 32:
         return _Tiles(False, 32, 64, block_k, 4, 1)
     if block_k == 64 and elsize == 4 and contig == 0 and anchored and arch >= 90:

@@ -489,6 +489,27 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
         assert (t.block_r, t.block_d, t.warps) == ((64, 32, 4) if arch >= 90 else (16, 32, 4))
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_transposed_views_tiles_with_the_waves_counted(arch):
+    """docs/gpu.md #tiles-waves: fp32's resident transposed block on 8 warps uncapped, and
+    16-row blocks at BLOCK_K = 32 (sm_80 16 x 64; sm_90 16-bit 16 x 32, fp32 64 x 32)."""
+    from gradproj.kernels import project as P
+
+    for anchored in (False, True):
+        t = P._row_tiles(arch, 4, 768, 8, 0, anchored, 4)
+        assert t.resident and (t.block_r, t.warps, t.maxnreg) == (8, 8, None)
+        t = P._row_tiles(arch, 2, 768, 4, 0, anchored, 8)
+        assert t.resident and (t.block_r, t.warps, t.maxnreg) == (16, 4, 255)
+        for elsize in (4, 2):
+            t = P._row_tiles(arch, elsize, 768, 32, 0, anchored, 16 // elsize)
+            if arch < 90:
+                want = (16, 64)
+            else:
+                want = (64, 32) if elsize == 4 else (16, 32)
+            assert (t.block_r, t.block_d, t.block_k, t.warps) == (*want, 32, 4), (elsize, t)
+            assert not t.resident and not t.one_pass
+
+
 @pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
 def test_resident_kernel_with_k0_leaves_the_bucket_untouched():
     # the ops skip k = 0 before any kernel; the bucket kernel called directly must too
@@ -660,6 +681,9 @@ SM90_TWO_PASS = [
     ([torch.float32], 16, "input", True, (64, 32, 16, 4)),
     ([torch.bfloat16, torch.float16], 20, "input", False, (64, 64, 32, 4)),
     ([torch.bfloat16], 24, "input", True, (64, 64, 32, 4)),
+    # 16-bit transposed views at BLOCK_K = 32: 16 x 32 (docs/gpu.md #tiles-waves)
+    ([torch.bfloat16, torch.float16], 24, "output", False, (16, 32, 32, 4)),
+    ([torch.bfloat16], 17, "output", True, (16, 32, 32, 4)),
 ]
 
 

@@ -1322,6 +1322,17 @@ def waves(
     return out
 
 
+def _growing_grid(kn: dict) -> str | None:
+    """Which grid of a model row's kernel grows with the bucket: ``"grid"`` (perf_model_cuda's
+    grid-stride launch, ``work`` items, ``work_at_twice`` at twice the rows), ``"programs"``
+    (this model's, ``programs_at_twice``), or None (a fixed one, or none recorded)."""
+    if "grid" in kn and "work" in kn and kn.get("work_at_twice", 0) > kn["work"]:
+        return "grid"
+    if "programs" in kn and kn.get("programs_at_twice", 0) > kn["programs"]:
+        return "programs"
+    return None
+
+
 def launch_waves(kn: dict, device: Device) -> list[tuple[float, float, float]] | None:
     """``waves`` of a kernel of a model row on ``device``: perf_model_cuda's (``grid``
     blocks over ``work`` items) or this model's (``programs``), where the work grows with
@@ -1334,13 +1345,12 @@ def launch_waves(kn: dict, device: Device) -> list[tuple[float, float, float]] |
     kernel left in L2 is not the model's HBM latency), so they keep the even spread and
     its documented blind spot."""
     blocks = kn.get("blocks_per_sm", 0)
-    if blocks <= 0:
+    grows = _growing_grid(kn)
+    if blocks <= 0 or grows is None:
         return None
-    if "grid" in kn and "work" in kn and kn.get("work_at_twice", 0) > kn["work"]:
+    if grows == "grid":
         return waves(kn["grid"], blocks, device.sms, kn["work"])
-    if "programs" in kn and kn.get("programs_at_twice", 0) > kn["programs"]:
-        return waves(kn["programs"], blocks, device.sms)
-    return None
+    return waves(kn["programs"], blocks, device.sms)
 
 
 def bounds(
@@ -1380,7 +1390,8 @@ def bounds(
     Latency by the SM's share, not the block's: a lightly loaded SM's few blocks see less
     than the loaded latency the model uses, and counted by the block the H200 run's
     Triton flat rows (3 of 8-10 resident programs an SM) came out 1.5-3.3x slower than
-    measured, by the SM within 3 % of the even spread (``benchmarks/model_check.py``).
+    measured; by the SM, the latency-bound ones stay within 3 % of the even spread
+    (``benchmarks/model_check.py``).
     Each ``*_s_per_elt`` is that bound summed over the waves; ``s_per_elt`` is the sum of
     each wave's largest. Default: one even wave.
     """
@@ -1465,7 +1476,8 @@ def _grid_at_scale(kn: dict, scale: float, device: Device) -> dict:
     basis, follows the grid); a Triton grid that grew with the bucket
     (``programs_at_twice``) grows by ``scale``; a fixed one stays."""
     blocks = kn.get("blocks_per_sm", 0)
-    if "grid" in kn and "work" in kn and kn.get("work_at_twice", 0) > kn["work"]:
+    grows = _growing_grid(kn)
+    if grows == "grid":
         work = max(1, round(kn["work"] * scale))
         grid = balanced_grid(blocks * device.sms, work, device.sms)
         staged = kn.get("staged_bytes_per_elt", 0.0) * grid / kn["grid"] / scale
@@ -1473,7 +1485,7 @@ def _grid_at_scale(kn: dict, scale: float, device: Device) -> dict:
         return {"work": work, "work_at_twice": at_twice, "grid": grid,
                 "staged_bytes_per_elt": staged}  # fmt: skip
     out = {"staged_bytes_per_elt": kn.get("staged_bytes_per_elt", 0.0) / scale}
-    if "programs" in kn and kn.get("programs_at_twice", 0) > kn["programs"]:
+    if grows == "programs":
         out["programs"] = max(1, round(kn["programs"] * scale))
         out["programs_at_twice"] = max(out["programs"] + 1, round(kn["programs_at_twice"] * scale))
     return out

@@ -1492,15 +1492,20 @@ def _grid_at_scale(kn: dict, scale: float, device: Device) -> dict:
 
 
 def at_scale(row: dict, scale: float) -> dict:
-    """A model row for ``scale`` × its bucket's elements. What a launch costs once is spread
-    over more elements: a kernel's staging (the bytes every block copies before its first
-    tile, ``staged_bytes_per_elt``) and its tail (``waves``: the grid for the larger
-    bucket, ``_grid_at_scale``). The other figures are per element as they were. Its
-    kernels are re-bounded on the row's device, its time, fraction and limiter follow;
-    a row without either keeps them, and so does one whose launch fails (no resident
-    block: no bucket makes it run)."""
+    """A model row for ``scale`` × its bucket's elements: the row modelled on that bucket
+    where the model made one (``modelled_at_scale``: the Triton row launchers choose their
+    tiles by the bucket's rows, docs/gpu.md #few-rows), else this one re-dealt. What a
+    launch costs once is spread over more elements: a kernel's staging (the bytes every
+    block copies before its first tile, ``staged_bytes_per_elt``) and its tail
+    (``waves``: the grid for the larger bucket, ``_grid_at_scale``). The other figures are
+    per element as they were. Its kernels are re-bounded on the row's device, its time,
+    fraction and limiter follow; a row without either keeps them, and so does one whose
+    launch fails (no resident block: no bucket makes it run)."""
     if scale == 1:
         return row
+    modelled = row.get("modelled_at_scale", {}).get(f"{scale:g}")
+    if modelled is not None:  # modelled on the larger bucket itself (_model_item)
+        return modelled
     kernels = row.get("kernels", [])
     fails = any(kn.get("blocks_per_sm", 1) == 0 for kn in kernels)
     fixed = ("staged_bytes_per_elt", "grid", "programs")  # what a launch pays once
@@ -1818,11 +1823,20 @@ def summarize(op: Op, dt: str, k: int, device: Device, elements: int, kernels: l
     }
 
 
+# The bucket the GPU runs measure, in multiples of ROWS (benchmarks/predicted_vs_measured.py
+# --scale): the row launchers choose their tiles by the bucket's rows (kernels/project.py
+# FEW_ROWS_PER_SM), so their ops are modelled on it too, not re-dealt from ROWS (at_scale).
+SCALE = 8
+
+
 def _model_item(item: tuple[str, str, int, str]) -> dict:
     op_name, dt, k, arch = item
     start = time.perf_counter()
     try:
         row = model_op(OPS[op_name], dt, k, arch)
+        if op_name.startswith(("project_ ", "project_anchored ")) and "flat" not in op_name:
+            big = model_op(OPS[op_name], dt, k, arch, ROWS * SCALE)
+            row["modelled_at_scale"] = {f"{SCALE:g}": big}
     except Exception as exc:  # a launcher or compile failure is a finding of its row
         row = {
             "arch": arch,

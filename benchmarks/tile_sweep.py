@@ -117,8 +117,13 @@ def _elsize(dtype: str) -> int:
     return 4 if dtype == "fp32" else 2
 
 
-def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> list:
+def candidates(
+    case: Case, arch: int, d: int = D, limit: int | None = None, few_rows: bool = False
+) -> list:
     """The launcher's tiles for ``case`` on ``arch`` first, then the alternatives.
+    ``few_rows``: the bucket's rows are few for the device (``kernels.project``
+    ``FEW_ROWS_PER_SM``), so the launcher's tiles are its few-rows tiles, and its tiles for
+    many rows come next.
 
     Two-pass tensor-core kernel (``BLOCK_K`` as the launcher's: one chunk up to k = 128):
     ``BLOCK_R`` ∈ {16, 32, 64} × ``BLOCK_D`` ∈ {32, 64} × warps ∈ {4, 8} × stages ∈ {1, 2}
@@ -131,8 +136,9 @@ def candidates(case: Case, arch: int, d: int = D, limit: int | None = None) -> l
     from gradproj.kernels import project as P
 
     elsize = _elsize(case.dtype)
-    chosen = P._row_tiles(arch, elsize, d, case.k, case.contig, case.anchored, 16 // elsize)
-    out = [chosen]
+    layout = (arch, elsize, d, case.k, case.contig, case.anchored, 16 // elsize)
+    chosen = P._row_tiles(*layout, few_rows)
+    out = [chosen, P._row_tiles(*layout)]
     block_k = max(16, min(128, 1 << (case.k - 1).bit_length()))  # the two-pass kernel's
     if case.output:
         res = P.resident_tiles(d, max_chunks=3)
@@ -237,9 +243,10 @@ def measure(case: Case, dev, budget_s: float, limit: int | None = None) -> list[
 
     grads, basis, anchors = bucket(case, dev)
     arch = triton.runtime.driver.active.get_current_target().arch
+    few = sum(g.shape[0] for g in grads) < P.FEW_ROWS_PER_SM * P._sm_count(grads[0].device)
     start = time.perf_counter()
     results = []
-    for i, tiles in enumerate(candidates(case, arch, limit=limit)):
+    for i, tiles in enumerate(candidates(case, arch, limit=limit, few_rows=few)):
         if time.perf_counter() - start > budget_s:
             results.append({"tiles": tiles_label(tiles), "skipped": "time budget"})
             continue
@@ -393,12 +400,17 @@ def predict(
     ``jobs`` worker processes; the launcher's choice of each case is marked ``chosen``.
     ``bucket_rows``: the bucket's rows (default ``perf_model.ROWS``); the model counts the
     launch's waves, so a tile's figure depends on them (docs/gpu.md #tiles-waves)."""
+    from gradproj.kernels import project as P
+
     gcc = _gcc()
     bucket_rows = bucket_rows or _perf_model().ROWS
+    capability = gcc.ARCHS[arch].capability
+    # the launcher's own choice for a bucket of these rows on the stand-in's device
+    few = bucket_rows < P.FEW_ROWS_PER_SM * gcc.STAND_IN_SMS[capability]
     items = [
         (case, tiles, arch, bucket_rows)
         for case in cases(specs)
-        for tiles in candidates(case, gcc.ARCHS[arch].capability, limit=limit)
+        for tiles in candidates(case, capability, limit=limit, few_rows=few)
     ]
     if jobs > 1 and len(items) > 1:
         import multiprocessing

@@ -561,6 +561,34 @@ def _arch() -> int:
         return 0
 
 
+def _sm_count(device: torch.device) -> int:
+    """The SMs of the GPU a launch on ``device`` runs on, or ``0`` where unknown (the
+    interpreter). A CUDA device's come from torch's host-side cache of its properties (no
+    device call, no sync); elsewhere from Triton's active driver (the compile check's
+    stand-in reports the device its target stands for)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_sm_count(index)
+    try:
+        driver = triton.runtime.driver.active
+        props = driver.utils.get_device_properties(driver.get_current_device())
+        return int(props["multiprocessor_count"])
+    except (RuntimeError, AttributeError, KeyError, TypeError):
+        return 0
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# A bucket of fewer rows than this many an SM takes its own tiles where the launcher's hold
+# 64 rows (``_row_tiles`` ``few_rows``, ``_few_rows_tiles``): its 64-row programs would be
+# fewer than the SMs, and a launch lasts as long as its busiest SM and block
+# (benchmarks/perf_model.py waves). docs/gpu.md #few-rows.
+FEW_ROWS_PER_SM = 64
+
+
 class _Tiles(NamedTuple):
     one_pass: bool
     block_r: int
@@ -698,8 +726,66 @@ def _row_tiles(
     contig: int = 1,
     anchored: bool = False,
     vec: int = 1,
+    few_rows: bool = False,
 ) -> _Tiles:
-    """The row kernel's tiles for a bucket of ``D = d`` on compute capability ``arch``.
+    """The row kernel's tiles for a bucket of ``D = d`` on compute capability ``arch``;
+    ``few_rows``: a bucket of fewer than ``FEW_ROWS_PER_SM`` rows an SM (its own tiles
+    where :func:`_few_rows_tiles` has some, else the same).
+    """
+    tiles = _many_rows_tiles(arch, elsize, d, k, contig, anchored, vec)
+    if few_rows and not tiles.resident and not tiles.one_pass and tiles.block_r == 64:
+        return _few_rows_tiles(arch, elsize, tiles.block_k, contig, anchored) or tiles
+    return tiles
+
+
+def _few_rows_tiles(
+    arch: int, elsize: int, block_k: int, contig: int, anchored: bool
+) -> _Tiles | None:
+    """The two-pass kernel's tiles for a bucket whose 64-row blocks would be fewer than the
+    SMs (``FEW_ROWS_PER_SM``), where :func:`_many_rows_tiles` takes 64 rows; ``None``: the
+    same tiles.
+
+    Each 64-row program runs on one SM, so a bucket of fewer than 64 rows an SM leaves SMs
+    idle and the busy ones short of warps. Chosen with the model counting the launch's waves
+    (``benchmarks/tile_sweep.py --predict --rows``, D = 768, buckets of 4096 and 8192 rows;
+    predicted, not measured; docs/gpu.md #few-rows): where a candidate beat the 64-row tiles
+    at both sizes on sm_90 (132 SMs: 8192 rows are few) and at 4096 on sm_80 (108 SMs:
+    4096 are few, 8192 are not).
+    """
+    if block_k == 16:
+        if arch >= 90:
+            # 64 x 64 on 8 warps, twice the warps a program: fp32 24 / 48 % of copy against
+            # 20 / 40 % (plain; anchored 24 / 48 against 20 / 39; transposed 21 / 42 against
+            # 17 / 34), 16-bit 19 / 39 % against 13 / 26 % (anchored, transposed alike)
+            return _Tiles(False, 64, 64, block_k, 8, 1)
+        # sm_80: 16 x 64 on 4 warps, 4x the programs: at 4096 rows fp32 31 % against 20 %
+        # (anchored 31 against 20, transposed 29 against 18), bf16 22 against 13 (anchored
+        # 22 against 13, transposed 22 against 12); 32 x 64 was 2-3 points lower, and its
+        # anchored fp32 transposed kernel spilled 12 B
+        return _Tiles(False, 16, 64, block_k, 4, 1)
+    if block_k == 32 and arch >= 90 and contig in (0, 1):
+        if anchored:
+            # fp32 16 x 64 on 8 warps: 31 / 31 % against 15 / 31 % (on 4 warps 25 / 25 %);
+            # 16-bit keeps 64 x 64 on 8 warps (16 x 64 on 4 spilled; nothing else led)
+            return _Tiles(False, 16, 64, block_k, 8, 1) if elsize == 4 else None
+        # 16 x 64 on 4 warps: fp32 25 / 50 % against 15 / 31 % (transposed 23 / 46 against
+        # 14 / 28), 16-bit 18 / 37 % against 15 / 30 % (transposed 18 / 36 against 15 / 31)
+        return _Tiles(False, 16, 64, block_k, 4, 1)
+    return None
+
+
+@functools.cache
+def _many_rows_tiles(
+    arch: int,
+    elsize: int,
+    d: int,
+    k: int,
+    contig: int = 1,
+    anchored: bool = False,
+    vec: int = 1,
+) -> _Tiles:
+    """The row kernel's tiles for a bucket of ``D = d`` on compute capability ``arch``
+    (of ``FEW_ROWS_PER_SM`` rows an SM or more).
 
     Chosen with scripts/gpu_compile_check.py (no spills on sm_80 and sm_90 at
     every ``k`` of its launches): the one-pass tile holds ``BLOCK_R × D`` fp32
@@ -773,18 +859,22 @@ def _row_tiles(
         # SM resident, and at 8 x 4096 rows their 512 programs run a second wave of 188
         # on the A100's 324 slots; 16 x 32 predicted 66 / 54 % plain / anchored against
         # 53 / 53 % there, 31 / 31 % against 13 / 13 % at 4096 rows
+        # (16-bit on sm_90 on 8 warps since docs/gpu.md #few-rows: 64 x 64 on 4 warps took
+        # 2 programs an SM, occupancy-bound, 44 / 43 % plain / anchored at 32768 rows; on 8,
+        # 49 / 48 %, and no lower at 4096-16384 rows)
         if block_k == 16:
             return _Tiles(False, 64, 32, block_k, 4, 1)
         if arch >= 90:
-            return _Tiles(False, 64, 64, block_k, 4, 1)
+            return _Tiles(False, 64, 64, block_k, 8, 1)
         return _Tiles(False, 16, 32, block_k, 4, 1)
     if block_k == 32 and contig == 0:
         # transposed views at BLOCK_K = 32 (fp32 on sm_90 took 64 x 32 above): 16-row blocks,
         # the model counting the launch's waves (benchmarks/tile_sweep.py --predict, :output
         # cases at 4096 / 32768 rows): sm_80 16 x 64 fp32 30 / 48 %, bf16 22 / 45 % against
-        # 32 x 64's 18 / 29 % and 12 / 33 %; sm_90 16-bit 16 x 32 15 / 39 % against 10 / 39 %
+        # 32 x 64's 18 / 29 % and 12 / 33 %; sm_90 16-bit 64 x 64 on 8 warps 15 / 49 % (16 x
+        # 32 on 4: 15 / 39 %; 32 x 64's 10 / 39 %), no lower at 8192 and 16384 rows
         if arch >= 90:
-            return _Tiles(False, 16, 32, block_k, 4, 1)
+            return _Tiles(False, 64, 64, block_k, 8, 1)
         return _Tiles(False, 16, 64, block_k, 4, 1)
     if block_k <= 32:
         return _Tiles(False, 32, 64, block_k, 4, 1)
@@ -930,7 +1020,9 @@ def _launch_rows(
     contig, vec = _row_layout(matrices, d)
     tiles = _ROW_TILES_OVERRIDE.get()
     if tiles is None:
-        tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None, vec)
+        rows = sum(m.shape[0] for m in matrices)
+        few = rows < FEW_ROWS_PER_SM * _sm_count(g0.device)
+        tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None, vec, few)
     else:
         _check_tiles(tiles, d, k, contig, vec)
     one_pass, block_r, block_d, block_k, warps, stages, maxnreg = tiles[:7]

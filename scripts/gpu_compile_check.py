@@ -132,15 +132,33 @@ def blocks_per_sm(regs: int, num_warps: int, smem: int, arch: Arch) -> tuple[int
 # ---------------------------------------------------------------- stand-in driver
 
 
+# The SMs of the GPU each stand-in target stands for: A100 SXM4 (108) and H100 SXM5 (132),
+# the devices of benchmarks/perf_model.py. The launchers read them (kernels/project.py
+# _sm_count) where a bucket's rows choose the tiles (FEW_ROWS_PER_SM).
+STAND_IN_SMS = {80: 108, 90: 132}
+
+
+class _StandInUtils:
+    """The part of a Triton driver's ``utils`` the launchers read: the device's properties."""
+
+    def __init__(self, sms: int) -> None:
+        self.sms = sms
+
+    def get_device_properties(self, device: int) -> dict[str, int]:
+        return {"multiprocessor_count": self.sms}
+
+
 class StandInDriver:
     """A Triton driver that reports a CUDA device of capability ``capability`` and launches nothing.
 
     The device id is the capability itself, so each arch gets its own entry in every
-    ``JITFunction``'s per-device cache (whose target is fixed when it is created).
+    ``JITFunction``'s per-device cache (whose target is fixed when it is created). Its
+    ``utils.get_device_properties`` reports ``STAND_IN_SMS``' SMs for the capability.
     """
 
     def __init__(self, capability: int) -> None:
         self.capability = capability
+        self.utils = _StandInUtils(STAND_IN_SMS.get(capability, 0))
 
     def get_current_device(self) -> int:
         return self.capability
@@ -496,6 +514,10 @@ SIDES = ("input", "output", "flat")
 
 D = 768  # the SD 1.5 text width (the benchmarks' K/V buckets): a multiple of 16
 ROWS = (37, 5)  # rows of the bucket's tensors: two tensors, neither a multiple of BLOCK_R
+# A bucket of many rows for every stand-in device (64 rows an SM: kernels/project.py
+# FEW_ROWS_PER_SM): the row launcher's tiles for many rows, where ROWS' bucket takes its
+# few-rows tiles. Nothing runs, so its size costs only the launcher's tables.
+MANY_ROWS = (64 * max(STAND_IN_SMS.values()) + 37, 5)
 
 
 def _row_views(dtype: torch.dtype, side: str, d: int, rows: tuple[int, ...]) -> list[torch.Tensor]:
@@ -625,6 +647,11 @@ def launches(quick: bool = False) -> list[Launch]:
                 for anchored in (False, True):
                     for soft in (False, True):
                         out.append(project_launch(dt, side, k, soft, anchored))
+                        if side != "flat" and k > 8:  # the tiles of many rows
+                            many = project_launch(
+                                dt, side, k, soft, anchored, rows=MANY_ROWS, note=" many rows"
+                            )
+                            out.append(many)
         for k in ADAMW_KS:
             for side in SIDES:
                 for amsgrad in (False, True):
@@ -647,6 +674,8 @@ def launches(quick: bool = False) -> list[Launch]:
         )
         # output side with rows a multiple of 16 bytes: vectorized along rows (VEC > 1)
         out.append(project_launch(dt, "output", 32, False, False, rows=(48, 16), note=" (48+16)"))
+        many = (MANY_ROWS[0] + 11, 16)  # rows a multiple of 16 bytes, many of them
+        out.append(project_launch(dt, "output", 32, False, False, rows=many, note=" many rows"))
         # the resident kernel (contiguous rows, 128 < D <= 1024, small k) in each of its
         # chunkings: 1 x 256, 3 x 128, 2 x 256, 4 x 256 columns (768: 3 x 256, above)
         for d in (200, 320, 500, 1024):
@@ -666,6 +695,8 @@ def launches(quick: bool = False) -> list[Launch]:
     vec_rows = (48, 16)  # transposed views whose rows are whole 16-byte vectors (VEC > 1)
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))
+        out.append(project_launch("fp32", "input", 16, True, anchored, rows=MANY_ROWS,
+                                  note=" many rows"))  # fmt: skip
     # its blocks over transposed views (side="output", 128 < D <= 1536, VEC > 1) in each
     # chunking at its largest k (RESIDENT_OUTPUT_MAX_K: fp32 8, 16-bit 4; beyond 768,
     # RESIDENT_OUTPUT_WIDE_MAX_K: 8, 4), and at k = 1 (K a constant); past that limit, to
@@ -686,6 +717,9 @@ def launches(quick: bool = False) -> list[Launch]:
             for k in (project.RESIDENT_OUTPUT_MAX_K[size] + 1, 16):
                 out.append(project_launch(dt, "output", k, True, anchored, rows=vec_rows,
                                           note=" (48+16) two-pass"))  # fmt: skip
+                many = (MANY_ROWS[0] + 11, 16)
+                out.append(project_launch(dt, "output", k, True, anchored, rows=many,
+                                          note=" many rows two-pass"))  # fmt: skip
     # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096) in each chunking (D >
     # 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536: 2-row blocks of 2 or 3 tiles of
     # 1024; D = 4096: 4 of them on 8 warps), at k = 8 and at its largest k for the dtype and

@@ -137,6 +137,12 @@ TOYS = textwrap.dedent(
     mma = gcc.check_launches(
         [gcc.Launch(f"toy mma {how}", launch_mma_sum(how)) for how in range(4)], ["sm_80"]
     )
+    from gradproj.kernels import project as P
+
+    sms = {}
+    for name, arch in gcc.ARCHS.items():  # what the launchers read under the stand-in
+        with gcc.compiling_for(arch):
+            sms[name] = P._sm_count(torch.device("cpu"))
     print(
         json.dumps(
             {
@@ -151,6 +157,10 @@ TOYS = textwrap.dedent(
                 "table": gcc.format_table(rows),
                 "known_paths": {v: gcc.known_path_for(v) for v in ("3.9.0", "3.6.0")},
                 "known_triton": gcc.KNOWN_TRITON,
+                "sms": sms,
+                "stand_in_sms": {str(c): n for c, n in gcc.STAND_IN_SMS.items()},
+                "bucket_rows": [list(gcc.ROWS), list(gcc.MANY_ROWS)],
+                "many_rows_launches": sum("many rows" in x.label for x in gcc.launches()),
                 "occupancy": {
                     "255 regs, 4 warps": gcc.blocks_per_sm(255, 4, 0, gcc.ARCHS["sm_80"]),
                     "32 regs, 4 warps": gcc.blocks_per_sm(32, 4, 0, gcc.ARCHS["sm_80"]),
@@ -245,3 +255,22 @@ def test_tensor_core_dots_chained_through_a_running_sum_are_flagged(toy_check):
     assert kinds == {0: ["mma-chain"], 1: ["mma-chain"], 2: [], 3: []}
     detail = next(d for c, d in toy_check["mma_detail"].items() if "HOW=1" in c)
     assert "loop-carried value" in detail[0]
+
+
+def test_the_stand_in_reports_its_devices_sms_and_the_check_compiles_both_bucket_sizes(toy_check):
+    """kernels/project.py reads the SMs (FEW_ROWS_PER_SM) under the stand-in as on a GPU: the
+    perf model's A100 and H100. The check's small bucket is few rows on both, its MANY_ROWS
+    bucket many, so both tile choices compile (docs/gpu.md #few-rows)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import perf_model
+
+    from gradproj.kernels import project as P
+
+    assert toy_check["sms"] == {"sm_80": 108, "sm_90": 132}
+    for arch, sms in toy_check["sms"].items():
+        assert perf_model.DEVICES[arch].sms == sms
+        assert toy_check["stand_in_sms"][arch.removeprefix("sm_")] == sms
+    small, many = (sum(r) for r in toy_check["bucket_rows"])
+    assert small < P.FEW_ROWS_PER_SM * min(toy_check["sms"].values())
+    assert many >= P.FEW_ROWS_PER_SM * max(toy_check["sms"].values())
+    assert toy_check["many_rows_launches"] > 0

@@ -482,7 +482,7 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
             t = P._row_tiles(arch, elsize, 768, 9, 1, anchored, 16 // elsize)
             assert not t.resident and (t.block_r, t.block_d, t.block_k, t.warps) == (64, 32, 16, 4)
         t = P._row_tiles(arch, 2, 768, 32, 1, anchored, 8)
-        assert (t.block_r, t.block_d) == ((64, 64) if arch >= 90 else (16, 32))
+        assert (t.block_r, t.block_d, t.warps) == ((64, 64, 8) if arch >= 90 else (16, 32, 4))
         # fp32 at BLOCK_K = 32: 64 x 32 on sm_90 (wgmma), 16 x 32 on sm_80 (the waves of
         # 64-row blocks: docs/gpu.md #tiles-waves)
         t = P._row_tiles(arch, 4, 768, 32, 1, anchored, 4)
@@ -492,7 +492,8 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_transposed_views_tiles_with_the_waves_counted(arch):
     """docs/gpu.md #tiles-waves: fp32's resident transposed block on 8 warps uncapped, and
-    16-row blocks at BLOCK_K = 32 (sm_80 16 x 64; sm_90 16-bit 16 x 32, fp32 64 x 32)."""
+    at BLOCK_K = 32 sm_80's 16 x 64; sm_90's 64-row blocks (16-bit 64 x 64 on 8 warps,
+    docs/gpu.md #few-rows; fp32 64 x 32 on 4)."""
     from gradproj.kernels import project as P
 
     for anchored in (False, True):
@@ -503,11 +504,74 @@ def test_transposed_views_tiles_with_the_waves_counted(arch):
         for elsize in (4, 2):
             t = P._row_tiles(arch, elsize, 768, 32, 0, anchored, 16 // elsize)
             if arch < 90:
-                want = (16, 64)
+                want = (16, 64, 32, 4)
             else:
-                want = (64, 32) if elsize == 4 else (16, 32)
-            assert (t.block_r, t.block_d, t.block_k, t.warps) == (*want, 32, 4), (elsize, t)
+                want = (64, 32, 32, 4) if elsize == 4 else (64, 64, 32, 8)
+            assert (t.block_r, t.block_d, t.block_k, t.warps) == want, (elsize, t)
             assert not t.resident and not t.one_pass
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_few_rows_take_their_own_tiles(arch):
+    """docs/gpu.md #few-rows: where a bucket's 64-row blocks would be fewer than the SMs, the
+    two-pass kernel's 64-row tiles give way (_few_rows_tiles); every other choice stays."""
+    from gradproj.kernels import project as P
+
+    def tiles(elsize, k, contig, anchored, few):
+        t = P._row_tiles(arch, elsize, 768, k, contig, anchored, 16 // elsize, few)
+        return (t.block_r, t.block_d, t.block_k, t.warps, t.stages)
+
+    for elsize in (4, 2):
+        for contig in (1, 0):
+            for anchored in (False, True):
+                many_16 = tiles(elsize, 16, contig, anchored, False)
+                assert many_16 == (64, 32, 16, 4, 1)
+                few_16 = tiles(elsize, 16, contig, anchored, True)
+                # sm_90: twice the warps a program; sm_80: 4x the programs
+                assert few_16 == ((64, 64, 16, 8, 1) if arch >= 90 else (16, 64, 16, 4, 1))
+                few_32 = tiles(elsize, 32, contig, anchored, True)
+                many_32 = tiles(elsize, 32, contig, anchored, False)
+                if arch < 90:  # already 16-row blocks at BLOCK_K = 32
+                    assert few_32 == many_32 and many_32[0] == 16
+                elif anchored and elsize == 2:  # 16 x 64 on 4 warps spilled: none led
+                    assert few_32 == many_32 == (64, 64, 32, 8, 1)
+                else:
+                    assert few_32 == (16, 64, 32, 8 if anchored else 4, 1), (elsize, contig)
+                    assert many_32[0] == 64
+                # k = 128 and the resident block (k = 4) keep their tiles
+                for k in (128, 4):
+                    assert tiles(elsize, k, contig, anchored, True) == tiles(
+                        elsize, k, contig, anchored, False
+                    )
+
+
+def test_the_launcher_counts_the_buckets_rows_against_the_sms(monkeypatch):
+    """_launch_rows takes the few-rows tiles for a bucket of fewer than FEW_ROWS_PER_SM rows
+    an SM, counting every tensor's rows, and the SMs of the bucket's device; where the SMs
+    are unknown (the interpreter: 0) it keeps its tiles."""
+    from gradproj.kernels import project as P
+
+    seen = []
+    real = P._row_tiles
+
+    def spy(*args):
+        seen.append(args[-1])
+        raise _Stop
+
+    class _Stop(Exception):
+        pass
+
+    monkeypatch.setattr(P, "_row_tiles", spy)
+    basis = orthonormal(200, 20)
+    if TRITON_CPU and not torch.cuda.is_available():  # the interpreter: no driver, no SMs
+        assert P._sm_count(torch.device("cpu")) == 0
+    for sms, rows, few in ((2, 127, True), (2, 128, False), (0, 5, False), (3, 191, True)):
+        monkeypatch.setattr(P, "_sm_count", lambda device, sms=sms: sms)
+        grads = [torch.empty(rows - 5, 200), torch.empty(5, 200)]
+        with pytest.raises(_Stop):
+            P._launch_rows(grads, None, basis, None)
+        assert seen[-1] is few, (sms, rows)
+    assert real(90, 4, 768, 32, 1, False, 4, True) != real(90, 4, 768, 32, 1, False, 4, False)
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="the Triton interpreter is not available")
@@ -676,28 +740,46 @@ SM90_TWO_PASS = [
     ([torch.float32, torch.bfloat16, torch.float16], 12, "output", False, (64, 32, 16, 4)),
     ([torch.bfloat16], 5, "output", True, (64, 32, 16, 4)),
     # contiguous rows, k <= 32 (tile_sweep --predict's winners): 64 x 32 at BLOCK_K = 16
-    # (fp32 from k = 9: RESIDENT_MAX_K), 16-bit 64 x 64 at BLOCK_K = 32, plain or anchored
+    # (fp32 from k = 9: RESIDENT_MAX_K), 16-bit 64 x 64 on 8 warps at BLOCK_K = 32, plain or
+    # anchored
     ([torch.float32, torch.bfloat16], 12, "input", False, (64, 32, 16, 4)),
     ([torch.float32], 16, "input", True, (64, 32, 16, 4)),
-    ([torch.bfloat16, torch.float16], 20, "input", False, (64, 64, 32, 4)),
-    ([torch.bfloat16], 24, "input", True, (64, 64, 32, 4)),
+    ([torch.bfloat16, torch.float16], 20, "input", False, (64, 64, 32, 8)),
+    ([torch.bfloat16], 24, "input", True, (64, 64, 32, 8)),
     # 16-bit transposed views at BLOCK_K = 32: 16 x 32 (docs/gpu.md #tiles-waves)
-    ([torch.bfloat16, torch.float16], 24, "output", False, (16, 32, 32, 4)),
-    ([torch.bfloat16], 17, "output", True, (16, 32, 32, 4)),
+    # 16-bit transposed views at BLOCK_K = 32: 64 x 64 on 8 warps (docs/gpu.md #few-rows)
+    ([torch.bfloat16, torch.float16], 24, "output", False, (64, 64, 32, 8)),
+    ([torch.bfloat16], 17, "output", True, (64, 64, 32, 8)),
+]
+# A bucket of few rows for its device (docs/gpu.md #few-rows, _few_rows_tiles):
+# (dtypes, k, side, anchored, tiles, arch)
+FEW_ROWS = [
+    # sm_90 at BLOCK_K = 16: 64 x 64 on 8 warps; at 32: 16 x 64 on 4 (anchored fp32: 8)
+    ([torch.float32, torch.bfloat16], 12, "input", True, (64, 64, 16, 8), 90),
+    ([torch.float16], 10, "output", False, (64, 64, 16, 8), 90),
+    ([torch.float32, torch.bfloat16], 32, "input", False, (16, 64, 32, 4), 90),
+    ([torch.float32], 20, "input", True, (16, 64, 32, 8), 90),
+    ([torch.float32, torch.float16], 24, "output", False, (16, 64, 32, 4), 90),
+    # sm_80 at BLOCK_K = 16: 16 x 64 on 4 warps
+    ([torch.float32, torch.bfloat16], 12, "input", False, (16, 64, 16, 4), 80),
+    ([torch.float32], 16, "output", True, (16, 64, 16, 4), 80),
 ]
 
 
 @pytest.mark.skipif(not TRITON_DEVICES, reason="Triton cannot run here")
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize(
-    ("dtype", "k", "side", "anchored", "tiles"),
-    [(dt, *case) for dts, *case in SM90_TWO_PASS for dt in dts],
+    ("dtype", "k", "side", "anchored", "tiles", "arch", "few"),
+    [(dt, *case, 90, False) for dts, *case in SM90_TWO_PASS for dt in dts]
+    + [(dt, *case, True) for dts, *case in FEW_ROWS for dt in dts],
     ids=str,
 )
-def test_two_pass_kernel_sm90_tiles(monkeypatch, device, dtype, k, side, anchored, tiles):
-    """The two-pass kernel with sm_90's own tiles, in the interpreter as an sm_90 launch would
-    take them: a bucket whose rows (70 + 5) are not multiples of the 64-row block, one of
-    them a slice of a wider tensor, soft weights."""
+def test_two_pass_kernel_sm90_tiles(
+    monkeypatch, device, dtype, k, side, anchored, tiles, arch, few
+):
+    """The two-pass kernel with sm_90's own tiles (and the few-rows tiles of both archs), in
+    the interpreter as such a launch would take them: a bucket whose rows (70 + 5) are not
+    multiples of the 64-row block, one of them a slice of a wider tensor, soft weights."""
     from gradproj.kernels import project as P
 
     d = 200
@@ -712,10 +794,12 @@ def test_two_pass_kernel_sm90_tiles(monkeypatch, device, dtype, k, side, anchore
         grads = [wide[16 : 16 + d]]
         grads.append(torch.randn(d, 8, generator=gen).to(dtype=dtype, device=device))
         views = [g.T for g in grads]
-    if device == "cpu":  # the interpreter: take sm_90's tiles (on a GPU, its own)
-        monkeypatch.setattr(P, "_arch", lambda: 90)
+    if device == "cpu":  # the interpreter: take the arch's tiles (on a GPU, its own)
+        monkeypatch.setattr(P, "_arch", lambda: arch)
+        # 75 rows: few for 4 SMs (FEW_ROWS_PER_SM), many where the SMs are unknown (0)
+        monkeypatch.setattr(P, "_sm_count", lambda device: 4 if few else 0)
         contig, vec = P._row_layout(views, d)
-        got = P._row_tiles(90, grads[0].element_size(), d, k, contig, anchored, vec)
+        got = P._row_tiles(arch, grads[0].element_size(), d, k, contig, anchored, vec, few)
         assert (got.block_r, got.block_d, got.block_k, got.warps) == tiles
         assert not got.resident and not got.one_pass
     wide_in = wide.clone()

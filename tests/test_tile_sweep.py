@@ -57,6 +57,20 @@ def test_candidates_start_with_the_launchers_choice_and_are_valid():
     )
 
 
+def test_a_few_rows_bucket_puts_the_launchers_few_rows_tiles_first():
+    """--predict --rows N / a GPU run on a bucket of few rows for its device (docs/gpu.md
+    #few-rows): the launcher's choice there first, its tiles for many rows next."""
+    case = tile_sweep.Case("fp32", 32)
+    few = tile_sweep.candidates(case, 90, few_rows=True)
+    assert (
+        few[0]
+        == P._row_tiles(90, 4, 768, 32, 1, False, 4, True)
+        == P._few_rows_tiles(90, 4, 32, 1, False)
+    )
+    assert few[1] == P._row_tiles(90, 4, 768, 32, 1, False, 4) == tile_sweep.candidates(case, 90)[0]
+    assert set(few) == set(tile_sweep.candidates(case, 90))  # the same candidates, reordered
+
+
 def test_cases_parse_and_refuse_bad_specs():
     specs = ["fp32:32", "bf16:8", "bf16:32:anchored", "bf16:8:output"]
     assert [c.label for c in tile_sweep.cases(specs)] == specs

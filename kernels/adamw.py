@@ -44,21 +44,23 @@ loads were scalar), and no offset is formed in int32.
   program (from L2 after the first).
 * **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 4096``, ``k ≤
   FMA_MAX_K``: 32 for fp32, 16 for bf16/fp16, up to ``D`` = 3072; beyond,
-  ``FMA_4TILE_MAX_K``, 16 and 8): ``x'`` of an 8-row block stays in registers as up to 3
-  tiles of 256 / 128 / 64 columns, for ``D`` > 768 a 4-row block as 2–3 tiles of 512,
-  for ``D`` > 1536 a 2-row block as 2–3 tiles of 1024 (``project.resident_tiles``; 4
-  tiles of 256 spilled up to 380 B on sm_90), for ``D`` > 3072 as 4 tiles of 1024 on 8
-  warps (``_fma_tiles``; ptxas capped at 255 registers, as left to itself it aimed at
-  168 and spilled 8 B), m and v are stored as each tile is formed, and the basis is
-  applied one column at a time in fp32 FMA (``a = x' u_j``, ``x' −= (w ⊙ (a − c))_j
-  u_jᵀ``, the basis columns loaded through Triton's pipeliner, 2 ahead in shared memory;
-  for orthonormal ``U`` this equals the one-shot formula). The block's anchors and the
-  weights are read once, as a tile, before the column loop (``project._anchor_tile``, as
-  ``project_``'s resident kernel; read per column they put a dependent global load in
-  every iteration: bf16 k = 8 on H100 was predicted at 1.08× at ``D`` = 768 and 1.50× at
-  1024, now 1.00×). Each of p, g, m, v is read once and p, m, v written once: a fused
-  AdamW's bytes, predicted at 1.00× its time at ``D`` = 768 up to k = 32 (fp32) / 16
-  (bf16), where the two-pass form reads more (wider ``D``: docs/gpu.md).
+  ``FMA_4TILE_MAX_K``, 16 and 8; and 16-byte aligned ``COLS`` views, ``128 < D ≤ 768``,
+  ``k ≤ FMA_COLS_MAX_K``, 16 and 8, in blocks of one 32-byte sector a column: fp32 8 rows
+  on 4 warps, 16-bit 16 on 8, ``_fma_cols_tiles``): ``x'`` of an 8-row block stays in
+  registers as up to 3 tiles of 256 / 128 / 64 columns, for ``D`` > 768 a 4-row block as
+  2–3 tiles of 512, for ``D`` > 1536 a 2-row block as 2–3 tiles of 1024
+  (``project.resident_tiles``; 4 tiles of 256 spilled up to 380 B on sm_90), for ``D`` >
+  3072 as 4 tiles of 1024 on 8 warps (``_fma_tiles``; ptxas capped at 255 registers, as
+  left to itself it aimed at 168 and spilled 8 B), m and v are stored as each tile is
+  formed, and the basis is applied one column at a time in fp32 FMA (``a = x' u_j``, ``x'
+  −= (w ⊙ (a − c))_j u_jᵀ``, the basis columns loaded through Triton's pipeliner, 2 ahead
+  in shared memory; for orthonormal ``U`` this equals the one-shot formula). The block's
+  anchors and the weights are read once, as a tile, before the column loop
+  (``project._anchor_tile``, as ``project_``'s resident kernel; read per column they put a
+  dependent global load in every iteration: bf16 k = 8 on H100 was predicted at 1.08× at
+  ``D`` = 768 and 1.50× at 1024, now 1.00×). Each of p, g, m, v is read once and p, m, v
+  written once: a fused AdamW's bytes, predicted at 1.00× its time at ``D`` = 768 up to k
+  = 32 (fp32) / 16 (bf16), where the two-pass form reads more (wider ``D``: docs/gpu.md).
 * **Two-pass form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
   forms ``x'`` and accumulates ``a = x' U``; pass 2 walks the chunks again and stores
   ``x' − (w ⊙ (a − c)) Uᵀ``. fp32 parameters (constexpr ``RELOAD``): pass 1 stores
@@ -160,22 +162,32 @@ FMA_MAX_K = {4: 32, 2: 16}
 # form 1.29x (fp32) / 1.57x (16-bit).
 FMA_4TILE_MAX_K = {4: 16, 2: 8}
 FMA_MAXNREG = 255
-# Transposed views (side="output", COLS, 16-byte aligned), fp32, 128 < D <= 768: the FMA form
-# in 8-row blocks, k <= 16. Predicted at D = 768, k = 1 / 8 / 16: 1.00x torch's fused AdamW
-# on A100 and H100 (201-232 registers, 2 programs per SM), against the two-pass form's
-# 1.29x. 16-bit in 16 rows (whole sectors) spilled 232-1084 B; 8 rows of 16-bit would read
-# half sectors, so 16-bit keeps the two-pass form.
-FMA_COLS_MAX_K = 16
+# Transposed views (side="output", COLS, 16-byte aligned), 128 < D <= 768: the FMA form in
+# blocks of one 32-byte sector a column (FMA_COLS_ROWS_WARPS: rows, warps per element size),
+# k <= FMA_COLS_MAX_K. fp32, 8 rows on 4 warps: predicted at D = 768, k = 1 / 8 / 16, 1.00x
+# torch's fused AdamW on A100 and H100 (201-232 registers, 2 programs per SM), against the
+# two-pass form's 1.29x. 16-bit, 16 rows on 8 warps (on 4 they spilled 232-1084 B; 8 rows
+# would read half sectors): 155-168 registers, one program an SM, no spills (sm_80, sm_90;
+# capped at 128 for two, 24-72 B); predicted (A100 / H100, 4096 and 32768 rows; docs/gpu.md
+# #adamw-cols-16bit) bf16 k = 1 1.39 / 1.20x and 1.10 / 1.20x against the two-pass form's
+# 6.33 / 7.98x and 2.37 / 1.99x, k = 4 1.91 / 1.64x and 1.51 / 1.64x against 6.41 / 8.05x
+# and 2.40 / 2.01x, k = 8 2.48 / 2.12x and 1.96 / 2.12x against 6.41 / 8.05x and 2.40 /
+# 2.01x (the one loss: H100 at 32768 rows, 5 %); k = 16 3.62 / 3.07x and 2.86 / 3.07x
+# against 6.33 / 8.01x and 2.37 / 2.00x, so 16-bit stops at 8.
+FMA_COLS_MAX_K = {4: 16, 2: 8}
+FMA_COLS_ROWS_WARPS = {4: (8, 4), 2: (16, 8)}
 
 
 def _fma_cols_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] | None:
     """``(tiles, num_warps)`` of the FMA form for transposed views (``COLS``, 16-byte
-    aligned) of ``d``, or ``None``: fp32, 8 rows (one 32-byte sector a column) of up to 3
-    tiles of 256 / 128 / 64 columns on 4 warps, ``k ≤ FMA_COLS_MAX_K``."""
+    aligned) of ``d``, or ``None``: rows of one 32-byte sector a column (fp32 8 on 4 warps,
+    16-bit 16 on 8: ``FMA_COLS_ROWS_WARPS``) of up to 3 tiles of 256 / 128 / 64 columns,
+    ``k ≤ FMA_COLS_MAX_K``."""
     res = resident_tiles(d, max_chunks=3)
-    if itemsize != 4 or res is None or res.wide or k > FMA_COLS_MAX_K:
+    if res is None or res.wide or k > FMA_COLS_MAX_K.get(itemsize, 0):
         return None
-    return res, 4
+    rows, warps = FMA_COLS_ROWS_WARPS[itemsize]
+    return res._replace(block_r=rows), warps
 
 
 def _fma_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] | None:

@@ -737,13 +737,15 @@ def launches(quick: bool = False) -> list[Launch]:
     for dt in DTYPES:  # output side with rows a multiple of 16 bytes: vectorized (ALIGN > 1)
         aligned = " (48, 768) + (16, 768)"
         out.append(adamw_launch(dt, "output", 32, False, False, rows=(48, 16), note=aligned))
-    # ... fp32 there takes the FMA form (128 < D <= 768, k <= FMA_COLS_MAX_K) in each chunking
+    # ... there the FMA form (128 < D <= 768, k <= FMA_COLS_MAX_K: fp32 16, 16-bit 8) in each
+    # chunking, at k = 1 and at its largest k
     for d in (200, 320, 500, 768):
         for amsgrad in (False, True):
-            for k in (1, adamw.FMA_COLS_MAX_K):
-                note = f" ({48}, {d}) + (16, {d})"
-                out.append(adamw_launch("fp32", "output", k, True, amsgrad, d=d, rows=(48, 16),
-                                        note=note))  # fmt: skip
+            for dt in DTYPES:
+                for k in (1, adamw.FMA_COLS_MAX_K[4 if dt == "fp32" else 2]):
+                    note = f" ({48}, {d}) + (16, {d})"
+                    out.append(adamw_launch(dt, "output", k, True, amsgrad, d=d, rows=(48, 16),
+                                            note=note))  # fmt: skip
     # tests/test_adamw.py: grads with no unit stride (STRIDED layout)
     strided = " (9, 40) + (5, 40) strided grads (tests)"
     out.append(

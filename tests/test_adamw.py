@@ -354,6 +354,10 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         ("output", torch.float32, 8, [(13, 200)], {}),
         ("output", torch.float32, 20, [(64, 300), (3, 300)], {"soft": True}),
         ("output", torch.bfloat16, 5, [(48, 100)], {}),
+        # ... 16-bit, k <= 8: the FMA form in 16-row blocks on 8 warps (rows not a multiple
+        # of 16), and the largest k, at D = 768 too
+        ("output", torch.bfloat16, 8, [(40, 300), (8, 300)], {"soft": True}),
+        ("output", torch.float16, 1, [(24, 768)], {"amsgrad": True, "maximize": True}),
         # grads with no unit stride: the STRIDED layout
         ("input", torch.float32, 7, [(9, 40), (5, 40)], {"strided_grads": True}),
         ("input", torch.float16, 17, [(40, 48)], {}),
@@ -365,7 +369,8 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
          "fma-1x256", "fma-3x512", "fma-bf16-3x512", "fma-fp16-2x512", "fma-2x1024",
          "fma-bf16-3x1024", "fma-4x1024", "fma-bf16-4x1024", "cols-aligned", "cols-fma-2x256",
          "cols-fma-3x256", "cols-unaligned-2pass", "cols-2pass",
-         "cols-bf16", "strided-grads", "fp16", "k256", "cols-k129"],
+         "cols-bf16", "cols-fma-bf16-3x128", "cols-fma-fp16-3x256", "strided-grads", "fp16",
+         "k256", "cols-k129"],
 )  # fmt: skip
 def test_triton_bucket_paths_match_float64(side, dtype, k, shapes, flags):
     _check_bucket(side, dtype, k, shapes, **flags)
@@ -483,11 +488,14 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                 cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80, k=k)
                 assert not cfg["RESIDENT"]  # D = 768 never fits one tensor-core tile
                 # x' in registers: rows up to k = 32 fp32 / 16 16-bit; 16-byte aligned
-                # transposed views (COLS), fp32 only, up to 16
+                # transposed views (COLS) up to 16 fp32 / 8 16-bit, one 32-byte sector a
+                # column (fp32 8 rows on 4 warps, 16-bit 16 on 8)
                 fma = k <= (32 if isz == 4 else 16) if lay == adamw._ROWS else False
-                fma |= lay == adamw._COLS and isz == 4 and k <= 16
-                if fma:
-                    assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, 8)
+                cols = lay == adamw._COLS and k <= (16 if isz == 4 else 8)
+                if fma or cols:
+                    rows, warps = (16, 8) if cols and isz == 2 else (8, 4)
+                    assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, rows)
+                    assert cfg["num_warps"] == warps
                 else:
                     assert cfg["FMA_CHUNKS"] == 0
                     assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum

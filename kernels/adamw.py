@@ -178,8 +178,8 @@ FMA_COLS_MAX_K = {4: 16, 2: 8}
 FMA_COLS_ROWS_WARPS = {4: (8, 4), 2: (16, 8)}
 
 
-def _fma_cols_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] | None:
-    """``(tiles, num_warps)`` of the FMA form for transposed views (``COLS``, 16-byte
+def _fma_cols_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int, int] | None:
+    """``(tiles, num_warps, maxnreg)`` of the FMA form for transposed views (``COLS``, 16-byte
     aligned) of ``d``, or ``None``: rows of one 32-byte sector a column (fp32 8 on 4 warps,
     16-bit 16 on 8: ``FMA_COLS_ROWS_WARPS``) of up to 3 tiles of 256 / 128 / 64 columns,
     ``k ≤ FMA_COLS_MAX_K``."""
@@ -187,22 +187,44 @@ def _fma_cols_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] 
     if res is None or res.wide or k > FMA_COLS_MAX_K.get(itemsize, 0):
         return None
     rows, warps = FMA_COLS_ROWS_WARPS[itemsize]
-    return res._replace(block_r=rows), warps
+    return res._replace(block_r=rows), warps, FMA_MAXNREG
 
 
-def _fma_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int] | None:
-    """``(tiles, num_warps)`` of the FMA form for contiguous rows of ``d``, or ``None``.
+# The 8-row blocks of contiguous rows (D <= 768): (warps, register cap). On 4 warps, uncapped,
+# ptxas took 147-181 registers, 3 programs (12 warps) an SM, and the model's occupancy bound
+# held them (benchmarks/perf_model.py; predicted, A100 / H100, D = 768, 32768 rows, x torch's
+# fused AdamW: fp32 k = 32 1.95 / 2.08x, bf16 k = 8 1.36 / 1.50x, k = 16 2.03 / 2.21x). On 8
+# warps capped at 128, 92-128 registers, 2 programs (16 warps) an SM, no spills (sm_80, sm_90,
+# triton 3.9 and 3.6): 1.60 / 1.71x, 1.24 / 1.35x, 1.90 / 2.04x; k = 1 and 8 1.00-1.02x, no
+# row higher at 32768 rows. At 4096 rows two A100 rows rise (fp32 k = 8 1.06 -> 1.14x, bf16
+# k = 1 1.09 -> 1.13x: 512 programs on 216 slots, a tail the 324 of 4 warps' 3 an SM cut),
+# the rest fall or stay (fp32 k = 32 2.41 / 3.02 -> 2.02 / 1.71x). Uncapped on 8 warps the
+# k = 1 kernels took 131-138 registers, one program an SM (bf16 k = 1, A100: 1.33x). With
+# amsgrad (a fifth stream) capped at 128 they spilled 16-32 B, so amsgrad keeps 4 warps.
+# docs/gpu.md #adamw-fma-warps.
+FMA_8ROW_WARPS_MAXNREG = (8, 128)
 
-    Up to 3 tiles on 4 warps (``project.resident_tiles``: 8 rows up to ``D`` = 768, 4
-    rows of 512 columns up to 1536, 2 rows of 1024 up to 3072); 4 tiles of 1024 on 8 warps
-    up to 4096.
+
+def _fma_tiles(
+    d: int, itemsize: int, k: int, amsgrad: bool = False
+) -> tuple[ResidentTiles, int, int] | None:
+    """``(tiles, num_warps, maxnreg)`` of the FMA form for contiguous rows of ``d``, or
+    ``None``.
+
+    Up to 3 tiles (``project.resident_tiles``: 8 rows up to ``D`` = 768 on 8 warps,
+    ``FMA_8ROW_WARPS_MAXNREG``, but on 4 with ``amsgrad``; 4 rows of 512 columns up to 1536
+    and 2 rows of 1024 up to 3072, on 4 warps); 4 tiles of 1024 on 8 warps up to 4096.
     """
     res = resident_tiles(d, max_chunks=3)
     if res is not None:
-        return (res, 4) if k <= FMA_MAX_K[itemsize] else None
+        if k > FMA_MAX_K[itemsize]:
+            return None
+        if res.block_r == 8 and not amsgrad:
+            return (res, *FMA_8ROW_WARPS_MAXNREG)
+        return res, 4, FMA_MAXNREG
     res = resident_tiles(d, max_chunks=4)
     if res is not None and res.wide and k <= FMA_4TILE_MAX_K[itemsize]:
-        return res, 8
+        return res, 8, FMA_MAXNREG
     return None
 
 
@@ -975,6 +997,7 @@ def _rows_config(
     *,
     k: int,
     aligned: bool = True,
+    amsgrad: bool = False,
 ) -> Mapping[str, object]:
     """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
 
@@ -1011,16 +1034,16 @@ def _rows_config(
     # 8 rows of 4 tiles of 256 (769 <= D <= 1024) spilled up to 380 B on sm_90: 4 rows of
     # 2 tiles of 512 instead (_fma_tiles)
     if layout == _ROWS:
-        fma = _fma_tiles(d, itemsize, k)
+        fma = _fma_tiles(d, itemsize, k, amsgrad)
     elif layout == _COLS and aligned:
         fma = _fma_cols_tiles(d, itemsize, k)
     else:
         fma = None
     if fma is not None:  # x' in registers, the basis applied with FMAs (no dots)
-        res, warps = fma
+        res, warps, maxnreg = fma
         return MappingProxyType(
             {
-                "maxnreg": FMA_MAXNREG,
+                "maxnreg": maxnreg,
                 "BLOCK_R": res.block_r,
                 "BLOCK_D": res.block_d,
                 "RESIDENT": False,
@@ -1240,7 +1263,7 @@ def projected_adamw_bucket_(
     isz = params[0].element_size()
 
     def config(layout: int, aligned: bool) -> Mapping[str, object]:
-        return _rows_config(layout, isz, block_k, d, cap, k=k, aligned=aligned)
+        return _rows_config(layout, isz, block_k, d, cap, k=k, aligned=aligned, amsgrad=amsgrad)
 
     table, n_blocks, layout, align = _rows_table(
         params,

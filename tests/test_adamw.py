@@ -493,9 +493,17 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                 fma = k <= (32 if isz == 4 else 16) if lay == adamw._ROWS else False
                 cols = lay == adamw._COLS and k <= (16 if isz == 4 else 8)
                 if fma or cols:
-                    rows, warps = (16, 8) if cols and isz == 2 else (8, 4)
+                    # rows: 8 on 8 warps capped at 128 (FMA_8ROW_WARPS_MAXNREG), with amsgrad
+                    # on 4 uncapped; views: fp32 8 rows on 4 warps, 16-bit 16 on 8
+                    rows, warps, nreg = (16, 8, 255) if cols and isz == 2 else (8, 4, 255)
+                    if fma:
+                        rows, warps, nreg = 8, *adamw.FMA_8ROW_WARPS_MAXNREG
                     assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, rows)
-                    assert cfg["num_warps"] == warps
+                    assert (cfg["num_warps"], cfg["maxnreg"]) == (warps, nreg)
+                    if fma:
+                        ams = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80,
+                                                 k=k, amsgrad=True)  # fmt: skip
+                        assert (ams["BLOCK_R"], ams["num_warps"], ams["maxnreg"]) == (8, 4, 255)
                 else:
                     assert cfg["FMA_CHUNKS"] == 0
                     assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum

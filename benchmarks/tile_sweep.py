@@ -243,7 +243,7 @@ def measure(case: Case, dev, budget_s: float, limit: int | None = None) -> list[
 
     grads, basis, anchors = bucket(case, dev)
     arch = triton.runtime.driver.active.get_current_target().arch
-    few = sum(g.shape[0] for g in grads) < P.FEW_ROWS_PER_SM * P._sm_count(grads[0].device)
+    few = P.few_rows(sum(g.shape[0] for g in grads), P._sm_count(grads[0].device))
     start = time.perf_counter()
     results = []
     for i, tiles in enumerate(candidates(case, arch, limit=limit, few_rows=few)):
@@ -406,7 +406,7 @@ def predict(
     bucket_rows = bucket_rows or _perf_model().ROWS
     capability = gcc.ARCHS[arch].capability
     # the launcher's own choice for a bucket of these rows on the stand-in's device
-    few = bucket_rows < P.FEW_ROWS_PER_SM * gcc.STAND_IN_SMS[capability]
+    few = P.few_rows(bucket_rows, gcc.STAND_IN_SMS[capability])
     items = [
         (case, tiles, arch, bucket_rows)
         for case in cases(specs)

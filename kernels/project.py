@@ -589,6 +589,12 @@ def _cuda_sm_count(index: int) -> int:
 FEW_ROWS_PER_SM = 64
 
 
+def few_rows(rows: int, sms: int) -> bool:
+    """Whether a bucket of ``rows`` rows is few for a GPU of ``sms`` SMs (``FEW_ROWS_PER_SM``;
+    ``sms`` 0, unknown: never), as the row launcher decides it."""
+    return rows < FEW_ROWS_PER_SM * sms
+
+
 class _Tiles(NamedTuple):
     one_pass: bool
     block_r: int
@@ -1020,8 +1026,7 @@ def _launch_rows(
     contig, vec = _row_layout(matrices, d)
     tiles = _ROW_TILES_OVERRIDE.get()
     if tiles is None:
-        rows = sum(m.shape[0] for m in matrices)
-        few = rows < FEW_ROWS_PER_SM * _sm_count(g0.device)
+        few = few_rows(sum(m.shape[0] for m in matrices), _sm_count(g0.device))
         tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None, vec, few)
     else:
         _check_tiles(tiles, d, k, contig, vec)

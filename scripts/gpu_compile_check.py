@@ -518,6 +518,7 @@ ROWS = (37, 5)  # rows of the bucket's tensors: two tensors, neither a multiple 
 # FEW_ROWS_PER_SM): the row launcher's tiles for many rows, where ROWS' bucket takes its
 # few-rows tiles. Nothing runs, so its size costs only the launcher's tables.
 MANY_ROWS = (64 * max(STAND_IN_SMS.values()) + 37, 5)
+MANY_VEC_ROWS = (MANY_ROWS[0] + 11, 16)  # ... whose rows are whole 16-byte vectors (VEC > 1)
 
 
 def _row_views(dtype: torch.dtype, side: str, d: int, rows: tuple[int, ...]) -> list[torch.Tensor]:
@@ -674,8 +675,9 @@ def launches(quick: bool = False) -> list[Launch]:
         )
         # output side with rows a multiple of 16 bytes: vectorized along rows (VEC > 1)
         out.append(project_launch(dt, "output", 32, False, False, rows=(48, 16), note=" (48+16)"))
-        many = (MANY_ROWS[0] + 11, 16)  # rows a multiple of 16 bytes, many of them
-        out.append(project_launch(dt, "output", 32, False, False, rows=many, note=" many rows"))
+        out.append(
+            project_launch(dt, "output", 32, False, False, rows=MANY_VEC_ROWS, note=" many rows")
+        )
         # the resident kernel (contiguous rows, 128 < D <= 1024, small k) in each of its
         # chunkings: 1 x 256, 3 x 128, 2 x 256, 4 x 256 columns (768: 3 x 256, above)
         for d in (200, 320, 500, 1024):
@@ -717,8 +719,7 @@ def launches(quick: bool = False) -> list[Launch]:
             for k in (project.RESIDENT_OUTPUT_MAX_K[size] + 1, 16):
                 out.append(project_launch(dt, "output", k, True, anchored, rows=vec_rows,
                                           note=" (48+16) two-pass"))  # fmt: skip
-                many = (MANY_ROWS[0] + 11, 16)
-                out.append(project_launch(dt, "output", k, True, anchored, rows=many,
+                out.append(project_launch(dt, "output", k, True, anchored, rows=MANY_VEC_ROWS,
                                           note=" many rows two-pass"))  # fmt: skip
     # projected AdamW's FMA form (contiguous rows, 128 < D <= 4096) in each chunking (D >
     # 768: 4-row blocks of 2 or 3 tiles of 512; D > 1536: 2-row blocks of 2 or 3 tiles of

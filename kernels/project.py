@@ -48,7 +48,8 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   (side="output") of 16-byte vectors with ``128 < D ≤ 768`` and ``k ≤ 16`` fp32 / 8
   16-bit, or ``D ≤ 1536`` in 512-column tiles on 8 warps and ``k ≤ 8`` / 4, in blocks of
   8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and
-  small ``k``: ``RESIDENT_MAX_K``, 8, ``BLOCK_R`` = 8 (fp32 on 8 warps), up to
+  small ``k``: ``RESIDENT_MAX_K``, 8, ``BLOCK_R`` = 8 (on 8 warps; 16-bit on 4 for soft
+  weights and some few-rows buckets, ``RESIDENT_WARPS``), up to
   ``D`` = 1024; beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 8, ``BLOCK_R`` = 4 up to 2048,
   then 8 and 4, ``BLOCK_R`` = 2): the row
   block stays in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, 512
@@ -613,7 +614,7 @@ class _Tiles(NamedTuple):
 # predicted, A100 / H100): fp32 k = 16 on 8 warps 63 / 47 % of copy against the two-pass
 # kernel's 67 / 67 % (64 x 32 tiles); k = 8 100 / 90 %. The anchored projection alike: fp32
 # k = 16 44 / 43 % resident, 66 / 66 % two-pass (benchmarks/tile_sweep.py --predict, its
-# anchored cases). 16-bit rows stay resident to k = 8 (on 4 warps, RESIDENT_WARPS): 46 / 45 %
+# anchored cases). 16-bit rows stay resident to k = 8 (on 8 warps, RESIDENT_WARPS): 57 / 55 %
 # there against the two-pass kernel's 67 / 67 %, but the one two-pass figure a GPU could
 # check came out at 0.6x the model's (fp32 k = 32, H200), and the tile sweep decides it.
 RESIDENT_MAX_K = {4: 8, 2: 8}
@@ -629,13 +630,18 @@ RESIDENT_MAXNREG = 192
 # SM (predicted, D = 768, A100 / H100: fp32 k = 8 72 / 69 % of copy; Triton's measured H200
 # kernel time there was 44 %). fp32 on 8 warps, uncapped: ptxas takes 56-80 registers, 24-32
 # warps fit an SM, fp32 k = 4 / 8 100 / 100 %, 100 / 90 % (benchmarks/tile_sweep.py
-# --predict), no spill in any launch of the compile check. 16-bit rows keep 4 warps: on 8
-# they gain only at 80 registers or fewer (bf16 k = 4 / 8: 100 / 58 % against 79 / 45 %),
-# and there soft weights spilled: uncapped, ptxas aimed at 64 on sm_80 and spilled 8 B (3
-# tiles); capped at 80, 16-88 B with 4 tiles or anchors; at 96 they take 82-90 registers,
-# 2 programs an SM, no better than 4 warps.
-RESIDENT_WARPS = {4: 8, 2: 4}
-RESIDENT_WARPS_MAXNREG = {4: None, 2: RESIDENT_MAXNREG}
+# --predict), no spill in any launch of the compile check. 16-bit rows on 8 warps uncapped
+# too (ptxas takes 64-76 registers, 3-4 programs an SM): bf16 k = 8 at 32768 rows 57 / 55 %
+# against 43 / 44 % on 4 warps capped at 192, at 4096 rows on sm_80 46 % against 27 %
+# (docs/gpu.md #resident-16bit-warps). Two exceptions, RESIDENT_16BIT_SLOW_WARPS_MAXNREG:
+# soft weights (uncapped, ptxas aimed at 64 on sm_80 and spilled 8 B with 3 tiles; capped
+# at 80, 16-88 B with 4 tiles or anchors; at 96, 2 programs an SM, no better than 4 warps),
+# and a bucket of few rows on sm_90 (4096 rows: 512 programs, one wave of 4 programs of 4
+# warps on 132 SMs, two of 3 programs of 8: bf16 k = 8 38 % against 44 %, k = 4 65 % against
+# 76 %) or at k = 1 on sm_80 (memory-bound; at 4096 rows 95 % against 100 %).
+RESIDENT_WARPS = {4: 8, 2: 8}
+RESIDENT_WARPS_MAXNREG = {4: None, 2: None}
+RESIDENT_16BIT_SLOW_WARPS_MAXNREG = (4, RESIDENT_MAXNREG)
 # The wide blocks: at 192, fp32 anchored soft blocks of 3 tiles of 512 spilled 28 B on
 # sm_90; anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
 RESIDENT_WIDE_MAXNREG = 255
@@ -733,14 +739,25 @@ def _row_tiles(
     anchored: bool = False,
     vec: int = 1,
     few_rows: bool = False,
+    weighted: bool = False,
 ) -> _Tiles:
     """The row kernel's tiles for a bucket of ``D = d`` on compute capability ``arch``;
     ``few_rows``: a bucket of fewer than ``FEW_ROWS_PER_SM`` rows an SM (its own tiles
-    where :func:`_few_rows_tiles` has some, else the same).
+    where :func:`_few_rows_tiles` has some, else the same); ``weighted``: soft weights
+    (``HAS_W``), whose 16-bit resident blocks keep 4 warps (RESIDENT_WARPS).
     """
     tiles = _many_rows_tiles(arch, elsize, d, k, contig, anchored, vec)
     if few_rows and not tiles.resident and not tiles.one_pass and tiles.block_r == 64:
         return _few_rows_tiles(arch, elsize, tiles.block_k, contig, anchored) or tiles
+    if (
+        tiles.resident
+        and contig == 1
+        and elsize == 2
+        and tiles.block_r == 8
+        and (weighted or (few_rows and (arch >= 90 or k == 1)))
+    ):
+        warps, cap = RESIDENT_16BIT_SLOW_WARPS_MAXNREG
+        return tiles._replace(warps=warps, maxnreg=cap)
     return tiles
 
 
@@ -812,9 +829,10 @@ def _many_rows_tiles(
     res = resident_tiles(d)
     if res is not None and contig == 1 and k <= resident_max_k(res, elsize):
         # resident: each element read once and written once; the wide blocks on 4 warps
-        # capped at 255 registers, the 8-row blocks as RESIDENT_WARPS says (16-bit: 4
-        # warps capped at 192, where ptxas aimed at 168 for anchored soft 4-tile blocks on
-        # sm_90 and spilled 4 B)
+        # capped at 255 registers, the 8-row blocks as RESIDENT_WARPS says (16-bit on 4
+        # warps, as _row_tiles takes them for soft weights and few rows on sm_90: capped at
+        # 192, where ptxas aimed at 168 for anchored soft 4-tile blocks on sm_90 and spilled
+        # 4 B)
         if res.wide:
             return _resident(res.block_r, res, k, RESIDENT_WIDE_MAXNREG)
         return _resident(
@@ -1027,7 +1045,10 @@ def _launch_rows(
     tiles = _ROW_TILES_OVERRIDE.get()
     if tiles is None:
         few = few_rows(sum(m.shape[0] for m in matrices), _sm_count(g0.device))
-        tiles = _row_tiles(_arch(), g0.element_size(), d, k, contig, anchors is not None, vec, few)
+        tiles = _row_tiles(
+            _arch(), g0.element_size(), d, k, contig, anchors is not None, vec, few,
+            weighted=weights is not None,
+        )  # fmt: skip
     else:
         _check_tiles(tiles, d, k, contig, vec)
     one_pass, block_r, block_d, block_k, warps, stages, maxnreg = tiles[:7]

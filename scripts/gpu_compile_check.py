@@ -648,7 +648,9 @@ def launches(quick: bool = False) -> list[Launch]:
                 for anchored in (False, True):
                     for soft in (False, True):
                         out.append(project_launch(dt, side, k, soft, anchored))
-                        if side != "flat" and k > 8:  # the tiles of many rows
+                        # the tiles of many rows: the two-pass kernel's past k = 8, and
+                        # 16-bit resident rows (few rows on sm_90 keep 4 warps)
+                        if side != "flat" and (k > 8 or (side == "input" and dt != "fp32")):
                             many = project_launch(
                                 dt, side, k, soft, anchored, rows=MANY_ROWS, note=" many rows"
                             )
@@ -679,10 +681,17 @@ def launches(quick: bool = False) -> list[Launch]:
             project_launch(dt, "output", 32, False, False, rows=MANY_VEC_ROWS, note=" many rows")
         )
         # the resident kernel (contiguous rows, 128 < D <= 1024, small k) in each of its
-        # chunkings: 1 x 256, 3 x 128, 2 x 256, 4 x 256 columns (768: 3 x 256, above)
+        # chunkings: 1 x 256, 3 x 128, 2 x 256, 4 x 256 columns (768: 3 x 256, above), soft
+        # and hard (16-bit: 4 warps and 8, kernels/project.py RESIDENT_WARPS), and for 16-bit
+        # hard rows many rows too (few on sm_90: 4 warps)
         for d in (200, 320, 500, 1024):
             for anchored in (False, True):
-                out.append(project_launch(dt, "input", 8, True, anchored, d=d, note=f" D={d}"))
+                for soft in (True, False):
+                    out.append(project_launch(dt, "input", 8, soft, anchored, d=d, note=f" D={d}"))
+                if dt != "fp32":
+                    note = f" D={d} many rows"
+                    out.append(project_launch(dt, "input", 8, False, anchored, d=d,
+                                              rows=MANY_ROWS, note=note))  # fmt: skip
         # its wide blocks (1024 < D <= 4096): 4 rows of 3 and 4 tiles of 512, 2 rows of 3
         # and 4 tiles of 1024, at the largest k of the tier and dtype (resident_max_k: fp32
         # 8; 16-bit 8 in 4 rows, 4 in 2), and k = 1

@@ -468,16 +468,27 @@ def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
-    # fp32's 8-row resident blocks on 8 warps uncapped, 16-bit's on 4 capped (RESIDENT_WARPS);
-    # past RESIDENT_MAX_K contiguous rows, plain or anchored, take the two-pass kernel's
-    # 64 x 32 tiles at BLOCK_K = 16
+    # the 8-row resident blocks on 8 warps uncapped (RESIDENT_WARPS), but 16-bit ones on 4
+    # capped at 192 for soft weights, and for few rows on sm_90 or at k = 1; past
+    # RESIDENT_MAX_K contiguous rows, plain or anchored, take the two-pass kernel's 64 x 32
+    # tiles at BLOCK_K = 16
     from gradproj.kernels import project as P
 
+    four = (4, P.RESIDENT_MAXNREG)
     for anchored in (False, True):
-        t = P._row_tiles(arch, 4, 768, 8, 1, anchored, 4)
-        assert t.resident and (t.warps, t.maxnreg) == (8, None)
-        t = P._row_tiles(arch, 2, 768, 8, 1, anchored, 8)
-        assert t.resident and (t.warps, t.maxnreg) == (4, P.RESIDENT_MAXNREG)
+        for few in (False, True):
+            for weighted in (False, True):
+                t = P._row_tiles(arch, 4, 768, 8, 1, anchored, 4, few, weighted=weighted)
+                assert t.resident and (t.warps, t.maxnreg) == (8, None)
+                for k in (1, 4, 8):
+                    t = P._row_tiles(arch, 2, 768, k, 1, anchored, 8, few, weighted=weighted)
+                    slow = weighted or (few and (arch >= 90 or k == 1))
+                    assert t.resident and (t.warps, t.maxnreg) == (four if slow else (8, None))
+        # the wide blocks and the transposed views' blocks keep their own warps
+        t = P._row_tiles(arch, 2, 2048, 8, 1, anchored, 8, True, weighted=True)
+        assert t.resident and t.block_r == 4 and t.warps == 4
+        t = P._row_tiles(arch, 2, 768, 4, 0, anchored, 8, False, weighted=True)
+        assert t.resident and (t.block_r, t.warps) == (16, 4)
         for elsize in (4, 2):
             t = P._row_tiles(arch, elsize, 768, 9, 1, anchored, 16 // elsize)
             assert not t.resident and (t.block_r, t.block_d, t.block_k, t.warps) == (64, 32, 16, 4)
@@ -538,11 +549,14 @@ def test_few_rows_take_their_own_tiles(arch):
                 else:
                     assert few_32 == (16, 64, 32, 8 if anchored else 4, 1), (elsize, contig)
                     assert many_32[0] == 64
-                # k = 128 and the resident block (k = 4) keep their tiles
+                # k = 128 and the resident block (k = 4) keep their tiles, but sm_90's 16-bit
+                # resident rows, 4 warps for 8 (test_resident_warps_and_two_pass_tiles_...)
                 for k in (128, 4):
-                    assert tiles(elsize, k, contig, anchored, True) == tiles(
-                        elsize, k, contig, anchored, False
-                    )
+                    few_t, many_t = (tiles(elsize, k, contig, anchored, f) for f in (True, False))
+                    if k == 4 and elsize == 2 and contig == 1 and arch >= 90:
+                        assert (few_t[3], many_t[3]) == (4, 8)
+                        few_t, many_t = few_t[:3], many_t[:3]
+                    assert few_t == many_t
 
 
 def test_the_launcher_counts_the_buckets_rows_against_the_sms(monkeypatch):
@@ -554,8 +568,8 @@ def test_the_launcher_counts_the_buckets_rows_against_the_sms(monkeypatch):
     seen = []
     real = P._row_tiles
 
-    def spy(*args):
-        seen.append(args[-1])
+    def spy(*args, weighted):
+        seen.append((args[-1], weighted))
         raise _Stop
 
     class _Stop(Exception):
@@ -565,12 +579,13 @@ def test_the_launcher_counts_the_buckets_rows_against_the_sms(monkeypatch):
     basis = orthonormal(200, 20)
     if TRITON_CPU and not torch.cuda.is_available():  # the interpreter: no driver, no SMs
         assert P._sm_count(torch.device("cpu")) == 0
-    for sms, rows, few in ((2, 127, True), (2, 128, False), (0, 5, False), (3, 191, True)):
+    cases = ((2, 127, True), (2, 128, False), (0, 5, False), (3, 191, True))
+    for (sms, rows, few), w in zip(cases, (None, torch.ones(20)) * 2, strict=True):
         monkeypatch.setattr(P, "_sm_count", lambda device, sms=sms: sms)
         grads = [torch.empty(rows - 5, 200), torch.empty(5, 200)]
         with pytest.raises(_Stop):
-            P._launch_rows(grads, None, basis, None)
-        assert seen[-1] is few, (sms, rows)
+            P._launch_rows(grads, None, basis, w)
+        assert seen[-1] == (few, w is not None), (sms, rows)
     assert real(90, 4, 768, 32, 1, False, 4, True) != real(90, 4, 768, 32, 1, False, 4, False)
 
 

@@ -44,7 +44,11 @@ def test_candidates_start_with_the_launchers_choice_and_are_valid():
     # the resident kernel's own variants where the launcher takes it (bf16 k = 8 at 768)
     resident = tile_sweep.candidates(tile_sweep.Case("bf16", 8), 90)
     assert resident[0].resident and sum(t.resident for t in resident) == 4
-    assert resident[0].warps == P.RESIDENT_WARPS[2] == 4
+    assert (resident[0].warps, resident[0].maxnreg) == (P.RESIDENT_WARPS[2], None) == (8, None)
+    assert resident[0]._replace(warps=4, maxnreg=P.RESIDENT_MAXNREG) in resident
+    # few rows on sm_90: the 4-warp block first (kernels/project.py RESIDENT_WARPS)
+    few = tile_sweep.candidates(tile_sweep.Case("bf16", 8), 90, few_rows=True)
+    assert (few[0].warps, few[0].maxnreg, few[1]) == (4, P.RESIDENT_MAXNREG, resident[0])
     # fp32's 8-warp blocks (uncapped), and the 4-warp ones it took before (cap 192)
     fp32 = tile_sweep.candidates(tile_sweep.Case("fp32", 8), 90)
     assert fp32[0].resident and fp32[0].warps == 8 and fp32[0].maxnreg is None

@@ -43,7 +43,8 @@ loads were scalar), and no offset is formed in int32.
   read once, p, m, v written once (7 streams; 9 with amsgrad) — plus ``U`` once per
   program (from L2 after the first).
 * **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 4096``, ``k ≤
-  FMA_MAX_K``: 32 for fp32, 16 for bf16/fp16, up to ``D`` = 3072; beyond,
+  FMA_MAX_K``: 32 for fp32, 16 for bf16/fp16 (32 in 8-row blocks without amsgrad,
+  ``FMA_8ROW_MAX_K``), up to ``D`` = 3072; beyond,
   ``FMA_4TILE_MAX_K``, 16 and 8; and 16-byte aligned ``COLS`` views, ``128 < D ≤ 768``,
   ``k ≤ FMA_COLS_MAX_K``, 16 and 8, in blocks of one 32-byte sector a column: fp32 8 rows
   on 4 warps, 16-bit 16 on 8, ``_fma_cols_tiles``): ``x'`` of an 8-row block stays in
@@ -203,6 +204,23 @@ def _fma_cols_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int, 
 # amsgrad (a fifth stream) capped at 128 they spilled 16-32 B, so amsgrad keeps 4 warps.
 # docs/gpu.md #adamw-fma-warps.
 FMA_8ROW_WARPS_MAXNREG = (8, 128)
+# Their largest k (not with amsgrad, whose blocks keep 4 warps and FMA_MAX_K): 16-bit to 32
+# since one reduction a row (project._row_dots; docs/gpu.md #resident-k16). Predicted, D =
+# 768, x torch's fused AdamW, A100 / H100: bf16 k = 32 2.81 / 3.02x at 32768 rows and 3.55 /
+# 3.02x at 4096, against the two-pass form's 3.51 / 3.56x and 5.61 / 3.56x.
+FMA_8ROW_MAX_K = {4: 32, 2: 32}
+
+
+def fma_max_k(d: int, itemsize: int, amsgrad: bool = False) -> int:
+    """The FMA form's largest k for contiguous rows of ``d`` (0: none), as ``_fma_tiles``
+    takes it."""
+    res = resident_tiles(d, max_chunks=3)
+    if res is not None:
+        if res.block_r == 8 and not amsgrad:
+            return FMA_8ROW_MAX_K[itemsize]
+        return FMA_MAX_K[itemsize]
+    res = resident_tiles(d, max_chunks=4)
+    return FMA_4TILE_MAX_K[itemsize] if res is not None and res.wide else 0
 
 
 def _fma_tiles(
@@ -212,12 +230,13 @@ def _fma_tiles(
     ``None``.
 
     Up to 3 tiles (``project.resident_tiles``: 8 rows up to ``D`` = 768 on 8 warps,
-    ``FMA_8ROW_WARPS_MAXNREG``, but on 4 with ``amsgrad``; 4 rows of 512 columns up to 1536
-    and 2 rows of 1024 up to 3072, on 4 warps); 4 tiles of 1024 on 8 warps up to 4096.
+    ``FMA_8ROW_WARPS_MAXNREG``, ``k ≤ FMA_8ROW_MAX_K``, but on 4 with ``amsgrad``; 4 rows
+    of 512 columns up to 1536 and 2 rows of 1024 up to 3072, on 4 warps); 4 tiles of 1024
+    on 8 warps up to 4096. ``k`` to ``fma_max_k``.
     """
     res = resident_tiles(d, max_chunks=3)
     if res is not None:
-        if k > FMA_MAX_K[itemsize]:
+        if k > fma_max_k(d, itemsize, amsgrad):
             return None
         if res.block_r == 8 and not amsgrad:
             return (res, *FMA_8ROW_WARPS_MAXNREG)

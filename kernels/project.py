@@ -48,8 +48,8 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
   (side="output") of 16-byte vectors with ``128 < D ≤ 768`` and ``k ≤ 16`` fp32 / 8
   16-bit, or ``D ≤ 1536`` in 512-column tiles on 8 warps and ``k ≤ 8`` / 4, in blocks of
   8 (fp32) or 16 rows (16-bit), one 32-byte sector a column; and
-  small ``k``: ``RESIDENT_MAX_K``, 8, ``BLOCK_R`` = 8 (on 8 warps; 16-bit on 4 for soft
-  weights and some few-rows buckets, ``RESIDENT_WARPS``), up to
+  small ``k``: ``RESIDENT_MAX_K``, 16 (fp32) and 8, ``BLOCK_R`` = 8 (on 8 warps; 16-bit
+  on 4 for soft weights and some few-rows buckets, ``RESIDENT_WARPS``), up to
   ``D`` = 1024; beyond, ``RESIDENT_WIDE_MAX_K``, 8 and 8, ``BLOCK_R`` = 4 up to 2048,
   then 8 and 4, ``BLOCK_R`` = 2): the row
   block stays in registers as up to 4 tiles of ``BLOCK_D`` ∈ {64, 128, 256} columns, 512
@@ -615,13 +615,15 @@ class _Tiles(NamedTuple):
 # The resident kernel's largest k, per element size: beyond, its k FMA passes per element
 # cost more than the two-pass kernel's tensor-core GEMMs. With the model's occupancy bound
 # (benchmarks/perf_model.py, calibrated on the H200's Nsight Compute figures; D = 768,
-# predicted, A100 / H100): fp32 k = 16 on 8 warps 63 / 47 % of copy against the two-pass
-# kernel's 67 / 67 % (64 x 32 tiles); k = 8 100 / 90 %. The anchored projection alike: fp32
-# k = 16 44 / 43 % resident, 66 / 66 % two-pass (benchmarks/tile_sweep.py --predict, its
-# anchored cases). 16-bit rows stay resident to k = 8 (on 8 warps, RESIDENT_WARPS): 57 / 55 %
-# there against the two-pass kernel's 67 / 67 %, but the one two-pass figure a GPU could
-# check came out at 0.6x the model's (fp32 k = 32, H200), and the tile sweep decides it.
-RESIDENT_MAX_K = {4: 8, 2: 8}
+# predicted, A100 / H100): fp32 k = 16 on 8 warps was 63 / 47 % of copy against the
+# two-pass kernel's 67 / 67 %; since one reduction a row (_row_dots, docs/gpu.md
+# #resident-k16) it is 87 / 86 % at 32768 rows against 53 / 67 % (4096: 54 / 86 % against
+# 39 / 24 %; D = 1024 and 512: 75 / 70 % and 75 / 69 %), anchored 75 / 55 % against
+# 63 / 55 % (4096: 47 / 38 % against 39 / 24 %). 16-bit rows stay resident to k = 8 (on 8
+# warps, RESIDENT_WARPS): 66 / 64 % there against the two-pass kernel's 67 / 67 % (the one
+# two-pass figure a GPU could check came out at 0.6x the model's: fp32 k = 32, H200), and
+# bf16 k = 16 resident is 36 / 35 %. A GPU's tile sweep decides it.
+RESIDENT_MAX_K = {4: 16, 2: 8}
 # The same for the wide blocks, per rows of the block (4: 1024 < D <= 2048; 2: beyond), whose
 # basis column is loaded for fewer rows. Predicted, pipelined: fp32 k = 8 100 / 100 % at 2048
 # and 4096, k = 16 67 / 65 % (the two-pass kernel 67 / 67 %); bf16 k = 8 76 / 75 % at 1536

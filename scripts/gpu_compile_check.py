@@ -69,6 +69,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import multiprocessing
 import re
@@ -681,13 +682,15 @@ def launches(quick: bool = False) -> list[Launch]:
             project_launch(dt, "output", 32, False, False, rows=MANY_VEC_ROWS, note=" many rows")
         )
         # the resident kernel (contiguous rows, 128 < D <= 1024, small k) in each of its
-        # chunkings: 1 x 256, 3 x 128, 2 x 256, 4 x 256 columns (768: 3 x 256, above), soft
-        # and hard (16-bit: 4 warps and 8, kernels/project.py RESIDENT_WARPS), and for 16-bit
-        # hard rows many rows too (few on sm_90: 4 warps)
+        # chunkings: 1 x 256, 3 x 128, 2 x 256, 4 x 256 columns (768: 3 x 256, above), at k =
+        # 8 and the dtype's largest k (RESIDENT_MAX_K: fp32 16), soft and hard (16-bit: 4
+        # warps and 8, kernels/project.py RESIDENT_WARPS), and for 16-bit hard rows many rows
+        # too (few on sm_90: 4 warps)
+        res_ks = sorted({8, project.RESIDENT_MAX_K[4 if dt == "fp32" else 2]})
         for d in (200, 320, 500, 1024):
             for anchored in (False, True):
-                for soft in (True, False):
-                    out.append(project_launch(dt, "input", 8, soft, anchored, d=d, note=f" D={d}"))
+                for soft, k in itertools.product((True, False), res_ks):
+                    out.append(project_launch(dt, "input", k, soft, anchored, d=d, note=f" D={d}"))
                 if dt != "fp32":
                     note = f" D={d} many rows"
                     out.append(project_launch(dt, "input", 8, False, anchored, d=d,
@@ -702,7 +705,7 @@ def launches(quick: bool = False) -> list[Launch]:
                 out.append(project_launch(dt, "input", wide_k, True, anchored, d=d, note=f" D={d}"))
         for d in (2048, 4096):
             out.append(project_launch(dt, "input", 1, False, False, d=d, note=f" D={d}"))
-    # fp32 at k = 16: the two-pass kernel's 64 x 32 tiles past RESIDENT_MAX_K (8)
+    # fp32 rows at k = 16, resident (RESIDENT_MAX_K), at D = 768 with few and many rows
     vec_rows = (48, 16)  # transposed views whose rows are whole 16-byte vectors (VEC > 1)
     for anchored in (False, True):
         out.append(project_launch("fp32", "input", 16, True, anchored))
@@ -737,9 +740,8 @@ def launches(quick: bool = False) -> list[Launch]:
     for dt in DTYPES:
         size = 4 if dt == "fp32" else 2
         for d in (200, 320, 500, 768, 1024, 1536, 2048, 3072, 4096):
-            k_max = (adamw.FMA_MAX_K if d <= 3072 else adamw.FMA_4TILE_MAX_K)[size]
             for amsgrad in (False, True):
-                for k in sorted({8, k_max}):
+                for k in sorted({8, adamw.fma_max_k(d, size, amsgrad)}):
                     out.append(adamw_launch(dt, "input", k, True, amsgrad, d=d, note=f" D={d}"))
     for dt in ("fp32", "bf16"):  # tests/test_adamw.py: amsgrad + maximize, k = 3, D = 24
         tests = " (37, 24) + (5, 24) (tests)"

@@ -334,6 +334,7 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         # of its 8-row block
         ("input", torch.float32, 32, [(13, 768), (6, 768)], {"soft": True}),
         ("input", torch.bfloat16, 16, [(17, 300)], {"amsgrad": True, "maximize": True}),
+        ("input", torch.bfloat16, 32, [(11, 768), (6, 768)], {"soft": True}),
         ("input", torch.float16, 3, [(9, 500)], {"soft": True}),
         ("input", torch.float32, 1, [(5, 200), (3, 200)], {"amsgrad": True}),
         # D > 768: 4-row blocks of 2-3 tiles of 512 columns, rows not a multiple of 4
@@ -365,7 +366,8 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         ("input", torch.float32, 256, [(5, 260)], {"soft": True}),
         ("output", torch.float32, 129, [(20, 140)], {}),
     ],
-    ids=["rows-2pass", "rows-2pass-bf16", "fma-3x256", "fma-bf16-3x128", "fma-fp16-2x256",
+    ids=["rows-2pass", "rows-2pass-bf16", "fma-3x256", "fma-bf16-3x128", "fma-bf16-k32-3x256",
+         "fma-fp16-2x256",
          "fma-1x256", "fma-3x512", "fma-bf16-3x512", "fma-fp16-2x512", "fma-2x1024",
          "fma-bf16-3x1024", "fma-4x1024", "fma-bf16-4x1024", "cols-aligned", "cols-fma-2x256",
          "cols-fma-3x256", "cols-unaligned-2pass", "cols-2pass",
@@ -487,10 +489,10 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
             for isz in (2, 4):
                 cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80, k=k)
                 assert not cfg["RESIDENT"]  # D = 768 never fits one tensor-core tile
-                # x' in registers: rows up to k = 32 fp32 / 16 16-bit; 16-byte aligned
+                # x' in registers: rows up to k = 32 (16-bit with amsgrad 16); 16-byte aligned
                 # transposed views (COLS) up to 16 fp32 / 8 16-bit, one 32-byte sector a
                 # column (fp32 8 rows on 4 warps, 16-bit 16 on 8)
-                fma = k <= (32 if isz == 4 else 16) if lay == adamw._ROWS else False
+                fma = k <= 32 if lay == adamw._ROWS else False
                 cols = lay == adamw._COLS and k <= (16 if isz == 4 else 8)
                 if fma or cols:
                     # rows: 8 on 8 warps capped at 128 (FMA_8ROW_WARPS_MAXNREG), with amsgrad
@@ -503,7 +505,10 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                     if fma:
                         ams = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80,
                                                  k=k, amsgrad=True)  # fmt: skip
-                        assert (ams["BLOCK_R"], ams["num_warps"], ams["maxnreg"]) == (8, 4, 255)
+                        if k <= (32 if isz == 4 else 16):  # FMA_MAX_K
+                            assert (ams["BLOCK_R"], ams["num_warps"], ams["maxnreg"]) == (8, 4, 255)
+                        else:
+                            assert ams["FMA_CHUNKS"] == 0
                 else:
                     assert cfg["FMA_CHUNKS"] == 0
                     assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum

@@ -421,8 +421,9 @@ def test_resident_tiles_for_at_most_three_tiles():
 @pytest.mark.parametrize(
     ("elsize", "d", "k", "contig", "resident"),
     [
-        (4, 768, 8, 1, True),  # fp32 up to k = 8
-        (4, 768, 9, 1, False),  # then the two-pass tensor-core kernel
+        (4, 768, 16, 1, True),  # fp32 up to k = 16
+        (4, 768, 17, 1, False),  # then the two-pass tensor-core kernel
+        (4, 1024, 16, 1, True),
         (2, 768, 8, 1, True),  # bf16/fp16 up to k = 8
         (2, 768, 9, 1, False),
         (4, 128, 8, 1, False),  # D <= 128: the one-pass tensor-core tile
@@ -470,16 +471,17 @@ def test_resident_kernel_only_where_chosen(elsize, d, k, contig, resident):
 def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
     # the 8-row resident blocks on 8 warps uncapped (RESIDENT_WARPS), but 16-bit ones on 4
     # capped at 192 for soft weights, and for few rows on sm_90 or at k = 1; past
-    # RESIDENT_MAX_K contiguous rows, plain or anchored, take the two-pass kernel's 64 x 32
-    # tiles at BLOCK_K = 16
+    # RESIDENT_MAX_K (fp32 16, 16-bit 8) contiguous rows, plain or anchored, take the
+    # two-pass kernel's 64 x 32 tiles at BLOCK_K = 16 (16-bit) or BLOCK_K = 32
     from gradproj.kernels import project as P
 
     four = (4, P.RESIDENT_MAXNREG)
     for anchored in (False, True):
         for few in (False, True):
             for weighted in (False, True):
-                t = P._row_tiles(arch, 4, 768, 8, 1, anchored, 4, few, weighted=weighted)
-                assert t.resident and (t.warps, t.maxnreg) == (8, None)
+                for k in (8, 16):
+                    t = P._row_tiles(arch, 4, 768, k, 1, anchored, 4, few, weighted=weighted)
+                    assert t.resident and (t.warps, t.maxnreg) == (8, None)
                 for k in (1, 4, 8):
                     t = P._row_tiles(arch, 2, 768, k, 1, anchored, 8, few, weighted=weighted)
                     slow = weighted or (few and (arch >= 90 or k == 1))
@@ -494,9 +496,9 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
         assert t.resident and t.block_r == 4 and t.warps == 4
         t = P._row_tiles(arch, 2, 768, 4, 0, anchored, 8, False, weighted=True)
         assert t.resident and (t.block_r, t.warps) == (16, 4)
-        for elsize in (4, 2):
-            t = P._row_tiles(arch, elsize, 768, 9, 1, anchored, 16 // elsize)
-            assert not t.resident and (t.block_r, t.block_d, t.block_k, t.warps) == (64, 32, 16, 4)
+        t = P._row_tiles(arch, 2, 768, 9, 1, anchored, 8)
+        assert not t.resident and (t.block_r, t.block_d, t.block_k, t.warps) == (64, 32, 16, 4)
+        assert not P._row_tiles(arch, 4, 768, 17, 1, anchored, 4).resident
         t = P._row_tiles(arch, 2, 768, 32, 1, anchored, 8)
         assert (t.block_r, t.block_d, t.warps) == ((64, 64, 8) if arch >= 90 else (16, 32, 4))
         # fp32 at BLOCK_K = 32: 64 x 32 on sm_90 (wgmma), 16 x 32 on sm_80 (the waves of
@@ -540,11 +542,14 @@ def test_few_rows_take_their_own_tiles(arch):
     for elsize in (4, 2):
         for contig in (1, 0):
             for anchored in (False, True):
-                many_16 = tiles(elsize, 16, contig, anchored, False)
-                assert many_16 == (64, 32, 16, 4, 1)
-                few_16 = tiles(elsize, 16, contig, anchored, True)
-                # sm_90: twice the warps a program; sm_80: 4x the programs
-                assert few_16 == ((64, 64, 16, 8, 1) if arch >= 90 else (16, 64, 16, 4, 1))
+                # fp32 rows are resident to k = 16 (RESIDENT_MAX_K): k = 12 on views only
+                if elsize == 2 or contig == 0:
+                    many_16 = tiles(elsize, 12, contig, anchored, False)
+                    assert many_16 == (64, 32, 16, 4, 1)
+                    few_16 = tiles(elsize, 12, contig, anchored, True)
+                    # sm_90: twice the warps a program; sm_80: 4x the programs
+                    want = (64, 64, 16, 8, 1) if arch >= 90 else (16, 64, 16, 4, 1)
+                    assert few_16 == want
                 few_32 = tiles(elsize, 32, contig, anchored, True)
                 many_32 = tiles(elsize, 32, contig, anchored, False)
                 if arch < 90:  # already 16-row blocks at BLOCK_K = 32
@@ -759,11 +764,11 @@ SM90_TWO_PASS = [
     # :output cases of tile_sweep --predict), every dtype, plain or anchored
     ([torch.float32, torch.bfloat16, torch.float16], 12, "output", False, (64, 32, 16, 4)),
     ([torch.bfloat16], 5, "output", True, (64, 32, 16, 4)),
-    # contiguous rows, k <= 32 (tile_sweep --predict's winners): 64 x 32 at BLOCK_K = 16
-    # (fp32 from k = 9: RESIDENT_MAX_K), 16-bit 64 x 64 on 8 warps at BLOCK_K = 32, plain or
-    # anchored
-    ([torch.float32, torch.bfloat16], 12, "input", False, (64, 32, 16, 4)),
-    ([torch.float32], 16, "input", True, (64, 32, 16, 4)),
+    # contiguous rows, k <= 32 (tile_sweep --predict's winners): 16-bit 64 x 32 at BLOCK_K =
+    # 16 (from k = 9: RESIDENT_MAX_K; fp32 rows are resident to 16), 64 x 64 on 8 warps at
+    # BLOCK_K = 32, plain or anchored
+    ([torch.bfloat16], 12, "input", False, (64, 32, 16, 4)),
+    ([torch.float16], 16, "input", True, (64, 32, 16, 4)),
     ([torch.bfloat16, torch.float16], 20, "input", False, (64, 64, 32, 8)),
     ([torch.bfloat16], 24, "input", True, (64, 64, 32, 8)),
     # 16-bit transposed views at BLOCK_K = 32: 16 x 32 (docs/gpu.md #tiles-waves)
@@ -775,13 +780,14 @@ SM90_TWO_PASS = [
 # (dtypes, k, side, anchored, tiles, arch)
 FEW_ROWS = [
     # sm_90 at BLOCK_K = 16: 64 x 64 on 8 warps; at 32: 16 x 64 on 4 (anchored fp32: 8)
-    ([torch.float32, torch.bfloat16], 12, "input", True, (64, 64, 16, 8), 90),
+    ([torch.bfloat16], 12, "input", True, (64, 64, 16, 8), 90),
+    ([torch.float32], 12, "output", True, (64, 64, 16, 8), 90),
     ([torch.float16], 10, "output", False, (64, 64, 16, 8), 90),
     ([torch.float32, torch.bfloat16], 32, "input", False, (16, 64, 32, 4), 90),
     ([torch.float32], 20, "input", True, (16, 64, 32, 8), 90),
     ([torch.float32, torch.float16], 24, "output", False, (16, 64, 32, 4), 90),
     # sm_80 at BLOCK_K = 16: 16 x 64 on 4 warps
-    ([torch.float32, torch.bfloat16], 12, "input", False, (16, 64, 16, 4), 80),
+    ([torch.bfloat16], 12, "input", False, (16, 64, 16, 4), 80),
     ([torch.float32], 16, "output", True, (16, 64, 16, 4), 80),
 ]
 

@@ -242,7 +242,7 @@ def _fma_tiles(
             return (res, *FMA_8ROW_WARPS_MAXNREG)
         return res, 4, FMA_MAXNREG
     res = resident_tiles(d, max_chunks=4)
-    if res is not None and res.wide and k <= FMA_4TILE_MAX_K[itemsize]:
+    if res is not None and res.wide and k <= fma_max_k(d, itemsize, amsgrad):
         return res, 8, FMA_MAXNREG
     return None
 

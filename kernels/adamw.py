@@ -112,6 +112,7 @@ The dot is a GEMV (one row), done with FMAs in true fp32.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -179,16 +180,33 @@ FMA_COLS_MAX_K = {4: 16, 2: 8}
 FMA_COLS_ROWS_WARPS = {4: (8, 4), 2: (16, 8)}
 
 
-def _fma_cols_tiles(d: int, itemsize: int, k: int) -> tuple[ResidentTiles, int, int] | None:
+# ... and 16-bit views of 3 tiles on sm_80 capped at 128 registers: of 256 (512 < D <= 768),
+# 2 programs (16 warps) an SM where uncapped they took 148-168, one (3 tiles of 128 or 64
+# took <= 128 anyway; benchmarks/perf_model.py,
+# predicted, D = 768, A100, x torch's fused AdamW: bf16 k = 8 1.75 -> 1.05x at 32768 rows,
+# 2.21 -> 1.60x at 4096; docs/gpu.md #adamw-cols-cap). Only k > 1 without soft weights or
+# amsgrad: those spilled 16-32 B at 128 (k = 1 120 B), and so did every sm_90 variant
+# (24-80 B), which keep 255.
+FMA_COLS_16BIT_SM80_MAXNREG = 128
+
+
+def _fma_cols_tiles(
+    d: int, itemsize: int, k: int, cap: int = 0, weighted: bool = False, amsgrad: bool = False
+) -> tuple[ResidentTiles, int, int] | None:
     """``(tiles, num_warps, maxnreg)`` of the FMA form for transposed views (``COLS``, 16-byte
     aligned) of ``d``, or ``None``: rows of one 32-byte sector a column (fp32 8 on 4 warps,
     16-bit 16 on 8: ``FMA_COLS_ROWS_WARPS``) of up to 3 tiles of 256 / 128 / 64 columns,
-    ``k ≤ FMA_COLS_MAX_K``."""
+    ``k ≤ FMA_COLS_MAX_K``; on compute capability ``cap`` < 9, 16-bit 3-tile blocks of
+    k > 1 without soft weights (``weighted``) or ``amsgrad`` capped at
+    ``FMA_COLS_16BIT_SM80_MAXNREG``."""
     res = resident_tiles(d, max_chunks=3)
     if res is None or res.wide or k > FMA_COLS_MAX_K.get(itemsize, 0):
         return None
     rows, warps = FMA_COLS_ROWS_WARPS[itemsize]
-    return res._replace(block_r=rows), warps, FMA_MAXNREG
+    maxnreg = FMA_MAXNREG
+    if itemsize == 2 and res.chunks == 3 and k > 1 and cap < 90 and not (weighted or amsgrad):
+        maxnreg = FMA_COLS_16BIT_SM80_MAXNREG
+    return res._replace(block_r=rows), warps, maxnreg
 
 
 # The 8-row blocks of contiguous rows (D <= 768): (warps, register cap). On 4 warps, uncapped,
@@ -352,18 +370,46 @@ def _store_moments(p_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, x, m, v, vmax, AMS
 
 
 @triton.jit
-def _bias_terms(step_ptr, lr, one_minus_beta1, one_minus_beta2, weight_decay):
-    """(step size, 1/√(1 − β₂ᵗ), decay) from the step count on the device, in fp64.
+def _one_minus_exp(y):
+    """1 − eʸ = −expm1(y) in fp32 for y ≤ 0, to a few ulps of itself (``_bias_terms``).
 
-    1 − β₂ᵗ is 1e-3 at t = 1, and forming it from an fp32 β₂ᵗ would cost 3 of fp32's
-    7 digits. β**t = exp(t·log(1 − (1 − β))) from the argument 1 − β, which fp32
-    holds to 7 significant digits (an fp32 β holds 1 − β to about 4).
+    Down to y = −1 its Taylor series to y¹¹/11! (the rest below 4e-9 of it; Horner's sums
+    stay above 0.6 of their first term, so no cancellation); below, eʸ ≤ 0.37 and
+    1 − ``tl.exp`` (ex2.approx of y·log₂e: 2⁻²²·⁵ and |y|·2⁻²⁴ of eʸ) is within 1.5e-7 of it.
     """
-    step = tl.load(step_ptr).to(tl.float64)
-    bias1 = 1.0 - tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta1, tl.float64)))
-    bias2 = 1.0 - tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta2, tl.float64)))
-    step_size = (lr / bias1).to(tl.float32)
-    inv_sqrt_bias2 = (1.0 / tl.sqrt(bias2)).to(tl.float32)
+    ys = tl.maximum(y, -1.0)  # the series' argument stays small where the exp is taken
+    p = 1.0 / 39916800.0
+    p = p * ys + 1.0 / 3628800.0
+    p = p * ys + 1.0 / 362880.0
+    p = p * ys + 1.0 / 40320.0
+    p = p * ys + 1.0 / 5040.0
+    p = p * ys + 1.0 / 720.0
+    p = p * ys + 1.0 / 120.0
+    p = p * ys + 1.0 / 24.0
+    p = p * ys + 1.0 / 6.0
+    p = p * ys + 0.5
+    series = -(ys + ys * ys * p)
+    return tl.where(y >= -1.0, series, 1.0 - tl.exp(y))
+
+
+@triton.jit
+def _bias_terms(step_ptr, lr, log_beta1, log_beta2, weight_decay):
+    """(step size, 1/√(1 − β₂ᵗ), decay) from the step count on the device, in fp32.
+
+    1 − βᵗ = −expm1(t·ln β), ln β formed on the host in fp64 (``_log_beta``, then rounded
+    to fp32), and −expm1 to a few ulps of itself (``_one_minus_exp``): 1 − β₂ᵗ is
+    1e-3 at t = 1, where 1 minus an fp32 β₂ᵗ would cost 3 of fp32's 7 digits. Within 1e-6
+    of the fp64 value over β ∈ [0, 1 − 10⁻⁷] and t ≤ 10⁷ (tests/test_adamw.py). It was
+    fp64 exp and log of the step on the device: 2109 warp instructions a warp became 1898
+    (bf16 k = 8, sm_80; docs/gpu.md #bias-fp32).
+    """
+    step = tl.load(step_ptr)
+    bias1 = _one_minus_exp(step * log_beta1)
+    bias2 = _one_minus_exp(step * log_beta2)
+    # the fast division and rsqrt (2 ulps each, as the update's own: docs/gpu.md
+    # #fast-update): correctly rounded, they took 20 more instructions a warp
+    step_size = lr / bias1
+    inv_sqrt_bias2 = tl.math.rsqrt(bias2)
     decay = 1.0 - lr * weight_decay
     return step_size, inv_sqrt_bias2, decay
 
@@ -500,6 +546,8 @@ def _projected_adamw_kernel(
     beta2,
     one_minus_beta1,
     one_minus_beta2,
+    log_beta1,
+    log_beta2,
     eps,
     weight_decay,
     HAS_W: tl.constexpr,
@@ -553,7 +601,7 @@ def _projected_adamw_kernel(
     c_ptr = c0_ptr + c_off
     ty = p0_ptr.dtype.element_ty
     step_size, inv_sqrt_bias2, decay = _bias_terms(
-        c0_ptr + step_off, lr, one_minus_beta1, one_minus_beta2, weight_decay
+        c0_ptr + step_off, lr, log_beta1, log_beta2, weight_decay
     )
 
     rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -770,6 +818,8 @@ def _adamw_flat_partial_kernel(
     beta2,
     one_minus_beta1,
     one_minus_beta2,
+    log_beta1,
+    log_beta2,
     eps,
     weight_decay,
     AMSGRAD: tl.constexpr,
@@ -791,7 +841,7 @@ def _adamw_flat_partial_kernel(
     s = tl.load(meta + 8)
     sg = tl.load(meta + 9)
     step_size, inv_sqrt_bias2, decay = _bias_terms(
-        c0_ptr + tl.load(meta + 6), lr, one_minus_beta1, one_minus_beta2, weight_decay
+        c0_ptr + tl.load(meta + 6), lr, log_beta1, log_beta2, weight_decay
     )
     ks = tl.arange(0, BLOCK_K)
     k_mask = ks < K
@@ -890,6 +940,8 @@ def _adamw_flat_apply_kernel(
     beta2,
     one_minus_beta1,
     one_minus_beta2,
+    log_beta1,
+    log_beta2,
     eps,
     weight_decay,
     AMSGRAD: tl.constexpr,
@@ -911,7 +963,7 @@ def _adamw_flat_apply_kernel(
     s = tl.load(meta + 8)
     sg = tl.load(meta + 9)
     step_size, inv_sqrt_bias2, decay = _bias_terms(
-        c0_ptr + tl.load(meta + 6), lr, one_minus_beta1, one_minus_beta2, weight_decay
+        c0_ptr + tl.load(meta + 6), lr, log_beta1, log_beta2, weight_decay
     )
     ty = p0_ptr.dtype.element_ty
     ks = tl.arange(0, BLOCK_K)
@@ -1017,6 +1069,7 @@ def _rows_config(
     k: int,
     aligned: bool = True,
     amsgrad: bool = False,
+    weighted: bool = False,
 ) -> Mapping[str, object]:
     """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
 
@@ -1055,7 +1108,7 @@ def _rows_config(
     if layout == _ROWS:
         fma = _fma_tiles(d, itemsize, k, amsgrad)
     elif layout == _COLS and aligned:
-        fma = _fma_cols_tiles(d, itemsize, k)
+        fma = _fma_cols_tiles(d, itemsize, k, cap, weighted, amsgrad)
     else:
         fma = None
     if fma is not None:  # x' in registers, the basis applied with FMAs (no dots)
@@ -1237,6 +1290,12 @@ def _flat_table(
     return table, unit, 16 // isz if unit and all(aligned) else 1
 
 
+def _log_beta(beta: float) -> float:
+    """ln β in fp64, for the kernels' bias corrections 1 − βᵗ = −expm1(t·ln β)
+    (``_bias_terms``); −inf for β = 0 (βᵗ = 0 from t = 1)."""
+    return math.log(beta) if beta > 0.0 else -math.inf
+
+
 def projected_adamw_bucket_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -1270,6 +1329,8 @@ def projected_adamw_bucket_(
         beta2,
         1.0 - beta1,  # in fp64 on the host: exact enough, unlike 1 − fp32(β) on the device
         1.0 - beta2,
+        _log_beta(beta1),  # ln β for the bias corrections (_bias_terms)
+        _log_beta(beta2),
         eps,
         weight_decay,
     )
@@ -1282,7 +1343,10 @@ def projected_adamw_bucket_(
     isz = params[0].element_size()
 
     def config(layout: int, aligned: bool) -> Mapping[str, object]:
-        return _rows_config(layout, isz, block_k, d, cap, k=k, aligned=aligned, amsgrad=amsgrad)
+        return _rows_config(
+            layout, isz, block_k, d, cap, k=k, aligned=aligned, amsgrad=amsgrad,
+            weighted=weights is not None,
+        )  # fmt: skip
 
     table, n_blocks, layout, align = _rows_table(
         params,
@@ -1368,7 +1432,7 @@ def _launch_flat(
     common = {
         "AMSGRAD": vmaxs is not None,
         "MAXIMIZE": maximize,
-        "FAST_SQRT": _fast_sqrt(hyper[5], vmaxs is not None, 0, None),
+        "FAST_SQRT": _fast_sqrt(hyper[7], vmaxs is not None, 0, None),
         "UNIT": unit,
         "ALIGN": align,
         "CHUNK": _FLAT_CHUNK,
@@ -1377,8 +1441,13 @@ def _launch_flat(
         "META": _META,
     }
     grid = (n_tensors * n_chunks,)
+    # fp32 partials with amsgrad at BLOCK_K = 256: triton 3.6's ptxas (the GPU machines') took
+    # 56 registers on sm_90 at k = 129 and spilled 16 B; capped at 64 they take 64, no spill
+    # (3.6 and 3.9, sm_80 and sm_90; the cap spills 8-600 B at smaller BLOCK_K)
+    fp32_ams = vmaxs is not None and params[0].element_size() == 4
+    cap = {"maxnreg": 64} if fp32_ams and block_k >= 256 else {}
     _adamw_flat_partial_kernel[grid](
-        table, basis, partial, params[0], steps[0], n, k, n_chunks, *hyper, **common
+        table, basis, partial, params[0], steps[0], n, k, n_chunks, *hyper, **common, **cap
     )
     _adamw_flat_reduce_kernel[(n_tensors,)](
         table,

@@ -496,12 +496,22 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                 cols = lay == adamw._COLS and k <= (16 if isz == 4 else 8)
                 if fma or cols:
                     # rows: 8 on 8 warps capped at 128 (FMA_8ROW_WARPS_MAXNREG), with amsgrad
-                    # on 4 uncapped; views: fp32 8 rows on 4 warps, 16-bit 16 on 8
+                    # on 4 uncapped; views: fp32 8 rows on 4 warps, 16-bit 16 on 8, capped at
+                    # 128 on sm_80 from k = 2 (FMA_COLS_16BIT_SM80_MAXNREG), not with soft
+                    # weights or amsgrad, nor on sm_90
                     rows, warps, nreg = (16, 8, 255) if cols and isz == 2 else (8, 4, 255)
+                    if cols and isz == 2 and k > 1:
+                        nreg = adamw.FMA_COLS_16BIT_SM80_MAXNREG
+                        for other in ({"weighted": True}, {"amsgrad": True}):
+                            alt = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80,
+                                                     k=k, **other)  # fmt: skip
+                            assert (alt["BLOCK_R"], alt["maxnreg"]) == (16, 255), other
+                        h100 = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 90, k=k)
+                        assert (h100["BLOCK_R"], h100["maxnreg"]) == (16, 255)
                     if fma:
                         rows, warps, nreg = 8, *adamw.FMA_8ROW_WARPS_MAXNREG
                     assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, rows)
-                    assert (cfg["num_warps"], cfg["maxnreg"]) == (warps, nreg)
+                    assert (cfg["num_warps"], cfg["maxnreg"]) == (warps, nreg), (lay, isz, k)
                     if fma:
                         ams = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80,
                                                  k=k, amsgrad=True)  # fmt: skip
@@ -535,3 +545,52 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
 def test_triton_empty_basis_is_plain_adamw(side):
     """k = 0: no coefficient, an anchor with no address; the step is AdamW's alone."""
     _check_bucket(side, torch.float32, 0, [(7, 24), (7, 24)], amsgrad=True)
+
+
+if "triton" in BACKENDS:
+    import triton
+    import triton.language as tl
+
+    from gradproj.kernels.adamw import _bias_terms
+
+    @triton.jit
+    def _bias_probe(step_ptr, out_ptr, lr, log_beta1, log_beta2, weight_decay):
+        """Program i: ``_bias_terms`` of step i, as (step size, 1/√(1 − β₂ᵗ), decay)."""
+        i = tl.program_id(0)
+        step_size, inv_sqrt_bias2, decay = _bias_terms(
+            step_ptr + i, lr, log_beta1, log_beta2, weight_decay
+        )
+        tl.store(out_ptr + 3 * i, step_size)
+        tl.store(out_ptr + 3 * i + 1, inv_sqrt_bias2)
+        tl.store(out_ptr + 3 * i + 2, decay)
+
+
+@needs_triton
+def test_triton_bias_terms_match_float64_over_betas_and_steps():
+    """The kernels' bias corrections in fp32 (``_bias_terms``: ln β from the host, −expm1 by
+    its Taylor series down to t·ln β = −1, by ``tl.exp`` below) against float64's
+    lr / (1 − β₁ᵗ) and 1 / √(1 − β₂ᵗ): within 1e-6 relative, from β = 0 to 1 − 10⁻⁷ and
+    t = 1 to 10⁷, across the series' edge. Both ways to get it wrong fail here: 1 minus
+    an fp32 βᵗ (1.4e-6 off at β = 0.95, t = 1, in the interpreter's exact exp), and the
+    series cut at y⁸/8! (1.0e-6 off at β = 0.9, t = 8)."""
+    import math
+
+    from gradproj.kernels import adamw
+
+    steps = [*range(1, 41), 99, 100, 101, 999, 1000, 1001, 10**4, 10**5, 10**6, 10**7]
+    step_t = torch.tensor(steps, dtype=torch.float32, device=DEVICES[-1])
+    lr, wd = 3e-4, 0.1
+    worst = 0.0
+    for beta in (0.0, 0.5, 0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999, 1 - 1e-7):
+        out = torch.empty(3 * len(steps), dtype=torch.float32, device=step_t.device)
+        log_beta = adamw._log_beta(beta)
+        _bias_probe[(len(steps),)](step_t, out, lr, log_beta, log_beta, wd)
+        got = out.view(-1, 3).double().cpu()
+        for i, t in enumerate(steps):
+            bias = 1.0 if beta == 0.0 else -math.expm1(t * math.log(beta))
+            want = (lr / bias, 1.0 / math.sqrt(bias))
+            for g, w in zip(got[i, :2].tolist(), want, strict=True):
+                worst = max(worst, abs(g - w) / w)
+                assert abs(g - w) <= 1e-6 * w, (beta, t, g, w)
+        assert torch.allclose(got[:, 2], torch.full_like(got[:, 2], 1.0 - lr * wd))
+    assert worst > 0.0  # fp32 results: the comparison is not of float64 with itself

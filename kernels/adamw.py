@@ -186,8 +186,15 @@ FMA_COLS_ROWS_WARPS = {4: (8, 4), 2: (16, 8)}
 # predicted, D = 768, A100, x torch's fused AdamW: bf16 k = 8 1.75 -> 1.05x at 32768 rows,
 # 2.21 -> 1.60x at 4096; docs/gpu.md #adamw-cols-cap). Only k > 1 without soft weights or
 # amsgrad: those spilled 16-32 B at 128 (k = 1 120 B), and so did every sm_90 variant
-# (24-80 B), which keep 255.
+# (24-80 B): they take FMA_COLS_16BIT_WARPS_MAXNREG.
 FMA_COLS_16BIT_SM80_MAXNREG = 128
+# The rest of those 3-tile blocks (sm_90; soft weights, amsgrad or k = 1 on sm_80): 16 warps
+# capped at 128, one program of 16 warps an SM where 8 warps uncapped made one of 8 (104-128
+# registers, no spills, triton 3.9 and 3.6). Predicted, bf16 side output, D = 768, x torch's
+# fused AdamW (32768 / 4096 rows): H100 k = 1 1.03 / 1.03 -> 1.01 / 1.00x, k = 8 1.86 / 1.86
+# -> 1.67 / 1.67x; A100 k = 1 1.00 / 1.25 -> 1.00 / 1.09x. Not for sm_80's plain k > 1: the
+# cross-warp sums of 16 warps a row cost more than the second program (1.57x against 1.05x).
+FMA_COLS_16BIT_WARPS_MAXNREG = (16, 128)
 
 
 def _fma_cols_tiles(
@@ -196,16 +203,19 @@ def _fma_cols_tiles(
     """``(tiles, num_warps, maxnreg)`` of the FMA form for transposed views (``COLS``, 16-byte
     aligned) of ``d``, or ``None``: rows of one 32-byte sector a column (fp32 8 on 4 warps,
     16-bit 16 on 8: ``FMA_COLS_ROWS_WARPS``) of up to 3 tiles of 256 / 128 / 64 columns,
-    ``k ≤ FMA_COLS_MAX_K``; on compute capability ``cap`` < 9, 16-bit 3-tile blocks of
-    k > 1 without soft weights (``weighted``) or ``amsgrad`` capped at
-    ``FMA_COLS_16BIT_SM80_MAXNREG``."""
+    ``k ≤ FMA_COLS_MAX_K``. 16-bit blocks of 3 tiles of 256: on compute capability ``cap``
+    < 9 with k > 1, without soft weights (``weighted``) or ``amsgrad``, capped at
+    ``FMA_COLS_16BIT_SM80_MAXNREG``; else on ``FMA_COLS_16BIT_WARPS_MAXNREG``."""
     res = resident_tiles(d, max_chunks=3)
     if res is None or res.wide or k > FMA_COLS_MAX_K.get(itemsize, 0):
         return None
     rows, warps = FMA_COLS_ROWS_WARPS[itemsize]
     maxnreg = FMA_MAXNREG
-    if itemsize == 2 and res.chunks == 3 and k > 1 and cap < 90 and not (weighted or amsgrad):
-        maxnreg = FMA_COLS_16BIT_SM80_MAXNREG
+    if itemsize == 2 and res.chunks == 3 and res.block_d == 256:
+        if k > 1 and cap < 90 and not (weighted or amsgrad):
+            maxnreg = FMA_COLS_16BIT_SM80_MAXNREG
+        else:
+            warps, maxnreg = FMA_COLS_16BIT_WARPS_MAXNREG
     return res._replace(block_r=rows), warps, maxnreg
 
 

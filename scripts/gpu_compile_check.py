@@ -750,13 +750,13 @@ def launches(quick: bool = False) -> list[Launch]:
         aligned = " (48, 768) + (16, 768)"
         out.append(adamw_launch(dt, "output", 32, False, False, rows=(48, 16), note=aligned))
     # ... there the FMA form (128 < D <= 768, k <= FMA_COLS_MAX_K: fp32 16, 16-bit 8) in each
-    # chunking, at k = 1 and at its largest k, soft; and hard at its largest k (16-bit 3-tile
-    # blocks on sm_80 capped at FMA_COLS_16BIT_SM80_MAXNREG there)
+    # chunking, at k = 1 and at its largest k, soft and hard (16-bit 3-tile blocks take their
+    # warps and register cap by both: FMA_COLS_16BIT_SM80_MAXNREG, _WARPS_MAXNREG)
     for d in (200, 320, 500, 768):
         for amsgrad in (False, True):
             for dt in DTYPES:
                 top = adamw.FMA_COLS_MAX_K[4 if dt == "fp32" else 2]
-                for k, soft in ((1, True), (top, True), (top, False)):
+                for k, soft in ((1, True), (1, False), (top, True), (top, False)):
                     note = f" ({48}, {d}) + (16, {d})"
                     out.append(adamw_launch(dt, "output", k, soft, amsgrad, d=d, rows=(48, 16),
                                             note=note))  # fmt: skip

@@ -496,18 +496,26 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                 cols = lay == adamw._COLS and k <= (16 if isz == 4 else 8)
                 if fma or cols:
                     # rows: 8 on 8 warps capped at 128 (FMA_8ROW_WARPS_MAXNREG), with amsgrad
-                    # on 4 uncapped; views: fp32 8 rows on 4 warps, 16-bit 16 on 8, capped at
-                    # 128 on sm_80 from k = 2 (FMA_COLS_16BIT_SM80_MAXNREG), not with soft
-                    # weights or amsgrad, nor on sm_90
-                    rows, warps, nreg = (16, 8, 255) if cols and isz == 2 else (8, 4, 255)
-                    if cols and isz == 2 and k > 1:
-                        nreg = adamw.FMA_COLS_16BIT_SM80_MAXNREG
+                    # on 4 uncapped; views: fp32 8 rows on 4 warps, 16-bit 16 on 8 capped at
+                    # 128 on sm_80 from k = 2 (FMA_COLS_16BIT_SM80_MAXNREG), else (k = 1, soft
+                    # weights, amsgrad, sm_90) on 16 capped at 128
+                    rows, warps, nreg = (8, 4, 255)
+                    if cols and isz == 2:
+                        rows, warps, nreg = 16, *adamw.FMA_COLS_16BIT_WARPS_MAXNREG
+                        if k > 1:
+                            warps, nreg = 8, adamw.FMA_COLS_16BIT_SM80_MAXNREG
+                        wide = adamw.FMA_COLS_16BIT_WARPS_MAXNREG
                         for other in ({"weighted": True}, {"amsgrad": True}):
                             alt = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80,
                                                      k=k, **other)  # fmt: skip
-                            assert (alt["BLOCK_R"], alt["maxnreg"]) == (16, 255), other
+                            got = (alt["BLOCK_R"], alt["num_warps"], alt["maxnreg"])
+                            assert got == (16, *wide), other
                         h100 = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 90, k=k)
-                        assert (h100["BLOCK_R"], h100["maxnreg"]) == (16, 255)
+                        assert (h100["BLOCK_R"], h100["num_warps"], h100["maxnreg"]) == (16, *wide)
+                        # 3 tiles of 128 (D = 320) keep 8 warps uncapped (<= 128 registers)
+                        narrow = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 320, 90, k=k)
+                        assert (narrow["BLOCK_D"], narrow["FMA_CHUNKS"]) == (128, 3)
+                        assert (narrow["num_warps"], narrow["maxnreg"]) == (8, 255)
                     if fma:
                         rows, warps, nreg = 8, *adamw.FMA_8ROW_WARPS_MAXNREG
                     assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, rows)

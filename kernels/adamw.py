@@ -115,6 +115,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 import triton
@@ -180,11 +181,11 @@ FMA_COLS_MAX_K = {4: 16, 2: 8}
 FMA_COLS_ROWS_WARPS = {4: (8, 4), 2: (16, 8)}
 
 
-# ... and 16-bit views of 3 tiles on sm_80 capped at 128 registers: of 256 (512 < D <= 768),
-# 2 programs (16 warps) an SM where uncapped they took 148-168, one (3 tiles of 128 or 64
-# took <= 128 anyway; benchmarks/perf_model.py,
-# predicted, D = 768, A100, x torch's fused AdamW: bf16 k = 8 1.75 -> 1.05x at 32768 rows,
-# 2.21 -> 1.60x at 4096; docs/gpu.md #adamw-cols-cap). Only k > 1 without soft weights or
+# ... and 16-bit views of 3 tiles of 256 (512 < D <= 768; of 128 or 64 they took <= 128
+# anyway) on sm_80 capped at 128 registers: 2 programs (16 warps) an SM where uncapped they
+# took 148-168, one (benchmarks/perf_model.py, predicted, D = 768, A100, x torch's fused
+# AdamW: bf16 k = 8 1.75 -> 1.05x at 32768 rows, 2.21 -> 1.60x at 4096; docs/gpu.md
+# #adamw-cols-cap). Only k > 1 without soft weights or
 # amsgrad: those spilled 16-32 B at 128 (k = 1 120 B), and so did every sm_90 variant
 # (24-80 B): they take FMA_COLS_16BIT_WARPS_MAXNREG.
 FMA_COLS_16BIT_SM80_MAXNREG = 128
@@ -1300,6 +1301,20 @@ def _flat_table(
     return table, unit, 16 // isz if unit and all(aligned) else 1
 
 
+class _Hyper(NamedTuple):
+    """The kernels' scalar arguments after ``n_chunks`` / ``K``, in their order (``*hyper``)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    one_minus_beta1: float
+    one_minus_beta2: float
+    log_beta1: float
+    log_beta2: float
+    eps: float
+    weight_decay: float
+
+
 def _log_beta(beta: float) -> float:
     """ln β in fp64, for the kernels' bias corrections 1 − βᵗ = −expm1(t·ln β)
     (``_bias_terms``); −inf for β = 0 (βᵗ = 0 from t = 1)."""
@@ -1333,7 +1348,7 @@ def projected_adamw_bucket_(
     d, k = basis.shape
     block_k = _block_k(k, "basis")
     amsgrad = max_exp_avg_sqs is not None
-    hyper = (
+    hyper = _Hyper(
         float(lr),
         beta1,
         beta2,
@@ -1442,7 +1457,7 @@ def _launch_flat(
     common = {
         "AMSGRAD": vmaxs is not None,
         "MAXIMIZE": maximize,
-        "FAST_SQRT": _fast_sqrt(hyper[7], vmaxs is not None, 0, None),
+        "FAST_SQRT": _fast_sqrt(hyper.eps, vmaxs is not None, 0, None),
         "UNIT": unit,
         "ALIGN": align,
         "CHUNK": _FLAT_CHUNK,

@@ -756,7 +756,7 @@ def launches(quick: bool = False) -> list[Launch]:
         for amsgrad in (False, True):
             for dt in DTYPES:
                 top = adamw.FMA_COLS_MAX_K[4 if dt == "fp32" else 2]
-                for k, soft in ((1, True), (1, False), (top, True), (top, False)):
+                for k, soft in itertools.product((1, top), (True, False)):
                     note = f" ({48}, {d}) + (16, {d})"
                     out.append(adamw_launch(dt, "output", k, soft, amsgrad, d=d, rows=(48, 16),
                                             note=note))  # fmt: skip

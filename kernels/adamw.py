@@ -28,8 +28,10 @@ loads were scalar), and no offset is formed in int32.
   elements per 16 bytes, else 1), ``tl.multiple_of`` lets the loads be 16-byte
   vectors.
 * **Tiles** (``_rows_config``, per arch, the arch cached per device): ``BLOCK_R ×
-  BLOCK_D`` of p, g, m, v (16 × 64 fp32 / 16 × 128 bf16 for ``side="input"`` at
-  k ≤ 32; 32 × 32 for ``"output"``), the ``BLOCK_D × BLOCK_K`` slice of ``U`` and
+  BLOCK_D`` of p, g, m, v (16 rows: ``side="input"`` 16 × 64 fp32 / 16 × 128 bf16 at
+  k ≤ 16, 16 × 64 at k ≤ 32, 16 × 32 beyond; ``"output"`` 16 × 64 at 16 < k ≤ 32 for
+  fp32 and k ≤ 16 for 16-bit without amsgrad, else 16 × 32), the
+  ``BLOCK_D × BLOCK_K`` slice of ``U`` and
   ``BLOCK_R × BLOCK_K`` fp32 coefficients in registers, ``BLOCK_K = max(16,
   next_pow2(k))``; for 128 < k ≤ 256 the coefficients are two 128-wide tiles
   (``KSPLIT = 2``), because a 3xTF32 dot's A operand (the coefficients, in pass 2)
@@ -43,8 +45,8 @@ loads were scalar), and no offset is formed in int32.
   read once, p, m, v written once (7 streams; 9 with amsgrad) — plus ``U`` once per
   program (from L2 after the first).
 * **FMA form** (constexpr ``FMA_CHUNKS`` > 0: ``ROWS`` layout, ``128 < D ≤ 4096``, ``k ≤
-  FMA_MAX_K``: 32 for fp32, 16 for bf16/fp16 (32 in 8-row blocks without amsgrad,
-  ``FMA_8ROW_MAX_K``), up to ``D`` = 3072; beyond,
+  FMA_MAX_K``: 32 for fp32, 16 for bf16/fp16 (16 in 8-row blocks without amsgrad,
+  ``FMA_8ROW_MAX_K``, where the two-pass form leads above), up to ``D`` = 3072; beyond,
   ``FMA_4TILE_MAX_K``, 16 and 8; and 16-byte aligned ``COLS`` views, ``128 < D ≤ 768``,
   ``k ≤ FMA_COLS_MAX_K``, 16 and 8, in blocks of one 32-byte sector a column: fp32 8 rows
   on 4 warps, 16-bit 16 on 8, ``_fma_cols_tiles``): ``x'`` of an 8-row block stays in
@@ -61,7 +63,7 @@ loads were scalar), and no offset is formed in int32.
   dependent global load in every iteration: bf16 k = 8 on H100 was predicted at 1.08× at
   ``D`` = 768 and 1.50× at 1024, now 1.00×). Each of p, g, m, v is read once and p, m, v
   written once: a fused AdamW's bytes, predicted at 1.00× its time at ``D`` = 768 up to k
-  = 32 (fp32) / 16 (bf16), where the two-pass form reads more (wider ``D``: docs/gpu.md).
+  = 16 (fp32; bf16 1.58×), where the two-pass form reads more (wider ``D``: docs/gpu.md).
 * **Two-pass form** (``D > BLOCK_D``): pass 1 walks ``D`` in ``BLOCK_D`` chunks,
   forms ``x'`` and accumulates ``a = x' U``; pass 2 walks the chunks again and stores
   ``x' − (w ⊙ (a − c)) Uᵀ``. fp32 parameters (constexpr ``RELOAD``): pass 1 stores
@@ -80,9 +82,10 @@ loads were scalar), and no offset is formed in int32.
   register arrays. ``U`` is loaded once per program per pass.
 * **Dots**: both GEMMs (``x' U`` and ``(a − c) Uᵀ``) run on tensor cores in fp32
   with the split-precision scheme ``_PRECISION`` (3xTF32: ``a·b ≈ a_hi b_hi +
-  a_hi b_lo + a_lo b_hi`` with ``a_hi = tf32(a)``, ``a_lo = tf32(a − a_hi)``).
-  Each product then carries a relative error ≤ ~3·2⁻²² (the dropped
-  ``a_lo b_lo`` and the rounding of the ``lo`` parts), typically ~2⁻²⁴, i.e.
+  a_hi b_lo + a_lo b_hi`` with ``a_hi = tf32(a)``, ``a_lo = a − a_hi`` read by the
+  tensor cores as its tf32 bits; the projection's ``_dot_split``, through ``_dot``).
+  Each product then carries a relative error ≤ ~2⁻²¹ (the dropped
+  ``a_lo b_lo`` and the truncation of the ``lo`` parts), typically ~2⁻²⁴, i.e.
   fp32's own rounding level, and the fp32 accumulation is unchanged; the issue's
   emulation over 100 anchored fp32 steps gave max ‖ΔW U‖/‖W₀‖ = 5.3e-8 / 5.4e-8 /
   1.1e-7 at k = 8/32/128, as "ieee" does. Plain tf32 (3.2e-4) would break the
@@ -128,6 +131,7 @@ from gradproj.kernels.project import (
     _anchor_tile,
     _basis_columns,
     _column_coef,
+    _dot_split,
     _rank1_update,
     _row_dots,
     _store_anchor_tile,
@@ -233,11 +237,13 @@ def _fma_cols_tiles(
 # amsgrad (a fifth stream) capped at 128 they spilled 16-32 B, so amsgrad keeps 4 warps.
 # docs/gpu.md #adamw-fma-warps.
 FMA_8ROW_WARPS_MAXNREG = (8, 128)
-# Their largest k (not with amsgrad, whose blocks keep 4 warps and FMA_MAX_K): 16-bit to 32
-# since one reduction a row (project._row_dots; docs/gpu.md #resident-k16). Predicted, D =
-# 768, x torch's fused AdamW, A100 / H100: bf16 k = 32 2.81 / 3.02x at 32768 rows and 3.55 /
-# 3.02x at 4096, against the two-pass form's 3.51 / 3.56x and 5.61 / 3.56x.
-FMA_8ROW_MAX_K = {4: 32, 2: 32}
+# Their largest k (not with amsgrad, whose blocks keep 4 warps and FMA_MAX_K): 16, since the
+# two-pass form's split dots shed a third of their instructions and took 16-row tiles
+# (docs/gpu.md #adamw-tiles). Predicted, D = 768, 32768 rows, x torch's fused AdamW, A100 /
+# H100, k = 32: bf16 2.70 / 2.86x here against the two-pass form's 1.64 / 1.62x, fp32 1.35 /
+# 1.41x against 1.29 / 1.29x; at k = 16 this form leads (bf16 1.58 / 1.66x against 1.62 /
+# 1.98x, fp32 1.00 / 1.02x against 1.29 / 1.38x).
+FMA_8ROW_MAX_K = {4: 16, 2: 16}
 
 
 def fma_max_k(d: int, itemsize: int, amsgrad: bool = False) -> int:
@@ -434,6 +440,19 @@ def _tile_offsets(rows, ds, s, s_d, LAYOUT: tl.constexpr):
         return rows[:, None] + ds[None, :].to(tl.int64) * s
     else:
         return rows[:, None] * s + ds[None, :].to(tl.int64) * s_d
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """``a·b`` from a zero accumulator. "tf32x3": the projection's ``_dot_split`` (a and b
+    each split once, hi rounded and lo as it is: 3 instructions a value), where Triton's
+    own tf32x3 rounds hi by ``cvt.rna.tf32.f32``, which ptxas expands into 6 (docs/gpu.md
+    #raw-lo); else ``tl.dot`` at ``PRECISION`` ("ieee": fp32 FMAs)."""
+    if PRECISION == "tf32x3":
+        acc = _dot_split(a, b, True, False, False)
+    else:
+        acc = tl.dot(a, b, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -694,15 +713,13 @@ def _projected_adamw_kernel(
             FAST_SQRT,
         )
         u = _basis_tile(u_ptr, ds, ks, D, K)
-        coef = _coef_minus_anchor(
-            tl.dot(x, u, input_precision=PRECISION), c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W
-        )
+        coef = _coef_minus_anchor(_dot(x, u, PRECISION), c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W)
         if KSPLIT == 2:
             u2 = _basis_tile(u_ptr, ds, ks2, D, K)
-            coef2 = tl.dot(x, u2, input_precision=PRECISION)
+            coef2 = _dot(x, u2, PRECISION)
             coef2 = _coef_minus_anchor(coef2, c_ptr, w_ptr, rows, row_mask, ks2, K, HAS_W)
-            x = x - tl.dot(coef2, tl.trans(u2), input_precision=PRECISION)
-        x = x - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
+            x = x - _dot(coef2, tl.trans(u2), PRECISION)
+        x = x - _dot(coef, tl.trans(u), PRECISION)
         _store_moments(p_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, x, m, v, vmax, AMSGRAD)
     else:
         # Pass 1: a = x' U over D in chunks (x' = the AdamW-updated rows). RELOAD (fp32):
@@ -740,10 +757,10 @@ def _projected_adamw_kernel(
             )
             if RELOAD:
                 _store_moments(p_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, x, m, v, vmax, AMSGRAD)
-            coef += tl.dot(x, _basis_tile(u_ptr, ds, ks, D, K), input_precision=PRECISION)
+            coef += _dot(x, _basis_tile(u_ptr, ds, ks, D, K), PRECISION)
             if KSPLIT == 2:
                 u2 = _basis_tile(u_ptr, ds, ks2, D, K)
-                coef2 += tl.dot(x, u2, input_precision=PRECISION)
+                coef2 += _dot(x, u2, PRECISION)
         coef = _coef_minus_anchor(coef, c_ptr, w_ptr, rows, row_mask, ks, K, HAS_W)
         if KSPLIT == 2:
             coef2 = _coef_minus_anchor(coef2, c_ptr, w_ptr, rows, row_mask, ks2, K, HAS_W)
@@ -784,10 +801,10 @@ def _projected_adamw_kernel(
                     FAST_SQRT,
                 )
             u = _basis_tile(u_ptr, ds, ks, D, K)
-            x = x - tl.dot(coef, tl.trans(u), input_precision=PRECISION)
+            x = x - _dot(coef, tl.trans(u), PRECISION)
             if KSPLIT == 2:
                 u2 = _basis_tile(u_ptr, ds, ks2, D, K)
-                x = x - tl.dot(coef2, tl.trans(u2), input_precision=PRECISION)
+                x = x - _dot(coef2, tl.trans(u2), PRECISION)
             if RELOAD:
                 tl.store(p_ptr + offs, x.to(ty), mask=mask)
             else:
@@ -1106,13 +1123,21 @@ def _rows_config(
         block_r = 16
         block_d = 16 if layout == _COLS and itemsize == 4 else 32
     elif layout == _COLS:
-        block_r = 32 if part <= 32 else 16
-        # 16-bit with k ≤ 16: ptxas capped 32-wide chunks at 168 registers on sm_90
-        # and spilled 4 B; 16-wide chunks keep the 32 contiguous rows, 117 registers
-        block_d = 16 if itemsize == 2 and part <= 16 else 32
+        # 16 rows (one 32-byte sector of a 16-bit column; two of fp32) where 32 held twice
+        # the pieces of the split dots a thread (docs/gpu.md #adamw-tiles, predicted at
+        # D = 768, 32768 rows, A100 / H100, over torch's fused AdamW): k = 32 bf16 16 x 32
+        # 1.59 / 1.65x (32 x 32: 3.62 / 4.12x, 218 / 205 registers), fp32 16 x 64 1.29 /
+        # 1.29x (32 x 32: 1.51 / 1.36x); 16-bit k = 16 16 x 64 1.65 / 1.61x (32 x 16: 2.03 /
+        # 1.71x), but 16 x 32 with amsgrad (16 x 64 spilled 4 B on sm_90) and for fp32 (on
+        # unaligned views 16 x 64 spilled 8 B on sm_80; aligned ones take the FMA form)
+        block_r = 16
+        wide = itemsize == 4 if part == 32 else (itemsize == 2 and not amsgrad and part == 16)
+        block_d = 64 if wide else 32
     else:
         block_r = 16
-        block_d = (64 if itemsize == 4 else 128) if part <= 32 else 64 if part <= 64 else 32
+        # k = 33-64: 16 x 32 (bf16 2.84 / 3.18 -> 2.26 / 2.43x, fp32 1.36 / 1.43 -> 1.29x);
+        # 16-bit k = 17-32 16 x 64 (1.64 / 1.62x; 16 x 128 took 212 registers: 3.08 / 3.12x)
+        block_d = (64 if itemsize == 4 or part == 32 else 128) if part <= 32 else 32
     d_pad = max(16, triton.next_power_of_2(d))
     # 8 rows of 4 tiles of 256 (769 <= D <= 1024) spilled up to 380 B on sm_90: 4 rows of
     # 2 tiles of 512 instead (_fma_tiles)
@@ -1428,12 +1453,8 @@ def _fast_sqrt(eps: float, amsgrad: bool, cap: int, config: Mapping[str, object]
     if amsgrad and config["FMA_CHUNKS"] and config["BLOCK_D"] >= 1024:
         # fp32 rows of 2 x 1024 with soft weights spilled 8-12 B at 255 registers (sm_90)
         return False
-    two_pass = not config["RESIDENT"] and not config["FMA_CHUNKS"]
-    sixteen_bit = not config["RELOAD"]  # a two-pass fp32 tile reads p back in pass 2
-    if cap >= 90 and two_pass and sixteen_bit and config["BLOCK_R"] == config["BLOCK_K"] == 32:
-        # 16-bit transposed views at k = 32: ptxas took 211 registers on sm_90 where it took
-        # 168 with sqrt_rn, 2 programs an SM instead of 3 (3.30x -> 4.26x, predicted)
-        return False
+    # (16-bit transposed views at k = 32 kept sqrt_rn on sm_90 while their tiles were 32 x
+    # 32: 211 registers against 168; their 16 x 32 tiles take 80, docs/gpu.md #adamw-tiles)
     return True
 
 

@@ -71,15 +71,17 @@ Design of the row kernel (bytes per gradient element of ``b`` bytes; tiles in
 
 Precision (``DOT_SCHEME``, emulated bit for bit in ``tests/test_precision_split.py``):
 ``"tf32x3"`` runs both GEMMs on tensor cores in tf32 with each operand split
-into two tf32 pieces in the kernel, ``a = a_hi + a_lo`` (``a_hi`` = ``a``
+into two pieces in the kernel, ``a = a_hi + a_lo`` exactly (``a_hi`` = ``a``
 rounded to 10 mantissa bits, ties away from zero, as ``cvt.rna.tf32.f32``;
-``a_lo`` = the rest, rounded the same way), and ``a·b ≈ a_lo b_hi + a_hi b_lo +
-a_hi b_hi`` with fp32 accumulation: about 2⁻²¹ relative per product instead of
-tf32's 2⁻¹¹. bf16/fp16 gradients are exact in tf32, so pass 1 needs two
+``a_lo`` = the rest in fp32, which the tensor cores read truncated to its tf32 bits),
+and ``a·b ≈ a_lo b_hi + a_hi b_lo + a_hi b_hi`` with fp32 accumulation: about 2⁻²¹
+relative per product instead of tf32's 2⁻¹¹. Where the result is 16-bit (bf16/fp16
+rows, ``TRUNCATED``) ``a_hi`` is ``a`` truncated instead (``_split_truncated``: about 2⁻¹⁹
+a product, far below the result's rounding, 2 instructions a value where rounding takes
+3). bf16/fp16 gradients are exact in tf32, so pass 1 needs two
 products, not three. Splitting ``U`` in the kernel (a few integer ops per basis
 element per program) reads the fp32 basis once instead of two stored pieces and
-needs no host cache. Every piece is exactly representable in tf32, so the tensor
-cores' input truncation is a no-op. Their sums are not rounded to nearest: each MMA
+needs no host cache. Their sums are not rounded to nearest: each MMA
 (8 along ``k``) truncates its sum to fp32, so an accumulator chained through many MMAs
 drifts toward zero (measured on an H200: pass 1 chained through all of ``D`` = 768, 288
 MMAs, left 3e-5 of max|x| where a full-rank projection leaves 0, 3x the fp32 tolerance).
@@ -139,29 +141,34 @@ def _tf32_round(x):
 
 @triton.jit
 def _split_tf32(x):
-    # x = hi + lo, both tf32.
+    # x = hi + lo: hi the tf32 value nearest x, lo = x - hi exactly, in fp32. lo goes to
+    # the tensor cores as it is: they read its tf32 bits (the low 13 dropped, what CUTLASS's
+    # round_half_ulp_truncate relies on; tests/tensor_cores.py models it): hi and what they
+    # read of lo are within 2^-22 |x| of x (|lo| <= 2^-11 |x|). Rounding lo too cost 3 more
+    # instructions a value at every use, and U's split runs per tile of every program
+    # (docs/gpu.md #raw-lo). A NaN x keeps a NaN lo whatever hi becomes (a payload that
+    # fills the mantissa carries into hi's sign: -0.0), and a NaN read truncated stays NaN,
+    # so its row stays NaN.
     hi = _tf32_round(x)
-    return hi, _tf32_round(x - hi)
+    return hi, x - hi
 
 
 @triton.jit
-def _split_tf32_nan(x):
-    # _split_tf32 for the gradient side of a dot (x, or the coefficients formed from it).
-    # A NaN whose payload fills the mantissa (0x7FFFFFFF, the NaN CUDA's arithmetic
-    # produces) carries into the sign bit in _tf32_round and comes back as -0.0, in hi
-    # and again in lo: the NaN vanished from the dots and its row came out finite.
-    # r - r (0 for finite r = x - hi, NaN otherwise) puts it back in lo. Not for the
-    # basis side: a NaN-safe rounding there too, or x - x keeping x live, spilled
-    # 3-6 sm_80/sm_90 tiles.
-    hi = _tf32_round(x)
-    r = x - hi
-    return hi, _tf32_round(r) + (r - r)
+def _split_truncated(x):
+    # _split_tf32 for products that end in a 16-bit result (bf16/fp16 rows): hi = x with its
+    # low 13 bits cleared, lo = x - hi exactly, 2 instructions where _split_tf32 takes 3.
+    # |lo| < 2^-10 |x|, so what the tensor cores drop from lo is below 2^-21 |x| (rounding:
+    # 2^-22), 2^12 below a bf16 result's rounding (2^-9); the CUDA kernels' mma.cuh
+    # [truncated]. A NaN's bits stay NaN under the mask.
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
 
 
 @triton.jit
-def _dot_split(a, b, SPLIT: tl.constexpr, A_EXACT: tl.constexpr):
+def _dot_split(a, b, SPLIT: tl.constexpr, A_EXACT: tl.constexpr, TRUNCATED: tl.constexpr):
     """``a·b`` on tensor cores from a zero accumulator, both operands split in tf32
-    pieces (``a`` only when it is not exact in tf32); small terms first, as Triton's own
+    pieces (``a`` only when it is not exact in tf32; ``TRUNCATED``: the product ends in a
+    16-bit result, the pieces of ``_split_truncated``); small terms first, as Triton's own
     tf32x3. Callers add the result to a running sum in fp32 themselves: the tensor
     cores truncate every MMA's sum (tests/tensor_cores.py), so an accumulator chained
     through all of ``D`` (288 MMAs at 768) drifted 3e-5 of max|x| toward zero on an H200,
@@ -169,12 +176,18 @@ def _dot_split(a, b, SPLIT: tl.constexpr, A_EXACT: tl.constexpr):
     zero-started dot, so Triton's combine pass cannot fold the caller's add back into
     the MMA (tests/test_gpu_compile_check.py reads the TTIR)."""
     if SPLIT:
-        b_hi, b_lo = _split_tf32(b)
+        if TRUNCATED:
+            b_hi, b_lo = _split_truncated(b)
+        else:
+            b_hi, b_lo = _split_tf32(b)
         if A_EXACT:
             acc = tl.dot(a, b_lo, input_precision="tf32")
             acc = tl.dot(a, b_hi, acc, input_precision="tf32")
         else:
-            a_hi, a_lo = _split_tf32_nan(a)
+            if TRUNCATED:
+                a_hi, a_lo = _split_truncated(a)
+            else:
+                a_hi, a_lo = _split_tf32(a)
             acc = tl.dot(a_lo, b_hi, input_precision="tf32")
             acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
             acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
@@ -347,6 +360,7 @@ def _project_rows_kernel(
     HAS_ANCHOR: tl.constexpr,
     SPLIT: tl.constexpr,
     X_EXACT: tl.constexpr,
+    TRUNCATED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -421,7 +435,7 @@ def _project_rows_kernel(
             ks = k0 + tl.arange(0, BLOCK_K)
             u_mask = d_mask[:, None] & (ks < K)[None, :]
             u = tl.load(u_ptr + u_row + ks[None, :], mask=u_mask, other=0.0)
-            coef = _dot_split(x, u, SPLIT, X_EXACT)
+            coef = _dot_split(x, u, SPLIT, X_EXACT, TRUNCATED)
             k_valid = ks < K
             coef = _coefficients(
                 coef,
@@ -434,7 +448,7 @@ def _project_rows_kernel(
                 HAS_W,
                 HAS_ANCHOR,
             )
-            x = x - _dot_split(coef, tl.trans(u), SPLIT, False)
+            x = x - _dot_split(coef, tl.trans(u), SPLIT, False, TRUNCATED)
         tl.store(g0_ptr + offs, x.to(dtype), mask=mask)
     else:
         for k0 in range(0, K, BLOCK_K):
@@ -451,7 +465,7 @@ def _project_rows_kernel(
                 ).to(tl.float32)
                 u_offs = ds.to(tl.int64)[:, None] * K + ks[None, :]
                 u = tl.load(u_ptr + u_offs, mask=d_mask[:, None] & kk, other=0.0)
-                coef += _dot_split(x, u, SPLIT, X_EXACT)  # fp32 add: see _dot_split
+                coef += _dot_split(x, u, SPLIT, X_EXACT, TRUNCATED)  # fp32 add: see _dot_split
             k_valid = ks < K
             coef = _coefficients(
                 coef,
@@ -473,7 +487,7 @@ def _project_rows_kernel(
                 ut_offs = ks[:, None] + ds.to(tl.int64)[None, :] * K
                 ut_mask = k_valid[:, None] & d_mask[None, :]
                 ut = tl.load(u_ptr + ut_offs, mask=ut_mask, other=0.0)
-                p = _dot_split(coef, ut, SPLIT, False)
+                p = _dot_split(coef, ut, SPLIT, False, TRUNCATED)
                 x = tl.load(g0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(g0_ptr + offs, (x - p).to(dtype), mask=mask)
             if k0 + BLOCK_K < K:
@@ -801,7 +815,7 @@ def _few_rows_tiles(
     if block_k == 32 and arch >= 90 and contig in (0, 1):
         if anchored:
             # fp32 16 x 64 on 8 warps: 31 / 31 % against 15 / 31 % (on 4 warps 25 / 25 %);
-            # 16-bit keeps 64 x 64 on 8 warps (16 x 64 on 4 spilled; nothing else led)
+            # 16-bit keeps its tiles (16 x 64 on 4 spilled; nothing else led)
             return _Tiles(False, 16, 64, block_k, 8, 1) if elsize == 4 else None
         # 16 x 64 on 4 warps: fp32 25 / 50 % against 15 / 31 % (transposed 23 / 46 against
         # 14 / 28), 16-bit 18 / 37 % against 15 / 30 % (transposed 18 / 36 against 15 / 31)
@@ -883,6 +897,11 @@ def _many_rows_tiles(
         # registers (2 programs: the anchored and transposed kernels predicted latency-bound
         # at 49-50 % of copy); capped at 168 the plain rows kernel reached 66 % but the
         # anchored and transposed ones spilled 48 B / 4 B. Now 66 % for all three (k = 32).
+        # Anchored contiguous rows on 8 warps, two stages, since the split dots shed
+        # instructions (docs/gpu.md #raw-lo; tile_sweep --predict, 32768 rows): 66 % against
+        # 54 %
+        if anchored and contig == 1:
+            return _Tiles(False, 64, 32, block_k, 8, 2)
         return _Tiles(False, 64, 32, block_k, 4, 1)
     if block_k <= 32 and contig == 1:
         # contiguous rows, plain or anchored (benchmarks/tile_sweep.py --predict: the model
@@ -899,10 +918,17 @@ def _many_rows_tiles(
         # (16-bit on sm_90 on 8 warps since docs/gpu.md #few-rows: 64 x 64 on 4 warps took
         # 2 programs an SM, occupancy-bound, 44 / 43 % plain / anchored at 32768 rows; on 8,
         # 49 / 48 %, and no lower at 4096-16384 rows)
+        # Since the split dots shed instructions (docs/gpu.md #raw-lo; tile_sweep --predict,
+        # 32768 rows, sm_80): anchored fp32 16 x 32 on two stages, 65 % against 57 %; plain
+        # 16-bit 16 x 64, 55 % against 51 %
         if block_k == 16:
             return _Tiles(False, 64, 32, block_k, 4, 1)
         if arch >= 90:
             return _Tiles(False, 64, 64, block_k, 8, 1)
+        if anchored and elsize == 4:
+            return _Tiles(False, 16, 32, block_k, 4, 2)
+        if not anchored and elsize == 2:
+            return _Tiles(False, 16, 64, block_k, 4, 1)
         return _Tiles(False, 16, 32, block_k, 4, 1)
     if block_k == 32 and contig == 0:
         # transposed views at BLOCK_K = 32 (fp32 on sm_90 took 64 x 32 above): 16-row blocks,
@@ -911,8 +937,13 @@ def _many_rows_tiles(
         # 32 x 64's 18 / 29 % and 12 / 33 %; sm_90 16-bit 64 x 64 on 8 warps 15 / 49 % (16 x
         # 32 on 4: 15 / 39 %; 32 x 64's 10 / 39 %), no lower at 8192 and 16384 rows
         if arch >= 90:
-            return _Tiles(False, 64, 64, block_k, 8, 1)
-        return _Tiles(False, 16, 64, block_k, 4, 1)
+            # 16-bit: 64 x 32 on two stages, 64 % against 64 x 64 on 8 warps' 49 % (32768
+            # rows), since the split dots shed instructions (docs/gpu.md #raw-lo)
+            return _Tiles(False, 64, 32, block_k, 4, 2)
+        # anchored fp32 capped at 136: with U's lo piece unrounded (_split_tf32) triton
+        # 3.6's ptxas aimed the scalar (VEC = 1) kernel at 128 and spilled 12 B; at 136
+        # 126-127 registers, no spill (3.6 and 3.9), 4 programs an SM as before
+        return _Tiles(False, 16, 64, block_k, 4, 1, 136 if anchored and elsize == 4 else None)
     if block_k <= 32:
         return _Tiles(False, 32, 64, block_k, 4, 1)
     if block_k == 64 and elsize == 4 and contig == 0 and anchored and arch >= 90:
@@ -947,6 +978,15 @@ def tf32_round(x: torch.Tensor) -> torch.Tensor:
     twin of the kernel's ``_tf32_round``, the same integer formula (for tests)."""
     bits = x.contiguous().view(torch.int32)
     return ((bits + 0x1000) & -8192).view(torch.float32)
+
+
+def split_tf32(x: torch.Tensor, truncated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` of fp32 ``x`` as the kernel's ``_split_tf32`` (``truncated``:
+    ``_split_truncated``) forms them, ``hi + lo = x`` exactly and ``lo`` unrounded (the
+    tensor cores read its tf32 bits): the host twin, for tests."""
+    x = x.contiguous()
+    hi = (x.view(torch.int32) & -8192).view(torch.float32) if truncated else tf32_round(x)
+    return hi, x - hi
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[int]:
@@ -1085,6 +1125,8 @@ def _launch_rows(
         # bf16/fp16 values are exact in tf32: no lo piece, unless a later chunk
         # of k (one pass) reads the tile already updated in fp32
         X_EXACT=g0.dtype != torch.float32 and (k <= block_k or not one_pass),
+        # a 16-bit result: the dots' operands split truncated (_split_truncated)
+        TRUNCATED=g0.dtype != torch.float32,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         BLOCK_K=block_k,

@@ -393,8 +393,8 @@ def test_triton_fast_sqrt_follows_eps_and_the_compile_check():
     assert wide["FMA_CHUNKS"] and wide["BLOCK_D"] == 1024
     assert adamw._fast_sqrt(1e-8, False, 90, wide) and not adamw._fast_sqrt(1e-8, True, 90, wide)
     cols = dict(adamw._rows_config(adamw._COLS, 2, 32, 768, 90, k=32, aligned=False))
-    assert (cols["BLOCK_R"], cols["BLOCK_K"], cols["FMA_CHUNKS"]) == (32, 32, 0)
-    assert not adamw._fast_sqrt(1e-8, False, 90, cols) and adamw._fast_sqrt(1e-8, False, 80, cols)
+    assert (cols["BLOCK_R"], cols["BLOCK_K"], cols["FMA_CHUNKS"]) == (16, 32, 0)
+    assert adamw._fast_sqrt(1e-8, False, 90, cols) and adamw._fast_sqrt(1e-8, False, 80, cols)
     cols32 = dict(adamw._rows_config(adamw._COLS, 4, 32, 768, 90, k=32, aligned=False))
     assert cols32["RELOAD"] and adamw._fast_sqrt(1e-8, False, 90, cols32)  # fp32 keeps it
 
@@ -489,10 +489,11 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
             for isz in (2, 4):
                 cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80, k=k)
                 assert not cfg["RESIDENT"]  # D = 768 never fits one tensor-core tile
-                # x' in registers: rows up to k = 32 (16-bit with amsgrad 16); 16-byte aligned
-                # transposed views (COLS) up to 16 fp32 / 8 16-bit, one 32-byte sector a
-                # column (fp32 8 rows on 4 warps, 16-bit 16 on 8)
-                fma = k <= 32 if lay == adamw._ROWS else False
+                # x' in registers: rows up to k = 16 (FMA_8ROW_MAX_K; with amsgrad on 4
+                # warps, FMA_MAX_K: fp32 32, 16-bit 16); 16-byte aligned transposed views
+                # (COLS) up to 16 fp32 / 8 16-bit, one 32-byte sector a column (fp32 8 rows
+                # on 4 warps, 16-bit 16 on 8)
+                fma = k <= 16 if lay == adamw._ROWS else False
                 cols = lay == adamw._COLS and k <= (16 if isz == 4 else 8)
                 if fma or cols:
                     # rows: 8 on 8 warps capped at 128 (FMA_8ROW_WARPS_MAXNREG), with amsgrad
@@ -520,16 +521,16 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                         rows, warps, nreg = 8, *adamw.FMA_8ROW_WARPS_MAXNREG
                     assert (cfg["FMA_CHUNKS"], cfg["BLOCK_D"], cfg["BLOCK_R"]) == (3, 256, rows)
                     assert (cfg["num_warps"], cfg["maxnreg"]) == (warps, nreg), (lay, isz, k)
-                    if fma:
-                        ams = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80,
-                                                 k=k, amsgrad=True)  # fmt: skip
-                        if k <= (32 if isz == 4 else 16):  # FMA_MAX_K
-                            assert (ams["BLOCK_R"], ams["num_warps"], ams["maxnreg"]) == (8, 4, 255)
-                        else:
-                            assert ams["FMA_CHUNKS"] == 0
                 else:
                     assert cfg["FMA_CHUNKS"] == 0
                     assert cfg["BLOCK_R"] >= 16 and cfg["BLOCK_D"] >= 16  # tl.dot's minimum
+                if lay == adamw._ROWS:
+                    ams = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 80,
+                                             k=k, amsgrad=True)  # fmt: skip
+                    if k <= (32 if isz == 4 else 16):  # FMA_MAX_K
+                        assert (ams["BLOCK_R"], ams["num_warps"], ams["maxnreg"]) == (8, 4, 255)
+                    else:
+                        assert ams["FMA_CHUNKS"] == 0
     # beyond 3 tiles of 256 on 4 warps: 4 rows of 2-3 tiles of 512, then 2 rows of 2-3 tiles
     # of 1024, then 4 of those on 8 warps (fp32 up to k = 32, 16-bit up to k = 16; with 4
     # tiles 16 and 8), none beyond 4096

@@ -8,7 +8,9 @@ suite cannot see tf32 rounding; this file reproduces it instead:
 * ``tf32_round`` keeps 10 mantissa bits, ties away from zero (``cvt.rna.tf32.f32``):
   the host twin of the kernel's ``_tf32_round``, the same integer formula; every
   operand is split as the kernel's ``_split_tf32`` does, ``hi = round(a)``,
-  ``lo = round(a − hi)``;
+  ``lo = a − hi`` unrounded (the tensor cores read its tf32 bits), or for 16-bit rows
+  as ``_split_truncated`` does, ``hi`` = ``a`` truncated (``P.split_tf32``, the host
+  twin, checked against the kernel's functions in the interpreter);
 * a product of two tf32 values is exact, and the tensor cores add each MMA's products
   (8 along ``k``) to the accumulator exactly, then truncate the sum to fp32 (measured on
   an H200; the model is ``tests/tensor_cores.py``, which the interpreter's ``tl.dot`` uses
@@ -34,30 +36,40 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from gradproj import reference as R
 from gradproj.kernels import project as P
+from gradproj.kernels.project import _split_tf32, _split_truncated
 
 from . import tensor_cores as TC
+from .conftest import DEVICES
 from .test_project import CASES, assert_matches, orthonormal, ref64
 
 BOUND = 1e-6  # the optimizer guarantee: ‖(W_T − W_0) U‖ ≤ 1e-6·‖W_0‖ in fp32
 
 
-def split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hi = P.tf32_round(a)
-    return hi, P.tf32_round(a - hi)
+def split(a: torch.Tensor, truncated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return P.split_tf32(a, truncated)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.float().contiguous().numpy()
 
 
-def dot(a: torch.Tensor, b: torch.Tensor, a_exact: bool, scheme: str = P.DOT_SCHEME, acc=None):
+def dot(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_exact: bool,
+    scheme: str = P.DOT_SCHEME,
+    acc=None,
+    truncated: bool = False,
+):
     """``acc + a @ b`` as the kernel's ``_dot_split`` computes it on the tensor cores (same
-    terms, same order, every MMA truncated). ``acc`` ``None``: from a zero accumulator, as
-    the kernel does; a tensor: the MMAs chained through it, as the kernel did before
-    2026-12-04."""
+    terms, same order, every MMA truncated; ``truncated``: a 16-bit result, the pieces of
+    ``_split_truncated``). ``acc`` ``None``: from a zero accumulator, as the kernel does; a
+    tensor: the MMAs chained through it, as the kernel did before 2026-12-04."""
     a, b = a.float().contiguous(), b.float().contiguous()
     if scheme == "ieee":
         return a @ b if acc is None else acc + a @ b
@@ -65,25 +77,30 @@ def dot(a: torch.Tensor, b: torch.Tensor, a_exact: bool, scheme: str = P.DOT_SCH
     if scheme == "tf32":  # plain tf32: the scheme the guarantee rules out
         return torch.from_numpy(TC.tf32_dot(_np(P.tf32_round(a)), _np(P.tf32_round(b)), acc))
     assert scheme == "tf32x3", f"no emulation of DOT_SCHEME={scheme!r}"
-    b_hi, b_lo = split(b)
+    b_hi, b_lo = split(b, truncated)
     if a_exact:  # bf16/fp16 values are tf32 values: a_lo = 0
         assert torch.equal(P.tf32_round(a), a)
         acc = TC.tf32_dot(_np(a), _np(b_lo), acc)
         return torch.from_numpy(TC.tf32_dot(_np(a), _np(b_hi), acc))
-    a_hi, a_lo = split(a)
+    a_hi, a_lo = split(a, truncated)
     acc = TC.tf32_dot(_np(a_lo), _np(b_hi), acc)
     acc = TC.tf32_dot(_np(a_hi), _np(b_lo), acc)
     return torch.from_numpy(TC.tf32_dot(_np(a_hi), _np(b_hi), acc))
 
 
-def coefficients(x, u, exact: bool, block_d: int, scheme: str = P.DOT_SCHEME, chained=False):
+def coefficients(
+    x, u, exact: bool, block_d: int, scheme: str = P.DOT_SCHEME, chained=False, truncated=False
+):
     """Pass 1, ``x U``: the kernel's chunks of ``block_d`` columns, each product from zero
     and added in fp32 (``chained``: the MMAs carried through all of ``D`` as one sum, the
     old kernel)."""
     coef = None if chained else torch.zeros(x.shape[0], u.shape[1])
     for d0 in range(0, u.shape[0], block_d):
         part = (x[:, d0 : d0 + block_d], u[d0 : d0 + block_d], exact, scheme)
-        coef = dot(*part, acc=coef) if chained else coef + dot(*part)
+        if chained:
+            coef = dot(*part, acc=coef, truncated=truncated)
+        else:
+            coef = coef + dot(*part, truncated=truncated)
     return coef
 
 
@@ -97,6 +114,7 @@ def project_rows(
     # several chunks of k, later chunks read the fp32 tile already updated, so
     # every chunk splits it; two passes re-read the rows stored in the grad's dtype
     exact = x.dtype != torch.float32 and (k <= tiles.block_k or not tiles.one_pass)
+    truncated = x.dtype != torch.float32  # TRUNCATED: a 16-bit result
     out = x.float()
     if tiles.resident:  # one basis column at a time, fp32 FMA (no tensor cores)
         for kk in range(k):
@@ -107,11 +125,11 @@ def project_rows(
         return out.to(x.dtype)
     for k0 in range(0, k, tiles.block_k):
         uk = u[:, k0 : k0 + tiles.block_k]
-        coef = coefficients(out, uk, exact, tiles.block_d, scheme, chained)
+        coef = coefficients(out, uk, exact, tiles.block_d, scheme, chained, truncated)
         if w is not None:
             coef = coef * w[k0 : k0 + tiles.block_k]
         # pass 2 in the same chunks of D (each product from zero, one fp32 subtraction)
-        out = out - dot(coef, uk.T, False, scheme)
+        out = out - dot(coef, uk.T, False, scheme, truncated=truncated)
         if not tiles.one_pass:
             out = out.to(x.dtype).float()
     return out.to(x.dtype)
@@ -182,15 +200,19 @@ def test_plain_tf32_breaks_the_guarantee():
     assert drift > 10 * BOUND, drift
 
 
-def test_split_pieces_are_tf32_and_sum_close():
+@pytest.mark.parametrize(("truncated", "bound"), [(False, 2.0**-22), (True, 2.0**-21)])
+def test_split_pieces_sum_exactly_and_read_close(truncated, bound):
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.arange(
         -8, 8
     ).repeat(256)
-    hi, lo = split(x)
-    for piece in (hi, lo):  # low 13 mantissa bits clear: the tensor cores read them exactly
-        assert (piece.view(torch.int32) & 0x1FFF).eq(0).all()
-    rel = ((hi.double() + lo.double() - x.double()).abs() / x.double().abs()).max().item()
-    assert rel <= 2.0**-21, rel
+    hi, lo = split(x, truncated)
+    # hi is tf32 (low 13 mantissa bits clear): the tensor cores read it exactly
+    assert (hi.view(torch.int32) & 0x1FFF).eq(0).all()
+    assert torch.equal(hi + lo, x)  # lo is the exact rest, in fp32
+    # of lo the tensor cores read its tf32 bits: hi + that is within the bound of x
+    read = torch.from_numpy(TC.tf32_bits(lo.numpy()))
+    rel = ((hi.double() + read.double() - x.double()).abs() / x.double().abs()).max().item()
+    assert bound / 4 < rel <= bound, rel  # near the bound, not past it
     # ties go away from zero, as cvt.rna does: 1 + 2^-11 (halfway) rounds up
     assert P.tf32_round(torch.tensor([1 + 2.0**-11, -(1 + 2.0**-11)])).tolist() == [
         1 + 2.0**-10,
@@ -199,3 +221,40 @@ def test_split_pieces_are_tf32_and_sum_close():
     assert math.isnan(P.tf32_round(torch.tensor([float("nan")])).item())
     inf = torch.tensor([float("inf"), -float("inf"), 3.4028235e38])
     assert P.tf32_round(inf).tolist() == [float("inf"), -float("inf"), float("inf")]
+
+
+@triton.jit
+def _split_probe(x_ptr, hi_ptr, lo_ptr, N, TRUNCATED: tl.constexpr, BLOCK: tl.constexpr):
+    """The kernel's own split of ``x`` (``_split_truncated`` or ``_split_tf32``), stored."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if TRUNCATED:
+        hi, lo = _split_truncated(x)
+    else:
+        hi, lo = _split_tf32(x)
+    tl.store(hi_ptr + offs, hi, mask=mask)
+    tl.store(lo_ptr + offs, lo, mask=mask)
+
+
+@pytest.mark.parametrize("truncated", [False, True], ids=["rounded", "truncated"])
+def test_kernel_split_is_its_host_twin(truncated):
+    # The emulation above splits with P.split_tf32; the kernels split with their jit
+    # functions: the same bits, here run through the interpreter (or a GPU), on values
+    # of every scale, halfway cases, zeros, infinities and NaNs (CUDA's 0x7FFFFFFF too).
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, generator=gen) * 10.0 ** torch.arange(-20, 20).repeat(25)
+    special = torch.tensor(
+        [0.0, -0.0, 1 + 2.0**-11, -(1 + 2.0**-11), 3.4028235e38, float("inf"), float("nan")]
+    )
+    cuda_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([x, special, cuda_nan]).to(DEVICES[-1])
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_probe[(1,)](x, hi, lo, x.numel(), TRUNCATED=truncated, BLOCK=1024)
+    want_hi, want_lo = split(x.cpu(), truncated)
+    assert torch.equal(hi.cpu().view(torch.int32), want_hi.view(torch.int32))
+    finite = want_lo.isfinite()
+    assert torch.equal(lo.cpu()[finite].view(torch.int32), want_lo[finite].view(torch.int32))
+    # a NaN or infinite x leaves a NaN lo, so the row's products are not finite
+    assert lo.cpu()[~x.cpu().isfinite()].isnan().all()
+    assert finite.sum() >= 1000  # (the bits compared above are most of them)

@@ -500,18 +500,23 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
         assert not t.resident and (t.block_r, t.block_d, t.block_k, t.warps) == (64, 32, 16, 4)
         assert not P._row_tiles(arch, 4, 768, 17, 1, anchored, 4).resident
         t = P._row_tiles(arch, 2, 768, 32, 1, anchored, 8)
-        assert (t.block_r, t.block_d, t.warps) == ((64, 64, 8) if arch >= 90 else (16, 32, 4))
-        # fp32 at BLOCK_K = 32: 64 x 32 on sm_90 (wgmma), 16 x 32 on sm_80 (the waves of
-        # 64-row blocks: docs/gpu.md #tiles-waves)
+        sm80 = (16, 32, 4, 1) if anchored else (16, 64, 4, 1)  # docs/gpu.md #raw-lo
+        want = (64, 64, 8, 1) if arch >= 90 else sm80
+        assert (t.block_r, t.block_d, t.warps, t.stages) == want
+        # fp32 at BLOCK_K = 32: 64 x 32 on sm_90 (wgmma; anchored on 8 warps, two stages),
+        # 16 x 32 on sm_80 (the waves of 64-row blocks: docs/gpu.md #tiles-waves; anchored
+        # on two stages)
         t = P._row_tiles(arch, 4, 768, 32, 1, anchored, 4)
-        assert (t.block_r, t.block_d, t.warps) == ((64, 32, 4) if arch >= 90 else (16, 32, 4))
+        sm90 = (64, 32, 8, 2) if anchored else (64, 32, 4, 1)
+        want = sm90 if arch >= 90 else (16, 32, 4, 2 if anchored else 1)
+        assert (t.block_r, t.block_d, t.warps, t.stages) == want
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_transposed_views_tiles_with_the_waves_counted(arch):
     """docs/gpu.md #tiles-waves: fp32's resident transposed block on 8 warps uncapped, and
-    at BLOCK_K = 32 sm_80's 16 x 64; sm_90's 64-row blocks (16-bit 64 x 64 on 8 warps,
-    docs/gpu.md #few-rows; fp32 64 x 32 on 4)."""
+    at BLOCK_K = 32 sm_80's 16 x 64; sm_90's 64-row blocks (16-bit 64 x 32 on two stages,
+    docs/gpu.md #raw-lo; fp32 64 x 32 on 4)."""
     from gradproj.kernels import project as P
 
     for anchored in (False, True):
@@ -522,10 +527,10 @@ def test_transposed_views_tiles_with_the_waves_counted(arch):
         for elsize in (4, 2):
             t = P._row_tiles(arch, elsize, 768, 32, 0, anchored, 16 // elsize)
             if arch < 90:
-                want = (16, 64, 32, 4)
-            else:
-                want = (64, 32, 32, 4) if elsize == 4 else (64, 64, 32, 8)
-            assert (t.block_r, t.block_d, t.block_k, t.warps) == want, (elsize, t)
+                want = (16, 64, 32, 4, 1)
+            else:  # 16-bit: 64 x 32 on two stages (docs/gpu.md #raw-lo)
+                want = (64, 32, 32, 4, 1) if elsize == 4 else (64, 32, 32, 4, 2)
+            assert (t.block_r, t.block_d, t.block_k, t.warps, t.stages) == want, (elsize, t)
             assert not t.resident and not t.one_pass
 
 
@@ -555,7 +560,9 @@ def test_few_rows_take_their_own_tiles(arch):
                 if arch < 90:  # already 16-row blocks at BLOCK_K = 32
                     assert few_32 == many_32 and many_32[0] == 16
                 elif anchored and elsize == 2:  # 16 x 64 on 4 warps spilled: none led
-                    assert few_32 == many_32 == (64, 64, 32, 8, 1)
+                    # (views: 64 x 32 on two stages, docs/gpu.md #raw-lo)
+                    keep = (64, 64, 32, 8, 1) if contig == 1 else (64, 32, 32, 4, 2)
+                    assert few_32 == many_32 == keep
                 else:
                     assert few_32 == (16, 64, 32, 8 if anchored else 4, 1), (elsize, contig)
                     assert many_32[0] == 64
@@ -757,7 +764,8 @@ SM90_TWO_PASS = [
     ([torch.bfloat16, torch.float16], 100, "input", False, (64, 64, 128, 8)),
     ([torch.bfloat16, torch.float16], 129, "input", False, (64, 64, 128, 8)),
     # fp32, 16 < k <= 32: 64 rows of 32 columns on 4 warps, rows or transposed views
-    ([torch.float32], 32, "input", True, (64, 32, 32, 4)),
+    # (anchored rows on 8 warps, two stages: docs/gpu.md #raw-lo)
+    ([torch.float32], 32, "input", True, (64, 32, 32, 8)),
     ([torch.float32], 20, "output", False, (64, 32, 32, 4)),
     ([torch.float32], 27, "output", True, (64, 32, 32, 4)),
     # transposed views past RESIDENT_OUTPUT_MAX_K, k <= 16: 64 x 32 at BLOCK_K = 16 (the
@@ -771,10 +779,10 @@ SM90_TWO_PASS = [
     ([torch.float16], 16, "input", True, (64, 32, 16, 4)),
     ([torch.bfloat16, torch.float16], 20, "input", False, (64, 64, 32, 8)),
     ([torch.bfloat16], 24, "input", True, (64, 64, 32, 8)),
-    # 16-bit transposed views at BLOCK_K = 32: 16 x 32 (docs/gpu.md #tiles-waves)
-    # 16-bit transposed views at BLOCK_K = 32: 64 x 64 on 8 warps (docs/gpu.md #few-rows)
-    ([torch.bfloat16, torch.float16], 24, "output", False, (64, 64, 32, 8)),
-    ([torch.bfloat16], 17, "output", True, (64, 64, 32, 8)),
+    # 16-bit transposed views at BLOCK_K = 32: 64 x 32 on 4 warps, two stages (docs/gpu.md
+    # #raw-lo)
+    ([torch.bfloat16, torch.float16], 24, "output", False, (64, 32, 32, 4)),
+    ([torch.bfloat16], 17, "output", True, (64, 32, 32, 4)),
 ]
 # A bucket of few rows for its device (docs/gpu.md #few-rows, _few_rows_tiles):
 # (dtypes, k, side, anchored, tiles, arch)

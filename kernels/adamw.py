@@ -1422,7 +1422,7 @@ def projected_adamw_bucket_(
         HAS_W=weights is not None,
         AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
-        FAST_SQRT=_fast_sqrt(eps, amsgrad, cap, tiles),
+        FAST_SQRT=_fast_sqrt(eps, amsgrad, tiles),
         LAYOUT=layout,
         ALIGN=align,
         META=_META,
@@ -1440,7 +1440,7 @@ def projected_adamw_bucket_(
 FAST_SQRT_MIN_EPS = 1e-10
 
 
-def _fast_sqrt(eps: float, amsgrad: bool, cap: int, config: Mapping[str, object] | None) -> bool:
+def _fast_sqrt(eps: float, amsgrad: bool, config: Mapping[str, object] | None) -> bool:
     """Whether a launch takes the SFU's square root (``FAST_SQRT``): eps ≥ FAST_SQRT_MIN_EPS,
     except where the compile check found it costlier. ``config``: the rows kernel's
     (_rows_config), None for the flat kernels, whose two passes must agree (pass 2 forms
@@ -1478,7 +1478,7 @@ def _launch_flat(
     common = {
         "AMSGRAD": vmaxs is not None,
         "MAXIMIZE": maximize,
-        "FAST_SQRT": _fast_sqrt(hyper.eps, vmaxs is not None, 0, None),
+        "FAST_SQRT": _fast_sqrt(hyper.eps, vmaxs is not None, None),
         "UNIT": unit,
         "ALIGN": align,
         "CHUNK": _FLAT_CHUNK,

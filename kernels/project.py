@@ -165,6 +165,16 @@ def _split_truncated(x):
 
 
 @triton.jit
+def _split(x, TRUNCATED: tl.constexpr):
+    """``(hi, lo)`` of ``x``: ``_split_truncated`` for a 16-bit result, else ``_split_tf32``."""
+    if TRUNCATED:
+        hi, lo = _split_truncated(x)
+    else:
+        hi, lo = _split_tf32(x)
+    return hi, lo
+
+
+@triton.jit
 def _dot_split(a, b, SPLIT: tl.constexpr, A_EXACT: tl.constexpr, TRUNCATED: tl.constexpr):
     """``a·b`` on tensor cores from a zero accumulator, both operands split in tf32
     pieces (``a`` only when it is not exact in tf32; ``TRUNCATED``: the product ends in a
@@ -176,18 +186,12 @@ def _dot_split(a, b, SPLIT: tl.constexpr, A_EXACT: tl.constexpr, TRUNCATED: tl.c
     zero-started dot, so Triton's combine pass cannot fold the caller's add back into
     the MMA (tests/test_gpu_compile_check.py reads the TTIR)."""
     if SPLIT:
-        if TRUNCATED:
-            b_hi, b_lo = _split_truncated(b)
-        else:
-            b_hi, b_lo = _split_tf32(b)
+        b_hi, b_lo = _split(b, TRUNCATED)
         if A_EXACT:
             acc = tl.dot(a, b_lo, input_precision="tf32")
             acc = tl.dot(a, b_hi, acc, input_precision="tf32")
         else:
-            if TRUNCATED:
-                a_hi, a_lo = _split_truncated(a)
-            else:
-                a_hi, a_lo = _split_tf32(a)
+            a_hi, a_lo = _split(a, TRUNCATED)
             acc = tl.dot(a_lo, b_hi, input_precision="tf32")
             acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
             acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")

@@ -41,17 +41,13 @@ import triton.language as tl
 
 from gradproj import reference as R
 from gradproj.kernels import project as P
-from gradproj.kernels.project import _split_tf32, _split_truncated
+from gradproj.kernels.project import _split
 
 from . import tensor_cores as TC
 from .conftest import DEVICES
 from .test_project import CASES, assert_matches, orthonormal, ref64
 
 BOUND = 1e-6  # the optimizer guarantee: ‖(W_T − W_0) U‖ ≤ 1e-6·‖W_0‖ in fp32
-
-
-def split(a: torch.Tensor, truncated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    return P.split_tf32(a, truncated)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -77,12 +73,12 @@ def dot(
     if scheme == "tf32":  # plain tf32: the scheme the guarantee rules out
         return torch.from_numpy(TC.tf32_dot(_np(P.tf32_round(a)), _np(P.tf32_round(b)), acc))
     assert scheme == "tf32x3", f"no emulation of DOT_SCHEME={scheme!r}"
-    b_hi, b_lo = split(b, truncated)
+    b_hi, b_lo = P.split_tf32(b, truncated)
     if a_exact:  # bf16/fp16 values are tf32 values: a_lo = 0
         assert torch.equal(P.tf32_round(a), a)
         acc = TC.tf32_dot(_np(a), _np(b_lo), acc)
         return torch.from_numpy(TC.tf32_dot(_np(a), _np(b_hi), acc))
-    a_hi, a_lo = split(a, truncated)
+    a_hi, a_lo = P.split_tf32(a, truncated)
     acc = TC.tf32_dot(_np(a_lo), _np(b_hi), acc)
     acc = TC.tf32_dot(_np(a_hi), _np(b_lo), acc)
     return torch.from_numpy(TC.tf32_dot(_np(a_hi), _np(b_hi), acc))
@@ -205,7 +201,7 @@ def test_split_pieces_sum_exactly_and_read_close(truncated, bound):
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.arange(
         -8, 8
     ).repeat(256)
-    hi, lo = split(x, truncated)
+    hi, lo = P.split_tf32(x, truncated)
     # hi is tf32 (low 13 mantissa bits clear): the tensor cores read it exactly
     assert (hi.view(torch.int32) & 0x1FFF).eq(0).all()
     assert torch.equal(hi + lo, x)  # lo is the exact rest, in fp32
@@ -225,14 +221,11 @@ def test_split_pieces_sum_exactly_and_read_close(truncated, bound):
 
 @triton.jit
 def _split_probe(x_ptr, hi_ptr, lo_ptr, N, TRUNCATED: tl.constexpr, BLOCK: tl.constexpr):
-    """The kernel's own split of ``x`` (``_split_truncated`` or ``_split_tf32``), stored."""
+    """The kernel's own split of ``x`` (``_split``: truncated or rounded), stored."""
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if TRUNCATED:
-        hi, lo = _split_truncated(x)
-    else:
-        hi, lo = _split_tf32(x)
+    hi, lo = _split(x, TRUNCATED)
     tl.store(hi_ptr + offs, hi, mask=mask)
     tl.store(lo_ptr + offs, lo, mask=mask)
 
@@ -251,7 +244,7 @@ def test_kernel_split_is_its_host_twin(truncated):
     x = torch.cat([x, special, cuda_nan]).to(DEVICES[-1])
     hi, lo = torch.empty_like(x), torch.empty_like(x)
     _split_probe[(1,)](x, hi, lo, x.numel(), TRUNCATED=truncated, BLOCK=1024)
-    want_hi, want_lo = split(x.cpu(), truncated)
+    want_hi, want_lo = P.split_tf32(x.cpu(), truncated)
     assert torch.equal(hi.cpu().view(torch.int32), want_hi.view(torch.int32))
     finite = want_lo.isfinite()
     assert torch.equal(lo.cpu()[finite].view(torch.int32), want_lo[finite].view(torch.int32))

@@ -1825,7 +1825,8 @@ def summarize(op: Op, dt: str, k: int, device: Device, elements: int, kernels: l
 
 # The bucket the GPU runs measure, in multiples of ROWS (benchmarks/predicted_vs_measured.py
 # --scale): the row launchers choose their tiles by the bucket's rows (kernels/project.py
-# FEW_ROWS_PER_SM), so their ops are modelled on it too, not re-dealt from ROWS (at_scale).
+# FEW_ROWS_PER_SM; ProjectedAdamW's too, kernels/adamw.py _rows_config), so their ops are
+# modelled on it too, not re-dealt from ROWS (at_scale).
 SCALE = 8
 
 
@@ -1834,7 +1835,8 @@ def _model_item(item: tuple[str, str, int, str]) -> dict:
     start = time.perf_counter()
     try:
         row = model_op(OPS[op_name], dt, k, arch)
-        if op_name.startswith(("project_ ", "project_anchored ")) and "flat" not in op_name:
+        row_launch = op_name.startswith(("project_ ", "project_anchored ", "ProjectedAdamW "))
+        if row_launch and "flat" not in op_name:
             big = model_op(OPS[op_name], dt, k, arch, ROWS * SCALE)
             row["modelled_at_scale"] = {f"{SCALE:g}": big}
     except Exception as exc:  # a launcher or compile failure is a finding of its row

@@ -134,7 +134,9 @@ from gradproj.kernels.project import (
     _dot_split,
     _rank1_update,
     _row_dots,
+    _sm_count,
     _store_anchor_tile,
+    few_rows,
     resident_tiles,
 )
 
@@ -1098,8 +1100,11 @@ def _rows_config(
     aligned: bool = True,
     amsgrad: bool = False,
     weighted: bool = False,
+    few_rows: bool = False,
 ) -> Mapping[str, object]:
     """Tiles and warps of the row kernel: no spills, shared memory inside the arch's limit.
+    ``few_rows``: the bucket has fewer than ``kernels.project.FEW_ROWS_PER_SM`` rows an SM
+    (``project.few_rows``), so 64-row blocks would leave SMs idle.
 
     The tile's fast axis spans ≥ 128 bytes of the contiguous axis (``D`` for ROWS,
     the rows for COLS) where registers allow. The registers of the 3xTF32 dots
@@ -1164,6 +1169,23 @@ def _rows_config(
                 "num_stages": 1,
             }
         )
+    warps = 8 if ksplit == 2 else 4
+    if (
+        cap >= 90
+        and ksplit == 1
+        and part == 128
+        and (itemsize == 2 or not amsgrad)
+        and layout in (_ROWS, _COLS)
+        and not few_rows
+    ):
+        # k = 65-128 on sm_90: 64-row blocks (a warpgroup's M: wgmma) of 32 columns on 8
+        # warps, each U slice serving 4x the rows; no spill (triton 3.9 / 3.6: 16-bit 218-248
+        # registers, fp32 224-254). Predicted at D = 768, 32768 rows, over torch's fused
+        # AdamW, k = 128, rows / views: bf16 6.69 / 6.18x -> 4.20 / 4.39x, fp32 1.90 / 2.07x
+        # -> 1.72 / 1.84x. At 4096 rows (few: 64 programs on 132 SMs) bf16 was 8.3 / 9.1x, so
+        # few rows keep 16 x 32 (docs/gpu.md #adamw-many-rows); so does fp32 with amsgrad,
+        # which spilled 12-16 B on triton 3.6
+        block_r, block_d, warps = 64, 32, 8
     resident = d_pad <= block_d
     config = {
         "BLOCK_R": block_r,
@@ -1176,7 +1198,7 @@ def _rows_config(
         "BLOCK_K": part,
         # 3xTF32 needs tf32 tensor cores (sm_80+); older GPUs take true fp32 FMAs
         "PRECISION": _PRECISION if cap >= 80 else "ieee",
-        "num_warps": 8 if ksplit == 2 else 4,
+        "num_warps": warps,
         "num_stages": 1,
     }
     if layout == _COLS and itemsize == 4 and part == 64 and ksplit == 1 and not resident:
@@ -1391,11 +1413,12 @@ def projected_adamw_bucket_(
         return
     cap = _capability()
     isz = params[0].element_size()
+    few = few_rows(sum(p.shape[0] for p in params), _sm_count(params[0].device))
 
     def config(layout: int, aligned: bool) -> Mapping[str, object]:
         return _rows_config(
             layout, isz, block_k, d, cap, k=k, aligned=aligned, amsgrad=amsgrad,
-            weighted=weights is not None,
+            weighted=weights is not None, few_rows=few,
         )  # fmt: skip
 
     table, n_blocks, layout, align = _rows_table(

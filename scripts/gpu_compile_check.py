@@ -661,6 +661,11 @@ def launches(quick: bool = False) -> list[Launch]:
                 for amsgrad in (False, True):
                     for soft in (False, True):
                         out.append(adamw_launch(dt, side, k, soft, amsgrad))
+                        # the tiles of many rows at k = 65-128 on sm_90 (kernels/adamw.py
+                        # _rows_config)
+                        if side != "flat" and 64 < k <= 128:
+                            out.append(adamw_launch(dt, side, k, soft, amsgrad, rows=MANY_ROWS,
+                                                    note=" many rows"))  # fmt: skip
         for variant in ("projection", "cosine"):
             for symmetric in (False, True):
                 out.append(surgery_launch(dt, variant, symmetric))

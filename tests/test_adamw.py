@@ -9,6 +9,8 @@ small, for the Triton interpreter.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -296,12 +298,13 @@ def _check_bucket(
     tol = TOL[dtype] if dtype != torch.float16 else {"rtol": 2.0**-11, "atol": 1e-5}
     if dtype != torch.float32 and interpreted:
         tol = {"rtol": 2 * tol["rtol"], "atol": tol["atol"]}
-    if dtype == torch.float32 and k > 128:
+    if dtype == torch.float32 and k > 64:
         # x' − U(a − c) sums k fp32 products: measured 1.01e-7 at k = 129 (values ~0.3)
         # with sums rounded to nearest, so 1e-7 has no headroom there. The tensor cores
         # truncate each MMA's sum instead (tests/tensor_cores.py, which the interpreter
         # uses): 2.3e-7 at k = 129 in that model (the H200 passed 2e-7 on the same inputs);
-        # 4e-7 gives 1.75x over the model.
+        # 4e-7 gives 1.75x over the model. k = 128 (cols-64x32) reached 2.1e-7 there, the
+        # same with 16- and 64-row blocks.
         tol = {"rtol": tol["rtol"], "atol": 4e-7}
     names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     for name, got, want in zip(names, args[:5], expect[:5], strict=True):
@@ -365,6 +368,14 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
         # the widest basis, k = 256 (BLOCK_K = 256), and k = 129 (K not a multiple of 16)
         ("input", torch.float32, 256, [(5, 260)], {"soft": True}),
         ("output", torch.float32, 129, [(20, 140)], {}),
+        # 16-bit, k = 65-128: 64-row blocks of 32 columns on 8 warps (the interpreter's
+        # capability is 90 and its rows are never few), rows not a multiple of 64, D not one
+        # of 32
+        ("input", torch.bfloat16, 100, [(70, 200), (9, 200)], {"soft": True}),
+        ("output", torch.float16, 128, [(80, 144)], {"amsgrad": True}),
+        # ... and fp32 without amsgrad (pass 2 reads p back)
+        ("input", torch.float32, 80, [(66, 150)], {"soft": True, "maximize": True}),
+        ("output", torch.float32, 128, [(64, 136), (8, 136)], {}),
     ],
     ids=["rows-2pass", "rows-2pass-bf16", "fma-3x256", "fma-bf16-3x128", "fma-bf16-k32-3x256",
          "fma-fp16-2x256",
@@ -372,7 +383,8 @@ needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton canno
          "fma-bf16-3x1024", "fma-4x1024", "fma-bf16-4x1024", "cols-aligned", "cols-fma-2x256",
          "cols-fma-3x256", "cols-unaligned-2pass", "cols-2pass",
          "cols-bf16", "cols-fma-bf16-3x128", "cols-fma-fp16-3x256", "strided-grads", "fp16",
-         "k256", "cols-k129"],
+         "k256", "cols-k129", "rows-bf16-64x32", "cols-fp16-64x32", "rows-64x32",
+         "cols-64x32"],
 )  # fmt: skip
 def test_triton_bucket_paths_match_float64(side, dtype, k, shapes, flags):
     _check_bucket(side, dtype, k, shapes, **flags)
@@ -547,6 +559,54 @@ def test_triton_tiles_follow_the_compile_target(monkeypatch):
                 assert (got, cfg["num_warps"]) == ((tiles[0], tiles[1], tiles[2]), warps), (d, k)
             else:
                 assert got[2] == 0 and cfg["BLOCK_R"] >= 16, (d, isz, k)  # tensor-core form
+
+
+@needs_triton
+def test_triton_rows_of_many_rows_take_64_row_blocks_on_sm90():
+    """k = 65-128 on sm_90: 64 x 32 on 8 warps (wgmma's M) for a bucket of many rows, rows
+    and transposed views alike, 16-bit and fp32; few rows (64-row programs fewer than the
+    SMs), fp32 with amsgrad, sm_80 and other k keep 16-row blocks on 4 warps."""
+    from gradproj.kernels import adamw
+
+    for lay in (adamw._ROWS, adamw._COLS):
+        for k, isz in itertools.product((65, 100, 128), (2, 4)):
+            cfg = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768, 90, k=k)
+            got = (cfg["BLOCK_R"], cfg["BLOCK_D"], cfg["num_warps"])
+            assert got == (64, 32, 8), (lay, k, isz)
+            assert cfg["FMA_CHUNKS"] == 0 and cfg["KSPLIT"] == 1
+            others = [{"few_rows": True}, {"cap": 80}]
+            others += [{"amsgrad": True}] if isz == 4 else []
+            for other in others:
+                kw = {"few_rows": False, "amsgrad": False, **other}
+                alt = adamw._rows_config(lay, isz, adamw._block_k(k, "k"), 768,
+                                         kw.pop("cap", 90), k=k, **kw)  # fmt: skip
+                assert (alt["BLOCK_R"], alt["num_warps"]) == (16, 4), (lay, k, isz, other)
+        for k in (64, 129):
+            cfg = adamw._rows_config(lay, 2, adamw._block_k(k, "k"), 768, 90, k=k)
+            assert cfg["BLOCK_R"] == 16, (lay, k)
+    strided = adamw._rows_config(adamw._STRIDED, 2, 128, 768, 90, k=128)
+    assert strided["BLOCK_R"] == 16
+
+
+@needs_triton
+def test_triton_launcher_counts_the_buckets_rows(monkeypatch):
+    """The launcher asks for many-row tiles by the bucket's rows against the device's SMs."""
+    from gradproj.kernels import adamw
+
+    seen = []
+    real = adamw._rows_config
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["few_rows"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adamw, "_rows_config", spy)
+    for sms, few in ((0, False), (2, True), (1, False)):
+        monkeypatch.setattr(adamw, "_sm_count", lambda device, sms=sms: sms)
+        seen.clear()
+        # 100 rows: few against 2 SMs (128 rows), many against 1 (64); 0 SMs: unknown
+        _check_bucket("input", torch.bfloat16, 4, [(60, 40), (40, 40)])
+        assert seen and set(seen) == {few}, (sms, seen)
 
 
 @needs_triton

@@ -745,16 +745,20 @@ def test_end_to_end_compile_of_a_toy_kernel(tmp_path):
 
 
 def test_the_row_launchers_ops_are_modelled_on_the_larger_bucket_itself():
-    """docs/gpu.md #few-rows: Triton's row launcher chooses its tiles by the bucket's rows, so
-    the stored model's project_ rows (sides input and output, anchored) carry their row on
-    ``SCALE`` × the rows, modelled there (its own tiles), and at_scale returns it (for an
-    integer scale given as a float too); the other rows are re-dealt as before."""
+    """docs/gpu.md #few-rows: Triton's row launchers choose their tiles by the bucket's rows,
+    so the stored model's project_ and ProjectedAdamW rows (sides input and output, anchored)
+    carry their row on ``SCALE`` × the rows, modelled there (its own tiles), and at_scale
+    returns it (for an integer scale given as a float too); the other rows are re-dealt as
+    before."""
     with open(os.path.join(ROOT, "benchmarks", "results", "perf_model.json")) as f:
         rows = json.load(f)["rows"]
     modelled = [r for r in rows if "modelled_at_scale" in r]
     ops = {r["op"] for r in modelled}
-    assert ops == {"project_ input", "project_ output", "project_anchored input"}
-    assert len(modelled) == 3 * 2 * 2 * len(pm.KS)  # ops x dtypes x archs x k
+    assert ops == {
+        "project_ input", "project_ output", "project_anchored input",
+        "ProjectedAdamW input", "ProjectedAdamW output",
+    }  # fmt: skip
+    assert len(modelled) == 5 * 2 * 2 * len(pm.KS)  # ops x dtypes x archs x k
     for row in modelled:
         big = row["modelled_at_scale"][str(pm.SCALE)]
         assert big["elements"] == pm.SCALE * row["elements"] == pm.SCALE * pm.ROWS * pm.D
@@ -765,6 +769,11 @@ def test_the_row_launchers_ops_are_modelled_on_the_larger_bucket_itself():
     # sm_90 fp32 k = 32: 16-row tiles at 4096 rows (few for 132 SMs), 64-row ones at 32768
     (row,) = [r for r in modelled if (r["arch"], r["op"], r["dtype"], r["k"])
               == ("sm_90", "project_ input", "fp32", 32)]  # fmt: skip
+    small, big = row["kernels"][0], row["modelled_at_scale"][str(pm.SCALE)]["kernels"][0]
+    assert small["programs"] * 16 == pm.ROWS and big["programs"] * 64 == pm.SCALE * pm.ROWS
+    # ... and ProjectedAdamW's bf16 k = 128 (docs/gpu.md #adamw-many-rows)
+    (row,) = [r for r in modelled if (r["arch"], r["op"], r["dtype"], r["k"])
+              == ("sm_90", "ProjectedAdamW input", "bf16", 128)]  # fmt: skip
     small, big = row["kernels"][0], row["modelled_at_scale"][str(pm.SCALE)]["kernels"][0]
     assert small["programs"] * 16 == pm.ROWS and big["programs"] * 64 == pm.SCALE * pm.ROWS
     flat = next(r for r in rows if r["op"] == "project_ flat")

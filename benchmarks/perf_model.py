@@ -1043,7 +1043,10 @@ def _unroll_factors(
     Per ``tl.load``/``tl.store`` of the loop's ``for``: its instructions in the loop over
     the gcd of that count and its counts in each stretch of straight-line code outside
     (ptxas peels remainders of 2, 1... copies after a loop unrolled 4 times). Triton's
-    pipelining prologue holds whole multiples of the loop's count: not unrolled.
+    pipelining prologue holds whole multiples of the loop's count: not unrolled. Its
+    asynchronous copies (``LDGSTS``) are no evidence either way: the pipeliner places
+    them, and a stretch that held one of a tile's 8 copies (two-stage transposed views at
+    ``BLOCK_K`` = 16) made a loop look unrolled 8 times and its bytes an eighth.
     """
     out = {}
     for i, lp in enumerate(loops):
@@ -1062,7 +1065,7 @@ def _unroll_factors(
                     outside.setdefault(key, []).append(c)
                 run = {}
             prev_in = now_in
-            if acc is None or acc.call is None or acc.call[0] != path:
+            if acc is None or acc.call is None or acc.call[0] != path or ins.base == "LDGSTS":
                 continue
             if not lo <= acc.call[1] <= hi:
                 continue

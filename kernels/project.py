@@ -684,8 +684,19 @@ RESIDENT_WIDE_MAXNREG = 255
 # launch's waves (benchmarks/tile_sweep.py --predict --rows 4096 and 32768, A100 / H100): k =
 # 4 85 / 69 % and 98 / 95 % against 4 warps capped at 192's 74 / 58 % and 91 / 84 %, k = 8
 # 50 / 40 % and 61 / 58 % against 41 / 32 % and 50 / 47 %, k = 1 no lower (95-100 %).
-RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, None), 2: (16, 255)}
-RESIDENT_OUTPUT_WARPS = {4: 8, 2: 4}
+#
+# Both on 8 warps, swept again since the split dots shed instructions (docs/gpu.md
+# #output-warps; benchmarks/tile_sweep.py --predict, D = 768, 4096 / 32768 rows, A100 /
+# H100): 16-bit on 8 warps uncapped (110-111 registers, 2 programs an SM;
+# on 4, 193-194) bf16 k = 2 64 / 96 / 100 / 99 % of copy against 45 / 72 / 72 / 72 %, k = 4
+# 44 / 70 / 72 / 72 % against 29 / 46 / 46 / 46 %, k = 1 no lower; fp32 capped at 192 (ptxas
+# then takes 80 registers where uncapped it took 64-73): k = 4 100 / 100 / 84 / 98 % against
+# 84 / 100 / 83 / 98 %, k = 8 83 / 98 / 66 / 94 % against 68 / 97 / 65 / 94 %. On sm_90 a
+# bucket of few rows takes fp32's on 4 warps capped at 192 (RESIDENT_OUTPUT_FEW_ROWS_WARPS_
+# MAXNREG: k = 4 100 %, k = 8 91 % at 4096 rows; at 32768, 100 / 91 % against 98 / 94 %).
+RESIDENT_OUTPUT_ROWS_MAXNREG = {4: (8, 192), 2: (16, None)}
+RESIDENT_OUTPUT_WARPS = {4: 8, 2: 8}
+RESIDENT_OUTPUT_FEW_ROWS_WARPS_MAXNREG = (4, 192)
 # Its largest k, per element size. Once the model bounded occupancy (benchmarks/tile_sweep.py
 # --predict, its :output cases, D = 768, A100 and H100 alike): fp32 resident 100 % of copy
 # to k = 3, 93 / 90 % at 4, 67 / 64 % at 6, 52 / 50 % at 8, 27 % at 16; bf16 100 % at k = 1,
@@ -779,6 +790,17 @@ def _row_tiles(
     tiles = _many_rows_tiles(arch, elsize, d, k, contig, anchored, vec)
     if few_rows and not tiles.resident and not tiles.one_pass and tiles.block_r == 64:
         return _few_rows_tiles(arch, elsize, tiles.block_k, contig, anchored) or tiles
+    if (
+        tiles.resident
+        and contig == 0
+        and elsize == 4
+        and few_rows
+        and arch >= 90
+        and (tiles.block_r, tiles.warps) == (RESIDENT_OUTPUT_ROWS_MAXNREG[4][0], 8)
+        and tiles.maxnreg == RESIDENT_OUTPUT_ROWS_MAXNREG[4][1]
+    ):
+        warps, cap = RESIDENT_OUTPUT_FEW_ROWS_WARPS_MAXNREG
+        return tiles._replace(warps=warps, maxnreg=cap)
     if (
         tiles.resident
         and contig == 1

@@ -731,6 +731,12 @@ def launches(quick: bool = False) -> list[Launch]:
                 note = f" D={d} (48+16)"
                 out.append(project_launch(dt, "output", out_k, True, anchored, d=d,
                                           rows=vec_rows, note=note))  # fmt: skip
+                if dt == "fp32" and d <= 768:
+                    # fp32's few rows on sm_90 take 4 warps (RESIDENT_OUTPUT_FEW_ROWS_WARPS_
+                    # MAXNREG): the many rows' 8, capped at 192
+                    many = f" D={d} many rows"
+                    out.append(project_launch(dt, "output", out_k, True, anchored, d=d,
+                                              rows=MANY_VEC_ROWS, note=many))  # fmt: skip
         out.append(project_launch(dt, "output", 1, False, False, rows=vec_rows, note=" (48+16)"))
         for anchored in (False, True):
             for k in (project.RESIDENT_OUTPUT_MAX_K[size] + 1, 16):

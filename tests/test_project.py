@@ -495,7 +495,7 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
         t = P._row_tiles(arch, 2, 2048, 8, 1, anchored, 8, True, weighted=True)
         assert t.resident and t.block_r == 4 and t.warps == 4
         t = P._row_tiles(arch, 2, 768, 4, 0, anchored, 8, False, weighted=True)
-        assert t.resident and (t.block_r, t.warps) == (16, 4)
+        assert t.resident and (t.block_r, t.warps) == (16, 8)
         t = P._row_tiles(arch, 2, 768, 9, 1, anchored, 8)
         assert not t.resident and (t.block_r, t.block_d, t.block_k, t.warps) == (64, 32, 16, 4)
         assert not P._row_tiles(arch, 4, 768, 17, 1, anchored, 4).resident
@@ -514,16 +514,27 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_transposed_views_tiles_with_the_waves_counted(arch):
-    """docs/gpu.md #tiles-waves: fp32's resident transposed block on 8 warps uncapped, and
+    """docs/gpu.md #tiles-waves, #output-warps: the resident transposed blocks on 8 warps,
+    fp32's capped at 192 (on sm_90 a bucket of few rows takes 4 warps), 16-bit's uncapped;
     at BLOCK_K = 32 sm_80's 16 x 64; sm_90's 64-row blocks (16-bit 64 x 32 on two stages,
     docs/gpu.md #raw-lo; fp32 64 x 32 on 4)."""
     from gradproj.kernels import project as P
 
     for anchored in (False, True):
-        t = P._row_tiles(arch, 4, 768, 8, 0, anchored, 4)
-        assert t.resident and (t.block_r, t.warps, t.maxnreg) == (8, 8, None)
-        t = P._row_tiles(arch, 2, 768, 4, 0, anchored, 8)
-        assert t.resident and (t.block_r, t.warps, t.maxnreg) == (16, 4, 255)
+        for k in (1, 4, 8):
+            t = P._row_tiles(arch, 4, 768, k, 0, anchored, 4)
+            assert t.resident and (t.block_r, t.warps, t.maxnreg) == (8, 8, 192)
+            few = P._row_tiles(arch, 4, 768, k, 0, anchored, 4, True)
+            want = (8, 4, 192) if arch >= 90 else (8, 8, 192)
+            assert few.resident and (few.block_r, few.warps, few.maxnreg) == want
+        for k in (1, 2, 4):
+            for few in (False, True):
+                t = P._row_tiles(arch, 2, 768, k, 0, anchored, 8, few)
+                assert t.resident and (t.block_r, t.warps, t.maxnreg) == (16, 8, None)
+        # the wider views (768 < D <= 1536) keep their own blocks, few rows or many
+        for few in (False, True):
+            t = P._row_tiles(arch, 4, 1280, 8, 0, anchored, 4, few)
+            assert t.resident and (t.block_r, t.warps, t.maxnreg) == (8, 8, 128)
         for elsize in (4, 2):
             t = P._row_tiles(arch, elsize, 768, 32, 0, anchored, 16 // elsize)
             if arch < 90:
@@ -566,11 +577,13 @@ def test_few_rows_take_their_own_tiles(arch):
                 else:
                     assert few_32 == (16, 64, 32, 8 if anchored else 4, 1), (elsize, contig)
                     assert many_32[0] == 64
-                # k = 128 and the resident block (k = 4) keep their tiles, but sm_90's 16-bit
-                # resident rows, 4 warps for 8 (test_resident_warps_and_two_pass_tiles_...)
+                # k = 128 and the resident block (k = 4) keep their tiles, but on sm_90 the
+                # 16-bit resident rows and fp32 resident views take 4 warps for 8
+                # (test_resident_warps_and_two_pass_tiles_..., test_transposed_views_...)
                 for k in (128, 4):
                     few_t, many_t = (tiles(elsize, k, contig, anchored, f) for f in (True, False))
-                    if k == 4 and elsize == 2 and contig == 1 and arch >= 90:
+                    slow = (elsize == 2) == (contig == 1)
+                    if k == 4 and slow and arch >= 90:
                         assert (few_t[3], many_t[3]) == (4, 8)
                         few_t, many_t = few_t[:3], many_t[:3]
                     assert few_t == many_t

@@ -672,6 +672,12 @@ RESIDENT_16BIT_SLOW_WARPS_MAXNREG = (4, RESIDENT_MAXNREG)
 # 1024) stay uncapped: 103 registers, 2 programs, 47 / 47 % (4 warps: 40 / 39 %); capped at
 # 80 they spilled 56-80 B.
 RESIDENT_16BIT_ANCHORED_MAXNREG = {3: 80}
+# ... and plain 16-bit blocks of 3 tiles of 256 (512 < D <= 768) capped at 192: ptxas then
+# takes 80 registers where uncapped it took 72, and 0.06-0.08 fewer warp instructions an
+# element (docs/gpu.md #output-warps; predicted, D = 768, 32768 rows, A100 / H100: bf16 k = 8
+# 69 / 66 % of copy against 66 / 64 %, at 4096 rows on sm_80 56 % against 53 %; k = 4 the
+# same). Not 3 tiles of 128 (D = 320: sm_90 43 % against 45 %), 2 (D = 512) or 4 (1024).
+RESIDENT_16BIT_PLAIN_MAXNREG = 192
 # The wide blocks: at 192, fp32 anchored soft blocks of 3 tiles of 512 spilled 28 B on
 # sm_90; anything above 170 registers leaves 2 programs of 4 warps per SM, as 192 does.
 RESIDENT_WIDE_MAXNREG = 255
@@ -890,6 +896,8 @@ def _many_rows_tiles(
         cap = RESIDENT_WARPS_MAXNREG[elsize]
         if anchored and elsize == 2:
             cap = RESIDENT_16BIT_ANCHORED_MAXNREG.get(res.chunks, cap)
+        elif elsize == 2 and (res.chunks, res.block_d) == (3, 256):
+            cap = RESIDENT_16BIT_PLAIN_MAXNREG
         return _resident(res.block_r, res, k, cap, warps=RESIDENT_WARPS[elsize])
     res = resident_tiles(d, max_chunks=3)
     if res is not None and contig == 0 and vec > 1:

@@ -485,12 +485,15 @@ def test_resident_warps_and_two_pass_tiles_of_contiguous_rows(arch):
                 for k in (1, 4, 8):
                     t = P._row_tiles(arch, 2, 768, k, 1, anchored, 8, few, weighted=weighted)
                     slow = weighted or (few and (arch >= 90 or k == 1))
-                    eight = (8, 80 if anchored else None)  # RESIDENT_16BIT_ANCHORED_MAXNREG
+                    # RESIDENT_16BIT_ANCHORED_MAXNREG, RESIDENT_16BIT_PLAIN_MAXNREG
+                    eight = (8, 80 if anchored else 192)
                     assert t.resident and (t.warps, t.maxnreg) == (four if slow else eight)
-        # 4 tiles (D = 1024) anchored stay uncapped; 2 tiles (D = 512) too
-        for d in (1024, 512):
+        # 4 tiles (D = 1024) stay uncapped; 2 tiles (D = 512) too, and plain 3 of 128 (D =
+        # 320; anchored ones take RESIDENT_16BIT_ANCHORED_MAXNREG)
+        for d in (1024, 512, 320):
             t = P._row_tiles(arch, 2, d, 8, 1, anchored, 8)
-            assert t.resident and (t.warps, t.maxnreg) == (8, None), d
+            cap = 80 if anchored and d == 320 else None
+            assert t.resident and (t.warps, t.maxnreg) == (8, cap), d
         # the wide blocks and the transposed views' blocks keep their own warps
         t = P._row_tiles(arch, 2, 2048, 8, 1, anchored, 8, True, weighted=True)
         assert t.resident and t.block_r == 4 and t.warps == 4

@@ -30,14 +30,16 @@ loads were scalar), and no offset is formed in int32.
 * **Tiles** (``_rows_config``, per arch, the arch cached per device): ``BLOCK_R ×
   BLOCK_D`` of p, g, m, v (16 rows: ``side="input"`` 16 × 64 fp32 / 16 × 128 bf16 at
   k ≤ 16, 16 × 64 at k ≤ 32, 16 × 32 beyond; ``"output"`` 16 × 64 at 16 < k ≤ 32 for
-  fp32 and k ≤ 16 for 16-bit without amsgrad, else 16 × 32), the
+  fp32 and k ≤ 16 for 16-bit without amsgrad, else 16 × 32; on sm_90 at 64 < k ≤ 128,
+  for a bucket of many rows, 64 × 32 on 8 warps, except fp32 with amsgrad), the
   ``BLOCK_D × BLOCK_K`` slice of ``U`` and
   ``BLOCK_R × BLOCK_K`` fp32 coefficients in registers, ``BLOCK_K = max(16,
   next_pow2(k))``; for 128 < k ≤ 256 the coefficients are two 128-wide tiles
   (``KSPLIT = 2``), because a 3xTF32 dot's A operand (the coefficients, in pass 2)
-  is held whole by every warp, hi and lo. 4 warps (8 for ``KSPLIT = 2``), no
-  software pipelining. Shared memory holds only the dot operands (≤ 48 KB, inside
-  A100's 163 KB per block and H100's 227 KB). Compiled, not measured: no spill on
+  is held whole by every warp, hi and lo. 4 warps (8 for ``KSPLIT = 2`` and the
+  64-row blocks), no software pipelining. Shared memory holds only the dot operands
+  (≤ 48 KB; 96 KB for the 64-row blocks, sm_90 only), inside A100's 163 KB per block
+  and H100's 227 KB. Compiled, not measured: no spill on
   ``sm_80`` or ``sm_90`` (``make gpu-compile-check``).
 * **Resident form** (constexpr ``RESIDENT``, when ``D ≤ BLOCK_D``): the row block
   is loaded once, its update ``x'`` stays in registers between the two GEMMs, then

@@ -44,7 +44,10 @@ def test_candidates_start_with_the_launchers_choice_and_are_valid():
     # the resident kernel's own variants where the launcher takes it (bf16 k = 8 at 768)
     resident = tile_sweep.candidates(tile_sweep.Case("bf16", 8), 90)
     assert resident[0].resident and sum(t.resident for t in resident) == 4
-    assert (resident[0].warps, resident[0].maxnreg) == (P.RESIDENT_WARPS[2], None) == (8, None)
+    # (plain 16-bit blocks of 3 tiles of 256 capped: RESIDENT_16BIT_PLAIN_MAXNREG)
+    want = (P.RESIDENT_WARPS[2], P.RESIDENT_16BIT_PLAIN_MAXNREG)
+    assert (resident[0].warps, resident[0].maxnreg) == want == (8, 192)
+    assert resident[0]._replace(maxnreg=None) in resident
     assert resident[0]._replace(warps=4, maxnreg=P.RESIDENT_MAXNREG) in resident
     # few rows on sm_90: the 4-warp block first (kernels/project.py RESIDENT_WARPS)
     few = tile_sweep.candidates(tile_sweep.Case("bf16", 8), 90, few_rows=True)

@@ -802,8 +802,9 @@ def _row_tiles(
         and elsize == 4
         and few_rows
         and arch >= 90
-        and (tiles.block_r, tiles.warps) == (RESIDENT_OUTPUT_ROWS_MAXNREG[4][0], 8)
-        and tiles.maxnreg == RESIDENT_OUTPUT_ROWS_MAXNREG[4][1]
+        # the narrow views' block as _many_rows_tiles takes it (not the wide views')
+        and (tiles.block_r, tiles.maxnreg) == RESIDENT_OUTPUT_ROWS_MAXNREG[4]
+        and tiles.warps == RESIDENT_OUTPUT_WARPS[4]
     ):
         warps, cap = RESIDENT_OUTPUT_FEW_ROWS_WARPS_MAXNREG
         return tiles._replace(warps=warps, maxnreg=cap)
